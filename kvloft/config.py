@@ -1,0 +1,256 @@
+"""Static configuration: plain dataclasses, no tensors, read once.
+
+ModelConfig     the shape of a Llama-family decoder (with named presets).
+CacheConfig     how the KV tiers are laid out (host chunk size, capacity).
+RetrievalConfig which keys each decode step attends to (method, budget, sink, window).
+RuntimeConfig   where and how things run (device, dtype, memory budgets, kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ModelConfig",
+    "CacheConfig",
+    "RetrievalConfig",
+    "RuntimeConfig",
+    "parse_bytes",
+    "parse_tokens",
+    "METHODS",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2)."""
+
+    name: str = "custom"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 0  # 0 -> hidden_size // n_heads
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF-style, e.g. {"rope_type": "llama3", ...}
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q, k, v projections
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA): query head h reads KV head h // group_size."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelConfig:
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[key]
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], name: str = "custom") -> ModelConfig:
+        """Build from a HF `config.json` dict (LlamaConfig, MistralConfig, Qwen2Config)."""
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; kvloft runs llama, mistral and qwen2"
+            )
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            name=name,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # small enough for unit tests; awkward on purpose: 9 query heads over 3 KV heads.
+    "tiny": ModelConfig(
+        name="tiny", vocab_size=512, hidden_size=144, intermediate_size=288, n_layers=2,
+        n_heads=9, n_kv_heads=3, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        n_layers=30, n_heads=9, n_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+    ),
+    "llama3-8b": ModelConfig(
+        name="llama3-8b", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        n_layers=32, n_heads=32, n_kv_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
+    "qwen2.5-7b-1m": ModelConfig(
+        name="qwen2.5-7b-1m", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        n_layers=28, n_heads=28, n_kv_heads=4, rope_theta=10000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=1010000, attention_bias=True,
+    ),
+}
+
+METHODS = ("dense", "exact", "attention_graph", "tokenselect", "recycled", "hip", "actqkv", "faiss")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Layout of the KV tiers.
+
+    host_chunk_tokens: the host tier grows by chunks of this many tokens, never copied whole.
+    max_context: a session refuses to hold more tokens than this (0 = no limit).
+    """
+
+    host_chunk_tokens: int = 16384
+    max_context: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("host_chunk_tokens", self.host_chunk_tokens, minimum=1)
+        _check_int("max_context", self.max_context, minimum=0)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Which keys a decode step attends to.
+
+    method: "dense" keeps every token on the compute device and attends to all of them;
+        any other method keeps `n_sink` first tokens and a ring of the last `n_window`
+        on the device, moves older tokens to the host tier, and lets a retriever pick
+        `budget` of them per step (per KV head, or shared by all heads).
+    gqa_reduce: how the exact retriever ranks a key for a KV head from the scores of
+        the query heads of its group: "max" (default) or "sum" of softmax-free logits.
+    position_mode: "exact" keeps true positions; "extrapolate" places retrieved keys at a
+        fixed distance before the window (see DESIGN.md, Positions).
+    options: method-specific parameters (see each retriever's Params dataclass).
+    """
+
+    method: str = "exact"
+    budget: int = 2048
+    n_sink: int = 64
+    n_window: int = 512
+    gqa_reduce: str = "max"
+    position_mode: str = "exact"
+    query_sample: int = 2048
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown retrieval method {self.method!r}; choose one of {METHODS}")
+        _check_int("budget", self.budget, minimum=0)
+        _check_int("n_sink", self.n_sink, minimum=0)
+        _check_int("n_window", self.n_window, minimum=1)
+        _check_int("query_sample", self.query_sample, minimum=0)
+        if self.gqa_reduce not in ("max", "sum"):
+            raise ValueError(f"gqa_reduce must be 'max' or 'sum', got {self.gqa_reduce!r}")
+        if self.position_mode not in ("exact", "extrapolate"):
+            raise ValueError(
+                f"position_mode must be 'exact' or 'extrapolate', got {self.position_mode!r}"
+            )
+
+    def replace(self, **changes: Any) -> RetrievalConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how a session runs.
+
+    device: "cpu", "cuda", "cuda:1" or "auto" (CUDA when available, resolved at session start).
+    dtype: compute dtype of weights and KV ("float32", "bfloat16", "float16"; "auto" =
+        bfloat16 on CUDA, float32 on CPU).
+    gpu_memory_budget / host_memory_budget: bytes (int) or strings like "24GiB"; 0 = no limit.
+    kernels: "auto" (Triton on CUDA, torch reference on CPU), "reference" or "triton";
+        the default comes from KVLOFT_KERNELS, read once when the config is made.
+    prefill_chunk: tokens per prefill chunk.
+    progress: show a progress bar for long prefills.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_memory_budget: int | str = 0
+    host_memory_budget: int | str = 0
+    kernels: str = field(default_factory=lambda: os.environ.get("KVLOFT_KERNELS", "auto"))
+    prefill_chunk: int = 512
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "reference", "triton"):
+            raise ValueError(
+                f"kernels must be 'auto', 'reference' or 'triton' (KVLOFT_KERNELS), got {self.kernels!r}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
+            )
+        _check_int("prefill_chunk", self.prefill_chunk, minimum=1)
+        object.__setattr__(self, "gpu_memory_budget", parse_bytes(self.gpu_memory_budget))
+        object.__setattr__(self, "host_memory_budget", parse_bytes(self.host_memory_budget))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+          "tb": 1000**4}
+
+
+def parse_bytes(value: int | str) -> int:
+    """'24GiB' -> 25769803776; ints pass through. Raises ValueError naming the format."""
+    if isinstance(value, bool):
+        raise TypeError("a memory budget is an int of bytes or a string like '24GiB', not a bool")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a memory budget must be >= 0 bytes, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {value!r}; write e.g. 24GiB, 512MiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_tokens(value: int | str) -> int:
+    """'8k' -> 8192, '1m' -> 1048576, '6000' -> 6000."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)\s*", value)
+    if not m:
+        raise ValueError(f"cannot read token count {value!r}; write e.g. 8k, 128k, 1m or 6000")
+    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -1,0 +1,101 @@
+"""The retriever protocol (DESIGN.md, Retrievers) and the registry of methods.
+
+A retriever indexes the host tier of every layer and, per decode step, picks the
+host-tier tokens that one query should attend to. Ids are host-tier row indices
+(0 = the oldest token that left the window); `-1` pads per-head lists.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from kvloft.config import ModelConfig, RetrievalConfig
+
+
+@dataclass
+class Selection:
+    """What one select() call picked.
+
+    ids: [H_kv, k] int64 (per KV head, -1 = padding) or [k] int64 (shared by all heads).
+    scanned: keys whose score the search computed (per head summed), to plot quality vs work.
+    """
+
+    ids: Tensor
+    scanned: int
+
+    @property
+    def shared(self) -> bool:
+        return self.ids.dim() == 1
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
+        """keys [H_kv, N, D]: the host tier after prefill; queries [H_q, M, D]: a prefill sample."""
+
+    def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
+        """keys [H_kv, n, D] of tokens leaving the window during decode; positions [n]."""
+
+    def select(self, layer: int, q: Tensor, budget: int) -> Selection:
+        """q [H_q, D] -> the host-tier rows to attend to."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for reports (calls, keys scanned, cache hits, ...)."""
+
+
+@dataclass
+class RetrieverStats:
+    calls: int = 0
+    scanned: int = 0
+    selected: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, sel: Selection) -> None:
+        self.calls += 1
+        self.scanned += sel.scanned
+        self.selected += int((sel.ids >= 0).sum())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected, **self.extra}
+
+
+_REGISTRY: dict[str, type] = {}
+
+# method name -> module in kvloft/index/ that registers it (imported on first use)
+METHOD_MODULES = {
+    "exact": "exact",
+    "attention_graph": "attention_graph",
+    "tokenselect": "tokenselect",
+    "recycled": "recycled",
+    "hip": "hip",
+    "actqkv": "actqkv",
+    "faiss": "faiss_ann",
+}
+
+
+def register(name: str):
+    """Class decorator: make a retriever available as RetrievalConfig(method=name)."""
+
+    def deco(cls: type) -> type:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def make_retriever(
+    cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device | str = "cpu"
+) -> Retriever:
+    """Instantiate the retriever for `cfg.method` (each class takes (cfg, model_cfg, device))."""
+    if cfg.method not in _REGISTRY and cfg.method in METHOD_MODULES:
+        importlib.import_module(f"kvloft.index.{METHOD_MODULES[cfg.method]}")
+    if cfg.method not in _REGISTRY:
+        raise ValueError(
+            f"retrieval method {cfg.method!r} is not available here; available: {sorted(_REGISTRY)}"
+        )
+    return _REGISTRY[cfg.method](cfg, model_cfg, torch.device(device))

@@ -1,0 +1,72 @@
+"""Exact top-k retrieval: the ground truth every other method is measured against.
+
+Per KV head, each host key j is ranked by the logits q_h · k_j of the query heads h
+of its GQA group, combined by `RetrievalConfig.gqa_reduce`: "max" (default; a key that
+matters to any head of the group is kept) or "sum". Keys are scanned chunk by chunk
+from a copy kept on the retriever's device (a GPU key mirror on CUDA), so the cost is
+one pass over all keys: N * H_kv * D * bytes per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.kernels import reference
+from kvloft.runtime.chunked import ChunkedRows
+
+
+@register("exact")
+class ExactRetriever:
+    def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = device
+        self.chunk_rows = int(cfg.options.get("chunk_rows", 16384))
+        self.keys: dict[int, ChunkedRows] = {}
+        self._stats = RetrieverStats()
+
+    def _store(self, layer: int, dtype: torch.dtype) -> ChunkedRows:
+        if layer not in self.keys:
+            shape = (self.model_cfg.n_kv_heads, self.model_cfg.head_dim)
+            self.keys[layer] = ChunkedRows(shape, dtype, self.chunk_rows, self.device)
+        return self.keys[layer]
+
+    def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
+        # keys [H_kv, N, D] -> stored token-major [N, H_kv, D]
+        self.keys.pop(layer, None)
+        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+
+    def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
+        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+
+    def scores(self, layer: int, q: Tensor) -> Tensor:
+        """Group-reduced logits of every stored key: q [H_q, D] -> [H_kv, N] fp32."""
+        store = self.keys.get(layer)
+        hkv = self.model_cfg.n_kv_heads
+        if store is None or len(store) == 0:
+            return torch.empty((hkv, 0), dtype=torch.float32, device=self.device)
+        q = q.to(self.device)
+        parts = [
+            reference.reduce_group(reference.score(q, chunk), hkv, self.cfg.gqa_reduce)
+            for _, chunk in store.iter_chunks()
+        ]
+        return torch.cat(parts, dim=1)
+
+    def select(self, layer: int, q: Tensor, budget: int) -> Selection:
+        s = self.scores(layer, q)
+        n = s.shape[1]
+        if budget >= n:  # a budget covering the host tier selects all of it
+            ids = torch.arange(n, device=s.device)[None].expand(s.shape[0], -1).contiguous()
+        else:
+            ids = torch.topk(s, budget, dim=-1).indices
+        sel = Selection(ids=ids, scanned=n * s.shape[0])
+        self._stats.record(sel)
+        return sel
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.as_dict()

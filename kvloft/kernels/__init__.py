@@ -1,0 +1,51 @@
+"""Attention ops: Triton kernels on CUDA, the torch reference elsewhere.
+
+`kernel_set(mode, device)` picks the implementation once per session:
+mode "auto" uses Triton for CUDA tensors and the reference on the CPU; "reference"
+and "triton" force one (RuntimeConfig.kernels, default from KVLOFT_KERNELS).
+Every op of a set has the reference's signature (see kernels/reference.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kvloft.kernels import reference
+
+OP_NAMES = ("attend", "decode_attend", "gather_attend", "merge", "score_topk")
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    name: str
+    attend: Callable
+    decode_attend: Callable
+    gather_attend: Callable
+    merge: Callable
+    score_topk: Callable
+
+
+REFERENCE = KernelSet("reference", *(getattr(reference, n) for n in OP_NAMES))
+
+
+def _triton_set() -> KernelSet:
+    try:
+        from kvloft.kernels import triton_ops
+    except ImportError as e:  # triton missing or no kernels built
+        raise ValueError(
+            f"Triton kernels are unavailable ({e}); install triton or set kernels='reference'"
+        ) from e
+    ops = {n: getattr(triton_ops, n, getattr(reference, n)) for n in OP_NAMES}
+    return KernelSet("triton", **ops)
+
+
+def kernel_set(mode: str, device: torch.device | str) -> KernelSet:
+    device = torch.device(device)
+    if mode == "reference" or (mode == "auto" and device.type != "cuda"):
+        return REFERENCE
+    if mode in ("auto", "triton"):
+        return _triton_set()
+    raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {mode!r}")

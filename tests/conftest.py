@@ -1,0 +1,27 @@
+"""Test-wide setup: CPU by default; Triton kernels run through the interpreter.
+
+GPU tests carry the `gpu` marker and are skipped at collection when CUDA is absent.
+"""
+
+import os
+
+# The interpreter must be chosen before triton decorates any kernel.
+if not os.environ.get("KVLOFT_TEST_CUDA"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and os.environ.get("KVLOFT_TEST_CUDA"):
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run with KVLOFT_TEST_CUDA=1 on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
