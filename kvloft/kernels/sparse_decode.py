@@ -1,0 +1,249 @@
+"""Sparse decode attention for one query token, in Triton (split-K, "flash-decoding").
+
+Two sources of keys, one kernel:
+  decode_attend   contiguous token-major k, v [T, H_kv, D] (the sink + window segment;
+                  key order does not matter because keys are stored after RoPE);
+  gather_attend   rows picked through index lists ids [H_kv, n] (per KV head) or [n]
+                  (shared), -1 = padding, from token-major k_rows, v_rows [N, H_kv, D].
+                  The gather is fused: the kernel reads rows by index, so the selected
+                  rows are never copied. k_rows/v_rows may be pinned host tensors when q
+                  is on CUDA: the GPU then reads them zero-copy over PCIe.
+
+Grid (H_kv, S): program (h, s) takes KV head h and the s-th slice of the key list, and
+all G = H_q / H_kv query heads of that group, so every K/V row is read once per group.
+It runs an online softmax over blocks of BLOCK_N keys (two tensor-core dots per block,
+the G query rows padded to BLOCK_G >= 16) and writes a partial (out, lse); merge.py's
+kernel combines the S partials.
+
+Memory traffic (gather, n ids, D, itemsize b): read n*H_kv*(idx_bytes + 2*D*b) (ids +
+K + V rows; shared ids are read once per KV head) + H_q*D*b (q); partials write and
+read back S*H_q*(D + 1)*4 bytes, small next to the rows for S <= n / 64.
+
+Accumulation is fp32; P is rounded to the value dtype before the P.V dot, as in
+FlashAttention. lse is the natural log of the softmax denominator of the scaled logits.
+Reference: kernels/reference.py `decode_attend`, `gather_attend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvloft.kernels import checks
+from kvloft.kernels.merge import merge_stacked
+
+__all__ = ["decode_attend", "gather_attend", "DecodeLaunch"]
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch parameters of the split kernel (defaults tuned on the H200, bench/gpu_kernels.py).
+
+    block_n: keys per inner step; num_warps / num_stages: Triton's; programs_per_sm: how
+    many (KV head, split) programs to aim for per multiprocessor; min_split: fewest keys a
+    split gets, so the partials stay small next to the rows.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 4
+    min_split: int = 64
+
+
+DEFAULT_LAUNCH = DecodeLaunch()
+# The interpreter runs every program in Python: few splits keep CPU tests fast, >1 tests merging.
+INTERPRETER_SPLITS = 3
+
+
+@triton.jit
+def _split_kernel(
+    q,  # [H_q, D], last dim contiguous
+    k,  # [N, H_kv, D] rows (token-major), last dim contiguous
+    v,  # [N, H_kv, D]
+    ids,  # [H_kv, n] or [n] int32/int64, contiguous along n (unused when not HAS_IDS)
+    out_part,  # [S, H_q, D] fp32
+    lse_part,  # [S, H_q] fp32
+    n_keys,
+    split_len,
+    group,
+    head_dim,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_ih,  # 0 for shared ids
+    HAS_IDS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot minimum
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    n_q = tl.num_programs(0) * group
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    gmask = g < group
+    dmask = d < head_dim
+    q_heads = kv_head * group + g
+    qb = tl.load(q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    k_head = k + kv_head.to(tl.int64) * stride_kh
+    v_head = v + kv_head.to(tl.int64) * stride_vh
+    start = split * split_len
+    end = tl.minimum(start + split_len, n_keys)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        pos = s0 + offs_n
+        valid = pos < end
+        if HAS_IDS:
+            rows = tl.load(ids + kv_head * stride_ih + pos, mask=valid, other=-1).to(tl.int64)
+            valid = valid & (rows >= 0)
+        else:
+            rows = pos.to(tl.int64)
+        kv_mask = valid[:, None] & dmask[None, :]
+        kb = tl.load(k_head + rows[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+        vb = tl.load(v_head + rows[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep weights 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
+        m_i = m_new
+
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out_v = acc / l_safe[:, None]
+    lse_v = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    row = split.to(tl.int64) * n_q + q_heads
+    tl.store(out_part + row[:, None] * head_dim + d[None, :], out_v, mask=gmask[:, None] & dmask[None, :])
+    tl.store(lse_part + row, lse_v, mask=gmask)
+
+
+def _num_splits(n: int, n_kv: int, device: torch.device, launch: DecodeLaunch) -> int:
+    max_splits = triton.cdiv(n, launch.min_split)
+    if device.type != "cuda":
+        return min(max_splits, INTERPRETER_SPLITS)
+    target = checks.sm_count(device.index or 0) * launch.programs_per_sm
+    return max(1, min(max_splits, triton.cdiv(target, n_kv)))
+
+
+def _attend_rows(
+    q: Tensor,  # [H_q, D]
+    k: Tensor,  # [N, H_kv, D]
+    v: Tensor,  # [N, H_kv, D]
+    ids: Tensor | None,  # [H_kv, n] / [n] or None (all N rows in order)
+    n: int,
+    scale: float,
+    num_splits: int | None,
+    launch: DecodeLaunch,
+) -> tuple[Tensor, Tensor]:
+    hq, d = q.shape
+    hkv = k.shape[1]
+    if n == 0 or d == 0:
+        return q.new_zeros(q.shape), torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device)
+    group = hq // hkv
+    splits = num_splits or _num_splits(n, hkv, q.device, launch)
+    split_len = triton.cdiv(triton.cdiv(n, splits), launch.block_n) * launch.block_n
+    splits = triton.cdiv(n, split_len)  # no empty trailing split
+    out_part = torch.empty((splits, hq, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, hq), dtype=torch.float32, device=q.device)
+    ids_arg = ids if ids is not None else q  # placeholder pointer, never read
+    stride_ih = 0 if ids is None or ids.dim() == 1 else ids.stride(0)
+    _split_kernel[(hkv, splits)](
+        q, k, v, ids_arg, out_part, lse_part,
+        n, split_len, group, d, scale * LOG2E,
+        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih,
+        HAS_IDS=ids is not None,
+        BLOCK_G=max(16, checks.next_pow2(group)),
+        BLOCK_N=launch.block_n,
+        BLOCK_D=max(16, checks.next_pow2(d)),
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+    )  # fmt: skip
+    return merge_stacked(out_part, lse_part, q.dtype)
+
+
+def _validate_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, kname: str, vname: str) -> None:
+    checks.require_dim("q", q, 2, "[H_q, D] (one decode token)")
+    checks.require_dim(kname, k, 3, "[N, H_kv, D] (token-major)")
+    checks.require_float("q", q)
+    checks.require_float(kname, k, q.dtype)
+    checks.require_float(vname, v, q.dtype)
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: {vname} has shape {tuple(v.shape)} but {kname} has {tuple(k.shape)}")
+    hq, d = q.shape
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"{op}: query heads ({hq}) must be a multiple of KV heads ({hkv}); check the head layout"
+        )
+    if k.shape[2] != d:
+        raise ValueError(f"{op}: q has head dim {d} but {kname} has {k.shape[2]}")
+    checks.require_runnable(q.device, _split_kernel, op)
+    checks.require_last_dim_contiguous(kname, k)
+    checks.require_last_dim_contiguous(vname, v)
+
+
+def decode_attend(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, num_splits: int | None = None,
+    launch: DecodeLaunch = DEFAULT_LAUNCH,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One query token over contiguous keys.
+
+    q: [H_q, D]; k, v: [T, H_kv, D] (strided rows are fine, the head dim must be contiguous).
+    Returns (out [H_q, D] in q.dtype, lse [H_q] fp32). num_splits overrides the split count.
+    """
+    _validate_qkv("decode_attend", q, k, v, "k", "v")
+    checks.require_same_device("decode_attend", q, k=k, v=v)
+    q = q.contiguous()
+    return _attend_rows(q, k, v, None, k.shape[0], scale, num_splits, launch)
+
+
+def _validate_ids(ids: Tensor, n_kv: int) -> None:
+    checks.require_index("ids", ids)
+    if ids.dim() == 1 or (ids.dim() == 2 and ids.shape[0] == n_kv):
+        return
+    raise ValueError(
+        f"gather_attend: ids must be [H_kv={n_kv}, n] (per KV head) or [n] (shared), "
+        f"got shape {tuple(ids.shape)}"
+    )
+
+
+def gather_attend(
+    q: Tensor, k_rows: Tensor, v_rows: Tensor, ids: Tensor, *, scale: float,
+    check_ids: bool | None = None, num_splits: int | None = None,
+    launch: DecodeLaunch = DEFAULT_LAUNCH,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One query over rows picked by index lists; the gather is fused into the kernel.
+
+    q: [H_q, D]; k_rows, v_rows: [N, H_kv, D] on q's device, or pinned host tensors
+    (zero-copy) with q on CUDA; ids: [H_kv, n] or [n], int32/int64, -1 = padding.
+    check_ids: verify -1 <= ids < N (one min/max; None = only for ids on the CPU, since on
+    CUDA it waits for the device). Unchecked out-of-range ids read out of bounds.
+    Returns (out [H_q, D] in q.dtype, lse [H_q] fp32); n = 0 gives out = 0, lse = -inf.
+    """
+    _validate_qkv("gather_attend", q, k_rows, v_rows, "k_rows", "v_rows")
+    _validate_ids(ids, k_rows.shape[1])
+    checks.require_same_device("gather_attend", q, ids=ids)
+    checks.require_rows_device("gather_attend", q, k_rows=k_rows, v_rows=v_rows)
+    if checks.want_id_check(check_ids, ids):
+        checks.check_ids_range("gather_attend", ids, k_rows.shape[0], allow_padding=True)
+    q = q.contiguous()
+    ids = ids.contiguous()
+    return _attend_rows(q, k_rows, v_rows, ids, ids.shape[-1], scale, num_splits, launch)
