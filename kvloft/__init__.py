@@ -1,6 +1,17 @@
 """kvloft: long-context LLM decoding with a tiered KV cache and attention-aware retrieval."""
 
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
+from kvloft.runtime.loader import Model, load_model, load_tokenizer
+from kvloft.runtime.session import Session
 
-__all__ = ["CacheConfig", "ModelConfig", "RetrievalConfig", "RuntimeConfig"]
+__all__ = [
+    "CacheConfig",
+    "Model",
+    "ModelConfig",
+    "RetrievalConfig",
+    "RuntimeConfig",
+    "Session",
+    "load_model",
+    "load_tokenizer",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""KV tiers of one session (DESIGN.md, Tiers).
+
+Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D]`:
+
+- static tier, on the compute device: the first `n_sink` tokens and a ring of the last
+  `n_window`, in one buffer `[n_sink + n_window, H_kv, D]` (slots 0..n_sink-1 sink,
+  the rest the ring). The filled slots are always one contiguous prefix, so static
+  attention is one pass over `[:n_static]` (keys are rotated, so slot order is free).
+- host tier: every token older than the window, appended in order to chunked rows
+  (pinned when CUDA is present), with its position; grown by chunks, never copied whole.
+
+`DenseKV` is the baseline's store: every token on the compute device, contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvloft.config import ModelConfig
+from kvloft.runtime.chunked import ChunkedRows
+
+
+@dataclass
+class Evicted:
+    """Tokens that just left the window for the host tier (for retriever.add)."""
+
+    k: Tensor  # [n, H_kv, D]
+    v: Tensor  # [n, H_kv, D]
+    positions: Tensor  # [n] int64
+    first_row: int  # host-tier row of k[0]
+
+
+class LayerTiers:
+    """Static tier (sink + window ring) and host tier of one layer."""
+
+    def __init__(self, cfg: ModelConfig, n_sink: int, n_window: int, host_chunk: int,
+                 device: torch.device, dtype: torch.dtype, pin: bool) -> None:
+        hkv, d = cfg.n_kv_heads, cfg.head_dim
+        size = n_sink + n_window
+        self.n_sink, self.n_window = n_sink, n_window
+        self.k = torch.zeros(size, hkv, d, dtype=dtype, device=device)
+        self.v = torch.zeros(size, hkv, d, dtype=dtype, device=device)
+        self.pos = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.sink_fill = 0
+        self.ring_fill = 0
+        self.ring_head = 0  # ring slot (relative) of the oldest token
+        self.host_k = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin)
+        self.host_v = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin)
+        self.host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin)
+
+    @property
+    def n_static(self) -> int:
+        return self.sink_fill + self.ring_fill
+
+    @property
+    def n_host(self) -> int:
+        return len(self.host_k)
+
+    def static_kv(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Filled static slots: k, v [n_static, H_kv, D], positions [n_static] (a view)."""
+        n = self.n_sink + self.ring_fill if self.sink_fill == self.n_sink else self.sink_fill
+        return self.k[:n], self.v[:n], self.pos[:n]
+
+    def append(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
+        """Add T tokens (k, v [T, H_kv, D], pos [T]); returns what moved to the host tier."""
+        take = min(k.shape[0], self.n_sink - self.sink_fill)
+        if take:
+            s = slice(self.sink_fill, self.sink_fill + take)
+            self.k[s], self.v[s], self.pos[s] = k[:take], v[:take], pos[:take]
+            self.sink_fill += take
+        if take == k.shape[0]:
+            return None
+        k, v, pos = k[take:], v[take:], pos[take:]
+        if k.shape[0] == 1 and self.ring_fill == self.n_window:
+            return self._push_one(k, v, pos)
+        return self._push_many(k, v, pos)
+
+    def _push_one(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted:
+        # decode fast path: the oldest ring slot goes to the host, the new token takes it
+        slot = self.n_sink + self.ring_head
+        ev = Evicted(self.k[slot : slot + 1].clone(), self.v[slot : slot + 1].clone(),
+                     self.pos[slot : slot + 1].clone(), self.n_host)
+        self._to_host(ev)
+        self.k[slot], self.v[slot], self.pos[slot] = k[0], v[0], pos[0]
+        self.ring_head = (self.ring_head + 1) % self.n_window
+        return ev
+
+    def _push_many(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
+        # ring contents in age order, then the new tokens; the last n_window stay
+        order = (self.ring_head + torch.arange(self.ring_fill)) % self.n_window + self.n_sink
+        order = order.to(self.k.device)
+        all_k = torch.cat([self.k[order], k])
+        all_v = torch.cat([self.v[order], v])
+        all_p = torch.cat([self.pos[order], pos.to(self.pos.device)])
+        n_out = max(0, all_k.shape[0] - self.n_window)
+        ev = None
+        if n_out:
+            ev = Evicted(all_k[:n_out], all_v[:n_out], all_p[:n_out], self.n_host)
+            self._to_host(ev)
+        keep = slice(self.n_sink, self.n_sink + all_k.shape[0] - n_out)
+        self.k[keep], self.v[keep], self.pos[keep] = all_k[n_out:], all_v[n_out:], all_p[n_out:]
+        self.ring_fill, self.ring_head = all_k.shape[0] - n_out, 0
+        return ev
+
+    def _to_host(self, ev: Evicted) -> None:
+        self.host_k.append(ev.k.to("cpu"))
+        self.host_v.append(ev.v.to("cpu"))
+        self.host_pos.append(ev.positions.to("cpu"))
+
+    def host_keys_head_major(self) -> Tensor:
+        """All host keys as [H_kv, N, D] (a copy; used once to build an index)."""
+        return self.host_k.all().transpose(0, 1)
+
+    def static_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+
+    def host_bytes(self) -> int:
+        return self.host_k.nbytes + self.host_v.nbytes + self.host_pos.nbytes
+
+
+class TieredKVCache:
+    """Every layer's tiers. Tokens enter in order; positions are kept with them."""
+
+    def __init__(self, cfg: ModelConfig, *, n_sink: int, n_window: int, host_chunk: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        pin = device.type == "cuda"
+        self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin)
+                       for _ in range(cfg.n_layers)]
+        self.cfg = cfg
+
+    def __getitem__(self, layer: int) -> LayerTiers:
+        return self.layers[layer]
+
+    @property
+    def n_tokens(self) -> int:
+        t = self.layers[0]
+        return t.n_static + t.n_host
+
+    def bytes(self) -> dict[str, int]:
+        return {
+            "static": sum(t.static_bytes() for t in self.layers),
+            "host": sum(t.host_bytes() for t in self.layers),
+        }
+
+    def host_bytes_after(self, n_new_host: int) -> int:
+        """Host bytes once `n_new_host` more tokens sit in the host tier (whole chunks)."""
+        t = self.layers[0]
+        rows = t.n_host + n_new_host
+        chunk = t.host_k.chunk_rows
+        n_chunks = -(-rows // chunk)
+        per_row = 2 * self.cfg.n_kv_heads * self.cfg.head_dim * t.k.element_size() + 8
+        return n_chunks * chunk * per_row * len(self.layers)
+
+
+class DenseKV:
+    """All tokens of one layer on the compute device, contiguous (capacity doubles)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, capacity: int = 1024):
+        shape = (capacity, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.n = 0
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        need = self.n + k.shape[0]
+        if need > self.k.shape[0]:
+            cap = max(need, 2 * self.k.shape[0])
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = torch.empty((cap, *old.shape[1:]), dtype=old.dtype, device=old.device)
+                new[: self.n] = old[: self.n]
+                setattr(self, name, new)
+        self.k[self.n : need] = k
+        self.v[self.n : need] = v
+        self.n = need
+
+    def kv(self) -> tuple[Tensor, Tensor]:
+        return self.k[: self.n], self.v[: self.n]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

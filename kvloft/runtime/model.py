@@ -1,0 +1,141 @@
+"""A Llama-family decoder written plainly (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2).
+
+Batch size 1, a sequence of T tokens at given positions. Each layer makes exactly one
+attention call, `backend.attend(layer, q, k, v)`, with keys already rotated (RoPE), so
+the KV tiers, retrievers and kernels plug in behind it (runtime/attention.py).
+Parameter names follow HF transformers (minus the "model." prefix), so a HF state dict
+loads as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvloft.config import ModelConfig
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q [T, H_q, D], k/v [T, H_kv, D] (rotated keys), positions [T] -> out [T, H_q, D]."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies [D/2], with Llama 3 ("llama3") scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return inv.float()
+    if kind == "linear":
+        return (inv / rs["factor"]).float()
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return torch.where(is_mid, mid, scaled).float()
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the HF (rotate-half) layout. x [T, H, D]; cos/sin [T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos[:, None] + rot.float() * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, hq, hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.shape = (hq, hkv, d)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, backend: AttentionBackend,
+                positions: Tensor) -> Tensor:
+        t = x.shape[0]
+        hq, hkv, d = self.shape
+        q = rotate(self.q_proj(x).view(t, hq, d), cos, sin)  # [T, H_q, D]
+        k = rotate(self.k_proj(x).view(t, hkv, d), cos, sin)  # [T, H_kv, D]
+        v = self.v_proj(x).view(t, hkv, d)
+        out = backend.attend(layer, q, k, v, positions)  # [T, H_q, D]
+        return self.o_proj(out.reshape(t, hq * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer, backend, positions):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, backend, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. forward(ids [T], positions [T], backend) -> logits [T, V] fp32."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [T] int64 -> cos, sin [T, D] fp32 (fp64 angles: exact at 1M positions)."""
+        ang = positions.double()[:, None] * self.inv_freq.double()[None]
+        ang = torch.cat((ang, ang), dim=-1)
+        return ang.cos().float(), ang.sin().float()
+
+    @torch.inference_mode()
+    def forward(self, ids: Tensor, positions: Tensor, backend: AttentionBackend, last_only: bool = False) -> Tensor:
+        x = self.embed_tokens(ids)  # [T, hidden]
+        cos, sin = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, backend, positions)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,274 @@
+"""Long-context sessions: feed a context once, then generate from it.
+
+    model = kvloft.load_model("smollm2")
+    s = kvloft.Session(model, kvloft.RetrievalConfig(method="exact", budget=256))
+    s.feed(long_text)                          # chunked prefill, progress bar
+    print(s.generate(max_new_tokens=32))       # or: for piece in s.stream(...)
+
+A session owns its KV tiers and retriever. Inputs are validated before anything is
+changed, so a rejected call leaves the session as it was and usable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
+from kvloft.index.base import make_retriever
+from kvloft.kernels import kernel_set
+from kvloft.runtime.attention import DenseAttention, TieredAttention
+from kvloft.runtime.kvcache import TieredKVCache
+from kvloft.runtime.loader import Model
+
+
+class Session:
+    def __init__(
+        self,
+        model: Model,
+        retrieval: RetrievalConfig | None = None,
+        runtime: RuntimeConfig | None = None,
+        cache: CacheConfig | None = None,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise TypeError(f"Session needs a model from kvloft.load_model(...), got {type(model).__name__}")
+        self.model = model
+        self.retrieval = retrieval or RetrievalConfig()
+        self.runtime = runtime or RuntimeConfig()
+        self.cache_cfg = cache or CacheConfig()
+        for name, obj, cls in (("retrieval", self.retrieval, RetrievalConfig),
+                               ("runtime", self.runtime, RuntimeConfig), ("cache", self.cache_cfg, CacheConfig)):
+            if not isinstance(obj, cls):
+                raise TypeError(f"{name} must be a kvloft.{cls.__name__}, got {type(obj).__name__}")
+        self.ops = kernel_set(self.runtime.kernels, model.device)
+        self._check_gpu_budget()
+        self.reset()
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the context (keeps model and configs)."""
+        cfg, m = self.model.config, self.model
+        if self.retrieval.method == "dense":
+            self.backend = DenseAttention(cfg, self.ops, m.device, m.dtype)
+        else:
+            kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
+                               host_chunk=self.cache_cfg.host_chunk_tokens, device=m.device, dtype=m.dtype)
+            retriever = make_retriever(self.retrieval, cfg, m.device)
+            self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device)
+        self.tokens: list[int] = []
+        self._last_logits: Tensor | None = None
+        self._times = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    # ---- input ---------------------------------------------------------------------------
+
+    def _to_ids(self, prompt: str | Sequence[int] | Tensor) -> list[int]:
+        if isinstance(prompt, str):
+            if self.model.tokenizer is None:
+                raise ValueError(
+                    f"model {self.model.source} has no tokenizer (random-weight preset); feed token ids"
+                )
+            ids = self.model.tokenizer.encode(prompt, add_bos=not self.tokens and None)
+        elif isinstance(prompt, Tensor):
+            if prompt.is_floating_point() or prompt.is_complex():
+                raise TypeError(f"token ids must be an integer tensor, got {prompt.dtype}; pass ids, not embeddings")
+            if prompt.dim() != 1:
+                raise ValueError(f"token ids must be a 1-D tensor [T], got shape {tuple(prompt.shape)}")
+            ids = prompt.tolist()
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise TypeError("feed takes a str, a list of int token ids or a 1-D integer tensor")
+        if not ids:
+            raise ValueError("the prompt is empty; feed some text or at least one token id")
+        bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must lie in [0, {self.model.config.vocab_size}); got {bad[:5]}")
+        return ids
+
+    def _check_capacity(self, n_new: int) -> None:
+        cap = self.cache_cfg.max_context
+        if cap and len(self.tokens) + n_new > cap:
+            raise ValueError(
+                f"context would hold {len(self.tokens) + n_new} tokens, over max_context={cap}; "
+                "raise CacheConfig.max_context or feed less"
+            )
+        budget = self.runtime.host_memory_budget
+        if budget and isinstance(self.backend, TieredAttention):
+            need = self.backend.cache.host_bytes_after(n_new)
+            if need > budget:
+                raise ValueError(
+                    f"{len(self.tokens) + n_new} tokens need {need / 2**20:.1f} MiB of host KV memory, over "
+                    f"host_memory_budget={budget / 2**20:.1f} MiB; raise the budget or feed less"
+                )
+
+    def _check_gpu_budget(self) -> None:
+        budget = self.runtime.gpu_memory_budget
+        if not budget or self.model.device.type != "cuda":
+            return
+        c = self.model.config
+        static = 0
+        if self.retrieval.method != "dense":
+            static = (2 * c.n_layers * (self.retrieval.n_sink + self.retrieval.n_window) * c.n_kv_heads
+                      * c.head_dim * torch.finfo(self.model.dtype).bits // 8)
+        need = self.model.weight_bytes + static
+        if need > budget:
+            raise ValueError(
+                f"weights ({self.model.weight_bytes / 2**30:.2f} GiB) + static tier ({static / 2**30:.2f} GiB) "
+                f"exceed gpu_memory_budget ({budget / 2**30:.2f} GiB); raise the budget or shrink n_window"
+            )
+
+    # ---- prefill -------------------------------------------------------------------------
+
+    def feed(self, prompt: str | Sequence[int] | Tensor) -> int:
+        """Append text or token ids to the context (chunked prefill). Returns tokens fed."""
+        ids = self._to_ids(prompt)
+        self._check_capacity(len(ids))
+        t0 = time.perf_counter()
+        self._prefill(ids)
+        self._times["prefill_s"] += time.perf_counter() - t0
+        self._times["prefill_tokens"] += len(ids)
+        return len(ids)
+
+    def feed_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> int:
+        """Feed chat messages rendered with the model's chat template."""
+        if self.model.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template; feed token ids")
+        text = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return self.feed(text)
+
+    def _prefill(self, ids: list[int]) -> None:
+        chunk = self.runtime.prefill_chunk
+        start = len(self.tokens)
+        n_chunks = -(-len(ids) // chunk)
+        bar = None
+        if self.runtime.progress and n_chunks > 4:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), unit="tok", desc="prefill", leave=False)
+        if isinstance(self.backend, TieredAttention):
+            self.backend.decoding = False
+        for i in range(0, len(ids), chunk):
+            part = ids[i : i + chunk]
+            self._forward(part, start + i, last_only=True)
+            self.tokens.extend(part)
+            if bar is not None:
+                bar.update(len(part))
+        if bar is not None:
+            bar.close()
+        if isinstance(self.backend, TieredAttention):
+            self.backend.build_indexes()
+
+    def _forward(self, ids: list[int], start: int, last_only: bool) -> None:
+        dev = self.model.device
+        x = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos = torch.arange(start, start + len(ids), device=dev)
+        logits = self.model.net(x, pos, self.backend, last_only=last_only)
+        self._last_logits = logits[-1]
+
+    # ---- decode --------------------------------------------------------------------------
+
+    def stream(
+        self,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Generate, yielding text pieces as they form. Stops at EOS, a stop string or the limit."""
+        self._check_generate_args(max_new_tokens, temperature, top_p)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        tok = self.model.tokenizer
+        eos = set(tok.eos_ids if tok else self.model.config.eos_token_ids)
+        gen = torch.Generator().manual_seed(self.runtime.seed if seed is None else seed)
+        new: list[int] = []
+        text_so_far = ""
+        if isinstance(self.backend, TieredAttention):
+            self.backend.decoding = True
+        for _ in range(max_new_tokens):
+            nxt = self._sample(temperature, top_p, gen)
+            if nxt in eos:
+                break
+            self._check_capacity(1)
+            t0 = time.perf_counter()
+            self._forward([nxt], len(self.tokens), last_only=True)
+            self._times["decode_s"] += time.perf_counter() - t0
+            self._times["decode_tokens"] += 1
+            self.tokens.append(nxt)
+            new.append(nxt)
+            if tok is None:
+                continue
+            text = tok.decode(new)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait
+                continue
+            hit = next((s for s in stops if s in text), None)
+            if hit is not None:
+                piece = text[: text.index(hit)][len(text_so_far):]
+                if piece:
+                    yield piece
+                return
+            piece, text_so_far = text[len(text_so_far):], text
+            if piece:
+                yield piece
+
+    def generate(self, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] | str | None = None, seed: int | None = None) -> str:
+        """Generate and return the text (see stream)."""
+        return "".join(self.stream(max_new_tokens, temperature, top_p, stop, seed))
+
+    def _check_generate_args(self, max_new_tokens: int, temperature: float, top_p: float) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+        if self._last_logits is None:
+            raise ValueError("nothing to continue from: feed a prompt before generating")
+
+    def _sample(self, temperature: float, top_p: float, gen: torch.Generator) -> int:
+        logits = self._last_logits.float().cpu()
+        if temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1:
+            sp, si = probs.sort(descending=True)
+            keep = sp.cumsum(0) - sp < top_p
+            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    @property
+    def last_logits(self) -> Tensor | None:
+        """Logits [V] fp32 of the next token after the context."""
+        return self._last_logits
+
+    # ---- reports -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        b = self.backend
+        out: dict[str, Any] = {
+            "method": self.retrieval.method,
+            "tokens": len(self.tokens),
+            "bytes": b.bytes(),
+            "timings_s": {**self._times, **b.timers.as_dict()},
+            "kernels": self.ops.name,
+        }
+        t = self._times
+        if t["prefill_s"]:
+            out["prefill_tok_per_s"] = round(t["prefill_tokens"] / t["prefill_s"], 1)
+        if t["decode_s"]:
+            out["decode_ms_per_tok"] = round(1000 * t["decode_s"] / t["decode_tokens"], 2)
+        if isinstance(b, TieredAttention):
+            tiers = b.cache[0]
+            out["tier_tokens"] = {"static": tiers.n_static, "host": tiers.n_host}
+            out["keys_scanned"] = b.scanned
+            out["retriever"] = b.retriever.stats()
+        return out
