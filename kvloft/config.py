@@ -77,6 +77,10 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         n_heads = cfg["num_attention_heads"]
+        # transformers >= 5 writes "rope_parameters" (theta inside); older files "rope_theta"/"rope_scaling"
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = float(cfg.get("rope_theta") or rope.pop("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         return cls(
             name=name,
             vocab_size=cfg["vocab_size"],
@@ -86,8 +90,8 @@ class ModelConfig:
             n_heads=n_heads,
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=theta,
+            rope_scaling=scaling,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

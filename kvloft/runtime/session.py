@@ -175,6 +175,21 @@ class Session:
 
     # ---- decode --------------------------------------------------------------------------
 
+    def step(self, token_id: int) -> Tensor:
+        """Append one token through the decode path; returns the next token's logits [V] fp32."""
+        ids = self._to_ids([token_id])
+        self._check_capacity(1)
+        if self._last_logits is None:
+            raise ValueError("step() continues a context: feed a prompt first")
+        if isinstance(self.backend, TieredAttention):
+            self.backend.decoding = True
+        t0 = time.perf_counter()
+        self._forward(ids, len(self.tokens), last_only=True)
+        self._times["decode_s"] += time.perf_counter() - t0
+        self._times["decode_tokens"] += 1
+        self.tokens.append(ids[0])
+        return self._last_logits
+
     def stream(
         self,
         max_new_tokens: int = 64,
@@ -191,18 +206,11 @@ class Session:
         gen = torch.Generator().manual_seed(self.runtime.seed if seed is None else seed)
         new: list[int] = []
         text_so_far = ""
-        if isinstance(self.backend, TieredAttention):
-            self.backend.decoding = True
         for _ in range(max_new_tokens):
             nxt = self._sample(temperature, top_p, gen)
             if nxt in eos:
                 break
-            self._check_capacity(1)
-            t0 = time.perf_counter()
-            self._forward([nxt], len(self.tokens), last_only=True)
-            self._times["decode_s"] += time.perf_counter() - t0
-            self._times["decode_tokens"] += 1
-            self.tokens.append(nxt)
+            self.step(nxt)
             new.append(nxt)
             if tok is None:
                 continue
