@@ -31,7 +31,8 @@ def test_merge_large_logits_and_all_empty():
     full, _ = ref.decode_attend(q, k, v, scale=1.0)
     out, lse = _split_attention(q, k, v, [0, 10, 64])
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    assert torch.allclose(out, full, atol=1e-5)
+    # fp32 lse of magnitude ~1e4 carries ~1e4 * 6e-8 absolute error, so weights move by ~1e-3
+    assert torch.allclose(out, full, atol=3e-3)
     empty = ref.decode_attend(q, k[:0], v[:0], scale=1.0)
     out, lse = ref.merge([empty[0], empty[0]], [empty[1], empty[1]])
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
