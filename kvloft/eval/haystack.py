@@ -27,13 +27,13 @@ __all__ = [
     "HAYSTACKS",
     "NOISE_SENTENCES",
     "SentenceStream",
-    "weave",
-    "word_pool",
-    "pseudo_words",
     "coded_words",
     "key_words",
     "numbers",
+    "pseudo_words",
     "uuids",
+    "weave",
+    "word_pool",
 ]
 
 HAYSTACKS = ("repeat", "essay")
@@ -46,8 +46,13 @@ NOISE_SENTENCES = (
     "There and back again.",
 )
 
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
 # Nouns take a plural by adding "s"; verbs are base forms that read after "can" or "we".
-NOUNS = tuple("""
+NOUNS = _words("""
 river mountain garden window table teacher student doctor farmer painter writer singer
 player builder driver market village forest ocean island valley bridge tower castle
 harbor road street path field meadow lake pond hill desert cloud storm wind season
@@ -66,9 +71,9 @@ wheel rocket vessel canoe wagon truck bicycle ticket coin wallet jacket shirt sw
 boot glove helmet ribbon painting kettle ladder lantern needle
 notebook orchard palace pocket puzzle rainbow saddle shadow shelter shovel
 statue tunnel umbrella uniform vineyard wardrobe whistle cabin canyon cottage crystal
-""".split())
+""")
 
-ADJECTIVES = tuple("""
+ADJECTIVES = _words("""
 bright quiet gentle careful patient clever honest brave calm eager happy proud simple
 strange ancient modern distant nearby hidden silent golden silver wooden narrow broad
 shallow deep steep smooth rough soft warm cold cool fresh green yellow purple crimson
@@ -77,27 +82,38 @@ curious polite busy lazy tiny huge little young old elegant fragile sturdy hollo
 plain quick sharp dull vivid faint bold shy wise famous modest tidy messy crowded empty
 lonely friendly hungry thirsty sleepy cheerful gloomy serious playful sensible
 stubborn graceful clumsy fancy rustic urban rural frozen sunny windy cloudy misty
-""".split())
+""")
 
-VERBS = tuple("""
+VERBS = _words("""
 build carry follow find keep open paint read visit explore gather measure notice
 observe prepare protect repair describe discover admire borrow collect deliver enjoy
 examine imagine improve invite mention organize polish remember share support clean
 cover design draw fill guide hold lift move pack pull push reach save select send shape
 sort test trace trust wash weigh answer arrange attach balance bake count decorate
-""".split())
+""")
 
-ADVERBS = tuple("""
+ADVERBS = _words("""
 quietly slowly quickly carefully gently often rarely usually sometimes always eventually
 suddenly patiently happily calmly boldly eagerly
-""".split())
+""")
 
 PREPOSITIONS = ("near", "behind", "beside", "under", "above", "across", "inside", "beyond", "around")
 MODALS = ("can", "will", "should", "might", "could", "would", "must")
 OPENERS = (
-    "In the morning", "After a while", "Every year", "Later that day", "Without warning",
-    "For many years", "At the same time", "In most cases", "Over time", "Before long",
-    "Now and then", "Once in a while", "On a quiet evening", "By the end of the season",
+    "In the morning",
+    "After a while",
+    "Every year",
+    "Later that day",
+    "Without warning",
+    "For many years",
+    "At the same time",
+    "In most cases",
+    "Over time",
+    "Before long",
+    "Now and then",
+    "Once in a while",
+    "On a quiet evening",
+    "By the end of the season",
 )
 PLURAL_SUBJECTS = ("People", "We", "They", "Most of us", "Many of them", "Our neighbors")
 

@@ -33,6 +33,7 @@ random depths after the first. `depth=None` draws one from the seed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class Sample:
     seed: int
     depth: float | None  # where the asked needle sits, fraction of the haystack; None: no needle
     needles: list[str] = field(default_factory=list)  # planted texts, the asked one first
+    options: dict[str, Any] = field(default_factory=dict)  # params given to generate() beyond defaults
 
     @property
     def prompt(self) -> str:
@@ -156,7 +158,9 @@ class VtParams:
     def __post_init__(self) -> None:
         _check_haystack(self.haystack)
         if self.num_chains < 1 or self.num_hops < 0:
-            raise ValueError(f"need num_chains >= 1 and num_hops >= 0; got {self.num_chains}, {self.num_hops}")
+            raise ValueError(
+                f"need num_chains >= 1 and num_hops >= 0; got {self.num_chains}, {self.num_hops}"
+            )
 
 
 @dataclass(frozen=True)
@@ -266,7 +270,7 @@ def _vt(rng: random.Random, p: VtParams, length: int, depth: float | None) -> _D
     for c, (chain, value) in enumerate(zip(chains, values)):
         start = depth if c == 0 else rng.random()
         later = sorted(rng.uniform(start, 1.0) for _ in range(p.num_hops))
-        lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
+        lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(chain)]
         inserts += zip([start, *later], lines)
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text."
     stream = SentenceStream(p.haystack, rng.getrandbits(64))
@@ -489,6 +493,7 @@ def generate(
         seed=seed,
         depth=draft.depth,
         needles=list(draft.needles),
+        options=dict(options),
     )
 
 
