@@ -1,0 +1,286 @@
+"""HiP: multi-stage hierarchical chunk pruning (HiP arXiv 2406.09827, InfiniteHiP arXiv 2502.08910).
+
+The host tier is narrowed stage by stage. Stage i takes its candidate tokens (all host
+rows for stage 1), splits them in order into chunks of `chunk_sizes[i]` tokens, finds
+each chunk's representative key by a hierarchical top-1 search (log2(l_c) halvings,
+two probe keys read per chunk per halving; kernels/hip_stage.py), scores the chunk by
+its representative (max over all query heads: one mask shared by all heads, so
+Selection.ids is [k]) and keeps the tokens of the best `kept_tokens[i] // l_c` chunks
+for the next stage. The last stage keeps `budget // l_c` chunks (select's budget
+replaces `kept_tokens[-1]`); earlier stages keep at least `budget` tokens.
+
+Masks are cached per layer and stage and recomputed every `refresh_steps[i]` decode
+steps of that layer (step 0 is the first select after build); a stage also refreshes
+whenever an earlier one did (its input changed) or the budget changed. Rows that
+entered the host tier after a stage's mask was computed are passed on to the next
+stage as candidates (they are the most recent tokens, and there are at most
+refresh_steps[0] - 1 per window token count); in the final selection they come first
+and the lowest-scoring chunk is trimmed so that at most `budget` ids are returned.
+
+Work reported (`scanned`): key vectors read by the probes of the stages recomputed at
+this step: 2 * log2(l_c) probe rows per chunk, times H_kv (the exact retriever's unit). A chunk's final score
+is the score of its last probe, so no further scoring pass is needed; cached stages
+read nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.kernels.hip_stage import (
+    PROBES,
+    hierarchical_top1,
+    hip_stage1,
+    hip_stage1_reference,
+    probes_per_chunk,
+)
+from kvloft.runtime.chunked import ChunkedRows
+
+__all__ = ["HipParams", "HipRetriever"]
+
+
+@dataclass(frozen=True)
+class HipParams:
+    """Method options (RetrievalConfig.options), with InfiniteHiP's decode defaults.
+
+    chunk_sizes: tokens per chunk at each stage (powers of two, non-increasing).
+    kept_tokens: tokens each stage keeps (non-increasing; the last entry is replaced by
+        select's budget).
+    refresh_steps: a stage's mask is recomputed every this many decode steps (per layer;
+        non-increasing, since a refreshed stage refreshes every later one).
+    probe: which key of each half the search reads: "first" (HiP) or "middle".
+    chunk_rows: rows per chunk of the retriever's key copy (a multiple of chunk_sizes[0],
+        so no stage-1 chunk straddles two).
+    stage1_kernel: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+
+    chunk_sizes: tuple[int, ...] = (256, 32, 8)
+    kept_tokens: tuple[int, ...] = (32768, 8192, 2048)
+    refresh_steps: tuple[int, ...] = (16, 8, 4)
+    probe: str = "first"
+    chunk_rows: int = 16384
+    stage1_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_sizes", "kept_tokens", "refresh_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not value:
+                raise ValueError(f"hip option {name} must be a non-empty tuple of ints, got {value!r}")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+                raise ValueError(f"hip option {name} must hold ints >= 1, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+            if any(a < b for a, b in zip(value, value[1:])):
+                raise ValueError(f"hip option {name} must be non-increasing stage by stage, got {value!r}")
+        n = len(self.chunk_sizes)
+        if len(self.kept_tokens) != n or len(self.refresh_steps) != n:
+            raise ValueError(
+                f"hip options chunk_sizes, kept_tokens, refresh_steps need one entry per stage; got "
+                f"{len(self.chunk_sizes)}, {len(self.kept_tokens)}, {len(self.refresh_steps)} entries"
+            )
+        if any(c & (c - 1) for c in self.chunk_sizes):
+            raise ValueError(f"hip chunk_sizes must be powers of two (the search halves them), got {self.chunk_sizes}")
+        bad = [(k, c) for k, c in zip(self.kept_tokens[:-1], self.chunk_sizes[:-1]) if k < c]
+        if bad:
+            raise ValueError(f"hip kept_tokens must be >= the stage's chunk size, got (kept, chunk) {bad}")
+        if self.probe not in PROBES:
+            raise ValueError(f"hip option probe must be one of {PROBES}, got {self.probe!r}")
+        if not isinstance(self.chunk_rows, int) or self.chunk_rows % self.chunk_sizes[0]:
+            raise ValueError(
+                f"hip option chunk_rows ({self.chunk_rows!r}) must be a multiple of chunk_sizes[0] "
+                f"({self.chunk_sizes[0]})"
+            )
+        if self.stage1_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"hip option stage1_kernel must be auto, triton or torch, got {self.stage1_kernel!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> HipParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown hip options {unknown}; known: {sorted(known)}")
+        return cls(**{k: options[k] for k in known if k in options})
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.chunk_sizes)
+
+
+@dataclass
+class _LayerState:
+    """Cached stage masks of one layer.
+
+    masks[i]: [M_i] int64 host rows kept by stage i when it last ran (ascending, except
+        the last stage: best chunk first); None = never ran or invalidated.
+    seen[i]: host rows present when stage i last ran (rows >= seen[i] are fresh).
+    """
+
+    masks: list[Tensor | None]
+    seen: list[int]
+    step: int = 0
+    budget: int = -1
+    refreshed: tuple[bool, ...] = ()
+
+
+@register("hip")
+class HipRetriever:
+    def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = torch.device(device)
+        self.params = HipParams.from_options(cfg.options)
+        self.keys: dict[int, ChunkedRows] = {}
+        self.state: dict[int, _LayerState] = {}
+        self._stats = RetrieverStats(extra={"refreshes": [0] * self.params.n_stages})
+
+    # ---- index maintenance -------------------------------------------------------------
+
+    def _store(self, layer: int, dtype: torch.dtype) -> ChunkedRows:
+        if layer not in self.keys:
+            shape = (self.model_cfg.n_kv_heads, self.model_cfg.head_dim)
+            self.keys[layer] = ChunkedRows(shape, dtype, self.params.chunk_rows, self.device)
+            self.state[layer] = self._fresh_state()
+        return self.keys[layer]
+
+    def _fresh_state(self) -> _LayerState:
+        n = self.params.n_stages
+        return _LayerState(masks=[None] * n, seen=[0] * n)
+
+    def _check_keys(self, keys: Tensor) -> None:
+        hkv, d = self.model_cfg.n_kv_heads, self.model_cfg.head_dim
+        if keys.dim() != 3 or keys.shape[0] != hkv or keys.shape[2] != d:
+            raise ValueError(f"keys must be [H_kv={hkv}, N, D={d}], got {tuple(keys.shape)}")
+
+    def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
+        """keys [H_kv, N, D] after RoPE (queries are not used: HiP needs no training signal)."""
+        self._check_keys(keys)
+        self.keys.pop(layer, None)
+        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+
+    def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
+        """keys [H_kv, n, D] leaving the window; cached masks stay valid (new rows are fresh)."""
+        self._check_keys(keys)
+        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+
+    # ---- search ------------------------------------------------------------------------
+
+    def select(self, layer: int, q: Tensor, budget: int) -> Selection:
+        """q [H_q, D] -> Selection(ids [k <= budget] shared by all heads, scanned key vectors)."""
+        self._check_select(q, budget)
+        store = self.keys.get(layer)
+        n = 0 if store is None else len(store)
+        if n == 0 or budget == 0 or budget >= n:  # nothing to prune: every host row, or none
+            if store is not None:  # the masks no longer describe this budget
+                st = self.state[layer]
+                st.step, st.masks = st.step + 1, [None] * self.params.n_stages
+                st.refreshed = (False,) * self.params.n_stages
+            sel = Selection(ids=torch.arange(min(n, budget), device=self.device), scanned=0)
+            self._stats.record(sel)
+            return sel
+        st = self.state[layer]
+        flags = self._refresh_flags(st, budget)
+        q = q.to(self.device)
+        reads = 0
+        cand: Tensor | None = None  # None = every host row
+        for i, refresh in enumerate(flags):
+            if refresh:
+                st.masks[i], r = self._run_stage(i, store, q, cand, self._kept(i, budget))
+                st.seen[i] = n
+                reads = reads + r
+                self._stats.extra["refreshes"][i] += 1
+            cand = _with_fresh(st.masks[i], st.seen[i], n, last=i == self.params.n_stages - 1)
+        st.step += 1
+        st.budget = budget
+        st.refreshed = flags
+        sel = Selection(ids=cand[:budget], scanned=reads * self.model_cfg.n_kv_heads)
+        self._stats.record(sel)
+        return sel
+
+    def _check_select(self, q: Tensor, budget: int) -> None:
+        hq, d = self.model_cfg.n_heads, self.model_cfg.head_dim
+        if q.dim() != 2 or tuple(q.shape) != (hq, d):
+            raise ValueError(f"q must be [H_q={hq}, D={d}], got {tuple(q.shape)}")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
+
+    def _refresh_flags(self, st: _LayerState, budget: int) -> tuple[bool, ...]:
+        flags, cascade = [], False
+        for i, every in enumerate(self.params.refresh_steps):
+            last = i == self.params.n_stages - 1
+            due = st.masks[i] is None or st.step % every == 0 or (last and budget != st.budget)
+            cascade = cascade or due
+            flags.append(cascade)
+        return tuple(flags)
+
+    def _kept(self, stage: int, budget: int) -> int:
+        """Tokens stage `stage` keeps: the budget at the last stage, at least the budget before."""
+        if stage == self.params.n_stages - 1:
+            return budget
+        return max(self.params.kept_tokens[stage], budget)
+
+    def _run_stage(
+        self, stage: int, store: ChunkedRows, q: Tensor, cand: Tensor | None, kept: int
+    ) -> tuple[Tensor, int]:
+        """One pruning stage: cand [M] host rows (None = all rows) -> (kept rows, probe rows read)."""
+        length = self.params.chunk_sizes[stage]
+        last = stage == self.params.n_stages - 1
+        n_cand = len(store) if cand is None else cand.numel()
+        if n_cand <= kept:
+            rows = torch.arange(n_cand, device=self.device) if cand is None else cand
+            return rows, 0
+        if cand is None:
+            chunks, score = self._stage1_scores(store, q, length)
+        else:
+            chunks = _pad_chunks(cand, length)  # [C, l_c]
+            _, score = hierarchical_top1(chunks, store.rows, q, self.params.probe)
+        reads = chunks.shape[0] * probes_per_chunk(length)
+        n_keep = min(max(kept // length, 1), chunks.shape[0])
+        top = torch.topk(score, n_keep).indices  # best chunk first
+        rows = chunks[top].flatten()
+        rows = rows[rows >= 0]
+        return (rows if last else torch.sort(rows).values), reads
+
+    def _stage1_scores(self, store: ChunkedRows, q: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Stage 1 over all rows, one store chunk at a time (chunk_rows is a multiple of l_c).
+
+        Returns (chunks [C, l_c] row ids (-1 pad), score [C] fp32).
+        """
+        use_kernel = self.params.stage1_kernel == "triton" or (
+            self.params.stage1_kernel == "auto" and self.device.type == "cuda"
+        )
+        stage1 = hip_stage1 if use_kernel else hip_stage1_reference
+        scores = [stage1(rows, q, length, self.params.probe)[1] for _, rows in store.iter_chunks()]
+        n = len(store)
+        n_chunks = -(-n // length)
+        chunks = torch.arange(n_chunks * length, device=self.device).view(n_chunks, length)
+        chunks = chunks.masked_fill(chunks >= n, -1)
+        return chunks, torch.cat(scores)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.as_dict()
+
+
+def _pad_chunks(cand: Tensor, length: int) -> Tensor:
+    """cand [M] -> [ceil(M / length), length] in order, -1 padding at the end."""
+    n_chunks = -(-cand.numel() // length)
+    out = torch.full((n_chunks * length,), -1, dtype=torch.long, device=cand.device)
+    out[: cand.numel()] = cand
+    return out.view(n_chunks, length)
+
+
+def _with_fresh(mask: Tensor, seen: int, n: int, last: bool) -> Tensor:
+    """A stage's cached rows plus the rows that arrived since it ran (seen..n-1).
+
+    Intermediate stages keep ascending order (the next stage chunks runs of neighbours);
+    the last stage puts the fresh rows first, so trimming to the budget drops the tail
+    of its lowest-scoring chunk instead.
+    """
+    if seen >= n:
+        return mask
+    fresh = torch.arange(seen, n, device=mask.device)
+    return torch.cat([fresh, mask] if last else [mask, fresh])

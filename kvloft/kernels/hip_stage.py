@@ -1,0 +1,179 @@
+"""HiP chunk representatives: hierarchical top-1 search inside fixed-size chunks.
+
+One pruning stage of HiP (arXiv 2406.09827, InfiniteHiP arXiv 2502.08910) splits its
+candidate tokens into chunks of `chunk` tokens (a power of two) and finds, per chunk,
+one representative key by halving the chunk log2(chunk) times: each iteration reads
+two probe keys (one per half: its first key, or its middle key), scores each against
+the decode query (max over query heads of q_h · k, GQA: head h reads KV head
+h // group) and keeps the half whose probe scores higher. The chunk's score is the
+score of the key the search ends on. Padding rows (past `n_rows`, or id -1) score -inf.
+
+Cost per chunk: 2 * log2(chunk) key rows read (1 when chunk == 1), each [H_kv, D].
+
+`hierarchical_top1` is the torch implementation over arbitrary candidate lists (any
+stage); `hip_stage1` is the Triton kernel for the first stage, whose candidates are
+contiguous rows of a token-major buffer, with `hip_stage1_reference` its torch twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvloft.kernels import checks
+
+__all__ = ["PROBES", "probes_per_chunk", "hierarchical_top1", "probe_scores", "hip_stage1", "hip_stage1_reference"]
+
+PROBES = ("first", "middle")
+
+
+def probe_scores(keys: Tensor, q: Tensor) -> Tensor:
+    """Max over query heads of q_h · k: keys [P, H_kv, D], q [H_q, D] -> [P] fp32."""
+    hkv, d = keys.shape[1], keys.shape[2]
+    qg = q.float().view(hkv, q.shape[0] // hkv, d)  # [H_kv, G, D]
+    return torch.einsum("phd,hgd->phg", keys.float(), qg).flatten(1).amax(dim=1)
+
+
+def probes_per_chunk(chunk: int) -> int:
+    """Probe rows the search reads per chunk: 2 per halving (1 for a chunk of one row)."""
+    return 1 if chunk == 1 else 2 * (chunk.bit_length() - 1)
+
+
+def hierarchical_top1(
+    cand: Tensor, fetch: Callable[[Tensor], Tensor], q: Tensor, probe: str = "first"
+) -> tuple[Tensor, Tensor]:
+    """Representative of each chunk of candidates.
+
+    cand: [C, L] int64 row ids, -1 = padding (L a power of two; a chunk's first id is valid).
+    fetch: ids [P] (all valid) -> keys [P, H_kv, D].
+    q: [H_q, D].
+    Returns (rep [C] int64 row ids, score [C] fp32). Reads C * probes_per_chunk(L) probe
+    slots (padding slots are skipped here; the kernel re-reads a real row for them).
+    """
+    n_chunks, length = cand.shape
+    if length == 1:
+        return cand[:, 0], _scores_or_ninf(cand[:, 0], fetch, q)
+    lo = torch.zeros(n_chunks, dtype=torch.long, device=cand.device)  # start of the live range
+    best = torch.full((n_chunks,), float("-inf"), device=cand.device)
+    while length > 1:
+        half = length // 2
+        off = 0 if probe == "first" else half // 2
+        pos = torch.stack([lo + off, lo + half + off])  # [2, C]
+        ids = cand.gather(1, pos.t()).t()  # [2, C]
+        s = _scores_or_ninf(ids.reshape(-1), fetch, q).view(2, n_chunks)
+        right = s[1] > s[0]
+        lo = torch.where(right, lo + half, lo)
+        best = torch.where(right, s[1], s[0])
+        length = half
+    return cand.gather(1, lo[:, None])[:, 0], best
+
+
+def _scores_or_ninf(ids: Tensor, fetch: Callable[[Tensor], Tensor], q: Tensor) -> Tensor:
+    valid = ids >= 0
+    out = torch.full(ids.shape, float("-inf"), dtype=torch.float32, device=ids.device)
+    if bool(valid.all()):
+        return probe_scores(fetch(ids), q)
+    out[valid] = probe_scores(fetch(ids[valid]), q)
+    return out
+
+
+def hip_stage1_reference(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tuple[Tensor, Tensor]:
+    """keys [R, H_kv, D] contiguous rows, q [H_q, D] -> (rep [C] row index, score [C] fp32), C = ceil(R/chunk)."""
+    n_rows = keys.shape[0]
+    n_chunks = -(-n_rows // chunk)
+    cand = torch.arange(n_chunks * chunk, device=keys.device).view(n_chunks, chunk)
+    cand = cand.masked_fill(cand >= n_rows, -1)
+    return hierarchical_top1(cand, lambda ids: keys[ids], q, probe)
+
+
+@triton.jit
+def _probe(k_ptr, row, n_rows, kv_off, q, hmask, kmask, stride_kn):
+    # One probe row: max over query heads of q_h · k[row, h // group]; -inf past n_rows.
+    valid = row < n_rows
+    safe = tl.minimum(row, n_rows - 1)  # padding probes read the last row, then score -inf
+    k = tl.load(k_ptr + safe * stride_kn + kv_off, mask=kmask, other=0.0).to(tl.float32)
+    s = tl.sum(q * k, axis=1)  # [BLOCK_H]
+    s = tl.where(hmask, s, float("-inf"))
+    return tl.where(valid, tl.max(s, axis=0), float("-inf"))
+
+
+@triton.jit
+def _hip_stage1_kernel(
+    k_ptr,  # [R, H_kv, D] float, last dim contiguous
+    q_ptr,  # [H_q, D] float, contiguous
+    rep_ptr,  # [C] int64 out: row index of each chunk's representative
+    score_ptr,  # [C] fp32 out
+    n_rows,
+    stride_kn,
+    stride_kh,
+    H_Q: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    LOG2_CHUNK: tl.constexpr,
+    MIDDLE: tl.constexpr,
+):
+    tl.static_assert((1 << LOG2_CHUNK) == CHUNK)
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hmask = h < H_Q
+    kmask = hmask[:, None] & (d[None, :] < D)
+    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D]
+    kv_off = (h // GROUP)[:, None].to(tl.int64) * stride_kh + d[None, :]
+    lo = c * CHUNK
+    best = tl.full([], float("-inf"), tl.float32)
+    if LOG2_CHUNK == 0:  # a chunk of one row: the row is its own representative
+        best = _probe(k_ptr, lo, n_rows, kv_off, q, hmask, kmask, stride_kn)
+    for it in tl.static_range(LOG2_CHUNK):
+        half: tl.constexpr = CHUNK >> (it + 1)
+        off: tl.constexpr = half // 2 if MIDDLE else 0
+        s_l = _probe(k_ptr, lo + off, n_rows, kv_off, q, hmask, kmask, stride_kn)
+        s_r = _probe(k_ptr, lo + half + off, n_rows, kv_off, q, hmask, kmask, stride_kn)
+        right = s_r > s_l
+        lo = tl.where(right, lo + half, lo)
+        best = tl.where(right, s_r, s_l)
+    tl.store(rep_ptr + c, lo)
+    tl.store(score_ptr + c, best)
+
+
+def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tuple[Tensor, Tensor]:
+    """Triton twin of `hip_stage1_reference` (same arguments and results).
+
+    keys [R, H_kv, D] (rows of one chunk of the key store), q [H_q, D] on the same device.
+    One program per chunk; reads 2 * log2(chunk) rows of [H_kv, D] per chunk (the probe
+    rows, each fetched as H_q head slices; the group's repeats hit L1).
+    """
+    op = "hip_stage1"
+    checks.require_dim("keys", keys, 3, "[R, H_kv, D]")
+    checks.require_dim("q", q, 2, "[H_q, D]")
+    checks.require_float("keys", keys)
+    checks.require_float("q", q)
+    checks.require_same_device(op, q, keys=keys)
+    checks.require_runnable(q.device, _hip_stage1_kernel, op)
+    checks.require_last_dim_contiguous("keys", keys)
+    n_rows, hkv, d = keys.shape
+    hq = q.shape[0]
+    if q.shape[1] != d or hq % hkv:
+        raise ValueError(f"{op}: q must be [H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"{op}: chunk must be a power of two >= 1, got {chunk}")
+    if probe not in PROBES:
+        raise ValueError(f"{op}: probe must be one of {PROBES}, got {probe!r}")
+    n_chunks = -(-n_rows // chunk)
+    rep = torch.empty(n_chunks, dtype=torch.long, device=q.device)
+    score = torch.empty(n_chunks, dtype=torch.float32, device=q.device)
+    if n_chunks == 0:
+        return rep, score
+    _hip_stage1_kernel[(n_chunks,)](
+        keys, q.contiguous(), rep, score, n_rows, keys.stride(0), keys.stride(1),
+        H_Q=hq, GROUP=hq // hkv, D=d, BLOCK_H=checks.next_pow2(hq), BLOCK_D=checks.next_pow2(d),
+        CHUNK=chunk, LOG2_CHUNK=chunk.bit_length() - 1, MIDDLE=probe == "middle",
+    )
+    return rep, score
