@@ -27,7 +27,7 @@ from kvloft.kernels import checks
 __all__ = ["merge", "merge_stacked"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_parts", "n_rows", "head_dim"])  # sizes: no recompiles per shape
 def _merge_kernel(
     out_parts,  # [P, R, D] any float dtype, last dim contiguous
     lse_parts,  # [P, R] fp32, contiguous

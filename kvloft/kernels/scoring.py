@@ -27,7 +27,7 @@ REDUCE_CODES = {"none": 0, "max": 1, "sum": 2}
 BLOCK_N = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_keys", "group", "head_dim"])  # sizes: no recompiles per length
 def _score_kernel(
     q,  # [H_q, D], last dim contiguous
     k,  # [N, H_kv, D], last dim contiguous
@@ -46,7 +46,9 @@ def _score_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot minimum
+    tl.static_assert(BLOCK_G >= 16)  # tl.dot needs every dimension >= 16
+    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_D >= 16)
     kv_head = tl.program_id(0)
     pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.arange(0, BLOCK_G)

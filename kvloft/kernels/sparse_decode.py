@@ -62,7 +62,8 @@ DEFAULT_LAUNCH = DecodeLaunch()
 INTERPRETER_SPLITS = 3
 
 
-@triton.jit
+# Sizes vary per call: specializing on them would recompile for every new length.
+@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "head_dim", "stride_ih"])
 def _split_kernel(
     q,  # [H_q, D], last dim contiguous
     k,  # [N, H_kv, D] rows (token-major), last dim contiguous
@@ -86,7 +87,9 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot minimum
+    tl.static_assert(BLOCK_G >= 16)  # tl.dot needs every dimension >= 16
+    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_D >= 16)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     n_q = tl.num_programs(0) * group
