@@ -25,6 +25,7 @@ read nothing.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -75,7 +76,7 @@ class HipParams:
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
                 raise ValueError(f"hip option {name} must hold ints >= 1, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-            if any(a < b for a, b in zip(value, value[1:])):
+            if any(a < b for a, b in itertools.pairwise(value)):
                 raise ValueError(f"hip option {name} must be non-increasing stage by stage, got {value!r}")
         n = len(self.chunk_sizes)
         if len(self.kept_tokens) != n or len(self.refresh_steps) != n:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kvloft.kernels import checks
 
-__all__ = ["PROBES", "probes_per_chunk", "hierarchical_top1", "probe_scores", "hip_stage1", "hip_stage1_reference"]
+__all__ = ["PROBES", "hierarchical_top1", "hip_stage1", "hip_stage1_reference", "probe_scores", "probes_per_chunk"]
 
 PROBES = ("first", "middle")
 

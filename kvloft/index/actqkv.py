@@ -1,0 +1,329 @@
+"""ActQKV: an activation-aware probe query over block memory (arXiv 2502.13542).
+
+Memory (InfLLM style): host rows are grouped into blocks of `block_size` consecutive
+tokens (32 for Llama-like models, 64 for Qwen-like ones, read from
+`model_cfg.attention_bias`). Each block is represented, per KV head, by the mean of its
+`n_repr` representative keys, stored as a unit vector. Representatives are the keys
+that receive the most attention inside their block, with the block's own keys as the
+queries: score_j = mean_i softmax_j(k_i · k_j / sqrt(D)) (self included). The public
+code uses the attention received from the prefill queries of the local window; the
+retriever protocol hands over keys only, so the keys stand in for them. The trailing
+partial block is a block too, re-represented as rows arrive.
+
+Probe query: the window of the last `window` queries (the prompt's last queries from
+build's sample, then the decode queries seen by select, the current one included) is
+summed with weights phi_t / sum(phi), where the activation bias of query t in head h is
+
+    phi_t = mean_c (q_t,c - mu_c)^2 / (sigma_c^2 + mean_c(sigma_c^2) * var_floor)
+
+over the channels c of the head, with mu, sigma^2 running (Welford) statistics of every
+query the layer has seen. Statistics are kept per layer (the public code shares one
+set across layers). With fewer than two queries seen the weights are uniform.
+
+Blocks are scored by the cosine between each head's probe and the block vector of its
+KV head, averaged over heads (one selection shared by all heads: Selection.ids [k]).
+
+Dynamic cut-off: layer l gets a share of the total n_layers * budget tokens in
+proportion to the normalized entropy of softmax(scores / temperature) over its blocks
+(a flatter distribution gets more), clipped to [min_tokens, max_factor * budget] and
+rounded down to whole blocks (at least one). select() runs one layer at a time, so the
+split for step t uses each layer's entropy from step t - 1 (a layer's step is its count
+of select calls); layers without one yet count at the mean of the known entropies, and
+the first step splits evenly. Shares sum to the total before clipping, so the tokens a
+layer selects vary around `budget` and reach at most max_factor * budget.
+
+Memory: the index keeps one fp32 vector per block and KV head (1/block_size of the
+keys, at fp32) plus the keys of the partial block; search cost per step is one
+cosine per block and KV head (`scanned` = n_blocks * H_kv).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.runtime.chunked import ChunkedRows
+
+__all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_vectors", "normalized_entropy"]
+
+
+@dataclass(frozen=True)
+class ActQKVParams:
+    """Method options (RetrievalConfig.options), with the paper's defaults.
+
+    block_size: tokens per memory block; 0 = 64 for Qwen-like models (attention_bias), else 32.
+    n_repr: representative keys per block.
+    window: queries in the probe window.
+    dynamic_cutoff: split the total budget across layers by entropy (False: `budget` each).
+    min_tokens / max_factor: a layer's share is clipped to [min_tokens, max_factor * budget].
+    temperature: scores / temperature -> softmax -> the distribution whose entropy is measured
+        (cosines lie in [-1, 1]; at temperature 1 every distribution would look flat).
+    var_floor: sigma^2 is floored by var_floor * mean(sigma^2) in the activation bias (1/100).
+    block_batch: blocks represented per batch at build (bounds the [b, b] attention buffers).
+    """
+
+    block_size: int = 0
+    n_repr: int = 4
+    window: int = 16
+    dynamic_cutoff: bool = True
+    min_tokens: int = 32
+    max_factor: float = 2.0
+    temperature: float = 0.1
+    var_floor: float = 0.01
+    block_batch: int = 1024
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("block_size", 0), ("n_repr", 1), ("window", 1), ("min_tokens", 1),
+                              ("block_batch", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"actqkv option {name} must be an int >= {minimum}, got {value!r}")
+        if self.block_size and self.n_repr > self.block_size:
+            raise ValueError(f"actqkv n_repr ({self.n_repr}) must be <= block_size ({self.block_size})")
+        if type(self.dynamic_cutoff) is not bool:
+            raise ValueError(f"actqkv option dynamic_cutoff must be a bool, got {self.dynamic_cutoff!r}")
+        for name, minimum in (("max_factor", 1.0), ("temperature", 0.0), ("var_floor", 0.0)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < minimum or (minimum == 0.0 and value <= 0):
+                bound = f">= {minimum}" if minimum else "> 0"
+                raise ValueError(f"actqkv option {name} must be a finite number {bound}, got {value!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> ActQKVParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown actqkv options {unknown}; known: {sorted(known)}")
+        return cls(**{k: options[k] for k in known if k in options})
+
+
+def block_vectors(keys: Tensor, n_repr: int) -> Tensor:
+    """Unit mean of each block's representative keys.
+
+    keys: [B, b, H_kv, D] (B blocks of b tokens). Returns [B, H_kv, D] fp32.
+    """
+    kf = keys.float().permute(0, 2, 1, 3)  # [B, H_kv, b, D]
+    att = torch.softmax(kf @ kf.transpose(-1, -2) * kf.shape[-1] ** -0.5, dim=-1)  # [B, H_kv, b(i), b(j)]
+    received = att.mean(dim=2)  # [B, H_kv, b]: mean attention key j receives from the block
+    top = received.topk(min(n_repr, kf.shape[2]), dim=-1).indices  # [B, H_kv, r]
+    reps = kf.gather(2, top[..., None].expand(-1, -1, -1, kf.shape[-1]))  # [B, H_kv, r, D]
+    return torch.nn.functional.normalize(reps.mean(dim=2), dim=-1)
+
+
+def activation_bias(window: Tensor, mean: Tensor, var: Tensor, var_floor: float) -> Tensor:
+    """phi of each window query per head: window [W, H_q, D], mean/var [H_q, D] -> [W, H_q]."""
+    denom = var + var.mean(dim=-1, keepdim=True) * var_floor
+    return ((window - mean) ** 2 / denom.clamp_min(torch.finfo(torch.float32).tiny)).mean(dim=-1)
+
+
+@dataclass
+class _QueryStats:
+    """Running per-channel mean and variance (Welford, batched) of one layer's queries [H_q, D]."""
+
+    count: int = 0
+    mean: Tensor | None = None  # [H_q, D] fp64
+    m2: Tensor | None = None  # [H_q, D] fp64
+
+    def update(self, x: Tensor) -> None:
+        """x [m, H_q, D]."""
+        x = x.double()
+        n_b, mean_b = x.shape[0], x.mean(dim=0)
+        m2_b = ((x - mean_b) ** 2).sum(dim=0)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.count * n_b / n)
+        self.count = n
+
+    @property
+    def var(self) -> Tensor:
+        return self.m2 / self.count
+
+
+@dataclass
+class _LayerState:
+    """One layer's block memory and probe state.
+
+    vecs: complete blocks' vectors, rows [H_kv, D] fp32 (row i = block i).
+    tail: keys of the trailing partial block [m < b, H_kv, D]; tail_vec its vector [H_kv, D].
+    window: the last queries [w <= W, H_q, D] fp32.
+    entropy: step -> normalized entropy of the block scores at that step (last two kept).
+    """
+
+    vecs: ChunkedRows
+    tail: Tensor
+    tail_vec: Tensor | None = None
+    n_rows: int = 0
+    stats: _QueryStats = field(default_factory=_QueryStats)
+    window: Tensor | None = None
+    step: int = 0
+    entropy: dict[int, float] = field(default_factory=dict)
+
+
+@register("actqkv")
+class ActQKVRetriever:
+    def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = torch.device(device)
+        self.params = ActQKVParams.from_options(cfg.options)
+        self.block = self.params.block_size or (64 if model_cfg.attention_bias else 32)
+        if self.params.n_repr > self.block:
+            raise ValueError(f"actqkv n_repr ({self.params.n_repr}) must be <= block_size ({self.block})")
+        self.layers: dict[int, _LayerState] = {}
+        self._stats = RetrieverStats(extra={"tokens": {}, "entropy": {}})
+
+    # ---- index maintenance -------------------------------------------------------------
+
+    def _new_layer(self, dtype: torch.dtype) -> _LayerState:
+        hkv, d = self.model_cfg.n_kv_heads, self.model_cfg.head_dim
+        vecs = ChunkedRows((hkv, d), torch.float32, 4096, self.device)
+        return _LayerState(vecs=vecs, tail=torch.empty((0, hkv, d), dtype=dtype, device=self.device))
+
+    def _check_keys(self, keys: Tensor) -> None:
+        hkv, d = self.model_cfg.n_kv_heads, self.model_cfg.head_dim
+        if keys.dim() != 3 or keys.shape[0] != hkv or keys.shape[2] != d:
+            raise ValueError(f"keys must be [H_kv={hkv}, N, D={d}], got {tuple(keys.shape)}")
+
+    def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
+        """keys [H_kv, N, D] after RoPE; queries [H_q, M, D] prefill sample in position order (or None)."""
+        self._check_keys(keys)
+        st = self._new_layer(keys.dtype)
+        self.layers[layer] = st
+        self._append(st, keys.transpose(0, 1).to(self.device))
+        if queries is not None and queries.numel():
+            hq, d = self.model_cfg.n_heads, self.model_cfg.head_dim
+            if queries.dim() != 3 or queries.shape[0] != hq or queries.shape[2] != d:
+                raise ValueError(f"queries must be [H_q={hq}, M, D={d}], got {tuple(queries.shape)}")
+            qs = queries.transpose(0, 1).to(self.device, torch.float32)  # [M, H_q, D]
+            st.stats.update(qs)
+            st.window = qs[-self.params.window :].clone()
+
+    def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
+        """keys [H_kv, n, D] leaving the window: complete blocks get their vectors."""
+        self._check_keys(keys)
+        if layer not in self.layers:
+            self.layers[layer] = self._new_layer(keys.dtype)
+        self._append(self.layers[layer], keys.transpose(0, 1).to(self.device))
+
+    def _append(self, st: _LayerState, rows: Tensor) -> None:
+        # rows [n, H_kv, D]: joined to the partial block, then cut into whole blocks + a new tail
+        rows = torch.cat([st.tail, rows.to(st.tail.dtype)])
+        n_full = rows.shape[0] // self.block
+        full = rows[: n_full * self.block].view(n_full, self.block, *rows.shape[1:])
+        for start in range(0, n_full, self.params.block_batch):
+            st.vecs.append(block_vectors(full[start : start + self.params.block_batch], self.params.n_repr))
+        st.tail = rows[n_full * self.block :].clone()
+        st.tail_vec = block_vectors(st.tail[None], self.params.n_repr)[0] if len(st.tail) else None
+        st.n_rows = len(st.vecs) * self.block + len(st.tail)
+
+    # ---- search ------------------------------------------------------------------------
+
+    def select(self, layer: int, q: Tensor, budget: int) -> Selection:
+        """q [H_q, D] -> Selection(ids [k] shared by all heads; k follows this layer's share)."""
+        self._check_select(q, budget)
+        st = self.layers.get(layer)
+        if st is None or st.n_rows == 0 or budget == 0:
+            sel = Selection(ids=torch.empty(0, dtype=torch.long, device=self.device), scanned=0)
+            self._stats.record(sel)
+            return sel
+        probe = self._probe(st, q.to(self.device, torch.float32))  # [H_q, D]
+        scores = self._block_scores(st, probe)  # [n_blocks]
+        tokens = self.layer_tokens(layer, budget)
+        st.entropy[st.step] = normalized_entropy(scores, self.params.temperature)
+        st.entropy.pop(st.step - 2, None)
+        st.step += 1
+        self._stats.extra["tokens"][layer] = tokens
+        self._stats.extra["entropy"][layer] = st.entropy[st.step - 1]
+        ids = self._expand(scores, tokens, st.n_rows)
+        sel = Selection(ids=ids, scanned=scores.numel() * self.model_cfg.n_kv_heads)
+        self._stats.record(sel)
+        return sel
+
+    def _check_select(self, q: Tensor, budget: int) -> None:
+        hq, d = self.model_cfg.n_heads, self.model_cfg.head_dim
+        if q.dim() != 2 or tuple(q.shape) != (hq, d):
+            raise ValueError(f"q must be [H_q={hq}, D={d}], got {tuple(q.shape)}")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
+
+    def _probe(self, st: _LayerState, q: Tensor) -> Tensor:
+        """Push q [H_q, D] into the window and stats; return the phi-weighted window sum [H_q, D]."""
+        st.stats.update(q[None])
+        win = q[None] if st.window is None else torch.cat([st.window, q[None]])[-self.params.window :]
+        st.window = win
+        if st.stats.count < 2:
+            return win.mean(dim=0)
+        phi = activation_bias(win, st.stats.mean.float(), st.stats.var.float(), self.params.var_floor)  # [W, H_q]
+        total = phi.sum(dim=0, keepdim=True)
+        w = torch.where(total > 0, phi / total.clamp_min(1e-30), torch.full_like(phi, 1.0 / len(win)))
+        return (w[..., None] * win).sum(dim=0)
+
+    def _block_scores(self, st: _LayerState, probe: Tensor) -> Tensor:
+        """Cosine of each head's probe with its KV head's block vector, mean over heads: [n_blocks]."""
+        hkv = self.model_cfg.n_kv_heads
+        pg = torch.nn.functional.normalize(probe, dim=-1).view(hkv, -1, probe.shape[-1])  # [H_kv, G, D]
+        parts = [torch.einsum("bhd,hgd->bhg", vecs, pg).mean(dim=(1, 2)) for _, vecs in st.vecs.iter_chunks()]
+        if st.tail_vec is not None:
+            parts.append(torch.einsum("hd,hgd->hg", st.tail_vec, pg).mean().reshape(1))
+        return torch.cat(parts)
+
+    def _expand(self, scores: Tensor, tokens: int, n_rows: int) -> Tensor:
+        """Best blocks covering `tokens` (whole blocks, at least one) -> sorted row ids [k]."""
+        n_blocks = min(max(tokens // self.block, 1), scores.numel())
+        if n_blocks * self.block >= n_rows:
+            return torch.arange(n_rows, device=self.device)
+        top = torch.topk(scores, n_blocks).indices
+        ids = (top[:, None] * self.block + torch.arange(self.block, device=self.device)).flatten()
+        return torch.sort(ids[ids < n_rows]).values
+
+    # ---- cross-layer budget split ----------------------------------------------------------
+
+    def layer_shares(self, step: int, budget: int) -> Tensor:
+        """Unclipped token shares [n_layers] fp64 for `step`, from each layer's entropy at step - 1.
+
+        They sum to n_layers * budget; the first step (no entropies yet) splits evenly.
+        """
+        n_layers = self.model_cfg.n_layers
+        known = {}
+        for layer in range(n_layers):
+            st = self.layers.get(layer)
+            if st is not None and (step - 1) in st.entropy:
+                known[layer] = st.entropy[step - 1]
+        neutral = sum(known.values()) / len(known) if known else 1.0
+        e = torch.tensor([known.get(layer, neutral) for layer in range(n_layers)], dtype=torch.float64)
+        if float(e.sum()) <= 0:  # every layer perfectly peaked: no signal, split evenly
+            e = torch.ones_like(e)
+        return n_layers * budget * e / e.sum()
+
+    def layer_tokens(self, layer: int, budget: int) -> int:
+        """Tokens layer `layer` selects at its current step: its share, clipped."""
+        if not self.params.dynamic_cutoff:
+            return budget
+        step = self.layers[layer].step if layer in self.layers else 0
+        share = float(self.layer_shares(step, budget)[layer])
+        hi = self.params.max_factor * budget
+        lo = min(self.params.min_tokens, hi)
+        return int(min(max(share, lo), hi))
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.as_dict()
+
+
+def normalized_entropy(scores: Tensor, temperature: float) -> float:
+    """Entropy of softmax(scores / temperature) over n blocks, divided by log(n) (1.0 when n < 2)."""
+    n = scores.numel()
+    if n < 2:
+        return 1.0
+    logp = torch.log_softmax(scores.double() / temperature, dim=0)
+    return float(-(logp.exp() * logp).sum() / math.log(n))

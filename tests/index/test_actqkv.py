@@ -1,0 +1,235 @@
+"""ActQKV retriever: dense identity, representatives, probe weighting, needles, entropy budget split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.actqkv import activation_bias, block_vectors, normalized_entropy
+from kvloft.index.base import make_retriever
+from kvloft.kernels import reference
+
+MODEL = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, head_dim 16
+HQ, HKV, D = MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim
+FOUR_LAYERS = ModelConfig(name="t4", hidden_size=144, n_layers=4, n_heads=9, n_kv_heads=3, head_dim=16)
+
+
+def _act(model: ModelConfig = MODEL, **options):
+    return make_retriever(RetrievalConfig(method="actqkv", options=options), model, "cpu")
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, atol: float) -> None:
+    # (torch.testing.assert_close imports torch.distributed on first use: seconds on this CPU)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= atol, f"max error {err:.3g} > {atol}"
+
+
+def _needle(keys: torch.Tensor, start: int, gen: torch.Generator, n_rows: int = 6) -> torch.Tensor:
+    """Plant `n_rows` mutually similar keys at start.. in keys [H_kv, N, D]; returns their unit direction [H_kv, D]."""
+    direction = torch.nn.functional.normalize(torch.randn(HKV, D, generator=gen), dim=-1)
+    keys[:, start : start + n_rows] = 5.0 * direction[:, None] + 0.2 * torch.randn(HKV, n_rows, D, generator=gen)
+    return direction
+
+
+def test_budget_covering_host_tier_equals_dense_attention():
+    gen = torch.Generator().manual_seed(1)
+    n_sink, n_window, n_total = 4, 32, 333
+    k = torch.randn(n_total, HKV, D, generator=gen)
+    v = torch.randn(n_total, HKV, D, generator=gen)
+    q = torch.randn(HQ, D, generator=gen)
+    host = slice(n_sink, n_total - n_window)
+    act = _act(dynamic_cutoff=False)
+    act.build(0, k[n_sink:250].transpose(0, 1), torch.randn(HQ, 40, D, generator=gen))
+    act.add(0, k[250 : host.stop].transpose(0, 1), torch.arange(250, host.stop))  # ends in a partial block
+    sel = act.select(0, q, budget=512)
+    assert sel.shared and torch.equal(sel.ids, torch.arange(host.stop - n_sink))
+    scale = D**-0.5
+    o_s, l_s = reference.decode_attend(
+        q, torch.cat([k[:n_sink], k[host.stop :]]), torch.cat([v[:n_sink], v[host.stop :]]), scale=scale
+    )
+    o_r, l_r = reference.gather_attend(q, k[host], v[host], sel.ids, scale=scale)
+    out, lse = reference.merge([o_s, o_r], [l_s, l_r])
+    want, want_lse = reference.decode_attend(q, k, v, scale=scale)
+    _assert_close(out, want, 1e-5)
+    _assert_close(lse, want_lse, 1e-5)
+
+
+def test_block_vectors_match_loop_reference():
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(3, 8, HKV, D, generator=gen)  # 3 blocks of 8
+    got = block_vectors(keys, n_repr=3)
+    for b in range(3):
+        for h in range(HKV):
+            kb = keys[b, :, h]  # [8, D]
+            received = [sum(torch.softmax(kb @ kb[i] / math.sqrt(D), 0)[j] for i in range(8)) / 8 for j in range(8)]
+            top = sorted(range(8), key=lambda j: -float(received[j]))[:3]
+            want = torch.nn.functional.normalize(kb[top].mean(0), dim=0)
+            _assert_close(got[b, h], want, 1e-5)
+
+
+def test_incremental_adds_match_one_build():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(HKV, 100, D, generator=gen)
+    whole, parts = _act(), _act()
+    whole.build(0, keys, None)
+    parts.build(0, keys[:, :10], None)
+    for start in range(10, 100, 7):  # rows arrive in odd-sized groups, crossing block edges
+        parts.add(0, keys[:, start : start + 7], torch.arange(start, min(start + 7, 100)))
+    a, b = whole.layers[0], parts.layers[0]
+    assert a.n_rows == b.n_rows == 100 and len(a.vecs) == len(b.vecs) == 3  # 3 blocks of 32 + 4 rows
+    _assert_close(a.vecs.all(), b.vecs.all(), 1e-6)
+    _assert_close(a.tail_vec, b.tail_vec, 1e-6)
+
+
+def test_block_size_follows_the_model_family():
+    qwen_like = ModelConfig(name="q", hidden_size=144, n_layers=2, n_heads=9, n_kv_heads=3, attention_bias=True)
+    assert _act(MODEL).block == 32
+    assert _act(qwen_like).block == 64
+    assert _act(qwen_like, block_size=16).block == 16
+
+
+def test_activation_bias_formula_and_probe_weighting():
+    gen = torch.Generator().manual_seed(4)
+    win = torch.randn(5, HQ, D, generator=gen)
+    mean, var = torch.randn(HQ, D, generator=gen), torch.rand(HQ, D, generator=gen)
+    phi = activation_bias(win, mean, var, 0.01)
+    for t in range(5):
+        for h in range(HQ):
+            floor = var[h].mean() / 100
+            want = sum((win[t, h, c] - mean[h, c]) ** 2 / (var[h, c] + floor) for c in range(D)) / D
+            assert abs(float(phi[t, h]) - float(want)) < 1e-4 * float(want)
+
+
+def test_outlier_query_steers_the_probe_to_its_needle():
+    # 15 ordinary window queries from the prompt and one strongly activated decode query: the phi
+    # weighting makes the probe follow the outlier, whose needle a plain window mean misses.
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(HKV, 2048, D, generator=gen)
+    direction = _needle(keys, 1000, gen)
+    distractor = _needle(keys, 300, gen)
+    prompt = distractor.repeat_interleave(3, 0)[:, None] * 2.0 + torch.randn(HQ, 64, D, generator=gen)
+    q = 20.0 * direction.repeat_interleave(3, 0)
+    act = _act(dynamic_cutoff=False)
+    act.build(0, keys, prompt)
+    sel = act.select(0, q, budget=32)  # one block
+    assert sel.ids.tolist() == list(range(992, 1024))
+    assert sel.scanned == 64 * HKV
+    plain = torch.cat([prompt[:, -15:].transpose(0, 1), q[None]]).mean(0)  # [H_q, D]
+    vecs = act.layers[0].vecs.all()  # [64, H_kv, D]
+    cos = torch.einsum("bhd,hgd->bhg", vecs, torch.nn.functional.normalize(plain, dim=-1).view(HKV, 3, D))
+    assert int(cos.mean(dim=(1, 2)).argmax()) == 300 // 32  # the unweighted mean prefers the distractor
+
+
+@pytest.mark.parametrize("start", [0, 517, 2040])
+def test_planted_needle_block_is_selected(start):
+    gen = torch.Generator().manual_seed(start)
+    keys = torch.randn(HKV, 2048, D, generator=gen)
+    direction = _needle(keys, start, gen, n_rows=min(6, 2048 - start))
+    q = 3.0 * direction.repeat_interleave(3, 0) + 0.3 * torch.randn(HQ, D, generator=gen)
+    act = _act()
+    act.build(0, keys, None)
+    sel = act.select(0, q, budget=64)
+    assert set(range(start, min(start + 6, 2048))) <= set(sel.ids.tolist())
+    assert sel.ids.numel() == 64
+
+
+def _peaked_and_flat(act, gen, steps: int, budget: int):
+    """Layers 0-1 hold one needle block the queries seek (peaked scores); layers 2-3 only noise (flat)."""
+    qs = []
+    for layer in range(4):
+        keys = 0.3 * torch.randn(HKV, 2048, D, generator=gen)
+        if layer < 2:
+            direction = _needle(keys, 640, gen, n_rows=32)
+        else:
+            direction = torch.nn.functional.normalize(torch.randn(HKV, D, generator=gen), dim=-1)
+        act.build(layer, keys, None)
+        qs.append(3.0 * direction.repeat_interleave(3, 0))
+    sels = []
+    for _ in range(steps):
+        sels.append([act.select(layer, qs[layer], budget) for layer in range(4)])
+    return sels
+
+
+def test_entropy_split_sums_to_total_and_favours_the_flat_layers():
+    gen = torch.Generator().manual_seed(6)
+    act = _act(FOUR_LAYERS)
+    budget = 256
+    sels = _peaked_and_flat(act, gen, steps=3, budget=budget)
+    assert all(s.ids.numel() == budget for s in sels[0])  # step 0: no entropies yet, an even split
+    entropy = [act.layers[layer].entropy[1] for layer in range(4)]
+    assert max(entropy[:2]) < min(entropy[2:])
+    shares = act.layer_shares(2, budget)  # what step 2 used: the entropies of step 1
+    assert abs(float(shares.sum()) - 4 * budget) < 1e-6
+    want = [4 * budget * e / sum(entropy) for e in entropy]
+    assert all(abs(float(s) - w) < 1e-6 for s, w in zip(shares, want))
+    tokens = [min(max(w, 32), 2 * budget) for w in want]
+    for layer in range(4):
+        assert sels[2][layer].ids.numel() == int(tokens[layer]) // 32 * 32
+    assert min(s.ids.numel() for s in sels[2][2:]) > max(s.ids.numel() for s in sels[2][:2])
+    assert all(32 <= s.ids.numel() <= 2 * budget for s in sels[2])
+
+
+def test_split_uses_previous_step_entropies_while_layers_are_visited():
+    gen = torch.Generator().manual_seed(7)
+    act = _act(FOUR_LAYERS)
+    _peaked_and_flat(act, gen, steps=1, budget=256)
+    before = act.layer_shares(1, 256)
+    act.select(0, torch.randn(HQ, D, generator=gen), 256)  # layer 0 records a step-1 entropy
+    assert torch.equal(act.layer_shares(1, 256), before)  # step 1 still splits by step-0 entropies
+    assert 1 in act.layers[0].entropy and 0 in act.layers[0].entropy
+
+
+def test_query_statistics_are_per_layer():
+    gen = torch.Generator().manual_seed(8)
+    act = _act()
+    keys = torch.randn(HKV, 256, D, generator=gen)
+    act.build(0, keys, torch.randn(HQ, 50, D, generator=gen))
+    act.build(1, keys, 10.0 + torch.randn(HQ, 50, D, generator=gen))
+    m0, m1 = act.layers[0].stats.mean, act.layers[1].stats.mean
+    assert float(m0.abs().mean()) < 1.0 and float(m1.mean()) > 9.0
+    q = torch.randn(HQ, D, generator=gen)
+    act.select(0, q, 64)
+    assert act.layers[0].stats.count == 51 and act.layers[1].stats.count == 50
+    all_q = torch.cat([act.layers[0].window[:-1], q[None]])
+    assert act.layers[0].window.shape == (16, HQ, D) and torch.equal(act.layers[0].window, all_q)
+
+
+def test_normalized_entropy_bounds():
+    assert abs(normalized_entropy(torch.zeros(10), 0.1) - 1.0) < 1e-9
+    assert normalized_entropy(torch.tensor([1.0] + [0.0] * 9), 0.01) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"block_size": -1}, "block_size"),
+        ({"n_repr": 0}, "n_repr"),
+        ({"n_repr": 40}, "n_repr"),  # more than the 32-token block
+        ({"window": 0}, "window"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"max_factor": 0.5}, "max_factor"),
+        ({"var_floor": float("nan")}, "var_floor"),
+        ({"dynamic_cutoff": "yes"}, "dynamic_cutoff"),
+        ({"min_tokens": 2.5}, "min_tokens"),
+        ({"blocksize": 32}, "unknown actqkv options"),
+    ],
+)
+def test_bad_options_are_rejected(options, match):
+    with pytest.raises(ValueError, match=match):
+        _act(**options)
+
+
+def test_bad_arguments_are_rejected():
+    act = _act()
+    with pytest.raises(ValueError, match="keys must be"):
+        act.build(0, torch.randn(HQ, 10, D), None)
+    with pytest.raises(ValueError, match="queries must be"):
+        act.build(0, torch.randn(HKV, 10, D), torch.randn(HKV, 10, D))
+    act.build(0, torch.randn(HKV, 100, D), None)
+    with pytest.raises(ValueError, match="q must be"):
+        act.select(0, torch.randn(HQ, D + 1), 32)
+    with pytest.raises(ValueError, match="budget"):
+        act.select(0, torch.randn(HQ, D), 1.5)
