@@ -4,13 +4,15 @@
    (flash-attention rule: kernel error <= 2x torch error + 1e-3), bf16 and fp16, head dims
    64/80/96/128, GQA shapes of Llama-3-8B (32/8) and Qwen2.5-7B (28/4);
 2. measures the copy bandwidths (HBM device-to-device, pinned host-to-device);
-3. times (triton.testing.do_bench, median, L2 flushed before each run) on Llama-3-8B's
-   layer shape (8 KV heads, D=128, bf16, 1M-token row buffer): fused-gather decode at
-   n selected rows vs the naive path (reference gather_kv + SDPA), contiguous decode at
-   128K, score_topk vs matmul + topk, and the zero-copy pinned-host gather;
-4. prints a table last and writes $OUT/gpu_kernels.json (default bench/results/).
+3. with --sweep, sweeps the gather kernel's launch parameters and times the best too;
+4. times, on Llama-3-8B's layer shape (8 KV heads, D=128, bf16, 1M-token row buffer),
+   fused-gather decode at n selected rows vs the naive path (reference gather_kv + SDPA),
+   contiguous decode at 128K vs SDPA, score_topk vs matmul + topk, and the zero-copy
+   pinned-host gather vs CPU gather + copy. Two clocks (see Timer): GPU time from CUDA-graph
+   replay (the figure held against bandwidth) and eager do_bench medians (L2 flushed);
+5. prints a table last and writes $OUT/gpu_kernels.json (default bench/results/).
 
-    PYTHONPATH=. python3 bench/gpu_kernels.py            # on the GPU machine
+    PYTHONPATH=. python3 bench/gpu_kernels.py --sweep    # on the GPU machine
     PYTHONPATH=. python3 bench/gpu_kernels.py --smoke    # tiny shapes; CPU via the interpreter
 """
 
@@ -26,6 +28,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +50,7 @@ class Workload:
     check_rows: int = 6000
     check_dims: tuple[int, ...] = (64, 80, 96, 128)
     copy_bytes: int = 2 << 30
-    sweep_rows: tuple[int, ...] = (8192, 131072)
+    sweep_rows: tuple[int, ...] = (4096, 32768, 131072)
     hq: int = 32
     hkv: int = 8
     d: int = 128
@@ -58,7 +61,7 @@ WORKLOADS = {
     "smoke": Workload(
         n_buffer=2048, rows=(64, 300), decode_len=500, score_keys=(700,), score_topk=16,
         host_buffer=512, host_rows=(64,), check_rows=200, check_dims=(16, 40), copy_bytes=1 << 20,
-        sweep_rows=(300,), hq=8, hkv=2, d=32,
+        sweep_rows=(), hq=8, hkv=2, d=32,
     ),  # fmt: skip
 }
 CHECK_SHAPES = ((32, 8), (28, 4))  # Llama-3-8B, Qwen2.5-7B
@@ -78,14 +81,24 @@ class Report:
 # ---------------------------------------------------------------- timing helpers
 
 
-def timer(device: torch.device):
-    """Median ms of fn: triton's do_bench on CUDA (L2 flushed per run), wall clock on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+class Timer:
+    """Two clocks, both medians, in ms per call.
 
-        return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")
+    eager: triton.testing.do_bench, L2 flushed before each call; includes the Python launch
+           cost whenever that exceeds the GPU time (small calls).
+    graph: GPU time only: a CUDA graph of calls cycling through `fns` (distinct inputs, so
+           rows read by one call are not L2 hits for the next) is replayed and timed.
+    On the CPU (smoke runs) both are wall-clock medians.
+    """
 
-    def wall(fn):
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def eager(self, fn) -> float:
+        if self.cuda:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=10, rep=40, return_mode="median")
         fn()
         times = []
         for _ in range(3):
@@ -94,20 +107,61 @@ def timer(device: torch.device):
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
-    return wall
+    def graph(self, fns, target_ms: float = 8.0, max_calls: int = 512) -> float:
+        if not self.cuda:
+            return self.eager(fns[0])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile, workspaces) off the capture
+            for f in fns:
+                f()
+        torch.cuda.synchronize()
+        est = self._per_call_ms(fns)
+        calls = len(fns) * max(1, min(max_calls // len(fns), math.ceil(target_ms / est / len(fns))))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                fns[i % len(fns)]()
+        g.replay()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        del g
+        return statistics.median(times)
+
+    @staticmethod
+    def _per_call_ms(fns) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for f in fns:
+            f()
+        end.record()
+        torch.cuda.synchronize()
+        return max(start.elapsed_time(end) / len(fns), 1e-3)
 
 
-def copy_bandwidth(report: Report, wl: Workload, device, bench) -> None:
+def n_variants(nbytes: int, device) -> int:
+    """Distinct inputs per graph so that their rows together exceed L2 three times over."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) if device.type == "cuda" else 0
+    return max(1, min(32, math.ceil(3 * l2 / max(nbytes, 1))))
+
+
+def copy_bandwidth(report: Report, wl: Workload, device, timer: Timer) -> None:
     n = wl.copy_bytes
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
+    ms = timer.eager(lambda: dst.copy_(src))
     report.bandwidth["hbm_copy_gbs"] = 2 * n / (ms * 1e-3) / GB  # read + write
     del src, dst
     if device.type == "cuda":
         host = torch.empty(n // 2, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n // 2, dtype=torch.uint8, device=device)
-        ms = bench(lambda: dev.copy_(host, non_blocking=True))
+        ms = timer.eager(lambda: dev.copy_(host, non_blocking=True))
         report.bandwidth["h2d_pinned_gbs"] = (n // 2) / (ms * 1e-3) / GB
         del host, dev
 
@@ -251,44 +305,66 @@ def row_bytes(wl: Workload, n_rows: int, itemsize: int) -> int:
     return n_rows * wl.hkv * wl.d * itemsize * 2  # K and V
 
 
-def add_timing(report, name, n, ms, nbytes, peak, naive_ms=None, against="hbm_copy", **extra) -> None:
-    """One timed row; pct_peak is against the measured copy bandwidth named by `against`."""
-    gbs = nbytes / (ms * 1e-3) / GB
-    row = {"name": name, "n": n, "ms": ms, "bytes": nbytes, "gbs": gbs, "pct_peak": 100 * gbs / peak,
-           "against": against, **extra}  # fmt: skip
-    if naive_ms is not None:
-        row.update(naive_ms=naive_ms, speedup=naive_ms / ms)
+def measure(timer: Timer, fns) -> dict:
+    return {"eager_ms": timer.eager(fns[0]), "graph_ms": timer.graph(fns)}
+
+
+def add_row(report, name, n, nbytes, peak, kern, naive=None, against="hbm_copy", **extra) -> None:
+    """One timed op; GB/s and % of the measured copy bandwidth (`against`) from GPU time."""
+    gbs = nbytes / (kern["graph_ms"] * 1e-3) / GB
+    row = {"name": name, "n": n, "bytes": nbytes, **kern, "gbs": gbs, "pct_peak": 100 * gbs / peak,
+           "gbs_eager": nbytes / (kern["eager_ms"] * 1e-3) / GB, "against": against, **extra}  # fmt: skip
+    if naive:
+        row.update({f"naive_{k}": v for k, v in naive.items()})
+        row.update(speedup=naive["graph_ms"] / kern["graph_ms"], speedup_eager=naive["eager_ms"] / kern["eager_ms"])
     report.timings.append(row)
-    print(f"  {name:<28} n={n:<8} {ms * 1e3:9.1f} us  {gbs:8.1f} GB/s  {row['pct_peak']:5.1f}%"
-          + (f"  naive {naive_ms * 1e3:9.1f} us  x{naive_ms / ms:.2f}" if naive_ms else ""), flush=True)  # fmt: skip
+    sp = f"  naive x{row['speedup']:.2f} (eager x{row['speedup_eager']:.2f})" if naive else ""
+    print(f"  {name:<32} n={n:<8} gpu {kern['graph_ms'] * 1e3:8.1f} us {gbs:7.0f} GB/s {row['pct_peak']:5.1f}%"
+          f"  eager {kern['eager_ms'] * 1e3:8.1f} us{sp}", flush=True)  # fmt: skip
 
 
-def time_gather(report, wl, device, bench, kv, q, peak) -> None:
+def random_ids(wl, n, per_head, device):
+    if per_head:
+        return torch.stack([torch.randperm(wl.n_buffer, device=device)[:n] for _ in range(wl.hkv)])
+    return torch.randperm(wl.n_buffer, device=device)[:n]
+
+
+def time_gather(report, wl, device, timer, kv, q, peak, launches) -> None:
     from kvloft.kernels.sparse_decode import gather_attend
 
-    k_rows, v_rows = kv
     scale = wl.d**-0.5
     for n in wl.rows:
-        shared = torch.randperm(wl.n_buffer, device=device)[:n]
-        per_head = torch.stack([torch.randperm(wl.n_buffer, device=device)[:n] for _ in range(wl.hkv)])
-        for label, ids in (("shared", shared), ("per_head", per_head)):
-            ms = bench(lambda: gather_attend(q, k_rows, v_rows, ids, scale=scale, check_ids=False))
-            naive = bench(lambda: naive_gather_sdpa(q, k_rows, v_rows, ids, scale))
-            nbytes = ids.numel() * ids.element_size() + row_bytes(wl, n, k_rows.element_size())
-            add_timing(report, f"gather_attend/{label}", n, ms, nbytes, peak, naive)
-        idx_sel = bench(lambda: sdpa(q, k_rows.index_select(0, shared).transpose(0, 1)[None],
-                                     v_rows.index_select(0, shared).transpose(0, 1)[None], scale))  # fmt: skip
-        report.timings[-2]["index_select_sdpa_ms"] = idx_sel
+        nbytes = row_bytes(wl, n, kv[0].element_size())
+        for label in ("shared", "per_head"):
+            sets = [random_ids(wl, n, label == "per_head", device) for _ in range(n_variants(nbytes, device))]
+            nbytes_ids = nbytes + sets[0].numel() * sets[0].element_size()
+            naive = measure(timer, [partial(naive_gather_sdpa, q, *kv, ids, scale) for ids in sets])
+            extra = {}
+            if label == "shared":
+                extra["index_select_sdpa"] = measure(timer, [partial(index_select_sdpa, q, *kv, ids, scale) for ids in sets])
+            for lname, launch in launches.items():
+                fns = [partial(gather_attend, q, *kv, ids, scale=scale, check_ids=False, launch=launch) for ids in sets]
+                name = f"gather_attend/{label}" + ("" if lname == "default" else f"@{lname}")
+                add_row(report, name, n, nbytes_ids, peak, measure(timer, fns), naive, launch=asdict(launch), **extra)
 
 
-def time_decode(report, wl, device, bench, kv, q, peak) -> None:
+def index_select_sdpa(q, k_rows, v_rows, ids, scale):
+    """The strongest plain-torch path for shared ids: index_select whole rows, then SDPA."""
+    k = k_rows.index_select(0, ids).transpose(0, 1)[None]
+    v = v_rows.index_select(0, ids).transpose(0, 1)[None]
+    return sdpa(q, k, v, scale)
+
+
+def time_decode(report, wl, device, timer, kv, q, peak, launches) -> None:
     from kvloft.kernels.sparse_decode import decode_attend
 
     k, v = kv[0][: wl.decode_len], kv[1][: wl.decode_len]
-    ms = bench(lambda: decode_attend(q, k, v, scale=wl.d**-0.5))
-    naive = bench(lambda: sdpa(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], wl.d**-0.5))
-    add_timing(report, "decode_attend/contiguous", wl.decode_len, ms, row_bytes(wl, wl.decode_len, k.element_size()),
-               peak, naive)  # fmt: skip
+    scale = wl.d**-0.5
+    naive = measure(timer, [lambda: sdpa(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale)])
+    for lname, launch in launches.items():
+        kern = measure(timer, [partial(decode_attend, q, k, v, scale=scale, launch=launch)])
+        name = "decode_attend/contiguous" + ("" if lname == "default" else f"@{lname}")
+        add_row(report, name, wl.decode_len, row_bytes(wl, wl.decode_len, k.element_size()), peak, kern, naive)
 
 
 def torch_score_topk(q, k, topk, hkv):
@@ -298,31 +374,32 @@ def torch_score_topk(q, k, topk, hkv):
     return torch.topk(s.amax(-1).float(), topk, dim=-1)
 
 
-def time_scoring(report, wl, device, bench, kv, q, peak) -> None:
+def time_scoring(report, wl, device, timer, kv, q, peak, launches) -> None:
     from kvloft.kernels.scoring import score, score_topk
 
     for n in wl.score_keys:
         k = kv[0][:n]
         nbytes = n * wl.hkv * wl.d * k.element_size()
-        ms_s = bench(lambda: score(q, k, reduce="max"))
-        ms = bench(lambda: score_topk(q, k, wl.score_topk, reduce="max"))
-        naive = bench(lambda: torch_score_topk(q, k, wl.score_topk, wl.hkv))
-        add_timing(report, "score_topk/max", n, ms, nbytes, peak, naive, score_only_ms=ms_s,
-                   score_only_gbs=nbytes / (ms_s * 1e-3) / GB)  # fmt: skip
+        only = measure(timer, [partial(score, q, k, reduce="max")])
+        kern = measure(timer, [partial(score_topk, q, k, wl.score_topk, reduce="max")])
+        naive = measure(timer, [partial(torch_score_topk, q, k, wl.score_topk, wl.hkv)])
+        add_row(report, "score_topk/max", n, nbytes, peak, kern, naive, score_only=only,
+                score_only_gbs=nbytes / (only["graph_ms"] * 1e-3) / GB)  # fmt: skip
 
 
-def time_host(report, wl, device, bench, q) -> None:
-    """Zero-copy: the kernel reads pinned host rows over PCIe (q and ids on the GPU)."""
+def time_host(report, wl, device, timer, q) -> None:
+    """Zero-copy: the kernel reads pinned host rows over PCIe (q and ids on the GPU).
+
+    Eager clock only: the naive path (CPU index_select + H2D copy) cannot be graph-captured."""
     from kvloft.kernels.sparse_decode import gather_attend
 
-    dtype = q.dtype
-    k_host = torch.randn(wl.host_buffer, wl.hkv, wl.d, dtype=dtype).pin_memory()
-    v_host = torch.randn(wl.host_buffer, wl.hkv, wl.d, dtype=dtype).pin_memory()
+    k_host = torch.randn(wl.host_buffer, wl.hkv, wl.d, dtype=q.dtype).pin_memory()
+    v_host = torch.randn(wl.host_buffer, wl.hkv, wl.d, dtype=q.dtype).pin_memory()
     peak = report.bandwidth["h2d_pinned_gbs"]
     for n in wl.host_rows:
         ids = torch.randperm(wl.host_buffer, device=device)[:n]
         ids_cpu = ids.cpu()
-        ms = bench(lambda: gather_attend(q, k_host, v_host, ids, scale=0.1, check_ids=False))
+        ms = timer.eager(lambda: gather_attend(q, k_host, v_host, ids, scale=0.1, check_ids=False))
 
         def naive():  # CPU gather of whole rows, one H2D copy each for K and V, SDPA
             kk = k_host.index_select(0, ids_cpu).to(device, non_blocking=True)
@@ -330,25 +407,32 @@ def time_host(report, wl, device, bench, q) -> None:
             return sdpa(q, kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], 0.1)
 
         nbytes = ids.numel() * ids.element_size() + row_bytes(wl, n, k_host.element_size())
-        add_timing(report, "gather_attend/pinned_host", n, ms, nbytes, peak, bench(naive), against="h2d_pinned")
+        naive_ms = timer.eager(naive)
+        kern, nv = {"eager_ms": ms, "graph_ms": ms}, {"eager_ms": naive_ms, "graph_ms": naive_ms}
+        add_row(report, "gather_attend/pinned_host", n, nbytes, peak, kern, nv, against="h2d_pinned")
 
 
-def run_sweep(report, wl, device, bench, kv, q) -> None:
-    """Launch-parameter sweep of the gather kernel (shared ids) at the workload's sweep sizes."""
+def run_sweep(report, wl, device, timer, kv, q):
+    """Launch-parameter sweep of the gather kernel (shared ids, GPU time); returns the config
+    with the best geometric-mean time relative to the per-size best."""
     from kvloft.kernels.sparse_decode import DecodeLaunch, gather_attend
 
+    configs = [DecodeLaunch(block_n=b, num_warps=w, num_stages=st, programs_per_sm=p)
+               for b in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3) for p in (2, 4, 8)]  # fmt: skip
+    times = {}
     for n in wl.sweep_rows:
-        ids = torch.randperm(wl.n_buffer, device=device)[:n]
-        nbytes = ids.numel() * ids.element_size() + row_bytes(wl, n, kv[0].element_size())
-        for block_n in (32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (1, 2, 3):
-                    for pps in (2, 4, 8):
-                        launch = DecodeLaunch(block_n=block_n, num_warps=warps, num_stages=stages, programs_per_sm=pps)
-                        ms = bench(lambda: gather_attend(q, *kv, ids, scale=0.1, check_ids=False, launch=launch))
-                        report.sweep.append({"n": n, **asdict(launch), "ms": ms, "gbs": nbytes / (ms * 1e-3) / GB})
-        best = min((r for r in report.sweep if r["n"] == n), key=lambda r: r["ms"])
-        print(f"  sweep n={n}: best {best}", flush=True)
+        nbytes = row_bytes(wl, n, kv[0].element_size())
+        sets = [random_ids(wl, n, False, device) for _ in range(n_variants(nbytes, device))]
+        for c in configs:
+            ms = timer.graph([partial(gather_attend, q, *kv, ids, scale=0.1, check_ids=False, launch=c) for ids in sets])
+            times[(n, c)] = ms
+            report.sweep.append({"n": n, **asdict(c), "graph_ms": ms, "gbs": nbytes / (ms * 1e-3) / GB})
+    best_at = {n: min(times[(n, c)] for c in configs) for n in wl.sweep_rows}
+    score = {c: sum(math.log(times[(n, c)] / best_at[n]) for n in wl.sweep_rows) for c in configs}
+    best = min(configs, key=score.get)
+    print(f"  sweep best: {best}  (slowdown vs per-size best: "
+          f"{[round(times[(n, best)] / best_at[n], 3) for n in wl.sweep_rows]})", flush=True)  # fmt: skip
+    return best
 
 
 # ---------------------------------------------------------------- main
@@ -371,11 +455,13 @@ def print_table(report: Report) -> None:
     print(f"\nchecks: {len(report.checks) - len(fails)}/{len(report.checks)} pass the 2x-torch-error rule")
     for c in fails[:10]:
         print("  FAIL", c)
-    print(f"bandwidth: {json.dumps({k: round(v, 1) for k, v in report.bandwidth.items()})}")
-    print(f"{'op':<28} {'n':>8} {'us':>9} {'GB/s':>8} {'%peak':>6} {'naive us':>9} {'speedup':>7}")
+    print(f"bandwidth (GB/s): {json.dumps({k: round(v, 1) for k, v in report.bandwidth.items()})}")
+    print("gpu = CUDA-graph replay (GPU time); eager = do_bench incl. Python launch; % of measured copy bandwidth")
+    print(f"{'op':<32} {'n':>8} {'gpu us':>8} {'GB/s':>7} {'%peak':>6} {'eager us':>9} {'naive gpu':>9} {'speedup':>7}")
     for t in report.timings:
-        naive = f"{t['naive_ms'] * 1e3:9.1f} {t['speedup']:7.2f}" if "naive_ms" in t else ""
-        print(f"{t['name']:<28} {t['n']:>8} {t['ms'] * 1e3:9.1f} {t['gbs']:8.1f} {t['pct_peak']:6.1f} {naive}")
+        naive = f"{t['naive_graph_ms'] * 1e3:9.1f} {t['speedup']:7.2f}" if "naive_graph_ms" in t else ""
+        print(f"{t['name']:<32} {t['n']:>8} {t['graph_ms'] * 1e3:8.1f} {t['gbs']:7.0f} {t['pct_peak']:6.1f}"
+              f" {t['eager_ms'] * 1e3:9.1f} {naive}")  # fmt: skip
 
 
 def save(report: Report, out_dir: str) -> str:
@@ -406,42 +492,49 @@ def main(argv=None) -> None:
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     report = Report(machine=machine_info(device))
     report.machine["workload"] = asdict(wl)
-    bench = timer(device)
+    timer = Timer(device)
     torch.manual_seed(0)
-    copy_bandwidth(report, wl, device, bench)
+    copy_bandwidth(report, wl, device, timer)
     print(f"bandwidth: {report.bandwidth}", flush=True)
     if "checks" not in skip:
         run_checks(report, wl, device, args.smoke)
         save(report, out_dir)
-    run_timings(report, wl, device, bench, skip, args.sweep, out_dir)
+    run_timings(report, wl, device, timer, skip, args.sweep, out_dir)
     path = save(report, out_dir)
     print_table(report)
     print(f"wrote {path}")
 
 
-def run_timings(report, wl, device, bench, skip, sweep, out_dir) -> None:
+def run_timings(report, wl, device, timer, skip, sweep, out_dir) -> None:
+    from kvloft.kernels.sparse_decode import DEFAULT_LAUNCH
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = report.bandwidth["hbm_copy_gbs"]
     q = torch.randn(wl.hq, wl.d, dtype=dtype, device=device)
     kv = (torch.randn(wl.n_buffer, wl.hkv, wl.d, dtype=dtype, device=device),
           torch.randn(wl.n_buffer, wl.hkv, wl.d, dtype=dtype, device=device))  # fmt: skip
+    launches = {"default": DEFAULT_LAUNCH}
+    if sweep:
+        print("sweep:", flush=True)
+        best = run_sweep(report, wl, device, timer, kv, q)
+        report.machine["sweep_best"] = asdict(best)
+        if best != DEFAULT_LAUNCH:
+            launches["tuned"] = best
+        save(report, out_dir)
     sections = {"gather": time_gather, "decode": time_decode, "score": time_scoring}
     for name, fn in sections.items():
         if name not in skip:
             print(f"{name}:", flush=True)
-            fn(report, wl, device, bench, kv, q, peak)
+            fn(report, wl, device, timer, kv, q, peak, launches)
             save(report, out_dir)
+    del kv
     if "host" not in skip and device.type == "cuda":
         print("host (zero-copy):", flush=True)
         try:
-            time_host(report, wl, device, bench, q)
+            time_host(report, wl, device, timer, q)
         except Exception as e:  # report, keep the rest of the run
             report.notes.append(f"zero-copy pinned-host gather failed: {type(e).__name__}: {e}")
             print(report.notes[-1], flush=True)
-        save(report, out_dir)
-    if sweep:
-        print("sweep:", flush=True)
-        run_sweep(report, wl, device, bench, kv, q)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from kvloft.kernels import checks
 __all__ = ["merge", "merge_stacked"]
 
 
-@triton.jit(do_not_specialize=["n_parts", "n_rows", "head_dim"])  # sizes: no recompiles per shape
+@triton.jit(do_not_specialize=["n_parts", "n_rows"])  # sizes: no recompiles per shape
 def _merge_kernel(
     out_parts,  # [P, R, D] any float dtype, last dim contiguous
     lse_parts,  # [P, R] fp32, contiguous
@@ -35,16 +35,16 @@ def _merge_kernel(
     lse,  # [R] fp32
     n_parts,
     n_rows,
-    head_dim,
     stride_op,
     stride_or,
+    HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps vector loads
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
-    mask = rmask[:, None] & (cols[None, :] < head_dim)
+    mask = rmask[:, None] & (cols[None, :] < HEAD_DIM)
     rows64 = rows.to(tl.int64)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_R], tl.float32)
@@ -64,7 +64,7 @@ def _merge_kernel(
     l_safe = tl.where(nonempty, l_sum, 1.0)
     res = acc / l_safe[:, None]
     res_lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
-    tl.store(out + rows64[:, None] * head_dim + cols[None, :], res.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + rows64[:, None] * HEAD_DIM + cols[None, :], res.to(out.dtype.element_ty), mask=mask)
     tl.store(lse + rows64, res_lse, mask=rmask)
 
 
@@ -85,9 +85,9 @@ def merge_stacked(out_parts: Tensor, lse_parts: Tensor, out_dtype: torch.dtype) 
     block_r = max(1, min(16, 4096 // block_d))
     grid = (triton.cdiv(n_rows, block_r),)
     _merge_kernel[grid](
-        out_parts, lse_parts, out, lse, n_parts, n_rows, head_dim,
+        out_parts, lse_parts, out, lse, n_parts, n_rows,
         out_parts.stride(0), out_parts.stride(1),
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
     )  # fmt: skip
     return out, lse
 

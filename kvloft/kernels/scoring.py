@@ -27,7 +27,7 @@ REDUCE_CODES = {"none": 0, "max": 1, "sum": 2}
 BLOCK_N = 64
 
 
-@triton.jit(do_not_specialize=["n_keys", "group", "head_dim"])  # sizes: no recompiles per length
+@triton.jit(do_not_specialize=["n_keys", "group"])  # sizes: no recompiles per length
 def _score_kernel(
     q,  # [H_q, D], last dim contiguous
     k,  # [N, H_kv, D], last dim contiguous
@@ -35,13 +35,13 @@ def _score_kernel(
     scores,  # [H_q, M] (REDUCE == 0) or [H_kv, M] fp32, contiguous
     n_keys,  # M
     group,
-    head_dim,
     scale,
     stride_qh,
     stride_kn,
     stride_kh,
     HAS_IDS: tl.constexpr,
     REDUCE: tl.constexpr,  # 0 none, 1 max, 2 sum over the group's query heads
+    HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps 16-byte vector loads
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -54,7 +54,7 @@ def _score_kernel(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask = g < group
-    dmask = d < head_dim
+    dmask = d < HEAD_DIM
     valid = pos < n_keys
     q_heads = kv_head * group + g
     qb = tl.load(q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
@@ -122,8 +122,8 @@ def score(
     group = hq // hkv
     _score_kernel[(hkv, triton.cdiv(m, BLOCK_N))](
         q, k_rows, ids.contiguous() if ids is not None else q, out,
-        m, group, d, float(scale), q.stride(0), k_rows.stride(0), k_rows.stride(1),
-        HAS_IDS=ids is not None, REDUCE=REDUCE_CODES[reduce],
+        m, group, float(scale), q.stride(0), k_rows.stride(0), k_rows.stride(1),
+        HAS_IDS=ids is not None, REDUCE=REDUCE_CODES[reduce], HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, checks.next_pow2(d)),
     )  # fmt: skip
     return out

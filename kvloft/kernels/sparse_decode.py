@@ -63,7 +63,7 @@ INTERPRETER_SPLITS = 3
 
 
 # Sizes vary per call: specializing on them would recompile for every new length.
-@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "head_dim", "stride_ih"])
+@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih"])
 def _split_kernel(
     q,  # [H_q, D], last dim contiguous
     k,  # [N, H_kv, D] rows (token-major), last dim contiguous
@@ -74,7 +74,6 @@ def _split_kernel(
     n_keys,
     split_len,
     group,
-    head_dim,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qh,
     stride_kn,
@@ -83,6 +82,7 @@ def _split_kernel(
     stride_vh,
     stride_ih,  # 0 for shared ids
     HAS_IDS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps 16-byte vector loads
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -97,7 +97,7 @@ def _split_kernel(
     d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     gmask = g < group
-    dmask = d < head_dim
+    dmask = d < HEAD_DIM
     q_heads = kv_head * group + g
     qb = tl.load(q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     k_head = k + kv_head.to(tl.int64) * stride_kh
@@ -134,7 +134,7 @@ def _split_kernel(
     out_v = acc / l_safe[:, None]
     lse_v = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row = split.to(tl.int64) * n_q + q_heads
-    tl.store(out_part + row[:, None] * head_dim + d[None, :], out_v, mask=gmask[:, None] & dmask[None, :])
+    tl.store(out_part + row[:, None] * HEAD_DIM + d[None, :], out_v, mask=gmask[:, None] & dmask[None, :])
     tl.store(lse_part + row, lse_v, mask=gmask)
 
 
@@ -170,9 +170,10 @@ def _attend_rows(
     stride_ih = 0 if ids is None or ids.dim() == 1 else ids.stride(0)
     _split_kernel[(hkv, splits)](
         q, k, v, ids_arg, out_part, lse_part,
-        n, split_len, group, d, scale * LOG2E,
+        n, split_len, group, scale * LOG2E,
         q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih,
         HAS_IDS=ids is not None,
+        HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)),
         BLOCK_N=launch.block_n,
         BLOCK_D=max(16, checks.next_pow2(d)),
