@@ -272,10 +272,12 @@ class ActQKVRetriever:
     def _block_scores(self, st: _LayerState, probe: Tensor) -> Tensor:
         """Cosine of each head's probe with its KV head's block vector, mean over heads: [n_blocks]."""
         hkv = self.model_cfg.n_kv_heads
-        pg = torch.nn.functional.normalize(probe, dim=-1).view(hkv, -1, probe.shape[-1])  # [H_kv, G, D]
-        parts = [torch.einsum("bhd,hgd->bhg", vecs, pg).mean(dim=(1, 2)) for _, vecs in st.vecs.iter_chunks()]
+        # mean over heads of cos(p_h, v_kv(h)) = v · (mean of the group's unit probes) / H_kv, per KV head
+        pbar = torch.nn.functional.normalize(probe, dim=-1).view(hkv, -1, probe.shape[-1]).mean(dim=1)
+        pbar = pbar.flatten() / hkv  # [H_kv * D]
+        parts = [vecs.flatten(1) @ pbar for _, vecs in st.vecs.iter_chunks()]
         if st.tail_vec is not None:
-            parts.append(torch.einsum("hd,hgd->hg", st.tail_vec, pg).mean().reshape(1))
+            parts.append((st.tail_vec.flatten() @ pbar).reshape(1))
         return torch.cat(parts)
 
     def _expand(self, scores: Tensor, tokens: int, n_rows: int) -> Tensor:

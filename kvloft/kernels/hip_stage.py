@@ -35,7 +35,8 @@ def probe_scores(keys: Tensor, q: Tensor) -> Tensor:
     """Max over query heads of q_h · k: keys [P, H_kv, D], q [H_q, D] -> [P] fp32."""
     hkv, d = keys.shape[1], keys.shape[2]
     qg = q.float().view(hkv, q.shape[0] // hkv, d)  # [H_kv, G, D]
-    return torch.einsum("phd,hgd->phg", keys.float(), qg).flatten(1).amax(dim=1)
+    logits = torch.bmm(keys.float().transpose(0, 1), qg.transpose(1, 2))  # [H_kv, P, G]
+    return logits.amax(dim=(0, 2))
 
 
 def probes_per_chunk(chunk: int) -> int:
