@@ -184,6 +184,14 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        ("Variants: `hip ... paper kept` uses InfiniteHiP's kept tokens (32768, 8192, budget); where the host "
+         "tier is shorter than a stage's kept tokens that stage keeps everything and reads nothing, so at "
+         "short contexts only the last stage (chunks of 8) prunes. `hip ... kept (a, b)` scales the first two "
+         "stages to 1/4 and 1/16 of the host tier so that all three prune. `actqkv dynamic cut-off` splits "
+         "n_layers x budget across layers by block-score entropy; `fixed budget` gives each layer `budget`. "
+         "The synthetic data's span is the length of its topic blocks: 8 scatters the relevant keys, 128 "
+         "gives them the locality HiP's probes rely on."),
+        "",
         ("Keys read counts key vectors (a token's key in one KV head): HiP's probes, 2 log2(l_c) rows per "
          "chunk at each stage recomputed that step (cached stages read nothing); ActQKV's block vectors "
          "(one per block and KV head); exact reads every host key."),
