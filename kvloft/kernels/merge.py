@@ -7,7 +7,8 @@ splits of a split-K decode) combine exactly:
 
 An empty part has lse = -inf and contributes nothing; if every part is empty the
 result is out = 0, lse = -inf (no NaN). The kernel runs the sum online (running max,
-rescaled accumulator), so it reads each part once.
+rescaled accumulator) over up to 32 parts at a time, so it reads each part once, in
+ceil(P / 32) dependent trips.
 
 Memory traffic for P parts of R rows of width D: read P*R*(D*itemsize + 4), write
 R*(D*itemsize + 4). Reference: kernels/reference.py `merge`.
@@ -26,6 +27,9 @@ from kvloft.kernels import checks
 
 __all__ = ["merge", "merge_stacked"]
 
+MAX_BLOCK_P = 32  # parts per memory trip
+TILE = 4096  # fp32 values a program holds per part tile (32 registers a thread at 4 warps)
+
 
 @triton.jit(do_not_specialize=["n_parts", "n_rows"])  # sizes: no recompiles per shape
 def _merge_kernel(
@@ -38,21 +42,25 @@ def _merge_kernel(
     stride_op,
     stride_or,
     HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps vector loads
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # parts read at once (one slot each)
+    BLOCK_D: tl.constexpr,  # columns per program
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < n_rows
-    mask = rmask[:, None] & (cols[None, :] < HEAD_DIM)
-    rows64 = rows.to(tl.int64)
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for p in range(n_parts):
-        lse_p = tl.load(lse_parts + p * n_rows + rows64, mask=rmask, other=float("-inf"))
-        o_ptr = out_parts + p * stride_op + rows64[:, None] * stride_or + cols[None, :]
-        o_p = tl.load(o_ptr, mask=mask, other=0.0).to(tl.float32)
+    # One row per program (axis 0), a chunk of columns per axis-1 program. Each of BLOCK_P
+    # slots merges parts slot, slot + BLOCK_P, ... online; the slots are combined at the
+    # end. So P parts cost ceil(P / BLOCK_P) dependent memory trips, not P.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = cols < HEAD_DIM
+    slots = tl.arange(0, BLOCK_P)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        parts = (p0 + slots).to(tl.int64)
+        pmask = parts < n_parts
+        lse_p = tl.load(lse_parts + parts * n_rows + row, mask=pmask, other=float("-inf"))
+        o_ptr = out_parts + parts[:, None] * stride_op + row * stride_or + cols[None, :]
+        o_p = tl.load(o_ptr, mask=pmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m, lse_p)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: weights 0, not NaN
         alpha = tl.exp(m - m_safe)
@@ -60,12 +68,16 @@ def _merge_kernel(
         acc = acc * alpha[:, None] + w[:, None] * o_p
         l_sum = l_sum * alpha + w
         m = m_new
-    nonempty = l_sum > 0
-    l_safe = tl.where(nonempty, l_sum, 1.0)
-    res = acc / l_safe[:, None]
-    res_lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
-    tl.store(out + rows64[:, None] * HEAD_DIM + cols[None, :], res.to(out.dtype.element_ty), mask=mask)
-    tl.store(lse + rows64, res_lse, mask=rmask)
+    m_all = tl.max(m, 0)
+    m_all_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    slot_w = tl.exp(m - m_all_safe)  # [BLOCK_P], 0 for empty slots
+    l_all = tl.sum(slot_w * l_sum, 0)
+    nonempty = l_all > 0
+    l_safe = tl.where(nonempty, l_all, 1.0)
+    res = tl.sum(slot_w[:, None] * acc, 0) / l_safe  # [BLOCK_D]
+    tl.store(out + row * HEAD_DIM + cols, res.to(out.dtype.element_ty), mask=dmask)
+    if tl.program_id(1) == 0:
+        tl.store(lse + row, tl.where(nonempty, m_all_safe + tl.log(l_safe), float("-inf")))
 
 
 def merge_stacked(out_parts: Tensor, lse_parts: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -81,13 +93,14 @@ def merge_stacked(out_parts: Tensor, lse_parts: Tensor, out_dtype: torch.dtype) 
     if out_parts.stride(-1) != 1:
         out_parts = out_parts.contiguous()
     lse_parts = lse_parts.float().contiguous()
-    block_d = max(16, checks.next_pow2(head_dim))
-    block_r = max(1, min(16, 4096 // block_d))
-    grid = (triton.cdiv(n_rows, block_r),)
+    block_p = min(checks.next_pow2(n_parts), MAX_BLOCK_P)
+    block_d = min(checks.next_pow2(head_dim), max(16, TILE // block_p))  # tile <= TILE fp32 values
+    grid = (n_rows, triton.cdiv(head_dim, block_d))
     _merge_kernel[grid](
         out_parts, lse_parts, out, lse, n_parts, n_rows,
         out_parts.stride(0), out_parts.stride(1),
-        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=max(1, min(4, block_p * block_d // 512)),
     )  # fmt: skip
     return out, lse
 

@@ -43,17 +43,18 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    """Launch parameters of the split kernel (defaults tuned on the H200, bench/gpu_kernels.py).
+    """Launch parameters of the split kernel.
 
     block_n: keys per inner step; num_warps / num_stages: Triton's; programs_per_sm: how
     many (KV head, split) programs to aim for per multiprocessor; min_split: fewest keys a
-    split gets, so the partials stay small next to the rows.
+    split gets, so the partials stay small next to the rows. Defaults: the best of an
+    81-config sweep on the H200 (bench/gpu_kernels.py --sweep; docs/kernels.md).
     """
 
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 4
     num_stages: int = 2
-    programs_per_sm: int = 4
+    programs_per_sm: int = 2
     min_split: int = 64
 
 

@@ -45,7 +45,8 @@ def parts(n_parts, shape, dtype=torch.float32, device="cpu", n_empty=0):
 
 @pytest.mark.parametrize(
     "n_parts,shape,n_empty",
-    [(2, (7, 16), 0), (3, (3, 9, 20), 1), (1, (9, 32), 0), (5, (4, 7, 80), 2), (4, (1, 5), 3)],
+    [(2, (7, 16), 0), (3, (3, 9, 20), 1), (1, (9, 32), 0), (5, (4, 7, 80), 2), (4, (1, 5), 3),
+     (40, (3, 200), 33)],  # more parts than one trip reads, several column chunks, empty slots
 )
 def test_merge_matches_reference(n_parts, shape, n_empty):
     outs, lses = parts(n_parts, shape, n_empty=n_empty)
