@@ -154,6 +154,7 @@ def summarize(variant: Variant, data: Dataset, recs: list[dict[str, float]]) -> 
         "attended_frac": statistics.fmean(r["attended"] for r in recs),
         "selected_per_layer": [round(x, 1) for x in per_layer_rows],
         "select_ms_median": statistics.median(r["select_ms"] for r in recs),
+        "select_ms_mean": statistics.fmean(r["select_ms"] for r in recs),
         "per_layer_mass_recall": [round(statistics.fmean(r["mass_recall"] for r in recs if r["layer"] == i), 4)
                                   for i in range(n_layers)],
     }
@@ -172,7 +173,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
           f"run): {meta['dense_ms'][name]:.2f} ms" for name, label in meta["datasets"].items()),
         "",
         ("| data | variant | mass recall (p10) | out rel. err (p90) | keys read / step | read frac | attended "
-         "| rows per layer (per KV head) | select ms (median) |"),
+         "| rows per layer (per KV head) | select ms median (mean) |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -180,7 +181,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(
             f"| {r['data']} | {r['variant']} | {r['mass_recall']:.3f} ({r['mass_recall_p10']:.3f}) "
             f"| {r['rel_err']:.4f} ({r['rel_err_p90']:.4f}) | {r['keys_read']:.0f} | {r['keys_read_frac']:.3f} "
-            f"| {r['attended_frac']:.3f} | {rows} | {r['select_ms_median']:.2f} |"
+            f"| {r['attended_frac']:.3f} | {rows} | {r['select_ms_median']:.2f} ({r['select_ms_mean']:.2f}) |"
         )
     lines += [
         "",

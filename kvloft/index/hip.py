@@ -37,6 +37,7 @@ from kvloft.index.base import RetrieverStats, Selection, register
 from kvloft.kernels.hip_stage import (
     PROBES,
     hierarchical_top1,
+    hip_stage,
     hip_stage1,
     hip_stage1_reference,
     probes_per_chunk,
@@ -58,7 +59,8 @@ class HipParams:
     probe: which key of each half the search reads: "first" (HiP) or "middle".
     chunk_rows: rows per chunk of the retriever's key copy (a multiple of chunk_sizes[0],
         so no stage-1 chunk straddles two).
-    stage1_kernel: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    kernel: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch": how the stages
+        run (kernels/hip_stage.py: stage 1 per store chunk, later stages one launch each).
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)
@@ -66,7 +68,7 @@ class HipParams:
     refresh_steps: tuple[int, ...] = (16, 8, 4)
     probe: str = "first"
     chunk_rows: int = 16384
-    stage1_kernel: str = "auto"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("chunk_sizes", "kept_tokens", "refresh_steps"):
@@ -96,8 +98,8 @@ class HipParams:
                 f"hip option chunk_rows ({self.chunk_rows!r}) must be a multiple of chunk_sizes[0] "
                 f"({self.chunk_sizes[0]})"
             )
-        if self.stage1_kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"hip option stage1_kernel must be auto, triton or torch, got {self.stage1_kernel!r}")
+        if self.kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"hip option kernel must be auto, triton or torch, got {self.kernel!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> HipParams:
@@ -135,6 +137,9 @@ class HipRetriever:
         self.model_cfg = model_cfg
         self.device = torch.device(device)
         self.params = HipParams.from_options(cfg.options)
+        self.use_kernel = self.params.kernel == "triton" or (
+            self.params.kernel == "auto" and self.device.type == "cuda"
+        )
         self.keys: dict[int, ChunkedRows] = {}
         self.state: dict[int, _LayerState] = {}
         self._stats = RetrieverStats(extra={"refreshes": [0] * self.params.n_stages})
@@ -238,7 +243,10 @@ class HipRetriever:
             chunks, score = self._stage1_scores(store, q, length)
         else:
             chunks = _pad_chunks(cand, length)  # [C, l_c]
-            _, score = hierarchical_top1(chunks, store.rows, q, self.params.probe)
+            if self.use_kernel:
+                _, score = hip_stage(store.chunks, chunks, q, self.params.probe)
+            else:
+                _, score = hierarchical_top1(chunks, store.rows, q, self.params.probe)
         reads = chunks.shape[0] * probes_per_chunk(length)
         n_keep = min(max(kept // length, 1), chunks.shape[0])
         top = torch.topk(score, n_keep).indices  # best chunk first
@@ -251,10 +259,7 @@ class HipRetriever:
 
         Returns (chunks [C, l_c] row ids (-1 pad), score [C] fp32).
         """
-        use_kernel = self.params.stage1_kernel == "triton" or (
-            self.params.stage1_kernel == "auto" and self.device.type == "cuda"
-        )
-        stage1 = hip_stage1 if use_kernel else hip_stage1_reference
+        stage1 = hip_stage1 if self.use_kernel else hip_stage1_reference
         scores = [stage1(rows, q, length, self.params.probe)[1] for _, rows in store.iter_chunks()]
         n = len(store)
         n_chunks = -(-n // length)

@@ -10,14 +10,20 @@ score of the key the search ends on. Padding rows (past `n_rows`, or id -1) scor
 
 Cost per chunk: 2 * log2(chunk) key rows read (1 when chunk == 1), each [H_kv, D].
 
-`hierarchical_top1` is the torch implementation over arbitrary candidate lists (any
-stage); `hip_stage1` is the Triton kernel for the first stage, whose candidates are
-contiguous rows of a token-major buffer, with `hip_stage1_reference` its torch twin.
+`hierarchical_top1` is the torch implementation over arbitrary candidate lists. Two
+Triton kernels, each with its torch twin:
+
+- `hip_stage1` (`hip_stage1_reference`): the first stage, whose candidates are all the
+  rows of one contiguous token-major buffer (one chunk of the key store);
+- `hip_stage` (`hip_stage_reference`): a later stage, whose candidates are row ids
+  [C, L] into a chunked store (runtime/chunked.py); the kernel reads each probe row
+  through a table of the chunks' base addresses, so nothing is gathered or copied and
+  the whole stage is one launch (a torch gather over chunks costs a sync per chunk).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -26,7 +32,16 @@ from torch import Tensor
 
 from kvloft.kernels import checks
 
-__all__ = ["PROBES", "hierarchical_top1", "hip_stage1", "hip_stage1_reference", "probe_scores", "probes_per_chunk"]
+__all__ = [
+    "PROBES",
+    "hierarchical_top1",
+    "hip_stage",
+    "hip_stage1",
+    "hip_stage1_reference",
+    "hip_stage_reference",
+    "probe_scores",
+    "probes_per_chunk",
+]
 
 PROBES = ("first", "middle")
 
@@ -91,6 +106,12 @@ def hip_stage1_reference(keys: Tensor, q: Tensor, chunk: int, probe: str = "firs
     return hierarchical_top1(cand, lambda ids: keys[ids], q, probe)
 
 
+def hip_stage_reference(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first") -> tuple[Tensor, Tensor]:
+    """chunks: equal store chunks [R, H_kv, D]; cand [C, L] row ids (-1 pad) -> (rep [C] ids, score [C] fp32)."""
+    rows = chunks[0].shape[0]
+    return hierarchical_top1(cand, lambda ids: torch.stack([chunks[int(i) // rows][int(i) % rows] for i in ids]), q, probe)
+
+
 @triton.jit
 def _probe(k_ptr, row, n_rows, kv_off, q, hmask, kmask, stride_kn):
     # One probe row: max over query heads of q_h · k[row, h // group]; -inf past n_rows.
@@ -133,8 +154,8 @@ def _hip_stage1_kernel(
     if LOG2_CHUNK == 0:  # a chunk of one row: the row is its own representative
         best = _probe(k_ptr, lo, n_rows, kv_off, q, hmask, kmask, stride_kn)
     for it in tl.static_range(LOG2_CHUNK):
-        half: tl.constexpr = CHUNK >> (it + 1)
-        off: tl.constexpr = half // 2 if MIDDLE else 0
+        half = CHUNK >> (it + 1)
+        off = (half // 2) * MIDDLE  # probe the first (0) or middle key of each half
         s_l = _probe(k_ptr, lo + off, n_rows, kv_off, q, hmask, kmask, stride_kn)
         s_r = _probe(k_ptr, lo + half + off, n_rows, kv_off, q, hmask, kmask, stride_kn)
         right = s_r > s_l
@@ -142,6 +163,118 @@ def _hip_stage1_kernel(
         best = tl.where(right, s_r, s_l)
     tl.store(rep_ptr + c, lo)
     tl.store(score_ptr + c, best)
+
+
+@triton.jit
+def _probe_gathered(table_ptr, k0_ptr, row_id, chunk_rows, kv_off, q, hmask, kmask, stride_kn):
+    # One probe of host row `row_id` (-1: padding, scores -inf) of a chunked store whose
+    # chunk base addresses are in table_ptr; k0_ptr (the first chunk) gives the dtype.
+    valid = row_id >= 0
+    safe = tl.maximum(row_id, 0)
+    base = tl.load(table_ptr + safe // chunk_rows).to(tl.pointer_type(k0_ptr.dtype.element_ty))
+    k = tl.load(base + (safe % chunk_rows) * stride_kn + kv_off, mask=kmask, other=0.0).to(tl.float32)
+    s = tl.where(hmask, tl.sum(q * k, axis=1), float("-inf"))  # [BLOCK_H]
+    return tl.where(valid, tl.max(s, axis=0), float("-inf"))
+
+
+@triton.jit
+def _hip_stage_kernel(
+    table_ptr,  # [n_chunks] int64 base addresses of the store chunks [chunk_rows, H_kv, D]
+    k0_ptr,  # the first chunk (for the element type)
+    cand_ptr,  # [C, CHUNK] int64 row ids, -1 = padding, contiguous
+    q_ptr,  # [H_q, D] float, contiguous
+    rep_ptr,  # [C] int64 out: row id of each chunk's representative
+    score_ptr,  # [C] fp32 out
+    chunk_rows,
+    stride_kn,
+    stride_kh,
+    H_Q: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    LOG2_CHUNK: tl.constexpr,
+    MIDDLE: tl.constexpr,
+):
+    tl.static_assert((1 << LOG2_CHUNK) == CHUNK)
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hmask = h < H_Q
+    kmask = hmask[:, None] & (d[None, :] < D)
+    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D]
+    kv_off = (h // GROUP)[:, None].to(tl.int64) * stride_kh + d[None, :]
+    row0 = cand_ptr + c * CHUNK
+    lo = c * 0  # offset of the live range inside the chunk
+    best = tl.full([], float("-inf"), tl.float32)
+    if LOG2_CHUNK == 0:
+        best = _probe_gathered(table_ptr, k0_ptr, tl.load(row0), chunk_rows, kv_off, q, hmask, kmask, stride_kn)
+    for it in tl.static_range(LOG2_CHUNK):
+        half = CHUNK >> (it + 1)
+        off = (half // 2) * MIDDLE
+        id_l = tl.load(row0 + lo + off)
+        id_r = tl.load(row0 + lo + half + off)
+        s_l = _probe_gathered(table_ptr, k0_ptr, id_l, chunk_rows, kv_off, q, hmask, kmask, stride_kn)
+        s_r = _probe_gathered(table_ptr, k0_ptr, id_r, chunk_rows, kv_off, q, hmask, kmask, stride_kn)
+        right = s_r > s_l
+        lo = tl.where(right, lo + half, lo)
+        best = tl.where(right, s_r, s_l)
+    tl.store(rep_ptr + c, tl.load(row0 + lo))
+    tl.store(score_ptr + c, best)
+
+
+def _check_common(op: str, keys: Tensor, q: Tensor, chunk: int, probe: str, kernel) -> None:
+    checks.require_dim("keys", keys, 3, "[R, H_kv, D]")
+    checks.require_dim("q", q, 2, "[H_q, D]")
+    checks.require_float("keys", keys)
+    checks.require_float("q", q)
+    checks.require_same_device(op, q, keys=keys)
+    checks.require_runnable(q.device, kernel, op)
+    checks.require_last_dim_contiguous("keys", keys)
+    hkv, d = keys.shape[1], keys.shape[2]
+    if q.shape[1] != d or q.shape[0] % hkv:
+        raise ValueError(f"{op}: q must be [H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"{op}: chunk must be a power of two >= 1, got {chunk}")
+    if probe not in PROBES:
+        raise ValueError(f"{op}: probe must be one of {PROBES}, got {probe!r}")
+
+
+def _meta(q: Tensor, hkv: int, d: int, chunk: int, probe: str) -> dict:
+    hq = q.shape[0]
+    return {"H_Q": hq, "GROUP": hq // hkv, "D": d, "BLOCK_H": checks.next_pow2(hq), "BLOCK_D": checks.next_pow2(d),
+            "CHUNK": chunk, "LOG2_CHUNK": chunk.bit_length() - 1, "MIDDLE": probe == "middle"}
+
+
+def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first") -> tuple[Tensor, Tensor]:
+    """Triton twin of `hip_stage_reference`: one launch for a whole later stage.
+
+    chunks: the store's chunks, each [chunk_rows, H_kv, D], same dtype, strides and device
+    as q (runtime/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
+    a chunk's first id valid; ids are trusted: the caller built them from the store).
+    Reads 2 * log2(L) probe rows per chunk plus the C * L ids.
+    """
+    op = "hip_stage"
+    if not chunks:
+        raise ValueError(f"{op}: the store has no chunks; select on an empty layer returns early")
+    k0 = chunks[0]
+    _check_common(op, k0, q, cand.shape[-1] if cand.dim() == 2 else 0, probe, _hip_stage_kernel)
+    if cand.dim() != 2 or cand.dtype != torch.int64 or cand.device != q.device:
+        raise ValueError(f"{op}: cand must be [C, L] int64 on {q.device}, got {tuple(cand.shape)} {cand.dtype}")
+    if any(c.shape != k0.shape or c.dtype != k0.dtype or c.stride() != k0.stride() for c in chunks):
+        raise ValueError(f"{op}: every chunk must match the first in shape, dtype and strides")
+    n_chunks, chunk = cand.shape
+    rep = torch.empty(n_chunks, dtype=torch.long, device=q.device)
+    score = torch.empty(n_chunks, dtype=torch.float32, device=q.device)
+    if n_chunks == 0:
+        return rep, score
+    table = torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(q.device, non_blocking=True)
+    _hip_stage_kernel[(n_chunks,)](
+        table, k0, cand.contiguous(), q.contiguous(), rep, score, k0.shape[0], k0.stride(0), k0.stride(1),
+        **_meta(q, k0.shape[1], k0.shape[2], chunk, probe),
+    )
+    return rep, score
 
 
 def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tuple[Tensor, Tensor]:
@@ -152,21 +285,8 @@ def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tup
     rows, each fetched as H_q head slices; the group's repeats hit L1).
     """
     op = "hip_stage1"
-    checks.require_dim("keys", keys, 3, "[R, H_kv, D]")
-    checks.require_dim("q", q, 2, "[H_q, D]")
-    checks.require_float("keys", keys)
-    checks.require_float("q", q)
-    checks.require_same_device(op, q, keys=keys)
-    checks.require_runnable(q.device, _hip_stage1_kernel, op)
-    checks.require_last_dim_contiguous("keys", keys)
-    n_rows, hkv, d = keys.shape
-    hq = q.shape[0]
-    if q.shape[1] != d or hq % hkv:
-        raise ValueError(f"{op}: q must be [H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
-    if chunk < 1 or chunk & (chunk - 1):
-        raise ValueError(f"{op}: chunk must be a power of two >= 1, got {chunk}")
-    if probe not in PROBES:
-        raise ValueError(f"{op}: probe must be one of {PROBES}, got {probe!r}")
+    _check_common(op, keys, q, chunk, probe, _hip_stage1_kernel)
+    n_rows = keys.shape[0]
     n_chunks = -(-n_rows // chunk)
     rep = torch.empty(n_chunks, dtype=torch.long, device=q.device)
     score = torch.empty(n_chunks, dtype=torch.float32, device=q.device)
@@ -174,7 +294,6 @@ def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tup
         return rep, score
     _hip_stage1_kernel[(n_chunks,)](
         keys, q.contiguous(), rep, score, n_rows, keys.stride(0), keys.stride(1),
-        H_Q=hq, GROUP=hq // hkv, D=d, BLOCK_H=checks.next_pow2(hq), BLOCK_D=checks.next_pow2(d),
-        CHUNK=chunk, LOG2_CHUNK=chunk.bit_length() - 1, MIDDLE=probe == "middle",
+        **_meta(q, keys.shape[1], keys.shape[2], chunk, probe),
     )
     return rep, score

@@ -11,7 +11,7 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import make_retriever
 from kvloft.index.hip import HipParams
 from kvloft.kernels import reference
-from kvloft.kernels.hip_stage import hip_stage1, hip_stage1_reference
+from kvloft.kernels.hip_stage import hip_stage, hip_stage1, hip_stage1_reference, hip_stage_reference
 
 MODEL = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, head_dim 16
 HQ, HKV, D = MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim
@@ -191,14 +191,14 @@ def test_rows_added_between_refreshes_are_selected():
     assert sel.ids[:3].tolist() == [2048, 2049, 2050] and sel.ids.numel() == 64
 
 
-def test_stage1_kernel_matches_torch_path_in_retriever():
+def test_kernels_match_torch_path_in_retriever():
     gen = torch.Generator().manual_seed(5)
-    keys = _topic_keys(300, gen)
+    keys = _topic_keys(300, gen)  # 3 store chunks of 128 rows: stage 2 reads across chunks
     q = torch.randn(HQ, D, generator=gen)
     opts = {"chunk_sizes": (32, 8), "kept_tokens": (128, 32), "refresh_steps": (1, 1), "chunk_rows": 128}
     ids = []
     for kernel in ("torch", "triton"):
-        hip = _hip(**opts, stage1_kernel=kernel)
+        hip = _hip(**opts, kernel=kernel)
         hip.build(0, keys, None)
         ids.append(hip.select(0, q, budget=32).ids)
     assert torch.equal(ids[0], ids[1])
@@ -213,6 +213,32 @@ def test_stage1_kernel_matches_reference_awkward_shapes(chunk, probe):
     rep_ref, score_ref = hip_stage1_reference(keys, q, chunk, probe)
     assert torch.equal(rep, rep_ref)
     _assert_close(score, score_ref, 1e-4)
+
+
+@pytest.mark.parametrize("chunk,probe", [(1, "first"), (4, "first"), (8, "middle")])
+def test_gathered_stage_kernel_matches_reference(chunk, probe):
+    gen = torch.Generator().manual_seed(chunk)
+    chunks = [torch.randn(16, 3, 59, generator=gen) for _ in range(3)]  # a store of 3 chunks of 16 rows
+    q = torch.randn(9, 59, generator=gen)
+    ids = torch.randperm(48, generator=gen)[:37]
+    cand = torch.full((-(-37 // chunk) * chunk,), -1, dtype=torch.long)  # a padded last chunk
+    cand[:37] = ids
+    cand = cand.view(-1, chunk)
+    rep, score = hip_stage(chunks, cand, q, probe)
+    rep_ref, score_ref = hip_stage_reference(chunks, cand, q, probe)
+    assert torch.equal(rep, rep_ref)
+    _assert_close(score, score_ref, 1e-4)
+
+
+@pytest.mark.gpu
+def test_gathered_stage_kernel_cuda_bf16():
+    chunks = [torch.randn(4096, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+    q = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    cand = torch.sort(torch.randperm(5 * 4096, device="cuda")[:8192]).values.view(-1, 32)
+    rep, score = hip_stage(chunks, cand, q)
+    rep_ref, score_ref = hip_stage_reference(chunks, cand, q)
+    assert (rep == rep_ref).float().mean() > 0.99
+    _assert_close(score, score_ref, 0.05, rtol=0.01)
 
 
 @pytest.mark.gpu
@@ -237,7 +263,7 @@ def test_stage1_kernel_cuda_bf16():
         ({"kept_tokens": (200, 20, 8)}, ">= the stage's chunk size"),
         ({"probe": "last"}, "probe"),
         ({"chunk_rows": 1000}, "multiple of chunk_sizes"),
-        ({"stage1_kernel": "cuda"}, "stage1_kernel"),
+        ({"kernel": "cuda"}, "kernel"),
         ({"refresh_steps": (16, 0, 4)}, "ints >= 1"),
         ({"chunk_size": 64}, "unknown hip options"),
     ],
