@@ -10,7 +10,8 @@
    contiguous decode at 128K vs SDPA, score_topk vs matmul + topk, and the zero-copy
    pinned-host gather vs CPU gather + copy. Two clocks (see Timer): GPU time from CUDA-graph
    replay (the figure held against bandwidth) and eager do_bench medians (L2 flushed);
-5. prints a table last and writes $OUT/gpu_kernels.json (default bench/results/).
+5. prints a table last and writes $OUT/gpu_kernels.json (default bench/results/;
+   gpu_kernels_smoke.json for --smoke, so a smoke run never overwrites GPU figures).
 
     PYTHONPATH=. python3 bench/gpu_kernels.py --sweep    # on the GPU machine
     PYTHONPATH=. python3 bench/gpu_kernels.py --smoke    # tiny shapes; CPU via the interpreter
@@ -59,10 +60,21 @@ class Workload:
 WORKLOADS = {
     "h200": Workload(),
     "smoke": Workload(
-        n_buffer=2048, rows=(64, 300), decode_len=500, score_keys=(700,), score_topk=16,
-        host_buffer=512, host_rows=(64,), check_rows=200, check_dims=(16, 40), copy_bytes=1 << 20,
-        sweep_rows=(), hq=8, hkv=2, d=32,
-    ),  # fmt: skip
+        n_buffer=2048,
+        rows=(64, 300),
+        decode_len=500,
+        score_keys=(700,),
+        score_topk=16,
+        host_buffer=512,
+        host_rows=(64,),
+        check_rows=200,
+        check_dims=(16, 40),
+        copy_bytes=1 << 20,
+        sweep_rows=(),
+        hq=8,
+        hkv=2,
+        d=32,
+    ),
 }
 CHECK_SHAPES = ((32, 8), (28, 4))  # Llama-3-8B, Qwen2.5-7B
 SMOKE_CHECK_SHAPES = ((9, 3),)
@@ -147,7 +159,11 @@ class Timer:
 
 def n_variants(nbytes: int, device) -> int:
     """Distinct inputs per graph so that their rows together exceed L2 three times over."""
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) if device.type == "cuda" else 0
+    l2 = (
+        getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+        if device.type == "cuda"
+        else 0
+    )
     return max(1, min(32, math.ceil(3 * l2 / max(nbytes, 1))))
 
 
@@ -155,13 +171,12 @@ def copy_bandwidth(report: Report, wl: Workload, device, timer: Timer) -> None:
     n = wl.copy_bytes
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = timer.eager(lambda: dst.copy_(src))
+    ms = timer.eager(partial(dst.copy_, src))
     report.bandwidth["hbm_copy_gbs"] = 2 * n / (ms * 1e-3) / GB  # read + write
-    del src, dst
     if device.type == "cuda":
         host = torch.empty(n // 2, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n // 2, dtype=torch.uint8, device=device)
-        ms = timer.eager(lambda: dev.copy_(host, non_blocking=True))
+        ms = timer.eager(partial(dev.copy_, host, non_blocking=True))
         report.bandwidth["h2d_pinned_gbs"] = (n // 2) / (ms * 1e-3) / GB
         del host, dev
 
@@ -193,7 +208,9 @@ def lowp_attend(q, k, v, ids, scale):
     g = hq // hkv
     kk = reference.gather_kv(k, ids).transpose(0, 1).repeat_interleave(g, 0)
     vv = reference.gather_kv(v, ids).transpose(0, 1).repeat_interleave(g, 0)
-    logits = (torch.einsum("hd,hnd->hn", q, kk) * scale).masked_fill((ids < 0).repeat_interleave(g, 0), -math.inf)
+    logits = (torch.einsum("hd,hnd->hn", q, kk) * scale).masked_fill(
+        (ids < 0).repeat_interleave(g, 0), -math.inf
+    )
     return torch.einsum("hn,hnd->hd", torch.softmax(logits, -1), vv), torch.logsumexp(logits, -1)
 
 
@@ -214,8 +231,14 @@ def check_attention(report, dtype, d, hq, hkv, n_rows, device) -> None:
     per_head = torch.stack([torch.randperm(n_rows, device=device)[: n_rows // 2] for _ in range(hkv)])
     per_head[:, -7:] = -1
     cases = {
-        "gather_attend/per_head": (per_head, lambda: gather_attend(q, k, v, per_head, scale=scale, check_ids=True)),
-        "gather_attend/shared": (per_head[0, :-7], lambda: gather_attend(q, k, v, per_head[0, :-7], scale=scale)),
+        "gather_attend/per_head": (
+            per_head,
+            lambda: gather_attend(q, k, v, per_head, scale=scale, check_ids=True),
+        ),
+        "gather_attend/shared": (
+            per_head[0, :-7],
+            lambda: gather_attend(q, k, v, per_head[0, :-7], scale=scale),
+        ),
         "decode_attend": (torch.arange(n_rows, device=device), lambda: decode_attend(q, k, v, scale=scale)),
     }
     for op, (ids, run) in cases.items():
@@ -239,7 +262,10 @@ def check_merge(report, dtype, d, hq, device) -> None:
     ex = sum(wi[:, None] * o.double() for wi, o in zip(w, outs))
     base = sum(wi[:, None] * o for wi, o in zip(w.to(dtype), outs))
     ex_lse = torch.logsumexp(torch.stack(lses).double(), 0)
-    for what, got, b, e in (("out", out, base, ex), ("lse", lse, torch.logsumexp(torch.stack(lses), 0), ex_lse)):
+    for what, got, b, e in (
+        ("out", out, base, ex),
+        ("lse", lse, torch.logsumexp(torch.stack(lses), 0), ex_lse),
+    ):
         report.checks.append({"op": "merge", "value": what, "dtype": str(dtype)[6:], "d": d, "hq": hq, "hkv": 0,
                               **rule(got, b, e)})  # fmt: skip
 
@@ -255,13 +281,18 @@ def check_scoring(report, dtype, d, hq, hkv, n_rows, device) -> None:
         for ids in (None, cand):
             s = score(q, k, reduce=reduce, scale=d**-0.5, ids=ids)
             keys = k if ids is None else k[ids]
-            ex = torch.einsum("hd,mhd->hm", q.double(), keys.double().repeat_interleave(hq // hkv, 1)) * d**-0.5
+            ex = (
+                torch.einsum("hd,mhd->hm", q.double(), keys.double().repeat_interleave(hq // hkv, 1))
+                * d**-0.5
+            )
             base = torch.einsum("hd,mhd->hm", q, keys.repeat_interleave(hq // hkv, 1)) * d**-0.5
             if reduce != "none":
                 ex, base = reference.reduce_group(ex, hkv, reduce), reference.reduce_group(base, hkv, reduce)
             _, top = score_topk(q, k, 64, reduce=reduce, scale=d**-0.5, ids=ids)
             _, ref_top = reference.score_topk(q, k, 64, reduce=reduce, scale=d**-0.5, ids=ids)
-            recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top, ref_top)) / ref_top.numel()
+            recall = (
+                sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top, ref_top)) / ref_top.numel()
+            )
             report.checks.append({"op": f"score_topk/{reduce}/{'ids' if ids is not None else 'all'}", "value": "scores",
                                   "dtype": str(dtype)[6:], "d": d, "hq": hq, "hkv": hkv, "topk_recall": recall,
                                   **rule(s, base, ex)})  # fmt: skip
@@ -298,7 +329,9 @@ def sdpa(q, k, v, scale):
         return F.scaled_dot_product_attention(qq, k, v, scale=scale, enable_gqa=True)
     except TypeError:  # torch < 2.5: no enable_gqa
         g = q.shape[0] // k.shape[1]
-        return F.scaled_dot_product_attention(qq, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), scale=scale)
+        return F.scaled_dot_product_attention(
+            qq, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), scale=scale
+        )
 
 
 def row_bytes(wl: Workload, n_rows: int, itemsize: int) -> int:
@@ -316,7 +349,9 @@ def add_row(report, name, n, nbytes, peak, kern, naive=None, against="hbm_copy",
            "gbs_eager": nbytes / (kern["eager_ms"] * 1e-3) / GB, "against": against, **extra}  # fmt: skip
     if naive:
         row.update({f"naive_{k}": v for k, v in naive.items()})
-        row.update(speedup=naive["graph_ms"] / kern["graph_ms"], speedup_eager=naive["eager_ms"] / kern["eager_ms"])
+        row.update(
+            speedup=naive["graph_ms"] / kern["graph_ms"], speedup_eager=naive["eager_ms"] / kern["eager_ms"]
+        )
     report.timings.append(row)
     sp = f"  naive x{row['speedup']:.2f} (eager x{row['speedup_eager']:.2f})" if naive else ""
     print(f"  {name:<32} n={n:<8} gpu {kern['graph_ms'] * 1e3:8.1f} us {gbs:7.0f} GB/s {row['pct_peak']:5.1f}%"
@@ -341,11 +376,26 @@ def time_gather(report, wl, device, timer, kv, q, peak, launches) -> None:
             naive = measure(timer, [partial(naive_gather_sdpa, q, *kv, ids, scale) for ids in sets])
             extra = {}
             if label == "shared":
-                extra["index_select_sdpa"] = measure(timer, [partial(index_select_sdpa, q, *kv, ids, scale) for ids in sets])
+                extra["index_select_sdpa"] = measure(
+                    timer, [partial(index_select_sdpa, q, *kv, ids, scale) for ids in sets]
+                )
             for lname, launch in launches.items():
-                fns = [partial(gather_attend, q, *kv, ids, scale=scale, check_ids=False, launch=launch) for ids in sets]
+                fns = [
+                    partial(gather_attend, q, *kv, ids, scale=scale, check_ids=False, launch=launch)
+                    for ids in sets
+                ]
                 name = f"gather_attend/{label}" + ("" if lname == "default" else f"@{lname}")
-                add_row(report, name, n, nbytes_ids, peak, measure(timer, fns), naive, launch=asdict(launch), **extra)
+                add_row(
+                    report,
+                    name,
+                    n,
+                    nbytes_ids,
+                    peak,
+                    measure(timer, fns),
+                    naive,
+                    launch=asdict(launch),
+                    **extra,
+                )
 
 
 def index_select_sdpa(q, k_rows, v_rows, ids, scale):
@@ -364,7 +414,9 @@ def time_decode(report, wl, device, timer, kv, q, peak, launches) -> None:
     for lname, launch in launches.items():
         kern = measure(timer, [partial(decode_attend, q, k, v, scale=scale, launch=launch)])
         name = "decode_attend/contiguous" + ("" if lname == "default" else f"@{lname}")
-        add_row(report, name, wl.decode_len, row_bytes(wl, wl.decode_len, k.element_size()), peak, kern, naive)
+        add_row(
+            report, name, wl.decode_len, row_bytes(wl, wl.decode_len, k.element_size()), peak, kern, naive
+        )
 
 
 def torch_score_topk(q, k, topk, hkv):
@@ -399,9 +451,9 @@ def time_host(report, wl, device, timer, q) -> None:
     for n in wl.host_rows:
         ids = torch.randperm(wl.host_buffer, device=device)[:n]
         ids_cpu = ids.cpu()
-        ms = timer.eager(lambda: gather_attend(q, k_host, v_host, ids, scale=0.1, check_ids=False))
+        ms = timer.eager(partial(gather_attend, q, k_host, v_host, ids, scale=0.1, check_ids=False))
 
-        def naive():  # CPU gather of whole rows, one H2D copy each for K and V, SDPA
+        def naive(ids_cpu=ids_cpu):  # CPU gather of whole rows, one H2D copy each for K and V, SDPA
             kk = k_host.index_select(0, ids_cpu).to(device, non_blocking=True)
             vv = v_host.index_select(0, ids_cpu).to(device, non_blocking=True)
             return sdpa(q, kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], 0.1)
@@ -424,7 +476,9 @@ def run_sweep(report, wl, device, timer, kv, q):
         nbytes = row_bytes(wl, n, kv[0].element_size())
         sets = [random_ids(wl, n, False, device) for _ in range(n_variants(nbytes, device))]
         for c in configs:
-            ms = timer.graph([partial(gather_attend, q, *kv, ids, scale=0.1, check_ids=False, launch=c) for ids in sets])
+            ms = timer.graph(
+                [partial(gather_attend, q, *kv, ids, scale=0.1, check_ids=False, launch=c) for ids in sets]
+            )
             times[(n, c)] = ms
             report.sweep.append({"n": n, **asdict(c), "graph_ms": ms, "gbs": nbytes / (ms * 1e-3) / GB})
     best_at = {n: min(times[(n, c)] for c in configs) for n in wl.sweep_rows}
@@ -456,8 +510,12 @@ def print_table(report: Report) -> None:
     for c in fails[:10]:
         print("  FAIL", c)
     print(f"bandwidth (GB/s): {json.dumps({k: round(v, 1) for k, v in report.bandwidth.items()})}")
-    print("gpu = CUDA-graph replay (GPU time); eager = do_bench incl. Python launch; % of measured copy bandwidth")
-    print(f"{'op':<32} {'n':>8} {'gpu us':>8} {'GB/s':>7} {'%peak':>6} {'eager us':>9} {'naive gpu':>9} {'speedup':>7}")
+    print(
+        "gpu = CUDA-graph replay (GPU time); eager = do_bench incl. Python launch; % of measured copy bandwidth"
+    )
+    print(
+        f"{'op':<32} {'n':>8} {'gpu us':>8} {'GB/s':>7} {'%peak':>6} {'eager us':>9} {'naive gpu':>9} {'speedup':>7}"
+    )
     for t in report.timings:
         naive = f"{t['naive_graph_ms'] * 1e3:9.1f} {t['speedup']:7.2f}" if "naive_graph_ms" in t else ""
         print(f"{t['name']:<32} {t['n']:>8} {t['graph_ms'] * 1e3:8.1f} {t['gbs']:7.0f} {t['pct_peak']:6.1f}"
@@ -466,7 +524,8 @@ def print_table(report: Report) -> None:
 
 def save(report: Report, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gpu_kernels.json")
+    smoke = report.machine.get("preset") == "smoke"
+    path = os.path.join(out_dir, "gpu_kernels_smoke.json" if smoke else "gpu_kernels.json")
     with open(path, "w") as f:
         json.dump(asdict(report), f, indent=1)
     return path
@@ -476,7 +535,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: through the Triton interpreter)")
     p.add_argument("--sweep", action="store_true", help="also sweep the gather kernel's launch parameters")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: checks,gather,decode,score,host")
+    p.add_argument(
+        "--skip", default="", help="comma list of sections to skip: checks,gather,decode,score,host"
+    )
     return p.parse_args(argv)
 
 
@@ -491,6 +552,7 @@ def main(argv=None) -> None:
     skip = set(filter(None, args.skip.split(",")))
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     report = Report(machine=machine_info(device))
+    report.machine["preset"] = "smoke" if args.smoke else "h200"
     report.machine["workload"] = asdict(wl)
     timer = Timer(device)
     torch.manual_seed(0)
@@ -532,7 +594,7 @@ def run_timings(report, wl, device, timer, skip, sweep, out_dir) -> None:
         print("host (zero-copy):", flush=True)
         try:
             time_host(report, wl, device, timer, q)
-        except Exception as e:  # report, keep the rest of the run
+        except (RuntimeError, ValueError) as e:  # report, keep the rest of the run
             report.notes.append(f"zero-copy pinned-host gather failed: {type(e).__name__}: {e}")
             print(report.notes[-1], flush=True)
 

@@ -107,4 +107,3 @@ def next_pow2(x: int) -> int:
 def sm_count(device_index: int) -> int:
     """Multiprocessors of a CUDA device (queried on first use, then cached)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-

@@ -57,7 +57,9 @@ def _score_kernel(
     dmask = d < HEAD_DIM
     valid = pos < n_keys
     q_heads = kv_head * group + g
-    qb = tl.load(q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    qb = tl.load(
+        q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
+    )
     if HAS_IDS:
         rows = tl.load(ids + pos, mask=valid, other=0).to(tl.int64)
     else:

@@ -36,7 +36,7 @@ from torch import Tensor
 from kvloft.kernels import checks
 from kvloft.kernels.merge import merge_stacked
 
-__all__ = ["decode_attend", "gather_attend", "DecodeLaunch"]
+__all__ = ["DecodeLaunch", "decode_attend", "gather_attend"]
 
 LOG2E = 1.4426950408889634
 
@@ -100,7 +100,9 @@ def _split_kernel(
     gmask = g < group
     dmask = d < HEAD_DIM
     q_heads = kv_head * group + g
-    qb = tl.load(q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    qb = tl.load(
+        q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
+    )
     k_head = k + kv_head.to(tl.int64) * stride_kh
     v_head = v + kv_head.to(tl.int64) * stride_vh
     start = split * split_len

@@ -31,7 +31,9 @@ def assert_rule(got, base, exact, what, floor=None):
         floor = ULPS * torch.finfo(torch.float32).eps * max(1.0, exact[fin].abs().max().item())
     err = (got.double()[fin] - exact[fin]).abs().max().item()
     base_err = (base.double()[fin] - exact[fin]).abs().max().item()
-    assert err <= 2 * base_err + floor, f"{what}: kernel error {err:.3g} > 2 x torch {base_err:.3g} + {floor:.3g}"
+    assert err <= 2 * base_err + floor, (
+        f"{what}: kernel error {err:.3g} > 2 x torch {base_err:.3g} + {floor:.3g}"
+    )
 
 
 def parts(n_parts, shape, dtype=torch.float32, device="cpu", n_empty=0):
@@ -45,8 +47,14 @@ def parts(n_parts, shape, dtype=torch.float32, device="cpu", n_empty=0):
 
 @pytest.mark.parametrize(
     "n_parts,shape,n_empty",
-    [(2, (7, 16), 0), (3, (3, 9, 20), 1), (1, (9, 32), 0), (5, (4, 7, 80), 2), (4, (1, 5), 3),
-     (40, (3, 200), 33)],  # more parts than one trip reads, several column chunks, empty slots
+    [
+        (2, (7, 16), 0),
+        (3, (3, 9, 20), 1),
+        (1, (9, 32), 0),
+        (5, (4, 7, 80), 2),
+        (4, (1, 5), 3),
+        (40, (3, 200), 33),
+    ],  # more parts than one trip reads, several column chunks, empty slots
 )
 def test_merge_matches_reference(n_parts, shape, n_empty):
     outs, lses = parts(n_parts, shape, n_empty=n_empty)

@@ -24,7 +24,9 @@ def assert_rule(got, base, exact, what, floor=None):
         floor = ULPS * torch.finfo(torch.float32).eps * max(1.0, exact.abs().max().item())
     err = (got.double() - exact).abs().max().item()
     base_err = (base.double() - exact).abs().max().item()
-    assert err <= 2 * base_err + floor, f"{what}: kernel error {err:.3g} > 2 x torch {base_err:.3g} + {floor:.3g}"
+    assert err <= 2 * base_err + floor, (
+        f"{what}: kernel error {err:.3g} > 2 x torch {base_err:.3g} + {floor:.3g}"
+    )
 
 
 def ref_scores(q, k_rows, reduce, scale, ids):

@@ -70,7 +70,9 @@ def assert_rule(got, base, exact, what, floor=None):
     assert torch.equal(got[~fin].double(), exact[~fin]), f"{what}: infinities differ"
     err = (got.double()[fin] - exact[fin]).abs().max().item() if fin.any() else 0.0
     base_err = (base.double()[fin] - exact[fin]).abs().max().item() if fin.any() else 0.0
-    assert err <= 2 * base_err + floor, f"{what}: kernel error {err:.3g} > 2 x torch error {base_err:.3g} + {floor}"
+    assert err <= 2 * base_err + floor, (
+        f"{what}: kernel error {err:.3g} > 2 x torch error {base_err:.3g} + {floor}"
+    )
 
 
 def make(hq, hkv, d, n_rows, dtype=torch.float32, device="cpu"):
@@ -203,7 +205,10 @@ GPU_SHAPES = [(32, 8), (28, 4)]  # Llama-3-8B, Qwen2.5-7B
 def test_gpu_gather_and_decode(dtype, d, hq, hkv):
     q, k, v = make(hq, hkv, d, 5000, dtype, "cuda")
     scale = d**-0.5
-    for ids in (random_ids(hkv, 5000, 3000, 100, device="cuda"), random_ids(hkv, 5000, 4097, shared=True, device="cuda")):
+    for ids in (
+        random_ids(hkv, 5000, 3000, 100, device="cuda"),
+        random_ids(hkv, 5000, 4097, shared=True, device="cuda"),
+    ):
         out, lse = gather_attend(q, k, v, ids, scale=scale, check_ids=True)
         base_out, base_lse = plain_lowp(q, k, v, ids, scale)
         ex_out, ex_lse = oracle(q, k, v, ids, scale)
