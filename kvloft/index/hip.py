@@ -12,15 +12,19 @@ replaces `kept_tokens[-1]`); earlier stages keep at least `budget` tokens.
 Masks are cached per layer and stage and recomputed every `refresh_steps[i]` decode
 steps of that layer (step 0 is the first select after build); a stage also refreshes
 whenever an earlier one did (its input changed) or the budget changed. Rows that
-entered the host tier after a stage's mask was computed are passed on to the next
-stage as candidates (they are the most recent tokens, and there are at most
-refresh_steps[0] - 1 per window token count); in the final selection they come first
-and the lowest-scoring chunk is trimmed so that at most `budget` ids are returned.
+entered the host tier after a stage's mask was computed (one per decode step, so fewer
+than refresh_steps[i]) are passed on to the next stage as candidates; in the final
+selection they come first and the tail of the lowest-scoring chunk is trimmed, so at
+most `budget` ids are returned.
+
+HiP assumes attention locality: a run of relevant keys is seen by a stage when it
+covers one of the chunk's probe positions (guaranteed for a run of l_c / 2 rows inside
+one chunk); a short run sitting between probes is missed.
 
 Work reported (`scanned`): key vectors read by the probes of the stages recomputed at
-this step: 2 * log2(l_c) probe rows per chunk, times H_kv (the exact retriever's unit). A chunk's final score
-is the score of its last probe, so no further scoring pass is needed; cached stages
-read nothing.
+this step, 2 * log2(l_c) probe rows per chunk, times H_kv (the exact retriever's unit).
+A chunk's score is the score of its last probe, so no further scoring pass is needed;
+cached stages read nothing.
 """
 
 from __future__ import annotations
