@@ -70,3 +70,13 @@ class ExactRetriever:
 
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters only: the key mirror is rebuilt from the host tier by build() on load."""
+        s = self._stats
+        return {"calls": s.calls, "scanned": s.scanned, "selected": s.selected}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() (after build() of every layer)."""
+        self._stats.calls, self._stats.scanned = int(state["calls"]), int(state["scanned"])
+        self._stats.selected = int(state["selected"])

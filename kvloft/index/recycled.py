@@ -233,3 +233,34 @@ class RecycledRetriever:
             full_step_rate=self.full_steps / steps if steps else 0.0,
         )
         return self._stats.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedules, partial sets and counters; the key mirrors are rebuilt from the host tier by build()."""
+        s = self._stats
+        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
+                               "full_steps": self.full_steps, "partial_steps": self.partial_steps}
+        for layer, st in self.layers.items():
+            p = f"layer{layer}."
+            out.update({p + "step": st.step, p + "last_full": st.last_full, p + "set_budget": st.set_budget,
+                        p + "arrivals": st.arrivals})
+            for name in ("full_query", "set_ids", "set_scores"):
+                if getattr(st, name) is not None:
+                    out[p + name] = getattr(st, name).cpu()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() (after build() of every layer)."""
+        s = self._stats
+        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        self.full_steps, self.partial_steps = int(state["full_steps"]), int(state["partial_steps"])
+        for key in state:
+            if not key.endswith(".step"):
+                continue
+            layer = int(key.removeprefix("layer").split(".")[0])
+            p = f"layer{layer}."
+            st = self.layers[layer]
+            st.step, st.last_full = int(state[p + "step"]), int(state[p + "last_full"])
+            st.set_budget, st.arrivals = int(state[p + "set_budget"]), int(state[p + "arrivals"])
+            for name in ("full_query", "set_ids", "set_scores"):
+                val = state.get(p + name)
+                setattr(st, name, None if val is None else val.to(self.device))

@@ -166,3 +166,28 @@ class TokenSelectRetriever:
             cache_hit_rate=self.cache_hits / looked if looked else 0.0,
         )
         return self._stats.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Selection caches and counters; the key mirrors are rebuilt from the host tier by build()."""
+        s = self._stats
+        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
+                               "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
+        for layer, st in self.layers.items():
+            if st.last_q is not None:
+                out[f"layer{layer}.last_q"] = st.last_q.cpu()  # fp32 [H_q * D]
+                out[f"layer{layer}.last_ids"] = st.last_ids.cpu()  # int64 [k]
+                out[f"layer{layer}.last_budget"] = st.last_budget
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() (after build() of every layer)."""
+        s = self._stats
+        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        self.cache_hits, self.cache_misses = int(state["cache_hits"]), int(state["cache_misses"])
+        for key in state:
+            if key.endswith(".last_q"):
+                layer = int(key.removeprefix("layer").split(".")[0])
+                st = self._state(layer, state[key].dtype)
+                st.last_q = state[key].to(self.device)
+                st.last_ids = state[f"layer{layer}.last_ids"].to(self.device)
+                st.last_budget = int(state[f"layer{layer}.last_budget"])

@@ -280,3 +280,19 @@ class Session:
             out["keys_scanned"] = b.scanned
             out["retriever"] = b.retriever.stats()
         return out
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Write this session to the directory `path`, crash-safe (see kvloft.runtime.persist)."""
+        from kvloft.runtime.persist import save_session
+
+        save_session(self, path)
+
+    @classmethod
+    def load(cls, path, model: Model, runtime: RuntimeConfig | None = None) -> Session:
+        """A session saved with save(), for the same model; ValueError if the save is corrupted or
+        mismatched (see kvloft.runtime.persist)."""
+        from kvloft.runtime.persist import load_session
+
+        return load_session(path, model, runtime=runtime)

@@ -1,0 +1,422 @@
+"""Save a session to a directory and load it back (`Session.save` / `Session.load`).
+
+    s.save("ctx.kvloft")                        # tiers, tokens, logits, configs, retriever state
+    s2 = kvloft.Session.load("ctx.kvloft", model)
+    assert s2.generate(8) == s.generate(8)      # greedy: the same next tokens
+
+Layout of a save directory:
+
+    ctx.kvloft/
+      CURRENT                   name of the live generation (replaced atomically: the commit point)
+      gen-<time>-<id>/
+        manifest.json           format and kvloft versions, model identity, configs, scalar
+                                state, and the size and sha256 of every file below
+        kv.safetensors          static tiers (buffers + ring state in the manifest), host chunks,
+                                tokens, last logits
+        retriever.safetensors   the tensors of the retriever's state_dict() (if any)
+
+Crash safety: a save writes a new generation into a temporary directory, fsyncs every
+file, renames the directory into place, then replaces CURRENT (write a temporary file,
+fsync, `os.replace`). A crash at any point leaves the previous save loadable; leftovers
+are removed by the next successful save. One writer per directory at a time.
+
+Loading checks everything before it builds anything: the manifest parses, versions match,
+every file has its recorded size and sha256, the model has the same config, dtype and
+weight fingerprint. Any failure raises ValueError naming the reason; nothing is modified.
+
+Retriever state: a retriever's key mirror is never written (it equals the host tier).
+Loading rebuilds each built layer with `retriever.build(layer, host_keys, None)` and then,
+if the retriever has `load_state_dict`, restores what build cannot know (selection caches,
+schedules, counters) from its `state_dict()`. A retriever without that pair is only rebuilt:
+its adaptive state starts fresh, and an index that learned from prefill queries is rebuilt
+from keys alone (attention_graph's no-query kNN graph), so its selections, and the tokens
+that follow, may differ from the original session's. exact, tokenselect and recycled carry
+state_dict pairs and restore exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
+
+FORMAT = "kvloft-session"
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+KV_FILE = "kv.safetensors"
+RETRIEVER_FILE = "retriever.safetensors"
+_GEN_RE = re.compile(r"gen-[0-9]+-[0-9a-f]{8}")
+_FINGERPRINT_ROWS = 256  # rows of the embedding hashed into the model fingerprint
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+
+def save_session(session, path: str | os.PathLike) -> Path:
+    """Write `session` to the directory `path` (created, or a previous save replaced). Returns it."""
+    root = Path(path)
+    _check_target(root)
+    tensors, retr_tensors, manifest = _collect(session)
+    root.mkdir(parents=True, exist_ok=True)
+    gen = f"gen-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".tmp-{gen}"
+    tmp.mkdir()
+    files = {KV_FILE: tensors}
+    if retr_tensors:
+        files[RETRIEVER_FILE] = retr_tensors
+    manifest["files"] = {name: _write_safetensors(tmp / name, t) for name, t in files.items()}
+    _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _fsync_dir(tmp)
+    os.rename(tmp, root / gen)
+    _fsync_dir(root)
+    _publish(root, gen)
+    _clean(root, keep=gen)
+    return root
+
+
+def load_session(path: str | os.PathLike, model, *, runtime: RuntimeConfig | None = None):
+    """Read a save made by `save_session` for `model`. Raises ValueError, touching nothing, if the
+    save is missing, corrupted, truncated, of another format/kvloft version, or of another model.
+    `runtime` overrides the saved RuntimeConfig (e.g. to change kernels or budgets)."""
+    from kvloft.runtime.session import Session
+
+    gen_dir = _current_generation(Path(path))
+    manifest = _read_manifest(gen_dir)
+    _verify_files(gen_dir, manifest)
+    _check_model(manifest, model)
+    try:
+        retrieval = RetrievalConfig(**manifest["configs"]["retrieval"])
+        cache = CacheConfig(**manifest["configs"]["cache"])
+        saved_runtime = RuntimeConfig(**manifest["configs"]["runtime"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{gen_dir / MANIFEST}: saved configs are unreadable ({e})") from e
+    session = Session(model, retrieval, runtime or saved_runtime, cache)
+    try:
+        _restore(session, gen_dir, manifest)
+    except (KeyError, IndexError, TypeError, RuntimeError, AssertionError) as e:
+        raise ValueError(f"{gen_dir}: the save is internally inconsistent ({type(e).__name__}: {e})") from e
+    return session
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """What identifies a model for a save: its config, dtype and a sha256 of some weights."""
+    net = model.net
+    h = hashlib.sha256()
+    picks = [net.embed_tokens.weight[:_FINGERPRINT_ROWS], net.layers[0].self_attn.q_proj.weight,
+             net.layers[-1].mlp.down_proj.weight, net.norm.weight]
+    for t in picks:
+        h.update(_tensor_bytes(t))
+    return {
+        "config": _jsonable(dataclasses.asdict(model.config)),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "weights_sha256": h.hexdigest(),
+        "source": model.source,
+    }
+
+
+# ---- collecting state ------------------------------------------------------------------------
+
+
+def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """Tensors of kv.safetensors, tensors of the retriever state, and the manifest (no files yet)."""
+    from kvloft import __version__
+    from kvloft.runtime.attention import TieredAttention
+
+    tensors: dict[str, Tensor] = {"session.tokens": torch.tensor(session.tokens, dtype=torch.int64)}
+    if session.last_logits is not None:
+        tensors["session.last_logits"] = session.last_logits
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kvloft_version": __version__,
+        "saved_at": time.time(),
+        "model": model_fingerprint(session.model),
+        "configs": {"retrieval": _config_json(session.retrieval, "retrieval"),
+                    "runtime": _config_json(session.runtime, "runtime"),
+                    "cache": _config_json(session.cache_cfg, "cache")},
+        "session": {"times": dict(session._times), "n_tokens": len(session.tokens)},
+    }
+    retr_tensors: dict[str, Tensor] = {}
+    backend = session.backend
+    if isinstance(backend, TieredAttention):
+        manifest["tiers"] = _collect_tiers(backend, tensors)
+        retr_json, retr_tensors = _collect_retriever(backend.retriever)
+        manifest["retriever"] = retr_json
+    else:
+        for i, store in enumerate(backend.layers):
+            k, v = store.kv()
+            tensors[f"dense.{i}.k"], tensors[f"dense.{i}.v"] = k, v
+    return {k: _cpu(t) for k, t in tensors.items()}, {k: _cpu(t) for k, t in retr_tensors.items()}, manifest
+
+
+def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Static buffers and host chunks of every layer into `tensors`; ring state as JSON."""
+    layers = []
+    for i, t in enumerate(backend.cache.layers):
+        tensors[f"static.{i}.k"], tensors[f"static.{i}.v"], tensors[f"static.{i}.pos"] = t.k, t.v, t.pos
+        for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
+            for c, (_, rows) in enumerate(store.iter_chunks()):
+                tensors[f"host.{i}.{name}.{c}"] = rows  # a view of the filled part of chunk c
+        layers.append({"sink_fill": t.sink_fill, "ring_fill": t.ring_fill, "ring_head": t.ring_head,
+                       "n_host": t.n_host, "host_chunks": len(list(t.host_k.iter_chunks()))})
+    return {"layers": layers, "built": list(backend.built), "decoding": backend.decoding,
+            "scanned": backend.scanned, "timers": backend.timers.as_dict()}
+
+
+def _collect_retriever(retriever) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Split retriever.state_dict() into JSON scalars and tensors (None if it has no state_dict)."""
+    out: dict[str, Any] = {"class": type(retriever).__name__, "state": None}
+    if not hasattr(retriever, "state_dict"):
+        return out, {}
+    scalars, tensors = {}, {}
+    for key, val in retriever.state_dict().items():
+        if isinstance(val, Tensor):
+            tensors[f"retriever.{key}"] = val
+        else:
+            scalars[key] = val
+    try:
+        json.dumps(scalars)
+    except TypeError as e:
+        raise ValueError(f"{type(retriever).__name__}.state_dict() holds a value that is neither a tensor "
+                         f"nor JSON ({e}); make it a tensor or a plain number/str/list") from e
+    out["state"] = scalars
+    out["tensor_keys"] = sorted(tensors)
+    return out, tensors
+
+
+def _config_json(cfg, name: str) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    try:
+        json.dumps(d)
+    except TypeError as e:
+        raise ValueError(f"the {name} config cannot be saved: a field is not JSON ({e}); "
+                         "use plain numbers, strings, lists and dicts in options") from e
+    return d
+
+
+# ---- restoring state -------------------------------------------------------------------------
+
+
+def _restore(session, gen_dir: Path, manifest: dict[str, Any]) -> None:
+    from safetensors import safe_open
+
+    from kvloft.runtime.attention import TieredAttention
+
+    with safe_open(str(gen_dir / KV_FILE), framework="pt", device="cpu") as f:
+        session.tokens = f.get_tensor("session.tokens").tolist()
+        keys = set(f.keys())
+        dev = session.model.device
+        session._last_logits = f.get_tensor("session.last_logits").to(dev) if "session.last_logits" in keys else None
+        if isinstance(session.backend, TieredAttention):
+            _restore_tiers(session.backend, f, manifest["tiers"])
+        else:
+            for i, store in enumerate(session.backend.layers):
+                store.append(f.get_tensor(f"dense.{i}.k").to(dev), f.get_tensor(f"dense.{i}.v").to(dev))
+    session._times.update(manifest["session"]["times"])
+    if isinstance(session.backend, TieredAttention):
+        _restore_retriever(session.backend, gen_dir, manifest)
+    if session.backend.n_tokens != len(session.tokens):
+        raise RuntimeError(f"tiers hold {session.backend.n_tokens} tokens, the token list {len(session.tokens)}")
+
+
+def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
+    for i, (t, m) in enumerate(zip(backend.cache.layers, meta["layers"], strict=True)):
+        for name in ("k", "v", "pos"):
+            saved = f.get_tensor(f"static.{i}.{name}")
+            buf = getattr(t, name)
+            if saved.shape != buf.shape or saved.dtype != buf.dtype:
+                raise RuntimeError(f"static.{i}.{name}: saved {tuple(saved.shape)} {saved.dtype}, "
+                                   f"expected {tuple(buf.shape)} {buf.dtype}")
+            buf.copy_(saved)
+        t.sink_fill, t.ring_fill, t.ring_head = m["sink_fill"], m["ring_fill"], m["ring_head"]
+        for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
+            for c in range(m["host_chunks"]):
+                store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
+        if t.n_host != m["n_host"] or len(t.host_v) != m["n_host"] or len(t.host_pos) != m["n_host"]:
+            raise RuntimeError(f"layer {i}: host tier holds {t.n_host} rows, the manifest says {m['n_host']}")
+    backend.built = list(meta["built"])
+    backend.decoding = bool(meta["decoding"])
+    backend.scanned = int(meta["scanned"])
+    backend.timers.seconds.update(meta["timers"])
+
+
+def _restore_retriever(backend, gen_dir: Path, manifest: dict[str, Any]) -> None:
+    """Rebuild every built layer from the host tier, then restore the saved state on top."""
+    r = backend.retriever
+    for layer, built in enumerate(backend.built):
+        if built:
+            r.build(layer, backend.cache[layer].host_keys_head_major(), None)
+    meta = manifest["retriever"]
+    if meta["state"] is None or not hasattr(r, "load_state_dict"):
+        return
+    state = dict(meta["state"])
+    if meta.get("tensor_keys"):
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(gen_dir / RETRIEVER_FILE))
+        state.update({k.removeprefix("retriever."): v for k, v in loaded.items()})
+    r.load_state_dict(state)
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+
+def _check_target(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"cannot save a session to {root}: it is a file; give a directory path")
+    if root.is_dir() and any(root.iterdir()) and not (root / CURRENT).is_file():
+        raise ValueError(f"refusing to save into {root}: a non-empty directory that is not a kvloft "
+                         "session save; give a new or empty directory")
+
+
+def _current_generation(root: Path) -> Path:
+    if not (root / CURRENT).is_file():
+        raise ValueError(f"{root} is not a kvloft session save (no {CURRENT} file); save one with session.save()")
+    name = (root / CURRENT).read_bytes().decode("ascii", errors="replace").strip()
+    if not _GEN_RE.fullmatch(name) or not (root / name).is_dir():
+        raise ValueError(f"{root / CURRENT} names {name[:80]!r}, which is not a generation in {root}; "
+                         "the save is corrupted")
+    return root / name
+
+
+def _read_manifest(gen_dir: Path) -> dict[str, Any]:
+    from kvloft import __version__
+
+    try:
+        manifest = json.loads((gen_dir / MANIFEST).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{gen_dir / MANIFEST} cannot be read as JSON ({e}); the save is corrupted") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{gen_dir / MANIFEST} is not a kvloft session manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"the save has format version {manifest.get('format_version')!r}; this kvloft reads "
+                         f"version {FORMAT_VERSION}; re-create the session with this version")
+    if manifest.get("kvloft_version") != __version__:
+        raise ValueError(f"the save was written by kvloft {manifest.get('kvloft_version')!r}, this is kvloft "
+                         f"{__version__}; load it with that version or re-create the session")
+    for key in ("files", "model", "configs", "session"):
+        if key not in manifest:
+            raise ValueError(f"{gen_dir / MANIFEST} lacks {key!r}; the save is corrupted")
+    return manifest
+
+
+def _verify_files(gen_dir: Path, manifest: dict[str, Any]) -> None:
+    files = manifest["files"]
+    if KV_FILE not in files:
+        raise ValueError(f"{gen_dir / MANIFEST} lists no {KV_FILE}; the save is corrupted")
+    for name, rec in files.items():
+        if name not in (KV_FILE, RETRIEVER_FILE):
+            raise ValueError(f"{gen_dir / MANIFEST} lists an unexpected file {name!r}")
+        p = gen_dir / name
+        if not p.is_file():
+            raise ValueError(f"{p} is missing; the save is incomplete")
+        size = p.stat().st_size
+        if size != rec.get("bytes"):
+            raise ValueError(f"{p} has {size} bytes, the manifest says {rec.get('bytes')}: truncated or altered")
+        if _sha256(p) != rec.get("sha256"):
+            raise ValueError(f"{p} does not match its sha256 in the manifest: the file is corrupted")
+
+
+def _check_model(manifest: dict[str, Any], model) -> None:
+    saved, here = manifest["model"], model_fingerprint(model)
+    if saved.get("config") != here["config"]:
+        diff = sorted(k for k in here["config"] if saved.get("config", {}).get(k) != here["config"][k])
+        raise ValueError(f"the save is for another model ({saved.get('source')}): config differs in {diff}; "
+                         f"load it with the model it was saved with")
+    if saved.get("dtype") != here["dtype"]:
+        raise ValueError(f"the save holds {saved.get('dtype')} KV, the model runs in {here['dtype']}; "
+                         f"load the model with dtype={saved.get('dtype')!r}")
+    if saved.get("weights_sha256") != here["weights_sha256"]:
+        raise ValueError(f"the save is for other weights ({saved.get('source')}) than this model's "
+                         f"({here['source']}): the weight fingerprints differ")
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(path), metadata={"format": FORMAT})
+    _fsync_file(path)
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _publish(root: Path, gen: str) -> None:
+    """The commit point: CURRENT names the new generation (atomic replace)."""
+    tmp = root / f".tmp-{CURRENT}-{uuid.uuid4().hex[:8]}"
+    _write_durable(tmp, gen.encode("ascii"))
+    os.replace(tmp, root / CURRENT)
+    _fsync_dir(root)
+
+
+def _clean(root: Path, keep: str) -> None:
+    """Remove older generations and leftovers of interrupted saves."""
+    for p in root.iterdir():
+        if p.name in (keep, CURRENT):
+            continue
+        if not (_GEN_RE.fullmatch(p.name) or p.name.startswith(".tmp-")):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; renames are durable there
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().to("cpu")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
