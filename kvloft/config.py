@@ -136,7 +136,7 @@ class CacheConfig:
     max_context: a session refuses to hold more tokens than this (0 = no limit).
     """
 
-    host_chunk_tokens: int = 16384
+    host_chunk_tokens: int = 4096
     max_context: int = 0
 
     def __post_init__(self) -> None:

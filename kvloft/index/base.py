@@ -64,6 +64,15 @@ class RetrieverStats:
         return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected, **self.extra}
 
 
+def check_keys(keys: Tensor, model_cfg: ModelConfig) -> None:
+    """Validate keys [H_kv, N, D] handed to build/add; raises ValueError naming the problem."""
+    want = (model_cfg.n_kv_heads, model_cfg.head_dim)
+    if keys.dim() != 3 or (keys.shape[0], keys.shape[2]) != want:
+        raise ValueError(f"keys must be [H_kv={want[0]}, N, D={want[1]}], got {tuple(keys.shape)}")
+    if keys.is_floating_point() and not torch.isfinite(keys).all():
+        raise ValueError("keys contain NaN or inf; check the model weights and inputs")
+
+
 _REGISTRY: dict[str, type] = {}
 
 # method name -> module in kvloft/index/ that registers it (imported on first use)

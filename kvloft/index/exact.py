@@ -15,13 +15,15 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.index.base import RetrieverStats, Selection, check_keys, register
 from kvloft.kernels import reference
 from kvloft.runtime.chunked import ChunkedRows
 
 
 @register("exact")
 class ExactRetriever:
+    needs_queries = False  # ranks keys by the live query only
+
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
@@ -38,10 +40,12 @@ class ExactRetriever:
 
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
         # keys [H_kv, N, D] -> stored token-major [N, H_kv, D]
+        check_keys(keys, self.model_cfg)
         self.keys.pop(layer, None)
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
+        check_keys(keys, self.model_cfg)
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
 
     def scores(self, layer: int, q: Tensor) -> Tensor:

@@ -18,6 +18,11 @@ from torch import Tensor
 NEG_INF = float("-inf")
 
 
+def _acc(x: Tensor) -> Tensor:
+    """Accumulate in fp32, or in fp64 when the input is fp64 (oracles)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _expand_kv(x: Tensor, group: int) -> Tensor:
     # x: [T, H_kv, D] -> [H_q, T, D] with each KV head repeated for its group
     return x.transpose(0, 1).repeat_interleave(group, dim=0)
@@ -34,19 +39,21 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = Fals
     tk, hkv = k.shape[0], k.shape[1]
     if tk == 0:
         return q.new_zeros(q.shape), torch.full((tq, hq), NEG_INF, dtype=torch.float32, device=q.device)
-    group = hq // hkv
-    qf = q.float().transpose(0, 1)  # [H_q, Tq, D]
-    kf = _expand_kv(k.float(), group)  # [H_q, Tk, D]
-    vf = _expand_kv(v.float(), group)
-    logits = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [H_q, Tq, Tk]
+    g = hq // hkv
+    # group the query heads of each KV head: K and V are read once per group, never copied
+    qf = _acc(q).view(tq, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * tq, d)  # [H_kv, g*Tq, D]
+    kf = _acc(k).transpose(0, 1)  # [H_kv, Tk, D]
+    vf = _acc(v).transpose(0, 1)
+    logits = torch.bmm(qf, kf.transpose(1, 2)).mul_(scale).view(hkv, g, tq, tk)
     if causal:
         i = torch.arange(tq, device=q.device)[:, None]
         j = torch.arange(tk, device=q.device)[None, :]
-        logits = logits.masked_fill(j > (tk - tq + i), NEG_INF)
-    lse = torch.logsumexp(logits, dim=-1)  # [H_q, Tq]
-    p = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
-    out = torch.matmul(p, vf)  # [H_q, Tq, D]
-    return out.transpose(0, 1).to(q.dtype), lse.transpose(0, 1).contiguous()
+        logits.masked_fill_(j > (tk - tq + i), NEG_INF)
+    lse = torch.logsumexp(logits, dim=-1)  # [H_kv, g, Tq]
+    p = logits.sub_(lse.clamp_min(torch.finfo(lse.dtype).min)[..., None]).exp_()
+    out = torch.bmm(p.view(hkv, g * tq, tk), vf).view(hkv, g, tq, d)
+    out = out.permute(2, 0, 1, 3).reshape(tq, hq, d)
+    return out.to(q.dtype), lse.permute(2, 0, 1).reshape(tq, hq).contiguous()
 
 
 def decode_attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> tuple[Tensor, Tensor]:
@@ -86,13 +93,14 @@ def gather_attend(
         ids = ids[None].expand(hkv, -1)
     if ids.shape[1] == 0:
         return q.new_zeros(q.shape), torch.full((hq,), NEG_INF, dtype=torch.float32, device=q.device)
-    k = gather_kv(k_rows, ids).float().transpose(0, 1).repeat_interleave(group, 0)  # [H_q, n, D]
-    v = gather_kv(v_rows, ids).float().transpose(0, 1).repeat_interleave(group, 0)
-    logits = torch.einsum("hd,hnd->hn", q.float(), k) * scale
-    logits = logits.masked_fill((ids < 0).repeat_interleave(group, 0), NEG_INF)
-    lse = torch.logsumexp(logits, dim=-1)
-    p = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min)[:, None])
-    out = torch.einsum("hn,hnd->hd", p, v)
+    kg = _acc(gather_kv(k_rows, ids)).transpose(0, 1)  # [H_kv, n, D]
+    vg = _acc(gather_kv(v_rows, ids)).transpose(0, 1)
+    logits = torch.bmm(_acc(q).view(hkv, group, d), kg.transpose(1, 2)).mul_(scale)  # [H_kv, g, n]
+    logits.masked_fill_((ids < 0)[:, None, :], NEG_INF)
+    lse = torch.logsumexp(logits, dim=-1)  # [H_kv, g]
+    p = logits.sub_(lse.clamp_min(torch.finfo(lse.dtype).min)[..., None]).exp_()
+    out = torch.bmm(p, vg).view(hq, d)
+    lse = lse.view(hq)
     return out.to(q.dtype), lse
 
 
@@ -104,12 +112,12 @@ def merge(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tenso
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError("merge needs one lse per output and at least one part")
-    lse_all = torch.stack([x.float() for x in lses])  # [P, ...]
+    lse_all = torch.stack([_acc(x) for x in lses])  # [P, ...]
     lse = torch.logsumexp(lse_all, dim=0)
     # all parts empty -> lse = -inf; weights are then 0 instead of NaN
-    w = torch.exp(lse_all - lse.clamp_min(torch.finfo(torch.float32).min)[None])
+    w = torch.exp(lse_all - lse.clamp_min(torch.finfo(lse.dtype).min)[None])
     w = torch.nan_to_num(w, nan=0.0)
-    out = sum(wi[..., None] * o.float() for wi, o in zip(w, outs))
+    out = sum(wi[..., None] * _acc(o) for wi, o in zip(w, outs))
     return out.to(outs[0].dtype), lse
 
 
@@ -118,12 +126,12 @@ def score(q: Tensor, k_rows: Tensor, *, scale: float = 1.0, ids: Tensor | None =
 
     With ids [M] (shared candidates) the result is [H_q, M] over k_rows[ids].
     """
-    hq = q.shape[0]
+    hq, d = q.shape
     hkv = k_rows.shape[1]
-    group = hq // hkv
     keys = k_rows if ids is None else k_rows[ids]
-    kf = keys.float().transpose(0, 1).repeat_interleave(group, 0)  # [H_q, N, D]
-    return torch.einsum("hd,hnd->hn", q.float(), kf) * scale
+    qg = _acc(q).view(hkv, hq // hkv, d)  # [H_kv, g, D]
+    s = torch.bmm(qg, _acc(keys).permute(1, 2, 0))  # [H_kv, g, N]
+    return s.view(hq, -1).mul_(scale)
 
 
 def reduce_group(scores: Tensor, n_kv_heads: int, how: str) -> Tensor:
