@@ -2,6 +2,7 @@
 
     kvloft demo                                  passkey in a ~6K-token haystack, dense vs exact retrieval
     kvloft generate --model smollm2 --prompt-file F --method exact --budget 256
+    kvloft eval --model smollm2 --tasks passkey --lengths 2k,4k --methods dense,exact --budget 256
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print session stats (JSON) to stderr")
     _add_retrieval_args(g)
     g.set_defaults(func=cmd_generate)
+
+    from kvloft.eval.runner import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
