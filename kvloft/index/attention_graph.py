@@ -1,0 +1,403 @@
+"""RetrievalAttention's attention-aware graph index (arXiv 2409.10516; RoarGraph, VLDB 2024).
+
+Why: decode queries and keys come from different distributions, so an ANN graph built
+on keys alone routes a query poorly and must score a large part of the keys to find its
+top keys. Building the graph with the help of prefill queries links the keys that the
+same query likes, so a beam search reaches a query's top keys scoring a few percent.
+
+Build, per layer and per KV head, from keys [N, D] and the prefill queries of the head's
+GQA group (query head h reads KV head h // group), all inner product:
+  1. exact kNN (`knn` keys) of every query: chunked torch matmul + topk.
+  2. projection: the queries whose nearest key is the same key p (its pivot) pool their
+     other kNN keys; p links to them, sorted by <p, c> and pruned by occlusion (RNG
+     rule: c is dropped when a kept s has <s, c> > <p, c>), at most `max_degree` edges.
+  3. reverse edges: every edge p -> c offers c -> p; lists over `max_degree` are
+     pruned again by the same rule.
+  4. connectivity: the entry is the key nearest (L2) to the key centroid; a BFS from it
+     marks what is reachable; every unreached key is looked up by a greedy search (with
+     itself as the query), linked from the best reached candidate with a free slot and,
+     if it had none, given out-edges from that search. Every key is then reachable, so
+     a search whose pool holds all N keys is exact.
+Without prefill queries (`build(..., queries=None)`), every key (or a seeded sample of
+`fallback_queries` keys) acts as a query: a kNN graph on keys alone, with the OOD
+weakness described above. It is the fallback, not the method.
+
+Search: best-first beam search from the entry with a pool of L = max(k, ef or
+ef_scale * k) candidates, scoring <q, k>. GQA: `gqa_search="heads"` (default) runs one
+search per query head of the group, pools their candidates and ranks them by the
+group-reduced score (RetrievalConfig.gqa_reduce, as ExactRetriever does);
+`"mean"` runs one search with the group's mean query and re-ranks its pool the same
+way. On the OOD synthetic data (bench/index_recall.py) "heads" reaches a given recall
+with fewer scanned keys; see docs/index_recall.md.
+`scanned` counts distinct keys whose score was computed, summed over KV heads (the keys
+scored by several searches of one group count once; `stats()["dots"]` counts every
+query-key product).
+
+Insert (`add`, tokens leaving the window): a greedy search with the new key as the query
+finds candidates; the new key gets pruned out-edges, each neighbour a reverse edge
+(re-pruned when full); if every reverse edge was pruned away, the best neighbour with a
+free slot (else the best neighbour, replacing its last edge) links to it, so it stays
+reachable.
+
+The hot loops are numba `@njit(nogil=True)`; heads are searched in a thread pool.
+`cpu_partial_attention` attends to retrieved rows straight from the host tier.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index import graph_kernels as gk
+from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.runtime.chunked import ChunkedRows
+
+__all__ = ["AttentionGraphRetriever", "GraphParams", "HeadGraph", "cpu_partial_attention"]
+
+
+@dataclass(frozen=True)
+class GraphParams:
+    """Parameters of the attention-aware graph (RetrievalConfig.options, same names).
+
+    max_degree: M, out-edges per key (paper: 32).
+    knn: keys per prefill query used for the projection (paper: 100).
+    ef: search pool size L; 0 -> ceil(ef_scale * k). L < k is raised to k.
+    ef_scale: L as a multiple of the top-k (paper: L ~ 1.5-2x k).
+    ef_connect: pool of the greedy searches that attach unreached keys at build time
+        (only connectivity rides on them: kept small, the build does one per cold key).
+    ef_insert: pool of the greedy search that finds an inserted key's neighbours.
+    gqa_search: "heads" (one search per query head, candidates merged) or "mean".
+    fallback_queries: without prefill queries, this many keys (seeded sample) act as
+        queries; 0 = all keys.
+    knn_chunk: query rows per matmul block of the exact kNN.
+    n_threads: worker threads for per-head build/search; 0 -> min(H_kv, cpu count).
+    seed: seed of the fallback sample.
+    """
+
+    max_degree: int = 32
+    knn: int = 100
+    ef: int = 0
+    ef_scale: float = 1.5
+    ef_connect: int = 16
+    ef_insert: int = 64
+    gqa_search: str = "heads"
+    key_metric: str = "l2"
+    fill: bool = True
+    fallback_queries: int = 32768
+    knn_chunk: int = 1024
+    n_threads: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_degree", "knn", "ef_connect", "ef_insert", "knn_chunk"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("ef", "fallback_queries", "n_threads", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        if self.max_degree < 2:
+            raise ValueError(f"max_degree must be >= 2, got {self.max_degree}")
+        if isinstance(self.ef_scale, bool) or not isinstance(self.ef_scale, (int, float)):
+            raise TypeError(f"ef_scale must be a number, got {self.ef_scale!r}")
+        if not self.ef_scale >= 1.0:
+            raise ValueError(f"ef_scale must be >= 1 (the pool holds at least k), got {self.ef_scale}")
+        if self.key_metric not in ("l2", "ip"):
+            raise ValueError(f"key_metric must be 'l2' or 'ip', got {self.key_metric!r}")
+        if not isinstance(self.fill, bool):
+            raise TypeError(f"fill must be a bool, got {self.fill!r}")
+        if self.gqa_search not in ("heads", "mean"):
+            raise ValueError(f"gqa_search must be 'heads' or 'mean', got {self.gqa_search!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> GraphParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown attention_graph option(s) {unknown}; known options: {sorted(known)}"
+            )
+        return cls(**options)
+
+    def pool_size(self, k: int) -> int:
+        """L for a top-k search."""
+        base = self.ef if self.ef > 0 else math.ceil(self.ef_scale * k)
+        return max(k, base)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+# ----------------------------------------------------------------------------------------
+# one graph per (layer, KV head)
+# ----------------------------------------------------------------------------------------
+
+
+class HeadGraph:
+    """The graph of one KV head: keys [cap, D] float32, adj [cap, M] int32 (-1 = free),
+    deg [cap] int32, bias [cap] float32 (-|k|^2 / 2 for L2 key searches, else 0)."""
+
+    def __init__(self, dim: int, max_degree: int, l2: bool, fill: bool, capacity: int = 1024) -> None:
+        self.keys = np.zeros((capacity, dim), np.float32)
+        self.adj = np.full((capacity, max_degree), -1, np.int32)
+        self.deg = np.zeros(capacity, np.int32)
+        self.bias = np.zeros(capacity, np.float32)
+        self.l2, self.fill = l2, fill
+        self.n = 0
+        self.entry = 0
+
+    def _reserve(self, n: int) -> None:
+        cap = self.keys.shape[0]
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        keys = np.zeros((new, self.keys.shape[1]), np.float32)
+        adj = np.full((new, self.adj.shape[1]), -1, np.int32)
+        deg = np.zeros(new, np.int32)
+        bias = np.zeros(new, np.float32)
+        keys[:cap], adj[:cap], deg[:cap], bias[:cap] = self.keys, self.adj, self.deg, self.bias
+        self.keys, self.adj, self.deg, self.bias = keys, adj, deg, bias
+
+    def _put_keys(self, start: int, keys: np.ndarray) -> None:
+        stop = start + keys.shape[0]
+        self._reserve(stop)
+        self.keys[start:stop] = keys
+        if self.l2:
+            self.bias[start:stop] = -0.5 * (keys.astype(np.float32) ** 2).sum(axis=1)
+        self.n = stop
+
+    def _views(self, n: int):
+        return self.keys[:n], self.bias[:n], self.adj[:n], self.deg[:n]
+
+    def build(self, keys: np.ndarray, knn_ids: np.ndarray, ef_connect: int, entry: int = -1) -> int:
+        """keys [N, D] float32; knn_ids [Mq, K] int32 (nearest first); entry: the search
+        start (-1: the key nearest the centroid). Returns the number of attached keys."""
+        self.n = 0
+        self.adj[:] = -1
+        self.deg[:] = 0
+        self._put_keys(0, keys)
+        n = self.n
+        if n == 0:
+            return 0
+        if entry < 0:
+            centroid = keys.mean(axis=0)
+            entry = int(np.argmin(((keys - centroid) ** 2).sum(axis=1)))
+        self.entry = entry
+        k, b, adj, deg = self._views(n)
+        if knn_ids.shape[0] and knn_ids.shape[1] > 1:
+            order = np.argsort(knn_ids[:, 0], kind="stable")
+            gk.project(k, adj, deg, knn_ids, order, self.l2, self.fill)
+        return int(gk.connect(k, b, adj, deg, n, self.entry, ef_connect, self.l2, self.fill))
+
+    def insert(self, keys: np.ndarray, ef_insert: int) -> None:
+        """keys [n, D] float32 appended and linked."""
+        start = self.n
+        self._put_keys(start, keys)
+        if start == 0:  # empty graph: the first key is the entry
+            self.entry = 0
+            start = 1
+        if start < self.n:
+            k, b, adj, deg = self._views(self.n)
+            gk.insert(k, b, adj, deg, start, self.n, self.entry, ef_insert, self.l2, self.fill)
+
+    def search(self, qs: np.ndarray, k: int, pool_size: int, use_mean: bool, reduce_max: bool):
+        """qs [g, D] float32 C-contiguous -> (ids [k] int64, scanned, dots)."""
+        if self.n == 0 or k == 0:
+            return np.full(k, -1, np.int64), 0, 0
+        keys, _, adj, deg = self._views(self.n)
+        return gk.search_group(keys, adj, deg, self.n, self.entry, qs, pool_size, k, use_mean, reduce_max)
+
+    def reachable(self) -> int:
+        """Nodes reachable from the entry (== n after build/insert)."""
+        if self.n == 0:
+            return 0
+        reached = np.zeros(self.n, np.bool_)
+        gk.bfs(self.adj[: self.n], self.deg[: self.n], self.entry, reached, np.empty(self.n, np.int32))
+        return int(reached.sum())
+
+
+def exact_knn(queries: Tensor, keys: Tensor, k: int, chunk: int) -> np.ndarray:
+    """Top-k keys by inner product of each query, on the tensors' device (the GPU when the
+    retriever lives there): queries [M, D], keys [N, D] -> [M, min(k, N)] int32 (CPU)."""
+    k = min(k, keys.shape[0])
+    out = np.empty((queries.shape[0], k), np.int32)
+    kt = keys.float().T.contiguous()  # [D, N]
+    for s in range(0, queries.shape[0], chunk):
+        logits = queries[s : s + chunk].float() @ kt  # [c, N]: c * N * 4 bytes
+        out[s : s + chunk] = torch.topk(logits, k, dim=1).indices.cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# the retriever
+# ----------------------------------------------------------------------------------------
+
+
+@register("attention_graph")
+class AttentionGraphRetriever:
+    """Retriever protocol over one HeadGraph per (layer, KV head); see the module doc.
+
+    The graphs and their key copies live in host memory (numpy, float32); the exact kNN
+    of the build runs on `device`. select() is thread-safe across layers, not for
+    concurrent add() and select() on the same layer.
+    """
+
+    def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = torch.device(device)
+        self.params = GraphParams.from_options(dict(cfg.options))
+        self.graphs: dict[int, list[HeadGraph]] = {}
+        self._stats = RetrieverStats(extra={"dots": 0, "build_s": 0.0, "attached": 0})
+        n = self.params.n_threads or min(model_cfg.n_kv_heads, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="kvloft-graph")
+
+    def _check(self, name: str, x: Any, heads: int) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        want = (heads, self.model_cfg.head_dim)
+        if x.dim() != 3 or (x.shape[0], x.shape[2]) != want:
+            raise ValueError(f"{name} must be [{want[0]}, N, {want[1]}], got {list(x.shape)}")
+
+    def _new_graphs(self) -> list[HeadGraph]:
+        d, m = self.model_cfg.head_dim, self.params.max_degree
+        l2, fill = self.params.key_metric == "l2", self.params.fill
+        return [HeadGraph(d, m, l2, fill) for _ in range(self.model_cfg.n_kv_heads)]
+
+    def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
+        """keys [H_kv, N, D]; queries [H_q, M, D] prefill sample, or None (kNN graph on keys)."""
+        hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
+        self._check("keys", keys, hkv)
+        if queries is not None:
+            self._check("queries", queries, hq)
+        t0 = time.perf_counter()
+        group = self.model_cfg.group_size
+        graphs = self._new_graphs()
+        jobs = []
+        for h in range(hkv):
+            k_h = keys[h].detach().to(self.device, torch.float32)  # [N, D]
+            if queries is not None:  # the group's query heads pooled: [g * M, D]
+                q_h = queries[h * group : (h + 1) * group].detach().reshape(-1, d).to(self.device)
+            else:
+                q_h = self._fallback_queries(k_h)
+            if k_h.shape[0] and q_h.shape[0]:
+                knn = exact_knn(q_h, k_h, self.params.knn, self.params.knn_chunk)
+            else:
+                knn = np.empty((0, 0), np.int32)
+            k_np = np.ascontiguousarray(k_h.cpu().numpy())
+            jobs.append(self._pool.submit(graphs[h].build, k_np, knn, self.params.ef_connect))
+        self._stats.extra["attached"] += sum(j.result() for j in jobs)
+        self.graphs[layer] = graphs
+        self._stats.extra["build_s"] += time.perf_counter() - t0
+
+    def _fallback_queries(self, keys: Tensor) -> Tensor:
+        n, cap = keys.shape[0], self.params.fallback_queries
+        if cap == 0 or n <= cap:
+            return keys
+        gen = torch.Generator().manual_seed(self.params.seed)
+        return keys[torch.randperm(n, generator=gen)[:cap].to(keys.device)]
+
+    def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
+        """keys [H_kv, n, D] of tokens leaving the window, appended as the next host rows;
+        positions [n] (unused: ids are host rows)."""
+        self._check("keys", keys, self.model_cfg.n_kv_heads)
+        if positions is not None and positions.numel() != keys.shape[1]:
+            raise ValueError(f"positions must hold {keys.shape[1]} entries, got {positions.numel()}")
+        graphs = self.graphs.setdefault(layer, self._new_graphs())
+        k = keys.detach().float().cpu().numpy()
+        jobs = [self._pool.submit(g.insert, np.ascontiguousarray(k[h]), self.params.ef_insert)
+                for h, g in enumerate(graphs)]
+        for j in jobs:
+            j.result()
+
+    def select(self, layer: int, q: Tensor, budget: int) -> Selection:
+        """q [H_q, D] -> Selection(ids [H_kv, k] int64, k = min(budget, N); scanned =
+        distinct keys scored, summed over KV heads)."""
+        hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
+        if not isinstance(q, Tensor) or tuple(q.shape) != (hq, d):
+            raise ValueError(f"q must be a tensor [{hq}, {d}], got {getattr(q, 'shape', type(q))}")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
+        graphs = self.graphs.get(layer)
+        n = graphs[0].n if graphs else 0
+        k = min(budget, n)
+        if k == n:  # the budget covers the host tier: everything, nothing to search
+            ids = torch.arange(n, dtype=torch.int64)[None].expand(hkv, -1).contiguous()
+            return self._record(Selection(ids=ids.to(self.device), scanned=n * hkv), 0)
+        qs = q.detach().float().cpu().numpy().reshape(hkv, hq // hkv, d)  # [H_kv, g, D]
+        pool = self.params.pool_size(k)
+        use_mean = self.params.gqa_search == "mean"
+        reduce_max = self.cfg.gqa_reduce == "max"
+        jobs = [self._pool.submit(g.search, np.ascontiguousarray(qs[h]), k, pool, use_mean, reduce_max)
+                for h, g in enumerate(graphs)]
+        res = [j.result() for j in jobs]
+        ids = torch.from_numpy(np.stack([r[0] for r in res]))  # [H_kv, k]
+        sel = Selection(ids=ids.to(self.device), scanned=int(sum(r[1] for r in res)))
+        return self._record(sel, int(sum(r[2] for r in res)))
+
+    def _record(self, sel: Selection, dots: int) -> Selection:
+        self._stats.record(sel)
+        self._stats.extra["dots"] += dots
+        return sel
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.as_dict()
+
+    def close(self) -> None:
+        """Stops the worker threads (also done at interpreter exit)."""
+        self._pool.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------------
+# CPU partial attention next to the host tier
+# ----------------------------------------------------------------------------------------
+
+
+def cpu_partial_attention(
+    q: Tensor, host_k: ChunkedRows, host_v: ChunkedRows, ids: Tensor, *, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Attention of one decode query over per-head retrieved host rows, on the CPU.
+
+    q [H_q, D]; host_k, host_v: ChunkedRows of rows [H_kv, D]; ids [H_kv, k] int64
+    (-1 = padding) or [k] shared. Rows are gathered chunk by chunk from the store (no
+    copy of the tier). Returns (out [H_q, D] in q.dtype, lse [H_q] fp32), equal to
+    kernels.reference.gather_attend on the same rows. scale defaults to 1/sqrt(D).
+    """
+    hq, d = q.shape
+    hkv = host_k.row_shape[0]
+    if host_k.row_shape != (hkv, d) or host_v.row_shape[0] != hkv or len(host_v) != len(host_k):
+        raise ValueError(
+            f"host_k rows must be [H_kv, {d}] and host_v hold as many rows; got "
+            f"{host_k.row_shape} ({len(host_k)} rows) and {host_v.row_shape} ({len(host_v)} rows)"
+        )
+    if hq % hkv:
+        raise ValueError(f"H_q ({hq}) must be a multiple of H_kv ({hkv})")
+    if ids.dim() == 1:
+        ids = ids[None].expand(hkv, -1)
+    if ids.shape[0] != hkv:
+        raise ValueError(f"ids must be [H_kv={hkv}, k] or [k], got {list(ids.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    g = hq // hkv
+    ids = ids.to(host_k.device)
+    valid = ids >= 0  # [H_kv, k]
+    safe = ids.clamp_min(0)
+    head = torch.arange(hkv, device=ids.device)[:, None].expand_as(ids)
+    k = host_k.rows(safe, head).float()  # [H_kv, k, D]
+    v = host_v.rows(safe, head).float()
+    qg = q.float().to(host_k.device).view(hkv, g, d)  # [H_kv, g, D]
+    logits = torch.bmm(qg, k.transpose(1, 2)) * scale  # [H_kv, g, k]
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [H_kv, g]
+    p = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
+    out = torch.bmm(p, v)  # [H_kv, g, D]
+    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
