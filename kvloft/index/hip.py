@@ -136,6 +136,8 @@ class _LayerState:
 
 @register("hip")
 class HipRetriever:
+    needs_queries = False  # the runtime need not keep a prefill query sample
+
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg

@@ -118,6 +118,8 @@ class _LayerState:
 
 @register("recycled")
 class RecycledRetriever:
+    needs_queries = False  # the runtime need not keep a prefill query sample
+
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         if cfg.budget < 1:
             raise ValueError(

@@ -90,6 +90,8 @@ class _LayerState:
 
 @register("tokenselect")
 class TokenSelectRetriever:
+    needs_queries = False  # the runtime need not keep a prefill query sample
+
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg

@@ -116,17 +116,16 @@ def _finish(net: Transformer, cfg, tok, dev, dt, source) -> Model:
 
 def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0) -> Model:
     """Random weights in a preset's real shape (no files): for tests and speed benchmarks."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         net = Transformer(cfg)
-    net = net.to_empty(device=device)
+    net = net.to(dtype=dtype).to_empty(device=device)  # allocated once, in the compute dtype
     std = 0.02
-    for name, p in net.named_parameters():
+    for name, p in net.named_parameters():  # drawn where they live: an 8B preset never touches the CPU
         if name.endswith("norm.weight"):
             torch.nn.init.ones_(p.data)
         else:
-            p.data.copy_(torch.randn(p.shape, generator=gen) * std if device.type == "cpu"
-                         else (torch.randn(p.shape, generator=gen) * std).to(device))
+            torch.nn.init.normal_(p.data, std=std, generator=gen)
     net.inv_freq = rope_buffer(cfg, device)
     return _finish(net, cfg, None, device, dtype, f"preset:{cfg.name}")
 
