@@ -198,6 +198,8 @@ class RuntimeConfig:
         the default comes from KVLOFT_KERNELS, read once when the config is made.
     prefill_chunk: tokens per prefill chunk.
     progress: show a progress bar for long prefills.
+    profile: on CUDA, synchronize around each timed region so stats() gives an exact
+        breakdown (search, transfer, attention); costs overlap, so off by default.
     """
 
     device: str = "auto"
@@ -207,6 +209,7 @@ class RuntimeConfig:
     kernels: str = field(default_factory=lambda: os.environ.get("KVLOFT_KERNELS", "auto"))
     prefill_chunk: int = 512
     progress: bool = True
+    profile: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -24,17 +24,27 @@ from kvloft.runtime.kvcache import DenseKV, LayerTiers, TieredKVCache
 
 
 class Timers:
-    """Wall-clock seconds per category (CPU ops are synchronous; on CUDA, see scheduler)."""
+    """Wall-clock seconds per category.
 
-    def __init__(self) -> None:
+    CPU ops are synchronous. With `sync` (CUDA), each region synchronizes the device on
+    entry and exit so the breakdown is exact; that serializes work, so use it for
+    breakdowns (RuntimeConfig.profile), not for end-to-end latency.
+    """
+
+    def __init__(self, sync: bool = False) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = sync
 
     @contextmanager
     def __call__(self, name: str):
+        if self.sync:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if self.sync:
+                torch.cuda.synchronize()
             self.seconds[name] += time.perf_counter() - t0
 
     def as_dict(self) -> dict[str, float]:
@@ -42,11 +52,12 @@ class Timers:
 
 
 class DenseAttention:
-    def __init__(self, cfg: ModelConfig, ops: KernelSet, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelSet, device: torch.device, dtype: torch.dtype,
+                 profile: bool = False) -> None:
         self.layers = [DenseKV(cfg, device, dtype) for _ in range(cfg.n_layers)]
         self.ops = ops
         self.scale = cfg.head_dim**-0.5
-        self.timers = Timers()
+        self.timers = Timers(sync=profile and device.type == "cuda")
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         store = self.layers[layer]
@@ -103,7 +114,7 @@ class QuerySampler:
 
 class TieredAttention:
     def __init__(self, cfg: ModelConfig, rcfg: RetrievalConfig, cache: TieredKVCache,
-                 retriever: Retriever, ops: KernelSet, device: torch.device) -> None:
+                 retriever: Retriever, ops: KernelSet, device: torch.device, profile: bool = False) -> None:
         self.cfg, self.rcfg, self.cache = cfg, rcfg, cache
         self.retriever, self.ops, self.device = retriever, ops, device
         self.scale = cfg.head_dim**-0.5
@@ -111,7 +122,7 @@ class TieredAttention:
         cap = rcfg.query_sample if getattr(retriever, "needs_queries", True) else 0
         self.sampler = QuerySampler(cfg.n_layers, cap)
         self.decoding = False
-        self.timers = Timers()
+        self.timers = Timers(sync=profile and device.type == "cuda")
         self.scanned = 0
 
     @property
@@ -183,11 +194,14 @@ class TieredAttention:
 
     def _retrieved(self, tiers: LayerTiers, q: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Attention of q [H_q, D] over selected host rows (ids [H_kv, k] or [k], -1 = pad)."""
-        ids = ids.to("cpu")
-        if len(tiers.host_k.chunks) == 1 and self.device.type == "cpu":
-            # one host chunk: the kernel gathers straight from it
+        one_chunk = len(tiers.host_k.chunks) == 1
+        zero_copy = self.ops.name == "triton" and tiers.host_k.pin
+        if one_chunk and (self.device.type == "cpu" or zero_copy):
+            # one host chunk: the kernel gathers straight from it (on CUDA: reading pinned
+            # host memory through unified addressing, only the selected rows cross PCIe)
             kc, vc = tiers.host_k.chunks[0], tiers.host_v.chunks[0]
-            return self.ops.gather_attend(q, kc, vc, ids, scale=self.scale)
+            return self.ops.gather_attend(q, kc, vc, ids.to(q.device), scale=self.scale)
+        ids = ids.to("cpu")
         hkv = self.cfg.n_kv_heads
         per_head = ids if ids.dim() == 2 else ids[None].expand(hkv, -1)
         safe = per_head.clamp_min(0)
