@@ -78,22 +78,57 @@ def gather_kv(rows: Tensor, ids: Tensor) -> Tensor:
     return out.transpose(0, 1)
 
 
+def rotate_keys(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
+    """Move RoPE-rotated keys to new positions: rotate each key by `delta` positions.
+
+    RoPE is a rotation by angle pos * theta, so a key stored at position p moves to
+    p + delta by one more rotation (HF rotate-half layout, theta = inv_freq repeated):
+        k' = k * cos(delta * theta) + rotate_half(k) * sin(delta * theta).
+    k: [n, H_kv, D]; delta: [n] (all heads) or [H_kv, n] int64 positions; inv_freq: [D/2]
+    fp32 (the model's `inv_freq`). Angles in fp64 (exact at 1M positions), products in
+    fp32 (fp64 for fp64 keys); returns [n, H_kv, D] in k's dtype (one rounding).
+    """
+    n, hkv, d = k.shape
+    if d % 2 or inv_freq.shape != (d // 2,):
+        raise ValueError(f"rotate_keys: inv_freq must be [D/2={d // 2}] for head dim {d} (even), "
+                         f"got {tuple(inv_freq.shape)}")
+    if delta.shape not in ((n,), (hkv, n)):
+        raise ValueError(f"rotate_keys: delta must be [n={n}] or [H_kv={hkv}, n={n}], got {tuple(delta.shape)}")
+    delta = delta[None].expand(hkv, -1) if delta.dim() == 1 else delta
+    ang = delta.t().to(k.device, torch.float64)[..., None] * inv_freq.to(k.device, torch.float64)  # [n, H_kv, D/2]
+    kf = _acc(k)
+    cos, sin = ang.cos().to(kf.dtype), ang.sin().to(kf.dtype)
+    x1, x2 = kf.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(k.dtype)
+
+
 def gather_attend(
-    q: Tensor, k_rows: Tensor, v_rows: Tensor, ids: Tensor, *, scale: float
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k_rows: Tensor, v_rows: Tensor, ids: Tensor, *, scale: float,
+    rot_delta: Tensor | None = None, inv_freq: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One query over rows picked by index lists.
 
     q: [H_q, D]; k_rows, v_rows: [N, H_kv, D]; ids: [H_kv, n] or [n] int64 (-1 = padding,
     ignored). Returns (out [H_q, D], lse [H_q] fp32).
+    rot_delta: optional [H_kv, n] or [n] int64, aligned with ids: each gathered key is
+    rotated by that many positions first (see rotate_keys; needs inv_freq [D/2] fp32).
     """
     hq, d = q.shape
     hkv = k_rows.shape[1]
     group = hq // hkv
+    if (rot_delta is None) != (inv_freq is None):
+        raise ValueError("gather_attend: pass rot_delta and inv_freq together (or neither)")
     if ids.dim() == 1:
         ids = ids[None].expand(hkv, -1)
     if ids.shape[1] == 0:
         return q.new_zeros(q.shape), torch.full((hq,), NEG_INF, dtype=torch.float32, device=q.device)
-    kg = _acc(gather_kv(k_rows, ids)).transpose(0, 1)  # [H_kv, n, D]
+    kg = _acc(gather_kv(k_rows, ids))  # [n, H_kv, D]
+    if rot_delta is not None:
+        if rot_delta.shape[-1] != ids.shape[1]:
+            raise ValueError(f"gather_attend: rot_delta {tuple(rot_delta.shape)} must align with ids "
+                             f"{tuple(ids.shape)}")
+        kg = rotate_keys(kg, rot_delta, inv_freq)
+    kg = kg.transpose(0, 1)  # [H_kv, n, D]
     vg = _acc(gather_kv(v_rows, ids)).transpose(0, 1)
     logits = torch.bmm(_acc(q).view(hkv, group, d), kg.transpose(1, 2)).mul_(scale)  # [H_kv, g, n]
     logits.masked_fill_((ids < 0)[:, None, :], NEG_INF)

@@ -21,7 +21,16 @@ read back S*H_q*(D + 1)*4 bytes, small next to the rows for S <= n / 64.
 
 Accumulation is fp32; P is rounded to the value dtype before the P.V dot, as in
 FlashAttention. lse is the natural log of the softmax denominator of the scaled logits.
-Reference: kernels/reference.py `decode_attend`, `gather_attend`.
+
+Position remapping (gather_attend with rot_delta, DESIGN.md Positions): each gathered key
+is rotated by its own delta of positions before the q.K dot, so keys stored after RoPE at
+their true positions are read as if stored at new ones. The tile is loaded as its two
+D/2 halves (rotate-half layout), the angle delta * theta is reduced modulo one turn in
+fp64 (exact at 1M positions; an fp32 product would be off by up to 0.03 rad there), the
+rotation runs in fp32, and the rotated halves are rounded back to the key dtype before two
+q.K dots (q's halves against K's), as if the key had been stored at its new position.
+Extra traffic: 8 bytes of delta per (KV head, key), next to 2*D*b of K and V.
+Reference: kernels/reference.py `decode_attend`, `gather_attend`, `rotate_keys`.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from kvloft.kernels.merge import merge_stacked
 __all__ = ["DecodeLaunch", "decode_attend", "gather_attend"]
 
 LOG2E = 1.4426950408889634
+TWO_PI = tl.constexpr(6.283185307179586)  # multiplies an fp32 fraction of a turn only
 
 
 @dataclass(frozen=True)
@@ -64,12 +74,14 @@ INTERPRETER_SPLITS = 3
 
 
 # Sizes vary per call: specializing on them would recompile for every new length.
-@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih"])
+@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih", "stride_dh"])
 def _split_kernel(
     q,  # [H_q, D], last dim contiguous
     k,  # [N, H_kv, D] rows (token-major), last dim contiguous
     v,  # [N, H_kv, D]
     ids,  # [H_kv, n] or [n] int32/int64, contiguous along n (unused when not HAS_IDS)
+    rot_delta,  # [H_kv, n] or [n] int32/int64, aligned with ids (unused when not ROTATE)
+    rot_turns,  # [D/2] fp64: inv_freq / (2 pi), turns per position (unused when not ROTATE)
     out_part,  # [S, H_q, D] fp32
     lse_part,  # [S, H_q] fp32
     n_keys,
@@ -82,11 +94,14 @@ def _split_kernel(
     stride_vn,
     stride_vh,
     stride_ih,  # 0 for shared ids
+    stride_dh,  # 0 for shared deltas
     HAS_IDS: tl.constexpr,
+    ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps 16-byte vector loads
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # next_pow2(HEAD_DIM / 2), >= 16 (the rotate-half halves)
 ):
     tl.static_assert(BLOCK_G >= 16)  # tl.dot needs every dimension >= 16
     tl.static_assert(BLOCK_N >= 16)
@@ -100,9 +115,18 @@ def _split_kernel(
     gmask = g < group
     dmask = d < HEAD_DIM
     q_heads = kv_head * group + g
-    qb = tl.load(
-        q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
-    )
+    if ROTATE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        hh = tl.arange(0, BLOCK_H)
+        hmask = hh < HALF
+        q_half = q + q_heads[:, None] * stride_qh + hh[None, :]
+        q1 = tl.load(q_half, mask=gmask[:, None] & hmask[None, :], other=0.0)
+        q2 = tl.load(q_half + HALF, mask=gmask[:, None] & hmask[None, :], other=0.0)
+        turns_per_pos = tl.load(rot_turns + hh, mask=hmask, other=0.0)  # fp64
+    else:
+        qb = tl.load(
+            q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
+        )
     k_head = k + kv_head.to(tl.int64) * stride_kh
     v_head = v + kv_head.to(tl.int64) * stride_vh
     start = split * split_len
@@ -120,9 +144,15 @@ def _split_kernel(
         else:
             rows = pos.to(tl.int64)
         kv_mask = valid[:, None] & dmask[None, :]
-        kb = tl.load(k_head + rows[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
         vb = tl.load(v_head + rows[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * qk_scale  # [BLOCK_G, BLOCK_N]
+        if ROTATE:
+            delta = tl.load(rot_delta + kv_head * stride_dh + pos, mask=valid, other=0)
+            s = _rotated_logits(q1, q2, k_head + rows[:, None] * stride_kn, hh, valid[:, None] & hmask[None, :],
+                                delta, turns_per_pos, HALF)
+        else:
+            kb = tl.load(k_head + rows[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(qb, tl.trans(kb), input_precision="ieee")  # [BLOCK_G, BLOCK_N]
+        s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep weights 0
@@ -139,6 +169,28 @@ def _split_kernel(
     row = split.to(tl.int64) * n_q + q_heads
     tl.store(out_part + row[:, None] * HEAD_DIM + d[None, :], out_v, mask=gmask[:, None] & dmask[None, :])
     tl.store(lse_part + row, lse_v, mask=gmask)
+
+
+@triton.jit
+def _rotated_logits(q1, q2, k_rows, hh, mask, delta, turns_per_pos, HALF: tl.constexpr):
+    """q.K^T [BLOCK_G, BLOCK_N] with each K row rotated by delta[n] positions (rotate-half).
+
+    q1, q2: [BLOCK_G, BLOCK_H] q's halves; k_rows: [BLOCK_N, 1] row pointers; delta
+    [BLOCK_N] int; turns_per_pos [BLOCK_H] fp64.
+    """
+    k1 = tl.load(k_rows + hh[None, :], mask=mask, other=0.0)
+    k2 = tl.load(k_rows + HALF + hh[None, :], mask=mask, other=0.0)
+    turns = delta.to(tl.float64)[:, None] * turns_per_pos[None, :]  # [BLOCK_N, BLOCK_H] fp64
+    frac = (turns - turns.to(tl.int64).to(tl.float64)).to(tl.float32)  # in (-1, 1)
+    ang = frac * TWO_PI
+    c = tl.cos(ang)
+    sn = tl.sin(ang)
+    k1f = k1.to(tl.float32)
+    k2f = k2.to(tl.float32)
+    r1 = (k1f * c - k2f * sn).to(k1.dtype)
+    r2 = (k2f * c + k1f * sn).to(k1.dtype)
+    s = tl.dot(q1, tl.trans(r1), input_precision="ieee")
+    return s + tl.dot(q2, tl.trans(r2), input_precision="ieee")
 
 
 def _num_splits(n: int, n_kv: int, device: torch.device, launch: DecodeLaunch) -> int:
@@ -158,6 +210,7 @@ def _attend_rows(
     scale: float,
     num_splits: int | None,
     launch: DecodeLaunch,
+    rot: tuple[Tensor, Tensor] | None = None,  # (delta [H_kv, n] / [n], turns [D/2] fp64)
 ) -> tuple[Tensor, Tensor]:
     hq, d = q.shape
     hkv = k.shape[1]
@@ -171,15 +224,19 @@ def _attend_rows(
     lse_part = torch.empty((splits, hq), dtype=torch.float32, device=q.device)
     ids_arg = ids if ids is not None else q  # placeholder pointer, never read
     stride_ih = 0 if ids is None or ids.dim() == 1 else ids.stride(0)
+    delta, turns = rot if rot is not None else (q, q)  # placeholders, never read
+    stride_dh = 0 if rot is None or delta.dim() == 1 else delta.stride(0)
     _split_kernel[(hkv, splits)](
-        q, k, v, ids_arg, out_part, lse_part,
+        q, k, v, ids_arg, delta, turns, out_part, lse_part,
         n, split_len, group, scale * LOG2E,
-        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih,
+        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih, stride_dh,
         HAS_IDS=ids is not None,
+        ROTATE=rot is not None,
         HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)),
         BLOCK_N=launch.block_n,
         BLOCK_D=max(16, checks.next_pow2(d)),
+        BLOCK_H=max(16, checks.next_pow2(d // 2)),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )  # fmt: skip
@@ -232,10 +289,35 @@ def _validate_ids(ids: Tensor, n_kv: int) -> None:
     )
 
 
+def _validate_rotation(rot_delta: Tensor | None, inv_freq: Tensor | None, ids: Tensor, q: Tensor,
+                       n_kv: int) -> tuple[Tensor, Tensor] | None:
+    """Checks rot_delta/inv_freq; returns (delta contiguous, turns per position [D/2] fp64) or None."""
+    if rot_delta is None and inv_freq is None:
+        return None
+    if rot_delta is None or inv_freq is None:
+        raise ValueError("gather_attend: pass rot_delta and inv_freq together (or neither)")
+    checks.require_index("rot_delta", rot_delta)
+    n, d = ids.shape[-1], q.shape[1]
+    if rot_delta.shape not in ((n,), (n_kv, n)):
+        raise ValueError(
+            f"gather_attend: rot_delta must be [H_kv={n_kv}, n={n}] or [n={n}] (one delta per id), "
+            f"got shape {tuple(rot_delta.shape)}"
+        )
+    if d % 2 or inv_freq.shape != (d // 2,) or not inv_freq.is_floating_point():
+        raise ValueError(
+            f"gather_attend: inv_freq must be a float [D/2={d // 2}] (the model's RoPE inv_freq, even "
+            f"head dim), got {inv_freq.dtype} {tuple(inv_freq.shape)} for head dim {d}"
+        )
+    checks.require_same_device("gather_attend", q, rot_delta=rot_delta, inv_freq=inv_freq)
+    turns = inv_freq.to(torch.float64) / (2 * torch.pi)  # [D/2], D/2 values: cheap
+    return rot_delta.contiguous(), turns
+
+
 def gather_attend(
     q: Tensor, k_rows: Tensor, v_rows: Tensor, ids: Tensor, *, scale: float,
     check_ids: bool | None = None, num_splits: int | None = None,
     launch: DecodeLaunch = DEFAULT_LAUNCH,
+    rot_delta: Tensor | None = None, inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One query over rows picked by index lists; the gather is fused into the kernel.
 
@@ -243,6 +325,9 @@ def gather_attend(
     (zero-copy) with q on CUDA; ids: [H_kv, n] or [n], int32/int64, -1 = padding.
     check_ids: verify -1 <= ids < N (one min/max; None = only for ids on the CPU, since on
     CUDA it waits for the device). Unchecked out-of-range ids read out of bounds.
+    rot_delta: optional [H_kv, n] or [n] int32/int64 positions, aligned with ids, on q's
+    device: the key of each id is rotated by its delta before the dot (RoPE position
+    remapping); needs inv_freq [D/2] (the model's RoPE inverse frequencies) on q's device.
     Returns (out [H_q, D] in q.dtype, lse [H_q] fp32); n = 0 gives out = 0, lse = -inf.
     """
     _validate_qkv("gather_attend", q, k_rows, v_rows, "k_rows", "v_rows")
@@ -251,6 +336,7 @@ def gather_attend(
     checks.require_rows_device("gather_attend", q, k_rows=k_rows, v_rows=v_rows)
     if checks.want_id_check(check_ids, ids):
         checks.check_ids_range("gather_attend", ids, k_rows.shape[0], allow_padding=True)
+    rot = _validate_rotation(rot_delta, inv_freq, ids, q, k_rows.shape[1])
     q = q.contiguous()
     ids = ids.contiguous()
-    return _attend_rows(q, k_rows, v_rows, ids, ids.shape[-1], scale, num_splits, launch)
+    return _attend_rows(q, k_rows, v_rows, ids, ids.shape[-1], scale, num_splits, launch, rot)
