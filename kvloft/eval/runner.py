@@ -351,7 +351,7 @@ def markdown(result: dict[str, Any], name: str, note: str = "") -> str:
     lines = [
         f"## {name}",
         "",
-        f"- model: `{m['model']}` ({m['dtype']}, {m['device']}, kernels {m['kernels']})",
+        f"- model: `{Path(m['model']).name}` ({m['dtype']}, {m['device']}, kernels {m['kernels']})",
         f"- machine: {m['machine']}",
         f"- date: {m['date']}",
         (f"- settings: budget {m['budget']} host tokens per step, sink {m['n_sink']}, window {m['n_window']}, "
