@@ -6,6 +6,27 @@ TieredAttention  static tier (sink + window) + host tier. Prefill chunks attend 
                  token attends to the static tier and to the host rows its retriever
                  selects, the two partials merged exactly by log-sum-exp:
                      o = merge((o_s, lse_s), (o_r, lse_r))
+
+Positions (RetrievalConfig.position_mode; DESIGN.md, Positions). Keys are stored after
+RoPE at their true positions. "exact" reads them there: with a covering budget the
+result equals dense attention. "extrapolate" moves keys so that no query sees a relative
+distance beyond n_sink + budget + n_window (+ the prefill chunk), which lets a model
+answer from contexts longer than it was trained on. RoPE is a rotation, so a key stored at
+p is read at p' by rotating it once more by p' - p (kernels: rotate_keys, gather_attend's
+rot_delta). With w0 the true position of the oldest window key (decode: the ring, which
+holds the query's own token; prefill: the ring before the chunk, or the chunk's first
+position if the ring is empty):
+    window keys (and, in prefill, the chunk's own tokens)   true positions
+    the k retrieved keys of a KV head, rank r = 0..k-1 by
+    true position, oldest first (padding ignored)           new_pos = w0 - k + r
+    the n_s sink keys i = 0..n_s-1                          new_pos = w0 - k - n_s + i
+So a decode query at P sees the window at distances 0..n_window-1, the retrieved keys right
+before it (n_window .. n_window+k-1, in their order) and the sink before those. When the
+retrieved keys are the whole host tier, every key lands on its true position: extrapolate
+mode with a covering budget equals dense too. In prefill (extrapolate) a chunk attends to
+itself causally, to the window and the remapped sink, and to the `budget` host keys per KV
+head that score highest for the chunk's mean query (the retriever once built, else exact
+scores over the host tier), remapped the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +40,9 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
-from kvloft.kernels import KernelSet
+from kvloft.kernels import KernelSet, reference
 from kvloft.runtime.kvcache import DenseKV, LayerTiers, TieredKVCache
+from kvloft.runtime.model import rope_inv_freq
 
 
 class Timers:
@@ -112,6 +134,30 @@ class QuerySampler:
             lst.clear()
 
 
+def remap_deltas(window_start: Tensor, sink_pos: Tensor, ret_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotation deltas of the extrapolation mode (the mapping in the module docstring).
+
+    window_start: 0-dim int64, w0, the true position of the oldest window key.
+    sink_pos: [n_s] int64 true positions of the sink keys, in slot (= position) order.
+    ret_pos: [H_kv, k] (per KV head) or [k] (shared) int64 true positions of the retrieved
+        keys in any order, -1 = padding.
+    Returns (sink_delta [H_kv, n_s] or [n_s], ret_delta shaped like ret_pos; 0 for padding),
+    new_pos - true_pos, on ret_pos's device.
+    """
+    shared = ret_pos.dim() == 1
+    rp = ret_pos[None] if shared else ret_pos  # [H, k]
+    valid = rp >= 0
+    k = valid.sum(-1, keepdim=True)  # [H, 1] keys kept per head
+    order_key = torch.where(valid, rp, torch.iinfo(torch.int64).max)
+    rank = order_key.argsort(dim=-1, stable=True).argsort(dim=-1)  # valid keys first, oldest first
+    w0 = window_start.to(rp.device)
+    ret_delta = torch.where(valid, w0 - k + rank - rp, 0)
+    n_s = sink_pos.shape[0]
+    slot = torch.arange(n_s, device=rp.device)
+    sink_delta = (w0 - k - n_s + slot) - sink_pos.to(rp.device)[None]  # [H, n_s]
+    return (sink_delta[0], ret_delta[0]) if shared else (sink_delta, ret_delta)
+
+
 class TieredAttention:
     def __init__(self, cfg: ModelConfig, rcfg: RetrievalConfig, cache: TieredKVCache,
                  retriever: Retriever, ops: KernelSet, device: torch.device, profile: bool = False) -> None:
@@ -124,6 +170,7 @@ class TieredAttention:
         self.decoding = False
         self.timers = Timers(sync=profile and device.type == "cuda")
         self.scanned = 0
+        self.inv_freq = rope_inv_freq(cfg).to(device)  # [D/2] fp32, for position remapping
 
     @property
     def n_tokens(self) -> int:
@@ -144,8 +191,13 @@ class TieredAttention:
         self.sampler.clear()
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        extrapolate = self.rcfg.position_mode == "extrapolate"
         if self.decoding and q.shape[0] == 1 and self.built[layer]:
+            if extrapolate:
+                return self._decode_extrapolate(layer, q, k, v, positions)
             return self._decode(layer, q, k, v, positions)
+        if extrapolate:
+            return self._prefill_extrapolate(layer, q, k, v, positions)
         return self._prefill(layer, q, k, v, positions)
 
     def _append(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
@@ -192,15 +244,23 @@ class TieredAttention:
             out, _ = self.ops.merge([o_s, o_r], [l_s, l_r])
         return out[None]
 
-    def _retrieved(self, tiers: LayerTiers, q: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Attention of q [H_q, D] over selected host rows (ids [H_kv, k] or [k], -1 = pad)."""
+    def _retrieved(self, tiers: LayerTiers, q: Tensor, ids: Tensor,
+                   rot_delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Attention of q [H_q, D] over selected host rows (ids [H_kv, k] or [k], -1 = pad).
+
+        rot_delta: optional [H_kv, k] or [k] int64, aligned with ids: rotate each selected
+        key by that many positions first (extrapolation mode).
+        """
+        rot = {}
+        if rot_delta is not None:
+            rot = {"rot_delta": rot_delta.to(q.device), "inv_freq": self.inv_freq}
         one_chunk = len(tiers.host_k.chunks) == 1
         zero_copy = self.ops.name == "triton" and tiers.host_k.pin
         if one_chunk and (self.device.type == "cpu" or zero_copy):
             # one host chunk: the kernel gathers straight from it (on CUDA: reading pinned
             # host memory through unified addressing, only the selected rows cross PCIe)
             kc, vc = tiers.host_k.chunks[0], tiers.host_v.chunks[0]
-            return self.ops.gather_attend(q, kc, vc, ids.to(q.device), scale=self.scale)
+            return self.ops.gather_attend(q, kc, vc, ids.to(q.device), scale=self.scale, **rot)
         ids = ids.to("cpu")
         hkv = self.cfg.n_kv_heads
         per_head = ids if ids.dim() == 2 else ids[None].expand(hkv, -1)
@@ -210,4 +270,117 @@ class TieredAttention:
         gv = tiers.host_v.rows(safe, heads).transpose(0, 1).to(self.device)
         local = torch.arange(safe.shape[1])[None].expand_as(safe)
         local = torch.where(per_head >= 0, local, -1).to(self.device)
-        return self.ops.gather_attend(q, gk, gv, local, scale=self.scale)
+        return self.ops.gather_attend(q, gk, gv, local, scale=self.scale, **rot)
+
+    # ---- extrapolation mode (positions remapped; see the module docstring) -----------------
+
+    def _window_start(self, tiers: LayerTiers, after: Tensor) -> Tensor:
+        """w0: true position of the oldest ring key, or `after` (0-dim) if the ring is empty."""
+        ring_pos = tiers.static_kv()[2][tiers.sink_fill :]
+        return ring_pos.min() if ring_pos.numel() else after
+
+    def _host_positions(self, tiers: LayerTiers, ids: Tensor) -> Tensor:
+        """True positions of host rows ids ([H_kv, k] or [k], -1 = pad -> -1), on ids' device."""
+        n = tiers.n_host
+        chunk = tiers.host_pos.chunk_rows
+        first = int(tiers.host_pos.chunks[0][0])
+        last = int(tiers.host_pos.chunks[(n - 1) // chunk][(n - 1) % chunk])
+        if last - first == n - 1:  # consecutive positions (a session's case): no gather, no sync
+            pos = ids + first
+        else:
+            pos = tiers.host_pos.rows(ids.clamp_min(0).to("cpu")).to(ids.device)
+        return torch.where(ids >= 0, pos, -1)
+
+    def _remap(self, tiers: LayerTiers, ids: Tensor, w0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sink keys rotated to their new positions, their values, and the retrieved keys' deltas.
+
+        ids: [H_kv, k] / [k] host rows (may be empty). Returns (sink_k [n_s, H_kv, D],
+        sink_v [n_s, H_kv, D], ret_delta shaped like ids).
+        """
+        sk, sv, spos = tiers.static_kv()
+        ns = tiers.sink_fill
+        ret_pos = self._host_positions(tiers, ids) if ids.numel() else ids.to(self.device)
+        sink_delta, ret_delta = remap_deltas(w0, spos[:ns], ret_pos.to(self.device))
+        return reference.rotate_keys(sk[:ns], sink_delta, self.inv_freq), sv[:ns], ret_delta
+
+    def _decode_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """One decode token: window at true positions; sink and retrieved keys remapped."""
+        tiers: LayerTiers = self.cache[layer]
+        self._append(layer, k, v, positions)
+        q1 = q[0]  # [H_q, D]
+        ids = torch.empty((self.cfg.n_kv_heads, 0), dtype=torch.int64, device=self.device)
+        if tiers.n_host and self.rcfg.budget:
+            with self.timers("search"):
+                sel = self.retriever.select(layer, q1, self.rcfg.budget)
+            self.scanned += sel.scanned
+            ids = sel.ids
+        with self.timers("static_attention"):
+            sk, sv, _ = tiers.static_kv()
+            w0 = self._window_start(tiers, positions[-1] + 1)
+            sink_k, sink_v, ret_delta = self._remap(tiers, ids, w0)
+            o_w, l_w = self.ops.decode_attend(q1, sk[tiers.sink_fill :], sv[tiers.sink_fill :], scale=self.scale)
+            o_s, l_s = self.ops.decode_attend(q1, sink_k, sink_v, scale=self.scale)
+        outs, lses = [o_w, o_s], [l_w, l_s]
+        if ids.numel():
+            with self.timers("retrieved_attention"):
+                o_r, l_r = self._retrieved(tiers, q1, ids, rot_delta=ret_delta)
+            outs.append(o_r)
+            lses.append(l_r)
+        out, _ = self.ops.merge(outs, lses)
+        return out[None]
+
+    def _prefill_select(self, layer: int, tiers: LayerTiers, q: Tensor) -> Tensor:
+        """Host rows [H_kv, k] (or [k]; -1 = pad) for a prefill chunk: the top `budget` per KV
+        head for the chunk's mean query q [T, H_q, D] -> [H_q, D]. The retriever once built,
+        else exact scores over the host tier (one pass, reduced over each GQA group)."""
+        q_mean = q.float().mean(0)  # summed logits of the chunk's queries, up to a factor T
+        if self.built[layer]:
+            return self.retriever.select(layer, q_mean.to(q.dtype), self.rcfg.budget).ids
+        hkv = self.cfg.n_kv_heads
+        qc = q_mean.to("cpu")
+        scores = torch.cat([reference.reduce_group(reference.score(qc, chunk), hkv, self.rcfg.gqa_reduce)
+                            for _, chunk in tiers.host_k.iter_chunks()], dim=1)  # [H_kv, N]
+        return torch.topk(scores, min(self.rcfg.budget, scores.shape[1]), dim=-1).indices
+
+    def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """A prefill chunk: itself causally, the window, the remapped sink and top host keys."""
+        tiers: LayerTiers = self.cache[layer]
+        with self.timers("prefill_attention"):
+            sk, sv, _ = tiers.static_kv()
+            ids = torch.empty((self.cfg.n_kv_heads, 0), dtype=torch.int64)
+            if tiers.n_host and self.rcfg.budget:
+                ids = self._prefill_select(layer, tiers, q)
+            sink_k, sink_v, ret_delta = self._remap(tiers, ids, self._window_start(tiers, positions[0]))
+            parts = [self.ops.attend(q, sk[tiers.sink_fill :], sv[tiers.sink_fill :], scale=self.scale),
+                     self.ops.attend(q, sink_k, sink_v, scale=self.scale),
+                     self.ops.attend(q, k, v, scale=self.scale, causal=True)]
+            if ids.numel():
+                parts.append(self._retrieved_many(tiers, q, ids, ret_delta))
+            out, _ = self.ops.merge([o for o, _ in parts], [lse for _, lse in parts])
+        self.sampler.observe(layer, q, positions)
+        self._append(layer, k, v, positions)
+        return out
+
+    def _retrieved_many(self, tiers: LayerTiers, q: Tensor, ids: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention of T queries q [T, H_q, D] over host rows ids [H_kv, k] / [k] (-1 = pad),
+        each key rotated by delta (aligned with ids): gathered once, rotated once."""
+        hkv = self.cfg.n_kv_heads
+        per_head = (ids if ids.dim() == 2 else ids[None].expand(hkv, -1)).to("cpu")
+        delta = (delta if delta.dim() == 2 else delta[None].expand(hkv, -1)).to(self.device)
+        safe = per_head.clamp_min(0)
+        heads = torch.arange(hkv)[:, None].expand_as(safe)
+        gk = tiers.host_k.rows(safe, heads).transpose(0, 1).to(self.device)  # [k, H_kv, D]
+        gv = tiers.host_v.rows(safe, heads).transpose(0, 1).to(self.device)
+        gk = reference.rotate_keys(gk, delta, self.inv_freq)
+        valid = per_head >= 0
+        if bool(valid.all()):
+            return self.ops.attend(q, gk, gv, scale=self.scale)
+        # per-head padding: attend head by head over its own valid keys
+        g = self.cfg.group_size
+        outs, lses = [], []
+        for h in range(hkv):
+            m = valid[h].to(self.device)
+            o, lse = self.ops.attend(q[:, h * g : (h + 1) * g], gk[m, h : h + 1], gv[m, h : h + 1], scale=self.scale)
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs, dim=1), torch.cat(lses, dim=1)

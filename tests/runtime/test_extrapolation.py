@@ -1,0 +1,211 @@
+"""Extrapolation mode (RetrievalConfig.position_mode="extrapolate"; runtime/attention.py docstring).
+
+- the mapping, hand-computed: which position each sink / retrieved / window key is read at,
+  in decode and in prefill, checked on the deltas and on the attention output;
+- where the mapping is the identity (context within sink + window; a budget covering the
+  host tier), the session equals dense attention;
+- SmolLM2 (trained at 8K) finds a pass key at ~12K tokens (slow; KVLOFT_SLOW=1 runs it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from kvloft import RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.config import ModelConfig
+from kvloft.index.base import Selection
+from kvloft.kernels import REFERENCE
+from kvloft.runtime.attention import TieredAttention, remap_deltas
+from kvloft.runtime.kvcache import TieredKVCache
+from kvloft.runtime.model import rope_inv_freq, rotate
+
+CFG = ModelConfig(name="remap", vocab_size=16, hidden_size=96, intermediate_size=32, n_layers=1,
+                  n_heads=6, n_kv_heads=3, head_dim=16, rope_theta=10000.0)
+
+
+def test_remap_deltas_hand_computed():
+    # window starts at 20; sink at 0, 1, 2; per-head retrieved positions in score order
+    ret = torch.tensor([[15, 4, 9], [7, -1, 11], [-1, -1, -1]])
+    sink_d, ret_d = remap_deltas(torch.tensor(20), torch.tensor([0, 1, 2]), ret)
+    # head 0: 4 -> 17, 9 -> 18, 15 -> 19; sink -> 14, 15, 16
+    # head 1: 7 -> 18, 11 -> 19; sink -> 15, 16, 17
+    # head 2: nothing retrieved; sink right before the window -> 17, 18, 19
+    assert ret_d.tolist() == [[19 - 15, 17 - 4, 18 - 9], [18 - 7, 0, 19 - 11], [0, 0, 0]]
+    assert sink_d.tolist() == [[14, 14, 14], [15, 15, 15], [17, 17, 17]]
+    sink_s, ret_s = remap_deltas(torch.tensor(20), torch.tensor([0, 1, 2]), torch.tensor([9, 4]))
+    assert ret_s.tolist() == [19 - 9, 18 - 4] and sink_s.tolist() == [15, 15, 15]
+
+
+class FixedRetriever:
+    """Returns the same host rows every call (to hand-compute what the query sees)."""
+
+    needs_queries = False
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def build(self, layer, keys, queries):
+        pass
+
+    def add(self, layer, keys, positions):
+        pass
+
+    def select(self, layer, q, budget):
+        return Selection(ids=self.ids.clone(), scanned=0)
+
+    def stats(self):
+        return {}
+
+
+def rope(pos: torch.Tensor, inv: torch.Tensor):
+    ang = pos.double()[:, None] * inv.double()[None]
+    ang = torch.cat((ang, ang), dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def attention_at(q0, qpos, k0, v, seen, inv, scale):
+    """Dense attention of one unrotated query q0 [H_q, D] at qpos over unrotated keys
+    k0/v [T, H_kv, D], KV head h reading token t at position seen[h][t]."""
+    q = rotate(q0[None], *rope(torch.tensor([qpos]), inv))[0]
+    g = CFG.group_size
+    out = []
+    for hq in range(CFG.n_heads):
+        h = hq // g
+        toks = sorted(seen[h])
+        keys = rotate(k0[toks, h : h + 1], *rope(torch.tensor([seen[h][t] for t in toks]), inv))[:, 0]
+        p = torch.softmax(keys @ q[hq] * scale, 0)
+        out.append(p @ v[toks, h])
+    return torch.stack(out)
+
+
+# host rows picked per KV head (row r holds position r + 2: two sink tokens come first)
+IDS = torch.tensor([[5, 1], [6, -1], [0, 7]])
+# hand-computed positions each KV head reads the sink and retrieved tokens at (token: position)
+PREFILL_SEEN = [  # chunk 12..13; window 9..11 (w0 = 9)
+    {0: 5, 1: 6, 3: 7, 7: 8},  # rows 1, 5 = tokens 3, 7 (k = 2)
+    {0: 6, 1: 7, 8: 8},  # row 6 = token 8 (k = 1, one pad)
+    {0: 5, 1: 6, 2: 7, 8: 8},  # rows 0, 6 = tokens 2, 8 (row 7 is not in the host tier yet)
+]
+DECODE_SEEN = [  # query 14; window 12..14 (w0 = 12)
+    {0: 8, 1: 9, 3: 10, 7: 11},
+    {0: 9, 1: 10, 8: 11},
+    {0: 8, 1: 9, 2: 10, 9: 11},
+]
+
+
+@pytest.mark.parametrize("host_chunk", [4, 64])  # several host chunks, or one
+def test_positions_seen_in_prefill_and_decode(host_chunk):
+    n_tok = 15
+    k0, v = torch.randn(n_tok, 3, 16), torch.randn(n_tok, 3, 16)
+    q0 = torch.randn(n_tok, 6, 16)
+    inv = rope_inv_freq(CFG)
+    pos = torch.arange(n_tok)
+    cos, sin = rope(pos, inv)
+    q, k = rotate(q0, cos, sin), rotate(k0, cos, sin)  # stored after RoPE at true positions
+    rcfg = RetrievalConfig(budget=2, n_sink=2, n_window=3, position_mode="extrapolate")
+    cache = TieredKVCache(CFG, n_sink=2, n_window=3, host_chunk=host_chunk, device=torch.device("cpu"),
+                          dtype=torch.float32)
+    prefill_ids = IDS.clone()
+    prefill_ids[2, 1] = 6  # 7 host rows before the second chunk
+    retr = FixedRetriever(prefill_ids)
+    att = TieredAttention(CFG, rcfg, cache, retr, REFERENCE, torch.device("cpu"))
+    scale = 16**-0.5
+
+    att.attend(0, q[:12], k[:12], v[:12], pos[:12])  # first chunk: no host tier yet
+    att.build_indexes()
+    got = att.attend(0, q[12:14], k[12:14], v[12:14], pos[12:14])
+    for i, qpos in enumerate((12, 13)):
+        seen = [{**m, **{t: t for t in range(9, qpos + 1)}} for m in PREFILL_SEEN]
+        want = attention_at(q0[qpos], qpos, k0, v, seen, inv, scale)
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
+
+    retr.ids = IDS
+    att.decoding = True
+    got = att.attend(0, q[14:], k[14:], v[14:], pos[14:])
+    seen = [{**m, 12: 12, 13: 13, 14: 14} for m in DECODE_SEEN]
+    want = attention_at(q0[14], 14, k0, v, seen, inv, scale)
+    torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu", dtype="float32", seed=7)
+
+
+def _run(model, rcfg, parts, steps, chunk=64):
+    """Feed each prompt part, then decode `steps` tokens after each; stacked logits."""
+    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=chunk, progress=False))
+    out = []
+    for part in parts:
+        s.feed(part)
+        out.append(s.last_logits.clone())
+        out += [s.step(int(t)).clone() for t in steps]
+    return torch.stack(out), s
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_covering_budget_equals_dense(tiny):
+    """Retrieving the whole host tier puts every key back on its true position, in decode,
+    in the first prefill (exact scores on the host tier) and a later one (the retriever)."""
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randint(0, 512, (300,), generator=g), torch.randint(0, 512, (90,), generator=g)]
+    steps = torch.randint(0, 512, (4,), generator=g)
+    dense, _ = _run(tiny, RetrievalConfig(method="dense"), parts, steps)
+    rcfg = RetrievalConfig(method="exact", budget=4096, n_sink=8, n_window=32, position_mode="extrapolate")
+    got, s = _run(tiny, rcfg, parts, steps)
+    assert s.stats()["tier_tokens"]["host"] > 300
+    assert _rel_err(got, dense) < 1e-5
+
+
+def test_context_within_sink_and_window_equals_dense(tiny):
+    prompt = torch.randint(0, 512, (30,))
+    steps = torch.randint(0, 512, (5,))
+    dense, _ = _run(tiny, RetrievalConfig(method="dense"), [prompt], steps, chunk=16)
+    rcfg = RetrievalConfig(method="exact", budget=16, n_sink=8, n_window=32, position_mode="extrapolate")
+    got, s = _run(tiny, rcfg, [prompt], steps, chunk=16)
+    assert s.stats()["tier_tokens"]["host"] == 0
+    assert _rel_err(got, dense) < 1e-5
+
+
+def test_small_budget_remaps(tiny):
+    """With a selective budget the two modes differ (keys moved), and both stay finite."""
+    prompt = torch.randint(0, 512, (400,))
+    steps = torch.randint(0, 512, (3,))
+
+    def run(mode):
+        rcfg = RetrievalConfig(method="exact", budget=32, n_sink=4, n_window=16, position_mode=mode)
+        return _run(tiny, rcfg, [prompt], steps)[0]
+
+    exact, extra = run("exact"), run("extrapolate")
+    assert torch.isfinite(extra).all()
+    assert _rel_err(extra, exact) > 1e-3
+
+
+SLOW = pytest.mark.skipif(os.environ.get("KVLOFT_SLOW") != "1",
+                          reason="prefills 12K tokens of SmolLM2 on the CPU; set KVLOFT_SLOW=1 to run")
+
+
+@pytest.mark.slow
+@SLOW
+def test_smollm2_passkey_beyond_training_length():
+    from kvloft.eval.scoring import score
+    from kvloft.eval.tasks import build_prompt, generate
+
+    model = load_model("smollm2", device="cpu")
+    sample = generate("passkey", model.tokenizer, 12000, seed=0, depth=0.4)
+    assert sample.actual_tokens > model.config.max_position_embeddings
+    rcfg = RetrievalConfig(method="exact", budget=512, n_sink=64, n_window=512, position_mode="extrapolate")
+    s = Session(model, rcfg, RuntimeConfig(progress=False))
+    t0 = time.perf_counter()
+    s.feed(build_prompt(sample))
+    answer = s.generate(max_new_tokens=8, stop=["\n"])
+    print(f"passkey at {sample.actual_tokens} tokens: {answer!r} (want {sample.references}), "
+          f"{time.perf_counter() - t0:.0f} s; {s.stats()['timings_s']}")
+    assert score("passkey", answer, sample.references) == 1.0, answer
