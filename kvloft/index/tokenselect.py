@@ -186,10 +186,10 @@ class TokenSelectRetriever:
         s = self._stats
         s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
         self.cache_hits, self.cache_misses = int(state["cache_hits"]), int(state["cache_misses"])
-        for key in state:
+        for key, value in state.items():
             if key.endswith(".last_q"):
                 layer = int(key.removeprefix("layer").split(".")[0])
-                st = self._state(layer, state[key].dtype)
-                st.last_q = state[key].to(self.device)
+                st = self._state(layer, value.dtype)
+                st.last_q = value.to(self.device)
                 st.last_ids = state[f"layer{layer}.last_ids"].to(self.device)
                 st.last_budget = int(state[f"layer{layer}.last_budget"])
