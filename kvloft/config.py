@@ -200,6 +200,8 @@ class RuntimeConfig:
     progress: show a progress bar for long prefills.
     profile: on CUDA, synchronize around each timed region so stats() gives an exact
         breakdown (search, transfer, attention); costs overlap, so off by default.
+    scheduler: "none" (TieredAttention) or "overlap" (kvloft.scheduler: GPU row cache,
+        planned transfers on a copy stream, CPU-side search on a worker thread).
     """
 
     device: str = "auto"
@@ -211,6 +213,7 @@ class RuntimeConfig:
     progress: bool = True
     profile: bool = False
     seed: int = 0
+    scheduler: str = "none"
 
     def __post_init__(self) -> None:
         if self.kernels not in ("auto", "reference", "triton"):
@@ -222,6 +225,8 @@ class RuntimeConfig:
                 f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
             )
         _check_int("prefill_chunk", self.prefill_chunk, minimum=1)
+        if self.scheduler not in ("none", "overlap"):
+            raise ValueError(f"scheduler must be 'none' or 'overlap', got {self.scheduler!r}")
         object.__setattr__(self, "gpu_memory_budget", parse_bytes(self.gpu_memory_budget))
         object.__setattr__(self, "host_memory_budget", parse_bytes(self.host_memory_budget))
 

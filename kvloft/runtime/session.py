@@ -59,8 +59,15 @@ class Session:
             kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
                                host_chunk=self.cache_cfg.host_chunk_tokens, device=m.device, dtype=m.dtype)
             retriever = make_retriever(self.retrieval, cfg, m.device)
-            self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device,
-                                           self.runtime.profile)
+            if self.runtime.scheduler == "overlap":
+                from kvloft.scheduler.overlap import ScheduledAttention
+
+                self.backend = ScheduledAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device,
+                                                  self.runtime.profile, runtime=self.runtime,
+                                                  cache_cfg=self.cache_cfg)
+            else:
+                self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device,
+                                               self.runtime.profile)
         self.tokens: list[int] = []
         self._last_logits: Tensor | None = None
         self._times = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}

@@ -1,0 +1,14 @@
+"""The decode scheduler (DESIGN.md, Scheduler): plan on the CPU, run on streams.
+
+plan.py     per-step plans of the GPU row cache (plain numpy data)
+cache.py    the GPU row cache: LRU token rows per layer, hit statistics
+rowcopy.py  zero-copy gather of host rows into a device buffer (Triton + torch twin)
+streams.py  gathered buffers, pinned staging ring, copy stream and events
+overlap.py  ScheduledAttention (RuntimeConfig(scheduler="overlap"))
+budget.py   the GPU memory plan of a session and its refusal message
+"""
+
+from kvloft.scheduler.budget import MemoryPlan, plan_memory
+from kvloft.scheduler.params import SchedulerParams
+
+__all__ = ["MemoryPlan", "SchedulerParams", "plan_memory"]

@@ -1,0 +1,288 @@
+"""GPU memory plan of a session: what lives on the GPU, and whether it fits the budget.
+
+`plan_memory(model_cfg, retrieval_cfg, runtime_cfg, n_tokens, dtype)` counts, for a
+context of n_tokens, the bytes the current code puts on the compute device:
+
+  weights     every parameter (tied embeddings once), as Model.weight_bytes counts them;
+  static      sink + window ring per layer (with positions); for method "dense" the whole
+              KV, in DenseKV's doubling capacity;
+  row_cache   the scheduler's GPU row cache (RuntimeConfig.scheduler == "overlap");
+  index       the retriever's device-side copy: exact, tokenselect, hip and recycled keep
+              every host key on their device (chunked, whole chunks); actqkv one fp32 vector
+              per block and KV head; attention_graph keeps its graph on the host (host_index);
+  workspace   the larger of prefill (the dense chunk attention's fp32 logits and fp32 K/V
+              copies, the host tier moved back per layer, activations) and decode (the
+              search's score buffers, gathered rows and buffers, logits) transients.
+
+Estimates of transients follow the code paths (runtime/attention.py, index/*.py); they
+are upper bounds of what one layer holds at once, not allocator measurements. Over
+`RuntimeConfig.gpu_memory_budget` it raises a ValueError that names what would fit: the
+longest context with this cache, and the largest row cache for this context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
+from kvloft.scheduler.params import SchedulerParams
+
+__all__ = ["MemoryPlan", "plan_memory", "resolve_cache_bytes", "weight_bytes"]
+
+GiB = 2**30
+MIRROR_METHODS = ("exact", "tokenselect", "hip", "recycled")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes on the compute device for one context (all ints, bytes).
+
+    n_tokens: the context planned for; n_host: of which in the host tier.
+    weights, static, row_cache, index, workspace: see the module doc; total: their sum.
+    prefill_workspace, decode_workspace: the two candidates of workspace.
+    host_kv: host tier (K, V, positions; whole chunks); host_index: host-side index copy.
+    budget: RuntimeConfig.gpu_memory_budget (0 = none).
+    notes: what the plan does not model.
+    """
+
+    n_tokens: int
+    n_host: int
+    weights: int
+    static: int
+    row_cache: int
+    index: int
+    workspace: int
+    prefill_workspace: int
+    decode_workspace: int
+    host_kv: int
+    host_index: int
+    budget: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.static + self.row_cache + self.index + self.workspace
+
+    @property
+    def fits(self) -> bool:
+        return self.budget == 0 or self.total <= self.budget
+
+    def as_dict(self) -> dict[str, int | list[str]]:
+        keys = ("n_tokens", "n_host", "weights", "static", "row_cache", "index", "workspace",
+                "prefill_workspace", "decode_workspace", "host_kv", "host_index", "budget")
+        return {**{k: getattr(self, k) for k in keys}, "total": self.total, "notes": self.notes}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {getattr(self, k) / GiB:.2f}" for k in
+                          ("weights", "static", "row_cache", "index", "workspace"))
+        return f"{self.total / GiB:.2f} GiB for {self.n_tokens} tokens ({parts} GiB)"
+
+
+def _itemsize(dtype: torch.dtype | str) -> int:
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16' or torch.bfloat16")
+        dtype = getattr(torch, dtype)
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """Parameters of the decoder (runtime/model.py), tied embeddings counted once."""
+    h, d, hq, hkv = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    attn = h * hq * d + 2 * h * hkv * d + hq * d * h
+    if cfg.attention_bias:
+        attn += (hq + 2 * hkv) * d
+    layer = attn + 3 * h * cfg.intermediate_size + 2 * h
+    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return (cfg.n_layers * layer + embed + h) * itemsize
+
+
+def _chunks(rows: int, chunk: int) -> int:
+    return -(-rows // chunk) * chunk
+
+
+def _dense_capacity(n: int) -> int:
+    cap = 1024  # DenseKV doubles from 1024 rows
+    while cap < n:
+        cap *= 2
+    return cap
+
+
+def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int) -> tuple[int, int, list[str]]:
+    """(device bytes, host bytes, notes) of the retriever's copy for n_host rows."""
+    hkv, d, layers, opts = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, rcfg.options
+    m = rcfg.method
+    if m in MIRROR_METHODS:
+        return _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, 0, []
+    if m == "actqkv":
+        block = int(opts.get("block_size", 0)) or (64 if cfg.attention_bias else 32)
+        blocks = -(-n_host // block)
+        return _chunks(blocks, 4096) * hkv * d * 4 * layers + block * hkv * d * isz * layers, 0, []
+    if m == "attention_graph":
+        degree = int(opts.get("max_degree", 32))
+        per_key = 4 * d + 4 * degree + 12  # fp32 key, int32 edges, degree, bias, parent
+        return 0, n_host * hkv * per_key * layers, ["attention_graph host index: capacity grows by doubling"]
+    if m == "faiss":
+        return 0, 0, ["faiss index size is not modelled"]
+    return 0, 0, []
+
+
+def _search_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int) -> int:
+    """Transient score buffers of one select() on the retriever's device."""
+    hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    chunk = min(n_host, int(rcfg.options.get("chunk_rows", 16384)))
+    fp32_chunk = chunk * hkv * d * 4  # reference.score reads a chunk in fp32
+    m = rcfg.method
+    if m == "exact":
+        return 2 * hkv * n_host * 4 + hq * chunk * 4 + fp32_chunk
+    if m == "tokenselect":
+        return 3 * hq * n_host * 4 + fp32_chunk
+    if m == "recycled":
+        return 4 * hq * n_host * 4 + fp32_chunk
+    if m in ("hip", "actqkv"):
+        return 16 * n_host + hq * 4 * 4096
+    return 0
+
+
+def _prefill_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: RuntimeConfig,
+                       cache_cfg: CacheConfig, n: int, n_host: int, isz: int) -> int:
+    """The last prefill chunk of a context of n tokens (runtime/attention.py _prefill)."""
+    p = min(runtime.prefill_chunk, max(n, 1))
+    hq, hkv, d, row = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    acts = p * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + (hq + 2 * hkv) * d) * isz
+    if rcfg.method == "dense":  # causal attention over every token at once
+        tk = n
+        moved = 0
+    else:  # one partial per tier part; every host chunk of the layer is moved up at once
+        tk = max(min(cache_cfg.host_chunk_tokens, n_host), rcfg.n_sink + rcfg.n_window, p)
+        moved = 2 * _chunks(n_host, cache_cfg.host_chunk_tokens) * row * isz if n_host else 0
+    attend = hq * p * tk * 4 + 2 * tk * row * 4 + p * hq * d * 4  # fp32 logits, K/V, q
+    return acts + attend + moved
+
+
+def _decode_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: RuntimeConfig,
+                      params: SchedulerParams, n_host: int, isz: int) -> int:
+    row = cfg.n_kv_heads * cfg.head_dim
+    logits = cfg.vocab_size * 4 * 2
+    if rcfg.method == "dense":
+        return logits
+    k = min(rcfg.budget, n_host)
+    if runtime.scheduler == "overlap":
+        rows = params.gathered_rows or max(1, rcfg.budget * cfg.n_kv_heads)
+        gathered = params.regions * (min(rows, n_host) * 2 * row * isz + 3 * rows * 8)
+    else:  # per-head rows gathered on the CPU and copied up (no copy when read zero-copy)
+        gathered = 2 * k * row * isz
+    return logits + gathered + _search_workspace(cfg, rcfg, n_host)
+
+
+def plan_memory(
+    model_cfg: ModelConfig,
+    retrieval_cfg: RetrievalConfig,
+    runtime_cfg: RuntimeConfig,
+    n_tokens: int,
+    dtype: torch.dtype | str,
+    *,
+    cache_cfg: CacheConfig | None = None,
+    scheduler: SchedulerParams | None = None,
+    cache_bytes: int | None = None,
+    check: bool = True,
+) -> MemoryPlan:
+    """The device-memory plan of a session holding n_tokens (see the module doc).
+
+    cache_bytes: the row cache to plan for (default: resolved from `scheduler`'s
+    cache_bytes when runtime_cfg.scheduler == "overlap", else 0). check: raise a
+    ValueError naming what would fit when the total exceeds gpu_memory_budget.
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+        raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+    cache_cfg = cache_cfg or CacheConfig()
+    params = scheduler or SchedulerParams()
+    isz = _itemsize(dtype)
+    if cache_bytes is None:
+        cache_bytes = 0
+        if runtime_cfg.scheduler == "overlap" and retrieval_cfg.method != "dense":
+            cache_bytes = resolve_cache_bytes(model_cfg, retrieval_cfg, runtime_cfg, params, dtype,
+                                              "cuda", cache_cfg, n_tokens=n_tokens)
+    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes)
+    if check and not plan.fits:
+        raise ValueError(_refusal(plan, model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, isz))
+    return plan
+
+
+def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: int) -> MemoryPlan:
+    hkv, d, layers = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    token_row = 2 * hkv * d * isz
+    if rcfg.method == "dense":
+        n_host = 0
+        static = _dense_capacity(n) * token_row * layers
+    else:
+        n_host = max(0, n - rcfg.n_sink - rcfg.n_window)
+        static = (rcfg.n_sink + rcfg.n_window) * (token_row + 8) * layers
+    per_token = token_row * layers
+    row_cache = (cache_bytes // per_token) * per_token if rcfg.method != "dense" else 0
+    index, host_index, notes = _index_bytes(cfg, rcfg, n_host, isz)
+    pre = _prefill_workspace(cfg, rcfg, runtime, cache_cfg, n, n_host, isz)
+    dec = _decode_workspace(cfg, rcfg, runtime, params, n_host, isz)
+    if rcfg.method == "dense":
+        dec += static // 2  # growth: the old buffer is copied into one twice its size
+    host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (token_row + 8) * layers
+    return MemoryPlan(n, n_host, weight_bytes(cfg, isz), static, row_cache, index, max(pre, dec), pre, dec,
+                      host_kv, host_index, runtime.gpu_memory_budget, notes)
+
+
+def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: int, hi: int) -> int:
+    """The longest context whose plan fits the budget with this cache (-1: none)."""
+    def fits(n: int) -> bool:
+        return _plan(cfg, rcfg, runtime, cache_cfg, params, n, isz, cache_bytes).fits
+
+    if not fits(0):
+        return -1
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _refusal(plan: MemoryPlan, cfg, rcfg, runtime, cache_cfg, params, isz: int) -> str:
+    budget = plan.budget
+    msg = [f"the session needs {plan.describe()}, over gpu_memory_budget={budget / GiB:.2f} GiB."]
+    longest = _max_context(cfg, rcfg, runtime, cache_cfg, params, isz, plan.row_cache, plan.n_tokens)
+    if longest >= 0:
+        msg.append(f"It would fit with a context of at most {longest} tokens.")
+    else:
+        msg.append("Even an empty context does not fit: weights, static tier and row cache exceed it.")
+    if plan.row_cache:
+        room = budget - (plan.total - plan.row_cache)
+        if room >= 0:
+            per = 2 * cfg.n_kv_heads * cfg.head_dim * isz * cfg.n_layers
+            msg.append(f"Or keep {plan.n_tokens} tokens with SchedulerParams(cache_bytes<={room}) "
+                       f"({room // per} tokens per layer).")
+    msg.append("Raise the budget, shorten the context, shrink n_window or the row cache, "
+               "or pick a method without a GPU key copy (attention_graph).")
+    return " ".join(msg)
+
+
+def resolve_cache_bytes(
+    model_cfg: ModelConfig, retrieval_cfg: RetrievalConfig, runtime_cfg: RuntimeConfig,
+    params: SchedulerParams, dtype: torch.dtype | str, device: torch.device | str,
+    cache_cfg: CacheConfig | None = None, *, n_tokens: int | None = None,
+) -> int:  # fmt: skip
+    """Row-cache bytes for SchedulerParams.cache_bytes: the number itself, or for "auto"
+    budget * H_kv token rows per layer, shrunk to the headroom the GPU budget leaves at
+    n_tokens (default: CacheConfig.max_context; set it when a budget is given, or the
+    cache is sized for an empty context)."""
+    if params.cache_bytes != "auto":
+        return int(params.cache_bytes)
+    isz = _itemsize(dtype)
+    per_token = 2 * model_cfg.n_kv_heads * model_cfg.head_dim * isz * model_cfg.n_layers
+    want = retrieval_cfg.budget * model_cfg.n_kv_heads * per_token
+    budget = runtime_cfg.gpu_memory_budget
+    if not budget or torch.device(device).type != "cuda":
+        return want
+    cache_cfg = cache_cfg or CacheConfig()
+    n = cache_cfg.max_context if n_tokens is None else n_tokens
+    rest = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n, isz, 0).total
+    return max(0, min(want, budget - rest))
