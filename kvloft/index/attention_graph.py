@@ -144,14 +144,15 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 class HeadGraph:
-    """The graph of one KV head: keys [cap, D] float32, adj [cap, M] int32 (-1 = free),
-    deg [cap] int32, bias [cap] float32 (-|k|^2 / 2 for L2 key searches, else 0)."""
+    """The graph of one KV head (layout in graph_kernels): keys [cap, D] float32,
+    adj [cap, M] int32, deg [cap] int32, bias [cap] float32, parent [cap] int32."""
 
     def __init__(self, dim: int, max_degree: int, l2: bool, fill: bool, capacity: int = 1024) -> None:
         self.keys = np.zeros((capacity, dim), np.float32)
         self.adj = np.full((capacity, max_degree), -1, np.int32)
         self.deg = np.zeros(capacity, np.int32)
         self.bias = np.zeros(capacity, np.float32)
+        self.parent = np.full(capacity, -1, np.int32)
         self.l2, self.fill = l2, fill
         self.n = 0
         self.entry = 0
@@ -160,13 +161,15 @@ class HeadGraph:
         cap = self.keys.shape[0]
         if n <= cap:
             return
-        new = max(n, 2 * cap)
+        new = max(n, 2 * cap)  # amortized growth: the index copy, not the host tier
         keys = np.zeros((new, self.keys.shape[1]), np.float32)
         adj = np.full((new, self.adj.shape[1]), -1, np.int32)
         deg = np.zeros(new, np.int32)
         bias = np.zeros(new, np.float32)
-        keys[:cap], adj[:cap], deg[:cap], bias[:cap] = self.keys, self.adj, self.deg, self.bias
-        self.keys, self.adj, self.deg, self.bias = keys, adj, deg, bias
+        parent = np.full(new, -1, np.int32)
+        keys[:cap], adj[:cap], deg[:cap], bias[:cap], parent[:cap] = (
+            self.keys, self.adj, self.deg, self.bias, self.parent)
+        self.keys, self.adj, self.deg, self.bias, self.parent = keys, adj, deg, bias, parent
 
     def _put_keys(self, start: int, keys: np.ndarray) -> None:
         stop = start + keys.shape[0]
@@ -177,7 +180,11 @@ class HeadGraph:
         self.n = stop
 
     def _views(self, n: int):
-        return self.keys[:n], self.bias[:n], self.adj[:n], self.deg[:n]
+        return self.keys[:n], self.bias[:n], self.adj[:n], self.deg[:n], self.parent[:n]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.adj, self.deg, self.bias, self.parent))
 
     def build(self, keys: np.ndarray, knn_ids: np.ndarray, ef_connect: int, entry: int = -1) -> int:
         """keys [N, D] float32; knn_ids [Mq, K] int32 (nearest first); entry: the search
@@ -185,6 +192,7 @@ class HeadGraph:
         self.n = 0
         self.adj[:] = -1
         self.deg[:] = 0
+        self.parent[:] = -1
         self._put_keys(0, keys)
         n = self.n
         if n == 0:
@@ -193,36 +201,37 @@ class HeadGraph:
             centroid = keys.mean(axis=0)
             entry = int(np.argmin(((keys - centroid) ** 2).sum(axis=1)))
         self.entry = entry
-        k, b, adj, deg = self._views(n)
-        if knn_ids.shape[0] and knn_ids.shape[1] > 1:
-            order = np.argsort(knn_ids[:, 0], kind="stable")
-            gk.project(k, adj, deg, knn_ids, order, self.l2, self.fill)
-        return int(gk.connect(k, b, adj, deg, n, self.entry, ef_connect, self.l2, self.fill))
+        k, b, adj, deg, parent = self._views(n)
+        knn_ids = np.ascontiguousarray(knn_ids, np.int32).reshape(-1, max(1, knn_ids.shape[-1]))
+        order = np.argsort(knn_ids[:, 0], kind="stable")  # queries grouped by pivot
+        return int(gk.build_graph(k, b, adj, deg, parent, knn_ids, order, self.entry, ef_connect,
+                                  self.l2, self.fill))
 
     def insert(self, keys: np.ndarray, ef_insert: int) -> None:
         """keys [n, D] float32 appended and linked."""
         start = self.n
         self._put_keys(start, keys)
-        if start == 0:  # empty graph: the first key is the entry
+        if start == 0:  # empty graph: the first key is the entry (the tree's root)
             self.entry = 0
             start = 1
         if start < self.n:
-            k, b, adj, deg = self._views(self.n)
-            gk.insert(k, b, adj, deg, start, self.n, self.entry, ef_insert, self.l2, self.fill)
+            k, b, adj, deg, parent = self._views(self.n)
+            gk.insert(k, b, adj, deg, parent, start, self.n, self.entry, ef_insert, self.l2, self.fill)
 
     def search(self, qs: np.ndarray, k: int, pool_size: int, use_mean: bool, reduce_max: bool):
         """qs [g, D] float32 C-contiguous -> (ids [k] int64, scanned, dots)."""
         if self.n == 0 or k == 0:
             return np.full(k, -1, np.int64), 0, 0
-        keys, _, adj, deg = self._views(self.n)
-        return gk.search_group(keys, adj, deg, self.n, self.entry, qs, pool_size, k, use_mean, reduce_max)
+        keys, _, adj, deg, _ = self._views(self.n)
+        return gk.search_group(keys, adj, deg, self.entry, qs, pool_size, k, use_mean, reduce_max)
 
     def reachable(self) -> int:
         """Nodes reachable from the entry (== n after build/insert)."""
         if self.n == 0:
             return 0
         reached = np.zeros(self.n, np.bool_)
-        gk.bfs(self.adj[: self.n], self.deg[: self.n], self.entry, reached, np.empty(self.n, np.int32))
+        scratch = np.full(self.n, -1, np.int32)
+        gk.bfs(self.adj[: self.n], self.deg[: self.n], self.entry, reached, np.empty(self.n, np.int32), scratch)
         return int(reached.sum())
 
 
@@ -387,17 +396,20 @@ def cpu_partial_attention(
     if ids.shape[0] != hkv:
         raise ValueError(f"ids must be [H_kv={hkv}, k] or [k], got {list(ids.shape)}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if ids.shape[1] == 0:
+        return q.new_zeros(q.shape), torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = torch.promote_types(host_k.dtype, torch.float32)  # fp32 (fp64 for fp64 rows), as the reference
     g = hq // hkv
     ids = ids.to(host_k.device)
     valid = ids >= 0  # [H_kv, k]
     safe = ids.clamp_min(0)
     head = torch.arange(hkv, device=ids.device)[:, None].expand_as(ids)
-    k = host_k.rows(safe, head).float()  # [H_kv, k, D]
-    v = host_v.rows(safe, head).float()
-    qg = q.float().to(host_k.device).view(hkv, g, d)  # [H_kv, g, D]
-    logits = torch.bmm(qg, k.transpose(1, 2)) * scale  # [H_kv, g, k]
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    k = host_k.rows(safe, head).to(acc)  # [H_kv, k, D], gathered chunk by chunk
+    v = host_v.rows(safe, head).to(acc)
+    qg = q.to(host_k.device, acc).view(hkv, g, d)  # [H_kv, g, D]
+    logits = torch.bmm(qg, k.transpose(1, 2)).mul_(scale)  # [H_kv, g, k]
+    logits.masked_fill_(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [H_kv, g]
-    p = torch.exp(logits - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
+    p = logits.sub_(lse.clamp_min(torch.finfo(acc).min)[..., None]).exp_()
     out = torch.bmm(p, v)  # [H_kv, g, D]
-    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq)
+    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq).float()

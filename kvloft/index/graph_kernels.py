@@ -2,11 +2,19 @@
 
 Layout of one graph (one KV head of one layer): keys [n, D] float32, adj [n, M] int32
 (-1 = free slot), deg [n] int32 (out-degree), bias [n] float32 added to <q, k> by a
-search (0: inner product; -|k|^2 / 2: L2 nearest of q). Only rows < n are live.
+search (0: inner product; -|k|^2 / 2: L2 nearest of q), parent [n] int32: a spanning
+tree from the entry (-1: none yet). Only rows < n are live.
+
+Reachability invariant: after `build_graph`, parent[w] = v implies w in adj[v], and every
+edit keeps tree edges (pruning keeps a node's tree children; a forced link gives up a
+non-tree edge). So every key stays reachable from the entry through inserts, and a search
+whose pool holds all n keys scores every key: it is exact.
 
 Every function is `@njit(nogil=True, cache=False)`: callers run them from worker threads
-that release the GIL. They use plain loops only: numba compiles np.argsort, np.unique and
-slice assignments slowly (seconds each), and compile time is paid once per process.
+that release the GIL. Compile time is paid once per process, so the code keeps it low:
+plain loops (numba compiles np.argsort, np.unique or a slice assignment in seconds each),
+one signature per helper (node ids passed as int64, candidate lists as a full int32 array
+plus a count), and no CPython wrapper on helpers only compiled code calls.
 """
 
 from __future__ import annotations
@@ -14,10 +22,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bfs", "connect", "insert", "project", "search_group"]
+__all__ = ["bfs", "build_graph", "insert", "search_group"]
 
 
-@njit(nogil=True, cache=False, fastmath=True)
+@njit(nogil=True, cache=False, no_cpython_wrapper=True, fastmath=True)
 def _dot(a, b):
     s = np.float32(0.0)
     for d in range(a.shape[0]):
@@ -25,233 +33,149 @@ def _dot(a, b):
     return s
 
 
-@njit(nogil=True, cache=False, fastmath=True)
+@njit(nogil=True, cache=False, no_cpython_wrapper=True, fastmath=True)
 def _sim(a, b, l2):
-    """Key-to-key similarity: -|a - b|^2 (l2) or <a, b>."""
-    if not l2:
-        return _dot(a, b)
+    """<a, b>, or -|a - b|^2 when l2."""
     s = np.float32(0.0)
-    for d in range(a.shape[0]):
-        x = a[d] - b[d]
-        s += x * x
-    return -s
+    if l2:
+        for d in range(a.shape[0]):
+            x = a[d] - b[d]
+            s -= x * x
+    else:
+        for d in range(a.shape[0]):
+            s += a[d] * b[d]
+    return s
 
 
-@njit(nogil=True, cache=False)
-def _pool_insert(pool_id, pool_sc, pool_done, size, node, score):
-    """Insert into the descending pool; drops the last entry when full. Returns (pos, size)."""
-    cap = pool_id.shape[0]
-    if size == cap and score <= pool_sc[size - 1]:
-        return cap, size
-    pos = size if size < cap else cap - 1
-    while pos > 0 and pool_sc[pos - 1] < score:
-        pos -= 1
-    end = size if size < cap else cap - 1
-    for j in range(end, pos, -1):
-        pool_id[j] = pool_id[j - 1]
-        pool_sc[j] = pool_sc[j - 1]
-        pool_done[j] = pool_done[j - 1]
-    pool_id[pos] = node
-    pool_sc[pos] = score
-    pool_done[pos] = False
-    return pos, min(size + 1, cap)
-
-
-@njit(nogil=True, cache=False)
-def _after(sa, ia, sb, ib):
-    """Order of candidate lists: higher score first, then lower id (duplicates adjacent)."""
-    return sa < sb or (sa == sb and ia > ib)
-
-
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
 def _sift(sc, ids, root, n):
+    """Heap sift for _sort_desc; 'later' = lower score, then higher id."""
     while True:
-        child = 2 * root + 1
-        if child >= n:
+        c = 2 * root + 1
+        if c >= n:
             return
-        if child + 1 < n and _after(sc[child + 1], ids[child + 1], sc[child], ids[child]):
-            child += 1
-        if not _after(sc[child], ids[child], sc[root], ids[root]):
+        if c + 1 < n and (sc[c + 1] < sc[c] or (sc[c + 1] == sc[c] and ids[c + 1] > ids[c])):
+            c += 1
+        if not (sc[c] < sc[root] or (sc[c] == sc[root] and ids[c] > ids[root])):
             return
-        sc[root], sc[child] = sc[child], sc[root]
-        ids[root], ids[child] = ids[child], ids[root]
-        root = child
+        sc[root], sc[c] = sc[c], sc[root]
+        ids[root], ids[c] = ids[c], ids[root]
+        root = c
 
 
-@njit(nogil=True, cache=False)
-def _sort_desc(sc, ids):
-    """In-place heapsort of (sc, ids) by score descending, id ascending. A hand-written
-    sort: numba's np.argsort/np.unique cost seconds of compile time each."""
-    n = sc.shape[0]
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _sort_desc(sc, ids, n):
+    """In-place heapsort of (sc[:n], ids[:n]) by score descending, id ascending (so equal
+    ids are adjacent)."""
     for start in range(n // 2 - 1, -1, -1):
         _sift(sc, ids, start, n)
+    root = n - n  # a typed 0 (a literal would compile _sift a second time)
     for end in range(n - 1, 0, -1):
         sc[0], sc[end] = sc[end], sc[0]
         ids[0], ids[end] = ids[end], ids[0]
-        _sift(sc, ids, 0, end)
+        _sift(sc, ids, root, end)
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
 def _beam_search(keys, bias, adj, deg, entry, q, pool_size, stamp, tag):
     """Best-first search for max <q, k> + bias[k] (bias = 0: inner product; bias =
-    -|k|^2 / 2: L2 nearest of q). stamp [n] int32 marks scored nodes with `tag` (> 0);
-    searches sharing one stamp array with distinct tags count their union.
+    -|k|^2 / 2: L2 nearest of q) with a pool of pool_size candidates. stamp [n] int32
+    marks scored nodes with `tag` (> 0); searches sharing one stamp array with distinct
+    tags count their union.
 
-    Returns (pool ids [size] int32, pool scores [size] float32 descending, keys scored,
-    keys scored that no earlier search of this stamp array had scored).
+    Returns (pool ids [pool_size] int32, scores [pool_size] float32 descending, filled
+    size, keys scored, keys scored that no earlier search on this stamp array scored).
     """
     pool_id = np.empty(pool_size, np.int32)
     pool_sc = np.empty(pool_size, np.float32)
-    pool_done = np.zeros(pool_size, np.bool_)
+    done = np.zeros(pool_size, np.bool_)
     fresh = 1 if stamp[entry] == 0 else 0
     stamp[entry] = tag
     pool_id[0] = entry
     pool_sc[0] = _dot(q, keys[entry]) + bias[entry]
-    size = 1
-    scored = 1
-    cur = 0
+    size, scored, cur = 1, 1, 0
     while cur < size:
-        if pool_done[cur]:
+        if done[cur]:
             cur += 1
             continue
-        pool_done[cur] = True
+        done[cur] = True
         node = pool_id[cur]
-        lowest = size
         for j in range(deg[node]):
             v = adj[node, j]
             if stamp[v] == tag:
                 continue
-            if stamp[v] == 0:
-                fresh += 1
+            fresh += stamp[v] == 0
             stamp[v] = tag
             scored += 1
-            sc = _dot(q, keys[v]) + bias[v]
-            pos, size = _pool_insert(pool_id, pool_sc, pool_done, size, v, sc)
-            lowest = min(lowest, pos)
-        cur = min(cur, lowest)
-    return pool_id[:size], pool_sc[:size], scored, fresh
+            s = _dot(q, keys[v]) + bias[v]
+            if size == pool_size and s <= pool_sc[size - 1]:
+                continue
+            pos = size if size < pool_size else pool_size - 1  # insert, dropping the last
+            while pos > 0 and pool_sc[pos - 1] < s:
+                pool_id[pos] = pool_id[pos - 1]
+                pool_sc[pos] = pool_sc[pos - 1]
+                done[pos] = done[pos - 1]
+                pos -= 1
+            pool_id[pos], pool_sc[pos], done[pos] = v, s, False
+            size = min(size + 1, pool_size)
+            cur = min(cur, pos)
+    return pool_id, pool_sc, size, scored, fresh
 
 
-@njit(nogil=True, cache=False)
-def _prune(keys, center, cand, cand_sc, max_degree, l2, fill, out):
-    """Occlusion (RNG) pruning.
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _set_pruned(keys, adj, deg, parent, node, cand, nc, l2, fill, cap):
+    """adj[node] <- its tree children (always kept) + occlusion-pruned cand[:nc].
 
-    cand [c] int32 sorted by cand_sc = sim(center, cand) descending, no duplicates.
-    Keeps c unless a kept s has sim(s, c) > sim(center, c); with `fill`, tops the list
-    up with the best occluded candidates. Writes up to max_degree ids to out; returns
-    how many.
+    Candidates are sorted by sim(node, c); c is kept unless a kept s has
+    sim(s, c) > sim(node, c) (the RNG rule); with `fill`, the list is topped up with the
+    best occluded candidates. At most max(cap, tree children) edges. cand may hold
+    duplicates and node itself.
     """
+    row = np.empty(adj.shape[1], np.int32)
     kept = 0
-    for i in range(cand.shape[0]):
-        c = cand[i]
-        if c == center:
-            continue
+    for j in range(deg[node]):
+        w = adj[node, j]
+        if parent[w] == node:
+            row[kept] = w
+            kept += 1
+    cap = max(cap, kept)
+    sc = np.empty(nc, np.float32)
+    ids = np.empty(nc, np.int32)
+    for i in range(nc):
+        ids[i] = cand[i]
+        sc[i] = _sim(keys[node], keys[cand[i]], l2)
+    _sort_desc(sc, ids, nc)
+    m = 0
+    for i in range(nc):  # drop node itself and duplicates (adjacent once sorted)
+        if ids[i] != node and (m == 0 or ids[i] != ids[m - 1]):
+            ids[m], sc[m] = ids[i], sc[i]
+            m += 1
+    for i in range(m):
+        if kept >= cap:
+            break
         occluded = False
         for j in range(kept):
-            if _sim(keys[out[j]], keys[c], l2) > cand_sc[i]:
+            if row[j] == ids[i] or _sim(keys[row[j]], keys[ids[i]], l2) > sc[i]:
                 occluded = True
                 break
         if not occluded:
-            out[kept] = c
+            row[kept] = ids[i]
             kept += 1
-            if kept == max_degree:
-                return kept
-    if fill:
-        for i in range(cand.shape[0]):
-            if kept == max_degree:
-                break
-            c = cand[i]
-            dup = c == center
-            for j in range(kept):
-                dup = dup or out[j] == c
-            if not dup:
-                out[kept] = c
-                kept += 1
-    return kept
-
-
-@njit(nogil=True, cache=False)
-def _set_pruned(keys, adj, deg, node, cand, l2, fill, cap):
-    """adj[node] <- prune(cand), at most cap edges; cand [c] int32 may hold duplicates
-    and node itself."""
-    sc = np.empty(cand.shape[0], np.float32)
-    ids = np.empty(cand.shape[0], np.int32)
-    for i in range(ids.shape[0]):
-        ids[i] = cand[i]
-        sc[i] = _sim(keys[node], keys[ids[i]], l2)
-    _sort_desc(sc, ids)
-    m = 0
-    for i in range(ids.shape[0]):  # drop node itself and duplicates (adjacent once sorted)
-        if ids[i] != node and (m == 0 or ids[i] != ids[m - 1]):
-            ids[m] = ids[i]
-            sc[m] = sc[i]
-            m += 1
-    row = np.empty(adj.shape[1], np.int32)
-    kept = _prune(keys, node, ids[:m], sc[:m], cap, l2, fill, row)
+    for i in range(m):
+        if not fill or kept >= cap:
+            break
+        dup = False
+        for j in range(kept):
+            dup = dup or row[j] == ids[i]
+        if not dup:
+            row[kept] = ids[i]
+            kept += 1
     for j in range(adj.shape[1]):  # (a slice assignment costs seconds of numba compile)
         adj[node, j] = row[j] if j < kept else -1
     deg[node] = kept
 
 
-@njit(nogil=True, cache=False)
-def project(keys, adj, deg, knn_ids, order, l2, fill):
-    """Steps 2-3: pivot projection of the queries' kNN lists, then reverse edges.
-
-    knn_ids [Mq, K] int32: each query's K nearest keys, nearest first; order [Mq]: the
-    queries sorted by pivot (knn_ids[:, 0]).
-    """
-    mq, kk = knn_ids.shape
-    i = 0
-    while i < mq:
-        pivot = knn_ids[order[i], 0]
-        j = i
-        while j < mq and knn_ids[order[j], 0] == pivot:
-            j += 1
-        cand = np.empty((j - i) * (kk - 1), np.int32)
-        for r in range(i, j):
-            for t in range(1, kk):
-                cand[(r - i) * (kk - 1) + t - 1] = knn_ids[order[r], t]
-        _set_pruned(keys, adj, deg, pivot, cand, l2, fill, adj.shape[1])
-        i = j
-    _add_reverse(keys, adj, deg, deg.shape[0], l2, fill)
-
-
-@njit(nogil=True, cache=False)
-def _add_reverse(keys, adj, deg, n, l2, fill):
-    """Every edge u -> v offers v -> u; lists over max_degree are pruned again."""
-    starts = np.zeros(n + 1, np.int64)
-    for u in range(n):
-        for j in range(deg[u]):
-            starts[adj[u, j] + 1] += 1
-    for v in range(n):
-        starts[v + 1] += starts[v]
-    rev = np.empty(starts[n], np.int32)
-    fill_at = np.empty(n, np.int64)
-    for v in range(n):
-        fill_at[v] = starts[v]
-    for u in range(n):
-        for j in range(deg[u]):
-            v = adj[u, j]
-            rev[fill_at[v]] = u
-            fill_at[v] += 1
-    m = adj.shape[1]
-    for v in range(n):
-        nr = starts[v + 1] - starts[v]
-        if nr == 0:
-            continue
-        if deg[v] + nr <= m:  # room for all: keep every edge
-            for t in range(starts[v], starts[v + 1]):
-                _append_unique(adj, deg, v, rev[t])
-            continue
-        cand = np.empty(deg[v] + nr, np.int32)
-        for t in range(deg[v]):
-            cand[t] = adj[v, t]
-        for t in range(nr):
-            cand[deg[v] + t] = rev[starts[v] + t]
-        _set_pruned(keys, adj, deg, v, cand, l2, fill, m)
-
-
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
 def _append_unique(adj, deg, v, c):
     """adj[v] += c unless present, v itself, or full. Returns True when c is in adj[v]."""
     for j in range(deg[v]):
@@ -264,9 +188,64 @@ def _append_unique(adj, deg, v, c):
     return True
 
 
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
+    """Pivot projection: the queries whose nearest key is p pool their other kNN keys as
+    p's candidates. knn_ids [Mq, K] int32 nearest first; order [Mq]: queries by pivot."""
+    mq, kk = knn_ids.shape
+    i = 0
+    while i < mq:
+        pivot = np.int64(knn_ids[order[i], 0])
+        j = i
+        while j < mq and knn_ids[order[j], 0] == pivot:
+            j += 1
+        cand = np.empty((j - i) * (kk - 1), np.int32)
+        for r in range(i, j):
+            for t in range(1, kk):
+                cand[(r - i) * (kk - 1) + t - 1] = knn_ids[order[r], t]
+        _set_pruned(keys, adj, deg, parent, pivot, cand, cand.shape[0], l2, fill, adj.shape[1])
+        i = j
+
+
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _add_reverse(keys, adj, deg, parent, l2, fill):
+    """Every edge u -> v offers v -> u; lists over max_degree are pruned again."""
+    n, m = adj.shape
+    starts = np.zeros(n + 1, np.int64)  # CSR of the reverse edges
+    for u in range(n):
+        for j in range(deg[u]):
+            starts[adj[u, j] + 1] += 1
+    for v in range(n):
+        starts[v + 1] += starts[v]
+    rev = np.empty(starts[n], np.int32)
+    at = np.empty(n, np.int64)
+    for v in range(n):
+        at[v] = starts[v]
+    for u in range(n):
+        for j in range(deg[u]):
+            v = adj[u, j]
+            rev[at[v]] = u
+            at[v] += 1
+    for v in range(n):
+        nr = starts[v + 1] - starts[v]
+        if nr == 0:
+            continue
+        if deg[v] + nr <= m:  # room for all: keep every edge
+            for t in range(starts[v], starts[v + 1]):
+                _append_unique(adj, deg, v, np.int64(rev[t]))
+            continue
+        cand = np.empty(deg[v] + nr, np.int32)
+        for t in range(deg[v]):
+            cand[t] = adj[v, t]
+        for t in range(nr):
+            cand[deg[v] + t] = rev[starts[v] + t]
+        _set_pruned(keys, adj, deg, parent, np.int64(v), cand, cand.shape[0], l2, fill, m)
+
+
 @njit(nogil=True, cache=False)
-def bfs(adj, deg, start, reached, queue):
-    """Marks in `reached` every node reachable from start (queue: scratch [n] int32)."""
+def bfs(adj, deg, start, reached, queue, parent):
+    """Marks in `reached` every node reachable from start (queue: scratch [n] int32); a
+    node reached for the first time with no parent gets its BFS predecessor."""
     if reached[start]:
         return
     reached[start] = True
@@ -279,95 +258,117 @@ def bfs(adj, deg, start, reached, queue):
             v = adj[u, j]
             if not reached[v]:
                 reached[v] = True
+                if parent[v] < 0:
+                    parent[v] = u
                 queue[tail] = v
                 tail += 1
 
 
-@njit(nogil=True, cache=False)
-def _link_from(adj, deg, cand, target, reached):
-    """Adds an edge to target from the first candidate with a free slot, else from any
-    reached node with one (a linear scan, rare), else replaces the last edge of cand[0]
-    (can orphan that edge's target: the caller checks reachability again)."""
-    for i in range(cand.shape[0]):
-        if cand[i] != target and _append_unique(adj, deg, cand[i], target):
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _take_slot(adj, deg, parent, c, target, free_only):
+    """c -> target into a free slot of c, else (unless free_only) over c's last non-tree
+    edge: safe, every node keeps its tree path. Makes c target's tree parent."""
+    if deg[c] < adj.shape[1] or free_only:
+        if not _append_unique(adj, deg, c, target):
+            return False
+        parent[target] = c
+        return True
+    for j in range(deg[c] - 1, -1, -1):
+        if parent[adj[c, j]] != c:
+            adj[c, j] = target
+            parent[target] = c
+            return True
+    return False
+
+
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _link_from(adj, deg, parent, cand, nc, target, reached):
+    """Links target from a reached node: the first of cand[:nc] with a free slot, else one
+    with a non-tree edge to give up, else any reached node (a scan; one exists, since a
+    tree has leaves and leaves have no tree children)."""
+    free_only = True
+    for _ in range(2):
+        for i in range(nc):
+            c = np.int64(cand[i])
+            if c != target and reached[c] and _take_slot(adj, deg, parent, c, target, free_only):
+                return
+        free_only = False
+    for c in range(deg.shape[0]):
+        if c != target and reached[c] and _take_slot(adj, deg, parent, np.int64(c), target, free_only):
             return
-    for v in range(deg.shape[0]):
-        if reached[v] and v != target and _append_unique(adj, deg, v, target):
-            return
-    adj[cand[0], adj.shape[1] - 1] = target
 
 
 @njit(nogil=True, cache=False)
-def _key_search(keys, bias, adj, deg, entry, u, ef, stamp, tag):
-    """Neighbour candidates of key u among the linked keys: max <u, k> + bias[k] (the L2
-    nearest when bias = -|k|^2 / 2)."""
-    ids, _, _, _ = _beam_search(keys, bias, adj, deg, entry, keys[u], ef, stamp, tag)
-    return ids
+def build_graph(keys, bias, adj, deg, parent, knn_ids, order, entry, ef, l2, fill):
+    """The graph of one KV head from its keys and its queries' kNN lists (all rows live).
 
-
-@njit(nogil=True, cache=False)
-def connect(keys, bias, adj, deg, n, entry, ef, l2, fill):
-    """Step 4: make every node reachable from entry. Attached nodes keep at most half the
-    degree as out-edges, so free slots stay for later attachments. Returns the number of
-    attachments."""
+    1. projection (_project) and reverse edges (_add_reverse);
+    2. connectivity: a BFS from entry records a spanning tree; each unreached key is
+       looked up by a greedy L2/IP search (pool ef) among the reached keys, linked from the
+       best candidate with a free slot (it becomes its tree parent) and, when it had no
+       out-edges, given at most half the degree from that search (free slots stay for
+       later links); a BFS from it then marks what it reaches.
+    Returns the number of attached keys.
+    """
+    n = keys.shape[0]
+    if knn_ids.shape[0] > 0 and knn_ids.shape[1] > 1:
+        _project(keys, adj, deg, parent, knn_ids, order, l2, fill)
+        _add_reverse(keys, adj, deg, parent, l2, fill)
     reached = np.zeros(n, np.bool_)
     queue = np.empty(n, np.int32)
     stamp = np.zeros(n, np.int32)
     attached = 0
-    while True:  # a forced replacement (no free slot anywhere) may orphan a node: recheck
-        bfs(adj, deg, entry, reached, queue)
-        missing = 0
-        for u in range(n):
-            if reached[u]:
-                continue
-            missing += 1
-            attached += 1
-            ids = _key_search(keys, bias, adj, deg, entry, u, ef, stamp, attached)
-            _link_from(adj, deg, ids, u, reached)
-            if deg[u] == 0:
-                _set_pruned(keys, adj, deg, u, ids, l2, fill, max(1, adj.shape[1] // 2))
-            bfs(adj, deg, u, reached, queue)
-        if missing == 0 or attached > 4 * n:
-            return attached
-        for u in range(n):
-            reached[u] = False
+    bfs(adj, deg, entry, reached, queue, parent)
+    for u in range(n):
+        if reached[u]:
+            continue
+        attached += 1
+        ids, _, size, _, _ = _beam_search(keys, bias, adj, deg, entry, keys[u], ef, stamp, attached)
+        _link_from(adj, deg, parent, ids, size, np.int64(u), reached)
+        if deg[u] == 0:
+            _set_pruned(keys, adj, deg, parent, np.int64(u), ids, size, l2, fill, max(1, adj.shape[1] // 2))
+        bfs(adj, deg, u, reached, queue, parent)
+    return attached
 
 
 @njit(nogil=True, cache=False)
-def insert(keys, bias, adj, deg, start, stop, entry, ef, l2, fill):
-    """Links rows start..stop-1 (already in keys) one by one into the graph of rows < start."""
+def insert(keys, bias, adj, deg, parent, start, stop, entry, ef, l2, fill):
+    """Links rows start..stop-1 (already in keys) one by one into the graph of rows < start:
+    pruned out-edges from a greedy search (pool ef), a reverse edge from each neighbour
+    (its list re-pruned when full), and a tree parent so the row stays reachable."""
     stamp = np.zeros(stop, np.int32)
     reached = np.zeros(stop, np.bool_)
     for v in range(start):
         reached[v] = True
     m = adj.shape[1]
     for u in range(start, stop):
-        reached[u] = True
-        ids = _key_search(keys, bias, adj, deg, entry, u, ef, stamp, u - start + 1)
-        _set_pruned(keys, adj, deg, u, ids, l2, fill, m)
-        linked = False
+        ids, _, size, _, _ = _beam_search(keys, bias, adj, deg, entry, keys[u], ef, stamp, u - start + 1)
+        _set_pruned(keys, adj, deg, parent, np.int64(u), ids, size, l2, fill, m)
         for j in range(deg[u]):
-            v = adj[u, j]
-            if _append_unique(adj, deg, v, u):
-                linked = True
-                continue
-            cand = np.empty(deg[v] + 1, np.int32)
+            v = np.int64(adj[u, j])
+            if not _append_unique(adj, deg, v, np.int64(u)):
+                cand = np.empty(deg[v] + 1, np.int32)
+                for t in range(deg[v]):
+                    cand[t] = adj[v, t]
+                cand[deg[v]] = u
+                _set_pruned(keys, adj, deg, parent, v, cand, cand.shape[0], l2, fill, m)
             for t in range(deg[v]):
-                cand[t] = adj[v, t]
-            cand[deg[v]] = u
-            _set_pruned(keys, adj, deg, v, cand, l2, fill, m)
-            for t in range(deg[v]):
-                linked = linked or adj[v, t] == u
-        if not linked:
-            _link_from(adj, deg, ids, u, reached)
+                if adj[v, t] == u and parent[u] < 0:
+                    parent[u] = v
+        if parent[u] < 0:
+            _link_from(adj, deg, parent, ids, size, np.int64(u), reached)
+        reached[u] = True
 
 
 @njit(nogil=True, cache=False)
-def search_group(keys, adj, deg, n, entry, qs, pool_size, k, use_mean, reduce_max):
+def search_group(keys, adj, deg, entry, qs, pool_size, k, use_mean, reduce_max):
     """Top-k keys of one KV head for its group's queries qs [g, D] (C-contiguous).
 
+    One beam search per query (or one with the group's mean query); the pooled candidates
+    are ranked by the group-reduced score (max or sum of <q_h, k> over the group).
     Returns (ids [k] int64, -1 padded; distinct keys scored; query-key products).
     """
+    n = keys.shape[0]
     g, dim = qs.shape
     searches = np.zeros((1 if use_mean else g, dim), np.float32)
     for h in range(g):
@@ -380,30 +381,26 @@ def search_group(keys, adj, deg, n, entry, qs, pool_size, k, use_mean, reduce_ma
     stamp = np.zeros(n, np.int32)
     taken = np.zeros(n, np.bool_)
     cand = np.empty(searches.shape[0] * pool_size, np.int32)
-    nc = 0
-    scanned = 0
-    dots = 0
+    nc, scanned, dots = 0, 0, 0
     for s in range(searches.shape[0]):
-        ids, _, scored, fresh = _beam_search(
-            keys, zero, adj, deg, entry, searches[s], pool_size, stamp, s + 1
-        )
+        ids, _, size, scored, fresh = _beam_search(keys, zero, adj, deg, entry, searches[s], pool_size,
+                                                   stamp, s + 1)
         dots += scored
         scanned += fresh
-        for i in range(ids.shape[0]):
+        for i in range(size):
             if not taken[ids[i]]:
                 taken[ids[i]] = True
                 cand[nc] = ids[i]
                 nc += 1
     sc = np.empty(nc, np.float32)
-    for i in range(nc):  # re-rank the pooled candidates by the group-reduced score
+    for i in range(nc):
         best = np.float32(-np.inf) if reduce_max else np.float32(0.0)
         for h in range(g):
             x = _dot(qs[h], keys[cand[i]])
             best = max(best, x) if reduce_max else best + x
         sc[i] = best
     dots += nc * g
-    cand = cand[:nc]
-    _sort_desc(sc, cand)
+    _sort_desc(sc, cand, nc)
     out = np.empty(k, np.int64)
     for i in range(k):
         out[i] = cand[i] if i < nc else -1
