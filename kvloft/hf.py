@@ -152,12 +152,13 @@ class Cache(_HFCache):
     def _new_backend(self) -> None:
         cfg = self.config
         if self.retrieval.method == "dense":
-            self.backend = DenseAttention(cfg, self.ops, self.device, self.dtype)
+            self.backend = DenseAttention(cfg, self.ops, self.device, self.dtype, self.runtime.profile)
             return
         kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
                            host_chunk=self.cache_cfg.host_chunk_tokens, device=self.device, dtype=self.dtype)
         retriever = make_retriever(self.retrieval, cfg, self.device)
-        self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, self.device)
+        self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, self.device,
+                                       self.runtime.profile)
 
     def reset(self) -> None:
         """Forget every token (keeps configs)."""

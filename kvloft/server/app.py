@@ -44,6 +44,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
@@ -129,14 +130,14 @@ def _add_routes(app: FastAPI, model, manager: SessionManager, cfg: ServerConfig,
                                             "owned_by": "kvloft"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: P.CompletionRequest):
-        job = _Job.from_request(req, cfg, name, model, chat=False)
-        return await _serve(job, manager)
+    async def completions(request: Request):
+        req = await _parse(request, P.CompletionRequest)
+        return await _serve(_Job.from_request(req, cfg, name, model, chat=False), manager)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: P.ChatRequest):
-        job = _Job.from_request(req, cfg, name, model, chat=True)
-        return await _serve(job, manager)
+    async def chat_completions(request: Request):
+        req = await _parse(request, P.ChatRequest)
+        return await _serve(_Job.from_request(req, cfg, name, model, chat=True), manager)
 
     @app.get("/v1/sessions/{session_id}")
     async def session_info(session_id: str) -> dict:
@@ -154,6 +155,34 @@ def _add_routes(app: FastAPI, model, manager: SessionManager, cfg: ServerConfig,
     @app.get("/v1/usage")
     async def usage() -> dict:
         return manager.usage()
+
+
+async def _parse(request: Request, model_cls):
+    """The JSON body as `model_cls` (whatever the Content-Type says, as OpenAI's server does)."""
+    raw = await request.body()
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P.APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from e
+    if not isinstance(obj, dict):
+        raise P.APIError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
+                         code="invalid_json")
+    try:
+        return model_cls.model_validate(obj)
+    except ValidationError as e:
+        raise P.APIError(400, _describe(e.errors()), param=_where(e.errors())) from e
+
+
+def _where(errors: list[dict]) -> str | None:
+    loc = errors[0].get("loc", ()) if errors else ()
+    return ".".join(str(x) for x in loc if x != "body") or None
+
+
+def _describe(errors: list[dict]) -> str:
+    first = errors[0] if errors else {}
+    where = _where(errors)
+    msg = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
+    return msg + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else "")
 
 
 @dataclass
@@ -441,15 +470,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            ctx = errors[0].get("ctx", {}).get("error", "")
-            return JSONResponse(P.error_body(f"the request body is not valid JSON ({ctx})", code="invalid_json"), 400)
-        first = errors[0] if errors else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        return JSONResponse(P.error_body(msg + more, param=where or None), 400)
+        return JSONResponse(P.error_body(_describe(e.errors()), param=_where(e.errors())), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
