@@ -81,7 +81,7 @@ def _split_kernel(
     v,  # [N, H_kv, D]
     ids,  # [H_kv, n] or [n] int32/int64, contiguous along n (unused when not HAS_IDS)
     rot_delta,  # [H_kv, n] or [n] int32/int64, aligned with ids (unused when not ROTATE)
-    rot_turns,  # [D/2] fp64: inv_freq / (2 pi), turns per position (unused when not ROTATE)
+    inv_freq,  # [D/2] fp32 RoPE inverse frequencies (unused when not ROTATE)
     out_part,  # [S, H_q, D] fp32
     lse_part,  # [S, H_q] fp32
     n_keys,
@@ -122,7 +122,9 @@ def _split_kernel(
         q_half = q + q_heads[:, None] * stride_qh + hh[None, :]
         q1 = tl.load(q_half, mask=gmask[:, None] & hmask[None, :], other=0.0)
         q2 = tl.load(q_half + HALF, mask=gmask[:, None] & hmask[None, :], other=0.0)
-        turns_per_pos = tl.load(rot_turns + hh, mask=hmask, other=0.0)  # fp64
+        # turns per position, fp64 (tl.full keeps the fp64 constant exact; a literal would be fp32)
+        inv_two_pi = tl.full([BLOCK_H], 0.15915494309189535, tl.float64)
+        turns_per_pos = tl.load(inv_freq + hh, mask=hmask, other=0.0).to(tl.float64) * inv_two_pi
     else:
         qb = tl.load(
             q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
@@ -147,8 +149,9 @@ def _split_kernel(
         vb = tl.load(v_head + rows[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
         if ROTATE:
             delta = tl.load(rot_delta + kv_head * stride_dh + pos, mask=valid, other=0)
-            s = _rotated_logits(q1, q2, k_head + rows[:, None] * stride_kn, hh, valid[:, None] & hmask[None, :],
-                                delta, turns_per_pos, HALF)
+            k_rows = k_head + rows[:, None] * stride_kn  # [BLOCK_N, 1] row pointers
+            k_mask = valid[:, None] & hmask[None, :]
+            s = _rotated_logits(q1, q2, k_rows, hh, k_mask, delta, turns_per_pos, HALF)
         else:
             kb = tl.load(k_head + rows[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(qb, tl.trans(kb), input_precision="ieee")  # [BLOCK_G, BLOCK_N]
@@ -210,7 +213,7 @@ def _attend_rows(
     scale: float,
     num_splits: int | None,
     launch: DecodeLaunch,
-    rot: tuple[Tensor, Tensor] | None = None,  # (delta [H_kv, n] / [n], turns [D/2] fp64)
+    rot: tuple[Tensor, Tensor] | None = None,  # (delta [H_kv, n] / [n], inv_freq [D/2] fp32)
 ) -> tuple[Tensor, Tensor]:
     hq, d = q.shape
     hkv = k.shape[1]
@@ -224,10 +227,10 @@ def _attend_rows(
     lse_part = torch.empty((splits, hq), dtype=torch.float32, device=q.device)
     ids_arg = ids if ids is not None else q  # placeholder pointer, never read
     stride_ih = 0 if ids is None or ids.dim() == 1 else ids.stride(0)
-    delta, turns = rot if rot is not None else (q, q)  # placeholders, never read
+    delta, inv_freq = rot if rot is not None else (q, q)  # placeholders, never read
     stride_dh = 0 if rot is None or delta.dim() == 1 else delta.stride(0)
     _split_kernel[(hkv, splits)](
-        q, k, v, ids_arg, delta, turns, out_part, lse_part,
+        q, k, v, ids_arg, delta, inv_freq, out_part, lse_part,
         n, split_len, group, scale * LOG2E,
         q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih, stride_dh,
         HAS_IDS=ids is not None,
@@ -289,9 +292,10 @@ def _validate_ids(ids: Tensor, n_kv: int) -> None:
     )
 
 
-def _validate_rotation(rot_delta: Tensor | None, inv_freq: Tensor | None, ids: Tensor, q: Tensor,
-                       n_kv: int) -> tuple[Tensor, Tensor] | None:
-    """Checks rot_delta/inv_freq; returns (delta contiguous, turns per position [D/2] fp64) or None."""
+def _validate_rotation(
+    rot_delta: Tensor | None, inv_freq: Tensor | None, ids: Tensor, q: Tensor, n_kv: int
+) -> tuple[Tensor, Tensor] | None:
+    """Checks rot_delta/inv_freq; returns (delta, inv_freq fp32), both contiguous, or None."""
     if rot_delta is None and inv_freq is None:
         return None
     if rot_delta is None or inv_freq is None:
@@ -309,8 +313,9 @@ def _validate_rotation(rot_delta: Tensor | None, inv_freq: Tensor | None, ids: T
             f"head dim), got {inv_freq.dtype} {tuple(inv_freq.shape)} for head dim {d}"
         )
     checks.require_same_device("gather_attend", q, rot_delta=rot_delta, inv_freq=inv_freq)
-    turns = inv_freq.to(torch.float64) / (2 * torch.pi)  # [D/2], D/2 values: cheap
-    return rot_delta.contiguous(), turns
+    if inv_freq.dtype != torch.float32:  # the model keeps it fp32: no copy per call
+        inv_freq = inv_freq.float()
+    return rot_delta.contiguous(), inv_freq.contiguous()
 
 
 def gather_attend(

@@ -23,8 +23,17 @@ from kvloft.runtime.attention import TieredAttention, remap_deltas
 from kvloft.runtime.kvcache import TieredKVCache
 from kvloft.runtime.model import rope_inv_freq, rotate
 
-CFG = ModelConfig(name="remap", vocab_size=16, hidden_size=96, intermediate_size=32, n_layers=1,
-                  n_heads=6, n_kv_heads=3, head_dim=16, rope_theta=10000.0)
+CFG = ModelConfig(
+    name="remap",
+    vocab_size=16,
+    hidden_size=96,
+    intermediate_size=32,
+    n_layers=1,
+    n_heads=6,
+    n_kv_heads=3,
+    head_dim=16,
+    rope_theta=10000.0,
+)
 
 
 def test_remap_deltas_hand_computed():
@@ -107,8 +116,9 @@ def test_positions_seen_in_prefill_and_decode(host_chunk):
     cos, sin = rope(pos, inv)
     q, k = rotate(q0, cos, sin), rotate(k0, cos, sin)  # stored after RoPE at true positions
     rcfg = RetrievalConfig(budget=2, n_sink=2, n_window=3, position_mode="extrapolate")
-    cache = TieredKVCache(CFG, n_sink=2, n_window=3, host_chunk=host_chunk, device=torch.device("cpu"),
-                          dtype=torch.float32)
+    cache = TieredKVCache(
+        CFG, n_sink=2, n_window=3, host_chunk=host_chunk, device=torch.device("cpu"), dtype=torch.float32
+    )
     prefill_ids = IDS.clone()
     prefill_ids[2, 1] = 6  # 7 host rows before the second chunk
     retr = FixedRetriever(prefill_ids)
@@ -188,8 +198,10 @@ def test_small_budget_remaps(tiny):
     assert _rel_err(extra, exact) > 1e-3
 
 
-SLOW = pytest.mark.skipif(os.environ.get("KVLOFT_SLOW") != "1",
-                          reason="prefills 12K tokens of SmolLM2 on the CPU; set KVLOFT_SLOW=1 to run")
+SLOW = pytest.mark.skipif(
+    os.environ.get("KVLOFT_SLOW") != "1",
+    reason="prefills 12K tokens of SmolLM2 on the CPU; set KVLOFT_SLOW=1 to run",
+)
 
 
 @pytest.mark.slow
@@ -206,6 +218,32 @@ def test_smollm2_passkey_beyond_training_length():
     t0 = time.perf_counter()
     s.feed(build_prompt(sample))
     answer = s.generate(max_new_tokens=8, stop=["\n"])
-    print(f"passkey at {sample.actual_tokens} tokens: {answer!r} (want {sample.references}), "
-          f"{time.perf_counter() - t0:.0f} s; {s.stats()['timings_s']}")
+    print(
+        f"passkey at {sample.actual_tokens} tokens: {answer!r} (want {sample.references}), "
+        f"{time.perf_counter() - t0:.0f} s; {s.stats()['timings_s']}"
+    )
     assert score("passkey", answer, sample.references) == 1.0, answer
+
+
+@pytest.mark.gpu
+def test_gpu_triton_extrapolation_matches_reference_and_dense():
+    """On CUDA the Triton kernels rotate retrieved rows read zero-copy from pinned host chunks."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=7)
+    g = torch.Generator().manual_seed(2)
+    parts = [torch.randint(0, 512, (600,), generator=g), torch.randint(0, 512, (70,), generator=g)]
+    steps = torch.randint(0, 512, (4,), generator=g)
+
+    def run(kernels, rcfg):
+        s = Session(model, rcfg, RuntimeConfig(prefill_chunk=64, progress=False, kernels=kernels))
+        out = []
+        for part in parts:
+            s.feed(part)
+            out.append(s.last_logits.clone())
+            out += [s.step(int(t)).clone() for t in steps]
+        return torch.stack(out)
+
+    dense = run("reference", RetrievalConfig(method="dense"))
+    cover = RetrievalConfig(method="exact", budget=4096, n_sink=8, n_window=32, position_mode="extrapolate")
+    assert _rel_err(run("triton", cover), dense) < 1e-4
+    small = cover.replace(budget=48)
+    assert _rel_err(run("triton", small), run("reference", small)) < 1e-4
