@@ -219,6 +219,34 @@ def test_manager_round_robin_over_more_sessions_than_fit(chatty, tmp_path):
     assert roomy_usage["evictions"] == 0
 
 
+def test_manager_serializes_one_session_and_interleaves_two(chatty, tmp_path):
+    """Two requests on one session never overlap; requests on two sessions do."""
+
+    async def scenario():
+        m = SessionManager(chatty, retrieval=RETRIEVAL, runtime=RUNTIME, spill_dir=tmp_path)
+        log = []
+
+        async def request(sid, tag):
+            async with m.use(sid):
+                log.append(("in", tag))
+                await anyio.sleep(0.05)
+                log.append(("out", tag))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request, "same", "a")
+            tg.start_soon(request, "same", "b")
+        same = list(log)
+        log.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request, "one", "a")
+            tg.start_soon(request, "two", "b")
+        return same, list(log)
+
+    same, other = anyio.run(scenario)
+    assert [e for e, _ in same] == ["in", "out", "in", "out"]  # serialized
+    assert [e for e, _ in other] == ["in", "in", "out", "out"]  # interleaved
+
+
 @pytest.mark.slow
 def test_smollm2_answers_through_the_server(smollm2):
     cfg = ServerConfig(retrieval=RetrievalConfig(method="exact", budget=64, n_sink=16, n_window=64),
