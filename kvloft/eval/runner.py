@@ -75,8 +75,12 @@ def wilson_interval(mean: float, n: int, z: float = 1.96) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+EXTRAPOLATE_SUFFIX = "+x"  # "exact+x": the method with position_mode="extrapolate"
+
+
 def method_unavailable(method: str) -> str | None:
     """None if `method` can run here, else why not (its module is missing or fails to import)."""
+    method = method.removesuffix(EXTRAPOLATE_SUFFIX)
     if method not in METHODS:
         return f"unknown method {method!r}; known: {', '.join(METHODS)}"
     if method == "dense":
@@ -150,7 +154,11 @@ class RunRecord:
 
 
 def _retrieval(method: str, budget: int, n_sink: int, n_window: int) -> RetrievalConfig:
-    return RetrievalConfig(method=method, budget=budget, n_sink=n_sink, n_window=n_window)
+    """A method name, or name + "+x" for the same method with remapped positions (extrapolation)."""
+    mode = "exact"
+    if method.endswith(EXTRAPOLATE_SUFFIX):
+        method, mode = method[: -len(EXTRAPOLATE_SUFFIX)], "extrapolate"
+    return RetrievalConfig(method=method, budget=budget, n_sink=n_sink, n_window=n_window, position_mode=mode)
 
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
@@ -195,7 +203,7 @@ def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
         raise ValueError(f"tasks must be a non-empty list of {', '.join(TASKS)}; got {list(tasks)}")
     if not lengths or any(not isinstance(n, int) or n <= 0 for n in lengths):
         raise ValueError(f"lengths must be positive token counts (e.g. [2048, 4096]); got {list(lengths)}")
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m.removesuffix(EXTRAPOLATE_SUFFIX) not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -410,7 +418,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--model", default="smollm2")
     e.add_argument("--tasks", default="passkey,niah_single_number", help=f"comma list of {', '.join(TASKS)}")
     e.add_argument("--lengths", default="2k,4k", help="comma list of prompt lengths (e.g. 2k,4k,6000)")
-    e.add_argument("--methods", default="dense,exact,tokenselect", help=f"comma list of {', '.join(METHODS)}")
+    e.add_argument("--methods", default="dense,exact,tokenselect", help=f"comma list of {', '.join(METHODS)}; "
+                   "append +x for remapped positions (extrapolation), e.g. exact+x")
     e.add_argument("--budget", type=int, default=1024, help="host-tier tokens retrieved per step")
     e.add_argument("--samples", type=int, default=4, help="samples per task and length")
     e.add_argument("--seed", type=int, default=0)
