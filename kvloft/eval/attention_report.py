@@ -251,10 +251,12 @@ def markdown(result: dict[str, Any], name: str) -> str:
     lines = [
         f"## {name}",
         "",
-        (f"- trace: {m.get('trace', name)}; model {m.get('model', '?')}, {m['tokens']} tokens "
-        f"(task {m.get('task', '?')}, haystack {m.get('haystack', '?')}), layers {m['layers']}"),
+        (f"- trace: {m.get('trace', name)}; model {Path(str(m.get('model', '?'))).name}, {m['tokens']} tokens "
+         f"(task {m.get('task', '?')}, haystack {m.get('haystack', '?')}, the last {m.get('generated', 0)} "
+         f"generated greedily), layers {m['layers']}"),
         (f"- replay: last {m['steps']} tokens as decode steps; sink {m['n_sink']}, window {m['n_window']}; "
-        f"host tier {m['host_tokens_first_step']} tokens at the first step; prefill query sample <= {m['query_sample']}"),
+         f"host tier {m['host_tokens_first_step']} tokens at the first step; prefill query sample "
+         f"<= {m['query_sample']}"),
         f"- machine: {m['machine']}",
     ]
     lines += [f"- {why}" for why in result["skipped"].values()]
