@@ -1,0 +1,134 @@
+"""ScheduledAttention against TieredAttention (and dense) through a `tiny` Session.
+
+Same retriever, same inputs: the logits of every decode step agree to float rounding
+(one more partial in the exact merge), so the greedy tokens agree too.
+"""
+
+import pytest
+import torch
+
+from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.runtime.attention import TieredAttention
+from kvloft.scheduler.overlap import ScheduledAttention, use_scheduler
+from kvloft.scheduler.params import SchedulerParams
+
+TOL = 1e-5  # relative L2 error of fp32 logits
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu", dtype="float32", seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 512, (200,), generator=g), torch.randint(0, 512, (STEPS,), generator=g)
+
+
+def decode(model, rcfg, tokens, scheduler="none", params=None, host_chunk=4096):
+    prompt, steps = tokens
+    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=64, progress=False, scheduler=scheduler),
+                CacheConfig(host_chunk_tokens=host_chunk))
+    s.feed(prompt)
+    if params is not None:
+        use_scheduler(s, params)
+    logits = torch.stack([s.step(int(t)).clone() for t in steps])
+    return logits, s
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_covering_budget_equals_dense_and_tiered(tiny, tokens):
+    rcfg = RetrievalConfig(method="exact", budget=10_000, n_sink=4, n_window=32)
+    dense, _ = decode(tiny, RetrievalConfig(method="dense"), tokens)
+    tiered, _ = decode(tiny, rcfg, tokens)
+    sched, s = decode(tiny, rcfg, tokens, scheduler="overlap")
+    assert isinstance(s.backend, ScheduledAttention) and isinstance(s.backend, TieredAttention)
+    assert rel(sched, dense) < TOL and rel(sched, tiered) < TOL
+    st = s.stats()
+    assert st["tier_tokens"]["host"] > 160 and st["bytes"]["row_cache"] == s.backend.rows.nbytes
+    # all host rows are selected every step: after the first step they come from the cache
+    sst = s.backend.scheduler_stats()
+    assert sst["fetch"] == "host" and sst["cache"]["hit_rate"] > 0.7
+    s.reset()
+    assert isinstance(s.backend, ScheduledAttention)
+
+
+@pytest.mark.parametrize("method", ["exact", "hip", "tokenselect", "recycled", "actqkv"])
+def test_small_budget_equals_tiered(tiny, tokens, method):
+    rcfg = RetrievalConfig(method=method, budget=16, n_sink=4, n_window=32)
+    tiered, _ = decode(tiny, rcfg, tokens)
+    sched, s = decode(tiny, rcfg, tokens, scheduler="overlap")
+    assert rel(sched, tiered) < TOL, method
+    assert torch.equal(sched.argmax(-1), tiered.argmax(-1))
+    assert s.stats()["keys_scanned"] >= 0 and s.backend.rows.totals().steps == STEPS * tiny.config.n_layers
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SchedulerParams(fetch="zero_copy", cache_bytes=20 * 384 * 2, gathered_rows=7),  # pieces, LRU churn
+        SchedulerParams(fetch="staged", cache_bytes=0, stage_rows=5, search_pool="always"),
+        SchedulerParams(fetch="host", cache_bytes=6 * 384 * 2, regions=1),
+    ],
+    ids=["zero_copy-pieces", "staged-no-cache-pooled", "host-one-region"],
+)
+def test_fetch_paths_equal_tiered(tiny, tokens, params):
+    rcfg = RetrievalConfig(method="exact", budget=16, n_sink=4, n_window=32)
+    tiered, _ = decode(tiny, rcfg, tokens, host_chunk=100)  # a host tier of several chunks
+    sched, s = decode(tiny, rcfg, tokens, params=params, host_chunk=100)
+    assert rel(sched, tiered) < TOL
+    st = s.backend.scheduler_stats()
+    assert st["rows_fetched"] == st["cache"]["misses"]  # rows already cached never move again
+    if params.gathered_rows:
+        assert st["pieces"] > STEPS * tiny.config.n_layers
+
+
+def test_attention_graph_searches_on_the_worker(tiny, tokens):
+    rcfg = RetrievalConfig(method="attention_graph", budget=24, n_sink=4, n_window=32,
+                           options={"max_degree": 8, "knn": 8})
+    tiered, _ = decode(tiny, rcfg, tokens)
+    sched, s = decode(tiny, rcfg, tokens, scheduler="overlap")
+    assert rel(sched, tiered) < TOL
+    assert s.backend.scheduler_stats()["search_pool"]
+    t = s.stats()["timings_s"]
+    assert t["search"] > 0 and t["index_add"] > 0
+    s.backend.close()
+
+
+def test_extrapolation_is_refused(tiny):
+    rcfg = RetrievalConfig(method="exact", position_mode="extrapolate")
+    with pytest.raises(ValueError, match="position_mode='exact'"):
+        Session(tiny, rcfg, RuntimeConfig(progress=False, scheduler="overlap"))
+
+
+def test_bad_scheduler_settings():
+    with pytest.raises(ValueError, match="scheduler must be"):
+        RuntimeConfig(scheduler="fast")
+    with pytest.raises(ValueError, match="fetch must be"):
+        SchedulerParams(fetch="dma")
+    with pytest.raises(ValueError, match="regions"):
+        SchedulerParams(regions=0)
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        SchedulerParams(cache_bytes="lots")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fetch", ["zero_copy", "staged"])
+def test_gpu_scheduled_equals_tiered(fetch):
+    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=3)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, 512, (3000,), generator=g), torch.randint(0, 512, (8,), generator=g)
+    for method in ("exact", "hip"):
+        rcfg = RetrievalConfig(method=method, budget=64, n_sink=4, n_window=64)
+        tiered, _ = decode(model, rcfg, toks, host_chunk=4096)
+        params = SchedulerParams(fetch=fetch, cache_bytes=100 * 96 * 2 * 2, gathered_rows=40, stage_rows=16)
+        sched, s = decode(model, rcfg, toks, params=params, host_chunk=4096)
+        # bf16: each partial is rounded to bf16 before the merge
+        assert rel(sched, tiered) < 2e-2, (method, fetch, rel(sched, tiered))
+        st = s.backend.scheduler_stats()
+        assert st["fetch"] == fetch and st["rows_fetched"] == st["cache"]["misses"]
