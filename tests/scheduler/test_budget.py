@@ -1,0 +1,116 @@
+"""The GPU memory plan: component sizes against the code's own objects, and refusals."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvloft import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig, load_model
+from kvloft.index.base import make_retriever
+from kvloft.scheduler.budget import plan_memory, resolve_cache_bytes, weight_bytes
+from kvloft.scheduler.params import SchedulerParams
+
+GiB = 2**30
+LLAMA = ModelConfig.from_name("llama3-8b")
+
+
+def test_weight_bytes_match_the_model():
+    model = load_model("tiny", device="cpu", dtype="float32")
+    assert weight_bytes(model.config, 4) == model.weight_bytes
+    smol = ModelConfig.from_name("smollm2-135m")  # tied embeddings are counted once
+    untied = dataclasses.replace(smol, tie_word_embeddings=False)
+    assert weight_bytes(untied, 2) - weight_bytes(smol, 2) == smol.vocab_size * smol.hidden_size * 2
+    qwen = ModelConfig.from_name("qwen2.5-7b-1m")  # projection biases
+    assert weight_bytes(qwen, 2) == pytest.approx(15.23e9, rel=0.01)
+
+
+def test_static_and_index_follow_the_tiers_and_the_mirror():
+    cfg = ModelConfig.from_name("tiny")
+    rcfg = RetrievalConfig(method="exact", budget=8, n_sink=4, n_window=16, options={"chunk_rows": 64})
+    plan = plan_memory(cfg, rcfg, RuntimeConfig(), 500, torch.float32)
+    assert plan.n_host == 480
+    # static: the tier's own buffers; index: the exact retriever's mirror after build
+    from kvloft.runtime.kvcache import TieredKVCache
+
+    kv = TieredKVCache(cfg, n_sink=4, n_window=16, host_chunk=4096, device=torch.device("cpu"), dtype=torch.float32)
+    assert plan.static == kv.bytes()["static"]
+    r = make_retriever(rcfg, cfg)
+    for layer in range(cfg.n_layers):
+        r.build(layer, torch.randn(cfg.n_kv_heads, 480, cfg.head_dim), None)
+    assert plan.index == sum(store.nbytes for store in r.keys.values())
+    assert plan.host_kv == kv.host_bytes_after(480)
+
+
+def test_graph_index_lives_on_the_host_and_dense_holds_everything():
+    runtime = RuntimeConfig()
+    graph = plan_memory(LLAMA, RetrievalConfig(method="attention_graph"), runtime, 1 << 20, torch.bfloat16)
+    exact = plan_memory(LLAMA, RetrievalConfig(method="exact"), runtime, 1 << 20, torch.bfloat16)
+    assert graph.index == 0 and graph.host_index > 0
+    assert exact.index == 64 * GiB  # 1M keys x 8 heads x 128 x 2 B x 32 layers, whole chunks
+    dense = plan_memory(LLAMA, RetrievalConfig(method="dense"), runtime, 128 * 1024, torch.bfloat16)
+    assert dense.static == 16 * GiB and dense.n_host == 0
+
+
+def test_refusal_names_the_longest_context_that_fits():
+    runtime = RuntimeConfig(gpu_memory_budget="24GiB")
+    rcfg = RetrievalConfig(method="exact")
+    with pytest.raises(ValueError, match="over gpu_memory_budget=24.00 GiB") as err:
+        plan_memory(LLAMA, rcfg, runtime, 1 << 20, torch.bfloat16)
+    longest = int(str(err.value).split("at most ")[1].split(" tokens")[0])
+    assert plan_memory(LLAMA, rcfg, runtime, longest, torch.bfloat16).fits
+    with pytest.raises(ValueError):
+        plan_memory(LLAMA, rcfg, runtime, longest + 1, torch.bfloat16)
+    # the key mirror is what runs out: attention_graph decodes 1M tokens within the same budget
+    plan_memory(LLAMA, RetrievalConfig(method="attention_graph"), runtime, 1 << 20, torch.bfloat16)
+
+
+def test_refusal_names_the_cache_that_fits():
+    runtime = RuntimeConfig(gpu_memory_budget="24GiB", scheduler="overlap")
+    rcfg = RetrievalConfig(method="hip")
+    params = SchedulerParams(cache_bytes="6GiB")
+    with pytest.raises(ValueError, match=r"cache_bytes<=(\d+)") as err:
+        plan_memory(LLAMA, rcfg, runtime, 128 * 1024, torch.bfloat16, scheduler=params)
+    room = int(str(err.value).split("cache_bytes<=")[1].split(")")[0])
+    fitted = plan_memory(LLAMA, rcfg, runtime, 128 * 1024, torch.bfloat16, scheduler=params.replace(cache_bytes=room))
+    assert fitted.row_cache > 0 and fitted.total <= 24 * GiB
+
+
+def test_nothing_fits_says_so():
+    with pytest.raises(ValueError, match="Even an empty context"):
+        plan_memory(LLAMA, RetrievalConfig(method="exact"), RuntimeConfig(gpu_memory_budget="8GiB"), 1000,
+                    "bfloat16")
+
+
+def test_auto_cache_shrinks_to_the_headroom():
+    rcfg = RetrievalConfig(method="exact", budget=2048)
+    params = SchedulerParams()
+    free = resolve_cache_bytes(LLAMA, rcfg, RuntimeConfig(), params, torch.bfloat16, "cuda")
+    assert free == 2048 * 8 * (2 * 8 * 128 * 2) * 32  # budget x H_kv token rows per layer
+    runtime = RuntimeConfig(gpu_memory_budget="24GiB", scheduler="overlap")
+    tight = resolve_cache_bytes(LLAMA, rcfg, runtime, params, torch.bfloat16, "cuda",
+                                CacheConfig(max_context=128 * 1024))
+    assert 0 < tight < free
+    plan = plan_memory(LLAMA, rcfg, runtime, 128 * 1024, torch.bfloat16, cache_bytes=tight)
+    assert plan.fits and 24 * GiB - plan.total < plan.row_cache
+    assert resolve_cache_bytes(LLAMA, rcfg, runtime, params.replace(cache_bytes="1MiB"), "bfloat16", "cuda") == 2**20
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_tokens"):
+        plan_memory(LLAMA, RetrievalConfig(), RuntimeConfig(), -1, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        plan_memory(LLAMA, RetrievalConfig(), RuntimeConfig(), 10, "bf16")
+
+
+@pytest.mark.gpu
+def test_gpu_session_refuses_before_allocating():
+    from kvloft import Session
+
+    model = load_model("tiny", device="cuda", dtype="bfloat16")
+    budget = model.weight_bytes + 2**20
+    runtime = RuntimeConfig(gpu_memory_budget=budget, scheduler="overlap", progress=False)
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(ValueError, match="context of at most"):
+        Session(model, RetrievalConfig(method="exact", budget=64, n_sink=4, n_window=64), runtime,
+                CacheConfig(max_context=100_000))
+    assert torch.cuda.memory_allocated() - before < 2**20
