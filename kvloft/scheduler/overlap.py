@@ -270,7 +270,7 @@ def use_scheduler(session, params: SchedulerParams | None = None) -> ScheduledAt
     retriever (indexes kept); returns it. For benchmarks comparing schedulers."""
     base = session.backend
     if not isinstance(base, TieredAttention):
-        raise ValueError(f"use_scheduler needs a retrieval session, not method={session.retrieval.method!r}")
+        raise TypeError(f"use_scheduler needs a retrieval session, not method={session.retrieval.method!r}")
     if isinstance(base, ScheduledAttention):
         base.close()
     session.backend = ScheduledAttention.from_tiered(base, params, runtime=session.runtime,
