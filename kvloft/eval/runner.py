@@ -162,8 +162,11 @@ def _retrieval(method: str, budget: int, n_sink: int, n_window: int) -> Retrieva
 
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
-               max_new_tokens: int) -> RunRecord:
-    """Feed the sample's prompt in a fresh session, generate greedily to a newline, score."""
+               max_new_tokens: int, label: str | None = None) -> RunRecord:
+    """Feed the sample's prompt in a fresh session, generate greedily to a newline, score.
+
+    label: the method's name in the results (default rcfg.method; "exact+x" for extrapolation).
+    """
     from kvloft.runtime.session import Session
 
     s = Session(model, rcfg, runtime)
@@ -185,7 +188,7 @@ def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime
         scanned = st["keys_scanned"] / calls
     return RunRecord(
         task=sample.task, length=sample.target_tokens, index=index, seed=sample.seed, depth=sample.depth,
-        method=rcfg.method, prompt_tokens=prompt_tokens, output=output, references=list(sample.references),
+        method=label or rcfg.method, prompt_tokens=prompt_tokens, output=output, references=list(sample.references),
         score=score(sample.task, output, sample.references), prefill_s=t["prefill_s"], decode_tokens=steps,
         decode_ms_per_tok=st.get("decode_ms_per_tok"), keys_per_step=keys, scanned_per_step=scanned,
     )
@@ -286,7 +289,7 @@ def evaluate(
             limit = max_new_tokens or max_new_tokens_for(sample, model.tokenizer)
             for method in active:
                 rcfg = _retrieval(method, budget, n_sink, n_window)
-                records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit))
+                records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit, label=method))
                 _advance(bar, records[-1])
     if bar is not None:
         bar.close()
