@@ -95,7 +95,7 @@ class _HeadIndex:
     """One faiss index and a float32 copy of its keys [n, D] (to rank GQA candidates)."""
 
     def __init__(self, params: FaissParams, dim: int, gpu: Any) -> None:
-        self.params, self.dim, self.gpu = params, dim, gpu
+        self.params, self.dim, self.gpu = params, dim, gpu  # build-time params
         self.index: Any = None
         self.keys = np.zeros((0, dim), np.float32)
         self.n = 0
@@ -137,10 +137,10 @@ class _HeadIndex:
     def nlist(self) -> int:
         return int(faiss.extract_index_ivf(self.index).nlist) if self.params.index == "ivf" else 0
 
-    def search(self, qs: np.ndarray, k: int, reduce_max: bool) -> tuple[np.ndarray, int]:
-        """qs [g, D] float32 -> (ids [k] int64 ranked by the group-reduced score, scanned)."""
+    def search(self, qs: np.ndarray, k: int, reduce_max: bool, p: FaissParams) -> tuple[np.ndarray, int]:
+        """qs [g, D] float32 -> (ids [k] int64 ranked by the group-reduced score, scanned).
+        p: the retriever's current params (search efforts may change between calls)."""
         searches = qs if reduce_max else qs.sum(axis=0, keepdims=True)
-        p = self.params
         with _STATS_LOCK:
             if p.index == "hnsw":
                 self.index.hnsw.efSearch = p.ef_search or math.ceil(1.5 * k)
@@ -149,7 +149,7 @@ class _HeadIndex:
                 faiss.extract_index_ivf(self.index).nprobe = p.nprobe
                 faiss.cvar.indexIVF_stats.reset()
             _, ids = self.index.search(searches, k)  # [s, k]
-            scanned = self._scanned(searches.shape[0])
+            scanned = self._scanned(searches.shape[0], p.nprobe)
         cand = np.unique(ids[ids >= 0])
         if cand.shape[0] == 0:
             return np.full(k, -1, np.int64), scanned
@@ -160,20 +160,24 @@ class _HeadIndex:
         out[: top.shape[0]] = top
         return out, scanned
 
-    def _scanned(self, n_searches: int) -> int:
-        p = self.params
-        if p.index == "flat":
+    def _scanned(self, n_searches: int, nprobe: int) -> int:
+        kind = self.params.index
+        if kind == "flat":
             return self.n
-        if p.index == "hnsw":
+        if kind == "hnsw":
             return min(int(faiss.cvar.hnsw_stats.ndis), self.n)
         if self.gpu is not None:  # faiss GPU keeps no IVF stats: expected list sizes
-            return min(round(n_searches * p.nprobe * self.n / self.nlist), self.n)
+            return min(round(n_searches * nprobe * self.n / self.nlist), self.n)
         return min(int(faiss.cvar.indexIVF_stats.ndis), self.n)
 
 
 @register("faiss")
 class FaissRetriever:
-    """Retriever protocol over faiss indexes on keys only; see the module doc."""
+    """Retriever protocol over faiss indexes on keys only; see the module doc.
+
+    Search efforts (nprobe, ef_search) are read from `self.params` at every select, so a
+    benchmark may sweep them on one build with dataclasses.replace.
+    """
 
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
@@ -237,7 +241,8 @@ class FaissRetriever:
         else:
             qs = q.detach().to("cpu", torch.float32).numpy().reshape(hkv, hq // hkv, d)
             reduce_max = self.cfg.gqa_reduce == "max"
-            res = [head.search(np.ascontiguousarray(qs[h]), k, reduce_max) for h, head in enumerate(heads)]
+            res = [head.search(np.ascontiguousarray(qs[h]), k, reduce_max, self.params)
+                   for h, head in enumerate(heads)]
             ids = torch.from_numpy(np.stack([r[0] for r in res]))
             sel = Selection(ids=ids.to(self.device), scanned=sum(r[1] for r in res))
         self._stats.record(sel)

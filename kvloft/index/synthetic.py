@@ -12,6 +12,9 @@ apart from the key cloud, and a query's top keys (by q . k) lie on the rim of th
 cloud, far (in key-to-key terms) from where a key-only graph would route it.
 The query heads of one GQA group read one latent per token (the same hidden state) through
 slightly different (jittered) structure matrices, plus their own noise.
+`query_scale` sharpens the softmax without changing any ranking: at 2.0 (default), N = 20K,
+D = 64, the top 100 keys hold ~88% of a query's attention mass (top 10: ~66%), a
+concentration like that of trained heads; at 1.0 they hold ~43%.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def ood_attention_data(
     query_offset: float = 6.0,
     structure_scale: float = 3.0,
     head_jitter: float = 0.3,
+    query_scale: float = 2.0,
     seed: int = 0,
 ) -> OODData:
     """Per KV head, keys and (train, test) queries of its `group` query heads; all fp32."""
@@ -75,7 +79,8 @@ def ood_attention_data(
         for _ in range(group):
             s_h = s_q + torch.randn(rank, dim, generator=gen) * head_jitter / dim**0.5
             for store, zq in ((train, z_train), (test, z_test)):
-                store.append(mu_q + zq @ s_h + 0.5 * torch.randn(zq.shape[0], dim, generator=gen))
+                q = mu_q + zq @ s_h + 0.5 * torch.randn(zq.shape[0], dim, generator=gen)
+                store.append(query_scale * q)
     label = (
         f"synthetic-ood(N={n_keys}, D={dim}, H_kv={n_kv_heads}, group={group}, rank={rank}, seed={seed})"
     )

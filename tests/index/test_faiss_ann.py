@@ -87,8 +87,7 @@ def test_hnsw_recall_and_scan_grow_with_ef(data):
     r.build(0, data.keys, None)
     results = []
     for ef in (40, 400):
-        for head in r.heads[0]:  # the search effort only: one build serves both
-            head.params = dataclasses.replace(head.params, ef_search=ef)
+        r.params = dataclasses.replace(r.params, ef_search=ef)  # one build serves both efforts
         sels = [r.select(0, data.test_queries[:, t], 30) for t in range(8)]
         want = torch.cat([ex.select(0, data.test_queries[:, t], 30).ids for t in range(8)])
         results.append((recall(torch.cat([s.ids for s in sels]), want), np.mean([s.scanned for s in sels])))
