@@ -122,6 +122,8 @@ class ScheduledAttention(TieredAttention):
             sk, sv, _ = tiers.static_kv()
             o_s, l_s = self.ops.decode_attend(q1, sk, sv, scale=self.scale)
         if not retrieve:
+            if search is not None:  # the worker's index add: done before the next layer
+                self._finish_search(search)
             return o_s[None]
         ids = self._finish_search(search)
         with self.timers("plan"):

@@ -88,6 +88,15 @@ def test_fetch_paths_equal_tiered(tiny, tokens, params):
         assert st["pieces"] > STEPS * tiny.config.n_layers
 
 
+def test_zero_budget_still_indexes_on_the_worker(tiny, tokens):
+    rcfg = RetrievalConfig(method="exact", budget=0, n_sink=4, n_window=32)
+    tiered, t = decode(tiny, rcfg, tokens)
+    sched, s = decode(tiny, rcfg, tokens, params=SchedulerParams(search_pool="always"))
+    assert rel(sched, tiered) < TOL
+    assert s.stats()["retriever"] == t.stats()["retriever"]
+    assert len(s.backend.retriever.keys[0]) == len(t.backend.retriever.keys[0]) == s.backend.cache[0].n_host
+
+
 def test_attention_graph_searches_on_the_worker(tiny, tokens):
     rcfg = RetrievalConfig(method="attention_graph", budget=24, n_sink=4, n_window=32,
                            options={"max_degree": 8, "knn": 8})
@@ -117,18 +126,50 @@ def test_bad_scheduler_settings():
         SchedulerParams(cache_bytes="lots")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("fetch", ["zero_copy", "staged"])
-def test_gpu_scheduled_equals_tiered(fetch):
+@pytest.fixture(scope="module")
+def gpu_setup():
     model = load_model("tiny", device="cuda", dtype="bfloat16", seed=3)
     g = torch.Generator().manual_seed(0)
-    toks = torch.randint(0, 512, (3000,), generator=g), torch.randint(0, 512, (8,), generator=g)
+    return model, (torch.randint(0, 512, (3000,), generator=g), torch.randint(0, 512, (8,), generator=g))
+
+
+GPU_TOL = 2e-2  # bf16: each partial is rounded to bf16 before the merge
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fetch", ["zero_copy", "staged"])
+@pytest.mark.parametrize("pool", ["auto", "always"])
+def test_gpu_scheduled_equals_tiered(gpu_setup, fetch, pool):
+    model, toks = gpu_setup
     for method in ("exact", "hip"):
         rcfg = RetrievalConfig(method=method, budget=64, n_sink=4, n_window=64)
-        tiered, _ = decode(model, rcfg, toks, host_chunk=4096)
-        params = SchedulerParams(fetch=fetch, cache_bytes=100 * 96 * 2 * 2, gathered_rows=40, stage_rows=16)
-        sched, s = decode(model, rcfg, toks, params=params, host_chunk=4096)
-        # bf16: each partial is rounded to bf16 before the merge
-        assert rel(sched, tiered) < 2e-2, (method, fetch, rel(sched, tiered))
+        tiered, _ = decode(model, rcfg, toks)
+        params = SchedulerParams(fetch=fetch, cache_bytes=100 * 96 * 2 * 2, gathered_rows=40, stage_rows=16,
+                                 search_pool=pool)
+        sched, s = decode(model, rcfg, toks, params=params)
+        assert rel(sched, tiered) < GPU_TOL, (method, fetch, rel(sched, tiered))
         st = s.backend.scheduler_stats()
         assert st["fetch"] == fetch and st["rows_fetched"] == st["cache"]["misses"]
+        assert st["search_pool"] == (pool == "always") and st["cache"]["hits"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_session_overlap_defaults(gpu_setup):
+    model, toks = gpu_setup
+    rcfg = RetrievalConfig(method="exact", budget=64, n_sink=4, n_window=64)
+    tiered, _ = decode(model, rcfg, toks)
+    sched, s = decode(model, rcfg, toks, scheduler="overlap")
+    assert s.backend.scheduler_stats()["fetch"] == "zero_copy"
+    assert rel(sched, tiered) < GPU_TOL
+
+
+@pytest.mark.gpu
+def test_gpu_attention_graph_pooled(gpu_setup):
+    model, toks = gpu_setup
+    rcfg = RetrievalConfig(method="attention_graph", budget=32, n_sink=4, n_window=64,
+                           options={"max_degree": 8, "knn": 8})
+    tiered, _ = decode(model, rcfg, toks)
+    sched, s = decode(model, rcfg, toks, scheduler="overlap")
+    assert s.backend.scheduler_stats()["search_pool"]
+    assert rel(sched, tiered) < GPU_TOL
+    s.backend.close()
