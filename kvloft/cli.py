@@ -2,6 +2,7 @@
 
     kvloft demo                                  passkey in a ~6K-token haystack, dense vs exact retrieval
     kvloft generate --model smollm2 --prompt-file F --method exact --budget 256
+    kvloft serve --model smollm2 --port 8000    OpenAI-compatible HTTP API
     kvloft eval --model smollm2 --tasks passkey --lengths 2k,4k --methods dense,exact --budget 256
 """
 
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kvloft.eval.runner import add_eval_parser
 
     add_eval_parser(sub)
+
+    from kvloft.server import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 
