@@ -1,7 +1,9 @@
 """ScheduledAttention against TieredAttention (and dense) through a `tiny` Session.
 
 Same retriever, same inputs: the logits of every decode step agree to float rounding
-(one more partial in the exact merge), so the greedy tokens agree too.
+(one more partial in the exact merge), so the greedy tokens agree too. The worker-thread
+search runs here with search_pool="always"; attention_graph on the worker is a GPU test
+(its numba kernels take ~30 s to compile, over this suite's CPU budget).
 """
 
 import pytest
@@ -95,18 +97,6 @@ def test_zero_budget_still_indexes_on_the_worker(tiny, tokens):
     assert rel(sched, tiered) < TOL
     assert s.stats()["retriever"] == t.stats()["retriever"]
     assert len(s.backend.retriever.keys[0]) == len(t.backend.retriever.keys[0]) == s.backend.cache[0].n_host
-
-
-def test_attention_graph_searches_on_the_worker(tiny, tokens):
-    rcfg = RetrievalConfig(method="attention_graph", budget=24, n_sink=4, n_window=32,
-                           options={"max_degree": 8, "knn": 8})
-    tiered, _ = decode(tiny, rcfg, tokens)
-    sched, s = decode(tiny, rcfg, tokens, scheduler="overlap")
-    assert rel(sched, tiered) < TOL
-    assert s.backend.scheduler_stats()["search_pool"]
-    t = s.stats()["timings_s"]
-    assert t["search"] > 0 and t["index_add"] > 0
-    s.backend.close()
 
 
 def test_extrapolation_is_refused(tiny):
