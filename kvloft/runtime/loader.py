@@ -120,6 +120,8 @@ def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0) -> Model:
     with torch.device("meta"):
         net = Transformer(cfg)
     net = net.to(dtype=dtype).to_empty(device=device)  # allocated once, in the compute dtype
+    if cfg.tie_word_embeddings:  # to_empty allocates each parameter anew: tie again
+        net.lm_head.weight = net.embed_tokens.weight
     std = 0.02
     for name, p in net.named_parameters():  # drawn where they live: an 8B preset never touches the CPU
         if name.endswith("norm.weight"):
