@@ -134,14 +134,24 @@ class CacheConfig:
 
     host_chunk_tokens: the host tier grows by chunks of this many tokens, never copied whole.
     max_context: a session refuses to hold more tokens than this (0 = no limit).
+    disk_dir: a directory for the disk tier (a path; made if missing). When set and the
+        host tier would pass RuntimeConfig.host_memory_budget, each layer's oldest full
+        host chunks spill to memory-mapped files in a per-session subdirectory (removed
+        when the session resets or goes away) instead of the session refusing.
+        None = no disk tier (docs/disk_tier.md).
     """
 
     host_chunk_tokens: int = 4096
     max_context: int = 0
+    disk_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("host_chunk_tokens", self.host_chunk_tokens, minimum=1)
         _check_int("max_context", self.max_context, minimum=0)
+        if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
+                raise TypeError(f"disk_dir must be a directory path (str) or None, got {self.disk_dir!r}")
+            object.__setattr__(self, "disk_dir", os.fspath(self.disk_dir))
 
 
 @dataclass(frozen=True)

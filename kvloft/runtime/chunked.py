@@ -3,14 +3,40 @@
 Rows are `[*row_shape]` (for KV: `[H_kv, D]`, one token's keys for all KV heads, one
 contiguous row). Chunks are allocated on demand on one device, pinned on the host when
 `pin` is set (CUDA present), so a zero-copy GPU gather or an async H2D can read them.
+
+With a `SpillPolicy` (the disk tier, docs/disk_tier.md) at most `max_resident` chunks stay
+in memory: before a new chunk is allocated, the oldest full chunk is written to its file
+and replaced in `chunks` by a tensor memory-mapped from that file (`torch.from_file`, a
+private read-only mapping). Readers see one list of tensors either way; a read of a spilled
+row pages it in from disk (or the page cache). Spilled chunks are always the oldest ones,
+`chunks[:n_spilled]`, and are full, so they are never written again. They are not pinned:
+a zero-copy GPU gather cannot read them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SpillPolicy:
+    """When and where a ChunkedRows moves its oldest full chunks to disk.
+
+    max_resident: chunks kept in memory (>= 1; the chunk being filled is always one of them).
+    path: the file of chunk i (its directory must exist when a chunk spills).
+    """
+
+    max_resident: int
+    path: Callable[[int], Path]
+
+    def __post_init__(self) -> None:
+        if self.max_resident < 1:
+            raise ValueError(f"max_resident must be >= 1 chunk, got {self.max_resident}")
 
 
 class ChunkedRows:
@@ -23,27 +49,54 @@ class ChunkedRows:
         chunk_rows: int,
         device: torch.device | str = "cpu",
         pin: bool = False,
+        spill: SpillPolicy | None = None,
     ) -> None:
         assert chunk_rows > 0
+        assert spill is None or torch.device(device).type == "cpu", "only host rows spill to disk"
         self.row_shape = tuple(row_shape)
         self.dtype = dtype
         self.chunk_rows = chunk_rows
         self.device = torch.device(device)
         self.pin = pin and self.device.type == "cpu"
-        self.chunks: list[Tensor] = []
+        self.chunks: list[Tensor] = []  # in memory, or memory-mapped for chunks[:n_spilled]
         self.n = 0
+        self.spill = spill
+        self.n_spilled = 0
 
     def __len__(self) -> int:
         return self.n
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated (whole chunks), not only bytes used."""
-        return sum(c.numel() * c.element_size() for c in self.chunks)
+        """Bytes allocated in memory (whole chunks, not only rows used); spilled chunks excluded."""
+        return sum(c.numel() * c.element_size() for c in self.chunks[self.n_spilled :])
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Bytes of the chunks spilled to disk."""
+        return sum(c.numel() * c.element_size() for c in self.chunks[: self.n_spilled])
 
     def _new_chunk(self) -> Tensor:
+        if self.spill is not None:
+            while len(self.chunks) - self.n_spilled >= self.spill.max_resident:
+                self.spill_chunk(self.n_spilled)  # every existing chunk is full here
         shape = (self.chunk_rows, *self.row_shape)
         return torch.empty(shape, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+
+    def spill_chunk(self, ci: int) -> None:
+        """Write chunk ci (the oldest in memory, full) to its file and map it back from there.
+
+        Costs one sequential write of the chunk; the memory is freed (pinned blocks go back
+        to torch's host allocator, which hands them to the next chunk).
+        """
+        assert self.spill is not None and ci == self.n_spilled and (ci + 1) * self.chunk_rows <= self.n
+        chunk = self.chunks[ci]
+        path = self.spill.path(ci)
+        with open(path, "wb") as fh:
+            fh.write(memoryview(chunk.reshape(-1).view(torch.uint8).numpy()))
+        mapped = torch.from_file(str(path), shared=False, size=chunk.numel(), dtype=self.dtype)
+        self.chunks[ci] = mapped.view(chunk.shape)
+        self.n_spilled += 1
 
     def append(self, rows: Tensor) -> None:
         """rows: [n, *row_shape]; copied in, split across chunk boundaries."""

@@ -8,19 +8,28 @@ Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D
   attention is one pass over `[:n_static]` (keys are rotated, so slot order is free).
 - host tier: every token older than the window, appended in order to chunked rows
   (pinned when CUDA is present), with its position; grown by chunks, never copied whole.
+- disk tier (optional, `disk_dir`): when the host tier would pass the host budget, each
+  layer's oldest full host chunks move to memory-mapped files in a per-session directory
+  under `disk_dir` (runtime/chunked.py, SpillPolicy); readers see the same chunk list.
+  The directory is removed when the cache is closed or garbage-collected.
 
 `DenseKV` is the baseline's store: every token on the compute device, contiguous.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.runtime.chunked import ChunkedRows, SpillPolicy
 
 
 @dataclass
@@ -33,11 +42,39 @@ class Evicted:
     first_row: int  # host-tier row of k[0]
 
 
+class SpillDir:
+    """A session's directory of spilled chunks under `root`, made on first use.
+
+    Holds no reference to the cache, so a weakref.finalize on the cache can remove it.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"CacheConfig.disk_dir={root!r} cannot be created ({e}); name a writable directory") from e
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise ValueError(f"CacheConfig.disk_dir={root!r} is not a writable directory; name one that is")
+        self.path: Path | None = None
+
+    def file(self, name: str) -> Path:
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix="kvloft-kv-", dir=self.root))
+        return self.path / name
+
+    def remove(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)  # mapped chunks stay readable until unmapped
+            self.path = None
+
+
 class LayerTiers:
     """Static tier (sink + window ring) and host tier of one layer."""
 
     def __init__(self, cfg: ModelConfig, n_sink: int, n_window: int, host_chunk: int,
-                 device: torch.device, dtype: torch.dtype, pin: bool) -> None:
+                 device: torch.device, dtype: torch.dtype, pin: bool,
+                 spill: dict[str, SpillPolicy] | None = None) -> None:
         hkv, d = cfg.n_kv_heads, cfg.head_dim
         size = n_sink + n_window
         self.n_sink, self.n_window = n_sink, n_window
@@ -47,9 +84,10 @@ class LayerTiers:
         self.sink_fill = 0
         self.ring_fill = 0
         self.ring_head = 0  # ring slot (relative) of the oldest token
-        self.host_k = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin)
-        self.host_v = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin)
-        self.host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin)
+        spill = spill or {}
+        self.host_k = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("k"))
+        self.host_v = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("v"))
+        self.host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin, spill.get("pos"))
 
     @property
     def n_static(self) -> int:
@@ -118,18 +156,62 @@ class LayerTiers:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
 
     def host_bytes(self) -> int:
+        """Host-tier bytes in memory (spilled chunks excluded)."""
         return self.host_k.nbytes + self.host_v.nbytes + self.host_pos.nbytes
+
+    def disk_bytes(self) -> int:
+        return self.host_k.disk_nbytes + self.host_v.disk_nbytes + self.host_pos.disk_nbytes
 
 
 class TieredKVCache:
-    """Every layer's tiers. Tokens enter in order; positions are kept with them."""
+    """Every layer's tiers. Tokens enter in order; positions are kept with them.
+
+    disk_dir + host_budget (bytes, > 0): keep at most host_budget bytes of host chunks in
+    memory (the same number of chunks per layer and tensor) and spill older chunks to
+    files under disk_dir. Without disk_dir the host tier stays in memory and the caller
+    enforces its budget (Session refuses).
+    """
 
     def __init__(self, cfg: ModelConfig, *, n_sink: int, n_window: int, host_chunk: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, disk_dir: str | None = None,
+                 host_budget: int = 0) -> None:
         pin = device.type == "cuda"
-        self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin)
-                       for _ in range(cfg.n_layers)]
         self.cfg = cfg
+        self.host_chunk = host_chunk
+        self.row_bytes = 2 * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size() + 8
+        self.max_resident = 0  # host chunks per layer kept in memory (0 = all)
+        self.spill_dir: SpillDir | None = None
+        if disk_dir is not None and host_budget:
+            self.max_resident = self._resident_chunks(host_budget)
+            self.spill_dir = SpillDir(disk_dir)
+            self._finalizer = weakref.finalize(self, self.spill_dir.remove)
+        self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin, self._spill_policies(i))
+                       for i in range(cfg.n_layers)]
+
+    def _resident_chunks(self, host_budget: int) -> int:
+        per_chunk = self.host_chunk * self.row_bytes * self.cfg.n_layers  # one chunk of k, v, pos per layer
+        n = host_budget // per_chunk
+        if n < 1:
+            raise ValueError(
+                f"host_memory_budget={host_budget / 2**20:.2f} MiB holds no host chunk: spilling to disk "
+                f"keeps at least one chunk per layer in memory ({per_chunk / 2**20:.2f} MiB with "
+                f"host_chunk_tokens={self.host_chunk}); raise the budget or lower CacheConfig.host_chunk_tokens"
+            )
+        return n
+
+    def _spill_policies(self, layer: int) -> dict[str, SpillPolicy] | None:
+        if self.spill_dir is None:
+            return None
+        d = self.spill_dir
+        return {name: SpillPolicy(self.max_resident, lambda ci, n=name: d.file(f"layer{layer}.{n}.{ci}.bin"))
+                for name in ("k", "v", "pos")}
+
+    def close(self) -> None:
+        """Remove the spilled chunks' files now (also done when the cache is garbage-collected).
+
+        Tensors already mapped stay readable (POSIX keeps an unlinked file's pages while mapped)."""
+        if self.spill_dir is not None:
+            self._finalizer()
 
     def __getitem__(self, layer: int) -> LayerTiers:
         return self.layers[layer]
@@ -140,19 +222,30 @@ class TieredKVCache:
         return t.n_static + t.n_host
 
     def bytes(self) -> dict[str, int]:
+        """static: compute-device tier; host: host tier in memory; disk: host chunks spilled to disk."""
         return {
             "static": sum(t.static_bytes() for t in self.layers),
             "host": sum(t.host_bytes() for t in self.layers),
+            "disk": sum(t.disk_bytes() for t in self.layers),
         }
 
+    def _chunks_after(self, n_new_host: int) -> int:
+        return -(-(self.layers[0].n_host + n_new_host) // self.host_chunk)
+
     def host_bytes_after(self, n_new_host: int) -> int:
-        """Host bytes once `n_new_host` more tokens sit in the host tier (whole chunks)."""
-        t = self.layers[0]
-        rows = t.n_host + n_new_host
-        chunk = t.host_k.chunk_rows
-        n_chunks = -(-rows // chunk)
-        per_row = 2 * self.cfg.n_kv_heads * self.cfg.head_dim * t.k.element_size() + 8
-        return n_chunks * chunk * per_row * len(self.layers)
+        """Host bytes in memory once `n_new_host` more tokens sit in the host tier (whole chunks;
+        with a disk tier, at most max_resident chunks per layer)."""
+        n_chunks = self._chunks_after(n_new_host)
+        if self.max_resident:
+            n_chunks = min(n_chunks, self.max_resident)
+        return n_chunks * self.host_chunk * self.row_bytes * len(self.layers)
+
+    def disk_bytes_after(self, n_new_host: int) -> int:
+        """Bytes spilled to disk once `n_new_host` more tokens sit in the host tier."""
+        if not self.max_resident:
+            return 0
+        n_chunks = max(0, self._chunks_after(n_new_host) - self.max_resident)
+        return n_chunks * self.host_chunk * self.row_bytes * len(self.layers)
 
 
 class DenseKV:

@@ -11,8 +11,9 @@ changed, so a rejected call leaves the session as it was and usable.
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,18 +47,23 @@ class Session:
                 raise TypeError(f"{name} must be a kvloft.{cls.__name__}, got {type(obj).__name__}")
         self.ops = kernel_set(self.runtime.kernels, model.device)
         self._check_gpu_budget()
+        self._check_disk_tier()
         self.reset()
 
     # ---- state ---------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget the context (keeps model and configs)."""
+        """Forget the context (keeps model and configs); spilled chunks' files are removed."""
         cfg, m = self.model.config, self.model
+        old = getattr(self, "backend", None)
+        if isinstance(old, TieredAttention):
+            old.cache.close()
         if self.retrieval.method == "dense":
             self.backend = DenseAttention(cfg, self.ops, m.device, m.dtype, self.runtime.profile)
         else:
             kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
-                               host_chunk=self.cache_cfg.host_chunk_tokens, device=m.device, dtype=m.dtype)
+                               host_chunk=self.cache_cfg.host_chunk_tokens, device=m.device, dtype=m.dtype,
+                               disk_dir=self.cache_cfg.disk_dir, host_budget=self.runtime.host_memory_budget)
             retriever = make_retriever(self.retrieval, cfg, m.device)
             if self.runtime.scheduler == "overlap":
                 from kvloft.scheduler.overlap import ScheduledAttention
@@ -110,12 +116,37 @@ class Session:
             )
         budget = self.runtime.host_memory_budget
         if budget and isinstance(self.backend, TieredAttention):
-            need = self.backend.cache.host_bytes_after(n_new)
+            need = self.backend.cache.host_bytes_after(n_new)  # with a disk tier: at most the budget
             if need > budget:
                 raise ValueError(
                     f"{len(self.tokens) + n_new} tokens need {need / 2**20:.1f} MiB of host KV memory, over "
-                    f"host_memory_budget={budget / 2**20:.1f} MiB; raise the budget or feed less"
+                    f"host_memory_budget={budget / 2**20:.1f} MiB; raise the budget, feed less, or set "
+                    "CacheConfig.disk_dir to spill older chunks to disk"
                 )
+            self._check_disk_space(n_new)
+
+    def _check_disk_space(self, n_new: int) -> None:
+        """Refuse before prefill if the spilled chunks would not fit on disk_dir's file system."""
+        cache = self.backend.cache
+        grow = cache.disk_bytes_after(n_new) - cache.bytes()["disk"]
+        if grow <= 0:
+            return
+        free = shutil.disk_usage(self.cache_cfg.disk_dir).free
+        if grow > free:
+            raise ValueError(
+                f"{len(self.tokens) + n_new} tokens would spill {grow / 2**30:.2f} GiB more to disk_dir="
+                f"{self.cache_cfg.disk_dir!r}, which has {free / 2**30:.2f} GiB free; free space there, "
+                "raise host_memory_budget or feed less"
+            )
+
+    def _check_disk_tier(self) -> None:
+        if self.cache_cfg.disk_dir is None or self.retrieval.method == "dense":
+            return
+        if self.runtime.scheduler == "overlap" and self.model.device.type == "cuda" and self.ops.name == "triton":
+            raise ValueError(
+                "CacheConfig.disk_dir with scheduler='overlap' on CUDA: its zero-copy fetch reads pinned host "
+                "memory, which spilled chunks are not; use scheduler='none' or kernels='reference' (staged fetch)"
+            )
 
     def _check_gpu_budget(self) -> None:
         budget = self.runtime.gpu_memory_budget
@@ -135,12 +166,16 @@ class Session:
 
     # ---- prefill -------------------------------------------------------------------------
 
-    def feed(self, prompt: str | Sequence[int] | Tensor) -> int:
-        """Append text or token ids to the context (chunked prefill). Returns tokens fed."""
+    def feed(self, prompt: str | Sequence[int] | Tensor,
+             on_progress: Callable[[int, int], None] | None = None) -> int:
+        """Append text or token ids to the context (chunked prefill). Returns tokens fed.
+
+        on_progress(done, total) is called after each prefill chunk (e.g. to stream progress).
+        """
         ids = self._to_ids(prompt)
         self._check_capacity(len(ids))
         t0 = time.perf_counter()
-        self._prefill(ids)
+        self._prefill(ids, on_progress)
         self._times["prefill_s"] += time.perf_counter() - t0
         self._times["prefill_tokens"] += len(ids)
         return len(ids)
@@ -152,7 +187,7 @@ class Session:
         text = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt)
         return self.feed(text)
 
-    def _prefill(self, ids: list[int]) -> None:
+    def _prefill(self, ids: list[int], on_progress: Callable[[int, int], None] | None = None) -> None:
         chunk = self.runtime.prefill_chunk
         start = len(self.tokens)
         n_chunks = -(-len(ids) // chunk)
@@ -169,6 +204,8 @@ class Session:
             self.tokens.extend(part)
             if bar is not None:
                 bar.update(len(part))
+            if on_progress is not None:
+                on_progress(i + len(part), len(ids))
         if bar is not None:
             bar.close()
         if isinstance(self.backend, TieredAttention):
@@ -284,7 +321,8 @@ class Session:
             out["decode_ms_per_tok"] = round(1000 * t["decode_s"] / t["decode_tokens"], 2)
         if isinstance(b, TieredAttention):
             tiers = b.cache[0]
-            out["tier_tokens"] = {"static": tiers.n_static, "host": tiers.n_host}
+            spilled = min(tiers.host_k.n_spilled * tiers.host_k.chunk_rows, tiers.n_host)
+            out["tier_tokens"] = {"static": tiers.n_static, "host": tiers.n_host - spilled, "disk": spilled}
             out["keys_scanned"] = b.scanned
             out["retriever"] = b.retriever.stats()
         return out
