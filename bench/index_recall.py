@@ -256,7 +256,13 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, help="safetensors trace with q{l}, k{l}, v{l}")
     ap.add_argument("--layers", default="", help="trace layers, e.g. 0,15 (default: all)")
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="rewrite the doc and plot from the JSON only")
     args = ap.parse_args()
+    if args.replot:
+        results = json.loads(RESULTS.read_text())
+        write_doc(results)
+        plot(results)
+        return
 
     torch.manual_seed(args.seed)
     warm_up()
@@ -268,6 +274,8 @@ def main() -> None:
         truth = ground_truth(w, args.budget)
         rows = []
         for label, method, opts in configs:
+            if label.endswith("-mean") and w.model_cfg.group_size == 1:
+                continue  # one query head per KV head: the mean search is the same search
             try:
                 rows += run_method(w, truth, label, method, opts, args.budget)
             except Exception as e:  # noqa: BLE001 - a method that cannot run here is listed, not fatal
@@ -328,6 +336,16 @@ def write_doc(results: dict[str, Any]) -> None:
         lines += [f"| {r['method']} | {r['n_host']} | {r['recall']:.3f} | {100 * r['scanned']:.2f}% | "
                   f"{r['build_s']:.2f} | {r['us_per_query_head']:.0f} |" for r in results["scaling"]]
         lines.append("")
+    lines += ["## Notes", "",
+              ("- Synthetic figures use kvloft.index.synthetic (labelled synthetic-ood): keys and queries "
+              "from different distributions; trace figures use real SmolLM2 queries and keys."),
+              "- attention_graph learns from the prefill queries; faiss indexes see keys only.",
+              ("- `scanned` of the graph counts distinct keys per KV head (one GQA group's searches "
+              "overlap); faiss ivf/hnsw sum the group's per-search counts (an upper bound, capped at N)."),
+              ("- tokenselect, recycled, hip and actqkv run once at their default options with this "
+              "top-k budget on a static host tier (no add() between decode queries); they select "
+              "tokens or blocks for other budgets and schedules: docs/methods.md and "
+              "docs/methods_hip_actqkv.md have their own measurements."), ""]
     if results["skipped"]:
         lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in results["skipped"].items()] + [""]
     if PLOT.exists() or _has_matplotlib():
@@ -344,6 +362,11 @@ def _has_matplotlib() -> bool:
     return True
 
 
+COLORS = {name: i for i, name in enumerate(  # one colour per method across panels
+    ["exact", "attention_graph", "attention_graph-mean", "faiss-flat", "faiss-ivf", "faiss-hnsw",
+     "tokenselect", "recycled", "hip", "actqkv"])}
+
+
 def plot(results: dict[str, Any]) -> None:
     if not _has_matplotlib():
         print("matplotlib not installed: no plot (pip install matplotlib)")
@@ -354,15 +377,20 @@ def plot(results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     ws = results["workloads"]
-    fig, axes = plt.subplots(1, len(ws), figsize=(6.5 * len(ws), 4.6), squeeze=False)
-    for ax, w in zip(axes[0], ws):
+    cols = min(2, len(ws))
+    rows_n = math.ceil(len(ws) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 4.4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(ws):]:
+        ax.set_visible(False)
+    for ax, w in zip(axes.flat, ws):
         by: dict[str, list[dict[str, Any]]] = {}
         for r in w["rows"]:
             by.setdefault(r["method"], []).append(r)
         for name, rows in by.items():
             rows = sorted(rows, key=lambda r: r["scanned"])
             xs = [max(100 * r["scanned"], 1e-2) for r in rows]
-            ax.plot(xs, [r["recall"] for r in rows], marker="o", ms=4, label=name)
+            color = f"C{COLORS[name] % 10}" if name in COLORS else None
+            ax.plot(xs, [r["recall"] for r in rows], marker="o", ms=4, label=name, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("keys scanned (% of host keys)")
         ax.set_ylabel(f"top-{results['args']['budget']} recall")

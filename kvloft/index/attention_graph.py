@@ -37,8 +37,9 @@ ef_scale * k) candidates, scoring <q, k>. GQA: `gqa_search="heads"` (default) ru
 search per query head of the group, pools their candidates and ranks them by the
 group-reduced score (RetrievalConfig.gqa_reduce, as ExactRetriever does); "mean" runs
 one search with the group's mean query and re-ranks its pool the same way. Measured on
-synthetic-ood with groups of 2 (N = 8K, top-100, L = 150): "heads" recall 0.94 at 16%
-scanned, "mean" 0.89 at 13%; the bench (docs/index_recall.md) has the curves.
+SmolLM2 traces (groups of 3, 3.5K host keys, top-100; docs/index_recall.md): "heads" at
+L = 100 has recall 0.95-0.96 scanning 35-41% of the keys; "mean" needs L = 500 (52-54%
+scanned) for 0.91-0.94, so "heads" is the default.
 `scanned` counts distinct keys whose score was computed, summed over KV heads (keys
 scored by several searches of one group count once; `stats()["dots"]` counts every
 query-key product).
@@ -91,7 +92,8 @@ class GraphParams:
     fill: top pruned lists up to max_degree with the nearest occluded candidates.
     fallback_queries: without prefill queries, this many keys (seeded sample) act as
         queries; 0 = all keys.
-    knn_chunk: query rows per matmul block of the exact kNN.
+    knn_chunk: query rows per matmul block of the exact kNN (fewer when the block of
+        logits would pass 256 MiB).
     n_threads: worker threads for per-head build/search; 0 -> min(H_kv, cpu count).
     seed: seed of the fallback sample.
     """
@@ -254,6 +256,7 @@ def exact_knn(queries: Tensor, keys: Tensor, k: int, chunk: int) -> np.ndarray:
     k = min(k, keys.shape[0])
     out = np.empty((queries.shape[0], k), np.int32)
     kt = keys.float().T.contiguous()  # [D, N]
+    chunk = max(1, min(chunk, (1 << 26) // max(1, keys.shape[0])))  # logits block <= 256 MiB
     for s in range(0, queries.shape[0], chunk):
         logits = queries[s : s + chunk].float() @ kt  # [c, N]: c * N * 4 bytes
         out[s : s + chunk] = torch.topk(logits, k, dim=1).indices.cpu().numpy()
