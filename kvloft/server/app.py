@@ -34,6 +34,8 @@ import hmac
 import json
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -202,6 +204,7 @@ class _Job:
     stream: bool
     include_usage: bool
     rid: str = ""
+    progress: bool = False  # stream prefill progress events (needs stream)
 
     @classmethod
     def from_request(cls, req, cfg: ServerConfig, name: str, model, chat: bool) -> _Job:
@@ -222,7 +225,8 @@ class _Job:
                    max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
                    seed=req.seed, stream=req.stream,
                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                   rid=P.new_id("chatcmpl" if chat else "cmpl"))
+                   rid=P.new_id("chatcmpl" if chat else "cmpl"),
+                   progress=bool(req.stream and req.prefill_progress))
 
 
 def _chat_messages(req: P.ChatRequest) -> list[dict[str, str]]:
@@ -253,6 +257,9 @@ async def _serve(job: _Job, manager: SessionManager):
     streaming = False
     try:
         run = _Run(job, lease)
+        if job.progress:  # the stream feeds the prompt itself, reporting as it goes
+            streaming = True
+            return LeasedStream(_progress_then_events(run), release=lambda: manager.release(lease))
         await anyio.to_thread.run_sync(run.prefill)
         if job.stream:
             streaming = True  # the response gives the session back when the stream ends
@@ -274,16 +281,16 @@ class _Run:
         self.text = ""
         self.finish = "stop"
 
-    def prefill(self) -> None:
+    def prefill(self, on_progress=None) -> None:
         s, job = self.session, self.job
         try:
             if job.chat:
                 text = _chat_text(s.model.tokenizer, job.prompt, continuing=bool(len(s)),
                                   open_turn=self.lease.meta.get("open_turn", False))
-                self.fed = s.feed(text)
+                self.fed = s.feed(text, on_progress)
                 self.lease.meta["open_turn"] = True
             else:
-                self.fed = s.feed(job.prompt)
+                self.fed = s.feed(job.prompt, on_progress)
                 self.lease.meta["open_turn"] = False
         except (ValueError, TypeError) as e:
             raise P.APIError(400, str(e), param="messages" if job.chat else "prompt") from e
@@ -351,6 +358,33 @@ async def _events(run: _Run) -> AsyncIterator[str]:
         log.exception("stream failed")
         yield _sse(P.error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"))
     yield "data: [DONE]\n\n"
+
+
+async def _progress_then_events(run: _Run) -> AsyncIterator[str]:
+    """Feed the prompt in a worker thread, streaming {"object": "kvloft.prefill", done, total}
+    events after each prefill chunk, then the answer's events."""
+    q: queue.Queue = queue.Queue()
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run.prefill(lambda done, total: q.put((done, total)))
+        except BaseException as e:  # reported in the stream: the status line is sent already
+            failed.append(e)
+        finally:
+            q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := await anyio.to_thread.run_sync(q.get)) is not None:
+        yield _sse({"id": run.job.rid, "object": "kvloft.prefill", "done": item[0], "total": item[1]})
+    if failed:
+        e = failed[0]
+        yield _sse(e.body() if isinstance(e, P.APIError) else
+                   P.error_body(f"prefill failed: {type(e).__name__}: {e}", "server_error"))
+        yield "data: [DONE]\n\n"
+        return
+    async for event in _events(run):
+        yield event
 
 
 def _sse(obj: dict[str, Any]) -> str:

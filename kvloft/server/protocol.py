@@ -67,6 +67,7 @@ class _Request(BaseModel):
     logprobs: Any = None
     session_id: str | None = None
     kvloft: KvloftOptions | None = None
+    prefill_progress: bool = False  # kvloft: stream "kvloft.prefill" events while the prompt is fed
 
     def refuse_unsupported(self) -> None:
         if self.n != 1:

@@ -270,3 +270,19 @@ def test_sse_stream_is_well_formed(server):
     objs = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
     assert all(o["object"] == "text_completion" for o in objs)
     assert objs[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_prefill_progress_events(server):
+    """prefill_progress streams kvloft.prefill events (monotone, ending at the prompt size) before the answer."""
+    body = {"model": "tiny-chat", "prompt": "word " * 700, "max_tokens": 2, "temperature": 0, "stream": True,
+            "prefill_progress": True}
+    status, _, raw = _raw("POST", f"{server.url}/v1/completions", json.dumps(body).encode(), AUTH)
+    assert status == 200
+    lines = [ln for ln in raw.decode().split("\n") if ln]
+    assert lines[-1] == "data: [DONE]"
+    objs = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    prog = [o for o in objs if o["object"] == "kvloft.prefill"]
+    assert len(prog) >= 2  # the prompt spans several prefill chunks
+    done = [o["done"] for o in prog]
+    assert done == sorted(done) and done[-1] == prog[-1]["total"]
+    assert objs.index(prog[-1]) < next(i for i, o in enumerate(objs) if o["object"] == "text_completion")
