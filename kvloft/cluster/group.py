@@ -1,0 +1,147 @@
+"""Shard processes on a Ray cluster: a placement group, one KVShard actor per bundle.
+
+    group = ShardGroup(n_shards=3, strategy="SPREAD", num_cpus=1)   # reserves, then starts the actors
+    group.where()       # [{"node_id": ..., "pid": ...}, ...]
+    group.close()       # kills the actors, frees the placement group
+
+A group outlives sessions: a ShardedSession given a group opens its token ranges on the
+group's actors (each actor holds the stores of any number of sessions) and closes them when
+it is done, so sessions do not pay for process start-up. A session without a group makes
+its own and closes it with itself.
+
+When an actor dies (killed, its node lost), the first caller that sees the RayActorError
+asks the group to replace it: a new actor in the same bundle (Ray re-places a bundle whose
+node died, once a node with room exists). Its stores are reopened from their files by the
+sessions that use them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from kvloft.cluster.config import STRATEGIES, ShardConfig
+
+_ACTOR_CLASS = None
+
+
+def import_ray():
+    """The ray module, or a ValueError naming the install command."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError(f"sharded sessions need Ray ({e}); run: pip install 'kvloft[ray]'") from e
+    return ray
+
+
+def ensure_ray(address: str | None) -> None:
+    """Join (or start) a Ray cluster unless this process already did; clear error if unreachable."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or "a new local cluster"
+        raise ValueError(f"no Ray cluster reachable at {where} ({e}); start one with `ray start --head` and pass "
+                         "ShardConfig(address='auto') (or the head's host:port), or call ray.init() first") from e
+
+
+def _actor_class():
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        from kvloft.cluster.shard import KVShard
+
+        _ACTOR_CLASS = import_ray().remote(KVShard)
+    return _ACTOR_CLASS
+
+
+class ShardGroup:
+    """A placement group of `n_shards` bundles and one KVShard actor in each."""
+
+    def __init__(self, n_shards: int = 2, *, strategy: str = "SPREAD", num_cpus: float = 1.0,
+                 timeout_s: float = 120.0, address: str | None = None) -> None:
+        if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+            raise ValueError(f"a shard group needs n_shards >= 1, got {n_shards!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not num_cpus > 0:
+            raise ValueError(f"num_cpus per shard must be > 0, got {num_cpus!r}")
+        ensure_ray(address)
+        self.n_shards, self.strategy, self.num_cpus, self.timeout_s = n_shards, strategy, num_cpus, timeout_s
+        self.pg = self._reserve()
+        self.actors = [self._spawn(i) for i in range(n_shards)]
+        self.replacements = [0] * n_shards
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: ShardConfig) -> ShardGroup:
+        return cls(cfg.n_shards, strategy=cfg.strategy, num_cpus=cfg.num_cpus, timeout_s=cfg.timeout_s,
+                   address=cfg.address)
+
+    def _reserve(self):
+        ray = import_ray()
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        pg = placement_group([{"CPU": self.num_cpus}] * self.n_shards, strategy=self.strategy)
+        try:
+            ray.get(pg.ready(), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise ValueError(
+                f"could not place {self.n_shards} shards of {self.num_cpus} CPU with strategy {self.strategy} in "
+                f"{self.timeout_s:.0f} s (cluster has {ray.cluster_resources().get('CPU', 0)} CPUs on "
+                f"{len(ray.nodes())} node(s)); add nodes, lower num_cpus or n_shards, or use SPREAD"
+            ) from None
+        return pg
+
+    def _spawn(self, i: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        where = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
+        return _actor_class().options(num_cpus=self.num_cpus, scheduling_strategy=where, max_restarts=0).remote()
+
+    def actor(self, i: int):
+        return self.actors[i]
+
+    def replace(self, i: int, dead) -> Any:
+        """A fresh actor for slot i, unless another caller already replaced `dead`."""
+        ray = import_ray()
+        with self._lock:
+            if self.actors[i] is dead:
+                try:
+                    ray.kill(dead, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone is the usual case
+                    pass
+                self.actors[i] = self._spawn(i)
+                self.replacements[i] += 1
+            return self.actors[i]
+
+    def where(self) -> list[dict[str, Any]]:
+        """Node id and pid of every shard."""
+        ray = import_ray()
+        return ray.get([a.where.remote() for a in self.actors], timeout=self.timeout_s)
+
+    def close(self) -> None:
+        """Kill the actors and free the placement group (store files stay on disk)."""
+        ray = import_ray()
+        from ray.util.placement_group import remove_placement_group
+
+        if not ray.is_initialized():
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - closing what is already gone
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass
+        self.actors = []
+
+    def __enter__(self) -> ShardGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
