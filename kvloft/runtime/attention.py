@@ -26,7 +26,9 @@ retrieved keys are the whole host tier, every key lands on its true position: ex
 mode with a covering budget equals dense too. In prefill (extrapolate) a chunk attends to
 itself causally, to the window and the remapped sink, and to the `budget` host keys per KV
 head that score highest for the chunk's mean query (the retriever once built, else exact
-scores over the host tier), remapped the same way.
+scores over the host tier), remapped the same way; the chunk's last query selects its own
+keys, as a decode step would, since its output predicts the next token (with the chunk's
+mean alone, SmolLM2 missed a pass key at 3K tokens that it found this way).
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def remap_deltas(window_start: Tensor, sink_pos: Tensor, ret_pos: Tensor) -> tup
 
 
 class TieredAttention:
+    select_last_query = True  # extrapolate prefill: the chunk's last query selects for itself
+
     def __init__(self, cfg: ModelConfig, rcfg: RetrievalConfig, cache: TieredKVCache,
                  retriever: Retriever, ops: KernelSet, device: torch.device, profile: bool = False) -> None:
         self.cfg, self.rcfg, self.cache = cfg, rcfg, cache
@@ -343,22 +347,39 @@ class TieredAttention:
         return torch.topk(scores, min(self.rcfg.budget, scores.shape[1]), dim=-1).indices
 
     def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """A prefill chunk: itself causally, the window, the remapped sink and top host keys."""
+        """A prefill chunk: itself causally, the window, the remapped sink and top host keys.
+
+        The chunk's last query selects its own host keys, as a decode step would: its output
+        predicts the next token, and a chunk-mean selection dilutes a question at the end
+        of a prompt among the hundreds of tokens before it.
+        """
         tiers: LayerTiers = self.cache[layer]
         with self.timers("prefill_attention"):
-            sk, sv, _ = tiers.static_kv()
+            w0 = self._window_start(tiers, positions[0])
             ids = torch.empty((self.cfg.n_kv_heads, 0), dtype=torch.int64)
             if tiers.n_host and self.rcfg.budget:
                 ids = self._prefill_select(layer, tiers, q)
-            sink_k, sink_v, ret_delta = self._remap(tiers, ids, self._window_start(tiers, positions[0]))
-            parts = [self.ops.attend(q, sk[tiers.sink_fill :], sv[tiers.sink_fill :], scale=self.scale),
-                     self.ops.attend(q, sink_k, sink_v, scale=self.scale),
-                     self.ops.attend(q, k, v, scale=self.scale, causal=True)]
-            if ids.numel():
-                parts.append(self._retrieved_many(tiers, q, ids, ret_delta))
-            out, _ = self.ops.merge([o for o, _ in parts], [lse for _, lse in parts])
+            out = self._attend_remapped(tiers, q, k, v, ids, w0)
+            if ids.numel() and q.shape[0] > 1 and self.select_last_query:
+                ids_last = self._prefill_select(layer, tiers, q[-1:])
+                out[-1:] = self._attend_remapped(tiers, q[-1:], k, v, ids_last, w0)
         self.sampler.observe(layer, q, positions)
         self._append(layer, k, v, positions)
+        return out
+
+    def _attend_remapped(self, tiers: LayerTiers, q: Tensor, k: Tensor, v: Tensor, ids: Tensor,
+                         w0: Tensor) -> Tensor:
+        """The last Tq queries q [Tq, H_q, D] of the chunk k, v [T, H_kv, D] (causal) over the
+        window, the sink and host rows ids ([H_kv, k] / [k]), remapped before w0."""
+        sk, sv, _ = tiers.static_kv()
+        ns = tiers.sink_fill
+        sink_k, sink_v, ret_delta = self._remap(tiers, ids, w0)
+        parts = [self.ops.attend(q, sk[ns:], sv[ns:], scale=self.scale),
+                 self.ops.attend(q, sink_k, sink_v, scale=self.scale),
+                 self.ops.attend(q, k, v, scale=self.scale, causal=True)]
+        if ids.numel():
+            parts.append(self._retrieved_many(tiers, q, ids, ret_delta))
+        out, _ = self.ops.merge([o for o, _ in parts], [lse for _, lse in parts])
         return out
 
     def _retrieved_many(self, tiers: LayerTiers, q: Tensor, ids: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:

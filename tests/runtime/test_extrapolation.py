@@ -50,12 +50,13 @@ def test_remap_deltas_hand_computed():
 
 
 class FixedRetriever:
-    """Returns the same host rows every call (to hand-compute what the query sees)."""
+    """Returns fixed host rows (to hand-compute what the query sees), cycling through `ids`."""
 
     needs_queries = False
 
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
+    def __init__(self, *ids: torch.Tensor) -> None:
+        self.ids = list(ids)
+        self.calls = 0
 
     def build(self, layer, keys, queries):
         pass
@@ -64,7 +65,8 @@ class FixedRetriever:
         pass
 
     def select(self, layer, q, budget):
-        return Selection(ids=self.ids.clone(), scanned=0)
+        self.calls += 1
+        return Selection(ids=self.ids[(self.calls - 1) % len(self.ids)].clone(), scanned=0)
 
     def stats(self):
         return {}
@@ -99,6 +101,13 @@ PREFILL_SEEN = [  # chunk 12..13; window 9..11 (w0 = 9)
     {0: 6, 1: 7, 8: 8},  # row 6 = token 8 (k = 1, one pad)
     {0: 5, 1: 6, 2: 7, 8: 8},  # rows 0, 6 = tokens 2, 8 (row 7 is not in the host tier yet)
 ]
+# the chunk's last query (13) selects for itself: these rows, hand-mapped the same way
+LAST_IDS = torch.tensor([[2, 3], [4, 0], [-1, -1]])
+LAST_SEEN = [
+    {0: 5, 1: 6, 4: 7, 5: 8},  # rows 2, 3 = tokens 4, 5
+    {0: 5, 1: 6, 2: 7, 6: 8},  # rows 0, 4 = tokens 2, 6 (in score order 4, 0)
+    {0: 7, 1: 8},  # nothing retrieved: the sink sits right before the window
+]
 DECODE_SEEN = [  # query 14; window 12..14 (w0 = 12)
     {0: 8, 1: 9, 3: 10, 7: 11},
     {0: 9, 1: 10, 8: 11},
@@ -121,19 +130,20 @@ def test_positions_seen_in_prefill_and_decode(host_chunk):
     )
     prefill_ids = IDS.clone()
     prefill_ids[2, 1] = 6  # 7 host rows before the second chunk
-    retr = FixedRetriever(prefill_ids)
+    retr = FixedRetriever(prefill_ids, LAST_IDS)  # the chunk's mean query, then its last query
     att = TieredAttention(CFG, rcfg, cache, retr, REFERENCE, torch.device("cpu"))
     scale = 16**-0.5
 
     att.attend(0, q[:12], k[:12], v[:12], pos[:12])  # first chunk: no host tier yet
     att.build_indexes()
     got = att.attend(0, q[12:14], k[12:14], v[12:14], pos[12:14])
-    for i, qpos in enumerate((12, 13)):
-        seen = [{**m, **{t: t for t in range(9, qpos + 1)}} for m in PREFILL_SEEN]
+    assert retr.calls == 2
+    for i, (qpos, mapped) in enumerate(((12, PREFILL_SEEN), (13, LAST_SEEN))):
+        seen = [{**m, **{t: t for t in range(9, qpos + 1)}} for m in mapped]
         want = attention_at(q0[qpos], qpos, k0, v, seen, inv, scale)
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
-    retr.ids = IDS
+    retr.ids = [IDS]
     att.decoding = True
     got = att.attend(0, q[14:], k[14:], v[14:], pos[14:])
     seen = [{**m, 12: 12, 13: 13, 14: 14} for m in DECODE_SEEN]
