@@ -13,7 +13,7 @@ import torch
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.runtime.chunked import ChunkedRows, SpillPolicy
 
-CHUNK = 32  # host chunk tokens: small, so a 400-token context makes a dozen chunks
+CHUNK = 32  # host chunk tokens: small, so a 200-token context makes several chunks
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,9 @@ def _chunk_set_bytes(model) -> int:
     return CHUNK * (2 * c.n_kv_heads * c.head_dim * 4 + 8) * c.n_layers
 
 
-def _session(model, rcfg, budget=0, disk_dir=None):
-    return Session(model, rcfg, RuntimeConfig(prefill_chunk=64, progress=False, host_memory_budget=budget),
-                   CacheConfig(host_chunk_tokens=CHUNK, disk_dir=disk_dir))
+def _session(model, rcfg, budget=0, disk_dir=None, scheduler="none"):
+    runtime = RuntimeConfig(prefill_chunk=64, progress=False, host_memory_budget=budget, scheduler=scheduler)
+    return Session(model, rcfg, runtime, CacheConfig(host_chunk_tokens=CHUNK, disk_dir=disk_dir))
 
 
 def _run(s, prompt, steps):
@@ -67,8 +67,8 @@ def test_chunked_rows_spill_keeps_rows(tmp_path):
 @pytest.mark.parametrize("budget", [10_000, 24])
 def test_spilled_session_equals_in_memory(tiny, tmp_path, budget):
     rcfg = RetrievalConfig(method="exact", budget=budget, n_sink=4, n_window=32)
-    prompt = torch.randint(0, tiny.config.vocab_size, (400,))
-    steps = torch.randint(0, tiny.config.vocab_size, (40,))
+    prompt = torch.randint(0, tiny.config.vocab_size, (230,))
+    steps = torch.randint(0, tiny.config.vocab_size, (8,))
     want = _run(_session(tiny, rcfg), prompt, steps)
     host_budget = 2 * _chunk_set_bytes(tiny)
     s = _session(tiny, rcfg, host_budget, str(tmp_path))
@@ -87,13 +87,16 @@ def test_spilled_session_equals_in_memory(tiny, tmp_path, budget):
         assert ((got.double() - dense.double()).norm() / dense.double().norm()) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["tokenselect", "recycled", "hip", "attention_graph"])
-def test_retrievers_work_over_spilled_host_tier(tiny, tmp_path, method):
-    rcfg = RetrievalConfig(method=method, budget=48, n_sink=4, n_window=32)
-    prompt = torch.randint(0, tiny.config.vocab_size, (300,))
-    steps = torch.randint(0, tiny.config.vocab_size, (8,))
-    want = _run(_session(tiny, rcfg), prompt, steps)
-    s = _session(tiny, rcfg, _chunk_set_bytes(tiny), str(tmp_path))
+@pytest.mark.parametrize("method,scheduler", [("tokenselect", "none"), ("recycled", "none"), ("hip", "none"),
+                                              ("exact", "overlap")])
+def test_retrievers_work_over_spilled_host_tier(tiny, tmp_path, method, scheduler):
+    """Retrievers search their own key copies; the rows they pick are read from spilled
+    chunks (TieredAttention's gather, or the scheduler's host fetch)."""
+    rcfg = RetrievalConfig(method=method, budget=32, n_sink=4, n_window=32)
+    prompt = torch.randint(0, tiny.config.vocab_size, (200,))
+    steps = torch.randint(0, tiny.config.vocab_size, (5,))
+    want = _run(_session(tiny, rcfg, scheduler=scheduler), prompt, steps)
+    s = _session(tiny, rcfg, _chunk_set_bytes(tiny), str(tmp_path), scheduler)
     assert torch.equal(_run(s, prompt, steps), want)
     assert s.stats()["bytes"]["disk"] > 0
 
