@@ -318,7 +318,7 @@ class AttentionGraphRetriever:
         t0 = time.perf_counter()
         group = self.model_cfg.group_size
         graphs = self._new_graphs()
-        jobs = []
+        built = []  # attached counts, or futures: head h's graph builds while head h+1's kNN runs
         for h in range(hkv):
             k_h = keys[h].detach().to(self.device, torch.float32)  # [N, D]
             if queries is not None:  # the group's query heads pooled: [g * M, D]
@@ -330,8 +330,9 @@ class AttentionGraphRetriever:
             else:
                 knn = np.empty((0, 0), np.int32)
             k_np = np.ascontiguousarray(k_h.cpu().numpy())
-            jobs.append((graphs[h].build, k_np, knn, self.params.ef_connect))
-        self._stats.extra["attached"] += sum(self._per_head(jobs))
+            job = (k_np, knn, self.params.ef_connect)
+            built.append(self._pool.submit(graphs[h].build, *job) if self._parallel else graphs[h].build(*job))
+        self._stats.extra["attached"] += sum(b if isinstance(b, int) else b.result() for b in built)
         self.graphs[layer] = graphs
         self._stats.extra["build_s"] += time.perf_counter() - t0
 
