@@ -1,0 +1,136 @@
+"""The OpenAI-compatible API as a Ray Serve deployment (one implementation: kvloft.server.app).
+
+    from kvloft.cluster import deploy
+    deploy("smollm2", port=8000)                          # serve.run of the deployment below
+    # or, to compose it yourself:
+    app = kvloft_deployment("smollm2", config=ServerConfig(api_key="k")).bind()
+    serve.run(app, route_prefix="/")
+
+The deployment's ingress is the FastAPI app of `kvloft serve` (`create_app`), built inside
+each replica by a builder function (`@serve.ingress(builder)`), so the model loads where it
+runs and never travels through the object store. Routes, session ids, streaming, limits and
+errors are those of kvloft.server.app.
+
+With `shards=ShardConfig(...)` the replica's sessions are ShardedSessions on one ShardGroup
+that the replica creates: session `<id>`'s token ranges persist in `<directory>/<id>/`.
+Sharded sessions are not spilled to disk when the replica is full (their host tier already
+lives in the shards): past `max_sessions` resident sessions a new one is refused (HTTP 503)
+until one is deleted (DELETE /v1/sessions/{id}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from kvloft.cluster.config import ShardConfig
+from kvloft.cluster.group import ShardGroup, import_ray
+from kvloft.server.app import ServerConfig, create_app
+from kvloft.server.manager import Lease, SessionManager, SessionsBusy
+
+ModelSource = str | Callable[[], Any]  # a name/path for kvloft.load_model, or a factory returning a Model
+
+
+class ShardedSessionManager(SessionManager):
+    """A SessionManager whose sessions are ShardedSessions on one shared ShardGroup."""
+
+    def __init__(self, model, shards: ShardConfig, group: ShardGroup | None = None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.shards = shards
+        self.group = group if group is not None else ShardGroup.from_config(shards)
+        self._own_group = group is None
+
+    def _materialize(self, lease: Lease):
+        from kvloft.cluster.session import ShardedSession
+
+        cfg = self.shards.replace(directory=str(Path(self.shards.directory) / lease.id), overwrite=True)
+        return ShardedSession(self.model, lease.retrieval, self.runtime, self.cache, shards=cfg, group=self.group)
+
+    async def _make_room(self, incoming: Lease | None) -> None:
+        """No spilling: a new session is admitted while fewer than max_sessions are resident."""
+        resident = sum(le.session is not None for le in self._leases.values())
+        if incoming is None or resident < self.max_sessions:
+            return
+        raise SessionsBusy(f"{resident} sharded sessions are resident (max_sessions={self.max_sessions}) and they "
+                           "are not spilled; delete one (DELETE /v1/sessions/{id}) or raise max_sessions")
+
+    async def release(self, lease: Lease) -> None:
+        if lease.ephemeral and lease.session is not None:
+            await anyio.to_thread.run_sync(lambda: lease.session.close(delete_files=True))
+        await super().release(lease)
+
+    async def delete(self, session_id: str) -> bool:
+        lease = self._leases.get(session_id)
+        if lease is not None and lease.session is not None:
+            async with lease.lock:
+                await anyio.to_thread.run_sync(lambda: lease.session.close(delete_files=True))
+        return await super().delete(session_id)
+
+    def close(self) -> None:
+        for lease in list(self._leases.values()):
+            if lease.session is not None:
+                lease.session.close()
+        super().close()
+        if self._own_group:
+            self.group.close()
+
+
+def build_app(model: ModelSource, config: ServerConfig | None = None, shards: ShardConfig | None = None,
+              *, device: str = "auto", dtype: str = "auto"):
+    """The FastAPI app of `kvloft serve` for `model`, over sharded sessions when `shards` is given."""
+    from kvloft.runtime.loader import load_model
+
+    cfg = config or ServerConfig()
+    m = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model()
+    manager = None
+    if shards is not None:
+        manager = ShardedSessionManager(m, shards, retrieval=cfg.retrieval, runtime=cfg.runtime, cache=cfg.cache,
+                                        max_sessions=cfg.max_sessions, device_budget=cfg.device_budget)
+    return create_app(m, cfg, manager=manager)
+
+
+def kvloft_deployment(model: ModelSource = "smollm2", *, config: ServerConfig | None = None,
+                      shards: ShardConfig | None = None, device: str = "auto", dtype: str = "auto",
+                      **deployment_options: Any):
+    """A Ray Serve Deployment whose ingress is kvloft's FastAPI app, built in each replica.
+
+    deployment_options go to `serve.deployment` (name, num_replicas, ray_actor_options, ...).
+    """
+    if not isinstance(model, str) and not callable(model):
+        raise TypeError(f"model must be a name/path for kvloft.load_model or a factory, got {type(model).__name__}")
+    if shards is not None and not isinstance(shards, ShardConfig):
+        raise TypeError(f"shards must be a kvloft.cluster.ShardConfig, got {type(shards).__name__}")
+    import_ray()
+    from ray import serve
+
+    def build_kvloft_app():  # runs in the replica: the model loads there
+        return build_app(model, config, shards, device=device, dtype=dtype)
+
+    options = {"name": "kvloft", **deployment_options}
+
+    @serve.deployment(**options)
+    @serve.ingress(build_kvloft_app)
+    class KvloftServer:
+        """kvloft's OpenAI-compatible API (kvloft.server.app) in a Serve replica."""
+
+    return KvloftServer
+
+
+def deploy(model_name: ModelSource = "smollm2", *, config: ServerConfig | None = None,
+           shards: ShardConfig | None = None, name: str = "kvloft", route_prefix: str = "/",
+           host: str = "127.0.0.1", port: int = 8000, blocking: bool = False, **deployment_options: Any):
+    """Start Serve's HTTP proxy on host:port and run the deployment; returns its handle.
+
+    The API is then at http://host:port{route_prefix}v1 (e.g. /v1/chat/completions).
+    """
+    ray = import_ray()
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=shards.address if shards else None, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    app = kvloft_deployment(model_name, config=config, shards=shards, **deployment_options).bind()
+    return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
