@@ -82,8 +82,8 @@ def make_session(model, mode: str, budget: int, args, disk_dir: str) -> tuple[Se
     torch.manual_seed(0)
     t0 = time.perf_counter()
     fill_context(s, args.context)
-    row = {"mode": mode, "budget": budget, "context": args.context, "fill_s": round(time.perf_counter() - t0, 2),
-           "host_budget_mib": round(host_budget / 2**20, 1)}
+    row = {"mode": mode, "budget": budget, "context": args.context,
+           "fill_s": round(time.perf_counter() - t0, 2), "host_budget_mib": round(host_budget / 2**20, 1)}
     return s, row
 
 
@@ -114,12 +114,14 @@ def run_budget(model, budget: int, args, disk_dir: str) -> list[dict]:
     rows = []
     for mode, (s, row) in zip(MODES, made):
         st = s.stats()
+        timer_ms = {k: round(1000 * v / args.steps, 2) for k, v in st["timings_s"].items()}
         row.update({
             "ms_per_token": round(statistics.median(ms[mode]), 2),
-            "retrieved_attention_ms": round(1000 * st["timings_s"].get("retrieved_attention", 0) / args.steps, 2),
-            "search_ms": round(1000 * st["timings_s"].get("search", 0) / args.steps, 2),
+            "retrieved_attention_ms": timer_ms.get("retrieved_attention", 0.0),
+            "search_ms": timer_ms.get("search", 0.0),
             "storage_read_mib_per_token": round(read[mode] / args.steps / 2**20, 2),
-            "host_mib": round(st["bytes"]["host"] / 2**20, 1), "disk_mib": round(st["bytes"]["disk"] / 2**20, 1),
+            "host_mib": round(st["bytes"]["host"] / 2**20, 1),
+            "disk_mib": round(st["bytes"]["disk"] / 2**20, 1),
             "logits_equal_memory": all(torch.equal(a, b) for a, b in zip(logits[mode], logits["memory"])),
         })
         row["slowdown"] = round(row["ms_per_token"] / rows[0]["ms_per_token"], 3) if rows else 1.0

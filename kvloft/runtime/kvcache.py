@@ -53,7 +53,8 @@ class SpillDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"CacheConfig.disk_dir={root!r} cannot be created ({e}); name a writable directory") from e
+            raise ValueError(f"CacheConfig.disk_dir={root!r} cannot be created ({e}); "
+                             "name a writable directory") from e
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
             raise ValueError(f"CacheConfig.disk_dir={root!r} is not a writable directory; name one that is")
         self.path: Path | None = None
@@ -185,8 +186,8 @@ class TieredKVCache:
             self.max_resident = self._resident_chunks(host_budget)
             self.spill_dir = SpillDir(disk_dir)
             self._finalizer = weakref.finalize(self, self.spill_dir.remove)
-        self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin, self._spill_policies(i))
-                       for i in range(cfg.n_layers)]
+        self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin,
+                                  self._spill_policies(i)) for i in range(cfg.n_layers)]
 
     def _resident_chunks(self, host_budget: int) -> int:
         per_chunk = self.host_chunk * self.row_bytes * self.cfg.n_layers  # one chunk of k, v, pos per layer
@@ -195,7 +196,8 @@ class TieredKVCache:
             raise ValueError(
                 f"host_memory_budget={host_budget / 2**20:.2f} MiB holds no host chunk: spilling to disk "
                 f"keeps at least one chunk per layer in memory ({per_chunk / 2**20:.2f} MiB with "
-                f"host_chunk_tokens={self.host_chunk}); raise the budget or lower CacheConfig.host_chunk_tokens"
+                f"host_chunk_tokens={self.host_chunk}); raise the budget or lower "
+                "CacheConfig.host_chunk_tokens"
             )
         return n
 

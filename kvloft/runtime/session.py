@@ -142,10 +142,12 @@ class Session:
     def _check_disk_tier(self) -> None:
         if self.cache_cfg.disk_dir is None or self.retrieval.method == "dense":
             return
-        if self.runtime.scheduler == "overlap" and self.model.device.type == "cuda" and self.ops.name == "triton":
+        zero_copy = self.model.device.type == "cuda" and self.ops.name == "triton"
+        if self.runtime.scheduler == "overlap" and zero_copy:
             raise ValueError(
-                "CacheConfig.disk_dir with scheduler='overlap' on CUDA: its zero-copy fetch reads pinned host "
-                "memory, which spilled chunks are not; use scheduler='none' or kernels='reference' (staged fetch)"
+                "CacheConfig.disk_dir with scheduler='overlap' on CUDA: its zero-copy fetch reads pinned "
+                "host memory, which spilled chunks are not; use scheduler='none' or kernels='reference' "
+                "(staged fetch)"
             )
 
     def _check_gpu_budget(self) -> None:

@@ -155,4 +155,5 @@ def test_save_and_load_a_spilled_session(tiny, tmp_path):
     per_session = 3 * tiny.config.n_layers * s.backend.cache[0].host_k.n_spilled
     assert len(_spill_files(spill)) == 2 * per_session  # both sessions' files, in two subdirectories
     steps = torch.randint(0, tiny.config.vocab_size, (6,))
-    assert torch.equal(torch.stack([loaded.step(int(t)) for t in steps]), torch.stack([s.step(int(t)) for t in steps]))
+    got = torch.stack([loaded.step(int(t)) for t in steps])
+    assert torch.equal(got, torch.stack([s.step(int(t)) for t in steps]))
