@@ -6,6 +6,14 @@ range), global top-k (against exact top-k); a killed shard is re-created from it
 the continuation is bitwise identical; a corrupted record stops the session with a clear error.
 """
 
+import dataclasses
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
 import pytest
 import torch
 
@@ -147,3 +155,102 @@ def test_refusals(model, group, tmp_path):
     with pytest.raises(ValueError, match="earlier session"):
         sharded(model, tmp_path, group)  # range-000 is still there
     s.close(delete_files=True)
+
+
+# ---- serving ---------------------------------------------------------------------------------
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with ChatML specials: 258 ids, inside the tiny preset's 512."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from kvloft.runtime.tokenizer import Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return Tokenizer(hf, eos_ids=(hf.token_to_id("<|im_end|>"),))
+
+
+class Served:
+    """An app on uvicorn in a thread, on a free localhost port; plain urllib requests."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+    def request(self, method, path, body=None):
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+
+def test_api_over_sharded_sessions(model, group, tmp_path):
+    pytest.importorskip("uvicorn")
+    from kvloft.cluster.serve import ShardedSessionManager
+    from kvloft.server.app import ServerConfig, create_app
+
+    chat_model = dataclasses.replace(model, tokenizer=byte_tokenizer())
+    cfg = ServerConfig(retrieval=RETRIEVAL, runtime=RUNTIME, max_tokens_limit=16, default_max_tokens=8)
+    shards = ShardConfig(directory=str(tmp_path), n_shards=3, shard_tokens=128, num_cpus=0.5)
+    body = {"model": "tiny", "max_tokens": 6, "session_id": "doc", "stream": True,
+            "messages": [{"role": "user", "content": "a long document, " * 12}]}
+
+    def chat(served):
+        status, text = served.request("POST", "/v1/chat/completions", body)
+        assert status == 200, text
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+
+    with Served(create_app(chat_model, cfg)) as served:
+        plain = chat(served)
+    manager = ShardedSessionManager(chat_model, shards, group=group, retrieval=RETRIEVAL, runtime=RUNTIME)
+    with Served(create_app(chat_model, cfg, manager=manager)) as served:
+        assert chat(served) == plain and plain  # the same greedy answer as single-process sessions
+        status, info = served.request("GET", "/v1/sessions/doc")
+        assert status == 200 and json.loads(info)["stats"]["cluster"]["ranges_open"] >= 1
+        assert (tmp_path / "doc" / "range-000").is_dir()
+        assert served.request("GET", "/v1/sessions/nope")[0] == 404
+        status, err = served.request("POST", "/v1/chat/completions", b"{not json")
+        assert status == 400 and "error" in json.loads(err)
+        assert served.request("DELETE", "/v1/sessions/doc")[0] == 200
+        assert not (tmp_path / "doc" / "range-000").exists()
+
+
+def test_serve_deployment_builds():
+    serve = pytest.importorskip("ray.serve")
+    from kvloft.cluster.serve import kvloft_deployment
+    from kvloft.server.app import ServerConfig
+
+    d = kvloft_deployment("tiny", config=ServerConfig(), name="kvloft-test", num_replicas=1)
+    assert isinstance(d, serve.Deployment) and d.name == "kvloft-test" and d.num_replicas == 1
+    assert isinstance(d.bind(), serve.Application)
+    with pytest.raises(TypeError, match="ShardConfig"):
+        kvloft_deployment("tiny", shards={"n_shards": 2})
