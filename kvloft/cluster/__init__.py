@@ -24,7 +24,8 @@ _EXPORTS = {
     "kvloft_deployment": "kvloft.cluster.serve",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["CorruptRecord", "KVShard", "ShardConfig", "ShardGroup", "ShardStore", "ShardUnavailable",
+           "ShardedAttention", "ShardedSession", "StoreSpec", "deploy", "kvloft_deployment"]
 
 
 def __getattr__(name: str):

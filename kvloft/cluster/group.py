@@ -17,6 +17,7 @@ sessions that use them.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -109,10 +110,8 @@ class ShardGroup:
         ray = import_ray()
         with self._lock:
             if self.actors[i] is dead:
-                try:
+                with contextlib.suppress(Exception):  # already gone is the usual case
                     ray.kill(dead, no_restart=True)
-                except Exception:  # noqa: BLE001 - already gone is the usual case
-                    pass
                 self.actors[i] = self._spawn(i)
                 self.replacements[i] += 1
             return self.actors[i]
@@ -130,17 +129,13 @@ class ShardGroup:
         if not ray.is_initialized():
             return
         for a in self.actors:
-            try:
+            with contextlib.suppress(Exception):  # closing what is already gone
                 ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - closing what is already gone
-                pass
-        try:
+        with contextlib.suppress(Exception):
             remove_placement_group(self.pg)
-        except Exception:  # noqa: BLE001
-            pass
         self.actors = []
 
-    def __enter__(self) -> ShardGroup:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

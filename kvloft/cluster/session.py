@@ -454,7 +454,7 @@ class ShardedSession(Session):
             self.group.close()
             self.group = None
 
-    def __enter__(self) -> ShardedSession:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,11 +19,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-import kvloft  # noqa: E402
-from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup  # noqa: E402
-from kvloft.cluster.shard import ShardStore  # noqa: E402
-from kvloft.index.exact import ExactRetriever  # noqa: E402
-from kvloft.index.base import Selection  # noqa: E402
+import kvloft
+from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup
+from kvloft.cluster.shard import ShardStore
+from kvloft.index.base import Selection
+from kvloft.index.exact import ExactRetriever
 
 RANGE = 48  # host rows per shard: 150 prompt tokens - 4 sink - 16 window = 130 host rows -> 3 ranges
 RETRIEVAL = kvloft.RetrievalConfig(method="exact", budget=1000, n_sink=4, n_window=16)

@@ -1,6 +1,8 @@
 """Shard stores without Ray: record files (checksums, torn tails), reload with index replay,
 partial attention against the torch reference, the global top-k split."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -15,8 +17,8 @@ SCALE = CFG.head_dim**-0.5
 
 
 def _spec(tmp_path, **kw) -> StoreSpec:
-    base = dict(directory=str(tmp_path / "r0"), first_row=100, capacity=64, model=CFG,
-                retrieval=RetrievalConfig(method="exact", budget=8))
+    base = {"directory": str(tmp_path / "r0"), "first_row": 100, "capacity": 64, "model": CFG,
+            "retrieval": RetrievalConfig(method="exact", budget=8)}
     return StoreSpec(**{**base, **kw})
 
 
@@ -28,7 +30,7 @@ def _rows(n: int, seed: int = 0):
 def _fill(store: ShardStore, k, v, pos, build_at: int) -> None:
     """Blocks of uneven sizes; the index is built after `build_at` rows (as a session does)."""
     cuts = [0, 7, build_at, build_at + 1, build_at + 2, k.shape[0]]
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         if a == build_at:
             store.build({0: None, 1: None})
         for layer in range(2):
@@ -49,6 +51,7 @@ def test_attention_matches_reference_and_reload_is_identical(tmp_path):
     p_out, p_lse = store.prefill(0, qs)
     r_out, r_lse = reference.attend(qs, k, v, scale=SCALE)
     torch.testing.assert_close(p_out, r_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p_lse, r_lse, atol=1e-6, rtol=1e-5)
     sparse = store.attend(0, q, 5)
     store.close()
 
