@@ -370,21 +370,31 @@ class TieredAttention:
     def _attend_remapped(self, tiers: LayerTiers, q: Tensor, k: Tensor, v: Tensor, ids: Tensor,
                          w0: Tensor) -> Tensor:
         """The last Tq queries q [Tq, H_q, D] of the chunk k, v [T, H_kv, D] (causal) over the
-        window, the sink and host rows ids ([H_kv, k] / [k]), remapped before w0."""
+        window, the sink and host rows ids ([H_kv, k] / [k]), remapped before w0.
+
+        One attention over [sink, retrieved, window, chunk] (causal: the queries are the last
+        Tq keys); per-head padded ids go through a per-head pass, merged by lse.
+        """
         sk, sv, _ = tiers.static_kv()
         ns = tiers.sink_fill
         sink_k, sink_v, ret_delta = self._remap(tiers, ids, w0)
-        parts = [self.ops.attend(q, sk[ns:], sv[ns:], scale=self.scale),
-                 self.ops.attend(q, sink_k, sink_v, scale=self.scale),
-                 self.ops.attend(q, k, v, scale=self.scale, causal=True)]
+        keys, vals = [sink_k, sk[ns:], k], [sink_v, sv[ns:], v]
+        padded = None
         if ids.numel():
-            parts.append(self._retrieved_many(tiers, q, ids, ret_delta))
-        out, _ = self.ops.merge([o for o, _ in parts], [lse for _, lse in parts])
+            gk, gv, valid = self._gather_rotated(tiers, ids, ret_delta)
+            if bool(valid.all()):
+                keys.insert(1, gk)
+                vals.insert(1, gv)
+            else:
+                padded = self._attend_padded(q, gk, gv, valid)
+        out, lse = self.ops.attend(q, torch.cat(keys), torch.cat(vals), scale=self.scale, causal=True)
+        if padded is not None:
+            out, _ = self.ops.merge([out, padded[0]], [lse, padded[1]])
         return out
 
-    def _retrieved_many(self, tiers: LayerTiers, q: Tensor, ids: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-        """Attention of T queries q [T, H_q, D] over host rows ids [H_kv, k] / [k] (-1 = pad),
-        each key rotated by delta (aligned with ids): gathered once, rotated once."""
+    def _gather_rotated(self, tiers: LayerTiers, ids: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Host rows ids [H_kv, k] / [k] (-1 = pad) rotated by delta (aligned with ids):
+        k, v [k, H_kv, D] on the compute device (pads hold row 0) and valid [H_kv, k] (CPU)."""
         hkv = self.cfg.n_kv_heads
         per_head = (ids if ids.dim() == 2 else ids[None].expand(hkv, -1)).to("cpu")
         delta = (delta if delta.dim() == 2 else delta[None].expand(hkv, -1)).to(self.device)
@@ -392,14 +402,13 @@ class TieredAttention:
         heads = torch.arange(hkv)[:, None].expand_as(safe)
         gk = tiers.host_k.rows(safe, heads).transpose(0, 1).to(self.device)  # [k, H_kv, D]
         gv = tiers.host_v.rows(safe, heads).transpose(0, 1).to(self.device)
-        gk = reference.rotate_keys(gk, delta, self.inv_freq)
-        valid = per_head >= 0
-        if bool(valid.all()):
-            return self.ops.attend(q, gk, gv, scale=self.scale)
-        # per-head padding: attend head by head over its own valid keys
+        return reference.rotate_keys(gk, delta, self.inv_freq), gv, per_head >= 0
+
+    def _attend_padded(self, q: Tensor, gk: Tensor, gv: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """q [T, H_q, D] over gk, gv [k, H_kv, D], KV head h over its valid [H_kv, k] keys only."""
         g = self.cfg.group_size
         outs, lses = [], []
-        for h in range(hkv):
+        for h in range(self.cfg.n_kv_heads):
             m = valid[h].to(self.device)
             o, lse = self.ops.attend(q[:, h * g : (h + 1) * g], gk[m, h : h + 1], gv[m, h : h + 1], scale=self.scale)
             outs.append(o)
