@@ -341,7 +341,7 @@ class ShardedAttention(TieredAttention):
         q1 = q[0]  # [H_q, D]
         budget = self.rcfg.budget
         if tiers.n_host == 0 or budget == 0:  # nothing to retrieve; evicted rows still go out
-            pending = self.calls.submit({i: ("step", (layer, None, 0, b)) for i, b in blocks.items()})
+            pending = self.calls.submit({i: ("append", (layer, b)) for i, b in blocks.items()})
             o_s, _ = self._static(tiers, q1)
             self.calls.wait(pending)
             return o_s[None]

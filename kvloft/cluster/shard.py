@@ -373,6 +373,14 @@ class KVShard:
         elif delete:
             shutil.rmtree(key, ignore_errors=True)
 
+    def append(self, key: str, layer: int, block: Block) -> int:
+        """Store a block of one layer (idempotent by row); returns the layer's row count."""
+        return self._store(key).append(layer, block)
+
+    def attend(self, key: str, layer: int, q: Tensor, budget: int):
+        """Partial attention of q [H_q, D] over the store's top-`budget` rows: (out, lse, scanned)."""
+        return self._store(key).attend(layer, q, budget)
+
     def step(self, key: str, layer: int, q: Tensor | None, budget: int, block: Block | None):
         """One decode step of one layer: append the block (if any), then attend with q (if
         any). Returns (out [H_q, D], lse [H_q], scanned) or None without q."""

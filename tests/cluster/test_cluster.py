@@ -24,6 +24,7 @@ from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup
 from kvloft.cluster.shard import ShardStore
 from kvloft.index.base import Selection
 from kvloft.index.exact import ExactRetriever
+from kvloft.server.manager import set_budget
 
 RANGE = 48  # host rows per shard: 150 prompt tokens - 4 sink - 16 window = 130 host rows -> 3 ranges
 RETRIEVAL = kvloft.RetrievalConfig(method="exact", budget=1000, n_sink=4, n_window=16)
@@ -152,6 +153,12 @@ def test_refusals(model, group, tmp_path):
         s.feed(list(range(4 + 16 + 3 * RANGE + 1)))
     assert len(s) == 0
     s.feed(list(range(30)))  # still usable; 10 rows reach range 0
+    zero = RETRIEVAL.replace(budget=0)  # no retrieval: evicted rows still go to their shard
+    set_budget(s, 0)
+    ref = kvloft.Session(model, zero, RUNTIME)
+    ref.feed(list(range(30)))
+    torch.testing.assert_close(s.step(7), ref.step(7), atol=2e-5, rtol=1e-5)
+    assert s.stats()["retriever"]["shards"][0]["rows"] == 11
     with pytest.raises(ValueError, match="earlier session"):
         sharded(model, tmp_path, group)  # range-000 is still there
     s.close(delete_files=True)

@@ -117,6 +117,11 @@ def test_shard_process_reports_unknown_store(tmp_path):
     with pytest.raises(StoreNotOpen):
         shard.step(str(tmp_path / "r0"), 0, None, 0, None)
     assert shard.open(_spec(tmp_path))["rows"] == 0
+    key, (k, v, pos) = str(tmp_path / "r0"), _rows(4)
+    assert shard.append(key, 0, (k, v, pos, 100)) == 4
+    shard.build(key, {0: None})
+    out, lse, _ = shard.attend(key, 0, torch.randn(9, 16), 2)
+    assert out.shape == (9, 16) and lse.shape == (9,) and torch.isfinite(lse).all()
 
 
 def test_global_topk_split_equals_topk_over_all_rows():
