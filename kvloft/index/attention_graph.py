@@ -277,6 +277,10 @@ class AttentionGraphRetriever:
     concurrent add() and select() on the same layer.
     """
 
+    # On CUDA the runtime computes attention over the selected rows on the CPU next to the
+    # host tier (cpu_partial_attention) and ships back only (out, lse), as the paper does.
+    attend_on_host = True
+
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg

@@ -258,6 +258,14 @@ class TieredAttention:
         rot = {}
         if rot_delta is not None:
             rot = {"rot_delta": rot_delta.to(q.device), "inv_freq": self.inv_freq}
+        if getattr(self.retriever, "attend_on_host", False) and rot_delta is None and self.device.type != "cpu":
+            # RetrievalAttention: attention over the selected rows runs on the CPU next to the
+            # data; only q goes down and (out, lse) comes back (2 * H_q * (D + 1) numbers)
+            from kvloft.index.attention_graph import cpu_partial_attention
+
+            out, lse = cpu_partial_attention(q.to("cpu"), tiers.host_k, tiers.host_v, ids.to("cpu"),
+                                             scale=self.scale)
+            return out.to(q.device, non_blocking=True), lse.to(q.device, non_blocking=True)
         one_chunk = len(tiers.host_k.chunks) == 1
         zero_copy = self.ops.name == "triton" and tiers.host_k.pin
         if one_chunk and (self.device.type == "cpu" or zero_copy):

@@ -51,3 +51,25 @@ def test_small_budget_runs_and_selects(tiny, method):
         assert torch.isfinite(logits).all()
     st = s.stats()
     assert st["retriever"]["calls"] == 5 * tiny.config.n_layers
+
+
+def test_host_side_partial_attention_path(tiny, monkeypatch):
+    """The CPU-next-to-the-data path (taken on CUDA for attention_graph) equals the gather path."""
+    import types
+
+    import kvloft.index.attention_graph as ag
+
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, tiny.config.vocab_size, (300,), generator=g)
+    rcfg = RetrievalConfig(method="exact", budget=48, n_sink=8, n_window=32)
+    ref, _ = _run(tiny, rcfg, prompt, range(4))
+    s = Session(tiny, rcfg, RuntimeConfig(prefill_chunk=64, progress=False))
+    s.feed(prompt)
+    calls = []
+    real = ag.cpu_partial_attention
+    monkeypatch.setattr(ag, "cpu_partial_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(s.backend.retriever, "attend_on_host", True, raising=False)
+    monkeypatch.setattr(s.backend, "device", types.SimpleNamespace(type="cuda"))  # as if on a GPU
+    got = torch.stack([s.step(t).clone() for t in range(4)])
+    assert len(calls) == 4 * tiny.config.n_layers
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -29,10 +29,11 @@ def test_simple_question(smollm2):
     assert "Paris" in s.generate(max_new_tokens=16)
 
 
-def test_passkey_with_exact_retrieval_below_context(smollm2):
+@pytest.mark.parametrize("method", ["exact", "attention_graph"])
+def test_passkey_with_retrieval_below_context(smollm2, method):
     # a sample dense attention answers (checked); SmolLM2 misses some samples with dense attention too
     sample = generate("passkey", smollm2.tokenizer, 3000, seed=0, depth=0.4)
-    rcfg = kvloft.RetrievalConfig(method="exact", budget=128, n_sink=64, n_window=256)
+    rcfg = kvloft.RetrievalConfig(method=method, budget=128, n_sink=64, n_window=256)
     s = kvloft.Session(smollm2, rcfg, kvloft.RuntimeConfig(progress=False))
     s.feed(build_prompt(sample))
     st = s.stats()
