@@ -29,6 +29,12 @@ head that score highest for the chunk's mean query (the retriever once built, el
 scores over the host tier), remapped the same way; the chunk's last query selects its own
 keys, as a decode step would, since its output predicts the next token (with the chunk's
 mean alone, SmolLM2 missed a pass key at 3K tokens that it found this way).
+
+Search in extrapolate mode is position-free: the index gets keys with RoPE undone
+(`index_keys`), and the query is rotated to sit `n_window` positions after them, so keys
+are ranked by the logit they will have where they are read, not at their true distance
+(scored at true distances, SmolLM2 at 12K tokens picked almost none of the pass key's
+tokens: RoPE's decay favours near haystack; position-free, most of them in upper layers).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet, reference
+from kvloft.runtime.chunked import ChunkedRows
 from kvloft.runtime.kvcache import DenseKV, LayerTiers, TieredKVCache
 from kvloft.runtime.model import rope_inv_freq
 
@@ -131,6 +138,10 @@ class QuerySampler:
             return None
         return torch.cat(self.kept[layer]).transpose(0, 1).contiguous()
 
+    def sample_positions(self, layer: int) -> Tensor | None:
+        """Positions [M] of sample(layer)'s queries, or None."""
+        return torch.cat(self.pos[layer]) if self.pos[layer] else None
+
     def clear(self) -> None:
         for lst in (*self.kept, *self.pos):
             lst.clear()
@@ -175,6 +186,9 @@ class TieredAttention:
         self.timers = Timers(sync=profile and device.type == "cuda")
         self.scanned = 0
         self.inv_freq = rope_inv_freq(cfg).to(device)  # [D/2] fp32, for position remapping
+        # extrapolate mode: the index holds position-free keys (see index_keys)
+        self.position_free = rcfg.position_mode == "extrapolate"
+        self._free_keys: dict[int, ChunkedRows] = {}  # per layer, until the index is built
 
     @property
     def n_tokens(self) -> int:
@@ -189,10 +203,25 @@ class TieredAttention:
             if self.built[layer]:
                 continue
             with self.timers("index_build"):
-                keys = self.cache[layer].host_keys_head_major()
-                self.retriever.build(layer, keys, self.sampler.sample(layer))
+                self.retriever.build(layer, self.index_keys(layer), self._index_queries(layer))
             self.built[layer] = True
+            self._free_keys.pop(layer, None)
         self.sampler.clear()
+
+    def index_keys(self, layer: int) -> Tensor:
+        """The keys [H_kv, N, D] a retriever indexes for this layer's host tier: as stored
+        (after RoPE at true positions), or in extrapolate mode position-free (RoPE undone),
+        so a search ranks keys by the logit they will have where they are read."""
+        if not self.position_free:
+            return self.cache[layer].host_keys_head_major()
+        return self._position_free_host(layer).all().transpose(0, 1)
+
+    def _index_queries(self, layer: int) -> Tensor | None:
+        qs = self.sampler.sample(layer)  # [H_q, M, D]
+        if qs is None or not self.position_free:
+            return qs
+        pos = self.sampler.sample_positions(layer)
+        return self._search_queries(qs.transpose(0, 1), pos.to(qs.device)).transpose(0, 1).contiguous()
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         extrapolate = self.rcfg.position_mode == "extrapolate"
@@ -208,7 +237,8 @@ class TieredAttention:
         ev = self.cache[layer].append(k, v, positions)
         if ev is not None and self.built[layer]:
             with self.timers("index_add"):
-                self.retriever.add(layer, ev.k.transpose(0, 1).to("cpu"), ev.positions.to("cpu"))
+                keys = self._position_free(ev.k, ev.positions) if self.position_free else ev.k
+                self.retriever.add(layer, keys.transpose(0, 1).to("cpu"), ev.positions.to("cpu"))
 
     def _prefill(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Dense: the chunk attends to every earlier token (tier by tier) and causally to itself."""
@@ -286,6 +316,30 @@ class TieredAttention:
 
     # ---- extrapolation mode (positions remapped; see the module docstring) -----------------
 
+    def _position_free(self, k: Tensor, positions: Tensor) -> Tensor:
+        """Keys k [n, H_kv, D] stored at positions [n] with their RoPE undone."""
+        return reference.rotate_keys(k, -positions.to(k.device), self.inv_freq)
+
+    def _search_queries(self, q: Tensor, positions: Tensor) -> Tensor:
+        """Queries q [T, H_q, D] at positions [T] as seen from `n_window` positions after a
+        position-free key: q'.k0 is the logit of the key read at distance n_window, where the
+        retrieved keys start. Rank keys by it, not by their true distance: beyond the trained
+        length the true-distance logit is noise, and RoPE's decay already favours near keys."""
+        return reference.rotate_keys(q, self.rcfg.n_window - positions.to(q.device), self.inv_freq)
+
+    def _position_free_host(self, layer: int) -> ChunkedRows:
+        """Position-free copy of the host keys until the index is built, synced lazily."""
+        tiers: LayerTiers = self.cache[layer]
+        if layer not in self._free_keys:
+            self._free_keys[layer] = ChunkedRows(tiers.host_k.row_shape, tiers.host_k.dtype,
+                                                 tiers.host_k.chunk_rows, "cpu")
+        free = self._free_keys[layer]
+        if len(free) < tiers.n_host:
+            rows = torch.arange(len(free), tiers.n_host)
+            with torch.inference_mode():  # the copy may be made inside the model's forward or not
+                free.append(self._position_free(tiers.host_k.rows(rows), tiers.host_pos.rows(rows)))
+        return free
+
     def _window_start(self, tiers: LayerTiers, after: Tensor) -> Tensor:
         """w0: true position of the oldest ring key, or `after` (0-dim) if the ring is empty."""
         ring_pos = tiers.static_kv()[2][tiers.sink_fill :]
@@ -323,7 +377,8 @@ class TieredAttention:
         ids = torch.empty((self.cfg.n_kv_heads, 0), dtype=torch.int64, device=self.device)
         if tiers.n_host and self.rcfg.budget:
             with self.timers("search"):
-                sel = self.retriever.select(layer, q1, self.rcfg.budget)
+                q_search = self._search_queries(q, positions)[0]
+                sel = self.retriever.select(layer, q_search, self.rcfg.budget)
             self.scanned += sel.scanned
             ids = sel.ids
         with self.timers("static_attention"):
@@ -341,17 +396,18 @@ class TieredAttention:
         out, _ = self.ops.merge(outs, lses)
         return out[None]
 
-    def _prefill_select(self, layer: int, tiers: LayerTiers, q: Tensor) -> Tensor:
-        """Host rows [H_kv, k] (or [k]; -1 = pad) for a prefill chunk: the top `budget` per KV
-        head for the chunk's mean query q [T, H_q, D] -> [H_q, D]. The retriever once built,
-        else exact scores over the host tier (one pass, reduced over each GQA group)."""
-        q_mean = q.float().mean(0)  # summed logits of the chunk's queries, up to a factor T
+    def _prefill_select(self, layer: int, tiers: LayerTiers, q: Tensor, positions: Tensor) -> Tensor:
+        """Host rows [H_kv, k] (or [k]; -1 = pad) for prefill queries q [T, H_q, D] at positions
+        [T]: the top `budget` per KV head for their mean search query (summed logits, up to a
+        factor T). The retriever once built, else exact scores over the position-free host
+        keys (one pass, reduced over each GQA group)."""
+        q_mean = self._search_queries(q, positions).float().mean(0)  # [H_q, D]
         if self.built[layer]:
             return self.retriever.select(layer, q_mean.to(q.dtype), self.rcfg.budget).ids
         hkv = self.cfg.n_kv_heads
         qc = q_mean.to("cpu")
         scores = torch.cat([reference.reduce_group(reference.score(qc, chunk), hkv, self.rcfg.gqa_reduce)
-                            for _, chunk in tiers.host_k.iter_chunks()], dim=1)  # [H_kv, N]
+                            for _, chunk in self._position_free_host(layer).iter_chunks()], dim=1)  # [H_kv, N]
         return torch.topk(scores, min(self.rcfg.budget, scores.shape[1]), dim=-1).indices
 
     def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
@@ -366,10 +422,10 @@ class TieredAttention:
             w0 = self._window_start(tiers, positions[0])
             ids = torch.empty((self.cfg.n_kv_heads, 0), dtype=torch.int64)
             if tiers.n_host and self.rcfg.budget:
-                ids = self._prefill_select(layer, tiers, q)
+                ids = self._prefill_select(layer, tiers, q, positions)
             out = self._attend_remapped(tiers, q, k, v, ids, w0)
             if ids.numel() and q.shape[0] > 1 and self.select_last_query:
-                ids_last = self._prefill_select(layer, tiers, q[-1:])
+                ids_last = self._prefill_select(layer, tiers, q[-1:], positions[-1:])
                 out[-1:] = self._attend_remapped(tiers, q[-1:], k, v, ids_last, w0)
         self.sampler.observe(layer, q, positions)
         self._append(layer, k, v, positions)

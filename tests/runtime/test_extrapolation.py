@@ -151,6 +151,47 @@ def test_positions_seen_in_prefill_and_decode(host_chunk):
     torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
 
 
+class RecordingRetriever(FixedRetriever):
+    def build(self, layer, keys, queries):
+        self.built_keys = keys
+
+    def add(self, layer, keys, positions):
+        self.added = (keys, positions)
+
+    def select(self, layer, q, budget):
+        self.query = q
+        return super().select(layer, q, budget)
+
+
+def test_index_sees_position_free_keys_and_queries():
+    """Extrapolate mode indexes keys with RoPE undone and searches with the query placed
+    n_window after them: a key is ranked by the logit it has where retrieved keys are read."""
+    k0, v = torch.randn(15, 3, 16), torch.randn(15, 3, 16)
+    q0 = torch.randn(15, 6, 16)
+    inv = rope_inv_freq(CFG)
+    pos = torch.arange(15)
+    cos, sin = rope(pos, inv)
+    q, k = rotate(q0, cos, sin), rotate(k0, cos, sin)
+    rcfg = RetrievalConfig(budget=2, n_sink=2, n_window=3, position_mode="extrapolate")
+    cache = TieredKVCache(
+        CFG, n_sink=2, n_window=3, host_chunk=4, device=torch.device("cpu"), dtype=torch.float32
+    )
+    retr = RecordingRetriever(IDS)
+    att = TieredAttention(CFG, rcfg, cache, retr, REFERENCE, torch.device("cpu"))
+    att.attend(0, q[:12], k[:12], v[:12], pos[:12])
+    att.build_indexes()
+    torch.testing.assert_close(
+        retr.built_keys, k0[2:9].transpose(0, 1), rtol=0, atol=1e-5
+    )  # host: tokens 2..8
+    att.decoding = True
+    att.attend(0, q[12:13], k[12:13], v[12:13], pos[12:13])
+    torch.testing.assert_close(
+        retr.added[0], k0[9:10].transpose(0, 1), rtol=0, atol=1e-5
+    )  # token 9 left the window
+    want = rotate(q0[12:13], *rope(torch.tensor([rcfg.n_window]), inv))[0]
+    torch.testing.assert_close(retr.query, want, rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_model("tiny", device="cpu", dtype="float32", seed=7)
