@@ -258,7 +258,8 @@ def _restore_retriever(backend, gen_dir: Path, manifest: dict[str, Any]) -> None
     r = backend.retriever
     for layer, built in enumerate(backend.built):
         if built:
-            r.build(layer, backend.cache[layer].host_keys_head_major(), None)
+            r.build(layer, backend.index_keys(layer), None)  # position-free keys in extrapolate mode
+            backend._free_keys.pop(layer, None)  # that copy is only needed until the build
     meta = manifest["retriever"]
     if meta["state"] is None or not hasattr(r, "load_state_dict"):
         return
