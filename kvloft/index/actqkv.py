@@ -40,14 +40,14 @@ cosine per block and KV head (`scanned` = n_blocks * H_kv).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
 from kvloft.runtime.chunked import ChunkedRows
 
 __all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_vectors", "normalized_entropy"]
@@ -97,11 +97,7 @@ class ActQKVParams:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> ActQKVParams:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown actqkv options {unknown}; known: {sorted(known)}")
-        return cls(**{k: options[k] for k in known if k in options})
+        return params_from_options(cls, options, "actqkv")
 
 
 def block_vectors(keys: Tensor, n_repr: int) -> Tensor:

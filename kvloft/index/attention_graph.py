@@ -60,7 +60,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index import graph_kernels as gk
-from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
 from kvloft.runtime.chunked import ChunkedRows
 
 __all__ = ["AttentionGraphRetriever", "GraphParams", "HeadGraph", "cpu_partial_attention"]
@@ -132,13 +132,7 @@ class GraphParams:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> GraphParams:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown attention_graph option(s) {unknown}; known options: {sorted(known)}"
-            )
-        return cls(**options)
+        return params_from_options(cls, options, "attention_graph")
 
     def pool_size(self, k: int) -> int:
         """L for a top-k search."""

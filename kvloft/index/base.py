@@ -7,6 +7,7 @@ host-tier tokens that one query should attend to. Ids are host-tier row indices
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -71,6 +72,15 @@ def check_keys(keys: Tensor, model_cfg: ModelConfig) -> None:
         raise ValueError(f"keys must be [H_kv={want[0]}, N, D={want[1]}], got {tuple(keys.shape)}")
     if keys.is_floating_point() and not torch.isfinite(keys).all():
         raise ValueError("keys contain NaN or inf; check the model weights and inputs")
+
+
+def params_from_options(cls: type, options: dict[str, Any], method: str) -> Any:
+    """A method's Params dataclass from RetrievalConfig.options; unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown {method} options {unknown}; known: {sorted(known)}")
+    return cls(**options)
 
 
 _REGISTRY: dict[str, type] = {}

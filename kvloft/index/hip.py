@@ -30,14 +30,14 @@ cached stages read nothing.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
 from kvloft.kernels.hip_stage import (
     PROBES,
     hierarchical_top1,
@@ -107,11 +107,7 @@ class HipParams:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> HipParams:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown hip options {unknown}; known: {sorted(known)}")
-        return cls(**{k: options[k] for k in known if k in options})
+        return params_from_options(cls, options, "hip")
 
     @property
     def n_stages(self) -> int:

@@ -40,7 +40,6 @@ K' = min(K, host rows seen)), its budget, and the arrival counter of added rows.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
 from kvloft.kernels import reference
 from kvloft.runtime.chunked import ChunkedRows
 
@@ -92,11 +91,7 @@ class RecycledParams:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> RecycledParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown recycled options {unknown}; known: {sorted(known)}")
-        return cls(**options)
+        return params_from_options(cls, options, "recycled")
 
 
 def _check_positive_int(name: str, value: Any) -> None:

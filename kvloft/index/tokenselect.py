@@ -29,7 +29,6 @@ State per layer (_LayerState): the key mirror, the last query that ran a selecti
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
 from kvloft.kernels import reference
 from kvloft.runtime.chunked import ChunkedRows
 
@@ -73,11 +72,7 @@ class TokenSelectParams:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TokenSelectParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown tokenselect options {unknown}; known: {sorted(known)}")
-        return cls(**options)
+        return params_from_options(cls, options, "tokenselect")
 
 
 @dataclass
