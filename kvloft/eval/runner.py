@@ -25,7 +25,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -266,8 +266,13 @@ def evaluate(
     max_new_tokens: int | None = None,
     progress: bool = True,
     runtime: RuntimeConfig | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every sample once per method; returns {"meta", "skipped", "cells", "runs"}.
+
+    on_record: called with {"meta", "skipped"} before the first run and with each run's
+    record (a dict) as it completes, so a long evaluation that is stopped keeps what it
+    did (`kvloft eval` appends them to a .runs.jsonl file; `--from-runs` rebuilds the tables).
 
     max_new_tokens: None = per sample, the answer's tokens plus slack, at most RULER's
     limit for the task (see max_new_tokens_for). Methods whose retriever module is missing
@@ -281,6 +286,9 @@ def evaluate(
     runtime = runtime or RuntimeConfig(progress=False)
     skipped = {m: why for m in methods if (why := method_unavailable(m))}
     active = [m for m in methods if m not in skipped]
+    meta = _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_window, max_new_tokens, runtime)
+    if on_record is not None:
+        on_record({"meta": meta, "skipped": skipped})
     drawn = {t: run_task_samples(t, model.tokenizer, lengths, samples, seed) for t in tasks}
     bar = _progress_bar(sum(len(v) for v in drawn.values()) * len(active), progress)
     records: list[RunRecord] = []
@@ -291,9 +299,10 @@ def evaluate(
                 rcfg = _retrieval(method, budget, n_sink, n_window)
                 records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit, label=method))
                 _advance(bar, records[-1])
+                if on_record is not None:
+                    on_record(asdict(records[-1]))
     if bar is not None:
         bar.close()
-    meta = _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_window, max_new_tokens, runtime)
     return {"meta": meta, "skipped": skipped, "cells": summarize(records),
             "runs": [asdict(r) for r in records]}
 
@@ -408,6 +417,30 @@ def save(result: dict[str, Any], out: Path | None, doc: Path | None, name: str |
     return name
 
 
+def from_runs(paths: Sequence[Path]) -> dict[str, Any]:
+    """Rebuild a result from .runs.jsonl files that `kvloft eval` wrote as it went (an
+    evaluation that was stopped, or several partial ones of the same settings: their meta
+    must agree on everything but the tasks, lengths and methods, which are merged)."""
+    meta: dict[str, Any] | None = None
+    skipped: dict[str, str] = {}
+    records: list[RunRecord] = []
+    for path in paths:
+        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        if not lines or "meta" not in lines[0]:
+            raise ValueError(f"{path} is not a runs file of `kvloft eval` (its first line must hold the meta)")
+        head = lines[0]
+        if meta is None:
+            meta = dict(head["meta"])
+        else:
+            for key in ("tasks", "lengths", "methods"):
+                meta[key] = list(dict.fromkeys([*meta[key], *head["meta"][key]]))
+        skipped.update(head["skipped"])
+        records += [RunRecord(**r) for r in lines[1:]]
+    if meta is None:
+        raise ValueError("from_runs needs at least one runs file")
+    return {"meta": meta, "skipped": skipped, "cells": summarize(records), "runs": [asdict(r) for r in records]}
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -436,6 +469,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--kernels", default=None, choices=["auto", "reference", "triton"])
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUNS_JSONL",
+                   help="run nothing: rebuild the JSON and the doc section from .runs.jsonl files")
     e.set_defaults(func=cmd_eval)
     return e
 
@@ -448,14 +483,26 @@ def cmd_eval(args) -> int:
     kw = {"progress": False, "device": args.device}
     if args.kernels:
         kw["kernels"] = args.kernels
-    runtime = RuntimeConfig(**kw)
-    model = load_model(args.model, device=args.device)
-    result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
-                      args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime)
-    for why in result["skipped"].values():
-        print(why, file=sys.stderr)
     name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or ROOT / "bench" / "results" / f"quality_{name}.json"
+    if args.from_runs:
+        result = from_runs(args.from_runs)
+    else:
+        runtime = RuntimeConfig(**kw)
+        model = load_model(args.model, device=args.device)
+        runs = Path(out).with_suffix(".runs.jsonl")
+        runs.parent.mkdir(parents=True, exist_ok=True)
+        with open(runs, "w") as f:
+
+            def write(record: dict[str, Any]) -> None:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+            result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
+                              args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
+                              on_record=write)
+    for why in result["skipped"].values():
+        print(why, file=sys.stderr)
     save(result, out, args.doc, name, args.note)
     print(markdown(result, name, args.note))
     brief = {f"{c['task']}@{c['length']}:{c['method']}": round(c["score"], 3) for c in result["cells"]}

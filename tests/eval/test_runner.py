@@ -37,8 +37,9 @@ def test_eval_passkey_dense_and_exact(smollm2, tmp_path):
     # ~25 s there: prefill plus 8 decode steps). Sink 64 + window 256 leave ~700 host tokens, so
     # exact retrieval really picks 256 of them.
     length, samples = 1024, 1
+    streamed = []
     result = runner.evaluate(smollm2, ["passkey"], [length], ["dense", "exact"], budget=256, samples=samples,
-                             seed=0, n_sink=64, n_window=256, progress=False)
+                             seed=0, n_sink=64, n_window=256, progress=False, on_record=streamed.append)
     cells = {c["method"]: c for c in result["cells"]}
     assert set(cells) == {"dense", "exact"} and all(c["n"] == samples for c in cells.values())
     # a broken model, tokenizer or prompt scores 0; SmolLM2 finds the key at 2K tokens
@@ -62,6 +63,16 @@ def test_eval_passkey_dense_and_exact(smollm2, tmp_path):
     assert f"{100 * cells['dense']['score']:.0f}% ({samples})" in rows[0]
     runner.save(result, None, doc, name="ci")  # a rerun replaces its section
     assert doc.read_text().count("<!-- quality:ci:begin -->") == 1
+
+    # the runs streamed as they completed rebuild the same cells (a stopped eval keeps its work)
+    assert streamed[0]["meta"] == result["meta"] and len(streamed) == 1 + 2 * samples
+    runs = tmp_path / "quality_ci.runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in streamed[:2]))  # stopped after one run
+    partial = runner.from_runs([runs])
+    assert [c["method"] for c in partial["cells"]] == ["dense"]
+    assert partial["cells"][0] == cells["dense"]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in streamed))
+    assert runner.from_runs([runs])["cells"] == result["cells"]
 
 
 def test_wilson_interval():
@@ -172,3 +183,12 @@ def test_report_cli_writes_json_and_doc(tmp_path):
     assert text.count("\n| 0 |") == 1 and text.count("\n| 2 |") == 1
     with pytest.raises(ValueError, match="tokens"):
         ar.report(synthetic_trace(tokens=40), ["exact"], [8], ar.ReplayParams(n_sink=8, n_window=32, steps=4))
+
+
+def test_from_runs_refuses_other_files(tmp_path):
+    bad = tmp_path / "x.runs.jsonl"
+    bad.write_text('{"task": "passkey"}\n')
+    with pytest.raises(ValueError, match="first line must hold the meta"):
+        runner.from_runs([bad])
+    with pytest.raises(ValueError, match="at least one runs file"):
+        runner.from_runs([])
