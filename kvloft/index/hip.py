@@ -65,6 +65,14 @@ class HipParams:
         so no stage-1 chunk straddles two).
     kernel: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch": how the stages
         run (kernels/hip_stage.py: stage 1 per store chunk, later stages one launch each).
+    keys_on: where the retriever's key copy lives. "device": on the compute device (on
+        CUDA it grows with the context: N * H_kv * D * 2 bytes per layer). "host": in
+        pinned host memory, the stage kernels reading only the probe rows over PCIe
+        (zero-copy through unified addressing), so no GPU memory grows with the context;
+        a refresh of stage 1 reads 2 * log2(chunk_sizes[0]) / chunk_sizes[0] of the keys
+        (1/16 with the defaults), the later stages a few thousand rows. For contexts whose
+        keys do not fit the GPU budget (512K-1M tokens on a 24 GiB card). Needs the Triton
+        kernels on CUDA; on the CPU both are the same.
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)
@@ -73,6 +81,7 @@ class HipParams:
     probe: str = "first"
     chunk_rows: int = 16384
     kernel: str = "auto"
+    keys_on: str = "device"
 
     def __post_init__(self) -> None:
         for name in ("chunk_sizes", "kept_tokens", "refresh_steps"):
@@ -104,6 +113,8 @@ class HipParams:
             )
         if self.kernel not in ("auto", "triton", "torch"):
             raise ValueError(f"hip option kernel must be auto, triton or torch, got {self.kernel!r}")
+        if self.keys_on not in ("device", "host"):
+            raise ValueError(f"hip option keys_on must be 'device' or 'host', got {self.keys_on!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> HipParams:
@@ -142,6 +153,11 @@ class HipRetriever:
         self.use_kernel = self.params.kernel == "triton" or (
             self.params.kernel == "auto" and self.device.type == "cuda"
         )
+        host = self.params.keys_on == "host" and self.device.type != "cpu"
+        if host and not self.use_kernel:
+            raise ValueError("hip option keys_on='host' reads keys from pinned host memory with the Triton "
+                             "stage kernels; drop kernel='torch' (or use keys_on='device')")
+        self.store_device = torch.device("cpu") if host else self.device
         self.keys: dict[int, ChunkedRows] = {}
         self.state: dict[int, _LayerState] = {}
         self._stats = RetrieverStats(extra={"refreshes": [0] * self.params.n_stages})
@@ -151,7 +167,8 @@ class HipRetriever:
     def _store(self, layer: int, dtype: torch.dtype) -> ChunkedRows:
         if layer not in self.keys:
             shape = (self.model_cfg.n_kv_heads, self.model_cfg.head_dim)
-            self.keys[layer] = ChunkedRows(shape, dtype, self.params.chunk_rows, self.device)
+            pin = self.store_device != self.device  # host keys read zero-copy by the kernels
+            self.keys[layer] = ChunkedRows(shape, dtype, self.params.chunk_rows, self.store_device, pin=pin)
             self.state[layer] = self._fresh_state()
         return self.keys[layer]
 
@@ -168,12 +185,12 @@ class HipRetriever:
         """keys [H_kv, N, D] after RoPE (queries are not used: HiP needs no training signal)."""
         self._check_keys(keys)
         self.keys.pop(layer, None)
-        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         """keys [H_kv, n, D] leaving the window; cached masks stay valid (new rows are fresh)."""
         self._check_keys(keys)
-        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
 
     # ---- search ------------------------------------------------------------------------
 

@@ -229,7 +229,7 @@ def _check_common(op: str, keys: Tensor, q: Tensor, chunk: int, probe: str, kern
     checks.require_dim("q", q, 2, "[H_q, D]")
     checks.require_float("keys", keys)
     checks.require_float("q", q)
-    checks.require_same_device(op, q, keys=keys)
+    checks.require_rows_device(op, q, keys=keys)  # on q's device, or pinned host memory (zero-copy)
     checks.require_runnable(q.device, kernel, op)
     checks.require_last_dim_contiguous("keys", keys)
     hkv, d = keys.shape[1], keys.shape[2]
@@ -250,8 +250,8 @@ def _meta(q: Tensor, hkv: int, d: int, chunk: int, probe: str) -> dict:
 def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first") -> tuple[Tensor, Tensor]:
     """Triton twin of `hip_stage_reference`: one launch for a whole later stage.
 
-    chunks: the store's chunks, each [chunk_rows, H_kv, D], same dtype, strides and device
-    as q (runtime/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
+    chunks: the store's chunks, each [chunk_rows, H_kv, D], same dtype and strides, on q's
+    device or (q on CUDA) in pinned host memory (runtime/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
     a chunk's first id valid; ids are trusted: the caller built them from the store).
     Reads 2 * log2(L) probe rows per chunk plus the C * L ids.
     """

@@ -251,6 +251,31 @@ def test_stage1_kernel_cuda_bf16():
     _assert_close(score, score_ref, 0.05, rtol=0.01)
 
 
+@pytest.mark.gpu
+def test_host_resident_keys_select_what_device_keys_select():
+    # keys_on="host": the stage kernels read probe rows from pinned host memory (zero-copy)
+    gen = torch.Generator().manual_seed(11)
+    cfg = ModelConfig.from_name("llama3-8b")
+    n = 3 * 16384 + 1000  # several store chunks and a partial one
+    keys = torch.randn(cfg.n_kv_heads, n, cfg.head_dim, generator=gen).to(torch.bfloat16)
+    q = torch.randn(cfg.n_heads, cfg.head_dim, generator=gen).to("cuda", torch.bfloat16)
+    ids = {}
+    for where in ("device", "host"):
+        hip = make_retriever(RetrievalConfig(method="hip", options={"keys_on": where}), cfg, "cuda")
+        hip.build(0, keys, None)
+        hip.add(0, keys[:, :300], torch.arange(n, n + 300))
+        assert hip.keys[0].chunks[0].is_cuda == (where == "device")
+        ids[where] = [hip.select(0, q, budget=2048).ids for _ in range(20)]  # refreshes and cached steps
+    for a, b in zip(ids["device"], ids["host"]):
+        assert torch.equal(a, b)
+
+
+def test_host_keys_need_the_kernels():
+    with pytest.raises(ValueError, match="keys_on='host'"):
+        make_retriever(RetrievalConfig(method="hip", options={"keys_on": "host", "kernel": "torch"}), MODEL,
+                       torch.device("cuda"))
+
+
 @pytest.mark.parametrize(
     "options,match",
     [
@@ -266,6 +291,7 @@ def test_stage1_kernel_cuda_bf16():
         ({"kernel": "cuda"}, "kernel"),
         ({"refresh_steps": (16, 0, 4)}, "ints >= 1"),
         ({"chunk_size": 64}, "unknown hip options"),
+        ({"keys_on": "disk"}, "keys_on"),
     ],
 )
 def test_bad_options_are_rejected(options, match):

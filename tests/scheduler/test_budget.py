@@ -47,6 +47,9 @@ def test_graph_index_lives_on_the_host_and_dense_holds_everything():
     exact = plan_memory(LLAMA, RetrievalConfig(method="exact"), runtime, 1 << 20, torch.bfloat16)
     assert graph.index == 0 and graph.host_index > 0
     assert exact.index == 64 * GiB  # 1M keys x 8 heads x 128 x 2 B x 32 layers, whole chunks
+    hip_host = plan_memory(LLAMA, RetrievalConfig(method="hip", options={"keys_on": "host"}), runtime, 1 << 20,
+                           torch.bfloat16)
+    assert hip_host.index == 0 and hip_host.host_index == exact.index  # the same copy, in pinned host memory
     dense = plan_memory(LLAMA, RetrievalConfig(method="dense"), runtime, 128 * 1024, torch.bfloat16)
     assert dense.static == 16 * GiB and dense.n_host == 0
 
