@@ -1,12 +1,13 @@
 """The Triton kernel set: the ops `kernels.kernel_set` swaps in for the reference.
 
 Each op has the reference's signature (kernels/reference.py) plus optional keyword-only
-extras (check_ids, num_splits, launch). `attend` (prefill) is not here: the dispatcher
-falls back to the reference for it.
+extras (check_ids, num_splits, launch). `attend` (prefill) is PyTorch's fused attention
+with the log-sum-exp (kernels/flash.py), the reference where that does not apply.
 """
 
+from kvloft.kernels.flash import attend
 from kvloft.kernels.merge import merge
 from kvloft.kernels.scoring import score_topk
 from kvloft.kernels.sparse_decode import decode_attend, gather_attend
 
-__all__ = ["decode_attend", "gather_attend", "merge", "score_topk"]
+__all__ = ["attend", "decode_attend", "gather_attend", "merge", "score_topk"]
