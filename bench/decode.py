@@ -1,0 +1,365 @@
+"""Decode speed and memory at 32K-1M tokens: kvloft under a GPU budget against dense attention.
+
+Random weights in real model shapes (DESIGN.md allows it for speed) and a synthetic
+context written straight into the tiers (bench/decode_speed.py's fill_context), then the
+indexes are built and decode steps are timed through the whole model. Per row:
+
+  ms_per_token     median over the timed steps (CUDA synchronized around each step only)
+  tokens_per_s     1000 / ms_per_token
+  breakdown_ms     a second pass that synchronizes around each region (RuntimeConfig.profile
+                   semantics): search, static / retrieved attention (retrieved rows are read
+                   zero-copy from pinned host memory inside the attention kernel, so that
+                   region holds the transfers), index add, and "model" = the rest of the step
+                   (projections, MLP, norms, sampling, Python)
+  hit_rate         GPU row-cache hit rate (methods run with the scheduler, "name@overlap")
+  peak_gpu_gib     torch.cuda.max_memory_allocated over the row; under_budget against --gpu-budget
+  peak_host_gib    the process's resident memory after the timed steps (pinned tiers included)
+  vs_dense         ms_per_token / dense ms_per_token at the same context (dense: every key on the
+                   GPU, the split-K decode kernel over the whole KV; run wherever it fits the card)
+
+Before running a row its memory plan (scheduler/budget.py) is checked: a method whose plan
+exceeds the GPU budget, or whose host tier exceeds the machine's free memory, is reported
+as not fitting with the plan's numbers, not run. Also measured: HBM copy bandwidth and the
+floor weight_bytes / bandwidth (one read of the weights per token), and optionally real
+prefill (--prefill: Session.feed of random ids, chunked and offloaded) in tokens/s.
+
+Methods: a retriever name, optional ":key=value" retriever options, optional "@overlap" to
+decode through the scheduler (GPU row cache), e.g. `hip:keys_on=host`, `exact@overlap`.
+
+    python bench/decode.py --preset llama3-8b --contexts 32k,128k,512k,1m \
+        --methods dense,exact,tokenselect,hip,hip:keys_on=host --time-limit 500
+JSON (rewritten after every row, so a stopped run keeps its rows) and a markdown table go to
+$OUT or bench/results/ as decode-<tag>.json / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_speed import fill_context
+
+from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.config import parse_bytes, parse_tokens
+from kvloft.scheduler.budget import plan_memory, resolve_cache_bytes
+from kvloft.scheduler.overlap import ScheduledAttention, use_scheduler
+from kvloft.scheduler.params import SchedulerParams
+
+GiB = 2**30
+REGIONS = ("search", "retrieved_attention", "static_attention", "attention", "index_add")
+
+
+def parse_method(spec: str) -> tuple[str, dict, bool]:
+    """'hip:keys_on=host@overlap' -> ('hip', {'keys_on': 'host'}, True)."""
+    spec, _, sched = spec.partition("@")
+    if sched not in ("", "overlap"):
+        raise SystemExit(f"method {spec}@{sched}: the only scheduler suffix is @overlap")
+    name, *opts = spec.split(":")
+    options = {}
+    for o in opts:
+        k, _, v = o.partition("=")
+        options[k] = int(v) if v.isdigit() else v
+    return name, options, sched == "overlap"
+
+
+CUDA = torch.cuda.is_available()  # a script, not the library: checking at start is fine
+DEVICE = "cuda" if CUDA else "cpu"  # CPU: a smoke run of the script itself (tiny preset)
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def peak_gpu() -> int:
+    return torch.cuda.max_memory_allocated() if CUDA else 0
+
+
+def reset_gpu() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty is not None:  # pinned blocks cached by torch's host allocator go back to the OS
+            host_empty()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def host_available() -> int:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", 0)
+
+
+def hbm_bandwidth(gib: float = 4.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 10."""
+    n = int(gib * GiB) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(11):
+        sync()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync()
+        times.append(time.perf_counter() - t0)
+    del a, b
+    return 2 * n * 2 / statistics.median(times[1:])
+
+
+def timed_steps(session: Session, steps: int, start: int = 0) -> list[float]:
+    out = []
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        session.step((start + i) % 1000 + 1)
+        sync()
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
+def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
+    """Why this row cannot run (its plan's numbers), or None."""
+    runtime = RuntimeConfig(gpu_memory_budget=0 if dense else args.gpu_budget)
+    plan = plan_memory(model.config, rcfg, runtime, n + 64, model.dtype, check=False,
+                       cache_cfg=CacheConfig(host_chunk_tokens=max(n, 1)))
+    gpu_limit = args.device_bytes * 0.92 if dense else args.gpu_budget
+    if plan.total > gpu_limit:
+        what = "the card" if dense else "the GPU budget"
+        return (f"plan needs {plan.total / GiB:.1f} GiB on the GPU (weights {plan.weights / GiB:.1f}, "
+                f"static/KV {plan.static / GiB:.1f}, index {plan.index / GiB:.1f}, workspace "
+                f"{plan.workspace / GiB:.1f}), over {what} ({gpu_limit / GiB:.1f} GiB)")
+    host = plan.host_kv + plan.host_index
+    if host > 0.9 * host_available():
+        return (f"host tier {plan.host_kv / GiB:.1f} GiB + host index {plan.host_index / GiB:.1f} GiB exceed "
+                f"this machine's free memory ({host_available() / GiB:.1f} GiB)")
+    return None
+
+
+def run_row(model, spec: str, n: int, args) -> dict:
+    name, options, overlap = parse_method(spec)
+    dense = name == "dense"
+    rcfg = RetrievalConfig(method=name, budget=args.budget, n_sink=args.sink, n_window=args.window, options=options)
+    row = {"method": spec, "context": n, "budget": n if dense else args.budget}
+    why = fits(model, rcfg, n, args, dense)
+    if why:
+        row["not_run"] = why
+        return row
+    reset_gpu()
+    s = None
+    try:
+        s = Session(model, rcfg, RuntimeConfig(progress=False), CacheConfig(host_chunk_tokens=max(n, 1)))
+        t0 = time.perf_counter()
+        fill_context(s, n)
+        row["fill_s"] = round(time.perf_counter() - t0, 1)
+        if overlap:
+            rt = RuntimeConfig(gpu_memory_budget=args.gpu_budget, scheduler="overlap")
+            cache = resolve_cache_bytes(model.config, rcfg, rt, SchedulerParams(), model.dtype, DEVICE,
+                                        n_tokens=n + 64)
+            use_scheduler(s, SchedulerParams(cache_bytes=cache))
+        timed_steps(s, args.warmup)
+        hits0 = _cache_totals(s.backend)
+        ms = timed_steps(s, args.steps, args.warmup)
+        hits1 = _cache_totals(s.backend)
+        row["ms_per_token"] = round(statistics.median(ms), 2)
+        row["tokens_per_s"] = round(1000 / row["ms_per_token"], 1)
+        row["ms_min_max"] = [round(min(ms), 2), round(max(ms), 2)]
+        if overlap:
+            seen = (hits1[0] - hits0[0]) + (hits1[1] - hits0[1])
+            row["hit_rate"] = round((hits1[0] - hits0[0]) / seen, 3) if seen else 0.0
+            row["row_cache_gib"] = round(s.backend.rows.nbytes / GiB, 2)
+        row["peak_gpu_gib"] = round(peak_gpu() / GiB, 2)
+        row["under_budget"] = dense or peak_gpu() <= args.gpu_budget
+        row["peak_host_gib"] = round(rss_bytes() / GiB, 1)
+        row["breakdown_ms"] = breakdown(s, args)
+        st = s.stats()
+        if "retriever" in st:
+            row["retriever"] = {k: v for k, v in st["retriever"].items() if not isinstance(v, (list, dict))}
+    except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        if s is not None and isinstance(s.backend, ScheduledAttention):
+            s.backend.close()
+        del s
+        reset_gpu()
+    return row
+
+
+def _cache_totals(backend) -> tuple[int, int]:
+    if not isinstance(backend, ScheduledAttention):
+        return 0, 0
+    t = backend.rows.totals()
+    return t.hits, t.misses
+
+
+def breakdown(s: Session, args) -> dict[str, float]:
+    """ms per token by region from a synchronized pass; 'model' is the rest of the step."""
+    timers = s.backend.timers
+    timers.sync = CUDA
+    timers.seconds.clear()
+    t0 = time.perf_counter()
+    timed_steps(s, args.steps, 500)
+    total = 1000 * (time.perf_counter() - t0) / args.steps
+    timers.sync = False
+    out = {k: round(1000 * v / args.steps, 2) for k, v in timers.seconds.items()}
+    out["model"] = round(total - sum(out.values()), 2)
+    out["step_synced"] = round(total, 2)
+    return out
+
+
+def prefill_row(model, spec: str, n: int, args) -> dict:
+    """Real prefill of n random ids through the model (chunked; KV streamed to the host tier)."""
+    name, options, _ = parse_method(spec)
+    rcfg = RetrievalConfig(method=name, budget=args.budget, n_sink=args.sink, n_window=args.window, options=options)
+    row = {"method": spec, "context": n, "prefill": True, "prefill_chunk": args.prefill_chunk}
+    reset_gpu()
+    s = None
+    try:
+        s = Session(model, rcfg, RuntimeConfig(progress=False, prefill_chunk=args.prefill_chunk),
+                    CacheConfig(host_chunk_tokens=args.host_chunk))
+        ids = torch.randint(1, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+        sync()
+        t0 = time.perf_counter()
+        s.feed(ids)
+        sync()
+        secs = time.perf_counter() - t0
+        row["prefill_s"] = round(secs, 1)
+        row["prefill_tokens_per_s"] = round(n / secs)
+        row["peak_gpu_gib"] = round(peak_gpu() / GiB, 2)
+        row["under_budget"] = peak_gpu() <= args.gpu_budget
+        st = s.stats()
+        for k in ("prefill", "sparse_prefill_chunks"):
+            if k in st:
+                row[k] = st[k]
+    except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        del s
+        reset_gpu()
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    dense = {(r["preset"], r["context"]): r["ms_per_token"] for r in rows
+             if r["method"] == "dense" and "ms_per_token" in r}
+    for r in rows:
+        d = dense.get((r.get("preset"), r["context"]))
+        if d and "ms_per_token" in r and r["method"] != "dense":
+            r["vs_dense"] = round(r["ms_per_token"] / d, 2)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Machine: {result['device']}, torch {result['torch']}; HBM copy {result['hbm_gb_s']} GB/s; "
+             f"GPU budget {result['gpu_budget_gib']} GiB; budget {result['budget']} retrieved + "
+             f"{result['sink']} sink + {result['window']} window tokens per step; median of {result['steps']} steps.",
+             "", "| preset | context | method | ms/token | tok/s | vs dense | floor ms | peak GPU GiB | <= budget "
+             "| host GiB | hit rate | search | transfer | retrieved | static | model |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r.get("prefill"):
+            continue
+        ctx = f"{r['context'] // 1024}K"
+        if "ms_per_token" not in r:
+            lines.append(f"| {r['preset']} | {ctx} | {r['method']} | {r.get('not_run') or r.get('error')} |"
+                         + " |" * 12)
+            continue
+        b = r.get("breakdown_ms", {})
+        att = b.get("retrieved_attention", b.get("attention", "-"))
+        lines.append(
+            f"| {r['preset']} | {ctx} | {r['method']} | {r['ms_per_token']} | {r['tokens_per_s']} | "
+            f"{r.get('vs_dense', '-')} | {r['floor_ms']} | {r['peak_gpu_gib']} | "
+            f"{'yes' if r['under_budget'] else '**no**'} | {r['peak_host_gib']} | {r.get('hit_rate', '-')} | "
+            f"{b.get('search', '-')} | {b.get('transfer', '-')} | {att} | {b.get('static_attention', '-')} | {b.get('model', '-')} |")
+    pre = [r for r in result["rows"] if r.get("prefill")]
+    if pre:
+        lines += ["", "| preset | prompt | method | prefill s | tokens/s | peak GPU GiB | <= budget |",
+                  "|---|---:|---|---:|---:|---:|---|"]
+        for r in pre:
+            if "prefill_s" not in r:
+                lines.append(f"| {r['preset']} | {r['context'] // 1024}K | {r['method']} | {r.get('error')} | | | |")
+                continue
+            lines.append(f"| {r['preset']} | {r['context'] // 1024}K | {r['method']} | {r['prefill_s']} | "
+                         f"{r['prefill_tokens_per_s']} | {r['peak_gpu_gib']} | "
+                         f"{'yes' if r['under_budget'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="llama3-8b")
+    ap.add_argument("--contexts", default="32k,128k")
+    ap.add_argument("--methods", default="dense,exact,tokenselect,hip")
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--sink", type=int, default=128)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gpu-budget", default="24GiB")
+    ap.add_argument("--prefill", default="", help="contexts for real prefill rows, e.g. 32k,128k")
+    ap.add_argument("--prefill-method", default="hip")
+    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--host-chunk", type=int, default=65536)
+    ap.add_argument("--time-limit", type=float, default=0, help="seconds; rows not started by then are skipped")
+    ap.add_argument("--tag", default="h200")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.gpu_budget = parse_bytes(args.gpu_budget)
+    args.device_bytes = torch.cuda.get_device_properties(0).total_memory if CUDA else host_available()
+    t_start = time.perf_counter()
+    out_dir = Path(args.out or os.environ.get("OUT", "bench/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bw = hbm_bandwidth(4.0 if CUDA else 0.25)
+    result = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__, "hbm_gb_s": round(bw / 1e9),
+              "gpu_budget_gib": args.gpu_budget / GiB, "budget": args.budget, "sink": args.sink,
+              "window": args.window, "steps": args.steps, "host_memory_gib": round(host_available() / GiB),
+              "rows": []}
+
+    def emit(row: dict) -> None:
+        result["rows"].append(row)
+        add_ratios(result["rows"])
+        (out_dir / f"decode-{args.tag}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(row), flush=True)
+
+    for preset in args.presets.split(","):
+        model = load_model(preset, device=DEVICE, dtype="bfloat16" if CUDA else "float32")
+        floor = round(1000 * model.weight_bytes / bw, 2)
+        for n in [parse_tokens(c) for c in args.contexts.split(",")]:
+            for spec in args.methods.split(","):
+                if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                    emit({"preset": preset, "method": spec, "context": n, "not_run": "time limit of the run"})
+                    continue
+                row = run_row(model, spec, n, args)
+                row.update(preset=preset, weights_gib=round(model.weight_bytes / GiB, 2), floor_ms=floor)
+                emit(row)
+        for n in [parse_tokens(c) for c in args.prefill.split(",") if c]:
+            if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                continue
+            row = prefill_row(model, args.prefill_method, n, args)
+            row.update(preset=preset)
+            emit(row)
+        del model
+        reset_gpu()
+    md = markdown(result)
+    (out_dir / f"decode-{args.tag}.md").write_text(md)
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()
