@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# One H200 call: SmolLM2 task quality of every method at 4K/8K, extrapolation past the
-# trained 8K, a real attention trace and the attention-level report on it.
-# Usage (on the GPU machine, repo root): bash bench/gpu_quality.sh GGUF_PATH
-# Writes JSON and markdown under $OUT (default bench/results).
+# One GPU call: SmolLM2 task quality of every method at 4K/8K and length extrapolation past
+# the trained 8K, dense beside it. Independent `kvloft eval` processes share the GPU (the
+# 135M model leaves it mostly idle); each streams its runs to a .runs.jsonl as they finish,
+# so one stopped by its time limit keeps its work; the tables are rebuilt from all of them.
+# Usage (on the GPU machine, repo root): bash bench/gpu_quality.sh GGUF_PATH [SECONDS]
+# Writes *.runs.jsonl, quality_h200_*.json and quality_h200.md under $OUT (default bench/results).
 set -u
 G=${1:?path to the SmolLM2 GGUF}
+T=${2:-480}
 O=${OUT:-bench/results}
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-ev() { python3 -m kvloft.cli eval --model "$G" --device cuda --no-progress "$@"; }
-
-timeout 300 ev --tasks passkey,niah_single_number,niah_multikey,vt --lengths 4k,8k \
-  --methods dense,exact,attention_graph,tokenselect,recycled,hip,actqkv --budget 1024 --samples 2 \
-  --name h200-4k-8k --out "$O/quality_h200_4k8k.json" --doc "$O/quality_h200.md" \
-  --note "H200, bf16, Triton kernels; 2 samples per cell" 2>&1 | tail -4
-timeout 150 ev --tasks passkey,niah_single_number --lengths 16k,32k --methods dense,exact+x,tokenselect+x \
-  --budget 1024 --samples 2 --name h200-extrapolation --out "$O/quality_h200_extrap.json" \
-  --doc "$O/quality_h200.md" --note "H200; +x = remapped positions (trained length 8K)" 2>&1 | tail -4
-timeout 60 python3 -m kvloft.eval.traces --model "$G" --length 8k --task niah_single_number --haystack essay \
-  --layers 0,7,15,23,29 --generate 32 --device cuda --out /tmp/trace_8k.safetensors 2>&1 | tail -2
-timeout 150 python3 -m kvloft.eval.attention_report --trace /tmp/trace_8k.safetensors \
-  --methods exact,attention_graph,tokenselect,recycled,hip,actqkv --budget 256,1024 --steps 32 \
-  --out "$O/attention_report_h200.json" --doc "$O/attention_report_h200.md" 2>&1 | tail -12
+mkdir -p "$O"
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+ev() {  # name, then eval arguments
+  local name=$1; shift
+  timeout "$T" python3 -m kvloft.cli eval --model "$G" --device cuda --no-progress --name "$name" \
+    --out "$O/quality_$name.json" --doc "$O/quality_$name.md" "$@" > "$O/log_$name.txt" 2>&1 &
+}
+# length extrapolation: dense vs remapped positions (+x), trained length 8K
+ev x-passkey --tasks passkey --lengths 16k,32k,64k --methods dense,exact+x --budget 1024 --samples 4
+ev x-niah --tasks niah_single_number --lengths 16k,32k,64k --methods dense,exact+x --budget 1024 --samples 3
+ev x-passkey-more --tasks passkey --lengths 64k,128k --methods exact+x,hip+x --budget 1024 --samples 4 --seed 1
+# every method at 4K and 8K, budget 1024
+ev m-single --tasks passkey,niah_single_number --lengths 4k,8k \
+  --methods dense,exact,tokenselect,recycled,hip,actqkv --budget 1024 --samples 3
+ev m-multi --tasks niah_multikey,vt --lengths 4k,8k \
+  --methods dense,exact,tokenselect,recycled,hip,actqkv --budget 1024 --samples 3
+ev m-graph --tasks passkey,niah_single_number,niah_multikey,vt --lengths 4k,8k --methods attention_graph \
+  --budget 1024 --samples 2
+wait
+tail -n 3 "$O"/log_*.txt
+# the tables, rebuilt from whatever each process finished
+python3 -m kvloft.cli eval --from-runs "$O"/quality_x-*.runs.jsonl --name h200-extrapolation \
+  --out "$O/quality_h200_extrapolation.json" --doc "$O/quality_h200.md" \
+  --note "H200; +x = remapped positions (SmolLM2 trained at 8K); each cell's n is the samples that finished"
+python3 -m kvloft.cli eval --from-runs "$O"/quality_m-*.runs.jsonl --name h200-4k-8k \
+  --out "$O/quality_h200_4k8k.json" --doc "$O/quality_h200.md" \
+  --note "H200, bf16, Triton kernels; each cell's n is the samples that finished"
