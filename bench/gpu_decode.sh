@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU call(s) for the scheduler figures: the GPU tests of the newer kernels, then
+# bench/decode.py. Usage (GPU machine, repo root):
+#   bash bench/gpu_decode.sh llama   # tests + Llama-3-8B shape at 32K-1M
+#   bash bench/gpu_decode.sh qwen    # Qwen2.5-7B-1M shape at 128K and 1M, and real prefill rows
+# HOST_MEMORY: the host memory to plan with (VMs that grow their memory on use report less at start).
+set -u
+O=${OUT:-bench/results}
+mkdir -p "$O"
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+H=${HOST_MEMORY:-240GiB}
+case "${1:?llama or qwen}" in
+llama)
+  KVLOFT_TEST_CUDA=1 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_flash.py \
+    tests/index/test_hip.py tests/runtime/test_offloaded_prefill.py -k "cuda or host_resident or gpu" 2>&1 | tail -4
+  timeout "${T:-420}" python3 bench/decode.py --presets llama3-8b --contexts 32k,128k,512k,1m \
+    --methods dense,exact,tokenselect,recycled,hip,hip:keys_on=host,hip@overlap --host-memory "$H" \
+    --time-limit "${LIMIT:-360}" --tag h200-llama3-8b 2>&1 | grep -v '^{' ;;
+qwen)
+  timeout "${T:-420}" python3 bench/decode.py --presets qwen2.5-7b-1m --contexts 128k,1m \
+    --methods dense,hip,hip:keys_on=host --prefill 32k,128k --prefill-method hip --host-memory "$H" \
+    --time-limit "${LIMIT:-300}" --tag h200-qwen2.5-7b-1m 2>&1 | grep -v '^{'
+  timeout 200 python3 bench/decode.py --presets llama3-8b --contexts 1k --methods dense --steps 3 \
+    --prefill 32k,128k --prefill-method hip --host-memory "$H" --tag h200-llama3-8b-prefill 2>&1 | grep -v '^{' ;;
+esac
