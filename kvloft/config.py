@@ -167,6 +167,16 @@ class RetrievalConfig:
     position_mode: "exact" keeps true positions; "extrapolate" places retrieved keys at a
         fixed distance before the window (see DESIGN.md, Positions).
     options: method-specific parameters (see each retriever's Params dataclass).
+    prefill_dense_tokens: position_mode "exact": a prefill chunk with more than this many
+        tokens before it attends sparsely (runtime/attention.py): to itself, the sink and
+        window, and the host-tier blocks whose mean key scores highest for the chunk's
+        mean query, so a long prefill is not quadratic. 0 = sparse as soon as the host
+        tier holds tokens.
+    prefill_budget: host tokens per KV head a sparse prefill chunk reads (whole blocks,
+        at least one); None = `budget`.
+    prefill_block: host tokens per block of the sparse prefill's summary (one mean key
+        per block and KV head, kept on the compute device: 1/prefill_block of the host
+        keys' bytes).
     """
 
     method: str = "exact"
@@ -177,6 +187,9 @@ class RetrievalConfig:
     position_mode: str = "exact"
     query_sample: int = 2048
     options: dict[str, Any] = field(default_factory=dict)
+    prefill_dense_tokens: int = 32768
+    prefill_budget: int | None = None
+    prefill_block: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -185,12 +198,21 @@ class RetrievalConfig:
         _check_int("n_sink", self.n_sink, minimum=0)
         _check_int("n_window", self.n_window, minimum=1)
         _check_int("query_sample", self.query_sample, minimum=0)
+        _check_int("prefill_dense_tokens", self.prefill_dense_tokens, minimum=0)
+        if self.prefill_budget is not None:
+            _check_int("prefill_budget", self.prefill_budget, minimum=0)
+        _check_int("prefill_block", self.prefill_block, minimum=1)
         if self.gqa_reduce not in ("max", "sum"):
             raise ValueError(f"gqa_reduce must be 'max' or 'sum', got {self.gqa_reduce!r}")
         if self.position_mode not in ("exact", "extrapolate"):
             raise ValueError(
                 f"position_mode must be 'exact' or 'extrapolate', got {self.position_mode!r}"
             )
+
+    @property
+    def sparse_prefill_budget(self) -> int:
+        """Host tokens per KV head a sparse prefill chunk reads (prefill_budget, else budget)."""
+        return self.budget if self.prefill_budget is None else self.prefill_budget
 
     def replace(self, **changes: Any) -> RetrievalConfig:
         return dataclasses.replace(self, **changes)

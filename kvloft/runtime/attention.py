@@ -1,11 +1,34 @@
 """Per-layer attention behind the model's one call per layer (DESIGN.md, data path).
 
 DenseAttention   the baseline: every token on the compute device, causal softmax.
-TieredAttention  static tier (sink + window) + host tier. Prefill chunks attend densely
-                 to everything before them (one partial per tier chunk, merged); a decode
-                 token attends to the static tier and to the host rows its retriever
-                 selects, the two partials merged exactly by log-sum-exp:
+TieredAttention  static tier (sink + window) + host tier. A decode token attends to the
+                 static tier and to the host rows its retriever selects, the two partials
+                 merged exactly by log-sum-exp:
                      o = merge((o_s, lse_s), (o_r, lse_r))
+
+Offloaded prefill. A prompt goes through in chunks (RuntimeConfig.prefill_chunk); tokens
+leaving the window go to the host tier as the chunk is appended (on CUDA an asynchronous
+copy on the cache's copy stream, runtime/kvcache.py), so the device never holds more than
+the static tier, the chunk and what the chunk's attention reads:
+- dense (exact positions, up to `prefill_dense_tokens` earlier tokens): the chunk attends
+  causally to itself, to the static tier and to the host tier one host chunk at a time
+  (stream_host_chunks: on CUDA the next chunk's H2D runs on a side stream while the current
+  one is attended to; two staging buffers, events, no device-wide sync), each partial merged
+  into a running (out, lse) in fp32. The result is dense attention's.
+- sparse (exact positions, more than `prefill_dense_tokens` earlier tokens): the chunk
+  attends causally to itself, to the static tier (sink + window) and to the host blocks
+  selected for its mean query, all at their true positions (TokenSelect-style): each layer
+  keeps on the device a block summary, the mean key of every `prefill_block` host rows per
+  KV head (updated as rows leave the window); blocks are scored by the chunk's mean query,
+  reduced over each GQA group (gqa_reduce), and taken best first while their rows fit in
+  the prefill budget (`prefill_budget`, else `budget`; top_block_rows). Those rows are
+  gathered and attended to once; the chunk's last query selects its own blocks (its output
+  predicts the next token). A prefill of N tokens then costs O(N * (budget + window +
+  chunk)) attention plus O(N^2 / (chunk * prefill_block)) scoring, not O(N^2). With a
+  budget covering the host tier it equals dense prefill.
+Indexes are built once at the end of the first feed (a retriever's build sees the whole host
+tier and a sample of the prompt's queries); rows leaving the window later (decode, or a later
+feed) are added as they go.
 
 Positions (RetrievalConfig.position_mode; DESIGN.md, Positions). Keys are stored after
 RoPE at their true positions. "exact" reads them there: with a covering budget the
@@ -41,7 +64,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -50,7 +75,7 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet, reference
 from kvloft.runtime.chunked import ChunkedRows
-from kvloft.runtime.kvcache import DenseKV, LayerTiers, TieredKVCache
+from kvloft.runtime.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
 from kvloft.runtime.model import rope_inv_freq
 
 
@@ -174,6 +199,79 @@ def remap_deltas(window_start: Tensor, sink_pos: Tensor, ret_pos: Tensor) -> tup
     return (sink_delta[0], ret_delta[0]) if shared else (sink_delta, ret_delta)
 
 
+def stream_host_chunks(tiers: LayerTiers, device: torch.device, side=None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each host chunk's keys and values [m, H_kv, D] on `device`, one chunk at a time, in order.
+
+    Not CUDA: the chunks as they are (`.to(device)`, one at a time). CUDA (`side`: a stream
+    of the device): two staging buffers the size of a chunk; chunk i+1's H2D runs on `side`
+    while the caller's kernels read chunk i. Events order it, no device-wide sync: `side`
+    waits for the tier's copy down in flight and for the caller to be done with a buffer;
+    the compute stream waits for a buffer's copy before the caller gets it. At most two host
+    chunks are on the device. A yielded pair is valid until the next one is asked for.
+    """
+    if device.type != "cuda":
+        for _, hk, hv in tiers.host_chunk_pairs():
+            yield hk.to(device), hv.to(device)
+        return
+    compute = torch.cuda.current_stream(device)
+    bufs: list[tuple[Tensor, Tensor]] = []
+    free: list = []  # per buffer, an event after the caller's last kernels on it
+    pending = None
+    try:
+        for i, (_, hk, hv) in enumerate(tiers.host_chunk_pairs(side)):
+            if not bufs:  # the first chunk is the largest (full, or the only one)
+                bufs = [(torch.empty_like(hk, device=device), torch.empty_like(hv, device=device)) for _ in range(2)]
+                free = [torch.cuda.Event(), torch.cuda.Event()]
+                for ev in free:
+                    ev.record(compute)  # made on the compute stream: free for `side` from here
+            b, m = i % 2, hk.shape[0]
+            side.wait_event(free[b])
+            with torch.cuda.stream(side):
+                kb, vb = bufs[b][0][:m], bufs[b][1][:m]
+                kb.copy_(hk, non_blocking=True)
+                vb.copy_(hv, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+            if pending is not None:
+                yield from _hand_over(compute, free, *pending)
+            pending = (b, kb, vb, ready)
+        if pending is not None:
+            yield from _hand_over(compute, free, *pending)
+    finally:
+        compute.wait_stream(side)  # a copy not handed over (caller stopped) ends before reuse
+
+
+def _hand_over(compute, free: list, b: int, kb: Tensor, vb: Tensor, ready) -> Iterator[tuple[Tensor, Tensor]]:
+    compute.wait_event(ready)
+    yield kb, vb
+    free[b].record(compute)  # the caller's kernels on buffer b are queued by now
+
+
+def top_block_rows(scores: Tensor, n_rows: int, block: int, budget: int) -> Tensor:
+    """Host rows of the best-scoring blocks of each KV head, up to `budget` rows each.
+
+    scores: [H_kv, n_blocks]; block b holds rows [b * block, min((b + 1) * block, n_rows)).
+    Blocks are taken in descending score while their rows fit in the budget (at least one
+    block when budget > 0), so a budget >= n_rows takes every row.
+    Returns ids [H_kv, k] int64 on scores' device, ascending per head, -1 padding at the end
+    (heads differ in count only when some take the partial last block).
+    """
+    hkv, nb = scores.shape
+    dev = scores.device
+    if budget == 0 or nb == 0:
+        return torch.empty((hkv, 0), dtype=torch.int64, device=dev)
+    sizes = (n_rows - torch.arange(nb, device=dev) * block).clamp(max=block)  # [n_blocks]
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # [H_kv, n_blocks]
+    fits = sizes[order].cumsum(-1) <= budget  # a prefix of each row
+    fits[:, 0] = True
+    kb = int(fits.sum(-1).max())
+    rows = order[:, :kb, None] * block + torch.arange(block, device=dev)  # [H_kv, kb, block]
+    ok = (fits[:, :kb, None] & (rows < n_rows)).reshape(hkv, -1)
+    big = torch.iinfo(torch.int64).max
+    ids = torch.where(ok, rows.reshape(hkv, -1), big).sort(dim=-1).values[:, : int(ok.sum(-1).max())]
+    return torch.where(ids == big, -1, ids)
+
+
 class TieredAttention:
     select_last_query = True  # extrapolate prefill: the chunk's last query selects for itself
 
@@ -192,6 +290,10 @@ class TieredAttention:
         # extrapolate mode: the index holds position-free keys (see index_keys)
         self.position_free = rcfg.position_mode == "extrapolate"
         self._free_keys: dict[int, ChunkedRows] = {}  # per layer, until the index is built
+        self._h2d_stream = None  # CUDA: the side stream host chunks stream down on (made on first use)
+        # prefill chunks attended densely / sparsely (exact positions; counted once per chunk,
+        # at layer 0) and KV-head rows of the host tier read by prefill attention (all layers)
+        self.prefill_stats = {"dense_chunks": 0, "sparse_chunks": 0, "host_keys": 0}
 
     @property
     def n_tokens(self) -> int:
@@ -244,25 +346,63 @@ class TieredAttention:
                 self.retriever.add(layer, keys.transpose(0, 1).to("cpu"), ev.positions.to("cpu"))
 
     def _prefill(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """Dense: the chunk attends to every earlier token (tier by tier) and causally to itself."""
+        """Exact positions: dense up to `prefill_dense_tokens` earlier tokens, sparse beyond."""
         tiers: LayerTiers = self.cache[layer]
-        outs, lses = [], []
-        with self.timers("prefill_attention"):
-            sk, sv, _ = tiers.static_kv()
-            parts = [(sk, sv)] if sk.shape[0] else []
-            parts += [(hk.to(self.device), hv.to(self.device))
-                      for (_, hk), (_, hv) in zip(tiers.host_k.iter_chunks(), tiers.host_v.iter_chunks())]
-            for pk, pv in parts:
-                o, lse = self.ops.attend(q, pk, pv, scale=self.scale)
-                outs.append(o)
-                lses.append(lse)
-            o, lse = self.ops.attend(q, k, v, scale=self.scale, causal=True)
-            outs.append(o)
-            lses.append(lse)
-            out, _ = self.ops.merge(outs, lses)
+        sparse = tiers.n_host > 0 and tiers.n_static + tiers.n_host > self.rcfg.prefill_dense_tokens
+        if layer == 0:
+            self.prefill_stats["sparse_chunks" if sparse else "dense_chunks"] += 1
+        if sparse:
+            with self.timers("prefill_sparse_attention"):
+                out = self._prefill_sparse(tiers, q, k, v)
+        else:
+            with self.timers("prefill_attention"):
+                out = self._prefill_dense(tiers, q, k, v)
         self.sampler.observe(layer, q, positions)
         self._append(layer, k, v, positions)
         return out
+
+    def _prefill_dense(self, tiers: LayerTiers, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The chunk q, k, v [T, H, D] attends causally to itself, to the static tier and to the
+        host tier streamed one chunk at a time (host_chunks), the partials merged as they come
+        (running (out, lse) in fp32)."""
+        out, lse = self.ops.attend(q, k, v, scale=self.scale, causal=True)
+        out = out.float()  # [T, H_q, D] fp32: one rounding at the end, however many host chunks
+        sk, sv, _ = tiers.static_kv()
+        parts = chain([(sk, sv)] if sk.shape[0] else [], self._host_chunks(tiers))
+        for pk, pv in parts:
+            o, l = self.ops.attend(q, pk, pv, scale=self.scale)
+            out, lse = self.ops.merge([out, o], [lse, l])
+        self.prefill_stats["host_keys"] += tiers.n_host * self.cfg.n_kv_heads
+        return out.to(q.dtype)
+
+    def _host_chunks(self, tiers: LayerTiers) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.device.type == "cuda" and self._h2d_stream is None:
+            self._h2d_stream = torch.cuda.Stream(self.device)
+        return stream_host_chunks(tiers, self.device, self._h2d_stream)
+
+    # ---- sparse prefill (exact positions, beyond prefill_dense_tokens) -----------------------
+
+    def _prefill_sparse(self, tiers: LayerTiers, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The chunk attends causally to itself, to the static tier and to the host blocks
+        selected for its mean query (true positions); its last query selects its own blocks,
+        as a decode step would, since its output predicts the next token."""
+        summary = tiers.block_summary(self.rcfg.prefill_block)
+        sk, sv, _ = tiers.static_kv()
+        ids = self._select_blocks(summary, q)
+        out = self._attend_chunk(q, k, v, [sk], [sv], self._gather_rows(tiers, ids))
+        if q.shape[0] > 1 and self.select_last_query:
+            ids = self._select_blocks(summary, q[-1:])
+            out[-1:] = self._attend_chunk(q[-1:], k, v, [sk], [sv], self._gather_rows(tiers, ids))
+        return out
+
+    def _select_blocks(self, summary: BlockSummary, q: Tensor) -> Tensor:
+        """Host rows [H_kv, k] (CPU, -1 = pad) of the blocks whose mean key scores highest for
+        the mean of queries q [T, H_q, D] (logits reduced over each GQA group by gqa_reduce),
+        up to the prefill budget in tokens per KV head."""
+        q_mean = q.float().mean(0)  # [H_q, D]
+        scores = reference.score(q_mean, summary.means())  # [H_q, n_blocks]
+        scores = reference.reduce_group(scores, self.cfg.n_kv_heads, self.rcfg.gqa_reduce)
+        return top_block_rows(scores.to("cpu"), summary.n, summary.block, self.rcfg.sparse_prefill_budget)
 
     def _decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         tiers: LayerTiers = self.cache[layer]
@@ -306,15 +446,9 @@ class TieredAttention:
             # host memory through unified addressing, only the selected rows cross PCIe)
             kc, vc = tiers.host_k.chunks[0], tiers.host_v.chunks[0]
             return self.ops.gather_attend(q, kc, vc, ids.to(q.device), scale=self.scale, **rot)
-        ids = ids.to("cpu")
-        hkv = self.cfg.n_kv_heads
-        per_head = ids if ids.dim() == 2 else ids[None].expand(hkv, -1)
-        safe = per_head.clamp_min(0)
-        heads = torch.arange(hkv)[:, None].expand_as(safe)
-        gk = tiers.host_k.rows(safe, heads).transpose(0, 1).to(self.device)  # [k, H_kv, D]
-        gv = tiers.host_v.rows(safe, heads).transpose(0, 1).to(self.device)
-        local = torch.arange(safe.shape[1])[None].expand_as(safe)
-        local = torch.where(per_head >= 0, local, -1).to(self.device)
+        gk, gv, valid = self._gather_rows(tiers, ids)
+        local = torch.arange(valid.shape[1])[None].expand_as(valid)
+        local = torch.where(valid, local, -1).to(self.device)
         return self.ops.gather_attend(q, gk, gv, local, scale=self.scale, **rot)
 
     # ---- extrapolation mode (positions remapped; see the module docstring) -----------------
@@ -437,39 +571,52 @@ class TieredAttention:
     def _attend_remapped(self, tiers: LayerTiers, q: Tensor, k: Tensor, v: Tensor, ids: Tensor,
                          w0: Tensor) -> Tensor:
         """The last Tq queries q [Tq, H_q, D] of the chunk k, v [T, H_kv, D] (causal) over the
-        window, the sink and host rows ids ([H_kv, k] / [k]), remapped before w0.
-
-        One attention over [sink, retrieved, window, chunk] (causal: the queries are the last
-        Tq keys); per-head padded ids go through a per-head pass, merged by lse.
-        """
+        window, the sink and host rows ids ([H_kv, k] / [k]), remapped before w0."""
         sk, sv, _ = tiers.static_kv()
         ns = tiers.sink_fill
         sink_k, sink_v, ret_delta = self._remap(tiers, ids, w0)
-        keys, vals = [sink_k, sk[ns:], k], [sink_v, sv[ns:], v]
-        padded = None
+        gathered = None
         if ids.numel():
-            gk, gv, valid = self._gather_rotated(tiers, ids, ret_delta)
+            gk, gv, valid = self._gather_rows(tiers, ids)
+            delta = (ret_delta if ret_delta.dim() == 2 else ret_delta[None].expand(valid.shape[0], -1))
+            gathered = (reference.rotate_keys(gk, delta.to(self.device), self.inv_freq), gv, valid)
+        return self._attend_chunk(q, k, v, [sink_k, sk[ns:]], [sink_v, sv[ns:]], gathered)
+
+    def _attend_chunk(self, q: Tensor, k: Tensor, v: Tensor, keys: list[Tensor], vals: list[Tensor],
+                      gathered: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        """The last Tq queries q [Tq, H_q, D] of the chunk k, v [T, H_kv, D] (causal) over
+        `keys`/`vals` (each [n, H_kv, D], seen by every query) and gathered host rows
+        (gk, gv [n, H_kv, D], valid [H_kv, n]; see _gather_rows) or None.
+
+        One attention over [*keys, gathered, chunk] (causal: the queries are the last Tq
+        keys); gathered rows with per-head padding go through a per-head pass, merged by lse.
+        """
+        padded = None
+        if gathered is not None and gathered[2].shape[1]:
+            gk, gv, valid = gathered
             if bool(valid.all()):
-                keys.insert(1, gk)
-                vals.insert(1, gv)
+                keys, vals = [*keys, gk], [*vals, gv]
             else:
                 padded = self._attend_padded(q, gk, gv, valid)
-        out, lse = self.ops.attend(q, torch.cat(keys), torch.cat(vals), scale=self.scale, causal=True)
+        out, lse = self.ops.attend(q, torch.cat([*keys, k]), torch.cat([*vals, v]), scale=self.scale, causal=True)
         if padded is not None:
             out, _ = self.ops.merge([out, padded[0]], [lse, padded[1]])
         return out
 
-    def _gather_rotated(self, tiers: LayerTiers, ids: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Host rows ids [H_kv, k] / [k] (-1 = pad) rotated by delta (aligned with ids):
-        k, v [k, H_kv, D] on the compute device (pads hold row 0) and valid [H_kv, k] (CPU)."""
+    def _gather_rows(self, tiers: LayerTiers, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Host rows ids [H_kv, k] / [k] (-1 = pad): k, v [k, H_kv, D] on the compute device
+        (pads hold row 0) and valid [H_kv, k] (CPU). Counted in prefill_stats["host_keys"]
+        when prefilling."""
         hkv = self.cfg.n_kv_heads
         per_head = (ids if ids.dim() == 2 else ids[None].expand(hkv, -1)).to("cpu")
-        delta = (delta if delta.dim() == 2 else delta[None].expand(hkv, -1)).to(self.device)
         safe = per_head.clamp_min(0)
         heads = torch.arange(hkv)[:, None].expand_as(safe)
         gk = tiers.host_k.rows(safe, heads).transpose(0, 1).to(self.device)  # [k, H_kv, D]
         gv = tiers.host_v.rows(safe, heads).transpose(0, 1).to(self.device)
-        return reference.rotate_keys(gk, delta, self.inv_freq), gv, per_head >= 0
+        valid = per_head >= 0
+        if not self.decoding:
+            self.prefill_stats["host_keys"] += int(valid.sum())
+        return gk, gv, valid
 
     def _attend_padded(self, q: Tensor, gk: Tensor, gv: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """q [T, H_q, D] over gk, gv [k, H_kv, D], KV head h over its valid [H_kv, k] keys only."""

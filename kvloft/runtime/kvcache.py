@@ -8,6 +8,17 @@ Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D
   attention is one pass over `[:n_static]` (keys are rotated, so slot order is free).
 - host tier: every token older than the window, appended in order to chunked rows
   (pinned when CUDA is present), with its position; grown by chunks, never copied whole.
+  On CUDA the copy down is asynchronous: issued on the cache's copy stream (after the
+  compute stream's work so far) into pinned memory, with an event recorded behind it.
+  Every read of the host rows waits for that event: `host_k` / `host_v` / `host_pos`
+  synchronize the host on it (a no-op once it passed, and it has by the time the next
+  prefill chunk reaches this layer), `host_chunk_pairs(stream)` makes a CUDA stream wait
+  on it instead (no host sync). The evicted device rows are kept alive for the copy
+  (record_stream). With a disk tier the copy stays synchronous: a spill reads the chunk
+  on the host right away.
+- block summary (sparse prefill, `block_summary`): the mean key of every `block` host
+  rows per KV head, on the compute device, made on first use and then updated from the
+  evicted rows as they leave the window (no host read).
 - disk tier (optional, `disk_dir`): when the host tier would pass the host budget, each
   layer's oldest full host chunks move to memory-mapped files in a per-session directory
   under `disk_dir` (runtime/chunked.py, SpillPolicy); readers see the same chunk list.
@@ -22,6 +33,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +82,68 @@ class SpillDir:
             self.path = None
 
 
+class BlockSummary:
+    """Mean key of every `block` consecutive host rows, per KV head, on the compute device.
+
+    Block b holds rows [b * block, (b + 1) * block); the last one may be partial (its mean
+    is over the rows it has). Means are kept in the keys' dtype ([capacity, H_kv, D],
+    capacity doubling: 1/block of the host keys' bytes), the open block's sum in fp32.
+    """
+
+    def __init__(self, block: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.block = block
+        self._means = torch.empty((0, *row_shape), dtype=dtype, device=device)
+        self._tail = torch.zeros(row_shape, dtype=torch.float32, device=device)  # open block's sum
+        self.n = 0  # rows summarized
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n // self.block)
+
+    @property
+    def nbytes(self) -> int:
+        return self._means.numel() * self._means.element_size() + self._tail.numel() * 4
+
+    def add(self, k: Tensor) -> None:
+        """Rows k [m, H_kv, D] (host rows n .. n + m - 1; any device)."""
+        m, b = k.shape[0], self.block
+        if m == 0:
+            return
+        first, last = self.n // b, (self.n + m - 1) // b  # blocks touched
+        kf = k.to(self._means.device, torch.float32)
+        rel = (self.n + torch.arange(m, device=kf.device)) // b - first  # [m] block of each row
+        sums = torch.zeros((last - first + 1, *kf.shape[1:]), dtype=torch.float32, device=kf.device)
+        sums.index_add_(0, rel, kf)
+        sums[0] += self._tail
+        ends = torch.arange(first + 1, last + 2, device=kf.device) * b
+        counts = ends.clamp(max=self.n + m) - torch.arange(first, last + 1, device=kf.device) * b
+        self._reserve(last + 1)
+        self._means[first : last + 1] = (sums / counts.view(-1, *[1] * (kf.dim() - 1))).to(self._means.dtype)
+        self.n += m
+        self._tail = sums[-1] if self.n % b else torch.zeros_like(self._tail)
+
+    def _reserve(self, n_blocks: int) -> None:
+        if n_blocks > self._means.shape[0]:
+            new = torch.empty((max(n_blocks, 2 * self._means.shape[0]), *self._means.shape[1:]),
+                              dtype=self._means.dtype, device=self._means.device)
+            new[: self._means.shape[0]] = self._means
+            self._means = new
+
+    def means(self) -> Tensor:
+        """[n_blocks, H_kv, D] mean key of each block (a view)."""
+        return self._means[: self.n_blocks]
+
+
 class LayerTiers:
-    """Static tier (sink + window ring) and host tier of one layer."""
+    """Static tier (sink + window ring) and host tier of one layer.
+
+    copy_stream: a CUDA stream for the asynchronous copy of evicted rows to the (pinned)
+    host tier; None = synchronous copies (CPU, or a disk tier).
+    """
 
     def __init__(self, cfg: ModelConfig, n_sink: int, n_window: int, host_chunk: int,
                  device: torch.device, dtype: torch.dtype, pin: bool,
-                 spill: dict[str, SpillPolicy] | None = None) -> None:
+                 spill: dict[str, SpillPolicy] | None = None, copy_stream=None) -> None:
         hkv, d = cfg.n_kv_heads, cfg.head_dim
         size = n_sink + n_window
         self.n_sink, self.n_window = n_sink, n_window
@@ -86,9 +154,52 @@ class LayerTiers:
         self.ring_fill = 0
         self.ring_head = 0  # ring slot (relative) of the oldest token
         spill = spill or {}
-        self.host_k = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("k"))
-        self.host_v = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("v"))
-        self.host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin, spill.get("pos"))
+        self._host_k = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("k"))
+        self._host_v = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("v"))
+        self._host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin, spill.get("pos"))
+        async_ok = copy_stream is not None and pin and not spill and torch.device(device).type == "cuda"
+        self._copy_stream = copy_stream if async_ok else None
+        self._d2h_done = None  # torch.cuda.Event behind the last copy down, until waited on
+        self.summary: BlockSummary | None = None
+
+    # ---- host tier reads: each waits for the copy down in flight -------------------------
+
+    @property
+    def host_k(self) -> ChunkedRows:
+        """Host keys, rows [H_kv, D] (the copy down in flight waited for on the host)."""
+        self.wait_host()
+        return self._host_k
+
+    @property
+    def host_v(self) -> ChunkedRows:
+        self.wait_host()
+        return self._host_v
+
+    @property
+    def host_pos(self) -> ChunkedRows:
+        self.wait_host()
+        return self._host_pos
+
+    def wait_host(self, stream=None) -> None:
+        """Wait for the copy of evicted rows to the host tier: on the host (stream None), or
+        make the CUDA `stream` wait for it (its later work may read the rows; no host sync)."""
+        ev = self._d2h_done
+        if ev is None:
+            return
+        if stream is None:
+            ev.synchronize()
+            self._d2h_done = None
+        else:
+            stream.wait_event(ev)
+
+    def host_chunk_pairs(self, stream=None) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """(first row, keys, values) of each host chunk, the filled part [m, H_kv, D], in order.
+
+        stream: the CUDA stream that will read them (it waits for the copy down in flight);
+        None = wait on the host."""
+        self.wait_host(stream)
+        for (start, kc), (_, vc) in zip(self._host_k.iter_chunks(), self._host_v.iter_chunks()):
+            yield start, kc, vc
 
     @property
     def n_static(self) -> int:
@@ -96,7 +207,7 @@ class LayerTiers:
 
     @property
     def n_host(self) -> int:
-        return len(self.host_k)
+        return len(self._host_k)
 
     def static_kv(self) -> tuple[Tensor, Tensor, Tensor]:
         """Filled static slots: k, v [n_static, H_kv, D], positions [n_static] (a view)."""
@@ -145,23 +256,51 @@ class LayerTiers:
         return ev
 
     def _to_host(self, ev: Evicted) -> None:
-        self.host_k.append(ev.k.to("cpu"))
-        self.host_v.append(ev.v.to("cpu"))
-        self.host_pos.append(ev.positions.to("cpu"))
+        if self.summary is not None and self.summary.n == ev.first_row:
+            self.summary.add(ev.k)
+        stores = ((self._host_k, ev.k), (self._host_v, ev.v), (self._host_pos, ev.positions))
+        if self._copy_stream is None:
+            for store, rows in stores:
+                store.append(rows.to("cpu"))
+            return
+        copy, compute = self._copy_stream, torch.cuda.current_stream(ev.k.device)
+        copy.wait_stream(compute)  # the evicted rows are computed before they are read
+        with torch.cuda.stream(copy):
+            for store, rows in stores:
+                store.append(rows)  # device -> pinned chunk, non_blocking (ChunkedRows.append)
+                rows.record_stream(copy)  # their memory is not reused before the copy ran
+        self._d2h_done = torch.cuda.Event()
+        self._d2h_done.record(copy)
 
     def host_keys_head_major(self) -> Tensor:
         """All host keys as [H_kv, N, D] (a copy; used once to build an index)."""
         return self.host_k.all().transpose(0, 1)
 
+    def block_summary(self, block: int) -> BlockSummary:
+        """The host tier's mean key per `block` rows (BlockSummary), made on first use and kept
+        up to date by appends; rows that reached the host tier another way (a restored
+        session) are caught up chunk by chunk."""
+        s = self.summary
+        if s is None or s.block != block:
+            s = self.summary = BlockSummary(block, tuple(self.k.shape[1:]), self.k.dtype, self.k.device)
+        if s.n < self.n_host:
+            for start, kc, _ in self.host_chunk_pairs():
+                if start + kc.shape[0] > s.n:
+                    s.add(kc[s.n - start :].to(self.k.device))
+        return s
+
     def static_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
 
+    def summary_bytes(self) -> int:
+        return 0 if self.summary is None else self.summary.nbytes
+
     def host_bytes(self) -> int:
         """Host-tier bytes in memory (spilled chunks excluded)."""
-        return self.host_k.nbytes + self.host_v.nbytes + self.host_pos.nbytes
+        return self._host_k.nbytes + self._host_v.nbytes + self._host_pos.nbytes
 
     def disk_bytes(self) -> int:
-        return self.host_k.disk_nbytes + self.host_v.disk_nbytes + self.host_pos.disk_nbytes
+        return self._host_k.disk_nbytes + self._host_v.disk_nbytes + self._host_pos.disk_nbytes
 
 
 class TieredKVCache:
@@ -186,8 +325,10 @@ class TieredKVCache:
             self.max_resident = self._resident_chunks(host_budget)
             self.spill_dir = SpillDir(disk_dir)
             self._finalizer = weakref.finalize(self, self.spill_dir.remove)
+        # one stream for every layer's asynchronous copy down (made here, never at import)
+        copy_stream = torch.cuda.Stream(device) if pin and self.spill_dir is None else None
         self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin,
-                                  self._spill_policies(i)) for i in range(cfg.n_layers)]
+                                  self._spill_policies(i), copy_stream) for i in range(cfg.n_layers)]
 
     def _resident_chunks(self, host_budget: int) -> int:
         per_chunk = self.host_chunk * self.row_bytes * self.cfg.n_layers  # one chunk of k, v, pos per layer
@@ -224,11 +365,13 @@ class TieredKVCache:
         return t.n_static + t.n_host
 
     def bytes(self) -> dict[str, int]:
-        """static: compute-device tier; host: host tier in memory; disk: host chunks spilled to disk."""
+        """static: compute-device tier; host: host tier in memory; disk: host chunks spilled to
+        disk; summary: the sparse prefill's block summaries (compute device; 0 until used)."""
         return {
             "static": sum(t.static_bytes() for t in self.layers),
             "host": sum(t.host_bytes() for t in self.layers),
             "disk": sum(t.disk_bytes() for t in self.layers),
+            "summary": sum(t.summary_bytes() for t in self.layers),
         }
 
     def _chunks_after(self, n_new_host: int) -> int:
