@@ -19,7 +19,7 @@ _EXPORTS = {
     "CorruptRecord": "kvloft.cluster.records",
     "ShardedAttention": "kvloft.cluster.session",
     "ShardedSession": "kvloft.cluster.session",
-    "ShardUnavailable": "kvloft.cluster.session",
+    "ShardUnavailable": "kvloft.cluster.group",
     "deploy": "kvloft.cluster.serve",
     "kvloft_deployment": "kvloft.cluster.serve",
 }

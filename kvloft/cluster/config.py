@@ -34,7 +34,8 @@ class ShardConfig:
     fsync: each append is fsynced (survives node power loss; costs a disk sync per call).
         Without it appends are flushed to the OS, which survives a killed shard process.
     max_recoveries: shard re-creations tried per call before ShardUnavailable is raised.
-    timeout_s: wait for the placement group and for a re-created shard to come up.
+    timeout_s: wait for the placement group, for a re-created shard to come up, and for a
+        node with room to take a shard whose node was lost (then ShardUnavailable).
     overwrite: a new session may delete the range directories an earlier session left in
         `directory` (otherwise that is a ValueError, so no files are lost by mistake).
     address: the Ray cluster to join if Ray is not initialized yet ("auto" = the cluster

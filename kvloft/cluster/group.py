@@ -10,20 +10,29 @@ it is done, so sessions do not pay for process start-up. A session without a gro
 its own and closes it with itself.
 
 When an actor dies (killed, its node lost), the first caller that sees the RayActorError
-asks the group to replace it: a new actor in the same bundle (Ray re-places a bundle whose
-node died, once a node with room exists). Its stores are reopened from their files by the
+asks the group to replace it: a new actor in the same bundle. A bundle whose node died is
+re-placed by Ray on a live node with room (for STRICT_SPREAD: one holding no other bundle of
+the group) as soon as one exists, e.g. when a node joins; `wait_placed` waits for that and
+names the fix when it does not happen. The stores are reopened from their files by the
 sessions that use them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
+import time
 from typing import Any
 
 from kvloft.cluster.config import STRATEGIES, ShardConfig
 
 _ACTOR_CLASS = None
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard did not come back: no node to place it on, or ShardConfig.max_recoveries
+    re-creations all failed."""
 
 
 def import_ray():
@@ -40,12 +49,28 @@ def ensure_ray(address: str | None) -> None:
     ray = import_ray()
     if ray.is_initialized():
         return
+    _probe(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a new local cluster"
         raise ValueError(f"no Ray cluster reachable at {where} ({e}); start one with `ray start --head` and pass "
                          "ShardConfig(address='auto') (or the head's host:port), or call ray.init() first") from e
+
+
+def _probe(address: str | None, timeout_s: float = 5.0) -> None:
+    """A "host:port" head address must accept a TCP connection: Ray itself retries an
+    unreachable address for minutes before it gives up."""
+    if address is None or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ShardConfig.address must be 'auto', 'host:port' or None, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(f"no Ray cluster reachable at {address} ({e.strerror or e}); start one with "
+                         f"`ray start --head --port {port}` there, or fix ShardConfig.address") from None
 
 
 def _actor_class():
@@ -115,6 +140,30 @@ class ShardGroup:
                 self.actors[i] = self._spawn(i)
                 self.replacements[i] += 1
             return self.actors[i]
+
+    def bundle_node(self, i: int) -> str | None:
+        """The node bundle i is placed on now; None while its node is lost and Ray has no
+        live node with room to re-place it on."""
+        from ray.util.placement_group import placement_group_table
+
+        return placement_group_table(self.pg)["bundles_to_node_id"].get(i) or None
+
+    def wait_placed(self, i: int, timeout_s: float) -> str:
+        """Wait until bundle i has a node again (after its node was lost); returns the node id.
+        ShardUnavailable naming the fix when none takes it within timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while (node := self.bundle_node(i)) is None:
+            if time.monotonic() > deadline:
+                ray = import_ray()
+                alive = sum(n["Alive"] for n in ray.nodes())
+                one_each = " and holding no other shard of the group" if self.strategy == "STRICT_SPREAD" else ""
+                raise ShardUnavailable(
+                    f"shard {i} lost its node and none of the {alive} live node(s) has room for it ({self.num_cpus} "
+                    f"CPU{one_each}) after {timeout_s:.0f} s; add a node to the cluster (Ray places the shard "
+                    "there), free CPUs, or use strategy SPREAD / fewer shards"
+                )
+            time.sleep(0.05)
+        return node
 
     def where(self) -> list[dict[str, Any]]:
         """Node id and pid of every shard."""

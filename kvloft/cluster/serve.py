@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 from kvloft.cluster.config import ShardConfig
-from kvloft.cluster.group import ShardGroup, import_ray
+from kvloft.cluster.group import ShardGroup, ensure_ray, import_ray
 from kvloft.server.app import ServerConfig, create_app
 from kvloft.server.manager import Lease, SessionManager, SessionsBusy
 
@@ -121,16 +121,22 @@ def kvloft_deployment(model: ModelSource = "smollm2", *, config: ServerConfig | 
 
 def deploy(model_name: ModelSource = "smollm2", *, config: ServerConfig | None = None,
            shards: ShardConfig | None = None, name: str = "kvloft", route_prefix: str = "/",
-           host: str = "127.0.0.1", port: int = 8000, blocking: bool = False, **deployment_options: Any):
-    """Start Serve's HTTP proxy on host:port and run the deployment; returns its handle.
+           host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode", blocking: bool = False,
+           **deployment_options: Any):
+    """Start Serve's HTTP proxy on host:port and run the deployment; returns its handle once
+    the replicas are up (blocking=True: serves until interrupted).
 
     The API is then at http://host:port{route_prefix}v1 (e.g. /v1/chat/completions).
+    proxy_location: "EveryNode" (Ray's default: a proxy on every node running a replica) or
+    "HeadOnly" (one proxy; needed when several Ray nodes share one machine, as they would
+    all bind host:port).
     """
-    ray = import_ray()
+    if proxy_location not in ("EveryNode", "HeadOnly"):
+        raise ValueError(f"proxy_location must be 'EveryNode' or 'HeadOnly', got {proxy_location!r}")
+    import_ray()
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=shards.address if shards else None, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
+    ensure_ray(shards.address if shards else None)
+    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     app = kvloft_deployment(model_name, config=config, shards=shards, **deployment_options).bind()
     return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)

@@ -26,8 +26,9 @@ A covering budget (>= rows per shard, or >= the host tier with global_topk) give
 attention, as a single-process session does.
 
 Failures: a call that raises RayActorError (actor killed, node lost) gets its shard
-replaced (same placement-group bundle), the store reopened from its files (verified,
-index replayed) and the call resent; appends are idempotent by row, so a continuation is
+replaced (same placement-group bundle; after a node loss Ray re-places the bundle on a live
+node with room, and the session waits up to ShardConfig.timeout_s for one), the store
+reopened from its files (verified, index replayed) and the call resent; appends are idempotent by row, so a continuation is
 identical to an undisturbed run. After `max_recoveries` attempts: ShardUnavailable.
 
 Not supported here: position_mode="extrapolate", scheduler="overlap", method="dense"
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from kvloft.cluster.config import ShardConfig
-from kvloft.cluster.group import ShardGroup, import_ray
+from kvloft.cluster.group import ShardGroup, ShardUnavailable, import_ray
 from kvloft.cluster.shard import Block, StoreNotOpen, StoreSpec, _check_writable
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
 from kvloft.index.base import METHOD_MODULES
@@ -53,11 +54,6 @@ from kvloft.kernels import KernelSet
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.kvcache import Evicted, LayerTiers, TieredKVCache
 from kvloft.runtime.session import Session
-
-
-class ShardUnavailable(RuntimeError):
-    """A shard did not come back within ShardConfig.max_recoveries re-creations."""
-
 
 # ---- driver-side tiers: the static tier only, host rows counted -----------------------------
 
@@ -162,7 +158,7 @@ class ShardCalls:
             try:
                 done.update(zip(refs, ray.get(list(refs.values()))))
                 return dict(sorted(done.items()))
-            except (ray.exceptions.RayActorError, StoreNotOpen):
+            except (*_lost(), StoreNotOpen):
                 pass
             failed = self._collect(refs, done)
             if attempt == self.cfg.max_recoveries:
@@ -185,16 +181,19 @@ class ShardCalls:
         for i, ref in refs.items():
             try:
                 done[i] = ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except _lost():
                 failed[i] = True
             except StoreNotOpen:
                 failed[i] = False
         return failed
 
     def _recover(self, i: int, dead) -> None:
-        """Replace a dead actor (unless someone did) and reopen the store from its files."""
+        """Replace a dead actor (unless someone did) and reopen the store from its files. The
+        new actor starts once its bundle has a node: at once after a killed process, after
+        Ray re-places the bundle when its node was lost (ShardUnavailable if none has room)."""
         ray = import_ray()
         actor = self.group.replace(i, dead) if dead is not None else self.group.actor(i)
+        self.group.wait_placed(i, self.cfg.timeout_s)
         try:
             ray.get(actor.open.remote(self.specs[i]), timeout=self.cfg.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -216,6 +215,13 @@ class ShardCalls:
             for spec in self.specs.values():
                 shutil.rmtree(spec.directory, ignore_errors=True)
         self.specs.clear()
+
+
+def _lost() -> tuple[type[Exception], ...]:
+    """Errors that mean a shard's process is gone: its actor died (killed, node lost), or a
+    reply it had stored on its node went with the node. Resending is safe (idempotent)."""
+    ex = import_ray().exceptions
+    return ex.RayActorError, ex.ObjectLostError
 
 
 def split_global_topk(scores: list[Tensor], ids: list[Tensor], budget: int) -> list[Tensor]:

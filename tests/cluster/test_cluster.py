@@ -8,16 +8,15 @@ the continuation is bitwise identical; a corrupted record stops the session with
 
 import dataclasses
 import json
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+
+from cluster_helpers import assert_logits_close, byte_tokenizer, streamed_content
+from cluster_helpers import run as run_steps
+from served import Served
 
 import kvloft
 from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup
@@ -52,24 +51,12 @@ def prompt():
 
 
 def run(session, prompt, steps=STEPS, on_step=None):
-    """Prefill logits, then greedy decode: the logits of every step."""
-    session.feed(prompt)
-    logits = [session.last_logits.clone()]
-    for i in range(steps):
-        if on_step:
-            on_step(i)
-        logits.append(session.step(int(logits[-1].argmax())).clone())
-    return logits
+    return run_steps(session, prompt, steps, on_step)
 
 
 def sharded(model, tmp_path, group, retrieval=RETRIEVAL, **shard_kw):
     cfg = ShardConfig(directory=str(tmp_path / "shards"), n_shards=3, shard_tokens=RANGE, num_cpus=0.5, **shard_kw)
     return ShardedSession(model, retrieval, RUNTIME, shards=cfg, group=group)
-
-
-def assert_logits_close(got, want):
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +129,8 @@ def test_killed_shard_recovers_identically_then_corruption_is_reported(model, pr
 def test_refusals(model, group, tmp_path):
     with pytest.raises(ValueError, match="n_shards must be an int >= 1"):
         ShardConfig(directory=str(tmp_path), n_shards=0)
+    with pytest.raises(ValueError, match="n_shards >= 1"):
+        ShardGroup(0)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not writable"):
         ShardedSession(model, RETRIEVAL, RUNTIME, shards=ShardConfig(directory=str(tmp_path / "file" / "x")),
@@ -167,57 +156,6 @@ def test_refusals(model, group, tmp_path):
 # ---- serving ---------------------------------------------------------------------------------
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer with ChatML specials: 258 ids, inside the tiny preset's 512."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from kvloft.runtime.tokenizer import Tokenizer
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return Tokenizer(hf, eos_ids=(hf.token_to_id("<|im_end|>"),))
-
-
-class Served:
-    """An app on uvicorn in a thread, on a free localhost port; plain urllib requests."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-    def request(self, method, path, body=None):
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-
 def test_api_over_sharded_sessions(model, group, tmp_path):
     pytest.importorskip("uvicorn")
     from kvloft.cluster.serve import ShardedSessionManager
@@ -232,9 +170,7 @@ def test_api_over_sharded_sessions(model, group, tmp_path):
     def chat(served):
         status, text = served.request("POST", "/v1/chat/completions", body)
         assert status == 200, text
-        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        return streamed_content(text)
 
     with Served(create_app(chat_model, cfg)) as served:
         plain = chat(served)

@@ -3,9 +3,6 @@ server on a free localhost port. Answers are checked against a kvloft Session ru
 
 import dataclasses
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -15,6 +12,8 @@ import torch
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+
+from served import Served
 
 from kvloft import ModelConfig, RetrievalConfig, RuntimeConfig, Session
 from kvloft.runtime.loader import random_model
@@ -35,28 +34,8 @@ def chatty(smollm2):
     return dataclasses.replace(model, tokenizer=tok)
 
 
-class Running:
-    """A uvicorn server in a thread, on a socket bound to a free port."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
+class Running(Served):
+    """The app on uvicorn in a thread (tests/served.py), with an openai client."""
 
     def client(self, api_key=KEY) -> "openai.OpenAI":
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
