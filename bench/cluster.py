@@ -1,20 +1,28 @@
-"""Sharded sessions on one machine: per-token decode overhead, per-layer round trip, recovery.
+"""Sharded sessions: per-token decode overhead, per-layer round trip, recovery.
 
-A single-process Session and ShardedSessions over 1..n shard processes (a local Ray
-cluster) run the same random-weight preset on the same prompt and the same exact retriever
-(global top-k by default: the same rows as the single process), stepping in turn:
+A single-process Session and ShardedSessions run the same random-weight preset on the same
+prompt and the same exact retriever (global top-k by default: the same rows as the single
+process), stepping in turn. Two modes:
 
-  decode      median ms/token of greedy steps, per setup; the sharded logits are checked
-              against the single-process ones (max abs difference reported)
+  --shards 1,2,3   one local Ray node; groups of 1..n shard processes, all alive at once
+  --nodes 2,3      per count n, a multi-node cluster on this machine (ray.cluster_utils.Cluster:
+                   a head without CPUs for the driver, n + 1 worker nodes of 1 CPU), n shards
+                   placed STRICT_SPREAD (one per node, the last node spare)
+
+Measured per setup:
+  decode      median ms/token of greedy steps; the sharded logits are checked against the
+              single-process ones (max abs difference reported)
   round trip  one layer's batch of shard calls, timed alone: `noop` (q only, budget 0:
               Ray's submit + get for n actors) and `attend` (q, the real budget: retrieval
               and partial attention in the shards); median over --reps batches
   recovery    the step right after a shard process is killed (replacement process start,
-              store reload with checksums, index replay), against the median step
+              store reload with checksums, index replay); with --nodes also the step right
+              after the node of a shard is removed (the bundle re-placed on the spare node)
 
     python bench/cluster.py --preset smollm2-135m --context 1024 --shards 1,2,3
-Prints a table and one JSON line last; writes JSON to $OUT or bench/results/ (cluster.json,
-with --per-shard-topk cluster_per_shard_topk.json).
+    python bench/cluster.py --preset smollm2-135m --context 1024 --nodes 2,3
+Prints a table and one JSON line last; writes JSON to $OUT or bench/results/: cluster.json
+(with --per-shard-topk cluster_per_shard_topk.json); --nodes results go under its "multinode" key.
 """
 
 from __future__ import annotations
@@ -64,12 +72,127 @@ def round_trip(session, budget: int, reps: int) -> dict[str, float]:
     return out
 
 
+def step_after(session, logits: list, disturb) -> float:
+    """Seconds of the greedy step right after `disturb()` (its logits appended)."""
+    disturb()
+    t0 = time.perf_counter()
+    logits.append(session.step(int(logits[-1].argmax())).clone())
+    return time.perf_counter() - t0
+
+
+def shard_row(name: str, n: int, session, group, run, base, args, lose_node=None) -> dict:
+    """The figures of one sharded setup after its in-turn run (it is stepped further here)."""
+    import ray
+
+    times, logits = run
+    diffs = [float((a - b).abs().max()) for a, b in zip(logits, base[1])]  # prefill, then each step
+    rt_s = round_trip(session, args.budget, args.reps)
+    layers = session.model.config.n_layers
+    wait = session.stats()["timings_s"].get("shard_wait", 0.0)
+    med, ref = statistics.median(times), statistics.median(base[0])
+    row = {"setup": name, "shards": n, "ms_per_token": 1000 * med, "overhead_ms_per_token": 1000 * (med - ref),
+           "roundtrip_noop_ms": 1000 * rt_s["noop"], "roundtrip_attend_ms": 1000 * rt_s["attend"],
+           "shard_wait_ms_per_layer": 1000 * wait / ((args.steps + 1) * layers),
+           "max_abs_logit_diff": max(diffs), "abs_logit_diff_per_step": diffs,
+           "greedy_tokens_equal": all(int(a.argmax()) == int(b.argmax()) for a, b in zip(logits, base[1]))}
+    row["recovery_step_s"] = step_after(session, logits, lambda: ray.kill(group.actor(n - 1)))
+    if lose_node is not None:
+        row["node_loss_recovery_step_s"] = step_after(session, logits, lose_node)
+        row["nodes_after"] = sorted(w["node_id"][:8] for w in group.where())
+    return row
+
+
+def single_node(model, rc, rt, prompt, args, host: int) -> list[dict]:
+    """--shards: groups of 1..n shard processes on one local Ray node, all stepped in turn."""
+    import ray
+
+    from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup
+
+    ncpu = os.cpu_count() or 1
+    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False)
+    shard_counts = [int(x) for x in args.shards.split(",")]
+    cpus = ncpu / sum(shard_counts)  # every group is alive at once; reservations only
+    groups = {n: ShardGroup(n, num_cpus=cpus) for n in shard_counts}
+    tmp = tempfile.TemporaryDirectory()
+    sessions = {"single process": Session(model, rc, rt)}
+    for n, group in groups.items():
+        cfg = ShardConfig(directory=f"{tmp.name}/{n}", n_shards=n, shard_tokens=-(-host // n), num_cpus=cpus,
+                          global_topk=not args.per_shard_topk)
+        sessions[f"{n} shard(s)"] = ShardedSession(model, rc, rt, shards=cfg, group=group)
+    runs = greedy_in_turn(sessions, prompt, args.steps)
+    base = runs["single process"]
+    rows = [{"setup": "single process", "shards": 0, "ms_per_token": 1000 * statistics.median(base[0])}]
+    for n, group in groups.items():
+        name = f"{n} shard(s)"
+        rows.append(shard_row(name, n, sessions[name], group, runs[name], base, args))
+        sessions[name].close()
+        group.close()
+    tmp.cleanup()
+    ray.shutdown()
+    return rows
+
+
+def multi_node(model, rc, rt, prompt, args, host: int) -> list[dict]:
+    """--nodes: per count n, a local multi-node cluster (n + 1 workers) and n STRICT_SPREAD shards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup
+
+    rows = []
+    for n in [int(x) for x in args.nodes.split(",")]:
+        node = {"num_cpus": 1, "object_store_memory": 100 << 20}
+        t0 = time.perf_counter()
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 0, "include_dashboard": False})
+        for _ in range(n + 1):
+            cluster.add_node(**node)
+        ray.init(address=cluster.address, log_to_driver=False)
+        group = ShardGroup(n, strategy="STRICT_SPREAD", num_cpus=1)
+        start_s = time.perf_counter() - t0
+        tmp = tempfile.TemporaryDirectory()
+        cfg = ShardConfig(directory=tmp.name, n_shards=n, shard_tokens=-(-host // n), strategy="STRICT_SPREAD",
+                          global_topk=not args.per_shard_topk)
+        name = f"{n} nodes"
+        sessions = {"single process": Session(model, rc, rt), name: ShardedSession(model, rc, rt, shards=cfg,
+                                                                                    group=group)}
+        runs = greedy_in_turn(sessions, prompt, args.steps)
+        base = runs["single process"]
+        rows.append({"setup": f"single process ({name} run)", "shards": 0,
+                     "ms_per_token": 1000 * statistics.median(base[0])})
+
+        def lose_node(group=group, cluster=cluster):
+            held = {w["node_id"] for w in group.where()}
+            victim = next(nd for nd in cluster.worker_nodes if nd.node_id in held)
+            cluster.remove_node(victim)
+
+        row = shard_row(name, n, sessions[name], group, runs[name], base, args, lose_node)
+        row.update(nodes=n + 2, cluster_start_s=start_s)
+        rows.append(row)
+        sessions[name].close()
+        group.close()
+        ray.shutdown()
+        cluster.shutdown()
+        tmp.cleanup()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'setup':28} {'ms/tok':>8} {'+ms/tok':>8} {'rt noop':>8} {'rt attend':>9} {'kill s':>7} "
+          f"{'node s':>7} {'diff':>8}")
+    for r in rows:
+        print(f"{r['setup']:28} {r['ms_per_token']:8.1f} {r.get('overhead_ms_per_token', 0):8.1f} "
+              f"{r.get('roundtrip_noop_ms', 0):8.2f} {r.get('roundtrip_attend_ms', 0):9.2f} "
+              f"{r.get('recovery_step_s', 0):7.2f} {r.get('node_loss_recovery_step_s', 0):7.2f} "
+              f"{r.get('max_abs_logit_diff', 0):8.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--shards", default="1,2,3")
+    ap.add_argument("--nodes", default=None, help="node counts for the multi-node mode, e.g. 2,3")
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=128)
@@ -81,63 +204,35 @@ def main() -> None:
 
     import ray
 
-    from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup
-
-    ncpu = os.cpu_count() or 1
-    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False)
+    load = os.getloadavg()
     model = load_model(args.preset, device="cpu", dtype="float32")
     rc = RetrievalConfig(method="exact", budget=args.budget, n_sink=args.sink, n_window=args.window)
     rt = RuntimeConfig(progress=False, device="cpu")
     prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.tolist()
-    host = args.context + args.steps + 1 - args.sink - args.window
+    host = args.context + args.steps + 3 - args.sink - args.window  # room for the recovery steps
+    measure = multi_node if args.nodes else single_node
+    rows = measure(model, rc, rt, prompt.copy(), args, host)
+    print_table(rows)
+    load_end = os.getloadavg()
 
-    shard_counts = [int(x) for x in args.shards.split(",")]
-    cpus = ncpu / sum(shard_counts)  # every group is alive at once; reservations only
-    groups = {n: ShardGroup(n, num_cpus=cpus) for n in shard_counts}
-    tmp = tempfile.TemporaryDirectory()
-    sessions = {"single process": Session(model, rc, rt)}
-    for n, group in groups.items():
-        cfg = ShardConfig(directory=f"{tmp.name}/{n}", n_shards=n, shard_tokens=-(-host // n), num_cpus=cpus,
-                          global_topk=not args.per_shard_topk)
-        sessions[f"{n} shard(s)"] = ShardedSession(model, rc, rt, shards=cfg, group=group)
-    runs = greedy_in_turn(sessions, prompt, args.steps)
-    base, ref = runs["single process"]
-    rows = [{"setup": "single process", "shards": 0, "ms_per_token": 1000 * statistics.median(base)}]
-    for n, group in groups.items():
-        s = sessions[f"{n} shard(s)"]
-        times, logits = runs[f"{n} shard(s)"]
-        diff = max(float((a - b).abs().max()) for a, b in zip(logits, ref))
-        rt_s = round_trip(s, args.budget, args.reps)
-        wait = s.stats()["timings_s"].get("shard_wait", 0.0)
-        ray.kill(group.actor(n - 1))
-        t0 = time.perf_counter()
-        s.step(int(logits[-1].argmax()))
-        recover = time.perf_counter() - t0
-        s.close()
-        group.close()
-        med = statistics.median(times)
-        rows.append({"setup": f"{n} shard(s)", "shards": n, "ms_per_token": 1000 * med,
-                     "overhead_ms_per_token": 1000 * (med - statistics.median(base)),
-                     "roundtrip_noop_ms": 1000 * rt_s["noop"], "roundtrip_attend_ms": 1000 * rt_s["attend"],
-                     "shard_wait_ms_per_layer": 1000 * wait / ((args.steps + 1) * model.config.n_layers),
-                     "recovery_step_s": recover, "max_abs_logit_diff": diff})
-    tmp.cleanup()
-    ray.shutdown()
-
-    print(f"{'setup':16} {'ms/tok':>8} {'+ms/tok':>8} {'rt noop':>8} {'rt attend':>9} {'recover s':>9} {'diff':>8}")
-    for r in rows:
-        print(f"{r['setup']:16} {r['ms_per_token']:8.1f} {r.get('overhead_ms_per_token', 0):8.1f} "
-              f"{r.get('roundtrip_noop_ms', 0):8.2f} {r.get('roundtrip_attend_ms', 0):9.2f} "
-              f"{r.get('recovery_step_s', 0):9.2f} {r.get('max_abs_logit_diff', 0):8.1e}")
+    ncpu = os.cpu_count() or 1
     result = {"bench": "cluster", "machine": f"{platform.node()} ({ncpu} CPUs, {platform.processor() or 'cpu'})",
+              "load_avg_1_5_15": [round(x, 2) for x in load], "load_avg_at_end": [round(x, 2) for x in load_end],
+              "date": time.strftime("%Y-%m-%d"),
               "preset": args.preset, "context": args.context, "steps": args.steps, "budget": args.budget,
               "n_sink": args.sink, "n_window": args.window,
               "global_topk": not args.per_shard_topk, "ray": ray.__version__, "rows": rows}
     name = "cluster_per_shard_topk.json" if args.per_shard_topk else "cluster.json"
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    if args.nodes:  # kept next to the single-node figures of the same file
+        whole = json.loads(out.read_text()) if out.exists() else {}
+        whole["multinode"] = result
+        out.write_text(json.dumps(whole, indent=1))
+    else:
+        previous = json.loads(out.read_text()).get("multinode") if out.exists() else None
+        out.write_text(json.dumps({**result, **({"multinode": previous} if previous else {})}, indent=1))
     print(json.dumps(result))
 
 
