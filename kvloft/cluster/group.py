@@ -142,11 +142,14 @@ class ShardGroup:
             return self.actors[i]
 
     def bundle_node(self, i: int) -> str | None:
-        """The node bundle i is placed on now; None while its node is lost and Ray has no
-        live node with room to re-place it on."""
+        """The live node bundle i is placed on now; None while its node is lost (or Ray has
+        not yet noticed) and no live node with room has taken it."""
         from ray.util.placement_group import placement_group_table
 
-        return placement_group_table(self.pg)["bundles_to_node_id"].get(i) or None
+        node = placement_group_table(self.pg)["bundles_to_node_id"].get(i)
+        if not node:
+            return None
+        return node if any(n["NodeID"] == node and n["Alive"] for n in import_ray().nodes()) else None
 
     def wait_placed(self, i: int, timeout_s: float) -> str:
         """Wait until bundle i has a node again (after its node was lost); returns the node id.
