@@ -25,7 +25,10 @@ the static tier, the chunk and what the chunk's attention reads:
   gathered and attended to once; the chunk's last query selects its own blocks (its output
   predicts the next token). A prefill of N tokens then costs O(N * (budget + window +
   chunk)) attention plus O(N^2 / (chunk * prefill_block)) scoring, not O(N^2). With a
-  budget covering the host tier it equals dense prefill.
+  budget covering the host tier it equals dense prefill. Both selections' rows are
+  gathered once, as whole tokens (their union), and split per KV head on the device.
+`prefill_stats` counts dense and sparse chunks and the KV-head rows of the host tier that
+prefill attention read; sparse chunks are timed as "prefill_sparse_attention".
 Indexes are built once at the end of the first feed (a retriever's build sees the whole host
 tier and a sample of the prompt's queries); rows leaving the window later (decode, or a later
 feed) are added as they go.
@@ -247,6 +250,20 @@ def _hand_over(compute, free: list, b: int, kb: Tensor, vb: Tensor, ready) -> It
     free[b].record(compute)  # the caller's kernels on buffer b are queued by now
 
 
+def gather_token_rows(store: ChunkedRows, rows: Tensor) -> Tensor:
+    """Whole rows of a chunked store: rows [n] int64, ascending, in [0, len(store)) ->
+    [n, *row_shape] on the store's device; one index_select per chunk touched."""
+    cid = rows // store.chunk_rows
+    chunks, counts = torch.unique_consecutive(cid, return_counts=True)
+    parts, at = [], 0
+    for ci, n in zip(chunks.tolist(), counts.tolist()):
+        parts.append(store.chunks[ci].index_select(0, rows[at : at + n] - ci * store.chunk_rows))
+        at += n
+    if not parts:
+        return torch.empty((0, *store.row_shape), dtype=store.dtype, device=store.device)
+    return torch.cat(parts)
+
+
 def top_block_rows(scores: Tensor, n_rows: int, block: int, budget: int) -> Tensor:
     """Host rows of the best-scoring blocks of each KV head, up to `budget` rows each.
 
@@ -261,15 +278,18 @@ def top_block_rows(scores: Tensor, n_rows: int, block: int, budget: int) -> Tens
     if budget == 0 or nb == 0:
         return torch.empty((hkv, 0), dtype=torch.int64, device=dev)
     sizes = (n_rows - torch.arange(nb, device=dev) * block).clamp(max=block)  # [n_blocks]
-    order = scores.argsort(dim=-1, descending=True, stable=True)  # [H_kv, n_blocks]
+    # only the partial last block is short, so no more than budget // block + 1 blocks can fit
+    n_cand = nb if budget >= n_rows else min(nb, budget // block + 1)
+    order = scores.topk(n_cand, dim=-1).indices  # [H_kv, n_cand], best first
     fits = sizes[order].cumsum(-1) <= budget  # a prefix of each row
     fits[:, 0] = True
     kb = int(fits.sum(-1).max())
-    rows = order[:, :kb, None] * block + torch.arange(block, device=dev)  # [H_kv, kb, block]
-    ok = (fits[:, :kb, None] & (rows < n_rows)).reshape(hkv, -1)
-    big = torch.iinfo(torch.int64).max
-    ids = torch.where(ok, rows.reshape(hkv, -1), big).sort(dim=-1).values[:, : int(ok.sum(-1).max())]
-    return torch.where(ids == big, -1, ids)
+    # blocks in ascending order, those that do not fit as block n_blocks (past every row), so
+    # rows come out ascending and the missing ones (and the partial block's) at the end
+    blocks = torch.where(fits[:, :kb], order[:, :kb], nb).sort(dim=-1).values  # [H_kv, kb]
+    rows = (blocks[..., None] * block + torch.arange(block, device=dev)).reshape(hkv, -1)
+    ok = rows < n_rows
+    return torch.where(ok, rows, -1)[:, : int(ok.sum(-1).max())]
 
 
 class TieredAttention:
@@ -388,11 +408,15 @@ class TieredAttention:
         as a decode step would, since its output predicts the next token."""
         summary = tiers.block_summary(self.rcfg.prefill_block)
         sk, sv, _ = tiers.static_kv()
-        ids = self._select_blocks(summary, q)
-        out = self._attend_chunk(q, k, v, [sk], [sv], self._gather_rows(tiers, ids))
-        if q.shape[0] > 1 and self.select_last_query:
-            ids = self._select_blocks(summary, q[-1:])
-            out[-1:] = self._attend_chunk(q[-1:], k, v, [sk], [sv], self._gather_rows(tiers, ids))
+        ids = self._select_blocks(summary, q)  # [H_kv, k1]
+        k1 = ids.shape[1]
+        last = q.shape[0] > 1 and self.select_last_query
+        if last:  # both selections in one gather (their union moves once)
+            ids = torch.cat([ids, self._select_blocks(summary, q[-1:])], dim=1)
+        gk, gv, valid = self._gather_rows(tiers, ids)
+        out = self._attend_chunk(q, k, v, [sk], [sv], (gk[:k1], gv[:k1], valid[:, :k1]))
+        if last:
+            out[-1:] = self._attend_chunk(q[-1:], k, v, [sk], [sv], (gk[k1:], gv[k1:], valid[:, k1:]))
         return out
 
     def _select_blocks(self, summary: BlockSummary, q: Tensor) -> Tensor:
@@ -605,15 +629,22 @@ class TieredAttention:
 
     def _gather_rows(self, tiers: LayerTiers, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Host rows ids [H_kv, k] / [k] (-1 = pad): k, v [k, H_kv, D] on the compute device
-        (pads hold row 0) and valid [H_kv, k] (CPU). Counted in prefill_stats["host_keys"]
-        when prefilling."""
+        (pads hold some host row) and valid [H_kv, k] (CPU). The union of the heads' rows is
+        gathered as whole tokens (DESIGN.md, Tiers), then split per head on the device.
+        Counted in prefill_stats["host_keys"] when prefilling."""
         hkv = self.cfg.n_kv_heads
         per_head = (ids if ids.dim() == 2 else ids[None].expand(hkv, -1)).to("cpu")
-        safe = per_head.clamp_min(0)
-        heads = torch.arange(hkv)[:, None].expand_as(safe)
-        gk = tiers.host_k.rows(safe, heads).transpose(0, 1).to(self.device)  # [k, H_kv, D]
-        gv = tiers.host_v.rows(safe, heads).transpose(0, 1).to(self.device)
         valid = per_head >= 0
+        union = torch.unique(per_head[valid])  # [n] ascending: each token moves once, all its heads
+        if not union.numel():
+            union = torch.zeros(1, dtype=torch.int64)  # nothing valid: pads read row 0
+        elif int(union[-1]) >= tiers.n_host:
+            raise IndexError(f"host row ids must lie in [0, {tiers.n_host}), got {int(union[-1])}")
+        uk = gather_token_rows(tiers.host_k, union).to(self.device)  # [n, H_kv, D]
+        uv = gather_token_rows(tiers.host_v, union).to(self.device)
+        local = torch.searchsorted(union, per_head.clamp_min(0)).clamp_max(union.numel() - 1)
+        local, heads = local.to(self.device), torch.arange(hkv, device=self.device)[:, None]
+        gk, gv = uk[local, heads].transpose(0, 1), uv[local, heads].transpose(0, 1)  # [k, H_kv, D]
         if not self.decoding:
             self.prefill_stats["host_keys"] += int(valid.sum())
         return gk, gv, valid

@@ -253,7 +253,7 @@ def test_cuda_dense_prefill_streams_two_host_chunks_at_most():
                       n_heads=16, n_kv_heads=8, head_dim=64)
     dev, n_host, chunk, t = torch.device("cuda"), 262144, 4096, 64
     cache = TieredKVCache(cfg, n_sink=0, n_window=1, host_chunk=chunk, device=dev, dtype=torch.float16)
-    rcfg = RetrievalConfig(budget=16, n_sink=0, n_window=1)
+    rcfg = RetrievalConfig(budget=16, n_sink=0, n_window=1, prefill_dense_tokens=10**9)  # dense
     att = TieredAttention(cfg, rcfg, cache, None, REFERENCE, dev)
     k = torch.randn(n_host + 1 + t, 8, 64, dtype=torch.float16)
     v = torch.randn_like(k)
@@ -270,6 +270,7 @@ def test_cuda_dense_prefill_streams_two_host_chunks_at_most():
     logits_bytes = 16 * t * chunk * 4
     assert peak < 2 * chunk_bytes + 4 * logits_bytes + (8 << 20), (peak, host_bytes)
     assert peak < host_bytes / 4
+    assert att.prefill_stats["dense_chunks"] == 1
     want, _ = REFERENCE.attend(q.float(), k.to(dev).float(), v.to(dev).float(), scale=64**-0.5, causal=True)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-3)
     assert torch.equal(cache[0].host_k.all(), k[: n_host + t])  # the asynchronous copies down landed
