@@ -65,10 +65,13 @@ class HipParams:
         so no stage-1 chunk straddles two).
     kernel: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch": how the stages
         run (kernels/hip_stage.py: stage 1 per store chunk, later stages one launch each).
-    keys_on: where the retriever's key copy lives. "device": on the compute device (on
+    keys_on: where the keys HiP searches live. "device": a copy on the compute device (on
         CUDA it grows with the context: N * H_kv * D * 2 bytes per layer). "host": in
         pinned host memory, the stage kernels reading only the probe rows over PCIe
-        (zero-copy through unified addressing), so no GPU memory grows with the context;
+        (zero-copy through unified addressing), so no GPU memory grows with the context.
+        In a session these are the host tier's own keys, read in place (attach_host_tier:
+        no copy at all), unless the tier spills to disk or its chunk size is not a multiple
+        of chunk_sizes[0]; then a pinned copy;
         a refresh of stage 1 reads 2 * log2(chunk_sizes[0]) / chunk_sizes[0] of the keys
         (1/16 with the defaults), the later stages a few thousand rows. For contexts whose
         keys do not fit the GPU budget (512K-1M tokens on a 24 GiB card). Needs the Triton
@@ -159,6 +162,7 @@ class HipRetriever:
                              "stage kernels; drop kernel='torch' (or use keys_on='device')")
         self.store_device = torch.device("cpu") if host else self.device
         self.keys: dict[int, ChunkedRows] = {}
+        self.tiers: dict[int, Any] = {}  # layer -> LayerTiers whose host keys are read in place
         self.state: dict[int, _LayerState] = {}
         self._stats = RetrieverStats(extra={"refreshes": [0] * self.params.n_stages})
 
@@ -181,15 +185,40 @@ class HipRetriever:
         if keys.dim() != 3 or keys.shape[0] != hkv or keys.shape[2] != d:
             raise ValueError(f"keys must be [H_kv={hkv}, N, D={d}], got {tuple(keys.shape)}")
 
+    def attach_host_tier(self, layer: int, tiers: Any) -> bool:
+        """keys_on="host": search the session's host tier (runtime/kvcache.py LayerTiers) in
+        place instead of a copy of its keys. Returns False (the runtime then calls build)
+        when the tier's chunks cannot be read so: spilled to disk (memory-mapped, not
+        pinned), not pinned while searching on CUDA, or chunked in a size that is not a
+        multiple of chunk_sizes[0]."""
+        if self.params.keys_on != "host":
+            return False
+        host_k = tiers.host_k
+        readable = host_k.pin or self.device.type == "cpu"
+        if not readable or host_k.spill is not None or host_k.chunk_rows % self.params.chunk_sizes[0]:
+            return False
+        self.keys.pop(layer, None)
+        self.tiers[layer] = tiers
+        self.state[layer] = self._fresh_state()
+        return True
+
+    def _keys_of(self, layer: int) -> ChunkedRows | None:
+        if layer in self.tiers:
+            return self.tiers[layer].host_k  # waits for a copy down still in flight
+        return self.keys.get(layer)
+
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
         """keys [H_kv, N, D] after RoPE (queries are not used: HiP needs no training signal)."""
         self._check_keys(keys)
+        self.tiers.pop(layer, None)
         self.keys.pop(layer, None)
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         """keys [H_kv, n, D] leaving the window; cached masks stay valid (new rows are fresh)."""
         self._check_keys(keys)
+        if layer in self.tiers:  # the tier holds the rows already
+            return
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
 
     # ---- search ------------------------------------------------------------------------
@@ -197,7 +226,7 @@ class HipRetriever:
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [k <= budget] shared by all heads, scanned key vectors)."""
         self._check_select(q, budget)
-        store = self.keys.get(layer)
+        store = self._keys_of(layer)
         n = 0 if store is None else len(store)
         if n == 0 or budget == 0 or budget >= n:  # nothing to prune: every host row, or none
             if store is not None:  # the masks no longer describe this budget

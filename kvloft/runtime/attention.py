@@ -301,6 +301,8 @@ class TieredAttention:
         self.retriever, self.ops, self.device = retriever, ops, device
         self.scale = cfg.head_dim**-0.5
         self.built = [False] * cfg.n_layers
+        # layers whose retriever reads the host tier's keys in place (attach_host_tier)
+        self.attached: set[int] = set()
         cap = rcfg.query_sample if getattr(retriever, "needs_queries", True) else 0
         self.sampler = QuerySampler(cfg.n_layers, cap)
         self.decoding = False
@@ -324,11 +326,15 @@ class TieredAttention:
 
     def build_indexes(self) -> None:
         """Index every layer's host tier (once, after the first prefill)."""
+        attach = getattr(self.retriever, "attach_host_tier", None)
         for layer in range(self.cfg.n_layers):
             if self.built[layer]:
                 continue
             with self.timers("index_build"):
-                self.retriever.build(layer, self.index_keys(layer), self._index_queries(layer))
+                if attach is not None and not self.position_free and attach(layer, self.cache[layer]):
+                    self.attached.add(layer)  # it reads the tier's keys in place; no copy, no add()
+                else:
+                    self.retriever.build(layer, self.index_keys(layer), self._index_queries(layer))
             self.built[layer] = True
             self._free_keys.pop(layer, None)
         self.sampler.clear()
@@ -360,7 +366,7 @@ class TieredAttention:
 
     def _append(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
         ev = self.cache[layer].append(k, v, positions)
-        if ev is not None and self.built[layer]:
+        if ev is not None and self.built[layer] and layer not in self.attached:
             with self.timers("index_add"):
                 keys = self._position_free(ev.k, ev.positions) if self.position_free else ev.k
                 self.retriever.add(layer, keys.transpose(0, 1).to("cpu"), ev.positions.to("cpu"))

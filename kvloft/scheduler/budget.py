@@ -9,7 +9,7 @@ context of n_tokens, the bytes the current code puts on the compute device:
   row_cache   the scheduler's GPU row cache (RuntimeConfig.scheduler == "overlap");
   index       the retriever's device-side copy: exact, tokenselect, hip and recycled keep
               every host key on their device (chunked, whole chunks; hip with keys_on="host"
-              keeps it in pinned host memory instead: host_index); actqkv one fp32 vector
+              reads the host tier's pinned keys in place instead); actqkv one fp32 vector
               per block and KV head; attention_graph keeps its graph on the host (host_index);
   workspace   the larger of prefill (the dense chunk attention's fp32 logits and fp32 K/V
               copies, the host tier moved back per layer, activations) and decode (the
@@ -115,8 +115,9 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int)
     """(device bytes, host bytes, notes) of the retriever's copy for n_host rows."""
     hkv, d, layers, opts = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, rcfg.options
     m = rcfg.method
-    if m == "hip" and opts.get("keys_on") == "host":  # pinned host copy, read zero-copy
-        return 0, _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, []
+    if m == "hip" and opts.get("keys_on") == "host":  # the host tier's keys, read in place
+        return 0, 0, ["hip keys_on='host' searches the host tier's pinned keys in place (a pinned copy "
+                      "instead if the tier spills to disk)"]
     if m in MIRROR_METHODS:
         return _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, 0, []
     if m == "actqkv":

@@ -95,6 +95,7 @@ class ScheduledAttention(TieredAttention):
         new = cls(base.cfg, base.rcfg, base.cache, base.retriever, base.ops, base.device, base.timers.sync,
                   runtime=runtime, cache_cfg=cache_cfg, params=params)
         new.built, new.sampler, new.decoding, new.scanned = list(base.built), base.sampler, base.decoding, base.scanned
+        new.attached = set(base.attached)
         return new
 
     def _fetch_mode(self, cache: TieredKVCache) -> str:
@@ -138,7 +139,7 @@ class ScheduledAttention(TieredAttention):
         if self._pool is not None:
             args = self._search_inputs(tiers, q1, ev, retrieve)
             return _Search(future=self._pool.submit(self._search_job, layer, *args))
-        if ev is not None:
+        if ev is not None and layer not in self.attached:
             with self.timers("index_add"):
                 self.retriever.add(layer, ev.k.transpose(0, 1).to("cpu"), ev.positions.to("cpu"))
         if not retrieve:

@@ -73,3 +73,33 @@ def test_host_side_partial_attention_path(tiny, monkeypatch):
     got = torch.stack([s.step(t).clone() for t in range(4)])
     assert len(calls) == 4 * tiny.config.n_layers
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_hip_reading_the_host_tier_in_place_equals_its_own_copy(tiny):
+    # keys_on="host": HiP searches the session's host tier itself (no key copy, no add());
+    # the selections, hence the logits, equal those of HiP over its own copy of the keys
+    from kvloft import CacheConfig
+
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, tiny.config.vocab_size, (700,), generator=g)
+    steps = torch.randint(0, tiny.config.vocab_size, (12,), generator=g)
+    small = {"chunk_sizes": (64, 16, 4), "kept_tokens": (256, 128, 64), "refresh_steps": (4, 2, 1), "chunk_rows": 128}
+    runs = {}
+    for where in ("device", "host"):
+        rcfg = RetrievalConfig(method="hip", budget=64, n_sink=8, n_window=32, options={**small, "keys_on": where})
+        s = Session(tiny, rcfg, RuntimeConfig(prefill_chunk=128, progress=False), CacheConfig(host_chunk_tokens=256))
+        s.feed(prompt)
+        runs[where] = torch.stack([s.step(int(t)).clone() for t in steps])
+        hip = s.backend.retriever
+        if where == "host":
+            assert not hip.keys and sorted(hip.tiers) == list(range(tiny.config.n_layers))
+            assert s.backend.attached == set(range(tiny.config.n_layers))
+            assert len(hip._keys_of(0)) == s.stats()["tier_tokens"]["host"]  # rows added while decoding
+        else:
+            assert not hip.tiers and len(hip.keys[0]) == s.stats()["tier_tokens"]["host"]
+    assert torch.equal(runs["device"], runs["host"])
+    # a tier chunked in a size HiP's stage 1 cannot split is copied instead
+    rcfg = RetrievalConfig(method="hip", budget=64, n_sink=8, n_window=32, options={**small, "keys_on": "host"})
+    s = Session(tiny, rcfg, RuntimeConfig(prefill_chunk=128, progress=False), CacheConfig(host_chunk_tokens=100))
+    s.feed(prompt)
+    assert not s.backend.attached and len(s.backend.retriever.keys[0]) > 0
