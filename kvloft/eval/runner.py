@@ -438,7 +438,9 @@ def from_runs(paths: Sequence[Path]) -> dict[str, Any]:
         records += [RunRecord(**r) for r in lines[1:]]
     if meta is None:
         raise ValueError("from_runs needs at least one runs file")
-    return {"meta": meta, "skipped": skipped, "cells": summarize(records), "runs": [asdict(r) for r in records]}
+    cells = summarize(records)
+    meta["samples"] = max((c["n"] for c in cells), default=0)  # cells may hold fewer: see each n
+    return {"meta": meta, "skipped": skipped, "cells": cells, "runs": [asdict(r) for r in records]}
 
 
 # ----------------------------------------------------------------------------- command line
