@@ -159,9 +159,14 @@ def _prefill_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: Runtime
     if rcfg.method == "dense":  # causal attention over every token at once
         tk = n
         moved = 0
-    else:  # one partial per tier part; every host chunk of the layer is moved up at once
+    elif n_host + rcfg.n_sink + rcfg.n_window > rcfg.prefill_dense_tokens and rcfg.position_mode == "exact":
+        # sparse: the chunk, the static tier and the selected host rows (both selections)
+        k = min(2 * rcfg.sparse_prefill_budget + 2 * rcfg.prefill_block, n_host)
+        tk = p + rcfg.n_sink + rcfg.n_window + k
+        moved = 2 * k * row * isz + -(-n_host // rcfg.prefill_block) * row * isz  # rows, block summary
+    else:  # one partial per host chunk, streamed through two staging buffers of one chunk each
         tk = max(min(cache_cfg.host_chunk_tokens, n_host), rcfg.n_sink + rcfg.n_window, p)
-        moved = 2 * _chunks(n_host, cache_cfg.host_chunk_tokens) * row * isz if n_host else 0
+        moved = 2 * 2 * min(cache_cfg.host_chunk_tokens, n_host) * row * isz if n_host else 0
     attend = hq * p * tk * 4 + 2 * tk * row * 4 + p * hq * d * 4  # fp32 logits, K/V, q
     return acts + attend + moved
 

@@ -50,6 +50,10 @@ def test_graph_index_lives_on_the_host_and_dense_holds_everything():
     hip_host = plan_memory(LLAMA, RetrievalConfig(method="hip", options={"keys_on": "host"}), runtime, 1 << 20,
                            torch.bfloat16)
     assert hip_host.index == 0 and hip_host.host_index == 0  # it reads the host tier's keys in place
+    # 1M tokens within a 24 GiB card: weights, static tier, a streamed/sparse prefill's workspace
+    fits = plan_memory(LLAMA, RetrievalConfig(method="hip", options={"keys_on": "host"}),
+                       RuntimeConfig(gpu_memory_budget="24GiB", prefill_chunk=4096), 1 << 20, torch.bfloat16)
+    assert fits.total <= 24 * GiB and fits.host_kv >= 128 * GiB
     dense = plan_memory(LLAMA, RetrievalConfig(method="dense"), runtime, 128 * 1024, torch.bfloat16)
     assert dense.static == 16 * GiB and dense.n_host == 0
 
