@@ -121,10 +121,16 @@ class TransferEngine:
         r = self.regions[self._turn % len(self.regions)]
         self._turn += 1
         r.consumed.synchronize()  # its host index buffer and rows are free again
+        grown = r.idx.shape[0] < n_idx or r.k.shape[0] < n_rows
         if r.idx.shape[0] < n_idx:
             r.idx_host = _grow(r.idx_host, n_idx, pin=self.cuda)
             r.idx = _grow(r.idx, n_idx)
         r.k, r.v = _grow(r.k, n_rows), _grow(r.v, n_rows)
+        if grown and self.cuda:
+            # New buffers come from the allocator's pool of the compute stream, which may
+            # still have kernels queued on the memory's previous owner; the copy stream
+            # writes them next, so it waits for that work first.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         return r
 
     def send_indices(self, r: Region, packed: np.ndarray) -> Tensor:
