@@ -12,7 +12,7 @@ H=${HOST_MEMORY:-240GiB}
 case "${1:?llama or qwen}" in
 llama)
   KVLOFT_TEST_CUDA=1 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_flash.py \
-    tests/index/test_hip.py tests/runtime/test_offloaded_prefill.py -k "cuda or host_resident or gpu" 2>&1 | tail -4
+    tests/index/test_hip.py tests/runtime/test_offloaded_prefill.py tests/scheduler -k "cuda or host_resident or gpu" 2>&1 | tail -4
   timeout "${T:-420}" python3 bench/decode.py --presets llama3-8b --contexts 32k,128k,512k,1m \
     --methods dense,exact,tokenselect,recycled,hip,hip:keys_on=host,hip@overlap --host-memory "$H" \
     --time-limit "${LIMIT:-360}" --tag h200-llama3-8b 2>&1 | grep -v '^{' ;;
