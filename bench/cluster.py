@@ -8,6 +8,13 @@ process), stepping in turn. Two modes:
   --nodes 2,3      per count n, a multi-node cluster on this machine (ray.cluster_utils.Cluster:
                    a head without CPUs for the driver, n + 1 worker nodes of 1 CPU), n shards
                    placed STRICT_SPREAD (one per node, the last node spare)
+  --compiled-graph one local Ray node; per count of --shards, one layer's batch of `step` calls
+                   (the session's per-shard top-k call) over the same KVShard actors through
+                   `.remote()` and through a Ray compiled graph (ray.dag), `noop` and `attend`
+                   as below, median and p90 over --reps calls per path, in alternating blocks;
+                   also the CPU seconds per call (driver + shards) and what the shards burn
+                   while the compiled graph is alive and idle, and how much slower a fixed driver
+                   workload runs then
 
 Measured per setup:
   decode      median ms/token of greedy steps; the sharded logits are checked against the
@@ -21,8 +28,10 @@ Measured per setup:
 
     python bench/cluster.py --preset smollm2-135m --context 1024 --shards 1,2,3
     python bench/cluster.py --preset smollm2-135m --context 1024 --nodes 2,3
+    python bench/cluster.py --preset smollm2-135m --context 1024 --shards 2,3 --compiled-graph --reps 300
 Prints a table and one JSON line last; writes JSON to $OUT or bench/results/: cluster.json
-(with --per-shard-topk cluster_per_shard_topk.json); --nodes results go under its "multinode" key.
+(with --per-shard-topk cluster_per_shard_topk.json); --nodes results go under its "multinode" key,
+--compiled-graph results under "compiled_graph".
 """
 
 from __future__ import annotations
@@ -176,6 +185,153 @@ def multi_node(model, rc, rt, prompt, args, host: int) -> list[dict]:
     return rows
 
 
+def compile_step_graph(group, calls):
+    """A compiled graph of one layer's `step` calls, one per open range, on the group's actors.
+    execute(layer, q, budget, block of range 0, ..., block of the last) -> one ref per range."""
+    from ray.dag import InputNode, MultiOutputNode
+
+    with InputNode() as inp:
+        outs = [group.actor(i).step.bind(calls.specs[i].directory, inp[0], inp[1], inp[2], inp[3 + j])
+                for j, i in enumerate(sorted(calls.specs))]
+        dag = MultiOutputNode(outs)
+    return dag.experimental_compile()
+
+
+class CpuClock:
+    """CPU seconds (user + system) used by the driver and the given shard processes."""
+
+    def __init__(self, pids: list[int]) -> None:
+        import psutil
+
+        self.procs = [psutil.Process()] + [psutil.Process(p) for p in pids]
+
+    def __call__(self) -> float:
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.procs))
+
+
+def timed_block(call, reps: int, n_layers: int, clock: CpuClock) -> tuple[list[float], float]:
+    """Seconds of each of `reps` calls call(layer) (layers cycled; 3 warm-up calls not kept)
+    and the CPU seconds they used in all."""
+    for r in range(3):
+        call(r % n_layers)
+    c0 = clock()
+    ts = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        call(r % n_layers)
+        ts.append(time.perf_counter() - t0)
+    return ts, clock() - c0
+
+
+def driver_work_ms(reps: int = 5) -> float:
+    """Median ms of a fixed driver-side workload (matmuls of a small model's MLP size), to see
+    what shard processes busy on the same cores cost the driver."""
+    x, w = torch.randn(64, 576), torch.randn(576, 1536)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(50):
+            x @ w
+        ts.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(ts)
+
+
+def compiled_vs_remote(session, group, budget: int, reps: int, rounds: int = 3) -> dict:
+    """One layer's batch of `step` calls through `.remote()` (ShardCalls, as the session sends
+    them) and through a compiled graph, noop (budget 0) and attend; `rounds` alternating
+    blocks of reps / rounds calls per path and method, the graph compiled for its blocks
+    and torn down after them (an idle live graph keeps the shard processes busy)."""
+    import ray
+
+    calls, cfg = session.backend.calls, session.model.config
+    q = torch.randn(cfg.n_heads, cfg.head_dim).to(session.model.dtype)  # [H_q, D], as sent per layer
+    nones = (None,) * len(calls.specs)  # no evicted row: the round trip alone
+    where = group.where()
+    clock = CpuClock([where[i]["pid"] for i in sorted(calls.specs)])
+    ts = {(p, m): [] for p in ("remote", "compiled") for m in ("noop", "attend")}
+    cpu = dict.fromkeys(ts, 0.0)
+    out = {"compile_s": [], "teardown_s": [], "idle_shard_cpu_s_per_s": [], "driver_work_ms_no_graph": [],
+           "driver_work_ms_graph_live": [], "outputs_equal": True}
+    per = max(1, reps // rounds)
+
+    def remote(layer: int, b: int):
+        return calls.run({i: ("step", (layer, q, b, None)) for i in calls.specs})
+
+    for _ in range(rounds):
+        for m, b in (("noop", 0), ("attend", budget)):
+            t, c = timed_block(lambda layer, b=b: remote(layer, b), per, cfg.n_layers, clock)
+            ts["remote", m] += t
+            cpu["remote", m] += c
+        t0 = time.perf_counter()
+        graph = compile_step_graph(group, calls)
+        out["compile_s"].append(time.perf_counter() - t0)
+        for m, b in (("noop", 0), ("attend", budget)):
+            t, c = timed_block(lambda layer, b=b, g=graph: ray.get(g.execute(layer, q, b, *nones)), per,
+                               cfg.n_layers, clock)
+            ts["compiled", m] += t
+            cpu["compiled", m] += c
+        got = ray.get(graph.execute(0, q, budget, *nones))
+        want = remote(0, budget)
+        out["outputs_equal"] &= all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1])
+                                    for g, w in zip(got, want.values(), strict=True))
+        c0 = clock()
+        time.sleep(1.0)
+        out["idle_shard_cpu_s_per_s"].append(clock() - c0)  # the driver idles: ~all of it is the shards
+        out["driver_work_ms_graph_live"].append(driver_work_ms())
+        t0 = time.perf_counter()
+        graph.teardown()
+        out["teardown_s"].append(time.perf_counter() - t0)
+        out["driver_work_ms_no_graph"].append(driver_work_ms())
+    for (p, m), t in ts.items():
+        out[f"{p}_{m}_ms"] = {"median": 1000 * statistics.median(t),
+                              "p90": 1000 * statistics.quantiles(t, n=10)[-1],
+                              "cpu_ms_per_call": 1000 * cpu[p, m] / len(t), "calls": len(t)}
+    return out
+
+
+def compiled_graph(model, rc, rt, prompt, args, host: int) -> list[dict]:
+    """--compiled-graph: per shard count (one group at a time), `.remote()` vs compiled graph."""
+    import ray
+
+    from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup
+
+    ncpu = os.cpu_count() or 1
+    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False)
+    rows = []
+    for n in [int(x) for x in args.shards.split(",")]:
+        group = ShardGroup(n, num_cpus=ncpu / n)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = ShardConfig(directory=tmp, n_shards=n, shard_tokens=-(-host // n), num_cpus=ncpu / n)
+            session = ShardedSession(model, rc, rt, shards=cfg, group=group)
+            session.feed(prompt)
+            load = os.getloadavg()
+            row = {"setup": f"{n} shard(s)", "shards": n, "ranges_open": len(session.backend.calls.specs),
+                   "load_avg_1_5_15": [round(x, 2) for x in load],
+                   **compiled_vs_remote(session, group, args.budget, args.reps)}
+            rows.append(row)
+            session.close()
+        group.close()
+    ray.shutdown()
+    return rows
+
+
+def print_compiled_table(rows: list[dict]) -> None:
+    print(f"{'setup':12} {'call':7} {'remote med':>10} {'p90':>6} {'cpu':>6} {'compiled med':>12} {'p90':>6} "
+          f"{'cpu':>6} {'change':>7}")
+    for r in rows:
+        for m in ("noop", "attend"):
+            a, b = r[f"remote_{m}_ms"], r[f"compiled_{m}_ms"]
+            print(f"{r['setup']:12} {m:7} {a['median']:10.2f} {a['p90']:6.2f} {a['cpu_ms_per_call']:6.2f} "
+                  f"{b['median']:12.2f} {b['p90']:6.2f} {b['cpu_ms_per_call']:6.2f} "
+                  f"{100 * (b['median'] / a['median'] - 1):+6.0f}%")
+        print(f"{'':12} compile {statistics.mean(r['compile_s']):.2f} s, teardown "
+              f"{statistics.mean(r['teardown_s']):.2f} s, idle live graph: shards use "
+              f"{statistics.mean(r['idle_shard_cpu_s_per_s']):.2f} CPU s/s; outputs equal: "
+              f"{r['outputs_equal']}")
+        no_graph, live = (statistics.median(r[f"driver_work_ms_{k}"]) for k in ("no_graph", "graph_live"))
+        print(f"{'':12} driver work: {no_graph:.1f} ms without a graph, {live:.1f} ms with an idle live graph")
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'setup':28} {'ms/tok':>8} {'+ms/tok':>8} {'rt noop':>8} {'rt attend':>9} {'kill s':>7} "
           f"{'node s':>7} {'diff':>8}")
@@ -197,6 +353,8 @@ def main() -> None:
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--compiled-graph", action="store_true",
+                    help="per count of --shards: one layer's calls through .remote() vs a Ray compiled graph")
     ap.add_argument("--per-shard-topk", action="store_true",
                     help="each shard attends to its own top-budget (default: global top-k, the single "
                          "process's rows, so the logits can be compared)")
@@ -211,9 +369,9 @@ def main() -> None:
     prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.tolist()
     host = args.context + args.steps + 3 - args.sink - args.window  # room for the recovery steps
-    measure = multi_node if args.nodes else single_node
+    measure = compiled_graph if args.compiled_graph else multi_node if args.nodes else single_node
     rows = measure(model, rc, rt, prompt.copy(), args, host)
-    print_table(rows)
+    (print_compiled_table if args.compiled_graph else print_table)(rows)
     load_end = os.getloadavg()
 
     ncpu = os.cpu_count() or 1
@@ -226,13 +384,17 @@ def main() -> None:
     name = "cluster_per_shard_topk.json" if args.per_shard_topk else "cluster.json"
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.nodes:  # kept next to the single-node figures of the same file
-        whole = json.loads(out.read_text()) if out.exists() else {}
-        whole["multinode"] = result
+    whole = json.loads(out.read_text()) if out.exists() else {}
+    key = "compiled_graph" if args.compiled_graph else "multinode" if args.nodes else None
+    if key:  # kept next to the single-node figures of the same file
+        if args.compiled_graph:  # one layer's KVShard.step calls (per-shard top-k), no decode steps
+            result = {**{k: v for k, v in result.items() if k not in ("steps", "global_topk")},
+                      "call": "KVShard.step", "reps": args.reps}
+        whole[key] = result
         out.write_text(json.dumps(whole, indent=1))
     else:
-        previous = json.loads(out.read_text()).get("multinode") if out.exists() else None
-        out.write_text(json.dumps({**result, **({"multinode": previous} if previous else {})}, indent=1))
+        kept = {k: whole[k] for k in ("multinode", "compiled_graph") if k in whole}
+        out.write_text(json.dumps({**result, **kept}, indent=1))
     print(json.dumps(result))
 
 
