@@ -177,6 +177,11 @@ class RetrievalConfig:
     prefill_block: host tokens per block of the sparse prefill's summary (one mean key
         per block and KV head, kept on the compute device: 1/prefill_block of the host
         keys' bytes).
+    max_similar: at most this many near-identical keys (same SimHash bucket of
+        `similar_bits` bits, index/diversity.py) among the keys the exact retriever and the
+        extrapolate-mode prefill select per KV head; 0 = no cap. Repeated text otherwise fills
+        a position-free top-k with copies of one token.
+    similar_bits: hyperplanes of that hash (more bits = only closer keys count as similar).
     """
 
     method: str = "exact"
@@ -190,6 +195,8 @@ class RetrievalConfig:
     prefill_dense_tokens: int = 32768
     prefill_budget: int | None = None
     prefill_block: int = 64
+    max_similar: int = 0
+    similar_bits: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -202,6 +209,10 @@ class RetrievalConfig:
         if self.prefill_budget is not None:
             _check_int("prefill_budget", self.prefill_budget, minimum=0)
         _check_int("prefill_block", self.prefill_block, minimum=1)
+        _check_int("max_similar", self.max_similar, minimum=0)
+        _check_int("similar_bits", self.similar_bits, minimum=1)
+        if self.similar_bits > 62:
+            raise ValueError(f"similar_bits must be at most 62 (an int64 bucket id), got {self.similar_bits}")
         if self.gqa_reduce not in ("max", "sum"):
             raise ValueError(f"gqa_reduce must be 'max' or 'sum', got {self.gqa_reduce!r}")
         if self.position_mode not in ("exact", "extrapolate"):

@@ -153,12 +153,13 @@ class RunRecord:
     scanned_per_step: float | None  # keys the search scored per decode step and layer (all KV heads)
 
 
-def _retrieval(method: str, budget: int, n_sink: int, n_window: int) -> RetrievalConfig:
+def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar: int = 0) -> RetrievalConfig:
     """A method name, or name + "+x" for the same method with remapped positions (extrapolation)."""
     mode = "exact"
     if method.endswith(EXTRAPOLATE_SUFFIX):
         method, mode = method[: -len(EXTRAPOLATE_SUFFIX)], "extrapolate"
-    return RetrievalConfig(method=method, budget=budget, n_sink=n_sink, n_window=n_window, position_mode=mode)
+    return RetrievalConfig(method=method, budget=budget, n_sink=n_sink, n_window=n_window, position_mode=mode,
+                           max_similar=max_similar)
 
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
@@ -267,6 +268,7 @@ def evaluate(
     progress: bool = True,
     runtime: RuntimeConfig | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    max_similar: int = 0,
 ) -> dict[str, Any]:
     """Run every sample once per method; returns {"meta", "skipped", "cells", "runs"}.
 
@@ -282,11 +284,12 @@ def evaluate(
     _check_args(model, tasks, lengths, methods, budget, samples)
     for m in methods:  # configs are checked before any slow work
         if m != "dense":
-            _retrieval(m, budget, n_sink, n_window)
+            _retrieval(m, budget, n_sink, n_window, max_similar)
     runtime = runtime or RuntimeConfig(progress=False)
     skipped = {m: why for m in methods if (why := method_unavailable(m))}
     active = [m for m in methods if m not in skipped]
     meta = _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_window, max_new_tokens, runtime)
+    meta["max_similar"] = max_similar
     if on_record is not None:
         on_record({"meta": meta, "skipped": skipped})
     drawn = {t: run_task_samples(t, model.tokenizer, lengths, samples, seed) for t in tasks}
@@ -296,7 +299,7 @@ def evaluate(
         for i, sample in enumerate(task_samples):
             limit = max_new_tokens or max_new_tokens_for(sample, model.tokenizer)
             for method in active:
-                rcfg = _retrieval(method, budget, n_sink, n_window)
+                rcfg = _retrieval(method, budget, n_sink, n_window, max_similar)
                 records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit, label=method))
                 _advance(bar, records[-1])
                 if on_record is not None:
@@ -378,6 +381,8 @@ def markdown(result: dict[str, Any], name: str, note: str = "") -> str:
         f"{m['samples']} samples per task and length (seed {m['seed']}, needle depths (i + 0.5) / n), greedy, "
         f"stop at newline, max new tokens {m['max_new_tokens']}, prefill chunk {m['prefill_chunk']}"),
     ]
+    if m.get("max_similar"):
+        lines.append(f"- at most {m['max_similar']} near-identical keys per selection (max_similar)")
     lines += [f"- {why}" for why in result["skipped"].values()]
     if note:
         lines.append(f"- note: {note}")
@@ -463,6 +468,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--sink", type=int, default=64, help="first tokens always attended")
     e.add_argument("--window", type=int, default=512, help="last tokens always attended")
+    e.add_argument("--max-similar", type=int, default=0,
+                   help="cap near-identical keys in a selection (RetrievalConfig.max_similar; 0 = off)")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
     e.add_argument("--name", default=None, help="run name: JSON file suffix and doc section (default: a stamp)")
     e.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/quality_<name>.json)")
@@ -502,7 +509,7 @@ def cmd_eval(args) -> int:
 
             result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
                               args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
-                              on_record=write)
+                              on_record=write, max_similar=args.max_similar)
     for why in result["skipped"].values():
         print(why, file=sys.stderr)
     save(result, out, args.doc, name, args.note)

@@ -4,7 +4,8 @@ Per KV head, each host key j is ranked by the logits q_h · k_j of the query hea
 of its GQA group, combined by `RetrievalConfig.gqa_reduce`: "max" (default; a key that
 matters to any head of the group is kept) or "sum". Keys are scanned chunk by chunk
 from a copy kept on the retriever's device (a GPU key mirror on CUDA), so the cost is
-one pass over all keys: N * H_kv * D * bytes per step.
+one pass over all keys: N * H_kv * D * bytes per step. With `RetrievalConfig.max_similar`
+the top-k takes at most that many near-identical keys per KV head (index/diversity.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, register
+from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import reference
 from kvloft.runtime.chunked import ChunkedRows
 
@@ -66,6 +68,10 @@ class ExactRetriever:
         n = s.shape[1]
         if budget >= n:  # a budget covering the host tier selects all of it
             ids = torch.arange(n, device=s.device)[None].expand(s.shape[0], -1).contiguous()
+        elif self.cfg.max_similar:
+            buckets = torch.cat([similarity_buckets(chunk, self.cfg.similar_bits)
+                                 for _, chunk in self.keys[layer].iter_chunks()], dim=1)
+            ids = capped_topk(s, buckets, budget, self.cfg.max_similar)
         else:
             ids = torch.topk(s, budget, dim=-1).indices
         sel = Selection(ids=ids, scanned=n * s.shape[0])

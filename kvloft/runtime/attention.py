@@ -76,6 +76,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
+from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import KernelSet, reference
 from kvloft.runtime.chunked import ChunkedRows
 from kvloft.runtime.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
@@ -573,8 +574,12 @@ class TieredAttention:
             return self.retriever.select(layer, q_mean.to(q.dtype), self.rcfg.budget).ids
         hkv = self.cfg.n_kv_heads
         qc = q_mean.to("cpu")
-        scores = torch.cat([reference.reduce_group(reference.score(qc, chunk), hkv, self.rcfg.gqa_reduce)
-                            for _, chunk in self._position_free_host(layer).iter_chunks()], dim=1)  # [H_kv, N]
+        chunks = [chunk for _, chunk in self._position_free_host(layer).iter_chunks()]
+        scores = torch.cat([reference.reduce_group(reference.score(qc, c), hkv, self.rcfg.gqa_reduce)
+                            for c in chunks], dim=1)  # [H_kv, N]
+        if self.rcfg.max_similar:  # repeated text: cap near-identical keys (index/diversity.py)
+            buckets = torch.cat([similarity_buckets(c, self.rcfg.similar_bits) for c in chunks], dim=1)
+            return capped_topk(scores, buckets, self.rcfg.budget, self.rcfg.max_similar)
         return torch.topk(scores, min(self.rcfg.budget, scores.shape[1]), dim=-1).indices
 
     def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
