@@ -34,10 +34,11 @@ def similarity_buckets(keys: Tensor, bits: int = 16) -> Tensor:
     return ((proj > 0).long() * weights).sum(-1).transpose(0, 1).contiguous()
 
 
-def capped_topk(scores: Tensor, buckets: Tensor, k: int, cap: int) -> Tensor:
+def capped_topk(scores: Tensor, buckets: Tensor, k: int, cap: int, refill: bool = False) -> Tensor:
     """Row-wise top-k of scores [H, N] taking at most `cap` entries of any bucket (buckets
-    [H, N]); if fewer than k entries pass the cap, the best of the rest fill the k.
-    Returns indices [H, min(k, N)], best first among the capped ones."""
+    [H, N]). Returns indices [H, min(k, N)], best first; where fewer than k entries pass the
+    cap the row is padded with -1 (the selection is smaller: the point is to attend to fewer
+    copies), or with `refill` the best of the capped-out entries fill it."""
     h, n = scores.shape
     k = min(k, n)
     if cap <= 0 or k == 0:
@@ -53,5 +54,6 @@ def capped_topk(scores: Tensor, buckets: Tensor, k: int, cap: int) -> Tensor:
     kept = rank_in_bucket < cap
     # kept entries first (by score), then the others (by score)
     key = torch.where(kept, pos, pos + n)
-    pick = key.topk(k, dim=-1, largest=False).indices  # positions in `order`, ascending key
-    return order.gather(-1, pick)
+    top = key.topk(k, dim=-1, largest=False)  # positions in `order`, ascending key
+    ids = order.gather(-1, top.indices)
+    return ids if refill else ids.masked_fill(top.values >= n, -1)

@@ -20,7 +20,8 @@ def _brute(scores, buckets, k, cap):
         for i in order:
             seen[b[i]] = seen.get(b[i], 0) + 1
             (kept if seen[b[i]] <= cap else rest).append(i)
-        out.append((kept + rest)[:k])
+        kept = kept[:k]
+        out.append((kept, rest[: k - len(kept)]))
     return out
 
 
@@ -30,7 +31,9 @@ def test_capped_topk_matches_brute_force(cap):
     scores = torch.randn(3, 200, generator=gen)
     buckets = torch.randint(0, 12, (3, 200), generator=gen)
     for k in (1, 17, 60, 200):
-        assert capped_topk(scores, buckets, k, cap).tolist() == _brute(scores, buckets, k, cap)
+        want = _brute(scores, buckets, k, cap)
+        assert capped_topk(scores, buckets, k, cap, refill=True).tolist() == [w[0] + w[1] for w in want]
+        assert capped_topk(scores, buckets, k, cap).tolist() == [w[0] + [-1] * len(w[1]) for w in want]
     assert torch.equal(capped_topk(scores, buckets, 50, 0), torch.topk(scores, 50).indices)
 
 
