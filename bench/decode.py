@@ -282,11 +282,11 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Machine: {result['device']}, torch {result['torch']}; HBM copy {result['hbm_gb_s']} GB/s; "
-             f"GPU budget {result['gpu_budget_gib']} GiB; budget {result['budget']} retrieved + "
-             f"{result['sink']} sink + {result['window']} window tokens per step; median of {result['steps']} steps.",
-             "", "| preset | context | method | ms/token | tok/s | vs dense | floor ms | peak GPU GiB | <= budget "
-             "| host GiB | hit rate | search | transfer | retrieved | static | model |",
+    lines = [(f"Machine: {result['device']}, torch {result['torch']}; HBM copy {result['hbm_gb_s']} GB/s; "
+              f"GPU budget {result['gpu_budget_gib']} GiB; budget {result['budget']} retrieved + "
+              f"{result['sink']} sink + {result['window']} window tokens per step; median of {result['steps']} steps."),
+             "", ("| preset | context | method | ms/token | tok/s | vs dense | floor ms | peak GPU GiB | <= budget "
+                  "| host GiB | hit rate | search | transfer | retrieved | static | model |"),
              "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if r.get("prefill"):

@@ -81,6 +81,7 @@ from kvloft.kernels import KernelSet, reference
 from kvloft.runtime.chunked import ChunkedRows
 from kvloft.runtime.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
 from kvloft.runtime.model import rope_inv_freq
+from kvloft.runtime.prefill import gather_token_rows, stream_host_chunks, top_block_rows
 
 
 class Timers:
@@ -201,96 +202,6 @@ def remap_deltas(window_start: Tensor, sink_pos: Tensor, ret_pos: Tensor) -> tup
     slot = torch.arange(n_s, device=rp.device)
     sink_delta = (w0 - k - n_s + slot) - sink_pos.to(rp.device)[None]  # [H, n_s]
     return (sink_delta[0], ret_delta[0]) if shared else (sink_delta, ret_delta)
-
-
-def stream_host_chunks(tiers: LayerTiers, device: torch.device, side=None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Each host chunk's keys and values [m, H_kv, D] on `device`, one chunk at a time, in order.
-
-    Not CUDA: the chunks as they are (`.to(device)`, one at a time). CUDA (`side`: a stream
-    of the device): two staging buffers the size of a chunk; chunk i+1's H2D runs on `side`
-    while the caller's kernels read chunk i. Events order it, no device-wide sync: `side`
-    waits for the tier's copy down in flight and for the caller to be done with a buffer;
-    the compute stream waits for a buffer's copy before the caller gets it. At most two host
-    chunks are on the device. A yielded pair is valid until the next one is asked for.
-    """
-    if device.type != "cuda":
-        for _, hk, hv in tiers.host_chunk_pairs():
-            yield hk.to(device), hv.to(device)
-        return
-    compute = torch.cuda.current_stream(device)
-    bufs: list[tuple[Tensor, Tensor]] = []
-    free: list = []  # per buffer, an event after the caller's last kernels on it
-    pending = None
-    try:
-        for i, (_, hk, hv) in enumerate(tiers.host_chunk_pairs(side)):
-            if not bufs:  # the first chunk is the largest (full, or the only one)
-                bufs = [(torch.empty_like(hk, device=device), torch.empty_like(hv, device=device)) for _ in range(2)]
-                free = [torch.cuda.Event(), torch.cuda.Event()]
-                for ev in free:
-                    ev.record(compute)  # made on the compute stream: free for `side` from here
-            b, m = i % 2, hk.shape[0]
-            side.wait_event(free[b])
-            with torch.cuda.stream(side):
-                kb, vb = bufs[b][0][:m], bufs[b][1][:m]
-                kb.copy_(hk, non_blocking=True)
-                vb.copy_(hv, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(side)
-            if pending is not None:
-                yield from _hand_over(compute, free, *pending)
-            pending = (b, kb, vb, ready)
-        if pending is not None:
-            yield from _hand_over(compute, free, *pending)
-    finally:
-        compute.wait_stream(side)  # a copy not handed over (caller stopped) ends before reuse
-
-
-def _hand_over(compute, free: list, b: int, kb: Tensor, vb: Tensor, ready) -> Iterator[tuple[Tensor, Tensor]]:
-    compute.wait_event(ready)
-    yield kb, vb
-    free[b].record(compute)  # the caller's kernels on buffer b are queued by now
-
-
-def gather_token_rows(store: ChunkedRows, rows: Tensor) -> Tensor:
-    """Whole rows of a chunked store: rows [n] int64, ascending, in [0, len(store)) ->
-    [n, *row_shape] on the store's device; one index_select per chunk touched."""
-    cid = rows // store.chunk_rows
-    chunks, counts = torch.unique_consecutive(cid, return_counts=True)
-    parts, at = [], 0
-    for ci, n in zip(chunks.tolist(), counts.tolist()):
-        parts.append(store.chunks[ci].index_select(0, rows[at : at + n] - ci * store.chunk_rows))
-        at += n
-    if not parts:
-        return torch.empty((0, *store.row_shape), dtype=store.dtype, device=store.device)
-    return torch.cat(parts)
-
-
-def top_block_rows(scores: Tensor, n_rows: int, block: int, budget: int) -> Tensor:
-    """Host rows of the best-scoring blocks of each KV head, up to `budget` rows each.
-
-    scores: [H_kv, n_blocks]; block b holds rows [b * block, min((b + 1) * block, n_rows)).
-    Blocks are taken in descending score while their rows fit in the budget (at least one
-    block when budget > 0), so a budget >= n_rows takes every row.
-    Returns ids [H_kv, k] int64 on scores' device, ascending per head, -1 padding at the end
-    (heads differ in count only when some take the partial last block).
-    """
-    hkv, nb = scores.shape
-    dev = scores.device
-    if budget == 0 or nb == 0:
-        return torch.empty((hkv, 0), dtype=torch.int64, device=dev)
-    sizes = (n_rows - torch.arange(nb, device=dev) * block).clamp(max=block)  # [n_blocks]
-    # only the partial last block is short, so no more than budget // block + 1 blocks can fit
-    n_cand = nb if budget >= n_rows else min(nb, budget // block + 1)
-    order = scores.topk(n_cand, dim=-1).indices  # [H_kv, n_cand], best first
-    fits = sizes[order].cumsum(-1) <= budget  # a prefix of each row
-    fits[:, 0] = True
-    kb = int(fits.sum(-1).max())
-    # blocks in ascending order, those that do not fit as block n_blocks (past every row), so
-    # rows come out ascending and the missing ones (and the partial block's) at the end
-    blocks = torch.where(fits[:, :kb], order[:, :kb], nb).sort(dim=-1).values  # [H_kv, kb]
-    rows = (blocks[..., None] * block + torch.arange(block, device=dev)).reshape(hkv, -1)
-    ok = rows < n_rows
-    return torch.where(ok, rows, -1)[:, : int(ok.sum(-1).max())]
 
 
 class TieredAttention:

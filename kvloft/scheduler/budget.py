@@ -116,8 +116,8 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int)
     hkv, d, layers, opts = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, rcfg.options
     m = rcfg.method
     if m == "hip" and opts.get("keys_on") == "host":  # the host tier's keys, read in place
-        return 0, 0, ["hip keys_on='host' searches the host tier's pinned keys in place (a pinned copy "
-                      "instead if the tier spills to disk)"]
+        note = "hip keys_on='host' searches the host tier's pinned keys in place (a pinned copy if it spills)"
+        return 0, 0, [note]
     if m in MIRROR_METHODS:
         return _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, 0, []
     if m == "actqkv":

@@ -17,8 +17,9 @@ import torch
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import ModelConfig
 from kvloft.kernels import REFERENCE
-from kvloft.runtime.attention import TieredAttention, top_block_rows
+from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.kvcache import BlockSummary, TieredKVCache
+from kvloft.runtime.prefill import top_block_rows
 
 N_DECODE = 20
 LOGIT_TOL = 1e-5  # relative L2 error of the stacked logits, fp32 (measured ~1e-7)
