@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
+from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
 from kvloft.runtime.chunked import ChunkedRows
 
 __all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_vectors", "normalized_entropy"]
@@ -227,7 +227,7 @@ class ActQKVRetriever:
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [k] shared by all heads; k follows this layer's share)."""
-        self._check_select(q, budget)
+        check_select(q, budget, self.model_cfg)
         st = self.layers.get(layer)
         if st is None or st.n_rows == 0 or budget == 0:
             sel = Selection(ids=torch.empty(0, dtype=torch.long, device=self.device), scanned=0)
@@ -245,13 +245,6 @@ class ActQKVRetriever:
         sel = Selection(ids=ids, scanned=scores.numel() * self.model_cfg.n_kv_heads)
         self._stats.record(sel)
         return sel
-
-    def _check_select(self, q: Tensor, budget: int) -> None:
-        hq, d = self.model_cfg.n_heads, self.model_cfg.head_dim
-        if q.dim() != 2 or tuple(q.shape) != (hq, d):
-            raise ValueError(f"q must be [H_q={hq}, D={d}], got {tuple(q.shape)}")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
 
     def _probe(self, st: _LayerState, q: Tensor) -> Tensor:
         """Push q [H_q, D] into the window and stats; return the phi-weighted window sum [H_q, D]."""

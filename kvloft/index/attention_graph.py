@@ -69,7 +69,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index import graph_kernels as gk
-from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
+from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
 from kvloft.runtime.chunked import ChunkedRows
 
 __all__ = ["AttentionGraphRetriever", "GraphParams", "HeadGraph", "cpu_partial_attention"]
@@ -355,11 +355,8 @@ class AttentionGraphRetriever:
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [H_kv, k] int64, k = min(budget, N); scanned =
         distinct keys scored, summed over KV heads)."""
+        check_select(q, budget, self.model_cfg)
         hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
-        if not isinstance(q, Tensor) or tuple(q.shape) != (hq, d):
-            raise ValueError(f"q must be a tensor [{hq}, {d}], got {getattr(q, 'shape', type(q))}")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
         graphs = self.graphs.get(layer)
         n = graphs[0].n if graphs else 0
         k = min(budget, n)

@@ -74,6 +74,15 @@ def check_keys(keys: Tensor, model_cfg: ModelConfig) -> None:
         raise ValueError("keys contain NaN or inf; check the model weights and inputs")
 
 
+def check_select(q: Tensor, budget: int, model_cfg: ModelConfig) -> None:
+    """Validate select()'s query [H_q, D] and budget (an int >= 0); raises ValueError."""
+    hq, d = model_cfg.n_heads, model_cfg.head_dim
+    if not isinstance(q, Tensor) or tuple(q.shape) != (hq, d):
+        raise ValueError(f"q must be a tensor [H_q={hq}, D={d}], got {tuple(getattr(q, 'shape', ())) or type(q)}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0, got {budget!r}")
+
+
 def params_from_options(cls: type, options: dict[str, Any], method: str) -> Any:
     """A method's Params dataclass from RetrievalConfig.options; unknown keys are an error."""
     known = {f.name for f in dataclasses.fields(cls)}

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, register
+from kvloft.index.base import RetrieverStats, Selection, check_select, register
 
 __all__ = ["FaissParams", "FaissRetriever"]
 
@@ -227,11 +227,8 @@ class FaissRetriever:
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [H_kv, k] int64, k = min(budget, N))."""
+        check_select(q, budget, self.model_cfg)
         hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
-        if not isinstance(q, Tensor) or tuple(q.shape) != (hq, d):
-            raise ValueError(f"q must be a tensor [{hq}, {d}], got {getattr(q, 'shape', type(q))}")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
         heads = self.heads.get(layer)
         n = heads[0].n if heads else 0
         k = min(budget, n)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
+from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
 from kvloft.kernels.hip_stage import (
     PROBES,
     hierarchical_top1,
@@ -225,7 +225,7 @@ class HipRetriever:
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [k <= budget] shared by all heads, scanned key vectors)."""
-        self._check_select(q, budget)
+        check_select(q, budget, self.model_cfg)
         store = self._keys_of(layer)
         n = 0 if store is None else len(store)
         if n == 0 or budget == 0 or budget >= n:  # nothing to prune: every host row, or none
@@ -254,13 +254,6 @@ class HipRetriever:
         sel = Selection(ids=cand[:budget], scanned=reads * self.model_cfg.n_kv_heads)
         self._stats.record(sel)
         return sel
-
-    def _check_select(self, q: Tensor, budget: int) -> None:
-        hq, d = self.model_cfg.n_heads, self.model_cfg.head_dim
-        if q.dim() != 2 or tuple(q.shape) != (hq, d):
-            raise ValueError(f"q must be [H_q={hq}, D={d}], got {tuple(q.shape)}")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
 
     def _refresh_flags(self, st: _LayerState, budget: int) -> tuple[bool, ...]:
         flags, cascade = [], False
