@@ -1,7 +1,7 @@
 """Decode speed and memory at 32K-1M tokens: kvloft under a GPU budget against dense attention.
 
 Random weights in real model shapes (DESIGN.md allows it for speed) and a synthetic
-context written straight into the tiers (bench/decode_speed.py's fill_context), then the
+context written straight into the tiers (bench/common.py's fill_context), then the
 indexes are built and decode steps are timed through the whole model. Per row:
 
   ms_per_token     median over the timed steps (CUDA synchronized around each step only)
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import fill_context
+from common import add_decode_args, fill_context, timed_steps, token_stream
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import parse_bytes, parse_tokens
@@ -124,17 +124,6 @@ def hbm_bandwidth(gib: float = 4.0) -> float:
     return 2 * n * 2 / statistics.median(times[1:])
 
 
-def timed_steps(session: Session, steps: int, start: int = 0) -> list[float]:
-    out = []
-    for i in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        session.step((start + i) % 1000 + 1)
-        sync()
-        out.append(1000 * (time.perf_counter() - t0))
-    return out
-
-
 def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
     """Why this row cannot run (its plan's numbers), or None."""
     runtime = RuntimeConfig(gpu_memory_budget=0 if dense else args.gpu_budget)
@@ -190,9 +179,9 @@ def run_row(model, spec: str, n: int, args) -> dict:
             cache = resolve_cache_bytes(model.config, rcfg, rt, SchedulerParams(), model.dtype, DEVICE,
                                         n_tokens=n + 64)
             use_scheduler(s, SchedulerParams(cache_bytes=cache))
-        timed_steps(s, args.warmup)
+        timed_steps(s, token_stream(args.warmup))
         hits0 = _cache_totals(s.backend)
-        ms = timed_steps(s, args.steps, args.warmup)
+        ms = timed_steps(s, token_stream(args.steps, args.warmup))
         hits1 = _cache_totals(s.backend)
         row["ms_per_token"] = round(statistics.median(ms), 2)
         row["tokens_per_s"] = round(1000 / row["ms_per_token"], 1)
@@ -231,7 +220,7 @@ def breakdown(s: Session, args) -> dict[str, float]:
     timers.sync = CUDA
     timers.seconds.clear()
     t0 = time.perf_counter()
-    timed_steps(s, args.steps, 500)
+    timed_steps(s, token_stream(args.steps, 500))
     total = 1000 * (time.perf_counter() - t0) / args.steps
     timers.sync = False
     out = {k: round(1000 * v / args.steps, 2) for k, v in timers.seconds.items()}
@@ -322,12 +311,7 @@ def main() -> None:
     ap.add_argument("--presets", default="llama3-8b")
     ap.add_argument("--contexts", default="32k,128k")
     ap.add_argument("--methods", default="dense,exact,tokenselect,hip")
-    ap.add_argument("--budget", type=int, default=2048)
-    ap.add_argument("--sink", type=int, default=128)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--gpu-budget", default="24GiB")
+    add_decode_args(ap)
     ap.add_argument("--prefill", default="", help="contexts for real prefill rows, e.g. 32k,128k")
     ap.add_argument("--prefill-method", default="hip")
     ap.add_argument("--prefill-chunk", type=int, default=4096)

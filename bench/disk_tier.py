@@ -1,7 +1,7 @@
 """Decode latency with the host tier spilled to disk (CacheConfig.disk_dir) vs in memory.
 
 Random weights in real shapes on the CPU and a synthetic context written straight into
-the tiers (bench/decode_speed.py's `fill_context`, same seed for every mode, so every
+the tiers (bench/common.py's `fill_context`, same seed for every mode, so every
 mode decodes over the same keys and values). Modes:
 
   memory     no host budget: every host chunk in RAM
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import fill_context
+from common import fill_context
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import parse_tokens

@@ -1,7 +1,7 @@
 """Decode latency with and without the scheduler (GPU row cache, planned transfers).
 
-Same setup as bench/decode_speed.py (random weights in real shapes, a synthetic context
-written straight into the tiers with its `fill_context`), one filled session per
+Same setup as bench/decode.py (random weights in real shapes, a synthetic context
+written straight into the tiers with bench/common.py's `fill_context`), one filled session per
 (context, method), then each variant decodes over the same tiers and indexes:
 
   none       TieredAttention (rows read zero-copy from the one pinned host chunk)
@@ -9,7 +9,7 @@ written straight into the tiers with its `fill_context`), one filled session per
   staged     ScheduledAttention, missing rows gathered on the CPU into pinned staging buffers
              and copied H2D on the copy stream
 
-Two token streams per variant: "random" (token i % 1000 + 1, as decode_speed: consecutive
+Two token streams per variant: "random" (token i % 1000 + 1, as decode.py: consecutive
 queries unrelated, the worst case for the cache) and "repeat" (one token again and again:
 similar consecutive queries, a proxy for the locality of real text). Rows report median
 ms/token, the row-cache hit rate and rows fetched per layer-step over the timed steps,
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import fill_context
+from common import add_decode_args, fill_context, timed_steps, token_stream
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import parse_bytes, parse_tokens
@@ -45,21 +45,6 @@ from kvloft.scheduler.params import SchedulerParams
 from kvloft.scheduler.streams import TransferEngine, chunk_tables
 
 VARIANTS = ("none", "zero_copy", "staged")
-
-
-def timed_steps(session: Session, tokens: list[int]) -> list[float]:
-    out = []
-    for t in tokens:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        session.step(t)
-        torch.cuda.synchronize()
-        out.append(1000 * (time.perf_counter() - t0))
-    return out
-
-
-def stream_tokens(kind: str, n: int, start: int) -> list[int]:
-    return [(start + i) % 1000 + 1 for i in range(n)] if kind == "random" else [7] * n
 
 
 def cache_counts(backend) -> tuple[int, int, int]:
@@ -79,9 +64,9 @@ def run_variant(s: Session, base, variant: str, n: int, args) -> list[dict]:
         params = SchedulerParams(fetch=variant, cache_bytes=args.cache_bytes_for(s, n))
         use_scheduler(s, params)
     for kind in ("random", "repeat"):
-        timed_steps(s, stream_tokens(kind, args.warmup, 0))
+        timed_steps(s, token_stream(args.warmup, 0, kind))
         h0, m0, st0 = cache_counts(s.backend)
-        ms = timed_steps(s, stream_tokens(kind, args.steps, args.warmup))
+        ms = timed_steps(s, token_stream(args.steps, args.warmup, kind))
         h1, m1, st1 = cache_counts(s.backend)
         row = {"variant": variant, "tokens": kind, "ms_per_token": round(statistics.median(ms), 3),
                "ms_min": round(min(ms), 3)}
@@ -108,7 +93,7 @@ def profile_breakdown(s: Session, args) -> dict[str, float]:
     timers = s.backend.timers
     timers.sync = True
     timers.seconds.clear()
-    timed_steps(s, stream_tokens("repeat", args.steps, 0))
+    timed_steps(s, token_stream(args.steps, 0, "repeat"))
     timers.sync = False
     return {k: round(1000 * v / args.steps, 3) for k, v in timers.seconds.items()}
 
@@ -171,12 +156,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="32k,128k")
     ap.add_argument("--methods", default="exact,hip")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--budget", type=int, default=2048)
-    ap.add_argument("--sink", type=int, default=128)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--gpu-budget", default="24GiB")
+    add_decode_args(ap)
     ap.add_argument("--cache-gib", type=float, default=None, help="row cache size (default: what the budget leaves)")
     ap.add_argument("--fetch-rows", type=int, default=16384)
     ap.add_argument("--profile", action="store_true", help="add a synchronized breakdown pass per variant")
