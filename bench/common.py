@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -13,10 +14,15 @@ from kvloft.runtime.attention import DenseAttention
 
 def fill_context(session: Session, n: int, chunk: int = 8192) -> None:
     """Put n synthetic tokens into every layer's tiers (random keys/values ~ N(0, 1)), then
-    build the indexes, so decode can start at context n without a prefill."""
+    build the indexes, so decode can start at context n without a prefill. Long fills
+    report each layer's progress on stderr."""
     b, cfg, m = session.backend, session.model.config, session.model
     shape = (cfg.n_kv_heads, cfg.head_dim)
+    t0 = time.perf_counter()
     for layer in range(cfg.n_layers):
+        if layer and time.perf_counter() - t0 > 10:
+            print(f"  fill: layer {layer}/{cfg.n_layers}, {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+                  flush=True)
         for s in range(0, n, chunk):
             t = min(chunk, n - s)
             k = torch.randn(t, *shape, device=m.device, dtype=m.dtype)

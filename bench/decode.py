@@ -24,7 +24,9 @@ floor weight_bytes / bandwidth (one read of the weights per token), and optional
 prefill (--prefill: Session.feed of random ids, chunked and offloaded) in tokens/s.
 
 Methods: a retriever name, optional ":key=value" retriever options, optional "@overlap" to
-decode through the scheduler (GPU row cache), e.g. `hip:keys_on=host`, `exact@overlap`.
+decode through the scheduler (GPU row cache), optional "@eager" to launch every kernel from
+Python (no CUDA graphs for the dense parts of a step), e.g. `hip:keys_on=host`,
+`exact@overlap`, `dense@eager`.
 
     python bench/decode.py --preset llama3-8b --contexts 32k,128k,512k,1m \
         --methods dense,exact,tokenselect,hip,hip:keys_on=host --time-limit 500
@@ -58,17 +60,19 @@ GiB = 2**30
 REGIONS = ("search", "retrieved_attention", "static_attention", "attention", "index_add")
 
 
-def parse_method(spec: str) -> tuple[str, dict, bool]:
-    """'hip:keys_on=host@overlap' -> ('hip', {'keys_on': 'host'}, True)."""
-    spec, _, sched = spec.partition("@")
-    if sched not in ("", "overlap"):
-        raise SystemExit(f"method {spec}@{sched}: the only scheduler suffix is @overlap")
+def parse_method(spec: str) -> tuple[str, dict, set[str]]:
+    """'hip:keys_on=host@overlap@eager' -> ('hip', {'keys_on': 'host'}, {'overlap', 'eager'})."""
+    spec, *flags = spec.split("@")
+    bad = set(flags) - {"overlap", "eager"}
+    if bad:
+        raise SystemExit(f"method {spec}: unknown suffix @{bad.pop()} (@overlap: the scheduler; "
+                         "@eager: no CUDA graphs)")
     name, *opts = spec.split(":")
     options = {}
     for o in opts:
         k, _, v = o.partition("=")
         options[k] = int(v) if v.isdigit() else v
-    return name, options, sched == "overlap"
+    return name, options, set(flags)
 
 
 CUDA = torch.cuda.is_available()  # a script, not the library: checking at start is fine
@@ -157,7 +161,8 @@ def preallocate_dense(s: Session, capacity: int) -> None:
 
 
 def run_row(model, spec: str, n: int, args) -> dict:
-    name, options, overlap = parse_method(spec)
+    name, options, flags = parse_method(spec)
+    overlap, graphs = "overlap" in flags, "eager" not in flags
     dense = name == "dense"
     rcfg = RetrievalConfig(method=name, budget=args.budget, n_sink=args.sink, n_window=args.window, options=options)
     row = {"method": spec, "context": n, "budget": n if dense else args.budget}
@@ -168,14 +173,15 @@ def run_row(model, spec: str, n: int, args) -> dict:
     reset_gpu()
     s = None
     try:
-        s = Session(model, rcfg, RuntimeConfig(progress=False), CacheConfig(host_chunk_tokens=max(n, 1)))
+        s = Session(model, rcfg, RuntimeConfig(progress=False, cuda_graphs=graphs),
+                    CacheConfig(host_chunk_tokens=max(n, 1)))
         if dense:
             preallocate_dense(s, n + 64)
         t0 = time.perf_counter()
         fill_context(s, n)
         row["fill_s"] = round(time.perf_counter() - t0, 1)
         if overlap:
-            rt = RuntimeConfig(gpu_memory_budget=args.gpu_budget, scheduler="overlap")
+            rt = RuntimeConfig(gpu_memory_budget=args.gpu_budget, scheduler="overlap", cuda_graphs=graphs)
             cache = resolve_cache_bytes(model.config, rcfg, rt, SchedulerParams(), model.dtype, DEVICE,
                                         n_tokens=n + 64)
             use_scheduler(s, SchedulerParams(cache_bytes=cache))

@@ -245,6 +245,8 @@ class RuntimeConfig:
         breakdown (search, transfer, attention); costs overlap, so off by default.
     scheduler: "none" (TieredAttention) or "overlap" (kvloft.scheduler: GPU row cache,
         planned transfers on a copy stream, CPU-side search on a worker thread).
+    cuda_graphs: on CUDA, replay a decode step's dense parts (everything but attention)
+        as CUDA graphs (runtime/graphs.py); off = every kernel launched from Python.
     """
 
     device: str = "auto"
@@ -257,6 +259,7 @@ class RuntimeConfig:
     profile: bool = False
     seed: int = 0
     scheduler: str = "none"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.kernels not in ("auto", "reference", "triton"):
@@ -268,6 +271,8 @@ class RuntimeConfig:
                 f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
             )
         _check_int("prefill_chunk", self.prefill_chunk, minimum=1)
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.scheduler not in ("none", "overlap"):
             raise ValueError(f"scheduler must be 'none' or 'overlap', got {self.scheduler!r}")
         object.__setattr__(self, "gpu_memory_budget", parse_bytes(self.gpu_memory_budget))

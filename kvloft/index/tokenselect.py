@@ -139,7 +139,7 @@ class TokenSelectRetriever:
         return sel
 
     def _select_topk(self, st: _LayerState, q: Tensor, budget: int, layer: int) -> Selection:
-        qflat = q.to(self.device).float().reshape(-1)  # [H_q * D]
+        qflat = q.to(self.device, torch.float32, copy=True).reshape(-1)  # [H_q * D], kept: a copy
         if self._cache_hit(st, qflat, budget):
             self.cache_hits += 1
             return Selection(ids=st.last_ids, scanned=0)

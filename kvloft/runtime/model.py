@@ -75,15 +75,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
         self.shape = (hq, hkv, d)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, backend: AttentionBackend,
-                positions: Tensor) -> Tensor:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, hidden] -> q [T, H_q, D], k [T, H_kv, D] (both rotated), v [T, H_kv, D]."""
         t = x.shape[0]
         hq, hkv, d = self.shape
-        q = rotate(self.q_proj(x).view(t, hq, d), cos, sin)  # [T, H_q, D]
-        k = rotate(self.k_proj(x).view(t, hkv, d), cos, sin)  # [T, H_kv, D]
-        v = self.v_proj(x).view(t, hkv, d)
-        out = backend.attend(layer, q, k, v, positions)  # [T, H_q, D]
-        return self.o_proj(out.reshape(t, hq * d))
+        q = rotate(self.q_proj(x).view(t, hq, d), cos, sin)
+        k = rotate(self.k_proj(x).view(t, hkv, d), cos, sin)
+        return q, k, self.v_proj(x).view(t, hkv, d)
+
+    def out(self, o: Tensor) -> Tensor:
+        """Attention output o [T, H_q, D] -> [T, hidden]."""
+        return self.o_proj(o.reshape(o.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -105,9 +107,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, backend, positions):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, backend, positions)
+    def pre(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv)."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def post(self, x: Tensor, o: Tensor) -> Tensor:
+        """The residual stream x and the attention output o [T, H_q, D] -> the next stream."""
+        x = x + self.self_attn.out(o)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, layer, backend, positions):
+        q, k, v = self.pre(x, cos, sin)
+        return self.post(x, backend.attend(layer, q, k, v, positions))
 
 
 class Transformer(nn.Module):
@@ -130,6 +141,10 @@ class Transformer(nn.Module):
         ang = torch.cat((ang, ang), dim=-1)
         return ang.cos().float(), ang.sin().float()
 
+    def head(self, x: Tensor) -> Tensor:
+        """The last residual stream x [T, hidden] -> logits [T, V] fp32."""
+        return self.lm_head(self.norm(x)).float()
+
     @torch.inference_mode()
     def forward(self, ids: Tensor, positions: Tensor, backend: AttentionBackend, last_only: bool = False) -> Tensor:
         x = self.embed_tokens(ids)  # [T, hidden]
@@ -138,4 +153,4 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, i, backend, positions)
         if last_only:
             x = x[-1:]
-        return self.lm_head(self.norm(x)).float()
+        return self.head(x)

@@ -23,6 +23,7 @@ from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.index.base import make_retriever
 from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import DenseAttention, TieredAttention
+from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.kvcache import TieredKVCache
 from kvloft.runtime.loader import Model
 
@@ -48,6 +49,7 @@ class Session:
         self.ops = kernel_set(self.runtime.kernels, model.device)
         self._check_gpu_budget()
         self._check_disk_tier()
+        self._graphs: DecodeGraphs | None = None  # captured at the first CUDA decode step
         self.reset()
 
     # ---- state ---------------------------------------------------------------------------
@@ -217,8 +219,13 @@ class Session:
         dev = self.model.device
         x = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.arange(start, start + len(ids), device=dev)
-        logits = self.model.net(x, pos, self.backend, last_only=last_only)
-        self._last_logits = logits[-1]
+        if len(ids) == 1 and dev.type == "cuda" and self.runtime.cuda_graphs:
+            if self._graphs is None:
+                self._graphs = DecodeGraphs(self.model.net)
+            logits = self._graphs.step(x, pos, self.backend)
+        else:
+            logits = self.model.net(x, pos, self.backend, last_only=last_only)
+        self._last_logits = logits[-1].clone()
 
     # ---- decode --------------------------------------------------------------------------
 

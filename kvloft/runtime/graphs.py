@@ -1,0 +1,117 @@
+"""One decode token through the model with its dense parts replayed as CUDA graphs.
+
+A decode step (T = 1) is a few hundred small kernels; launched one by one from Python the
+launches, not the GPU, set its latency (on the H200 the Llama-3-8B shape spent ~30 ms a
+step outside attention against a 3.8 ms weight-read floor). Attention cannot be captured:
+retrievers pick different rows, sizes and host transfers every step. Everything else can,
+so a step is cut at each attention call into n_layers + 1 segments:
+
+    segment 0      embed(id), cos/sin(pos), layer 0 pre            -> q0, k0, v0
+    segment i      layer i-1 post (o_proj, residual, MLP), layer i pre -> qi, ki, vi
+    segment L      layer L-1 post, norm, lm_head                    -> logits
+
+and a step is: replay segment 0, then for each layer attend eagerly (the backend, as in
+Transformer.forward) and replay the next segment. The segments read fixed input buffers
+(the token id, its position, the attention output) and write fixed outputs; they share
+one memory pool and replay in capture order, as torch requires.
+
+The outputs q, k, v of a layer are the same tensors every step (overwritten at the next
+step's replay): a backend may read them during attend(), and must copy what it keeps.
+Without CUDA (or with capture off) the same segments run eagerly, which is how the
+cutting is tested on the CPU: a segmented step equals Transformer.forward exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from kvloft.runtime.model import AttentionBackend, Transformer
+
+
+class DecodeGraphs:
+    """Decode steps of `net` (batch 1, one token), graphed on CUDA when `capture`.
+
+    Graphs are captured on the first step (after two eager warm-up passes of each
+    segment on a side stream) and kept for the model's life; they hold pointers to the
+    weights, so weights must be updated in place (load_state_dict does).
+    """
+
+    def __init__(self, net: Transformer, capture: bool | None = None) -> None:
+        dev = net.embed_tokens.weight.device
+        self.net = net
+        self.capture = dev.type == "cuda" if capture is None else capture
+        if self.capture and dev.type != "cuda":
+            raise ValueError("CUDA graphs need a model on a CUDA device; use capture=False")
+        cfg = net.config
+        self.ids = torch.zeros(1, dtype=torch.long, device=dev)  # [1] the token
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # [1] its position
+        self.o = torch.zeros(1, cfg.n_heads, cfg.head_dim, dtype=net.embed_tokens.weight.dtype,
+                             device=dev)  # [1, H_q, D] the attention output fed to the next segment
+        self._segments = self._build_segments()
+        self._outs: list[tuple[Tensor, ...]] | None = None  # each segment's outputs
+        self._graphs: list[torch.cuda.CUDAGraph] = []
+
+    def _build_segments(self) -> list[Callable[[], tuple[Tensor, ...]]]:
+        net, n = self.net, len(self.net.layers)
+        state: dict[str, Tensor] = {}
+
+        def first() -> tuple[Tensor, ...]:
+            x = net.embed_tokens(self.ids)  # [1, hidden]
+            state["cos"], state["sin"] = net.rope(self.pos)
+            return (x, *net.layers[0].pre(x, state["cos"], state["sin"]))
+
+        def middle(i: int) -> Callable[[], tuple[Tensor, ...]]:
+            def run() -> tuple[Tensor, ...]:
+                x = net.layers[i - 1].post(self._x(i - 1), self.o)
+                return (x, *net.layers[i].pre(x, state["cos"], state["sin"]))
+            return run
+
+        def last() -> tuple[Tensor, ...]:
+            return (net.head(net.layers[n - 1].post(self._x(n - 1), self.o)),)
+
+        return [first, *(middle(i) for i in range(1, n)), last]
+
+    def _x(self, seg: int) -> Tensor:
+        return self._live[seg][0]
+
+    @torch.inference_mode()
+    def step(self, token: Tensor, position: Tensor, backend: AttentionBackend) -> Tensor:
+        """token [1] long, position [1] long (on the model's device) -> logits [1, V] fp32."""
+        self.ids.copy_(token)
+        self.pos.copy_(position)
+        if self.capture and not self._graphs:
+            self._capture()
+        n = len(self.net.layers)
+        self._live: list[tuple[Tensor, ...]] = [] if not self._graphs else self._outs
+        for i in range(n + 1):
+            if i:
+                _, q, k, v = self._live[i - 1]
+                self.o.copy_(backend.attend(i - 1, q, k, v, self.pos))
+            if self._graphs:
+                self._graphs[i].replay()
+            else:
+                self._live.append(self._segments[i]())
+        return self._live[n][0]
+
+    def _capture(self) -> None:
+        """Warm each segment up twice on a side stream, then capture them in order."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._live = []
+                for seg in self._segments:
+                    self._live.append(seg())
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self._live = []
+        graphs = []
+        for seg in self._segments:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._live.append(seg())
+            graphs.append(g)
+        self._outs, self._graphs = self._live, graphs
