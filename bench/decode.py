@@ -43,6 +43,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -205,6 +206,7 @@ def run_row(model, spec: str, n: int, args) -> dict:
             row["retriever"] = {k: v for k, v in st["retriever"].items() if not isinstance(v, (list, dict))}
     except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
     finally:
         if s is not None and isinstance(s.backend, ScheduledAttention):
             s.backend.close()
