@@ -201,6 +201,8 @@ def run_row(model, spec: str, n: int, args) -> dict:
         row["under_budget"] = dense or peak_gpu() <= args.gpu_budget
         row["peak_host_gib"] = round(rss_bytes() / GiB, 1)
         row["breakdown_ms"] = breakdown(s, args)
+        if args.profile:
+            profile_steps(s, args.profile, f"{spec} at {n // 1024}K")
         st = s.stats()
         if "retriever" in st:
             row["retriever"] = {k: v for k, v in st["retriever"].items() if not isinstance(v, (list, dict))}
@@ -220,6 +222,18 @@ def _cache_totals(backend) -> tuple[int, int]:
         return 0, 0
     t = backend.rows.totals()
     return t.hits, t.misses
+
+
+def profile_steps(s: Session, steps: int, title: str) -> None:
+    """Print the ops that take a step's time (torch profiler, self time, top 25) to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=acts) as prof:
+        timed_steps(s, token_stream(steps, 200))
+    for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if CUDA else []):
+        print(f"\n== profile of {steps} steps, {title}, by {key}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), file=sys.stderr)
 
 
 def breakdown(s: Session, args) -> dict[str, float]:
@@ -328,6 +342,8 @@ def main() -> None:
                     help="host memory to plan with (default MemAvailable; VMs whose memory grows on use "
                          "report less at start, e.g. pass 240GiB)")
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; rows not started by then are skipped")
+    ap.add_argument("--profile", type=int, default=0, help="steps to run under the torch profiler per row "
+                    "(top ops printed to stderr)")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
