@@ -204,6 +204,22 @@ def remap_deltas(window_start: Tensor, sink_pos: Tensor, ret_pos: Tensor) -> tup
     return (sink_delta[0], ret_delta[0]) if shared else (sink_delta, ret_delta)
 
 
+def widen_selection(ids: Tensor, radius: int, n_host: int) -> Tensor:
+    """Selected host rows with their neighbours (extrapolation mode, RetrievalConfig.neighbor_radius).
+
+    ids: [H_kv, m] or [m] int64 host rows, -1 = padding. Returns [H_kv, m * (2 * radius + 1)]
+    (or [m * (2 * radius + 1)]): every row within `radius` of a selected row, each row once
+    per head, ascending, -1 for padding, duplicates and rows outside [0, n_host).
+    """
+    off = torch.arange(-radius, radius + 1, device=ids.device)
+    cand = ids[..., None] + off  # [..., m, 2r+1]
+    ok = (ids[..., None] >= 0) & (cand >= 0) & (cand < n_host)
+    rows = torch.where(ok, cand, -1).flatten(-2).sort(dim=-1).values  # [..., m * (2r+1)]
+    dup = torch.zeros_like(rows, dtype=torch.bool)
+    dup[..., 1:] = rows[..., 1:] == rows[..., :-1]
+    return rows.masked_fill(dup, -1)
+
+
 class TieredAttention:
     select_last_query = True  # extrapolate prefill: the chunk's last query selects for itself
 
@@ -381,13 +397,15 @@ class TieredAttention:
             out, lse = cpu_partial_attention(q.to("cpu"), tiers.host_k, tiers.host_v, ids.to("cpu"),
                                              scale=self.scale)
             return out.to(q.device, non_blocking=True), lse.to(q.device, non_blocking=True)
-        one_chunk = len(tiers.host_k.chunks) == 1
-        zero_copy = self.ops.name == "triton" and tiers.host_k.pin
-        if one_chunk and (self.device.type == "cpu" or zero_copy):
+        cuda = self.device.type == "cuda"
+        # on CUDA the kernel's stream waits for rows still being copied down, not the host
+        hk, hv = tiers.host_kv_for(torch.cuda.current_stream(self.device) if cuda else None)
+        one_chunk = len(hk.chunks) == 1
+        zero_copy = self.ops.name == "triton" and hk.pin
+        if one_chunk and (not cuda or zero_copy):
             # one host chunk: the kernel gathers straight from it (on CUDA: reading pinned
             # host memory through unified addressing, only the selected rows cross PCIe)
-            kc, vc = tiers.host_k.chunks[0], tiers.host_v.chunks[0]
-            return self.ops.gather_attend(q, kc, vc, ids.to(q.device), scale=self.scale, **rot)
+            return self.ops.gather_attend(q, hk.chunks[0], hv.chunks[0], ids.to(q.device), scale=self.scale, **rot)
         gk, gv, valid = self._gather_rows(tiers, ids)
         local = torch.arange(valid.shape[1])[None].expand_as(valid)
         local = torch.where(valid, local, -1).to(self.device)
@@ -457,9 +475,10 @@ class TieredAttention:
         if tiers.n_host and self.rcfg.budget:
             with self.timers("search"):
                 q_search = self._search_queries(q, positions)[0]
-                sel = self.retriever.select(layer, q_search, self.rcfg.budget)
+                n_pick, radius = self._neighbor_plan(tiers.n_host)
+                sel = self.retriever.select(layer, q_search, n_pick)
+                ids = widen_selection(sel.ids, radius, tiers.n_host) if radius else sel.ids
             self.scanned += sel.scanned
-            ids = sel.ids
         with self.timers("static_attention"):
             sk, sv, _ = tiers.static_kv()
             w0 = self._window_start(tiers, positions[-1] + 1)
@@ -475,14 +494,32 @@ class TieredAttention:
         out, _ = self.ops.merge(outs, lses)
         return out[None]
 
+    def _neighbor_plan(self, n_host: int) -> tuple[int, int]:
+        """(host keys to pick per KV head, radius to widen each by): budget // (2r + 1) keys
+        with r = RetrievalConfig.neighbor_radius (smaller if the budget holds fewer than
+        2r + 1 keys), so the widened selection reads at most `budget` keys; a budget
+        covering the host tier picks all of it, unwidened."""
+        budget = self.rcfg.budget
+        if budget >= n_host:
+            return budget, 0
+        radius = min(self.rcfg.neighbor_radius, (budget - 1) // 2)
+        return budget // (2 * radius + 1), radius
+
     def _prefill_select(self, layer: int, tiers: LayerTiers, q: Tensor, positions: Tensor) -> Tensor:
         """Host rows [H_kv, k] (or [k]; -1 = pad) for prefill queries q [T, H_q, D] at positions
-        [T]: the top `budget` per KV head for their mean search query (summed logits, up to a
-        factor T). The retriever once built, else exact scores over the position-free host
-        keys (one pass, reduced over each GQA group)."""
+        [T]: the top keys per KV head for their mean search query (summed logits, up to a
+        factor T), widened by their neighbours (_neighbor_plan, widen_selection). The
+        retriever once built, else exact scores over the position-free host keys (one pass,
+        reduced over each GQA group)."""
+        n_pick, radius = self._neighbor_plan(tiers.n_host)
+        ids = self._prefill_top(layer, q, positions, n_pick)
+        return widen_selection(ids, radius, tiers.n_host) if radius else ids
+
+    def _prefill_top(self, layer: int, q: Tensor, positions: Tensor, k: int) -> Tensor:
+        """The top k host rows per KV head (-1 = pad) for the mean search query of q [T, H_q, D]."""
         q_mean = self._search_queries(q, positions).float().mean(0)  # [H_q, D]
         if self.built[layer]:
-            return self.retriever.select(layer, q_mean.to(q.dtype), self.rcfg.budget).ids
+            return self.retriever.select(layer, q_mean.to(q.dtype), k).ids
         hkv = self.cfg.n_kv_heads
         qc = q_mean.to("cpu")
         chunks = [chunk for _, chunk in self._position_free_host(layer).iter_chunks()]
@@ -490,8 +527,8 @@ class TieredAttention:
                             for c in chunks], dim=1)  # [H_kv, N]
         if self.rcfg.max_similar:  # repeated text: cap near-identical keys (index/diversity.py)
             buckets = torch.cat([similarity_buckets(c, self.rcfg.similar_bits) for c in chunks], dim=1)
-            return capped_topk(scores, buckets, self.rcfg.budget, self.rcfg.max_similar)
-        return torch.topk(scores, min(self.rcfg.budget, scores.shape[1]), dim=-1).indices
+            return capped_topk(scores, buckets, k, self.rcfg.max_similar)
+        return torch.topk(scores, min(k, scores.shape[1]), dim=-1).indices
 
     def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """A prefill chunk: itself causally, the window, the remapped sink and top host keys.
