@@ -182,6 +182,11 @@ class RetrievalConfig:
         extrapolate-mode prefill select per KV head; 0 = no cap. Repeated text otherwise fills
         a position-free top-k with copies of one token.
     similar_bits: hyperplanes of that hash (more bits = only closer keys count as similar).
+    neighbor_radius: position_mode "extrapolate" only: each host key a selection picks brings
+        the host keys up to this many positions either side of it, so retrieved keys are read
+        as short runs of text, not as scattered single tokens (the top budget // (2 * radius
+        + 1) keys per KV head are picked and widened; at most `budget` keys are read). 0 =
+        single keys. SmolLM2 read a pass key at 16K with 2, not with 0 (docs/extrapolation.md).
     """
 
     method: str = "exact"
@@ -197,6 +202,7 @@ class RetrievalConfig:
     prefill_block: int = 64
     max_similar: int = 0
     similar_bits: int = 16
+    neighbor_radius: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -211,6 +217,7 @@ class RetrievalConfig:
         _check_int("prefill_block", self.prefill_block, minimum=1)
         _check_int("max_similar", self.max_similar, minimum=0)
         _check_int("similar_bits", self.similar_bits, minimum=1)
+        _check_int("neighbor_radius", self.neighbor_radius, minimum=0)
         if self.similar_bits > 62:
             raise ValueError(f"similar_bits must be at most 62 (an int64 bucket id), got {self.similar_bits}")
         if self.gqa_reduce not in ("max", "sum"):

@@ -50,11 +50,19 @@ So a decode query at P sees the window at distances 0..n_window-1, the retrieved
 before it (n_window .. n_window+k-1, in their order) and the sink before those. When the
 retrieved keys are the whole host tier, every key lands on its true position: extrapolate
 mode with a covering budget equals dense too. In prefill (extrapolate) a chunk attends to
-itself causally, to the window and the remapped sink, and to the `budget` host keys per KV
-head that score highest for the chunk's mean query (the retriever once built, else exact
-scores over the host tier), remapped the same way; the chunk's last query selects its own
+itself causally, to the window and the remapped sink, and to the host keys per KV head
+(at most `budget`) that score highest for the chunk's mean query (the retriever once built,
+else exact scores over the host tier), widened into runs (below) and remapped the same way; the chunk's last query selects its own
 keys, as a decode step would, since its output predicts the next token (with the chunk's
 mean alone, SmolLM2 missed a pass key at 3K tokens that it found this way).
+
+Retrieved keys come as short runs (RetrievalConfig.neighbor_radius = r, widen_selection):
+a search picks budget // (2r + 1) keys per KV head and each brings the host keys up to r
+positions either side, so the budget is read as runs of consecutive text rather than
+scattered single tokens. In a repetitive haystack the single-token top-k is thousands of
+copies of one token, remapped into one consecutive stretch ("." after "." ...); as runs,
+the same budget reads as coherent text. With r = 2 SmolLM2 read pass keys at 16K that it
+missed with single keys (docs/extrapolation.md).
 
 Search in extrapolate mode is position-free: the index gets keys with RoPE undone
 (`index_keys`), and the query is rotated to sit `n_window` positions after them, so keys

@@ -4,6 +4,8 @@
   in decode and in prefill, checked on the deltas and on the attention output;
 - where the mapping is the identity (context within sink + window; a budget covering the
   host tier), the session equals dense attention;
+- neighbour widening (RetrievalConfig.neighbor_radius): against set arithmetic, what a decode
+  step reads (hand-computed), and the prefill selection against scores computed by hand;
 - SmolLM2 (trained at 8K) finds a pass key at ~12K tokens (slow; KVLOFT_SLOW=1 runs it).
 """
 
@@ -19,7 +21,7 @@ from kvloft import RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import ModelConfig
 from kvloft.index.base import Selection
 from kvloft.kernels import REFERENCE
-from kvloft.runtime.attention import TieredAttention, remap_deltas
+from kvloft.runtime.attention import TieredAttention, remap_deltas, widen_selection
 from kvloft.runtime.kvcache import TieredKVCache
 from kvloft.runtime.model import rope_inv_freq, rotate
 
@@ -151,6 +153,86 @@ def test_positions_seen_in_prefill_and_decode(host_chunk):
     torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
 
 
+def _tiers_and_qkv(n_tok, rcfg, host_chunk=4):
+    """Unrotated q0, k0, v and the stored (rotated) q, k; an attention over a fresh cache."""
+    k0, v = torch.randn(n_tok, 3, 16), torch.randn(n_tok, 3, 16)
+    q0 = torch.randn(n_tok, 6, 16)
+    inv = rope_inv_freq(CFG)
+    cos, sin = rope(torch.arange(n_tok), inv)
+    cache = TieredKVCache(CFG, n_sink=rcfg.n_sink, n_window=rcfg.n_window, host_chunk=host_chunk,
+                          device=torch.device("cpu"), dtype=torch.float32)
+    return q0, k0, v, rotate(q0, cos, sin), rotate(k0, cos, sin), cache, inv
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3])
+def test_widen_selection_against_sets(radius):
+    g = torch.Generator().manual_seed(radius)
+    n_host = 40
+    ids = torch.randint(0, n_host, (3, 7), generator=g)
+    ids[0, 2] = ids[0, 5]  # a repeated pick
+    ids[1, :3] = -1  # padding
+    ids[2] = torch.tensor([0, 1, 39, 38, -1, 20, 22])  # at both ends; overlapping neighbourhoods
+    got = widen_selection(ids, radius, n_host)
+    assert got.shape == (3, 7 * (2 * radius + 1))
+    for h in range(3):
+        want = {j for c in ids[h].tolist() if c >= 0 for j in range(c - radius, c + radius + 1) if 0 <= j < n_host}
+        rows = [r for r in got[h].tolist() if r >= 0]
+        assert len(rows) == len(set(rows)) and set(rows) == want
+    shared = widen_selection(ids[2], radius, n_host)
+    assert shared.tolist() == got[2].tolist()
+
+
+def test_neighbor_radius_is_validated():
+    with pytest.raises(ValueError, match="neighbor_radius"):
+        RetrievalConfig(neighbor_radius=-1)
+    with pytest.raises(TypeError, match="neighbor_radius"):
+        RetrievalConfig(neighbor_radius=1.5)
+
+
+# budget 6, radius 1: the retriever picks 6 // 3 = 2 rows per head, each widened by one row a side
+WIDE_DECODE_SEEN = [  # query 14; window 12..14 (w0 = 12); host row r = token r + 2
+    {0: 4, 1: 5, 2: 6, 3: 7, 4: 8, 6: 9, 7: 10, 8: 11},  # rows 5, 1 -> rows 0-2, 4-6 (k = 6)
+    {0: 7, 1: 8, 7: 9, 8: 10, 9: 11},  # rows 6, pad -> rows 5-7 (k = 3)
+    {0: 5, 1: 6, 2: 7, 3: 8, 8: 9, 9: 10, 10: 11},  # rows 0, 7 -> rows 0-1, 6-8 (k = 5)
+]
+
+
+def test_decode_reads_widened_rows_at_remapped_positions():
+    rcfg = RetrievalConfig(budget=6, n_sink=2, n_window=3, position_mode="extrapolate", neighbor_radius=1)
+    q0, k0, v, q, k, cache, inv = _tiers_and_qkv(15, rcfg)
+    retr = RecordingRetriever(IDS)
+    att = TieredAttention(CFG, rcfg, cache, retr, REFERENCE, torch.device("cpu"))
+    pos = torch.arange(15)
+    att.attend(0, q[:14], k[:14], v[:14], pos[:14])  # one chunk: no host tier before it
+    att.build_indexes()
+    att.decoding = True
+    got = att.attend(0, q[14:], k[14:], v[14:], pos[14:])
+    assert retr.budget == 2
+    seen = [{**m, 12: 12, 13: 13, 14: 14} for m in WIDE_DECODE_SEEN]
+    want = attention_at(q0[14], 14, k0, v, seen, inv, 16**-0.5)
+    torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("radius", [0, 2])
+def test_prefill_selection_by_hand(radius):
+    """Before the index is built a prefill chunk picks, per KV head, the host rows whose
+    position-free key scores highest for the chunk's mean query seen n_window after them
+    (max over the GQA group), budget // (2r + 1) of them, widened by r rows a side."""
+    rcfg = RetrievalConfig(budget=10, n_sink=2, n_window=3, position_mode="extrapolate", neighbor_radius=radius)
+    q0, k0, v, q, k, cache, inv = _tiers_and_qkv(60, rcfg)
+    att = TieredAttention(CFG, rcfg, cache, FixedRetriever(IDS), REFERENCE, torch.device("cpu"))
+    pos = torch.arange(60)
+    att.attend(0, q[:50], k[:50], v[:50], pos[:50])  # host: tokens 2..46 (45 rows)
+    got = att._prefill_select(0, cache[0], q[50:60], pos[50:60])
+    q_search = rotate(q0[50:60], *rope(torch.full((10,), rcfg.n_window), inv)).mean(0)  # [H_q, D]
+    logits = torch.einsum("hd,nhd->hn", q_search, k0[2:47].repeat_interleave(2, dim=1))  # [H_q, 45]
+    best = logits.view(3, 2, 45).amax(1).topk(10 // (2 * radius + 1), dim=-1).indices  # [H_kv, m]
+    for h in range(3):
+        want = {j for c in best[h].tolist() for j in range(c - radius, c + radius + 1) if 0 <= j < 45}
+        rows = [r for r in got[h].tolist() if r >= 0]
+        assert len(rows) == len(set(rows)) and set(rows) == want
+
+
 class RecordingRetriever(FixedRetriever):
     def build(self, layer, keys, queries):
         self.built_keys = keys
@@ -159,7 +241,7 @@ class RecordingRetriever(FixedRetriever):
         self.added = (keys, positions)
 
     def select(self, layer, q, budget):
-        self.query = q
+        self.query, self.budget = q, budget
         return super().select(layer, q, budget)
 
 
@@ -212,14 +294,16 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_covering_budget_equals_dense(tiny):
+@pytest.mark.parametrize("radius", [0, 2])
+def test_covering_budget_equals_dense(tiny, radius):
     """Retrieving the whole host tier puts every key back on its true position, in decode,
     in the first prefill (exact scores on the host tier) and a later one (the retriever)."""
     g = torch.Generator().manual_seed(0)
     parts = [torch.randint(0, 512, (300,), generator=g), torch.randint(0, 512, (90,), generator=g)]
     steps = torch.randint(0, 512, (4,), generator=g)
     dense, _ = _run(tiny, RetrievalConfig(method="dense"), parts, steps)
-    rcfg = RetrievalConfig(method="exact", budget=4096, n_sink=8, n_window=32, position_mode="extrapolate")
+    rcfg = RetrievalConfig(method="exact", budget=4096, n_sink=8, n_window=32, position_mode="extrapolate",
+                           neighbor_radius=radius)
     got, s = _run(tiny, rcfg, parts, steps)
     assert s.stats()["tier_tokens"]["host"] > 300
     assert _rel_err(got, dense) < 1e-5
