@@ -203,9 +203,8 @@ class HipRetriever:
         return True
 
     def _keys_of(self, layer: int) -> ChunkedRows | None:
-        if layer in self.tiers:  # rows still being copied down: waited for by the stage
-            cuda = self.device.type == "cuda"  # kernels' stream on CUDA, by the host on the CPU
-            return self.tiers[layer].host_kv_for(torch.cuda.current_stream(self.device) if cuda else None)[0]
+        if layer in self.tiers:
+            return self.tiers[layer].host_k  # waits for a copy down still in flight
         return self.keys.get(layer)
 
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:

@@ -405,15 +405,13 @@ class TieredAttention:
             out, lse = cpu_partial_attention(q.to("cpu"), tiers.host_k, tiers.host_v, ids.to("cpu"),
                                              scale=self.scale)
             return out.to(q.device, non_blocking=True), lse.to(q.device, non_blocking=True)
-        cuda = self.device.type == "cuda"
-        # on CUDA the kernel's stream waits for rows still being copied down, not the host
-        hk, hv = tiers.host_kv_for(torch.cuda.current_stream(self.device) if cuda else None)
-        one_chunk = len(hk.chunks) == 1
-        zero_copy = self.ops.name == "triton" and hk.pin
-        if one_chunk and (not cuda or zero_copy):
+        one_chunk = len(tiers.host_k.chunks) == 1
+        zero_copy = self.ops.name == "triton" and tiers.host_k.pin
+        if one_chunk and (self.device.type == "cpu" or zero_copy):
             # one host chunk: the kernel gathers straight from it (on CUDA: reading pinned
             # host memory through unified addressing, only the selected rows cross PCIe)
-            return self.ops.gather_attend(q, hk.chunks[0], hv.chunks[0], ids.to(q.device), scale=self.scale, **rot)
+            kc, vc = tiers.host_k.chunks[0], tiers.host_v.chunks[0]
+            return self.ops.gather_attend(q, kc, vc, ids.to(q.device), scale=self.scale, **rot)
         gk, gv, valid = self._gather_rows(tiers, ids)
         local = torch.arange(valid.shape[1])[None].expand_as(valid)
         local = torch.where(valid, local, -1).to(self.device)

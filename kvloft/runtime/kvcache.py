@@ -192,13 +192,6 @@ class LayerTiers:
         else:
             stream.wait_event(ev)
 
-    def host_kv_for(self, stream=None) -> tuple[ChunkedRows, ChunkedRows]:
-        """Host keys and values for reads ordered on CUDA `stream` (kernels reading pinned
-        memory, copies): the stream waits for the copy down in flight, the host does not, so
-        the host keeps running ahead of the device. stream None: the host waits (as host_k)."""
-        self.wait_host(stream)
-        return self._host_k, self._host_v
-
     def host_chunk_pairs(self, stream=None) -> Iterator[tuple[int, Tensor, Tensor]]:
         """(first row, keys, values) of each host chunk, the filled part [m, H_kv, D], in order.
 

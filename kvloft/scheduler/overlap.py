@@ -225,7 +225,7 @@ class ScheduledAttention(TieredAttention):
         if hits is not None:
             parts.append(hits.reshape(-1))
         if zero_copy:
-            parts.append(chunk_tables(tiers, self.engine.copy_stream))
+            parts.append(chunk_tables(tiers))
         packed = np.concatenate(parts)
         eng = self.engine
         r = eng.open(packed.shape[0], m)

@@ -152,9 +152,7 @@ class TransferEngine:
         addresses of host K and V in r.idx (zero_copy)."""
         m = tokens.shape[0]
         self.rows_moved += m
-        # zero_copy reads on the copy stream, behind the copies down it queued itself
-        hk, hv = tiers.host_kv_for(self.copy_stream if self.mode == "zero_copy" else None)
-        kc, vc = hk.chunks, hv.chunks
+        kc, vc = tiers.host_k.chunks, tiers.host_v.chunks
         if self.mode == "host":
             gather_rows_reference(kc, vc, torch.from_numpy(tokens), r.k, r.v)
         elif self.mode == "zero_copy":
@@ -201,8 +199,6 @@ class TransferEngine:
             r.consumed.record(torch.cuda.current_stream(self.device))
 
 
-def chunk_tables(tiers: LayerTiers, stream=None) -> np.ndarray:
-    """[2 * C] int64: base addresses of the host K chunks, then of the V chunks, for reads
-    ordered on CUDA `stream` (None: the host waits for copies down in flight)."""
-    hk, hv = tiers.host_kv_for(stream)
-    return np.asarray(chunk_table(hk.chunks) + chunk_table(hv.chunks), np.int64)
+def chunk_tables(tiers: LayerTiers) -> np.ndarray:
+    """[2 * C] int64: base addresses of the host K chunks, then of the V chunks."""
+    return np.asarray(chunk_table(tiers.host_k.chunks) + chunk_table(tiers.host_v.chunks), np.int64)
