@@ -187,6 +187,12 @@ class RetrievalConfig:
         as short runs of text, not as scattered single tokens (the top budget // (2 * radius
         + 1) keys per KV head are picked and widened; at most `budget` keys are read). 0 =
         single keys. SmolLM2 read a pass key at 16K with 2, not with 0 (docs/extrapolation.md).
+    prefill_tail / prefill_tail_block: position_mode "extrapolate" only: the last
+        `prefill_tail` queries of each prefill chunk select their own host keys, in blocks of
+        `prefill_tail_block` queries, instead of taking the whole chunk's selection (a question
+        at the end of a prompt otherwise reads what its chunk's haystack asked for). 0 = only
+        the chunk's last query selects alone. Each block costs a selection and an attention
+        pass per layer.
     """
 
     method: str = "exact"
@@ -203,6 +209,8 @@ class RetrievalConfig:
     max_similar: int = 0
     similar_bits: int = 16
     neighbor_radius: int = 2
+    prefill_tail: int = 64
+    prefill_tail_block: int = 8
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -218,6 +226,8 @@ class RetrievalConfig:
         _check_int("max_similar", self.max_similar, minimum=0)
         _check_int("similar_bits", self.similar_bits, minimum=1)
         _check_int("neighbor_radius", self.neighbor_radius, minimum=0)
+        _check_int("prefill_tail", self.prefill_tail, minimum=0)
+        _check_int("prefill_tail_block", self.prefill_tail_block, minimum=1)
         if self.similar_bits > 62:
             raise ValueError(f"similar_bits must be at most 62 (an int64 bucket id), got {self.similar_bits}")
         if self.gqa_reduce not in ("max", "sum"):

@@ -52,9 +52,12 @@ retrieved keys are the whole host tier, every key lands on its true position: ex
 mode with a covering budget equals dense too. In prefill (extrapolate) a chunk attends to
 itself causally, to the window and the remapped sink, and to the host keys per KV head
 (at most `budget`) that score highest for the chunk's mean query (the retriever once built,
-else exact scores over the host tier), widened into runs (below) and remapped the same way; the chunk's last query selects its own
-keys, as a decode step would, since its output predicts the next token (with the chunk's
-mean alone, SmolLM2 missed a pass key at 3K tokens that it found this way).
+else exact scores over the host tier), widened into runs (below) and remapped the same way.
+The chunk's tail selects for itself: its last `prefill_tail` queries in blocks of
+`prefill_tail_block` (so a question at the end of a prompt is not read through the chunk's
+haystack), then its last query alone, as a decode step would, since its output predicts the
+next token (with the chunk's mean alone, SmolLM2 missed a pass key at 3K tokens that it
+found this way).
 
 Retrieved keys come as short runs (RetrievalConfig.neighbor_radius = r, widen_selection):
 a search picks budget // (2r + 1) keys per KV head and each brings the host keys up to r
@@ -539,9 +542,9 @@ class TieredAttention:
     def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """A prefill chunk: itself causally, the window, the remapped sink and top host keys.
 
-        The chunk's last query selects its own host keys, as a decode step would: its output
-        predicts the next token, and a chunk-mean selection dilutes a question at the end
-        of a prompt among the hundreds of tokens before it.
+        The chunk's tail selects for itself (tail_blocks): a chunk-mean selection dilutes a
+        question at the end of a prompt among the hundreds of tokens before it. The last
+        query selects alone, as a decode step would: its output predicts the next token.
         """
         tiers: LayerTiers = self.cache[layer]
         with self.timers("prefill_attention"):
@@ -550,12 +553,25 @@ class TieredAttention:
             if tiers.n_host and self.rcfg.budget:
                 ids = self._prefill_select(layer, tiers, q, positions)
             out = self._attend_remapped(tiers, q, k, v, ids, w0)
-            if ids.numel() and q.shape[0] > 1 and self.select_last_query:
-                ids_last = self._prefill_select(layer, tiers, q[-1:], positions[-1:])
-                out[-1:] = self._attend_remapped(tiers, q[-1:], k, v, ids_last, w0)
+            if ids.numel():
+                for a, b in self.tail_blocks(q.shape[0]):  # queries a..b-1, causal over k[:b]
+                    ids_ab = self._prefill_select(layer, tiers, q[a:b], positions[a:b])
+                    out[a:b] = self._attend_remapped(tiers, q[a:b], k[:b], v[:b], ids_ab, w0)
         self.sampler.observe(layer, q, positions)
         self._append(layer, k, v, positions)
         return out
+
+    def tail_blocks(self, n: int) -> list[tuple[int, int]]:
+        """Query ranges [a, b) of an n-query prefill chunk that select their own host keys in
+        extrapolate mode, in order (a later range overwrites an earlier one's rows): the last
+        min(prefill_tail, n) queries in blocks of prefill_tail_block, then the last query alone
+        (select_last_query). A range holding the whole chunk is left out (it is the chunk's
+        own selection). Each costs one more selection and attention pass per layer."""
+        tail, block = min(self.rcfg.prefill_tail, n), self.rcfg.prefill_tail_block
+        ranges = [(a, min(a + block, n)) for a in range(n - tail, n, block)]
+        if self.select_last_query:
+            ranges.append((n - 1, n))
+        return [r for i, r in enumerate(ranges) if r != (0, n) and r not in ranges[:i]]
 
     def _attend_remapped(self, tiers: LayerTiers, q: Tensor, k: Tensor, v: Tensor, ids: Tensor,
                          w0: Tensor) -> Tensor:

@@ -6,6 +6,8 @@
   host tier), the session equals dense attention;
 - neighbour widening (RetrievalConfig.neighbor_radius): against set arithmetic, what a decode
   step reads (hand-computed), and the prefill selection against scores computed by hand;
+- a prefill chunk's tail selecting per block (prefill_tail): the blocks, the queries they
+  search with, and each block's rows against a chunk that took that block's keys whole;
 - SmolLM2 (trained at 8K) finds a pass key at ~12K tokens (slow; KVLOFT_SLOW=1 runs it).
 """
 
@@ -175,7 +177,8 @@ def test_widen_selection_against_sets(radius):
     got = widen_selection(ids, radius, n_host)
     assert got.shape == (3, 7 * (2 * radius + 1))
     for h in range(3):
-        want = {j for c in ids[h].tolist() if c >= 0 for j in range(c - radius, c + radius + 1) if 0 <= j < n_host}
+        want = {j for c in ids[h].tolist() if c >= 0
+                for j in range(c - radius, c + radius + 1) if 0 <= j < n_host}
         rows = [r for r in got[h].tolist() if r >= 0]
         assert len(rows) == len(set(rows)) and set(rows) == want
     shared = widen_selection(ids[2], radius, n_host)
@@ -187,6 +190,10 @@ def test_neighbor_radius_is_validated():
         RetrievalConfig(neighbor_radius=-1)
     with pytest.raises(TypeError, match="neighbor_radius"):
         RetrievalConfig(neighbor_radius=1.5)
+    with pytest.raises(ValueError, match="prefill_tail_block"):
+        RetrievalConfig(prefill_tail_block=0)
+    with pytest.raises(ValueError, match="prefill_tail"):
+        RetrievalConfig(prefill_tail=-1)
 
 
 # budget 6, radius 1: the retriever picks 6 // 3 = 2 rows per head, each widened by one row a side
@@ -218,7 +225,8 @@ def test_prefill_selection_by_hand(radius):
     """Before the index is built a prefill chunk picks, per KV head, the host rows whose
     position-free key scores highest for the chunk's mean query seen n_window after them
     (max over the GQA group), budget // (2r + 1) of them, widened by r rows a side."""
-    rcfg = RetrievalConfig(budget=10, n_sink=2, n_window=3, position_mode="extrapolate", neighbor_radius=radius)
+    rcfg = RetrievalConfig(budget=10, n_sink=2, n_window=3, position_mode="extrapolate",
+                           neighbor_radius=radius)
     q0, k0, v, q, k, cache, inv = _tiers_and_qkv(60, rcfg)
     att = TieredAttention(CFG, rcfg, cache, FixedRetriever(IDS), REFERENCE, torch.device("cpu"))
     pos = torch.arange(60)
@@ -233,6 +241,53 @@ def test_prefill_selection_by_hand(radius):
         assert len(rows) == len(set(rows)) and set(rows) == want
 
 
+@pytest.mark.parametrize(("n", "tail", "block", "want"), [
+    (512, 64, 8, [(a, a + 8) for a in range(448, 512, 8)] + [(511, 512)]),
+    (20, 16, 8, [(4, 12), (12, 20), (19, 20)]),
+    (9, 64, 8, [(0, 8), (8, 9)]),  # the tail is clipped to the chunk; the last block is the last query
+    (2, 64, 8, [(1, 2)]),  # a block holding the whole chunk is the chunk's own selection
+    (10, 0, 8, [(9, 10)]),  # no tail: the last query alone
+    (1, 64, 8, []),
+])
+def test_tail_blocks(n, tail, block, want):
+    rcfg = RetrievalConfig(position_mode="extrapolate", prefill_tail=tail, prefill_tail_block=block)
+    att = TieredAttention(CFG, rcfg, None, FixedRetriever(IDS), REFERENCE, torch.device("cpu"))
+    assert att.tail_blocks(n) == want
+
+
+def test_tail_blocks_select_for_themselves():
+    """Chunk 12..16, tail 4 in blocks of 2: queries 13-14, 15-16, then 16 alone search with
+    their own mean query (placed n_window after the keys) and each block's rows equal those of
+    a chunk that read that block's keys whole (no tail; hand-checked above for one chunk)."""
+    n_tok = 17
+    rcfg = RetrievalConfig(budget=2, n_sink=2, n_window=3, position_mode="extrapolate", neighbor_radius=0,
+                           prefill_tail=4, prefill_tail_block=2)
+    q0, _, v, q, k, _, inv = _tiers_and_qkv(n_tok, rcfg)
+    pos = torch.arange(n_tok)
+    picks = [torch.tensor([[5, 1], [6, -1], [0, 6]]), LAST_IDS, torch.tensor([[0, 6], [3, -1], [5, 1]]),
+             torch.tensor([[4, -1], [2, 6], [1, 0]])]  # host rows 0..6 = tokens 2..8
+
+    def chunk_out(rc, retr, whole_chunk_only=False):
+        cache = TieredKVCache(CFG, n_sink=2, n_window=3, host_chunk=4, device=torch.device("cpu"),
+                              dtype=torch.float32)
+        att = TieredAttention(CFG, rc, cache, retr, REFERENCE, torch.device("cpu"))
+        att.select_last_query = not whole_chunk_only
+        att.attend(0, q[:12], k[:12], v[:12], pos[:12])
+        att.build_indexes()
+        return att.attend(0, q[12:], k[12:], v[12:], pos[12:])
+
+    retr = RecordingRetriever(*picks)
+    got = chunk_out(rcfg, retr)
+    assert retr.calls == 4
+    for (a, b), query in zip([(0, 5), (1, 3), (3, 5), (4, 5)], retr.queries):
+        want_q = rotate(q0[12 + a : 12 + b], *rope(torch.full((b - a,), rcfg.n_window), inv)).mean(0)
+        torch.testing.assert_close(query, want_q, rtol=1e-5, atol=1e-5)
+    whole = rcfg.replace(prefill_tail=0)
+    for (a, b), ids in zip([(0, 1), (1, 3), (3, 4), (4, 5)], [picks[0], picks[1], picks[2], picks[3]]):
+        want = chunk_out(whole, FixedRetriever(ids), whole_chunk_only=True)
+        torch.testing.assert_close(got[a:b], want[a:b], rtol=1e-5, atol=1e-6)
+
+
 class RecordingRetriever(FixedRetriever):
     def build(self, layer, keys, queries):
         self.built_keys = keys
@@ -242,6 +297,7 @@ class RecordingRetriever(FixedRetriever):
 
     def select(self, layer, q, budget):
         self.query, self.budget = q, budget
+        self.queries = [*getattr(self, "queries", []), q]
         return super().select(layer, q, budget)
 
 
