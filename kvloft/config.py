@@ -180,8 +180,13 @@ class RetrievalConfig:
     max_similar: at most this many near-identical keys (same SimHash bucket of
         `similar_bits` bits, index/diversity.py) among the keys the exact retriever and the
         extrapolate-mode prefill select per KV head; 0 = no cap. Repeated text otherwise fills
-        a position-free top-k with copies of one token.
+        a position-free top-k with copies of one token. None (default) = the mode's default
+        (MODE_DEFAULTS: 4 in "extrapolate", 0 in "exact"), set when the config is made.
     similar_bits: hyperplanes of that hash (more bits = only closer keys count as similar).
+        None (default) = 8 in "extrapolate", 16 in "exact". With runs, 4 keys a bucket of 8
+        bits and the prefill tail, SmolLM2 read pass keys at 16K and 32K in 5 of 5 samples
+        (docs/extrapolation.md). replace() with a new position_mode moves the fields still at
+        the old mode's default to the new mode's.
     neighbor_radius: position_mode "extrapolate" only: each host key a selection picks brings
         the host keys up to this many positions either side of it, so retrieved keys are read
         as short runs of text, not as scattered single tokens (the top budget // (2 * radius
@@ -206,8 +211,8 @@ class RetrievalConfig:
     prefill_dense_tokens: int = 32768
     prefill_budget: int | None = None
     prefill_block: int = 64
-    max_similar: int = 0
-    similar_bits: int = 16
+    max_similar: int | None = None
+    similar_bits: int | None = None
     neighbor_radius: int = 2
     prefill_tail: int = 64
     prefill_tail_block: int = 8
@@ -223,6 +228,9 @@ class RetrievalConfig:
         if self.prefill_budget is not None:
             _check_int("prefill_budget", self.prefill_budget, minimum=0)
         _check_int("prefill_block", self.prefill_block, minimum=1)
+        for name, by_mode in MODE_DEFAULTS.items():  # None: the position mode's default
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, by_mode.get(self.position_mode, by_mode["exact"]))
         _check_int("max_similar", self.max_similar, minimum=0)
         _check_int("similar_bits", self.similar_bits, minimum=1)
         _check_int("neighbor_radius", self.neighbor_radius, minimum=0)
@@ -243,7 +251,19 @@ class RetrievalConfig:
         return self.budget if self.prefill_budget is None else self.prefill_budget
 
     def replace(self, **changes: Any) -> RetrievalConfig:
+        mode = changes.get("position_mode", self.position_mode)
+        if mode != self.position_mode:  # fields at the old mode's default take the new mode's
+            for name, by_mode in MODE_DEFAULTS.items():
+                if name not in changes and getattr(self, name) == by_mode.get(self.position_mode):
+                    changes[name] = None
         return dataclasses.replace(self, **changes)
+
+
+# RetrievalConfig fields whose default (None) depends on position_mode
+MODE_DEFAULTS: dict[str, dict[str, int]] = {
+    "max_similar": {"exact": 0, "extrapolate": 4},
+    "similar_bits": {"exact": 16, "extrapolate": 8},
+}
 
 
 @dataclass(frozen=True)

@@ -530,6 +530,9 @@ class TieredAttention:
         if self.built[layer]:
             return self.retriever.select(layer, q_mean.to(q.dtype), k).ids
         hkv = self.cfg.n_kv_heads
+        n_host = self.cache[layer].n_host
+        if k >= n_host:  # a budget covering the host tier takes all of it (no cap), as the retriever does
+            return torch.arange(n_host)[None].expand(hkv, -1).contiguous()
         qc = q_mean.to("cpu")
         chunks = [chunk for _, chunk in self._position_free_host(layer).iter_chunks()]
         scores = torch.cat([reference.reduce_group(reference.score(qc, c), hkv, self.rcfg.gqa_reduce)

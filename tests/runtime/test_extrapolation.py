@@ -185,6 +185,17 @@ def test_widen_selection_against_sets(radius):
     assert shared.tolist() == got[2].tolist()
 
 
+def test_similarity_cap_defaults_follow_the_position_mode():
+    exact, extra = RetrievalConfig(), RetrievalConfig(position_mode="extrapolate")
+    assert (exact.max_similar, exact.similar_bits) == (0, 16)
+    assert (extra.max_similar, extra.similar_bits) == (4, 8)
+    assert exact.replace(position_mode="extrapolate") == extra
+    assert extra.replace(position_mode="exact") == exact
+    kept = RetrievalConfig(max_similar=2).replace(position_mode="extrapolate")  # set by hand: kept
+    assert (kept.max_similar, kept.similar_bits) == (2, 8)
+    assert extra.replace(budget=7).max_similar == 4
+
+
 def test_neighbor_radius_is_validated():
     with pytest.raises(ValueError, match="neighbor_radius"):
         RetrievalConfig(neighbor_radius=-1)
@@ -226,7 +237,7 @@ def test_prefill_selection_by_hand(radius):
     position-free key scores highest for the chunk's mean query seen n_window after them
     (max over the GQA group), budget // (2r + 1) of them, widened by r rows a side."""
     rcfg = RetrievalConfig(budget=10, n_sink=2, n_window=3, position_mode="extrapolate",
-                           neighbor_radius=radius)
+                           neighbor_radius=radius, max_similar=0)
     q0, k0, v, q, k, cache, inv = _tiers_and_qkv(60, rcfg)
     att = TieredAttention(CFG, rcfg, cache, FixedRetriever(IDS), REFERENCE, torch.device("cpu"))
     pos = torch.arange(60)
