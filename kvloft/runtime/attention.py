@@ -64,8 +64,10 @@ a search picks budget // (2r + 1) keys per KV head and each brings the host keys
 positions either side, so the budget is read as runs of consecutive text rather than
 scattered single tokens. In a repetitive haystack the single-token top-k is thousands of
 copies of one token, remapped into one consecutive stretch ("." after "." ...); as runs,
-the same budget reads as coherent text. With r = 2 SmolLM2 read pass keys at 16K that it
-missed with single keys (docs/extrapolation.md).
+the same budget reads as coherent text. The picks are also capped (max_similar, by default
+4 keys of a SimHash bucket of 8 bits in this mode; index/diversity.py) so that the runs are
+not copies of one sentence. With runs, the cap and the tail blocks SmolLM2 read the pass key
+in 5 of 5 prompts at 16K and 32K where it read none before (docs/extrapolation.md).
 
 Search in extrapolate mode is position-free: the index gets keys with RoPE undone
 (`index_keys`), and the query is rotated to sit `n_window` positions after them, so keys
