@@ -51,7 +51,7 @@ class DecodeGraphs:
         self.o = torch.zeros(1, cfg.n_heads, cfg.head_dim, dtype=net.embed_tokens.weight.dtype,
                              device=dev)  # [1, H_q, D] the attention output fed to the next segment
         self._segments = self._build_segments()
-        self._outs: list[tuple[Tensor, ...]] | None = None  # each segment's outputs
+        self._live: list[tuple[Tensor, ...]] = []  # each segment's outputs (the graphs' once captured)
         self._graphs: list[torch.cuda.CUDAGraph] = []
 
     def _build_segments(self) -> list[Callable[[], tuple[Tensor, ...]]]:
@@ -85,7 +85,8 @@ class DecodeGraphs:
         if self.capture and not self._graphs:
             self._capture()
         n = len(self.net.layers)
-        self._live: list[tuple[Tensor, ...]] = [] if not self._graphs else self._outs
+        if not self._graphs:
+            self._live = []
         for i in range(n + 1):
             if i:
                 _, q, k, v = self._live[i - 1]
@@ -114,4 +115,4 @@ class DecodeGraphs:
             with torch.cuda.graph(g, pool=pool):
                 self._live.append(seg())
             graphs.append(g)
-        self._outs, self._graphs = self._live, graphs
+        self._graphs = graphs
