@@ -253,6 +253,7 @@ class TieredAttention:
         # extrapolate mode: the index holds position-free keys (see index_keys)
         self.position_free = rcfg.position_mode == "extrapolate"
         self._free_keys: dict[int, ChunkedRows] = {}  # per layer, until the index is built
+        self._free_buckets: dict[int, ChunkedRows] = {}  # their SimHash buckets [N, H_kv] (max_similar)
         self._h2d_stream = None  # CUDA: the side stream host chunks stream down on (made on first use)
         # prefill chunks attended densely / sparsely (exact positions; counted once per chunk,
         # at layer 0) and KV-head rows of the host tier read by prefill attention (all layers)
@@ -278,6 +279,7 @@ class TieredAttention:
                     self.retriever.build(layer, self.index_keys(layer), self._index_queries(layer))
             self.built[layer] = True
             self._free_keys.pop(layer, None)
+            self._free_buckets.pop(layer, None)
         self.sampler.clear()
 
     def index_keys(self, layer: int) -> Tensor:
@@ -436,16 +438,26 @@ class TieredAttention:
         return reference.rotate_keys(q, self.rcfg.n_window - positions.to(q.device), self.inv_freq)
 
     def _position_free_host(self, layer: int) -> ChunkedRows:
-        """Position-free copy of the host keys until the index is built, synced lazily."""
+        """Position-free copy of the host keys until the index is built, synced lazily (host
+        memory, pinned on CUDA so prefill selection streams it down asynchronously). With
+        max_similar set, each new row's SimHash buckets are kept alongside (computed once)."""
         tiers: LayerTiers = self.cache[layer]
         if layer not in self._free_keys:
+            pin = self.device.type == "cuda"
             self._free_keys[layer] = ChunkedRows(tiers.host_k.row_shape, tiers.host_k.dtype,
-                                                 tiers.host_k.chunk_rows, "cpu")
+                                                 tiers.host_k.chunk_rows, "cpu", pin=pin)
+            if self.rcfg.max_similar:
+                self._free_buckets[layer] = ChunkedRows((self.cfg.n_kv_heads,), torch.int32,
+                                                        tiers.host_k.chunk_rows, "cpu", pin=pin)
         free = self._free_keys[layer]
         if len(free) < tiers.n_host:
             rows = torch.arange(len(free), tiers.n_host)
             with torch.inference_mode():  # the copy may be made inside the model's forward or not
-                free.append(self._position_free(tiers.host_k.rows(rows), tiers.host_pos.rows(rows)))
+                keys = self._position_free(tiers.host_k.rows(rows), tiers.host_pos.rows(rows))
+                free.append(keys)
+                if layer in self._free_buckets:
+                    buckets = similarity_buckets(keys, self.rcfg.similar_bits)  # [H_kv, n]
+                    self._free_buckets[layer].append(buckets.transpose(0, 1).to(torch.int32))
         return free
 
     def _window_start(self, tiers: LayerTiers, after: Tensor) -> Tensor:
@@ -519,30 +531,50 @@ class TieredAttention:
     def _prefill_select(self, layer: int, tiers: LayerTiers, q: Tensor, positions: Tensor) -> Tensor:
         """Host rows [H_kv, k] (or [k]; -1 = pad) for prefill queries q [T, H_q, D] at positions
         [T]: the top keys per KV head for their mean search query (summed logits, up to a
-        factor T), widened by their neighbours (_neighbor_plan, widen_selection). The
-        retriever once built, else exact scores over the position-free host keys (one pass,
-        reduced over each GQA group)."""
-        n_pick, radius = self._neighbor_plan(tiers.n_host)
-        ids = self._prefill_top(layer, q, positions, n_pick)
-        return widen_selection(ids, radius, tiers.n_host) if radius else ids
+        factor T), widened by their neighbours (_neighbor_plan, widen_selection)."""
+        return self._prefill_selections(layer, tiers, q, positions, [(0, q.shape[0])])[0]
 
-    def _prefill_top(self, layer: int, q: Tensor, positions: Tensor, k: int) -> Tensor:
-        """The top k host rows per KV head (-1 = pad) for the mean search query of q [T, H_q, D]."""
-        q_mean = self._search_queries(q, positions).float().mean(0)  # [H_q, D]
+    def _prefill_selections(self, layer: int, tiers: LayerTiers, q: Tensor, positions: Tensor,
+                            ranges: list[tuple[int, int]]) -> list[Tensor]:
+        """_prefill_select for the queries of each range [a, b) of q, in one pass."""
+        n_pick, radius = self._neighbor_plan(tiers.n_host)
+        sq = self._search_queries(q, positions).float()  # [T, H_q, D]
+        q_means = torch.stack([sq[a:b].mean(0) for a, b in ranges])  # [R, H_q, D]
         if self.built[layer]:
-            return self.retriever.select(layer, q_mean.to(q.dtype), k).ids
+            tops = [self.retriever.select(layer, qm.to(q.dtype), n_pick).ids for qm in q_means]
+        else:
+            tops = list(self._prefill_top(layer, q_means, n_pick).unbind(0))
+        return [widen_selection(ids, radius, tiers.n_host) if radius else ids for ids in tops]
+
+    def _prefill_top(self, layer: int, q_means: Tensor, k: int) -> Tensor:
+        """The top k host rows [R, H_kv, k] (CPU; -1 = pad) per KV head for each of R mean
+        search queries q_means [R, H_q, D] (fp32), by exact scores over the position-free host
+        keys, reduced over each GQA group, with near-identical keys capped (max_similar).
+
+        One pass over the keys for all R queries, on the compute device: on CUDA the pinned
+        host chunks stream down asynchronously (a chunk's copy overlaps the previous chunk's
+        scores); the buckets of the cap were computed once, as the rows arrived."""
         hkv = self.cfg.n_kv_heads
         n_host = self.cache[layer].n_host
+        r = q_means.shape[0]
         if k >= n_host:  # a budget covering the host tier takes all of it (no cap), as the retriever does
-            return torch.arange(n_host)[None].expand(hkv, -1).contiguous()
-        qc = q_mean.to("cpu")
-        chunks = [chunk for _, chunk in self._position_free_host(layer).iter_chunks()]
-        scores = torch.cat([reference.reduce_group(reference.score(qc, c), hkv, self.rcfg.gqa_reduce)
-                            for c in chunks], dim=1)  # [H_kv, N]
+            return torch.arange(n_host)[None, None].expand(r, hkv, -1).contiguous()
+        free = self._position_free_host(layer)
+        dev = self.device
+        qg = q_means.to(dev).view(r, hkv, -1, q_means.shape[-1])  # [R, H_kv, g, D]
+        parts = []
+        for _, chunk in free.iter_chunks():
+            keys = chunk.to(dev, non_blocking=True).float()  # [n, H_kv, D]
+            s = torch.einsum("rhgd,nhd->rhgn", qg, keys)
+            parts.append(s.amax(2) if self.rcfg.gqa_reduce == "max" else s.sum(2))
+        scores = torch.cat(parts, dim=-1).view(r * hkv, n_host)  # [R * H_kv, N]
         if self.rcfg.max_similar:  # repeated text: cap near-identical keys (index/diversity.py)
-            buckets = torch.cat([similarity_buckets(c, self.rcfg.similar_bits) for c in chunks], dim=1)
-            return capped_topk(scores, buckets, k, self.rcfg.max_similar)
-        return torch.topk(scores, min(k, scores.shape[1]), dim=-1).indices
+            buckets = torch.cat([c.to(dev, non_blocking=True) for _, c in self._free_buckets[layer].iter_chunks()])
+            buckets = buckets.t().long()[None].expand(r, -1, -1).reshape(r * hkv, n_host)
+            ids = capped_topk(scores, buckets, k, self.rcfg.max_similar)
+        else:
+            ids = torch.topk(scores, min(k, n_host), dim=-1).indices
+        return ids.view(r, hkv, -1).to("cpu")
 
     def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """A prefill chunk: itself causally, the window, the remapped sink and top host keys.
@@ -550,18 +582,19 @@ class TieredAttention:
         The chunk's tail selects for itself (tail_blocks): a chunk-mean selection dilutes a
         question at the end of a prompt among the hundreds of tokens before it. The last
         query selects alone, as a decode step would: its output predicts the next token.
+        All selections of a chunk are made in one pass over the host keys.
         """
         tiers: LayerTiers = self.cache[layer]
         with self.timers("prefill_attention"):
             w0 = self._window_start(tiers, positions[0])
             ids = torch.empty((self.cfg.n_kv_heads, 0), dtype=torch.int64)
+            tails: list[tuple[int, int]] = []
             if tiers.n_host and self.rcfg.budget:
-                ids = self._prefill_select(layer, tiers, q, positions)
+                tails = self.tail_blocks(q.shape[0])
+                ids, *tail_ids = self._prefill_selections(layer, tiers, q, positions, [(0, q.shape[0]), *tails])
             out = self._attend_remapped(tiers, q, k, v, ids, w0)
-            if ids.numel():
-                for a, b in self.tail_blocks(q.shape[0]):  # queries a..b-1, causal over k[:b]
-                    ids_ab = self._prefill_select(layer, tiers, q[a:b], positions[a:b])
-                    out[a:b] = self._attend_remapped(tiers, q[a:b], k[:b], v[:b], ids_ab, w0)
+            for (a, b), ids_ab in zip(tails, tail_ids if tails else []):  # queries a..b-1, causal over k[:b]
+                out[a:b] = self._attend_remapped(tiers, q[a:b], k[:b], v[:b], ids_ab, w0)
         self.sampler.observe(layer, q, positions)
         self._append(layer, k, v, positions)
         return out

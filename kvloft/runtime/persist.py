@@ -260,6 +260,7 @@ def _restore_retriever(backend, gen_dir: Path, manifest: dict[str, Any]) -> None
         if built:
             r.build(layer, backend.index_keys(layer), None)  # position-free keys in extrapolate mode
             backend._free_keys.pop(layer, None)  # that copy is only needed until the build
+            backend._free_buckets.pop(layer, None)
     meta = manifest["retriever"]
     if meta["state"] is None or not hasattr(r, "load_state_dict"):
         return

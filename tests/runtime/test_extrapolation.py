@@ -21,6 +21,7 @@ import torch
 
 from kvloft import RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import ModelConfig
+from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.index.base import Selection
 from kvloft.kernels import REFERENCE
 from kvloft.runtime.attention import TieredAttention, remap_deltas, widen_selection
@@ -250,6 +251,34 @@ def test_prefill_selection_by_hand(radius):
         want = {j for c in best[h].tolist() for j in range(c - radius, c + radius + 1) if 0 <= j < 45}
         rows = [r for r in got[h].tolist() if r >= 0]
         assert len(rows) == len(set(rows)) and set(rows) == want
+
+
+def test_prefill_selections_in_one_pass_match_each_range_by_hand():
+    """Several query ranges selected in one pass over the host keys (the chunk and its tail
+    blocks), with the near-duplicate cap on: each range's rows are the capped top keys of its
+    own mean query, by hand, with buckets hashed from all position-free keys at once (the
+    pass uses buckets cached as rows arrived, over several host chunks)."""
+    rcfg = RetrievalConfig(budget=9, n_sink=2, n_window=3, position_mode="extrapolate",
+                           neighbor_radius=1, max_similar=2, similar_bits=2)
+    q0, k0, v, q, k, cache, inv = _tiers_and_qkv(60, rcfg)
+    att = TieredAttention(CFG, rcfg, cache, FixedRetriever(IDS), REFERENCE, torch.device("cpu"))
+    pos = torch.arange(60)
+    att.attend(0, q[:30], k[:30], v[:30], pos[:30])
+    att.attend(0, q[30:50], k[30:50], v[30:50], pos[30:50])  # host: tokens 2..46 (45 rows, 12 chunks)
+    assert len(att._free_buckets[0]) == 25  # synced lazily: the rows before the second chunk
+    ranges = [(0, 10), (4, 8), (9, 10)]
+    got = att._prefill_selections(0, cache[0], q[50:60], pos[50:60], ranges)
+    assert len(att._free_keys[0]) == 45 and len(att._free_buckets[0]) == 45
+    free = k0[2:47]  # [45, H_kv, D] position-free keys
+    buckets = similarity_buckets(free, 2)  # [H_kv, 45]
+    for (a, b), ids in zip(ranges, got):
+        q_search = rotate(q0[50 + a : 50 + b], *rope(torch.full((b - a,), rcfg.n_window), inv)).mean(0)
+        logits = torch.einsum("hd,nhd->hn", q_search, free.repeat_interleave(2, dim=1))  # [H_q, 45]
+        best = capped_topk(logits.view(3, 2, 45).amax(1), buckets, 9 // 3, 2)  # [H_kv, 3]
+        for h in range(3):
+            want = {j for c in best[h].tolist() if c >= 0 for j in (c - 1, c, c + 1) if 0 <= j < 45}
+            rows = [r for r in ids[h].tolist() if r >= 0]
+            assert len(rows) == len(set(rows)) and set(rows) == want
 
 
 @pytest.mark.parametrize(("n", "tail", "block", "want"), [
