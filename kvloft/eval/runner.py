@@ -153,7 +153,7 @@ class RunRecord:
     scanned_per_step: float | None  # keys the search scored per decode step and layer (all KV heads)
 
 
-def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar: int = 0) -> RetrievalConfig:
+def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar: int | None = None) -> RetrievalConfig:
     """A method name, or name + "+x" for the same method with remapped positions (extrapolation)."""
     mode = "exact"
     if method.endswith(EXTRAPOLATE_SUFFIX):
@@ -268,7 +268,7 @@ def evaluate(
     progress: bool = True,
     runtime: RuntimeConfig | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
-    max_similar: int = 0,
+    max_similar: int | None = None,
 ) -> dict[str, Any]:
     """Run every sample once per method; returns {"meta", "skipped", "cells", "runs"}.
 
@@ -278,7 +278,8 @@ def evaluate(
 
     max_new_tokens: None = per sample, the answer's tokens plus slack, at most RULER's
     limit for the task (see max_new_tokens_for). Methods whose retriever module is missing
-    are skipped and listed under "skipped" with the reason.
+    are skipped and listed under "skipped" with the reason. max_similar: None = the position
+    mode's default (RetrievalConfig; the cap is on for "+x" methods, off otherwise).
     """
     tasks, lengths, methods = list(tasks), list(lengths), list(methods)
     _check_args(model, tasks, lengths, methods, budget, samples)
@@ -383,6 +384,10 @@ def markdown(result: dict[str, Any], name: str, note: str = "") -> str:
     ]
     if m.get("max_similar"):
         lines.append(f"- at most {m['max_similar']} near-identical keys per selection (max_similar)")
+    elif m.get("max_similar", 0) is None and any(x.endswith(EXTRAPOLATE_SUFFIX) for x in m["methods"]):
+        x = RetrievalConfig(position_mode="extrapolate")
+        lines.append(f"- +x methods: at most {x.max_similar} near-identical keys per selection "
+                     f"({x.similar_bits}-bit SimHash buckets; the extrapolate defaults)")
     lines += [f"- {why}" for why in result["skipped"].values()]
     if note:
         lines.append(f"- note: {note}")
@@ -468,8 +473,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--sink", type=int, default=64, help="first tokens always attended")
     e.add_argument("--window", type=int, default=512, help="last tokens always attended")
-    e.add_argument("--max-similar", type=int, default=0,
-                   help="cap near-identical keys in a selection (RetrievalConfig.max_similar; 0 = off)")
+    e.add_argument("--max-similar", type=int, default=None,
+                   help="cap near-identical keys in a selection (RetrievalConfig.max_similar; 0 = off; "
+                        "default: the position mode's, on for +x methods)")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
     e.add_argument("--name", default=None, help="run name: JSON file suffix and doc section (default: a stamp)")
     e.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/quality_<name>.json)")

@@ -192,3 +192,15 @@ def test_from_runs_refuses_other_files(tmp_path):
         runner.from_runs([bad])
     with pytest.raises(ValueError, match="at least one runs file"):
         runner.from_runs([])
+
+
+def test_eval_cap_follows_position_mode_unless_given():
+    """`kvloft eval` without --max-similar caps near-identical keys for +x methods only (the
+    extrapolate default); an explicit value applies to every method."""
+    assert runner._retrieval("exact+x", 1024, 64, 512).max_similar == 4
+    assert runner._retrieval("exact", 1024, 64, 512).max_similar == 0
+    assert runner._retrieval("exact", 1024, 64, 512, max_similar=2).max_similar == 2
+    assert runner._retrieval("exact+x", 1024, 64, 512, max_similar=0).max_similar == 0
+    from kvloft.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "--tasks", "passkey"]).max_similar is None
