@@ -430,7 +430,8 @@ def save(result: dict[str, Any], out: Path | None, doc: Path | None, name: str |
 def from_runs(paths: Sequence[Path]) -> dict[str, Any]:
     """Rebuild a result from .runs.jsonl files that `kvloft eval` wrote as it went (an
     evaluation that was stopped, or several partial ones of the same settings: their meta
-    must agree on everything but the tasks, lengths and methods, which are merged)."""
+    must agree on everything but the tasks, lengths, methods and seeds, which are merged; runs
+    of several seeds list them all under meta["seed"])."""
     meta: dict[str, Any] | None = None
     skipped: dict[str, str] = {}
     records: list[RunRecord] = []
@@ -444,6 +445,9 @@ def from_runs(paths: Sequence[Path]) -> dict[str, Any]:
         else:
             for key in ("tasks", "lengths", "methods"):
                 meta[key] = list(dict.fromkeys([*meta[key], *head["meta"][key]]))
+            seeds = meta["seed"] if isinstance(meta["seed"], list) else [meta["seed"]]
+            if head["meta"]["seed"] not in seeds:
+                meta["seed"] = sorted([*seeds, head["meta"]["seed"]])
         skipped.update(head["skipped"])
         records += [RunRecord(**r) for r in lines[1:]]
     if meta is None:

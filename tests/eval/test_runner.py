@@ -73,6 +73,13 @@ def test_eval_passkey_dense_and_exact(smollm2, tmp_path):
     assert partial["cells"][0] == cells["dense"]
     runs.write_text("".join(json.dumps(r) + "\n" for r in streamed))
     assert runner.from_runs([runs])["cells"] == result["cells"]
+    # another seed's runs of the same cells merge into them, both seeds named
+    other = tmp_path / "quality_ci-s7.runs.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in [{**streamed[0], "meta": {**streamed[0]["meta"], "seed": 7}},
+                                                           *streamed[1:]]))
+    merged = runner.from_runs([runs, other])
+    assert merged["meta"]["seed"] == [0, 7]
+    assert {c["method"]: c["n"] for c in merged["cells"]} == {"dense": 2 * samples, "exact": 2 * samples}
 
 
 def test_wilson_interval():

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU call: SmolLM2 pass key / single needle past the trained 8K with remapped positions
+# (exact+x: the extrapolate defaults, budget 1024, sink 64, window 512), dense beside it.
+# Many `kvloft eval` processes side by side (the 135M model leaves the GPUs mostly idle),
+# one seed each, spread over the GPUs; each streams its runs to a .runs.jsonl as they finish,
+# so one stopped by its time limit keeps its work; the table is rebuilt from all of them.
+# Usage (GPU machine, repo root): bash bench/gpu_extrapolate.sh GGUF_PATH [SECONDS] [GPUS]
+# Leaves quality_x.md and quality_x.tar.gz (every file) under $OUT.
+set -u
+G=${1:?path to the SmolLM2 GGUF}
+T=${2:-480}
+NG=${3:-1}
+O=/tmp/quality_x
+mkdir -p "$O"
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+i=0
+ev() {  # name, then eval arguments
+  local name=$1; shift
+  CUDA_VISIBLE_DEVICES=$((i % NG)) timeout "$T" python3 -m kvloft.cli eval --model "$G" --device cuda \
+    --no-progress --name "$name" --out "$O/quality_$name.json" --doc "$O/quality_$name.md" \
+    --budget 1024 --sink 64 --window 512 "$@" > "$O/log_$name.txt" 2>&1 &
+  i=$((i + 1))
+}
+for s in 0 1 2 3 4; do ev "p64-s$s" --tasks passkey --lengths 64k --methods exact+x --samples 3 --seed "$s"; done
+ev p128 --tasks passkey --lengths 128k --methods exact+x --samples 2 --seed 0
+ev n64 --tasks niah_single_number --lengths 64k --methods exact+x --samples 3 --seed 0
+ev d64 --tasks passkey,niah_single_number --lengths 64k --methods dense --samples 3 --seed 0
+wait
+tail -n 3 "$O"/log_*.txt
+python3 -m kvloft.cli eval --from-runs "$O"/quality_*.runs.jsonl --name h200-extrapolation-64k \
+  --out "$O/quality_x.json" --doc "$O/quality_x.md" \
+  --note "H200 (2-GPU machine, 8 eval processes side by side), bf16; +x = remapped positions, SmolLM2 trained at 8K; one process per seed, each cell's n is the samples that finished in ${T} s"
+cp "$O/quality_x.md" "${OUT:-bench/results}/" 2>/dev/null
+tar czf "${OUT:-bench/results}/quality_x.tar.gz" -C "$O" .
