@@ -193,11 +193,11 @@ class RetrievalConfig:
         + 1) keys per KV head are picked and widened; at most `budget` keys are read). 0 =
         single keys. SmolLM2 read a pass key at 16K with 2, not with 0 (docs/extrapolation.md).
     prefill_tail / prefill_tail_block: position_mode "extrapolate" only: the last
-        `prefill_tail` queries of each prefill chunk select their own host keys, in blocks of
-        `prefill_tail_block` queries, instead of taking the whole chunk's selection (a question
-        at the end of a prompt otherwise reads what its chunk's haystack asked for). 0 = only
-        the chunk's last query selects alone. Each block costs a selection and an attention
-        pass per layer.
+        `prefill_tail` queries of each feed (prompt) select their own host keys, in blocks of
+        `prefill_tail_block` queries, instead of taking their chunk's selection (a question
+        at the end of a prompt otherwise reads what its chunk's haystack asked for); the
+        feed's last query selects alone. 0 = only that last query. Each block costs an
+        attention pass per layer; chunks before the feed's tail take none.
     """
 
     method: str = "exact"

@@ -53,10 +53,10 @@ mode with a covering budget equals dense too. In prefill (extrapolate) a chunk a
 itself causally, to the window and the remapped sink, and to the host keys per KV head
 (at most `budget`) that score highest for the chunk's mean query (the retriever once built,
 else exact scores over the host tier), widened into runs (below) and remapped the same way.
-The chunk's tail selects for itself: its last `prefill_tail` queries in blocks of
+The feed's tail selects for itself: its last `prefill_tail` queries in blocks of
 `prefill_tail_block` (so a question at the end of a prompt is not read through the chunk's
 haystack), then its last query alone, as a decode step would, since its output predicts the
-next token (with the chunk's mean alone, SmolLM2 missed a pass key at 3K tokens that it
+next token; the chunks before take the chunk's selection only (with the chunk's mean alone, SmolLM2 missed a pass key at 3K tokens that it
 found this way).
 
 Retrieved keys come as short runs (RetrievalConfig.neighbor_radius = r, widen_selection):
@@ -247,6 +247,8 @@ class TieredAttention:
         cap = rcfg.query_sample if getattr(retriever, "needs_queries", True) else 0
         self.sampler = QuerySampler(cfg.n_layers, cap)
         self.decoding = False
+        # prefill: tokens of the current feed after the chunk being attended to (Session sets it)
+        self.feed_after = 0
         self.timers = Timers(sync=profile and device.type == "cuda")
         self.scanned = 0
         self.inv_freq = rope_inv_freq(cfg).to(device)  # [D/2] fp32, for position remapping
@@ -601,13 +603,16 @@ class TieredAttention:
 
     def tail_blocks(self, n: int) -> list[tuple[int, int]]:
         """Query ranges [a, b) of an n-query prefill chunk that select their own host keys in
-        extrapolate mode, in order (a later range overwrites an earlier one's rows): the last
-        min(prefill_tail, n) queries in blocks of prefill_tail_block, then the last query alone
-        (select_last_query). A range holding the whole chunk is left out (it is the chunk's
-        own selection). Each costs one more selection and attention pass per layer."""
-        tail, block = min(self.rcfg.prefill_tail, n), self.rcfg.prefill_tail_block
+        extrapolate mode, in order (a later range overwrites an earlier one's rows): the
+        feed's last prefill_tail queries that lie in this chunk (feed_after = the feed's
+        tokens after it), in blocks of prefill_tail_block, then, in the feed's last chunk,
+        the last query alone (select_last_query). A range holding the whole chunk is left out
+        (it is the chunk's own selection). Each costs one more attention pass per layer; the
+        chunks before the feed's tail take none (their queries are the text, not a question)."""
+        block = self.rcfg.prefill_tail_block
+        tail = min(max(self.rcfg.prefill_tail - self.feed_after, 0), n)
         ranges = [(a, min(a + block, n)) for a in range(n - tail, n, block)]
-        if self.select_last_query:
+        if self.select_last_query and self.feed_after == 0:
             ranges.append((n - 1, n))
         return [r for i, r in enumerate(ranges) if r != (0, n) and r not in ranges[:i]]
 

@@ -204,6 +204,8 @@ class Session:
             self.backend.decoding = False
         for i in range(0, len(ids), chunk):
             part = ids[i : i + chunk]
+            if isinstance(self.backend, TieredAttention):
+                self.backend.feed_after = len(ids) - i - len(part)  # the feed's tail selects for itself
             self._forward(part, start + i, last_only=True)
             self.tokens.extend(part)
             if bar is not None:

@@ -478,3 +478,36 @@ def test_gpu_triton_extrapolation_matches_reference_and_dense():
     assert _rel_err(run("triton", cover), dense) < 1e-4
     small = cover.replace(budget=48)
     assert _rel_err(run("triton", small), run("reference", small)) < 1e-4
+
+
+@pytest.mark.parametrize(("n", "after", "want"), [
+    (512, 0, [(a, a + 8) for a in range(448, 512, 8)] + [(511, 512)]),  # the feed's last chunk
+    (512, 40, [(488, 496), (496, 504), (504, 512)]),  # 24 of the tail's 64 queries end this chunk
+    (512, 64, []),  # the tail lies wholly in later chunks: the chunk's own selection only
+    (512, 5000, []),
+])
+def test_tail_blocks_follow_the_feed(n, after, want):
+    rcfg = RetrievalConfig(position_mode="extrapolate", prefill_tail=64, prefill_tail_block=8)
+    att = TieredAttention(CFG, rcfg, None, FixedRetriever(IDS), REFERENCE, torch.device("cpu"))
+    att.feed_after = after
+    assert att.tail_blocks(n) == want
+
+
+def test_session_marks_the_feed_tail(monkeypatch):
+    """Session tells the backend how much of the feed follows each prefill chunk, so only the
+    feed's tail selects for itself (not every chunk's)."""
+    seen = []
+    orig = TieredAttention.tail_blocks
+
+    def spy(self, n):
+        seen.append((n, self.feed_after))
+        return orig(self, n)
+
+    monkeypatch.setattr(TieredAttention, "tail_blocks", spy)
+    model = load_model("tiny", device="cpu", dtype="float32", seed=7)
+    rcfg = RetrievalConfig(method="exact", budget=8, n_sink=4, n_window=8, position_mode="extrapolate")
+    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=16, progress=False))
+    s.feed(list(range(1, 51)))  # chunks of 16, 16, 16, 2
+    s.feed(list(range(1, 21)))  # chunks of 16, 4
+    calls = sorted(set(seen), key=seen.index)
+    assert calls == [(16, 18), (16, 2), (2, 0), (16, 4), (4, 0)]  # the first chunk has no host tier yet
