@@ -486,6 +486,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--doc", type=Path, default=ROOT / "docs" / "quality.md", help="markdown page to update")
     e.add_argument("--note", default="", help="a sentence for the doc section (e.g. the machine's load)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on CUDA, float32 on the CPU), "
+                   "float32, bfloat16, float16")
     e.add_argument("--kernels", default=None, choices=["auto", "reference", "triton"])
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUNS_JSONL",
@@ -508,7 +510,7 @@ def cmd_eval(args) -> int:
         result = from_runs(args.from_runs)
     else:
         runtime = RuntimeConfig(**kw)
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
         runs = Path(out).with_suffix(".runs.jsonl")
         runs.parent.mkdir(parents=True, exist_ok=True)
         with open(runs, "w") as f:
