@@ -203,6 +203,8 @@ def run_row(model, spec: str, n: int, args) -> dict:
         row["breakdown_ms"] = breakdown(s, args)
         if args.profile:
             profile_steps(s, args.profile, f"{spec} at {n // 1024}K")
+        if args.cprofile:
+            cprofile_steps(s, args.cprofile, f"{spec} at {n // 1024}K")
         st = s.stats()
         if "retriever" in st:
             row["retriever"] = {k: v for k, v in st["retriever"].items() if not isinstance(v, (list, dict))}
@@ -234,6 +236,22 @@ def profile_steps(s: Session, steps: int, title: str) -> None:
     for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if CUDA else []):
         print(f"\n== profile of {steps} steps, {title}, by {key}", file=sys.stderr)
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), file=sys.stderr)
+
+
+def cprofile_steps(s: Session, steps: int, title: str) -> None:
+    """Print where the host's time per step goes (cProfile, Python functions, top 40 by own
+    time and by cumulative time) to stderr: decode at long context is bound by the host
+    issuing work when the GPU is idle between launches."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    timed_steps(s, token_stream(steps, 300))
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+        print(f"\n== cProfile of {steps} steps, {title}, by {key}", file=sys.stderr)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats(key).print_stats(40)
 
 
 def breakdown(s: Session, args) -> dict[str, float]:
@@ -344,6 +362,8 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; rows not started by then are skipped")
     ap.add_argument("--profile", type=int, default=0, help="steps to run under the torch profiler per row "
                     "(top ops printed to stderr)")
+    ap.add_argument("--cprofile", type=int, default=0, help="steps to run under cProfile per row "
+                    "(host time by Python function, printed to stderr)")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

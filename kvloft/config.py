@@ -139,15 +139,30 @@ class CacheConfig:
         host chunks spill to memory-mapped files in a per-session subdirectory (removed
         when the session resets or goes away) instead of the session refusing.
         None = no disk tier (docs/disk_tier.md).
+    evict_batch: decode moves tokens leaving the window to the host tier this many at a
+        time (runtime/kvcache.py): the window ring grows to n_window + evict_batch tokens
+        (all attended exactly, on the device), then the oldest evict_batch go down in one
+        copy. Between those steps no copy runs, so no read of the host tier waits for one.
+        0 = one token per step. None (default) = 64 on CUDA, 0 elsewhere.
     """
 
     host_chunk_tokens: int = 4096
     max_context: int = 0
     disk_dir: str | None = None
+    evict_batch: int | None = None
+
+    def resolved_evict_batch(self, device) -> int:
+        """evict_batch, its default resolved for a compute device (a torch.device or its name)."""
+        if self.evict_batch is not None:
+            return self.evict_batch
+        kind = getattr(device, "type", str(device).split(":")[0])
+        return 64 if kind == "cuda" else 0
 
     def __post_init__(self) -> None:
         _check_int("host_chunk_tokens", self.host_chunk_tokens, minimum=1)
         _check_int("max_context", self.max_context, minimum=0)
+        if self.evict_batch is not None:
+            _check_int("evict_batch", self.evict_batch, minimum=0)
         if self.disk_dir is not None:
             if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
                 raise TypeError(f"disk_dir must be a directory path (str) or None, got {self.disk_dir!r}")

@@ -3,9 +3,16 @@
 Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D]`:
 
 - static tier, on the compute device: the first `n_sink` tokens and a ring of the last
-  `n_window`, in one buffer `[n_sink + n_window, H_kv, D]` (slots 0..n_sink-1 sink,
-  the rest the ring). The filled slots are always one contiguous prefix, so static
-  attention is one pass over `[:n_static]` (keys are rotated, so slot order is free).
+  `n_window`, in one buffer `[n_sink + n_window + evict_batch, H_kv, D]` (slots
+  0..n_sink-1 sink, the rest the ring). The filled slots are always one contiguous
+  prefix, so static attention is one pass over `[:n_static]` (keys are rotated, so slot
+  order is free). With `evict_batch` = B > 0, decode moves tokens to the host tier B at a
+  time: the ring grows to n_window + B tokens, then its oldest B go down in one copy and
+  the rest move to the front of the ring (a device copy of n_window rows). Between those
+  steps nothing is copied down, so nothing waits for a copy: one token per step meant a
+  copy, an event and a host wait on it in every layer of every step. The ring then holds
+  n_window + 1 .. n_window + B tokens, all attended exactly. B = 0: one token per step,
+  the ring wraps.
 - host tier: every token older than the window, appended in order to chunked rows
   (pinned when CUDA is present), with its position; grown by chunks, never copied whole.
   On CUDA the copy down is asynchronous: issued on the cache's copy stream (after the
@@ -143,10 +150,11 @@ class LayerTiers:
 
     def __init__(self, cfg: ModelConfig, n_sink: int, n_window: int, host_chunk: int,
                  device: torch.device, dtype: torch.dtype, pin: bool,
-                 spill: dict[str, SpillPolicy] | None = None, copy_stream=None) -> None:
+                 spill: dict[str, SpillPolicy] | None = None, copy_stream=None, evict_batch: int = 0) -> None:
         hkv, d = cfg.n_kv_heads, cfg.head_dim
-        size = n_sink + n_window
-        self.n_sink, self.n_window = n_sink, n_window
+        size = n_sink + n_window + evict_batch
+        self.n_sink, self.n_window, self.evict_batch = n_sink, n_window, evict_batch
+        self.ring_cap = n_window + evict_batch
         self.k = torch.zeros(size, hkv, d, dtype=dtype, device=device)
         self.v = torch.zeros(size, hkv, d, dtype=dtype, device=device)
         self.pos = torch.full((size,), -1, dtype=torch.int64, device=device)
@@ -224,9 +232,29 @@ class LayerTiers:
         if take == k.shape[0]:
             return None
         k, v, pos = k[take:], v[take:], pos[take:]
+        if k.shape[0] == 1 and self.evict_batch and self.ring_fill >= self.n_window:
+            return self._push_batched(k, v, pos)
         if k.shape[0] == 1 and self.ring_fill == self.n_window:
             return self._push_one(k, v, pos)
         return self._push_many(k, v, pos)
+
+    def _push_batched(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
+        # decode with evict_batch = B: the ring (ring_head 0, a prefix) takes the token; when
+        # full (n_window + B), its oldest B go to the host first and the rest move to the front
+        ev = None
+        a, b = self.n_sink, self.evict_batch
+        if self.ring_fill == self.ring_cap:
+            ev = Evicted(self.k[a : a + b].clone(), self.v[a : a + b].clone(), self.pos[a : a + b].clone(),
+                         self.n_host)
+            self._to_host(ev)
+            rest = self.ring_fill - b
+            for buf in (self.k, self.v, self.pos):
+                buf[a : a + rest] = buf[a + b : a + b + rest].clone()  # overlapping ranges: copy first
+            self.ring_fill = rest
+        slot = a + self.ring_fill
+        self.k[slot], self.v[slot], self.pos[slot] = k[0], v[0], pos[0]
+        self.ring_fill += 1
+        return ev
 
     def _push_one(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted:
         # decode fast path: the oldest ring slot goes to the host, the new token takes it
@@ -240,7 +268,7 @@ class LayerTiers:
 
     def _push_many(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
         # ring contents in age order, then the new tokens; the last n_window stay
-        order = (self.ring_head + torch.arange(self.ring_fill)) % self.n_window + self.n_sink
+        order = (self.ring_head + torch.arange(self.ring_fill)) % self.ring_cap + self.n_sink
         order = order.to(self.k.device)
         all_k = torch.cat([self.k[order], k])
         all_v = torch.cat([self.v[order], v])
@@ -314,7 +342,7 @@ class TieredKVCache:
 
     def __init__(self, cfg: ModelConfig, *, n_sink: int, n_window: int, host_chunk: int,
                  device: torch.device, dtype: torch.dtype, disk_dir: str | None = None,
-                 host_budget: int = 0) -> None:
+                 host_budget: int = 0, evict_batch: int = 0) -> None:
         pin = device.type == "cuda"
         self.cfg = cfg
         self.host_chunk = host_chunk
@@ -327,8 +355,9 @@ class TieredKVCache:
             self._finalizer = weakref.finalize(self, self.spill_dir.remove)
         # one stream for every layer's asynchronous copy down (made here, never at import)
         copy_stream = torch.cuda.Stream(device) if pin and self.spill_dir is None else None
+        self.evict_batch = evict_batch
         self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin,
-                                  self._spill_policies(i), copy_stream) for i in range(cfg.n_layers)]
+                                  self._spill_policies(i), copy_stream, evict_batch) for i in range(cfg.n_layers)]
 
     def _resident_chunks(self, host_budget: int) -> int:
         per_chunk = self.host_chunk * self.row_bytes * self.cfg.n_layers  # one chunk of k, v, pos per layer

@@ -171,6 +171,7 @@ def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
             for c, (_, rows) in enumerate(store.iter_chunks()):
                 tensors[f"host.{i}.{name}.{c}"] = rows  # a view of the filled part of chunk c
         layers.append({"sink_fill": t.sink_fill, "ring_fill": t.ring_fill, "ring_head": t.ring_head,
+                       "evict_batch": t.evict_batch,
                        "n_host": t.n_host, "host_chunks": len(list(t.host_k.iter_chunks()))})
     return {"layers": layers, "built": list(backend.built), "decoding": backend.decoding,
             "scanned": backend.scanned, "timers": backend.timers.as_dict()}
@@ -239,7 +240,10 @@ def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
             buf = getattr(t, name)
             if saved.shape != buf.shape or saved.dtype != buf.dtype:
                 raise RuntimeError(f"static.{i}.{name}: saved {tuple(saved.shape)} {saved.dtype}, "
-                                   f"expected {tuple(buf.shape)} {buf.dtype}")
+                                   f"expected {tuple(buf.shape)} {buf.dtype}; load with the n_sink, n_window "
+                                   f"and CacheConfig.evict_batch it was saved with (evict_batch "
+                                   f"{m.get('evict_batch', 0)}; the default is 64 on CUDA, 0 on the CPU) "
+                                   "and the same dtype")
             buf.copy_(saved)
         t.sink_fill, t.ring_fill, t.ring_head = m["sink_fill"], m["ring_fill"], m["ring_head"]
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):

@@ -65,7 +65,8 @@ class Session:
         else:
             kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
                                host_chunk=self.cache_cfg.host_chunk_tokens, device=m.device, dtype=m.dtype,
-                               disk_dir=self.cache_cfg.disk_dir, host_budget=self.runtime.host_memory_budget)
+                               disk_dir=self.cache_cfg.disk_dir, host_budget=self.runtime.host_memory_budget,
+                               evict_batch=self.cache_cfg.resolved_evict_batch(m.device))
             retriever = make_retriever(self.retrieval, cfg, m.device)
             if self.runtime.scheduler == "overlap":
                 from kvloft.scheduler.overlap import ScheduledAttention
@@ -159,7 +160,8 @@ class Session:
         c = self.model.config
         static = 0
         if self.retrieval.method != "dense":
-            static = (2 * c.n_layers * (self.retrieval.n_sink + self.retrieval.n_window) * c.n_kv_heads
+            rows = self.retrieval.n_sink + self.retrieval.n_window + self.cache_cfg.resolved_evict_batch("cuda")
+            static = (2 * c.n_layers * rows * c.n_kv_heads
                       * c.head_dim * torch.finfo(self.model.dtype).bits // 8)
         need = self.model.weight_bytes + static
         if need > budget:

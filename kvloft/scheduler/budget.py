@@ -228,7 +228,8 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
         static = _dense_capacity(n) * token_row * layers
     else:
         n_host = max(0, n - rcfg.n_sink - rcfg.n_window)
-        static = (rcfg.n_sink + rcfg.n_window) * (token_row + 8) * layers
+        # the GPU plan: the window ring holds up to evict_batch more tokens (CacheConfig)
+        static = (rcfg.n_sink + rcfg.n_window + cache_cfg.resolved_evict_batch("cuda")) * (token_row + 8) * layers
     per_token = token_row * layers
     row_cache = (cache_bytes // per_token) * per_token if rcfg.method != "dense" else 0
     index, host_index, notes = _index_bytes(cfg, rcfg, n_host, isz)

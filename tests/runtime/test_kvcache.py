@@ -62,3 +62,42 @@ def test_bytes_reported():
     per_token = 3 * 16 * 4
     assert b["static"] == cfg.n_layers * (2 * 12 * per_token + 12 * 8)
     assert b["host"] == 2 * (2 * 16 * per_token + 16 * 8)  # layer 0: 18 host rows in two chunks of 16
+
+
+@pytest.mark.parametrize("n_sink,n_window,batch,chunks", [
+    (5, 33, 8, [1] * 300),
+    (0, 7, 4, [3, 1, 250, 1, 1, 999, 17] * 10 + [1] * 50),  # feeds between decode steps compact the ring
+    (4, 16, 1, [40] + [1] * 40),
+])
+def test_batched_eviction_round_trip(n_sink, n_window, batch, chunks):
+    """evict_batch = B: a decode token joins the ring until it holds n_window + B tokens, then
+    the oldest B go to the host tier in one piece; a multi-token feed keeps the last n_window.
+    Every token is in exactly one tier, bit-exact, the host tier in order."""
+    cfg = ModelConfig.from_name("tiny")
+    cache = TieredKVCache(cfg, n_sink=n_sink, n_window=n_window, host_chunk=64, device=torch.device("cpu"),
+                          dtype=torch.float32, evict_batch=batch)
+    layer = cache[0]
+    total = sum(chunks)
+    k_all, v_all = torch.randn(total, cfg.n_kv_heads, cfg.head_dim), torch.randn(total, cfg.n_kv_heads, cfg.head_dim)
+    start, ring, host = 0, 0, 0  # the expected ring and host counts
+    for n in chunks:
+        ev = layer.append(k_all[start : start + n], v_all[start : start + n], torch.arange(start, start + n))
+        sink_take = min(n, max(0, n_sink - start))
+        m = n - sink_take
+        if m == 1 and ring >= n_window:
+            out = batch if ring == n_window + batch else 0
+            ring = ring - out + 1
+        else:
+            out = max(0, ring + m - n_window)
+            ring = ring + m - out
+        assert (ev is None and out == 0) or (ev is not None and len(ev.positions) == out and ev.first_row == host)
+        host += out
+        start += n
+        assert layer.n_host == host and layer.ring_fill == ring <= n_window + batch
+    assert torch.equal(layer.host_pos.all(), torch.arange(n_sink, n_sink + host))
+    assert torch.equal(layer.host_k.all(), k_all[n_sink : n_sink + host])
+    assert torch.equal(layer.host_v.all(), v_all[n_sink : n_sink + host])
+    sk, sv, sp = layer.static_kv()
+    expect = torch.cat([torch.arange(min(n_sink, total)), torch.arange(n_sink + host, total)])
+    assert torch.equal(sp, expect)  # the ring stays in age order, a prefix of the buffer
+    assert torch.equal(sk, k_all[sp]) and torch.equal(sv, v_all[sp])

@@ -12,8 +12,8 @@ def tiny():
     return load_model("tiny", device="cpu", dtype="float32", seed=3)
 
 
-def _decode_logits(model, rcfg, prompt, steps, chunk=64):
-    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=chunk, progress=False))
+def _decode_logits(model, rcfg, prompt, steps, chunk=64, cache=None):
+    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=chunk, progress=False), cache)
     s.feed(prompt)
     out = [s.last_logits.clone()]
     for t in steps:
@@ -30,6 +30,23 @@ def test_exact_with_covering_budget_equals_dense(tiny, n_sink, n_window, length)
     exact, s = _decode_logits(tiny, rcfg, prompt, steps)
     assert s.stats()["tier_tokens"]["host"] > 0  # retrieval really ran over the host tier
     err = (exact.double() - dense.double()).norm() / dense.double().norm()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("method", ["exact", "hip"])
+def test_batched_eviction_with_covering_budget_equals_dense(tiny, method):
+    """CacheConfig(evict_batch=8): decode tokens reach the host tier 8 at a time (the ring
+    grows past n_window in between); with a budget covering the host tier the logits are
+    dense attention's, and the retriever sees every row that went down (index add / the
+    host tier read in place)."""
+    prompt = torch.randint(0, tiny.config.vocab_size, (150,))
+    steps = torch.randint(0, tiny.config.vocab_size, (30,))
+    dense, _ = _decode_logits(tiny, RetrievalConfig(method="dense"), prompt, steps)
+    rcfg = RetrievalConfig(method=method, budget=10_000, n_sink=4, n_window=32)
+    got, s = _decode_logits(tiny, rcfg, prompt, steps, cache=kvloft.CacheConfig(evict_batch=8))
+    tiers = s.backend.cache[0]
+    assert tiers.n_host == 150 - 4 - 32 + 24 and tiers.ring_fill == 32 + 6  # 3 batches of 8 went down
+    err = (got.double() - dense.double()).norm() / dense.double().norm()
     assert err < 1e-5, err
 
 

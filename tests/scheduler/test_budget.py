@@ -32,7 +32,9 @@ def test_static_and_index_follow_the_tiers_and_the_mirror():
     # static: the tier's own buffers; index: the exact retriever's mirror after build
     from kvloft.runtime.kvcache import TieredKVCache
 
-    kv = TieredKVCache(cfg, n_sink=4, n_window=16, host_chunk=4096, device=torch.device("cpu"), dtype=torch.float32)
+    # the plan is a GPU's: its window ring has room for CacheConfig's evict_batch on CUDA
+    kv = TieredKVCache(cfg, n_sink=4, n_window=16, host_chunk=4096, device=torch.device("cpu"), dtype=torch.float32,
+                       evict_batch=CacheConfig().resolved_evict_batch("cuda"))
     assert plan.static == kv.bytes()["static"]
     r = make_retriever(rcfg, cfg)
     for layer in range(cfg.n_layers):
