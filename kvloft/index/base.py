@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -49,17 +49,39 @@ class Retriever(Protocol):
         """Counters for reports (calls, keys scanned, cache hits, ...)."""
 
 
-@dataclass
 class RetrieverStats:
-    calls: int = 0
-    scanned: int = 0
-    selected: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    """calls, key vectors scanned, rows selected (valid ids), and method-specific extras.
+
+    A selection on the GPU is counted on the GPU (a running sum read when `selected` is):
+    reading it back every call would make the host wait for the GPU in every layer of
+    every decode step.
+    """
+
+    def __init__(self, calls: int = 0, scanned: int = 0, selected: int = 0,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.calls, self.scanned, self._selected = calls, scanned, selected
+        self.extra: dict[str, Any] = {} if extra is None else extra
+        self._pending: Tensor | None = None  # device-side count not yet read back
+
+    @property
+    def selected(self) -> int:
+        if self._pending is not None:
+            self._selected += int(self._pending)
+            self._pending = None
+        return self._selected
+
+    @selected.setter
+    def selected(self, value: int) -> None:
+        self._selected, self._pending = int(value), None
 
     def record(self, sel: Selection) -> None:
         self.calls += 1
         self.scanned += sel.scanned
-        self.selected += int((sel.ids >= 0).sum())
+        n = (sel.ids >= 0).sum()
+        if n.device.type == "cpu":
+            self._selected += int(n)
+        else:
+            self._pending = n if self._pending is None else self._pending + n
 
     def as_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected, **self.extra}

@@ -273,51 +273,49 @@ class HipRetriever:
     def _run_stage(
         self, stage: int, store: ChunkedRows, q: Tensor, cand: Tensor | None, kept: int
     ) -> tuple[Tensor, int]:
-        """One pruning stage: cand [M] host rows (None = all rows) -> (kept rows, probe rows read)."""
+        """One pruning stage: cand [M] host rows (None = all rows) -> (kept rows, probe rows read).
+
+        The candidates are cut into whole chunks of l_c; the M % l_c left over (the newest
+        rows of stage 1, the tail of a later stage's list) are kept without a search. So no
+        chunk holds padding, and every shape is known on the host: a stage never waits for
+        the GPU (filtering padding out would read a count back in every layer).
+        """
         length = self.params.chunk_sizes[stage]
         last = stage == self.params.n_stages - 1
         n_cand = len(store) if cand is None else cand.numel()
         if n_cand <= kept:
             rows = torch.arange(n_cand, device=self.device) if cand is None else cand
             return rows, 0
+        n_full = n_cand // length
         if cand is None:
-            chunks, score = self._stage1_scores(store, q, length)
+            chunks, score = self._stage1_scores(store, q, length, n_full)
+            rest = torch.arange(n_full * length, n_cand, device=self.device)
         else:
-            chunks = _pad_chunks(cand, length)  # [C, l_c]
+            chunks, rest = cand[: n_full * length].view(n_full, length), cand[n_full * length :]
             if self.use_kernel:
                 _, score = hip_stage(store.chunks, chunks, q, self.params.probe)
             else:
                 _, score = hierarchical_top1(chunks, store.rows, q, self.params.probe)
-        reads = chunks.shape[0] * probes_per_chunk(length)
-        n_keep = min(max(kept // length, 1), chunks.shape[0])
+        reads = n_full * probes_per_chunk(length)
+        n_keep = min(max(kept // length, 1), n_full)
         top = torch.topk(score, n_keep).indices  # best chunk first
-        rows = chunks[top].flatten()
-        rows = rows[rows >= 0]
+        rows = torch.cat([chunks[top].flatten(), rest])
         return (rows if last else torch.sort(rows).values), reads
 
-    def _stage1_scores(self, store: ChunkedRows, q: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Stage 1 over all rows, one store chunk at a time (chunk_rows is a multiple of l_c).
+    def _stage1_scores(self, store: ChunkedRows, q: Tensor, length: int, n_full: int) -> tuple[Tensor, Tensor]:
+        """Stage 1 over the first n_full * length rows, one store chunk at a time (chunk_rows
+        is a multiple of l_c, so only the store's last chunk ends in a partial l_c chunk,
+        whose score is dropped).
 
-        Returns (chunks [C, l_c] row ids (-1 pad), score [C] fp32).
+        Returns (chunks [n_full, l_c] row ids, score [n_full] fp32).
         """
         stage1 = hip_stage1 if self.use_kernel else hip_stage1_reference
         scores = [stage1(rows, q, length, self.params.probe)[1] for _, rows in store.iter_chunks()]
-        n = len(store)
-        n_chunks = -(-n // length)
-        chunks = torch.arange(n_chunks * length, device=self.device).view(n_chunks, length)
-        chunks = chunks.masked_fill(chunks >= n, -1)
-        return chunks, torch.cat(scores)
+        chunks = torch.arange(n_full * length, device=self.device).view(n_full, length)
+        return chunks, torch.cat(scores)[:n_full]
 
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
-
-
-def _pad_chunks(cand: Tensor, length: int) -> Tensor:
-    """cand [M] -> [ceil(M / length), length] in order, -1 padding at the end."""
-    n_chunks = -(-cand.numel() // length)
-    out = torch.full((n_chunks * length,), -1, dtype=torch.long, device=cand.device)
-    out[: cand.numel()] = cand
-    return out.view(n_chunks, length)
 
 
 def _with_fresh(mask: Tensor, seen: int, n: int, last: bool) -> Tensor:

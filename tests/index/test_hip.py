@@ -71,6 +71,7 @@ def test_budget_covering_host_tier_equals_dense_attention():
 def _loop_reference(keys: torch.Tensor, q: torch.Tensor, p: HipParams, budget: int) -> tuple[set[int], int]:
     """The multi-stage search written chunk by chunk in Python. keys [N, H_kv, D].
 
+    Each stage searches the whole chunks of l_c candidates; the len % l_c left over are kept.
     Returns (selected rows, probe slots: 2 * log2(l_c) per chunk searched, 1 if l_c == 1).
     """
     def score(j: int) -> float:
@@ -81,7 +82,9 @@ def _loop_reference(keys: torch.Tensor, q: torch.Tensor, p: HipParams, budget: i
         kept = budget if i == p.n_stages - 1 else max(p.kept_tokens[i], budget)
         if len(cand) <= kept:
             continue
-        chunks = [cand[j : j + length] for j in range(0, len(cand), length)]
+        n_full = len(cand) // length
+        chunks = [cand[j : j + length] for j in range(0, n_full * length, length)]
+        rest = cand[n_full * length :]
         slots += len(chunks) * (2 * int(math.log2(length)) if length > 1 else 1)
         scores = []
         for ch in chunks:
@@ -95,7 +98,8 @@ def _loop_reference(keys: torch.Tensor, q: torch.Tensor, p: HipParams, budget: i
                 span = half
             scores.append(best)
         order = sorted(range(len(chunks)), key=lambda c: -scores[c])[: max(kept // length, 1)]
-        cand = sorted(x for c in order for x in chunks[c])
+        kept_rows = [x for c in order for x in chunks[c]] + rest  # best chunk first, the rest last
+        cand = kept_rows[:budget] if i == p.n_stages - 1 else sorted(kept_rows)
     return set(cand), slots
 
 
