@@ -180,7 +180,9 @@ def run_row(model, spec: str, n: int, args) -> dict:
         s = Session(model, rcfg, RuntimeConfig(progress=False, cuda_graphs=graphs),
                     CacheConfig(host_chunk_tokens=max(n, 1)))
         if dense:
-            preallocate_dense(s, n + 64)
+            # room for every token the row decodes (warmup, timed, breakdown, profiles): a
+            # buffer that has to grow doubles, and at 512K that is 64 GiB more
+            preallocate_dense(s, n + args.warmup + 2 * args.steps + args.profile + args.cprofile + 64)
         t0 = time.perf_counter()
         fill_context(s, n)
         row["fill_s"] = round(time.perf_counter() - t0, 1)
