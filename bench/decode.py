@@ -29,7 +29,8 @@ prefill (--prefill: Session.feed of random ids, chunked and offloaded) in tokens
 Methods: a retriever name, optional ":key=value" retriever options, optional "@overlap" to
 decode through the scheduler (GPU row cache), optional "@eager" to launch every kernel from
 Python (no CUDA graphs for the dense parts of a step), e.g. `hip:keys_on=host`,
-`exact@overlap`, `dense@eager`.
+`exact@overlap`, `dense@eager`; "@staged" is "@overlap" with the row cache's misses fetched
+through pinned staging buffers and H2D copies instead of the zero-copy gather kernel.
 
     python bench/decode.py --preset llama3-8b --contexts 32k,128k,512k,1m \
         --methods dense,exact,tokenselect,hip,hip:keys_on=host --time-limit 500
@@ -67,10 +68,11 @@ REGIONS = ("search", "retrieved_attention", "static_attention", "attention", "in
 def parse_method(spec: str) -> tuple[str, dict, set[str]]:
     """'hip:keys_on=host@overlap@eager' -> ('hip', {'keys_on': 'host'}, {'overlap', 'eager'})."""
     spec, *flags = spec.split("@")
-    bad = set(flags) - {"overlap", "eager"}
+    bad = set(flags) - {"overlap", "staged", "eager"}
     if bad:
         raise SystemExit(f"method {spec}: unknown suffix @{bad.pop()} (@overlap: the scheduler; "
-                         "@eager: no CUDA graphs)")
+                         "@staged: the scheduler, fetching through pinned staging buffers and H2D "
+                         "copies; @eager: no CUDA graphs)")
     name, *opts = spec.split(":")
     options = {}
     for o in opts:
@@ -166,7 +168,7 @@ def preallocate_dense(s: Session, capacity: int) -> None:
 
 def run_row(model, spec: str, n: int, args) -> dict:
     name, options, flags = parse_method(spec)
-    overlap, graphs = "overlap" in flags, "eager" not in flags
+    overlap, graphs = bool(flags & {"overlap", "staged"}), "eager" not in flags
     dense = name == "dense"
     rcfg = RetrievalConfig(method=name, budget=args.budget, n_sink=args.sink, n_window=args.window, options=options)
     row = {"method": spec, "context": n, "budget": n if dense else args.budget}
@@ -190,7 +192,7 @@ def run_row(model, spec: str, n: int, args) -> dict:
             rt = RuntimeConfig(gpu_memory_budget=args.gpu_budget, scheduler="overlap", cuda_graphs=graphs)
             cache = resolve_cache_bytes(model.config, rcfg, rt, SchedulerParams(), model.dtype, DEVICE,
                                         n_tokens=n + 64)
-            use_scheduler(s, SchedulerParams(cache_bytes=cache))
+            use_scheduler(s, SchedulerParams(cache_bytes=cache, fetch="staged" if "staged" in flags else "auto"))
         timed_steps(s, token_stream(args.warmup))
         hits0 = _cache_totals(s.backend)
         ms = timed_steps(s, token_stream(args.steps, args.warmup))
