@@ -8,6 +8,8 @@ Two sources of keys, one kernel:
                   The gather is fused: the kernel reads rows by index, so the selected
                   rows are never copied. k_rows/v_rows may be pinned host tensors when q
                   is on CUDA: the GPU then reads them zero-copy over PCIe.
+  gather_attend_chunks  the same over rows kept in equal chunks (a host tier grown chunk
+                  by chunk): each row's chunk is found through a table of base addresses.
 
 Grid (H_kv, S): program (h, s) takes KV head h and the s-th slice of the key list, and
 all G = H_q / H_kv query heads of that group, so every K/V row is read once per group.
@@ -35,6 +37,7 @@ Reference: kernels/reference.py `decode_attend`, `gather_attend`, `rotate_keys`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +77,15 @@ INTERPRETER_SPLITS = 3
 
 
 # Sizes vary per call: specializing on them would recompile for every new length.
-@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih", "stride_dh"])
+@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih", "stride_dh", "chunk_rows"])
 def _split_kernel(
     q,  # [H_q, D], last dim contiguous
     k,  # [N, H_kv, D] rows (token-major), last dim contiguous
     v,  # [N, H_kv, D]
     ids,  # [H_kv, n] or [n] int32/int64, contiguous along n (unused when not HAS_IDS)
+    k_table,  # [n_chunks] int64 base addresses of equal key chunks (CHUNKED; k is the first)
+    v_table,  # [n_chunks] int64 base addresses of the value chunks (CHUNKED; v is the first)
+    chunk_rows,  # rows per chunk (CHUNKED): row r lives in chunk r // chunk_rows
     rot_delta,  # [H_kv, n] or [n] int32/int64, aligned with ids (unused when not ROTATE)
     inv_freq,  # [D/2] fp32 RoPE inverse frequencies (unused when not ROTATE)
     out_part,  # [S, H_q, D] fp32
@@ -97,6 +103,7 @@ def _split_kernel(
     stride_dh,  # 0 for shared deltas
     HAS_IDS: tl.constexpr,
     ROTATE: tl.constexpr,
+    CHUNKED: tl.constexpr,  # rows spread over chunks found through k_table / v_table
     HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps 16-byte vector loads
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -146,14 +153,24 @@ def _split_kernel(
         else:
             rows = pos.to(tl.int64)
         kv_mask = valid[:, None] & dmask[None, :]
-        vb = tl.load(v_head + rows[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+        if CHUNKED:  # each row's chunk base from the tables (padding reads chunk 0, masked)
+            safe = tl.where(valid, rows, 0)
+            ci = safe // chunk_rows
+            ri = safe % chunk_rows
+            k_base = tl.load(k_table + ci).to(tl.pointer_type(k.dtype.element_ty))
+            v_base = tl.load(v_table + ci).to(tl.pointer_type(v.dtype.element_ty))
+            k_row = k_base + ri * stride_kn + kv_head.to(tl.int64) * stride_kh  # [BLOCK_N] row pointers
+            v_row = v_base + ri * stride_vn + kv_head.to(tl.int64) * stride_vh
+        else:
+            k_row = k_head + rows * stride_kn
+            v_row = v_head + rows * stride_vn
+        vb = tl.load(v_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if ROTATE:
             delta = tl.load(rot_delta + kv_head * stride_dh + pos, mask=valid, other=0)
-            k_rows = k_head + rows[:, None] * stride_kn  # [BLOCK_N, 1] row pointers
             k_mask = valid[:, None] & hmask[None, :]
-            s = _rotated_logits(q1, q2, k_rows, hh, k_mask, delta, turns_per_pos, HALF)
+            s = _rotated_logits(q1, q2, k_row[:, None], hh, k_mask, delta, turns_per_pos, HALF)
         else:
-            kb = tl.load(k_head + rows[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+            kb = tl.load(k_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(qb, tl.trans(kb), input_precision="ieee")  # [BLOCK_G, BLOCK_N]
         s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -214,6 +231,7 @@ def _attend_rows(
     num_splits: int | None,
     launch: DecodeLaunch,
     rot: tuple[Tensor, Tensor] | None = None,  # (delta [H_kv, n] / [n], inv_freq [D/2] fp32)
+    tables: tuple[Tensor, Tensor, int] | None = None,  # (k_table, v_table, chunk_rows): k, v are chunk 0
 ) -> tuple[Tensor, Tensor]:
     hq, d = q.shape
     hkv = k.shape[1]
@@ -229,12 +247,14 @@ def _attend_rows(
     stride_ih = 0 if ids is None or ids.dim() == 1 else ids.stride(0)
     delta, inv_freq = rot if rot is not None else (q, q)  # placeholders, never read
     stride_dh = 0 if rot is None or delta.dim() == 1 else delta.stride(0)
+    k_table, v_table, chunk_rows = tables if tables is not None else (q, q, 1)  # placeholders unless chunked
     _split_kernel[(hkv, splits)](
-        q, k, v, ids_arg, delta, inv_freq, out_part, lse_part,
+        q, k, v, ids_arg, k_table, v_table, chunk_rows, delta, inv_freq, out_part, lse_part,
         n, split_len, group, scale * LOG2E,
         q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih, stride_dh,
         HAS_IDS=ids is not None,
         ROTATE=rot is not None,
+        CHUNKED=tables is not None,
         HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)),
         BLOCK_N=launch.block_n,
@@ -345,3 +365,46 @@ def gather_attend(
     q = q.contiguous()
     ids = ids.contiguous()
     return _attend_rows(q, k_rows, v_rows, ids, ids.shape[-1], scale, num_splits, launch, rot)
+
+
+def gather_attend_chunks(
+    q: Tensor, k_chunks: Sequence[Tensor], v_chunks: Sequence[Tensor], ids: Tensor, *, scale: float,
+    tables: tuple[Tensor, Tensor] | None = None, num_splits: int | None = None,
+    launch: DecodeLaunch = DEFAULT_LAUNCH,
+    rot_delta: Tensor | None = None, inv_freq: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """gather_attend over rows kept in equal chunks (a host tier of several chunks): row r is
+    row r % R of chunk r // R, R = the chunks' row count. The kernel finds each row's chunk
+    through tables of the chunks' base addresses, so rows are read in place (zero-copy for
+    pinned host chunks) with no gather and no concatenation.
+
+    k_chunks, v_chunks: equal lists of tensors [R, H_kv, D] with the same shape, dtype and
+    strides (the last chunk may be only partly filled; ids must not point past the filled
+    rows). tables: (k_table, v_table), int64 base addresses on q's device (chunk_table),
+    made here when None. Other arguments and the result as gather_attend (ids are not
+    range-checked).
+    """
+    if not k_chunks or len(k_chunks) != len(v_chunks):
+        raise ValueError(f"gather_attend_chunks: needs as many value chunks as key chunks (>= 1), "
+                         f"got {len(k_chunks)} and {len(v_chunks)}")
+    k0, v0 = k_chunks[0], v_chunks[0]
+    _validate_qkv("gather_attend_chunks", q, k0, v0, "k_chunks[0]", "v_chunks[0]")
+    for name, chunks, first in (("k_chunks", k_chunks, k0), ("v_chunks", v_chunks, v0)):
+        if any(c.shape != first.shape or c.dtype != first.dtype or c.stride() != first.stride() for c in chunks):
+            raise ValueError(f"gather_attend_chunks: every tensor of {name} must match the first in shape, "
+                             "dtype and strides")
+        checks.require_rows_device("gather_attend_chunks", q, **{f"{name}[{i}]": c for i, c in enumerate(chunks)})
+    _validate_ids(ids, k0.shape[1])
+    checks.require_same_device("gather_attend_chunks", q, ids=ids)
+    rot = _validate_rotation(rot_delta, inv_freq, ids, q, k0.shape[1])
+    if tables is None:
+        tables = chunk_table(k_chunks, q.device), chunk_table(v_chunks, q.device)
+    q = q.contiguous()
+    ids = ids.contiguous()
+    return _attend_rows(q, k0, v0, ids, ids.shape[-1], scale, num_splits, launch, rot,
+                        tables=(tables[0], tables[1], k0.shape[0]))
+
+
+def chunk_table(chunks: Sequence[Tensor], device: torch.device) -> Tensor:
+    """[n_chunks] int64 base addresses of `chunks` on `device` (copied down without a wait)."""
+    return torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(device, non_blocking=True)

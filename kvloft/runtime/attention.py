@@ -414,13 +414,22 @@ class TieredAttention:
             out, lse = cpu_partial_attention(q.to("cpu"), tiers.host_k, tiers.host_v, ids.to("cpu"),
                                              scale=self.scale)
             return out.to(q.device, non_blocking=True), lse.to(q.device, non_blocking=True)
-        one_chunk = len(tiers.host_k.chunks) == 1
-        zero_copy = self.ops.name == "triton" and tiers.host_k.pin
+        host_k, host_v = tiers.host_k, tiers.host_v
+        one_chunk = len(host_k.chunks) == 1
+        zero_copy = self.ops.name == "triton" and host_k.pin
         if one_chunk and (self.device.type == "cpu" or zero_copy):
             # one host chunk: the kernel gathers straight from it (on CUDA: reading pinned
             # host memory through unified addressing, only the selected rows cross PCIe)
-            kc, vc = tiers.host_k.chunks[0], tiers.host_v.chunks[0]
+            kc, vc = host_k.chunks[0], host_v.chunks[0]
             return self.ops.gather_attend(q, kc, vc, ids.to(q.device), scale=self.scale, **rot)
+        if zero_copy and host_k.n_spilled == 0 and host_v.n_spilled == 0:
+            # several pinned chunks: the kernel finds each row's chunk through a table of
+            # their addresses and reads it in place, as above
+            from kvloft.kernels.sparse_decode import gather_attend_chunks
+
+            tables = host_k.pointer_table(self.device), host_v.pointer_table(self.device)
+            return gather_attend_chunks(q, host_k.chunks, host_v.chunks, ids.to(q.device), scale=self.scale,
+                                        tables=tables, **rot)
         gk, gv, valid = self._gather_rows(tiers, ids)
         local = torch.arange(valid.shape[1])[None].expand_as(valid)
         local = torch.where(valid, local, -1).to(self.device)

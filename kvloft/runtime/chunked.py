@@ -62,9 +62,20 @@ class ChunkedRows:
         self.n = 0
         self.spill = spill
         self.n_spilled = 0
+        self._table: tuple[tuple, Tensor] | None = None  # pointer_table's cache
 
     def __len__(self) -> int:
         return self.n
+
+    def pointer_table(self, device: torch.device) -> Tensor:
+        """[n_chunks] int64 base addresses of the chunks on `device`, for kernels that read
+        rows in place through them (kernels/sparse_decode.py gather_attend_chunks). Made
+        again only when a chunk is added or spilled (chunks never move otherwise)."""
+        key = (str(device), len(self.chunks), self.n_spilled)
+        if self._table is None or self._table[0] != key:
+            table = torch.tensor([c.data_ptr() for c in self.chunks], dtype=torch.int64)
+            self._table = (key, table.to(device, non_blocking=True))
+        return self._table[1]
 
     @property
     def nbytes(self) -> int:

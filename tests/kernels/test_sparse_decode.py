@@ -231,3 +231,80 @@ def test_gpu_pinned_host_rows_zero_copy():
     assert torch.equal(out, dev_out) and torch.equal(lse, dev_lse)
     with pytest.raises(ValueError, match="pin it"):
         gather_attend(q, k.cpu(), v.cpu(), ids, scale=0.1)
+
+
+def _split_chunks(rows, chunk_rows):
+    """rows [N, H_kv, D] -> equal chunks [chunk_rows, H_kv, D] (the last one padded with garbage)."""
+    n = rows.shape[0]
+    n_chunks = -(-n // chunk_rows)
+    padded = torch.randn(n_chunks * chunk_rows, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[:n] = rows
+    return list(padded.view(n_chunks, chunk_rows, *rows.shape[1:]).unbind(0))
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,n_rows,chunk_rows,n,n_pad,shared",
+    [
+        (9, 3, 32, 200, 64, 97, 5, False),  # 4 chunks, the last partly filled
+        (9, 3, 32, 150, 16, 97, 0, True),
+        (7, 7, 24, 300, 300, 60, 10, False),  # one chunk
+    ],
+)
+def test_gather_chunks_matches_gather_over_all_rows(hq, hkv, d, n_rows, chunk_rows, n, n_pad, shared):
+    """Rows kept in equal chunks, found through the chunks' base addresses, give what
+    gather_attend gives over the same rows in one tensor (and the fp64 oracle's rule)."""
+    from kvloft.kernels.sparse_decode import gather_attend_chunks
+
+    q, k, v = make(hq, hkv, d, n_rows)
+    ids = random_ids(hkv, n_rows, n, n_pad, shared)
+    scale = 0.7 * d**-0.5
+    out, lse = gather_attend_chunks(q, _split_chunks(k, chunk_rows), _split_chunks(v, chunk_rows), ids, scale=scale)
+    one_out, one_lse = gather_attend(q, k, v, ids, scale=scale)
+    torch.testing.assert_close(out, one_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, one_lse, rtol=1e-6, atol=1e-6)
+    ex_out, ex_lse = oracle(q, k, v, ids, scale)
+    ref_out, ref_lse = reference.gather_attend(q, k, v, ids, scale=scale)
+    assert_rule(out, ref_out, ex_out, "out")
+    assert_rule(lse, ref_lse, ex_lse, "lse")
+
+
+def test_gather_chunks_rotated_matches_reference():
+    from kvloft.config import ModelConfig
+    from kvloft.kernels.sparse_decode import gather_attend_chunks
+    from kvloft.runtime.model import rope_inv_freq
+
+    inv = rope_inv_freq(ModelConfig.from_name("tiny"))
+    d = 2 * inv.shape[0]
+    q, k, v = make(8, 2, d, 90)
+    ids = random_ids(2, 90, 40, 3)
+    delta = torch.randint(-5000, 5000, ids.shape)
+    out, lse = gather_attend_chunks(q, _split_chunks(k, 32), _split_chunks(v, 32), ids, scale=0.2,
+                                    rot_delta=delta, inv_freq=inv)
+    ref_out, ref_lse = reference.gather_attend(q, k, v, ids, scale=0.2, rot_delta=delta, inv_freq=inv)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_gather_chunks_bad_inputs():
+    from kvloft.kernels.sparse_decode import gather_attend_chunks
+
+    q, k, v = make(9, 3, 16, 64)
+    ids = random_ids(3, 64, 10)
+    with pytest.raises(ValueError, match="as many value chunks"):
+        gather_attend_chunks(q, _split_chunks(k, 32), _split_chunks(v, 32)[:1], ids, scale=0.1)
+    with pytest.raises(ValueError, match="match the first"):
+        gather_attend_chunks(q, [k[:32], k[:16]], [v[:32], v[:16]], ids, scale=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_pinned_host_chunks_zero_copy():
+    """A host tier of several pinned chunks read in place equals the rows on the GPU."""
+    from kvloft.kernels.sparse_decode import gather_attend_chunks
+
+    q, k, v = make(32, 8, 128, 4096 * 3 + 100, torch.bfloat16, "cuda")
+    ids = random_ids(8, k.shape[0], 2048, 7, device="cuda")
+    kc = [c.cpu().pin_memory() for c in _split_chunks(k, 4096)]
+    vc = [c.cpu().pin_memory() for c in _split_chunks(v, 4096)]
+    out, lse = gather_attend_chunks(q, kc, vc, ids, scale=0.1)
+    dev_out, dev_lse = gather_attend(q, k, v, ids, scale=0.1)
+    assert torch.equal(out, dev_out) and torch.equal(lse, dev_lse)

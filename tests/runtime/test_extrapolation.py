@@ -21,8 +21,8 @@ import torch
 
 from kvloft import RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import ModelConfig
-from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.index.base import Selection
+from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import REFERENCE
 from kvloft.runtime.attention import TieredAttention, remap_deltas, widen_selection
 from kvloft.runtime.kvcache import TieredKVCache
