@@ -293,7 +293,7 @@ class HipRetriever:
         else:
             chunks, rest = cand[: n_full * length].view(n_full, length), cand[n_full * length :]
             if self.use_kernel:
-                _, score = hip_stage(store.chunks, chunks, q, self.params.probe)
+                _, score = hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))
             else:
                 _, score = hierarchical_top1(chunks, store.rows, q, self.params.probe)
         reads = n_full * probes_per_chunk(length)
@@ -303,15 +303,21 @@ class HipRetriever:
         return (rows if last else torch.sort(rows).values), reads
 
     def _stage1_scores(self, store: ChunkedRows, q: Tensor, length: int, n_full: int) -> tuple[Tensor, Tensor]:
-        """Stage 1 over the first n_full * length rows, one store chunk at a time (chunk_rows
-        is a multiple of l_c, so only the store's last chunk ends in a partial l_c chunk,
-        whose score is dropped).
+        """Stage 1 over the first n_full * length rows (chunk_rows is a multiple of l_c, so
+        only the store's last chunk ends in a partial l_c chunk, whose score is dropped): the
+        Triton kernels read a store of several chunks in one launch through its address
+        table; the torch path goes one store chunk at a time.
 
         Returns (chunks [n_full, l_c] row ids, score [n_full] fp32).
         """
+        chunks = torch.arange(n_full * length, device=self.device).view(n_full, length)
+        if self.use_kernel and len(store.chunks) > 1:
+            # one launch over every store chunk (found through their address table), not one
+            # per chunk: a 1M-token tier in 4096-row chunks would be 256 launches per layer
+            _, score = hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))
+            return chunks, score
         stage1 = hip_stage1 if self.use_kernel else hip_stage1_reference
         scores = [stage1(rows, q, length, self.params.probe)[1] for _, rows in store.iter_chunks()]
-        chunks = torch.arange(n_full * length, device=self.device).view(n_full, length)
         return chunks, torch.cat(scores)[:n_full]
 
     def stats(self) -> dict[str, Any]:

@@ -247,13 +247,15 @@ def _meta(q: Tensor, hkv: int, d: int, chunk: int, probe: str) -> dict:
             "CHUNK": chunk, "LOG2_CHUNK": chunk.bit_length() - 1, "MIDDLE": probe == "middle"}
 
 
-def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first") -> tuple[Tensor, Tensor]:
+def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first",
+              table: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Triton twin of `hip_stage_reference`: one launch for a whole later stage.
 
     chunks: the store's chunks, each [chunk_rows, H_kv, D], same dtype and strides, on q's
     device or (q on CUDA) in pinned host memory (runtime/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
     a chunk's first id valid; ids are trusted: the caller built them from the store).
-    Reads 2 * log2(L) probe rows per chunk plus the C * L ids.
+    table: the chunks' base addresses on q's device (ChunkedRows.pointer_table), made here
+    when None. Reads 2 * log2(L) probe rows per chunk plus the C * L ids.
     """
     op = "hip_stage"
     if not chunks:
@@ -269,7 +271,8 @@ def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "f
     score = torch.empty(n_chunks, dtype=torch.float32, device=q.device)
     if n_chunks == 0:
         return rep, score
-    table = torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(q.device, non_blocking=True)
+    if table is None:
+        table = torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(q.device, non_blocking=True)
     _hip_stage_kernel[(n_chunks,)](
         table, k0, cand.contiguous(), q.contiguous(), rep, score, k0.shape[0], k0.stride(0), k0.stride(1),
         **_meta(q, k0.shape[1], k0.shape[2], chunk, probe),
