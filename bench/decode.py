@@ -138,7 +138,7 @@ def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
     """Why this row cannot run (its plan's numbers), or None."""
     runtime = RuntimeConfig(gpu_memory_budget=0 if dense else args.gpu_budget)
     plan = plan_memory(model.config, rcfg, runtime, n + 64, model.dtype, check=False,
-                       cache_cfg=CacheConfig(host_chunk_tokens=max(n, 1)))
+                       cache_cfg=CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
     gpu_limit = args.device_bytes * 0.92 if dense else args.gpu_budget
     # the context is written into the tiers, not prefilled: the decode side of the plan
     need = plan.weights + plan.static + plan.row_cache + plan.index + plan.decode_workspace
@@ -180,7 +180,7 @@ def run_row(model, spec: str, n: int, args) -> dict:
     s = None
     try:
         s = Session(model, rcfg, RuntimeConfig(progress=False, cuda_graphs=graphs),
-                    CacheConfig(host_chunk_tokens=max(n, 1)))
+                    CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
         if dense:
             # room for every token the row decodes (warmup, timed, breakdown, profiles): a
             # buffer that has to grow doubles, and at 512K that is 64 GiB more
@@ -363,7 +363,10 @@ def main() -> None:
     ap.add_argument("--prefill", default="", help="contexts for real prefill rows, e.g. 32k,128k")
     ap.add_argument("--prefill-method", default="hip")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
-    ap.add_argument("--host-chunk", type=int, default=65536)
+    ap.add_argument("--host-chunk", type=int, default=65536, help="host chunk tokens of the prefill rows")
+    ap.add_argument("--decode-host-chunk", type=int, default=0,
+                    help="host chunk tokens of the decode rows (0 = the whole context in one chunk; "
+                         "4096 = the library's default, a tier of many chunks)")
     ap.add_argument("--host-memory", default=None,
                     help="host memory to plan with (default MemAvailable; VMs whose memory grows on use "
                          "report less at start, e.g. pass 240GiB)")
