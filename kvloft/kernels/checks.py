@@ -107,3 +107,9 @@ def next_pow2(x: int) -> int:
 def sm_count(device_index: int) -> int:
     """Multiprocessors of a CUDA device (queried on first use, then cached)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def address_table(chunks, device: torch.device) -> Tensor:
+    """[n_chunks] int64 base addresses of equal chunks, on `device` (copied down without a
+    wait), for kernels that find a row's chunk through them and read it in place."""
+    return torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(device, non_blocking=True)

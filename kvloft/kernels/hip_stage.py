@@ -272,7 +272,7 @@ def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "f
     if n_chunks == 0:
         return rep, score
     if table is None:
-        table = torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(q.device, non_blocking=True)
+        table = checks.address_table(chunks, q.device)
     _hip_stage_kernel[(n_chunks,)](
         table, k0, cand.contiguous(), q.contiguous(), rep, score, k0.shape[0], k0.stride(0), k0.stride(1),
         **_meta(q, k0.shape[1], k0.shape[2], chunk, probe),

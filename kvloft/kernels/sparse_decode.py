@@ -380,8 +380,8 @@ def gather_attend_chunks(
 
     k_chunks, v_chunks: equal lists of tensors [R, H_kv, D] with the same shape, dtype and
     strides (the last chunk may be only partly filled; ids must not point past the filled
-    rows). tables: (k_table, v_table), int64 base addresses on q's device (chunk_table),
-    made here when None. Other arguments and the result as gather_attend (ids are not
+    rows). tables: (k_table, v_table), int64 base addresses on q's device
+    (checks.address_table, ChunkedRows.pointer_table), made here when None. Other arguments and the result as gather_attend (ids are not
     range-checked).
     """
     if not k_chunks or len(k_chunks) != len(v_chunks):
@@ -398,13 +398,8 @@ def gather_attend_chunks(
     checks.require_same_device("gather_attend_chunks", q, ids=ids)
     rot = _validate_rotation(rot_delta, inv_freq, ids, q, k0.shape[1])
     if tables is None:
-        tables = chunk_table(k_chunks, q.device), chunk_table(v_chunks, q.device)
+        tables = checks.address_table(k_chunks, q.device), checks.address_table(v_chunks, q.device)
     q = q.contiguous()
     ids = ids.contiguous()
     return _attend_rows(q, k0, v0, ids, ids.shape[-1], scale, num_splits, launch, rot,
                         tables=(tables[0], tables[1], k0.shape[0]))
-
-
-def chunk_table(chunks: Sequence[Tensor], device: torch.device) -> Tensor:
-    """[n_chunks] int64 base addresses of `chunks` on `device` (copied down without a wait)."""
-    return torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(device, non_blocking=True)

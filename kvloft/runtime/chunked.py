@@ -71,10 +71,11 @@ class ChunkedRows:
         """[n_chunks] int64 base addresses of the chunks on `device`, for kernels that read
         rows in place through them (kernels/sparse_decode.py gather_attend_chunks). Made
         again only when a chunk is added or spilled (chunks never move otherwise)."""
+        from kvloft.kernels.checks import address_table
+
         key = (str(device), len(self.chunks), self.n_spilled)
         if self._table is None or self._table[0] != key:
-            table = torch.tensor([c.data_ptr() for c in self.chunks], dtype=torch.int64)
-            self._table = (key, table.to(device, non_blocking=True))
+            self._table = (key, address_table(self.chunks, device))
         return self._table[1]
 
     @property

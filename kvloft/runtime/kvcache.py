@@ -355,7 +355,6 @@ class TieredKVCache:
             self._finalizer = weakref.finalize(self, self.spill_dir.remove)
         # one stream for every layer's asynchronous copy down (made here, never at import)
         copy_stream = torch.cuda.Stream(device) if pin and self.spill_dir is None else None
-        self.evict_batch = evict_batch
         self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin,
                                   self._spill_policies(i), copy_stream, evict_batch) for i in range(cfg.n_layers)]
 
