@@ -56,8 +56,8 @@ else exact scores over the host tier), widened into runs (below) and remapped th
 The feed's tail selects for itself: its last `prefill_tail` queries in blocks of
 `prefill_tail_block` (so a question at the end of a prompt is not read through the chunk's
 haystack), then its last query alone, as a decode step would, since its output predicts the
-next token; the chunks before take the chunk's selection only (with the chunk's mean alone, SmolLM2 missed a pass key at 3K tokens that it
-found this way).
+next token; the chunks before take the chunk's selection only (with the chunk's mean
+alone, SmolLM2 missed a pass key at 3K tokens that it found this way).
 
 Retrieved keys come as short runs (RetrievalConfig.neighbor_radius = r, widen_selection):
 a search picks budget // (2r + 1) keys per KV head and each brings the host keys up to r
@@ -590,9 +590,9 @@ class TieredAttention:
     def _prefill_extrapolate(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """A prefill chunk: itself causally, the window, the remapped sink and top host keys.
 
-        The chunk's tail selects for itself (tail_blocks): a chunk-mean selection dilutes a
-        question at the end of a prompt among the hundreds of tokens before it. The last
-        query selects alone, as a decode step would: its output predicts the next token.
+        The feed's tail selects for itself (tail_blocks): a chunk-mean selection dilutes a
+        question at the end of a prompt among the hundreds of tokens before it. The feed's
+        last query selects alone, as a decode step would: its output predicts the next token.
         All selections of a chunk are made in one pass over the host keys.
         """
         tiers: LayerTiers = self.cache[layer]
@@ -600,11 +600,12 @@ class TieredAttention:
             w0 = self._window_start(tiers, positions[0])
             ids = torch.empty((self.cfg.n_kv_heads, 0), dtype=torch.int64)
             tails: list[tuple[int, int]] = []
+            tail_ids: list[Tensor] = []
             if tiers.n_host and self.rcfg.budget:
                 tails = self.tail_blocks(q.shape[0])
                 ids, *tail_ids = self._prefill_selections(layer, tiers, q, positions, [(0, q.shape[0]), *tails])
             out = self._attend_remapped(tiers, q, k, v, ids, w0)
-            for (a, b), ids_ab in zip(tails, tail_ids if tails else []):  # queries a..b-1, causal over k[:b]
+            for (a, b), ids_ab in zip(tails, tail_ids, strict=True):  # queries a..b-1, causal over k[:b]
                 out[a:b] = self._attend_remapped(tiers, q[a:b], k[:b], v[:b], ids_ab, w0)
         self.sampler.observe(layer, q, positions)
         self._append(layer, k, v, positions)
