@@ -11,24 +11,16 @@ G=${1:?path to the SmolLM2 GGUF}
 T=${2:-480}
 NG=${3:-1}
 O=/tmp/quality_x
-mkdir -p "$O"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
-i=0
-ev() {  # name, then eval arguments
-  local name=$1; shift
-  CUDA_VISIBLE_DEVICES=$((i % NG)) timeout "$T" python3 -m kvloft.cli eval --model "$G" --device cuda \
-    --no-progress --name "$name" --out "$O/quality_$name.json" --doc "$O/quality_$name.md" \
-    --budget 1024 --sink 64 --window 512 "$@" > "$O/log_$name.txt" 2>&1 &
-  i=$((i + 1))
-}
+. bench/eval_procs.sh
+x() { ev "$@" --budget 1024 --sink 64 --window 512; }  # every cell: budget 1024, sink 64, window 512
 # DTYPE: the model's dtype (default float32: SmolLM2 in bf16 misses pass keys even at 4K/8K dense)
 D=${DTYPE:-float32}
-for s in 0 1 2 3 4; do ev "p64-s$s" --dtype "$D" --tasks passkey --lengths 64k --methods exact+x --samples 3 --seed "$s"; done
-ev n64 --dtype "$D" --tasks niah_single_number --lengths 64k --methods exact+x --samples 3 --seed 0
-ev d64 --dtype "$D" --tasks passkey,niah_single_number --lengths 64k --methods dense --samples 3 --seed 0
+for s in 0 1 2 3 4; do x "p64-s$s" --dtype "$D" --tasks passkey --lengths 64k --methods exact+x --samples 3 --seed "$s"; done
+x n64 --dtype "$D" --tasks niah_single_number --lengths 64k --methods exact+x --samples 3 --seed 0
+x d64 --dtype "$D" --tasks passkey,niah_single_number --lengths 64k --methods dense --samples 3 --seed 0
 # dense at the trained length on the same seeds (the model's own accuracy), in the same dtype and in bf16
 for dt in "$D" bfloat16; do
-  for s in 0 1 2 3 4; do ev "ref8k-$dt-s$s" --dtype "$dt" --tasks passkey --lengths 8k --methods dense --samples 3 --seed "$s"; done
+  for s in 0 1 2 3 4; do x "ref8k-$dt-s$s" --dtype "$dt" --tasks passkey --lengths 8k --methods dense --samples 3 --seed "$s"; done
 done
 wait
 tail -n 3 "$O"/log_*.txt

@@ -11,16 +11,7 @@ G=${1:?path to the SmolLM2 GGUF}
 T=${2:-480}
 NG=${3:-1}
 O=/tmp/quality
-mkdir -p "$O"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
-i=0
-ev() {  # name, then eval arguments
-  local name=$1; shift
-  CUDA_VISIBLE_DEVICES=$((i % NG)) timeout "$T" python3 -m kvloft.cli eval --model "$G" --device cuda \
-    --no-progress --name "$name" --out "$O/quality_$name.json" --doc "$O/quality_$name.md" "$@" \
-    > "$O/log_$name.txt" 2>&1 &
-  i=$((i + 1))
-}
+. bench/eval_procs.sh
 # x-*: length extrapolation, dense vs remapped positions (+x), trained length 8K;
 # m-*: every method at 4K and 8K, budget 1024 (the same samples for every method)
 ev x-passkey --tasks passkey --lengths 16k,32k,64k --methods dense,exact+x --budget 1024 --samples 3
