@@ -30,7 +30,10 @@ Methods: a retriever name, optional ":key=value" retriever options, optional "@o
 decode through the scheduler (GPU row cache), optional "@eager" to launch every kernel from
 Python (no CUDA graphs for the dense parts of a step), e.g. `hip:keys_on=host`,
 `exact@overlap`, `dense@eager`; "@staged" is "@overlap" with the row cache's misses fetched
-through pinned staging buffers and H2D copies instead of the zero-copy gather kernel.
+through pinned staging buffers and H2D copies instead of the zero-copy gather kernel;
+"@split" attends the static tier and the selection in two launches and merges them (the
+path before runtime/rowspace.py), "@nocache" keeps no device copy of a selection's stable
+rows (every selected row read from the host tier each step).
 
     python bench/decode.py --preset llama3-8b --contexts 32k,128k,512k,1m \
         --methods dense,exact,tokenselect,hip,hip:keys_on=host --time-limit 500
@@ -68,11 +71,12 @@ REGIONS = ("search", "retrieved_attention", "static_attention", "attention", "in
 def parse_method(spec: str) -> tuple[str, dict, set[str]]:
     """'hip:keys_on=host@overlap@eager' -> ('hip', {'keys_on': 'host'}, {'overlap', 'eager'})."""
     spec, *flags = spec.split("@")
-    bad = set(flags) - {"overlap", "staged", "eager"}
+    bad = set(flags) - {"overlap", "staged", "eager", "split", "nocache"}
     if bad:
         raise SystemExit(f"method {spec}: unknown suffix @{bad.pop()} (@overlap: the scheduler; "
                          "@staged: the scheduler, fetching through pinned staging buffers and H2D "
-                         "copies; @eager: no CUDA graphs)")
+                         "copies; @eager: no CUDA graphs; @split: static tier and selection in two "
+                         "launches + merge; @nocache: no device copy of a selection's stable rows)")
     name, *opts = spec.split(":")
     options = {}
     for o in opts:
@@ -181,6 +185,9 @@ def run_row(model, spec: str, n: int, args) -> dict:
     try:
         s = Session(model, rcfg, RuntimeConfig(progress=False, cuda_graphs=graphs),
                     CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
+        if hasattr(s.backend, "one_launch"):  # runtime/rowspace.py (TieredAttention)
+            s.backend.one_launch = "split" not in flags
+            s.backend.cache_selections = "nocache" not in flags
         if dense:
             # room for every token the row decodes (warmup, timed, breakdown, profiles): a
             # buffer that has to grow doubles, and at 512K that is 64 GiB more
@@ -209,6 +216,9 @@ def run_row(model, spec: str, n: int, args) -> dict:
         row["under_budget"] = dense or peak_gpu() <= args.gpu_budget
         row["peak_host_gib"] = round(rss_bytes() / GiB, 1)
         row["breakdown_ms"] = breakdown(s, args)
+        spaces = getattr(s.backend, "_spaces", {})
+        if spaces:  # one-launch decode: times the selection cache was filled (all layers)
+            row["selection_fills"] = sum(sp.fills for sp in spaces.values())
         if args.profile:
             profile_steps(s, args.profile, f"{spec} at {n // 1024}K")
         if args.cprofile:

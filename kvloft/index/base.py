@@ -24,10 +24,21 @@ class Selection:
 
     ids: [H_kv, k] int64 (per KV head, -1 = padding) or [k] int64 (shared by all heads).
     scanned: keys whose score the search computed (per head summed), to plot quality vs work.
+    stable: optional [m] int64 host rows (shared ids only) that this selection reuses from
+        an earlier step: ids == cat(ids[:n_fresh], stable[:len(ids) - n_fresh]). A retriever
+        returns the same tensor object for as long as that part is unchanged (HiP between
+        refreshes of its last stage), so the runtime may keep a device copy of those rows
+        and read only the fresh ones from the host tier (runtime/rowspace.py).
+    n_fresh: how many ids come before the stable part (0 without one).
+    padded: False when ids hold no -1 (the count of selected rows is then ids.numel(),
+        known without reading the device).
     """
 
     ids: Tensor
     scanned: int
+    stable: Tensor | None = None
+    n_fresh: int = 0
+    padded: bool = True
 
     @property
     def shared(self) -> bool:
@@ -77,6 +88,9 @@ class RetrieverStats:
     def record(self, sel: Selection) -> None:
         self.calls += 1
         self.scanned += sel.scanned
+        if not sel.padded:
+            self._selected += sel.ids.numel()
+            return
         n = (sel.ids >= 0).sum()
         if n.device.type == "cpu":
             self._selected += int(n)

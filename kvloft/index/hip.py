@@ -60,6 +60,10 @@ class HipParams:
         select's budget).
     refresh_steps: a stage's mask is recomputed every this many decode steps (per layer;
         non-increasing, since a refreshed stage refreshes every later one).
+    stagger: layer l runs its refreshes l % refresh_steps[0] steps later in the cycle, so
+        every decode step refreshes a few layers instead of one step in refresh_steps[0]
+        refreshing stage 1 of every layer (a step of 2-4x the usual time); the work per
+        layer is the same.
     probe: which key of each half the search reads: "first" (HiP) or "middle".
     chunk_rows: rows per chunk of the retriever's key copy (a multiple of chunk_sizes[0],
         so no stage-1 chunk straddles two).
@@ -81,6 +85,7 @@ class HipParams:
     chunk_sizes: tuple[int, ...] = (256, 32, 8)
     kept_tokens: tuple[int, ...] = (32768, 8192, 2048)
     refresh_steps: tuple[int, ...] = (16, 8, 4)
+    stagger: bool = True
     probe: str = "first"
     chunk_rows: int = 16384
     kernel: str = "auto"
@@ -116,6 +121,9 @@ class HipParams:
             )
         if self.kernel not in ("auto", "triton", "torch"):
             raise ValueError(f"hip option kernel must be auto, triton or torch, got {self.kernel!r}")
+        if self.stagger not in (True, False):  # 0 / 1 from a command line are fine
+            raise ValueError(f"hip option stagger must be true or false, got {self.stagger!r}")
+        object.__setattr__(self, "stagger", bool(self.stagger))
         if self.keys_on not in ("device", "host"):
             raise ValueError(f"hip option keys_on must be 'device' or 'host', got {self.keys_on!r}")
 
@@ -140,6 +148,7 @@ class _LayerState:
     masks: list[Tensor | None]
     seen: list[int]
     step: int = 0
+    offset: int = 0  # layer-dependent phase of the refresh schedule (HipParams.stagger)
     budget: int = -1
     refreshed: tuple[bool, ...] = ()
 
@@ -173,12 +182,13 @@ class HipRetriever:
             shape = (self.model_cfg.n_kv_heads, self.model_cfg.head_dim)
             pin = self.store_device != self.device  # host keys read zero-copy by the kernels
             self.keys[layer] = ChunkedRows(shape, dtype, self.params.chunk_rows, self.store_device, pin=pin)
-            self.state[layer] = self._fresh_state()
+            self.state[layer] = self._fresh_state(layer)
         return self.keys[layer]
 
-    def _fresh_state(self) -> _LayerState:
+    def _fresh_state(self, layer: int) -> _LayerState:
         n = self.params.n_stages
-        return _LayerState(masks=[None] * n, seen=[0] * n)
+        offset = layer % self.params.refresh_steps[0] if self.params.stagger else 0
+        return _LayerState(masks=[None] * n, seen=[0] * n, offset=offset)
 
     def _check_keys(self, keys: Tensor) -> None:
         hkv, d = self.model_cfg.n_kv_heads, self.model_cfg.head_dim
@@ -199,7 +209,7 @@ class HipRetriever:
             return False
         self.keys.pop(layer, None)
         self.tiers[layer] = tiers
-        self.state[layer] = self._fresh_state()
+        self.state[layer] = self._fresh_state(layer)
         return True
 
     def _keys_of(self, layer: int) -> ChunkedRows | None:
@@ -233,7 +243,7 @@ class HipRetriever:
                 st = self.state[layer]
                 st.step, st.masks = st.step + 1, [None] * self.params.n_stages
                 st.refreshed = (False,) * self.params.n_stages
-            sel = Selection(ids=torch.arange(min(n, budget), device=self.device), scanned=0)
+            sel = Selection(ids=torch.arange(min(n, budget), device=self.device), scanned=0, padded=False)
             self._stats.record(sel)
             return sel
         st = self.state[layer]
@@ -251,7 +261,12 @@ class HipRetriever:
         st.step += 1
         st.budget = budget
         st.refreshed = flags
-        sel = Selection(ids=cand[:budget], scanned=reads * self.model_cfg.n_kv_heads)
+        ids = cand[:budget]
+        # ids = the rows that arrived since the last stage ran, then its cached mask: the
+        # runtime may keep that mask's rows on the device until the stage runs again
+        n_fresh = min(max(n - st.seen[-1], 0), ids.shape[0])
+        sel = Selection(ids=ids, scanned=reads * self.model_cfg.n_kv_heads, stable=st.masks[-1],
+                        n_fresh=n_fresh, padded=False)
         self._stats.record(sel)
         return sel
 
@@ -259,7 +274,7 @@ class HipRetriever:
         flags, cascade = [], False
         for i, every in enumerate(self.params.refresh_steps):
             last = i == self.params.n_stages - 1
-            due = st.masks[i] is None or st.step % every == 0 or (last and budget != st.budget)
+            due = st.masks[i] is None or (st.step + st.offset) % every == 0 or (last and budget != st.budget)
             cascade = cascade or due
             flags.append(cascade)
         return tuple(flags)

@@ -10,6 +10,9 @@ Two sources of keys, one kernel:
                   is on CUDA: the GPU then reads them zero-copy over PCIe.
   gather_attend_chunks  the same over rows kept in equal chunks (a host tier grown chunk
                   by chunk): each row's chunk is found through a table of base addresses.
+  gather_attend_table   the same over any regions laid out in slots of equal rows through
+                  a caller-made address table (runtime/rowspace.py: a layer's host chunks,
+                  its static tier and its cached selection in one launch).
 
 Grid (H_kv, S): program (h, s) takes KV head h and the s-th slice of the key list, and
 all G = H_q / H_kv query heads of that group, so every K/V row is read once per group.
@@ -48,7 +51,7 @@ from torch import Tensor
 from kvloft.kernels import checks
 from kvloft.kernels.merge import merge_stacked
 
-__all__ = ["DecodeLaunch", "decode_attend", "gather_attend"]
+__all__ = ["DecodeLaunch", "decode_attend", "gather_attend", "gather_attend_chunks", "gather_attend_table"]
 
 LOG2E = 1.4426950408889634
 TWO_PI = tl.constexpr(6.283185307179586)  # multiplies an fp32 fraction of a turn only
@@ -403,3 +406,27 @@ def gather_attend_chunks(
     ids = ids.contiguous()
     return _attend_rows(q, k0, v0, ids, ids.shape[-1], scale, num_splits, launch, rot,
                         tables=(tables[0], tables[1], k0.shape[0]))
+
+
+def gather_attend_table(
+    q: Tensor, like_k: Tensor, like_v: Tensor, ids: Tensor, tables: tuple[Tensor, Tensor], slot_rows: int,
+    *, scale: float, num_splits: int | None = None, launch: DecodeLaunch = DEFAULT_LAUNCH,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """gather_attend over rows addressed through tables of slot base addresses: row r is row
+    r % slot_rows of the slot whose base address is tables[0][r // slot_rows] (keys) and
+    tables[1][r // slot_rows] (values). A slot may point into a host chunk, a device
+    buffer or anywhere inside a larger tensor, so rows of several regions (host tier,
+    static tier, a cached selection) are read in one launch with no copy.
+
+    like_k, like_v: a tensor of the regions' row layout [rows, H_kv, D] (dtype, strides;
+    every region must share them). ids: [H_kv, n] or [n], -1 = padding; not range-checked
+    (the caller builds them from the table it made). The decode hot path: the checks are
+    the cheap ones. Returns (out [H_q, D] in q.dtype, lse [H_q] fp32).
+    """
+    if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != like_k.shape[1]):
+        raise ValueError(f"gather_attend_table: ids must be [H_kv={like_k.shape[1]}, n] or [n], "
+                         f"got shape {tuple(ids.shape)}")
+    if like_k.stride() != like_v.stride() or like_k.dtype != like_v.dtype:
+        raise ValueError("gather_attend_table: keys and values must share dtype and row layout")
+    return _attend_rows(q.contiguous(), like_k, like_v, ids.contiguous(), ids.shape[-1], scale, num_splits,
+                        launch, None, tables=(tables[0], tables[1], slot_rows))

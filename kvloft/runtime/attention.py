@@ -95,6 +95,7 @@ from kvloft.runtime.chunked import ChunkedRows
 from kvloft.runtime.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
 from kvloft.runtime.model import rope_inv_freq
 from kvloft.runtime.prefill import gather_token_rows, stream_host_chunks, top_block_rows
+from kvloft.runtime.rowspace import LayerRowSpace
 
 
 class Timers:
@@ -257,6 +258,11 @@ class TieredAttention:
         self._free_keys: dict[int, ChunkedRows] = {}  # per layer, until the index is built
         self._free_buckets: dict[int, ChunkedRows] = {}  # their SimHash buckets [N, H_kv] (max_similar)
         self._h2d_stream = None  # CUDA: the side stream host chunks stream down on (made on first use)
+        # decode: static tier + selection in one kernel launch over pinned host chunks
+        # (runtime/rowspace.py), with a device copy of a selection's stable part
+        self.one_launch = True
+        self.cache_selections = True
+        self._spaces: dict[int, LayerRowSpace] = {}
         # prefill chunks attended densely / sparsely (exact positions; counted once per chunk,
         # at layer 0) and KV-head rows of the host tier read by prefill attention (all layers)
         self.prefill_stats = {"dense_chunks": 0, "sparse_chunks": 0, "host_keys": 0}
@@ -383,6 +389,19 @@ class TieredAttention:
         tiers: LayerTiers = self.cache[layer]
         self._append(layer, k, v, positions)
         q1 = q[0]  # [H_q, D]
+        space = self._row_space(layer, tiers)
+        if space is not None:
+            # the static tier, the selection and its cached stable part in one launch
+            from kvloft.kernels.sparse_decode import gather_attend_table
+
+            with self.timers("search"):
+                sel = self.retriever.select(layer, q1, self.rcfg.budget)
+            self.scanned += sel.scanned
+            with self.timers("attention"):
+                ids = space.ids(sel.ids.to(q1.device), sel.stable, sel.n_fresh, tiers.n_static)
+                out, _ = gather_attend_table(q1, tiers.k, tiers.v, ids, space.tables, space.slot_rows,
+                                             scale=self.scale)
+            return out[None]
         with self.timers("static_attention"):
             sk, sv, _ = tiers.static_kv()
             o_s, l_s = self.ops.decode_attend(q1, sk, sv, scale=self.scale)
@@ -395,6 +414,22 @@ class TieredAttention:
             o_r, l_r = self._retrieved(tiers, q1, sel.ids)
             out, _ = self.ops.merge([o_s, o_r], [l_s, l_r])
         return out[None]
+
+    def _row_space(self, layer: int, tiers: LayerTiers) -> LayerRowSpace | None:
+        """The layer's one-launch decode rows (runtime/rowspace.py), or None where they do
+        not apply: torch kernels, a host tier not pinned (the CPU) or spilled to disk, an
+        empty host tier or budget, or a retriever that attends on the host."""
+        if (not self.one_launch or self.ops.name != "triton" or tiers.n_host == 0 or self.rcfg.budget == 0
+                or getattr(self.retriever, "attend_on_host", False)):
+            return None
+        hk, hv = tiers._host_k, tiers._host_v
+        if not (hk.pin and hv.pin) or hk.n_spilled or hv.n_spilled:
+            return None
+        space = self._spaces.get(layer)
+        if space is None or space.tiers is not tiers:
+            rows = self.rcfg.budget if self.cache_selections else 0
+            space = self._spaces[layer] = LayerRowSpace(tiers, self.device, rows)
+        return space
 
     def _retrieved(self, tiers: LayerTiers, q: Tensor, ids: Tensor,
                    rot_delta: Tensor | None = None) -> tuple[Tensor, Tensor]:

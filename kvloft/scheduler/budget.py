@@ -4,8 +4,10 @@
 context of n_tokens, the bytes the current code puts on the compute device:
 
   weights     every parameter (tied embeddings once), as Model.weight_bytes counts them;
-  static      sink + window ring per layer (with positions); for method "dense" the whole
-              KV, in DenseKV's doubling capacity;
+  static      sink + window ring per layer (with positions), plus for hip the device copy of
+              its selection's stable rows (budget rows of K and V per layer,
+              runtime/rowspace.py); for method "dense" the whole KV, in DenseKV's doubling
+              capacity;
   row_cache   the scheduler's GPU row cache (RuntimeConfig.scheduler == "overlap");
   index       the retriever's device-side copy: exact, tokenselect, hip and recycled keep
               every host key on their device (chunked, whole chunks; hip with keys_on="host"
@@ -34,6 +36,7 @@ __all__ = ["MemoryPlan", "plan_memory", "resolve_cache_bytes", "weight_bytes"]
 
 GiB = 2**30
 MIRROR_METHODS = ("exact", "tokenselect", "hip", "recycled")
+STABLE_METHODS = ("hip",)  # selections with a stable part (runtime/rowspace.py caches its rows)
 
 
 @dataclass
@@ -230,6 +233,8 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
         n_host = max(0, n - rcfg.n_sink - rcfg.n_window)
         # the GPU plan: the window ring holds up to evict_batch more tokens (CacheConfig)
         static = (rcfg.n_sink + rcfg.n_window + cache_cfg.resolved_evict_batch("cuda")) * (token_row + 8) * layers
+        if rcfg.method in STABLE_METHODS:  # decode keeps the selection's stable rows on the GPU
+            static += rcfg.budget * token_row * layers
     per_token = token_row * layers
     row_cache = (cache_bytes // per_token) * per_token if rcfg.method != "dense" else 0
     index, host_index, notes = _index_bytes(cfg, rcfg, n_host, isz)

@@ -1,0 +1,111 @@
+"""One address space over a layer's decode rows: a decode step's attention in one launch.
+
+A decode step attends to three sets of rows: the static tier (sink + window ring, on the
+compute device), the rows the retriever picked from the host tier (pinned host memory,
+read zero-copy through unified addressing), and, for retrievers whose selection mostly
+stays the same from step to step (HiP between refreshes of its last stage:
+Selection.stable), a device copy of that stable part. `LayerRowSpace` lays them out in
+slots of `slot_rows` rows (the host tier's chunk rows) behind one table of base addresses:
+
+    slots 0 .. C-1     the host chunks (host row r is row r: selected ids need no change)
+    next ceil(S / R)   the static tier's buffer [S, H_kv, D] (S = sink + window + batch)
+    next ceil(B / R)   the cached selection [B, H_kv, D] (B = the retrieval budget)
+
+so sparse_decode.gather_attend_table reads all of them in one launch: no second kernel for
+the static tier and no merge of two partial attentions; a token's rows are read where
+they are, and the stable part of a selection crosses PCIe once per refresh (gather_rows
+into the cache) instead of once per step. The table is made again only when the host tier
+gains a chunk; the row ids of the static tier and the cache are precomputed aranges, so a
+step adds one concatenation to the selection's ids.
+
+Used on the Triton path when the host tier is pinned and in memory (kernels read it in
+place); elsewhere the runtime attends the static tier and the selection separately
+(runtime/attention.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvloft.runtime.kvcache import LayerTiers
+
+__all__ = ["LayerRowSpace"]
+
+
+class LayerRowSpace:
+    """The decode rows of one layer (see the module doc). cache_rows: rows of the device
+    copy of a stable selection (0: none, retrievers without Selection.stable)."""
+
+    def __init__(self, tiers: LayerTiers, device: torch.device, cache_rows: int = 0) -> None:
+        self.tiers = tiers
+        self.device = torch.device(device)
+        self.slot_rows = tiers._host_k.chunk_rows
+        like = tiers.k
+        self.cache_rows = cache_rows
+        self.cache_k = self.cache_v = None
+        if cache_rows:
+            self.cache_k = torch.empty((cache_rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+            self.cache_v = torch.empty_like(self.cache_k)
+        self.cached_src: Tensor | None = None  # the Selection.stable whose rows the cache holds
+        self.cached_n = 0
+        self.fills = 0  # times the cache was filled (one per refresh of the stable part)
+        self._key: tuple | None = None
+        self.tables: tuple[Tensor, Tensor] | None = None
+        self.static_ids: Tensor | None = None
+        self.cache_ids: Tensor | None = None
+
+    def _layout(self) -> None:
+        hk, hv = self.tiers._host_k, self.tiers._host_v
+        key = (len(hk.chunks), len(hv.chunks))
+        if key == self._key:
+            return
+        r = self.slot_rows
+        ptr_k = [c.data_ptr() for c in hk.chunks]
+        ptr_v = [c.data_ptr() for c in hv.chunks]
+        offsets = []
+        regions = [(self.tiers.k, self.tiers.v)]
+        if self.cache_k is not None:
+            regions.append((self.cache_k, self.cache_v))
+        for k, v in regions:
+            offsets.append(len(ptr_k) * r)
+            step = r * k.stride(0) * k.element_size()
+            for j in range(-(-k.shape[0] // r)):
+                ptr_k.append(k.data_ptr() + j * step)
+                ptr_v.append(v.data_ptr() + j * step)
+        table = torch.tensor([ptr_k, ptr_v], dtype=torch.int64).to(self.device)
+        self.tables = table[0], table[1]
+        self.static_ids = torch.arange(offsets[0], offsets[0] + self.tiers.k.shape[0], device=self.device)
+        if self.cache_k is not None:
+            self.cache_ids = torch.arange(offsets[1], offsets[1] + self.cache_rows, device=self.device)
+        self._key = key
+
+    def ids(self, sel_ids: Tensor, stable: Tensor | None, n_fresh: int, n_static: int) -> Tensor:
+        """Row ids in this space for one step: the selection (host rows; its stable part read
+        from the device cache, filled here when the stable part changed) and the filled
+        static slots. sel_ids [k] or [H_kv, k] (-1 = padding) on the compute device."""
+        self._layout()
+        parts = [sel_ids]
+        if stable is not None and self.cache_k is not None and sel_ids.dim() == 1:
+            used = sel_ids.shape[0] - n_fresh
+            if self.cached_src is not stable:
+                self._fill(stable)
+            if 0 <= used <= self.cached_n:
+                parts = [sel_ids[:n_fresh]] if n_fresh else []
+                parts.append(self.cache_ids[:used])
+        static = self.static_ids[:n_static]
+        if sel_ids.dim() == 2:
+            static = static.expand(sel_ids.shape[0], n_static)
+        parts.append(static)
+        return torch.cat(parts, dim=-1)
+
+    def _fill(self, stable: Tensor) -> None:
+        """Copy the rows of `stable` (host row ids, on the device) into the cache."""
+        from kvloft.scheduler.rowcopy import gather_rows
+
+        m = min(stable.shape[0], self.cache_rows)
+        hk, hv = self.tiers.host_k, self.tiers.host_v  # waits for a copy down in flight
+        tables = hk.pointer_table(self.device), hv.pointer_table(self.device)
+        gather_rows(hk.chunks, hv.chunks, stable[:m], self.cache_k, self.cache_v, tables=tables)
+        self.cached_src, self.cached_n = stable, m
+        self.fills += 1
