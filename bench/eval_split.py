@@ -16,5 +16,5 @@ def _split_init(self, *args, **kwargs):
 
 
 attention.TieredAttention.__init__ = _split_init
-sys.argv = ["kvloft", "eval", *sys.argv[1:]]
-main()
+
+sys.exit(main(["eval", *sys.argv[1:]]))
