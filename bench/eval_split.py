@@ -16,5 +16,4 @@ def _split_init(self, *args, **kwargs):
 
 
 attention.TieredAttention.__init__ = _split_init
-
 sys.exit(main(["eval", *sys.argv[1:]]))
