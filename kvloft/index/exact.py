@@ -18,7 +18,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
-from kvloft.kernels import reference
+from kvloft.kernels import score_keys
 from kvloft.runtime.chunked import ChunkedRows
 
 
@@ -58,7 +58,7 @@ class ExactRetriever:
             return torch.empty((hkv, 0), dtype=torch.float32, device=self.device)
         q = q.to(self.device)
         parts = [
-            reference.reduce_group(reference.score(q, chunk), hkv, self.cfg.gqa_reduce)
+            score_keys(q, chunk, reduce=self.cfg.gqa_reduce)
             for _, chunk in store.iter_chunks()
         ]
         return torch.cat(parts, dim=1)

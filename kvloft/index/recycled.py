@@ -49,7 +49,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
-from kvloft.kernels import reference
+from kvloft.kernels import reference, score_keys
 from kvloft.runtime.chunked import ChunkedRows
 
 SCHEDULES = ("stride", "dynamic")
@@ -173,7 +173,7 @@ class RecycledRetriever:
         st = self.layers[layer]
         q = q.to(self.device)
         logits = torch.cat(
-            [reference.score(q, chunk, scale=self.scale) for _, chunk in st.keys.iter_chunks()], dim=1
+            [score_keys(q, chunk, scale=self.scale) for _, chunk in st.keys.iter_chunks()], dim=1
         )  # [H_q, N]
         return torch.softmax(logits, dim=-1)
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
-from kvloft.kernels import reference
+from kvloft.kernels import score_keys
 from kvloft.runtime.chunked import ChunkedRows
 
 
@@ -121,7 +121,7 @@ class TokenSelectRetriever:
             return torch.empty(0, dtype=torch.float32, device=self.device)
         q = q.to(self.device)
         logits = torch.cat(
-            [reference.score(q, chunk, scale=self.scale) for _, chunk in st.keys.iter_chunks()], dim=1
+            [score_keys(q, chunk, scale=self.scale) for _, chunk in st.keys.iter_chunks()], dim=1
         )  # [H_q, N]
         return torch.softmax(logits, dim=-1).sum(dim=0)
 
