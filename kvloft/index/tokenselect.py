@@ -15,12 +15,6 @@ same layer is >= `theta` (0.9), that selection is returned again without scoring
 ids stay valid because host rows are only appended; tokens added since are not in it
 until the next miss, as in the paper. A change of budget is always a miss.
 
-On CUDA (option `sync_free`, default there) the hit is decided on the GPU: the selection
-is scored every step and torch.where keeps the cached ids (and cached query) on a hit, so
-the chosen ids are the same as above, but the host never reads the cosine back. That
-read made the host wait for the GPU in every layer of every step; scoring the keys costs
-less than the wait. Hits are counted on the GPU and read when stats() is called.
-
 GQA: query head h reads KV head h // (H_q // H_kv), the HF convention used across
 kvloft, so each query head is scored against the KV head it attends to. The paper
 maps query head h to KV head h mod H_kv instead; that mapping is not followed here.
@@ -55,14 +49,12 @@ class TokenSelectParams:
     selection_cache: False scores every step (theta is then unused).
     scale_scores: multiply the logits by 1/sqrt(head_dim) before the per-head softmax.
     chunk_rows: rows per chunk of the key mirror.
-    sync_free: decide cache hits on the device without reading them back (None: on CUDA).
     """
 
     theta: float = 0.9
     selection_cache: bool = True
     scale_scores: bool = False
     chunk_rows: int = 16384
-    sync_free: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)):
@@ -72,8 +64,6 @@ class TokenSelectParams:
                 f"tokenselect theta must lie in [0, 1] (a cosine similarity), got {self.theta}; "
                 "use selection_cache=False to turn the cache off"
             )
-        if self.sync_free is not None and not isinstance(self.sync_free, bool):
-            raise TypeError(f"tokenselect sync_free must be a bool or None, got {self.sync_free!r}")
         for name in ("selection_cache", "scale_scores"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"tokenselect {name} must be a bool, got {getattr(self, name)!r}")
@@ -107,9 +97,6 @@ class TokenSelectRetriever:
         self._stats = RetrieverStats()
         self.cache_hits = 0
         self.cache_misses = 0
-        self.sync_free = self.params.sync_free if self.params.sync_free is not None else self.device.type == "cuda"
-        self._device_hits: Tensor | None = None  # sync_free: hits counted on the device
-        self._device_looks = 0  # sync_free: cache lookups whose outcome is in _device_hits
 
     def _state(self, layer: int, dtype: torch.dtype) -> _LayerState:
         if layer not in self.layers:
@@ -153,8 +140,6 @@ class TokenSelectRetriever:
 
     def _select_topk(self, st: _LayerState, q: Tensor, budget: int, layer: int) -> Selection:
         qflat = q.to(self.device, torch.float32, copy=True).reshape(-1)  # [H_q * D], kept: a copy
-        if self.sync_free and self._cache_ready(st, budget):
-            return self._select_on_device(st, qflat, q, budget, layer)
         if self._cache_hit(st, qflat, budget):
             self.cache_hits += 1
             return Selection(ids=st.last_ids, scanned=0)
@@ -164,35 +149,13 @@ class TokenSelectRetriever:
         st.last_q, st.last_ids, st.last_budget = qflat, ids, budget
         return Selection(ids=ids, scanned=s.shape[0] * self.model_cfg.n_kv_heads)
 
-    def _cache_ready(self, st: _LayerState, budget: int) -> bool:
-        return self.params.selection_cache and st.last_q is not None and st.last_budget == budget
-
     def _cache_hit(self, st: _LayerState, qflat: Tensor, budget: int) -> bool:
-        if not self._cache_ready(st, budget):
+        if not self.params.selection_cache or st.last_q is None or st.last_budget != budget:
             return False
         cos = torch.nn.functional.cosine_similarity(qflat, st.last_q, dim=0)
         return bool(cos >= self.params.theta)
 
-    def _select_on_device(self, st: _LayerState, qflat: Tensor, q: Tensor, budget: int, layer: int) -> Selection:
-        """The cache lookup decided on the device: score anyway, keep the cached ids on a hit."""
-        hit = torch.nn.functional.cosine_similarity(qflat, st.last_q, dim=0) >= self.params.theta  # 0-dim
-        s = self.criticality(layer, q)
-        ids = torch.where(hit, st.last_ids, torch.topk(s, budget).indices)
-        st.last_q = torch.where(hit, st.last_q, qflat)  # the cached query changes on a miss only
-        st.last_ids = ids
-        self._device_hits = hit.long() if self._device_hits is None else self._device_hits + hit
-        self._device_looks += 1
-        return Selection(ids=ids, scanned=s.shape[0] * self.model_cfg.n_kv_heads)
-
-    def _fold_device_hits(self) -> None:
-        if self._device_hits is not None:
-            hits = int(self._device_hits)
-            self.cache_hits += hits
-            self.cache_misses += self._device_looks - hits
-            self._device_hits, self._device_looks = None, 0
-
     def stats(self) -> dict[str, Any]:
-        self._fold_device_hits()
         looked = self.cache_hits + self.cache_misses
         self._stats.extra.update(
             cache_hits=self.cache_hits,
@@ -203,7 +166,6 @@ class TokenSelectRetriever:
 
     def state_dict(self) -> dict[str, Any]:
         """Selection caches and counters; the key mirrors are rebuilt from the host tier by build()."""
-        self._fold_device_hits()
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}

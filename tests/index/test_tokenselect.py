@@ -107,33 +107,6 @@ def test_selection_cache_hits_and_misses_follow_query_similarity():
     assert st["cache_hit_rate"] == pytest.approx(2 / 5)
 
 
-def test_sync_free_cache_returns_the_same_ids_and_counts():
-    """sync_free (the CUDA default: hits decided on the device) picks the same ids as the
-    host-side cache over a walk of near and far queries with rows added in between, and
-    counts the same hits and misses; it scores every step (scanned > 0)."""
-    gen = torch.Generator().manual_seed(7)
-    keys = torch.randn(400, HKV, D, generator=gen)
-    q0, q1 = torch.randn(HQ, D, generator=gen), torch.randn(HQ, D, generator=gen)
-    walk = [q0, _rotate_towards(q0, q1, 0.95), _rotate_towards(q0, q1, 0.85), q1, q1 * 3.0,
-            _rotate_towards(q1, q0, 0.97), q0, _rotate_towards(q0, q1, 0.92)]
-    runs = {}
-    for sync_free in (False, True):
-        r = _retriever(theta=0.9, sync_free=sync_free)
-        r.build(0, keys.transpose(0, 1), None)
-        out = []
-        for i, q in enumerate(walk):
-            if i == 4:
-                r.add(0, torch.randn(HKV, 5, D, generator=torch.Generator().manual_seed(1)), torch.arange(5))
-            sel = r.select(0, q, 24)
-            out.append((sel.ids.sort().values, sel.scanned))
-        runs[sync_free] = out, r.stats()
-    (host, st_host), (dev, st_dev) = runs[False], runs[True]
-    for (a, _), (b, scanned) in zip(host, dev):
-        assert torch.equal(a, b) and scanned > 0
-    assert sum(s == 0 for _, s in host) == st_host["cache_hits"] > 0
-    assert (st_dev["cache_hits"], st_dev["cache_misses"]) == (st_host["cache_hits"], st_host["cache_misses"])
-
-
 def test_selection_cache_is_per_layer_and_can_be_disabled():
     keys = torch.randn(200, HKV, D)
     q = torch.randn(HQ, D)
@@ -165,7 +138,6 @@ def test_covering_budget_skips_scoring_and_empty_tier():
         ({"chunk_rows": 0}, ValueError),
         ({"k": 10}, ValueError),  # unknown option: k is the budget argument
         ({"scale_scores": "yes"}, TypeError),
-        ({"sync_free": 1}, TypeError),
     ],
 )
 def test_bad_parameters_raise(options, error):
