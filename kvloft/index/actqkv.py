@@ -1,18 +1,36 @@
 """ActQKV: an activation-aware probe query over block memory (arXiv 2502.13542).
 
-Memory (InfLLM style): host rows are grouped into blocks of `block_size` consecutive
-tokens (32 for Llama-like models, 64 for Qwen-like ones, read from
+Memory (InfLLM, arXiv 2402.04617): host rows are grouped into blocks of `block_size`
+consecutive tokens (32 for Llama-like models, 64 for Qwen-like ones, read from
 `model_cfg.attention_bias`). Each block is represented, per KV head, by the mean of its
-`n_repr` representative keys, stored as a unit vector. Representatives are the keys
+`n_repr` representative keys, kept as it is (not normalized: the keys' shared direction
+and norms are part of the logits the block will produce). Representatives are the keys
 that receive the most attention inside their block, with the block's own keys as the
-queries: score_j = mean_i softmax_j(k_i · k_j / sqrt(D)) (self included). The public
-code uses the attention received from the prefill queries of the local window; the
-retriever protocol hands over keys only, so the keys stand in for them. The trailing
-partial block is a block too, re-represented as rows arrive.
+queries: score_j = mean_i softmax_j(k_i · k_j / sqrt(D)) (self included). InfLLM ranks a
+key by the attention it receives from the local window's prefill queries; the retriever
+protocol hands over keys only at add(), so the keys stand in for them (on the SmolLM2
+trace, ranking by the attention or the dot product from the following prefill queries
+put the needle's block further down: docs/methods_hip_actqkv.md). The trailing partial
+block is a block too, re-represented as rows arrive.
 
-Probe query: the window of the last `window` queries (the prompt's last queries from
-build's sample, then the decode queries seen by select, the current one included) is
-summed with weights phi_t / sum(phi), where the activation bias of query t in head h is
+Block scoring (scoring="dot", InfLLM's relevance): the inner product of the probe with the
+block vector, averaged over query heads and put on the attention-logit scale,
+
+    score_b = mean_h p_h · v_{b, kv(h)} / sqrt(D),
+
+one selection shared by all heads (Selection.ids [k]). ActQKV keeps InfLLM's block memory
+and changes the probe. Its public code scores by the cosine between the concatenation of
+all heads' probes and of the (group-expanded) block vectors: scoring="cosine". On real keys,
+which share a large common direction (46-84% of a key's norm on SmolLM2), normalizing away
+the block vector's norm ranks blocks by direction alone and drops the blocks whose keys
+give the largest logits; "dot" is the default (measurements in docs/methods_hip_actqkv.md).
+
+Probe query: ActQKV builds it from the chunk of queries being processed (256 per chunk in
+its prefill): q_probe = sum_t phi_t q_t / sum(phi). A decode step is a chunk of one query,
+so at decode the probe is the current query (window=1, the default). With window > 1 the
+last `window` queries (the prompt's last queries from build's sample, then the decode
+queries seen by select, the current one included) are weighted by the activation bias of
+query t in head h,
 
     phi_t = mean_c (q_t,c - mu_c)^2 / (sigma_c^2 + mean_c(sigma_c^2) * var_floor)
 
@@ -20,21 +38,20 @@ over the channels c of the head, with mu, sigma^2 running (Welford) statistics o
 query the layer has seen. Statistics are kept per layer (the public code shares one
 set across layers). With fewer than two queries seen the weights are uniform.
 
-Blocks are scored by the cosine between each head's probe and the block vector of its
-KV head, averaged over heads (one selection shared by all heads: Selection.ids [k]).
-
 Dynamic cut-off: layer l gets a share of the total n_layers * budget tokens in
 proportion to the normalized entropy of softmax(scores / temperature) over its blocks
 (a flatter distribution gets more), clipped to [min_tokens, max_factor * budget] and
-rounded down to whole blocks (at least one). select() runs one layer at a time, so the
-split for step t uses each layer's entropy from step t - 1 (a layer's step is its count
-of select calls); layers without one yet count at the mean of the known entropies, and
-the first step splits evenly. Shares sum to the total before clipping, so the tokens a
-layer selects vary around `budget` and reach at most max_factor * budget.
+rounded down to whole blocks (at least one). Scores are logits for "dot" and cosines for
+"cosine"; at temperature 1 the first is the distribution attention itself would put on
+the block vectors, the second the public code's softmax(cosines). select() runs one layer
+at a time, so the split for step t uses each layer's entropy from step t - 1 (a layer's
+step is its count of select calls); layers without one yet count at the mean of the known
+entropies, and the first step splits evenly. Shares sum to the total before clipping, so
+the tokens a layer selects vary around `budget` and reach at most max_factor * budget.
 
 Memory: the index keeps one fp32 vector per block and KV head (1/block_size of the
 keys, at fp32) plus the keys of the partial block; search cost per step is one
-cosine per block and KV head (`scanned` = n_blocks * H_kv).
+dot product per block and KV head (`scanned` = n_blocks * H_kv).
 """
 
 from __future__ import annotations
@@ -50,7 +67,10 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
 from kvloft.runtime.chunked import ChunkedRows
 
-__all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_vectors", "normalized_entropy"]
+__all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_scores", "block_vectors",
+           "normalized_entropy"]
+
+SCORINGS = ("dot", "cosine")
 
 
 @dataclass(frozen=True)
@@ -59,22 +79,25 @@ class ActQKVParams:
 
     block_size: tokens per memory block; 0 = 64 for Qwen-like models (attention_bias), else 32.
     n_repr: representative keys per block.
-    window: queries in the probe window.
+    window: queries in the probe window (1: the current query, ActQKV's decode-time chunk).
+    scoring: "dot" (InfLLM's inner product, on the logit scale) or "cosine" (the public
+        ActQKV code's cosine over the concatenated heads).
     dynamic_cutoff: split the total budget across layers by entropy (False: `budget` each).
     min_tokens / max_factor: a layer's share is clipped to [min_tokens, max_factor * budget].
     temperature: scores / temperature -> softmax -> the distribution whose entropy is measured
-        (cosines lie in [-1, 1]; at temperature 1 every distribution would look flat).
+        (at 1: attention's own scale for "dot" logits, the public code's softmax for cosines).
     var_floor: sigma^2 is floored by var_floor * mean(sigma^2) in the activation bias (1/100).
     block_batch: blocks represented per batch at build (bounds the [b, b] attention buffers).
     """
 
     block_size: int = 0
     n_repr: int = 4
-    window: int = 16
+    window: int = 1
+    scoring: str = "dot"
     dynamic_cutoff: bool = True
     min_tokens: int = 32
     max_factor: float = 2.0
-    temperature: float = 0.1
+    temperature: float = 1.0
     var_floor: float = 0.01
     block_batch: int = 1024
 
@@ -86,6 +109,8 @@ class ActQKVParams:
                 raise ValueError(f"actqkv option {name} must be an int >= {minimum}, got {value!r}")
         if self.block_size and self.n_repr > self.block_size:
             raise ValueError(f"actqkv n_repr ({self.n_repr}) must be <= block_size ({self.block_size})")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"actqkv option scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if type(self.dynamic_cutoff) is not bool:
             raise ValueError(f"actqkv option dynamic_cutoff must be a bool, got {self.dynamic_cutoff!r}")
         for name, minimum in (("max_factor", 1.0), ("temperature", 0.0), ("var_floor", 0.0)):
@@ -101,7 +126,7 @@ class ActQKVParams:
 
 
 def block_vectors(keys: Tensor, n_repr: int) -> Tensor:
-    """Unit mean of each block's representative keys.
+    """Mean of each block's representative keys (not normalized).
 
     keys: [B, b, H_kv, D] (B blocks of b tokens). Returns [B, H_kv, D] fp32.
     """
@@ -110,7 +135,27 @@ def block_vectors(keys: Tensor, n_repr: int) -> Tensor:
     received = att.mean(dim=2)  # [B, H_kv, b]: mean attention key j receives from the block
     top = received.topk(min(n_repr, kf.shape[2]), dim=-1).indices  # [B, H_kv, r]
     reps = kf.gather(2, top[..., None].expand(-1, -1, -1, kf.shape[-1]))  # [B, H_kv, r, D]
-    return torch.nn.functional.normalize(reps.mean(dim=2), dim=-1)
+    return reps.mean(dim=2)
+
+
+def block_scores(vecs: Tensor, probe: Tensor, scoring: str) -> Tensor:
+    """Score of each block for one probe.
+
+    vecs: [B, H_kv, D] fp32 block vectors; probe: [H_q, D] fp32 (GQA groups of H_q / H_kv
+    consecutive heads). Returns [B]: "dot": mean_h probe_h · vecs[:, kv(h)] / sqrt(D);
+    "cosine": cos(concat_h probe_h, concat_h vecs[:, kv(h)]).
+    """
+    n_blocks, hkv, d = vecs.shape
+    group = probe.shape[0] // hkv
+    # sum over a group of p_h · v = v · (sum of the group's probes): one [B, H_kv * D] matvec
+    psum = probe.view(hkv, group, d).sum(dim=1).flatten()  # [H_kv * D]
+    flat = vecs.reshape(n_blocks, hkv * d)
+    dots = flat @ psum  # [B]: sum over query heads of p_h · v_kv(h)
+    if scoring == "dot":
+        return dots / (probe.shape[0] * math.sqrt(d))
+    # the group-expanded block vector has norm sqrt(group) * ||v||
+    norms = flat.norm(dim=1) * math.sqrt(group) * probe.norm()
+    return dots / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def activation_bias(window: Tensor, mean: Tensor, var: Tensor, var_floor: float) -> Tensor:
@@ -259,14 +304,10 @@ class ActQKVRetriever:
         return (w[..., None] * win).sum(dim=0)
 
     def _block_scores(self, st: _LayerState, probe: Tensor) -> Tensor:
-        """Cosine of each head's probe with its KV head's block vector, mean over heads: [n_blocks]."""
-        hkv = self.model_cfg.n_kv_heads
-        # mean over heads of cos(p_h, v_kv(h)) = v · (mean of the group's unit probes) / H_kv, per KV head
-        pbar = torch.nn.functional.normalize(probe, dim=-1).view(hkv, -1, probe.shape[-1]).mean(dim=1)
-        pbar = pbar.flatten() / hkv  # [H_kv * D]
-        parts = [vecs.flatten(1) @ pbar for _, vecs in st.vecs.iter_chunks()]
+        """block_scores of every block (complete ones, then the partial one) for probe [H_q, D]: [n_blocks]."""
+        parts = [block_scores(vecs, probe, self.params.scoring) for _, vecs in st.vecs.iter_chunks()]
         if st.tail_vec is not None:
-            parts.append((st.tail_vec.flatten() @ pbar).reshape(1))
+            parts.append(block_scores(st.tail_vec[None], probe, self.params.scoring))
         return torch.cat(parts)
 
     def _expand(self, scores: Tensor, tokens: int, n_rows: int) -> Tensor:

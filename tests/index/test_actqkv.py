@@ -1,4 +1,4 @@
-"""ActQKV retriever: dense identity, representatives, probe weighting, needles, entropy budget split."""
+"""ActQKV retriever: dense identity, representatives, block scoring, probe weighting, needles, entropy split."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.actqkv import activation_bias, block_vectors, normalized_entropy
+from kvloft.index.actqkv import activation_bias, block_scores, block_vectors, normalized_entropy
 from kvloft.index.base import make_retriever
 from kvloft.kernels import reference
 
@@ -66,7 +66,7 @@ def test_block_vectors_match_loop_reference():
             kb = keys[b, :, h]  # [8, D]
             received = [sum(torch.softmax(kb @ kb[i] / math.sqrt(D), 0)[j] for i in range(8)) / 8 for j in range(8)]
             top = sorted(range(8), key=lambda j: -float(received[j]))[:3]
-            want = torch.nn.functional.normalize(kb[top].mean(0), dim=0)
+            want = kb[top].mean(0)  # kept as it is: the block vector's norm is part of its logits
             _assert_close(got[b, h], want, 1e-5)
 
 
@@ -112,15 +112,60 @@ def test_outlier_query_steers_the_probe_to_its_needle():
     distractor = _needle(keys, 300, gen)
     prompt = distractor.repeat_interleave(3, 0)[:, None] * 2.0 + torch.randn(HQ, 64, D, generator=gen)
     q = 20.0 * direction.repeat_interleave(3, 0)
-    act = _act(dynamic_cutoff=False)
+    act = _act(dynamic_cutoff=False, window=16)
     act.build(0, keys, prompt)
     sel = act.select(0, q, budget=32)  # one block
     assert sel.ids.tolist() == list(range(992, 1024))
     assert sel.scanned == 64 * HKV
     plain = torch.cat([prompt[:, -15:].transpose(0, 1), q[None]]).mean(0)  # [H_q, D]
-    vecs = act.layers[0].vecs.all()  # [64, H_kv, D]
-    cos = torch.einsum("bhd,hgd->bhg", vecs, torch.nn.functional.normalize(plain, dim=-1).view(HKV, 3, D))
-    assert int(cos.mean(dim=(1, 2)).argmax()) == 300 // 32  # the unweighted mean prefers the distractor
+    scores = block_scores(act.layers[0].vecs.all(), plain, "dot")  # [64]
+    assert int(scores.argmax()) == 300 // 32  # the unweighted mean prefers the distractor
+
+
+def test_block_scores_match_definitions():
+    gen = torch.Generator().manual_seed(9)
+    vecs = torch.randn(5, HKV, D, generator=gen)
+    probe = torch.randn(HQ, D, generator=gen)
+    dot, cos = block_scores(vecs, probe, "dot"), block_scores(vecs, probe, "cosine")
+    group = HQ // HKV
+    for b in range(5):
+        want = sum(float(probe[h] @ vecs[b, h // group]) for h in range(HQ)) / HQ / math.sqrt(D)
+        assert abs(float(dot[b]) - want) < 1e-5
+        expanded = vecs[b].repeat_interleave(group, 0).flatten()  # [H_q * D]
+        want = float(torch.nn.functional.cosine_similarity(expanded, probe.flatten(), dim=0))
+        assert abs(float(cos[b]) - want) < 1e-5
+
+
+def _common_direction_keys(gen: torch.Generator, target: int):
+    """Keys [H_kv, 2048, D] along a large direction c shared by every key, and a query [H_q, D]
+    mostly along c. Block `target` holds keys of a larger norm, less aligned with the query
+    but with the largest logits (25 vs 16 +- 1.2): exact search picks them."""
+    basis, _ = torch.linalg.qr(torch.randn(HKV, D, 2, generator=gen))  # [H_kv, D, 2] orthonormal columns
+    c, u = basis[..., 0], basis[..., 1]  # [H_kv, D]
+    keys = 4.0 * c[:, None] + 0.3 * torch.randn(HKV, 2048, D, generator=gen)
+    rows = slice(target * 32, target * 32 + 32)
+    keys[:, rows] = (5.0 * c + 5.0 * u)[:, None] + 0.1 * torch.randn(HKV, 32, D, generator=gen)
+    q = (4.0 * c + 1.0 * u).repeat_interleave(HQ // HKV, 0)  # [H_q, D]
+    return keys, q
+
+
+def test_block_with_the_largest_logits_wins_over_a_shared_key_direction():
+    # Every block's keys share direction c; the target block's keys have a larger norm and the
+    # largest logits. Ranking blocks by direction alone (unit block vectors, as cosine scoring
+    # does) prefers the blocks along c; InfLLM's inner product keeps the target.
+    gen = torch.Generator().manual_seed(10)
+    target = 37
+    keys, q = _common_direction_keys(gen, target)
+    exact = make_retriever(RetrievalConfig(method="exact"), MODEL, "cpu")
+    exact.build(0, keys, None)
+    top = exact.select(0, q, 32).ids  # [H_kv, 32]
+    assert set(top.flatten().tolist()) == set(range(target * 32, target * 32 + 32))
+    act = _act(dynamic_cutoff=False)
+    act.build(0, keys, None)
+    assert act.select(0, q, budget=32).ids.tolist() == list(range(target * 32, target * 32 + 32))
+    cosine = _act(dynamic_cutoff=False, scoring="cosine")
+    cosine.build(0, keys, None)
+    assert int(cosine.select(0, q, budget=32).ids[0]) // 32 != target
 
 
 @pytest.mark.parametrize("start", [0, 517, 2040])
@@ -184,7 +229,7 @@ def test_split_uses_previous_step_entropies_while_layers_are_visited():
 
 def test_query_statistics_are_per_layer():
     gen = torch.Generator().manual_seed(8)
-    act = _act()
+    act = _act(window=16)
     keys = torch.randn(HKV, 256, D, generator=gen)
     act.build(0, keys, torch.randn(HQ, 50, D, generator=gen))
     act.build(1, keys, 10.0 + torch.randn(HQ, 50, D, generator=gen))
@@ -209,6 +254,7 @@ def test_normalized_entropy_bounds():
         ({"n_repr": 0}, "n_repr"),
         ({"n_repr": 40}, "n_repr"),  # more than the 32-token block
         ({"window": 0}, "window"),
+        ({"scoring": "cos"}, "scoring"),
         ({"temperature": 0.0}, "temperature"),
         ({"max_factor": 0.5}, "max_factor"),
         ({"var_floor": float("nan")}, "var_floor"),
