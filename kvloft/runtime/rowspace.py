@@ -35,18 +35,15 @@ __all__ = ["LayerRowSpace"]
 
 class LayerRowSpace:
     """The decode rows of one layer (see the module doc). cache_rows: rows of the device
-    copy of a stable selection (0: none, retrievers without Selection.stable)."""
+    copy of a stable selection (0: none), allocated when the first one arrives (retrievers
+    without Selection.stable never allocate it)."""
 
     def __init__(self, tiers: LayerTiers, device: torch.device, cache_rows: int = 0) -> None:
         self.tiers = tiers
         self.device = torch.device(device)
         self.slot_rows = tiers._host_k.chunk_rows
-        like = tiers.k
         self.cache_rows = cache_rows
-        self.cache_k = self.cache_v = None
-        if cache_rows:
-            self.cache_k = torch.empty((cache_rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
-            self.cache_v = torch.empty_like(self.cache_k)
+        self.cache_k = self.cache_v = None  # allocated with the first stable selection
         self.cached_src: Tensor | None = None  # the Selection.stable whose rows the cache holds
         self.cached_n = 0
         self.fills = 0  # times the cache was filled (one per refresh of the stable part)
@@ -57,7 +54,7 @@ class LayerRowSpace:
 
     def _layout(self) -> None:
         hk, hv = self.tiers._host_k, self.tiers._host_v
-        key = (len(hk.chunks), len(hv.chunks))
+        key = (len(hk.chunks), len(hv.chunks), self.cache_k is not None)
         if key == self._key:
             return
         r = self.slot_rows
@@ -84,15 +81,15 @@ class LayerRowSpace:
         """Row ids in this space for one step: the selection (host rows; its stable part read
         from the device cache, filled here when the stable part changed) and the filled
         static slots. sel_ids [k] or [H_kv, k] (-1 = padding) on the compute device."""
+        cached = stable is not None and self.cache_rows > 0 and sel_ids.dim() == 1
+        if cached and self.cached_src is not stable:
+            self._fill(stable)
         self._layout()
         parts = [sel_ids]
-        if stable is not None and self.cache_k is not None and sel_ids.dim() == 1:
-            used = sel_ids.shape[0] - n_fresh
-            if self.cached_src is not stable:
-                self._fill(stable)
-            if 0 <= used <= self.cached_n:
-                parts = [sel_ids[:n_fresh]] if n_fresh else []
-                parts.append(self.cache_ids[:used])
+        used = sel_ids.shape[0] - n_fresh
+        if cached and 0 <= used <= self.cached_n:
+            parts = [sel_ids[:n_fresh]] if n_fresh else []
+            parts.append(self.cache_ids[:used])
         static = self.static_ids[:n_static]
         if sel_ids.dim() == 2:
             static = static.expand(sel_ids.shape[0], n_static)
@@ -103,6 +100,10 @@ class LayerRowSpace:
         """Copy the rows of `stable` (host row ids, on the device) into the cache."""
         from kvloft.scheduler.rowcopy import gather_rows
 
+        if self.cache_k is None:
+            like = self.tiers.k
+            self.cache_k = torch.empty((self.cache_rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+            self.cache_v = torch.empty_like(self.cache_k)
         m = min(stable.shape[0], self.cache_rows)
         hk, hv = self.tiers.host_k, self.tiers.host_v  # waits for a copy down in flight
         tables = hk.pointer_table(self.device), hv.pointer_table(self.device)

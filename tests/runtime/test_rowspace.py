@@ -57,7 +57,7 @@ def test_one_launch_equals_two_launches_and_reference(tiny, method, options):
         assert 1 < space.fills < len(steps)
         assert space.fills == s.backend.retriever.stats()["refreshes"][-1] // tiny.config.n_layers
     else:
-        assert space.fills == 0  # per-head selections have no stable part
+        assert space.fills == 0 and space.cache_k is None  # per-head selections: no stable part, no cache
 
 
 def test_stale_cache_is_not_read(tiny):
