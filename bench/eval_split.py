@@ -4,8 +4,8 @@ Usage: python bench/eval_split.py EVAL_ARGS... (the arguments of `kvloft eval`).
 
 import sys
 
-import kvloft.runtime.attention as attention
 from kvloft.cli import main
+from kvloft.runtime import attention
 
 _init = attention.TieredAttention.__init__
 

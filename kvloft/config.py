@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "ModelConfig",
+    "METHODS",
     "CacheConfig",
+    "ModelConfig",
     "RetrievalConfig",
     "RuntimeConfig",
     "parse_bytes",
     "parse_tokens",
-    "METHODS",
 ]
 
 

@@ -9,8 +9,8 @@ import os
 if not os.environ.get("KVLOFT_TEST_CUDA"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,8 +8,8 @@ Every op of a set has the reference's signature (see kernels/reference.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -23,7 +23,7 @@ cutting is tested on the CPU: a segmented step equals Transformer.forward exactl
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

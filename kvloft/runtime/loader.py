@@ -203,7 +203,7 @@ def gguf_config(reader, name: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2 are)")
-    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)
     n_heads = g("attention.head_count")
     hidden = g("embedding_length")
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
