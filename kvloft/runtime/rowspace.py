@@ -80,7 +80,10 @@ class LayerRowSpace:
     def ids(self, sel_ids: Tensor, stable: Tensor | None, n_fresh: int, n_static: int) -> Tensor:
         """Row ids in this space for one step: the selection (host rows; its stable part read
         from the device cache, filled here when the stable part changed) and the filled
-        static slots. sel_ids [k] or [H_kv, k] (-1 = padding) on the compute device."""
+        static slots. sel_ids [k] or [H_kv, k] (-1 = padding) on the compute device.
+        Waits (on the host) for a copy of evicted rows to the host tier still in flight: the
+        kernel may read those rows."""
+        self.tiers.wait_host()
         cached = stable is not None and self.cache_rows > 0 and sel_ids.dim() == 1
         if cached and self.cached_src is not stable:
             self._fill(stable)

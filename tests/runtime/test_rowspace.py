@@ -169,3 +169,24 @@ def test_gpu_one_launch_equals_split_and_dense(method, options):
     cover, _ = run(10_000)
     err = (cover.double() - dense.double()).norm() / dense.double().norm()
     assert err < 1e-4, err
+
+
+def test_one_launch_waits_for_rows_in_flight(tiny):
+    """The kernel reads host rows in place, so a copy of evicted rows still in flight to the
+    host tier is waited for before the launch (exact: its own key copy never waits)."""
+
+    class Event:  # stands in for the CUDA event behind a copy down
+        waited = 0
+
+        def synchronize(self):
+            Event.waited += 1
+
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, tiny.config.vocab_size, (100,), generator=gen)
+    rcfg = RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=16)
+    _, s = _run(tiny, rcfg, prompt, torch.tensor([1]), "triton")
+    for t in s.backend.cache.layers:
+        t._d2h_done = Event()
+    s.step(2)
+    assert Event.waited == tiny.config.n_layers
+    assert all(t._d2h_done is None for t in s.backend.cache.layers)
