@@ -110,6 +110,7 @@ def sm_count(device_index: int) -> int:
 
 
 def address_table(chunks, device: torch.device) -> Tensor:
-    """[n_chunks] int64 base addresses of equal chunks, on `device` (copied down without a
-    wait), for kernels that find a row's chunk through them and read it in place."""
+    """[n_chunks] int64 base addresses of the chunks (tensors of one row layout, or views
+    into one) on `device` (copied down without a wait), for kernels that find a row's chunk
+    through them and read it in place."""
     return torch.tensor([c.data_ptr() for c in chunks], dtype=torch.int64).to(device, non_blocking=True)

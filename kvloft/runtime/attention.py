@@ -390,26 +390,24 @@ class TieredAttention:
         self._append(layer, k, v, positions)
         q1 = q[0]  # [H_q, D]
         space = self._row_space(layer, tiers)
+        if space is None:
+            with self.timers("static_attention"):
+                sk, sv, _ = tiers.static_kv()
+                o_s, l_s = self.ops.decode_attend(q1, sk, sv, scale=self.scale)
+            if tiers.n_host == 0 or self.rcfg.budget == 0:
+                return o_s[None]
+        with self.timers("search"):
+            sel = self.retriever.select(layer, q1, self.rcfg.budget)
+        self.scanned += sel.scanned
         if space is not None:
             # the static tier, the selection and its cached stable part in one launch
             from kvloft.kernels.sparse_decode import gather_attend_table
 
-            with self.timers("search"):
-                sel = self.retriever.select(layer, q1, self.rcfg.budget)
-            self.scanned += sel.scanned
             with self.timers("attention"):
                 ids = space.ids(sel.ids.to(q1.device), sel.stable, sel.n_fresh, tiers.n_static)
                 out, _ = gather_attend_table(q1, tiers.k, tiers.v, ids, space.tables, space.slot_rows,
                                              scale=self.scale)
             return out[None]
-        with self.timers("static_attention"):
-            sk, sv, _ = tiers.static_kv()
-            o_s, l_s = self.ops.decode_attend(q1, sk, sv, scale=self.scale)
-        if tiers.n_host == 0 or self.rcfg.budget == 0:
-            return o_s[None]
-        with self.timers("search"):
-            sel = self.retriever.select(layer, q1, self.rcfg.budget)
-        self.scanned += sel.scanned
         with self.timers("retrieved_attention"):
             o_r, l_r = self._retrieved(tiers, q1, sel.ids)
             out, _ = self.ops.merge([o_s, o_r], [l_s, l_r])
@@ -422,7 +420,7 @@ class TieredAttention:
         if (not self.one_launch or self.ops.name != "triton" or tiers.n_host == 0 or self.rcfg.budget == 0
                 or getattr(self.retriever, "attend_on_host", False)):
             return None
-        hk, hv = tiers._host_k, tiers._host_v
+        hk, hv = tiers.host_k, tiers.host_v
         if not (hk.pin and hv.pin) or hk.n_spilled or hv.n_spilled:
             return None
         space = self._spaces.get(layer)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvloft.kernels.checks import address_table
 from kvloft.runtime.kvcache import LayerTiers
 
 __all__ = ["LayerRowSpace"]
@@ -41,7 +42,7 @@ class LayerRowSpace:
     def __init__(self, tiers: LayerTiers, device: torch.device, cache_rows: int = 0) -> None:
         self.tiers = tiers
         self.device = torch.device(device)
-        self.slot_rows = tiers._host_k.chunk_rows
+        self.slot_rows = tiers.host_k.chunk_rows
         self.cache_rows = cache_rows
         self.cache_k = self.cache_v = None  # allocated with the first stable selection
         self.cached_src: Tensor | None = None  # the Selection.stable whose rows the cache holds
@@ -53,25 +54,20 @@ class LayerRowSpace:
         self.cache_ids: Tensor | None = None
 
     def _layout(self) -> None:
-        hk, hv = self.tiers._host_k, self.tiers._host_v
+        hk, hv = self.tiers.host_k, self.tiers.host_v
         key = (len(hk.chunks), len(hv.chunks), self.cache_k is not None)
         if key == self._key:
             return
         r = self.slot_rows
-        ptr_k = [c.data_ptr() for c in hk.chunks]
-        ptr_v = [c.data_ptr() for c in hv.chunks]
-        offsets = []
         regions = [(self.tiers.k, self.tiers.v)]
         if self.cache_k is not None:
             regions.append((self.cache_k, self.cache_v))
-        for k, v in regions:
-            offsets.append(len(ptr_k) * r)
-            step = r * k.stride(0) * k.element_size()
-            for j in range(-(-k.shape[0] // r)):
-                ptr_k.append(k.data_ptr() + j * step)
-                ptr_v.append(v.data_ptr() + j * step)
-        table = torch.tensor([ptr_k, ptr_v], dtype=torch.int64).to(self.device)
-        self.tables = table[0], table[1]
+        k_slots, v_slots, offsets = list(hk.chunks), list(hv.chunks), []
+        for k, v in regions:  # a region of S rows takes ceil(S / r) slots: views r rows apart
+            offsets.append(len(k_slots) * r)
+            k_slots += [k[j : j + r] for j in range(0, k.shape[0], r)]
+            v_slots += [v[j : j + r] for j in range(0, v.shape[0], r)]
+        self.tables = address_table(k_slots, self.device), address_table(v_slots, self.device)
         self.static_ids = torch.arange(offsets[0], offsets[0] + self.tiers.k.shape[0], device=self.device)
         if self.cache_k is not None:
             self.cache_ids = torch.arange(offsets[1], offsets[1] + self.cache_rows, device=self.device)
