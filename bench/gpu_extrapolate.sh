@@ -6,12 +6,8 @@
 # so one stopped by its time limit keeps its work; the table is rebuilt from all of them.
 # Usage (GPU machine, repo root): bash bench/gpu_extrapolate.sh GGUF_PATH [SECONDS] [GPUS]
 # Leaves quality_x.md and quality_x.tar.gz (every file) under $OUT.
-set -u
-G=${1:?path to the SmolLM2 GGUF}
-T=${2:-480}
-NG=${3:-1}
 O=/tmp/quality_x
-. bench/eval_procs.sh
+. bench/eval_procs.sh "$@"
 x() { ev "$@" --budget 1024 --sink 64 --window 512; }  # every cell: budget 1024, sink 64, window 512
 # DTYPE: the model's dtype (default float32: SmolLM2 in bf16 misses pass keys even at 4K/8K dense)
 D=${DTYPE:-float32}

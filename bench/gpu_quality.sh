@@ -6,12 +6,8 @@
 # Usage (on the GPU machine, repo root): bash bench/gpu_quality.sh GGUF_PATH [SECONDS] [GPUS]
 # GPUS: how many GPUs to spread the processes over (default 1).
 # Works in /tmp/quality; leaves quality_h200.md and quality.tar.gz (every file) under $OUT.
-set -u
-G=${1:?path to the SmolLM2 GGUF}
-T=${2:-480}
-NG=${3:-1}
 O=/tmp/quality
-. bench/eval_procs.sh
+. bench/eval_procs.sh "$@"
 # x-*: length extrapolation, dense vs remapped positions (+x), trained length 8K;
 # m-*: every method at 4K and 8K, budget 1024 (the same samples for every method)
 ev x-passkey --tasks passkey --lengths 16k,32k,64k --methods dense,exact+x --budget 1024 --samples 3
