@@ -13,18 +13,24 @@
   Busy sessions are never evicted; when no idle one is left a new request is refused
   (SessionsBusy, HTTP 503 in the server). Within a request a session grows up to its own
   RuntimeConfig.host_memory_budget, set to `host_budget` unless given.
-- A request without a session id gets a throwaway session that counts against the same
-  limits while it runs.
+- With `limits` (kvloft.server.limits.Limits): at most `max_stored_sessions` named sessions
+  are kept, resident or spilled (a new id past that is refused, LimitExceeded), and the
+  spilled bytes stay under `spill_limit` (checked before a session is written; when no idle
+  session fits, the request that needed room is refused).
+- A request without a session id gets a throwaway session (an unguessable id) that counts
+  against the same limits while it runs.
+- Ids may carry an owner prefix (`<16 hex>~<id>`, see auth.py): the manager keeps them apart
+  like any other ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import shutil
 import tempfile
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,8 +43,10 @@ import anyio
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig, parse_bytes
 from kvloft.runtime.persist import load_session, save_session
 from kvloft.runtime.session import Session
+from kvloft.server.limits import Limits
 
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+OWNED_ID_RE = re.compile(r"(?:[0-9a-f]{16}~)?" + SESSION_ID_RE.pattern)
 
 
 class SessionsBusy(RuntimeError):
@@ -59,6 +67,7 @@ class Lease:
     session: Session | None = None  # None while spilled to disk (or not yet created)
     spill: Path | None = None
     spilled_bytes: dict[str, int] = field(default_factory=dict)
+    spill_size: int = 0  # bytes of its files on disk while spilled
     ephemeral: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
@@ -69,7 +78,8 @@ class Lease:
 class SessionManager:
     def __init__(self, model, *, retrieval: RetrievalConfig | None = None, runtime: RuntimeConfig | None = None,
                  cache: CacheConfig | None = None, max_sessions: int = 8, host_budget: int | str = 0,
-                 device_budget: int | str = 0, spill_dir: str | Path | None = None) -> None:
+                 device_budget: int | str = 0, spill_dir: str | Path | None = None,
+                 limits: Limits | None = None) -> None:
         if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
             raise ValueError(f"max_sessions must be an int >= 1, got {max_sessions!r}")
         self.model = model
@@ -81,6 +91,7 @@ class SessionManager:
             runtime = RuntimeConfig(**{**runtime.__dict__, "host_memory_budget": self.host_budget})
         self.runtime, self.cache = runtime, cache or CacheConfig()
         self.max_sessions = max_sessions
+        self.limits = limits
         self._own_spill = spill_dir is None
         self.spill_dir = Path(tempfile.mkdtemp(prefix="kvloft-sessions-") if spill_dir is None else spill_dir)
         self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +183,8 @@ class SessionManager:
         host, device = self._bytes(resident)
         return {"sessions": len(self._leases), "resident": len(resident), "max_sessions": self.max_sessions,
                 "host_bytes": host, "host_budget": self.host_budget, "device_bytes": device,
-                "device_budget": self.device_budget, "evictions": self.evictions, "restores": self.restores}
+                "device_budget": self.device_budget, "spilled_bytes": self.spilled_bytes(),
+                "evictions": self.evictions, "restores": self.restores}
 
     def close(self) -> None:
         """Drop every session; remove the spill directory if the manager made it."""
@@ -185,14 +197,16 @@ class SessionManager:
     def _lease_for(self, session_id: str | None, retrieval: dict[str, Any] | None) -> Lease:
         retrieval = dict(retrieval or {})
         if session_id is None:
-            lease = Lease(id=f"tmp-{uuid.uuid4().hex}", retrieval=self.retrieval.replace(**retrieval), ephemeral=True)
+            lease = Lease(id=f"tmp-{secrets.token_hex(16)}", retrieval=self.retrieval.replace(**retrieval), ephemeral=True)
             self._leases[lease.id] = lease
             return lease
-        if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
+        if not isinstance(session_id, str) or not OWNED_ID_RE.fullmatch(session_id):
             raise ValueError(f"session_id must be 1-128 characters of letters, digits, '_', '-', '.', starting "
                              f"with a letter or digit; got {session_id!r}")
         lease = self._leases.get(session_id)
         if lease is None:
+            if self.limits is not None:
+                self.limits.check_new_session(sum(not le.ephemeral for le in self._leases.values()))
             lease = Lease(id=session_id, retrieval=self.retrieval.replace(**retrieval))
             self._leases[session_id] = lease
         else:
@@ -205,7 +219,7 @@ class SessionManager:
             return Session(self.model, lease.retrieval, self.runtime, self.cache)
         s = load_session(lease.spill, self.model, runtime=self.runtime)
         shutil.rmtree(lease.spill, ignore_errors=True)
-        lease.spill, lease.spilled_bytes = None, {}
+        lease.spill, lease.spilled_bytes, lease.spill_size = None, {}, 0
         self.restores += 1
         return s
 
@@ -232,7 +246,22 @@ class SessionManager:
                     f"(max_sessions={self.max_sessions}, host {host / 2**20:.1f}/{self.host_budget / 2**20:.1f} MiB); "
                     "retry shortly"
                 )
-            await self._evict(idle[0])
+            victim = self._spillable(idle)
+            if victim is None:  # the spill limit is reached
+                if incoming is None:
+                    return
+                self.limits.check_spill(self.spilled_bytes(), min(_size(le) for le in idle))
+            await self._evict(victim)
+
+    def _spillable(self, idle: list[Lease]) -> Lease | None:
+        """The least recently used idle session whose save fits the spill limit, if any."""
+        if self.limits is None:
+            return idle[0]
+        spilled = self.spilled_bytes()
+        return next((le for le in idle if spilled + _size(le) <= self.limits.spill_limit), None)
+
+    def spilled_bytes(self) -> int:
+        return sum(le.spill_size for le in self._leases.values() if le.spill is not None)
 
     def _fits(self, count: int, host: int, device: int) -> bool:
         return (count <= self.max_sessions and (not self.host_budget or host <= self.host_budget)
@@ -246,6 +275,7 @@ class SessionManager:
             await anyio.to_thread.run_sync(save_session, lease.session, path)
             lease.spilled_bytes = lease.session.backend.bytes()
             lease.spill, lease.session = path, None
+            lease.spill_size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             self.evictions += 1
 
     def _forget_if_empty(self, lease: Lease) -> None:
@@ -260,6 +290,11 @@ class SessionManager:
             host += b.get("host", 0)
             device += b.get("static", 0)
         return host, device
+
+
+def _size(lease: Lease) -> int:
+    """Bytes a resident session's save will take, about: its tiers' bytes."""
+    return sum(lease.session.backend.bytes().values())
 
 
 def _check_compatible(lease: Lease, want: dict[str, Any]) -> None:

@@ -13,8 +13,8 @@ sequence (user, metadata, ...) are accepted and ignored.
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,7 +113,8 @@ class ChatRequest(_Request):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """A response id: 128 random bits (never guessable, like every id the server makes)."""
+    return f"{prefix}-{secrets.token_hex(16)}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
