@@ -11,13 +11,14 @@ import urllib.request
 class Served:
     """`with Served(app) as s:` serves `app` at s.url until the block ends."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, make_server=None) -> None:
+        """make_server(uvicorn.Config) -> a uvicorn.Server (default: uvicorn.Server itself)."""
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = (make_server or uvicorn.Server)(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

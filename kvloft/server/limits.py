@@ -20,8 +20,9 @@ from kvloft.config import RetrievalConfig, parse_bytes
 class LimitExceeded(ValueError):
     """A request asks for more than one of the server's limits allows (HTTP 400)."""
 
-    def __init__(self, what: str, value: int, limit: int, option: str, param: str | None = None) -> None:
-        super().__init__(f"{what}={value} is over this server's limit of {limit}; ask for less, or start the "
+    def __init__(self, what: str, value: int, limit: int, option: str, param: str | None = None,
+                 fix: str = "ask for less") -> None:
+        super().__init__(f"{what}={value} is over this server's limit of {limit}; {fix}, or start the "
                          f"server with a higher `kvloft serve {option}`")
         self.param = param
 
@@ -80,9 +81,9 @@ class Limits:
     def check_new_session(self, stored: int) -> None:
         if stored >= self.max_stored_sessions:
             raise LimitExceeded("sessions", stored + 1, self.max_stored_sessions, "--max-stored-sessions",
-                                param="session_id")
+                                param="session_id", fix="delete sessions no longer needed (DELETE /v1/sessions/{id})")
 
     def check_spill(self, spilled: int, more: int) -> None:
         if spilled + more > self.spill_limit:
-            raise LimitExceeded("spilled session bytes", spilled + more, self.spill_limit, "--spill-limit "
-                                "(or DELETE /v1/sessions/{id} of sessions no longer needed)")
+            raise LimitExceeded("spilled session bytes", spilled + more, self.spill_limit, "--spill-limit",
+                                fix="delete sessions no longer needed (DELETE /v1/sessions/{id})")

@@ -1,14 +1,26 @@
 """Fixtures shared by the server and Hugging Face tests: the real SmolLM2, loaded once."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import kvloft
+from kvloft.runtime.loader import random_model
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     return kvloft.load_model("smollm2", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def chatty(smollm2):
+    """Tiny random weights behind the real SmolLM2 tokenizer: real text in and out, fast."""
+    tok = smollm2.tokenizer
+    cfg = dataclasses.replace(kvloft.ModelConfig.from_name("tiny"), name="tiny-chat", vocab_size=tok.vocab_size)
+    model = random_model(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    return dataclasses.replace(model, tokenizer=tok)
 
 
 def hf_llama_from(model: kvloft.Model, attn_implementation: str = "sdpa"):

@@ -1,37 +1,25 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn
 server on a free localhost port. Answers are checked against a kvloft Session run directly."""
 
-import dataclasses
 import json
 import urllib.error
 import urllib.request
 
 import anyio
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from served import Served
 
-from kvloft import ModelConfig, RetrievalConfig, RuntimeConfig, Session
-from kvloft.runtime.loader import random_model
+from kvloft import RetrievalConfig, RuntimeConfig, Session
 from kvloft.server.app import ServerConfig, create_app
 from kvloft.server.manager import SessionManager
 
 KEY = "test-key"
 RETRIEVAL = RetrievalConfig(method="exact", budget=32, n_sink=8, n_window=64)
 RUNTIME = RuntimeConfig(progress=False)
-
-
-@pytest.fixture(scope="module")
-def chatty(smollm2):
-    """Tiny random weights behind the real SmolLM2 tokenizer: real text in and out, fast."""
-    tok = smollm2.tokenizer
-    cfg = dataclasses.replace(ModelConfig.from_name("tiny"), name="tiny-chat", vocab_size=tok.vocab_size)
-    model = random_model(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
-    return dataclasses.replace(model, tokenizer=tok)
 
 
 class Running(Served):
