@@ -34,6 +34,7 @@ so another host (e.g. a Ray Serve deployment) can mount the same app.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -80,6 +81,7 @@ class ServerConfig:
     rate_limit: requests per minute per client (API key, else address); 0 = unlimited.
     rate_clients: clients whose rate buckets are remembered at once.
     default_max_tokens: max_tokens when unset (limits.max_tokens is the largest allowed).
+    max_tokens_limit: if set, replaces limits.max_tokens (kept for callers that name it here).
     limits: the largest sizes a request may ask for (limits.py).
     max_sessions, host_budget, device_budget, spill_dir: the SessionManager's limits.
     """
@@ -91,6 +93,7 @@ class ServerConfig:
     rate_limit: float = 0.0
     rate_clients: int = 10_000
     default_max_tokens: int = 256
+    max_tokens_limit: int | None = None
     limits: Limits = field(default_factory=Limits)
     max_sessions: int = 8
     host_budget: int | str = 0
@@ -101,6 +104,8 @@ class ServerConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
+        if self.max_tokens_limit is not None:
+            object.__setattr__(self, "limits", dataclasses.replace(self.limits, max_tokens=self.max_tokens_limit))
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None (no auth)")
         if self.max_request_bytes < 1 or self.rate_limit < 0 or self.default_max_tokens < 0:
