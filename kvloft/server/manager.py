@@ -44,6 +44,7 @@ from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig, parse_byt
 from kvloft.runtime.persist import load_session, save_session
 from kvloft.runtime.session import Session
 from kvloft.server.limits import Limits
+from kvloft.server.memory import trim
 
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 OWNED_ID_RE = re.compile(r"(?:[0-9a-f]{16}~)?" + SESSION_ID_RE.pattern)
@@ -146,12 +147,15 @@ class SessionManager:
     async def release(self, lease: Lease) -> None:
         lease.last_used = time.monotonic()
         lease.users -= 1
+        dropped = lease.ephemeral and lease.session is not None
         if lease.ephemeral:
             self._leases.pop(lease.id, None)
             lease.session = None
         lease.lock.release()
         async with self._admit:
             await self._make_room(None)
+        if dropped:
+            await anyio.to_thread.run_sync(trim)
 
     async def delete(self, session_id: str) -> bool:
         """Forget a session (waits for its running request). False if unknown."""
@@ -163,6 +167,7 @@ class SessionManager:
             lease.session = None
             if lease.spill is not None:
                 shutil.rmtree(lease.spill, ignore_errors=True)
+        await anyio.to_thread.run_sync(trim, 0.0)
         return True
 
     def info(self, session_id: str) -> dict[str, Any] | None:
@@ -277,6 +282,7 @@ class SessionManager:
             lease.spill, lease.session = path, None
             lease.spill_size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             self.evictions += 1
+        await anyio.to_thread.run_sync(trim, 0.0)
 
     def _forget_if_empty(self, lease: Lease) -> None:
         if lease.session is None and lease.spill is None and lease.users == 0:
