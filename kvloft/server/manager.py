@@ -180,6 +180,8 @@ class SessionManager:
             out["stats"] = lease.session.stats()
         elif lease.session is None:
             out["bytes"] = dict(lease.spilled_bytes)
+        if lease.meta.get("rebuild"):  # a stopped request's undo: its next request feeds these again
+            out["rebuild_tokens"] = len(lease.meta["rebuild"])
         return out
 
     def usage(self) -> dict[str, Any]:
