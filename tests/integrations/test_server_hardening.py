@@ -339,3 +339,45 @@ def test_docs_and_openapi_need_the_key(chatty):
             assert call(s.url, "GET", path, key="wrong")[0] == 401
             assert call(s.url, "GET", path)[0] == 200
         assert call(s.url, "GET", "/health", key=None)[0] == 200
+
+
+@pytest.mark.slow
+def test_kvloft_serve_exits_within_5_s_of_sigterm_mid_prefill_and_leaves_no_spill_dir(tmp_path):
+    """The real command (SmolLM2 in a subprocess): SIGTERM while a long prompt is being fed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from served import free_port
+
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "kvloft.cli", "serve", "--model", "smollm2", "--port", str(port),
+                             "--api-key", KEY, "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            try:
+                if call(url, "GET", "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert list(tmp_path.glob("kvloft-sessions-*"))  # the manager's own spill dir
+        model = call(url, "GET", "/v1/models")[2]["data"][0]["id"]
+        sock = open_request(url, "/v1/completions", {**completion("The archive keeps records. " * 3000, "big"),
+                                                     "model": model})
+        wait_busy(url, "big", timeout=60)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        took = time.monotonic() - t0
+        sock.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 5.0, took
+    assert not list(tmp_path.glob("kvloft-sessions-*"))
