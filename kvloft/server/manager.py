@@ -204,7 +204,8 @@ class SessionManager:
     def _lease_for(self, session_id: str | None, retrieval: dict[str, Any] | None) -> Lease:
         retrieval = dict(retrieval or {})
         if session_id is None:
-            lease = Lease(id=f"tmp-{secrets.token_hex(16)}", retrieval=self.retrieval.replace(**retrieval), ephemeral=True)
+            lease = Lease(id=f"tmp-{secrets.token_hex(16)}", retrieval=self.retrieval.replace(**retrieval),
+                          ephemeral=True)
             self._leases[lease.id] = lease
             return lease
         if not isinstance(session_id, str) or not OWNED_ID_RE.fullmatch(session_id):

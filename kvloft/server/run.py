@@ -315,7 +315,7 @@ def watch_disconnect(receive, cancel: threading.Event) -> asyncio.Task:
 
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":
-            pass
+            await asyncio.sleep(0.05)  # a host whose receive() does not block must not spin the loop
         cancel.set()
 
     return asyncio.ensure_future(watch())
