@@ -102,6 +102,25 @@ class Tokenizer:
             **template_kwargs,
         )
 
+    def apply_chat_template_continuation(self, messages: list[dict[str, str]], *, open_turn: bool) -> str:
+        """Text to append to a conversation already fed whose last turn is the assistant's: the
+        close of that turn when `open_turn` (the answer stopped before its end token), then
+        `messages` and the generation prompt.
+
+        Rendered after a stand-in history and cut after it, so what a template writes once per
+        conversation (bos, a default system prompt) is not written again.
+        """
+        user, answer = "\x00", "\x01"  # stand-ins no real message holds
+        history = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        full = self.apply_chat_template(history + ct.validate_messages(messages), True)
+        closed = self.apply_chat_template(history, False)
+        if answer not in full or answer not in closed:
+            raise ValueError(f"the chat template of {self.name} drops assistant turns; feed the whole conversation")
+        tail, close = full.split(answer, 1)[1], closed.split(answer, 1)[1]
+        if open_turn or not tail.startswith(close):
+            return tail
+        return tail[len(close) :]
+
     # ---- constructors ------------------------------------------------------------------------
 
     @classmethod
