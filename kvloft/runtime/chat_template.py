@@ -90,7 +90,7 @@ def render(
             **variables,
         )
     except (jinja2.TemplateError, TypeError) as e:
-        raise ValueError(f"the chat template of {model_name} refused these messages: {e}") from e
+        raise ValueError(f"the chat template of {model_name} failed: {e}") from e
 
 
 @functools.lru_cache(maxsize=8)
