@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizer_helpers import LLAMA3_TEMPLATE, train_byte_level_bpe
+from tokenizer_helpers import LLAMA3_TEMPLATE, train_byte_level_bpe, write_sentencepiece_gguf
 
 QWEN_GGUF = Path.home() / ".cache/kvloft/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
@@ -68,3 +68,11 @@ def llama3_dir(tmp_path_factory):
     }
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     return d
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_gguf(tmp_path_factory):
+    """A small Llama-2-style SentencePiece GGUF written here (no merges: they come from the scores)."""
+    path = tmp_path_factory.mktemp("spm") / "spm.gguf"
+    write_sentencepiece_gguf(path)
+    return path

@@ -4,11 +4,12 @@ same tokenizer.json."""
 
 import json
 
+import gguf
 import pytest
 from tokenizer_helpers import LLAMA3_SPECIALS, TEXT, gguf_fields_of, train_byte_level_bpe
 from tokenizers import Tokenizer as HFTokenizer
 
-from kvloft.runtime.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
+from kvloft.runtime.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, read_gguf_tokenizer_fields
 from kvloft.runtime.tokenizer import Tokenizer
 
 CHAT_TEXT = "<|im_start|>user\nHi 2024<|im_end|>\n<|im_start|>assistant\n"
@@ -127,3 +128,31 @@ def test_user_defined_tokens_are_matched_whole_and_kept_on_decode():
     assert think in ids
     assert tok.decode(ids) == "a<think>b"  # user-defined, not special: kept
     assert LLAMA3_SPECIALS[0] not in tok.decode(tok.encode(LLAMA3_SPECIALS[0] + "x"))  # control: skipped
+
+
+def test_sentencepiece_gguf_ids_match_transformers(sentencepiece_gguf):
+    """Llama 2 / Mistral style: merges derived from the scores, '▁' prepended, bytes as <0xNN>."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(sentencepiece_gguf.parent), gguf_file=sentencepiece_gguf.name)
+    ours = Tokenizer.from_path(sentencepiece_gguf)
+    assert ours.add_bos and ours.bos_id == ref.bos_token_id == 1
+    for text in (TEXT, " leading space", "two  spaces\n"):
+        want = ref.encode(text)  # bos included both sides
+        assert ours.encode(text) == want
+        assert ours.decode(want) == ref.decode(want, skip_special_tokens=True)
+    dragon = [ours.token_id(f"<0x{b:02X}>") for b in "龍".encode()]  # not in the corpus: byte fallback
+    assert ours.encode("a龍", add_bos=False)[-3:] == dragon and ours.decode(ours.encode("a龍")) == "a龍"
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "<s>[INST] hi [/INST]"
+
+
+def test_header_reader_matches_gguf_library(sentencepiece_gguf, tmp_path):
+    reader = gguf.GGUFReader(str(sentencepiece_gguf))
+    want = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    assert read_gguf_tokenizer_fields(sentencepiece_gguf) == want
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(sentencepiece_gguf.read_bytes()[:2000])  # the token list runs past the end
+    with pytest.raises(ValueError, match="past the end"):
+        read_gguf_tokenizer_fields(cut)
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(40))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_gguf_tokenizer_fields(tmp_path / "not.gguf")

@@ -70,3 +70,42 @@ def gguf_fields_of(tok, pre: str) -> dict:
         "tokenizer.ggml.eos_token_id": vocab["<|eot_id|>"],
     }
 
+
+
+def write_sentencepiece_gguf(path) -> list[str]:
+    """A Llama-2-style GGUF (tokenizer.ggml.model "llama": '▁' for spaces, <0xNN> byte tokens,
+    scores and no merges) with a SentencePiece BPE vocabulary trained here, and the few model keys
+    a reader expects. -> the token list"""
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    kinds = {"<unk>": 2, "<s>": 3, "</s>": 3, **dict.fromkeys(byte_tokens, 6)}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])  # SentencePiece: earlier pieces score higher
+    w.add_token_types([kinds.get(t, 1) for t in tokens])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_chat_template("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tokens
