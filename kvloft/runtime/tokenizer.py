@@ -63,10 +63,13 @@ class Tokenizer:
         return "builtin-llama3" if self._tok.token_to_id("<|start_header_id|>") is not None else "builtin-chatml"
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; bos first when `add_bos` (default: the model's add_bos), unless the
+        text already starts with it, as a chat template's rendering does (Llama 3, Mistral)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+        want_bos = self.add_bos if add_bos is None else add_bos
+        if want_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
         return ids
 

@@ -157,3 +157,11 @@ def test_continuation_writes_the_default_system_prompt_once(smollm2_tok):
     closed = smollm2_tok.apply_chat_template_continuation(new, open_turn=False)
     assert closed == after_answer.removeprefix("<|im_end|>\n") == "<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n"
     assert full.count("named SmolLM") == 1
+
+
+def test_rendered_bos_is_not_doubled(llama3_dir):
+    tok = Tokenizer.from_hf_dir(llama3_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    ids = tok.encode(text)  # add_bos is on, and the template wrote <|begin_of_text|> itself
+    assert ids[0] == tok.bos_id and ids[1] != tok.bos_id
+    assert ids == tok.encode(text, add_bos=False)
