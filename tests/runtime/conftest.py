@@ -10,6 +10,13 @@ from tokenizer_helpers import LLAMA3_TEMPLATE, train_byte_level_bpe, write_sente
 
 QWEN_GGUF = Path.home() / ".cache/kvloft/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the Qwen GGUF carries the `qwen` marker (deselect with -m "not qwen")."""
+    for item in items:
+        if "qwen_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.qwen)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     from kvloft.runtime.loader import find_smollm2_gguf
