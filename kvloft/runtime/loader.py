@@ -163,11 +163,7 @@ def load_hf_dir(path: Path, *, device, dtype) -> Model:
     state: dict[str, Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    tok = None
-    if (path / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(
-            path / "tokenizer.json", bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids
-        )
+    tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     return load_state(cfg, state, tok, device, dtype, str(path))
 
 
@@ -266,15 +262,8 @@ def _gguf_name(name: str) -> str:
 
 
 def load_tokenizer(name_or_path: str | Path = "smollm2") -> Tokenizer:
-    """Only the tokenizer of a model (reads GGUF metadata, no weights)."""
-    import gguf
-
+    """Only the tokenizer of a model: a tokenizer.json, a HF dir or a .gguf (metadata, no weights)."""
     key = str(name_or_path)
     if key.lower() in ("smollm2", "smollm2-135m-instruct"):
-        path = find_smollm2_gguf()
-    else:
-        path = Path(key)
-    if path.is_dir():
-        return Tokenizer.from_file(path / "tokenizer.json")
-    reader = gguf.GGUFReader(str(path))
-    return Tokenizer.from_gguf_fields({k: _field(reader, k) for k in reader.fields if k.startswith("tokenizer.")})
+        return Tokenizer.from_path(find_smollm2_gguf())
+    return Tokenizer.from_path(key)

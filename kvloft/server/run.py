@@ -340,14 +340,8 @@ class LeasedStream(StreamingResponse):
 
 
 def _chat_text(tok, messages: list[dict[str, str]], continuing: bool, open_turn: bool) -> str:
-    """Chat messages rendered to append to a session: closes an open assistant turn and drops
-    the template's start-of-conversation prefix (e.g. Llama 3's <|begin_of_text|>) when continuing."""
-    text = tok.apply_chat_template(messages, True)
+    """Chat messages rendered to append to a session: when continuing, closes an open assistant
+    turn and leaves out what the template writes once per conversation (bos, a default system prompt)."""
     if not continuing:
-        return text
-    text = text.removeprefix(tok.apply_chat_template([], False))
-    if open_turn:
-        marker = "\x00"
-        closed = tok.apply_chat_template([{"role": "assistant", "content": marker}], False)
-        text = closed.split(marker, 1)[1] + text
-    return text
+        return tok.apply_chat_template(messages, True)
+    return tok.apply_chat_template_continuation(messages, open_turn=open_turn)

@@ -1,0 +1,85 @@
+"""Tokenizer fixtures: the real GGUF files (skipped when absent), their transformers references
+(loaded once per session: transformers takes seconds to rebuild a GGUF tokenizer), and a small
+Llama-3-style tokenizer trained here, so no download is needed."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizer_helpers import LLAMA3_TEMPLATE, train_byte_level_bpe, write_sentencepiece_gguf
+
+QWEN_GGUF = Path.home() / ".cache/kvloft/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the Qwen GGUF carries the `qwen` marker (deselect with -m "not qwen")."""
+    for item in items:
+        if "qwen_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.qwen)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from kvloft.runtime.loader import find_smollm2_gguf
+
+    try:
+        return find_smollm2_gguf()
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf():
+    if not QWEN_GGUF.is_file():
+        pytest.skip(f"{QWEN_GGUF} is absent")
+    return QWEN_GGUF
+
+
+def _reference(path: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf):
+    """transformers' tokenizer rebuilt from the same SmolLM2 GGUF."""
+    return _reference(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def qwen_reference(qwen_gguf):
+    """transformers' tokenizer rebuilt from the same Qwen2.5-Coder GGUF (~20 s on a small CPU)."""
+    return _reference(qwen_gguf)
+
+
+@pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory):
+    """A HF dir like Llama-3-Instruct's: tokenizer.json (Llama 3's split pattern, a post-processor
+    that puts <|begin_of_text|> first), tokenizer_config.json with Llama 3's chat template."""
+    from tokenizers import processors
+
+    from kvloft.runtime.gguf_tokenizer import LLAMA3_SPLIT
+
+    tok = train_byte_level_bpe(LLAMA3_SPLIT)
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    d = tmp_path_factory.mktemp("llama3")
+    tok.save(str(d / "tokenizer.json"))
+    config = {
+        "bos_token": bos,
+        "eos_token": "<|eot_id|>",
+        "chat_template": LLAMA3_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 8192,
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_gguf(tmp_path_factory):
+    """A small Llama-2-style SentencePiece GGUF written here (no merges: they come from the scores)."""
+    path = tmp_path_factory.mktemp("spm") / "spm.gguf"
+    write_sentencepiece_gguf(path)
+    return path
