@@ -94,7 +94,11 @@ def method_unavailable(method: str) -> str | None:
 
 
 def max_new_tokens_for(sample: Sample, tokenizer: Any) -> int:
-    """The answer's own tokens plus slack, at most RULER's limit for the task."""
+    """Plain prompts: the answer's own tokens plus slack, at most RULER's limit for the task.
+    Chat prompts: RULER's limit (an instruct model formats its answer as it likes, a list on
+    several lines say, and ends its turn with EOS)."""
+    if sample.chat is not None:
+        return RULER_MAX_NEW_TOKENS.get(sample.task, 128)
     answer = " " + ", ".join(sample.references)
     need = len(tokenizer.encode(answer, add_bos=False)) + ANSWER_SLACK
     return min(RULER_MAX_NEW_TOKENS.get(sample.task, 128), need)
@@ -165,7 +169,8 @@ def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
                max_new_tokens: int, label: str | None = None) -> RunRecord:
-    """Feed the sample's prompt in a fresh session, generate greedily to a newline, score.
+    """Feed the sample's prompt in a fresh session, generate greedily (to a newline for plain
+    prompts, to EOS for chat prompts), score.
 
     label: the method's name in the results (default rcfg.method; "exact+x" for extrapolation).
     """
@@ -177,7 +182,8 @@ def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime
         counter = _CountingRetriever(s.backend.retriever, model.config.n_kv_heads)
         s.backend.retriever = counter  # count what each decode step attends to
     prompt_tokens = s.feed(build_prompt(sample))
-    output = s.generate(max_new_tokens=max_new_tokens, stop=["\n"])
+    # plain prompts stop at the end of the line; chat answers at EOS (the end of the turn)
+    output = s.generate(max_new_tokens=max_new_tokens, stop=None if sample.chat is not None else ["\n"])
     st = s.stats()
     t = st["timings_s"]
     steps = t["decode_tokens"]
@@ -341,7 +347,7 @@ def _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_windo
         "machine": machine_label(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "tasks": tasks, "lengths": lengths, "methods": methods,
         "budget": budget, "samples": samples, "seed": seed, "n_sink": n_sink, "n_window": n_window,
-        "max_new_tokens": max_new_tokens or "per task (answer tokens + 8, at most RULER's)",
+        "max_new_tokens": max_new_tokens or "per task (plain: answer tokens + 8, at most RULER's; chat: RULER's)",
     }
 
 
@@ -387,9 +393,10 @@ def markdown(result: dict[str, Any], name: str, note: str = "") -> str:
         f"- date: {m['date']}",
         (f"- settings: budget {m['budget']} host tokens per step, sink {m['n_sink']}, window {m['n_window']}, "
         f"{m['samples']} samples per task and length (seed {m['seed']}, needle depths (i + 0.5) / n), greedy, "
-        f"stop at newline, max new tokens {m['max_new_tokens']}, prefill chunk {m['prefill_chunk']}"),
-        "- prompt: " + ("the model's chat template (one user message), then the answer prefix" if m.get("chat")
-                        else "plain text ending with the answer prefix (no chat template)"),
+        f"max new tokens {m['max_new_tokens']}, prefill chunk {m['prefill_chunk']}"),
+        "- prompt: " + ("the model's chat template (one user message), then the answer prefix; answers end at EOS"
+                        if m.get("chat") else "plain text ending with the answer prefix (no chat template); "
+                        "answers end at a newline"),
     ]
     if m.get("max_similar"):
         lines.append(f"- at most {m['max_similar']} near-identical keys per selection (max_similar)")

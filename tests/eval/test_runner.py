@@ -252,3 +252,19 @@ def test_cli_eval_writes_to_cwd_or_out_dir(tiny_text, tmp_path, monkeypatch, cap
     assert (tmp_path / "r.md").exists()
     after = {p for d in ("bench/results", "docs") for p in (package_root / d).glob("quality*")}
     assert after == before
+
+
+def test_answer_limits_plain_and_chat(tiny_text):
+    """Plain prompts: the answer's tokens + slack (RULER's limit at most); chat prompts: RULER's
+    limit, since an instruct model ends its own turn."""
+    from kvloft.eval.tasks import generate
+
+    tok = tiny_text.tokenizer
+    plain = generate("passkey", tok, 512, seed=0)
+    chat = generate("passkey", tok, 512, seed=0, chat=True)
+    answer = len(tok.encode(" " + plain.references[0], add_bos=False))
+    assert runner.max_new_tokens_for(plain, tok) == min(runner.RULER_MAX_NEW_TOKENS["passkey"],
+                                                         answer + runner.ANSWER_SLACK)
+    assert runner.max_new_tokens_for(chat, tok) == runner.RULER_MAX_NEW_TOKENS["passkey"]
+    vt = generate("vt", tok, 1024, seed=0, chat=True)
+    assert runner.max_new_tokens_for(vt, tok) == runner.RULER_MAX_NEW_TOKENS["vt"]
