@@ -27,7 +27,8 @@ Each request runs in a fresh Session with the retrieval method, as a user's woul
   loglikelihood_rolling  lm-eval's rolling windows of max_length tokens, each scored as above.
   generate_until         feed the context, generate (greedy unless do_sample) until an
                          `until` string, EOS or max_gen_toks; the text before the stop string.
-Requests are run one at a time (batch_size is accepted and ignored).
+Requests are run one at a time (batch_size is accepted and ignored); one-token options of a
+multiple-choice document share one prefill of its context.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class KvloftLM(TemplateLM):
         if self.max_gen_toks < 1 or self.max_length <= self.max_gen_toks:
             raise ValueError(f"need 1 <= max_gen_toks < max_length; got {self.max_gen_toks}, {self.max_length}")
         self._device = self.model.device
+        self._last_context: list[int] | None = None  # the last prefilled context and its next-token logits [V]
+        self._last_logits: torch.Tensor | None = None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> KvloftLM:
@@ -153,21 +156,28 @@ class KvloftLM(TemplateLM):
 
         context, continuation: token ids; context non-empty. Context tokens beyond max_length
         (counting the continuation but its last token) are cut from the left, as lm-eval's HF model does.
+        One-token continuations of the context scored just before reuse its prefill (lm-eval
+        sends a document's options one after another).
         """
         if not context or not continuation:
             raise ValueError("score_continuation needs a non-empty context and continuation")
         keep = self.max_length + 1 - len(continuation)
         if keep < 1:
             raise ValueError(f"the continuation ({len(continuation)} tokens) exceeds max_length={self.max_length}")
-        s = self._session()
-        s.feed(context[-keep:])
+        context = context[-keep:]
+        if len(continuation) == 1 and self._last_context == context:
+            logits = self._last_logits  # a multiple-choice doc's next option of one token: no new prefill
+        else:
+            s = self._session()
+            s.feed(context)
+            logits = s.last_logits.float()
+            self._last_context, self._last_logits = list(context), logits
         total, greedy = 0.0, True
-        for i, tok in enumerate(continuation):
-            logits = s.last_logits.float()  # [V]
+        for i, tok in enumerate(continuation):  # logits: [V] fp32, the next token's after the context so far
             total += float(torch.log_softmax(logits, dim=-1)[tok])
             greedy = greedy and int(logits.argmax()) == tok
             if i + 1 < len(continuation):
-                s.step(tok)
+                logits = s.step(tok).float()
         return total, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:

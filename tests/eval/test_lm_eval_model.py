@@ -52,6 +52,23 @@ def test_loglikelihood_equals_independent_log_softmax_sum(tiny_text, method):
     assert lm.score_continuation(ctx, [first])[1] is True
 
 
+def test_one_token_options_share_one_prefill(tiny_text, monkeypatch):
+    """A multiple-choice doc's one-token options reuse the context's prefill; the scores are
+    those of separate sessions, and a longer option still gets its own session."""
+    lm = KvloftLM(model=tiny_text, method="exact", budget=4096, sink=8, window=16)
+    made = []
+    session = lm._session
+    monkeypatch.setattr(lm, "_session", lambda: made.append(1) or session())
+    context = "Question: which is blue? Answer:"
+    options = ["A", "B", "C", "D", "AB"]  # the byte tokenizer: one token each, then two
+    reqs = [Instance("loglikelihood", {}, (context, o), i) for i, o in enumerate(options)]
+    got = lm.loglikelihood(reqs, disable_tqdm=True)
+    assert len(made) == 2  # one prefill for the four one-token options, one session for "AB"
+    for option, (logp, greedy) in zip(options, got):
+        ref_logp, ref_greedy = _reference(lm, context, option)
+        assert logp == pytest.approx(ref_logp, rel=1e-4, abs=1e-4) and greedy == ref_greedy
+
+
 def test_loglikelihood_rolling_sums_every_token(tiny_text):
     lm = KvloftLM(model=tiny_text, method="dense", max_length=64, max_gen_toks=8)
     text = "The sun is yellow. " * 6  # 114 byte tokens: two rolling windows of 64
