@@ -20,11 +20,18 @@
 #   --seconds S       time limit of each process                             (3000)
 #   --sink N --window N                                                       (64, 512)
 #   --seed N                                                                  (0)
+#   --tag T           prefix of this call's file names, so calls into one OUT_DIR add up  (a time stamp)
 # A reduced run that ends within 8 minutes on an H100/H200 (model load included):
 #   bash bench/gpu_quality_qwen.sh GGUF /tmp/q --methods dense,exact,hip --budgets 1024 \
 #     --lengths 4k,8k --tasks passkey,niah_multikey --samples 2 --procs 3 --seconds 420
-# Leaves under OUT_DIR: quality_<group>.runs.jsonl/.json/.md and log_<group>.txt per process,
-# and quality_qwen.{json,md[,png]} merged; copies the merged files and a tarball to $OUT if set.
+# Leaves under OUT_DIR: quality_<tag>p<i>-b<budget>.runs.jsonl/.json/.md and log_*.txt per
+# process, and quality_qwen.{json,md[,png]} merged from every runs file in OUT_DIR (earlier calls'
+# too); copies the merged files and a tarball of OUT_DIR to $OUT if set. The full grid (15
+# method/budget pairs x 6 tasks x 4 lengths x 20 samples = 7,200 runs) outlasts one 10-minute
+# device call: split it by --methods/--lengths over calls with --seconds under the call's limit,
+# or start it detached (setsid) and collect OUT_DIR later.
+# Calls with the same --seed draw the same samples: give each (method, budget, length) to one
+# call, or add samples to a cell with another --seed (the report pools seeds).
 set -u
 G=${1:?usage: bash bench/gpu_quality_qwen.sh GGUF OUT_DIR [options]}
 O=${2:?usage: bash bench/gpu_quality_qwen.sh GGUF OUT_DIR [options]}
@@ -39,13 +46,14 @@ SECONDS_EACH=3000
 SINK=64
 WINDOW=512
 SEED=0
+TAG=$(date +%H%M%S)-
 DEVICE=${KVLOFT_EVAL_DEVICE:-cuda}  # KVLOFT_EVAL_DEVICE=cpu KVLOFT_EVAL_DTYPE=float32: a smoke test
 DTYPE=${KVLOFT_EVAL_DTYPE:-bfloat16}
 while [ $# -gt 0 ]; do
   case $1 in
     --samples) SAMPLES=$2 ;; --methods) METHODS=$2 ;; --budgets) BUDGETS=$2 ;;
     --lengths) LENGTHS=$2 ;; --tasks) TASKS=$2 ;; --procs) PROCS=$2 ;; --seconds) SECONDS_EACH=$2 ;;
-    --sink) SINK=$2 ;; --window) WINDOW=$2 ;; --seed) SEED=$2 ;;
+    --sink) SINK=$2 ;; --window) WINDOW=$2 ;; --seed) SEED=$2 ;; --tag) TAG=$2 ;;
     *) echo "unknown option $1 (see the head of $0)" >&2; exit 2 ;;
   esac
   shift 2
@@ -74,7 +82,7 @@ run_group() {  # proc index: its evals one after another, within SECONDS_EACH to
   local p=$1 end=$(( $(date +%s) + SECONDS_EACH )) key b left name
   for key in "${!group[@]}"; do
     [ "${key%%:*}" = "$p" ] || continue
-    b=${key#*:}; name="p$p-b$b"; left=$(( end - $(date +%s) ))
+    b=${key#*:}; name="${TAG}p$p-b$b"; left=$(( end - $(date +%s) ))
     [ "$left" -gt 10 ] || break
     timeout "$left" python3 -m kvloft.cli eval --model "$G" --device "$DEVICE" --dtype "$DTYPE" --chat \
       --no-progress --tasks "$TASKS" --lengths "$LENGTHS" --methods "${group[$key]}" --budget "$b" \
@@ -83,12 +91,11 @@ run_group() {  # proc index: its evals one after another, within SECONDS_EACH to
     echo "$name (${group[$key]} @ $b): exit $?" >> "$O/status.txt"
   done
 }
-: > "$O/status.txt"
 echo "$(( ${#pairs[@]} )) (method, budget) pairs over $PROCS processes, $OMP_NUM_THREADS threads each" >&2
 for p in $(seq 0 $(( PROCS - 1 ))); do run_group "$p" & done
 wait
 cat "$O/status.txt" >&2
-python3 -m kvloft.eval.report "$O"/quality_p*.runs.jsonl --out "$O" --name qwen
+python3 -m kvloft.eval.report "$O"/quality_*.runs.jsonl --out "$O" --name qwen
 if [ -n "${OUT:-}" ]; then
   cp "$O"/quality_qwen.* "$OUT"/ 2>/dev/null
   tar czf "$OUT/quality_qwen.tar.gz" -C "$O" .
