@@ -18,10 +18,11 @@ attention over every key up to it:
 - attended fraction: selected host rows per KV head / host rows.
 
     python -m kvloft.eval.attention_report --trace bench/traces/smollm2_8k.safetensors \\
-        --methods exact,tokenselect,recycled --budget 256,1024
+        --methods exact,tokenselect,recycled --budget 256,1024 \
+        --out bench/results/attention_report.json --doc docs/attention_report.md
 
-JSON to bench/results/attention_report.json; a section per trace in docs/attention_report.md
-(per method x budget, then per layer, so the layers that suffer stand out).
+JSON to --out (default ./attention_report.json); a section per trace in --doc (default
+./attention_report.md; per method x budget, then per layer, so the layers that suffer stand out).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from kvloft.kernels import reference
 
 __all__ = ["ReplayParams", "main", "markdown", "replay", "report", "write_doc"]
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results" / "attention_report.json"
-DOC = ROOT / "docs" / "attention_report.md"
+# written where the command runs (the repository's bench/results and docs when run from its root)
+RESULTS = Path("attention_report.json")
+DOC = Path("attention_report.md")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Task-level quality of retrieval methods: RULER-style samples run through real sessions.
 
     model = kvloft.load_model("smollm2")
-    result = evaluate(model, ["passkey"], [2048], ["dense", "exact"], budget=256, samples=4, seed=0)
-    save(result, out=Path("bench/results/quality_x.json"), doc=Path("docs/quality.md"))
+    result = evaluate(model, ["passkey"], [2048], ["dense", "exact"], budget=256, samples=4, seed=0, chat=True)
+    save(result, out=Path("quality_x.json"), doc=Path("quality_x.md"))
 
 Each sample is run once per method, in a fresh Session: the prompt is fed (chunked
 prefill), then the answer is generated greedily until a newline, EOS or the task's token
@@ -11,7 +11,9 @@ result holds the mean score, n, a 95% Wilson interval, mean prefill seconds, dec
 ms/token and keys attended per decode step (per layer and KV head: the static tier plus
 the rows the retriever picked; for dense, the whole context).
 
-The command line is `kvloft eval` (see add_eval_parser).
+The command line is `kvloft eval` (see add_eval_parser); it writes into the current
+directory or `--out DIR`, never into the package. kvloft.eval.report merges results files
+into one table and a plot.
 """
 
 from __future__ import annotations
@@ -47,8 +49,6 @@ __all__ = [
     "save",
     "wilson_interval",
 ]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # RULER's tokens_to_generate per task family; passkey answers in a handful of tokens.
 RULER_MAX_NEW_TOKENS = {
@@ -94,7 +94,11 @@ def method_unavailable(method: str) -> str | None:
 
 
 def max_new_tokens_for(sample: Sample, tokenizer: Any) -> int:
-    """The answer's own tokens plus slack, at most RULER's limit for the task."""
+    """Plain prompts: the answer's own tokens plus slack, at most RULER's limit for the task.
+    Chat prompts: RULER's limit (an instruct model formats its answer as it likes, a list on
+    several lines say, and ends its turn with EOS)."""
+    if sample.chat is not None:
+        return RULER_MAX_NEW_TOKENS.get(sample.task, 128)
     answer = " " + ", ".join(sample.references)
     need = len(tokenizer.encode(answer, add_bos=False)) + ANSWER_SLACK
     return min(RULER_MAX_NEW_TOKENS.get(sample.task, 128), need)
@@ -151,6 +155,7 @@ class RunRecord:
     decode_ms_per_tok: float | None
     keys_per_step: float | None  # keys attended per decode step, per layer and KV head
     scanned_per_step: float | None  # keys the search scored per decode step and layer (all KV heads)
+    budget: int | None = None  # host tokens retrieved per step; None: dense (runs files before it: unknown)
 
 
 def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar: int | None = None) -> RetrievalConfig:
@@ -164,7 +169,8 @@ def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
                max_new_tokens: int, label: str | None = None) -> RunRecord:
-    """Feed the sample's prompt in a fresh session, generate greedily to a newline, score.
+    """Feed the sample's prompt in a fresh session, generate greedily (to a newline for plain
+    prompts, to EOS for chat prompts), score.
 
     label: the method's name in the results (default rcfg.method; "exact+x" for extrapolation).
     """
@@ -176,7 +182,8 @@ def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime
         counter = _CountingRetriever(s.backend.retriever, model.config.n_kv_heads)
         s.backend.retriever = counter  # count what each decode step attends to
     prompt_tokens = s.feed(build_prompt(sample))
-    output = s.generate(max_new_tokens=max_new_tokens, stop=["\n"])
+    # plain prompts stop at the end of the line; chat answers at EOS (the end of the turn)
+    output = s.generate(max_new_tokens=max_new_tokens, stop=None if sample.chat is not None else ["\n"])
     st = s.stats()
     t = st["timings_s"]
     steps = t["decode_tokens"]
@@ -192,6 +199,7 @@ def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime
         method=label or rcfg.method, prompt_tokens=prompt_tokens, output=output, references=list(sample.references),
         score=score(sample.task, output, sample.references), prefill_s=t["prefill_s"], decode_tokens=steps,
         decode_ms_per_tok=st.get("decode_ms_per_tok"), keys_per_step=keys, scanned_per_step=scanned,
+        budget=None if rcfg.method == "dense" else rcfg.budget,
     )
 
 
@@ -269,8 +277,12 @@ def evaluate(
     runtime: RuntimeConfig | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     max_similar: int | None = None,
+    chat: bool = False,
 ) -> dict[str, Any]:
     """Run every sample once per method; returns {"meta", "skipped", "cells", "runs"}.
+
+    chat: render each prompt in the model's own chat template (kvloft.eval.tasks.generate);
+    the same samples for every method either way (seeded).
 
     on_record: called with {"meta", "skipped"} before the first run and with each run's
     record (a dict) as it completes, so a long evaluation that is stopped keeps what it
@@ -291,9 +303,10 @@ def evaluate(
     active = [m for m in methods if m not in skipped]
     meta = _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_window, max_new_tokens, runtime)
     meta["max_similar"] = max_similar
+    meta["chat"] = chat
     if on_record is not None:
         on_record({"meta": meta, "skipped": skipped})
-    drawn = {t: run_task_samples(t, model.tokenizer, lengths, samples, seed) for t in tasks}
+    drawn = {t: run_task_samples(t, model.tokenizer, lengths, samples, seed, chat=chat) for t in tasks}
     bar = _progress_bar(sum(len(v) for v in drawn.values()) * len(active), progress)
     records: list[RunRecord] = []
     for task_samples in drawn.values():
@@ -334,7 +347,7 @@ def _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_windo
         "machine": machine_label(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "tasks": tasks, "lengths": lengths, "methods": methods,
         "budget": budget, "samples": samples, "seed": seed, "n_sink": n_sink, "n_window": n_window,
-        "max_new_tokens": max_new_tokens or "per task (answer tokens + 8, at most RULER's)",
+        "max_new_tokens": max_new_tokens or "per task (plain: answer tokens + 8, at most RULER's; chat: RULER's)",
     }
 
 
@@ -380,7 +393,10 @@ def markdown(result: dict[str, Any], name: str, note: str = "") -> str:
         f"- date: {m['date']}",
         (f"- settings: budget {m['budget']} host tokens per step, sink {m['n_sink']}, window {m['n_window']}, "
         f"{m['samples']} samples per task and length (seed {m['seed']}, needle depths (i + 0.5) / n), greedy, "
-        f"stop at newline, max new tokens {m['max_new_tokens']}, prefill chunk {m['prefill_chunk']}"),
+        f"max new tokens {m['max_new_tokens']}, prefill chunk {m['prefill_chunk']}"),
+        "- prompt: " + ("the model's chat template (one user message), then the answer prefix; answers end at EOS"
+                        if m.get("chat") else "plain text ending with the answer prefix (no chat template); "
+                        "answers end at a newline"),
     ]
     if m.get("max_similar"):
         lines.append(f"- at most {m['max_similar']} near-identical keys per selection (max_similar)")
@@ -481,9 +497,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="cap near-identical keys in a selection (RetrievalConfig.max_similar; 0 = off; "
                         "default: the position mode's, on for +x methods)")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
-    e.add_argument("--name", default=None, help="run name: JSON file suffix and doc section (default: a stamp)")
-    e.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/quality_<name>.json)")
-    e.add_argument("--doc", type=Path, default=ROOT / "docs" / "quality.md", help="markdown page to update")
+    e.add_argument("--chat", action="store_true",
+                   help="render prompts in the model's own chat template (instruct models; RULER's chat format)")
+    e.add_argument("--name", default=None, help="run name: file names and doc section (default: a stamp)")
+    e.add_argument("--out", type=Path, default=Path("."),
+                   help="directory for quality_<name>.json, .runs.jsonl and .md (default: the current "
+                        "directory); a path ending in .json names the JSON file itself")
+    e.add_argument("--doc", type=Path, default=None,
+                   help="markdown page to update (default: quality_<name>.md beside the JSON)")
     e.add_argument("--note", default="", help="a sentence for the doc section (e.g. the machine's load)")
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on CUDA, float32 on the CPU), "
@@ -505,7 +526,7 @@ def cmd_eval(args) -> int:
     if args.kernels:
         kw["kernels"] = args.kernels
     name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or ROOT / "bench" / "results" / f"quality_{name}.json"
+    out, doc = output_paths(args.out, args.doc, name)
     if args.from_runs:
         result = from_runs(args.from_runs)
     else:
@@ -521,11 +542,18 @@ def cmd_eval(args) -> int:
 
             result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
                               args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
-                              on_record=write, max_similar=args.max_similar)
+                              on_record=write, max_similar=args.max_similar, chat=args.chat)
     for why in result["skipped"].values():
         print(why, file=sys.stderr)
-    save(result, out, args.doc, name, args.note)
+    save(result, out, doc, name, args.note)
     print(markdown(result, name, args.note))
     brief = {f"{c['task']}@{c['length']}:{c['method']}": round(c["score"], 3) for c in result["cells"]}
-    print(json.dumps({"out": str(out), "doc": str(args.doc), "score": brief}))
+    print(json.dumps({"out": str(out), "doc": str(doc), "score": brief}))
     return 0
+
+
+def output_paths(out: Path, doc: Path | None, name: str) -> tuple[Path, Path]:
+    """(JSON path, markdown path) of a run: out is a directory, or the JSON file if it ends in .json."""
+    out = Path(out)
+    json_path = out if out.suffix == ".json" else out / f"quality_{name}.json"
+    return json_path, Path(doc) if doc is not None else json_path.with_suffix(".md")

@@ -8,8 +8,11 @@ A task draws its needles, keys and values from `random.Random(seed)` once, then 
 its context for n haystack units; the largest n whose prompt (context, question and
 answer prefix, exactly as `build_prompt` joins them) fits in `length` tokens of the
 given tokenizer is found by a galloping + binary search, and the result must land in
-[length - LENGTH_TOLERANCE, length]. The prompt has no chat template: it ends with the
-answer prefix ("... The pass key is") so small base or instruct models answer directly.
+[length - LENGTH_TOLERANCE, length]. The prompt ends with the answer prefix ("... The pass
+key is") so the model answers directly. With `chat=True` it is rendered as RULER renders
+it for chat models: the context and question are one user message in the model's own
+chat template (the tokenizer's `apply_chat_template`, generation prompt on), and the
+answer prefix follows the assistant's turn marker; the fitting counts every template token.
 
 Tasks (defaults follow RULER, Hsieh et al. 2024, and the passkey test of InfLLM):
 
@@ -54,6 +57,7 @@ from kvloft.eval.haystack import (
 __all__ = [
     "LENGTH_TOLERANCE",
     "TASKS",
+    "ChatTokenizerLike",
     "CweParams",
     "FweParams",
     "NiahParams",
@@ -63,8 +67,10 @@ __all__ = [
     "TokenizerLike",
     "VtParams",
     "build_prompt",
+    "chat_frame",
     "generate",
     "run_task_samples",
+    "user_message",
 ]
 
 # The fitted prompt is at most the requested length and at most this many tokens short of it.
@@ -75,6 +81,10 @@ class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+class ChatTokenizerLike(TokenizerLike, Protocol):
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
 
 
 @dataclass
@@ -92,19 +102,48 @@ class Sample:
     depth: float | None  # where the asked needle sits, fraction of the haystack; None: no needle
     needles: list[str] = field(default_factory=list)  # planted texts, the asked one first
     options: dict[str, Any] = field(default_factory=dict)  # params given to generate() beyond defaults
+    # (before, after) the user message in the model's chat template; None: a plain prompt
+    chat: tuple[str, str] | None = None
 
     @property
     def prompt(self) -> str:
         return build_prompt(self)
 
 
-def _join(context: str, question: str, answer_prefix: str) -> str:
-    return f"{context}\n\n{question} {answer_prefix}"
+def _join(context: str, question: str, answer_prefix: str, chat: tuple[str, str] | None = None) -> str:
+    if chat is None:
+        return f"{context}\n\n{question} {answer_prefix}"
+    before, after = chat
+    return f"{before}{user_message(context, question)}{after}{answer_prefix}"
+
+
+def user_message(context: str, question: str) -> str:
+    """The user turn of a chat-rendered sample: the context, a blank line, the question."""
+    return f"{context}\n\n{question}"
 
 
 def build_prompt(sample: Sample) -> str:
-    """Chat-template-free prompt: context, a blank line, the question and the answer prefix."""
-    return _join(sample.context, sample.question, sample.answer_prefix)
+    """The text the model reads. Plain: context, a blank line, the question and the answer
+    prefix. Chat: the user message (context and question) in the model's chat template,
+    then the answer prefix as the start of the assistant's turn."""
+    return _join(sample.context, sample.question, sample.answer_prefix, sample.chat)
+
+
+_MARK = "\x1eKVLOFT-USER-MESSAGE\x1e"  # no template touches it; found once in the rendering
+
+
+def chat_frame(tokenizer: ChatTokenizerLike) -> tuple[str, str]:
+    """(before, after): the model's chat template around one user message, generation prompt on."""
+    render = getattr(tokenizer, "apply_chat_template", None)
+    if not callable(render):
+        raise TypeError("chat=True needs a tokenizer with apply_chat_template(messages, add_generation_prompt)")
+    text = render([{"role": "user", "content": _MARK}], add_generation_prompt=True)
+    if text.count(_MARK) != 1:
+        raise ValueError(
+            "the chat template does not render the user message verbatim once; use chat=False (a plain prompt)"
+        )
+    before, after = text.split(_MARK)
+    return before, after
 
 
 # ----------------------------------------------------------------------------- params
@@ -431,9 +470,9 @@ def _bracket(c: Callable[[int], int], n: int, length: int, max_units: int) -> tu
     return max(hi - step, 0), hi
 
 
-def _fit(draft: _Draft, tokenizer: TokenizerLike, length: int) -> tuple[str, int]:
+def _fit(draft: _Draft, tokenizer: TokenizerLike, length: int, chat: tuple[str, str] | None) -> tuple[str, int]:
     def count(n: int) -> int:
-        return len(tokenizer.encode(_join(draft.render(n), draft.question, draft.answer_prefix)))
+        return len(tokenizer.encode(_join(draft.render(n), draft.question, draft.answer_prefix, chat)))
 
     max_units = draft.max_units if draft.max_units is not None else 4 * length + 64
     n, actual = _fit_units(count, length, max_units)
@@ -461,12 +500,15 @@ def _params(spec: TaskSpec, overrides: dict[str, Any]) -> Any:
 
 
 def generate(
-    task: str, tokenizer: TokenizerLike, length: int, seed: int, depth: float | None = None, **options: Any
+    task: str, tokenizer: TokenizerLike, length: int, seed: int, depth: float | None = None, *,
+    chat: bool = False, **options: Any
 ) -> Sample:
     """One sample of `task` whose prompt is `length` tokens (minus at most LENGTH_TOLERANCE).
 
     depth: needle position as a fraction of the haystack (tasks with needles; None: drawn
-    from the seed). options: fields of the task's params dataclass (e.g. haystack="essay").
+    from the seed). chat: render the prompt in the tokenizer's chat template (the same
+    needles, keys and haystack as the plain prompt of that seed, fewer haystack units).
+    options: fields of the task's params dataclass (e.g. haystack="essay").
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -480,8 +522,11 @@ def generate(
     rng = random.Random(seed)
     if spec.uses_depth and depth is None:
         depth = rng.random()
+    frame = chat_frame(tokenizer) if chat else None
     draft = spec.build(rng, _params(spec, options), length, depth)
-    context, actual = _fit(draft, tokenizer, length)
+    context, actual = _fit(draft, tokenizer, length, frame)
+    if frame is not None:
+        _check_chat_rendering(tokenizer, context, draft, frame)
     return Sample(
         task=task,
         context=context,
@@ -494,7 +539,17 @@ def generate(
         depth=draft.depth,
         needles=list(draft.needles),
         options=dict(options),
+        chat=frame,
     )
+
+
+def _check_chat_rendering(tokenizer: ChatTokenizerLike, context: str, draft: _Draft, frame: tuple[str, str]) -> None:
+    """The fitted prompt must be exactly what the template renders for the full message."""
+    full = tokenizer.apply_chat_template([{"role": "user", "content": user_message(context, draft.question)}],
+                                         add_generation_prompt=True)
+    if full + draft.answer_prefix != _join(context, draft.question, draft.answer_prefix, frame):
+        raise ValueError("the chat template renders this message differently from a short one "
+                         "(it rewrites message content); use chat=False (a plain prompt)")
 
 
 def sample_seed(seed: int, length: int, index: int) -> int:
@@ -503,7 +558,8 @@ def sample_seed(seed: int, length: int, index: int) -> int:
 
 
 def run_task_samples(
-    task: str, tokenizer: TokenizerLike, lengths: Sequence[int], n: int, seed: int, **options: Any
+    task: str, tokenizer: TokenizerLike, lengths: Sequence[int], n: int, seed: int, *, chat: bool = False,
+    **options: Any
 ) -> list[Sample]:
     """n samples of `task` per length, ordered by length then index.
 
@@ -518,5 +574,6 @@ def run_task_samples(
     for length in lengths:
         for i in range(n):
             depth = fixed_depth if fixed_depth is not None else ((i + 0.5) / n if uses_depth else None)
-            samples.append(generate(task, tokenizer, length, sample_seed(seed, length, i), depth, **options))
+            samples.append(generate(task, tokenizer, length, sample_seed(seed, length, i), depth, chat=chat,
+                                    **options))
     return samples

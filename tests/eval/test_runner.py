@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +212,59 @@ def test_eval_cap_follows_position_mode_unless_given():
     from kvloft.cli import build_parser
 
     assert build_parser().parse_args(["eval", "--tasks", "passkey"]).max_similar is None
+
+
+# ----------------------------------------------------------------------------- `kvloft eval` outputs
+
+
+def _eval_args(*extra: str) -> list[str]:
+    return ["eval", "--model", "tiny-with-bytes", "--tasks", "passkey", "--lengths", "512",
+            "--methods", "dense,exact", "--budget", "16", "--samples", "2", "--sink", "8", "--window", "32",
+            "--max-new-tokens", "3", "--chat", "--no-progress", "--name", "t", *extra]
+
+
+def test_cli_eval_writes_to_cwd_or_out_dir(tiny_text, tmp_path, monkeypatch, capsys):
+    """Results land in the current directory (or --out DIR), never in the package tree; the
+    chat template renders every prompt; each run carries its budget."""
+    from kvloft import cli
+    from kvloft.runtime import loader
+
+    package_root = Path(kvloft.__file__).resolve().parents[1]
+    before = {p for d in ("bench/results", "docs") for p in (package_root / d).glob("quality*")}
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: tiny_text)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_eval_args()) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quality_t.json", "quality_t.md", "quality_t.runs.jsonl"]
+    saved = json.loads((tmp_path / "quality_t.json").read_text())
+    assert saved["meta"]["chat"] is True and len(saved["runs"]) == 2 * 2
+    assert {(r["method"], r["budget"]) for r in saved["runs"]} == {("dense", None), ("exact", 16)}
+    assert all(512 - 32 <= r["prompt_tokens"] <= 512 for r in saved["runs"])
+    exact = [c for c in saved["cells"] if c["method"] == "exact"]
+    assert all(c["keys_per_step"] == pytest.approx(8 + 32 + 16) for c in exact)  # sink + window + budget
+    assert "chat template" in (tmp_path / "quality_t.md").read_text()
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["out"] == "quality_t.json"
+
+    assert cli.main(_eval_args("--out", "sub/dir", "--samples", "1", "--methods", "dense")) == 0
+    assert sorted(p.name for p in (tmp_path / "sub" / "dir").iterdir()) == sorted(
+        ["quality_t.json", "quality_t.md", "quality_t.runs.jsonl"])
+    assert cli.main(["eval", "--from-runs", "quality_t.runs.jsonl", "--name", "again", "--out", "r.json"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["cells"] == saved["cells"]
+    assert (tmp_path / "r.md").exists()
+    after = {p for d in ("bench/results", "docs") for p in (package_root / d).glob("quality*")}
+    assert after == before
+
+
+def test_answer_limits_plain_and_chat(tiny_text):
+    """Plain prompts: the answer's tokens + slack (RULER's limit at most); chat prompts: RULER's
+    limit, since an instruct model ends its own turn."""
+    from kvloft.eval.tasks import generate
+
+    tok = tiny_text.tokenizer
+    plain = generate("passkey", tok, 512, seed=0)
+    chat = generate("passkey", tok, 512, seed=0, chat=True)
+    answer = len(tok.encode(" " + plain.references[0], add_bos=False))
+    assert runner.max_new_tokens_for(plain, tok) == min(runner.RULER_MAX_NEW_TOKENS["passkey"],
+                                                         answer + runner.ANSWER_SLACK)
+    assert runner.max_new_tokens_for(chat, tok) == runner.RULER_MAX_NEW_TOKENS["passkey"]
+    vt = generate("vt", tok, 1024, seed=0, chat=True)
+    assert runner.max_new_tokens_for(vt, tok) == runner.RULER_MAX_NEW_TOKENS["vt"]

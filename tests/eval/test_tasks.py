@@ -21,9 +21,11 @@ from kvloft.eval.tasks import (
     TASKS,
     _fit_units,
     build_prompt,
+    chat_frame,
     generate,
     run_task_samples,
     sample_seed,
+    user_message,
 )
 
 NEEDLE_TASKS = [name for name, spec in TASKS.items() if spec.uses_depth]
@@ -51,9 +53,23 @@ class WordTokenizer:
         return " ".join(self.words[i] for i in ids)
 
 
+class ChatWordTokenizer(WordTokenizer):
+    """WordTokenizer with a ChatML template and a system turn, as Qwen2.5's template renders one."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        turns = [{"role": "system", "content": "You are a helpful assistant."}, *messages]
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in turns)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
 @pytest.fixture(scope="module")
 def tok() -> WordTokenizer:
     return WordTokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tok() -> ChatWordTokenizer:
+    return ChatWordTokenizer()
 
 
 def _token_fraction(tok, context: str, needle: str) -> float:
@@ -73,6 +89,39 @@ def test_prompt_fills_requested_length(tok, task, length):
     assert n == s.actual_tokens
     assert length - LENGTH_TOLERANCE <= n <= length
     assert s.target_tokens == length and s.task == task
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_chat_prompt_is_the_template_rendering(chat_tok, task):
+    """chat=True: the fitted prompt is apply_chat_template(one user message) + answer prefix,
+    and its tokens (template included) fill the length; the draws are those of the plain prompt."""
+    length = 1024
+    s = generate(task, chat_tok, length, seed=31, chat=True)
+    message = user_message(s.context, s.question)
+    rendered = chat_tok.apply_chat_template([{"role": "user", "content": message}]) + s.answer_prefix
+    assert build_prompt(s) == rendered
+    assert rendered.endswith("<|im_start|>assistant\n" + s.answer_prefix)
+    assert len(chat_tok.encode(rendered)) == s.actual_tokens
+    assert length - LENGTH_TOLERANCE <= s.actual_tokens <= length
+    plain = generate(task, chat_tok, length, seed=31)
+    assert plain.references == s.references and plain.needles == s.needles and plain.chat is None
+    assert len(s.context) < len(plain.context)  # the template's tokens come out of the haystack
+
+
+def test_chat_needs_a_template(tok, chat_tok):
+    with pytest.raises(TypeError, match="apply_chat_template"):
+        generate("passkey", tok, 512, seed=0, chat=True)
+
+    class Rewriting(ChatWordTokenizer):  # a template that rewrites content cannot be fitted
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return super().apply_chat_template([{**m, "content": m["content"].replace("pass", "PASS")} for m in messages])
+
+    with pytest.raises(ValueError, match="chat=False"):
+        generate("passkey", Rewriting(), 512, seed=0, chat=True)
+    before, after = chat_frame(chat_tok)
+    assert before.endswith("<|im_start|>user\n") and after == "<|im_end|>\n<|im_start|>assistant\n"
+    samples = run_task_samples("vt", chat_tok, [512], n=2, seed=0, chat=True)
+    assert all(x.chat == (before, after) for x in samples)
 
 
 def test_fit_units_matches_brute_force():
@@ -293,6 +342,16 @@ def smollm2():
 def test_smollm2_lengths(smollm2, task):
     s = generate(task, smollm2, 2048, seed=21)
     n = len(smollm2.encode(build_prompt(s)))
+    assert n == s.actual_tokens and 2048 - LENGTH_TOLERANCE <= n <= 2048
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_multikey", "cwe"])
+def test_smollm2_chat_lengths(smollm2, task):
+    """The model's own template (from the GGUF) renders the prompt; special tokens count as one."""
+    s = generate(task, smollm2, 2048, seed=23, chat=True)
+    prompt = build_prompt(s)
+    assert prompt.startswith("<|im_start|>") and "<|im_start|>assistant\n" in prompt
+    n = len(smollm2.encode(prompt))
     assert n == s.actual_tokens and 2048 - LENGTH_TOLERANCE <= n <= 2048
 
 
