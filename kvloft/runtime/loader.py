@@ -220,7 +220,8 @@ def load_hf_dir(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None
     names = {k.removeprefix("model.") for f in files for k in safetensors_io.keys(f)}
     if "lm_head.weight" not in names and not cfg.tie_word_embeddings:
         cfg = replace(cfg, tie_word_embeddings=True)  # no lm_head: the embeddings serve as the head
-    stream = ((k, t) for f in files for k, t in safetensors_io.read(f))
+    host_dtype = dtype if torch.device(device).type == "cpu" else None
+    stream = ((k, t) for f in files for k, t in safetensors_io.read(f, host_dtype))
     net = build(cfg, stream, device, dtype, str(path))
     if tokenizer is None and (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(path / "tokenizer.json", bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
@@ -241,7 +242,7 @@ def load_gguf(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None, 
     hit = weights_cache.lookup(stem) if stem else None
     if hit is not None:
         cfg, fields, weights = hit
-        net = build(cfg, safetensors_io.read(weights), device, dtype, f"{weights} (converted from {path})")
+        net = build(cfg, safetensors_io.read(weights, dtype), device, dtype, f"{weights} (converted from {path})")
     else:
         gg = GGUFFile(path)
         cfg, fields = gg.config(name=path.stem), gg.tokenizer_fields()

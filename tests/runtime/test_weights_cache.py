@@ -48,7 +48,7 @@ def test_smollm2_converted_once_then_read_back(cache_root, monkeypatch):
     first = kvloft.load_model("smollm2", device="cpu", dtype="bfloat16", cache=True)
     entries = sorted(p.name for p in (cache_root / "converted").iterdir())
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert entries == ["index.json", f"{sha}-bfloat16-v1.json", f"{sha}-bfloat16-v1.safetensors"]
+    assert entries == sorted(["index.json", f"{sha}-bfloat16-v1.json", f"{sha}-bfloat16-v1.safetensors"])
     index = json.loads((cache_root / "converted" / "index.json").read_text())
     assert index[str(path.resolve())]["sha256"] == sha
 
