@@ -20,6 +20,7 @@
 #   --seconds S       time limit of each process                             (3000)
 #   --sink N --window N                                                       (64, 512)
 #   --seed N                                                                  (0)
+#   --prefill-chunk N tokens per prefill chunk                                 (4096)
 #   --tag T           prefix of this call's file names, so calls into one OUT_DIR add up  (a time stamp)
 # A reduced run that ends within 8 minutes on an H100/H200 (model load included):
 #   bash bench/gpu_quality_qwen.sh GGUF /tmp/q --methods dense,exact,hip --budgets 1024 \
@@ -46,6 +47,7 @@ SECONDS_EACH=3000
 SINK=64
 WINDOW=512
 SEED=0
+CHUNK=4096
 TAG=$(date +%H%M%S)-
 DEVICE=${KVLOFT_EVAL_DEVICE:-cuda}  # KVLOFT_EVAL_DEVICE=cpu KVLOFT_EVAL_DTYPE=float32: a smoke test
 DTYPE=${KVLOFT_EVAL_DTYPE:-bfloat16}
@@ -53,7 +55,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --samples) SAMPLES=$2 ;; --methods) METHODS=$2 ;; --budgets) BUDGETS=$2 ;;
     --lengths) LENGTHS=$2 ;; --tasks) TASKS=$2 ;; --procs) PROCS=$2 ;; --seconds) SECONDS_EACH=$2 ;;
-    --sink) SINK=$2 ;; --window) WINDOW=$2 ;; --seed) SEED=$2 ;; --tag) TAG=$2 ;;
+    --sink) SINK=$2 ;; --window) WINDOW=$2 ;; --seed) SEED=$2 ;; --tag) TAG=$2 ;; --prefill-chunk) CHUNK=$2 ;;
     *) echo "unknown option $1 (see the head of $0)" >&2; exit 2 ;;
   esac
   shift 2
@@ -86,7 +88,7 @@ run_group() {  # proc index: its evals one after another, within SECONDS_EACH to
     [ "$left" -gt 10 ] || break
     timeout "$left" python3 -m kvloft.cli eval --model "$G" --device "$DEVICE" --dtype "$DTYPE" --chat \
       --no-progress --tasks "$TASKS" --lengths "$LENGTHS" --methods "${group[$key]}" --budget "$b" \
-      --samples "$SAMPLES" --seed "$SEED" --sink "$SINK" --window "$WINDOW" --name "$name" --out "$O" \
+      --samples "$SAMPLES" --seed "$SEED" --sink "$SINK" --window "$WINDOW" --prefill-chunk "$CHUNK" --name "$name" --out "$O" \
       > "$O/log_$name.txt" 2>&1
     echo "$name (${group[$key]} @ $b): exit $?" >> "$O/status.txt"
   done

@@ -510,6 +510,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on CUDA, float32 on the CPU), "
                    "float32, bfloat16, float16")
     e.add_argument("--kernels", default=None, choices=["auto", "reference", "triton"])
+    e.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill chunk (default: RuntimeConfig's); larger fills a GPU better")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUNS_JSONL",
                    help="run nothing: rebuild the JSON and the doc section from .runs.jsonl files")
@@ -525,6 +527,8 @@ def cmd_eval(args) -> int:
     kw = {"progress": False, "device": args.device}
     if args.kernels:
         kw["kernels"] = args.kernels
+    if args.prefill_chunk:
+        kw["prefill_chunk"] = args.prefill_chunk
     name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out, doc = output_paths(args.out, args.doc, name)
     if args.from_runs:

@@ -23,12 +23,16 @@ cutting is tested on the CPU: a segmented step equals Transformer.forward exactl
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from kvloft.runtime.model import AttentionBackend, Transformer
+
+log = logging.getLogger(__name__)
 
 
 class DecodeGraphs:
@@ -110,9 +114,22 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         self._live = []
         graphs = []
-        for seg in self._segments:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self._live.append(seg())
-            graphs.append(g)
+        gc_was_on = gc.isenabled()
+        gc.disable()  # a collection inside a capture can free pinned buffers (an event query: capture breaks)
+        try:
+            for seg in self._segments:
+                g = torch.cuda.CUDAGraph()
+                # thread_local: CUDA calls of other threads (copy workers) do not break this capture
+                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                    self._live.append(seg())
+                graphs.append(g)
+        except RuntimeError as e:  # the step stays correct eagerly; only its launch overhead returns
+            log.warning("CUDA graph capture of the decode step failed (%s); decoding without graphs",
+                        str(e).splitlines()[0])
+            self.capture, self._live = False, []
+            torch.cuda.synchronize()
+            return
+        finally:
+            if gc_was_on:
+                gc.enable()
         self._graphs = graphs

@@ -46,6 +46,27 @@ def test_cuda_graphs_flag_is_checked():
 
 
 @pytest.mark.gpu
+def test_failed_capture_falls_back_to_eager_steps(caplog):
+    """A segment that cannot be captured (a host read inside it) leaves the step correct, eager."""
+    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=3)
+    s = Session(model, RetrievalConfig(method="dense"), RuntimeConfig(progress=False, cuda_graphs=False))
+    s.feed(list(range(1, 40)))
+    s.backend.decoding = True
+    pos = torch.tensor([39], device="cuda")
+    want = DecodeGraphs(model.net, capture=False).step(torch.tensor([5], device="cuda"), pos, s.backend).clone()
+    graphs = DecodeGraphs(model.net, capture=True)
+    first = graphs._segments[0]
+    graphs._segments[0] = lambda: (first()[0].sum().item(), *first()) [1:]  # .item(): illegal in a capture
+    s2 = Session(model, RetrievalConfig(method="dense"), RuntimeConfig(progress=False, cuda_graphs=False))
+    s2.feed(list(range(1, 40)))
+    s2.backend.decoding = True
+    got = graphs.step(torch.tensor([5], device="cuda"), pos, s2.backend)
+    assert not graphs.capture and not graphs._graphs
+    assert "capture of the decode step failed" in caplog.text
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["dense", "exact", "hip", "hip:keys_on=host"])
 def test_graphed_decode_matches_eager_on_cuda(method):
     """Graph replays give the eager step's logits (bf16, real kernels), step after step."""
