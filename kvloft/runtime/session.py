@@ -24,8 +24,10 @@ from kvloft.index.base import make_retriever
 from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import DenseAttention, TieredAttention
 from kvloft.runtime.graphs import DecodeGraphs
+from kvloft.runtime.inputs import check_on_progress, check_token_ids, generation_stops
 from kvloft.runtime.kvcache import TieredKVCache
 from kvloft.runtime.loader import Model
+from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
 
 
 class Session:
@@ -47,7 +49,7 @@ class Session:
             if not isinstance(obj, cls):
                 raise TypeError(f"{name} must be a kvloft.{cls.__name__}, got {type(obj).__name__}")
         self.ops = kernel_set(self.runtime.kernels, model.device)
-        self._check_gpu_budget()
+        self._check_static_memory()
         self._check_disk_tier()
         self._graphs: DecodeGraphs | None = None  # captured at the first CUDA decode step
         self.reset()
@@ -93,16 +95,8 @@ class Session:
                     f"model {self.model.source} has no tokenizer (random-weight preset); feed token ids"
                 )
             ids = self.model.tokenizer.encode(prompt, add_bos=not self.tokens and None)
-        elif isinstance(prompt, Tensor):
-            if prompt.is_floating_point() or prompt.is_complex():
-                raise TypeError(f"token ids must be an integer tensor, got {prompt.dtype}; pass ids, not embeddings")
-            if prompt.dim() != 1:
-                raise ValueError(f"token ids must be a 1-D tensor [T], got shape {tuple(prompt.shape)}")
-            ids = prompt.tolist()
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
         else:
-            raise TypeError("feed takes a str, a list of int token ids or a 1-D integer tensor")
+            ids = check_token_ids(prompt)
         if not ids:
             raise ValueError("the prompt is empty; feed some text or at least one token id")
         bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
@@ -117,16 +111,28 @@ class Session:
                 f"context would hold {len(self.tokens) + n_new} tokens, over max_context={cap}; "
                 "raise CacheConfig.max_context or feed less"
             )
+        self._check_dense_growth(n_new)
         budget = self.runtime.host_memory_budget
         if budget and isinstance(self.backend, TieredAttention):
             need = self.backend.cache.host_bytes_after(n_new)  # with a disk tier: at most the budget
             if need > budget:
-                raise ValueError(
-                    f"{len(self.tokens) + n_new} tokens need {need / 2**20:.1f} MiB of host KV memory, over "
-                    f"host_memory_budget={budget / 2**20:.1f} MiB; raise the budget, feed less, or set "
-                    "CacheConfig.disk_dir to spill older chunks to disk"
-                )
+                raise ValueError(self._host_refusal(n_new, need, budget))
             self._check_disk_space(n_new)
+
+    def _host_refusal(self, n_new: int, need: int, budget: int) -> str:
+        """Why the host tier would pass its budget, with the options that size it."""
+        c, r, chunk = self.model.config, self.retrieval, self.cache_cfg.host_chunk_tokens
+        row = 2 * c.n_kv_heads * c.head_dim * torch.finfo(self.model.dtype).bits // 8 + 8
+        per_chunk = chunk * row * c.n_layers
+        return (
+            f"{len(self.tokens) + n_new} tokens need {fmt_bytes(need)} of host KV memory, over "
+            f"host_memory_budget={fmt_bytes(budget)}. The host tier holds every token older than "
+            f"n_sink + n_window = {r.n_sink + r.n_window} (RetrievalConfig) and grows by whole chunks of "
+            f"CacheConfig.host_chunk_tokens={chunk} tokens, {fmt_bytes(per_chunk)} each over "
+            f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {str(self.model.dtype)[6:]} "
+            "and the position). Lower host_chunk_tokens, raise n_window, raise the budget, feed less, or "
+            "set CacheConfig.disk_dir to spill older chunks to disk"
+        )
 
     def _check_disk_space(self, n_new: int) -> None:
         """Refuse before prefill if the spilled chunks would not fit on disk_dir's file system."""
@@ -153,22 +159,51 @@ class Session:
                 "(staged fetch)"
             )
 
-    def _check_gpu_budget(self) -> None:
-        budget = self.runtime.gpu_memory_budget
-        if not budget or self.model.device.type != "cuda":
+    def _itemsize(self) -> int:
+        return torch.finfo(self.model.dtype).bits // 8
+
+    def _check_static_memory(self) -> None:
+        """Refuse a static tier that cannot fit before it is allocated (reset() allocates it).
+
+        It lives on the compute device: with the weights it counts against gpu_memory_budget
+        (on the CPU that budget is the compute device's, host memory); on the CPU it also
+        counts against host_memory_budget; and it must fit the memory the device has free."""
+        r, dev = self.retrieval, self.model.device
+        evict = self.cache_cfg.resolved_evict_batch(dev)
+        static = static_tier_bytes(self.model.config, r, evict, self._itemsize())
+        what = (f"the static tier ({fmt_bytes(static)}: n_sink={r.n_sink} + n_window={r.n_window} + "
+                f"evict_batch={evict} tokens in each of {self.model.config.n_layers} layers, on {dev.type})")
+        fix = "lower RetrievalConfig.n_window (or n_sink, CacheConfig.evict_batch)"
+        self._check_device_bytes(static, what, fix)
+
+    def _check_device_bytes(self, need: int, what: str, fix: str) -> None:
+        """`need` more bytes on the compute device: within its budgets and its free memory."""
+        dev, weights = self.model.device, self.model.weight_bytes
+        gpu = self.runtime.gpu_memory_budget
+        if gpu and weights + need > gpu:
+            where = "" if dev.type == "cuda" else " (on the CPU it bounds the compute device, host memory)"
+            raise ValueError(f"weights ({fmt_bytes(weights)}) + {what} exceed gpu_memory_budget="
+                             f"{fmt_bytes(gpu)}{where}; {fix}, or raise the budget")
+        host = self.runtime.host_memory_budget
+        if host and dev.type == "cpu" and need > host:
+            raise ValueError(f"{what} exceeds host_memory_budget={fmt_bytes(host)} (on the CPU the "
+                             f"compute device's KV is host memory); {fix}, or raise the budget")
+        free = available_bytes(dev)
+        if need > free:
+            raise ValueError(f"{what} exceeds the {fmt_bytes(free)} of memory {dev} has available; {fix}")
+
+    def _check_dense_growth(self, n_new: int) -> None:
+        """Dense KV for the grown context, before DenseKV doubles its capacity."""
+        if not isinstance(self.backend, DenseAttention):
             return
-        c = self.model.config
-        static = 0
-        if self.retrieval.method != "dense":
-            rows = self.retrieval.n_sink + self.retrieval.n_window + self.cache_cfg.resolved_evict_batch("cuda")
-            static = (2 * c.n_layers * rows * c.n_kv_heads
-                      * c.head_dim * torch.finfo(self.model.dtype).bits // 8)
-        need = self.model.weight_bytes + static
-        if need > budget:
-            raise ValueError(
-                f"weights ({self.model.weight_bytes / 2**30:.2f} GiB) + static tier ({static / 2**30:.2f} GiB) "
-                f"exceed gpu_memory_budget ({budget / 2**30:.2f} GiB); raise the budget or shrink n_window"
-            )
+        have = sum(s.nbytes() for s in self.backend.layers)
+        need = dense_kv_bytes(self.model.config, len(self.tokens) + n_new, self._itemsize())
+        if need <= have:
+            return
+        what = (f"dense KV for {len(self.tokens) + n_new} tokens ({fmt_bytes(need)} in capacity that "
+                f"doubles, {fmt_bytes(have)} held now)")
+        self._check_device_bytes(need, what, "feed less, or use a retrieval method other than 'dense' "
+                                 "(older tokens then go to the host tier)")
 
     # ---- prefill -------------------------------------------------------------------------
 
@@ -179,6 +214,7 @@ class Session:
         on_progress(done, total) is called after each prefill chunk (e.g. to stream progress).
         """
         ids = self._to_ids(prompt)
+        check_on_progress(on_progress)
         self._check_capacity(len(ids))
         t0 = time.perf_counter()
         self._prefill(ids, on_progress)
@@ -256,9 +292,14 @@ class Session:
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Generate, yielding text pieces as they form. Stops at EOS, a stop string or the limit."""
-        self._check_generate_args(max_new_tokens, temperature, top_p)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        """Generate, yielding text pieces as they form. Stops at EOS, a stop string or the limit.
+
+        The arguments are checked here, before the first piece is asked for."""
+        stops = self._check_generate_args(max_new_tokens, temperature, top_p, stop, seed)
+        return self._stream(max_new_tokens, temperature, top_p, stops, seed)
+
+    def _stream(self, max_new_tokens: int, temperature: float, top_p: float, stops: list[str],
+                seed: int | None) -> Iterator[str]:
         tok = self.model.tokenizer
         eos = set(tok.eos_ids if tok else self.model.config.eos_token_ids)
         gen = torch.Generator().manual_seed(self.runtime.seed if seed is None else seed)
@@ -290,15 +331,12 @@ class Session:
         """Generate and return the text (see stream)."""
         return "".join(self.stream(max_new_tokens, temperature, top_p, stop, seed))
 
-    def _check_generate_args(self, max_new_tokens: int, temperature: float, top_p: float) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    def _check_generate_args(self, max_new_tokens: int, temperature: float, top_p: float,
+                             stop: Sequence[str] | str | None, seed: int | None) -> list[str]:
+        stops = generation_stops(max_new_tokens, temperature, top_p, stop, seed)
         if self._last_logits is None:
             raise ValueError("nothing to continue from: feed a prompt before generating")
+        return stops
 
     def _sample(self, temperature: float, top_p: float, gen: torch.Generator) -> int:
         logits = self._last_logits.float().cpu()
