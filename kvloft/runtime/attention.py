@@ -83,6 +83,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -289,6 +290,38 @@ class TieredAttention:
             self._free_keys.pop(layer, None)
             self._free_buckets.pop(layer, None)
         self.sampler.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scalars of the attention state besides the tiers and the retriever (JSON)."""
+        return {"built": list(self.built), "decoding": self.decoding, "scanned": self.scanned,
+                "timers": self.timers.as_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() over tiers already filled."""
+        built = state["built"]
+        if not isinstance(built, list) or len(built) != self.cfg.n_layers:
+            raise ValueError(f"built must list {self.cfg.n_layers} layers, got {built!r}")
+        self.built = [bool(b) for b in built]
+        self.decoding = bool(state["decoding"])
+        self.scanned = int(state["scanned"])
+        self.timers.seconds.update(state["timers"])
+
+    def rebuild_indexes(self, layers: list[int] | None = None) -> None:
+        """Build the retriever again from the host tier's keys for the built `layers` (default
+        all built): what a restored or rolled-back session does before the retriever's own
+        load_state_dict. Queries are not kept, so an index that learned from prefill queries
+        is rebuilt from keys alone."""
+        attach = getattr(self.retriever, "attach_host_tier", None)
+        for layer in range(self.cfg.n_layers) if layers is None else layers:
+            if not self.built[layer]:
+                continue
+            if attach is not None and not self.position_free and attach(layer, self.cache[layer]):
+                self.attached.add(layer)  # reads the tier's keys in place, as build_indexes did
+                continue
+            self.attached.discard(layer)
+            self.retriever.build(layer, self.index_keys(layer), None)  # position-free in extrapolate mode
+            self._free_keys.pop(layer, None)  # that copy is only needed until the build
+            self._free_buckets.pop(layer, None)
 
     def index_keys(self, layer: int) -> Tensor:
         """The keys [H_kv, N, D] a retriever indexes for this layer's host tier: as stored

@@ -213,6 +213,22 @@ class LayerTiers:
     def n_static(self) -> int:
         return self.sink_fill + self.ring_fill
 
+    def ring_state(self) -> dict[str, int]:
+        """The static tier's fill state (with the buffers k, v, pos it is the whole static tier)."""
+        return {"sink_fill": self.sink_fill, "ring_fill": self.ring_fill, "ring_head": self.ring_head}
+
+    def set_ring_state(self, sink_fill: int, ring_fill: int, ring_head: int) -> None:
+        """Restore ring_state(); ValueError if it does not describe this tier (sizes, order)."""
+        ok = (all(isinstance(x, int) and not isinstance(x, bool) for x in (sink_fill, ring_fill, ring_head))
+              and 0 <= sink_fill <= self.n_sink and 0 <= ring_fill <= self.ring_cap
+              and 0 <= ring_head < max(1, self.ring_cap) and (ring_fill == 0 or sink_fill == self.n_sink)
+              and (ring_head == 0 or ring_fill == self.n_window))  # the ring rotates only when full
+        if not ok:
+            raise ValueError(f"ring state sink_fill={sink_fill!r}, ring_fill={ring_fill!r}, ring_head={ring_head!r} "
+                             f"does not fit a static tier of n_sink={self.n_sink}, n_window={self.n_window}, "
+                             f"evict_batch={self.evict_batch}")
+        self.sink_fill, self.ring_fill, self.ring_head = sink_fill, ring_fill, ring_head
+
     @property
     def n_host(self) -> int:
         return len(self._host_k)

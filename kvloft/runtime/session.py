@@ -86,6 +86,22 @@ class Session:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The session's own state besides its tiers and retriever: tokens (list of int),
+        last_logits ([V] fp32 or None) and timings (a copy; for kvloft.runtime.persist)."""
+        return {"tokens": list(self.tokens), "last_logits": self._last_logits, "times": dict(self._times)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() over tiers that already hold those tokens (ValueError if not)."""
+        tokens = [int(t) for t in state["tokens"]]
+        if self.backend.n_tokens != len(tokens):
+            raise ValueError(f"the tiers hold {self.backend.n_tokens} tokens, the token list {len(tokens)}")
+        logits = state["last_logits"]
+        if logits is not None and tuple(logits.shape) != (self.model.config.vocab_size,):
+            raise ValueError(f"last_logits must be [{self.model.config.vocab_size}], got {tuple(logits.shape)}")
+        self.tokens, self._last_logits = tokens, logits
+        self._times.update(state["times"])
+
     # ---- input ---------------------------------------------------------------------------
 
     def _to_ids(self, prompt: str | Sequence[int] | Tensor) -> list[int]:

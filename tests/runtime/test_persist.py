@@ -130,7 +130,23 @@ def _edit_manifest(key, value):
     return edit
 
 
+def _edit_tiers(field, value, *, redigest=False):
+    """Set field of layer 0's ring state; with redigest, also recompute the manifest's digest."""
+    def edit(p: Path) -> None:
+        m = json.loads(p.read_text())
+        m["tiers"]["layers"][0][field] = value
+        if redigest:
+            m[persist.MANIFEST_DIGEST] = persist._manifest_digest(m)
+        p.write_text(json.dumps(m))
+    return edit
+
+
 @pytest.mark.parametrize("target,damage,match", [
+    ("manifest.json", _edit_tiers("ring_head", 999), "edited or corrupted.*manifest_sha256"),
+    ("manifest.json", _edit_tiers("n_host", 3), "edited or corrupted"),
+    ("manifest.json", _edit_manifest("session", {"times": {}, "n_tokens": 1}), "edited or corrupted"),
+    ("manifest.json", _edit_tiers("ring_head", 999, redigest=True), "ring_head=999.*does not fit"),
+    ("manifest.json", _edit_tiers("sink_fill", -1, redigest=True), "sink_fill=-1.*does not fit"),
     ("kv.safetensors", _corrupt_byte, "sha256"),
     ("kv.safetensors", _truncate, "truncated"),
     ("retriever.safetensors", _corrupt_byte, "sha256"),
