@@ -25,13 +25,20 @@ every file has its recorded size and sha256, the model has the same config, dtyp
 weight fingerprint. Any failure raises ValueError naming the reason; nothing is modified.
 
 Retriever state: a retriever's key mirror is never written (it equals the host tier).
-Loading rebuilds each built layer with `retriever.build(layer, host_keys, None)` and then,
-if the retriever has `load_state_dict`, restores what build cannot know (selection caches,
-schedules, counters) from its `state_dict()`. A retriever without that pair is only rebuilt:
-its adaptive state starts fresh, and an index that learned from prefill queries is rebuilt
-from keys alone (attention_graph's no-query kNN graph), so its selections, and the tokens
-that follow, may differ from the original session's. exact, tokenselect and recycled carry
-state_dict pairs and restore exactly.
+Loading rebuilds each built layer from the host tier (`TieredAttention.rebuild_indexes`:
+`retriever.build(layer, host_keys, None)`, or `attach_host_tier` where the retriever reads
+the tier in place) and then, if the retriever has `load_state_dict`, restores what build
+cannot know from its `state_dict()`: selection caches, stage masks, schedules, graphs,
+counters. exact, tokenselect, recycled, hip (stage masks, refresh schedule) and
+attention_graph (the graph learned from prefill queries and grown by decode) carry such
+pairs and continue exactly as the saved session would (tests/runtime/test_persist.py). A
+retriever without that pair is only rebuilt: its adaptive state starts fresh (actqkv's
+query window and statistics, faiss's counters), so its selections, and the tokens that
+follow, may differ from the original session's.
+
+The manifest carries the sha256 of its own fields (`manifest_sha256`): an edited or
+damaged manifest is refused before anything is built, and the ring state it describes is
+checked against the static tier it is loaded into.
 """
 
 from __future__ import annotations
