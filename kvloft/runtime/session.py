@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import check_on_progress, check_token_ids, generation_stops
 from kvloft.runtime.kvcache import TieredKVCache
 from kvloft.runtime.loader import Model
+from kvloft.runtime.numerics import NonFiniteError
 from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
 
 
@@ -233,7 +235,8 @@ class Session:
         check_on_progress(on_progress)
         self._check_capacity(len(ids))
         t0 = time.perf_counter()
-        self._prefill(ids, on_progress)
+        with self._atomic():
+            self._prefill(ids, on_progress)
         self._times["prefill_s"] += time.perf_counter() - t0
         self._times["prefill_tokens"] += len(ids)
         return len(ids)
@@ -256,18 +259,33 @@ class Session:
             bar = tqdm(total=len(ids), unit="tok", desc="prefill", leave=False)
         if isinstance(self.backend, TieredAttention):
             self.backend.decoding = False
-        for i in range(0, len(ids), chunk):
-            part = ids[i : i + chunk]
-            if isinstance(self.backend, TieredAttention):
-                self.backend.feed_after = len(ids) - i - len(part)  # the feed's tail selects for itself
-            self._forward(part, start + i, last_only=True)
-            self.tokens.extend(part)
+        watch = self.backend.finite
+        watch.on = True  # keys and values appended by the chunk, read once with its logits
+        try:
+            for i in range(0, len(ids), chunk):
+                part = ids[i : i + chunk]
+                if isinstance(self.backend, TieredAttention):
+                    self.backend.feed_after = len(ids) - i - len(part)  # the feed's tail selects for itself
+                where = f"prefill of tokens {start + i}..{start + i + len(part) - 1}"
+                try:
+                    self._forward(part, start + i, last_only=True)
+                except Exception as e:  # e.g. a retriever refusing NaN keys: name the cause
+                    if watch.take():
+                        raise NonFiniteError(self._nonfinite_message(where)) from e
+                    raise
+                watch.see(self._last_logits)
+                if watch.take():
+                    raise NonFiniteError(self._nonfinite_message(where))
+                self.tokens.extend(part)
+                if bar is not None:
+                    bar.update(len(part))
+                if on_progress is not None:
+                    on_progress(i + len(part), len(ids))
+        finally:
+            watch.on = False
+            watch.take()
             if bar is not None:
-                bar.update(len(part))
-            if on_progress is not None:
-                on_progress(i + len(part), len(ids))
-        if bar is not None:
-            bar.close()
+                bar.close()
         if isinstance(self.backend, TieredAttention):
             self.backend.build_indexes()
 
@@ -275,7 +293,7 @@ class Session:
         dev = self.model.device
         x = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.arange(start, start + len(ids), device=dev)
-        if len(ids) == 1 and dev.type == "cuda" and self.runtime.cuda_graphs:
+        if len(ids) == 1 and dev.type == "cuda" and self.runtime.cuda_graphs and not self.backend.finite.on:
             if self._graphs is None:
                 self._graphs = DecodeGraphs(self.model.net)
             logits = self._graphs.step(x, pos, self.backend)
@@ -291,14 +309,54 @@ class Session:
         self._check_capacity(1)
         if self._last_logits is None:
             raise ValueError("step() continues a context: feed a prompt first")
+        with self._atomic():
+            self._decode_one(ids[0])
+            self._check_last_logits()
+        return self._last_logits
+
+    def _decode_one(self, token: int) -> None:
         if isinstance(self.backend, TieredAttention):
             self.backend.decoding = True
         t0 = time.perf_counter()
-        self._forward(ids, len(self.tokens), last_only=True)
+        self._forward([token], len(self.tokens), last_only=True)
         self._times["decode_s"] += time.perf_counter() - t0
         self._times["decode_tokens"] += 1
-        self.tokens.append(ids[0])
-        return self._last_logits
+        self.tokens.append(token)
+
+    # ---- failures: non-finite numbers, rollback ----------------------------------------------
+
+    def _nonfinite_message(self, where: str) -> str:
+        return (f"non-finite numbers (NaN or inf) in the keys, values or logits of the {where}: the model's "
+                f"weights hold NaN/inf, the KV tiers were corrupted, or {str(self.model.dtype)[6:]} overflowed "
+                "(float16: try bfloat16). The call was rolled back: the session is as it was before it")
+
+    def _check_last_logits(self) -> None:
+        """After a decode step: one host sync (generate checks the copy it samples from instead)."""
+        if not bool(torch.isfinite(self._last_logits).all()):
+            raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
+
+    def _mark(self) -> dict[str, Any]:
+        return {"backend": self.backend.mark(), "n_tokens": len(self.tokens), "last_logits": self._last_logits,
+                "times": dict(self._times)}
+
+    def _rollback(self, mark: dict[str, Any]) -> None:
+        self.backend.rollback(mark["backend"])
+        del self.tokens[mark["n_tokens"]:]
+        self._last_logits, self._times = mark["last_logits"], mark["times"]
+
+    @contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """A call that raises (a non-finite step, an interrupt, any error) leaves the session as
+        it was before the call: tokens, tiers, retriever state (Session._rollback)."""
+        mark = self._mark()
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as e:
+            try:
+                self._rollback(mark)
+            except Exception as e2:  # the original error stays the one raised
+                e.add_note(f"the session could not be rolled back ({type(e2).__name__}: {e2}); call reset()")
+            raise
 
     def stream(
         self,
@@ -316,6 +374,12 @@ class Session:
 
     def _stream(self, max_new_tokens: int, temperature: float, top_p: float, stops: list[str],
                 seed: int | None) -> Iterator[str]:
+        with self._atomic():  # a failure rolls back every token of this call
+            yield from self._pieces(max_new_tokens, temperature, top_p, stops, seed)
+            self._check_last_logits()
+
+    def _pieces(self, max_new_tokens: int, temperature: float, top_p: float, stops: list[str],
+                seed: int | None) -> Iterator[str]:
         tok = self.model.tokenizer
         eos = set(tok.eos_ids if tok else self.model.config.eos_token_ids)
         gen = torch.Generator().manual_seed(self.runtime.seed if seed is None else seed)
@@ -325,7 +389,8 @@ class Session:
             nxt = self._sample(temperature, top_p, gen)
             if nxt in eos:
                 break
-            self.step(nxt)
+            self._check_capacity(1)
+            self._decode_one(nxt)
             new.append(nxt)
             if tok is None:
                 continue
@@ -355,7 +420,9 @@ class Session:
         return stops
 
     def _sample(self, temperature: float, top_p: float, gen: torch.Generator) -> int:
-        logits = self._last_logits.float().cpu()
+        logits = self._last_logits.float().cpu()  # the step's one host sync
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
         if temperature == 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / temperature, dim=-1)
