@@ -306,9 +306,10 @@ class TieredAttention:
     def rollback(self, mark: dict[str, Any]) -> None:
         """Forget every token appended since mark(). Layers whose host tier grew since have
         their index rebuilt from the host tier (rebuild_indexes); the retriever's small state is
-        then restored, so exact, tokenselect, recycled and hip continue as if the failed call
-        never ran. Others (attention_graph, actqkv, faiss) keep what they learned in it, or,
-        where rows were added, restart from the host tier's keys alone."""
+        then restored, so exact, tokenselect, recycled, hip and actqkv continue as if the failed
+        call never ran. attention_graph and faiss, whose state grows with the context, are not
+        snapshotted: where the failed call added rows, their index is rebuilt from the host
+        tier's keys alone (attention_graph then loses what it learned from prefill queries)."""
         grew = [t.n_host > m["n_host"] for t, m in zip(self.cache.layers, mark["layers"], strict=True)]
         for t, m in zip(self.cache.layers, mark["layers"], strict=True):
             t.rollback(m)

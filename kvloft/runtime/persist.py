@@ -29,12 +29,13 @@ Loading rebuilds each built layer from the host tier (`TieredAttention.rebuild_i
 `retriever.build(layer, host_keys, None)`, or `attach_host_tier` where the retriever reads
 the tier in place) and then, if the retriever has `load_state_dict`, restores what build
 cannot know from its `state_dict()`: selection caches, stage masks, schedules, graphs,
-counters. exact, tokenselect, recycled, hip (stage masks, refresh schedule) and
-attention_graph (the graph learned from prefill queries and grown by decode) carry such
-pairs and continue exactly as the saved session would (tests/runtime/test_persist.py). A
-retriever without that pair is only rebuilt: its adaptive state starts fresh (actqkv's
-query window and statistics, faiss's counters), so its selections, and the tokens that
-follow, may differ from the original session's.
+counters. exact, tokenselect, recycled, hip (stage masks, refresh schedule), actqkv (query
+window and statistics) and attention_graph (the graph learned from prefill queries and
+grown by decode) carry such pairs and continue exactly as the saved session would
+(tests/runtime/test_persist.py). A retriever without that pair is only rebuilt and its
+counters start at zero: faiss builds its index again from all host keys in one batch, which
+for "hnsw" and "ivf" may differ from the index the session grew step by step ("flat" is
+exact), so its selections, and the tokens that follow, may differ.
 
 The manifest carries the sha256 of its own fields (`manifest_sha256`): an edited or
 damaged manifest is refused before anything is built, and the ring state it describes is

@@ -56,7 +56,7 @@ CONFIGS = {
     "actqkv": RetrievalConfig(method="actqkv", budget=24, n_sink=4, n_window=32),
     "faiss": RetrievalConfig(method="faiss", budget=24, n_sink=4, n_window=32),
 }
-STATEFUL = ("exact", "tokenselect", "recycled", "hip", "attention_graph")  # retrievers whose counters and caches are restored
+STATEFUL = ("exact", "tokenselect", "recycled", "hip", "attention_graph", "actqkv")  # retrievers whose counters and caches are restored
 
 
 def _needs(method):
