@@ -3,6 +3,7 @@ retriever state), so that once the cause is repaired the session continues exact
 session does. Dense and exact, through feed (a later chunk failing after earlier ones were
 appended), generate and step."""
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -48,7 +49,7 @@ def _nan(t: torch.Tensor, index):
 
 
 def _state(s: Session):
-    st = s.stats()
+    st = copy.deepcopy(s.stats())  # stats() may hand out the retriever's live lists
     return len(s), s.tokens[:], st["bytes"], st.get("tier_tokens"), st.get("retriever")
 
 
