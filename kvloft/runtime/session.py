@@ -183,9 +183,10 @@ class Session:
     def _check_static_memory(self) -> None:
         """Refuse a static tier that cannot fit before it is allocated (reset() allocates it).
 
-        It lives on the compute device: with the weights it counts against gpu_memory_budget
-        (on the CPU that budget is the compute device's, host memory); on the CPU it also
-        counts against host_memory_budget; and it must fit the memory the device has free."""
+        It lives on the compute device: with the weights it counts against gpu_memory_budget,
+        which bounds the compute device on the CPU too (host_memory_budget stays the host
+        tier's: with a disk tier it sizes the chunks kept in memory); and it must fit the
+        memory the device has free."""
         r, dev = self.retrieval, self.model.device
         evict = self.cache_cfg.resolved_evict_batch(dev)
         static = static_tier_bytes(self.model.config, r, evict, self._itemsize())
@@ -202,10 +203,6 @@ class Session:
             where = "" if dev.type == "cuda" else " (on the CPU it bounds the compute device, host memory)"
             raise ValueError(f"weights ({fmt_bytes(weights)}) + {what} exceed gpu_memory_budget="
                              f"{fmt_bytes(gpu)}{where}; {fix}, or raise the budget")
-        host = self.runtime.host_memory_budget
-        if host and dev.type == "cpu" and need > host:
-            raise ValueError(f"{what} exceeds host_memory_budget={fmt_bytes(host)} (on the CPU the "
-                             f"compute device's KV is host memory); {fix}, or raise the budget")
         free = available_bytes(dev)
         if need > free:
             raise ValueError(f"{what} exceeds the {fmt_bytes(free)} of memory {dev} has available; {fix}")

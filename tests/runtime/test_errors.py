@@ -100,18 +100,21 @@ def test_huge_static_tier_is_refused_before_allocating(tiny, monkeypatch):
         Session(tiny, RetrievalConfig(method="exact", n_window=10**8))
 
 
-@pytest.mark.parametrize("budget", ["host_memory_budget", "gpu_memory_budget"])
-def test_static_tier_counts_against_budgets_on_the_cpu(tiny, budget):
+def test_static_tier_counts_against_the_gpu_budget_on_the_cpu_too(tiny):
     rcfg = RetrievalConfig(method="exact", n_sink=4, n_window=4096)  # 2 layers x 4100 x 392 B = 3.07 MiB
-    with pytest.raises(ValueError, match=rf"static tier.*exceed.*{budget}=.*n_window"):
-        Session(tiny, rcfg, RuntimeConfig(progress=False, **{budget: "2MiB"}))
-    Session(tiny, rcfg, RuntimeConfig(progress=False, **{budget: "6MiB"}))  # fits (with 1.9 MiB of weights): built
+    with pytest.raises(ValueError, match=r"weights \(1.94 MiB\) \+ the static tier \(3.07 MiB.*exceed "
+                                         r"gpu_memory_budget=4 MiB \(on the CPU.*lower RetrievalConfig.n_window"):
+        Session(tiny, rcfg, RuntimeConfig(progress=False, gpu_memory_budget="4MiB"))
+    Session(tiny, rcfg, RuntimeConfig(progress=False, gpu_memory_budget="6MiB"))  # fits: built
+    # the host budget is the host tier's (with a disk tier: the chunks kept in memory)
+    Session(tiny, rcfg, RuntimeConfig(progress=False, host_memory_budget="1MiB"))
 
 
 def test_dense_kv_growth_counts_against_the_budget(tiny):
-    s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(progress=False, host_memory_budget="500KiB"))
-    s.feed(list(range(100)))  # 1024 rows x 2 layers x 2 x 3 x 16 x 4 B = 384 KiB
-    with pytest.raises(ValueError, match=r"dense KV for 1100 tokens.*host_memory_budget"):
+    budget = tiny.weight_bytes + 2**20
+    s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(progress=False, gpu_memory_budget=budget))
+    s.feed(list(range(100)))  # 1024 rows x 2 layers x 2 x 3 x 16 x 4 B = 768 KiB, allocated up front
+    with pytest.raises(ValueError, match=r"dense KV for 1100 tokens \(1.5 MiB.*gpu_memory_budget"):
         s.feed([i % 500 for i in range(1000)])
     assert len(s) == 100 and s.backend.layers[0].k.shape[0] == 1024
 
