@@ -257,22 +257,11 @@ class Session:
         if isinstance(self.backend, TieredAttention):
             self.backend.decoding = False
         watch = self.backend.finite
-        watch.on = True  # keys and values appended by the chunk, read once with its logits
+        watch.on = True  # keys and values appended by a chunk, read once with its logits
         try:
             for i in range(0, len(ids), chunk):
                 part = ids[i : i + chunk]
-                if isinstance(self.backend, TieredAttention):
-                    self.backend.feed_after = len(ids) - i - len(part)  # the feed's tail selects for itself
-                where = f"prefill of tokens {start + i}..{start + i + len(part) - 1}"
-                try:
-                    self._forward(part, start + i, last_only=True)
-                except Exception as e:  # e.g. a retriever refusing NaN keys: name the cause
-                    if watch.take():
-                        raise NonFiniteError(self._nonfinite_message(where)) from e
-                    raise
-                watch.see(self._last_logits)
-                if watch.take():
-                    raise NonFiniteError(self._nonfinite_message(where))
+                self._prefill_chunk(part, start + i, feed_after=len(ids) - i - len(part))
                 self.tokens.extend(part)
                 if bar is not None:
                     bar.update(len(part))
@@ -285,6 +274,22 @@ class Session:
                 bar.close()
         if isinstance(self.backend, TieredAttention):
             self.backend.build_indexes()
+
+    def _prefill_chunk(self, part: list[int], start: int, feed_after: int) -> None:
+        """One chunk at positions start..; NonFiniteError if its keys, values or logits are not
+        finite (one host sync: the backend's flag and the logits read together)."""
+        if isinstance(self.backend, TieredAttention):
+            self.backend.feed_after = feed_after  # the feed's tail selects for itself
+        watch, where = self.backend.finite, f"prefill of tokens {start}..{start + len(part) - 1}"
+        try:
+            self._forward(part, start, last_only=True)
+        except Exception as e:  # e.g. a retriever refusing NaN keys: name the cause
+            if watch.take():
+                raise NonFiniteError(self._nonfinite_message(where)) from e
+            raise
+        watch.see(self._last_logits)
+        if watch.take():
+            raise NonFiniteError(self._nonfinite_message(where))
 
     def _forward(self, ids: list[int], start: int, last_only: bool) -> None:
         dev = self.model.device
