@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -356,7 +356,7 @@ class Session:
         except (Exception, KeyboardInterrupt) as e:
             try:
                 self._rollback(mark)
-            except Exception as e2:  # the original error stays the one raised
+            except Exception as e2:  # noqa: BLE001 -- the original error stays the one raised
                 e.add_note(f"the session could not be rolled back ({type(e2).__name__}: {e2}); call reset()")
             raise
 
