@@ -2,12 +2,14 @@
 
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
 from kvloft.runtime.loader import Model, load_model, load_tokenizer
+from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
 
 __all__ = [
     "CacheConfig",
     "Model",
     "ModelConfig",
+    "NonFiniteError",
     "RetrievalConfig",
     "RuntimeConfig",
     "Session",

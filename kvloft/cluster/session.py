@@ -75,6 +75,10 @@ class DriverTiers(LayerTiers):
     def host_keys_head_major(self) -> Tensor:
         raise ValueError("a sharded session's host keys live in its shards; index them there")
 
+    def rollback(self, mark) -> None:
+        """Refused before anything changes: the shards keep the rows a failed call sent them."""
+        raise RuntimeError("a sharded session cannot roll back a failed call (its shards keep the rows)")
+
 
 class DriverKVCache(TieredKVCache):
     """TieredKVCache whose layers keep no host rows (DriverTiers)."""

@@ -58,6 +58,19 @@ class RecordingAttention:
         return self.inner.timers
 
     @property
+    def finite(self):
+        return self.inner.finite
+
+    def mark(self) -> tuple[int, dict[str, int]]:
+        return self.inner.mark(), {n: len(p) for n, p in self.parts.items()}
+
+    def rollback(self, mark: tuple[int, dict[str, int]]) -> None:
+        """The inner cache back to its mark, and the recordings of the rolled-back call dropped."""
+        self.inner.rollback(mark[0])
+        for name in list(self.parts):
+            del self.parts[name][mark[1].get(name, 0):]
+
+    @property
     def n_tokens(self) -> int:
         return self.inner.n_tokens
 

@@ -213,6 +213,7 @@ class _LayerState:
 
 @register("actqkv")
 class ActQKVRetriever:
+    small_state = True  # state_dict() is a query window and statistics per layer: kept to roll back a call
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
@@ -350,6 +351,41 @@ class ActQKVRetriever:
 
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each layer's query statistics, query window, step and recent entropies, and the
+        counters; the block vectors are rebuilt from the host tier's keys by build() on load.
+        Tensors are fp64 statistics [H_q, D] and the fp32 window [w, H_q, D]."""
+        s = self._stats
+        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
+                               "tokens": [[int(k), int(v)] for k, v in s.extra["tokens"].items()],
+                               "entropy": [[int(k), float(v)] for k, v in s.extra["entropy"].items()]}
+        for layer, st in self.layers.items():
+            p = f"layer{layer}."
+            out.update({p + "step": st.step, p + "count": st.stats.count,
+                        p + "entropies": [[int(k), float(v)] for k, v in st.entropy.items()]})
+            for name, t in (("mean", st.stats.mean), ("m2", st.stats.m2), ("window", st.window)):
+                if t is not None:
+                    out[p + name] = t.cpu()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() (after build() of every layer it names)."""
+        s = self._stats
+        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.extra["tokens"] = {int(k): int(v) for k, v in state["tokens"]}
+        s.extra["entropy"] = {int(k): float(v) for k, v in state["entropy"]}
+        for key in state:
+            if not key.endswith(".step"):
+                continue
+            layer = int(key.removeprefix("layer").split(".")[0])
+            p, st = f"layer{layer}.", self.layers[layer]
+            st.step = int(state[p + "step"])
+            st.entropy = {int(k): float(v) for k, v in state[p + "entropies"]}
+            mean, m2, window = (state.get(p + n) for n in ("mean", "m2", "window"))
+            st.stats = _QueryStats(int(state[p + "count"]), None if mean is None else mean.to(self.device),
+                                   None if m2 is None else m2.to(self.device))
+            st.window = None if window is None else window.to(self.device)
 
 
 def normalized_entropy(scores: Tensor, temperature: float) -> float:

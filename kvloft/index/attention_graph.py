@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -380,6 +381,41 @@ class AttentionGraphRetriever:
 
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each layer's graphs (edges, degrees, biases, parents, entry) and the counters; the
+        keys are not written: build() puts them back from the host tier on load, and
+        load_state_dict then replaces the graph that build() made from keys alone by the one
+        learned from prefill queries and grown by decode."""
+        s = self._stats
+        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
+                               "dots": s.extra["dots"], "build_s": s.extra["build_s"],
+                               "attached": s.extra["attached"]}
+        for layer, graphs in self.graphs.items():
+            for h, g in enumerate(graphs):
+                p, n = f"layer{layer}.head{h}.", g.n
+                out.update({p + "n": n, p + "entry": g.entry})
+                for name in ("adj", "deg", "bias", "parent"):
+                    out[p + name] = torch.from_numpy(getattr(g, name)[:n].copy())
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() (after build() of every layer it names, with the same keys)."""
+        s = self._stats
+        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.extra.update(dots=int(state["dots"]), build_s=float(state["build_s"]), attached=int(state["attached"]))
+        for key in state:
+            if not key.endswith(".entry"):
+                continue
+            layer, head = (int(x) for x in re.fullmatch(r"layer(\d+)\.head(\d+)\.entry", key).groups())
+            g, p = self.graphs[layer][head], key.removesuffix("entry")
+            n = int(state[p + "n"])
+            if g.n != n:
+                raise ValueError(f"attention_graph state of layer {layer} head {head} holds {n} keys, "
+                                 f"the rebuilt graph {g.n}")
+            for name in ("adj", "deg", "bias", "parent"):
+                getattr(g, name)[:n] = state[p + name].numpy()
+            g.entry = int(state[p + "entry"])
 
     def close(self) -> None:
         """Stops the worker threads (also done at interpreter exit)."""

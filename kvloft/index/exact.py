@@ -25,6 +25,7 @@ from kvloft.runtime.chunked import ChunkedRows
 @register("exact")
 class ExactRetriever:
     needs_queries = False  # ranks keys by the live query only
+    small_state = True  # state_dict() is O(budget) per layer: a session keeps it to roll back a failed call
 
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg

@@ -156,6 +156,7 @@ class _LayerState:
 @register("hip")
 class HipRetriever:
     needs_queries = False  # the runtime need not keep a prefill query sample
+    small_state = True  # state_dict() is O(budget) per layer: a session keeps it to roll back a failed call
 
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
@@ -337,6 +338,42 @@ class HipRetriever:
 
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stage masks, refresh schedules and counters (the key copy is rebuilt from the host
+        tier by build() or attach_host_tier on load). Masks are tensors, the rest JSON."""
+        s = self._stats
+        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
+                               "refreshes": list(s.extra["refreshes"])}
+        for layer, st in self.state.items():
+            p = f"layer{layer}."
+            out.update({p + "step": st.step, p + "offset": st.offset, p + "budget": st.budget,
+                        p + "seen": list(st.seen), p + "refreshed": list(st.refreshed)})
+            for i, mask in enumerate(st.masks):
+                if mask is not None:
+                    out[f"{p}mask{i}"] = mask.cpu()  # int64 [M_i] host rows
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() (after build() or attach_host_tier of every layer it names)."""
+        s, n = self._stats, self.params.n_stages
+        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        refreshes = [int(r) for r in state["refreshes"]]
+        if len(refreshes) != n:
+            raise ValueError(f"hip state has {len(refreshes)} stages, these options {n}")
+        s.extra["refreshes"] = refreshes
+        for key in state:
+            if not key.endswith(".step"):
+                continue
+            layer = int(key.removeprefix("layer").split(".")[0])
+            p = f"layer{layer}."
+            seen, refreshed = [int(x) for x in state[p + "seen"]], tuple(bool(x) for x in state[p + "refreshed"])
+            if len(seen) != n or len(refreshed) not in (0, n):
+                raise ValueError(f"hip state of layer {layer} does not have {n} stages")
+            masks = [state.get(f"{p}mask{i}") for i in range(n)]
+            self.state[layer] = _LayerState(masks=[None if m is None else m.to(self.device) for m in masks],
+                                            seen=seen, step=int(state[p + "step"]), offset=int(state[p + "offset"]),
+                                            budget=int(state[p + "budget"]), refreshed=refreshed)
 
 
 def _with_fresh(mask: Tensor, seen: int, n: int, last: bool) -> Tensor:

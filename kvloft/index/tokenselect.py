@@ -86,6 +86,7 @@ class _LayerState:
 @register("tokenselect")
 class TokenSelectRetriever:
     needs_queries = False  # the runtime need not keep a prefill query sample
+    small_state = True  # state_dict() is O(budget) per layer: a session keeps it to roll back a failed call
 
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg

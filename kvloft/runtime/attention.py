@@ -83,6 +83,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,6 +95,7 @@ from kvloft.kernels import KernelSet, reference
 from kvloft.runtime.chunked import ChunkedRows
 from kvloft.runtime.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
 from kvloft.runtime.model import rope_inv_freq
+from kvloft.runtime.numerics import FiniteWatch
 from kvloft.runtime.prefill import gather_token_rows, stream_host_chunks, top_block_rows
 from kvloft.runtime.rowspace import LayerRowSpace
 
@@ -133,9 +135,19 @@ class DenseAttention:
         self.ops = ops
         self.scale = cfg.head_dim**-0.5
         self.timers = Timers(sync=profile and device.type == "cuda")
+        self.finite = FiniteWatch()  # keys and values appended while on (Session: prefill)
+
+    def mark(self) -> int:
+        """What rollback() needs to forget the tokens appended after now."""
+        return self.n_tokens
+
+    def rollback(self, mark: int) -> None:
+        for store in self.layers:
+            store.truncate(mark)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         store = self.layers[layer]
+        self.finite.see(k, v)
         store.append(k, v)
         kk, vv = store.kv()
         with self.timers("attention"):
@@ -192,6 +204,13 @@ class QuerySampler:
     def clear(self) -> None:
         for lst in (*self.kept, *self.pos):
             lst.clear()
+
+    def mark(self) -> tuple[int, list[list[Tensor]], list[list[Tensor]]]:
+        """The sample now (lists of the same tensors: observe() never changes one in place)."""
+        return self.stride, [list(x) for x in self.kept], [list(x) for x in self.pos]
+
+    def rollback(self, mark: tuple[int, list[list[Tensor]], list[list[Tensor]]]) -> None:
+        self.stride, self.kept, self.pos = mark[0], [list(x) for x in mark[1]], [list(x) for x in mark[2]]
 
 
 def remap_deltas(window_start: Tensor, sink_pos: Tensor, ret_pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,10 +285,47 @@ class TieredAttention:
         # prefill chunks attended densely / sparsely (exact positions; counted once per chunk,
         # at layer 0) and KV-head rows of the host tier read by prefill attention (all layers)
         self.prefill_stats = {"dense_chunks": 0, "sparse_chunks": 0, "host_keys": 0}
+        self.finite = FiniteWatch()  # keys and values appended while on (Session: prefill)
 
     @property
     def n_tokens(self) -> int:
         return self.cache.n_tokens
+
+    def mark(self) -> dict[str, Any]:
+        """What rollback() needs to return to this moment: each layer's tier marks (ints), the
+        scalars, the query sample, and the retriever's state_dict() where it is small
+        (`small_state`: O(budget) per layer, e.g. selection caches), so a failed call costs
+        nothing to guard."""
+        r = self.retriever
+        small = getattr(r, "small_state", False) and hasattr(r, "state_dict") and any(self.built)
+        return {"layers": [t.mark() for t in self.cache.layers], "state": self.state_dict(),
+                "prefill_stats": dict(self.prefill_stats), "sampler": self.sampler.mark(),
+                "free": {layer: len(rows) for layer, rows in self._free_keys.items()},
+                "retriever": r.state_dict() if small else None}
+
+    def rollback(self, mark: dict[str, Any]) -> None:
+        """Forget every token appended since mark(). Layers whose host tier grew since have
+        their index rebuilt from the host tier (rebuild_indexes); the retriever's small state is
+        then restored, so exact, tokenselect, recycled, hip and actqkv continue as if the failed
+        call never ran. attention_graph and faiss, whose state grows with the context, are not
+        snapshotted: where the failed call added rows, their index is rebuilt from the host
+        tier's keys alone (attention_graph then loses what it learned from prefill queries)."""
+        grew = [t.n_host > m["n_host"] for t, m in zip(self.cache.layers, mark["layers"], strict=True)]
+        for t, m in zip(self.cache.layers, mark["layers"], strict=True):
+            t.rollback(m)
+        for store in (self._free_keys, self._free_buckets):
+            for layer in list(store):
+                if layer in mark["free"]:
+                    store[layer].truncate(min(mark["free"][layer], len(store[layer])))
+                else:
+                    del store[layer]
+        self.load_state_dict(mark["state"])
+        self.prefill_stats = dict(mark["prefill_stats"])
+        self.sampler.rollback(mark["sampler"])
+        self._spaces.clear()  # device copies of selections made during the failed call
+        self.rebuild_indexes([layer for layer, g in enumerate(grew) if g and layer not in self.attached])
+        if mark["retriever"] is not None:
+            self.retriever.load_state_dict(mark["retriever"])
 
     def bytes(self) -> dict[str, int]:
         return self.cache.bytes()
@@ -289,6 +345,38 @@ class TieredAttention:
             self._free_keys.pop(layer, None)
             self._free_buckets.pop(layer, None)
         self.sampler.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scalars of the attention state besides the tiers and the retriever (JSON)."""
+        return {"built": list(self.built), "decoding": self.decoding, "scanned": self.scanned,
+                "timers": self.timers.as_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() over tiers already filled."""
+        built = state["built"]
+        if not isinstance(built, list) or len(built) != self.cfg.n_layers:
+            raise ValueError(f"built must list {self.cfg.n_layers} layers, got {built!r}")
+        self.built = [bool(b) for b in built]
+        self.decoding = bool(state["decoding"])
+        self.scanned = int(state["scanned"])
+        self.timers.seconds.update(state["timers"])
+
+    def rebuild_indexes(self, layers: list[int] | None = None) -> None:
+        """Build the retriever again from the host tier's keys for the built `layers` (default
+        all built): what a restored or rolled-back session does before the retriever's own
+        load_state_dict. Queries are not kept, so an index that learned from prefill queries
+        is rebuilt from keys alone."""
+        attach = getattr(self.retriever, "attach_host_tier", None)
+        for layer in range(self.cfg.n_layers) if layers is None else layers:
+            if not self.built[layer]:
+                continue
+            if attach is not None and not self.position_free and attach(layer, self.cache[layer]):
+                self.attached.add(layer)  # reads the tier's keys in place, as build_indexes did
+                continue
+            self.attached.discard(layer)
+            self.retriever.build(layer, self.index_keys(layer), None)  # position-free in extrapolate mode
+            self._free_keys.pop(layer, None)  # that copy is only needed until the build
+            self._free_buckets.pop(layer, None)
 
     def index_keys(self, layer: int) -> Tensor:
         """The keys [H_kv, N, D] a retriever indexes for this layer's host tier: as stored
@@ -316,6 +404,7 @@ class TieredAttention:
         return self._prefill(layer, q, k, v, positions)
 
     def _append(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        self.finite.see(k, v)
         ev = self.cache[layer].append(k, v, positions)
         if ev is not None and self.built[layer] and layer not in self.attached:
             with self.timers("index_add"):

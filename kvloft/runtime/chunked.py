@@ -125,6 +125,23 @@ class ChunkedRows:
             done += take
             self.n += take
 
+    def truncate(self, n: int) -> None:
+        """Forget rows n.. (a session rolling back a failed call). Chunks past row n are freed;
+        a spilled chunk that row n now falls inside is read back into memory (it will be
+        written again), so spilled chunks stay full."""
+        if not 0 <= n <= self.n:
+            raise ValueError(f"cannot truncate {self.n} rows to {n}")
+        keep = -(-n // self.chunk_rows)
+        del self.chunks[keep:]
+        self.n_spilled = min(self.n_spilled, keep)
+        if self.n_spilled and self.n_spilled * self.chunk_rows > n:
+            ci = self.n_spilled - 1
+            mem = torch.empty(self.chunks[ci].shape, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+            self.chunks[ci] = mem.copy_(self.chunks[ci])
+            self.n_spilled -= 1
+        self.n = n
+        self._table = None
+
     def iter_chunks(self) -> Iterator[tuple[int, Tensor]]:
         """Yields (first row index, filled part of the chunk [m, *row_shape])."""
         for ci, chunk in enumerate(self.chunks):

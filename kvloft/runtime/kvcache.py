@@ -43,6 +43,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,6 +130,18 @@ class BlockSummary:
         self.n += m
         self._tail = sums[-1] if self.n % b else torch.zeros_like(self._tail)
 
+    def mark(self) -> tuple[int, Tensor]:
+        """What rollback() needs to forget the rows added after now: (n, the open block's sum)."""
+        return self.n, self._tail.clone()
+
+    def rollback(self, mark: tuple[int, Tensor]) -> None:
+        """Back to mark(): later rows forgotten, the open block's mean as it was (bit for bit:
+        add() stored it as that sum / its count)."""
+        n, tail = mark
+        if n % self.block:
+            self._means[n // self.block] = (tail / (n % self.block)).to(self._means.dtype)
+        self.n, self._tail = n, tail
+
     def _reserve(self, n_blocks: int) -> None:
         if n_blocks > self._means.shape[0]:
             new = torch.empty((max(n_blocks, 2 * self._means.shape[0]), *self._means.shape[1:]),
@@ -212,6 +225,52 @@ class LayerTiers:
     @property
     def n_static(self) -> int:
         return self.sink_fill + self.ring_fill
+
+    def ring_state(self) -> dict[str, int]:
+        """The static tier's fill state (with the buffers k, v, pos it is the whole static tier)."""
+        return {"sink_fill": self.sink_fill, "ring_fill": self.ring_fill, "ring_head": self.ring_head}
+
+    def mark(self) -> dict[str, Any]:
+        """What rollback() needs to return to this moment (a few ints and the block summary's
+        open sum; no copy of the tiers)."""
+        summary = None if self.summary is None else (self.summary.block, self.summary.mark())
+        return {**self.ring_state(), "n_host": self.n_host, "summary": summary}
+
+    def rollback(self, mark: dict[str, Any]) -> None:
+        """Forget every token appended since mark(). Evictions move tokens to the host tier in
+        age order, so the ring's tokens at the mark are, oldest first, the host rows appended
+        since (at most ring_fill of them) and then the oldest tokens of the ring now; they go
+        back to the slots they held. Values are copied, not recomputed: bit for bit."""
+        self.wait_host()
+        n_host, ring_fill, head = mark["n_host"], mark["ring_fill"], mark["ring_head"]
+        if ring_fill:
+            a, dev = self.n_sink, self.k.device
+            back = min(ring_fill, self.n_host - n_host)  # the mark's ring tokens now in the host tier
+            rows = torch.arange(n_host, n_host + back)
+            now = a + (self.ring_head + torch.arange(ring_fill - back)) % self.ring_cap  # the rest, oldest first
+            slots = (a + (head + torch.arange(ring_fill)) % self.ring_cap).to(dev)
+            for buf, store in ((self.k, self._host_k), (self.v, self._host_v), (self.pos, self._host_pos)):
+                vals = torch.cat([store.rows(rows).to(dev), buf[now.to(dev)]])
+                buf[slots] = vals
+        for store in (self._host_k, self._host_v, self._host_pos):
+            store.truncate(n_host)
+        self.sink_fill, self.ring_fill, self.ring_head = mark["sink_fill"], ring_fill, head
+        if mark["summary"] is None or self.summary is None or self.summary.block != mark["summary"][0]:
+            self.summary = None  # made again from the host tier on first use
+        else:
+            self.summary.rollback(mark["summary"][1])
+
+    def set_ring_state(self, sink_fill: int, ring_fill: int, ring_head: int) -> None:
+        """Restore ring_state(); ValueError if it does not describe this tier (sizes, order)."""
+        ok = (all(isinstance(x, int) and not isinstance(x, bool) for x in (sink_fill, ring_fill, ring_head))
+              and 0 <= sink_fill <= self.n_sink and 0 <= ring_fill <= self.ring_cap
+              and 0 <= ring_head < max(1, self.ring_cap) and (ring_fill == 0 or sink_fill == self.n_sink)
+              and (ring_head == 0 or ring_fill == self.n_window))  # the ring rotates only when full
+        if not ok:
+            raise ValueError(f"ring state sink_fill={sink_fill!r}, ring_fill={ring_fill!r}, ring_head={ring_head!r} "
+                             f"does not fit a static tier of n_sink={self.n_sink}, n_window={self.n_window}, "
+                             f"evict_batch={self.evict_batch}")
+        self.sink_fill, self.ring_fill, self.ring_head = sink_fill, ring_fill, ring_head
 
     @property
     def n_host(self) -> int:
@@ -445,6 +504,10 @@ class DenseKV:
 
     def kv(self) -> tuple[Tensor, Tensor]:
         return self.k[: self.n], self.v[: self.n]
+
+    def truncate(self, n: int) -> None:
+        """Forget rows n.. (a session rolling back a failed call); capacity is kept."""
+        self.n = min(self.n, n)
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

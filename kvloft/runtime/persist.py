@@ -25,13 +25,21 @@ every file has its recorded size and sha256, the model has the same config, dtyp
 weight fingerprint. Any failure raises ValueError naming the reason; nothing is modified.
 
 Retriever state: a retriever's key mirror is never written (it equals the host tier).
-Loading rebuilds each built layer with `retriever.build(layer, host_keys, None)` and then,
-if the retriever has `load_state_dict`, restores what build cannot know (selection caches,
-schedules, counters) from its `state_dict()`. A retriever without that pair is only rebuilt:
-its adaptive state starts fresh, and an index that learned from prefill queries is rebuilt
-from keys alone (attention_graph's no-query kNN graph), so its selections, and the tokens
-that follow, may differ from the original session's. exact, tokenselect and recycled carry
-state_dict pairs and restore exactly.
+Loading rebuilds each built layer from the host tier (`TieredAttention.rebuild_indexes`:
+`retriever.build(layer, host_keys, None)`, or `attach_host_tier` where the retriever reads
+the tier in place) and then, if the retriever has `load_state_dict`, restores what build
+cannot know from its `state_dict()`: selection caches, stage masks, schedules, graphs,
+counters. exact, tokenselect, recycled, hip (stage masks, refresh schedule), actqkv (query
+window and statistics) and attention_graph (the graph learned from prefill queries and
+grown by decode) carry such pairs and continue exactly as the saved session would
+(tests/runtime/test_persist.py). A retriever without that pair is only rebuilt and its
+counters start at zero: faiss builds its index again from all host keys in one batch, which
+for "hnsw" and "ivf" may differ from the index the session grew step by step ("flat" is
+exact), so its selections, and the tokens that follow, may differ.
+
+The manifest carries the sha256 of its own fields (`manifest_sha256`): an edited or
+damaged manifest is refused before anything is built, and the ring state it describes is
+checked against the static tier it is loaded into.
 """
 
 from __future__ import annotations
@@ -53,9 +61,10 @@ from torch import Tensor
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 
 FORMAT = "kvloft-session"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries the sha256 of its own fields
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"  # of every other field, canonical JSON (_manifest_digest)
 KV_FILE = "kv.safetensors"
 RETRIEVER_FILE = "retriever.safetensors"
 _GEN_RE = re.compile(r"gen-[0-9]+-[0-9a-f]{8}")
@@ -78,6 +87,7 @@ def save_session(session, path: str | os.PathLike) -> Path:
     if retr_tensors:
         files[RETRIEVER_FILE] = retr_tensors
     manifest["files"] = {name: _write_safetensors(tmp / name, t) for name, t in files.items()}
+    manifest[MANIFEST_DIGEST] = _manifest_digest(manifest)
     _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     _fsync_dir(tmp)
     os.rename(tmp, root / gen)
@@ -106,7 +116,7 @@ def load_session(path: str | os.PathLike, model, *, runtime: RuntimeConfig | Non
     session = Session(model, retrieval, runtime or saved_runtime, cache)
     try:
         _restore(session, gen_dir, manifest)
-    except (KeyError, IndexError, TypeError, RuntimeError, AssertionError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise ValueError(f"{gen_dir}: the save is internally inconsistent ({type(e).__name__}: {e})") from e
     return session
 
@@ -135,9 +145,10 @@ def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, A
     from kvloft import __version__
     from kvloft.runtime.attention import TieredAttention
 
-    tensors: dict[str, Tensor] = {"session.tokens": torch.tensor(session.tokens, dtype=torch.int64)}
-    if session.last_logits is not None:
-        tensors["session.last_logits"] = session.last_logits
+    state = session.state_dict()
+    tensors: dict[str, Tensor] = {"session.tokens": torch.tensor(state["tokens"], dtype=torch.int64)}
+    if state["last_logits"] is not None:
+        tensors["session.last_logits"] = state["last_logits"]
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -147,7 +158,7 @@ def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, A
         "configs": {"retrieval": _config_json(session.retrieval, "retrieval"),
                     "runtime": _config_json(session.runtime, "runtime"),
                     "cache": _config_json(session.cache_cfg, "cache")},
-        "session": {"times": dict(session._times), "n_tokens": len(session.tokens)},
+        "session": {"times": state["times"], "n_tokens": len(state["tokens"])},
     }
     retr_tensors: dict[str, Tensor] = {}
     backend = session.backend
@@ -170,11 +181,9 @@ def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
             for c, (_, rows) in enumerate(store.iter_chunks()):
                 tensors[f"host.{i}.{name}.{c}"] = rows  # a view of the filled part of chunk c
-        layers.append({"sink_fill": t.sink_fill, "ring_fill": t.ring_fill, "ring_head": t.ring_head,
-                       "evict_batch": t.evict_batch,
+        layers.append({**t.ring_state(), "evict_batch": t.evict_batch,
                        "n_host": t.n_host, "host_chunks": len(list(t.host_k.iter_chunks()))})
-    return {"layers": layers, "built": list(backend.built), "decoding": backend.decoding,
-            "scanned": backend.scanned, "timers": backend.timers.as_dict()}
+    return {"layers": layers, **backend.state_dict()}
 
 
 def _collect_retriever(retriever) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -217,20 +226,18 @@ def _restore(session, gen_dir: Path, manifest: dict[str, Any]) -> None:
     from kvloft.runtime.attention import TieredAttention
 
     with safe_open(str(gen_dir / KV_FILE), framework="pt", device="cpu") as f:
-        session.tokens = f.get_tensor("session.tokens").tolist()
         keys = set(f.keys())
         dev = session.model.device
-        session._last_logits = f.get_tensor("session.last_logits").to(dev) if "session.last_logits" in keys else None
         if isinstance(session.backend, TieredAttention):
             _restore_tiers(session.backend, f, manifest["tiers"])
         else:
             for i, store in enumerate(session.backend.layers):
                 store.append(f.get_tensor(f"dense.{i}.k").to(dev), f.get_tensor(f"dense.{i}.v").to(dev))
-    session._times.update(manifest["session"]["times"])
+        logits = f.get_tensor("session.last_logits").to(dev) if "session.last_logits" in keys else None
+        session.load_state_dict({"tokens": f.get_tensor("session.tokens").tolist(), "last_logits": logits,
+                                 "times": manifest["session"]["times"]})
     if isinstance(session.backend, TieredAttention):
         _restore_retriever(session.backend, gen_dir, manifest)
-    if session.backend.n_tokens != len(session.tokens):
-        raise RuntimeError(f"tiers hold {session.backend.n_tokens} tokens, the token list {len(session.tokens)}")
 
 
 def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
@@ -245,26 +252,19 @@ def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
                                    f"{m.get('evict_batch', 0)}; the default is 64 on CUDA, 0 on the CPU) "
                                    "and the same dtype")
             buf.copy_(saved)
-        t.sink_fill, t.ring_fill, t.ring_head = m["sink_fill"], m["ring_fill"], m["ring_head"]
+        t.set_ring_state(m["sink_fill"], m["ring_fill"], m["ring_head"])
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
             for c in range(m["host_chunks"]):
                 store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
         if t.n_host != m["n_host"] or len(t.host_v) != m["n_host"] or len(t.host_pos) != m["n_host"]:
             raise RuntimeError(f"layer {i}: host tier holds {t.n_host} rows, the manifest says {m['n_host']}")
-    backend.built = list(meta["built"])
-    backend.decoding = bool(meta["decoding"])
-    backend.scanned = int(meta["scanned"])
-    backend.timers.seconds.update(meta["timers"])
+    backend.load_state_dict(meta)
 
 
 def _restore_retriever(backend, gen_dir: Path, manifest: dict[str, Any]) -> None:
     """Rebuild every built layer from the host tier, then restore the saved state on top."""
     r = backend.retriever
-    for layer, built in enumerate(backend.built):
-        if built:
-            r.build(layer, backend.index_keys(layer), None)  # position-free keys in extrapolate mode
-            backend._free_keys.pop(layer, None)  # that copy is only needed until the build
-            backend._free_buckets.pop(layer, None)
+    backend.rebuild_indexes()
     meta = manifest["retriever"]
     if meta["state"] is None or not hasattr(r, "load_state_dict"):
         return
@@ -313,10 +313,19 @@ def _read_manifest(gen_dir: Path) -> dict[str, Any]:
     if manifest.get("kvloft_version") != __version__:
         raise ValueError(f"the save was written by kvloft {manifest.get('kvloft_version')!r}, this is kvloft "
                          f"{__version__}; load it with that version or re-create the session")
+    if manifest.get(MANIFEST_DIGEST) != _manifest_digest(manifest):
+        raise ValueError(f"{gen_dir / MANIFEST} was edited or corrupted: its fields do not match their "
+                         f"sha256 ({MANIFEST_DIGEST}); the save cannot be trusted, re-create it from its session")
     for key in ("files", "model", "configs", "session"):
         if key not in manifest:
             raise ValueError(f"{gen_dir / MANIFEST} lacks {key!r}; the save is corrupted")
     return manifest
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's fields but the digest itself, as canonical JSON (sorted keys)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _verify_files(gen_dir: Path, manifest: dict[str, Any]) -> None:

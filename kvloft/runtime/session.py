@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,8 +25,11 @@ from kvloft.index.base import make_retriever
 from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import DenseAttention, TieredAttention
 from kvloft.runtime.graphs import DecodeGraphs
+from kvloft.runtime.inputs import check_on_progress, check_token_ids, generation_stops
 from kvloft.runtime.kvcache import TieredKVCache
 from kvloft.runtime.loader import Model
+from kvloft.runtime.numerics import NonFiniteError
+from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
 
 
 class Session:
@@ -47,7 +51,7 @@ class Session:
             if not isinstance(obj, cls):
                 raise TypeError(f"{name} must be a kvloft.{cls.__name__}, got {type(obj).__name__}")
         self.ops = kernel_set(self.runtime.kernels, model.device)
-        self._check_gpu_budget()
+        self._check_static_memory()
         self._check_disk_tier()
         self._graphs: DecodeGraphs | None = None  # captured at the first CUDA decode step
         self.reset()
@@ -84,6 +88,22 @@ class Session:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The session's own state besides its tiers and retriever: tokens (list of int),
+        last_logits ([V] fp32 or None) and timings (a copy; for kvloft.runtime.persist)."""
+        return {"tokens": list(self.tokens), "last_logits": self._last_logits, "times": dict(self._times)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() over tiers that already hold those tokens (ValueError if not)."""
+        tokens = [int(t) for t in state["tokens"]]
+        if self.backend.n_tokens != len(tokens):
+            raise ValueError(f"the tiers hold {self.backend.n_tokens} tokens, the token list {len(tokens)}")
+        logits = state["last_logits"]
+        if logits is not None and tuple(logits.shape) != (self.model.config.vocab_size,):
+            raise ValueError(f"last_logits must be [{self.model.config.vocab_size}], got {tuple(logits.shape)}")
+        self.tokens, self._last_logits = tokens, logits
+        self._times.update(state["times"])
+
     # ---- input ---------------------------------------------------------------------------
 
     def _to_ids(self, prompt: str | Sequence[int] | Tensor) -> list[int]:
@@ -93,16 +113,8 @@ class Session:
                     f"model {self.model.source} has no tokenizer (random-weight preset); feed token ids"
                 )
             ids = self.model.tokenizer.encode(prompt, add_bos=not self.tokens and None)
-        elif isinstance(prompt, Tensor):
-            if prompt.is_floating_point() or prompt.is_complex():
-                raise TypeError(f"token ids must be an integer tensor, got {prompt.dtype}; pass ids, not embeddings")
-            if prompt.dim() != 1:
-                raise ValueError(f"token ids must be a 1-D tensor [T], got shape {tuple(prompt.shape)}")
-            ids = prompt.tolist()
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
         else:
-            raise TypeError("feed takes a str, a list of int token ids or a 1-D integer tensor")
+            ids = check_token_ids(prompt)
         if not ids:
             raise ValueError("the prompt is empty; feed some text or at least one token id")
         bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
@@ -117,16 +129,28 @@ class Session:
                 f"context would hold {len(self.tokens) + n_new} tokens, over max_context={cap}; "
                 "raise CacheConfig.max_context or feed less"
             )
+        self._check_dense_growth(n_new)
         budget = self.runtime.host_memory_budget
         if budget and isinstance(self.backend, TieredAttention):
             need = self.backend.cache.host_bytes_after(n_new)  # with a disk tier: at most the budget
             if need > budget:
-                raise ValueError(
-                    f"{len(self.tokens) + n_new} tokens need {need / 2**20:.1f} MiB of host KV memory, over "
-                    f"host_memory_budget={budget / 2**20:.1f} MiB; raise the budget, feed less, or set "
-                    "CacheConfig.disk_dir to spill older chunks to disk"
-                )
+                raise ValueError(self._host_refusal(n_new, need, budget))
             self._check_disk_space(n_new)
+
+    def _host_refusal(self, n_new: int, need: int, budget: int) -> str:
+        """Why the host tier would pass its budget, with the options that size it."""
+        c, r, chunk = self.model.config, self.retrieval, self.cache_cfg.host_chunk_tokens
+        row = 2 * c.n_kv_heads * c.head_dim * torch.finfo(self.model.dtype).bits // 8 + 8
+        per_chunk = chunk * row * c.n_layers
+        return (
+            f"{len(self.tokens) + n_new} tokens need {fmt_bytes(need)} of host KV memory, over "
+            f"host_memory_budget={fmt_bytes(budget)}. The host tier holds every token older than "
+            f"n_sink + n_window = {r.n_sink + r.n_window} (RetrievalConfig) and grows by whole chunks of "
+            f"CacheConfig.host_chunk_tokens={chunk} tokens, {fmt_bytes(per_chunk)} each over "
+            f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {str(self.model.dtype)[6:]} "
+            "and the position). Lower host_chunk_tokens, raise n_window, raise the budget, feed less, or "
+            "set CacheConfig.disk_dir to spill older chunks to disk"
+        )
 
     def _check_disk_space(self, n_new: int) -> None:
         """Refuse before prefill if the spilled chunks would not fit on disk_dir's file system."""
@@ -153,22 +177,48 @@ class Session:
                 "(staged fetch)"
             )
 
-    def _check_gpu_budget(self) -> None:
-        budget = self.runtime.gpu_memory_budget
-        if not budget or self.model.device.type != "cuda":
+    def _itemsize(self) -> int:
+        return torch.finfo(self.model.dtype).bits // 8
+
+    def _check_static_memory(self) -> None:
+        """Refuse a static tier that cannot fit before it is allocated (reset() allocates it).
+
+        It lives on the compute device: with the weights it counts against gpu_memory_budget,
+        which bounds the compute device on the CPU too (host_memory_budget stays the host
+        tier's: with a disk tier it sizes the chunks kept in memory); and it must fit the
+        memory the device has free."""
+        r, dev = self.retrieval, self.model.device
+        evict = self.cache_cfg.resolved_evict_batch(dev)
+        static = static_tier_bytes(self.model.config, r, evict, self._itemsize())
+        what = (f"the static tier ({fmt_bytes(static)}: n_sink={r.n_sink} + n_window={r.n_window} + "
+                f"evict_batch={evict} tokens in each of {self.model.config.n_layers} layers, on {dev.type})")
+        fix = "lower RetrievalConfig.n_window (or n_sink, CacheConfig.evict_batch)"
+        self._check_device_bytes(static, what, fix)
+
+    def _check_device_bytes(self, need: int, what: str, fix: str) -> None:
+        """`need` more bytes on the compute device: within its budgets and its free memory."""
+        dev, weights = self.model.device, self.model.weight_bytes
+        gpu = self.runtime.gpu_memory_budget
+        if gpu and weights + need > gpu:
+            where = "" if dev.type == "cuda" else " (on the CPU it bounds the compute device, host memory)"
+            raise ValueError(f"weights ({fmt_bytes(weights)}) + {what} exceed gpu_memory_budget="
+                             f"{fmt_bytes(gpu)}{where}; {fix}, or raise the budget")
+        free = available_bytes(dev)
+        if need > free:
+            raise ValueError(f"{what} exceeds the {fmt_bytes(free)} of memory {dev} has available; {fix}")
+
+    def _check_dense_growth(self, n_new: int) -> None:
+        """Dense KV for the grown context, before DenseKV doubles its capacity."""
+        if not isinstance(self.backend, DenseAttention):
             return
-        c = self.model.config
-        static = 0
-        if self.retrieval.method != "dense":
-            rows = self.retrieval.n_sink + self.retrieval.n_window + self.cache_cfg.resolved_evict_batch("cuda")
-            static = (2 * c.n_layers * rows * c.n_kv_heads
-                      * c.head_dim * torch.finfo(self.model.dtype).bits // 8)
-        need = self.model.weight_bytes + static
-        if need > budget:
-            raise ValueError(
-                f"weights ({self.model.weight_bytes / 2**30:.2f} GiB) + static tier ({static / 2**30:.2f} GiB) "
-                f"exceed gpu_memory_budget ({budget / 2**30:.2f} GiB); raise the budget or shrink n_window"
-            )
+        have = sum(s.nbytes() for s in self.backend.layers)
+        need = dense_kv_bytes(self.model.config, len(self.tokens) + n_new, self._itemsize())
+        if need <= have:
+            return
+        what = (f"dense KV for {len(self.tokens) + n_new} tokens ({fmt_bytes(need)} in capacity that "
+                f"doubles, {fmt_bytes(have)} held now)")
+        self._check_device_bytes(need, what, "feed less, or use a retrieval method other than 'dense' "
+                                 "(older tokens then go to the host tier)")
 
     # ---- prefill -------------------------------------------------------------------------
 
@@ -179,9 +229,11 @@ class Session:
         on_progress(done, total) is called after each prefill chunk (e.g. to stream progress).
         """
         ids = self._to_ids(prompt)
+        check_on_progress(on_progress)
         self._check_capacity(len(ids))
         t0 = time.perf_counter()
-        self._prefill(ids, on_progress)
+        with self._atomic():
+            self._prefill(ids, on_progress)
         self._times["prefill_s"] += time.perf_counter() - t0
         self._times["prefill_tokens"] += len(ids)
         return len(ids)
@@ -204,26 +256,46 @@ class Session:
             bar = tqdm(total=len(ids), unit="tok", desc="prefill", leave=False)
         if isinstance(self.backend, TieredAttention):
             self.backend.decoding = False
-        for i in range(0, len(ids), chunk):
-            part = ids[i : i + chunk]
-            if isinstance(self.backend, TieredAttention):
-                self.backend.feed_after = len(ids) - i - len(part)  # the feed's tail selects for itself
-            self._forward(part, start + i, last_only=True)
-            self.tokens.extend(part)
+        watch = self.backend.finite
+        watch.on = True  # keys and values appended by a chunk, read once with its logits
+        try:
+            for i in range(0, len(ids), chunk):
+                part = ids[i : i + chunk]
+                self._prefill_chunk(part, start + i, feed_after=len(ids) - i - len(part))
+                self.tokens.extend(part)
+                if bar is not None:
+                    bar.update(len(part))
+                if on_progress is not None:
+                    on_progress(i + len(part), len(ids))
+        finally:
+            watch.on = False
+            watch.take()
             if bar is not None:
-                bar.update(len(part))
-            if on_progress is not None:
-                on_progress(i + len(part), len(ids))
-        if bar is not None:
-            bar.close()
+                bar.close()
         if isinstance(self.backend, TieredAttention):
             self.backend.build_indexes()
+
+    def _prefill_chunk(self, part: list[int], start: int, feed_after: int) -> None:
+        """One chunk at positions start..; NonFiniteError if its keys, values or logits are not
+        finite (one host sync: the backend's flag and the logits read together)."""
+        if isinstance(self.backend, TieredAttention):
+            self.backend.feed_after = feed_after  # the feed's tail selects for itself
+        watch, where = self.backend.finite, f"prefill of tokens {start}..{start + len(part) - 1}"
+        try:
+            self._forward(part, start, last_only=True)
+        except Exception as e:  # e.g. a retriever refusing NaN keys: name the cause
+            if watch.take():
+                raise NonFiniteError(self._nonfinite_message(where)) from e
+            raise
+        watch.see(self._last_logits)
+        if watch.take():
+            raise NonFiniteError(self._nonfinite_message(where))
 
     def _forward(self, ids: list[int], start: int, last_only: bool) -> None:
         dev = self.model.device
         x = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.arange(start, start + len(ids), device=dev)
-        if len(ids) == 1 and dev.type == "cuda" and self.runtime.cuda_graphs:
+        if len(ids) == 1 and dev.type == "cuda" and self.runtime.cuda_graphs and not self.backend.finite.on:
             if self._graphs is None:
                 self._graphs = DecodeGraphs(self.model.net)
             logits = self._graphs.step(x, pos, self.backend)
@@ -239,14 +311,54 @@ class Session:
         self._check_capacity(1)
         if self._last_logits is None:
             raise ValueError("step() continues a context: feed a prompt first")
+        with self._atomic():
+            self._decode_one(ids[0])
+            self._check_last_logits()
+        return self._last_logits
+
+    def _decode_one(self, token: int) -> None:
         if isinstance(self.backend, TieredAttention):
             self.backend.decoding = True
         t0 = time.perf_counter()
-        self._forward(ids, len(self.tokens), last_only=True)
+        self._forward([token], len(self.tokens), last_only=True)
         self._times["decode_s"] += time.perf_counter() - t0
         self._times["decode_tokens"] += 1
-        self.tokens.append(ids[0])
-        return self._last_logits
+        self.tokens.append(token)
+
+    # ---- failures: non-finite numbers, rollback ----------------------------------------------
+
+    def _nonfinite_message(self, where: str) -> str:
+        return (f"non-finite numbers (NaN or inf) in the keys, values or logits of the {where}: the model's "
+                f"weights hold NaN/inf, the KV tiers were corrupted, or {str(self.model.dtype)[6:]} overflowed "
+                "(float16: try bfloat16). The call was rolled back: the session is as it was before it")
+
+    def _check_last_logits(self) -> None:
+        """After a decode step: one host sync (generate checks the copy it samples from instead)."""
+        if not bool(torch.isfinite(self._last_logits).all()):
+            raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
+
+    def _mark(self) -> dict[str, Any]:
+        return {"backend": self.backend.mark(), "n_tokens": len(self.tokens), "last_logits": self._last_logits,
+                "times": dict(self._times)}
+
+    def _rollback(self, mark: dict[str, Any]) -> None:
+        self.backend.rollback(mark["backend"])
+        del self.tokens[mark["n_tokens"]:]
+        self._last_logits, self._times = mark["last_logits"], mark["times"]
+
+    @contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """A call that raises (a non-finite step, an interrupt, any error) leaves the session as
+        it was before the call: tokens, tiers, retriever state (Session._rollback)."""
+        mark = self._mark()
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as e:
+            try:
+                self._rollback(mark)
+            except Exception as e2:  # noqa: BLE001 -- the original error stays the one raised
+                e.add_note(f"the session could not be rolled back ({type(e2).__name__}: {e2}); call reset()")
+            raise
 
     def stream(
         self,
@@ -256,9 +368,20 @@ class Session:
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Generate, yielding text pieces as they form. Stops at EOS, a stop string or the limit."""
-        self._check_generate_args(max_new_tokens, temperature, top_p)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        """Generate, yielding text pieces as they form. Stops at EOS, a stop string or the limit.
+
+        The arguments are checked here, before the first piece is asked for."""
+        stops = self._check_generate_args(max_new_tokens, temperature, top_p, stop, seed)
+        return self._stream(max_new_tokens, temperature, top_p, stops, seed)
+
+    def _stream(self, max_new_tokens: int, temperature: float, top_p: float, stops: list[str],
+                seed: int | None) -> Iterator[str]:
+        with self._atomic():  # a failure rolls back every token of this call
+            yield from self._pieces(max_new_tokens, temperature, top_p, stops, seed)
+            self._check_last_logits()
+
+    def _pieces(self, max_new_tokens: int, temperature: float, top_p: float, stops: list[str],
+                seed: int | None) -> Iterator[str]:
         tok = self.model.tokenizer
         eos = set(tok.eos_ids if tok else self.model.config.eos_token_ids)
         gen = torch.Generator().manual_seed(self.runtime.seed if seed is None else seed)
@@ -268,7 +391,8 @@ class Session:
             nxt = self._sample(temperature, top_p, gen)
             if nxt in eos:
                 break
-            self.step(nxt)
+            self._check_capacity(1)
+            self._decode_one(nxt)
             new.append(nxt)
             if tok is None:
                 continue
@@ -290,18 +414,17 @@ class Session:
         """Generate and return the text (see stream)."""
         return "".join(self.stream(max_new_tokens, temperature, top_p, stop, seed))
 
-    def _check_generate_args(self, max_new_tokens: int, temperature: float, top_p: float) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    def _check_generate_args(self, max_new_tokens: int, temperature: float, top_p: float,
+                             stop: Sequence[str] | str | None, seed: int | None) -> list[str]:
+        stops = generation_stops(max_new_tokens, temperature, top_p, stop, seed)
         if self._last_logits is None:
             raise ValueError("nothing to continue from: feed a prompt before generating")
+        return stops
 
     def _sample(self, temperature: float, top_p: float, gen: torch.Generator) -> int:
-        logits = self._last_logits.float().cpu()
+        logits = self._last_logits.float().cpu()  # the step's one host sync
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
         if temperature == 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / temperature, dim=-1)

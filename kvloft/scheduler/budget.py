@@ -32,7 +32,8 @@ import torch
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
 from kvloft.scheduler.params import SchedulerParams
 
-__all__ = ["MemoryPlan", "plan_memory", "resolve_cache_bytes", "weight_bytes"]
+__all__ = ["MemoryPlan", "available_bytes", "dense_kv_bytes", "fmt_bytes", "plan_memory", "resolve_cache_bytes",
+           "static_tier_bytes", "weight_bytes"]
 
 GiB = 2**30
 MIRROR_METHODS = ("exact", "tokenselect", "hip", "recycled")
@@ -101,6 +102,38 @@ def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
     layer = attn + 3 * h * cfg.intermediate_size + 2 * h
     embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     return (cfg.n_layers * layer + embed + h) * itemsize
+
+
+def static_tier_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, evict_batch: int, itemsize: int) -> int:
+    """Bytes of every layer's static tier (runtime/kvcache.py LayerTiers): K and V of
+    n_sink + n_window + evict_batch rows [H_kv, D] and an int64 position each. 0 for dense."""
+    if rcfg.method == "dense":
+        return 0
+    rows = rcfg.n_sink + rcfg.n_window + evict_batch
+    return rows * (2 * cfg.n_kv_heads * cfg.head_dim * itemsize + 8) * cfg.n_layers
+
+
+def dense_kv_bytes(cfg: ModelConfig, n_tokens: int, itemsize: int) -> int:
+    """Bytes of DenseKV for n_tokens in every layer (its capacity doubles from 1024 rows)."""
+    return _dense_capacity(n_tokens) * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize * cfg.n_layers
+
+
+def fmt_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB', for messages."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can take on `device` now: free CUDA memory, or the host's
+    available memory (psutil) for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _chunks(rows: int, chunk: int) -> int:

@@ -64,6 +64,12 @@ class RowCache:
             self.k[layer].index_copy_(0, slots, gathered_k[:a])
             self.v[layer].index_copy_(0, slots, gathered_v[:a])
 
+    def clear(self) -> None:
+        """Forget every cached row (a session rolled back: host rows past its mark will be
+        written again with other tokens); hit statistics restart."""
+        scratch = PlanScratch()
+        self.dirs = [CacheDirectory(self.capacity, scratch) for _ in self.dirs]
+
     def totals(self) -> CacheStats:
         total = CacheStats()
         for d in self.dirs:

@@ -253,6 +253,10 @@ class ScheduledAttention(TieredAttention):
 
     # ---- reports -----------------------------------------------------------------------
 
+    def rollback(self, mark: dict[str, Any]) -> None:
+        super().rollback(mark)
+        self.rows.clear()  # host rows past the mark will hold other tokens
+
     def bytes(self) -> dict[str, int]:
         return {**self.cache.bytes(), "row_cache": self.rows.nbytes, "gathered": self.engine.nbytes}
 

@@ -85,3 +85,91 @@ def test_retriever_rejects_nan_keys():
     keys[0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         r.build(0, keys, None)
+
+
+# ---- memory of the static tier and dense KV: refused before allocating ----------------------
+
+
+def test_huge_static_tier_is_refused_before_allocating(tiny, monkeypatch):
+    import kvloft.runtime.session as session_mod
+
+    monkeypatch.setattr(session_mod, "available_bytes", lambda dev: 2**30)  # a 1 GiB machine
+    monkeypatch.setattr(session_mod.TieredKVCache, "__init__", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(ValueError, match=r"static tier \(\d+\.?\d* GiB: n_sink=64 \+ n_window=100000000.*"
+                                         r"available; lower RetrievalConfig.n_window"):
+        Session(tiny, RetrievalConfig(method="exact", n_window=10**8))
+
+
+def test_static_tier_counts_against_the_gpu_budget_on_the_cpu_too(tiny):
+    rcfg = RetrievalConfig(method="exact", n_sink=4, n_window=4096)  # 2 layers x 4100 x 392 B = 3.07 MiB
+    with pytest.raises(ValueError, match=r"weights \(1.94 MiB\) \+ the static tier \(3.07 MiB.*exceed "
+                                         r"gpu_memory_budget=4 MiB \(on the CPU.*lower RetrievalConfig.n_window"):
+        Session(tiny, rcfg, RuntimeConfig(progress=False, gpu_memory_budget="4MiB"))
+    Session(tiny, rcfg, RuntimeConfig(progress=False, gpu_memory_budget="6MiB"))  # fits: built
+    # the host budget is the host tier's (with a disk tier: the chunks kept in memory)
+    Session(tiny, rcfg, RuntimeConfig(progress=False, host_memory_budget="1MiB"))
+
+
+def test_dense_kv_growth_counts_against_the_budget(tiny):
+    budget = tiny.weight_bytes + 2**20
+    s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(progress=False, gpu_memory_budget=budget))
+    s.feed(list(range(100)))  # 1024 rows x 2 layers x 2 x 3 x 16 x 4 B = 768 KiB, allocated up front
+    with pytest.raises(ValueError, match=r"dense KV for 1100 tokens \(1.5 MiB.*gpu_memory_budget"):
+        s.feed([i % 500 for i in range(1000)])
+    assert len(s) == 100 and s.backend.layers[0].k.shape[0] == 1024
+
+
+def test_host_budget_refusal_names_the_options_that_size_it(tiny):
+    s = Session(tiny, RetrievalConfig(method="exact", n_sink=4, n_window=8),
+                RuntimeConfig(progress=False, host_memory_budget=50_000), CacheConfig(host_chunk_tokens=4096))
+    with pytest.raises(ValueError, match=r"host_chunk_tokens=4096.*n_window.*disk_dir") as e:
+        s.feed(list(range(80)))
+    assert "3.06 MiB each" in str(e.value)  # 4096 tokens x 2 layers x (2 x 3 x 16 x 4 + 8) B
+    assert len(s) == 0
+
+
+# ---- arguments of feed / generate / stream ---------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt,exc,match", [
+    (b"hello", TypeError, "bytes.*decode"),
+    (bytearray(b"hi"), TypeError, "bytearray"),
+    ([1, 2.0], TypeError, "Python ints, got float"),
+    ([1, True], TypeError, "got bool"),
+    (torch.tensor([True, False]), TypeError, "integer tensor"),
+    (3, TypeError, "got int"),
+    (None, TypeError, "got NoneType"),
+])
+def test_feed_rejects_what_is_not_text_or_ids(tiny, prompt, exc, match):
+    s = _session(tiny)
+    with pytest.raises(exc, match=match):
+        s.feed(prompt)
+    with pytest.raises(TypeError, match="on_progress"):
+        s.feed([1, 2], on_progress=5)
+    assert len(s) == 0
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"temperature": float("nan")}, ValueError, "temperature must be a finite"),
+    ({"temperature": float("inf")}, ValueError, "temperature must be a finite"),
+    ({"temperature": -0.5}, ValueError, "temperature must be >= 0"),
+    ({"temperature": "0.7"}, TypeError, "temperature must be a number"),
+    ({"top_p": float("nan")}, ValueError, "top_p must be a finite"),
+    ({"top_p": 1.5}, ValueError, r"top_p must lie in \(0, 1\]"),
+    ({"top_p": True}, TypeError, "top_p must be a number"),
+    ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be >= 0"),
+    ({"max_new_tokens": 4.0}, TypeError, "max_new_tokens must be an int"),
+    ({"max_new_tokens": float("inf")}, TypeError, "max_new_tokens must be an int"),
+    ({"stop": 5}, TypeError, "stop must be a str, a list of str or None, got int"),
+    ({"stop": [5]}, TypeError, "stop strings must be str"),
+    ({"stop": ""}, ValueError, "empty stop string"),
+    ({"seed": "1"}, TypeError, "seed must be an int"),
+])
+def test_generation_arguments_are_checked_at_the_call(tiny, kwargs, exc, match):
+    s = _session(tiny)
+    s.feed(list(range(10)))
+    with pytest.raises(exc, match=match):
+        s.generate(**kwargs)
+    with pytest.raises(exc, match=match):
+        s.stream(**kwargs)  # at the call, not at the first next()
+    assert len(s) == 10

@@ -101,3 +101,70 @@ def test_batched_eviction_round_trip(n_sink, n_window, batch, chunks):
     expect = torch.cat([torch.arange(min(n_sink, total)), torch.arange(n_sink + host, total)])
     assert torch.equal(sp, expect)  # the ring stays in age order, a prefix of the buffer
     assert torch.equal(sk, k_all[sp]) and torch.equal(sv, v_all[sp])
+
+
+def _tiers_equal(a, b) -> None:
+    """Two layers' tiers hold the same tokens in the same slots, bit for bit."""
+    assert a.ring_state() == b.ring_state() and a.n_host == b.n_host
+    filled = torch.cat([torch.arange(a.sink_fill), a.n_sink + (a.ring_head + torch.arange(a.ring_fill)) % max(1, a.ring_cap)])
+    for name in ("k", "v", "pos"):
+        assert torch.equal(getattr(a, name)[filled], getattr(b, name)[filled]), name
+    for name in ("host_k", "host_v", "host_pos"):
+        assert torch.equal(getattr(a, name).all(), getattr(b, name).all()), name
+
+
+@pytest.mark.parametrize("n_sink,n_window,batch,before,after", [
+    (4, 16, 0, [40, 1, 1, 1], [1] * 30),  # ring wrapped (ring_head != 0); decode steps evict one by one
+    (4, 16, 0, [40, 1, 1, 1], [25, 1, 70]),  # a feed reorders the ring and evicts its tokens
+    (5, 33, 8, [60] + [1] * 12, [1] * 25 + [9]),  # batched eviction shifts the ring down
+    (6, 8, 0, [3], [2, 30]),  # the sink fills during the rolled-back appends
+    (0, 7, 4, [], [12, 1, 1]),  # an empty tier
+])
+def test_rollback_returns_tiers_to_their_mark(n_sink, n_window, batch, before, after):
+    """Append, mark, append more, roll back: the tier equals one that never saw the later
+    tokens, slot for slot (and both continue alike); the block summary too."""
+    cfg = ModelConfig.from_name("tiny")
+
+    def make():
+        return TieredKVCache(cfg, n_sink=n_sink, n_window=n_window, host_chunk=16, device=torch.device("cpu"),
+                             dtype=torch.float32, evict_batch=batch)[0]
+
+    total = sum(before) + sum(after)
+    k_all, v_all = torch.randn(total, cfg.n_kv_heads, cfg.head_dim), torch.randn(total, cfg.n_kv_heads, cfg.head_dim)
+
+    def feed(layer, chunks, start):
+        for n in chunks:
+            layer.append(k_all[start : start + n], v_all[start : start + n], torch.arange(start, start + n))
+            start += n
+        return start
+
+    a, b = make(), make()
+    mid = feed(a, before, 0)
+    feed(b, before, 0)
+    for t in (a, b):
+        t.block_summary(4)
+    mark = a.mark()
+    feed(a, after, mid)
+    assert a.n_static + a.n_host == total
+    a.rollback(mark)
+    _tiers_equal(a, b)
+    assert torch.equal(a.block_summary(4).means(), b.block_summary(4).means())
+    feed(a, [1, 5, 1], mid)  # and they go on alike
+    feed(b, [1, 5, 1], mid)
+    _tiers_equal(a, b)
+    assert torch.equal(a.block_summary(4).means(), b.block_summary(4).means())
+
+
+def test_truncate_reads_back_a_spilled_chunk_it_reopens(tmp_path):
+    from kvloft.runtime.chunked import SpillPolicy
+
+    rows = ChunkedRows((2,), torch.float32, chunk_rows=4, spill=SpillPolicy(1, lambda i: tmp_path / f"c{i}.bin"))
+    data = torch.randn(14, 2)
+    rows.append(data)
+    assert rows.n_spilled == 3
+    rows.truncate(6)  # row 6 falls inside chunk 1, which was spilled: back in memory, writable
+    assert rows.n_spilled == 1 and len(rows) == 6 and torch.equal(rows.all(), data[:6])
+    rows.append(data[6:] + 1)
+    assert torch.equal(rows.all(), torch.cat([data[:6], data[6:] + 1]))
+    with pytest.raises(ValueError, match="cannot truncate"):
+        rows.truncate(20)

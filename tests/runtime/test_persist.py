@@ -49,23 +49,36 @@ CONFIGS = {
                                    options={"theta": 0.0}),
     "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 4}),
     "dense": RetrievalConfig(method="dense"),
+    # stages that prune 168 host rows and refresh within the 6 + 12 steps of the test
+    "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={
+        "chunk_sizes": [32, 8], "kept_tokens": [64, 24], "refresh_steps": [4, 2], "chunk_rows": 64}),
+    "attention_graph": RetrievalConfig(method="attention_graph", budget=24, n_sink=4, n_window=32),
+    "actqkv": RetrievalConfig(method="actqkv", budget=24, n_sink=4, n_window=32),
+    "faiss": RetrievalConfig(method="faiss", budget=24, n_sink=4, n_window=32),
 }
+STATEFUL = ("exact", "tokenselect", "recycled", "hip", "attention_graph", "actqkv")  # retrievers whose counters and caches are restored
+
+
+def _needs(method):
+    if method == "faiss":
+        pytest.importorskip("faiss")
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_restored_session_continues_identically(tiny, tmp_path, method):
+    _needs(method)
     s = _session(tiny, CONFIGS[method])
     s.save(tmp_path / "s")
     r = Session.load(tmp_path / "s", tiny)
     assert r.tokens == s.tokens and r.retrieval == s.retrieval
     assert r.stats()["bytes"] == s.stats()["bytes"]
-    if method != "dense":
+    if method in STATEFUL:
         assert r.stats()["retriever"] == s.stats()["retriever"]  # counters and cache hits restored
     want_ids, want_logits = _greedy(s, 12)
     got_ids, got_logits = _greedy(r, 12)
     assert got_ids == want_ids
     torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-6)
-    if method != "dense":
+    if method in STATEFUL:
         assert r.stats()["retriever"] == s.stats()["retriever"]  # same hits/misses/full steps after
 
 
@@ -81,6 +94,23 @@ def test_tokenselect_cache_state_is_restored_and_used(tiny, tmp_path):
     hits = b.cache_hits
     _greedy(r, 8)
     assert b.cache_hits > hits
+
+
+def test_hip_stage_masks_are_restored_and_reused(tiny, tmp_path):
+    """Guard on the identity test: the restored masks equal the originals, and the next steps
+    reuse them (stage 1 is not refreshed at once, which a fresh state would do)."""
+    s = _session(tiny, CONFIGS["hip"])
+    s.save(tmp_path / "s")
+    r = Session.load(tmp_path / "s", tiny)
+    a, b = s.backend.retriever, r.backend.retriever
+    for layer in range(tiny.config.n_layers):
+        sa, sb = a.state[layer], b.state[layer]
+        assert (sa.step, sa.seen, sa.budget) == (sb.step, sb.seen, sb.budget)
+        for ma, mb in zip(sa.masks, sb.masks, strict=True):
+            assert ma is not None and torch.equal(ma, mb)
+    before = list(b.stats()["refreshes"])
+    _greedy(r, 1)
+    assert b.stats()["refreshes"][0] - before[0] < tiny.config.n_layers  # some layer reused stage 1
 
 
 def test_retriever_without_state_dict_is_rebuilt_from_host_tier(tiny, tmp_path, monkeypatch):
@@ -130,7 +160,23 @@ def _edit_manifest(key, value):
     return edit
 
 
+def _edit_tiers(field, value, *, redigest=False):
+    """Set field of layer 0's ring state; with redigest, also recompute the manifest's digest."""
+    def edit(p: Path) -> None:
+        m = json.loads(p.read_text())
+        m["tiers"]["layers"][0][field] = value
+        if redigest:
+            m[persist.MANIFEST_DIGEST] = persist._manifest_digest(m)
+        p.write_text(json.dumps(m))
+    return edit
+
+
 @pytest.mark.parametrize("target,damage,match", [
+    ("manifest.json", _edit_tiers("ring_head", 999), "edited or corrupted.*manifest_sha256"),
+    ("manifest.json", _edit_tiers("n_host", 3), "edited or corrupted"),
+    ("manifest.json", _edit_manifest("session", {"times": {}, "n_tokens": 1}), "edited or corrupted"),
+    ("manifest.json", _edit_tiers("ring_head", 999, redigest=True), "ring_head=999.*does not fit"),
+    ("manifest.json", _edit_tiers("sink_fill", -1, redigest=True), "sink_fill=-1.*does not fit"),
     ("kv.safetensors", _corrupt_byte, "sha256"),
     ("kv.safetensors", _truncate, "truncated"),
     ("retriever.safetensors", _corrupt_byte, "sha256"),
