@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from itertools import pairwise
 
 import torch
 
@@ -55,7 +56,7 @@ def _kvloft_run(model, ids: list[int], method: str, n_decode: int, chunk: int) -
     s = kvloft.Session(model, rcfg, RuntimeConfig(device="cpu", progress=False, prefill_chunk=chunk))
     marks = [(0, time.perf_counter())]
     s.feed(ids, on_progress=lambda done, total: marks.append((done, time.perf_counter())))
-    rates = [round((b - a) / (tb - ta)) for (a, ta), (b, tb) in zip(marks, marks[1:])]
+    rates = [round((b - a) / (tb - ta)) for (a, ta), (b, tb) in pairwise(marks)]
     s.generate(max_new_tokens=n_decode, stop=None)  # greedy; EOS may end it early
     st = s.stats()
     return {"runner": "kvloft", "method": method, "prefill_s": round(marks[-1][1] - marks[0][1], 2),
