@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 NEG_INF = float("-inf")
+# ATen's flash attention for CPU tensors, which also returns the log-sum-exp (None if absent)
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -34,7 +36,50 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = Fals
     q: [Tq, H_q, D]; k, v: [Tk, H_kv, D].
     causal: queries are the last Tq positions of the keys; query i sees keys j <= Tk - Tq + i.
     Returns out [Tq, H_q, D] (q.dtype), lse [Tq, H_q] fp32.
+
+    CPU tensors in fp32/bf16/fp16 go through ATen's fused flash attention for the CPU
+    (`_attend_fused_cpu`: no [Tq, Tk] logits in memory, K and V read in place, one parallel
+    region instead of one per elementwise op); everything else (fp64 oracles, CUDA tensors)
+    through `attend_math`.
     """
+    tq, tk = q.shape[0], k.shape[0]
+    if _fused_cpu_ok(q, k, v) and tq > 0 and tk > 0 and not (causal and tq > tk):
+        if not causal or tq == tk:
+            return _attend_fused_cpu(q, k, v, scale, causal)
+        # ATen's causal mask aligns the first query with the first key: the keys before the
+        # queries go unmasked, the last Tq (a square) under its mask, the two merged exactly
+        o1, l1 = _attend_fused_cpu(q, k[: tk - tq], v[: tk - tq], scale, False)
+        o2, l2 = _attend_fused_cpu(q, k[tk - tq :], v[tk - tq :], scale, True)
+        return merge([o1, o2], [l1, l2])
+    return attend_math(q, k, v, scale=scale, causal=causal)
+
+
+def _fused_cpu_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return (q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
+            and q.shape[1] % k.shape[1] == 0 and _FUSED_CPU is not None)
+
+
+def _attend_fused_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """ATen's CPU flash attention (causal: top-left, callers pass square blocks).
+
+    q [Tq, H_q, D], k, v [Tk, H_kv, D] (any strides) -> out [Tq, H_q, D], lse [Tq, H_q] fp32.
+    Views only: the KV heads are the batch dimension and each one's query group the head
+    dimension, K and V expanded over the group with stride 0, so nothing is copied in.
+    """
+    tq, hq, d = q.shape
+    tk, hkv = k.shape[0], k.shape[1]
+    g = hq // hkv
+    qb = q.view(tq, hkv, g, d).permute(1, 2, 0, 3)  # [H_kv, g, Tq, D]
+    kb = k.transpose(0, 1)[:, None].expand(hkv, g, tk, d)  # [H_kv, g, Tk, D], stride 0 over g
+    vb = v.transpose(0, 1)[:, None].expand(hkv, g, tk, d)
+    out, lse = _FUSED_CPU(qb, kb, vb, 0.0, causal, scale=scale)  # [H_kv, g, Tq, D], [H_kv, g, Tq]
+    return out.permute(2, 0, 1, 3).reshape(tq, hq, d), lse.permute(2, 0, 1).reshape(tq, hq).float()
+
+
+def attend_math(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False) -> tuple[Tensor, Tensor]:
+    """`attend` written out in torch (the [Tq, Tk] logits materialized, fp32 or fp64): the
+    oracle the fused routes are tested against. Same arguments and results."""
     tq, hq, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     if tk == 0:
