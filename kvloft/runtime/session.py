@@ -450,6 +450,9 @@ class Session:
             "timings_s": {**self._times, **b.timers.as_dict()},
             "kernels": self.ops.name,
         }
+        tok = self.model.tokenizer
+        if tok is not None:  # "model": the model's own template; "builtin-*": it carries none
+            out["chat_template"] = tok.chat_template_source
         t = self._times
         if t["prefill_s"]:
             out["prefill_tok_per_s"] = round(t["prefill_tokens"] / t["prefill_s"], 1)

@@ -165,3 +165,14 @@ def test_rendered_bos_is_not_doubled(llama3_dir):
     ids = tok.encode(text)  # add_bos is on, and the template wrote <|begin_of_text|> itself
     assert ids[0] == tok.bos_id and ids[1] != tok.bos_id
     assert ids == tok.encode(text, add_bos=False)
+
+
+def test_session_stats_say_whose_template_renders(smollm2_tok):
+    import dataclasses
+
+    from kvloft import RuntimeConfig, Session, load_model
+
+    tiny = load_model("tiny", device="cpu", dtype="float32")
+    assert "chat_template" not in Session(tiny, runtime=RuntimeConfig(progress=False)).stats()
+    with_tok = dataclasses.replace(tiny, tokenizer=smollm2_tok)
+    assert Session(with_tok, runtime=RuntimeConfig(progress=False)).stats()["chat_template"] == "model"
