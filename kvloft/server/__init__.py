@@ -41,7 +41,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="accept 'Authorization: Bearer KEY' (repeat for several keys; default: $KVLOFT_API_KEY, "
                         "else no auth); each key sees only its own sessions")
     p.add_argument("--api-keys-file", default=None, help="a file of API keys, one a line ('#' comments)")
-    p.add_argument("--model-name", default=None, help="model id to serve (default: the model's name)")
+    p.add_argument("--model-name", default=None,
+                   help="model id to serve (default: the --model name when it is a known one, else the file's name)")
     p.add_argument("--method", default="exact", choices=METHODS, help="default retrieval method of sessions")
     p.add_argument("--budget", type=int, default=256, help="host-tier tokens retrieved per step")
     p.add_argument("--sink", type=int, default=64, help="first tokens always attended")
@@ -96,7 +97,7 @@ def serve_settings(args) -> tuple[Any, str]:
                     max_budget=args.max_budget, max_tokens=args.max_tokens_limit,
                     max_stored_sessions=args.max_stored_sessions, spill_limit=args.spill_limit)
     cfg = ServerConfig(
-        api_keys=tuple(keys), model_name=args.model_name, max_request_bytes=args.max_request_bytes,
+        api_keys=tuple(keys), model_name=args.model_name or _catalog_name(args.model), max_request_bytes=args.max_request_bytes,
         rate_limit=args.rate_limit, limits=limits, default_max_tokens=min(256, args.max_tokens_limit),
         max_sessions=args.max_sessions, host_budget=args.host_budget, device_budget=args.device_budget,
         spill_dir=args.spill_dir,
@@ -131,3 +132,10 @@ def cmd_serve(args) -> int:
              "bearer token required" if cfg.keys else "no auth")
     serve(app, host, args.port, args.log_level)
     return 0
+
+
+def _catalog_name(model: str) -> str | None:
+    """A known model name (`--model qwen2.5-0.5b`) is the id clients ask for; a path is not."""
+    from kvloft.runtime import catalog
+
+    return model if catalog.is_known(model) else None

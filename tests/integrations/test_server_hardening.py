@@ -201,6 +201,9 @@ def test_cli_without_a_key_listens_on_loopback_and_says_sessions_are_shared(tmp_
     cfg, host = serve_settings(parse(["serve", "--api-key", "k-a", "--api-key", "k-b", "--api-keys-file", str(keys),
                                       "--max-window", "1024"]))
     assert cfg.keys == ("k-a", "k-b", "k-one", "k-two") and cfg.limits.max_window == 1024
+    # a known model name is the id clients ask for; a file path leaves the file's own name
+    assert serve_settings(parse(["serve", "--model", "qwen2.5-0.5b"]))[0].model_name == "qwen2.5-0.5b"
+    assert serve_settings(parse(["serve", "--model", str(tmp_path / "m.gguf")]))[0].model_name is None
 
 
 # ---- 3. work stops when nobody waits for it ----------------------------------------------------
