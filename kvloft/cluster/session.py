@@ -203,8 +203,13 @@ class PipelinedSession(Session):
         if group is not None and (group.n_stages != pipeline.n_stages or group.model_config != model.config):
             raise ValueError(f"the group runs {group.n_stages} stages of model {group.model_config.name}, the session "
                              f"asks {pipeline.n_stages} of {model.config.name}; pass a matching group or none")
+        planned = group.cfg.max_tokens if group is not None else 0
+        if planned and pipeline.max_tokens > planned:
+            raise ValueError(f"the group's layers are split for max_tokens={planned}, the session asks "
+                             f"{pipeline.max_tokens}; lower it or make a group for more")
         _prepare_directory(pipeline)
         self.pipe_cfg = pipeline
+        self.max_tokens = pipeline.max_tokens or planned  # 0 = no limit
         self.group = group if group is not None else StageGroup(model, pipeline)
         self._own_group = group is None
         try:
@@ -230,7 +235,7 @@ class PipelinedSession(Session):
 
     def _check_capacity(self, n_new: int) -> None:
         super()._check_capacity(n_new)
-        cap = self.group.cfg.max_tokens
+        cap = self.max_tokens
         if cap and len(self.tokens) + n_new > cap:
             raise ValueError(f"context would hold {len(self.tokens) + n_new} tokens, over the pipeline's max_tokens="
                              f"{cap} (its layers are split for that many); feed less, or make a group with a "
