@@ -80,7 +80,7 @@ def generate(session, prompt: list[int], steps: int) -> list[int]:
     return toks
 
 
-def in_flight(make, prompts: list[list[int]], steps: int, single: Session) -> dict:
+def in_flight(make, prompts: list[list[int]], steps: int, single: Threads) -> dict:
     """tokens/s of len(prompts) pipelined sessions stepped together vs one process in sequence
     (decode only: every session is fed first)."""
     sessions = [make(i) for i in range(len(prompts))]
@@ -102,7 +102,7 @@ def in_flight(make, prompts: list[list[int]], steps: int, single: Session) -> di
         s.close(delete_files=True)
     single_s, want = 0.0, []
     for p in prompts:
-        single.reset()
+        single.session.reset()
         single.feed(p)
         toks = [int(single.last_logits.argmax())]
         t0 = time.perf_counter()
@@ -158,10 +158,10 @@ def one_cluster(n: int, model, rc, rt, prompt, args, first: bool) -> dict:
                        for _ in range(args.inflight)]
             row["in_flight"] = in_flight(
                 lambda i: PipelinedSession(model, rc, rt, pipeline=cfg.replace(directory=f"{tmp.name}/f{i}"),
-                                           group=group), prompts, args.steps, single[best].session)
+                                           group=group), prompts, args.steps, single[best])
         logits = runs["pipeline"][1]
         row["recovery_step_s"] = step_after(pipe, logits, lambda: ray.kill(group.actor(n - 1)))
-        row["recovery_s"] = pipe.stats()["cluster"]["recovery_s"]
+        row["recovery"] = pipe.stats()["cluster"]["last_recovery"]
         if args.node_loss:
             row["node_loss_step_s"] = lose_node(cluster, group, pipe, logits)
         pipe.close()

@@ -28,9 +28,10 @@ class PipelineConfig:
         "STRICT_SPREAD" (one per node, or placement fails), "PACK", "STRICT_PACK".
     num_cpus, num_gpus: what each stage's bundle reserves (a GPU stage runs on its GPU).
     torch_threads: torch intra-op threads in each stage process (about its CPUs).
-    spares: keep one idle spare process per stage (in its bundle, reserving no CPU) that takes
-        over a killed stage in milliseconds; without it a replacement starts a new process
-        (seconds: Python, torch). A node lost takes its spares with it.
+    spares: keep one idle spare process per stage (in its bundle, reserving no CPU, the stage's
+        weights loaded in host memory) that takes over a killed stage at once; without it a
+        replacement starts a new process and loads the weights (seconds). A node lost takes
+        its spares with it. CPU stages only (a spare holds no GPU: GPU stages restart anew).
     fsync: each record append is fsynced (survives node power loss; a disk sync per call).
         Without it appends are flushed to the OS, which survives a killed stage process.
     max_recoveries: stage re-creations tried per call before StageUnavailable is raised.

@@ -111,7 +111,9 @@ class StageGroup:
         self.actors = [self._spawn(i) for i in range(self.n_stages)]
         for i, a in enumerate(self.actors):
             self._load(i, a)
-        self.spares = [self._spawn(i, spare=True) if cfg.spares else None for i in range(self.n_stages)]
+        # a spare reserves no GPU, so Ray hides the GPUs from it: GPU stages restart without one
+        self.use_spares = cfg.spares and not cfg.num_gpus
+        self.spares = [self._spare(i) if self.use_spares else None for i in range(self.n_stages)]
         self.replacements = [0] * self.n_stages
         self._lock = threading.Lock()
 
@@ -151,11 +153,17 @@ class StageGroup:
         return _actor_class().options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=where,
                                       max_restarts=0).remote(c.torch_threads)
 
-    def _load(self, i: int, actor) -> None:
+    def _load(self, i: int, actor, device: str | None = None) -> None:
         """Give actor stage i's layers (submitted; calls after it run once it is loaded)."""
-        device = "cuda" if self.cfg.num_gpus else "cpu"
+        device = device or ("cuda" if self.cfg.num_gpus else "cpu")
         actor.load.remote(self.model_config, self.layers[i], i == self.n_stages - 1, self.weights[i], self.dtype,
                           device)
+
+    def _spare(self, i: int):
+        """A spare for stage i: its process in bundle i, stage i's weights loaded on the CPU."""
+        actor = self._spawn(i, spare=True)
+        self._load(i, actor, "cpu")
+        return actor
 
     def actor(self, i: int):
         return self.actors[i]
@@ -171,12 +179,18 @@ class StageGroup:
                 actor, self.spares[i] = self.spares[i], None
                 if actor is None or not self._answers(actor):
                     actor = self._spawn(i)
-                self._load(i, actor)
+                    self._load(i, actor)
                 self.actors[i] = actor
-                if self.cfg.spares:
-                    self.spares[i] = self._spawn(i, spare=True)
                 self.replacements[i] += 1
             return self.actors[i]
+
+    def refill_spares(self) -> None:
+        """Start a spare for every stage that used its own (after a recovery: not during it, so
+        the new process does not compete with the stage rebuilding)."""
+        with self._lock:
+            for i, spare in enumerate(self.spares):
+                if spare is None and self.use_spares:
+                    self.spares[i] = self._spare(i)
 
     def _answers(self, actor, timeout_s: float = 1.0) -> bool:
         ray = import_ray()

@@ -72,6 +72,7 @@ class StageCalls:
         self.keys = [s.directory for s in specs]
         self.recoveries = 0
         self.recovery_s = 0.0
+        self.last_recovery: dict[str, Any] = {}
         self.open(0)
 
     def open(self, upto: int) -> None:
@@ -121,16 +122,22 @@ class StageCalls:
         ray = import_ray()
         t0 = time.perf_counter()
         alive = self.group.alive(self.cfg.timeout_s)
+        t1 = time.perf_counter()
         for i, ok in enumerate(alive):
             if not ok:
                 self.group.replace(i, self.group.actor(i))
                 self.group.wait_placed(i, self.cfg.timeout_s)
+        t2 = time.perf_counter()
         try:
             self.open(upto)
         except (*_lost(), ray.exceptions.GetTimeoutError):
             pass  # the resent chain fails again and the next attempt replaces the stage
+        t3 = time.perf_counter()
+        self.group.refill_spares()
         self.recoveries += 1
-        self.recovery_s += time.perf_counter() - t0
+        self.recovery_s += t3 - t0
+        self.last_recovery = {"ping_s": t1 - t0, "replace_s": t2 - t1, "reopen_s": t3 - t2,
+                              "replaced": [i for i, ok in enumerate(alive) if not ok]}
 
     def build(self, n_tokens: int) -> None:
         """Index every stage's host tier after a feed that ended at n_tokens tokens,
@@ -274,6 +281,7 @@ class PipelinedSession(Session):
         out["tier_tokens"] = stages[0].get("tier_tokens")
         out["cluster"] = {"n_stages": self.group.n_stages, "layers": [list(r) for r in self.group.layers],
                           "recoveries": calls.recoveries, "recovery_s": round(calls.recovery_s, 3),
+                          "last_recovery": calls.last_recovery,
                           "stages": stages}
         return out
 

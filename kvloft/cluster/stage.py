@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import torch
@@ -117,6 +118,8 @@ class StageRunner:
         self.store = StageStore(spec)
         self.n_tokens = 0
         self.replayed_tokens = 0
+        self.restore_s = 0.0
+        self.last: tuple[int, int, Tensor] | None = None  # (first position, T, output) of the last call
 
     @property
     def tiered(self) -> bool:
@@ -152,6 +155,8 @@ class StageRunner:
     def forward(self, net: StageNet, x: Tensor, positions: Tensor, decoding: bool, feed_after: int) -> Tensor:
         """Run the stage's layers on x [T, hidden] at positions [T] (the next tokens)."""
         first = int(positions[0])
+        if self.last is not None and (first, positions.shape[0]) == self.last[:2]:
+            return self.last[2]  # a resend of the last call (a later stage failed): its output again
         if first != self.n_tokens:
             raise ValueError(f"stage {self.spec.layers}: a call at position {first}, but the stage holds "
                              f"{self.n_tokens} tokens; the driver must reopen it at {first}")
@@ -159,7 +164,13 @@ class StageRunner:
             self.backend.decoding, self.backend.feed_after = decoding, feed_after
         out = net(x.to(self.device), positions.to(self.device), RecordingBackend(self.backend, self.store))
         self.n_tokens += positions.shape[0]
-        return out.to("cpu")
+        self.last = (first, positions.shape[0], out.to("cpu"))
+        return self.last[2]
+
+    def at(self, upto: int) -> bool:
+        """Whether the runner can continue from `upto` tokens as it is: it holds exactly
+        that many, or its last call started there (a resend gets that call's output)."""
+        return self.n_tokens == upto or (self.last is not None and self.last[0] == upto)
 
     def build(self) -> None:
         """Index the host tier (after a feed): the query samples recorded first, once."""
@@ -173,7 +184,7 @@ class StageRunner:
     def stats(self) -> dict[str, Any]:
         b = self.backend
         out = {"layers": list(self.spec.layers), "tokens": self.n_tokens, "bytes": b.bytes(),
-               "replayed_tokens": self.replayed_tokens, "timings_s": b.timers.as_dict()}
+               "replayed_tokens": self.replayed_tokens, "restore_s": round(self.restore_s, 3), "timings_s": b.timers.as_dict()}
         if self.tiered:
             tiers = b.cache[0]
             out["tier_tokens"] = {"static": tiers.n_static, "host": tiers.n_host}
@@ -193,8 +204,8 @@ class StageActor:
     """One stage process: the weights of its layers and the runners of any number of sessions,
     keyed by their stage directory. Run as a Ray actor (kvloft/cluster/group.py).
 
-    Made empty (a spare: its process up, torch and kvloft imported) and given its layers by
-    load(), so a spare takes over a dead stage in milliseconds instead of a process start.
+    Made empty and given its layers by load(). A spare (kvloft/cluster/group.py) is loaded and
+    idles; it takes over a dead stage at once, instead of a process start and a weight transfer.
     """
 
     def __init__(self, threads: int = 1) -> None:
@@ -206,12 +217,22 @@ class StageActor:
     def load(self, cfg: ModelConfig, layers: tuple[int, int], last: bool, weights: dict[str, Tensor], dtype: str,
              device: str = "cpu") -> None:
         """Become the stage of layers [start, stop) with these weights (StageNet's keys)."""
+        t0 = time.perf_counter()
         self.device = torch.device(device)
-        net = StageNet(cfg, tuple(layers), last)
-        net.load_state_dict(weights, strict=True)
-        net.to(device=self.device, dtype=getattr(torch, dtype)).eval()
-        net.inv_freq = net.inv_freq.float()  # RoPE frequencies stay fp32
-        self.net, self.layers = net, tuple(layers)
+        with torch.device("meta"):  # no random init: the weights are assigned
+            net = StageNet(cfg, tuple(layers), last)
+        net.load_state_dict(weights, strict=True, assign=True)
+        net.inv_freq = rope_inv_freq(cfg)  # RoPE frequencies stay fp32
+        net.to(dtype=getattr(torch, dtype))
+        self.net, self.layers = net.eval(), tuple(layers)
+        self.to(device)
+        self.load_s = time.perf_counter() - t0
+
+    def to(self, device: str) -> None:
+        """Move the weights to `device`."""
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.net.inv_freq = self.net.inv_freq.float()
 
     def _runner(self, key: str) -> StageRunner:
         runner = self.runners.get(key)
@@ -225,12 +246,14 @@ class StageActor:
         if tuple(spec.layers) != self.layers:
             raise ValueError(f"this stage runs layers {self.layers}, the session asks {tuple(spec.layers)}")
         runner = self.runners.get(spec.directory)
-        if runner is not None and runner.n_tokens == upto:
+        if runner is not None and runner.at(upto):
             return 0
         if runner is not None:
             runner.close()
+        t0 = time.perf_counter()
         runner = self.runners[spec.directory] = StageRunner(spec, self.device)
         runner.restore(upto)
+        runner.restore_s = time.perf_counter() - t0
         return runner.replayed_tokens
 
     def forward(self, key: str, x: Tensor, positions: Tensor, decoding: bool, feed_after: int) -> Tensor:
@@ -263,7 +286,8 @@ class StageActor:
                 node = ray.get_runtime_context().get_node_id()
         except ImportError:
             pass
-        return {"node_id": node, "pid": os.getpid(), "layers": list(self.layers), "sessions": sorted(self.runners)}
+        return {"node_id": node, "pid": os.getpid(), "layers": list(self.layers), "sessions": sorted(self.runners),
+                "load_s": round(getattr(self, "load_s", 0.0), 3)}
 
     def ping(self) -> bool:
         return True
