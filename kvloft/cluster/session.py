@@ -50,6 +50,12 @@ from kvloft.runtime.attention import Timers
 from kvloft.runtime.session import Session
 
 
+# Ray returns a result up to 100 KiB inline with the reply (max_direct_call_object_size);
+# larger ones go through the object store (a put, and a pull across nodes). Logits come back
+# in pieces under this size: 2 for SmolLM2's 49152 fp32 logits.
+INLINE_BYTES = 96 * 1024
+
+
 @dataclass(frozen=True)
 class Call:
     """One trip down the pipeline: x [T, hidden] of the tokens at positions [T] (CPU)."""
@@ -73,6 +79,8 @@ class StageCalls:
         self.recoveries = 0
         self.recovery_s = 0.0
         self.last_recovery: dict[str, Any] = {}
+        vocab_bytes = specs[-1].model.vocab_size * 4  # fp32 logits
+        self.pieces = max(1, -(-vocab_bytes // INLINE_BYTES))
         self.open(0)
 
     def open(self, upto: int) -> None:
@@ -81,12 +89,15 @@ class StageCalls:
         refs = [self.group.actor(i).open.remote(spec, upto) for i, spec in enumerate(self.specs)]
         ray.get(refs, timeout=self.cfg.timeout_s)
 
-    def _chain(self, call: Call):
-        """Submit one call to every stage, each taking the previous one's result by reference."""
-        x = call.x
-        for i, key in enumerate(self.keys):
+    def _chain(self, call: Call) -> list:
+        """Submit one call to every stage, each taking the previous one's result by reference;
+        the refs of the last stage's logits, in pieces (INLINE_BYTES)."""
+        x, last = call.x, len(self.keys) - 1
+        for i, key in enumerate(self.keys[:-1]):
             x = self.group.actor(i).forward.remote(key, x, call.positions, call.decoding, call.feed_after)
-        return x
+        refs = self.group.actor(last).forward_pieces.options(num_returns=self.pieces).remote(
+            self.keys[last], x, call.positions, call.decoding, call.feed_after, self.pieces)
+        return refs if self.pieces > 1 else [refs]
 
     def run(self, calls: list[Call], on_done=None) -> Tensor:
         """Send the calls down the pipeline, up to n_stages + 1 in flight, and collect them in
@@ -99,9 +110,9 @@ class StageCalls:
             while nxt < len(calls) and len(pending) < window:
                 pending.append((nxt, self._chain(calls[nxt])))
                 nxt += 1
-            i, ref = pending[0]
+            i, refs = pending[0]
             try:
-                out = ray.get(ref)
+                out = torch.cat(ray.get(refs))
             except (*_lost(), StoreNotOpen):
                 if attempts == self.cfg.max_recoveries:
                     raise StageUnavailable(

@@ -260,6 +260,13 @@ class StageActor:
         """x [T, hidden], positions [T] -> x [T, hidden] (or logits [V] on the last stage)."""
         return self._runner(key).forward(self.net, x, positions, decoding, feed_after)
 
+    def forward_pieces(self, key: str, x: Tensor, positions: Tensor, decoding: bool, feed_after: int,
+                       pieces: int) -> tuple[Tensor, ...] | Tensor:
+        """forward, its output split into `pieces` parts (call with num_returns=pieces): each part
+        under Ray's inline limit comes back with the reply instead of through the object store."""
+        out = self.forward(key, x, positions, decoding, feed_after)
+        return out if pieces == 1 else tuple(t.clone() for t in out.tensor_split(pieces))
+
     def build(self, key: str) -> None:
         self._runner(key).build()
 
