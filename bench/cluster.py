@@ -192,7 +192,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['nodes']:5d} {r['ms_per_token']:8.1f} {r['single_1_thread_ms']:8.1f} "
               f"{r['single_2_threads_ms']:8.1f} {r['ratio']:6.2f} {r['recovery_step_s']:7.2f} "
-              f"{str(r['greedy_tokens_equal']):>9}")
+              f"{r['greedy_tokens_equal']!s:>9}")
         f = r.get("in_flight")
         if f:
             print(f"      {f['sequences']} in flight: {f['tokens_per_s']:.1f} tok/s vs one process "

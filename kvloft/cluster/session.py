@@ -49,7 +49,6 @@ from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.runtime.attention import Timers
 from kvloft.runtime.session import Session
 
-
 # Ray returns a result up to 100 KiB inline with the reply (max_direct_call_object_size);
 # larger ones go through the object store (a put, and a pull across nodes). Logits come back
 # in pieces under this size: 2 for SmolLM2's 49152 fp32 logits.
@@ -64,6 +63,7 @@ class Call:
     positions: Tensor
     decoding: bool
     feed_after: int
+    budget: int
 
     @property
     def first(self) -> int:
@@ -94,9 +94,10 @@ class StageCalls:
         the refs of the last stage's logits, in pieces (INLINE_BYTES)."""
         x, last = call.x, len(self.keys) - 1
         for i, key in enumerate(self.keys[:-1]):
-            x = self.group.actor(i).forward.remote(key, x, call.positions, call.decoding, call.feed_after)
+            x = self.group.actor(i).forward.remote(key, x, call.positions, call.decoding, call.feed_after,
+                                                   call.budget)
         refs = self.group.actor(last).forward_pieces.options(num_returns=self.pieces).remote(
-            self.keys[last], x, call.positions, call.decoding, call.feed_after, self.pieces)
+            self.keys[last], x, call.positions, call.decoding, call.feed_after, call.budget, self.pieces)
         return refs if self.pieces > 1 else [refs]
 
     def run(self, calls: list[Call], on_done=None) -> Tensor:
@@ -266,7 +267,8 @@ class PipelinedSession(Session):
         return x.to("cpu").clone()
 
     def _call(self, ids: list[int], start: int, decoding: bool, feed_after: int) -> Call:
-        return Call(self._embed(ids), torch.arange(start, start + len(ids)), decoding, feed_after)
+        return Call(self._embed(ids), torch.arange(start, start + len(ids)), decoding, feed_after,
+                    self.retrieval.budget)
 
     def _prefill(self, ids: list[int], on_progress=None) -> None:
         chunk, start = self.runtime.prefill_chunk, len(self.tokens)

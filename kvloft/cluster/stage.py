@@ -152,8 +152,10 @@ class StageRunner:
             self.backend.sampler.kept[i] = [] if q is None else [q.transpose(0, 1)]
         self.backend.build_indexes()
 
-    def forward(self, net: StageNet, x: Tensor, positions: Tensor, decoding: bool, feed_after: int) -> Tensor:
-        """Run the stage's layers on x [T, hidden] at positions [T] (the next tokens)."""
+    def forward(self, net: StageNet, x: Tensor, positions: Tensor, decoding: bool, feed_after: int,
+                budget: int) -> Tensor:
+        """Run the stage's layers on x [T, hidden] at positions [T] (the next tokens), retrieving
+        `budget` host keys per step (the session's RetrievalConfig.budget, which may change)."""
         first = int(positions[0])
         if self.last is not None and (first, positions.shape[0]) == self.last[:2]:
             return self.last[2]  # a resend of the last call (a later stage failed): its output again
@@ -162,6 +164,8 @@ class StageRunner:
                              f"{self.n_tokens} tokens; the driver must reopen it at {first}")
         if self.tiered:
             self.backend.decoding, self.backend.feed_after = decoding, feed_after
+            if budget != self.backend.rcfg.budget:
+                self.backend.rcfg = self.backend.rcfg.replace(budget=budget)
         out = net(x.to(self.device), positions.to(self.device), RecordingBackend(self.backend, self.store))
         self.n_tokens += positions.shape[0]
         self.last = (first, positions.shape[0], out.to("cpu"))
@@ -256,15 +260,16 @@ class StageActor:
         runner.restore_s = time.perf_counter() - t0
         return runner.replayed_tokens
 
-    def forward(self, key: str, x: Tensor, positions: Tensor, decoding: bool, feed_after: int) -> Tensor:
+    def forward(self, key: str, x: Tensor, positions: Tensor, decoding: bool, feed_after: int,
+                budget: int) -> Tensor:
         """x [T, hidden], positions [T] -> x [T, hidden] (or logits [V] on the last stage)."""
-        return self._runner(key).forward(self.net, x, positions, decoding, feed_after)
+        return self._runner(key).forward(self.net, x, positions, decoding, feed_after, budget)
 
     def forward_pieces(self, key: str, x: Tensor, positions: Tensor, decoding: bool, feed_after: int,
-                       pieces: int) -> tuple[Tensor, ...] | Tensor:
+                       budget: int, pieces: int) -> tuple[Tensor, ...] | Tensor:
         """forward, its output split into `pieces` parts (call with num_returns=pieces): each part
         under Ray's inline limit comes back with the reply instead of through the object store."""
-        out = self.forward(key, x, positions, decoding, feed_after)
+        out = self.forward(key, x, positions, decoding, feed_after, budget)
         return out if pieces == 1 else tuple(t.clone() for t in out.tensor_split(pieces))
 
     def build(self, key: str) -> None:

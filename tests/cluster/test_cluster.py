@@ -13,7 +13,6 @@ import dataclasses
 import filecmp
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +138,24 @@ def test_capacity_refusals(model, group, tmp_path):
     pipelined(model, tmp_path / "e", group).close()
     with pytest.raises(ValueError, match="earlier session"):
         pipelined(model, tmp_path / "e", group)
+
+
+def test_budget_changed_between_steps_reaches_the_stages(model, prompt, group, tmp_path):
+    from kvloft.server.manager import set_budget
+
+    unchanged = kvloft.Session(model, RETRIEVAL, RUNTIME)
+    unchanged.feed(prompt)
+    with pipelined(model, tmp_path, group) as s:
+        ref = kvloft.Session(model, RETRIEVAL, RUNTIME)
+        s.feed(prompt)
+        ref.feed(prompt)
+        got = []
+        for budget in (2, 64):  # the server sets a request's budget this way
+            set_budget(s, budget)
+            set_budget(ref, budget)
+            got.append(s.step(5).clone())
+            torch.testing.assert_close(got[-1], ref.step(5), atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], unchanged.step(5), atol=1e-3)  # budget 2 is not budget 8
 
 
 def test_dense_method_runs_in_the_pipeline(model, prompt, group, tmp_path):

@@ -57,7 +57,7 @@ def forward(model, sts, sps, ids, start, decoding, feed_after=0):
         x = model.net.embed_tokens(torch.tensor(ids))
     pos = torch.arange(start, start + len(ids))
     for st, sp in zip(sts, sps):
-        x = st.forward(sp.directory, x, pos, decoding, feed_after)
+        x = st.forward(sp.directory, x, pos, decoding, feed_after, RETRIEVAL.budget)
     return x
 
 
@@ -98,7 +98,7 @@ def test_stages_equal_single_process_and_replay_is_bitwise(model, prompt, tmp_pa
     first = drive(model, sts2, sps2, prompt, 3)
     fresh = stages(model)[1]
     with pytest.raises(StoreNotOpen):
-        fresh.forward(sps2[1].directory, torch.zeros(1, 144), torch.tensor([93]), True, 0)
+        fresh.forward(sps2[1].directory, torch.zeros(1, 144), torch.tensor([93]), True, 0, 8)
     assert fresh.open(sps2[1], len(prompt) + 3) == len(prompt) + 3
     rest = drive(model, [sts2[0], fresh], sps2, prompt, 3, start_step=3, last=first[-1])
     for g, w in zip(first + rest, got, strict=True):
