@@ -1,6 +1,6 @@
-"""Multi-node kvloft on Ray: sharded sessions, shard processes, a Ray Serve deployment.
+"""Multi-node kvloft on Ray: pipelined sessions (layers split over stage processes), Ray Serve.
 
-    from kvloft.cluster import ShardConfig, ShardedSession, ShardGroup, deploy
+    from kvloft.cluster import PipelineConfig, PipelinedSession, StageGroup, deploy
 
 See docs/cluster.md. Ray is imported only when a group, session or deployment is made
 (install it with `pip install 'kvloft[ray]'`).
@@ -11,21 +11,20 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ShardConfig": "kvloft.cluster.config",
-    "ShardGroup": "kvloft.cluster.group",
-    "KVShard": "kvloft.cluster.shard",
-    "ShardStore": "kvloft.cluster.shard",
-    "StoreSpec": "kvloft.cluster.shard",
+    "PipelineConfig": "kvloft.cluster.config",
+    "StageGroup": "kvloft.cluster.group",
+    "StageUnavailable": "kvloft.cluster.group",
+    "StageActor": "kvloft.cluster.stage",
+    "StageSpec": "kvloft.cluster.store",
+    "StageStore": "kvloft.cluster.store",
     "CorruptRecord": "kvloft.cluster.records",
-    "ShardedAttention": "kvloft.cluster.session",
-    "ShardedSession": "kvloft.cluster.session",
-    "ShardUnavailable": "kvloft.cluster.group",
+    "PipelinedSession": "kvloft.cluster.session",
     "deploy": "kvloft.cluster.serve",
     "kvloft_deployment": "kvloft.cluster.serve",
 }
 
-__all__ = ["CorruptRecord", "KVShard", "ShardConfig", "ShardGroup", "ShardStore", "ShardUnavailable",
-           "ShardedAttention", "ShardedSession", "StoreSpec", "deploy", "kvloft_deployment"]
+__all__ = ["CorruptRecord", "PipelineConfig", "PipelinedSession", "StageActor", "StageGroup", "StageSpec",
+           "StageStore", "StageUnavailable", "deploy", "kvloft_deployment"]
 
 
 def __getattr__(name: str):

@@ -1,6 +1,6 @@
 """Append-only record files: one fixed-size record per token, a crc32 per record.
 
-A shard keeps, per layer, one file `layer-<l>.rec` of the host-tier rows it owns, in the
+A pipeline stage keeps, per layer, one file `layer-<l>.rec` of every token's KV, in the
 order they arrived. Record layout (little endian, packed, `record_size` bytes):
 
     pos    int64          the token's position
@@ -120,7 +120,7 @@ class RecordFile:
         if bad.size:
             raise CorruptRecord(
                 f"{self.path}: record {int(bad[0])} of {rec.shape[0]} fails its crc32 check "
-                f"({bad.size} bad record(s), {self.record_size} bytes each); the shard's files are damaged: "
+                f"({bad.size} bad record(s), {self.record_size} bytes each); the stage's files are damaged: "
                 "restore them from a copy or start the session again"
             )
         n = self._whole_blocks(rec["block"])

@@ -11,11 +11,13 @@ each replica by a builder function (`@serve.ingress(builder)`), so the model loa
 runs and never travels through the object store. Routes, session ids, streaming, limits and
 errors are those of kvloft.server.app.
 
-With `shards=ShardConfig(...)` the replica's sessions are ShardedSessions on one ShardGroup
-that the replica creates: session `<id>`'s token ranges persist in `<directory>/<id>/`.
-Sharded sessions are not spilled to disk when the replica is full (their host tier already
-lives in the shards): past `max_sessions` resident sessions a new one is refused (HTTP 503)
-until one is deleted (DELETE /v1/sessions/{id}).
+With `pipeline=PipelineConfig(...)` the replica's sessions are PipelinedSessions on one
+StageGroup that the replica creates (the model's layers split over stage actors): session
+`<id>`'s KV records persist in `<directory>/<id>/stage-<i>/`. Several sessions' steps then
+flow through the stages together (each request runs in its own thread). Pipelined sessions
+are not spilled to disk when the replica is full (their KV lives in the stages): past
+`max_sessions` resident sessions a new one is refused (HTTP 503) until one is deleted
+(DELETE /v1/sessions/{id}).
 """
 
 from __future__ import annotations
@@ -26,35 +28,36 @@ from typing import Any
 
 import anyio
 
-from kvloft.cluster.config import ShardConfig
-from kvloft.cluster.group import ShardGroup, ensure_ray, import_ray
+from kvloft.cluster.config import PipelineConfig
+from kvloft.cluster.group import StageGroup, ensure_ray, import_ray
 from kvloft.server.app import ServerConfig, create_app
 from kvloft.server.manager import Lease, SessionManager, SessionsBusy
 
 ModelSource = str | Callable[[], Any]  # a name/path for kvloft.load_model, or a factory returning a Model
 
 
-class ShardedSessionManager(SessionManager):
-    """A SessionManager whose sessions are ShardedSessions on one shared ShardGroup."""
+class PipelinedSessionManager(SessionManager):
+    """A SessionManager whose sessions are PipelinedSessions on one shared StageGroup."""
 
-    def __init__(self, model, shards: ShardConfig, group: ShardGroup | None = None, **kwargs: Any) -> None:
+    def __init__(self, model, pipeline: PipelineConfig, group: StageGroup | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.shards = shards
-        self.group = group if group is not None else ShardGroup.from_config(shards)
+        self.pipeline = pipeline
+        self.group = group if group is not None else StageGroup(model, pipeline)
         self._own_group = group is None
 
     def _materialize(self, lease: Lease):
-        from kvloft.cluster.session import ShardedSession
+        from kvloft.cluster.session import PipelinedSession
 
-        cfg = self.shards.replace(directory=str(Path(self.shards.directory) / lease.id), overwrite=True)
-        return ShardedSession(self.model, lease.retrieval, self.runtime, self.cache, shards=cfg, group=self.group)
+        cfg = self.pipeline.replace(directory=str(Path(self.pipeline.directory) / lease.id), overwrite=True)
+        return PipelinedSession(self.model, lease.retrieval, self.runtime, self.cache, pipeline=cfg,
+                                group=self.group)
 
     async def _make_room(self, incoming: Lease | None) -> None:
         """No spilling: a new session is admitted while fewer than max_sessions are resident."""
         resident = sum(le.session is not None for le in self._leases.values())
         if incoming is None or resident < self.max_sessions:
             return
-        raise SessionsBusy(f"{resident} sharded sessions are resident (max_sessions={self.max_sessions}) and they "
+        raise SessionsBusy(f"{resident} pipelined sessions are resident (max_sessions={self.max_sessions}) and they "
                            "are not spilled; delete one (DELETE /v1/sessions/{id}) or raise max_sessions")
 
     async def release(self, lease: Lease) -> None:
@@ -78,22 +81,22 @@ class ShardedSessionManager(SessionManager):
             self.group.close()
 
 
-def build_app(model: ModelSource, config: ServerConfig | None = None, shards: ShardConfig | None = None,
+def build_app(model: ModelSource, config: ServerConfig | None = None, pipeline: PipelineConfig | None = None,
               *, device: str = "auto", dtype: str = "auto"):
-    """The FastAPI app of `kvloft serve` for `model`, over sharded sessions when `shards` is given."""
+    """The FastAPI app of `kvloft serve` for `model`, over pipelined sessions when `pipeline` is given."""
     from kvloft.runtime.loader import load_model
 
     cfg = config or ServerConfig()
     m = load_model(model, device=device, dtype=dtype) if isinstance(model, str) else model()
     manager = None
-    if shards is not None:
-        manager = ShardedSessionManager(m, shards, retrieval=cfg.retrieval, runtime=cfg.runtime, cache=cfg.cache,
+    if pipeline is not None:
+        manager = PipelinedSessionManager(m, pipeline, retrieval=cfg.retrieval, runtime=cfg.runtime, cache=cfg.cache,
                                         max_sessions=cfg.max_sessions, device_budget=cfg.device_budget)
     return create_app(m, cfg, manager=manager)
 
 
 def kvloft_deployment(model: ModelSource = "smollm2", *, config: ServerConfig | None = None,
-                      shards: ShardConfig | None = None, device: str = "auto", dtype: str = "auto",
+                      pipeline: PipelineConfig | None = None, device: str = "auto", dtype: str = "auto",
                       **deployment_options: Any):
     """A Ray Serve Deployment whose ingress is kvloft's FastAPI app, built in each replica.
 
@@ -101,13 +104,13 @@ def kvloft_deployment(model: ModelSource = "smollm2", *, config: ServerConfig | 
     """
     if not isinstance(model, str) and not callable(model):
         raise TypeError(f"model must be a name/path for kvloft.load_model or a factory, got {type(model).__name__}")
-    if shards is not None and not isinstance(shards, ShardConfig):
-        raise TypeError(f"shards must be a kvloft.cluster.ShardConfig, got {type(shards).__name__}")
+    if pipeline is not None and not isinstance(pipeline, PipelineConfig):
+        raise TypeError(f"pipeline must be a kvloft.cluster.PipelineConfig, got {type(pipeline).__name__}")
     import_ray()
     from ray import serve
 
     def build_kvloft_app():  # runs in the replica: the model loads there
-        return build_app(model, config, shards, device=device, dtype=dtype)
+        return build_app(model, config, pipeline, device=device, dtype=dtype)
 
     options = {"name": "kvloft", **deployment_options}
 
@@ -120,7 +123,7 @@ def kvloft_deployment(model: ModelSource = "smollm2", *, config: ServerConfig | 
 
 
 def deploy(model_name: ModelSource = "smollm2", *, config: ServerConfig | None = None,
-           shards: ShardConfig | None = None, name: str = "kvloft", route_prefix: str = "/",
+           pipeline: PipelineConfig | None = None, name: str = "kvloft", route_prefix: str = "/",
            host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode", blocking: bool = False,
            **deployment_options: Any):
     """Start Serve's HTTP proxy on host:port and run the deployment; returns its handle once
@@ -136,7 +139,7 @@ def deploy(model_name: ModelSource = "smollm2", *, config: ServerConfig | None =
     import_ray()
     from ray import serve
 
-    ensure_ray(shards.address if shards else None)
+    ensure_ray(pipeline.address if pipeline else None)
     serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
-    app = kvloft_deployment(model_name, config=config, shards=shards, **deployment_options).bind()
+    app = kvloft_deployment(model_name, config=config, pipeline=pipeline, **deployment_options).bind()
     return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
