@@ -164,7 +164,7 @@ def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
 def preallocate_dense(s: Session, capacity: int) -> None:
     """Dense KV buffers of their final size: growing a 64 GiB buffer by doubling would need
     the old and the new one at once."""
-    from kvloft.runtime.kvcache import DenseKV
+    from kvloft.tiers.kvcache import DenseKV
 
     m = s.model
     s.backend.layers = [DenseKV(m.config, m.device, m.dtype, capacity=capacity) for _ in s.backend.layers]

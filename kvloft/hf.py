@@ -42,7 +42,7 @@ from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConf
 from kvloft.index.base import make_retriever
 from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import DenseAttention, TieredAttention
-from kvloft.runtime.kvcache import TieredKVCache
+from kvloft.tiers.kvcache import TieredKVCache
 
 try:
     import transformers

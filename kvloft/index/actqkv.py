@@ -65,7 +65,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.tiers.chunked import ChunkedRows
 
 __all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_scores", "block_vectors",
            "normalized_entropy"]

@@ -71,7 +71,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index import graph_kernels as gk
 from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.tiers.chunked import ChunkedRows
 
 __all__ = ["AttentionGraphRetriever", "GraphParams", "HeadGraph", "cpu_partial_attention"]
 

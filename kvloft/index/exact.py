@@ -19,7 +19,7 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import score_keys
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.tiers.chunked import ChunkedRows
 
 
 @register("exact")

@@ -46,7 +46,7 @@ from kvloft.kernels.hip_stage import (
     hip_stage1_reference,
     probes_per_chunk,
 )
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.tiers.chunked import ChunkedRows
 
 __all__ = ["HipParams", "HipRetriever"]
 
@@ -197,7 +197,7 @@ class HipRetriever:
             raise ValueError(f"keys must be [H_kv={hkv}, N, D={d}], got {tuple(keys.shape)}")
 
     def attach_host_tier(self, layer: int, tiers: Any) -> bool:
-        """keys_on="host": search the session's host tier (runtime/kvcache.py LayerTiers) in
+        """keys_on="host": search the session's host tier (tiers/kvcache.py LayerTiers) in
         place instead of a copy of its keys. Returns False (the runtime then calls build)
         when the tier's chunks cannot be read so: spilled to disk (memory-mapped, not
         pinned), not pinned while searching on CUDA, or chunked in a size that is not a

@@ -50,7 +50,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
 from kvloft.kernels import reference, score_keys
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.tiers.chunked import ChunkedRows
 
 SCHEDULES = ("stride", "dynamic")
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
 from kvloft.kernels import score_keys
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.tiers.chunked import ChunkedRows
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ Triton kernels, each with its torch twin:
 - `hip_stage1` (`hip_stage1_reference`): the first stage, whose candidates are all the
   rows of one contiguous token-major buffer (one chunk of the key store);
 - `hip_stage` (`hip_stage_reference`): a later stage, whose candidates are row ids
-  [C, L] into a chunked store (runtime/chunked.py); the kernel reads each probe row
+  [C, L] into a chunked store (tiers/chunked.py); the kernel reads each probe row
   through a table of the chunks' base addresses, so nothing is gathered or copied and
   the whole stage is one launch (a torch gather over chunks costs a sync per chunk).
 """
@@ -252,7 +252,7 @@ def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "f
     """Triton twin of `hip_stage_reference`: one launch for a whole later stage.
 
     chunks: the store's chunks, each [chunk_rows, H_kv, D], same dtype and strides, on q's
-    device or (q on CUDA) in pinned host memory (runtime/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
+    device or (q on CUDA) in pinned host memory (tiers/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
     a chunk's first id valid; ids are trusted: the caller built them from the store).
     table: the chunks' base addresses on q's device (ChunkedRows.pointer_table), made here
     when None. Reads 2 * log2(L) probe rows per chunk plus the C * L ids.

@@ -8,7 +8,7 @@ TieredAttention  static tier (sink + window) + host tier. A decode token attends
 
 Offloaded prefill. A prompt goes through in chunks (RuntimeConfig.prefill_chunk); tokens
 leaving the window go to the host tier as the chunk is appended (on CUDA an asynchronous
-copy on the cache's copy stream, runtime/kvcache.py), so the device never holds more than
+copy on the cache's copy stream, tiers/kvcache.py), so the device never holds more than
 the static tier, the chunk and what the chunk's attention reads:
 - dense (exact positions, up to `prefill_dense_tokens` earlier tokens): the chunk attends
   causally to itself, to the static tier and to the host tier one host chunk at a time
@@ -92,8 +92,8 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import KernelSet, reference
-from kvloft.runtime.chunked import ChunkedRows
-from kvloft.runtime.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
+from kvloft.tiers.chunked import ChunkedRows
+from kvloft.tiers.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
 from kvloft.runtime.model import rope_inv_freq
 from kvloft.runtime.numerics import FiniteWatch
 from kvloft.runtime.prefill import gather_token_rows, stream_host_chunks, top_block_rows

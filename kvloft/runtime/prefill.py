@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from kvloft.runtime.chunked import ChunkedRows
-from kvloft.runtime.kvcache import LayerTiers
+from kvloft.tiers.chunked import ChunkedRows
+from kvloft.tiers.kvcache import LayerTiers
 
 __all__ = ["gather_token_rows", "stream_host_chunks", "top_block_rows"]
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kvloft.kernels.checks import address_table
-from kvloft.runtime.kvcache import LayerTiers
+from kvloft.tiers.kvcache import LayerTiers
 
 __all__ = ["LayerRowSpace"]
 

@@ -105,7 +105,7 @@ def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
 
 
 def static_tier_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, evict_batch: int, itemsize: int) -> int:
-    """Bytes of every layer's static tier (runtime/kvcache.py LayerTiers): K and V of
+    """Bytes of every layer's static tier (tiers/kvcache.py LayerTiers): K and V of
     n_sink + n_window + evict_batch rows [H_kv, D] and an int64 position each. 0 for dense."""
     if rcfg.method == "dense":
         return 0

@@ -35,7 +35,7 @@ from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConf
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet
 from kvloft.runtime.attention import TieredAttention
-from kvloft.runtime.kvcache import Evicted, LayerTiers, TieredKVCache
+from kvloft.tiers.kvcache import Evicted, LayerTiers, TieredKVCache
 from kvloft.scheduler.budget import plan_memory, resolve_cache_bytes
 from kvloft.scheduler.cache import RowCache
 from kvloft.scheduler.params import CPU_SEARCH_METHODS, SchedulerParams

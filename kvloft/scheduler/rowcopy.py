@@ -1,6 +1,6 @@
 """Gather whole token rows of a chunked host store into a device buffer, zero-copy.
 
-The host tier keeps K and V token-major in chunks (runtime/chunked.py), one token's
+The host tier keeps K and V token-major in chunks (tiers/chunked.py), one token's
 row [H_kv, D] contiguous. With CUDA, the chunks are pinned, so a GPU kernel can read
 them through unified virtual addressing: only the selected rows cross PCIe, with no CPU
 gather and no staging copy (measured on the H200: ~51 GB/s for 2 KB rows, close to the

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvloft.runtime.kvcache import LayerTiers
+from kvloft.tiers.kvcache import LayerTiers
 from kvloft.scheduler.rowcopy import chunk_table, gather_rows, gather_rows_reference
 
 __all__ = ["Region", "TransferEngine"]

@@ -19,7 +19,7 @@ from kvloft.index.base import make_retriever
 from kvloft.index.exact import ExactRetriever
 from kvloft.index.synthetic import ood_attention_data
 from kvloft.kernels import reference
-from kvloft.runtime.chunked import ChunkedRows
+from kvloft.tiers.chunked import ChunkedRows
 
 TOP_K = 100
 

@@ -18,7 +18,7 @@ from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_mo
 from kvloft.config import ModelConfig
 from kvloft.kernels import REFERENCE
 from kvloft.runtime.attention import TieredAttention
-from kvloft.runtime.kvcache import BlockSummary, TieredKVCache
+from kvloft.tiers.kvcache import BlockSummary, TieredKVCache
 from kvloft.runtime.prefill import top_block_rows
 
 N_DECODE = 20

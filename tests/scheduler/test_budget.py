@@ -30,7 +30,7 @@ def test_static_and_index_follow_the_tiers_and_the_mirror():
     plan = plan_memory(cfg, rcfg, RuntimeConfig(), 500, torch.float32)
     assert plan.n_host == 480
     # static: the tier's own buffers; index: the exact retriever's mirror after build
-    from kvloft.runtime.kvcache import TieredKVCache
+    from kvloft.tiers.kvcache import TieredKVCache
 
     # the plan is a GPU's: its window ring has room for CacheConfig's evict_batch on CUDA
     kv = TieredKVCache(cfg, n_sink=4, n_window=16, host_chunk=4096, device=torch.device("cpu"), dtype=torch.float32,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvloft.config import ModelConfig
-from kvloft.runtime.kvcache import LayerTiers
+from kvloft.tiers.kvcache import LayerTiers
 from kvloft.scheduler.cache import RowCache, token_row_bytes
 from kvloft.scheduler.plan import split_fetch
 from kvloft.scheduler.rowcopy import gather_rows, gather_rows_reference

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kvloft.config import ModelConfig
-from kvloft.runtime.chunked import ChunkedRows
-from kvloft.runtime.kvcache import TieredKVCache
+from kvloft.tiers.chunked import ChunkedRows
+from kvloft.tiers.kvcache import TieredKVCache
 
 
 @pytest.mark.parametrize("n_sink,n_window,chunks", [(5, 33, [1] * 3000), (0, 7, [3, 1, 250, 1, 1, 999, 17] * 40),
@@ -156,7 +156,7 @@ def test_rollback_returns_tiers_to_their_mark(n_sink, n_window, batch, before, a
 
 
 def test_truncate_reads_back_a_spilled_chunk_it_reopens(tmp_path):
-    from kvloft.runtime.chunked import SpillPolicy
+    from kvloft.tiers.chunked import SpillPolicy
 
     rows = ChunkedRows((2,), torch.float32, chunk_rows=4, spill=SpillPolicy(1, lambda i: tmp_path / f"c{i}.bin"))
     data = torch.randn(14, 2)

@@ -28,7 +28,7 @@ Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D
   evicted rows as they leave the window (no host read).
 - disk tier (optional, `disk_dir`): when the host tier would pass the host budget, each
   layer's oldest full host chunks move to memory-mapped files in a per-session directory
-  under `disk_dir` (runtime/chunked.py, SpillPolicy); readers see the same chunk list.
+  under `disk_dir` (tiers/chunked.py, SpillPolicy); readers see the same chunk list.
   The directory is removed when the cache is closed or garbage-collected.
 
 `DenseKV` is the baseline's store: every token on the compute device, contiguous.
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig
-from kvloft.runtime.chunked import ChunkedRows, SpillPolicy
+from kvloft.tiers.chunked import ChunkedRows, SpillPolicy
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
-from kvloft.runtime.chunked import ChunkedRows, SpillPolicy
+from kvloft.tiers.chunked import ChunkedRows, SpillPolicy
 
 CHUNK = 32  # host chunk tokens: small, so a 200-token context makes several chunks
 

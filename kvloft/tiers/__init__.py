@@ -1,0 +1,6 @@
+"""Tiers: where a session's K/V rows live and how many bytes they take.
+
+Floor 2 of the house (../DESIGN.md): below the retrievers and the scheduler, above the kernels.
+`chunked` holds host rows in fixed-size chunks (pinned when CUDA is present, spilled to disk by
+policy); `kvcache` holds one layer's static tier (sinks and the window ring) over a host tier.
+"""
