@@ -47,6 +47,7 @@ from kvloft.cluster.stage import StoreNotOpen
 from kvloft.cluster.store import StageSpec, check_writable
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.runtime.attention import Timers
+from kvloft.runtime.numerics import FiniteWatch
 from kvloft.runtime.session import Session
 
 # Ray returns a result up to 100 KiB inline with the reply (max_direct_call_object_size);
@@ -200,6 +201,14 @@ class PipelineBackend:
     def __init__(self, calls: StageCalls) -> None:
         self.calls = calls
         self.timers = Timers()
+        self.finite = FiniteWatch()  # the session folds each chunk's logits into it
+
+    def mark(self) -> None:
+        return None  # nothing to return to: see rollback
+
+    def rollback(self, mark: None) -> None:
+        """Refused: the stages keep the rows a failed call sent them (the session names reset())."""
+        raise RuntimeError("a pipelined session cannot roll back a failed call (its stages keep the rows)")
 
     def bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
