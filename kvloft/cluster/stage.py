@@ -33,9 +33,9 @@ from kvloft.config import ModelConfig
 from kvloft.index.base import make_retriever
 from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import DenseAttention, TieredAttention
-from kvloft.tiers.kvcache import TieredKVCache
 from kvloft.runtime.model import Block as LayerBlock
 from kvloft.runtime.model import RMSNorm, rope_inv_freq
+from kvloft.tiers.kvcache import TieredKVCache
 
 
 class StoreNotOpen(LookupError):

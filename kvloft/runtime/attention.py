@@ -92,12 +92,12 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import KernelSet, reference
-from kvloft.tiers.chunked import ChunkedRows
-from kvloft.tiers.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
 from kvloft.runtime.model import rope_inv_freq
 from kvloft.runtime.numerics import FiniteWatch
 from kvloft.runtime.prefill import gather_token_rows, stream_host_chunks, top_block_rows
 from kvloft.runtime.rowspace import LayerRowSpace
+from kvloft.tiers.chunked import ChunkedRows
+from kvloft.tiers.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
 
 
 class Timers:

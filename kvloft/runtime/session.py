@@ -26,10 +26,10 @@ from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import DenseAttention, TieredAttention
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import check_on_progress, check_token_ids, generation_stops
-from kvloft.tiers.kvcache import TieredKVCache
 from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
+from kvloft.tiers.kvcache import TieredKVCache
 
 
 class Session:

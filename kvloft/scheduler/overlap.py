@@ -35,12 +35,12 @@ from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConf
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet
 from kvloft.runtime.attention import TieredAttention
-from kvloft.tiers.kvcache import Evicted, LayerTiers, TieredKVCache
 from kvloft.scheduler.budget import plan_memory, resolve_cache_bytes
 from kvloft.scheduler.cache import RowCache
 from kvloft.scheduler.params import CPU_SEARCH_METHODS, SchedulerParams
 from kvloft.scheduler.plan import FetchPiece, StepPlan, split_fetch
 from kvloft.scheduler.streams import TransferEngine, chunk_tables
+from kvloft.tiers.kvcache import Evicted, LayerTiers, TieredKVCache
 
 __all__ = ["ScheduledAttention", "use_scheduler"]
 

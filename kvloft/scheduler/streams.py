@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvloft.tiers.kvcache import LayerTiers
 from kvloft.scheduler.rowcopy import chunk_table, gather_rows, gather_rows_reference
+from kvloft.tiers.kvcache import LayerTiers
 
 __all__ = ["Region", "TransferEngine"]
 

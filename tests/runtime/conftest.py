@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from tokenizer_helpers import LLAMA3_TEMPLATE, train_byte_level_bpe, write_sentencepiece_gguf
 
-QWEN_GGUF = Path.home() / ".cache/kvloft/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+def qwen_gguf_path() -> Path:
+    """Where `make models` leaves the Qwen GGUF (the catalog's cache dir)."""
+    from kvloft.runtime import catalog
+
+    return catalog.cache_dir() / "models" / catalog.CATALOG["qwen2.5-coder-0.5b-instruct"].file
+
 
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the Qwen GGUF carries the `qwen` marker (deselect with -m "not qwen")."""
@@ -29,9 +35,10 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="session")
 def qwen_gguf():
-    if not QWEN_GGUF.is_file():
-        pytest.skip(f"{QWEN_GGUF} is absent")
-    return QWEN_GGUF
+    path = qwen_gguf_path()
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: run `make models`")
+    return path
 
 
 def _reference(path: Path):

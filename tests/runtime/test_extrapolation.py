@@ -25,8 +25,8 @@ from kvloft.index.base import Selection
 from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import REFERENCE
 from kvloft.runtime.attention import TieredAttention, remap_deltas, widen_selection
-from kvloft.tiers.kvcache import TieredKVCache
 from kvloft.runtime.model import rope_inv_freq, rotate
+from kvloft.tiers.kvcache import TieredKVCache
 
 CFG = ModelConfig(
     name="remap",

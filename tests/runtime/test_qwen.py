@@ -3,17 +3,12 @@
 import pytest
 
 import kvloft
-from kvloft.runtime import catalog
 
 pytestmark = pytest.mark.qwen
 
 
 @pytest.fixture(scope="module")
-def qwen_model():
-    entry = catalog.CATALOG["qwen2.5-coder-0.5b-instruct"]
-    path = catalog.cache_dir() / "models" / entry.file
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: run `make models`")
+def qwen_model(qwen_gguf):
     return kvloft.load_model("qwen2.5-0.5b", device="cpu", dtype="float32")
 
 

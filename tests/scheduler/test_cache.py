@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from kvloft.config import ModelConfig
-from kvloft.tiers.kvcache import LayerTiers
 from kvloft.scheduler.cache import RowCache, token_row_bytes
 from kvloft.scheduler.plan import split_fetch
 from kvloft.scheduler.rowcopy import gather_rows, gather_rows_reference
 from kvloft.scheduler.streams import TransferEngine, chunk_tables
+from kvloft.tiers.kvcache import LayerTiers
 
 CFG = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, D 16, 2 layers
 
