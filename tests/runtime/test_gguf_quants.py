@@ -10,7 +10,6 @@ gguf = pytest.importorskip("gguf")
 from kvloft.runtime.gguf_header import read_header
 from kvloft.runtime.gguf_quants import BLOCK_DEQUANT, dequantize
 from kvloft.runtime.gguf_weights import GGUFFile
-from kvloft.runtime.loader import find_smollm2_gguf
 
 
 def _reference(raw: np.ndarray, qtype: str) -> torch.Tensor:
@@ -23,12 +22,8 @@ def _equal(got: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_reader():
-    try:
-        path = find_smollm2_gguf()
-    except ValueError as e:
-        pytest.skip(str(e))
-    return gguf.GGUFReader(str(path))
+def smollm2_reader(smollm2_gguf):
+    return gguf.GGUFReader(str(smollm2_gguf))
 
 
 def test_real_tensors_of_smollm2(smollm2_reader):
@@ -56,8 +51,8 @@ def test_random_blocks(qtype):
     _equal(got, _reference(raw, qtype))
 
 
-def test_header_parser_equals_gguf_reader(smollm2_reader):
-    path = find_smollm2_gguf()
+def test_header_parser_equals_gguf_reader(smollm2_reader, smollm2_gguf):
+    path = smollm2_gguf
     fields, tensors = read_header(path)
     for key, field in smollm2_reader.fields.items():
         if not key.startswith("GGUF."):
@@ -69,9 +64,9 @@ def test_header_parser_equals_gguf_reader(smollm2_reader):
         assert list(ours.shape) == list(reversed(ref.shape.tolist()))
 
 
-def test_stream_names_and_shapes(smollm2_reader):
+def test_stream_names_and_shapes(smollm2_reader, smollm2_gguf):
     """GGUFFile.tensors yields HF names and row-major shapes; the first tensors match gguf's values."""
-    g = GGUFFile(find_smollm2_gguf())
+    g = GGUFFile(smollm2_gguf)
     cfg = g.config("smollm2")
     stream = g.tensors(cfg)
     name, w = next(stream)

@@ -9,7 +9,6 @@ from safetensors.torch import save_file
 
 import kvloft
 from kvloft.runtime.gguf_header import read_header
-from kvloft.runtime.loader import find_smollm2_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -71,12 +70,8 @@ def _tokenizer_json(path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_bytes():
-    try:
-        path = find_smollm2_gguf()
-    except ValueError as e:
-        pytest.skip(str(e))
-    return path, path.read_bytes()
+def smollm2_bytes(smollm2_gguf):
+    return smollm2_gguf, smollm2_gguf.read_bytes()
 
 
 def test_truncated_gguf_names_tensor_and_missing_bytes(tmp_path, smollm2_bytes):
