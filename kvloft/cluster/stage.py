@@ -140,7 +140,7 @@ class StageRunner:
         for i, (k, v, pos) in enumerate(zip(block.k, block.v, block.pos)):
             k, v, pos = k.to(self.device), v.to(self.device), pos.to(self.device)
             if self.tiered:
-                b._append(i, k, v, pos)  # the tiers and, once built, the index: as attend appends
+                b.append_rows(i, k, v, pos)
             else:
                 b.layers[i].append(k, v)
 
@@ -149,7 +149,7 @@ class StageRunner:
             return
         for i in range(self.cfg.n_layers):
             q = self.store.query_sample(i)  # [H_q, M, D]
-            self.backend.sampler.kept[i] = [] if q is None else [q.transpose(0, 1)]
+            self.backend.sampler.replace(i, None if q is None else q.transpose(0, 1))
         self.backend.build_indexes()
 
     def forward(self, net: StageNet, x: Tensor, positions: Tensor, decoding: bool, feed_after: int,

@@ -191,6 +191,12 @@ class QuerySampler:
                 m2 = ps % self.stride == 0
                 self.kept[i], self.pos[i] = [qs[m2]], [ps[m2]]
 
+    def replace(self, layer: int, q: Tensor | None) -> None:
+        """This layer's sample set to q [M, H_q, D] (None: empty), without positions: for a
+        replica rebuilt from recorded samples (exact positions only; extrapolation needs them)."""
+        self.kept[layer] = [] if q is None else [q]
+        self.pos[layer] = []
+
     def sample(self, layer: int) -> Tensor | None:
         """Queries [H_q, M, D] of this layer, or None if none were kept."""
         if not self.kept[layer]:
@@ -402,6 +408,11 @@ class TieredAttention:
         if extrapolate:
             return self._prefill_extrapolate(layer, q, k, v, positions)
         return self._prefill(layer, q, k, v, positions)
+
+    def append_rows(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """k/v [T, H_kv, D] (rotated keys) at positions [T] into the tiers and, once built, the
+        index, as attend() appends them: for a replica replaying recorded rows."""
+        self._append(layer, k, v, positions)
 
     def _append(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
         self.finite.see(k, v)
