@@ -56,10 +56,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.server import protocol as P
 from kvloft.server.auth import SHARED, Keys, scoped_id
+from kvloft.server.batcher import EngineLoop, engine_name
 from kvloft.server.guard import OWNER, Guard, RateLimiter
 from kvloft.server.limits import LimitExceeded, Limits
 from kvloft.server.manager import SessionManager, SessionMismatch, SessionsBusy
-from kvloft.server.batcher import EngineLoop, engine_name
 from kvloft.server.metrics import RequestRecord, ServerMetrics
 from kvloft.server.run import (
     Cancelled,
@@ -306,7 +306,7 @@ async def _serve(job: Job, request: Request, rec: RequestRecord):
 
     try:
         await run.start()
-        done = lambda: st.metrics.request_done(rec)  # noqa: E731
+        done = lambda: st.metrics.request_done(rec)
         if job.progress:  # the stream reports the prompt's feed as it goes
             streaming = True
             return LeasedStream(progress_then_events(run), run, watcher, release, done)

@@ -331,7 +331,7 @@ class EngineLoop:
                 self._inbox.clear()
             try:
                 self._iteration()
-            except Exception as e:  # noqa: BLE001  a bug here must not leave requests waiting forever
+            except Exception as e:
                 log.exception("engine loop iteration failed; ending its sequences")
                 for s in list(self._active):
                     self._end(s, error=e)

@@ -149,7 +149,7 @@ class Run:
         ids = await anyio.to_thread.run_sync(self._prepare)
         aloop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        sink = lambda ev: aloop.call_soon_threadsafe(self._queue.put_nowait, ev)  # noqa: E731
+        sink = lambda ev: aloop.call_soon_threadsafe(self._queue.put_nowait, ev)
         j, s = self.job, self.session
         base_seed = s.runtime.seed if j.seed is None else j.seed
         prior = self.rebuild or s.tokens[: self.prior]
