@@ -253,6 +253,13 @@ class Sequence:
             self._send(tail)
 
 
+def _session_step(session, token: int) -> Tensor | BaseException:
+    try:
+        return session.step(token).float().cpu()
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
 def _search_seconds(session) -> float:
     timers = getattr(session.backend, "timers", None)
     return float(timers.seconds.get("search", 0.0)) if timers is not None else 0.0
@@ -282,6 +289,7 @@ class EngineLoop:
         self._active: list[Sequence] = []
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._own_step: set[type] = set()  # session types the engine refused: Session.step each
 
     # ---- public --------------------------------------------------------------------------------
 
@@ -422,16 +430,30 @@ class EngineLoop:
                 self._end(s, finish=finish)
 
     def _step(self, pairs: list[tuple[Any, int]]) -> list[Tensor | BaseException]:
-        """Each pair's next logits [V] fp32 (CPU), or the error that sequence alone fails with."""
+        """Each pair's next logits [V] fp32 (CPU), or the error that sequence alone fails with.
+        Sessions of a type the engine refused (TypeError: e.g. pipelined sessions, which run
+        their own forward pass) are stepped by themselves."""
+        own = [k for k, (s, _) in enumerate(pairs) if type(s) in self._own_step]
+        out: list[Tensor | BaseException | None] = [None] * len(pairs)
+        for k in own:
+            out[k] = _session_step(*pairs[k])
+        rest = [k for k in range(len(pairs)) if out[k] is None]
+        if rest:
+            for k, r in zip(rest, self._engine_step([pairs[k] for k in rest]), strict=True):
+                out[k] = r
+        return out
+
+    def _engine_step(self, pairs: list[tuple[Any, int]]) -> list[Tensor | BaseException]:
         before = [len(s) for s, _ in pairs]
         try:
             rows = self.engine.step(pairs).float().cpu()  # [B, V]: the step's one host sync
             return [rows[i] for i in range(len(pairs))]
         except Exception as e:  # noqa: BLE001
-            if len(pairs) == 1:
+            if len(pairs) == 1 and not isinstance(e, TypeError):
                 return [e]
-            log.warning("a batched step of %d sequences failed (%s: %s); stepping them one by one",
-                        len(pairs), type(e).__name__, e)
+            if len(pairs) > 1:
+                log.warning("a batched step of %d sequences failed (%s: %s); stepping them one by one",
+                            len(pairs), type(e).__name__, e)
         return [self._step_alone(s, t, n) for (s, t), n in zip(pairs, before, strict=True)]
 
     def _step_alone(self, session, token: int, before: int) -> Tensor | BaseException:
@@ -439,6 +461,10 @@ class EngineLoop:
             return session.last_logits.float().cpu()
         try:
             return self.engine.step([(session, token)]).float().cpu()[0]
+        except TypeError as e:  # the engine does not take this kind of session: it steps by itself
+            log.info("the engine refuses %s sessions (%s); stepping them one by one", type(session).__name__, e)
+            self._own_step.add(type(session))
+            return _session_step(session, token)
         except Exception as e:  # noqa: BLE001
             return e
 

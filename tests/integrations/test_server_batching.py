@@ -295,6 +295,34 @@ def test_a_cancelled_sequence_leaves_and_the_others_finish(chatty):
         assert out[i][0] == direct(chatty, PROMPTS[i], 24)[0] and out[i][2] is None
 
 
+class PlainOnly(Recording):
+    """An engine that, like kvloft.Engine, refuses sessions running their own forward pass."""
+
+    def step(self, pairs):
+        if any(type(s) is not Session for s, _ in pairs):
+            raise TypeError("runs its own forward pass; decode it alone with session.step()")
+        return super().step(pairs)
+
+
+class OwnForward(Session):
+    pass
+
+
+def test_sessions_the_engine_refuses_are_stepped_alone_and_the_rest_batched(chatty):
+    engine = PlainOnly()
+    loop = EngineLoop(chatty, engine=engine)
+    tok = chatty.tokenizer
+    try:
+        kinds = [Session, OwnForward, Session]
+        args = [(k(chatty, RETRIEVAL, RUNTIME), tok.encode(p), 6) for k, p in zip(kinds, PROMPTS, strict=False)]
+        out, _ = _run_loop(loop, args)
+    finally:
+        loop.close()
+    for i in range(3):
+        assert out[i][0] == direct(chatty, PROMPTS[i], 6)[0] and out[i][2] is None
+    assert engine.sizes.count(2) >= 5  # the two plain sessions went on together
+
+
 def test_fallback_engine_refuses_a_session_twice(chatty):
     s = Session(chatty, RETRIEVAL, RUNTIME)
     s.feed("hello")
