@@ -304,11 +304,6 @@ class EngineLoop:
             self._inbox.extend(seqs)
             self._cv.notify()
 
-    def wake(self) -> None:
-        """Make the loop look at cancellations now (e.g. after a client left)."""
-        with self._cv:
-            self._cv.notify()
-
     def close(self, timeout: float = 30.0) -> None:
         """End every sequence (Cancelled) and stop the thread."""
         with self._cv:
