@@ -355,6 +355,8 @@ def test_metrics_count_requests_tokens_and_latencies(chatty, tmp_path):
                                  extra_body={"session_id": f"m{i}"})  # room for one: two spills
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="tiny-chat", prompt="hi", max_tokens=10**6)
+        c.completions.create(model="tiny-chat", prompt="word " * 100, max_tokens=3, temperature=0,
+                             extra_body={"session_id": "m3"})  # a host tier: the retriever searches
         m = _metrics(s)
         import urllib.error
         import urllib.request
@@ -363,14 +365,16 @@ def test_metrics_count_requests_tokens_and_latencies(chatty, tmp_path):
             urllib.request.urlopen(f"{s.url}/metrics", timeout=10)
         assert e.value.code == 401  # behind the API key
     req = m["kvloft_requests"]
-    assert _value(req, "kvloft_requests_total", status="200", endpoint="completions") == 3
+    assert _value(req, "kvloft_requests_total", status="200", endpoint="completions") == 4
     assert _value(req, "kvloft_requests_total", status="400", outcome="refused") == 1
     assert _value(m["kvloft_decode_tokens"], "kvloft_decode_tokens_total") >= 3
     assert _value(m["kvloft_prefill_tokens"], "kvloft_prefill_tokens_total") >= 3 * 4
-    assert _value(m["kvloft_time_to_first_token_seconds"], "kvloft_time_to_first_token_seconds_count") == 3
+    assert _value(m["kvloft_time_to_first_token_seconds"], "kvloft_time_to_first_token_seconds_count") == 4
+    assert _value(m["kvloft_retriever_search_seconds"], "kvloft_retriever_search_seconds_count") == 1
+    assert _value(m["kvloft_retriever_search_seconds"], "kvloft_retriever_search_seconds_sum") > 0
     assert _value(m["kvloft_inter_token_latency_seconds"], "kvloft_inter_token_latency_seconds_count") >= 3
     assert _value(m["kvloft_batch_size"], "kvloft_batch_size_count") >= 3
-    assert _value(m["kvloft_spills"], "kvloft_spills_total") == 2
+    assert _value(m["kvloft_spills"], "kvloft_spills_total") == 3
     assert _value(m["kvloft_tier_bytes"], "kvloft_tier_bytes", tier="gpu") > 0
     assert _value(m["kvloft_tier_bytes"], "kvloft_tier_bytes", tier="disk") > 0  # the two spilled sessions
     assert _value(m["kvloft_running_sequences"], "kvloft_running_sequences") == 0
