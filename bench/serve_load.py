@@ -23,7 +23,7 @@ Prints a table and one JSON line last; writes JSON to bench/results/serve_load_c
 
 --mode batch: continuous batching against one request at a time, on one server. --sessions
 streaming completions, each on its own new session with its own prompt of --prompt-tokens
-tokens, greedy, --max-tokens each (EOS ignored by none: an answer may end early), are sent
+tokens, greedy, --max-tokens each (asked to copy the records: long answers, though EOS may end one early), are sent
 first one at a time, then all at once. Reports tokens/s of both (prompt + answer tokens over
 wall-clock seconds, and answer tokens alone), their ratio, time to first token, and whether
 every concurrent answer equals its sequential one. Target: ratio >= 3 at 16 sessions of 2K
@@ -248,7 +248,7 @@ def batch_prompts(model: str, n: int, tokens: int, seed: int) -> list[str]:
         lines = [f"Record {i}.{j}: the archive of {rng.choice(QUESTIONS)[5:-1].lower()} keeps value "
                  f"{rng.randrange(10**6)}." for j in range(tokens // 8)]  # ~16 tokens a line: enough
         ids = tok.encode("\n".join(lines))[: tokens - 16]
-        out.append(tok.decode(ids) + f"\nQuestion: what does record {i}.3 keep? Answer:")
+        out.append(tok.decode(ids) + "\nCopy every record above, one per line, with its value:\n")  # a long answer
     return out
 
 

@@ -158,6 +158,8 @@ def create_app(model, config: ServerConfig | None = None, manager: SessionManage
     draining = threading.Event()
     loop = EngineLoop(model, engine=engine, max_batch=cfg.max_batch, step_tokens=cfg.step_tokens, draining=draining)
     loop.metrics = metrics = ServerMetrics(manager, engine_name(loop.engine))
+    log.info("engine loop: %s engine, max_batch=%d, step_tokens=%d", engine_name(loop.engine), cfg.max_batch,
+             cfg.step_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
