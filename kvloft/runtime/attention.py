@@ -78,10 +78,7 @@ tokens: RoPE's decay favours near haystack; position-free, most of them in upper
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import chain
 from typing import Any
 
@@ -92,171 +89,19 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import KernelSet, reference
+from kvloft.runtime.dense import DenseAttention, Timers
 from kvloft.runtime.model import rope_inv_freq
 from kvloft.runtime.numerics import FiniteWatch
+from kvloft.runtime.positions import remap_deltas, widen_selection
 from kvloft.runtime.prefill import gather_token_rows, stream_host_chunks, top_block_rows
+from kvloft.runtime.queries import QuerySampler
 from kvloft.runtime.rowspace import LayerRowSpace
 from kvloft.tiers.chunked import ChunkedRows
-from kvloft.tiers.kvcache import BlockSummary, DenseKV, LayerTiers, TieredKVCache
+from kvloft.tiers.kvcache import BlockSummary, LayerTiers, TieredKVCache
+
+__all__ = ["DenseAttention", "QuerySampler", "TieredAttention", "Timers", "remap_deltas", "widen_selection"]
 
 
-class Timers:
-    """Wall-clock seconds per category.
-
-    CPU ops are synchronous. With `sync` (CUDA), each region synchronizes the device on
-    entry and exit so the breakdown is exact; that serializes work, so use it for
-    breakdowns (RuntimeConfig.profile), not for end-to-end latency.
-    """
-
-    def __init__(self, sync: bool = False) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.sync = sync
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.seconds[name] += time.perf_counter() - t0
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 6) for k, v in self.seconds.items()}
-
-
-class DenseAttention:
-    def __init__(self, cfg: ModelConfig, ops: KernelSet, device: torch.device, dtype: torch.dtype,
-                 profile: bool = False) -> None:
-        self.layers = [DenseKV(cfg, device, dtype) for _ in range(cfg.n_layers)]
-        self.ops = ops
-        self.scale = cfg.head_dim**-0.5
-        self.timers = Timers(sync=profile and device.type == "cuda")
-        self.finite = FiniteWatch()  # keys and values appended while on (Session: prefill)
-
-    def mark(self) -> int:
-        """What rollback() needs to forget the tokens appended after now."""
-        return self.n_tokens
-
-    def rollback(self, mark: int) -> None:
-        for store in self.layers:
-            store.truncate(mark)
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        store = self.layers[layer]
-        self.finite.see(k, v)
-        store.append(k, v)
-        kk, vv = store.kv()
-        with self.timers("attention"):
-            if q.shape[0] == 1:  # a decode token sees every key: the split-K decode kernel
-                out, _ = self.ops.decode_attend(q[0], kk, vv, scale=self.scale)
-                return out[None]
-            out, _ = self.ops.attend(q, kk, vv, scale=self.scale, causal=True)
-        return out
-
-    @property
-    def n_tokens(self) -> int:
-        return self.layers[0].n
-
-    def bytes(self) -> dict[str, int]:
-        return {"static": sum(s.nbytes() for s in self.layers), "host": 0}
-
-
-class QuerySampler:
-    """Keeps a strided sample of prefill queries per layer, at most `cap` tokens.
-
-    Every `stride`-th token is kept; when the sample passes `cap`, every other kept
-    token is dropped and the stride doubles, so the sample stays uniform over the prompt.
-    """
-
-    def __init__(self, n_layers: int, cap: int) -> None:
-        self.cap = cap
-        self.stride = 1
-        self.kept: list[list[Tensor]] = [[] for _ in range(n_layers)]
-        self.pos: list[list[Tensor]] = [[] for _ in range(n_layers)]
-
-    def observe(self, layer: int, q: Tensor, positions: Tensor) -> None:
-        if self.cap == 0:
-            return
-        m = positions % self.stride == 0
-        self.kept[layer].append(q[m].to("cpu"))
-        self.pos[layer].append(positions[m].to("cpu"))
-        if sum(len(p) for p in self.pos[layer]) > self.cap and layer == len(self.kept) - 1:
-            self.stride *= 2
-            for i in range(len(self.kept)):
-                qs, ps = torch.cat(self.kept[i]), torch.cat(self.pos[i])
-                m2 = ps % self.stride == 0
-                self.kept[i], self.pos[i] = [qs[m2]], [ps[m2]]
-
-    def replace(self, layer: int, q: Tensor | None) -> None:
-        """This layer's sample set to q [M, H_q, D] (None: empty), without positions: for a
-        replica rebuilt from recorded samples (exact positions only; extrapolation needs them)."""
-        self.kept[layer] = [] if q is None else [q]
-        self.pos[layer] = []
-
-    def sample(self, layer: int) -> Tensor | None:
-        """Queries [H_q, M, D] of this layer, or None if none were kept."""
-        if not self.kept[layer]:
-            return None
-        return torch.cat(self.kept[layer]).transpose(0, 1).contiguous()
-
-    def sample_positions(self, layer: int) -> Tensor | None:
-        """Positions [M] of sample(layer)'s queries, or None."""
-        return torch.cat(self.pos[layer]) if self.pos[layer] else None
-
-    def clear(self) -> None:
-        for lst in (*self.kept, *self.pos):
-            lst.clear()
-
-    def mark(self) -> tuple[int, list[list[Tensor]], list[list[Tensor]]]:
-        """The sample now (lists of the same tensors: observe() never changes one in place)."""
-        return self.stride, [list(x) for x in self.kept], [list(x) for x in self.pos]
-
-    def rollback(self, mark: tuple[int, list[list[Tensor]], list[list[Tensor]]]) -> None:
-        self.stride, self.kept, self.pos = mark[0], [list(x) for x in mark[1]], [list(x) for x in mark[2]]
-
-
-def remap_deltas(window_start: Tensor, sink_pos: Tensor, ret_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotation deltas of the extrapolation mode (the mapping in the module docstring).
-
-    window_start: 0-dim int64, w0, the true position of the oldest window key.
-    sink_pos: [n_s] int64 true positions of the sink keys, in slot (= position) order.
-    ret_pos: [H_kv, k] (per KV head) or [k] (shared) int64 true positions of the retrieved
-        keys in any order, -1 = padding.
-    Returns (sink_delta [H_kv, n_s] or [n_s], ret_delta shaped like ret_pos; 0 for padding),
-    new_pos - true_pos, on ret_pos's device.
-    """
-    shared = ret_pos.dim() == 1
-    rp = ret_pos[None] if shared else ret_pos  # [H, k]
-    valid = rp >= 0
-    k = valid.sum(-1, keepdim=True)  # [H, 1] keys kept per head
-    order_key = torch.where(valid, rp, torch.iinfo(torch.int64).max)
-    rank = order_key.argsort(dim=-1, stable=True).argsort(dim=-1)  # valid keys first, oldest first
-    w0 = window_start.to(rp.device)
-    ret_delta = torch.where(valid, w0 - k + rank - rp, 0)
-    n_s = sink_pos.shape[0]
-    slot = torch.arange(n_s, device=rp.device)
-    sink_delta = (w0 - k - n_s + slot) - sink_pos.to(rp.device)[None]  # [H, n_s]
-    return (sink_delta[0], ret_delta[0]) if shared else (sink_delta, ret_delta)
-
-
-def widen_selection(ids: Tensor, radius: int, n_host: int) -> Tensor:
-    """Selected host rows with their neighbours (extrapolation mode, RetrievalConfig.neighbor_radius).
-
-    ids: [H_kv, m] or [m] int64 host rows, -1 = padding. Returns [H_kv, m * (2 * radius + 1)]
-    (or [m * (2 * radius + 1)]): every row within `radius` of a selected row, each row once
-    per head, ascending, -1 for padding, duplicates and rows outside [0, n_host).
-    """
-    off = torch.arange(-radius, radius + 1, device=ids.device)
-    cand = ids[..., None] + off  # [..., m, 2r+1]
-    ok = (ids[..., None] >= 0) & (cand >= 0) & (cand < n_host)
-    rows = torch.where(ok, cand, -1).flatten(-2).sort(dim=-1).values  # [..., m * (2r+1)]
-    dup = torch.zeros_like(rows, dtype=torch.bool)
-    dup[..., 1:] = rows[..., 1:] == rows[..., :-1]
-    return rows.masked_fill(dup, -1)
 
 
 class TieredAttention:
