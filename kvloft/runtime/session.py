@@ -73,7 +73,7 @@ class Session:
                                evict_batch=self.cache_cfg.resolved_evict_batch(m.device))
             retriever = make_retriever(self.retrieval, cfg, m.device)
             if self.runtime.scheduler == "overlap":
-                from kvloft.scheduler.overlap import ScheduledAttention
+                from kvloft.runtime.scheduled import ScheduledAttention
 
                 self.backend = ScheduledAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device,
                                                   self.runtime.profile, runtime=self.runtime,
