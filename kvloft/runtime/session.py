@@ -478,6 +478,9 @@ class Session:
     def load(cls, path, model: Model, runtime: RuntimeConfig | None = None) -> Session:
         """A session saved with save(), for the same model; ValueError if the save is corrupted or
         mismatched (see kvloft.runtime.persist)."""
-        from kvloft.runtime.persist import load_session
+        from kvloft.runtime.persist import read_save, restore_session
 
-        return load_session(path, model, runtime=runtime)
+        saved = read_save(path, model)
+        session = cls(model, saved.retrieval, runtime or saved.runtime, saved.cache)
+        restore_session(session, saved)
+        return session
