@@ -16,6 +16,7 @@ from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.loader import Model
 from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
+from kvloft.tiers.kvcache import TieredKVCache
 
 __all__ = ["SessionLimits"]
 
@@ -39,7 +40,7 @@ class SessionLimits:
             need = backend.cache.host_bytes_after(n_new)  # with a disk tier: at most the budget
             if need > budget:
                 raise ValueError(self.host_refusal(n_tokens + n_new, need, budget))
-            self.check_disk_space(backend, n_tokens + n_new, n_new)
+            self.check_disk_space(backend.cache, n_tokens + n_new, n_new)
 
     def host_refusal(self, n_total: int, need: int, budget: int) -> str:
         """Why the host tier would pass its budget, with the options that size it."""
@@ -56,9 +57,9 @@ class SessionLimits:
             "set CacheConfig.disk_dir to spill older chunks to disk"
         )
 
-    def check_disk_space(self, backend: TieredAttention, n_total: int, n_new: int) -> None:
-        """Refuse before prefill if the spilled chunks would not fit on disk_dir's file system."""
-        cache = backend.cache
+    def check_disk_space(self, cache: TieredKVCache, n_total: int, n_new: int) -> None:
+        """Refuse before prefill if the spilled chunks of n_new more tokens (n_total in all)
+        would not fit on disk_dir's file system."""
         grow = cache.disk_bytes_after(n_new) - cache.bytes()["disk"]
         if grow <= 0:
             return
