@@ -42,7 +42,7 @@ from typing import Any
 import anyio
 
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig, parse_bytes
-from kvloft.runtime.persist import load_session, save_session
+from kvloft.runtime.persist import save_session
 from kvloft.runtime.session import Session
 from kvloft.server.limits import Limits
 from kvloft.server.memory import trim
@@ -240,7 +240,7 @@ class SessionManager:
         """Runs in a worker thread: load a spilled session, or create a new one."""
         if lease.spill is None:
             return Session(self.model, lease.retrieval, self.runtime, self.cache)
-        s = load_session(lease.spill, self.model, runtime=self.runtime)
+        s = Session.load(lease.spill, self.model, runtime=self.runtime)
         shutil.rmtree(lease.spill, ignore_errors=True)
         lease.spill, lease.spilled_bytes, lease.spill_size = None, {}, 0
         self.restores += 1
