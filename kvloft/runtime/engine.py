@@ -14,6 +14,10 @@ Each session keeps its own tiers, retriever and length. A step is planned on the
                x = block.post(x, o) for all B rows at once
     logits = head(x) [B, V]
 
+That is Transformer.forward over B tokens with RowAttention as its backend. On CUDA the
+dense parts between attention calls replay as CUDA graphs (runtime/graphs.py, DecodeGraphs
+with batch rows; Engine's `graphs`), the batch padded to the next power of two.
+
 Afterwards each session is as if session.step(token) had run on it alone: tokens, last
 logits, timing counters (decode_s gets the whole batched step: the latency it saw). The
 batched projections round differently from one-row ones (another GEMM blocking), so logits
@@ -35,15 +39,17 @@ import torch
 from torch import Tensor
 
 from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import generation_stops
 from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
 from kvloft.runtime.step_plan import StepPlan, plan_step
 
-__all__ = ["MAX_BATCH_LIMIT", "Engine"]
+__all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
 
 MAX_BATCH_LIMIT = 4096  # max_batch above this is refused (per-step CPU plan, [B, V] logits)
+GRAPH_MODES = ("auto", "off", "segments")
 
 
 def _is_int(x: Any) -> bool:
@@ -59,16 +65,53 @@ def _token(t: Any) -> int:
     return t
 
 
-class Engine:
-    """Decodes many sessions of `model` together, up to `max_batch` per step."""
+class RowAttention:
+    """The attention backend of a batched step: row b of q, k, v goes through backends[b], its
+    session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros."""
 
-    def __init__(self, model: Model, max_batch: int = 32) -> None:
+    def __init__(self, backends: list[Any], order: Tensor) -> None:
+        self.backends = backends
+        self.order = order  # [B] the pair each row came from, for error notes
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q [B', H_q, D], k/v [B', H_kv, D] (rotated keys), positions [B'] -> out [B', H_q, D]
+        (B' >= B rows; each backend gets its row as a one-token decode step)."""
+        n = len(self.backends)
+        o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
+        for b, be in enumerate(self.backends):
+            try:
+                o[b : b + 1] = be.attend(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
+            except Exception as e:
+                e.add_note(f"in row {b} of the batched step (pair {int(self.order[b])}, layer {layer}, "
+                           f"position {int(positions[b])})")
+                raise
+        return o
+
+
+class Engine:
+    """Decodes many sessions of `model` together, up to `max_batch` per step.
+
+    graphs: "auto" replays the step's dense parts (embedding, projections, MLP, head) as CUDA
+    graphs on a CUDA model, one set per padded batch size (runtime/graphs.py; attention runs
+    eagerly between them, per row), and runs eagerly elsewhere; "off" runs eagerly everywhere;
+    "segments" runs the graphed path's segments eagerly (how it is tested without CUDA).
+    """
+
+    def __init__(self, model: Model, max_batch: int = 32, graphs: str = "auto") -> None:
         if not isinstance(model, Model):
             raise TypeError(f"Engine needs a model from kvloft.load_model(...), got {type(model).__name__}")
         if not _is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
             raise ValueError(f"max_batch must be an int in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
         self.model = model
         self.max_batch = max_batch
+        self.graphs = graphs
+        self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
+
+    @property
+    def _use_graphs(self) -> bool:
+        return self.graphs == "segments" or (self.graphs == "auto" and self.model.device.type == "cuda")
 
     # ---- validation (before anything changes) ----------------------------------------------
 
@@ -148,30 +191,32 @@ class Engine:
             s.tokens.append(int(plan.tokens[b]))
         return out
 
-    @torch.inference_mode()
     def _forward(self, plan: StepPlan, rows: list[Session]) -> Tensor:
         """The model over plan.tokens [B] at plan.positions [B], each row attending through its
         session's backend -> logits [B, V] fp32 (row b = plan row b)."""
-        net, dev = self.model.net, self.model.device
         backends = [s.backend for s in rows]
         for be in backends:
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
-        pos = plan.positions.to(dev)  # [B]
-        x = net.embed_tokens(plan.tokens.to(dev))  # [B, hidden]
-        cos, sin = net.rope(pos)  # [B, D]
-        for i, block in enumerate(net.layers):
-            q, k, v = block.pre(x, cos, sin)  # [B, H_q, D], [B, H_kv, D] x2
-            o = torch.empty_like(q)
-            for b, be in enumerate(backends):
-                try:
-                    o[b : b + 1] = be.attend(i, q[b : b + 1], k[b : b + 1], v[b : b + 1], pos[b : b + 1])
-                except Exception as e:
-                    e.add_note(f"in row {b} of the batched step (pair {int(plan.order[b])}, layer {i}, "
-                               f"position {int(plan.positions[b])})")
-                    raise
-            x = block.post(x, o)
-        return net.head(x)
+        dev, n = self.model.device, plan.batch
+        attention = RowAttention(backends, plan.order)
+        if not self._use_graphs:
+            return self.model.net(plan.tokens.to(dev), plan.positions.to(dev), attention)
+        graphs = self._graphs_for(n)
+        ids = torch.zeros(graphs.batch, dtype=torch.long)  # rows past B: padding, token 0 at 0
+        pos = torch.zeros(graphs.batch, dtype=torch.long)
+        ids[:n], pos[:n] = plan.tokens, plan.positions
+        return graphs.step(ids.to(dev), pos.to(dev), attention)[:n]
+
+    def _graphs_for(self, n: int) -> DecodeGraphs:
+        """The step's segments for n rows, padded to the next power of two (at most max_batch),
+        so that at most log2(max_batch) + 1 sets of graphs are ever captured."""
+        bucket = min(1 << (n - 1).bit_length(), self.max_batch)
+        graphs = self._graphs.get(bucket)
+        if graphs is None:
+            capture = self.graphs == "auto" and self.model.device.type == "cuda"
+            graphs = self._graphs[bucket] = DecodeGraphs(self.model.net, capture=capture, batch=bucket)
+        return graphs
 
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
         """NonFiniteError naming every row whose logits hold NaN/inf (one host sync)."""

@@ -42,9 +42,18 @@ def _session(model, method, n, seed, evict_batch=0):
     return s
 
 
-def _twins(model, specs):
-    """Two identical sets of fed sessions, one per (method, prompt length) in specs."""
-    return [[_session(model, m, n, seed) for seed, (m, n) in enumerate(specs)] for _ in range(2)]
+def _twins(model, specs, tmp_path):
+    """Two identical sets of fed sessions, one per (method, prompt length) in specs: each fed
+    once and its twin restored from a save (kvloft.runtime.persist), which is cheaper than a
+    second prefill and holds the same tiers, index state and counters."""
+    first, second = [], []
+    for seed, (method, n) in enumerate(specs):
+        s = _session(model, method, n, seed)
+        s.save(tmp_path / f"twin{seed}")
+        first.append(s)
+        second.append(Session.load(tmp_path / f"twin{seed}", model, runtime=RUNTIME))
+    assert [_state(s) for s in first] == [_state(s) for s in second]
+    return first, second
 
 
 def _state(s: Session):
@@ -76,8 +85,8 @@ def _greedy_alone(s: Session, n: int) -> list[int]:
     [("dense", 300), ("exact", 700), ("hip", 1100)],
     [("tokenselect", 300), ("exact", 700), ("dense", 1100)],
 ], ids=["dense-exact-hip", "tokenselect-exact-dense"])
-def test_batched_decode_equals_each_session_alone(tiny, specs):
-    alone, batched = _twins(tiny, specs)
+def test_batched_decode_equals_each_session_alone(tiny, specs, tmp_path):
+    alone, batched = _twins(tiny, specs, tmp_path)
     assert all(s.stats()["tier_tokens"]["host"] > 200 for s in batched if s.retrieval.method != "dense")
     want = [_greedy_alone(s, 8) for s in alone]
     got = Engine(tiny).generate(batched, max_new_tokens=8, stop_at_eos=False)
@@ -95,9 +104,9 @@ def test_batched_decode_equals_each_session_alone(tiny, specs):
         assert _state(b) == _state(a)
 
 
-def test_sessions_join_and_leave_between_steps(tiny):
+def test_sessions_join_and_leave_between_steps(tiny, tmp_path):
     specs = [("exact", 200), ("hip", 260), ("dense", 150)]
-    alone, batched = _twins(tiny, specs)
+    alone, batched = _twins(tiny, specs, tmp_path)
     engine = Engine(tiny, max_batch=3)
     members = {0: range(5), 1: range(9), 2: range(3, 9)}  # session 2 joins at 3, 0 leaves at 5
     fed = [[] for _ in specs]
@@ -126,9 +135,9 @@ def _nan_row(model, token):
             w[token] = old
 
 
-def test_a_non_finite_row_rolls_back_every_session(tiny):
+def test_a_non_finite_row_rolls_back_every_session(tiny, tmp_path):
     specs = [("dense", 120), ("exact", 150), ("hip", 180)]
-    clean, sessions = _twins(tiny, specs)
+    clean, sessions = _twins(tiny, specs, tmp_path)
     engine = Engine(tiny)
     for step in range(3):  # some decode state first (rollback marks taken mid-decode)
         engine.step([(s, 20 + step) for s in sessions])
@@ -147,9 +156,9 @@ def test_a_non_finite_row_rolls_back_every_session(tiny):
         assert _state(b) == _state(a)
 
 
-def test_an_error_in_one_rows_attention_rolls_back_all(tiny, monkeypatch):
+def test_an_error_in_one_rows_attention_rolls_back_all(tiny, monkeypatch, tmp_path):
     specs = [("exact", 150), ("hip", 180)]
-    clean, sessions = _twins(tiny, specs)
+    clean, sessions = _twins(tiny, specs, tmp_path)
     before = [_state(s) for s in sessions]
     real = sessions[1].backend.attend
 
@@ -167,8 +176,8 @@ def test_an_error_in_one_rows_attention_rolls_back_all(tiny, monkeypatch):
     assert Engine(tiny).generate(sessions, 4, stop_at_eos=False) == [_greedy_alone(s, 4) for s in clean]
 
 
-def test_generate_stops_a_session_at_eos_and_goes_on_with_the_others(tiny, monkeypatch):
-    alone, batched = _twins(tiny, [("exact", 150), ("dense", 120)])
+def test_generate_stops_a_session_at_eos_and_goes_on_with_the_others(tiny, monkeypatch, tmp_path):
+    alone, batched = _twins(tiny, [("exact", 150), ("dense", 120)], tmp_path)
     first = _greedy_alone(alone[0], 1)[0]  # session 0's first greedy token, declared an EOS
     monkeypatch.setattr(tiny, "config", dataclasses.replace(tiny.config, eos_token_ids=(first,)))
     got = Engine(tiny).generate(batched, max_new_tokens=5)
@@ -260,3 +269,44 @@ def test_refusals_leave_every_session_as_it_was(tiny):
         Engine(tiny, max_batch=0)
     with pytest.raises(TypeError, match="load_model"):
         Engine("tiny")
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_alone(smollm2_gguf, tmp_path):
+    model = load_model("smollm2", device="cpu")
+    text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step. "
+    rcfgs = {"dense": RetrievalConfig(method="dense"),
+             "exact": RetrievalConfig(method="exact", budget=32, n_sink=4, n_window=32),
+             "hip": RetrievalConfig(method="hip", budget=32, n_sink=4, n_window=32, options=HIP)}
+    alone, batched = [], []
+    for reps, method in ((2, "dense"), (4, "exact"), (6, "hip")):
+        s = Session(model, rcfgs[method], RUNTIME, CacheConfig(host_chunk_tokens=64))
+        s.feed(text * reps + "Repeat the first sentence:")
+        s.save(tmp_path / method)  # its twin restored, not fed again
+        alone.append(s)
+        batched.append(Session.load(tmp_path / method, model, runtime=RUNTIME))
+    want = [_greedy_alone(s, 4) for s in alone]
+    assert Engine(model).generate(batched, max_new_tokens=4, stop_at_eos=False) == want
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        (tok_a, n_a, st_a, tiers_a), (tok_b, n_b, st_b, tiers_b) = _state(a), _state(b)
+        assert (tok_b, n_b, st_b.get("tier_tokens"), tiers_b) == (tok_a, n_a, st_a.get("tier_tokens"), tiers_a)
+
+
+def test_graphed_segments_pad_the_batch_and_equal_the_eager_step(tiny, tmp_path):
+    """graphs="segments": the CUDA-graph path's segments run eagerly (as without CUDA), the batch
+    padded to a power of two (at most max_batch); sessions equal their own steps alone."""
+    specs = [("dense", 120), ("exact", 150), ("hip", 180)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    engine = Engine(tiny, max_batch=6, graphs="segments")
+    assert engine.generate(batched, 5, stop_at_eos=False) == [_greedy_alone(s, 5) for s in alone]
+    assert sorted(engine._graphs) == [4]  # 3 rows padded to 4
+    logits = engine.step([(batched[0], 3), (batched[2], 4)])  # 2 rows: a batch of 2, no padding
+    assert sorted(engine._graphs) == [2, 4] and logits.shape == (2, tiny.config.vocab_size)
+    for row, (b, t) in enumerate(((0, 3), (2, 4))):
+        assert _rel(logits[row], alone[b].step(t)) < LOGIT_TOL
+    for a, b in zip(alone, batched, strict=True):
+        assert _state(b) == _state(a)
+    assert Engine(tiny, max_batch=6, graphs="segments")._graphs_for(5).batch == 6  # capped at max_batch
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        Engine(tiny, graphs="on")
