@@ -144,7 +144,7 @@ class Engine:
         if not isinstance(pairs, Sequence) or isinstance(pairs, (str, bytes)):
             raise TypeError(f"step takes a list of (session, token) pairs, got {type(pairs).__name__}")
         for b, p in enumerate(pairs):
-            if not isinstance(p, tuple) or len(p) != 2:
+            if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise TypeError(f"step: item {b} must be a (session, token) pair, got {p!r}")
         self._check_sessions([s for s, _ in pairs], "step")
         out = []

@@ -310,3 +310,20 @@ def test_graphed_segments_pad_the_batch_and_equal_the_eager_step(tiny, tmp_path)
     assert Engine(tiny, max_batch=6, graphs="segments")._graphs_for(5).batch == 6  # capped at max_batch
     with pytest.raises(ValueError, match="graphs must be one of"):
         Engine(tiny, graphs="on")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["auto", "off"])
+def test_cuda_batched_decode_equals_each_session_alone(tmp_path, graphs):
+    """On CUDA (Triton kernels, pinned host tier, batched evictions; sessions alone replay their
+    own CUDA graphs): the batched step, graphed or eager, equals each session's own steps."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    specs = [("dense", 300), ("exact", 700), ("hip", 1100)]
+    alone, batched = _twins(model, specs, tmp_path)
+    engine = Engine(model, max_batch=4, graphs=graphs)
+    want = [_greedy_alone(s, 80) for s in alone]  # past evict_batch (64 on CUDA): rows move down
+    assert engine.generate(batched, 80, stop_at_eos=False) == want
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+    assert bool(engine._graphs) == (graphs == "auto")
