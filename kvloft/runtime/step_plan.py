@@ -49,7 +49,9 @@ class StepPlan:
     searches:  [B] bool, the sequence's retriever selects host rows this step (a tiered
                session with host rows and a budget > 0).
     max_rows:  [B] int64, the most host rows per KV head its attention reads this step:
-               min(budget, n_host) where it searches, else 0.
+               min(budget, n_host) where it searches, else 0; n_host where a layer may
+               refresh a retriever whose refresh selects every host row (Recycled's full
+               steps: `refresh_reads_all`).
     refresh:   [L][B] per layer and row: the retriever stages the step recomputes, one
                bool per stage (a tuple), or None where the retriever declares no refresh
                schedule (`refresh_schedule`) or the sequence does not search.
@@ -106,12 +108,16 @@ def _row(session: Session, n_layers: int) -> tuple[int, int, int, bool, int, lis
     n_host = t0.n_host + down
     budget = backend.rcfg.budget
     searches = n_host > 0 and budget > 0
-    schedule = getattr(backend.retriever, "refresh_schedule", None)
+    retriever = backend.retriever
+    schedule = getattr(retriever, "refresh_schedule", None)
     refresh: list[tuple[bool, ...] | None] = [None] * n_layers
     if searches and schedule is not None:
         b = _search_budget(backend, n_host)
         refresh = [schedule(layer, b, n_host) for layer in range(n_layers)]
-    return n_static, n_host, down, searches, min(budget, n_host) if searches else 0, refresh
+    max_rows = min(budget, n_host) if searches else 0
+    if searches and getattr(retriever, "refresh_reads_all", False) and any(r is None or any(r) for r in refresh):
+        max_rows = n_host  # a layer may run a full step (or its schedule depends on the query)
+    return n_static, n_host, down, searches, max_rows, refresh
 
 
 def plan_step(pairs: Sequence[tuple[Session, int]]) -> StepPlan:

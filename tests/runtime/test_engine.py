@@ -22,6 +22,7 @@ CONFIGS = {
     "exact": RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=32),
     "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options=HIP),
     "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32),
+    "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 3}),
 }
 LOGIT_TOL = 1e-5  # relative (norm) error of a batched step's logits against the same step alone
 POISON = 7  # a token id whose embedding row is made NaN
@@ -199,18 +200,19 @@ def test_decode_append_follows_the_ring():
 
 def test_plan_matches_what_the_tiers_do(tiny):
     """Scripted sequences through the sink filling, the ring wrapping (evict_batch 0) and batched
-    evictions (evict_batch 5): the plan's rows per tier, evictions and HiP's stage refreshes
-    equal the tiers' and the retriever's after each step; budgets held."""
+    evictions (evict_batch 5): the plan's rows per tier, evictions, HiP's stage refreshes and
+    Recycled's full steps equal the tiers' and the retrievers' after each step; budgets held."""
     sessions = [_session(tiny, "exact", 2, 0), _session(tiny, "exact", 40, 1, evict_batch=5),
-                _session(tiny, "hip", 120, 2), _session(tiny, "dense", 30, 3)]
+                _session(tiny, "hip", 120, 2), _session(tiny, "dense", 30, 3), _session(tiny, "recycled", 60, 4)]
     engine, hkv, n_layers = Engine(tiny), tiny.config.n_kv_heads, tiny.config.n_layers
-    seen = {"evict": set(), "refresh": set()}
+    seen = {"evict": set(), "refresh": set(), "full": set()}
     for step in range(40):
         pairs = [(s, (step * 7 + b) % 512) for b, s in enumerate(sessions)]
         plan = engine.plan(pairs)
         assert plan.tokens.tolist() == [t for _, t in pairs]
         assert plan.positions.tolist() == [len(s) for s in sessions]
-        selected = [s.backend.retriever.stats()["selected"] if b < 3 else 0 for b, s in enumerate(sessions)]
+        selected = [s.backend.retriever.stats()["selected"] if b != 3 else 0 for b, s in enumerate(sessions)]
+        full_steps = sessions[4].backend.retriever.full_steps
         engine.step(pairs)
         for b, s in enumerate(sessions):
             if b == 3:  # dense: every token on the device
@@ -222,7 +224,8 @@ def test_plan_matches_what_the_tiers_do(tiny):
                 assert (t.n_static, t.n_host) == (plan.n_static[b], plan.n_host[b]), (step, b, layer)
             cap = t.n_sink + t.n_window + t.evict_batch
             assert plan.n_static[b] <= cap and plan.n_static[b] + plan.n_host[b] == len(s)
-            assert plan.max_rows[b] <= s.retrieval.budget
+            full = b == 4 and any(plan.refresh[layer][b] == (True,) for layer in range(n_layers))
+            assert plan.max_rows[b] == (plan.n_host[b] if full else min(s.retrieval.budget, plan.n_host[b]))
             got = s.backend.retriever.stats()["selected"] - selected[b]
             assert got <= n_layers * hkv * int(plan.max_rows[b])
             seen["evict"].add(int(plan.evicts[b]))
@@ -230,10 +233,15 @@ def test_plan_matches_what_the_tiers_do(tiny):
                 for layer in range(n_layers):
                     assert plan.refresh[layer][b] == s.backend.retriever.state[layer].refreshed, (step, layer)
                     seen["refresh"].add(plan.refresh[layer][b])
+            elif b == 4:  # recycled, stride 3: the plan's full steps are the ones it ran
+                fulls = [plan.refresh[layer][b] for layer in range(n_layers)]
+                assert sum(f == (True,) for f in fulls) == s.backend.retriever.full_steps - full_steps
+                assert all(f in ((True,), (False,)) for f in fulls)
+                seen["full"].add(fulls[0])
             else:
                 assert all(plan.refresh[layer][b] is None for layer in range(n_layers))
     assert seen["evict"] == {0, 1, 5}  # every kind of step was planned and checked
-    assert len(seen["refresh"]) >= 2
+    assert len(seen["refresh"]) >= 2 and seen["full"] == {(True,), (False,)}
 
 
 # ---- refusals (before anything changes) -------------------------------------------------
