@@ -27,6 +27,8 @@ A step is atomic over the batch: every session is marked first (Session._mark) a
 step raises (a NonFiniteError in some row's logits, any error in a row's attention), every
 session of the batch is rolled back and stays usable; the error names the failing rows.
 Sessions join and leave a batch by being in the list or not: nothing is kept between steps.
+The engine is the sessions' batched decode path: it uses their own checks, marks, rollback
+and counters (Session's underscore members, as Session.step does), so both paths stay one.
 """
 
 from __future__ import annotations
