@@ -23,6 +23,9 @@ CONFIGS = {
     "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options=HIP),
     "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32),
     "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 3}),
+    # extrapolate mode: select() is asked for budget // (2 * neighbor_radius + 1) keys
+    "hip-extrapolate": RetrievalConfig(method="hip", budget=40, n_sink=4, n_window=32, position_mode="extrapolate",
+                                       neighbor_radius=1, options=HIP),
 }
 LOGIT_TOL = 1e-5  # relative (norm) error of a batched step's logits against the same step alone
 POISON = 7  # a token id whose embedding row is made NaN
@@ -215,7 +218,8 @@ def test_plan_matches_what_the_tiers_do(tiny):
     evictions (evict_batch 5): the plan's rows per tier, evictions, HiP's stage refreshes and
     Recycled's full steps equal the tiers' and the retrievers' after each step; budgets held."""
     sessions = [_session(tiny, "exact", 2, 0), _session(tiny, "exact", 40, 1, evict_batch=5),
-                _session(tiny, "hip", 120, 2), _session(tiny, "dense", 30, 3), _session(tiny, "recycled", 60, 4)]
+                _session(tiny, "hip", 120, 2), _session(tiny, "dense", 30, 3), _session(tiny, "recycled", 60, 4),
+                _session(tiny, "hip-extrapolate", 150, 5)]
     engine, hkv, n_layers = Engine(tiny), tiny.config.n_kv_heads, tiny.config.n_layers
     seen = {"evict": set(), "refresh": set(), "full": set()}
     for step in range(40):
@@ -241,7 +245,7 @@ def test_plan_matches_what_the_tiers_do(tiny):
             got = s.backend.retriever.stats()["selected"] - selected[b]
             assert got <= n_layers * hkv * int(plan.max_rows[b])
             seen["evict"].add(int(plan.evicts[b]))
-            if b == 2:
+            if b in (2, 5):
                 for layer in range(n_layers):
                     assert plan.refresh[layer][b] == s.backend.retriever.state[layer].refreshed, (step, layer)
                     seen["refresh"].add(plan.refresh[layer][b])
