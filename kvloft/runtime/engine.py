@@ -150,9 +150,13 @@ class Engine:
                 raise TypeError(f"step: item {b} must be a (session, token) pair, got {p!r}")
         self._check_sessions([s for s, _ in pairs], "step")
         out = []
-        for s, t in pairs:
-            tok = s._to_ids([_token(t)])[0]  # range-checked against the vocabulary
-            s._check_capacity(1)  # max_context, host budget, disk space, dense growth
+        for b, (s, t) in enumerate(pairs):
+            try:
+                tok = s._to_ids([_token(t)])[0]  # range-checked against the vocabulary
+                s._check_capacity(1)  # max_context, host budget, disk space, dense growth
+            except (TypeError, ValueError) as e:
+                e.add_note(f"in pair {b} of the step (a session of {len(s)} tokens); no session was changed")
+                raise
             out.append((s, tok))
         return out
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvloft import CacheConfig, Engine, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.step_plan import decode_append
 
@@ -276,8 +277,13 @@ def test_refusals_leave_every_session_as_it_was(tiny):
         engine.step([(a, 1), (_session(other, "dense", 20, 0), 2)])
     with pytest.raises(ValueError, match="over max_batch=2"):
         engine.step([(a, 1), (b, 2), (_session(tiny, "dense", 20, 0), 3)])
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)") as e:
         engine.step([(a, 1), (b, 512)])
+    assert "in pair 1 of the step" in e.value.__notes__[0]
+    full = Session(tiny, CONFIGS["dense"], RUNTIME, CacheConfig(max_context=20))
+    full.feed(_prompt(20, 2))
+    with pytest.raises(ValueError, match="over max_context=20"):
+        engine.step([(a, 1), (full, 2)])
     with pytest.raises(TypeError, match="must be an int"):
         engine.step([(a, 1.0)])
     with pytest.raises(TypeError, match="pair"):
@@ -334,6 +340,8 @@ def test_graphed_segments_pad_the_batch_and_equal_the_eager_step(tiny, tmp_path)
     assert Engine(tiny, max_batch=6, graphs="segments")._graphs_for(5).batch == 6  # capped at max_batch
     with pytest.raises(ValueError, match="graphs must be one of"):
         Engine(tiny, graphs="on")
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        DecodeGraphs(tiny.net, capture=False, batch=0)
 
 
 @pytest.mark.gpu
