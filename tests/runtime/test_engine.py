@@ -121,6 +121,25 @@ def test_batched_decode_equals_each_session_alone(tiny, specs, tmp_path):
         assert _state(b) == _state(a)
 
 
+def test_sessions_on_the_overlap_scheduler_batch_like_alone(tiny):
+    """ScheduledAttention (scheduler/overlap.py: GPU row cache, planned fetches) is a session's
+    decode route too: rows through it equal the same sessions stepped alone."""
+    rt = RuntimeConfig(prefill_chunk=256, progress=False, scheduler="overlap")
+    cache = CacheConfig(host_chunk_tokens=64)
+    twins = []
+    for _ in range(2):
+        pair = [Session(tiny, CONFIGS["exact"], rt, cache), Session(tiny, CONFIGS["hip"], rt, cache)]
+        for seed, (s, n) in enumerate(zip(pair, (300, 420), strict=True)):
+            s.feed(_prompt(n, seed))
+        twins.append(pair)
+    alone, batched = twins
+    assert type(batched[0].backend).__name__ == "ScheduledAttention"
+    assert Engine(tiny).generate(batched, 6, stop_at_eos=False) == [_greedy_alone(s, 6) for s in alone]
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+
+
 def test_sessions_join_and_leave_between_steps(tiny, tmp_path):
     specs = [("exact", 200), ("hip", 260), ("dense", 150)]
     alone, batched = _twins(tiny, specs, tmp_path)
