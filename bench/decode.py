@@ -65,8 +65,8 @@ from common import add_decode_args, fill_context, timed_steps, token_stream
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import parse_bytes, parse_tokens
+from kvloft.runtime.scheduled import ScheduledAttention, use_scheduler
 from kvloft.scheduler.budget import plan_memory, resolve_cache_bytes
-from kvloft.scheduler.overlap import ScheduledAttention, use_scheduler
 from kvloft.scheduler.params import SchedulerParams
 
 GiB = 2**30

@@ -20,6 +20,17 @@ A 503 is retried after its Retry-After (for at most --timeout seconds). Then:
     python bench/serve_load.py                                   # defaults: 64 requests, 16 sessions
     python bench/serve_load.py --requests 16 --sessions 4 --max-tokens 4
 Prints a table and one JSON line last; writes JSON to bench/results/serve_load_cpu.json (--out).
+
+--mode batch: continuous batching against one request at a time, on one server. --sessions
+streaming completions, each on its own new session with its own prompt of --prompt-tokens
+tokens, greedy, --max-tokens each (asked to copy the records: long answers, though EOS may end one early), are sent
+first one at a time, then all at once. Reports tokens/s of both (prompt + answer tokens over
+wall-clock seconds, and answer tokens alone), their ratio, time to first token, and whether
+every concurrent answer equals its sequential one. Target: ratio >= 3 at 16 sessions of 2K
+tokens on SmolLM2; JSON to bench/results/serve_batch_cpu.json.
+
+    python bench/serve_load.py --mode batch                      # 16 sessions x 2048 tokens, 128 answer tokens
+    python bench/serve_load.py --mode batch --sessions 4 --prompt-tokens 256 --max-tokens 16
 Never run by the tests.
 """
 
@@ -222,8 +233,137 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+# ---- --mode batch ----------------------------------------------------------------------------------
+
+
+def batch_prompts(model: str, n: int, tokens: int, seed: int) -> list[str]:
+    """n different prompts of about `tokens` tokens each (counted with the model's tokenizer)."""
+    sys.path.insert(0, str(ROOT))
+    from kvloft import load_tokenizer
+
+    tok = load_tokenizer(model)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        lines = [f"Record {i}.{j}: the archive of {rng.choice(QUESTIONS)[5:-1].lower()} keeps value "
+                 f"{rng.randrange(10**6)}." for j in range(tokens // 8)]  # ~16 tokens a line: enough
+        ids = tok.encode("\n".join(lines))[: tokens - 16]
+        out.append(tok.decode(ids) + "\nCopy every record above, one per line, with its value:\n")  # a long answer
+    return out
+
+
+def completion_stream(client: Client, key: str, sid: str, prompt: str, max_tokens: int, timeout: float) -> dict:
+    """One streamed greedy completion: {text, status, ttft, seconds, usage}."""
+    t0 = time.monotonic()
+    body = {"model": client.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "session_id": sid}
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=timeout)
+    out = {"text": "", "status": None, "ttft": None, "usage": None}
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body),
+                     {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        out["status"] = r.status
+        while line := r.fp.readline():
+            if not line.startswith(b"data: {"):
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                out["error"] = obj["error"]["message"]
+            if obj.get("usage"):
+                out["usage"] = obj["usage"]
+            for ch in obj.get("choices", []):
+                if ch.get("text") and out["ttft"] is None:
+                    out["ttft"] = time.monotonic() - t0
+                out["text"] += ch.get("text") or ""
+    finally:
+        conn.close()
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def run_batch_phase(client: Client, prompts: list[str], args, tag: str, concurrent: bool) -> tuple[list[dict], float]:
+    results: list[dict] = [{} for _ in prompts]
+
+    def one(i: int) -> None:
+        results[i] = completion_stream(client, KEYS[0], f"{tag}-{i}", prompts[i], args.max_tokens, args.timeout)
+
+    t0 = time.monotonic()
+    if concurrent:
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.timeout)
+    else:
+        for i in range(len(prompts)):
+            one(i)
+    wall = time.monotonic() - t0
+    for i in range(len(prompts)):
+        client.call("DELETE", f"/v1/sessions/{tag}-{i}", KEYS[0])
+    return results, wall
+
+
+def phase_summary(results: list[dict], wall: float) -> dict:
+    use = [r.get("usage") or {} for r in results]
+    prompt, answer = sum(u.get("prompt_tokens", 0) for u in use), sum(u.get("completion_tokens", 0) for u in use)
+    ttft = [r["ttft"] for r in results if r.get("ttft") is not None]
+    return {"wall_s": round(wall, 2), "prompt_tokens": prompt, "answer_tokens": answer,
+            "total_tok_per_s": round((prompt + answer) / wall, 1), "answer_tok_per_s": round(answer / wall, 2),
+            "ttft_p50_s": percentile(ttft, 0.5), "ttft_max_s": max(ttft) if ttft else None,
+            "statuses": dict(Counter(str(r.get("status")) for r in results)),
+            "errors": sorted({r["error"] for r in results if "error" in r})[:5]}
+
+
+def main_batch(args) -> int:
+    prompts = batch_prompts(args.model, args.sessions, args.prompt_tokens, args.seed)
+    port = free_port()
+    args.max_sessions = max(args.max_sessions, 2 * args.sessions)
+    proc = start_server(port, args)
+    try:
+        client = Client(port)
+        wait_up(client, proc)
+        client.model = client.call("GET", "/v1/models", KEYS[0])[2]["data"][0]["id"]
+        completion_stream(client, KEYS[0], "warm-up", prompts[0][:200], 4, args.timeout)
+        client.call("DELETE", "/v1/sessions/warm-up", KEYS[0])
+        seq, seq_wall = run_batch_phase(client, prompts, args, "seq", concurrent=False)
+        bat, bat_wall = run_batch_phase(client, prompts, args, "bat", concurrent=True)
+        metrics_text = client.call("GET", "/metrics", KEYS[0])[2]
+        engine = next((ln for ln in str(metrics_text).splitlines() if ln.startswith("kvloft_engine_info{")), "?")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    s, b = phase_summary(seq, seq_wall), phase_summary(bat, bat_wall)
+    equal = [a["text"] == c["text"] and "error" not in a and "error" not in c for a, c in zip(seq, bat, strict=True)]
+    ratio = b["total_tok_per_s"] / s["total_tok_per_s"] if s["total_tok_per_s"] else None
+    report = {"mode": "batch", "device": "CPU (2 cores, shared with other jobs)", "model": args.model,
+              "method": args.method, "engine": engine, "sessions": args.sessions, "prompt_tokens": args.prompt_tokens,
+              "max_tokens": args.max_tokens, "sequential": s, "concurrent": b,
+              "total_tok_per_s_ratio": round(ratio, 2) if ratio else None,
+              "answer_tok_per_s_ratio": round(b["answer_tok_per_s"] / s["answer_tok_per_s"], 2)
+              if s["answer_tok_per_s"] else None,
+              "equal_to_sequential": sum(equal), "compared": len(equal),
+              "mismatches": [{"i": i, "sequential": seq[i]["text"][:200], "concurrent": bat[i]["text"][:200]}
+                             for i, ok in enumerate(equal) if not ok][:5],
+              "targets": {"ratio_ge_3": bool(ratio and ratio >= 3), "every_answer_equal": all(equal)}}
+    out = args.out if args.out_given else str(ROOT / "bench/results/serve_batch_cpu.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    for name in ("engine", "sequential", "concurrent", "total_tok_per_s_ratio", "answer_tok_per_s_ratio",
+                 "equal_to_sequential", "targets"):
+        print(f"{name:>24}: {report[name]}")
+    print(json.dumps({k: v for k, v in report.items() if k != "mismatches"}))
+    return 0 if all(report["targets"].values()) else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", default="load", choices=["load", "batch"],
+                    help="load: the mixed load above; batch: concurrent vs one-at-a-time throughput")
+    ap.add_argument("--prompt-tokens", type=int, default=2048, help="--mode batch: tokens per prompt")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--method", default="exact")
     ap.add_argument("--requests", type=int, default=64)
@@ -237,6 +377,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve_load_cpu.json"))
     args = ap.parse_args()
+    args.out_given = "--out" in sys.argv
+    if args.mode == "batch":
+        if "--sessions" not in sys.argv:
+            args.sessions = 16
+        if "--max-tokens" not in sys.argv:
+            args.max_tokens = 128
+        return main_batch(args)
     rng = random.Random(args.seed)
     random.seed(args.seed)
 

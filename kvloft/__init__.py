@@ -5,6 +5,7 @@ from kvloft.runtime.engine import Engine
 from kvloft.runtime.loader import Model, load_model, load_tokenizer
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
+from kvloft.version import __version__ as __version__
 
 __all__ = [
     "CacheConfig",
@@ -18,4 +19,3 @@ __all__ = [
     "load_model",
     "load_tokenizer",
 ]
-__version__ = "0.1.0"

@@ -118,6 +118,12 @@ PRESETS: dict[str, ModelConfig] = {
         n_layers=32, n_heads=32, n_kv_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
         max_position_embeddings=8192,
     ),
+    # the shape of Qwen2.5(-Coder)-0.5B, random weights (the real model: load_model("qwen2.5-0.5b"))
+    "qwen2.5-0.5b-shape": ModelConfig(
+        name="qwen2.5-0.5b-shape", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        n_layers=24, n_heads=14, n_kv_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, attention_bias=True, tie_word_embeddings=True,
+    ),
     "qwen2.5-7b-1m": ModelConfig(
         name="qwen2.5-7b-1m", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
         n_layers=28, n_heads=28, n_kv_heads=4, rope_theta=10000000.0, rms_norm_eps=1e-5,

@@ -31,6 +31,7 @@ import anyio
 from kvloft.cluster.config import PipelineConfig
 from kvloft.cluster.group import StageGroup, ensure_ray, import_ray
 from kvloft.server.app import ServerConfig, create_app
+from kvloft.server.batcher import SequentialFallbackEngine
 from kvloft.server.manager import Lease, SessionManager, SessionsBusy
 
 ModelSource = str | Callable[[], Any]  # a name/path for kvloft.load_model, or a factory returning a Model
@@ -92,7 +93,10 @@ def build_app(model: ModelSource, config: ServerConfig | None = None, pipeline: 
     if pipeline is not None:
         manager = PipelinedSessionManager(m, pipeline, retrieval=cfg.retrieval, runtime=cfg.runtime, cache=cfg.cache,
                                         max_sessions=cfg.max_sessions, device_budget=cfg.device_budget)
-    return create_app(m, cfg, manager=manager)
+    # pipelined sessions step through their stage actors, one Session.step each; the batched
+    # engine runs a model held in this process
+    engine = SequentialFallbackEngine(cfg.max_batch) if pipeline is not None else None
+    return create_app(m, cfg, manager=manager, engine=engine)
 
 
 def kvloft_deployment(model: ModelSource = "smollm2", *, config: ServerConfig | None = None,

@@ -1,4 +1,4 @@
-"""Save a session to a directory and load it back (`Session.save` / `Session.load`).
+"""Save a session to a directory and read it back (`Session.save` / `Session.load`).
 
     s.save("ctx.kvloft")                        # tiers, tokens, logits, configs, retriever state
     s2 = kvloft.Session.load("ctx.kvloft", model)
@@ -20,9 +20,12 @@ file, renames the directory into place, then replaces CURRENT (write a temporary
 fsync, `os.replace`). A crash at any point leaves the previous save loadable; leftovers
 are removed by the next successful save. One writer per directory at a time.
 
-Loading checks everything before it builds anything: the manifest parses, versions match,
-every file has its recorded size and sha256, the model has the same config, dtype and
-weight fingerprint. Any failure raises ValueError naming the reason; nothing is modified.
+Loading checks everything before it builds anything (read_save): the manifest parses,
+versions match, every file has its recorded size and sha256, the model has the same config,
+dtype and weight fingerprint. Any failure raises ValueError naming the reason; nothing is
+modified. Session.load then builds a session with the saved configs and restore_session fills
+it. This module never imports the session: it reads and writes state dicts and manifests
+through the session's public state methods.
 
 Retriever state: a retriever's key mirror is never written (it equals the host tier).
 Loading rebuilds each built layer from the host tier (`TieredAttention.rebuild_indexes`:
@@ -59,6 +62,10 @@ import torch
 from torch import Tensor
 
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
+from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.durable import fsync_dir, sha256, write_durable, write_safetensors
+from kvloft.runtime.fingerprint import check_model, model_fingerprint
+from kvloft.version import __version__
 
 FORMAT = "kvloft-session"
 FORMAT_VERSION = 2  # 2: the manifest carries the sha256 of its own fields
@@ -68,7 +75,6 @@ MANIFEST_DIGEST = "manifest_sha256"  # of every other field, canonical JSON (_ma
 KV_FILE = "kv.safetensors"
 RETRIEVER_FILE = "retriever.safetensors"
 _GEN_RE = re.compile(r"gen-[0-9]+-[0-9a-f]{8}")
-_FINGERPRINT_ROWS = 256  # rows of the embedding hashed into the model fingerprint
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -86,55 +92,51 @@ def save_session(session, path: str | os.PathLike) -> Path:
     files = {KV_FILE: tensors}
     if retr_tensors:
         files[RETRIEVER_FILE] = retr_tensors
-    manifest["files"] = {name: _write_safetensors(tmp / name, t) for name, t in files.items()}
+    manifest["files"] = {name: write_safetensors(tmp / name, t, {"format": FORMAT}) for name, t in files.items()}
     manifest[MANIFEST_DIGEST] = _manifest_digest(manifest)
-    _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(tmp)
+    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    fsync_dir(tmp)
     os.rename(tmp, root / gen)
-    _fsync_dir(root)
+    fsync_dir(root)
     _publish(root, gen)
     _clean(root, keep=gen)
     return root
 
 
-def load_session(path: str | os.PathLike, model, *, runtime: RuntimeConfig | None = None):
-    """Read a save made by `save_session` for `model`. Raises ValueError, touching nothing, if the
-    save is missing, corrupted, truncated, of another format/kvloft version, or of another model.
-    `runtime` overrides the saved RuntimeConfig (e.g. to change kernels or budgets)."""
-    from kvloft.runtime.session import Session
+@dataclasses.dataclass
+class SavedSession:
+    """A save read and checked by read_save(), to be restored into a new session."""
 
+    gen_dir: Path  # the live generation's directory
+    manifest: dict[str, Any]
+    retrieval: RetrievalConfig
+    cache: CacheConfig
+    runtime: RuntimeConfig  # as saved; Session.load may override it
+
+
+def read_save(path: str | os.PathLike, model) -> SavedSession:
+    """Read and check a save made by `save_session` for `model`: ValueError, touching nothing, if
+    it is missing, corrupted, truncated, of another format/kvloft version, or of another model."""
     gen_dir = _current_generation(Path(path))
     manifest = _read_manifest(gen_dir)
     _verify_files(gen_dir, manifest)
-    _check_model(manifest, model)
+    check_model(manifest["model"], model)
     try:
         retrieval = RetrievalConfig(**manifest["configs"]["retrieval"])
         cache = CacheConfig(**manifest["configs"]["cache"])
-        saved_runtime = RuntimeConfig(**manifest["configs"]["runtime"])
+        runtime = RuntimeConfig(**manifest["configs"]["runtime"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{gen_dir / MANIFEST}: saved configs are unreadable ({e})") from e
-    session = Session(model, retrieval, runtime or saved_runtime, cache)
+    return SavedSession(gen_dir, manifest, retrieval, cache, runtime)
+
+
+def restore_session(session, saved: SavedSession) -> None:
+    """Fill a new session, built with the saved configs, with the saved tiers, tokens and
+    retriever state; ValueError if the save does not fit it."""
     try:
-        _restore(session, gen_dir, manifest)
+        _restore(session, saved.gen_dir, saved.manifest)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise ValueError(f"{gen_dir}: the save is internally inconsistent ({type(e).__name__}: {e})") from e
-    return session
-
-
-def model_fingerprint(model) -> dict[str, Any]:
-    """What identifies a model for a save: its config, dtype and a sha256 of some weights."""
-    net = model.net
-    h = hashlib.sha256()
-    picks = [net.embed_tokens.weight[:_FINGERPRINT_ROWS], net.layers[0].self_attn.q_proj.weight,
-             net.layers[-1].mlp.down_proj.weight, net.norm.weight]
-    for t in picks:
-        h.update(_tensor_bytes(t))
-    return {
-        "config": _jsonable(dataclasses.asdict(model.config)),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "weights_sha256": h.hexdigest(),
-        "source": model.source,
-    }
+        raise ValueError(f"{saved.gen_dir}: the save is internally inconsistent ({type(e).__name__}: {e})") from e
 
 
 # ---- collecting state ------------------------------------------------------------------------
@@ -142,9 +144,6 @@ def model_fingerprint(model) -> dict[str, Any]:
 
 def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """Tensors of kv.safetensors, tensors of the retriever state, and the manifest (no files yet)."""
-    from kvloft import __version__
-    from kvloft.runtime.attention import TieredAttention
-
     state = session.state_dict()
     tensors: dict[str, Tensor] = {"session.tokens": torch.tensor(state["tokens"], dtype=torch.int64)}
     if state["last_logits"] is not None:
@@ -223,8 +222,6 @@ def _config_json(cfg, name: str) -> dict[str, Any]:
 def _restore(session, gen_dir: Path, manifest: dict[str, Any]) -> None:
     from safetensors import safe_open
 
-    from kvloft.runtime.attention import TieredAttention
-
     with safe_open(str(gen_dir / KV_FILE), framework="pt", device="cpu") as f:
         keys = set(f.keys())
         dev = session.model.device
@@ -299,8 +296,6 @@ def _current_generation(root: Path) -> Path:
 
 
 def _read_manifest(gen_dir: Path) -> dict[str, Any]:
-    from kvloft import __version__
-
     try:
         manifest = json.loads((gen_dir / MANIFEST).read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -341,48 +336,11 @@ def _verify_files(gen_dir: Path, manifest: dict[str, Any]) -> None:
         size = p.stat().st_size
         if size != rec.get("bytes"):
             raise ValueError(f"{p} has {size} bytes, the manifest says {rec.get('bytes')}: truncated or altered")
-        if _sha256(p) != rec.get("sha256"):
+        if sha256(p) != rec.get("sha256"):
             raise ValueError(f"{p} does not match its sha256 in the manifest: the file is corrupted")
 
 
-def _check_model(manifest: dict[str, Any], model) -> None:
-    saved, here = manifest["model"], model_fingerprint(model)
-    if saved.get("config") != here["config"]:
-        diff = sorted(k for k in here["config"] if saved.get("config", {}).get(k) != here["config"][k])
-        raise ValueError(f"the save is for another model ({saved.get('source')}): config differs in {diff}; "
-                         f"load it with the model it was saved with")
-    if saved.get("dtype") != here["dtype"]:
-        raise ValueError(f"the save holds {saved.get('dtype')} KV, the model runs in {here['dtype']}; "
-                         f"load the model with dtype={saved.get('dtype')!r}")
-    if saved.get("weights_sha256") != here["weights_sha256"]:
-        raise ValueError(f"the save is for other weights ({saved.get('source')}) than this model's "
-                         f"({here['source']}): the weight fingerprints differ")
-
-
-# ---- files -----------------------------------------------------------------------------------
-
-
-def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
-    save_file({k: t.contiguous() for k, t in tensors.items()}, str(path), metadata={"format": FORMAT})
-    _fsync_file(path)
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _publish(root: Path, gen: str) -> None:
-    """The commit point: CURRENT names the new generation (atomic replace)."""
-    tmp = root / f".tmp-{CURRENT}-{uuid.uuid4().hex[:8]}"
-    _write_durable(tmp, gen.encode("ascii"))
-    os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+# ---- files ----------------------------------------------------------------------------------
 
 
 def _clean(root: Path, keep: str) -> None:
@@ -398,40 +356,15 @@ def _clean(root: Path, keep: str) -> None:
             p.unlink()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; renames are durable there
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+def _publish(root: Path, gen: str) -> None:
+    """The commit point: CURRENT names the new generation (atomic replace)."""
+    tmp = root / f".tmp-{CURRENT}-{uuid.uuid4().hex[:8]}"
+    write_durable(tmp, gen.encode("ascii"))
+    os.replace(tmp, root / CURRENT)
+    fsync_dir(root)
 
 
 def _cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu")
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))

@@ -11,7 +11,6 @@ changed, so a rejected call leaves the session as it was and usable.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,12 +22,14 @@ from torch import Tensor
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.index.base import make_retriever
 from kvloft.kernels import kernel_set
-from kvloft.runtime.attention import DenseAttention, TieredAttention
+from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.capacity import SessionLimits
+from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.graphs import DecodeGraphs
-from kvloft.runtime.inputs import check_on_progress, check_token_ids, generation_stops
+from kvloft.runtime.inputs import check_on_progress, check_token_ids
 from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
-from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
+from kvloft.runtime.sampling import check_generate_args, sample_token
 from kvloft.tiers.kvcache import TieredKVCache
 
 
@@ -51,8 +52,9 @@ class Session:
             if not isinstance(obj, cls):
                 raise TypeError(f"{name} must be a kvloft.{cls.__name__}, got {type(obj).__name__}")
         self.ops = kernel_set(self.runtime.kernels, model.device)
-        self._check_static_memory()
-        self._check_disk_tier()
+        self.limits = SessionLimits(model, self.retrieval, self.runtime, self.cache_cfg, self.ops)
+        self.limits.check_static_memory()
+        self.limits.check_disk_tier()
         self._graphs: DecodeGraphs | None = None  # captured at the first CUDA decode step
         self.reset()
 
@@ -73,7 +75,7 @@ class Session:
                                evict_batch=self.cache_cfg.resolved_evict_batch(m.device))
             retriever = make_retriever(self.retrieval, cfg, m.device)
             if self.runtime.scheduler == "overlap":
-                from kvloft.scheduler.overlap import ScheduledAttention
+                from kvloft.runtime.scheduled import ScheduledAttention
 
                 self.backend = ScheduledAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device,
                                                   self.runtime.profile, runtime=self.runtime,
@@ -123,102 +125,8 @@ class Session:
         return ids
 
     def _check_capacity(self, n_new: int) -> None:
-        cap = self.cache_cfg.max_context
-        if cap and len(self.tokens) + n_new > cap:
-            raise ValueError(
-                f"context would hold {len(self.tokens) + n_new} tokens, over max_context={cap}; "
-                "raise CacheConfig.max_context or feed less"
-            )
-        self._check_dense_growth(n_new)
-        budget = self.runtime.host_memory_budget
-        if budget and isinstance(self.backend, TieredAttention):
-            need = self.backend.cache.host_bytes_after(n_new)  # with a disk tier: at most the budget
-            if need > budget:
-                raise ValueError(self._host_refusal(n_new, need, budget))
-            self._check_disk_space(n_new)
-
-    def _host_refusal(self, n_new: int, need: int, budget: int) -> str:
-        """Why the host tier would pass its budget, with the options that size it."""
-        c, r, chunk = self.model.config, self.retrieval, self.cache_cfg.host_chunk_tokens
-        row = 2 * c.n_kv_heads * c.head_dim * torch.finfo(self.model.dtype).bits // 8 + 8
-        per_chunk = chunk * row * c.n_layers
-        return (
-            f"{len(self.tokens) + n_new} tokens need {fmt_bytes(need)} of host KV memory, over "
-            f"host_memory_budget={fmt_bytes(budget)}. The host tier holds every token older than "
-            f"n_sink + n_window = {r.n_sink + r.n_window} (RetrievalConfig) and grows by whole chunks of "
-            f"CacheConfig.host_chunk_tokens={chunk} tokens, {fmt_bytes(per_chunk)} each over "
-            f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {str(self.model.dtype)[6:]} "
-            "and the position). Lower host_chunk_tokens, raise n_window, raise the budget, feed less, or "
-            "set CacheConfig.disk_dir to spill older chunks to disk"
-        )
-
-    def _check_disk_space(self, n_new: int) -> None:
-        """Refuse before prefill if the spilled chunks would not fit on disk_dir's file system."""
-        cache = self.backend.cache
-        grow = cache.disk_bytes_after(n_new) - cache.bytes()["disk"]
-        if grow <= 0:
-            return
-        free = shutil.disk_usage(self.cache_cfg.disk_dir).free
-        if grow > free:
-            raise ValueError(
-                f"{len(self.tokens) + n_new} tokens would spill {grow / 2**30:.2f} GiB more to disk_dir="
-                f"{self.cache_cfg.disk_dir!r}, which has {free / 2**30:.2f} GiB free; free space there, "
-                "raise host_memory_budget or feed less"
-            )
-
-    def _check_disk_tier(self) -> None:
-        if self.cache_cfg.disk_dir is None or self.retrieval.method == "dense":
-            return
-        zero_copy = self.model.device.type == "cuda" and self.ops.name == "triton"
-        if self.runtime.scheduler == "overlap" and zero_copy:
-            raise ValueError(
-                "CacheConfig.disk_dir with scheduler='overlap' on CUDA: its zero-copy fetch reads pinned "
-                "host memory, which spilled chunks are not; use scheduler='none' or kernels='reference' "
-                "(staged fetch)"
-            )
-
-    def _itemsize(self) -> int:
-        return torch.finfo(self.model.dtype).bits // 8
-
-    def _check_static_memory(self) -> None:
-        """Refuse a static tier that cannot fit before it is allocated (reset() allocates it).
-
-        It lives on the compute device: with the weights it counts against gpu_memory_budget,
-        which bounds the compute device on the CPU too (host_memory_budget stays the host
-        tier's: with a disk tier it sizes the chunks kept in memory); and it must fit the
-        memory the device has free."""
-        r, dev = self.retrieval, self.model.device
-        evict = self.cache_cfg.resolved_evict_batch(dev)
-        static = static_tier_bytes(self.model.config, r, evict, self._itemsize())
-        what = (f"the static tier ({fmt_bytes(static)}: n_sink={r.n_sink} + n_window={r.n_window} + "
-                f"evict_batch={evict} tokens in each of {self.model.config.n_layers} layers, on {dev.type})")
-        fix = "lower RetrievalConfig.n_window (or n_sink, CacheConfig.evict_batch)"
-        self._check_device_bytes(static, what, fix)
-
-    def _check_device_bytes(self, need: int, what: str, fix: str) -> None:
-        """`need` more bytes on the compute device: within its budgets and its free memory."""
-        dev, weights = self.model.device, self.model.weight_bytes
-        gpu = self.runtime.gpu_memory_budget
-        if gpu and weights + need > gpu:
-            where = "" if dev.type == "cuda" else " (on the CPU it bounds the compute device, host memory)"
-            raise ValueError(f"weights ({fmt_bytes(weights)}) + {what} exceed gpu_memory_budget="
-                             f"{fmt_bytes(gpu)}{where}; {fix}, or raise the budget")
-        free = available_bytes(dev)
-        if need > free:
-            raise ValueError(f"{what} exceeds the {fmt_bytes(free)} of memory {dev} has available; {fix}")
-
-    def _check_dense_growth(self, n_new: int) -> None:
-        """Dense KV for the grown context, before DenseKV doubles its capacity."""
-        if not isinstance(self.backend, DenseAttention):
-            return
-        have = sum(s.nbytes() for s in self.backend.layers)
-        need = dense_kv_bytes(self.model.config, len(self.tokens) + n_new, self._itemsize())
-        if need <= have:
-            return
-        what = (f"dense KV for {len(self.tokens) + n_new} tokens ({fmt_bytes(need)} in capacity that "
-                f"doubles, {fmt_bytes(have)} held now)")
-        self._check_device_bytes(need, what, "feed less, or use a retrieval method other than 'dense' "
-                                 "(older tokens then go to the host tier)")
+        """n_new more tokens fit every limit (runtime/capacity.py); ValueError naming the fix if not."""
+        self.limits.check_capacity(self.backend, len(self.tokens), n_new)
 
     # ---- prefill -------------------------------------------------------------------------
 
@@ -416,23 +324,13 @@ class Session:
 
     def _check_generate_args(self, max_new_tokens: int, temperature: float, top_p: float,
                              stop: Sequence[str] | str | None, seed: int | None) -> list[str]:
-        stops = generation_stops(max_new_tokens, temperature, top_p, stop, seed)
-        if self._last_logits is None:
-            raise ValueError("nothing to continue from: feed a prompt before generating")
-        return stops
+        return check_generate_args(max_new_tokens, temperature, top_p, stop, seed, self._last_logits)
 
     def _sample(self, temperature: float, top_p: float, gen: torch.Generator) -> int:
         logits = self._last_logits.float().cpu()  # the step's one host sync
         if not torch.isfinite(logits).all():
             raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
-        if temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1:
-            sp, si = probs.sort(descending=True)
-            keep = sp.cumsum(0) - sp < top_p
-            probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-        return int(torch.multinomial(probs, 1, generator=gen))
+        return sample_token(logits, temperature, top_p, gen)
 
     @property
     def last_logits(self) -> Tensor | None:
@@ -478,6 +376,9 @@ class Session:
     def load(cls, path, model: Model, runtime: RuntimeConfig | None = None) -> Session:
         """A session saved with save(), for the same model; ValueError if the save is corrupted or
         mismatched (see kvloft.runtime.persist)."""
-        from kvloft.runtime.persist import load_session
+        from kvloft.runtime.persist import read_save, restore_session
 
-        return load_session(path, model, runtime=runtime)
+        saved = read_save(path, model)
+        session = cls(model, saved.retrieval, runtime or saved.runtime, saved.cache)
+        restore_session(session, saved)
+        return session

@@ -11,14 +11,17 @@ ChatML or Llama 3 one, and `chat_template_source` says which.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from kvloft.runtime import chat_template as ct
-from kvloft.runtime.gguf_tokenizer import build_gguf_tokenizer, read_gguf_tokenizer_fields
+from kvloft.runtime.gguf_tokenizer import build_gguf_tokenizer, bytes_to_unicode, read_gguf_tokenizer_fields
 
 # tokens that end a chat turn although the file may name another eos (e.g. <|endoftext|>)
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<end_of_turn>")
@@ -78,6 +81,20 @@ class Tokenizer:
 
     def token_id(self, text: str) -> int | None:
         return self._tok.token_to_id(text)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes one token stands for; a token may hold part of a UTF-8 character, which
+        decode() alone cannot show (byte-level BPE: its alphabet mapped back; `<0xNN>` byte tokens)."""
+        piece = self._tok.id_to_token(token)
+        if piece is None:
+            raise ValueError(f"token id {token} is not in this vocabulary of {self.vocab_size} tokens")
+        table = _byte_decoder()
+        if isinstance(self._tok.decoder, decoders.ByteLevel) and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def apply_chat_template(
         self,
@@ -202,6 +219,11 @@ class Tokenizer:
 
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -4,7 +4,9 @@ plan.py     per-step plans of the GPU row cache (plain numpy data)
 cache.py    the GPU row cache: LRU token rows per layer, hit statistics
 rowcopy.py  zero-copy gather of host rows into a device buffer (Triton + torch twin)
 streams.py  gathered buffers, pinned staging ring, copy stream and events
-overlap.py  ScheduledAttention (RuntimeConfig(scheduler="overlap"))
+fetch.py    RowFetch: the decode path's pluggable row source (protocol, Retrieved)
+overlap.py  OverlapFetch, the scheduler's RowFetch (runtime/scheduled.py plugs it in for
+            RuntimeConfig(scheduler="overlap"))
 budget.py   the GPU memory plan of a session and its refusal message
 """
 

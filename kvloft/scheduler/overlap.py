@@ -1,23 +1,24 @@
-"""ScheduledAttention: TieredAttention's decode step, planned and overlapped (DESIGN.md, Scheduler).
+"""OverlapFetch: the decode step's retrieved rows, planned and overlapped (DESIGN.md, Scheduler).
 
-Per layer of a decode step:
+A RowFetch (scheduler/fetch.py); runtime/scheduled.py's ScheduledAttention plugs it into the
+decode path when RuntimeConfig(scheduler="overlap"). Per layer of a decode step:
 
-    append k, v to the static tier (tokens leaving the window go to the host tier)
-    search:  CPU-side retrievers (attention_graph): index add + select on a worker thread,
-             fed a pinned copy of q, while this thread launches the static attention;
+    (the step appends k, v to the static tier: tokens leaving the window go to the host tier)
+    start:   CPU-side retrievers (attention_graph): index add + select on a worker thread,
+             fed a pinned copy of q, while the step launches the static attention;
              GPU-side retrievers: select inline, ids copied back asynchronously, the
              static attention launched before waiting on that copy
-    static attention over sink + window                              -> (o_s, lse_s)
-    plan on the CPU (scheduler/plan.py): hits in the GPU row cache, rows to fetch
-             (union over heads, once), LRU admissions and evictions
-    per piece of the fetch (scheduler/streams.py): indices and rows to the device on the
-             copy stream (zero-copy kernel or staged H2D), events, no device-wide sync
-    attention over the cache hits (in place) and over the fetched rows -> (o_c, lse_c), (o_f, lse_f)
-    o = merge(static, hits, fetched); fetched rows admitted into the cache
+    (the step's static attention over sink + window                 -> (o_s, lse_s))
+    attend:  plan on the CPU (scheduler/plan.py): hits in the GPU row cache, rows to fetch
+             (union over heads, once), LRU admissions and evictions;
+             per piece of the fetch (scheduler/streams.py): indices and rows to the device on
+             the copy stream (zero-copy kernel or staged H2D), events, no device-wide sync;
+             attention over the cache hits (in place) and over the fetched rows
+                                                       -> (o_c, lse_c), (o_f, lse_f)
+    (the step merges static, hits, fetched); fetched rows admitted into the cache
 
-Same selection, same rows, same math as TieredAttention: the output equals it up to
-float rounding (one more partial in the exact log-sum-exp merge). Prefill is
-TieredAttention's. Position mode "exact" only.
+Same selection, same rows, same math as the in-place fetch: the output equals it up to
+float rounding (one more partial in the exact log-sum-exp merge). Position mode "exact" only.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ from torch import Tensor
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet
-from kvloft.runtime.attention import TieredAttention
 from kvloft.scheduler.budget import plan_memory, resolve_cache_bytes
 from kvloft.scheduler.cache import RowCache
+from kvloft.scheduler.fetch import Retrieved, StepTimers
 from kvloft.scheduler.params import CPU_SEARCH_METHODS, SchedulerParams
 from kvloft.scheduler.plan import FetchPiece, StepPlan, split_fetch
 from kvloft.scheduler.streams import TransferEngine, chunk_tables
 from kvloft.tiers.kvcache import Evicted, LayerTiers, TieredKVCache
 
-__all__ = ["ScheduledAttention", "use_scheduler"]
+__all__ = ["OverlapFetch"]
 
 
 @dataclass
@@ -55,17 +56,18 @@ class _Search:
     scanned: int = 0
 
 
-class ScheduledAttention(TieredAttention):
+class OverlapFetch:
     def __init__(self, cfg: ModelConfig, rcfg: RetrievalConfig, cache: TieredKVCache, retriever: Retriever,
-                 ops: KernelSet, device: torch.device, profile: bool = False, *,
+                 ops: KernelSet, device: torch.device, timers: StepTimers, *,
                  runtime: RuntimeConfig | None = None, cache_cfg: CacheConfig | None = None,
                  params: SchedulerParams | None = None) -> None:  # fmt: skip
-        super().__init__(cfg, rcfg, cache, retriever, ops, device, profile)
         if rcfg.position_mode != "exact":
             raise ValueError(
                 f"scheduler='overlap' runs position_mode='exact' only, got {rcfg.position_mode!r}; "
                 "use scheduler='none' for extrapolation"
             )
+        self.retriever, self.ops, self.device, self.timers = retriever, ops, device, timers
+        self.scale = cfg.head_dim**-0.5
         self.params = params or SchedulerParams()
         dtype = cache[0].k.dtype
         runtime, cache_cfg = runtime or RuntimeConfig(), cache_cfg or CacheConfig()
@@ -88,16 +90,6 @@ class ScheduledAttention(TieredAttention):
         self._q_host = None  # pinned [H_q, D]: q for a CPU-side search
         self.pieces = 0
 
-    @classmethod
-    def from_tiered(cls, base: TieredAttention, params: SchedulerParams | None = None, *,
-                    runtime: RuntimeConfig | None = None, cache_cfg: CacheConfig | None = None) -> ScheduledAttention:
-        """A scheduled backend over `base`'s tiers and retriever (built indexes kept)."""
-        new = cls(base.cfg, base.rcfg, base.cache, base.retriever, base.ops, base.device, base.timers.sync,
-                  runtime=runtime, cache_cfg=cache_cfg, params=params)
-        new.built, new.sampler, new.decoding, new.scanned = list(base.built), base.sampler, base.decoding, base.scanned
-        new.attached = set(base.attached)
-        return new
-
     def _fetch_mode(self, cache: TieredKVCache) -> str:
         want = self.params.fetch
         if self.device.type != "cuda":
@@ -111,41 +103,23 @@ class ScheduledAttention(TieredAttention):
             return "zero_copy" if self.ops.name == "triton" and pinned else "staged"
         return want
 
-    # ---- the decode step -------------------------------------------------------------
+    # ---- RowFetch --------------------------------------------------------------------------
 
-    def _decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        tiers: LayerTiers = self.cache[layer]
-        q1 = q[0]  # [H_q, D]
-        ev = tiers.append(k, v, positions)
-        retrieve = tiers.n_host > 0 and self.rcfg.budget > 0
-        search = self._start_search(layer, tiers, q1, ev, retrieve)
-        with self.timers("static_attention"):
-            sk, sv, _ = tiers.static_kv()
-            o_s, l_s = self.ops.decode_attend(q1, sk, sv, scale=self.scale)
-        if not retrieve:
-            if search is not None:  # the worker's index add: done before the next layer
-                self._finish_search(search)
-            return o_s[None]
-        ids = self._finish_search(search)
-        with self.timers("plan"):
-            plan = self.rows.plan(layer, ids)
-        with self.timers("retrieved_attention"):
-            outs, lses = self._attend_plan(layer, tiers, q1, plan)
-            out, _ = self.ops.merge([o_s, *outs], [l_s, *lses])
-        return out[None]
-
-    def _start_search(self, layer: int, tiers: LayerTiers, q1: Tensor, ev: Evicted | None,
-                      retrieve: bool) -> _Search | None:
+    def start(self, layer: int, tiers: LayerTiers, q: Tensor, evicted: Evicted | None, budget: int,
+              index_add: bool) -> _Search | None:
+        """The search of q [H_q, D] in flight (and the evicted rows into the index), on the
+        worker or inline with its ids copied back asynchronously."""
+        added = evicted if index_add else None
         if self._pool is not None:
-            args = self._search_inputs(tiers, q1, ev, retrieve)
+            args = self._search_inputs(tiers, q, added, budget)
             return _Search(future=self._pool.submit(self._search_job, layer, *args))
-        if ev is not None and layer not in self.attached:
+        if added is not None:
             with self.timers("index_add"):
-                self.retriever.add(layer, ev.k.transpose(0, 1).to("cpu"), ev.positions.to("cpu"))
-        if not retrieve:
+                self.retriever.add(layer, added.k.transpose(0, 1).to("cpu"), added.positions.to("cpu"))
+        if not budget:
             return None
         with self.timers("search"):
-            sel = self.retriever.select(layer, q1, self.rcfg.budget)
+            sel = self.retriever.select(layer, q, budget)
         if sel.ids.device.type != "cuda":
             return _Search(ids=sel.ids, scanned=sel.scanned)
         ids = sel.ids.to("cpu", non_blocking=True)  # pinned; the static attention queues behind it
@@ -153,16 +127,49 @@ class ScheduledAttention(TieredAttention):
         ready.record()
         return _Search(ids=ids, ready=ready, scanned=sel.scanned)
 
-    def _search_inputs(self, tiers: LayerTiers, q1: Tensor, ev: Evicted | None, retrieve: bool):
+    def attend(self, layer: int, tiers: LayerTiers, q: Tensor, budget: int, pending: _Search | None) -> Retrieved:
+        """Wait for the search, plan the selected rows against the row cache, attend q [H_q, D]
+        to the hits in place and to the rows fetched (their partials, in that order)."""
+        if not budget:
+            if pending is not None:  # the worker's index add: done before the next layer
+                self._finish_search(pending)
+            return Retrieved()
+        ids = self._finish_search(pending)
+        with self.timers("plan"):
+            plan = self.rows.plan(layer, ids)
+        with self.timers("retrieved_attention"):
+            outs, lses = self._attend_plan(layer, tiers, q, plan)
+        return Retrieved(outs, lses, pending.scanned)
+
+    def reset(self) -> None:
+        self.rows.clear()  # host rows past a rollback's mark will hold other tokens
+
+    def bytes(self) -> dict[str, int]:
+        return {"row_cache": self.rows.nbytes, "gathered": self.engine.nbytes}
+
+    def close(self) -> None:
+        """Stops the search worker (also done when the fetch is collected)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def stats(self) -> dict[str, Any]:
+        """Row cache hit statistics, rows moved, fetch mode, where select ran."""
+        return {"fetch": self.fetch_mode, "search_pool": self._pool is not None,
+                "cache": self.rows.stats(), "rows_fetched": self.engine.rows_moved,
+                "bytes_fetched": self.engine.rows_moved * self.rows.row_bytes, "pieces": self.pieces}
+
+    # ---- the search ------------------------------------------------------------------------
+
+    def _search_inputs(self, tiers: LayerTiers, q1: Tensor, ev: Evicted | None, budget: int):
         """What the worker needs: q (a pinned host copy for CPU-side search, with its event),
-        and the evicted rows read back from the host tier (no device sync)."""
+        the evicted rows read back from the host tier (no device sync), the budget."""
         added = None
         if ev is not None:
             rows = torch.arange(ev.first_row, ev.first_row + ev.k.shape[0])
             added = (tiers.host_k.rows(rows).transpose(0, 1), tiers.host_pos.rows(rows))
         q_event = None
         q_in = q1
-        if retrieve and q1.device.type == "cuda":
+        if budget and q1.device.type == "cuda":
             q_event = torch.cuda.Event()
             if self.cpu_search:
                 if self._q_host is None:
@@ -170,9 +177,9 @@ class ScheduledAttention(TieredAttention):
                 self._q_host.copy_(q1, non_blocking=True)  # the previous layer's job is done
                 q_in = self._q_host
             q_event.record()
-        return q_in, q_event, added, retrieve
+        return q_in, q_event, added, budget
 
-    def _search_job(self, layer: int, q_in: Tensor, q_event, added, retrieve: bool):
+    def _search_job(self, layer: int, q_in: Tensor, q_event, added, budget: int):
         """On the worker: index add, then select; returns (ids on the CPU, scanned, add s, search s)."""
         stream = torch.cuda.stream(self._search_stream) if self._search_stream is not None else _nullctx()
         with torch.inference_mode(), stream:
@@ -180,14 +187,14 @@ class ScheduledAttention(TieredAttention):
             if added is not None:
                 self.retriever.add(layer, *added)
             t1 = time.perf_counter()
-            if not retrieve:
+            if not budget:
                 return None, 0, t1 - t0, 0.0
             if q_event is not None:
                 if q_in.device.type == "cpu":
                     q_event.synchronize()  # the pinned copy of q has landed
                 else:
                     self._search_stream.wait_event(q_event)
-            sel = self.retriever.select(layer, q_in, self.rcfg.budget)
+            sel = self.retriever.select(layer, q_in, budget)
             ids = sel.ids.to("cpu")
             return ids, sel.scanned, t1 - t0, time.perf_counter() - t1
 
@@ -200,10 +207,9 @@ class ScheduledAttention(TieredAttention):
                 search.ids, search.scanned = ids, scanned
             elif search.ready is not None:
                 search.ready.synchronize()  # waits for select and the copy only
-        self.scanned += search.scanned
         return search.ids
 
-    # ---- the plan, run -----------------------------------------------------------------
+    # ---- the plan, run -----------------------------------------------------------------------
 
     def _attend_plan(self, layer: int, tiers: LayerTiers, q: Tensor, plan: StepPlan) -> tuple[list, list]:
         """Attention over the plan's cache hits and fetched rows: partial (out, lse) lists."""
@@ -250,39 +256,6 @@ class ScheduledAttention(TieredAttention):
             self.rows.admit(layer, r.k, r.v, views[2])
         eng.release(r)
         self.pieces += 1
-
-    # ---- reports -----------------------------------------------------------------------
-
-    def rollback(self, mark: dict[str, Any]) -> None:
-        super().rollback(mark)
-        self.rows.clear()  # host rows past the mark will hold other tokens
-
-    def bytes(self) -> dict[str, int]:
-        return {**self.cache.bytes(), "row_cache": self.rows.nbytes, "gathered": self.engine.nbytes}
-
-    def scheduler_stats(self) -> dict[str, Any]:
-        """Row cache hit statistics, rows moved, fetch mode, where select ran."""
-        return {"fetch": self.fetch_mode, "search_pool": self._pool is not None,
-                "cache": self.rows.stats(), "rows_fetched": self.engine.rows_moved,
-                "bytes_fetched": self.engine.rows_moved * self.rows.row_bytes, "pieces": self.pieces}
-
-    def close(self) -> None:
-        """Stops the search worker (also done when the backend is collected)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
-def use_scheduler(session, params: SchedulerParams | None = None) -> ScheduledAttention:
-    """Give a session with a tiered backend a ScheduledAttention over the same tiers and
-    retriever (indexes kept); returns it. For benchmarks comparing schedulers."""
-    base = session.backend
-    if not isinstance(base, TieredAttention):
-        raise TypeError(f"use_scheduler needs a retrieval session, not method={session.retrieval.method!r}")
-    if isinstance(base, ScheduledAttention):
-        base.close()
-    session.backend = ScheduledAttention.from_tiered(base, params, runtime=session.runtime,
-                                                     cache_cfg=session.cache_cfg)
-    return session.backend
 
 
 def _split(t: Tensor, sizes: list[int]) -> list[Tensor]:

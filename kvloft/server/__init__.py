@@ -55,6 +55,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
     p.add_argument("--rate-limit", type=float, default=0.0, help="requests per minute per client (0 = none)")
     _add_limit_args(p)
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together in one engine step")
+    p.add_argument("--step-tokens", type=int, default=512,
+                   help="tokens per engine iteration: one per decoding sequence, the rest prefill chunks")
     p.add_argument("--device", default="auto")
     p.add_argument("--kernels", default=None, choices=["auto", "reference", "triton"])
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -76,6 +79,8 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-stored-sessions", type=int, default=d.max_stored_sessions,
                    help="named sessions kept at once, resident or spilled")
     p.add_argument("--spill-limit", default="8GiB", help="bytes of sessions spilled to disk, e.g. 8GiB")
+    p.add_argument("--max-n", type=int, default=d.max_n,
+                   help="largest n (choices per request; each extra choice prefills its own session)")
 
 
 def serve_settings(args) -> tuple[Any, str]:
@@ -95,12 +100,12 @@ def serve_settings(args) -> tuple[Any, str]:
         runtime["kernels"] = args.kernels
     limits = Limits(max_context=args.max_context, max_window=args.max_window, max_sink=args.max_sink,
                     max_budget=args.max_budget, max_tokens=args.max_tokens_limit,
-                    max_stored_sessions=args.max_stored_sessions, spill_limit=args.spill_limit)
+                    max_stored_sessions=args.max_stored_sessions, spill_limit=args.spill_limit, max_n=args.max_n)
     cfg = ServerConfig(
         api_keys=tuple(keys), model_name=args.model_name or _catalog_name(args.model), max_request_bytes=args.max_request_bytes,
         rate_limit=args.rate_limit, limits=limits, default_max_tokens=min(256, args.max_tokens_limit),
         max_sessions=args.max_sessions, host_budget=args.host_budget, device_budget=args.device_budget,
-        spill_dir=args.spill_dir,
+        spill_dir=args.spill_dir, max_batch=args.max_batch, step_tokens=args.step_tokens,
         retrieval=RetrievalConfig(method=args.method, budget=args.budget, n_sink=args.sink, n_window=args.window),
         runtime=RuntimeConfig(**runtime),
     )

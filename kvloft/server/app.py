@@ -8,8 +8,10 @@
                                    extra_body={"session_id": "doc-42", "kvloft": {"budget": 256}})
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-`stream`, as server-sent events ending in `data: [DONE]`), and the kvloft routes
-GET/DELETE /v1/sessions/{id}, GET /v1/usage, GET /health.
+`stream`, as server-sent events ending in `data: [DONE]`, `n`, `stop`, logprobs), and the
+kvloft routes GET/DELETE /v1/sessions/{id}, GET /v1/usage, GET /metrics (Prometheus text
+format: metrics.py), GET /health. Each request writes one JSON line to the logger
+"kvloft.server.requests".
 
 Sessions (`session_id`): a session is a conversation that stays fed. Each request's
 prompt, or its messages, is appended to what the session already holds, and the answer
@@ -27,9 +29,11 @@ every size a request controls (400 naming the `kvloft serve` option: limits.py),
 Retry-After when every resident session is busy. Errors are OpenAI-style JSON:
 {"error": {"message", "type", "param", "code"}}.
 
-Model calls run in worker threads; requests on one session are serialized, requests on
-different sessions interleave (see manager.py). The factory returns a plain FastAPI app,
-so another host (e.g. a Ray Serve deployment) can mount the same app.
+Every model call runs in one engine loop per app (batcher.py): requests on different
+sessions are batched continuously, joining and leaving the running batch between steps;
+requests on one session are serialized (manager.py). See docs/serving.md. The factory
+returns a plain FastAPI app, so another host (e.g. a Ray Serve deployment) can mount the
+same app.
 """
 
 from __future__ import annotations
@@ -45,16 +49,18 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.server import protocol as P
 from kvloft.server.auth import SHARED, Keys, scoped_id
+from kvloft.server.batcher import EngineLoop, engine_name
 from kvloft.server.guard import OWNER, Guard, RateLimiter
 from kvloft.server.limits import LimitExceeded, Limits
 from kvloft.server.manager import SessionManager, SessionMismatch, SessionsBusy
+from kvloft.server.metrics import RequestRecord, ServerMetrics
 from kvloft.server.run import (
     Cancelled,
     Job,
@@ -64,6 +70,7 @@ from kvloft.server.run import (
     events,
     limit_error,
     progress_then_events,
+    retrieval_fields,
     watch_disconnect,
 )
 
@@ -84,6 +91,9 @@ class ServerConfig:
     max_tokens_limit: if set, replaces limits.max_tokens (kept for callers that name it here).
     limits: the largest sizes a request may ask for (limits.py).
     max_sessions, host_budget, device_budget, spill_dir: the SessionManager's limits.
+    max_batch: sequences decoded together in one engine step (more wait their turn).
+    step_tokens: tokens one engine iteration works on: a token per decoding sequence, the
+        rest prefill chunks (at least one chunk an iteration).
     """
 
     api_key: str | None = None
@@ -102,6 +112,8 @@ class ServerConfig:
     retrieval: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(budget=256))
     runtime: RuntimeConfig = field(default_factory=lambda: RuntimeConfig(progress=False))
     cache: CacheConfig = field(default_factory=CacheConfig)
+    max_batch: int = 32
+    step_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit is not None:
@@ -110,6 +122,8 @@ class ServerConfig:
             raise ValueError("api_key must be a non-empty string or None (no auth)")
         if self.max_request_bytes < 1 or self.rate_limit < 0 or self.default_max_tokens < 0:
             raise ValueError("max_request_bytes must be >= 1, rate_limit and default_max_tokens >= 0")
+        if self.max_batch < 1 or self.step_tokens < 1:
+            raise ValueError(f"max_batch and step_tokens must be >= 1, got {self.max_batch}, {self.step_tokens}")
         if self.limits.max_tokens < self.default_max_tokens:
             raise ValueError(f"limits.max_tokens ({self.limits.max_tokens}) is below default_max_tokens "
                              f"({self.default_max_tokens})")
@@ -121,11 +135,15 @@ class ServerConfig:
         return tuple(dict.fromkeys(((self.api_key,) if self.api_key else ()) + tuple(self.api_keys)))
 
 
-def create_app(model, config: ServerConfig | None = None, manager: SessionManager | None = None) -> FastAPI:
+def create_app(model, config: ServerConfig | None = None, manager: SessionManager | None = None,
+               engine=None) -> FastAPI:
     """The FastAPI app serving `model` (a kvloft Model with a tokenizer).
 
+    engine: what runs a batched decode step (default: kvloft.Engine, or its stand-in where
+    kvloft has none; batcher.make_engine).
     app.state.draining (a threading.Event): set it (as `kvloft serve` does on SIGTERM) and every
     running request stops within one prefill chunk or decode step, leaving its session as it was.
+    app.state.loop: the EngineLoop; app.state.metrics: the ServerMetrics.
     """
     cfg = config or ServerConfig()
     if model.tokenizer is None:
@@ -137,15 +155,22 @@ def create_app(model, config: ServerConfig | None = None, manager: SessionManage
                                         limits=cfg.limits)
     name = cfg.model_name or model.config.name
 
+    draining = threading.Event()
+    loop = EngineLoop(model, engine=engine, max_batch=cfg.max_batch, step_tokens=cfg.step_tokens, draining=draining)
+    loop.metrics = metrics = ServerMetrics(manager, engine_name(loop.engine))
+    log.info("engine loop: %s engine, max_batch=%d, step_tokens=%d", engine_name(loop.engine), cfg.max_batch,
+             cfg.step_tokens)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        app.state.draining.set()
+        draining.set()
+        await anyio.to_thread.run_sync(loop.close)
         manager.close()
 
     app = FastAPI(title="kvloft", version=_version(), lifespan=lifespan)
     app.state.manager, app.state.model, app.state.config = manager, model, cfg
-    app.state.draining = threading.Event()
+    app.state.draining, app.state.loop, app.state.metrics = draining, loop, metrics
     limiter = RateLimiter(cfg.rate_limit, cfg.rate_clients) if cfg.rate_limit else None
     app.add_middleware(Guard, keys=Keys(cfg.keys), max_body=cfg.max_request_bytes, limiter=limiter)
     _add_error_handlers(app)
@@ -170,13 +195,11 @@ def _add_routes(app: FastAPI, manager: SessionManager, cfg: ServerConfig, name: 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await _parse(request, P.CompletionRequest)
-        return await _serve(Job.from_request(req, cfg.default_max_tokens, cfg.limits, name, chat=False), request)
+        return await _tracked(request, cfg, name, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await _parse(request, P.ChatRequest)
-        return await _serve(Job.from_request(req, cfg.default_max_tokens, cfg.limits, name, chat=True), request)
+        return await _tracked(request, cfg, name, chat=True)
 
     @app.get("/v1/sessions/{session_id}")
     async def session_info(session_id: str, request: Request) -> dict:
@@ -194,6 +217,12 @@ def _add_routes(app: FastAPI, manager: SessionManager, cfg: ServerConfig, name: 
     @app.get("/v1/usage")
     async def usage() -> dict:
         return manager.usage()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _owned(request: Request, session_id: str) -> str:
@@ -236,33 +265,82 @@ def _describe(errors: list[dict]) -> str:
     return msg + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else "")
 
 
-async def _serve(job: Job, request: Request):
-    """Hold the job's session, run it, answer; the session is released once the run's work ended."""
-    st = request.app.state
-    manager: SessionManager = st.manager
-    lease = await _acquire(manager, job, request.scope.get(OWNER, SHARED))
-    run = Run(job, lease, st.config.limits, st.draining)
-    watcher = watch_disconnect(request.receive, run.cancel)
+async def _tracked(request: Request, cfg: ServerConfig, name: str, chat: bool):
+    """Parse, serve, and count and log the request once it is over (a stream: once it ended)."""
+    metrics: ServerMetrics = request.app.state.metrics
+    owner = request.scope.get(OWNER, SHARED)
+    rec = RequestRecord(P.new_id("chatcmpl" if chat else "cmpl"), "chat" if chat else "completions",
+                        key_id=owner or None)
     streaming = False
     try:
-        release = lambda: manager.release(lease)
-        if job.progress:  # the stream feeds the prompt itself, reporting as it goes
+        req = await _parse(request, P.ChatRequest if chat else P.CompletionRequest)
+        job = Job.from_request(req, cfg.default_max_tokens, cfg.limits, name, chat=chat, rid=rec.id)
+        rec.session = job.session_id
+        response = await _serve(job, request, rec)
+        streaming = isinstance(response, LeasedStream)
+        return response
+    except P.APIError as e:
+        rec.status = e.status
+        rec.outcome = "cancelled" if e.code == "cancelled" else "refused" if e.status < 500 else "error"
+        if e.code == "sessions_busy":
+            rec.outcome = "refused"
+        raise
+    except Exception:
+        rec.status, rec.outcome = 500, "error"
+        raise
+    finally:
+        if not streaming:
+            metrics.request_done(rec)
+
+
+async def _serve(job: Job, request: Request, rec: RequestRecord):
+    """Hold the job's sessions, run it, answer; the sessions are released once the loop let go of them."""
+    st = request.app.state
+    manager: SessionManager = st.manager
+    leases = await _acquire_all(manager, job, request.scope.get(OWNER, SHARED))
+    run = Run(job, leases, st.config.limits, st.loop, rec)
+    watcher = watch_disconnect(request.receive, run.cancel)
+    streaming = False
+
+    async def release() -> None:
+        for lease in reversed(leases):
+            await manager.release(lease)
+
+    try:
+        await run.start()
+        done = lambda: st.metrics.request_done(rec)
+        if job.progress:  # the stream reports the prompt's feed as it goes
             streaming = True
-            return LeasedStream(progress_then_events(run), run, watcher, release)
-        await anyio.to_thread.run_sync(run.prefill)
+            return LeasedStream(progress_then_events(run), run, watcher, release, done)
+        await run.wait_prefilled()
         if job.stream:
-            streaming = True  # the response gives the session back when the stream ends
-            return LeasedStream(events(run), run, watcher, release)
-        await anyio.to_thread.run_sync(run.generate_all)
+            streaming = True  # the response gives the sessions back when the stream ends
+            return LeasedStream(events(run), run, watcher, release, done)
+        await run.collect()
         return JSONResponse(run.response())
     except Cancelled as e:
-        raise cancelled_error(run, e) from e
+        raise cancelled_error(e) from e
     finally:
         if not streaming:
             watcher.cancel()
             with anyio.CancelScope(shield=True):
                 await run.close()
+                await release()
+
+
+async def _acquire_all(manager: SessionManager, job: Job, owner: str) -> list:
+    """The request's session, and a throwaway session of the same setup per extra choice."""
+    leases = [await _acquire(manager, job, owner)]
+    try:
+        extra = dataclasses.replace(job, session_id=None, retrieval=retrieval_fields(leases[0]))
+        for _ in range(job.n - 1):
+            leases.append(await _acquire(manager, extra, owner))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            for lease in reversed(leases):
                 await manager.release(lease)
+        raise
+    return leases
 
 
 async def _acquire(manager: SessionManager, job: Job, owner: str):

@@ -41,6 +41,7 @@ class Limits:
     max_tokens: a request's max_tokens (max_completion_tokens).
     max_stored_sessions: named sessions kept at once, resident or spilled to disk.
     spill_limit: bytes of sessions spilled to disk (int or '8GiB').
+    max_n: choices of one request (`n`); each choice beyond the first prefills its own session.
     """
 
     max_context: int = 32768
@@ -50,6 +51,7 @@ class Limits:
     max_tokens: int = 4096
     max_stored_sessions: int = 64
     spill_limit: int | str = "8GiB"
+    max_n: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spill_limit", parse_bytes(self.spill_limit))
@@ -70,6 +72,10 @@ class Limits:
     def check_max_tokens(self, max_tokens: int) -> None:
         if max_tokens > self.max_tokens:
             raise LimitExceeded("max_tokens", max_tokens, self.max_tokens, "--max-tokens-limit", param="max_tokens")
+
+    def check_n(self, n: int) -> None:
+        if n > self.max_n:
+            raise LimitExceeded("n", n, self.max_n, "--max-n", param="n")
 
     def check_context(self, held: int, prompt: int, max_tokens: int, param: str) -> None:
         """Refuse a prompt whose session would pass max_context tokens (held + prompt + max_tokens)."""

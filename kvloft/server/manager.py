@@ -5,7 +5,8 @@
         await anyio.to_thread.run_sync(lease.session.feed, text)
 
 - Requests on one session are serialized (an asyncio lock per session); requests on
-  different sessions interleave (their model calls run in worker threads).
+  different sessions interleave (in the server, their model calls share one engine loop:
+  kvloft.server.batcher).
 - At most `max_sessions` sessions are resident; their host-tier bytes stay under
   `host_budget` and their static-tier bytes (device memory on CUDA) under `device_budget`
   (0 = no limit). Making room evicts the least recently used idle session: it is saved
@@ -41,7 +42,7 @@ from typing import Any
 import anyio
 
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig, parse_bytes
-from kvloft.runtime.persist import load_session, save_session
+from kvloft.runtime.persist import save_session
 from kvloft.runtime.session import Session
 from kvloft.server.limits import Limits
 from kvloft.server.memory import trim
@@ -193,6 +194,20 @@ class SessionManager:
                 "device_budget": self.device_budget, "spilled_bytes": self.spilled_bytes(),
                 "evictions": self.evictions, "restores": self.restores}
 
+    def tier_bytes(self) -> dict[str, int]:
+        """KV bytes of every session by tier: "gpu" (the compute device's static tier and block
+        summaries), "host" (host tier in memory), "disk" (host chunks on disk, and spilled sessions)."""
+        out = {"gpu": 0, "host": 0, "disk": self.spilled_bytes()}
+        for le in list(self._leases.values()):
+            s = le.session
+            if s is None:
+                continue
+            b = s.backend.bytes()
+            out["gpu"] += b.get("static", 0) + b.get("summary", 0)
+            out["host"] += b.get("host", 0)
+            out["disk"] += b.get("disk", 0)
+        return out
+
     def close(self) -> None:
         """Drop every session; remove the spill directory if the manager made it."""
         self._leases.clear()
@@ -225,7 +240,7 @@ class SessionManager:
         """Runs in a worker thread: load a spilled session, or create a new one."""
         if lease.spill is None:
             return Session(self.model, lease.retrieval, self.runtime, self.cache)
-        s = load_session(lease.spill, self.model, runtime=self.runtime)
+        s = Session.load(lease.spill, self.model, runtime=self.runtime)
         shutil.rmtree(lease.spill, ignore_errors=True)
         lease.spill, lease.spilled_bytes, lease.spill_size = None, {}, 0
         self.restores += 1

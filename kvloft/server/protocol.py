@@ -6,9 +6,11 @@ extensions in the body (the official client sends them through `extra_body`):
     "session_id": "doc-42"                      reuse the context this session holds
     "kvloft": {"method": "exact", "budget": 256, "n_sink": 64, "n_window": 512}
 
-Fields of OpenAI's API that kvloft does not implement are refused when set (n > 1,
-logprobs, tools, ...) rather than silently ignored; fields without effect on one
-sequence (user, metadata, ...) are accepted and ignored.
+Fields of OpenAI's API that kvloft does not implement are refused when set (tools,
+response_format, echo, best_of > 1, ...) rather than silently ignored; fields without effect
+(user, metadata, ...) are accepted and ignored. Implemented beyond the basics: `n` choices,
+`stop` strings (matched on the text, across token boundaries), and logprobs: chat's
+`logprobs: true, top_logprobs: k` and completions' `logprobs: k` (k <= 20).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from kvloft.server.sampling import MAX_TOP_LOGPROBS, TokenLogprob
 
 
 class APIError(Exception):
@@ -63,17 +67,12 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
-    logprobs: Any = None
+    n: int = Field(default=1, ge=1)
     session_id: str | None = None
     kvloft: KvloftOptions | None = None
     prefill_progress: bool = False  # kvloft: stream "kvloft.prefill" events while the prompt is fed
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, f"n={self.n}: kvloft generates one choice per request; send n=1", param="n")
-        if self.logprobs not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported by kvloft; leave logprobs unset", param="logprobs")
         for name in ("tools", "functions", "response_format", "echo", "best_of", "suffix"):
             value = (self.model_extra or {}).get(name)
             if value not in (None, False, 1, [], {}) and not (name == "response_format" and value == {"type": "text"}):
@@ -88,6 +87,11 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs(self) -> int | None:
+        """Top-k logprobs per token, or None for none."""
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -107,6 +111,14 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool | None = None
+    top_logprobs_: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, alias="top_logprobs")
+
+    def top_logprobs(self) -> int | None:
+        """Top-k logprobs per token, or None for none."""
+        if self.top_logprobs_ is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs_ or 0) if self.logprobs else None
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -122,29 +134,73 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(rid: str, model: str, text: str, finish: str, use: dict, ext: dict) -> dict[str, Any]:
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
+
+
+def completion(rid: str, model: str, choices: list[dict], use: dict, ext: dict) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": use, "kvloft": ext}
+            "choices": choices, "usage": use, "kvloft": ext}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict[str, Any]:
+def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0,
+                     logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            "choices": [completion_choice(index, text, finish, logprobs)]}
 
 
-def chat_completion(rid: str, model: str, text: str, finish: str, use: dict, ext: dict) -> dict[str, Any]:
+def chat_completion(rid: str, model: str, choices: list[dict], use: dict, ext: dict) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": use, "kvloft": ext}
+            "choices": choices, "usage": use, "kvloft": ext}
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None, index: int = 0,
+               logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def usage_chunk(rid: str, model: str, obj: str, use: dict, ext: dict) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
             "usage": use, "kvloft": ext}
+
+
+# ---- logprobs ----------------------------------------------------------------------------------
+
+
+def _token(tok, token: int) -> tuple[str, list[int]]:
+    """A token's text and its raw bytes (a token may hold part of a UTF-8 character)."""
+    raw = tok.token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(tok, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's choices[].logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    content = []
+    for e in entries:
+        text, raw = _token(tok, e.token)
+        top = []
+        for t, lp in e.top:
+            t_text, t_raw = _token(tok, t)
+            top.append({"token": t_text, "logprob": lp, "bytes": t_raw})
+        content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def completion_logprobs(tok, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """Completions' choices[].logprobs: tokens, token_logprobs, top_logprobs (one {token: logprob}
+    per token) and text_offset (each token's first character in the answer, from `offset`)."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        text = _token(tok, e.token)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append({_token(tok, t)[0]: lp for t, lp in e.top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out

@@ -1,21 +1,31 @@
-"""One request's work on one held session: feed, generate, answer; stop when nobody waits.
+"""One request on its held session(s): its sequences in the engine loop, its answer, its undo.
 
-A Run checks for cancellation between prefill chunks and between decode steps (through
-the session's progress callback and the token stream), so it stops within one chunk or
-one step when its client disconnects (`cancel`) or the server drains (`draining`, set on
-SIGTERM). A run that does not complete leaves its session as it was before the request:
-a session that was empty is reset; one that held tokens is reset and re-fed those tokens
-by its next request (`lease.meta["rebuild"]`), so no half prompt or half answer stays in it.
-The session is given back (the lease released) only after the run's worker thread ended.
+A Run tokenizes and checks the prompt (a worker thread), then hands one Sequence per choice
+to the model's EngineLoop (batcher.py), which feeds and decodes them among every other
+request's sequences and sends back their events; the Run turns them into the answer or its
+server-sent events. The loop checks for cancellation between prefill chunks and between
+decode steps, so a run stops within one chunk or one step when its client disconnects
+(`cancel`) or the server drains (`draining`, set on SIGTERM).
+
+A run that does not complete leaves its session as it was before the request: a feed that
+stops rolls itself back (Session.feed is atomic); once the prompt is in, the session is
+reset and re-fed its earlier tokens by its next request (`lease.meta["rebuild"]`), so no
+half prompt or half answer stays in it. The session is given back (the lease released) only
+after the loop let go of every sequence of the run.
+
+n > 1: choice 0 runs on the request's session; every other choice runs on a throwaway
+session of the same retrieval setup that is fed the session's earlier tokens and the prompt
+again (a second prefill per extra choice), with seed + i, and is dropped at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +34,14 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from kvloft.server import protocol as P
+from kvloft.server.batcher import Cancelled, EngineLoop, GenerationParams, Sequence
 from kvloft.server.limits import LimitExceeded, Limits
+from kvloft.server.metrics import RequestRecord
+
+__all__ = ["Cancelled", "Job", "LeasedStream", "Run", "cancelled_error", "events", "limit_error",
+           "progress_then_events", "watch_disconnect"]
 
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """The client left or the server is draining: the run stopped between two chunks or steps."""
 
 
 @dataclass
@@ -51,9 +62,12 @@ class Job:
     include_usage: bool
     rid: str = ""
     progress: bool = False  # stream prefill progress events (needs stream)
+    n: int = 1
+    logprobs: int | None = None  # top-k logprobs per token; None: none
 
     @classmethod
-    def from_request(cls, req, default_max_tokens: int, limits: Limits, name: str, chat: bool) -> Job:
+    def from_request(cls, req, default_max_tokens: int, limits: Limits, name: str, chat: bool,
+                     rid: str | None = None) -> Job:
         if req.model != name:
             raise P.APIError(404, f"model {req.model!r} is not served here; this server serves {name!r} "
                                   "(GET /v1/models)", code="model_not_found", param="model")
@@ -65,6 +79,7 @@ class Job:
         retrieval = req.kvloft.model_dump(exclude_none=True) if req.kvloft else {}
         try:
             limits.check_max_tokens(max_tokens)
+            limits.check_n(req.n)
             limits.check_retrieval(retrieval)
         except LimitExceeded as e:
             raise limit_error(e) from e
@@ -73,12 +88,17 @@ class Job:
                    max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
                    seed=req.seed, stream=req.stream,
                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                   rid=P.new_id("chatcmpl" if chat else "cmpl"),
-                   progress=bool(req.stream and req.prefill_progress))
+                   rid=rid or P.new_id("chatcmpl" if chat else "cmpl"),
+                   progress=bool(req.stream and req.prefill_progress), n=req.n, logprobs=req.top_logprobs())
 
 
 def limit_error(e: LimitExceeded) -> P.APIError:
     return P.APIError(400, str(e), code="limit_exceeded", param=e.param)
+
+
+def cancelled_error(e: Cancelled) -> P.APIError:
+    return P.APIError(503, f"request stopped: {e}", type="server_error", code="cancelled",
+                      headers={"Retry-After": "1"})
 
 
 def _chat_messages(req: P.ChatRequest) -> list[dict[str, str]]:
@@ -98,139 +118,183 @@ def _completion_prompt(req: P.CompletionRequest) -> str | list[int]:
 
 
 class Run:
-    """Feeding and generating for one job on one held session (blocking parts run in worker threads)."""
+    """One job's sequences in the engine loop. leases[0] holds the request's session; one more
+    throwaway lease per extra choice (n > 1)."""
 
-    def __init__(self, job: Job, lease, limits: Limits, draining: threading.Event) -> None:
-        self.job, self.lease, self.session, self.limits = job, lease, lease.session, limits
-        self.draining = draining
+    def __init__(self, job: Job, leases: list, limits: Limits, loop: EngineLoop,
+                 record: RequestRecord | None = None) -> None:
+        self.job, self.leases, self.limits, self.loop = job, leases, limits, loop
+        self.lease, self.session = leases[0], leases[0].session
+        self.record = record or RequestRecord(job.rid, "chat" if job.chat else "completions")
         self.cancel = threading.Event()  # set when the client leaves
-        self.touched = self.completed = False  # the session changed / the whole request is done
-        self.prior = 0  # session tokens before this request
-        self.open_turn = lease.meta.get("open_turn", False)
+        self.open_turn = self.lease.meta.get("open_turn", False)
+        self.rebuild: list[int] = []  # a stopped request's context, taken from the lease to re-feed
+        self.prior = len(self.session)  # session tokens before this request (after its rebuild)
         self.reused = self.fed = 0
-        self.text = ""
-        self.finish = "stop"
-        self._thread: threading.Thread | None = None
-        self._pieces = None
+        self.seqs: list[Sequence] = []
+        self.texts = [""] * job.n
+        self.finish: list[str | None] = [None] * job.n
+        self.errors: list[BaseException | None] = [None] * job.n
+        self.logprobs: list[list] = [[] for _ in range(job.n)]
+        self.offsets = [0] * job.n  # completions' text_offset of the next streamed token, per choice
+        self.prefilled = self.ended = 0
+        self.completed = False
+        self._queue: asyncio.Queue | None = None
+        self._backlog: deque = deque()  # events read while waiting for the prefill, not yet streamed
 
-    # ---- cancellation --------------------------------------------------------------------
+    # ---- start -----------------------------------------------------------------------------------
 
-    def stopped(self) -> bool:
-        return self.cancel.is_set() or self.draining.is_set()
+    async def start(self) -> None:
+        """Tokenize and check the prompt, then hand the sequences to the loop. APIError if refused."""
+        ids = await anyio.to_thread.run_sync(self._prepare)
+        aloop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        sink = lambda ev: aloop.call_soon_threadsafe(self._queue.put_nowait, ev)
+        j, s = self.job, self.session
+        base_seed = s.runtime.seed if j.seed is None else j.seed
+        prior = self.rebuild or s.tokens[: self.prior]
+        for i, lease in enumerate(self.leases):
+            params = GenerationParams(max_tokens=j.max_tokens, temperature=j.temperature, top_p=j.top_p,
+                                      seed=base_seed + i, stops=tuple(j.stop), logprobs=j.logprobs)
+            feeds = [self.rebuild, ids] if i == 0 else [prior, ids]
+            self.seqs.append(Sequence(lease.session, feeds, params, sink, self.cancel, index=i,
+                                      t_arrival=self.record.t0))
+        self.loop.submit(self.seqs)
 
-    def check(self, *_progress) -> None:
-        """Raise Cancelled if the run should stop (also a Session.feed progress callback)."""
-        if self.stopped():
-            raise Cancelled("the server is shutting down" if self.draining.is_set() else "the client disconnected")
-
-    def start_thread(self, target: Callable[[], None]) -> None:
-        self._thread = threading.Thread(target=target, daemon=True, name=f"kvloft-{self.job.rid}")
-        self._thread.start()
-
-    async def close(self) -> None:
-        """Stop the run's work, wait for its thread, and undo an incomplete request (the lease is still held)."""
-        self.cancel.set()
-        with anyio.CancelScope(shield=True):
-            if self._thread is not None:
-                await anyio.to_thread.run_sync(self._thread.join)
-            if self.touched and not self.completed:
-                await anyio.to_thread.run_sync(self.rollback)
-
-    def rollback(self) -> None:
-        """Blocking: leave the session as it was before this request."""
-        if self._pieces is not None:
-            self._pieces.close()
-        s, meta = self.session, self.lease.meta
-        if self.lease.ephemeral:
-            return
-        if "rebuild" not in meta:
-            meta["rebuild"] = s.tokens[: self.prior]
-        s.reset()
-        if not meta["rebuild"]:
-            del meta["rebuild"]
-        meta["open_turn"] = self.open_turn
-
-    # ---- work ----------------------------------------------------------------------------
-
-    def prefill(self, on_progress: Callable[[int, int], None] | None = None) -> None:
-        """Blocking: feed the job's prompt (after re-feeding the context of a rolled-back request)."""
-        s, job = self.session, self.job
-        self.check()
-        rebuilt = self._rebuild()
-        self.reused, self.prior = len(s) - rebuilt, len(s)
-        ids = self._prompt_ids()
+    def _prepare(self) -> list[int]:
+        """Blocking, no model call: the prompt's ids, checked against the context limit; takes a
+        pending rebuild from the lease."""
+        s, meta, job = self.session, self.lease.meta, self.job
+        rebuild = list(meta.get("rebuild") or [])
+        held = len(rebuild) if rebuild else len(s)
+        ids = self._prompt_ids(held)
         try:
-            self.limits.check_context(len(s), len(ids), job.max_tokens, param="messages" if job.chat else "prompt")
+            self.limits.check_context(held, len(ids), job.max_tokens, param=self._param)
         except LimitExceeded as e:
             raise limit_error(e) from e
+        if rebuild:
+            if len(s):
+                s.reset()
+            del meta["rebuild"]
+        self.rebuild, self.prior, self.reused = rebuild, held, held - len(rebuild)
+        return ids
 
-        def progress(done: int, total: int) -> None:
-            self.check()
-            if on_progress is not None:
-                on_progress(done, total)
+    @property
+    def _param(self) -> str:
+        return "messages" if self.job.chat else "prompt"
 
-        self.touched = True
-        try:
-            self.fed = rebuilt + s.feed(ids, progress)
-        except (ValueError, TypeError) as e:  # refused before anything changed
-            self.touched = False
-            raise P.APIError(400, str(e), param="messages" if job.chat else "prompt") from e
-        self.lease.meta["open_turn"] = job.chat
-        self.start = len(s)
-
-    def _rebuild(self) -> int:
-        pending = self.lease.meta.get("rebuild")
-        if not pending:
-            return 0
-        if len(self.session):
-            self.session.reset()
-        n = self.session.feed(pending, self.check)
-        del self.lease.meta["rebuild"]
-        return n
-
-    def _prompt_ids(self) -> list[int]:
-        s, job, tok = self.session, self.job, self.session.model.tokenizer
+    def _prompt_ids(self, held: int) -> list[int]:
+        job, tok = self.job, self.session.model.tokenizer
         if not job.chat and not isinstance(job.prompt, str):
             return list(job.prompt)
         text = job.prompt
         if job.chat:
-            text = _chat_text(tok, job.prompt, continuing=bool(len(s)), open_turn=self.lease.meta.get("open_turn"))
-        return tok.encode(text, add_bos=None if not s.tokens else False)  # as Session.feed does
+            text = _chat_text(tok, job.prompt, continuing=bool(held), open_turn=self.lease.meta.get("open_turn"))
+        return tok.encode(text, add_bos=None if not held else False)  # as Session.feed does
 
-    def pieces(self):
-        """Blocking generator of answer pieces; checks for cancellation before each step."""
-        job = self.job
-        if job.max_tokens == 0:
-            self.finish, self.completed = "length", True
-            return
-        try:
-            it = self._pieces = self.session.stream(job.max_tokens, job.temperature, job.top_p, job.stop, job.seed)
-            while True:
-                self.check()
-                piece = next(it, None)
-                if piece is None:
-                    break
-                yield piece
-        except (ValueError, TypeError) as e:
-            raise P.APIError(400, str(e)) from e
-        self.finish = self._finish_reason()
-        self.completed = True
+    # ---- events ----------------------------------------------------------------------------------
 
-    def generate_all(self) -> None:
-        self.text = "".join(self.pieces())
+    async def _next(self) -> tuple:
+        """The next event of any sequence, with the run's state updated."""
+        i, kind, payload = ev = await self._queue.get()
+        if kind == "prefilled":
+            self.prefilled += 1
+            if i == 0:
+                self.fed = payload
+        elif kind == "piece":
+            self.texts[i] += payload[0]
+            self.logprobs[i] += payload[1]
+        elif kind == "end":
+            self.finish[i], self.errors[i] = payload
+            self.ended += 1
+            self.completed = self.ended == len(self.seqs) and not any(self.errors)
+        return ev
 
-    def _finish_reason(self) -> str:
-        new = self.session.tokens[self.start:]
-        if len(new) < self.job.max_tokens:
-            return "stop"
-        decoded = self.session.model.tokenizer.decode(new)
-        return "stop" if any(s in decoded for s in self.job.stop) else "length"
+    def failure(self, e: BaseException) -> Exception:
+        """A sequence's error as what the request raises: Cancelled or an APIError."""
+        if isinstance(e, (Cancelled, P.APIError)):
+            return e
+        if isinstance(e, (ValueError, TypeError)):
+            return P.APIError(400, str(e), param=None if self.seqs[0].prompt_fed else self._param)
+        return P.APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
-    # ---- answers -------------------------------------------------------------------------
+    async def prefill_progress(self) -> AsyncIterator[tuple[int, int]]:
+        """(done, total) of the prompt's feed until every choice's prompt is in; raises a failure."""
+        while self.prefilled < len(self.seqs):
+            ev = await self._next()
+            i, kind, payload = ev
+            if kind == "end" and payload[1] is not None:
+                raise self.failure(payload[1])
+            if kind == "progress":
+                if i == 0:
+                    yield payload
+            elif kind != "prefilled":
+                self._backlog.append(ev)
+
+    async def wait_prefilled(self) -> None:
+        async for _ in self.prefill_progress():
+            pass
+
+    async def answer_events(self) -> AsyncIterator[tuple]:
+        """Piece and end events (backlog first) until every sequence ended."""
+        while self._backlog:
+            yield self._backlog.popleft()
+        while self.ended < len(self.seqs):
+            ev = await self._next()
+            if ev[1] in ("piece", "end"):
+                yield ev
+
+    async def collect(self) -> None:
+        """Until every sequence ended; raises the first failure."""
+        async for _i, kind, payload in self.answer_events():
+            if kind == "end" and payload[1] is not None:
+                raise self.failure(payload[1])
+
+    # ---- the end ---------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the run's sequences, wait until the loop let go of them, undo an incomplete request."""
+        self.cancel.set()
+        with anyio.CancelScope(shield=True):
+            while self.ended < len(self.seqs):
+                await self._next()
+            if self.seqs:
+                if self.completed:
+                    self.lease.meta["open_turn"] = self.job.chat
+                else:
+                    await anyio.to_thread.run_sync(self.rollback)
+            self._finish_record()
+
+    def rollback(self) -> None:
+        """Blocking, after every sequence ended: leave the session as it was before this request."""
+        s, meta = self.session, self.lease.meta
+        meta["open_turn"] = self.open_turn
+        if self.lease.ephemeral or (not self.seqs[0].prompt_fed and len(s) == self.prior):
+            return  # the feeds rolled themselves back: the session holds what it held
+        keep = self.rebuild or s.tokens[: self.prior]
+        s.reset()
+        if keep:
+            meta["rebuild"] = keep
+
+    def _finish_record(self) -> None:
+        r = self.record
+        r.tokens_in = self.fed
+        r.tokens_out = sum(len(s.generated) for s in self.seqs)
+        firsts = [s.t_first for s in self.seqs if s.t_first is not None]
+        r.ttft_s = min(firsts) - r.t0 if firsts else None
+        errors = [e for e in self.errors if e is not None]
+        if self.completed:
+            r.outcome = self.finish[0] or "stop"
+        elif errors and all(isinstance(e, Cancelled) for e in errors):
+            r.outcome = "cancelled"
+        else:
+            r.outcome = "error"
+
+    # ---- answers ---------------------------------------------------------------------------------
 
     @property
     def n_generated(self) -> int:
-        return len(self.session) - self.start
+        return sum(len(s.generated) for s in self.seqs)
 
     def extension(self) -> dict[str, Any]:
         return {"session_id": None if self.lease.ephemeral else self.job.session_id, "prefilled_tokens": self.fed,
@@ -240,66 +304,61 @@ class Run:
     def usage(self) -> dict[str, int]:
         return P.usage(self.fed, self.n_generated)
 
+    def format_logprobs(self, i: int, entries: list) -> dict | None:
+        """Choice i's logprobs of `entries` in the wire format (None when not asked for)."""
+        if self.job.logprobs is None:
+            return None
+        tok = self.session.model.tokenizer
+        if self.job.chat:
+            return P.chat_logprobs(tok, entries)
+        out = P.completion_logprobs(tok, entries, self.offsets[i])
+        self.offsets[i] += sum(len(t) for t in out["tokens"])
+        return out
+
     def response(self) -> dict[str, Any]:
         j = self.job
+        choice = P.chat_choice if j.chat else P.completion_choice
+        choices = [choice(i, self.texts[i], self.finish[i], self.format_logprobs(i, self.logprobs[i]))
+                   for i in range(j.n)]
         build = P.chat_completion if j.chat else P.completion
-        return build(j.rid, j.model_name, self.text, self.finish, self.usage(), self.extension())
-
-
-def cancelled_error(run: Run, e: Cancelled) -> P.APIError:
-    return P.APIError(503, f"request stopped: {e}", type="server_error", code="cancelled",
-                      headers={"Retry-After": "1"})
+        return build(j.rid, j.model_name, choices, self.usage(), self.extension())
 
 
 async def events(run: Run) -> AsyncIterator[str]:
     """Server-sent events of a streamed answer; an error after the start is sent as an error event."""
     j = run.job
-    it = run.pieces()
-    done = object()
+    chunk = P.chat_chunk if j.chat else P.completion_chunk
     try:
         if j.chat:
-            yield sse(P.chat_chunk(j.rid, j.model_name, {"role": "assistant", "content": ""}, None))
-        while (piece := await anyio.to_thread.run_sync(next, it, done)) is not done:
-            chunk = (P.chat_chunk(j.rid, j.model_name, {"content": piece}, None) if j.chat
-                     else P.completion_chunk(j.rid, j.model_name, piece, None))
-            yield sse(chunk)
-        yield sse(P.chat_chunk(j.rid, j.model_name, {}, run.finish) if j.chat
-                  else P.completion_chunk(j.rid, j.model_name, "", run.finish))
+            for i in range(j.n):
+                yield sse(P.chat_chunk(j.rid, j.model_name, {"role": "assistant", "content": ""}, None, i))
+        async for i, kind, payload in run.answer_events():
+            if kind == "piece":
+                text, entries = payload
+                body = {"content": text} if j.chat else text
+                yield sse(chunk(j.rid, j.model_name, body, None, i, run.format_logprobs(i, entries)))
+            elif payload[1] is not None:
+                raise run.failure(payload[1])
+            else:
+                yield sse(chunk(j.rid, j.model_name, {} if j.chat else "", payload[0], i))
         if j.include_usage:
             obj = "chat.completion.chunk" if j.chat else "text_completion"
             yield sse(P.usage_chunk(j.rid, j.model_name, obj, run.usage(), run.extension()))
     except P.APIError as e:
         yield sse(e.body())
     except Cancelled as e:
-        yield sse(cancelled_error(run, e).body())
-    except Exception as e:  # the status line is gone: report in the stream
-        log.exception("stream failed")
-        yield sse(P.error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"))
+        yield sse(cancelled_error(e).body())
     yield "data: [DONE]\n\n"
 
 
 async def progress_then_events(run: Run) -> AsyncIterator[str]:
-    """Feed the prompt in the run's thread, streaming {"object": "kvloft.prefill", done, total}
-    events after each prefill chunk, then the answer's events."""
-    q: queue.Queue = queue.Queue()
-    failed: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            run.prefill(lambda done, total: q.put((done, total)))
-        except BaseException as e:  # noqa: BLE001  reported in the stream: the status line is sent already
-            failed.append(e)
-        finally:
-            q.put(None)
-
-    run.start_thread(work)
-    while (item := await anyio.to_thread.run_sync(q.get)) is not None:
-        yield sse({"id": run.job.rid, "object": "kvloft.prefill", "done": item[0], "total": item[1]})
-    if failed:
-        e = failed[0]
-        body = (e.body() if isinstance(e, P.APIError) else cancelled_error(run, e).body() if isinstance(e, Cancelled)
-                else P.error_body(f"prefill failed: {type(e).__name__}: {e}", "server_error"))
-        yield sse(body)
+    """{"object": "kvloft.prefill", done, total} events after each chunk of the prompt's feed,
+    then the answer's events."""
+    try:
+        async for done, total in run.prefill_progress():
+            yield sse({"id": run.job.rid, "object": "kvloft.prefill", "done": done, "total": total})
+    except (P.APIError, Cancelled) as e:  # the status line is sent already: report in the stream
+        yield sse(e.body() if isinstance(e, P.APIError) else cancelled_error(e).body())
         yield "data: [DONE]\n\n"
         return
     async for event in events(run):
@@ -322,12 +381,13 @@ def watch_disconnect(receive, cancel: threading.Event) -> asyncio.Task:
 
 
 class LeasedStream(StreamingResponse):
-    """A streamed response that, however it ends, stops its run, waits for the run's thread,
-    and only then gives its session back."""
+    """A streamed response that, however it ends, stops its run, waits until the loop let go of
+    its sequences, gives its sessions back, and then calls `done` (metrics and log)."""
 
-    def __init__(self, content, run: Run, watcher: asyncio.Task, release: Callable[[], Any]) -> None:
+    def __init__(self, content, run: Run, watcher: asyncio.Task, release: Callable[[], Any],
+                 done: Callable[[], None] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._run, self._watcher, self._release = run, watcher, release
+        self._run, self._watcher, self._release, self._done = run, watcher, release, done
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -337,6 +397,8 @@ class LeasedStream(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self._run.close()
                 await self._release()
+            if self._done is not None:
+                self._done()
 
 
 def _chat_text(tok, messages: list[dict[str, str]], continuing: bool, open_turn: bool) -> str:
@@ -345,3 +407,8 @@ def _chat_text(tok, messages: list[dict[str, str]], continuing: bool, open_turn:
     if not continuing:
         return tok.apply_chat_template(messages, True)
     return tok.apply_chat_template_continuation(messages, open_turn=open_turn)
+
+
+def retrieval_fields(lease) -> dict[str, Any]:
+    """Every RetrievalConfig field of a lease's session (for a throwaway session built alike)."""
+    return {f.name: getattr(lease.retrieval, f.name) for f in dataclasses.fields(lease.retrieval)}

@@ -137,8 +137,8 @@ def test_refusals_are_openai_errors_and_the_server_survives(server):
     assert e.value.status_code == 413
     with pytest.raises(openai.NotFoundError, match="not served"):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        client.completions.create(model="tiny-chat", prompt="hi", max_tokens=1, n=2)
+    with pytest.raises(openai.BadRequestError, match="--max-n"):  # n is limited before any work
+        client.completions.create(model="tiny-chat", prompt="hi", max_tokens=1, n=99)
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="tiny-chat", messages=[], max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="session_id"):

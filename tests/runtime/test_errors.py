@@ -91,7 +91,7 @@ def test_retriever_rejects_nan_keys():
 
 
 def test_huge_static_tier_is_refused_before_allocating(tiny, monkeypatch):
-    import kvloft.runtime.session as session_mod
+    import kvloft.runtime.capacity as session_mod
 
     monkeypatch.setattr(session_mod, "available_bytes", lambda dev: 2**30)  # a 1 GiB machine
     monkeypatch.setattr(session_mod.TieredKVCache, "__init__", lambda *a, **k: pytest.fail("allocated"))

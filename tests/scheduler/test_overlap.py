@@ -11,7 +11,7 @@ import torch
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.runtime.attention import TieredAttention
-from kvloft.scheduler.overlap import ScheduledAttention, use_scheduler
+from kvloft.runtime.scheduled import ScheduledAttention, use_scheduler
 from kvloft.scheduler.params import SchedulerParams
 
 TOL = 1e-5  # relative L2 error of fp32 logits

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call: the `kvloft eval` processes listed in a jobs file, all at once, each within a
+# time limit, on the Qwen2.5-Coder-0.5B GGUF in bf16 with the model's chat template; then
+# kvloft.eval.report merges every runs file in OUT_DIR (earlier calls' too). A jobs file holds one
+# process a line: NAME followed by `kvloft eval` options (blank lines and # comments skipped), e.g.
+#   x64-s0  --methods exact+x --lengths 64k --tasks passkey,niah_single_number --samples 5 --seed 0 --budget 2048
+# Usage: bash bench/gpu_qwen_jobs.sh GGUF OUT_DIR JOBS_FILE SECONDS
+set -u
+G=$1 O=$2 J=$3 S=$4
+mkdir -p "$O"
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+n=$(grep -cvE '^\s*(#|$)' "$J")
+export OMP_NUM_THREADS=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
+python3 -c "import kvloft,sys; kvloft.load_model(sys.argv[1], device='cuda', dtype='bfloat16')" "$G" 2>&1 | tail -1
+grep -vE '^\s*(#|$)' "$J" | while read -r name args; do
+  ( timeout "$S" python3 -m kvloft.cli eval --model "$G" --device cuda --dtype bfloat16 --chat --no-progress \
+      --sink 64 --window 512 $args --name "$name" --out "$O" > "$O/log_$name.txt" 2>&1
+    echo "$name: exit $?" >> "$O/status.txt" ) &
+done
+wait
+cat "$O/status.txt"
+python3 -m kvloft.eval.report "$O"/quality_*.runs.jsonl --out "$O" --name qwen
+grep -l -E "Traceback" "$O"/log_*.txt | head
+[ -n "${OUT:-}" ] && cp "$O"/*.runs.jsonl "$O"/quality_qwen.* "$O"/log_*.txt "$O"/status.txt "$OUT"/ 2>/dev/null
+true

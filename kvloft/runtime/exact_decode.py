@@ -1,0 +1,81 @@
+"""One decode token at exact positions: the static tier and the selected host rows.
+
+    o = merge((o_s, lse_s), (o_r, lse_r))      exact log-sum-exp merge
+
+The retrieved part comes from a RowFetch (scheduler/fetch.py): InPlaceRows by default,
+scheduler/overlap.py's OverlapFetch with RuntimeConfig(scheduler="overlap"). Where rows are
+read in place from a pinned host tier by the Triton kernels, the static tier, the selection
+and a device copy of its stable part go in one launch instead (runtime/rowspace.py).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from kvloft.runtime.context import AttentionContext
+from kvloft.runtime.host_rows import InPlaceRows
+from kvloft.runtime.rowspace import LayerRowSpace
+from kvloft.scheduler.fetch import RowFetch
+from kvloft.tiers.kvcache import Evicted, LayerTiers, TieredKVCache
+
+
+class ExactDecode:
+    def __init__(self, ctx: AttentionContext, cache: TieredKVCache, fetch: RowFetch) -> None:
+        self.ctx, self.cache, self.fetch = ctx, cache, fetch
+        # static tier + selection in one kernel launch over pinned host chunks, with a device
+        # copy of a selection's stable part (rows fetched in place only)
+        self.one_launch = True
+        self.cache_selections = True
+        self.spaces: dict[int, LayerRowSpace] = {}
+
+    def step(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool) -> Tensor:
+        """q [1, H_q, D] of a token whose k, v are appended already (evicted: the rows that
+        append moved to the host tier). Returns [1, H_q, D]."""
+        ctx = self.ctx
+        tiers: LayerTiers = self.cache[layer]
+        q1 = q[0]  # [H_q, D]
+        budget = ctx.rcfg.budget if tiers.n_host else 0
+        pending = self.fetch.start(layer, tiers, q1, evicted, budget, index_add)
+        space = self._row_space(layer, tiers)
+        if space is not None:
+            return self._one_launch(layer, tiers, q1, space)
+        with ctx.timers("static_attention"):
+            sk, sv, _ = tiers.static_kv()
+            o_s, l_s = ctx.ops.decode_attend(q1, sk, sv, scale=ctx.scale)
+        got = self.fetch.attend(layer, tiers, q1, budget, pending)
+        ctx.scanned += got.scanned
+        if not got.outs:
+            return o_s[None]
+        with ctx.timers("retrieved_attention"):
+            out, _ = ctx.ops.merge([o_s, *got.outs], [l_s, *got.lses])
+        return out[None]
+
+    def _one_launch(self, layer: int, tiers: LayerTiers, q1: Tensor, space: LayerRowSpace) -> Tensor:
+        """The static tier, the selection for q1 [H_q, D] and its cached stable part in one launch."""
+        from kvloft.kernels.sparse_decode import gather_attend_table
+
+        ctx = self.ctx
+        sel = self.fetch.select(layer, q1, ctx.rcfg.budget)
+        ctx.scanned += sel.scanned
+        with ctx.timers("attention"):
+            ids = space.ids(sel.ids.to(q1.device), sel.stable, sel.n_fresh, tiers.n_static)
+            out, _ = gather_attend_table(q1, tiers.k, tiers.v, ids, space.tables, space.slot_rows, scale=ctx.scale)
+        return out[None]
+
+    def _row_space(self, layer: int, tiers: LayerTiers) -> LayerRowSpace | None:
+        """The layer's one-launch decode rows (runtime/rowspace.py), or None where they do
+        not apply: rows not fetched in place, torch kernels, a host tier not pinned (the CPU)
+        or spilled to disk, an empty host tier or budget, or a retriever that attends on the host."""
+        ctx = self.ctx
+        if (not isinstance(self.fetch, InPlaceRows) or not self.one_launch or ctx.ops.name != "triton"
+                or tiers.n_host == 0 or ctx.rcfg.budget == 0
+                or getattr(self.fetch.retriever, "attend_on_host", False)):
+            return None
+        hk, hv = tiers.host_k, tiers.host_v
+        if not (hk.pin and hv.pin) or hk.n_spilled or hv.n_spilled:
+            return None
+        space = self.spaces.get(layer)
+        if space is None or space.tiers is not tiers:
+            rows = ctx.rcfg.budget if self.cache_selections else 0
+            space = self.spaces[layer] = LayerRowSpace(tiers, ctx.device, rows)
+        return space
