@@ -451,11 +451,15 @@ def main() -> None:
                     "(host time by Python function, printed to stderr)")
     ap.add_argument("--batch", type=int, default=1, help="sessions decoded together through kvloft.Engine "
                     "(one forward pass per step; ms_per_step, tokens_per_s = batch / step time)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; on a busy "
+                    "small CPU, 1 keeps few-row GEMMs from thrashing threads)")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.gpu_budget = parse_bytes(args.gpu_budget)
     args.host_memory = parse_bytes(args.host_memory) if args.host_memory else host_available()
     args.device_bytes = torch.cuda.get_device_properties(0).total_memory if CUDA else host_available()
