@@ -132,9 +132,9 @@ class Engine:
                 raise TypeError(f"{what}: session {b} is a {type(s).__name__}, which runs its own forward "
                                 "pass; decode it alone with session.step()")
             if s.model is not self.model:
-                raise ValueError(f"{what}: session {b} belongs to another model ({s.model.source}) than this "
-                                 f"engine's ({self.model.source}); step it with an Engine made for its "
-                                 "model: kvloft.Engine(session.model)")
+                raise ValueError(f"{what}: session {b} belongs to another model object ({s.model.source}) than "
+                                 f"this engine's ({self.model.source}; each load_model call makes a new one); "
+                                 "step it with an Engine made for its model: kvloft.Engine(session.model)")
             if id(s) in seen:
                 raise ValueError(f"{what}: session {b} is the same session as item {seen[id(s)]}; a session "
                                  "appends one token per step: pass each session once")
