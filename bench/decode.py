@@ -37,6 +37,11 @@ rows (every selected row read from the host tier each step).
 
     python bench/decode.py --preset llama3-8b --contexts 32k,128k,512k,1m \
         --methods dense,exact,tokenselect,hip,hip:keys_on=host --time-limit 500
+--batch B decodes B sessions of each row together through kvloft.Engine (one forward pass
+per step, each session through its own tiers and retriever): ms_per_step is the median
+step, ms_per_token the same (each session gets one token per step), tokens_per_s = B / step.
+
+    python bench/decode.py --preset llama3-8b --contexts 32k --methods dense,hip --batch 8
 JSON (rewritten after every row, so a stopped run keeps its rows) and a markdown table go to
 $OUT or bench/results/ as decode-<tag>.json / .md.
 """
@@ -145,18 +150,19 @@ def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
                        cache_cfg=CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
     gpu_limit = args.device_bytes * 0.92 if dense else args.gpu_budget
     # the context is written into the tiers, not prefilled: the decode side of the plan
-    need = plan.weights + plan.static + plan.row_cache + plan.index + plan.decode_workspace
+    b = args.batch  # sessions of the row: each holds its own tiers and index, the weights are shared
+    need = plan.weights + b * (plan.static + plan.row_cache + plan.index + plan.decode_workspace)
     if dense:  # preallocated to n + 64 (preallocate_dense); the decode kernel needs no copy of the KV
         c = model.config
-        need = plan.weights + (n + 64) * 2 * c.n_kv_heads * c.head_dim * 2 * c.n_layers + 2 * GiB
+        need = plan.weights + b * (n + 64) * 2 * c.n_kv_heads * c.head_dim * 2 * c.n_layers + 2 * GiB
     if need > gpu_limit:
         what = "the card" if dense else "the GPU budget"
         return (f"decode plan needs {need / GiB:.1f} GiB on the GPU (weights {plan.weights / GiB:.1f}, "
                 f"static/KV {plan.static / GiB:.1f}, index {plan.index / GiB:.1f}, workspace "
                 f"{plan.decode_workspace / GiB:.1f}), over {what} ({gpu_limit / GiB:.1f} GiB)")
-    host = plan.host_kv + plan.host_index
+    host = b * (plan.host_kv + plan.host_index)
     if host > 0.9 * args.host_memory:
-        return (f"host tier {plan.host_kv / GiB:.1f} GiB + host index {plan.host_index / GiB:.1f} GiB exceed "
+        return (f"{b} x (host tier {plan.host_kv / GiB:.1f} GiB + host index {plan.host_index / GiB:.1f} GiB) exceed "
                 f"90% of this machine's memory ({args.host_memory / GiB:.0f} GiB)")
     return None
 
@@ -170,6 +176,21 @@ def preallocate_dense(s: Session, capacity: int) -> None:
     s.backend.layers = [DenseKV(m.config, m.device, m.dtype, capacity=capacity) for _ in s.backend.layers]
 
 
+def new_session(model, rcfg: RetrievalConfig, flags: set[str], n: int, args) -> Session:
+    """A session of the row's method with n synthetic tokens written into its tiers."""
+    s = Session(model, rcfg, RuntimeConfig(progress=False, cuda_graphs="eager" not in flags),
+                CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
+    if hasattr(s.backend, "one_launch"):  # runtime/rowspace.py (TieredAttention)
+        s.backend.one_launch = "split" not in flags
+        s.backend.cache_selections = "nocache" not in flags
+    if rcfg.method == "dense":
+        # room for every token the row decodes (warmup, timed, breakdown, profiles): a
+        # buffer that has to grow doubles, and at 512K that is 64 GiB more
+        preallocate_dense(s, n + args.warmup + 2 * args.steps + args.profile + args.cprofile + 64)
+    fill_context(s, n)
+    return s
+
+
 def run_row(model, spec: str, n: int, args) -> dict:
     name, options, flags = parse_method(spec)
     overlap, graphs = bool(flags & {"overlap", "staged"}), "eager" not in flags
@@ -180,20 +201,13 @@ def run_row(model, spec: str, n: int, args) -> dict:
     if why:
         row["not_run"] = why
         return row
+    if args.batch > 1:
+        return run_batch_row(model, rcfg, flags, row, n, args)
     reset_gpu()
     s = None
     try:
-        s = Session(model, rcfg, RuntimeConfig(progress=False, cuda_graphs=graphs),
-                    CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
-        if hasattr(s.backend, "one_launch"):  # runtime/rowspace.py (TieredAttention)
-            s.backend.one_launch = "split" not in flags
-            s.backend.cache_selections = "nocache" not in flags
-        if dense:
-            # room for every token the row decodes (warmup, timed, breakdown, profiles): a
-            # buffer that has to grow doubles, and at 512K that is 64 GiB more
-            preallocate_dense(s, n + args.warmup + 2 * args.steps + args.profile + args.cprofile + 64)
         t0 = time.perf_counter()
-        fill_context(s, n)
+        s = new_session(model, rcfg, flags, n, args)
         row["fill_s"] = round(time.perf_counter() - t0, 1)
         if overlap:
             rt = RuntimeConfig(gpu_memory_budget=args.gpu_budget, scheduler="overlap", cuda_graphs=graphs)
@@ -235,6 +249,55 @@ def run_row(model, spec: str, n: int, args) -> dict:
         del s
         reset_gpu()
     return row
+
+
+def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: int, args) -> dict:
+    """args.batch sessions at context n decoded together through kvloft.Engine: one forward
+    pass per step, each session through its own tiers and retriever. ms_per_step is the
+    median step; every session gets a token per step, so ms_per_token (its latency) equals it
+    and tokens_per_s = batch * 1000 / ms_per_step."""
+    from kvloft import Engine
+
+    row["batch"] = args.batch
+    if flags & {"overlap", "staged"}:
+        row["not_run"] = "--batch with @overlap/@staged: each session's row cache is sized for one session"
+        return row
+    reset_gpu()
+    sessions: list[Session] = []
+    try:
+        t0 = time.perf_counter()
+        sessions = [new_session(model, rcfg, flags, n, args) for _ in range(args.batch)]
+        row["fill_s"] = round(time.perf_counter() - t0, 1)
+        engine = Engine(model, max_batch=args.batch)
+        timed_batch_steps(engine, sessions, token_stream(args.warmup))
+        ms = timed_batch_steps(engine, sessions, token_stream(args.steps, args.warmup))
+        row["ms_per_step"] = row["ms_per_token"] = round(statistics.median(ms), 2)
+        row["tokens_per_s"] = round(args.batch * 1000 / row["ms_per_step"], 1)
+        row["ms_min_max"] = [round(min(ms), 2), round(max(ms), 2)]
+        row["ms_mean"] = round(statistics.mean(ms), 2)
+        row["peak_gpu_gib"] = round(peak_gpu() / GiB, 2)
+        row["under_budget"] = rcfg.method == "dense" or peak_gpu() <= args.gpu_budget
+        row["peak_host_gib"] = round(rss_bytes() / GiB, 1)
+    except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+    finally:
+        del sessions
+        reset_gpu()
+    return row
+
+
+def timed_batch_steps(engine, sessions: list[Session], tokens: list[int]) -> list[float]:
+    """ms of each batched step (every session appends the step's token; device synchronized
+    around each step only)."""
+    out = []
+    for t in tokens:
+        sync()
+        t0 = time.perf_counter()
+        engine.step([(s, t) for s in sessions])
+        sync()
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
 
 
 def _cache_totals(backend) -> tuple[int, int]:
@@ -345,8 +408,9 @@ def markdown(result: dict) -> str:
             continue
         b = r.get("breakdown_ms", {})
         att = b.get("retrieved_attention", b.get("attention", "-"))
+        method = f"{r['method']} x{r['batch']}" if r.get("batch", 1) > 1 else r["method"]
         lines.append(
-            f"| {r['preset']} | {ctx} | {r['method']} | {r['ms_per_token']} | {r['tokens_per_s']} | "
+            f"| {r['preset']} | {ctx} | {method} | {r['ms_per_token']} | {r['tokens_per_s']} | "
             f"{r.get('vs_dense', '-')} | {r['floor_ms']} | {r['peak_gpu_gib']} | "
             f"{'yes' if r['under_budget'] else '**no**'} | {r['peak_host_gib']} | {r.get('hit_rate', '-')} | "
             f"{b.get('search', '-')} | {b.get('transfer', '-')} | {att} | {b.get('static_attention', '-')} | {b.get('model', '-')} |")
@@ -385,9 +449,17 @@ def main() -> None:
                     "(top ops printed to stderr)")
     ap.add_argument("--cprofile", type=int, default=0, help="steps to run under cProfile per row "
                     "(host time by Python function, printed to stderr)")
+    ap.add_argument("--batch", type=int, default=1, help="sessions decoded together through kvloft.Engine "
+                    "(one forward pass per step; ms_per_step, tokens_per_s = batch / step time)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; on a busy "
+                    "small CPU, 1 keeps few-row GEMMs from thrashing threads)")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.gpu_budget = parse_bytes(args.gpu_budget)
     args.host_memory = parse_bytes(args.host_memory) if args.host_memory else host_available()
     args.device_bytes = torch.cuda.get_device_properties(0).total_memory if CUDA else host_available()
@@ -397,7 +469,8 @@ def main() -> None:
     bw = hbm_bandwidth(4.0 if CUDA else 0.25)
     result = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__, "hbm_gb_s": round(bw / 1e9),
               "gpu_budget_gib": args.gpu_budget / GiB, "budget": args.budget, "sink": args.sink,
-              "window": args.window, "steps": args.steps, "host_memory_gib": round(args.host_memory / GiB),
+              "window": args.window, "steps": args.steps, "batch": args.batch,
+              "host_memory_gib": round(args.host_memory / GiB),
               "rows": []}
 
     def emit(row: dict) -> None:

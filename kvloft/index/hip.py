@@ -271,6 +271,17 @@ class HipRetriever:
         self._stats.record(sel)
         return sel
 
+    def refresh_schedule(self, layer: int, budget: int, n_rows: int) -> tuple[bool, ...] | None:
+        """Which stages the next select(layer, q, budget) recomputes (one bool per stage), with
+        n_rows host rows indexed by then; for a step plan made before the step
+        (runtime/step_plan.py). None if the layer is not indexed. Changes nothing."""
+        st = self.state.get(layer)
+        if st is None:
+            return None
+        if n_rows == 0 or budget == 0 or budget >= n_rows:  # select() prunes nothing: no stage runs
+            return (False,) * self.params.n_stages
+        return self._refresh_flags(st, budget)
+
     def _refresh_flags(self, st: _LayerState, budget: int) -> tuple[bool, ...]:
         flags, cascade = [], False
         for i, every in enumerate(self.params.refresh_steps):

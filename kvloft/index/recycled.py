@@ -200,6 +200,19 @@ class RecycledRetriever:
         self._stats.record(sel)
         return sel
 
+    refresh_reads_all = True  # a refresh (full step) selects every host row, not `budget` of them
+
+    def refresh_schedule(self, layer: int, budget: int, n_rows: int) -> tuple[bool] | None:
+        """(is the next select(layer, q, budget) a full step?,) under the stride schedule, for a
+        step plan made before the step (runtime/step_plan.py); None where it depends on the query
+        (the dynamic schedule) or the layer is not indexed. n_rows is not needed. Changes nothing."""
+        st = self.layers.get(layer)
+        if st is None or self.params.schedule != "stride":
+            return None
+        if st.set_ids is None or budget != st.set_budget:
+            return (True,)
+        return (st.step - st.last_full >= self.params.stride,)
+
     def _needs_full(self, st: _LayerState, q: Tensor, budget: int) -> bool:
         if st.set_ids is None or budget != st.set_budget:
             return True

@@ -36,24 +36,30 @@ log = logging.getLogger(__name__)
 
 
 class DecodeGraphs:
-    """Decode steps of `net` (batch 1, one token), graphed on CUDA when `capture`.
+    """Decode steps of `net` (`batch` rows of one token each, default 1), graphed on CUDA
+    when `capture`.
 
     Graphs are captured on the first step (after two eager warm-up passes of each
     segment on a side stream) and kept for the model's life; they hold pointers to the
-    weights, so weights must be updated in place (load_state_dict does).
+    weights, so weights must be updated in place (load_state_dict does). With batch B the
+    rows are B sequences decoded together (runtime/engine.py); the backend's attend() then
+    gets q [B, H_q, D], k, v [B, H_kv, D] and positions [B] and answers [B, H_q, D].
     """
 
-    def __init__(self, net: Transformer, capture: bool | None = None) -> None:
+    def __init__(self, net: Transformer, capture: bool | None = None, batch: int = 1) -> None:
         dev = net.embed_tokens.weight.device
         self.net = net
         self.capture = dev.type == "cuda" if capture is None else capture
         if self.capture and dev.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device; use capture=False")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         cfg = net.config
-        self.ids = torch.zeros(1, dtype=torch.long, device=dev)  # [1] the token
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # [1] its position
-        self.o = torch.zeros(1, cfg.n_heads, cfg.head_dim, dtype=net.embed_tokens.weight.dtype,
-                             device=dev)  # [1, H_q, D] the attention output fed to the next segment
+        self.batch = batch
+        self.ids = torch.zeros(batch, dtype=torch.long, device=dev)  # [B] the tokens
+        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)  # [B] their positions
+        self.o = torch.zeros(batch, cfg.n_heads, cfg.head_dim, dtype=net.embed_tokens.weight.dtype,
+                             device=dev)  # [B, H_q, D] the attention output fed to the next segment
         self._segments = self._build_segments()
         self._live: list[tuple[Tensor, ...]] = []  # each segment's outputs (the graphs' once captured)
         self._graphs: list[torch.cuda.CUDAGraph] = []
@@ -63,7 +69,7 @@ class DecodeGraphs:
         state: dict[str, Tensor] = {}
 
         def first() -> tuple[Tensor, ...]:
-            x = net.embed_tokens(self.ids)  # [1, hidden]
+            x = net.embed_tokens(self.ids)  # [B, hidden]
             state["cos"], state["sin"] = net.rope(self.pos)
             return (x, *net.layers[0].pre(x, state["cos"], state["sin"]))
 
@@ -83,7 +89,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def step(self, token: Tensor, position: Tensor, backend: AttentionBackend) -> Tensor:
-        """token [1] long, position [1] long (on the model's device) -> logits [1, V] fp32."""
+        """token [B] long, position [B] long (on the model's device) -> logits [B, V] fp32
+        (B = batch; the logits are this object's buffer once captured: copy what you keep)."""
         self.ids.copy_(token)
         self.pos.copy_(position)
         if self.capture and not self._graphs:

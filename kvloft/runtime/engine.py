@@ -1,0 +1,292 @@
+"""Batched decode: B sessions of one model, one token each, in one forward pass.
+
+    engine = kvloft.Engine(model, max_batch=32)
+    logits = engine.step([(s1, t1), (s2, t2), ...])        # [B, V] fp32, row b for pair b
+    out = engine.generate([s1, s2, s3], max_new_tokens=32)  # greedy: list[list[int]] per session
+
+Each session keeps its own tiers, retriever and length. A step is planned on the CPU
+(runtime/step_plan.py), then run (DESIGN.md, One decode step):
+
+    x = embed(tokens) [B, hidden]; cos, sin = rope(positions [B])
+    per layer: q, k, v = block.pre(x) for all B rows at once (one GEMM per projection)
+               o[b] = backend_b.attend(layer, q[b:b+1], k[b:b+1], v[b:b+1], positions[b:b+1])
+                      (the session's own decode route: dense, or static tier + retrieval)
+               x = block.post(x, o) for all B rows at once
+    logits = head(x) [B, V]
+
+That is Transformer.forward over B tokens with RowAttention as its backend. On CUDA the
+dense parts between attention calls replay as CUDA graphs (runtime/graphs.py, DecodeGraphs
+with batch rows; Engine's `graphs`), the batch padded to the next power of two.
+
+Afterwards each session is as if session.step(token) had run on it alone: tokens, last
+logits, timing counters (decode_s gets the whole batched step: the latency it saw). The
+batched projections round differently from one-row ones (another GEMM blocking), so logits
+equal a session's own step up to fp32 rounding, not bit for bit.
+
+A step is atomic over the batch: every session is marked first (Session._mark) and, if the
+step raises (a NonFiniteError in some row's logits, any error in a row's attention), every
+session of the batch is rolled back and stays usable; the error names the failing rows.
+Sessions join and leave a batch by being in the list or not: nothing is kept between steps.
+The engine is the sessions' batched decode path: it uses their own checks, marks, rollback
+and counters (Session's underscore members, as Session.step does), so both paths stay one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.graphs import DecodeGraphs
+from kvloft.runtime.inputs import generation_stops
+from kvloft.runtime.loader import Model
+from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.session import Session
+from kvloft.runtime.step_plan import StepPlan, plan_step
+
+__all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
+
+MAX_BATCH_LIMIT = 4096  # max_batch above this is refused (per-step CPU plan, [B, V] logits)
+GRAPH_MODES = ("auto", "off", "segments")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _token(t: Any) -> int:
+    """A token id given as a Python int or a 0-dim integer tensor."""
+    if isinstance(t, Tensor) and t.dim() == 0 and not t.is_floating_point() and t.dtype != torch.bool:
+        return int(t)
+    if not _is_int(t):
+        raise TypeError(f"a token must be an int (or a 0-dim integer tensor), got {type(t).__name__} {t!r}")
+    return t
+
+
+class RowAttention:
+    """The attention backend of a batched step: row b of q, k, v goes through backends[b], its
+    session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros."""
+
+    def __init__(self, backends: list[Any], order: Tensor) -> None:
+        self.backends = backends
+        self.order = order  # [B] the pair each row came from, for error notes
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q [B', H_q, D], k/v [B', H_kv, D] (rotated keys), positions [B'] -> out [B', H_q, D]
+        (B' >= B rows; each backend gets its row as a one-token decode step)."""
+        n = len(self.backends)
+        o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
+        for b, be in enumerate(self.backends):
+            try:
+                o[b : b + 1] = be.attend(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
+            except Exception as e:
+                e.add_note(f"in row {b} of the batched step (pair {int(self.order[b])}, layer {layer}, "
+                           f"position {int(positions[b])})")
+                raise
+        return o
+
+
+class Engine:
+    """Decodes many sessions of `model` together, up to `max_batch` per step.
+
+    graphs: "auto" replays the step's dense parts (embedding, projections, MLP, head) as CUDA
+    graphs on a CUDA model, one set per padded batch size (runtime/graphs.py; attention runs
+    eagerly between them, per row), and runs eagerly elsewhere; "off" runs eagerly everywhere;
+    "segments" runs the graphed path's segments eagerly (how it is tested without CUDA).
+    """
+
+    def __init__(self, model: Model, max_batch: int = 32, graphs: str = "auto") -> None:
+        if not isinstance(model, Model):
+            raise TypeError(f"Engine needs a model from kvloft.load_model(...), got {type(model).__name__}")
+        if not _is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch must be an int in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
+        self.model = model
+        self.max_batch = max_batch
+        self.graphs = graphs
+        self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
+
+    @property
+    def _use_graphs(self) -> bool:
+        return self.graphs == "segments" or (self.graphs == "auto" and self.model.device.type == "cuda")
+
+    # ---- validation (before anything changes) ----------------------------------------------
+
+    def _check_sessions(self, sessions: Sequence[Any], what: str) -> None:
+        """Sessions of this model, plain Session decode path, each once, at most max_batch."""
+        if not sessions:
+            raise ValueError(f"{what} needs at least one session")
+        if len(sessions) > self.max_batch:
+            raise ValueError(f"{what} got {len(sessions)} sessions, over max_batch={self.max_batch}; "
+                             "split them over several calls or make an Engine with a larger max_batch")
+        seen: dict[int, int] = {}
+        for b, s in enumerate(sessions):
+            if not isinstance(s, Session):
+                raise TypeError(f"{what}: item {b} must be a kvloft.Session, got {type(s).__name__}")
+            if type(s)._forward is not Session._forward:
+                raise TypeError(f"{what}: session {b} is a {type(s).__name__}, which runs its own forward "
+                                "pass; decode it alone with session.step()")
+            if s.model is not self.model:
+                raise ValueError(f"{what}: session {b} belongs to another model object ({s.model.source}) than "
+                                 f"this engine's ({self.model.source}; each load_model call makes a new one); "
+                                 "step it with an Engine made for its model: kvloft.Engine(session.model)")
+            if id(s) in seen:
+                raise ValueError(f"{what}: session {b} is the same session as item {seen[id(s)]}; a session "
+                                 "appends one token per step: pass each session once")
+            seen[id(s)] = b
+            if s.last_logits is None:
+                raise ValueError(f"{what}: session {b} has no context; feed it a prompt first")
+
+    def _check_pairs(self, pairs: Sequence[Any]) -> list[tuple[Session, int]]:
+        if not isinstance(pairs, Sequence) or isinstance(pairs, (str, bytes)):
+            raise TypeError(f"step takes a list of (session, token) pairs, got {type(pairs).__name__}")
+        for b, p in enumerate(pairs):
+            if not isinstance(p, (tuple, list)) or len(p) != 2:
+                raise TypeError(f"step: item {b} must be a (session, token) pair, got {p!r}")
+        self._check_sessions([s for s, _ in pairs], "step")
+        out = []
+        for b, (s, t) in enumerate(pairs):
+            try:
+                tok = s._to_ids([_token(t)])[0]  # range-checked against the vocabulary
+                s._check_capacity(1)  # max_context, host budget, disk space, dense growth
+            except (TypeError, ValueError) as e:
+                e.add_note(f"in pair {b} of the step (a session of {len(s)} tokens); no session was changed")
+                raise
+            out.append((s, tok))
+        return out
+
+    # ---- a step --------------------------------------------------------------------------
+
+    def plan(self, pairs: Sequence[tuple[Session, int]]) -> StepPlan:
+        """The plan step(pairs) would run (checked as step checks; changes nothing)."""
+        return plan_step(self._check_pairs(pairs))
+
+    def step(self, pairs: Sequence[tuple[Session, int]]) -> Tensor:
+        """Append token t_b to session s_b for each pair, all in one forward pass.
+
+        Returns logits [B, V] fp32 of each session's next token, row b for pair b (each row is
+        also the session's last_logits). Refused before anything changes: an empty list, more
+        than max_batch pairs, a session twice, an unfed session, a session of another model.
+        If the step raises, every session of the batch is rolled back (the error names the row)."""
+        checked = self._check_pairs(pairs)
+        sessions = [s for s, _ in checked]
+        marks = [s._mark() for s in sessions]
+        try:
+            return self._step(plan_step(checked), sessions)
+        except (Exception, KeyboardInterrupt) as e:
+            self._rollback(sessions, marks, e)
+            raise
+
+    def _step(self, plan: StepPlan, sessions: list[Session]) -> Tensor:
+        t0 = time.perf_counter()
+        rows = [sessions[int(i)] for i in plan.order]
+        logits = self._forward(plan, rows)  # [B, V] in plan order
+        self._check_finite(plan, rows, logits)
+        dt = time.perf_counter() - t0
+        out = torch.empty_like(logits)
+        out[plan.order.to(logits.device)] = logits
+        for b, s in enumerate(rows):
+            s._last_logits = logits[b].clone()
+            s._times["decode_s"] += dt
+            s._times["decode_tokens"] += 1
+            s.tokens.append(int(plan.tokens[b]))
+        return out
+
+    def _forward(self, plan: StepPlan, rows: list[Session]) -> Tensor:
+        """The model over plan.tokens [B] at plan.positions [B], each row attending through its
+        session's backend -> logits [B, V] fp32 (row b = plan row b)."""
+        backends = [s.backend for s in rows]
+        for be in backends:
+            if isinstance(be, TieredAttention):
+                be.decoding = True  # as Session._decode_one: the decode route of each layer
+        dev, n = self.model.device, plan.batch
+        attention = RowAttention(backends, plan.order)
+        if not self._use_graphs:
+            return self.model.net(plan.tokens.to(dev), plan.positions.to(dev), attention)
+        graphs = self._graphs_for(n)
+        ids = torch.zeros(graphs.batch, dtype=torch.long)  # rows past B: padding, token 0 at 0
+        pos = torch.zeros(graphs.batch, dtype=torch.long)
+        ids[:n], pos[:n] = plan.tokens, plan.positions
+        return graphs.step(ids.to(dev), pos.to(dev), attention)[:n]
+
+    def _graphs_for(self, n: int) -> DecodeGraphs:
+        """The step's segments for n rows, padded to the next power of two (at most max_batch),
+        so that at most log2(max_batch) + 1 sets of graphs are ever captured."""
+        bucket = min(1 << (n - 1).bit_length(), self.max_batch)
+        graphs = self._graphs.get(bucket)
+        if graphs is None:
+            capture = self.graphs == "auto" and self.model.device.type == "cuda"
+            graphs = self._graphs[bucket] = DecodeGraphs(self.model.net, capture=capture, batch=bucket)
+        return graphs
+
+    def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
+        """NonFiniteError naming every row whose logits hold NaN/inf (one host sync)."""
+        ok = torch.isfinite(logits).all(dim=-1).cpu()  # [B]
+        if bool(ok.all()):
+            return
+        bad = [b for b in range(len(rows)) if not ok[b]]
+        first = rows[bad[0]]
+        msg = first._nonfinite_message(f"decode step of token {int(plan.positions[bad[0]])}")
+        which = ", ".join(f"pair {int(plan.order[b])} (position {int(plan.positions[b])})" for b in bad)
+        raise NonFiniteError(f"batched decode step: {which} failed: {msg}; every session of the batch "
+                             "was rolled back")
+
+    @staticmethod
+    def _rollback(sessions: list[Session], marks: list[dict[str, Any]], error: BaseException) -> None:
+        for b, (s, m) in enumerate(zip(sessions, marks, strict=True)):
+            try:
+                s._rollback(m)
+            except Exception as e2:  # noqa: BLE001 -- the original error stays the one raised
+                error.add_note(f"session {b} could not be rolled back ({type(e2).__name__}: {e2}); "
+                               "call its reset()")
+
+    # ---- greedy generation ---------------------------------------------------------------
+
+    def generate(self, sessions: Sequence[Session], max_new_tokens: int = 32,
+                 stop_at_eos: bool = True) -> list[list[int]]:
+        """Greedy decoding of every session together: per session, the tokens appended (an EOS
+        ends a session's list, unappended, as Session.generate does; the others go on). The
+        call is atomic: if any step raises, every session is back where the call found it."""
+        if isinstance(sessions, Session) or not isinstance(sessions, Sequence):
+            raise TypeError(f"generate takes a list of sessions, got {type(sessions).__name__}")
+        generation_stops(max_new_tokens, 0.0, 1.0, None, None)
+        if not isinstance(stop_at_eos, bool):
+            raise TypeError(f"stop_at_eos must be a bool, got {type(stop_at_eos).__name__}")
+        sessions = list(sessions)
+        self._check_sessions(sessions, "generate")
+        marks = [s._mark() for s in sessions]
+        try:
+            return self._generate(sessions, max_new_tokens, stop_at_eos)
+        except (Exception, KeyboardInterrupt) as e:
+            self._rollback(sessions, marks, e)
+            raise
+
+    def _generate(self, sessions: list[Session], max_new_tokens: int, stop_at_eos: bool) -> list[list[int]]:
+        tok = self.model.tokenizer
+        eos = set(tok.eos_ids if tok else self.model.config.eos_token_ids) if stop_at_eos else set()
+        out: list[list[int]] = [[] for _ in sessions]
+        live = list(range(len(sessions)))
+        nxt = self._greedy(sessions)
+        for _ in range(max_new_tokens):
+            live = [i for i in live if nxt[i] not in eos]
+            if not live:
+                break
+            logits = self.step([(sessions[i], nxt[i]) for i in live])  # [len(live), V]
+            for i, row in zip(live, logits.argmax(dim=-1).tolist(), strict=True):
+                out[i].append(nxt[i])
+                nxt[i] = row
+        return out
+
+    def _greedy(self, sessions: list[Session]) -> list[int]:
+        """argmax of each session's last logits (checked finite, as Session's sampling does)."""
+        logits = torch.stack([s.last_logits for s in sessions]).float()  # [B, V]
+        ok = torch.isfinite(logits).all(dim=-1).cpu()
+        if not bool(ok.all()):
+            b = int((~ok).nonzero()[0])
+            raise NonFiniteError(sessions[b]._nonfinite_message(f"decode step of token {len(sessions[b]) - 1}"))
+        return logits.argmax(dim=-1).tolist()

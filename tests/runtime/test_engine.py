@@ -1,0 +1,380 @@
+"""The batched decode engine: B sessions in one forward pass equal each session decoded alone.
+
+Greedy tokens token for token, logits to fp32 rounding (batched projections block their GEMMs
+differently from one-row ones), stats and tier state exactly; sessions joining and leaving;
+a failed step rolls every session back; the step plan against what the tiers then hold."""
+
+import copy
+import dataclasses
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from kvloft import CacheConfig, Engine, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.runtime.graphs import DecodeGraphs
+from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.step_plan import decode_append
+
+RUNTIME = RuntimeConfig(prefill_chunk=256, progress=False)
+HIP = {"chunk_sizes": [16, 4], "kept_tokens": [64, 24], "refresh_steps": [4, 2], "chunk_rows": 64}
+CONFIGS = {
+    "dense": RetrievalConfig(method="dense"),
+    "exact": RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=32),
+    "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options=HIP),
+    "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32),
+    "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 3}),
+    # extrapolate mode: select() is asked for budget // (2 * neighbor_radius + 1) keys
+    "hip-extrapolate": RetrievalConfig(method="hip", budget=40, n_sink=4, n_window=32, position_mode="extrapolate",
+                                       neighbor_radius=1, options=HIP),
+}
+LOGIT_TOL = 1e-5  # relative (norm) error of a batched step's logits against the same step alone
+POISON = 7  # a token id whose embedding row is made NaN
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A batched step's projections are GEMMs of a few rows, which torch splits over threads;
+    on a busy small CPU those threads wait on each other (a 3-row projection of the tiny model
+    took 100x its one-thread time on a shared 2-core machine, a one-row one 3x). One thread
+    keeps these tests' time to their work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu", dtype="float32", seed=5)
+
+
+def _prompt(n, seed):
+    return torch.randint(8, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _session(model, method, n, seed, evict_batch=0):
+    s = Session(model, CONFIGS[method], RUNTIME, CacheConfig(host_chunk_tokens=64, evict_batch=evict_batch))
+    s.feed(_prompt(n, seed))
+    return s
+
+
+def _twins(model, specs, tmp_path):
+    """Two identical sets of fed sessions, one per (method, prompt length) in specs: each fed
+    once and its twin restored from a save (kvloft.runtime.persist), which is cheaper than a
+    second prefill and holds the same tiers, index state and counters."""
+    first, second = [], []
+    for seed, (method, n) in enumerate(specs):
+        s = _session(model, method, n, seed)
+        s.save(tmp_path / f"twin{seed}")
+        first.append(s)
+        second.append(Session.load(tmp_path / f"twin{seed}", model, runtime=RUNTIME))
+    assert [_state(s) for s in first] == [_state(s) for s in second]
+    return first, second
+
+
+def _state(s: Session):
+    """Everything a step changes, timings aside: tokens, counters, tiers, retriever state."""
+    st = copy.deepcopy(s.stats())
+    st.pop("timings_s")
+    st.pop("decode_ms_per_tok", None)
+    st.pop("prefill_tok_per_s", None)
+    mark = s._mark()["backend"]
+    layers = mark if isinstance(mark, int) else [{k: v for k, v in m.items() if k != "summary"}
+                                                 for m in mark["layers"]]
+    return s.tokens[:], s._times["decode_tokens"], st, layers
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _greedy_alone(s: Session, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        t = int(s.last_logits.argmax())
+        s.step(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("specs", [
+    [("dense", 300), ("exact", 700), ("hip", 1100)],
+    [("tokenselect", 300), ("exact", 700), ("dense", 1100)],
+], ids=["dense-exact-hip", "tokenselect-exact-dense"])
+def test_batched_decode_equals_each_session_alone(tiny, specs, tmp_path):
+    alone, batched = _twins(tiny, specs, tmp_path)
+    assert all(s.stats()["tier_tokens"]["host"] > 200 for s in batched if s.retrieval.method != "dense")
+    want = [_greedy_alone(s, 8) for s in alone]
+    got = Engine(tiny).generate(batched, max_new_tokens=8, stop_at_eos=False)
+    assert got == want
+    # teacher-forced steps: each batched row's logits against the same step alone
+    for step in range(4):
+        toks = [(step * 37 + 11 * b) % 512 for b in range(len(specs))]
+        logits = Engine(tiny).step(list(zip(batched, toks, strict=True)))
+        assert logits.shape == (len(specs), tiny.config.vocab_size) and logits.dtype == torch.float32
+        for b, (s, t) in enumerate(zip(alone, toks, strict=True)):
+            ref = s.step(t)
+            assert _rel(logits[b], ref) < LOGIT_TOL, (step, b, _rel(logits[b], ref))
+            assert torch.equal(batched[b].last_logits, logits[b])
+    for a, b in zip(alone, batched, strict=True):
+        assert _state(b) == _state(a)
+
+
+def test_sessions_on_the_overlap_scheduler_batch_like_alone(tiny):
+    """ScheduledAttention (scheduler/overlap.py: GPU row cache, planned fetches) is a session's
+    decode route too: rows through it equal the same sessions stepped alone."""
+    rt = RuntimeConfig(prefill_chunk=256, progress=False, scheduler="overlap")
+    cache = CacheConfig(host_chunk_tokens=64)
+    twins = []
+    for _ in range(2):
+        pair = [Session(tiny, CONFIGS["exact"], rt, cache), Session(tiny, CONFIGS["hip"], rt, cache)]
+        for seed, (s, n) in enumerate(zip(pair, (300, 420), strict=True)):
+            s.feed(_prompt(n, seed))
+        twins.append(pair)
+    alone, batched = twins
+    assert type(batched[0].backend).__name__ == "ScheduledAttention"
+    assert Engine(tiny).generate(batched, 6, stop_at_eos=False) == [_greedy_alone(s, 6) for s in alone]
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+
+
+def test_sessions_join_and_leave_between_steps(tiny, tmp_path):
+    specs = [("exact", 200), ("hip", 260), ("dense", 150)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    engine = Engine(tiny, max_batch=3)
+    members = {0: range(5), 1: range(9), 2: range(3, 9)}  # session 2 joins at 3, 0 leaves at 5
+    fed = [[] for _ in specs]
+    for step in range(9):
+        live = [b for b in range(3) if step in members[b]]
+        toks = [(step * 13 + 5 * b + 9) % 512 for b in live]
+        logits = engine.step([(batched[b], t) for b, t in zip(live, toks, strict=True)])
+        for row, (b, t) in enumerate(zip(live, toks, strict=True)):
+            fed[b].append(t)
+            assert _rel(logits[row], alone[b].step(t)) < LOGIT_TOL
+    for b in range(3):
+        assert batched[b].tokens[-len(fed[b]):] == fed[b]
+        assert _state(batched[b]) == _state(alone[b])
+
+
+@contextmanager
+def _nan_row(model, token):
+    w = model.net.embed_tokens.weight
+    old = w[token].clone()
+    with torch.no_grad():
+        w[token] = float("nan")
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            w[token] = old
+
+
+def test_a_non_finite_row_rolls_back_every_session(tiny, tmp_path):
+    specs = [("dense", 120), ("exact", 150), ("hip", 180)]
+    clean, sessions = _twins(tiny, specs, tmp_path)
+    engine = Engine(tiny)
+    for step in range(3):  # some decode state first (rollback marks taken mid-decode)
+        engine.step([(s, 20 + step) for s in sessions])
+        for s in clean:
+            s.step(20 + step)
+    before = [(_state(s), s.last_logits.clone()) for s in sessions]
+    with _nan_row(tiny, POISON), pytest.raises(NonFiniteError, match=r"pair 1 \(position 153\)") as e:
+        engine.step([(sessions[0], 30), (sessions[1], POISON), (sessions[2], 31)])
+    assert "every session of the batch was rolled back" in str(e.value)
+    for s, (st, logits) in zip(sessions, before, strict=True):
+        assert _state(s) == st
+        assert torch.equal(s.last_logits, logits)
+    # usable and unchanged: the next steps equal the clean twins'
+    assert engine.generate(sessions, 6, stop_at_eos=False) == [_greedy_alone(s, 6) for s in clean]
+    for a, b in zip(clean, sessions, strict=True):
+        assert _state(b) == _state(a)
+
+
+def test_an_error_in_one_rows_attention_rolls_back_all(tiny, monkeypatch, tmp_path):
+    specs = [("exact", 150), ("hip", 180)]
+    clean, sessions = _twins(tiny, specs, tmp_path)
+    before = [_state(s) for s in sessions]
+    real = sessions[1].backend.attend
+
+    def failing(layer, *args):
+        if layer == 1:  # layer 0 of every row has appended its token by now
+            raise RuntimeError("attention failed")
+        return real(layer, *args)
+
+    monkeypatch.setattr(sessions[1].backend, "attend", failing)
+    with pytest.raises(RuntimeError, match="attention failed") as e:
+        Engine(tiny).generate(sessions, 3)
+    assert any("row 1 of the batched step" in n for n in e.value.__notes__)
+    assert [_state(s) for s in sessions] == before
+    monkeypatch.undo()
+    assert Engine(tiny).generate(sessions, 4, stop_at_eos=False) == [_greedy_alone(s, 4) for s in clean]
+
+
+def test_generate_stops_a_session_at_eos_and_goes_on_with_the_others(tiny, monkeypatch, tmp_path):
+    alone, batched = _twins(tiny, [("exact", 150), ("dense", 120)], tmp_path)
+    first = _greedy_alone(alone[0], 1)[0]  # session 0's first greedy token, declared an EOS
+    monkeypatch.setattr(tiny, "config", dataclasses.replace(tiny.config, eos_token_ids=(first,)))
+    got = Engine(tiny).generate(batched, max_new_tokens=5)
+    assert got[0] == [] and len(batched[0]) == 150
+    assert got[1] == _greedy_alone(alone[1], 5)
+
+
+# ---- the step plan --------------------------------------------------------------------------
+
+
+def test_decode_append_follows_the_ring():
+    # (sink_fill, ring_fill, ring_head), n_sink=2, n_window=4 -> (rows down, static rows after)
+    assert decode_append({"sink_fill": 1, "ring_fill": 0, "ring_head": 0}, 2, 4, 0) == (0, 2)
+    assert decode_append({"sink_fill": 2, "ring_fill": 3, "ring_head": 0}, 2, 4, 0) == (0, 6)
+    assert decode_append({"sink_fill": 2, "ring_fill": 4, "ring_head": 1}, 2, 4, 0) == (1, 6)
+    assert decode_append({"sink_fill": 2, "ring_fill": 5, "ring_head": 0}, 2, 4, 3) == (0, 8)
+    assert decode_append({"sink_fill": 2, "ring_fill": 7, "ring_head": 0}, 2, 4, 3) == (3, 7)
+
+
+def test_plan_matches_what_the_tiers_do(tiny):
+    """Scripted sequences through the sink filling, the ring wrapping (evict_batch 0) and batched
+    evictions (evict_batch 5): the plan's rows per tier, evictions, HiP's stage refreshes and
+    Recycled's full steps equal the tiers' and the retrievers' after each step; budgets held."""
+    sessions = [_session(tiny, "exact", 2, 0), _session(tiny, "exact", 40, 1, evict_batch=5),
+                _session(tiny, "hip", 120, 2), _session(tiny, "dense", 30, 3), _session(tiny, "recycled", 60, 4),
+                _session(tiny, "hip-extrapolate", 150, 5)]
+    engine, hkv, n_layers = Engine(tiny), tiny.config.n_kv_heads, tiny.config.n_layers
+    seen = {"evict": set(), "refresh": set(), "full": set()}
+    for step in range(40):
+        pairs = [(s, (step * 7 + b) % 512) for b, s in enumerate(sessions)]
+        plan = engine.plan(pairs)
+        assert plan.tokens.tolist() == [t for _, t in pairs]
+        assert plan.positions.tolist() == [len(s) for s in sessions]
+        selected = [s.backend.retriever.stats()["selected"] if b != 3 else 0 for b, s in enumerate(sessions)]
+        full_steps = sessions[4].backend.retriever.full_steps
+        engine.step(pairs)
+        for b, s in enumerate(sessions):
+            if b == 3:  # dense: every token on the device
+                assert (plan.n_static[b], plan.n_host[b], plan.evicts[b]) == (len(s), 0, 0)
+                assert plan.refresh[0][b] is None and not plan.searches[b]
+                continue
+            for layer in range(n_layers):
+                t = s.backend.cache[layer]
+                assert (t.n_static, t.n_host) == (plan.n_static[b], plan.n_host[b]), (step, b, layer)
+            cap = t.n_sink + t.n_window + t.evict_batch
+            assert plan.n_static[b] <= cap and plan.n_static[b] + plan.n_host[b] == len(s)
+            full = b == 4 and any(plan.refresh[layer][b] == (True,) for layer in range(n_layers))
+            assert plan.max_rows[b] == (plan.n_host[b] if full else min(s.retrieval.budget, plan.n_host[b]))
+            got = s.backend.retriever.stats()["selected"] - selected[b]
+            assert got <= n_layers * hkv * int(plan.max_rows[b])
+            seen["evict"].add(int(plan.evicts[b]))
+            if b in (2, 5):
+                for layer in range(n_layers):
+                    assert plan.refresh[layer][b] == s.backend.retriever.state[layer].refreshed, (step, layer)
+                    seen["refresh"].add(plan.refresh[layer][b])
+            elif b == 4:  # recycled, stride 3: the plan's full steps are the ones it ran
+                fulls = [plan.refresh[layer][b] for layer in range(n_layers)]
+                assert sum(f == (True,) for f in fulls) == s.backend.retriever.full_steps - full_steps
+                assert all(f in ((True,), (False,)) for f in fulls)
+                seen["full"].add(fulls[0])
+            else:
+                assert all(plan.refresh[layer][b] is None for layer in range(n_layers))
+    assert seen["evict"] == {0, 1, 5}  # every kind of step was planned and checked
+    assert len(seen["refresh"]) >= 2 and seen["full"] == {(True,), (False,)}
+
+
+# ---- refusals (before anything changes) -------------------------------------------------
+
+
+def test_refusals_leave_every_session_as_it_was(tiny):
+    a, b = _session(tiny, "exact", 100, 0), _session(tiny, "dense", 80, 1)
+    before = [_state(a), _state(b)]
+    engine = Engine(tiny, max_batch=2)
+    with pytest.raises(ValueError, match="same session"):
+        engine.step([(a, 1), (a, 3)])
+    with pytest.raises(ValueError, match="feed it a prompt first"):
+        engine.step([(a, 1), (Session(tiny, CONFIGS["exact"], RUNTIME), 2)])
+    other = load_model("tiny", device="cpu", dtype="float32", seed=6)
+    with pytest.raises(ValueError, match=r"another model.*kvloft\.Engine\(session\.model\)"):
+        engine.step([(a, 1), (_session(other, "dense", 20, 0), 2)])
+    with pytest.raises(ValueError, match="over max_batch=2"):
+        engine.step([(a, 1), (b, 2), (_session(tiny, "dense", 20, 0), 3)])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)") as e:
+        engine.step([(a, 1), (b, 512)])
+    assert "in pair 1 of the step" in e.value.__notes__[0]
+    full = Session(tiny, CONFIGS["dense"], RUNTIME, CacheConfig(max_context=20))
+    full.feed(_prompt(20, 2))
+    with pytest.raises(ValueError, match="over max_context=20"):
+        engine.step([(a, 1), (full, 2)])
+    with pytest.raises(TypeError, match="must be an int"):
+        engine.step([(a, 1.0)])
+    with pytest.raises(TypeError, match="pair"):
+        engine.step([a])
+    with pytest.raises(ValueError, match="at least one session"):
+        engine.step([])
+    with pytest.raises(TypeError, match="list of sessions"):
+        engine.generate(a)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        engine.generate([a], max_new_tokens=-1)
+    assert [_state(a), _state(b)] == before
+    with pytest.raises(ValueError, match=r"max_batch must be an int in \[1, "):
+        Engine(tiny, max_batch=0)
+    with pytest.raises(TypeError, match="load_model"):
+        Engine("tiny")
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_alone(smollm2_gguf, tmp_path):
+    model = load_model("smollm2", device="cpu")
+    text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step. "
+    rcfgs = {"dense": RetrievalConfig(method="dense"),
+             "exact": RetrievalConfig(method="exact", budget=32, n_sink=4, n_window=32),
+             "hip": RetrievalConfig(method="hip", budget=32, n_sink=4, n_window=32, options=HIP)}
+    alone, batched = [], []
+    for reps, method in ((2, "dense"), (4, "exact"), (6, "hip")):
+        s = Session(model, rcfgs[method], RUNTIME, CacheConfig(host_chunk_tokens=64))
+        s.feed(text * reps + "Repeat the first sentence:")
+        s.save(tmp_path / method)  # its twin restored, not fed again
+        alone.append(s)
+        batched.append(Session.load(tmp_path / method, model, runtime=RUNTIME))
+    want = [_greedy_alone(s, 4) for s in alone]
+    assert Engine(model).generate(batched, max_new_tokens=4, stop_at_eos=False) == want
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        (tok_a, n_a, st_a, tiers_a), (tok_b, n_b, st_b, tiers_b) = _state(a), _state(b)
+        assert (tok_b, n_b, st_b.get("tier_tokens"), tiers_b) == (tok_a, n_a, st_a.get("tier_tokens"), tiers_a)
+
+
+def test_graphed_segments_pad_the_batch_and_equal_the_eager_step(tiny, tmp_path):
+    """graphs="segments": the CUDA-graph path's segments run eagerly (as without CUDA), the batch
+    padded to a power of two (at most max_batch); sessions equal their own steps alone."""
+    specs = [("dense", 120), ("exact", 150), ("hip", 180)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    engine = Engine(tiny, max_batch=6, graphs="segments")
+    assert engine.generate(batched, 5, stop_at_eos=False) == [_greedy_alone(s, 5) for s in alone]
+    assert sorted(engine._graphs) == [4]  # 3 rows padded to 4
+    logits = engine.step([(batched[0], 3), (batched[2], 4)])  # 2 rows: a batch of 2, no padding
+    assert sorted(engine._graphs) == [2, 4] and logits.shape == (2, tiny.config.vocab_size)
+    for row, (b, t) in enumerate(((0, 3), (2, 4))):
+        assert _rel(logits[row], alone[b].step(t)) < LOGIT_TOL
+    for a, b in zip(alone, batched, strict=True):
+        assert _state(b) == _state(a)
+    assert Engine(tiny, max_batch=6, graphs="segments")._graphs_for(5).batch == 6  # capped at max_batch
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        Engine(tiny, graphs="on")
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        DecodeGraphs(tiny.net, capture=False, batch=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["auto", "off"])
+def test_cuda_batched_decode_equals_each_session_alone(tmp_path, graphs):
+    """On CUDA (Triton kernels, pinned host tier, batched evictions; sessions alone replay their
+    own CUDA graphs): the batched step, graphed or eager, equals each session's own steps."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    specs = [("dense", 300), ("exact", 700), ("hip", 1100)]
+    alone, batched = _twins(model, specs, tmp_path)
+    engine = Engine(model, max_batch=4, graphs=graphs)
+    want = [_greedy_alone(s, 80) for s in alone]  # past evict_batch (64 on CUDA): rows move down
+    assert engine.generate(batched, 80, stop_at_eos=False) == want
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+    assert bool(engine._graphs) == (graphs == "auto")
