@@ -14,7 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from kvloft.kernels.rowquant import dequantize_rows
 from kvloft.tiers.chunked import ChunkedRows
+from kvloft.tiers.packed import PackedRows
 from kvloft.tiers.kvcache import LayerTiers
 
 __all__ = ["gather_token_rows", "stream_host_chunks", "top_block_rows"]
@@ -68,9 +70,13 @@ def _hand_over(compute, free: list, b: int, kb: Tensor, vb: Tensor, ready) -> It
     free[b].record(compute)  # the caller's kernels on buffer b are queued by now
 
 
-def gather_token_rows(store: ChunkedRows, rows: Tensor) -> Tensor:
+def gather_token_rows(store: ChunkedRows | PackedRows, rows: Tensor) -> Tensor:
     """Whole rows of a chunked store: rows [n] int64, ascending, in [0, len(store)) ->
-    [n, *row_shape] on the store's device; one index_select per chunk touched."""
+    [n, *row_shape] on the store's device; one index_select per chunk touched. An 8-bit
+    store's codes and scales are gathered so, then dequantized (to the store's dtype)."""
+    if isinstance(store, PackedRows):
+        codes, scales = gather_token_rows(store.codes, rows), gather_token_rows(store.scales, rows)
+        return dequantize_rows(codes, scales, store.host_dtype, store.dtype)
     cid = rows // store.chunk_rows
     chunks, counts = torch.unique_consecutive(cid, return_counts=True)
     parts, at = [], 0

@@ -70,7 +70,8 @@ class Session:
             kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
                                host_chunk=self.cache_cfg.host_chunk_tokens, device=m.device, dtype=m.dtype,
                                disk_dir=self.cache_cfg.disk_dir, host_budget=self.runtime.host_memory_budget,
-                               evict_batch=self.cache_cfg.resolved_evict_batch(m.device))
+                               evict_batch=self.cache_cfg.resolved_evict_batch(m.device),
+                               host_dtype=self.cache_cfg.host_dtype)
             retriever = make_retriever(self.retrieval, cfg, m.device)
             if self.runtime.scheduler == "overlap":
                 from kvloft.scheduler.overlap import ScheduledAttention
@@ -140,16 +141,17 @@ class Session:
     def _host_refusal(self, n_new: int, need: int, budget: int) -> str:
         """Why the host tier would pass its budget, with the options that size it."""
         c, r, chunk = self.model.config, self.retrieval, self.cache_cfg.host_chunk_tokens
-        row = 2 * c.n_kv_heads * c.head_dim * torch.finfo(self.model.dtype).bits // 8 + 8
+        row = self.backend.cache.row_bytes  # K, V (model dtype or 8-bit codes + scales) and the position
         per_chunk = chunk * row * c.n_layers
+        kv = str(self.model.dtype)[6:] if self.cache_cfg.host_dtype is None else f"{self.cache_cfg.host_dtype} + scales"
         return (
             f"{len(self.tokens) + n_new} tokens need {fmt_bytes(need)} of host KV memory, over "
             f"host_memory_budget={fmt_bytes(budget)}. The host tier holds every token older than "
             f"n_sink + n_window = {r.n_sink + r.n_window} (RetrievalConfig) and grows by whole chunks of "
             f"CacheConfig.host_chunk_tokens={chunk} tokens, {fmt_bytes(per_chunk)} each over "
-            f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {str(self.model.dtype)[6:]} "
-            "and the position). Lower host_chunk_tokens, raise n_window, raise the budget, feed less, or "
-            "set CacheConfig.disk_dir to spill older chunks to disk"
+            f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {kv} and the position). Lower "
+            "host_chunk_tokens, raise n_window, raise the budget, feed less, set CacheConfig.host_dtype='fp8' "
+            "or 'int8' to halve the host rows, or set CacheConfig.disk_dir to spill older chunks to disk"
         )
 
     def _check_disk_space(self, n_new: int) -> None:
