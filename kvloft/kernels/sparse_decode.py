@@ -170,7 +170,8 @@ def _split_kernel(
             rows = pos.to(tl.int64)
         plain = valid  # rows read in the model dtype; `coded` rows are read as 8-bit codes
         coded = pos < 0  # none
-        k_scale = v_scale = tl.zeros([BLOCK_N], tl.float32)
+        k_scale = tl.zeros([BLOCK_N], tl.float32)
+        v_scale = tl.zeros([BLOCK_N], tl.float32)
         if CHUNKED:  # each row's chunk base from the tables (padding reads chunk 0, masked)
             safe = tl.where(valid, rows, 0)
             ci = safe // chunk_rows

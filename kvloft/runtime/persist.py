@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
+from kvloft.tiers.packed import PackedRows
 
 FORMAT = "kvloft-session"
 FORMAT_VERSION = 2  # 2: the manifest carries the sha256 of its own fields
@@ -179,6 +180,10 @@ def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
     for i, t in enumerate(backend.cache.layers):
         tensors[f"static.{i}.k"], tensors[f"static.{i}.v"], tensors[f"static.{i}.pos"] = t.k, t.v, t.pos
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
+            if isinstance(store, PackedRows):  # 8-bit rows (the manifest's CacheConfig.host_dtype) as stored
+                for c, (_, codes, scales) in enumerate(store.iter_packed()):
+                    tensors[f"host.{i}.{name}.{c}"], tensors[f"host.{i}.{name}.scale.{c}"] = codes, scales
+                continue
             for c, (_, rows) in enumerate(store.iter_chunks()):
                 tensors[f"host.{i}.{name}.{c}"] = rows  # a view of the filled part of chunk c
         layers.append({**t.ring_state(), "evict_batch": t.evict_batch,
@@ -255,7 +260,10 @@ def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
         t.set_ring_state(m["sink_fill"], m["ring_fill"], m["ring_head"])
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
             for c in range(m["host_chunks"]):
-                store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
+                if isinstance(store, PackedRows):
+                    store.append_packed(f.get_tensor(f"host.{i}.{name}.{c}"), f.get_tensor(f"host.{i}.{name}.scale.{c}"))
+                else:
+                    store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
         if t.n_host != m["n_host"] or len(t.host_v) != m["n_host"] or len(t.host_pos) != m["n_host"]:
             raise RuntimeError(f"layer {i}: host tier holds {t.n_host} rows, the manifest says {m['n_host']}")
     backend.load_state_dict(meta)

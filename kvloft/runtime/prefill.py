@@ -16,8 +16,8 @@ from torch import Tensor
 
 from kvloft.kernels.rowquant import dequantize_rows
 from kvloft.tiers.chunked import ChunkedRows
-from kvloft.tiers.packed import PackedRows
 from kvloft.tiers.kvcache import LayerTiers
+from kvloft.tiers.packed import PackedRows
 
 __all__ = ["gather_token_rows", "stream_host_chunks", "top_block_rows"]
 

@@ -85,6 +85,15 @@ class PackedRows:
         self.codes.append(codes)
         self.scales.append(scales)
 
+    def append_packed(self, codes: Tensor, scales: Tensor) -> None:
+        """Rows already packed (a restored session): codes [n, *row_shape], scales [n, H_kv]."""
+        if codes.dtype != self.codes.dtype or codes.shape[1:] != self.row_shape or scales.shape != codes.shape[:2]:
+            raise ValueError(f"packed rows must be {self.codes.dtype} [n, {self.row_shape}] with scales [n, "
+                             f"{self.row_shape[0]}], got {codes.dtype} {tuple(codes.shape)} and {tuple(scales.shape)}; "
+                             f"load them into a store of the host_dtype they were saved with ({self.host_dtype} here)")
+        self.codes.append(codes)
+        self.scales.append(scales.float())
+
     def truncate(self, n: int) -> None:
         self.codes.truncate(n)
         self.scales.truncate(n)
