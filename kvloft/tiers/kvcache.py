@@ -240,6 +240,19 @@ class LayerTiers:
         for (start, kc), (_, vc) in zip(self._host_k.iter_chunks(), self._host_v.iter_chunks()):
             yield start, kc, vc
 
+    def host_chunk_parts(self, stream=None) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
+        """(first row, the stored tensors of each host chunk's filled part), in order: (keys,
+        values) [m, H_kv, D], or with an 8-bit host tier (key codes, key scales [m, H_kv], value
+        codes, value scales) as stored, for a copy of half the bytes (kernels/rowquant.py
+        dequantize_rows makes rows of them). stream: as host_chunk_pairs."""
+        if self.host_dtype is None:
+            for start, kc, vc in self.host_chunk_pairs(stream):
+                yield start, (kc, vc)
+            return
+        self.wait_host(stream)
+        for (start, kc, ks), (_, vc, vs) in zip(self._host_k.iter_packed(), self._host_v.iter_packed()):
+            yield start, (kc, ks, vc, vs)
+
     @property
     def n_static(self) -> int:
         return self.sink_fill + self.ring_fill
