@@ -187,7 +187,7 @@ def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
             for c, (_, rows) in enumerate(store.iter_chunks()):
                 tensors[f"host.{i}.{name}.{c}"] = rows  # a view of the filled part of chunk c
         layers.append({**t.ring_state(), "evict_batch": t.evict_batch,
-                       "n_host": t.n_host, "host_chunks": len(list(t.host_k.iter_chunks()))})
+                       "n_host": t.n_host, "host_chunks": len(list(t.host_pos.iter_chunks()))})
     return {"layers": layers, **backend.state_dict()}
 
 

@@ -271,7 +271,8 @@ class LayerTiers:
         """Forget every token appended since mark(). Evictions move tokens to the host tier in
         age order, so the ring's tokens at the mark are, oldest first, the host rows appended
         since (at most ring_fill of them) and then the oldest tokens of the ring now; they go
-        back to the slots they held. Values are copied, not recomputed: bit for bit."""
+        back to the slots they held. Values are copied, not recomputed: bit for bit (with an
+        8-bit host tier, rows that had gone down come back dequantized)."""
         self.wait_host()
         n_host, ring_fill, head = mark["n_host"], mark["ring_fill"], mark["ring_head"]
         if ring_fill:
