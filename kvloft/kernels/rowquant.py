@@ -74,15 +74,16 @@ def dequantize_rows(codes: Tensor, scales: Tensor, kind: str, dtype: torch.dtype
 class PackedChunks(Sequence):
     """The chunks of a packed row store, read as tensors: item i is chunk i dequantized
     ([R, *row_shape] in `dtype`, a fresh copy: pinned when the codes are, so a GPU can read
-    it in place). Kernels that know the format read `codes` / `scales` instead (no copy):
+    it in place; only the store's first n_rows rows are filled in, the rest is left unset). Kernels that know the format read `codes` / `scales` instead (no copy):
     sparse_decode.gather_attend_chunks does when handed this sequence.
 
     codes: [R, H, D] tensors; scales: [R, H] fp32 tensors, one per chunk; scale_table(device):
     their base addresses (the store's cached table)."""
 
     def __init__(self, codes: list[Tensor], scales: list[Tensor], kind: str, dtype: torch.dtype,
-                 pin: bool, scale_table: Callable[[torch.device], Tensor]) -> None:
+                 pin: bool, scale_table: Callable[[torch.device], Tensor], n_rows: int | None = None) -> None:
         self.codes, self.scales, self.kind, self.dtype = codes, scales, kind, dtype
+        self.n_rows = sum(c.shape[0] for c in codes) if n_rows is None else n_rows
         self.pin = pin
         self.scale_table = scale_table
 
@@ -93,8 +94,11 @@ class PackedChunks(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         c, s = self.codes[i], self.scales[i]
+        i = i % len(self)
+        m = max(0, min(c.shape[0], self.n_rows - i * c.shape[0]))  # filled rows (a chunk's first m)
         out = torch.empty(c.shape, dtype=self.dtype, device=c.device, pin_memory=self.pin)
-        return out.copy_(dequantize_rows(c, s, self.kind, self.dtype))
+        out[:m] = dequantize_rows(c[:m], s[:m], self.kind, self.dtype)
+        return out
 
     def __iter__(self) -> Iterator[Tensor]:
         return (self[i] for i in range(len(self)))

@@ -68,7 +68,7 @@ class PackedRows:
         """The chunks as a sequence of dequantized tensors (each a copy), carrying the codes
         and scales for kernels that read them in place (kernels/rowquant.py PackedChunks)."""
         return PackedChunks(self.codes.chunks, self.scales.chunks, self.host_dtype, self.dtype,
-                            self.codes.pin, self.scales.pointer_table)
+                            self.codes.pin, self.scales.pointer_table, self.n)
 
     def pointer_table(self, device: torch.device) -> Tensor:
         """[n_chunks] int64 base addresses of the codes' chunks (not of model-dtype rows)."""

@@ -29,6 +29,7 @@ def test_packed_rows_read_as_dequantized(kind):
     assert torch.equal(store.all(), want)
     assert torch.equal(torch.cat([c for _, c in store.iter_chunks()]), want)
     assert torch.equal(store.chunks[1], want[CHUNK : 2 * CHUNK])
+    assert torch.equal(store.chunks[2][: 45 - 2 * CHUNK], want[2 * CHUNK :])  # the filled rows of the last
     ids, head = torch.tensor([[0, 44], [20, 6]]), torch.tensor([[2, 0], [1, 1]])
     assert torch.equal(store.rows(ids), want[ids])
     assert torch.equal(store.rows(ids, head), want[ids, head])
