@@ -65,6 +65,25 @@ def test_triton_decode_reads_codes_as_reference(tiny, kind, one_launch):
     s = _session(tiny, kind, rcfg)
     got = _decode(s, prompt, steps, triton=True, one_launch=one_launch)
     assert bool(s.backend._spaces) == one_launch and len(s.backend.cache[0].host_k.chunks) == 3
+    if one_launch:  # the host slots of the table hold codes, read with their scales
+        tables = s.backend._spaces[0].tables
+        assert tables.kind == kind and tables.n_packed == 3 and tables.k_scales is not None
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_extrapolate_decode_reads_codes_as_reference(tiny, monkeypatch):
+    """position_mode="extrapolate": retrieved 8-bit keys are dequantized and rotated in the
+    kernel (gather_attend_chunks over PackedChunks) as the reference does on dequantized rows."""
+    prompt, steps = _tokens(tiny, 100, 12), _tokens(tiny, 2, 13)
+    rcfg = RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=16, position_mode="extrapolate")
+    ref = _decode(_session(tiny, "fp8", rcfg), prompt, steps)
+    from kvloft.kernels import sparse_decode
+
+    calls = []
+    inner = sparse_decode._gather_packed_chunks
+    monkeypatch.setattr(sparse_decode, "_gather_packed_chunks", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    got = _decode(_session(tiny, "fp8", rcfg), prompt, steps, triton=True)
+    assert len(calls) == len(steps) * tiny.config.n_layers  # every decode step's retrieved rows read packed
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -100,6 +119,19 @@ def test_spilled_8bit_session_equals_in_memory(tiny, kind, tmp_path):
     assert b["disk"] > 0 and b["host"] <= budget
     assert s.backend.cache[0].host_k.n_spilled > 0
     assert torch.equal(got, want)
+
+
+def test_overlap_scheduler_over_8bit_rows(tiny):
+    """scheduler="overlap" fetches 8-bit rows (staged: gathered and dequantized on the host) and
+    gives the logits of the plain runtime over the same 8-bit tier."""
+    prompt, steps = _tokens(tiny, 100, 10), _tokens(tiny, 3, 11)
+    rcfg = RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=16)
+    want = _decode(_session(tiny, "int8", rcfg), prompt, steps)
+    s = Session(tiny, rcfg, RuntimeConfig(prefill_chunk=64, progress=False, kernels="reference", scheduler="overlap"),
+                CacheConfig(host_chunk_tokens=32, evict_batch=8, host_dtype="int8"))
+    got = _decode(s, prompt, steps)
+    assert s.backend.scheduler_stats()["fetch"] == "host" and s.backend.engine.rows_moved > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
