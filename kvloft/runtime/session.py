@@ -143,15 +143,17 @@ class Session:
         c, r, chunk = self.model.config, self.retrieval, self.cache_cfg.host_chunk_tokens
         row = self.backend.cache.row_bytes  # K, V (model dtype or 8-bit codes + scales) and the position
         per_chunk = chunk * row * c.n_layers
-        kv = str(self.model.dtype)[6:] if self.cache_cfg.host_dtype is None else f"{self.cache_cfg.host_dtype} + scales"
+        kv, packed = str(self.model.dtype)[6:], "set CacheConfig.host_dtype='fp8' or 'int8' to halve the host rows, "
+        if self.cache_cfg.host_dtype is not None:
+            kv, packed = f"{self.cache_cfg.host_dtype} + scales", ""
         return (
             f"{len(self.tokens) + n_new} tokens need {fmt_bytes(need)} of host KV memory, over "
             f"host_memory_budget={fmt_bytes(budget)}. The host tier holds every token older than "
             f"n_sink + n_window = {r.n_sink + r.n_window} (RetrievalConfig) and grows by whole chunks of "
             f"CacheConfig.host_chunk_tokens={chunk} tokens, {fmt_bytes(per_chunk)} each over "
             f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {kv} and the position). Lower "
-            "host_chunk_tokens, raise n_window, raise the budget, feed less, set CacheConfig.host_dtype='fp8' "
-            "or 'int8' to halve the host rows, or set CacheConfig.disk_dir to spill older chunks to disk"
+            f"host_chunk_tokens, raise n_window, raise the budget, feed less, {packed}"
+            "or set CacheConfig.disk_dir to spill older chunks to disk"
         )
 
     def _check_disk_space(self, n_new: int) -> None:

@@ -171,3 +171,15 @@ def test_gpu_session_8bit_host_tier(kind):
     base = out[None]
     rel = ((out[kind] - base).abs().amax() / (base.amax() - base.amin())).item()
     assert rel <= (0.02 if kind == "int8" else 0.05), rel
+
+
+def test_host_budget_refusal_counts_packed_rows(tiny):
+    """The host-budget refusal prices a chunk at the packed row size and names host_dtype."""
+    s = Session(tiny, RetrievalConfig(method="exact", n_sink=4, n_window=8),
+                RuntimeConfig(progress=False, host_memory_budget=50_000),
+                CacheConfig(host_chunk_tokens=4096, host_dtype="int8"))
+    with pytest.raises(ValueError, match=r"K, V in int8 \+ scales") as e:
+        s.feed(list(range(80)))
+    assert "1 MiB each" in str(e.value)  # 4096 tokens x 2 layers x (2 x 3 x (16 + 4) + 8) B
+    assert "host_dtype='fp8'" not in str(e.value)  # already packed: not offered again
+    assert len(s) == 0
