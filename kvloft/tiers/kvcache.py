@@ -451,6 +451,9 @@ class TieredKVCache:
                  host_budget: int = 0, evict_batch: int = 0, host_dtype: str | None = None) -> None:
         check_host_dtype(host_dtype)
         pin = device.type == "cuda"
+        if host_dtype == "fp8" and pin and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"host_dtype='fp8' needs a GPU with fp8 support (compute capability >= 8.9: Ada, "
+                             f"Hopper), got {torch.cuda.get_device_name(device)}; pass host_dtype='int8'")
         self.cfg = cfg
         self.host_chunk = host_chunk
         self.host_dtype = host_dtype
