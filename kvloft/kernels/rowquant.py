@@ -73,16 +73,22 @@ def dequantize_rows(codes: Tensor, scales: Tensor, kind: str, dtype: torch.dtype
 
 class PackedChunks(Sequence):
     """The chunks of a packed row store, read as tensors: item i is chunk i dequantized
-    ([R, *row_shape] in `dtype`, a fresh copy: pinned when the codes are, so a GPU can read
-    it in place; only the store's first n_rows rows are filled in, the rest is left unset). Kernels that know the format read `codes` / `scales` instead (no copy):
+    ([R, *row_shape] in `dtype`, a fresh copy; only the store's first n_rows rows are filled
+    in, the rest is left unset). With pinned codes and a CUDA `device`, the copy is made there
+    (the filled codes and scales cross PCIe, then dequantize on the device): a pinned host
+    copy read by a kernel could be handed to the next allocation while the kernel still
+    reads it, a device copy is freed in stream order. Kernels that know the format read
+    `codes` / `scales` instead (no copy):
     sparse_decode.gather_attend_chunks does when handed this sequence.
 
     codes: [R, H, D] tensors; scales: [R, H] fp32 tensors, one per chunk; scale_table(device):
     their base addresses (the store's cached table)."""
 
     def __init__(self, codes: list[Tensor], scales: list[Tensor], kind: str, dtype: torch.dtype,
-                 pin: bool, scale_table: Callable[[torch.device], Tensor], n_rows: int | None = None) -> None:
+                 pin: bool, scale_table: Callable[[torch.device], Tensor], n_rows: int | None = None,
+                 device: torch.device | None = None) -> None:
         self.codes, self.scales, self.kind, self.dtype = codes, scales, kind, dtype
+        self.device = device if pin and device is not None and device.type == "cuda" else None
         self.n_rows = sum(c.shape[0] for c in codes) if n_rows is None else n_rows
         self.pin = pin
         self.scale_table = scale_table
@@ -96,8 +102,11 @@ class PackedChunks(Sequence):
         c, s = self.codes[i], self.scales[i]
         i = i % len(self)
         m = max(0, min(c.shape[0], self.n_rows - i * c.shape[0]))  # filled rows (a chunk's first m)
-        out = torch.empty(c.shape, dtype=self.dtype, device=c.device, pin_memory=self.pin)
-        out[:m] = dequantize_rows(c[:m], s[:m], self.kind, self.dtype)
+        c, s = c[:m], s[:m]
+        if self.device is not None:
+            c, s = c.to(self.device, non_blocking=True), s.to(self.device, non_blocking=True)
+        out = torch.empty((self.codes[i].shape[0], *c.shape[1:]), dtype=self.dtype, device=c.device)
+        out[:m] = dequantize_rows(c, s, self.kind, self.dtype)
         return out
 
     def __iter__(self) -> Iterator[Tensor]:

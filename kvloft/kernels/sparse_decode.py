@@ -491,7 +491,8 @@ def _gather_packed_chunks(
                 raise ValueError(f"gather_attend_chunks: {name} codes must be contiguous [R={r}, H_kv={hkv}, D={d}] "
                                  f"and scales contiguous fp32 [R, H_kv], got {tuple(c.shape)} and "
                                  f"{s.dtype} {tuple(s.shape)}")
-        checks.require_rows_device("gather_attend_chunks", q, **{f"{name}.codes[{i}]": c for i, c in enumerate(chunks.codes)})
+        named = {f"{name}.codes[{i}]": c for i, c in enumerate(chunks.codes)}
+        checks.require_rows_device("gather_attend_chunks", q, **named)
     if hq % hkv:
         raise ValueError(f"gather_attend_chunks: query heads ({hq}) must be a multiple of KV heads ({hkv})")
     checks.require_runnable(q.device, _split_kernel, "gather_attend_chunks")

@@ -261,7 +261,8 @@ def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
             for c in range(m["host_chunks"]):
                 if isinstance(store, PackedRows):
-                    store.append_packed(f.get_tensor(f"host.{i}.{name}.{c}"), f.get_tensor(f"host.{i}.{name}.scale.{c}"))
+                    key = f"host.{i}.{name}"
+                    store.append_packed(f.get_tensor(f"{key}.{c}"), f.get_tensor(f"{key}.scale.{c}"))
                 else:
                     store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
         if t.n_host != m["n_host"] or len(t.host_v) != m["n_host"] or len(t.host_pos) != m["n_host"]:

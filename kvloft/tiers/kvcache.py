@@ -161,12 +161,12 @@ class BlockSummary:
 
 
 def _host_rows(row_shape: tuple[int, int], dtype: torch.dtype, host_dtype: str | None, chunk_rows: int,
-               pin: bool, spill: dict[str, SpillPolicy], name: str) -> ChunkedRows | PackedRows:
+               pin: bool, spill: dict[str, SpillPolicy], name: str, device: torch.device) -> ChunkedRows | PackedRows:
     """The host store of keys or values: rows in the model dtype, or 8-bit codes + scales."""
     if host_dtype is None:
         return ChunkedRows(row_shape, dtype, chunk_rows, "cpu", pin, spill.get(name))
     return PackedRows(row_shape, dtype, host_dtype, chunk_rows, "cpu", pin, spill.get(name),
-                      spill.get(f"{name}.scale"))
+                      spill.get(f"{name}.scale"), read_device=device)
 
 
 class LayerTiers:
@@ -192,8 +192,8 @@ class LayerTiers:
         self.ring_head = 0  # ring slot (relative) of the oldest token
         spill = spill or {}
         self.host_dtype = host_dtype
-        self._host_k = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "k")
-        self._host_v = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "v")
+        self._host_k = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "k", device)
+        self._host_v = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "v", device)
         self._host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin, spill.get("pos"))
         async_ok = copy_stream is not None and pin and not spill and torch.device(device).type == "cuda"
         self._copy_stream = copy_stream if async_ok else None

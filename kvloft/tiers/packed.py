@@ -27,11 +27,12 @@ class PackedRows:
 
     dtype: the dtype rows are read back in (the model's); host_dtype: "fp8" or "int8".
     spill / scale_spill: the disk tier's policies for the codes and the scales (both or none).
+    read_device: where `chunks[i]` dequantizes a pinned chunk (the compute device; PackedChunks).
     """
 
     def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, host_dtype: str, chunk_rows: int,
                  device: torch.device | str = "cpu", pin: bool = False, spill: SpillPolicy | None = None,
-                 scale_spill: SpillPolicy | None = None) -> None:
+                 scale_spill: SpillPolicy | None = None, read_device: torch.device | None = None) -> None:
         assert len(row_shape) == 2 and (spill is None) == (scale_spill is None)
         self.row_shape = tuple(row_shape)
         self.dtype = dtype
@@ -42,6 +43,7 @@ class PackedRows:
         self.device = self.codes.device
         self.pin = self.codes.pin  # what readers see; the stores keep what they allocated with
         self.spill = spill
+        self.read_device = None if read_device is None else torch.device(read_device)
 
     def __len__(self) -> int:
         return self.codes.n
@@ -68,7 +70,7 @@ class PackedRows:
         """The chunks as a sequence of dequantized tensors (each a copy), carrying the codes
         and scales for kernels that read them in place (kernels/rowquant.py PackedChunks)."""
         return PackedChunks(self.codes.chunks, self.scales.chunks, self.host_dtype, self.dtype,
-                            self.codes.pin, self.scales.pointer_table, self.n)
+                            self.codes.pin, self.scales.pointer_table, self.n, self.read_device)
 
     def pointer_table(self, device: torch.device) -> Tensor:
         """[n_chunks] int64 base addresses of the codes' chunks (not of model-dtype rows)."""
