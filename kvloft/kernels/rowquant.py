@@ -73,8 +73,8 @@ def dequantize_rows(codes: Tensor, scales: Tensor, kind: str, dtype: torch.dtype
 
 class PackedChunks(Sequence):
     """The chunks of a packed row store, read as tensors: item i is chunk i dequantized
-    ([R, *row_shape] in `dtype`, a fresh copy; only the store's first n_rows rows are filled
-    in, the rest is left unset). With pinned codes and a CUDA `device`, the copy is made there
+    ([R, *row_shape] in `dtype`, a fresh copy; only the store's first n_rows rows are
+    dequantized, the rest are zeros). With pinned codes and a CUDA `device`, the copy is made there
     (the filled codes and scales cross PCIe, then dequantize on the device): a pinned host
     copy read by a kernel could be handed to the next allocation while the kernel still
     reads it, a device copy is freed in stream order. Kernels that know the format read
@@ -107,6 +107,7 @@ class PackedChunks(Sequence):
             c, s = c.to(self.device, non_blocking=True), s.to(self.device, non_blocking=True)
         out = torch.empty((self.codes[i].shape[0], *c.shape[1:]), dtype=self.dtype, device=c.device)
         out[:m] = dequantize_rows(c, s, self.kind, self.dtype)
+        out[m:] = 0  # rows not filled yet: zeros (never NaN bits), as cheap as a memset
         return out
 
     def __iter__(self) -> Iterator[Tensor]:
