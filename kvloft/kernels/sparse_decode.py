@@ -185,9 +185,12 @@ def _split_kernel(
             if CODES != 0:  # a row's codes sit at the same element offset as a model-dtype row's
                 coded = valid & (ci < n_packed)
                 plain = valid & (ci >= n_packed)
-                code_ty = tl.int8 if CODES == 1 else tl.uint8
-                kc_row = k_addr.to(tl.pointer_type(code_ty)) + k_off
-                vc_row = v_addr.to(tl.pointer_type(code_ty)) + v_off
+                if CODES == 1:  # int8 codes
+                    kc_row = k_addr.to(tl.pointer_type(tl.int8)) + k_off
+                    vc_row = v_addr.to(tl.pointer_type(tl.int8)) + v_off
+                else:  # fp8 e4m3 bits, kept as uint8
+                    kc_row = k_addr.to(tl.pointer_type(tl.uint8)) + k_off
+                    vc_row = v_addr.to(tl.pointer_type(tl.uint8)) + v_off
                 s_off = ri * tl.num_programs(0) + kv_head  # scales are [R, H_kv], contiguous
                 k_scale = tl.load(tl.load(ks_table + ci, mask=coded, other=0).to(tl.pointer_type(tl.float32))
                                   + s_off, mask=coded, other=0.0)
