@@ -153,7 +153,8 @@ def test_overlap_scheduler_over_8bit_rows(tiny):
 def test_smollm2_passkey_same_greedy_tokens(smollm2_gguf):
     """SmolLM2 (float32 on the CPU) reads a pass key 500 tokens back from the 8-bit host tier
     with exact retrieval: the greedy answer of int8 and of fp8 rows equals the model-dtype host
-    tier's, token for token, and holds the key. (~3 minutes on a loaded 2-core CPU.)"""
+    tier's, token for token, and holds the key. (Three 700-token sessions: 11 minutes on a 2-core
+    CPU shared with other jobs.)"""
     from kvloft.eval.tasks import build_prompt, generate
 
     model = kvloft.load_model("smollm2", device="cpu")  # the fixture skips when the GGUF is absent
