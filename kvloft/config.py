@@ -150,12 +150,18 @@ class CacheConfig:
         (all attended exactly, on the device), then the oldest evict_batch go down in one
         copy. Between those steps no copy runs, so no read of the host tier waits for one.
         0 = one token per step. None (default) = 64 on CUDA, 0 elsewhere.
+    host_dtype: how host-tier (and disk-tier) keys and values are stored. None (default) =
+        the model dtype; "fp8" (e4m3) or "int8" = one byte per element with an fp32 scale
+        per token row and KV head (kernels/rowquant.py): about half the host bytes, and
+        half the PCIe bytes per selected row; the kernels dequantize as they read. The
+        static tier (sink + window) stays in the model dtype (docs/host_dtype.md).
     """
 
     host_chunk_tokens: int = 4096
     max_context: int = 0
     disk_dir: str | None = None
     evict_batch: int | None = None
+    host_dtype: str | None = None
 
     def resolved_evict_batch(self, device) -> int:
         """evict_batch, its default resolved for a compute device (a torch.device or its name)."""
@@ -173,6 +179,9 @@ class CacheConfig:
             if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
                 raise TypeError(f"disk_dir must be a directory path (str) or None, got {self.disk_dir!r}")
             object.__setattr__(self, "disk_dir", os.fspath(self.disk_dir))
+        from kvloft.kernels.rowquant import check_host_dtype
+
+        check_host_dtype(self.host_dtype)
 
 
 @dataclass(frozen=True)

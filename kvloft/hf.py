@@ -156,7 +156,8 @@ class Cache(_HFCache):
             return
         kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
                            host_chunk=self.cache_cfg.host_chunk_tokens, device=self.device, dtype=self.dtype,
-                           evict_batch=self.cache_cfg.resolved_evict_batch(self.device))
+                           evict_batch=self.cache_cfg.resolved_evict_batch(self.device),
+                           host_dtype=self.cache_cfg.host_dtype)
         retriever = make_retriever(self.retrieval, cfg, self.device)
         self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, self.device,
                                        self.runtime.profile)

@@ -111,7 +111,8 @@ class StageRunner:
             self.backend = DenseAttention(self.cfg, ops, device, dtype, spec.runtime.profile)
         else:
             kv = TieredKVCache(self.cfg, n_sink=r.n_sink, n_window=r.n_window, host_chunk=c.host_chunk_tokens,
-                               device=device, dtype=dtype, evict_batch=c.resolved_evict_batch(device))
+                               device=device, dtype=dtype, evict_batch=c.resolved_evict_batch(device),
+                               host_dtype=c.host_dtype)
             retriever = make_retriever(r, self.cfg, device)
             self.backend = TieredAttention(self.cfg, r, kv, retriever, ops, device, spec.runtime.profile)
         self.device = device

@@ -200,9 +200,10 @@ class HipRetriever:
         """keys_on="host": search the session's host tier (tiers/kvcache.py LayerTiers) in
         place instead of a copy of its keys. Returns False (the runtime then calls build)
         when the tier's chunks cannot be read so: spilled to disk (memory-mapped, not
-        pinned), not pinned while searching on CUDA, or chunked in a size that is not a
-        multiple of chunk_sizes[0]."""
-        if self.params.keys_on != "host":
+        pinned), not pinned while searching on CUDA, chunked in a size that is not a
+        multiple of chunk_sizes[0], or stored 8-bit (CacheConfig.host_dtype: the search
+        kernels read model-dtype rows; the index then keeps its own copy of the keys)."""
+        if self.params.keys_on != "host" or getattr(tiers, "host_dtype", None) is not None:
             return False
         host_k = tiers.host_k
         readable = host_k.pin or self.device.type == "cpu"

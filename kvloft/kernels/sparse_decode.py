@@ -35,13 +35,20 @@ fp64 (exact at 1M positions; an fp32 product would be off by up to 0.03 rad ther
 rotation runs in fp32, and the rotated halves are rounded back to the key dtype before two
 q.K dots (q's halves against K's), as if the key had been stored at its new position.
 Extra traffic: 8 bytes of delta per (KV head, key), next to 2*D*b of K and V.
-Reference: kernels/reference.py `decode_attend`, `gather_attend`, `rotate_keys`.
+8-bit rows (CacheConfig.host_dtype; kernels/rowquant.py): with CODES, chunks below n_packed
+hold one-byte codes and an fp32 scale per row and KV head; each is loaded as a byte, scaled
+in fp32 and rounded to the model dtype before the dots (the reference dequantizes first, the
+same arithmetic). Traffic per packed row and head: D + 4 bytes for K and again for V, about
+half of 2 * D * b for bf16.
+Reference: kernels/reference.py `decode_attend`, `gather_attend`, `rotate_keys`; for 8-bit
+rows, rowquant.dequantize_rows followed by `gather_attend`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -50,8 +57,10 @@ from torch import Tensor
 
 from kvloft.kernels import checks
 from kvloft.kernels.merge import merge_stacked
+from kvloft.kernels.rowquant import CODES_FLAG, PackedChunks
 
-__all__ = ["DecodeLaunch", "decode_attend", "gather_attend", "gather_attend_chunks", "gather_attend_table"]
+__all__ = ["DecodeLaunch", "SlotTables", "decode_attend", "gather_attend", "gather_attend_chunks",
+           "gather_attend_table"]
 
 LOG2E = 1.4426950408889634
 TWO_PI = tl.constexpr(6.283185307179586)  # multiplies an fp32 fraction of a turn only
@@ -80,7 +89,7 @@ INTERPRETER_SPLITS = 3
 
 
 # Sizes vary per call: specializing on them would recompile for every new length.
-@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih", "stride_dh", "chunk_rows"])
+@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih", "stride_dh", "chunk_rows", "n_packed"])
 def _split_kernel(
     q,  # [H_q, D], last dim contiguous
     k,  # [N, H_kv, D] rows (token-major), last dim contiguous
@@ -89,6 +98,9 @@ def _split_kernel(
     k_table,  # [n_chunks] int64 base addresses of equal key chunks (CHUNKED; k is the first)
     v_table,  # [n_chunks] int64 base addresses of the value chunks (CHUNKED; v is the first)
     chunk_rows,  # rows per chunk (CHUNKED): row r lives in chunk r // chunk_rows
+    ks_table,  # [n_packed] int64 base addresses of the key scales [chunk_rows, H_kv] fp32 (CODES)
+    vs_table,  # [n_packed] int64 base addresses of the value scales (CODES)
+    n_packed,  # CODES: chunks 0 .. n_packed-1 hold 8-bit codes, the rest model-dtype rows
     rot_delta,  # [H_kv, n] or [n] int32/int64, aligned with ids (unused when not ROTATE)
     inv_freq,  # [D/2] fp32 RoPE inverse frequencies (unused when not ROTATE)
     out_part,  # [S, H_q, D] fp32
@@ -107,6 +119,7 @@ def _split_kernel(
     HAS_IDS: tl.constexpr,
     ROTATE: tl.constexpr,
     CHUNKED: tl.constexpr,  # rows spread over chunks found through k_table / v_table
+    CODES: tl.constexpr,  # CHUNKED: 0 = every chunk in the model dtype; 1 int8 / 2 fp8 e4m3 codes in the packed ones
     HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps 16-byte vector loads
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -155,25 +168,48 @@ def _split_kernel(
             valid = valid & (rows >= 0)
         else:
             rows = pos.to(tl.int64)
-        kv_mask = valid[:, None] & dmask[None, :]
+        plain = valid  # rows read in the model dtype; `coded` rows are read as 8-bit codes
+        coded = pos < 0  # none
+        k_scale = tl.zeros([BLOCK_N], tl.float32)
+        v_scale = tl.zeros([BLOCK_N], tl.float32)
         if CHUNKED:  # each row's chunk base from the tables (padding reads chunk 0, masked)
             safe = tl.where(valid, rows, 0)
             ci = safe // chunk_rows
             ri = safe % chunk_rows
-            k_base = tl.load(k_table + ci).to(tl.pointer_type(k.dtype.element_ty))
-            v_base = tl.load(v_table + ci).to(tl.pointer_type(v.dtype.element_ty))
-            k_row = k_base + ri * stride_kn + kv_head.to(tl.int64) * stride_kh  # [BLOCK_N] row pointers
-            v_row = v_base + ri * stride_vn + kv_head.to(tl.int64) * stride_vh
+            k_addr = tl.load(k_table + ci)
+            v_addr = tl.load(v_table + ci)
+            k_off = ri * stride_kn + kv_head.to(tl.int64) * stride_kh  # [BLOCK_N] row offsets (elements)
+            v_off = ri * stride_vn + kv_head.to(tl.int64) * stride_vh
+            k_row = k_addr.to(tl.pointer_type(k.dtype.element_ty)) + k_off  # [BLOCK_N] row pointers
+            v_row = v_addr.to(tl.pointer_type(v.dtype.element_ty)) + v_off
+            if CODES != 0:  # a row's codes sit at the same element offset as a model-dtype row's
+                coded = valid & (ci < n_packed)
+                plain = valid & (ci >= n_packed)
+                if CODES == 1:  # int8 codes
+                    kc_row = k_addr.to(tl.pointer_type(tl.int8)) + k_off
+                    vc_row = v_addr.to(tl.pointer_type(tl.int8)) + v_off
+                else:  # fp8 e4m3 bits, kept as uint8
+                    kc_row = k_addr.to(tl.pointer_type(tl.uint8)) + k_off
+                    vc_row = v_addr.to(tl.pointer_type(tl.uint8)) + v_off
+                s_off = ri * tl.num_programs(0) + kv_head  # scales are [R, H_kv], contiguous
+                k_scale = tl.load(tl.load(ks_table + ci, mask=coded, other=0).to(tl.pointer_type(tl.float32))
+                                  + s_off, mask=coded, other=0.0)
+                v_scale = tl.load(tl.load(vs_table + ci, mask=coded, other=0).to(tl.pointer_type(tl.float32))
+                                  + s_off, mask=coded, other=0.0)
+            else:
+                kc_row, vc_row = k_row, v_row  # never read
         else:
             k_row = k_head + rows * stride_kn
             v_row = v_head + rows * stride_vn
-        vb = tl.load(v_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            kc_row, vc_row = k_row, v_row  # never read
+        vb = _load_rows(v_row, vc_row, v_scale, d, plain, coded, dmask, CODES)
         if ROTATE:
             delta = tl.load(rot_delta + kv_head * stride_dh + pos, mask=valid, other=0)
-            k_mask = valid[:, None] & hmask[None, :]
-            s = _rotated_logits(q1, q2, k_row[:, None], hh, k_mask, delta, turns_per_pos, HALF)
+            k1 = _load_rows(k_row, kc_row, k_scale, hh, plain, coded, hmask, CODES)
+            k2 = _load_rows(k_row + HALF, kc_row + HALF, k_scale, hh, plain, coded, hmask, CODES)
+            s = _rotated_logits(q1, q2, k1, k2, delta, turns_per_pos)
         else:
-            kb = tl.load(k_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            kb = _load_rows(k_row, kc_row, k_scale, d, plain, coded, dmask, CODES)
             s = tl.dot(qb, tl.trans(kb), input_precision="ieee")  # [BLOCK_G, BLOCK_N]
         s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -195,14 +231,29 @@ def _split_kernel(
 
 
 @triton.jit
-def _rotated_logits(q1, q2, k_rows, hh, mask, delta, turns_per_pos, HALF: tl.constexpr):
+def _load_rows(rows, code_rows, scale, cols, plain, coded, cmask, CODES: tl.constexpr):
+    """Tile [BLOCK_N, len(cols)] of rows in the model dtype: rows [BLOCK_N] pointers read where
+    `plain`; with CODES, code_rows [BLOCK_N] pointers to 8-bit codes read where `coded` and
+    dequantized (code * scale[n] in fp32, rounded to the model dtype, as rowquant's reference).
+    Masked-off loads move no bytes: a packed row costs D bytes + one scale, not D * itemsize."""
+    x = tl.load(rows[:, None] + cols[None, :], mask=plain[:, None] & cmask[None, :], other=0.0)
+    if CODES != 0:
+        c = tl.load(code_rows[:, None] + cols[None, :], mask=coded[:, None] & cmask[None, :], other=0)
+        if CODES == 2:
+            cf = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            cf = c.to(tl.float32)
+        x = tl.where(coded[:, None], (cf * scale[:, None]).to(x.dtype), x)
+    return x
+
+
+@triton.jit
+def _rotated_logits(q1, q2, k1, k2, delta, turns_per_pos):
     """q.K^T [BLOCK_G, BLOCK_N] with each K row rotated by delta[n] positions (rotate-half).
 
-    q1, q2: [BLOCK_G, BLOCK_H] q's halves; k_rows: [BLOCK_N, 1] row pointers; delta
-    [BLOCK_N] int; turns_per_pos [BLOCK_H] fp64.
+    q1, q2: [BLOCK_G, BLOCK_H] q's halves; k1, k2: [BLOCK_N, BLOCK_H] K's halves (masked
+    loads); delta [BLOCK_N] int; turns_per_pos [BLOCK_H] fp64.
     """
-    k1 = tl.load(k_rows + hh[None, :], mask=mask, other=0.0)
-    k2 = tl.load(k_rows + HALF + hh[None, :], mask=mask, other=0.0)
     turns = delta.to(tl.float64)[:, None] * turns_per_pos[None, :]  # [BLOCK_N, BLOCK_H] fp64
     frac = (turns - turns.to(tl.int64).to(tl.float64)).to(tl.float32)  # in (-1, 1)
     ang = frac * TWO_PI
@@ -235,6 +286,7 @@ def _attend_rows(
     launch: DecodeLaunch,
     rot: tuple[Tensor, Tensor] | None = None,  # (delta [H_kv, n] / [n], inv_freq [D/2] fp32)
     tables: tuple[Tensor, Tensor, int] | None = None,  # (k_table, v_table, chunk_rows): k, v are chunk 0
+    codes: tuple[Tensor, Tensor, int, str] | None = None,  # with tables: (ks_table, vs_table, n_packed, kind)
 ) -> tuple[Tensor, Tensor]:
     hq, d = q.shape
     hkv = k.shape[1]
@@ -251,13 +303,17 @@ def _attend_rows(
     delta, inv_freq = rot if rot is not None else (q, q)  # placeholders, never read
     stride_dh = 0 if rot is None or delta.dim() == 1 else delta.stride(0)
     k_table, v_table, chunk_rows = tables if tables is not None else (q, q, 1)  # placeholders unless chunked
+    assert codes is None or tables is not None
+    ks_table, vs_table, n_packed, kind = codes if codes is not None else (q, q, 0, None)
     _split_kernel[(hkv, splits)](
-        q, k, v, ids_arg, k_table, v_table, chunk_rows, delta, inv_freq, out_part, lse_part,
+        q, k, v, ids_arg, k_table, v_table, chunk_rows, ks_table, vs_table, n_packed, delta, inv_freq,
+        out_part, lse_part,
         n, split_len, group, scale * LOG2E,
         q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih, stride_dh,
         HAS_IDS=ids is not None,
         ROTATE=rot is not None,
         CHUNKED=tables is not None,
+        CODES=CODES_FLAG[kind],
         HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)),
         BLOCK_N=launch.block_n,
@@ -386,7 +442,15 @@ def gather_attend_chunks(
     rows). tables: (k_table, v_table), int64 base addresses on q's device
     (checks.address_table, ChunkedRows.pointer_table), made here when None. Other arguments and the result as gather_attend (ids are not
     range-checked).
+
+    8-bit rows (CacheConfig.host_dtype): k_chunks, v_chunks may be kernels/rowquant.py
+    PackedChunks (a PackedRows store's `chunks`); the kernel then reads their codes and scales
+    in place and dequantizes in registers, and `tables` are the codes' chunk addresses
+    (PackedRows.pointer_table).
     """
+    if isinstance(k_chunks, PackedChunks) or isinstance(v_chunks, PackedChunks):
+        return _gather_packed_chunks(q, k_chunks, v_chunks, ids, scale=scale, tables=tables, num_splits=num_splits,
+                                     launch=launch, rot_delta=rot_delta, inv_freq=inv_freq)
     if not k_chunks or len(k_chunks) != len(v_chunks):
         raise ValueError(f"gather_attend_chunks: needs as many value chunks as key chunks (>= 1), "
                          f"got {len(k_chunks)} and {len(v_chunks)}")
@@ -408,15 +472,70 @@ def gather_attend_chunks(
                         tables=(tables[0], tables[1], k0.shape[0]))
 
 
+def _gather_packed_chunks(
+    q: Tensor, k_chunks: PackedChunks, v_chunks: PackedChunks, ids: Tensor, *, scale: float,
+    tables: tuple[Tensor, Tensor] | None, num_splits: int | None, launch: DecodeLaunch,
+    rot_delta: Tensor | None, inv_freq: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """gather_attend_chunks over 8-bit chunks: codes [R, H_kv, D] and scales [R, H_kv] fp32."""
+    if not (isinstance(k_chunks, PackedChunks) and isinstance(v_chunks, PackedChunks)) or not len(k_chunks) \
+            or len(k_chunks) != len(v_chunks) or k_chunks.kind != v_chunks.kind:
+        raise ValueError("gather_attend_chunks: 8-bit keys need 8-bit values of the same format and chunk count "
+                         "(two PackedRows stores' chunks)")
+    c0 = k_chunks.codes[0]
+    checks.require_dim("q", q, 2, "[H_q, D] (one decode token)")
+    checks.require_float("q", q)
+    hq, d = q.shape
+    r, hkv = c0.shape[0], c0.shape[1]
+    for name, chunks in (("k_chunks", k_chunks), ("v_chunks", v_chunks)):
+        for c, s in zip(chunks.codes, chunks.scales):
+            if c.shape != (r, hkv, d) or not c.is_contiguous() or s.shape != (r, hkv) or not s.is_contiguous() \
+                    or s.dtype != torch.float32:
+                raise ValueError(f"gather_attend_chunks: {name} codes must be contiguous [R={r}, H_kv={hkv}, D={d}] "
+                                 f"and scales contiguous fp32 [R, H_kv], got {tuple(c.shape)} and "
+                                 f"{s.dtype} {tuple(s.shape)}")
+        named = {f"{name}.codes[{i}]": c for i, c in enumerate(chunks.codes)}
+        checks.require_rows_device("gather_attend_chunks", q, **named)
+    if hq % hkv:
+        raise ValueError(f"gather_attend_chunks: query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    checks.require_runnable(q.device, _split_kernel, "gather_attend_chunks")
+    _validate_ids(ids, hkv)
+    checks.require_same_device("gather_attend_chunks", q, ids=ids)
+    rot = _validate_rotation(rot_delta, inv_freq, ids, q, hkv)
+    if tables is None:
+        tables = checks.address_table(k_chunks.codes, q.device), checks.address_table(v_chunks.codes, q.device)
+    like = q.new_empty((1, hkv, d))  # the rows' layout in the model dtype (codes share its element strides)
+    codes = (k_chunks.scale_table(q.device), v_chunks.scale_table(q.device), len(k_chunks), k_chunks.kind)
+    ids = ids.contiguous()
+    return _attend_rows(q.contiguous(), like, like, ids, ids.shape[-1], scale, num_splits, launch, rot,
+                        tables=(tables[0], tables[1], r), codes=codes)
+
+
+class SlotTables(NamedTuple):
+    """gather_attend_table's address tables: k, v [n_slots] int64 slot base addresses; with an
+    8-bit host tier, slots 0 .. n_packed-1 hold codes (`kind` "fp8" / "int8") whose scales
+    ([slot_rows, H_kv] fp32) start at k_scales / v_scales [n_packed] int64; later slots hold
+    rows in the model dtype. A plain (k, v) pair means n_packed = 0."""
+
+    k: Tensor
+    v: Tensor
+    k_scales: Tensor | None = None
+    v_scales: Tensor | None = None
+    n_packed: int = 0
+    kind: str | None = None
+
+
 def gather_attend_table(
-    q: Tensor, like_k: Tensor, like_v: Tensor, ids: Tensor, tables: tuple[Tensor, Tensor], slot_rows: int,
-    *, scale: float, num_splits: int | None = None, launch: DecodeLaunch = DEFAULT_LAUNCH,
+    q: Tensor, like_k: Tensor, like_v: Tensor, ids: Tensor, tables: tuple[Tensor, Tensor] | SlotTables,
+    slot_rows: int, *, scale: float, num_splits: int | None = None, launch: DecodeLaunch = DEFAULT_LAUNCH,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """gather_attend over rows addressed through tables of slot base addresses: row r is row
     r % slot_rows of the slot whose base address is tables[0][r // slot_rows] (keys) and
     tables[1][r // slot_rows] (values). A slot may point into a host chunk, a device
     buffer or anywhere inside a larger tensor, so rows of several regions (host tier,
-    static tier, a cached selection) are read in one launch with no copy.
+    static tier, a cached selection) are read in one launch with no copy. With SlotTables
+    holding 8-bit slots (an 8-bit host tier), those slots' codes are read and dequantized in
+    the kernel (code * scale, rounded to like_k's dtype) and the other slots as they are.
 
     like_k, like_v: a tensor of the regions' row layout [rows, H_kv, D] (dtype, strides;
     every region must share them). ids: [H_kv, n] or [n], -1 = padding; not range-checked
@@ -428,5 +547,11 @@ def gather_attend_table(
                          f"got shape {tuple(ids.shape)}")
     if like_k.stride() != like_v.stride() or like_k.dtype != like_v.dtype:
         raise ValueError("gather_attend_table: keys and values must share dtype and row layout")
+    codes = None
+    if isinstance(tables, SlotTables) and tables.kind is not None and tables.n_packed:
+        if not (like_k.is_contiguous() and like_v.is_contiguous()):  # the codes' chunks are contiguous
+            raise ValueError("gather_attend_table: 8-bit slots need contiguous model-dtype rows [rows, H_kv, D] "
+                             f"as like_k / like_v, got strides {like_k.stride()}")
+        codes = (tables.k_scales, tables.v_scales, tables.n_packed, tables.kind)
     return _attend_rows(q.contiguous(), like_k, like_v, ids.contiguous(), ids.shape[-1], scale, num_splits,
-                        launch, None, tables=(tables[0], tables[1], slot_rows))
+                        launch, None, tables=(tables[0], tables[1], slot_rows), codes=codes)

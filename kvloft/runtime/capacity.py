@@ -39,22 +39,25 @@ class SessionLimits:
         if budget and isinstance(backend, TieredAttention):
             need = backend.cache.host_bytes_after(n_new)  # with a disk tier: at most the budget
             if need > budget:
-                raise ValueError(self.host_refusal(n_tokens + n_new, need, budget))
+                raise ValueError(self.host_refusal(backend.cache, n_tokens + n_new, need, budget))
             self.check_disk_space(backend.cache, n_tokens + n_new, n_new)
 
-    def host_refusal(self, n_total: int, need: int, budget: int) -> str:
+    def host_refusal(self, cache: TieredKVCache, n_total: int, need: int, budget: int) -> str:
         """Why the host tier would pass its budget, with the options that size it."""
         c, r, chunk = self.model.config, self.retrieval, self.cache_cfg.host_chunk_tokens
-        row = 2 * c.n_kv_heads * c.head_dim * torch.finfo(self.model.dtype).bits // 8 + 8
+        row = cache.row_bytes  # K, V (model dtype or 8-bit codes + scales) and the position
         per_chunk = chunk * row * c.n_layers
+        kv, packed = str(self.model.dtype)[6:], "set CacheConfig.host_dtype='fp8' or 'int8' to halve the host rows, "
+        if self.cache_cfg.host_dtype is not None:
+            kv, packed = f"{self.cache_cfg.host_dtype} + scales", ""
         return (
             f"{n_total} tokens need {fmt_bytes(need)} of host KV memory, over "
             f"host_memory_budget={fmt_bytes(budget)}. The host tier holds every token older than "
             f"n_sink + n_window = {r.n_sink + r.n_window} (RetrievalConfig) and grows by whole chunks of "
             f"CacheConfig.host_chunk_tokens={chunk} tokens, {fmt_bytes(per_chunk)} each over "
-            f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {str(self.model.dtype)[6:]} "
-            "and the position). Lower host_chunk_tokens, raise n_window, raise the budget, feed less, or "
-            "set CacheConfig.disk_dir to spill older chunks to disk"
+            f"{c.n_layers} layers ({row} bytes per token and layer: K, V in {kv} and the position). Lower "
+            f"host_chunk_tokens, raise n_window, raise the budget, feed less, {packed}"
+            "or set CacheConfig.disk_dir to spill older chunks to disk"
         )
 
     def check_disk_space(self, cache: TieredKVCache, n_total: int, n_new: int) -> None:

@@ -65,6 +65,7 @@ from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.durable import fsync_dir, sha256, write_durable, write_safetensors
 from kvloft.runtime.fingerprint import check_model, model_fingerprint
+from kvloft.tiers.packed import PackedRows
 from kvloft.version import __version__
 
 FORMAT = "kvloft-session"
@@ -178,10 +179,14 @@ def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
     for i, t in enumerate(backend.cache.layers):
         tensors[f"static.{i}.k"], tensors[f"static.{i}.v"], tensors[f"static.{i}.pos"] = t.k, t.v, t.pos
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
+            if isinstance(store, PackedRows):  # 8-bit rows (the manifest's CacheConfig.host_dtype) as stored
+                for c, (_, codes, scales) in enumerate(store.iter_packed()):
+                    tensors[f"host.{i}.{name}.{c}"], tensors[f"host.{i}.{name}.scale.{c}"] = codes, scales
+                continue
             for c, (_, rows) in enumerate(store.iter_chunks()):
                 tensors[f"host.{i}.{name}.{c}"] = rows  # a view of the filled part of chunk c
         layers.append({**t.ring_state(), "evict_batch": t.evict_batch,
-                       "n_host": t.n_host, "host_chunks": len(list(t.host_k.iter_chunks()))})
+                       "n_host": t.n_host, "host_chunks": len(list(t.host_pos.iter_chunks()))})
     return {"layers": layers, **backend.state_dict()}
 
 
@@ -252,7 +257,11 @@ def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
         t.set_ring_state(m["sink_fill"], m["ring_fill"], m["ring_head"])
         for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
             for c in range(m["host_chunks"]):
-                store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
+                if isinstance(store, PackedRows):
+                    key = f"host.{i}.{name}"
+                    store.append_packed(f.get_tensor(f"{key}.{c}"), f.get_tensor(f"{key}.scale.{c}"))
+                else:
+                    store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
         if t.n_host != m["n_host"] or len(t.host_v) != m["n_host"] or len(t.host_pos) != m["n_host"]:
             raise RuntimeError(f"layer {i}: host tier holds {t.n_host} rows, the manifest says {m['n_host']}")
     backend.load_state_dict(meta)

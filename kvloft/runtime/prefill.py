@@ -14,8 +14,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from kvloft.kernels.rowquant import dequantize_rows
 from kvloft.tiers.chunked import ChunkedRows
 from kvloft.tiers.kvcache import LayerTiers
+from kvloft.tiers.packed import PackedRows
 
 __all__ = ["gather_token_rows", "stream_host_chunks", "top_block_rows"]
 
@@ -29,48 +31,57 @@ def stream_host_chunks(tiers: LayerTiers, device: torch.device, side=None) -> It
     waits for the tier's copy down in flight and for the caller to be done with a buffer;
     the compute stream waits for a buffer's copy before the caller gets it. At most two host
     chunks are on the device. A yielded pair is valid until the next one is asked for.
+    An 8-bit host tier (CacheConfig.host_dtype) moves its codes and scales (about half the
+    bytes) and dequantizes them on the device, on the compute stream.
     """
     if device.type != "cuda":
         for _, hk, hv in tiers.host_chunk_pairs():
             yield hk.to(device), hv.to(device)
         return
     compute = torch.cuda.current_stream(device)
-    bufs: list[tuple[Tensor, Tensor]] = []
+    bufs: list[tuple[Tensor, ...]] = []
     free: list = []  # per buffer, an event after the caller's last kernels on it
     pending = None
     try:
-        for i, (_, hk, hv) in enumerate(tiers.host_chunk_pairs(side)):
+        for i, (_, parts) in enumerate(tiers.host_chunk_parts(side)):
             if not bufs:  # the first chunk is the largest (full, or the only one)
-                bufs = [(torch.empty_like(hk, device=device), torch.empty_like(hv, device=device)) for _ in range(2)]
+                bufs = [tuple(torch.empty_like(p, device=device) for p in parts) for _ in range(2)]
                 free = [torch.cuda.Event(), torch.cuda.Event()]
                 for ev in free:
                     ev.record(compute)  # made on the compute stream: free for `side` from here
-            b, m = i % 2, hk.shape[0]
+            b, m = i % 2, parts[0].shape[0]
             side.wait_event(free[b])
             with torch.cuda.stream(side):
-                kb, vb = bufs[b][0][:m], bufs[b][1][:m]
-                kb.copy_(hk, non_blocking=True)
-                vb.copy_(hv, non_blocking=True)
+                staged = tuple(buf[:m].copy_(p, non_blocking=True) for buf, p in zip(bufs[b], parts))
             ready = torch.cuda.Event()
             ready.record(side)
             if pending is not None:
-                yield from _hand_over(compute, free, *pending)
-            pending = (b, kb, vb, ready)
+                yield from _hand_over(compute, free, tiers, *pending)
+            pending = (b, staged, ready)
         if pending is not None:
-            yield from _hand_over(compute, free, *pending)
+            yield from _hand_over(compute, free, tiers, *pending)
     finally:
         compute.wait_stream(side)  # a copy not handed over (caller stopped) ends before reuse
 
 
-def _hand_over(compute, free: list, b: int, kb: Tensor, vb: Tensor, ready) -> Iterator[tuple[Tensor, Tensor]]:
+def _hand_over(compute, free: list, tiers: LayerTiers, b: int, staged: tuple[Tensor, ...],
+               ready) -> Iterator[tuple[Tensor, Tensor]]:
     compute.wait_event(ready)
-    yield kb, vb
+    if len(staged) == 2:
+        yield staged
+    else:  # (key codes, key scales, value codes, value scales): dequantized here, on the compute stream
+        kind, dtype = tiers.host_dtype, tiers.k.dtype
+        yield dequantize_rows(staged[0], staged[1], kind, dtype), dequantize_rows(staged[2], staged[3], kind, dtype)
     free[b].record(compute)  # the caller's kernels on buffer b are queued by now
 
 
-def gather_token_rows(store: ChunkedRows, rows: Tensor) -> Tensor:
+def gather_token_rows(store: ChunkedRows | PackedRows, rows: Tensor) -> Tensor:
     """Whole rows of a chunked store: rows [n] int64, ascending, in [0, len(store)) ->
-    [n, *row_shape] on the store's device; one index_select per chunk touched."""
+    [n, *row_shape] on the store's device; one index_select per chunk touched. An 8-bit
+    store's codes and scales are gathered so, then dequantized (to the store's dtype)."""
+    if isinstance(store, PackedRows):
+        codes, scales = gather_token_rows(store.codes, rows), gather_token_rows(store.scales, rows)
+        return dequantize_rows(codes, scales, store.host_dtype, store.dtype)
     cid = rows // store.chunk_rows
     chunks, counts = torch.unique_consecutive(cid, return_counts=True)
     parts, at = [], 0

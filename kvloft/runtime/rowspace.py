@@ -30,6 +30,7 @@ from torch import Tensor
 
 from kvloft.kernels.checks import address_table
 from kvloft.tiers.kvcache import LayerTiers
+from kvloft.tiers.packed import PackedRows
 
 __all__ = ["LayerRowSpace"]
 
@@ -62,12 +63,20 @@ class LayerRowSpace:
         regions = [(self.tiers.k, self.tiers.v)]
         if self.cache_k is not None:
             regions.append((self.cache_k, self.cache_v))
-        k_slots, v_slots, offsets = list(hk.chunks), list(hv.chunks), []
+        packed = isinstance(hk, PackedRows)  # 8-bit host chunks: the kernel reads codes + scales there
+        k_slots = list(hk.codes.chunks if packed else hk.chunks)  # the stored chunks, not copies
+        v_slots = list(hv.codes.chunks if packed else hv.chunks)
+        offsets = []
         for k, v in regions:  # a region of S rows takes ceil(S / r) slots: views r rows apart
             offsets.append(len(k_slots) * r)
             k_slots += [k[j : j + r] for j in range(0, k.shape[0], r)]
             v_slots += [v[j : j + r] for j in range(0, v.shape[0], r)]
         self.tables = address_table(k_slots, self.device), address_table(v_slots, self.device)
+        if packed:
+            from kvloft.kernels.sparse_decode import SlotTables
+
+            self.tables = SlotTables(*self.tables, hk.scale_table(self.device), hv.scale_table(self.device),
+                                     len(hk.codes.chunks), hk.host_dtype)
         self.static_ids = torch.arange(offsets[0], offsets[0] + self.tiers.k.shape[0], device=self.device)
         if self.cache_k is not None:
             self.cache_ids = torch.arange(offsets[1], offsets[1] + self.cache_rows, device=self.device)
@@ -105,7 +114,12 @@ class LayerRowSpace:
             self.cache_v = torch.empty_like(self.cache_k)
         m = min(stable.shape[0], self.cache_rows)
         hk, hv = self.tiers.host_k, self.tiers.host_v  # waits for a copy down in flight
-        tables = hk.pointer_table(self.device), hv.pointer_table(self.device)
-        gather_rows(hk.chunks, hv.chunks, stable[:m], self.cache_k, self.cache_v, tables=tables)
+        if isinstance(hk, PackedRows):  # 8-bit rows: gathered and dequantized on the host (once per refresh)
+            rows = stable[:m].to(hk.device)
+            self.cache_k[:m].copy_(hk.rows(rows), non_blocking=True)
+            self.cache_v[:m].copy_(hv.rows(rows), non_blocking=True)
+        else:
+            tables = hk.pointer_table(self.device), hv.pointer_table(self.device)
+            gather_rows(hk.chunks, hv.chunks, stable[:m], self.cache_k, self.cache_v, tables=tables)
         self.cached_src, self.cached_n = stable, m
         self.fills += 1

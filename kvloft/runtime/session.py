@@ -72,7 +72,8 @@ class Session:
             kv = TieredKVCache(cfg, n_sink=self.retrieval.n_sink, n_window=self.retrieval.n_window,
                                host_chunk=self.cache_cfg.host_chunk_tokens, device=m.device, dtype=m.dtype,
                                disk_dir=self.cache_cfg.disk_dir, host_budget=self.runtime.host_memory_budget,
-                               evict_batch=self.cache_cfg.resolved_evict_batch(m.device))
+                               evict_batch=self.cache_cfg.resolved_evict_batch(m.device),
+                               host_dtype=self.cache_cfg.host_dtype)
             retriever = make_retriever(self.retrieval, cfg, m.device)
             if self.runtime.scheduler == "overlap":
                 from kvloft.runtime.scheduled import ScheduledAttention

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
+from kvloft.kernels.rowquant import packed_row_bytes
 from kvloft.scheduler.params import SchedulerParams
 
 __all__ = ["MemoryPlan", "available_bytes", "dense_kv_bytes", "fmt_bytes", "plan_memory", "resolve_cache_bytes",
@@ -275,7 +276,8 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
     dec = _decode_workspace(cfg, rcfg, runtime, params, n_host, isz)
     if rcfg.method == "dense":
         dec += static // 2  # growth: the old buffer is copied into one twice its size
-    host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (token_row + 8) * layers
+    host_row = token_row if cache_cfg.host_dtype is None else 2 * packed_row_bytes((hkv, d))  # 8-bit: codes + scales
+    host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (host_row + 8) * layers
     return MemoryPlan(n, n_host, weight_bytes(cfg, isz), static, row_cache, index, max(pre, dec), pre, dec,
                       host_kv, host_index, runtime.gpu_memory_budget, notes)
 

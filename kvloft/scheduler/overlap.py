@@ -94,11 +94,12 @@ class OverlapFetch:
         want = self.params.fetch
         if self.device.type != "cuda":
             return "host" if want in ("auto", "host") else want  # zero_copy/staged: interpreter tests
-        pinned = cache[0].host_k.pin
+        pinned = cache[0].host_k.pin and cache[0].host_dtype is None  # 8-bit rows: fetched staged
         if want == "host":
             raise ValueError("fetch='host' is for CPU sessions; on CUDA use 'zero_copy' or 'staged'")
         if want == "zero_copy" and not pinned:
-            raise ValueError("fetch='zero_copy' needs a pinned host tier; use fetch='staged'")
+            raise ValueError("fetch='zero_copy' needs a pinned host tier in the model dtype (CacheConfig.host_dtype "
+                             "None); use fetch='staged'")
         if want == "auto":
             return "zero_copy" if self.ops.name == "triton" and pinned else "staged"
         return want

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kvloft.kernels.rowquant import PackedChunks
 from kvloft.scheduler.rowcopy import chunk_table, gather_rows, gather_rows_reference
 from kvloft.tiers.kvcache import LayerTiers
+from kvloft.tiers.packed import PackedRows
 
 __all__ = ["Region", "TransferEngine"]
 
@@ -153,8 +155,11 @@ class TransferEngine:
         m = tokens.shape[0]
         self.rows_moved += m
         kc, vc = tiers.host_k.chunks, tiers.host_v.chunks
+        if isinstance(kc, PackedChunks):  # 8-bit host rows: gathered and dequantized on the host
+            assert self.mode != "zero_copy", "8-bit host rows are fetched staged (ScheduledAttention._fetch_mode)"
+            kc, vc = tiers.host_k, tiers.host_v
         if self.mode == "host":
-            gather_rows_reference(kc, vc, torch.from_numpy(tokens), r.k, r.v)
+            _gather_host(kc, vc, torch.from_numpy(tokens), r.k, r.v)
         elif self.mode == "zero_copy":
             self._on_copy_stream(lambda: gather_rows(kc, vc, tokens_dev, r.k, r.v, tables=tables_dev))
         else:
@@ -174,7 +179,7 @@ class TransferEngine:
         self._stage_turn += 1
         s.free.synchronize()  # its previous H2D copy has read it
         n = tokens.shape[0]
-        gather_rows_reference(kc, vc, torch.from_numpy(tokens), s.k, s.v)
+        _gather_host(kc, vc, torch.from_numpy(tokens), s.k, s.v)
 
         def copy() -> None:
             r.k[at : at + n].copy_(s.k[:n], non_blocking=True)
@@ -197,6 +202,17 @@ class TransferEngine:
         """The compute stream's reads of the region are queued: mark where they end."""
         if self.cuda:
             r.consumed.record(torch.cuda.current_stream(self.device))
+
+
+def _gather_host(kc, vc, tokens: Tensor, out_k: Tensor, out_v: Tensor) -> None:
+    """Host rows `tokens` [m] into out_k, out_v [>= m, H_kv, D]: from chunk lists (gather_rows_reference)
+    or from 8-bit stores (PackedRows: their rows dequantized)."""
+    if isinstance(kc, PackedRows):
+        m = tokens.shape[0]
+        out_k[:m].copy_(kc.rows(tokens))
+        out_v[:m].copy_(vc.rows(tokens))
+        return
+    gather_rows_reference(kc, vc, tokens, out_k, out_v)
 
 
 def chunk_tables(tiers: LayerTiers) -> np.ndarray:

@@ -30,6 +30,10 @@ Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D
   layer's oldest full host chunks move to memory-mapped files in a per-session directory
   under `disk_dir` (tiers/chunked.py, SpillPolicy); readers see the same chunk list.
   The directory is removed when the cache is closed or garbage-collected.
+- 8-bit host tier (`host_dtype` "fp8" / "int8"): host keys and values are stored as one-byte
+  codes with an fp32 scale per row and KV head (tiers/packed.py, kernels/rowquant.py); reads
+  dequantize, kernels read the codes in place. Positions, the static tier and the block
+  summary (made from the evicted rows before they are packed) stay exact.
 
 `DenseKV` is the baseline's store: every token on the compute device, contiguous.
 """
@@ -49,7 +53,9 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig
+from kvloft.kernels.rowquant import check_host_dtype, packed_row_bytes
 from kvloft.tiers.chunked import ChunkedRows, SpillPolicy
+from kvloft.tiers.packed import PackedRows
 
 
 @dataclass
@@ -154,6 +160,15 @@ class BlockSummary:
         return self._means[: self.n_blocks]
 
 
+def _host_rows(row_shape: tuple[int, int], dtype: torch.dtype, host_dtype: str | None, chunk_rows: int,
+               pin: bool, spill: dict[str, SpillPolicy], name: str, device: torch.device) -> ChunkedRows | PackedRows:
+    """The host store of keys or values: rows in the model dtype, or 8-bit codes + scales."""
+    if host_dtype is None:
+        return ChunkedRows(row_shape, dtype, chunk_rows, "cpu", pin, spill.get(name))
+    return PackedRows(row_shape, dtype, host_dtype, chunk_rows, "cpu", pin, spill.get(name),
+                      spill.get(f"{name}.scale"), read_device=device)
+
+
 class LayerTiers:
     """Static tier (sink + window ring) and host tier of one layer.
 
@@ -163,7 +178,8 @@ class LayerTiers:
 
     def __init__(self, cfg: ModelConfig, n_sink: int, n_window: int, host_chunk: int,
                  device: torch.device, dtype: torch.dtype, pin: bool,
-                 spill: dict[str, SpillPolicy] | None = None, copy_stream=None, evict_batch: int = 0) -> None:
+                 spill: dict[str, SpillPolicy] | None = None, copy_stream=None, evict_batch: int = 0,
+                 host_dtype: str | None = None) -> None:
         hkv, d = cfg.n_kv_heads, cfg.head_dim
         size = n_sink + n_window + evict_batch
         self.n_sink, self.n_window, self.evict_batch = n_sink, n_window, evict_batch
@@ -175,8 +191,9 @@ class LayerTiers:
         self.ring_fill = 0
         self.ring_head = 0  # ring slot (relative) of the oldest token
         spill = spill or {}
-        self._host_k = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("k"))
-        self._host_v = ChunkedRows((hkv, d), dtype, host_chunk, "cpu", pin, spill.get("v"))
+        self.host_dtype = host_dtype
+        self._host_k = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "k", device)
+        self._host_v = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "v", device)
         self._host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin, spill.get("pos"))
         async_ok = copy_stream is not None and pin and not spill and torch.device(device).type == "cuda"
         self._copy_stream = copy_stream if async_ok else None
@@ -186,13 +203,14 @@ class LayerTiers:
     # ---- host tier reads: each waits for the copy down in flight -------------------------
 
     @property
-    def host_k(self) -> ChunkedRows:
-        """Host keys, rows [H_kv, D] (the copy down in flight waited for on the host)."""
+    def host_k(self) -> ChunkedRows | PackedRows:
+        """Host keys, rows [H_kv, D] (the copy down in flight waited for on the host); a
+        PackedRows with an 8-bit host_dtype (its reads dequantize)."""
         self.wait_host()
         return self._host_k
 
     @property
-    def host_v(self) -> ChunkedRows:
+    def host_v(self) -> ChunkedRows | PackedRows:
         self.wait_host()
         return self._host_v
 
@@ -222,6 +240,19 @@ class LayerTiers:
         for (start, kc), (_, vc) in zip(self._host_k.iter_chunks(), self._host_v.iter_chunks()):
             yield start, kc, vc
 
+    def host_chunk_parts(self, stream=None) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
+        """(first row, the stored tensors of each host chunk's filled part), in order: (keys,
+        values) [m, H_kv, D], or with an 8-bit host tier (key codes, key scales [m, H_kv], value
+        codes, value scales) as stored, for a copy of half the bytes (kernels/rowquant.py
+        dequantize_rows makes rows of them). stream: as host_chunk_pairs."""
+        if self.host_dtype is None:
+            for start, kc, vc in self.host_chunk_pairs(stream):
+                yield start, (kc, vc)
+            return
+        self.wait_host(stream)
+        for (start, kc, ks), (_, vc, vs) in zip(self._host_k.iter_packed(), self._host_v.iter_packed()):
+            yield start, (kc, ks, vc, vs)
+
     @property
     def n_static(self) -> int:
         return self.sink_fill + self.ring_fill
@@ -240,7 +271,8 @@ class LayerTiers:
         """Forget every token appended since mark(). Evictions move tokens to the host tier in
         age order, so the ring's tokens at the mark are, oldest first, the host rows appended
         since (at most ring_fill of them) and then the oldest tokens of the ring now; they go
-        back to the slots they held. Values are copied, not recomputed: bit for bit."""
+        back to the slots they held. Values are copied, not recomputed: bit for bit (with an
+        8-bit host tier, rows that had gone down come back dequantized)."""
         self.wait_host()
         n_host, ring_fill, head = mark["n_host"], mark["ring_fill"], mark["ring_head"]
         if ring_fill:
@@ -390,6 +422,17 @@ class LayerTiers:
         return self._host_k.disk_nbytes + self._host_v.disk_nbytes + self._host_pos.disk_nbytes
 
 
+def host_token_bytes(cfg: ModelConfig, dtype: torch.dtype, host_dtype: str | None = None) -> int:
+    """Host-tier bytes of one token of one layer: keys and values (model dtype, or 8-bit codes
+    + an fp32 scale per KV head) and its int64 position."""
+    row = (cfg.n_kv_heads, cfg.head_dim)
+    if host_dtype is None:
+        kv = cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    else:
+        kv = packed_row_bytes(row)
+    return 2 * kv + 8
+
+
 class TieredKVCache:
     """Every layer's tiers. Tokens enter in order; positions are kept with them.
 
@@ -397,15 +440,24 @@ class TieredKVCache:
     memory (the same number of chunks per layer and tensor) and spill older chunks to
     files under disk_dir. Without disk_dir the host tier stays in memory and the caller
     enforces its budget (Session refuses).
+
+    host_dtype: None = host rows in the model dtype; "fp8" / "int8" = 8-bit codes with an
+    fp32 scale per row and KV head (tiers/packed.py; about half the bytes in memory, on disk
+    and over PCIe per selected row). The static tier stays in the model dtype.
     """
 
     def __init__(self, cfg: ModelConfig, *, n_sink: int, n_window: int, host_chunk: int,
                  device: torch.device, dtype: torch.dtype, disk_dir: str | None = None,
-                 host_budget: int = 0, evict_batch: int = 0) -> None:
+                 host_budget: int = 0, evict_batch: int = 0, host_dtype: str | None = None) -> None:
+        check_host_dtype(host_dtype)
         pin = device.type == "cuda"
+        if host_dtype == "fp8" and pin and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"host_dtype='fp8' needs a GPU with fp8 support (compute capability >= 8.9: Ada, "
+                             f"Hopper), got {torch.cuda.get_device_name(device)}; pass host_dtype='int8'")
         self.cfg = cfg
         self.host_chunk = host_chunk
-        self.row_bytes = 2 * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size() + 8
+        self.host_dtype = host_dtype
+        self.row_bytes = host_token_bytes(cfg, dtype, host_dtype)
         self.max_resident = 0  # host chunks per layer kept in memory (0 = all)
         self.spill_dir: SpillDir | None = None
         if disk_dir is not None and host_budget:
@@ -415,7 +467,8 @@ class TieredKVCache:
         # one stream for every layer's asynchronous copy down (made here, never at import)
         copy_stream = torch.cuda.Stream(device) if pin and self.spill_dir is None else None
         self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin,
-                                  self._spill_policies(i), copy_stream, evict_batch) for i in range(cfg.n_layers)]
+                                  self._spill_policies(i), copy_stream, evict_batch, host_dtype)
+                       for i in range(cfg.n_layers)]
 
     def _resident_chunks(self, host_budget: int) -> int:
         per_chunk = self.host_chunk * self.row_bytes * self.cfg.n_layers  # one chunk of k, v, pos per layer
@@ -434,7 +487,7 @@ class TieredKVCache:
             return None
         d = self.spill_dir
         return {name: SpillPolicy(self.max_resident, lambda ci, n=name: d.file(f"layer{layer}.{n}.{ci}.bin"))
-                for name in ("k", "v", "pos")}
+                for name in ("k", "v", "pos", "k.scale", "v.scale")}
 
     def close(self) -> None:
         """Remove the spilled chunks' files now (also done when the cache is garbage-collected).
