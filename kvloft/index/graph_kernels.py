@@ -193,17 +193,29 @@ def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
     """Pivot projection: the queries whose nearest key is p pool their other kNN keys as
     p's candidates. knn_ids [Mq, K] int32 nearest first; order [Mq]: queries by pivot."""
     mq, kk = knn_ids.shape
+    # A pivot shared by many queries (a sink-like key is the top-1 of thousands) gets the same
+    # candidates many times over; each is kept once (stamp = pivot's turn), so _set_pruned
+    # scores and sorts at most n distinct keys instead of (queries x knn) entries. The
+    # result is the same: _set_pruned drops duplicates after sorting anyway.
+    stamp = np.zeros(keys.shape[0], np.int32)
+    turn = 0
     i = 0
     while i < mq:
         pivot = np.int64(knn_ids[order[i], 0])
         j = i
         while j < mq and knn_ids[order[j], 0] == pivot:
             j += 1
-        cand = np.empty((j - i) * (kk - 1), np.int32)
+        turn += 1
+        cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]), np.int32)
+        nc = 0
         for r in range(i, j):
             for t in range(1, kk):
-                cand[(r - i) * (kk - 1) + t - 1] = knn_ids[order[r], t]
-        _set_pruned(keys, adj, deg, parent, pivot, cand, cand.shape[0], l2, fill, adj.shape[1])
+                c = knn_ids[order[r], t]
+                if stamp[c] != turn:
+                    stamp[c] = turn
+                    cand[nc] = c
+                    nc += 1
+        _set_pruned(keys, adj, deg, parent, pivot, cand, nc, l2, fill, adj.shape[1])
         i = j
 
 
