@@ -60,7 +60,7 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,9 @@ class GraphParams:
         queries; 0 = all keys.
     knn_chunk: query rows per matmul block of the exact kNN (fewer when the block of
         logits would pass 256 MiB).
-    n_threads: worker threads for per-head build/search; 0 -> min(H_kv, cpu count).
+    n_threads: worker threads for per-head search; 0 -> min(H_kv, cpu count).
+    build_threads: worker threads for graph builds, which run in the background across
+        layers and heads (a layer's first select/add waits for its own); 0 -> cpu count.
     seed: seed of the fallback sample.
     """
 
@@ -111,12 +113,13 @@ class GraphParams:
     fallback_queries: int = 32768
     knn_chunk: int = 1024
     n_threads: int = 0
+    build_threads: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_degree", "knn", "ef_connect", "ef_insert", "knn_chunk"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("ef", "fallback_queries", "n_threads", "seed"):
+        for name in ("ef", "fallback_queries", "n_threads", "build_threads", "seed"):
             _check_int(name, getattr(self, name), 0)
         if self.max_degree < 2:
             raise ValueError(f"max_degree must be >= 2, got {self.max_degree}")
@@ -270,6 +273,13 @@ class AttentionGraphRetriever:
     The graphs and their key copies live in host memory (numpy, float32); the exact kNN
     of the build runs on `device`. select() is thread-safe across layers, not for
     concurrent add() and select() on the same layer.
+
+    build() returns once the layer's kNN lists are computed (on the GPU where the retriever
+    lives there; on a CPU retriever the kNN runs in the background too) and leaves the
+    graph construction to a pool of `build_threads`: the runtime builds layer after layer,
+    so every layer's and head's graph builds at once, and a layer's first select() or add()
+    waits only for its own. stats()["build_s"] counts the time build() held the caller,
+    stats()["build_wait_s"] the time select/add/state_dict later waited for a graph.
     """
 
     # On CUDA the runtime computes attention over the selected rows on the CPU next to the
@@ -281,11 +291,30 @@ class AttentionGraphRetriever:
         self.model_cfg = model_cfg
         self.device = torch.device(device)
         self.params = GraphParams.from_options(dict(cfg.options))
-        self.graphs: dict[int, list[HeadGraph]] = {}
-        self._stats = RetrieverStats(extra={"dots": 0, "build_s": 0.0, "attached": 0})
+        self._graphs: dict[int, list[HeadGraph]] = {}
+        self._pending: dict[int, list[Future]] = {}  # layer -> its heads' background builds
+        self._stats = RetrieverStats(extra={"dots": 0, "build_s": 0.0, "build_wait_s": 0.0, "attached": 0})
         n = self.params.n_threads or min(model_cfg.n_kv_heads, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=max(1, n - 1), thread_name_prefix="kvloft-graph")
         self._parallel = n > 1
+        nb = self.params.build_threads or os.cpu_count() or 1
+        self._build_pool = ThreadPoolExecutor(max_workers=nb, thread_name_prefix="kvloft-graph-build")
+
+    @property
+    def graphs(self) -> dict[int, list[HeadGraph]]:
+        """Every layer's graphs [H_kv], background builds finished."""
+        for layer in list(self._pending):
+            self._ready(layer)
+        return self._graphs
+
+    def _ready(self, layer: int) -> list[HeadGraph] | None:
+        """The layer's graphs once its background builds are done (None: no such layer)."""
+        jobs = self._pending.pop(layer, None)
+        if jobs:
+            t0 = time.perf_counter()
+            self._stats.extra["attached"] += sum(j.result() for j in jobs)
+            self._stats.extra["build_wait_s"] += time.perf_counter() - t0
+        return self._graphs.get(layer)
 
     def _per_head(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """Runs calls [(fn, *args)], one per KV head: the first in this thread, the rest on
@@ -315,25 +344,36 @@ class AttentionGraphRetriever:
         if queries is not None:
             self._check("queries", queries, hq)
         t0 = time.perf_counter()
+        self._ready(layer)  # a rebuild replaces a graph only once its earlier build is done
         group = self.model_cfg.group_size
         graphs = self._new_graphs()
-        built = []  # attached counts, or futures: head h's graph builds while head h+1's kNN runs
+        jobs = []
         for h in range(hkv):
             k_h = keys[h].detach().to(self.device, torch.float32)  # [N, D]
             if queries is not None:  # the group's query heads pooled: [g * M, D]
                 q_h = queries[h * group : (h + 1) * group].detach().reshape(-1, d).to(self.device)
             else:
                 q_h = self._fallback_queries(k_h)
-            if k_h.shape[0] and q_h.shape[0]:
-                knn = exact_knn(q_h, k_h, self.params.knn, self.params.knn_chunk)
+            if self.device.type == "cpu":  # the kNN is most of a CPU build: it goes to the pool too
+                # (own copies: the caller's tensors may change once build() returns)
+                jobs.append(self._build_pool.submit(self._build_head, graphs[h], k_h.clone(), q_h.float().clone()))
             else:
-                knn = np.empty((0, 0), np.int32)
-            k_np = np.ascontiguousarray(k_h.cpu().numpy())
-            job = (k_np, knn, self.params.ef_connect)
-            built.append(self._pool.submit(graphs[h].build, *job) if self._parallel else graphs[h].build(*job))
-        self._stats.extra["attached"] += sum(b if isinstance(b, int) else b.result() for b in built)
-        self.graphs[layer] = graphs
+                knn = self._knn(k_h, q_h)
+                k_np = np.ascontiguousarray(k_h.cpu().numpy())
+                jobs.append(self._build_pool.submit(graphs[h].build, k_np, knn, self.params.ef_connect))
+        self._graphs[layer] = graphs
+        self._pending[layer] = jobs
         self._stats.extra["build_s"] += time.perf_counter() - t0
+
+    def _knn(self, k_h: Tensor, q_h: Tensor) -> np.ndarray:
+        """kNN lists [M, knn] int32 of the queries q_h [M, D] over keys k_h [N, D]."""
+        if k_h.shape[0] and q_h.shape[0]:
+            return exact_knn(q_h, k_h, self.params.knn, self.params.knn_chunk)
+        return np.empty((0, 0), np.int32)
+
+    def _build_head(self, graph: HeadGraph, k_h: Tensor, q_h: Tensor) -> int:
+        knn = self._knn(k_h, q_h)
+        return graph.build(np.ascontiguousarray(k_h.numpy()), knn, self.params.ef_connect)
 
     def _fallback_queries(self, keys: Tensor) -> Tensor:
         n, cap = keys.shape[0], self.params.fallback_queries
@@ -348,7 +388,7 @@ class AttentionGraphRetriever:
         self._check("keys", keys, self.model_cfg.n_kv_heads)
         if positions is not None and positions.numel() != keys.shape[1]:
             raise ValueError(f"positions must hold {keys.shape[1]} entries, got {positions.numel()}")
-        graphs = self.graphs.setdefault(layer, self._new_graphs())
+        graphs = self._ready(layer) or self._graphs.setdefault(layer, self._new_graphs())
         k = keys.detach().float().cpu().numpy()
         self._per_head([(g.insert, np.ascontiguousarray(k[h]), self.params.ef_insert)
                         for h, g in enumerate(graphs)])
@@ -358,7 +398,7 @@ class AttentionGraphRetriever:
         distinct keys scored, summed over KV heads)."""
         check_select(q, budget, self.model_cfg)
         hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
-        graphs = self.graphs.get(layer)
+        graphs = self._ready(layer)
         n = graphs[0].n if graphs else 0
         k = min(budget, n)
         if k == n:  # the budget covers the host tier: everything, nothing to search
@@ -420,6 +460,7 @@ class AttentionGraphRetriever:
     def close(self) -> None:
         """Stops the worker threads (also done at interpreter exit)."""
         self._pool.shutdown(wait=True)
+        self._build_pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------
