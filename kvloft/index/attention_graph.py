@@ -231,6 +231,15 @@ class HeadGraph:
             k, b, adj, deg, parent = self._views(self.n)
             gk.insert(k, b, adj, deg, parent, start, self.n, self.entry, ef_insert, self.l2, self.fill)
 
+    def project(self, knn_ids: np.ndarray) -> None:
+        """Query-guided edges of one chunk of queries: knn_ids [Mq, K] int32 over rows < n."""
+        if self.n == 0 or knn_ids.shape[0] == 0 or knn_ids.shape[1] < 2:
+            return
+        k, _, adj, deg, parent = self._views(self.n)
+        knn_ids = np.ascontiguousarray(knn_ids, np.int32)
+        order = np.argsort(knn_ids[:, 0], kind="stable")
+        gk.project_chunk(k, adj, deg, parent, knn_ids, order, self.l2, self.fill)
+
     def search(self, qs: np.ndarray, k: int, pool_size: int, use_mean: bool, reduce_max: bool):
         """qs [g, D] float32 C-contiguous -> (ids [k] int64, scanned, dots)."""
         if self.n == 0 or k == 0:
@@ -392,6 +401,28 @@ class AttentionGraphRetriever:
         k = keys.detach().float().cpu().numpy()
         self._per_head([(g.insert, np.ascontiguousarray(k[h]), self.params.ef_insert)
                         for h, g in enumerate(graphs)])
+
+    def extend(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
+        """Incremental build, one prefill chunk at a time: keys [H_kv, n, D] of the rows the
+        chunk moved to the host tier are inserted (as add() does), then the chunk's queries
+        [H_q, m, D] (or None) link the keys they like, with their kNN over every row so far.
+        Built this way from the first chunk on, the index is ready when prefill ends; search
+        recall stays within a few points of build() on all keys and queries at once
+        (tests/index/test_attention_graph.py). The runtime builds once after prefill today."""
+        hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
+        self._check("keys", keys, hkv)
+        if queries is not None:
+            self._check("queries", queries, hq)
+        t0 = time.perf_counter()
+        graphs = self._ready(layer) or self._graphs.setdefault(layer, self._new_graphs())
+        k = keys.detach().float().cpu().numpy()
+        self._per_head([(g.insert, np.ascontiguousarray(k[h]), self.params.ef_insert) for h, g in enumerate(graphs)])
+        if queries is not None and queries.shape[1]:
+            group = self.model_cfg.group_size
+            for h, g in enumerate(graphs):
+                q_h = queries[h * group : (h + 1) * group].detach().reshape(-1, d).to(self.device)
+                g.project(self._knn(torch.from_numpy(g.keys[: g.n]).to(self.device), q_h))
+        self._stats.extra["build_s"] += time.perf_counter() - t0
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [H_kv, k] int64, k = min(budget, N); scanned =
