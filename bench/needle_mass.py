@@ -8,7 +8,8 @@ answer's digits are read from the generated tokens and located in the prompt):
   mass recall, and needle mass = the share of dense attention on the needle's tokens that
   the selection keeps (summed over query heads, over the answer steps);
 - gqa: mass recall per layer of a shared top-k per KV head ranked by the group's max logit
-  (ExactRetriever), max or sum of the heads' probabilities, and of an unshared top-k per
+  (ExactRetriever), max or sum of the heads' probabilities (over all keys, or over the host
+  keys only as ExactRetriever(rank="prob") computes them), and of an unshared top-k per
   query head (the bound of any shared selection).
 
     python bench/needle_mass.py --trace bench/traces/qwen_passkey_8k.safetensors \\
@@ -98,7 +99,9 @@ def gqa_rules(layers: dict[int, Layer], positions: range, budgets: list[int], si
             ph, lh = p[:, host], logits[:, host]
             for b in budgets:
                 kept = {"per_head": ph.topk(b, -1).values.sum(-1)}
-                for rule, src, red in (("max_logit", lh, "max"), ("max_prob", ph, "max"), ("sum_prob", ph, "sum")):
+                ph_host = torch.softmax(lh, -1)  # what ExactRetriever(rank="prob") sees: host keys only
+                for rule, src, red in (("max_logit", lh, "max"), ("max_prob", ph, "max"), ("sum_prob", ph, "sum"),
+                                       ("max_prob_host", ph_host, "max")):
                     grp = src.view(hkv, g, -1)
                     ids = (grp.amax(1) if red == "max" else grp.sum(1)).topk(b, -1).indices  # [H_kv, b]
                     kept[rule] = ph.gather(1, ids.repeat_interleave(g, 0)).sum(-1)
