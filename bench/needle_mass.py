@@ -30,7 +30,14 @@ import torch
 from torch import Tensor
 
 from kvloft.config import RetrievalConfig
-from kvloft.eval.attention_report import DenseCache, Layer, layers_of, model_config, query_sample, selection_mask
+from kvloft.eval.attention_report import (
+    DenseCache,
+    Layer,
+    layers_of,
+    model_config,
+    query_sample,
+    selection_mask,
+)
 from kvloft.eval.traces import load_trace
 from kvloft.index.base import make_retriever
 

@@ -312,9 +312,12 @@ class AttentionGraphRetriever:
     @property
     def graphs(self) -> dict[int, list[HeadGraph]]:
         """Every layer's graphs [H_kv], background builds finished."""
+        self._wait_all()
+        return self._graphs
+
+    def _wait_all(self) -> None:
         for layer in list(self._pending):
             self._ready(layer)
-        return self._graphs
 
     def _ready(self, layer: int) -> list[HeadGraph] | None:
         """The layer's graphs once its background builds are done (None: no such layer)."""
@@ -461,6 +464,7 @@ class AttentionGraphRetriever:
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "dots": s.extra["dots"], "build_s": s.extra["build_s"],
+                               "build_wait_s": s.extra["build_wait_s"],
                                "attached": s.extra["attached"]}
         for layer, graphs in self.graphs.items():
             for h, g in enumerate(graphs):
@@ -472,9 +476,11 @@ class AttentionGraphRetriever:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer it names, with the same keys)."""
+        self._wait_all()  # background builds finish first: their waits and counts are not the saved ones
         s = self._stats
         s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
-        s.extra.update(dots=int(state["dots"]), build_s=float(state["build_s"]), attached=int(state["attached"]))
+        s.extra.update(dots=int(state["dots"]), build_s=float(state["build_s"]), attached=int(state["attached"]),
+                       build_wait_s=float(state.get("build_wait_s", 0.0)))
         for key in state:
             if not key.endswith(".entry"):
                 continue
