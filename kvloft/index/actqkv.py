@@ -1,8 +1,8 @@
 """ActQKV: an activation-aware probe query over block memory (arXiv 2502.13542).
 
 Memory (InfLLM, arXiv 2402.04617): host rows are grouped into blocks of `block_size`
-consecutive tokens (32 for Llama-like models, 64 for Qwen-like ones, read from
-`model_cfg.attention_bias`). Each block is represented, per KV head, by the mean of its
+consecutive tokens (32; InfLLM uses 64 for Qwen-like models, which measured worse on the
+Qwen2.5 trace: see "Blocks cut needles" below). Each block is represented, per KV head, by the mean of its
 `n_repr` representative keys, kept as it is (not normalized: the keys' shared direction
 and norms are part of the logits the block will produce). Representatives are the keys
 that receive the most attention inside their block, with the block's own keys as the
@@ -49,6 +49,15 @@ step is its count of select calls); layers without one yet count at the mean of 
 entropies, and the first step splits evenly. Shares sum to the total before clipping, so
 the tokens a layer selects vary around `budget` and reach at most max_factor * budget.
 
+Blocks cut needles: a selection of whole blocks drops the part of a needle that lies past
+a block edge whenever the next block's representatives are ordinary haystack keys (a
+few digits among 32-64 tokens rarely make the top 4). On Qwen2.5-Coder-0.5B, passkey
+"60494" at 8K, block 64, budget 1024, the layers where the needle holds >= 5% of the
+answer queries' attention kept 31% of that mass when a block edge split the digits, 65%
+when it did not (docs/methods.md, "Limits"). So each selected block brings `halo` rows of
+both neighbours (default block / 4, inside the layer's share): with blocks of 32 and a
+halo of 8 the same layers keep 61-85% at every edge placement measured.
+
 Memory: the index keeps one fp32 vector per block and KV head (1/block_size of the
 keys, at fp32) plus the keys of the partial block; search cost per step is one
 dot product per block and KV head (`scanned` = n_blocks * H_kv).
@@ -77,7 +86,7 @@ SCORINGS = ("dot", "cosine")
 class ActQKVParams:
     """Method options (RetrievalConfig.options), with the paper's defaults.
 
-    block_size: tokens per memory block; 0 = 64 for Qwen-like models (attention_bias), else 32.
+    block_size: tokens per memory block (0: 32).
     n_repr: representative keys per block.
     window: queries in the probe window (1: the current query, ActQKV's decode-time chunk).
     scoring: "dot" (InfLLM's inner product, on the logit scale) or "cosine" (the public
@@ -87,6 +96,8 @@ class ActQKVParams:
     temperature: scores / temperature -> softmax -> the distribution whose entropy is measured
         (at 1: attention's own scale for "dot" logits, the public code's softmax for cosines).
     var_floor: sigma^2 is floored by var_floor * mean(sigma^2) in the activation bias (1/100).
+    halo: rows of the neighbouring blocks taken on each side of a selected block, inside the
+        layer's token share (-1: block / 4; 0: whole blocks only, the paper's rule).
     block_batch: blocks represented per batch at build (bounds the [b, b] attention buffers).
     """
 
@@ -99,11 +110,12 @@ class ActQKVParams:
     max_factor: float = 2.0
     temperature: float = 1.0
     var_floor: float = 0.01
+    halo: int = -1
     block_batch: int = 1024
 
     def __post_init__(self) -> None:
         for name, minimum in (("block_size", 0), ("n_repr", 1), ("window", 1), ("min_tokens", 1),
-                              ("block_batch", 1)):
+                              ("halo", -1), ("block_batch", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"actqkv option {name} must be an int >= {minimum}, got {value!r}")
@@ -219,7 +231,8 @@ class ActQKVRetriever:
         self.model_cfg = model_cfg
         self.device = torch.device(device)
         self.params = ActQKVParams.from_options(cfg.options)
-        self.block = self.params.block_size or (64 if model_cfg.attention_bias else 32)
+        self.block = self.params.block_size or 32
+        self.halo = self.block // 4 if self.params.halo < 0 else self.params.halo
         if self.params.n_repr > self.block:
             raise ValueError(f"actqkv n_repr ({self.params.n_repr}) must be <= block_size ({self.block})")
         self.layers: dict[int, _LayerState] = {}
@@ -312,13 +325,31 @@ class ActQKVRetriever:
         return torch.cat(parts)
 
     def _expand(self, scores: Tensor, tokens: int, n_rows: int) -> Tensor:
-        """Best blocks covering `tokens` (whole blocks, at least one) -> sorted row ids [k]."""
+        """Best blocks covering `tokens` (whole blocks, at least one), each with `halo` rows of
+        its neighbours on both sides -> sorted row ids [k], k <= max(tokens, block + 2 * halo)."""
         n_blocks = min(max(tokens // self.block, 1), scores.numel())
         if n_blocks * self.block >= n_rows:
             return torch.arange(n_rows, device=self.device)
         top = torch.topk(scores, n_blocks).indices
+        if self.halo:
+            return self._with_halo(top, tokens, n_rows)
         ids = (top[:, None] * self.block + torch.arange(self.block, device=self.device)).flatten()
         return torch.sort(ids[ids < n_rows]).values
+
+    def _with_halo(self, ranked: Tensor, tokens: int, n_rows: int) -> Tensor:
+        """Spans [b * block - halo, (b + 1) * block + halo) of the blocks `ranked` [m] (best
+        first), taken in rank order while their union fits in `tokens` (the first always)."""
+        halo = self.halo
+        covered = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        count = 0
+        for b in ranked.tolist():  # m <= max_factor * budget / block: a few dozen at most
+            lo, hi = max(b * self.block - halo, 0), min((b + 1) * self.block + halo, n_rows)
+            new = hi - lo - int(covered[lo:hi].sum())
+            if count and count + new > tokens:
+                break
+            covered[lo:hi] = True
+            count += new
+        return covered.nonzero().flatten()
 
     # ---- cross-layer budget split ----------------------------------------------------------
 

@@ -60,7 +60,7 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,9 @@ class GraphParams:
         queries; 0 = all keys.
     knn_chunk: query rows per matmul block of the exact kNN (fewer when the block of
         logits would pass 256 MiB).
-    n_threads: worker threads for per-head build/search; 0 -> min(H_kv, cpu count).
+    n_threads: worker threads for per-head search; 0 -> min(H_kv, cpu count).
+    build_threads: worker threads for graph builds, which run in the background across
+        layers and heads (a layer's first select/add waits for its own); 0 -> cpu count.
     seed: seed of the fallback sample.
     """
 
@@ -111,12 +113,13 @@ class GraphParams:
     fallback_queries: int = 32768
     knn_chunk: int = 1024
     n_threads: int = 0
+    build_threads: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_degree", "knn", "ef_connect", "ef_insert", "knn_chunk"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("ef", "fallback_queries", "n_threads", "seed"):
+        for name in ("ef", "fallback_queries", "n_threads", "build_threads", "seed"):
             _check_int(name, getattr(self, name), 0)
         if self.max_degree < 2:
             raise ValueError(f"max_degree must be >= 2, got {self.max_degree}")
@@ -228,6 +231,15 @@ class HeadGraph:
             k, b, adj, deg, parent = self._views(self.n)
             gk.insert(k, b, adj, deg, parent, start, self.n, self.entry, ef_insert, self.l2, self.fill)
 
+    def project(self, knn_ids: np.ndarray) -> None:
+        """Query-guided edges of one chunk of queries: knn_ids [Mq, K] int32 over rows < n."""
+        if self.n == 0 or knn_ids.shape[0] == 0 or knn_ids.shape[1] < 2:
+            return
+        k, _, adj, deg, parent = self._views(self.n)
+        knn_ids = np.ascontiguousarray(knn_ids, np.int32)
+        order = np.argsort(knn_ids[:, 0], kind="stable")
+        gk.project_chunk(k, adj, deg, parent, knn_ids, order, self.l2, self.fill)
+
     def search(self, qs: np.ndarray, k: int, pool_size: int, use_mean: bool, reduce_max: bool):
         """qs [g, D] float32 C-contiguous -> (ids [k] int64, scanned, dots)."""
         if self.n == 0 or k == 0:
@@ -270,6 +282,13 @@ class AttentionGraphRetriever:
     The graphs and their key copies live in host memory (numpy, float32); the exact kNN
     of the build runs on `device`. select() is thread-safe across layers, not for
     concurrent add() and select() on the same layer.
+
+    build() returns once the layer's kNN lists are computed (on the GPU where the retriever
+    lives there; on a CPU retriever the kNN runs in the background too) and leaves the
+    graph construction to a pool of `build_threads`: the runtime builds layer after layer,
+    so every layer's and head's graph builds at once, and a layer's first select() or add()
+    waits only for its own. stats()["build_s"] counts the time build() held the caller,
+    stats()["build_wait_s"] the time select/add/state_dict later waited for a graph.
     """
 
     # On CUDA the runtime computes attention over the selected rows on the CPU next to the
@@ -281,11 +300,33 @@ class AttentionGraphRetriever:
         self.model_cfg = model_cfg
         self.device = torch.device(device)
         self.params = GraphParams.from_options(dict(cfg.options))
-        self.graphs: dict[int, list[HeadGraph]] = {}
-        self._stats = RetrieverStats(extra={"dots": 0, "build_s": 0.0, "attached": 0})
+        self._graphs: dict[int, list[HeadGraph]] = {}
+        self._pending: dict[int, list[Future]] = {}  # layer -> its heads' background builds
+        self._stats = RetrieverStats(extra={"dots": 0, "build_s": 0.0, "build_wait_s": 0.0, "attached": 0})
         n = self.params.n_threads or min(model_cfg.n_kv_heads, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=max(1, n - 1), thread_name_prefix="kvloft-graph")
         self._parallel = n > 1
+        nb = self.params.build_threads or os.cpu_count() or 1
+        self._build_pool = ThreadPoolExecutor(max_workers=nb, thread_name_prefix="kvloft-graph-build")
+
+    @property
+    def graphs(self) -> dict[int, list[HeadGraph]]:
+        """Every layer's graphs [H_kv], background builds finished."""
+        self._wait_all()
+        return self._graphs
+
+    def _wait_all(self) -> None:
+        for layer in list(self._pending):
+            self._ready(layer)
+
+    def _ready(self, layer: int) -> list[HeadGraph] | None:
+        """The layer's graphs once its background builds are done (None: no such layer)."""
+        jobs = self._pending.pop(layer, None)
+        if jobs:
+            t0 = time.perf_counter()
+            self._stats.extra["attached"] += sum(j.result() for j in jobs)
+            self._stats.extra["build_wait_s"] += time.perf_counter() - t0
+        return self._graphs.get(layer)
 
     def _per_head(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """Runs calls [(fn, *args)], one per KV head: the first in this thread, the rest on
@@ -315,25 +356,36 @@ class AttentionGraphRetriever:
         if queries is not None:
             self._check("queries", queries, hq)
         t0 = time.perf_counter()
+        self._ready(layer)  # a rebuild replaces a graph only once its earlier build is done
         group = self.model_cfg.group_size
         graphs = self._new_graphs()
-        built = []  # attached counts, or futures: head h's graph builds while head h+1's kNN runs
+        jobs = []
         for h in range(hkv):
             k_h = keys[h].detach().to(self.device, torch.float32)  # [N, D]
             if queries is not None:  # the group's query heads pooled: [g * M, D]
                 q_h = queries[h * group : (h + 1) * group].detach().reshape(-1, d).to(self.device)
             else:
                 q_h = self._fallback_queries(k_h)
-            if k_h.shape[0] and q_h.shape[0]:
-                knn = exact_knn(q_h, k_h, self.params.knn, self.params.knn_chunk)
+            if self.device.type == "cpu":  # the kNN is most of a CPU build: it goes to the pool too
+                # (own copies: the caller's tensors may change once build() returns)
+                jobs.append(self._build_pool.submit(self._build_head, graphs[h], k_h.clone(), q_h.float().clone()))
             else:
-                knn = np.empty((0, 0), np.int32)
-            k_np = np.ascontiguousarray(k_h.cpu().numpy())
-            job = (k_np, knn, self.params.ef_connect)
-            built.append(self._pool.submit(graphs[h].build, *job) if self._parallel else graphs[h].build(*job))
-        self._stats.extra["attached"] += sum(b if isinstance(b, int) else b.result() for b in built)
-        self.graphs[layer] = graphs
+                knn = self._knn(k_h, q_h)
+                k_np = np.ascontiguousarray(k_h.cpu().numpy())
+                jobs.append(self._build_pool.submit(graphs[h].build, k_np, knn, self.params.ef_connect))
+        self._graphs[layer] = graphs
+        self._pending[layer] = jobs
         self._stats.extra["build_s"] += time.perf_counter() - t0
+
+    def _knn(self, k_h: Tensor, q_h: Tensor) -> np.ndarray:
+        """kNN lists [M, knn] int32 of the queries q_h [M, D] over keys k_h [N, D]."""
+        if k_h.shape[0] and q_h.shape[0]:
+            return exact_knn(q_h, k_h, self.params.knn, self.params.knn_chunk)
+        return np.empty((0, 0), np.int32)
+
+    def _build_head(self, graph: HeadGraph, k_h: Tensor, q_h: Tensor) -> int:
+        knn = self._knn(k_h, q_h)
+        return graph.build(np.ascontiguousarray(k_h.numpy()), knn, self.params.ef_connect)
 
     def _fallback_queries(self, keys: Tensor) -> Tensor:
         n, cap = keys.shape[0], self.params.fallback_queries
@@ -348,17 +400,39 @@ class AttentionGraphRetriever:
         self._check("keys", keys, self.model_cfg.n_kv_heads)
         if positions is not None and positions.numel() != keys.shape[1]:
             raise ValueError(f"positions must hold {keys.shape[1]} entries, got {positions.numel()}")
-        graphs = self.graphs.setdefault(layer, self._new_graphs())
+        graphs = self._ready(layer) or self._graphs.setdefault(layer, self._new_graphs())
         k = keys.detach().float().cpu().numpy()
         self._per_head([(g.insert, np.ascontiguousarray(k[h]), self.params.ef_insert)
                         for h, g in enumerate(graphs)])
+
+    def extend(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
+        """Incremental build, one prefill chunk at a time: keys [H_kv, n, D] of the rows the
+        chunk moved to the host tier are inserted (as add() does), then the chunk's queries
+        [H_q, m, D] (or None) link the keys they like, with their kNN over every row so far.
+        Built this way from the first chunk on, the index is ready when prefill ends; search
+        recall stays within a few points of build() on all keys and queries at once
+        (tests/index/test_attention_graph.py). The runtime builds once after prefill today."""
+        hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
+        self._check("keys", keys, hkv)
+        if queries is not None:
+            self._check("queries", queries, hq)
+        t0 = time.perf_counter()
+        graphs = self._ready(layer) or self._graphs.setdefault(layer, self._new_graphs())
+        k = keys.detach().float().cpu().numpy()
+        self._per_head([(g.insert, np.ascontiguousarray(k[h]), self.params.ef_insert) for h, g in enumerate(graphs)])
+        if queries is not None and queries.shape[1]:
+            group = self.model_cfg.group_size
+            for h, g in enumerate(graphs):
+                q_h = queries[h * group : (h + 1) * group].detach().reshape(-1, d).to(self.device)
+                g.project(self._knn(torch.from_numpy(g.keys[: g.n]).to(self.device), q_h))
+        self._stats.extra["build_s"] += time.perf_counter() - t0
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [H_kv, k] int64, k = min(budget, N); scanned =
         distinct keys scored, summed over KV heads)."""
         check_select(q, budget, self.model_cfg)
         hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
-        graphs = self.graphs.get(layer)
+        graphs = self._ready(layer)
         n = graphs[0].n if graphs else 0
         k = min(budget, n)
         if k == n:  # the budget covers the host tier: everything, nothing to search
@@ -390,6 +464,7 @@ class AttentionGraphRetriever:
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "dots": s.extra["dots"], "build_s": s.extra["build_s"],
+                               "build_wait_s": s.extra["build_wait_s"],
                                "attached": s.extra["attached"]}
         for layer, graphs in self.graphs.items():
             for h, g in enumerate(graphs):
@@ -401,9 +476,11 @@ class AttentionGraphRetriever:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer it names, with the same keys)."""
+        self._wait_all()  # background builds finish first: their waits and counts are not the saved ones
         s = self._stats
         s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
-        s.extra.update(dots=int(state["dots"]), build_s=float(state["build_s"]), attached=int(state["attached"]))
+        s.extra.update(dots=int(state["dots"]), build_s=float(state["build_s"]), attached=int(state["attached"]),
+                       build_wait_s=float(state.get("build_wait_s", 0.0)))
         for key in state:
             if not key.endswith(".entry"):
                 continue
@@ -420,6 +497,7 @@ class AttentionGraphRetriever:
     def close(self) -> None:
         """Stops the worker threads (also done at interpreter exit)."""
         self._pool.shutdown(wait=True)
+        self._build_pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,7 +4,14 @@ Per KV head, each host key j is ranked by the logits q_h · k_j of the query hea
 of its GQA group, combined by `RetrievalConfig.gqa_reduce`: "max" (default; a key that
 matters to any head of the group is kept) or "sum". Keys are scanned chunk by chunk
 from a copy kept on the retriever's device (a GPU key mirror on CUDA), so the cost is
-one pass over all keys: N * H_kv * D * bytes per step. With `RetrievalConfig.max_similar`
+one pass over all keys: N * H_kv * D * bytes per step.
+
+options={"rank": "prob"} ranks by each head's log-probability instead (logit minus that
+head's log-sum-exp over the host keys; then the group's max): raw logits compare heads on
+their own scales, and on Qwen2.5-0.5B (GQA 7 heads a group) the heads with the larger
+logits took the shared slots of layers 0, 1 and 4, whose mass recall at budget 2048 went
+0.93-0.94 -> 0.96-0.98 ranked by probability (docs/methods.md, "Limits"). It keeps a
+[H_q, N] fp32 logit buffer for the step. With `RetrievalConfig.max_similar`
 the top-k takes at most that many near-identical keys per KV head (index/diversity.py).
 """
 
@@ -18,7 +25,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
-from kvloft.kernels import score_keys
+from kvloft.kernels import reference, score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
 
@@ -32,6 +39,9 @@ class ExactRetriever:
         self.model_cfg = model_cfg
         self.device = device
         self.chunk_rows = int(cfg.options.get("chunk_rows", 16384))
+        self.rank = cfg.options.get("rank", "logit")
+        if self.rank not in ("logit", "prob"):
+            raise ValueError(f"exact option rank must be 'logit' or 'prob', got {self.rank!r}")
         self.keys: dict[int, ChunkedRows] = {}
         self._stats = RetrieverStats()
 
@@ -58,6 +68,11 @@ class ExactRetriever:
         if store is None or len(store) == 0:
             return torch.empty((hkv, 0), dtype=torch.float32, device=self.device)
         q = q.to(self.device)
+        if self.rank == "prob":  # [H_q, N] log-probabilities, then the group's reduction
+            scale = self.model_cfg.head_dim**-0.5  # the softmax attention will take
+            logits = torch.cat([score_keys(q, chunk, scale=scale) for _, chunk in store.iter_chunks()], dim=1)
+            logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+            return reference.reduce_group(logp, hkv, self.cfg.gqa_reduce)
         parts = [
             score_keys(q, chunk, reduce=self.cfg.gqa_reduce)
             for _, chunk in store.iter_chunks()

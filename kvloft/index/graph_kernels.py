@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bfs", "build_graph", "insert", "search_group"]
+__all__ = ["bfs", "build_graph", "insert", "project_chunk", "search_group"]
 
 
 @njit(nogil=True, cache=False, no_cpython_wrapper=True, fastmath=True)
@@ -193,17 +193,29 @@ def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
     """Pivot projection: the queries whose nearest key is p pool their other kNN keys as
     p's candidates. knn_ids [Mq, K] int32 nearest first; order [Mq]: queries by pivot."""
     mq, kk = knn_ids.shape
+    # A pivot shared by many queries (a sink-like key is the top-1 of thousands) gets the same
+    # candidates many times over; each is kept once (stamp = pivot's turn), so _set_pruned
+    # scores and sorts at most n distinct keys instead of (queries x knn) entries. The
+    # result is the same: _set_pruned drops duplicates after sorting anyway.
+    stamp = np.zeros(keys.shape[0], np.int32)
+    turn = 0
     i = 0
     while i < mq:
         pivot = np.int64(knn_ids[order[i], 0])
         j = i
         while j < mq and knn_ids[order[j], 0] == pivot:
             j += 1
-        cand = np.empty((j - i) * (kk - 1), np.int32)
+        turn += 1
+        cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]), np.int32)
+        nc = 0
         for r in range(i, j):
             for t in range(1, kk):
-                cand[(r - i) * (kk - 1) + t - 1] = knn_ids[order[r], t]
-        _set_pruned(keys, adj, deg, parent, pivot, cand, cand.shape[0], l2, fill, adj.shape[1])
+                c = knn_ids[order[r], t]
+                if stamp[c] != turn:
+                    stamp[c] = turn
+                    cand[nc] = c
+                    nc += 1
+        _set_pruned(keys, adj, deg, parent, pivot, cand, nc, l2, fill, adj.shape[1])
         i = j
 
 
@@ -405,3 +417,47 @@ def search_group(keys, adj, deg, entry, qs, pool_size, k, use_mean, reduce_max):
     for i in range(k):
         out[i] = cand[i] if i < nc else -1
     return out, scanned, dots
+
+
+@njit(nogil=True, cache=False)
+def project_chunk(keys, adj, deg, parent, knn_ids, order, l2, fill):
+    """Incremental projection: the queries of one prefill chunk, knn_ids [Mq, K] int32 over
+    all rows so far (nearest first, order [Mq]: queries by pivot), link each pivot to its
+    queries' other kNN keys, pruned together with the pivot's current edges (the one-shot
+    build prunes the candidates alone, then adds reverse edges once; here each new edge
+    p -> c offers c -> p right away, c's list re-pruned when full). Tree edges are kept,
+    so every row stays reachable."""
+    mq, kk = knn_ids.shape
+    m = adj.shape[1]
+    stamp = np.zeros(keys.shape[0], np.int32)
+    turn = 0
+    i = 0
+    while i < mq:
+        pivot = np.int64(knn_ids[order[i], 0])
+        j = i
+        while j < mq and knn_ids[order[j], 0] == pivot:
+            j += 1
+        turn += 1
+        cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]) + m, np.int32)
+        nc = 0
+        for t in range(deg[pivot]):
+            stamp[adj[pivot, t]] = turn
+            cand[nc] = adj[pivot, t]
+            nc += 1
+        for r in range(i, j):
+            for t in range(1, kk):
+                c = knn_ids[order[r], t]
+                if stamp[c] != turn:
+                    stamp[c] = turn
+                    cand[nc] = c
+                    nc += 1
+        _set_pruned(keys, adj, deg, parent, pivot, cand, nc, l2, fill, m)
+        for t in range(deg[pivot]):
+            c = np.int64(adj[pivot, t])
+            if not _append_unique(adj, deg, c, pivot):
+                back = np.empty(deg[c] + 1, np.int32)
+                for s in range(deg[c]):
+                    back[s] = adj[c, s]
+                back[deg[c]] = pivot
+                _set_pruned(keys, adj, deg, parent, c, back, back.shape[0], l2, fill, m)
+        i = j

@@ -158,7 +158,7 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int)
     if m in MIRROR_METHODS:
         return _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, 0, []
     if m == "actqkv":
-        block = int(opts.get("block_size", 0)) or (64 if cfg.attention_bias else 32)
+        block = int(opts.get("block_size", 0)) or 32  # index/actqkv.py: 32 for every family
         blocks = -(-n_host // block)
         return _chunks(blocks, 4096) * hkv * d * 4 * layers + block * hkv * d * isz * layers, 0, []
     if m == "attention_graph":

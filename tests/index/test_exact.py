@@ -1,0 +1,63 @@
+"""ExactRetriever's ranking rules: group max of logits (default) or of per-head log-probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.base import make_retriever
+
+MODEL = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, head_dim 16
+HQ, HKV, D = MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim
+
+
+def _exact(**options):
+    return make_retriever(RetrievalConfig(method="exact", options=options), MODEL, "cpu")
+
+
+def _loud_and_quiet(gen: torch.Generator):
+    """Keys [H_kv, 512, D] and a query [H_q, D]: in every group, head 0 spreads its attention
+    over 200 keys with logits ~5 (each holds ~0.5% of its mass); head 1 puts ~40% of its mass
+    on 10 needle keys with logits ~3.5, below head 0's. Returns keys, q, needle rows."""
+    basis, _ = torch.linalg.qr(torch.randn(HKV, D, 2, generator=gen))
+    u, w = basis[..., 0], basis[..., 1]  # [H_kv, D]
+    keys = 0.1 * torch.randn(HKV, 512, D, generator=gen)
+    keys[:, :200] += 5.0 * u[:, None]
+    needles = torch.arange(300, 310)
+    keys[:, needles] += 1.0 * w[:, None]
+    q = 0.1 * torch.randn(HQ, D, generator=gen)
+    q[0::3] += 4.0 * u  # scale 1/4: logits 5 on the 200 keys
+    q[1::3] += 14.0 * w  # logits 3.5 on the needles
+    return keys, q, needles
+
+
+def _mass_recall(keys, q, ids):
+    """Mean over query heads of the softmax mass (all 512 keys) on the selected rows of its KV head."""
+    logits = torch.einsum("hd,hnd->hn", q, keys.repeat_interleave(HQ // HKV, 0)) * D**-0.5
+    p = torch.softmax(logits, -1)
+    return float(p.gather(1, ids.repeat_interleave(HQ // HKV, 0)).sum(-1).mean())
+
+
+def test_probability_rank_keeps_the_quiet_heads_needles():
+    gen = torch.Generator().manual_seed(0)
+    keys, q, needles = _loud_and_quiet(gen)
+    by_logit, by_prob = _exact(), _exact(rank="prob")
+    for r in (by_logit, by_prob):
+        r.build(0, keys, None)
+    ids_l, ids_p = by_logit.select(0, q, 64).ids, by_prob.select(0, q, 64).ids  # [H_kv, 64]
+    for h in range(HKV):
+        assert not set(needles.tolist()) & set(ids_l[h].tolist())  # the loud head took every slot
+        assert set(needles.tolist()) <= set(ids_p[h].tolist())
+    # the quiet heads' 40% comes back for ~10 of the loud heads' 64 x 0.5%
+    assert _mass_recall(keys, q, ids_p) > _mass_recall(keys, q, ids_l) + 0.05
+
+
+def test_probability_rank_budget_over_n_and_bad_option():
+    gen = torch.Generator().manual_seed(1)
+    keys, q, _ = _loud_and_quiet(gen)
+    r = _exact(rank="prob")
+    r.build(0, keys, None)
+    assert torch.equal(r.select(0, q, 600).ids, torch.arange(512).expand(HKV, -1))
+    with pytest.raises(ValueError, match="rank"):
+        _exact(rank="probability")
