@@ -41,8 +41,7 @@ from kvloft.runtime.loader import load_model
 LLAMA3_8B = [("q/o 4096x4096", 4096, 4096), ("gate/up 14336x4096", 14336, 4096),
              ("down 4096x14336", 4096, 14336), ("lm_head 128256x4096", 128256, 4096)]
 SMOKE = [("smoke 96x160", 96, 160), ("smoke 40x352", 40, 352)]
-SWEEP = [QmmConfig(bn, bk, w, st) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (4, 8) for st in (2, 4)
-         if 2048 <= bn * bk <= 16384]
+SWEEP = [QmmConfig(bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (2, 4)]
 GiB = 2**30
 
 

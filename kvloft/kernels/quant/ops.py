@@ -64,6 +64,15 @@ def _check(x: Tensor, pw: PackedWeight, op: str) -> None:
             raise ValueError(f"{op}: {name} must be contiguous; pass a PackedWeight from quantize_*")
 
 
+def _block_k(want: int, group: int) -> int:
+    """The largest K tile <= want that divides the group (a tile then needs one scale per row)."""
+    if want < 32 or want & (want - 1):
+        raise ValueError(f"block_k must be a power of two >= 32, got {want}")
+    while group % want:
+        want //= 2
+    return want
+
+
 def _splits(n_blocks: int, k_pad: int, block_k: int, want: int, device: torch.device) -> tuple[int, int]:
     """-> (splits, inputs per split): split K until about two programs run per multiprocessor."""
     tiles = -(-k_pad // block_k)
@@ -84,8 +93,9 @@ def quant_matmul(x: Tensor, pw: PackedWeight, cfg: QmmConfig | None = None) -> T
     if t > GEMV_MAX_T:
         return x @ dequantize_dense(pw, x.dtype).t()
     cfg = cfg or (DECODE if t == 1 else SKINNY)
+    block_k = _block_k(cfg.block_k, pw.group)
     n_blocks = -(-n // cfg.block_n)
-    splits, per = _splits(n_blocks, pw.k_pad, cfg.block_k, cfg.split_k, x.device)
+    splits, per = _splits(n_blocks, pw.k_pad, block_k, cfg.split_k, x.device)
     dt = x.dtype if splits == 1 else torch.float32
     out = torch.empty(splits, t, n, dtype=dt, device=x.device)
     kern._qmm_kernel[(n_blocks, splits)](
@@ -93,7 +103,7 @@ def quant_matmul(x: Tensor, pw: PackedWeight, cfg: QmmConfig | None = None) -> T
         t, n, pw.shape[1], pw.k_pad, per,
         x.stride(0), pw.qweight.stride(0), pw.scales.stride(0), out.stride(0), out.stride(1),
         BITS=pw.bits, HAS_MIN=pw.mins is not None, GROUP=pw.group,
-        BLOCK_T=1 if t == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_T=1 if t == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         USE_DOT=t > 1, IEEE=x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -106,6 +116,7 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype, block_n: int = 32, bl
     checks.require_runnable(pw.qweight.device, kern._dequant_kernel, "dequantize_dense")
     n, k = pw.shape
     w = torch.empty(n, k, dtype=dtype, device=pw.qweight.device)
+    block_k = _block_k(block_k, pw.group)
     grid = (-(-n // block_n), -(-pw.k_pad // block_k))
     kern._dequant_kernel[grid](
         pw.qweight, pw.scales, pw.scales if pw.mins is None else pw.mins, w,

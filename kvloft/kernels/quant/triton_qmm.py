@@ -11,7 +11,9 @@ of scales, read T*K x elements per N block (cached), write T*N.
 dequant: grid (cdiv(N, BLOCK_N), cdiv(K_pad, BLOCK_K)), writes W [N, K] in the compute
 dtype (read N*K/2, write 2*N*K bytes); the caller then runs a cuBLAS matmul.
 
-The tile loader works on the packing block's two halves: column c of a tile is byte
+A K tile lies inside one scale group (the launcher halves BLOCK_K until it divides the
+group), so scales are one load per row and tile. The tile loader works on the packing
+block's two halves: column c of a tile is byte
 (k0 / 2 + c); its low nibble is input k0 + 32 * (c // 16) + c % 16 and its high nibble
 that input + 16. For int8 the same two inputs are read as two int8 loads.
 Reference: kernels/quant/packed.py `reference_matmul` and `dequantize`.
@@ -26,29 +28,30 @@ import triton.language as tl
 @triton.jit
 def _load_tile(qweight, scales, mins, rows, row_ok, k0, k_end, stride_q, stride_s,
                BITS: tl.constexpr, HAS_MIN: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """-> w_lo, w_hi [BLOCK_N, BLOCK_K // 2] fp32 and their input indices lo_k, hi_k [BLOCK_K // 2]."""
-    tl.static_assert(GROUP % 32 == 0)
+    """-> w_lo, w_hi [BLOCK_N, BLOCK_K // 2] fp32 and their input indices lo_k, hi_k [BLOCK_K // 2].
+    The tile lies inside one group (GROUP % BLOCK_K == 0): one scale (and min) per row."""
     tl.static_assert(BLOCK_K % 32 == 0)
+    tl.static_assert(GROUP % BLOCK_K == 0)
     c = tl.arange(0, BLOCK_K // 2)
     lo_k = k0 + (c // 16) * 32 + (c % 16)
     hi_k = lo_k + 16
     ok = row_ok[:, None] & (lo_k < k_end)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    s = tl.load(scales + r64 * stride_s + (lo_k // GROUP)[None, :], mask=ok, other=0.0).to(tl.float32)
+    r64 = rows.to(tl.int64)
+    s = tl.load(scales + r64 * stride_s + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if BITS == 4:
-        b = tl.load(qweight + r64 * stride_q + (k0 // 2 + c)[None, :], mask=ok, other=0)
+        b = tl.load(qweight + r64[:, None] * stride_q + (k0 // 2 + c)[None, :], mask=ok, other=0)
         q_lo = (b & 15).to(tl.float32)
         q_hi = (b >> 4).to(tl.float32)
         if HAS_MIN:
-            m = tl.load(mins + r64 * stride_s + (lo_k // GROUP)[None, :], mask=ok, other=0.0).to(tl.float32)
+            m = tl.load(mins + r64 * stride_s + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             w_lo = q_lo * s + m
             w_hi = q_hi * s + m
         else:
             w_lo = (q_lo - 8.0) * s
             w_hi = (q_hi - 8.0) * s
     else:
-        w_lo = tl.load(qweight + r64 * stride_q + lo_k[None, :], mask=ok, other=0).to(tl.float32) * s
-        w_hi = tl.load(qweight + r64 * stride_q + hi_k[None, :], mask=ok, other=0).to(tl.float32) * s
+        w_lo = tl.load(qweight + r64[:, None] * stride_q + lo_k[None, :], mask=ok, other=0).to(tl.float32) * s
+        w_hi = tl.load(qweight + r64[:, None] * stride_q + hi_k[None, :], mask=ok, other=0).to(tl.float32) * s
     return w_lo, w_hi, lo_k, hi_k
 
 
