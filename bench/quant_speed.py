@@ -99,21 +99,20 @@ def gemv_rows(shapes, device, ts, sweep: bool) -> list[dict]:
         for t in ts:
             x = torch.randn(t, k, device=device, dtype=dt)
             row = {"shape": label, "N": n, "K": k, "T": t}
-            row["bf16_ms"] = bench_ms(lambda: x @ w.t(), cuda)
-            row["int4_ms"] = bench_ms(lambda: quant_matmul(x, q4), cuda)
-            row["int8_ms"] = bench_ms(lambda: quant_matmul(x, q8), cuda)
+            row["bf16_ms"] = bench_ms(lambda x=x, w=w: x @ w.t(), cuda)
+            row["int4_ms"] = bench_ms(lambda x=x, q=q4: quant_matmul(x, q), cuda)
+            row["int8_ms"] = bench_ms(lambda x=x, q=q8: quant_matmul(x, q), cuda)
             for name, impl in (("tinygemm", tg), ("torchao", ao)):
                 if isinstance(impl, str):
                     row[f"{name}_ms"] = impl
                 else:
-                    row[f"{name}_ms"] = bench_ms(lambda impl=impl: impl(x), cuda)
+                    row[f"{name}_ms"] = bench_ms(lambda impl=impl, x=x: impl(x), cuda)
             for name, nbytes in (("bf16", n * k * w.element_size()), ("int4", q4.nbytes), ("int8", q8.nbytes)):
                 row[f"{name}_GBps"] = round(nbytes / row[f"{name}_ms"] / 1e6, 1)
             row["int4_vs_bf16"] = round(row["int4_ms"] / row["bf16_ms"], 3)
             if sweep and t == 1:
                 row["int4_sweep"] = tile_sweep(x, q4, cuda)
             rows.append(row)
-        del w, q4, q8, tg, ao
     return rows
 
 

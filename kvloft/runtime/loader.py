@@ -24,10 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from kvloft.config import PRESETS, ModelConfig
-from kvloft.runtime import catalog, safetensors_io, weights_cache
-from kvloft.runtime.catalog import SMOLLM2_INSTALL, SMOLLM2_PACKAGE, find_smollm2_gguf  # noqa: F401
 from kvloft.kernels.quant.packed import PackedWeight
-from kvloft.runtime import quant_linear
+from kvloft.runtime import catalog, quant_linear, safetensors_io, weights_cache
+from kvloft.runtime.catalog import SMOLLM2_INSTALL, SMOLLM2_PACKAGE, find_smollm2_gguf  # noqa: F401
 from kvloft.runtime.gguf_weights import ARCHITECTURES, GGUFFile
 from kvloft.runtime.model import Transformer, rope_inv_freq
 from kvloft.runtime.quant_linear import QuantScheme

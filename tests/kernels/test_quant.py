@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvloft.kernels.quant import PackedWeight, dequantize, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
+from kvloft.kernels.quant import (
+    PackedWeight,
+    dequantize,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
 from kvloft.kernels.quant.ops import QmmConfig, dequantize_dense, quant_matmul
 from kvloft.kernels.quant.packed import reference_matmul
 
