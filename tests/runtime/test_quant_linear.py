@@ -165,3 +165,16 @@ def test_smollm2_int8_answers_as_fp32(smol_fp32, smollm2_gguf):
     print(f"SmolLM2 int8 (requantized from Q4_1): first logits relative error {err:.4f}")
     assert err < 0.1  # per-channel int8 of a Q4_1 grid: compounding over 30 layers
     assert text == ref_text
+
+
+def test_quantized_session_saves_and_restores(tmp_path):
+    m = kvloft.load_model("tiny", device="cpu", dtype="float32", weights="int4")
+    s = kvloft.Session(m, DENSE, kvloft.RuntimeConfig(progress=False))
+    s.feed(list(range(1, 12)))
+    s.save(tmp_path / "s")
+    r = kvloft.Session.load(tmp_path / "s", m)
+    assert r.tokens == s.tokens
+    assert torch.equal(r.step(5), s.step(5))
+    other = kvloft.load_model("tiny", device="cpu", dtype="float32", weights="int4", quant_group=64)
+    with pytest.raises(ValueError):  # other packed values: another model for the save
+        kvloft.Session.load(tmp_path / "s", other)
