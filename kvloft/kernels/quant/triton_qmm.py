@@ -2,8 +2,8 @@
 GEMM for decode (T <= 16 rows) and a dequantize-to-dense kernel for prefill chunks.
 
 qmm: grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n, s) dequantizes BLOCK_N weight rows over
-its K range once, in registers, and multiplies them with all T rows of x: a broadcast
-multiply-sum for T == 1, a tensor-core dot with T padded to 16 otherwise. Accumulates in
+its K range once, in registers, and multiplies them with all T rows of x: for T == 1
+products accumulate per column and are reduced across the tile once at the end, a tensor-core dot with T padded to 16 otherwise. Accumulates in
 fp32. With SPLIT_K > 1 each split writes an fp32 partial [SPLIT_K, T, N] summed after.
 Memory traffic: read N*K/2 (int4) or N*K (int8) bytes + 2 (or 4) bytes per group and row
 of scales, read T*K x elements per N block (cached), write T*N.
@@ -91,8 +91,8 @@ def _qmm_kernel(
     k_end = tl.minimum(k_start + k_split, k_pad)
     if USE_DOT:
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:  # T == 1: products summed per column in registers, reduced across the tile once at the end
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         w_lo, w_hi, lo_k, hi_k = _load_tile(qweight, scales, mins, rows, row_ok, k0, k_end, stride_q, stride_s,
                                             BITS, HAS_MIN, GROUP, BLOCK_K)
@@ -108,13 +108,13 @@ def _qmm_kernel(
                 acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
                 acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
         else:
-            acc += tl.sum(w_lo * x_lo.to(tl.float32), axis=1) + tl.sum(w_hi * x_hi.to(tl.float32), axis=1)
+            acc += w_lo * x_lo.to(tl.float32) + w_hi * x_hi.to(tl.float32)
     dst = out + split.to(tl.int64) * stride_os
     if USE_DOT:
         ptrs = dst + t[:, None] * stride_ot + rows[None, :]
         tl.store(ptrs, acc.to(out.dtype.element_ty), mask=t_ok[:, None] & row_ok[None, :])
     else:
-        tl.store(dst + rows, acc.to(out.dtype.element_ty), mask=row_ok)
+        tl.store(dst + rows, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_out", "k_in", "k_pad"])
