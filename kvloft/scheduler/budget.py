@@ -219,6 +219,8 @@ def _prefill_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: Runtime
         tk = max(min(cache_cfg.host_chunk_tokens, n_host), rcfg.n_sink + rcfg.n_window, p)
         moved = 2 * 2 * min(cache_cfg.host_chunk_tokens, n_host) * row * isz if n_host else 0
     attend = hq * p * tk * 4 + 2 * tk * row * 4 + p * hq * d * 4  # fp32 logits, K/V, q
+    if runtime.weights in ("int4", "int8") and p > 16:  # a chunk's linear dequantized whole for cuBLAS
+        acts += cfg.hidden_size * max(cfg.intermediate_size, hq * d) * isz
     return acts + attend + moved
 
 
