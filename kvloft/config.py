@@ -131,6 +131,8 @@ PRESETS: dict[str, ModelConfig] = {
     ),
 }
 
+WEIGHTS = ("auto", "bf16", "int8", "int4")  # RuntimeConfig.weights (runtime/quant_linear.py)
+QUANT_GROUPS = (32, 64, 128)
 METHODS = ("dense", "exact", "attention_graph", "tokenselect", "recycled", "hip", "actqkv", "faiss")
 
 
@@ -314,6 +316,13 @@ class RuntimeConfig:
         planned transfers on a copy stream, CPU-side search on a worker thread).
     cuda_graphs: on CUDA, replay a decode step's dense parts (everything but attention)
         as CUDA graphs (runtime/graphs.py); off = every kernel launched from Python.
+    weights: how the linear layers' weights are stored (runtime/quant_linear.py): "auto" =
+        as the model was loaded; "bf16" = not quantized (in `dtype`); "int4" = packed 4-bit
+        with an fp16 scale and min per `quant_group` inputs; "int8" = 8-bit, one scale per
+        output channel. A session given "int4"/"int8" and an unquantized model quantizes
+        its linears in place; load_model(..., weights=...) quantizes while loading
+        (GGUF Q4_0/Q4_1/Q8_0 tensors are repacked exactly).
+    quant_group: inputs per int4 scale: 32, 64 or 128.
     """
 
     device: str = "auto"
@@ -327,8 +336,14 @@ class RuntimeConfig:
     seed: int = 0
     scheduler: str = "none"
     cuda_graphs: bool = True
+    weights: str = "auto"
+    quant_group: int = 128
 
     def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.quant_group not in QUANT_GROUPS:
+            raise ValueError(f"quant_group must be one of {QUANT_GROUPS}, got {self.quant_group!r}")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(
                 f"kernels must be 'auto', 'reference' or 'triton' (KVLOFT_KERNELS), got {self.kernels!r}"

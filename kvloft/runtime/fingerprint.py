@@ -19,8 +19,10 @@ def model_fingerprint(model) -> dict[str, Any]:
     """What identifies a model for a save: its config, dtype and a sha256 of some weights."""
     net = model.net
     h = hashlib.sha256()
-    picks = [net.embed_tokens.weight[:_FINGERPRINT_ROWS], net.layers[0].self_attn.q_proj.weight,
-             net.layers[-1].mlp.down_proj.weight, net.norm.weight]
+    # a quantized linear (runtime/quant_linear.py) is fingerprinted by its packed values
+    linear = lambda m: getattr(m, "qweight", None) if getattr(m, "weight", None) is None else m.weight
+    picks = [net.embed_tokens.weight[:_FINGERPRINT_ROWS], linear(net.layers[0].self_attn.q_proj),
+             linear(net.layers[-1].mlp.down_proj), net.norm.weight]
     for t in picks:
         h.update(_tensor_bytes(t))
     return {

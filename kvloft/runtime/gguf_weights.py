@@ -104,6 +104,17 @@ class GGUFFile:
 
     def tensors(self, cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
         """Yield (HF name, fp32 tensor in HF layout) one at a time, in file order."""
+        for t, raw in self.raw_tensors():
+            yield self.dequantized(t, raw, cfg)
+
+    def dequantized(self, t, raw: Tensor, cfg: ModelConfig) -> tuple[str, Tensor]:
+        """One tensor's raw bytes (raw_tensors) -> (HF name, fp32 tensor in HF layout)."""
+        w = dequantize(raw, t.qtype, t.n_elements).reshape(t.shape)
+        name = hf_name(t.name)
+        return name, self._hf_layout(name, w, cfg)
+
+    def raw_tensors(self) -> Iterator[tuple[Any, Tensor]]:
+        """Yield (tensor info, its bytes [n_bytes] uint8) one at a time, in file order."""
         with open(self.path, "rb", buffering=0) as f:
             for t in self.infos:
                 raw = torch.empty(t.n_bytes, dtype=torch.uint8)
@@ -112,9 +123,7 @@ class GGUFFile:
                 if got != t.n_bytes:  # the file shrank since its header was read
                     raise ValueError(f"{self.path}: file ends at byte {t.offset + got}, tensor {t.name} "
                                      f"needs {t.n_bytes - got} more bytes; download it again")
-                w = dequantize(raw, t.qtype, t.n_elements).reshape(t.shape)
-                name = hf_name(t.name)
-                yield name, self._hf_layout(name, w, cfg)
+                yield t, raw
 
     def _hf_layout(self, name: str, w: Tensor, cfg: ModelConfig) -> Tensor:
         if self.architecture != "llama":

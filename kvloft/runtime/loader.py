@@ -24,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from kvloft.config import PRESETS, ModelConfig
-from kvloft.runtime import catalog, safetensors_io, weights_cache
+from kvloft.kernels.quant.packed import PackedWeight
+from kvloft.runtime import catalog, quant_linear, safetensors_io, weights_cache
 from kvloft.runtime.catalog import SMOLLM2_INSTALL, SMOLLM2_PACKAGE, find_smollm2_gguf  # noqa: F401
 from kvloft.runtime.gguf_weights import ARCHITECTURES, GGUFFile
 from kvloft.runtime.model import Transformer, rope_inv_freq
+from kvloft.runtime.quant_linear import QuantScheme
 from kvloft.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,19 @@ class Model:
     source: str
 
     @property
+    def weights(self) -> str:
+        """How the linear weights are stored: "bf16" (in `dtype`, not quantized), "int4" or "int8"."""
+        return quant_linear.weights_scheme(self.net)
+
+    @property
     def weight_bytes(self) -> int:
+        """Bytes of every parameter (tied embeddings once) plus the packed quantized weights."""
         seen, total = set(), 0
         for p in self.net.parameters():
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
-        return total
+        return total + quant_linear.packed_bytes(self.net)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -85,28 +93,35 @@ def load_model(
     seed: int = 0,
     tokenizer: str | Path | None = None,
     cache: bool | None = None,
+    weights: str = "bf16",
+    quant_group: int = 128,
 ) -> Model:
     """Load a model by name (catalog.py), preset, a .gguf file or a HF safetensors directory.
 
     tokenizer: a tokenizer.json, a HF directory or a .gguf to take the tokenizer from instead
         of the model's own. cache: keep a GGUF's converted weights in the cache dir
         (None = only for files of CACHE_MIN_BYTES or more, whose conversion takes seconds).
+    weights: "bf16" (not quantized, in `dtype`), "int4" or "int8": the linear layers are
+        quantized as they stream in, one tensor at a time (runtime/quant_linear.py; GGUF
+        Q4_0/Q4_1/Q8_0 tensors repacked exactly, runtime/quant_gguf.py). quant_group: inputs
+        per int4 scale (32, 64, 128).
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"load_model takes a name or a path, got {type(name_or_path).__name__}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    quant = quant_linear.scheme(weights, quant_group)
     key = str(name_or_path)
     path = Path(key).expanduser()
     tok = _explicit_tokenizer(tokenizer)
     if catalog.is_known(key):
-        return load_gguf(catalog.find(key), device=dev, dtype=dt, tokenizer=tok, cache=cache)
+        return load_gguf(catalog.find(key), device=dev, dtype=dt, tokenizer=tok, cache=cache, quant=quant)
     if key.lower() in PRESETS:
-        return random_model(PRESETS[key.lower()], device=dev, dtype=dt, seed=seed, tokenizer=tok)
+        return random_model(PRESETS[key.lower()], device=dev, dtype=dt, seed=seed, tokenizer=tok, quant=quant)
     if path.suffix == ".gguf" and path.is_file():
-        return load_gguf(path, device=dev, dtype=dt, tokenizer=tok, cache=cache)
+        return load_gguf(path, device=dev, dtype=dt, tokenizer=tok, cache=cache, quant=quant)
     if path.is_dir() and (path / "config.json").is_file():
-        return load_hf_dir(path, device=dev, dtype=dt, tokenizer=tok)
+        return load_hf_dir(path, device=dev, dtype=dt, tokenizer=tok, quant=quant)
     raise ValueError(
         f"unknown model {key!r}: give a name ({', '.join(catalog.names())}), a preset "
         f"({', '.join(sorted(PRESETS))}), a .gguf file, or a directory with config.json and *.safetensors"
@@ -124,13 +139,17 @@ def _explicit_tokenizer(path: str | Path | None) -> Tokenizer | None:
 # ---- building the network -------------------------------------------------------------
 
 
-def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], device, dtype, source: str) -> Transformer:
+def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | PackedWeight]], device, dtype, source: str,
+          quant: QuantScheme | None = None) -> Transformer:
     """Make the network on the meta device, then give each parameter its tensor from `tensors`:
     (HF name, tensor) pairs read one at a time, fresh CPU tensors of any float dtype. A tensor
-    already in the target dtype and device becomes the parameter as is; others are converted."""
+    already in the target dtype and device becomes the parameter as is; others are converted.
+    With `quant`, each linear weight is quantized as it comes (or comes packed already) and
+    its nn.Linear replaced by a QuantLinear (runtime/quant_linear.py)."""
     with torch.device("meta"):
         net = Transformer(cfg)
     params = dict(net.named_parameters(remove_duplicate=False))
+    quantized = {f"{n}.weight" for n in quant_linear.linear_names(net, quant.lm_head)} if quant else set()
     unexpected: list[str] = []
     for name, t in tensors:
         name = name.removeprefix("model.")
@@ -138,6 +157,9 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], device, dtype
             continue
         if name not in params:
             unexpected.append(name)
+            continue
+        if isinstance(t, PackedWeight) or name in quantized:
+            _install_packed(net, name, t, params[name], source, device, quant)
             continue
         _assign(net, name, _materialize(t, params[name], name, source, device, dtype))
     if cfg.tie_word_embeddings:
@@ -159,13 +181,28 @@ def _materialize(t: Tensor, like: Tensor, name: str, source: str, device, dtype)
     return torch.empty(like.shape, dtype=dtype, device=device).copy_(t)  # converts in one pass
 
 
+def _install_packed(net: nn.Module, name: str, t: Tensor | PackedWeight, like: Tensor, source: str, device,
+                    quant: QuantScheme | None) -> None:
+    """A linear weight, packed or to be quantized -> a QuantLinear at that module's place."""
+    if tuple(t.shape) != tuple(like.shape):
+        raise ValueError(f"{source}: tensor {name} has shape {list(t.shape)} but the config implies "
+                         f"{list(like.shape)}; the config and the weights are of different models")
+    if isinstance(t, PackedWeight):
+        packed = t.to(device)
+    else:  # quantized where it will live, from the stream's own precision
+        packed = quant.quantize(t.to(device))
+    quant_linear.install(net, name.removesuffix(".weight"), packed)
+
+
 def _assign(net: nn.Module, name: str, value: Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     setattr(net.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=False))
 
 
-def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0, tokenizer: Tokenizer | None = None) -> Model:
-    """Random weights in a preset's real shape (no files): for tests and speed benchmarks."""
+def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0, tokenizer: Tokenizer | None = None,
+                 quant: QuantScheme | None = None) -> Model:
+    """Random weights in a preset's real shape (no files): for tests and speed benchmarks.
+    With `quant`, the linears are quantized after drawing, one at a time."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         net = Transformer(cfg)
@@ -179,6 +216,8 @@ def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0, tokenizer: T
         else:
             torch.nn.init.normal_(p.data, std=std, generator=gen)
     net.inv_freq = rope_inv_freq(cfg).to(device)
+    if quant is not None:
+        quant_linear.quantize_linears(net, quant)
     return Model(net.eval(), cfg, tokenizer, device, dtype, f"preset:{cfg.name}")
 
 
@@ -208,7 +247,8 @@ def hf_config(path: Path) -> ModelConfig:
         raise ValueError(f"{cfg_path}: {e}") from None
 
 
-def load_hf_dir(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None) -> Model:
+def load_hf_dir(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None,
+                quant: QuantScheme | None = None) -> Model:
     cfg = hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -218,7 +258,7 @@ def load_hf_dir(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None
         cfg = replace(cfg, tie_word_embeddings=True)  # no lm_head: the embeddings serve as the head
     host_dtype = dtype if torch.device(device).type == "cpu" else None
     stream = ((k, t) for f in files for k, t in safetensors_io.read(f, host_dtype))
-    net = build(cfg, stream, device, dtype, str(path))
+    net = build(cfg, stream, device, dtype, str(path), quant)
     if tokenizer is None and (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_hf_dir(path)
     if tokenizer is None:
@@ -229,9 +269,13 @@ def load_hf_dir(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None
 # ---- GGUF -------------------------------------------------------------------------------
 
 
-def load_gguf(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None, cache: bool | None = None) -> Model:
-    """Read a GGUF (llama, qwen2): from the converted-weights cache when it holds it."""
+def load_gguf(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None, cache: bool | None = None,
+              quant: QuantScheme | None = None) -> Model:
+    """Read a GGUF (llama, qwen2): from the converted-weights cache when it holds it. With
+    `quant`, always from the GGUF itself (its Q4_0/Q4_1/Q8_0 blocks repack without loss)."""
     path = Path(path)
+    if quant is not None:
+        return _load_gguf_quantized(path, device, dtype, tokenizer, quant)
     if cache is None:
         cache = path.stat().st_size >= CACHE_MIN_BYTES
     stem = weights_cache.entry_stem(path, dtype, catalog.cache_dir()) if cache else None
@@ -245,6 +289,19 @@ def load_gguf(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None, 
         net = build(cfg, _progress(gg, cfg), device, dtype, str(path))
         if stem is not None:
             weights_cache.store(stem, cfg, _jsonable(fields), _state(net, cfg))
+    if tokenizer is None:
+        tokenizer = _gguf_tokenizer(fields, path)
+    return Model(net, cfg, tokenizer, device, dtype, str(path))
+
+
+def _load_gguf_quantized(path: Path, device, dtype, tokenizer: Tokenizer | None, quant: QuantScheme) -> Model:
+    from kvloft.runtime.quant_gguf import packed_tensors
+
+    gg = GGUFFile(path)
+    cfg, fields = gg.config(name=path.stem), gg.tokenizer_fields()
+    how: dict[str, int] = {}
+    net = build(cfg, packed_tensors(gg, cfg, quant, how), device, dtype, str(path), quant)
+    log.info("%s: linear weights %s (repacked = GGUF blocks kept exactly)", path.name, how)
     if tokenizer is None:
         tokenizer = _gguf_tokenizer(fields, path)
     return Model(net, cfg, tokenizer, device, dtype, str(path))

@@ -29,6 +29,7 @@ from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import check_on_progress, check_token_ids
 from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.quant_linear import apply_weights
 from kvloft.runtime.sampling import check_generate_args, sample_token
 from kvloft.tiers.kvcache import TieredKVCache
 
@@ -52,6 +53,7 @@ class Session:
             if not isinstance(obj, cls):
                 raise TypeError(f"{name} must be a kvloft.{cls.__name__}, got {type(obj).__name__}")
         self.ops = kernel_set(self.runtime.kernels, model.device)
+        apply_weights(model.net, model.weights, self.runtime)
         self.limits = SessionLimits(model, self.retrieval, self.runtime, self.cache_cfg, self.ops)
         self.limits.check_static_memory()
         self.limits.check_disk_tier()
@@ -348,6 +350,8 @@ class Session:
             "bytes": b.bytes(),
             "timings_s": {**self._times, **b.timers.as_dict()},
             "kernels": self.ops.name,
+            "weights": self.model.weights,
+            "weight_bytes": self.model.weight_bytes,  # packed bytes for int4/int8 linears
         }
         tok = self.model.tokenizer
         if tok is not None:  # "model": the model's own template; "builtin-*": it carries none

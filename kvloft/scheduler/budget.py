@@ -94,15 +94,30 @@ def _itemsize(dtype: torch.dtype | str) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """Parameters of the decoder (runtime/model.py), tied embeddings counted once."""
-    h, d, hq, hkv = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    attn = h * hq * d + 2 * h * hkv * d + hq * d * h
+def weight_bytes(cfg: ModelConfig, itemsize: int, weights: str = "bf16", quant_group: int = 128) -> int:
+    """Parameters of the decoder (runtime/model.py), tied embeddings counted once. weights
+    "int4"/"int8" (RuntimeConfig.weights): the linears (and an untied head) at their packed
+    size (kernels/quant/packed.py), as runtime/quant_linear.py quantizes them; "auto" and
+    "bf16": unquantized (a GGUF repacked exactly may hold group-32 scales instead)."""
+    h, d, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+    linears = [(hq * d, h), (hkv * d, h), (hkv * d, h), (h, hq * d), (inter, h), (inter, h), (h, inter)]
+    per_layer = sum(_linear_bytes(n, k, weights, quant_group, itemsize) for n, k in linears) + 2 * h * itemsize
     if cfg.attention_bias:
-        attn += (hq + 2 * hkv) * d
-    layer = attn + 3 * h * cfg.intermediate_size + 2 * h
-    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return (cfg.n_layers * layer + embed + h) * itemsize
+        per_layer += (hq + 2 * hkv) * d * itemsize
+    embed = cfg.vocab_size * h * itemsize
+    head = 0 if cfg.tie_word_embeddings else _linear_bytes(cfg.vocab_size, h, weights, quant_group, itemsize)
+    return cfg.n_layers * per_layer + embed + head + h * itemsize
+
+
+def _linear_bytes(n: int, k: int, weights: str, group: int, itemsize: int) -> int:
+    """Bytes of one linear weight [n, k] stored as `weights` (packed layout: K padded to its group)."""
+    if weights == "int4":
+        kp = -(-k // group) * group
+        return n * kp // 2 + 2 * 2 * n * (kp // group)  # nibbles + fp16 scale and min per group
+    if weights == "int8":
+        kp = -(-k // 32) * 32
+        return n * kp + 2 * n  # int8 values + one fp16 scale per output channel
+    return n * k * itemsize
 
 
 def static_tier_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, evict_batch: int, itemsize: int) -> int:
@@ -205,6 +220,8 @@ def _prefill_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: Runtime
         tk = max(min(cache_cfg.host_chunk_tokens, n_host), rcfg.n_sink + rcfg.n_window, p)
         moved = 2 * 2 * min(cache_cfg.host_chunk_tokens, n_host) * row * isz if n_host else 0
     attend = hq * p * tk * 4 + 2 * tk * row * 4 + p * hq * d * 4  # fp32 logits, K/V, q
+    if runtime.weights in ("int4", "int8") and p > 16:  # a chunk's linear dequantized whole for cuBLAS
+        acts += cfg.hidden_size * max(cfg.intermediate_size, hq * d) * isz
     return acts + attend + moved
 
 
@@ -278,7 +295,8 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
         dec += static // 2  # growth: the old buffer is copied into one twice its size
     host_row = token_row if cache_cfg.host_dtype is None else 2 * packed_row_bytes((hkv, d))  # 8-bit: codes + scales
     host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (host_row + 8) * layers
-    return MemoryPlan(n, n_host, weight_bytes(cfg, isz), static, row_cache, index, max(pre, dec), pre, dec,
+    return MemoryPlan(n, n_host, weight_bytes(cfg, isz, runtime.weights, runtime.quant_group), static, row_cache,
+                      index, max(pre, dec), pre, dec,
                       host_kv, host_index, runtime.gpu_memory_budget, notes)
 
 

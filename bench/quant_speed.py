@@ -1,0 +1,194 @@
+"""Weight-only quantized linears: GEMV speed at Llama-3-8B shapes, and a whole decode step.
+
+Part 1, one linear [N, K] times x [T, K] (T = 1, decode; T = 16, the GEMV kernel's widest):
+  bf16      torch.matmul with the bf16 weight (cuBLAS)
+  int4      kvloft's Triton dequantizing GEMV (kernels/quant), group 128 with mins
+  int8      the same kernel, int8 per-channel
+  tinygemm  PyTorch's own int4 kernel (aten._weight_int4pack_mm, the one torchao's
+            int4 weight-only "tile_packed_to_4d" path calls), group 128, when it runs here
+  torchao   torchao's Int4WeightOnlyConfig on an nn.Linear, when torchao imports
+Each row gives ms (triton.testing.do_bench median), GB/s of weight bytes read and the
+ratio to bf16. A sweep of the int4 T=1 kernel's tiles is reported too (best first).
+
+Part 2, whole-model decode step (random weights, dense attention over --context synthetic
+tokens, CUDA graphs as a Session runs them): ms per step and weight GiB for bf16, int4 and
+int8 weights; "vs_bf16" is the step time ratio (target: int4 <= 0.6).
+
+    python bench/quant_speed.py --out DIR                # GPU: Llama-3-8B shapes and preset
+    python bench/quant_speed.py --out DIR --smoke        # tiny shapes, runs on the CPU too
+Prints a table; writes DIR/quant_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fill_context, timed_steps, token_stream
+
+from kvloft import RetrievalConfig, RuntimeConfig, Session
+from kvloft.kernels.quant import quantize_int4, quantize_int8
+from kvloft.kernels.quant.ops import QmmConfig, quant_matmul
+from kvloft.runtime.loader import load_model
+
+LLAMA3_8B = [("q/o 4096x4096", 4096, 4096), ("gate/up 14336x4096", 14336, 4096),
+             ("down 4096x14336", 4096, 14336), ("lm_head 128256x4096", 128256, 4096)]
+SMOKE = [("smoke 96x160", 96, 160), ("smoke 40x352", 40, 352)]
+SWEEP = [QmmConfig(bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (2, 4)]
+GiB = 2**30
+
+
+def bench_ms(fn, cuda: bool, reps: int = 20) -> float:
+    if cuda:
+        import triton
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def tinygemm(w: torch.Tensor, group: int):
+    """PyTorch's int4 kernel on w [N, K] bf16 CUDA, or None when it does not run here."""
+    try:
+        n, k = w.shape
+        wf = w.float().reshape(n, k // group, group)
+        lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
+        s = ((hi - lo) / 15).clamp(min=1e-6)
+        q = ((wf - lo) / s).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * s  # tinygemm: w = (q - 8) * s + zero
+        sz = torch.stack([s.reshape(n, -1), zero.reshape(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+    except (RuntimeError, AttributeError) as e:
+        return f"unavailable: {str(e).splitlines()[0][:120]}"
+
+
+def torchao_linear(w: torch.Tensor):
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        return lin
+    except Exception as e:  # noqa: BLE001 (an optional library: report why it did not run)
+        return f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def gemv_rows(shapes, device, ts, sweep: bool) -> list[dict]:
+    cuda = device.type == "cuda"
+    dt = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for label, n, k in shapes:
+        w = (torch.randn(n, k, device=device) * 0.02).to(dt)
+        q4, q8 = quantize_int4(w, 128), quantize_int8(w)
+        tg = tinygemm(w, 128) if cuda else "unavailable: CUDA only"
+        ao = torchao_linear(w) if cuda else "unavailable: CUDA only"
+        for t in ts:
+            x = torch.randn(t, k, device=device, dtype=dt)
+            row = {"shape": label, "N": n, "K": k, "T": t}
+            row["bf16_ms"] = bench_ms(lambda x=x, w=w: x @ w.t(), cuda)
+            row["int4_ms"] = bench_ms(lambda x=x, q=q4: quant_matmul(x, q), cuda)
+            row["int8_ms"] = bench_ms(lambda x=x, q=q8: quant_matmul(x, q), cuda)
+            for name, impl in (("tinygemm", tg), ("torchao", ao)):
+                if isinstance(impl, str):
+                    row[f"{name}_ms"] = impl
+                else:
+                    row[f"{name}_ms"] = bench_ms(lambda impl=impl, x=x: impl(x), cuda)
+            for name, nbytes in (("bf16", n * k * w.element_size()), ("int4", q4.nbytes), ("int8", q8.nbytes)):
+                row[f"{name}_GBps"] = round(nbytes / row[f"{name}_ms"] / 1e6, 1)
+            row["int4_vs_bf16"] = round(row["int4_ms"] / row["bf16_ms"], 3)
+            if sweep and t == 1:
+                row["int4_sweep"] = tile_sweep(x, q4, cuda)
+            rows.append(row)
+    return rows
+
+
+def tile_sweep(x, q4, cuda: bool) -> list[dict]:
+    out = []
+    for cfg in SWEEP if cuda else SWEEP[:2]:
+        try:
+            ms = bench_ms(lambda cfg=cfg: quant_matmul(x, q4, cfg), cuda, reps=3)
+        except Exception as e:  # noqa: BLE001 (a tile that does not compile is reported, not fatal)
+            out.append({"cfg": vars(cfg), "error": str(e)[:80]})
+            continue
+        out.append({"cfg": vars(cfg), "ms": round(ms, 4)})
+    return sorted(out, key=lambda r: r.get("ms", 1e9))[:5]
+
+
+def decode_rows(preset: str, device, context: int, steps: int, schemes) -> list[dict]:
+    rows = []
+    for weights in schemes:
+        model = load_model(preset, device=device, weights=weights)
+        s = Session(model, RetrievalConfig(method="dense"), RuntimeConfig(progress=False))
+        fill_context(s, context)
+        timed_steps(s, token_stream(3))
+        ms = timed_steps(s, token_stream(steps, start=3))
+        rows.append({"preset": preset, "weights": weights, "context": context, "step_ms": round(statistics.median(ms), 3),
+                     "weight_gib": round(model.weight_bytes / GiB, 3)})
+        del s, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows[0]["step_ms"]
+    for r in rows:
+        r["vs_bf16"] = round(r["step_ms"] / base, 3)
+    return rows
+
+
+def table(gemv: list[dict], decode: list[dict]) -> str:
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else ("n/a" if isinstance(v, str) else str(v))
+
+    lines = ["| shape | T | bf16 ms | int4 ms | int8 ms | tinygemm ms | torchao ms | int4/bf16 | int4 GB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in gemv:
+        lines.append(f"| {r['shape']} | {r['T']} | {cell(r['bf16_ms'])} | {cell(r['int4_ms'])} | {cell(r['int8_ms'])} | "
+                     f"{cell(r['tinygemm_ms'])} | {cell(r['torchao_ms'])} | {r['int4_vs_bf16']} | {r['int4_GBps']} |")
+    lines += ["", "| preset | weights | context | step ms | vs bf16 | weights GiB |", "|---|---|---|---|---|---|"]
+    for r in decode:
+        lines.append(f"| {r['preset']} | {r['weights']} | {r['context']} | {r['step_ms']} | {r['vs_bf16']} | "
+                     f"{r['weight_gib']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory for quant_speed.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes and the tiny preset (any device)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--preset", default=None, help="decode-step preset (default llama3-8b; tiny with --smoke)")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the int4 tile sweep")
+    ap.add_argument("--no-decode", action="store_true", help="skip the whole-model decode step")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    shapes = SMOKE if args.smoke else LLAMA3_8B
+    preset = args.preset or ("tiny" if args.smoke else "llama3-8b")
+    gemv = gemv_rows(shapes, device, (1, 16), sweep=not args.no_sweep)
+    decode = [] if args.no_decode else decode_rows(preset, device, min(args.context, 64) if args.smoke else args.context,
+                                                   3 if args.smoke else args.steps, ("bf16", "int4", "int8"))
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "gemv": gemv, "decode": decode}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quant_speed.json").write_text(json.dumps(result, indent=1))
+    print(table(gemv, decode))
+    print(json.dumps({"decode": decode, "int4_vs_bf16": [r["int4_vs_bf16"] for r in gemv]}))
+
+
+if __name__ == "__main__":
+    main()

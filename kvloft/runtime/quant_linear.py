@@ -1,0 +1,173 @@
+"""Weight-only quantized linear layers: `QuantLinear` and `quantize_linears(net, scheme)`.
+
+    net = quantize_linears(model.net, "int4")   # q/k/v/o/gate/up/down (+ an untied lm_head)
+
+A QuantLinear holds a packed weight (kernels/quant/packed.py) as buffers and has
+nn.Linear's forward signature: x [..., K] -> [..., N]. On CUDA it runs the Triton
+dequantizing GEMV for T <= 16 rows (decode) and dequantize + cuBLAS matmul for prefill
+chunks (kernels/quant/ops.py); on the CPU, or with kernels="reference", it dequantizes
+in torch and calls F.linear (kernels/quant/packed.py is the reference).
+
+Schemes (RuntimeConfig.weights): "bf16" = not quantized (the weights stay in the compute
+dtype); "int4" = 4-bit, asymmetric (scale and min per group of `group` inputs, fp16);
+"int8" = 8-bit symmetric, one fp16 scale per output channel. Embeddings and norms stay
+in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvloft.kernels.quant.packed import GROUPS, PackedWeight, dequantize, quantize_int4, quantize_int8
+
+SCHEMES = ("bf16", "int8", "int4")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How linear weights are stored: bits 4 or 8; group inputs per scale (None = per output
+    channel); symmetric int4 has no mins (ggml Q4_0); lm_head: quantize an untied head too."""
+
+    bits: int
+    group: int | None
+    symmetric: bool = False
+    lm_head: bool = True
+
+    def quantize(self, w: Tensor) -> PackedWeight:
+        """w [N, K] float -> PackedWeight on w's device."""
+        if self.bits == 8:
+            return quantize_int8(w, self.group)
+        return quantize_int4(w, self.group or 128, self.symmetric)
+
+
+def scheme(name: str, group: int = 128, lm_head: bool = True) -> QuantScheme | None:
+    """A scheme name ("bf16", "int8", "int4") -> QuantScheme, or None for "bf16"."""
+    if name not in SCHEMES:
+        raise ValueError(f"weights must be one of {SCHEMES}, got {name!r}")
+    if group not in GROUPS:
+        raise ValueError(f"quant_group must be one of {GROUPS}, got {group!r}")
+    if name == "bf16":
+        return None
+    return QuantScheme(bits=4, group=group, lm_head=lm_head) if name == "int4" else QuantScheme(8, None, lm_head=lm_head)
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with a packed weight. forward(x [..., K]) -> [..., N] in x's dtype.
+
+    kernels: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+    """
+
+    def __init__(self, packed: PackedWeight, bias: Tensor | None = None, kernels: str = "auto") -> None:
+        super().__init__()
+        packed.validate()
+        self.out_features, self.in_features = packed.shape
+        self.bits, self.group = packed.bits, packed.group
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("mins", packed.mins)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernels = kernels
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.mins, (self.out_features, self.in_features),
+                            self.bits, self.group)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed weight (values, scales, mins); the bias is a parameter."""
+        return self.packed.nbytes
+
+    def extra_repr(self) -> str:
+        kind = f"int{self.bits}" + ("" if self.mins is None else "+min")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, group={self.group}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda):
+            from kvloft.kernels.quant.ops import quant_matmul
+
+            y = quant_matmul(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.packed)
+        else:
+            y = F.linear(x2, dequantize(self.packed).to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+def linear_names(net: nn.Module, with_head: bool) -> list[str]:
+    """Names of the quantizable linears of a Transformer: each block's seven, then lm_head
+    (when `with_head` and the head is not tied to the embeddings)."""
+    names = [f"layers.{i}.{leaf}" for i in range(len(net.layers)) for leaf in LINEARS]
+    if with_head and not net.config.tie_word_embeddings:
+        names.append("lm_head")
+    return names
+
+
+def install(net: nn.Module, name: str, packed: PackedWeight, kernels: str = "auto") -> QuantLinear:
+    """Replace the module `name` (an nn.Linear, possibly on meta) by a QuantLinear of `packed`,
+    keeping its bias."""
+    owner, _, leaf = name.rpartition(".")
+    parent = net.get_submodule(owner) if owner else net
+    old = getattr(parent, leaf)
+    bias = old.bias.data if getattr(old, "bias", None) is not None else None
+    ql = QuantLinear(packed, bias, kernels)
+    setattr(parent, leaf, ql)
+    return ql
+
+
+@torch.no_grad()
+def quantize_linears(net: nn.Module, scheme_: QuantScheme | str, kernels: str = "auto") -> nn.Module:
+    """Replace q/k/v/o/gate/up/down (and an untied lm_head, if the scheme says so) by
+    QuantLinear modules, in place, one at a time: peak memory is the weights plus one
+    layer's packed copy. Already quantized modules are left as they are. Returns net."""
+    sch = scheme(scheme_) if isinstance(scheme_, str) else scheme_
+    if sch is None:
+        return net
+    for name in linear_names(net, sch.lm_head):
+        mod = net.get_submodule(name)
+        if isinstance(mod, nn.Linear):
+            packed = sch.quantize(mod.weight.data)
+            install(net, name, packed, kernels)
+            del mod
+    return net
+
+
+def set_kernels(net: nn.Module, kernels: str) -> None:
+    """Set every QuantLinear's kernel choice ("auto", "triton", "reference")."""
+    for m in net.modules():
+        if isinstance(m, QuantLinear):
+            m.kernels = kernels
+
+
+def packed_bytes(net: nn.Module) -> int:
+    """Bytes of every QuantLinear's packed weight in net."""
+    return sum(m.packed_bytes for m in net.modules() if isinstance(m, QuantLinear))
+
+
+def weights_scheme(net: nn.Module) -> str:
+    """"bf16" (no QuantLinear), "int4" or "int8" (the bits of the quantized linears; "mixed" if both)."""
+    bits = {m.bits for m in net.modules() if isinstance(m, QuantLinear)}
+    if not bits:
+        return "bf16"
+    return f"int{bits.pop()}" if len(bits) == 1 else "mixed"
+
+
+def apply_weights(net: nn.Module, held: str, runtime) -> None:
+    """Make net's weights what RuntimeConfig `runtime` asks (runtime.weights, quant_group,
+    kernels): "auto" keeps them; an unquantized net is quantized in place; a net quantized
+    otherwise is refused, naming the fix. Sets every QuantLinear's kernels to runtime.kernels."""
+    want = runtime.weights
+    if want not in ("auto", held):
+        if held != "bf16":
+            raise ValueError(f"the model holds {held} weights but RuntimeConfig.weights={want!r}; load it "
+                             f"again with load_model(..., weights={want!r}) or use weights='auto'")
+        quantize_linears(net, scheme(want, runtime.quant_group))
+    set_kernels(net, runtime.kernels)

@@ -1,0 +1,118 @@
+"""GGUF Q4_0/Q4_1/Q8_0 blocks repacked into packed weights: bit-exact against gguf's own
+dequantization, through a whole (llama, row-permuted q/k) GGUF file and load_model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kvloft
+from kvloft.kernels.quant import dequantize
+from kvloft.kernels.quant.ops import quant_matmul
+from kvloft.kernels.quant.packed import reference_matmul
+from kvloft.runtime.quant_gguf import repack
+from kvloft.runtime.quant_linear import QuantLinear
+
+gguf = pytest.importorskip("gguf")
+
+H, F, NH, NKV, V = 64, 96, 4, 2, 64
+
+
+def ggml(a: np.ndarray, qtype: str) -> tuple[torch.Tensor, np.ndarray]:
+    """a [N, K] fp32 -> (its GGUF bytes [n_bytes] uint8, gguf's dequantization [N, K])."""
+    t = gguf.GGMLQuantizationType[qtype]
+    raw = gguf.quants.quantize(a, t)
+    return torch.from_numpy(raw.reshape(-1).copy()), gguf.quants.dequantize(raw, t).reshape(a.shape)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("n,k", [(7, 64), (33, 160)])
+def test_repack_dequantizes_bit_exactly(qtype, n, k):
+    a = (np.random.default_rng(n).standard_normal((n, k)) * 0.1).astype(np.float32)
+    raw, want = ggml(a, qtype)
+    pw = repack(raw, qtype, (n, k))
+    pw.validate()
+    assert torch.equal(dequantize(pw), torch.from_numpy(want))
+    assert pw.nbytes == raw.numel()  # the same bytes, rearranged
+    x = torch.randn(3, k)  # and the GEMV kernel reads them (the interpreter here)
+    assert torch.allclose(quant_matmul(x, pw), reference_matmul(x, pw), rtol=1e-5, atol=1e-5)
+
+
+def test_repack_refuses_other_types():
+    with pytest.raises(ValueError, match="no direct repack"):
+        repack(torch.zeros(144, dtype=torch.uint8), "Q4_K", (1, 256))
+
+
+TYPES = {"blk.0.attn_q.weight": "Q4_0", "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q8_0",
+         "blk.0.attn_output.weight": "Q4_0", "blk.0.ffn_gate.weight": "Q4_1", "blk.0.ffn_up.weight": "Q8_0",
+         "blk.0.ffn_down.weight": "Q4_0", "output.weight": "Q8_0"}
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    """A one-layer llama GGUF whose linears are Q4_0, Q4_1 and Q8_0 (row-permuted q/k)."""
+    path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, H), (w.add_feed_forward_length, F),
+                   (w.add_head_count, NH), (w.add_head_count_kv, NKV), (w.add_vocab_size, V),
+                   (w.add_context_length, 256)):
+        add(v)
+    rng = np.random.default_rng(0)
+    d = H // NH
+    shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,), "blk.0.attn_norm.weight": (H,),
+              "blk.0.ffn_norm.weight": (H,), "blk.0.attn_q.weight": (NH * d, H), "blk.0.attn_k.weight": (NKV * d, H),
+              "blk.0.attn_v.weight": (NKV * d, H), "blk.0.attn_output.weight": (H, NH * d),
+              "blk.0.ffn_gate.weight": (F, H), "blk.0.ffn_up.weight": (F, H), "blk.0.ffn_down.weight": (H, F),
+              "output.weight": (V, H)}
+    for name, shape in shapes.items():
+        a = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if name in TYPES:
+            t = gguf.GGMLQuantizationType[TYPES[name]]
+            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _linears(model):
+    return {n: m for n, m in model.net.named_modules() if isinstance(m, QuantLinear)}
+
+
+@pytest.mark.parametrize("weights,bits,exact", [("int4", 4, ("Q4_0", "Q4_1")), ("int8", 8, ("Q8_0",))])
+def test_gguf_file_repacks_exactly_and_requantizes_the_rest(mixed_gguf, weights, bits, exact):
+    ref = _load(mixed_gguf, "bf16")
+    q = _load(mixed_gguf, weights)
+    lin = _linears(q)
+    assert len(lin) == 8 and all(m.bits == bits for m in lin.values())
+    gg_names = {"layers.0.self_attn.q_proj": "blk.0.attn_q.weight", "layers.0.self_attn.k_proj": "blk.0.attn_k.weight",
+                "layers.0.self_attn.v_proj": "blk.0.attn_v.weight", "layers.0.self_attn.o_proj": "blk.0.attn_output.weight",
+                "layers.0.mlp.gate_proj": "blk.0.ffn_gate.weight", "layers.0.mlp.up_proj": "blk.0.ffn_up.weight",
+                "layers.0.mlp.down_proj": "blk.0.ffn_down.weight", "lm_head": "output.weight"}
+    for name, m in lin.items():
+        want = ref.net.get_submodule(name).weight
+        got = dequantize(m.packed)
+        if TYPES[gg_names[name]] in exact:  # repacked: the GGUF's values, rows in HF order
+            assert m.group == 32 and torch.equal(got, want), name
+        else:  # dequantized and quantized again
+            assert ((got - want).norm() / want.norm()).item() < (0.15 if bits == 4 else 0.01), name
+    ids = torch.arange(1, 9)
+    s_ref = kvloft.Session(ref, kvloft.RetrievalConfig(method="dense"), kvloft.RuntimeConfig(progress=False))
+    s_q = kvloft.Session(q, kvloft.RetrievalConfig(method="dense"), kvloft.RuntimeConfig(progress=False))
+    s_ref.feed(ids.tolist())
+    s_q.feed(ids.tolist())
+    err = ((s_q.last_logits - s_ref.last_logits).norm() / s_ref.last_logits.norm()).item()
+    assert err < (0.15 if bits == 4 else 0.02)
+
+
+def _load(path, weights):
+    from kvloft.runtime.loader import load_gguf
+    from kvloft.runtime.quant_linear import scheme
+
+    tok = object()  # the file holds no tokenizer; load_gguf only attaches the one it is given
+    return load_gguf(path, device=torch.device("cpu"), dtype=torch.float32, tokenizer=tok, cache=False,
+                     quant=scheme(weights))
