@@ -106,7 +106,9 @@ class InPlaceRows:
                                              scale=ctx.scale)
             return out.to(q.device, non_blocking=True), lse.to(q.device, non_blocking=True)
         host_k, host_v = tiers.host_k, tiers.host_v
-        one_chunk = len(host_k.chunks) == 1
+        # an 8-bit tier's chunks read as tensors are dequantized whole: its rows go through the
+        # chunk tables (codes read in place) or the gather below, never through chunks[0]
+        one_chunk = len(host_k.chunks) == 1 and getattr(host_k, "host_dtype", None) is None
         zero_copy = ctx.ops.name == "triton" and host_k.pin
         if one_chunk and (ctx.device.type == "cpu" or zero_copy):
             # one host chunk: the kernel gathers straight from it (on CUDA: reading pinned
