@@ -71,8 +71,8 @@ def tinygemm(w: torch.Tensor, group: int):
         sz = torch.stack([s.reshape(n, -1), zero.reshape(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
         return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
-    except (RuntimeError, AttributeError) as e:
-        return f"unavailable: {str(e).splitlines()[0][:120]}"
+    except Exception as e:  # noqa: BLE001 (a private PyTorch op: report why it did not run)
+        return f"unavailable: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def torchao_linear(w: torch.Tensor):
