@@ -106,7 +106,10 @@ def gemv_rows(shapes, device, ts, sweep: bool) -> list[dict]:
                 if isinstance(impl, str):
                     row[f"{name}_ms"] = impl
                 else:
-                    row[f"{name}_ms"] = bench_ms(lambda impl=impl, x=x: impl(x), cuda)
+                    try:
+                        row[f"{name}_ms"] = bench_ms(lambda impl=impl, x=x: impl(x), cuda)
+                    except Exception as e:  # noqa: BLE001 (an optional comparison: report, go on)
+                        row[f"{name}_ms"] = f"failed: {type(e).__name__}: {str(e)[:100]}"
             for name, nbytes in (("bf16", n * k * w.element_size()), ("int4", q4.nbytes), ("int8", q8.nbytes)):
                 row[f"{name}_GBps"] = round(nbytes / row[f"{name}_ms"] / 1e6, 1)
             row["int4_vs_bf16"] = round(row["int4_ms"] / row["bf16_ms"], 3)
