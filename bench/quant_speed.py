@@ -8,13 +8,13 @@ Part 1, one linear [N, K] times x [T, K] (T = 1, decode; T = 16, the GEMV kernel
             int4 weight-only "tile_packed_to_4d" path calls), group 128, when it runs here
   torchao   torchao's Int4WeightOnlyConfig on an nn.Linear, when torchao imports
 Each row gives ms (triton.testing.do_bench median), GB/s of weight bytes read and the
-ratio to bf16. A sweep of the int4 T=1 kernel's tiles is reported too (best first).
+ratio to bf16. --sweep adds a sweep of the int4 T=1 kernel's tiles (best five kept).
 
 Part 2, whole-model decode step (random weights, dense attention over --context synthetic
 tokens, CUDA graphs as a Session runs them): ms per step and weight GiB for bf16, int4 and
 int8 weights; "vs_bf16" is the step time ratio (target: int4 <= 0.6).
 
-    python bench/quant_speed.py --out DIR                # GPU: Llama-3-8B shapes and preset
+    python bench/quant_speed.py --out DIR [--sweep]      # GPU: Llama-3-8B shapes and preset
     python bench/quant_speed.py --out DIR --smoke        # tiny shapes, runs on the CPU too
 Prints a table; writes DIR/quant_speed.json.
 """
@@ -71,8 +71,8 @@ def tinygemm(w: torch.Tensor, group: int):
         sz = torch.stack([s.reshape(n, -1), zero.reshape(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
         return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
-    except (RuntimeError, AttributeError) as e:
-        return f"unavailable: {str(e).splitlines()[0][:120]}"
+    except Exception as e:  # noqa: BLE001 (a private PyTorch op: report why it did not run)
+        return f"unavailable: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def torchao_linear(w: torch.Tensor):
@@ -106,7 +106,10 @@ def gemv_rows(shapes, device, ts, sweep: bool) -> list[dict]:
                 if isinstance(impl, str):
                     row[f"{name}_ms"] = impl
                 else:
-                    row[f"{name}_ms"] = bench_ms(lambda impl=impl, x=x: impl(x), cuda)
+                    try:
+                        row[f"{name}_ms"] = bench_ms(lambda impl=impl, x=x: impl(x), cuda)
+                    except Exception as e:  # noqa: BLE001 (an optional comparison: report, go on)
+                        row[f"{name}_ms"] = f"failed: {type(e).__name__}: {str(e)[:100]}"
             for name, nbytes in (("bf16", n * k * w.element_size()), ("int4", q4.nbytes), ("int8", q8.nbytes)):
                 row[f"{name}_GBps"] = round(nbytes / row[f"{name}_ms"] / 1e6, 1)
             row["int4_vs_bf16"] = round(row["int4_ms"] / row["bf16_ms"], 3)
@@ -141,25 +144,28 @@ def decode_rows(preset: str, device, context: int, steps: int, schemes) -> list[
         del s, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = rows[0]["step_ms"]
-    for r in rows:
-        r["vs_bf16"] = round(r["step_ms"] / base, 3)
     return rows
 
 
-def table(gemv: list[dict], decode: list[dict]) -> str:
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else ("n/a" if isinstance(v, str) else str(v))
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("n/a" if isinstance(v, str) else str(v))
 
+
+def gemv_table(rows: list[dict]) -> str:
     lines = ["| shape | T | bf16 ms | int4 ms | int8 ms | tinygemm ms | torchao ms | int4/bf16 | int4 GB/s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in gemv:
-        lines.append(f"| {r['shape']} | {r['T']} | {cell(r['bf16_ms'])} | {cell(r['int4_ms'])} | {cell(r['int8_ms'])} | "
-                     f"{cell(r['tinygemm_ms'])} | {cell(r['torchao_ms'])} | {r['int4_vs_bf16']} | {r['int4_GBps']} |")
-    lines += ["", "| preset | weights | context | step ms | vs bf16 | weights GiB |", "|---|---|---|---|---|---|"]
-    for r in decode:
-        lines.append(f"| {r['preset']} | {r['weights']} | {r['context']} | {r['step_ms']} | {r['vs_bf16']} | "
-                     f"{r['weight_gib']} |")
+    for r in rows:
+        cells = [r["shape"], r["T"], *(_cell(r[f"{k}_ms"]) for k in ("bf16", "int4", "int8", "tinygemm", "torchao")),
+                 r["int4_vs_bf16"], r["int4_GBps"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def decode_table(rows: list[dict]) -> str:
+    lines = ["| preset | weights | context | step ms | vs bf16 | weights GiB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = (r["preset"], r["weights"], r["context"], r["step_ms"], r["vs_bf16"], r["weight_gib"])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -170,24 +176,31 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--preset", default=None, help="decode-step preset (default llama3-8b; tiny with --smoke)")
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--no-sweep", action="store_true", help="skip the int4 tile sweep")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--sweep", action="store_true", help="also sweep the int4 T=1 kernel's tiles (~1 min)")
     ap.add_argument("--no-decode", action="store_true", help="skip the whole-model decode step")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    shapes = SMOKE if args.smoke else LLAMA3_8B
     preset = args.preset or ("tiny" if args.smoke else "llama3-8b")
-    gemv = gemv_rows(shapes, device, (1, 16), sweep=not args.no_sweep)
-    decode = [] if args.no_decode else decode_rows(preset, device, min(args.context, 64) if args.smoke else args.context,
-                                                   3 if args.smoke else args.steps, ("bf16", "int4", "int8"))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "gemv": gemv, "decode": decode}
+              "torch": torch.__version__, "gemv": [], "decode": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quant_speed.json").write_text(json.dumps(result, indent=1))
-    print(table(gemv, decode))
-    print(json.dumps({"decode": decode, "int4_vs_bf16": [r["int4_vs_bf16"] for r in gemv]}))
+    save = lambda: (out / "quant_speed.json").write_text(json.dumps(result, indent=1))
+    result["gemv"] = gemv_rows(SMOKE if args.smoke else LLAMA3_8B, device, (1, 16), sweep=args.sweep)
+    save()  # kept if the decode part is stopped
+    print(gemv_table(result["gemv"]), flush=True)
+    if not args.no_decode:
+        ctx, steps = (min(args.context, 64), 3) if args.smoke else (args.context, args.steps)
+        for weights in ("bf16", "int4", "int8"):
+            result["decode"] += decode_rows(preset, device, ctx, steps, (weights,))
+            base = result["decode"][0]["step_ms"]
+            for r in result["decode"]:
+                r["vs_bf16"] = round(r["step_ms"] / base, 3)
+            save()
+        print(decode_table(result["decode"]), flush=True)
+    print(json.dumps({"decode": result["decode"], "int4_vs_bf16": [r["int4_vs_bf16"] for r in result["gemv"]]}))
 
 
 if __name__ == "__main__":
