@@ -73,6 +73,20 @@ class TieredAttention:
         self.decoder = ExactDecode(ctx, cache, fetch if fetch is not None else self.host_rows)
         self.extrapolate = ExtrapolateRoute(ctx, cache, retriever, self.indexes, self.host_rows)
 
+    @property
+    def retriever(self) -> Retriever:
+        return self._retriever
+
+    @retriever.setter
+    def retriever(self, retriever: Retriever) -> None:
+        """Swapping the retriever (a wrapper that counts, a rebuilt one) reaches every room that calls it."""
+        self._retriever = retriever
+        rooms = [getattr(self, n, None) for n in ("indexes", "host_rows", "extrapolate")]
+        rooms.append(getattr(getattr(self, "decoder", None), "fetch", None))
+        for room in rooms:
+            if room is not None and hasattr(room, "retriever"):
+                room.retriever = retriever
+
     # ---- the one call per layer ----------------------------------------------------------------
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:

@@ -76,3 +76,26 @@ def test_plugged_fetch_serves_every_decode_step(tiny, budget):
 def test_default_fetch_reads_rows_in_place(tiny):
     s = Session(tiny, RetrievalConfig(method="exact", budget=8), RuntimeConfig(progress=False))
     assert isinstance(s.backend, TieredAttention) and s.backend.fetch is s.backend.host_rows
+
+
+def test_a_swapped_retriever_reaches_every_room(tiny):
+    """Setting backend.retriever (eval's counting wrapper does) is what every decode step then calls."""
+    from kvloft import RetrievalConfig, RuntimeConfig, Session
+
+    s = Session(tiny, RetrievalConfig(method="exact", budget=8, n_sink=4, n_window=8),
+                RuntimeConfig(progress=False, kernels="reference"))
+    s.feed(list(range(1, 60)))
+    calls = []
+    inner = s.backend.retriever
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def select(self, layer, q, budget):
+            calls.append(layer)
+            return inner.select(layer, q, budget)
+
+    s.backend.retriever = Counting()
+    s.step(3)
+    assert sorted(calls) == list(range(tiny.config.n_layers))
