@@ -27,7 +27,7 @@ from kvloft.runtime.attention import DenseAttention, TieredAttention
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import check_on_progress, check_token_ids, generation_stops
 from kvloft.runtime.loader import Model
-from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.numerics import NonFiniteError, finite_sum
 from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
 from kvloft.tiers.kvcache import TieredKVCache
 
@@ -246,7 +246,7 @@ class Session:
         return self.feed(text)
 
     def _prefill(self, ids: list[int], on_progress: Callable[[int, int], None] | None = None) -> None:
-        chunk = self.runtime.prefill_chunk
+        chunk = self.runtime.resolved_prefill_chunk(self.model.device)
         start = len(self.tokens)
         n_chunks = -(-len(ids) // chunk)
         bar = None
@@ -334,7 +334,7 @@ class Session:
 
     def _check_last_logits(self) -> None:
         """After a decode step: one host sync (generate checks the copy it samples from instead)."""
-        if not bool(torch.isfinite(self._last_logits).all()):
+        if not bool(torch.isfinite(finite_sum(self._last_logits))):
             raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
 
     def _mark(self) -> dict[str, Any]:
@@ -423,7 +423,7 @@ class Session:
 
     def _sample(self, temperature: float, top_p: float, gen: torch.Generator) -> int:
         logits = self._last_logits.float().cpu()  # the step's one host sync
-        if not torch.isfinite(logits).all():
+        if not bool(torch.isfinite(finite_sum(logits))):
             raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
         if temperature == 0:
             return int(logits.argmax())
