@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--method", default="dense", help="dense, exact, ... (the demo runs dense and exact)")
     p.add_argument("--length", type=int, default=6000, help="prompt tokens (the demo's 6000)")
     p.add_argument("--decode", type=int, default=12, help="tokens decoded after the prompt")
-    p.add_argument("--chunk", type=int, default=RuntimeConfig.prefill_chunk, help="prefill chunk tokens")
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk tokens (default: the CPU's)")
     p.add_argument("--hf", action="store_true", help="HF transformers on the same weights instead")
     a = p.parse_args()
     model = kvloft.load_model("smollm2", device="cpu", dtype="float32")

@@ -308,7 +308,9 @@ class RuntimeConfig:
     gpu_memory_budget / host_memory_budget: bytes (int) or strings like "24GiB"; 0 = no limit.
     kernels: "auto" (Triton on CUDA, torch reference on CPU), "reference" or "triton";
         the default comes from KVLOFT_KERNELS, read once when the config is made.
-    prefill_chunk: tokens per prefill chunk.
+    prefill_chunk: tokens per prefill chunk; None = 512 on CUDA, 2048 elsewhere
+        (resolved_prefill_chunk). On the CPU every chunk re-reads the weights and pays the
+        model's ~1,300 small ops again; 2048 is ~2x faster than 512 on a busy 2-core machine.
     progress: show a progress bar for long prefills.
     profile: on CUDA, synchronize around each timed region so stats() gives an exact
         breakdown (search, transfer, attention); costs overlap, so off by default.
@@ -330,7 +332,7 @@ class RuntimeConfig:
     gpu_memory_budget: int | str = 0
     host_memory_budget: int | str = 0
     kernels: str = field(default_factory=lambda: os.environ.get("KVLOFT_KERNELS", "auto"))
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None
     progress: bool = True
     profile: bool = False
     seed: int = 0
@@ -338,6 +340,13 @@ class RuntimeConfig:
     cuda_graphs: bool = True
     weights: str = "auto"
     quant_group: int = 128
+
+    def resolved_prefill_chunk(self, device) -> int:
+        """prefill_chunk, its default resolved for a compute device (a torch.device or its name)."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        kind = getattr(device, "type", str(device).split(":")[0])
+        return 512 if kind == "cuda" else 2048
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHTS:
@@ -352,7 +361,8 @@ class RuntimeConfig:
             raise ValueError(
                 f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
             )
-        _check_int("prefill_chunk", self.prefill_chunk, minimum=1)
+        if self.prefill_chunk is not None:
+            _check_int("prefill_chunk", self.prefill_chunk, minimum=1)
         if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.scheduler not in ("none", "overlap"):

@@ -284,7 +284,7 @@ class PipelinedSession(Session):
                     self.retrieval.budget)
 
     def _prefill(self, ids: list[int], on_progress=None) -> None:
-        chunk, start = self.runtime.prefill_chunk, len(self.tokens)
+        chunk, start = self.runtime.resolved_prefill_chunk(self.model.device), len(self.tokens)
         parts = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
         calls = [self._call(p, start + i * chunk, False, len(ids) - i * chunk - len(p)) for i, p in enumerate(parts)]
 

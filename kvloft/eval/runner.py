@@ -343,7 +343,7 @@ def _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_windo
           runtime: RuntimeConfig) -> dict[str, Any]:
     return {
         "model": model.source, "model_name": model.config.name, "dtype": str(model.dtype).replace("torch.", ""),
-        "device": str(model.device), "kernels": runtime.kernels, "prefill_chunk": runtime.prefill_chunk,
+        "device": str(model.device), "kernels": runtime.kernels, "prefill_chunk": runtime.resolved_prefill_chunk(model.device),
         "machine": machine_label(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "tasks": tasks, "lengths": lengths, "methods": methods,
         "budget": budget, "samples": samples, "seed": seed, "n_sink": n_sink, "n_window": n_window,

@@ -64,16 +64,24 @@ def _attend_fused_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: boo
     """ATen's CPU flash attention (causal: top-left, callers pass square blocks).
 
     q [Tq, H_q, D], k, v [Tk, H_kv, D] (any strides) -> out [Tq, H_q, D], lse [Tq, H_q] fp32.
-    Views only: the KV heads are the batch dimension and each one's query group the head
-    dimension, K and V expanded over the group with stride 0, so nothing is copied in.
+    K and V are never copied: the KV heads are the batch dimension. Without a mask, all the
+    queries of a KV head's group are rows of one head ([H_kv, 1, g*Tq, D]), so each K and V
+    block is read once per KV head rather than once per query head (a decode token over 6K
+    keys: ~5x faster than the per-head layout on one core). Causal, the group is the head
+    dimension (each row's mask follows its own position) and K, V are expanded over it with
+    stride 0.
     """
     tq, hq, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     g = hq // hkv
     qb = q.view(tq, hkv, g, d).permute(1, 2, 0, 3)  # [H_kv, g, Tq, D]
-    kb = k.transpose(0, 1)[:, None].expand(hkv, g, tk, d)  # [H_kv, g, Tk, D], stride 0 over g
-    vb = v.transpose(0, 1)[:, None].expand(hkv, g, tk, d)
-    out, lse = _FUSED_CPU(qb, kb, vb, 0.0, causal, scale=scale)  # [H_kv, g, Tq, D], [H_kv, g, Tq]
+    kb, vb = k.transpose(0, 1)[:, None], v.transpose(0, 1)[:, None]  # [H_kv, 1, Tk, D]
+    if causal:
+        kb, vb = kb.expand(hkv, g, tk, d), vb.expand(hkv, g, tk, d)  # stride 0 over g
+    else:
+        qb = qb.reshape(hkv, 1, g * tq, d)  # a copy only when Tq > 1 (the queries, not K, V)
+    out, lse = _FUSED_CPU(qb, kb, vb, 0.0, causal, scale=scale)  # [H_kv, g or 1, (g*)Tq, D], lse alike
+    out, lse = out.view(hkv, g, tq, d), lse.view(hkv, g, tq)
     return out.permute(2, 0, 1, 3).reshape(tq, hq, d), lse.permute(2, 0, 1).reshape(tq, hq).float()
 
 

@@ -63,7 +63,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE in the HF (rotate-half) layout. x [T, H, D]; cos/sin [T, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     rot = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos[:, None] + rot.float() * sin[:, None]).to(x.dtype)
+    # x*cos + rot*sin, the sum taken in the same pass as the second product (same rounding)
+    return torch.addcmul(x.float() * cos[:, None], rot.float(), sin[:, None]).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -28,7 +28,7 @@ from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import check_on_progress, check_token_ids
 from kvloft.runtime.loader import Model
-from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.numerics import NonFiniteError, finite_sum
 from kvloft.runtime.quant_linear import apply_weights
 from kvloft.runtime.sampling import check_generate_args, sample_token
 from kvloft.tiers.kvcache import TieredKVCache
@@ -157,7 +157,7 @@ class Session:
         return self.feed(text)
 
     def _prefill(self, ids: list[int], on_progress: Callable[[int, int], None] | None = None) -> None:
-        chunk = self.runtime.prefill_chunk
+        chunk = self.runtime.resolved_prefill_chunk(self.model.device)
         start = len(self.tokens)
         n_chunks = -(-len(ids) // chunk)
         bar = None
@@ -245,7 +245,7 @@ class Session:
 
     def _check_last_logits(self) -> None:
         """After a decode step: one host sync (generate checks the copy it samples from instead)."""
-        if not bool(torch.isfinite(self._last_logits).all()):
+        if not bool(torch.isfinite(finite_sum(self._last_logits))):
             raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
 
     def _mark(self) -> dict[str, Any]:
@@ -331,7 +331,7 @@ class Session:
 
     def _sample(self, temperature: float, top_p: float, gen: torch.Generator) -> int:
         logits = self._last_logits.float().cpu()  # the step's one host sync
-        if not torch.isfinite(logits).all():
+        if not bool(torch.isfinite(finite_sum(logits))):
             raise NonFiniteError(self._nonfinite_message(f"decode step of token {len(self.tokens) - 1}"))
         return sample_token(logits, temperature, top_p, gen)
 

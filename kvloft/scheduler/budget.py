@@ -205,7 +205,7 @@ def _search_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int) -> i
 def _prefill_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: RuntimeConfig,
                        cache_cfg: CacheConfig, n: int, n_host: int, isz: int) -> int:
     """The last prefill chunk of a context of n tokens (runtime/attention.py _prefill)."""
-    p = min(runtime.prefill_chunk, max(n, 1))
+    p = min(runtime.resolved_prefill_chunk("cuda"), max(n, 1))  # plans are for CUDA devices
     hq, hkv, d, row = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     acts = p * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + (hq + 2 * hkv) * d) * isz
     if rcfg.method == "dense":  # causal attention over every token at once

@@ -129,7 +129,7 @@ class GatedPrefill:
     def next_chunk(self) -> int:
         """Tokens the next advance() feeds (about: the last chunk of a feed runs on into the next)."""
         ids = self.feeds[self.feed_index] if self.feed_index < len(self.feeds) else []
-        return max(1, min(self.session.runtime.prefill_chunk, len(ids) - self.done))
+        return max(1, min(self.session.runtime.resolved_prefill_chunk(self.session.model.device), len(ids) - self.done))
 
     def advance(self) -> None:
         """Run the next chunk (blocking); `finished` once every feed is done or one failed."""

@@ -29,6 +29,8 @@ def _err(got, want):
     (1, 1025, 9, 3, 64, False),   # one decode token
     (1, 33, 7, 7, 16, True),      # MHA, causal with one query
     (64, 300, 8, 2, 32, False),
+    (5, 77, 9, 3, 59, False),     # several queries of a group as rows of one head, odd head dim
+    (3, 50, 7, 7, 16, False),     # MHA without a mask (groups of one)
 ])
 def test_fused_route_within_twice_the_plain_error(dtype, tq, tk, hq, hkv, d, causal):
     q, k, v = _qkv(tq, tk, hq, hkv, d, dtype)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
-from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.numerics import NonFiniteError, finite_sum
 
 RUNTIME = RuntimeConfig(prefill_chunk=32, progress=False)
 CACHE = CacheConfig(host_chunk_tokens=32)
@@ -120,3 +120,15 @@ def test_first_feed_of_nan_weights_leaves_an_empty_usable_session(tiny):
     clean = Session(tiny, CONFIGS["exact"], RUNTIME, CACHE)
     clean.feed(_prompt(100, 0))
     assert s.generate(10) == clean.generate(10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_sum_flags_exactly_the_non_finite(dtype):
+    big = torch.full((4096, 3), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows dtype, not fp64
+    assert bool(torch.isfinite(finite_sum(big))) and bool(torch.isfinite(finite_sum(-big)))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = big.clone()
+        t[1234, 1] = bad
+        assert not bool(torch.isfinite(finite_sum(t)))
+    mixed = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # inf - inf reads as NaN
+    assert not bool(torch.isfinite(finite_sum(mixed)))
