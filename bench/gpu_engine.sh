@@ -13,7 +13,7 @@ KVLOFT_TEST_CUDA=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu t
   tests/scheduler/test_overlap.py tests/runtime/test_graphs.py 2>&1 | tail -6
 timeout 80 python3 bench/prefill_speed.py --lengths 8k,30k --chunks 512,4096,16384 --methods dense,exact \
   --repeats 2 --out "$O" 2>&1 | grep -v "^{" | tail -12
-timeout 70 python3 bench/quant_speed.py --out "$O" --no-sweep 2>&1 | tail -16
+timeout 70 python3 bench/quant_speed.py --out "$O" 2>&1 | tail -16
 for b in 1 8; do
   timeout 55 python3 bench/decode.py --presets llama3-8b --contexts 32k --methods dense,hip:keys_on=host \
     --batch $b --steps 32 --host-memory 100GiB --tag b$b --out "$O" 2>&1 | grep -v '^{' | tail -6
