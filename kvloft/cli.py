@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvloft.config import METHODS, RetrievalConfig, RuntimeConfig, parse_tokens
+from kvloft.config import METHODS, CacheConfig, RetrievalConfig, RuntimeConfig, parse_tokens
 
 
 def _add_retrieval_args(p: argparse.ArgumentParser, method: str = "exact") -> None:
@@ -24,6 +24,10 @@ def _add_retrieval_args(p: argparse.ArgumentParser, method: str = "exact") -> No
     p.add_argument("--window", type=int, default=512, help="last tokens always attended")
     p.add_argument("--device", default="auto")
     p.add_argument("--kernels", default=None, choices=["auto", "reference", "triton"])
+    p.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int4"],
+                   help="linear weights as loaded (bf16: the model dtype) or packed 8/4-bit")
+    p.add_argument("--host-dtype", default=None, choices=["int8", "fp8"],
+                   help="host-tier K/V rows in 8 bits with a scale per row and head (default: the model dtype)")
 
 
 def _runtime(args) -> RuntimeConfig:
@@ -33,10 +37,20 @@ def _runtime(args) -> RuntimeConfig:
     return RuntimeConfig(**kw)
 
 
-def _run(model, prompt: str, rcfg: RetrievalConfig, runtime: RuntimeConfig, max_new: int):
+def _cache(args) -> CacheConfig:
+    return CacheConfig(host_dtype=args.host_dtype)
+
+
+def _load(args):
+    from kvloft.runtime.loader import load_model
+
+    return load_model(args.model, device=args.device, weights=args.weights)
+
+
+def _run(model, prompt: str, rcfg: RetrievalConfig, runtime: RuntimeConfig, cache: CacheConfig, max_new: int):
     from kvloft.runtime.session import Session
 
-    s = Session(model, rcfg, runtime)
+    s = Session(model, rcfg, runtime, cache)
     t0 = time.perf_counter()
     s.feed(prompt)
     t1 = time.perf_counter()
@@ -48,10 +62,8 @@ def _run(model, prompt: str, rcfg: RetrievalConfig, runtime: RuntimeConfig, max_
 def cmd_demo(args) -> int:
     from kvloft.eval.scoring import score
     from kvloft.eval.tasks import build_prompt, generate
-    from kvloft.runtime.loader import load_model
-
     print(f"loading {args.model} ...", flush=True)
-    model = load_model(args.model, device=args.device)
+    model = _load(args)
     length = parse_tokens(args.length)
     sample = generate("passkey", model.tokenizer, length, seed=args.seed, depth=args.depth)
     prompt = build_prompt(sample)
@@ -60,7 +72,7 @@ def cmd_demo(args) -> int:
     rows = []
     for rcfg in (RetrievalConfig(method="dense"),
                  RetrievalConfig(method="exact", budget=args.budget, n_sink=args.sink, n_window=args.window)):
-        answer, t = _run(model, prompt, rcfg, runtime, max_new=12)
+        answer, t = _run(model, prompt, rcfg, runtime, _cache(args), max_new=12)
         found = score("passkey", answer, sample.references) == 1.0
         st = t["stats"]
         attended = sample.actual_tokens if rcfg.method == "dense" else rcfg.n_sink + rcfg.n_window + rcfg.budget
@@ -75,16 +87,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from kvloft.runtime.loader import load_model
     from kvloft.runtime.session import Session
 
     text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not text:
         print("error: give --prompt-file FILE or --prompt TEXT", file=sys.stderr)
         return 2
-    model = load_model(args.model, device=args.device)
+    model = _load(args)
     rcfg = RetrievalConfig(method=args.method, budget=args.budget, n_sink=args.sink, n_window=args.window)
-    s = Session(model, rcfg, _runtime(args))
+    s = Session(model, rcfg, _runtime(args), _cache(args))
     if args.chat:
         s.feed_chat([{"role": "user", "content": text}])
     else:
