@@ -93,7 +93,8 @@ class ServerConfig:
     max_sessions, host_budget, device_budget, spill_dir: the SessionManager's limits.
     max_batch: sequences decoded together in one engine step (more wait their turn).
     step_tokens: tokens one engine iteration works on: a token per decoding sequence, the
-        rest prefill chunks (at least one chunk an iteration).
+        rest prefill chunks (at least one chunk an iteration); also the sessions' prefill chunk
+        unless runtime.prefill_chunk is set.
     """
 
     api_key: str | None = None
@@ -128,6 +129,10 @@ class ServerConfig:
             raise ValueError(f"limits.max_tokens ({self.limits.max_tokens}) is below default_max_tokens "
                              f"({self.default_max_tokens})")
         self.limits.check_retrieval(self.retrieval)  # the defaults themselves must be allowed
+        if self.runtime.prefill_chunk is None:
+            # prefill chunks of one iteration's token budget: a long prompt then leaves room for the
+            # others' decode steps every iteration, and a cancel or a drain stops it within a chunk
+            object.__setattr__(self, "runtime", dataclasses.replace(self.runtime, prefill_chunk=self.step_tokens))
         Keys(self.keys)  # validates them
 
     @property

@@ -19,7 +19,7 @@ from kvloft.server.manager import SessionManager
 
 KEY = "test-key"
 RETRIEVAL = RetrievalConfig(method="exact", budget=32, n_sink=8, n_window=64)
-RUNTIME = RuntimeConfig(progress=False)
+RUNTIME = RuntimeConfig(progress=False, prefill_chunk=256)  # several chunks per long prompt (progress events)
 
 
 class Running(Served):
