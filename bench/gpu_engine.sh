@@ -8,7 +8,7 @@ O=${OUT:-/tmp/out}
 mkdir -p "$O"
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 end=$(( $(date +%s) + ${TOTAL:-400} ))
-left() { local l=$(( end - $(date +%s) )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+left() { local l=$(( end - $(date +%s) )); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 KVLOFT_TEST_CUDA=1 timeout "$(left 110)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_engine.py \
   tests/kernels/test_quant.py tests/runtime/test_quant_linear.py tests/kernels/test_rowquant.py \
