@@ -78,9 +78,34 @@ def wilson_interval(mean: float, n: int, z: float = 1.96) -> tuple[float, float]
 EXTRAPOLATE_SUFFIX = "+x"  # "exact+x": the method with position_mode="extrapolate"
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any], str]:
+    """"name[:key=value...][+x]" -> (name, RetrievalConfig options, position mode), e.g.
+    "exact:rank=prob" or "hip:keys_on=host+x"; values that read as numbers become numbers."""
+    mode = "exact"
+    if spec.endswith(EXTRAPOLATE_SUFFIX):
+        spec, mode = spec[: -len(EXTRAPOLATE_SUFFIX)], "extrapolate"
+    name, *pairs = spec.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method option {pair!r} in {spec!r} must read key=value (e.g. exact:rank=prob)")
+        options[key] = _number(value)
+    return name, options, mode
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def method_unavailable(method: str) -> str | None:
     """None if `method` can run here, else why not (its module is missing or fails to import)."""
-    method = method.removesuffix(EXTRAPOLATE_SUFFIX)
+    method = parse_method(method)[0]
     if method not in METHODS:
         return f"unknown method {method!r}; known: {', '.join(METHODS)}"
     if method == "dense":
@@ -159,12 +184,11 @@ class RunRecord:
 
 
 def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar: int | None = None) -> RetrievalConfig:
-    """A method name, or name + "+x" for the same method with remapped positions (extrapolation)."""
-    mode = "exact"
-    if method.endswith(EXTRAPOLATE_SUFFIX):
-        method, mode = method[: -len(EXTRAPOLATE_SUFFIX)], "extrapolate"
-    return RetrievalConfig(method=method, budget=budget, n_sink=n_sink, n_window=n_window, position_mode=mode,
-                           max_similar=max_similar)
+    """A method name with options (parse_method), and "+x" for the same method with remapped
+    positions (extrapolation)."""
+    name, options, mode = parse_method(method)
+    return RetrievalConfig(method=name, budget=budget, n_sink=n_sink, n_window=n_window, position_mode=mode,
+                           max_similar=max_similar, options=options)
 
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
@@ -215,7 +239,7 @@ def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
         raise ValueError(f"tasks must be a non-empty list of {', '.join(TASKS)}; got {list(tasks)}")
     if not lengths or any(not isinstance(n, int) or n <= 0 for n in lengths):
         raise ValueError(f"lengths must be positive token counts (e.g. [2048, 4096]); got {list(lengths)}")
-    bad = [m for m in methods if m.removesuffix(EXTRAPOLATE_SUFFIX) not in METHODS]
+    bad = [m for m in methods if parse_method(m)[0] not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -487,7 +511,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--tasks", default="passkey,niah_single_number", help=f"comma list of {', '.join(TASKS)}")
     e.add_argument("--lengths", default="2k,4k", help="comma list of prompt lengths (e.g. 2k,4k,6000)")
     e.add_argument("--methods", default="dense,exact,tokenselect", help=f"comma list of {', '.join(METHODS)}; "
-                   "append +x for remapped positions (extrapolation), e.g. exact+x")
+                   "options as name:key=value (e.g. exact:rank=prob); append +x for remapped positions "
+                   "(extrapolation), e.g. exact+x")
     e.add_argument("--budget", type=int, default=1024, help="host-tier tokens retrieved per step")
     e.add_argument("--samples", type=int, default=4, help="samples per task and length")
     e.add_argument("--seed", type=int, default=0)

@@ -268,3 +268,15 @@ def test_answer_limits_plain_and_chat(tiny_text):
     assert runner.max_new_tokens_for(chat, tok) == runner.RULER_MAX_NEW_TOKENS["passkey"]
     vt = generate("vt", tok, 1024, seed=0, chat=True)
     assert runner.max_new_tokens_for(vt, tok) == runner.RULER_MAX_NEW_TOKENS["vt"]
+
+
+def test_method_options_reach_the_retriever():
+    """"name:key=value[+x]" names a method with options; a bad pair is refused naming the form."""
+    assert runner.parse_method("exact:rank=prob") == ("exact", {"rank": "prob"}, "exact")
+    assert runner.parse_method("hip:keys_on=host+x") == ("hip", {"keys_on": "host"}, "extrapolate")
+    assert runner.parse_method("actqkv:halo=0:block=16") == ("actqkv", {"halo": 0, "block": 16}, "exact")
+    rcfg = runner._retrieval("exact:rank=prob", 64, 4, 16)
+    assert rcfg.method == "exact" and rcfg.options == {"rank": "prob"}
+    with pytest.raises(ValueError, match="key=value"):
+        runner.parse_method("exact:prob")
+    assert runner.method_unavailable("exact:rank=prob") is None
