@@ -65,6 +65,7 @@ from common import add_decode_args, fill_context, timed_steps, token_stream
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import parse_bytes, parse_tokens
+from kvloft.eval.runner import parse_method as method_options
 from kvloft.runtime.scheduled import ScheduledAttention, use_scheduler
 from kvloft.scheduler.budget import plan_memory, resolve_cache_bytes
 from kvloft.scheduler.params import SchedulerParams
@@ -82,11 +83,9 @@ def parse_method(spec: str) -> tuple[str, dict, set[str]]:
                          "@staged: the scheduler, fetching through pinned staging buffers and H2D "
                          "copies; @eager: no CUDA graphs; @split: static tier and selection in two "
                          "launches + merge; @nocache: no device copy of a selection's stable rows)")
-    name, *opts = spec.split(":")
-    options = {}
-    for o in opts:
-        k, _, v = o.partition("=")
-        options[k] = int(v) if v.isdigit() else v
+    name, options, mode = method_options(spec)  # the "name:key=value" form kvloft eval reads
+    if mode != "exact":
+        raise SystemExit(f"method {spec}: +x (extrapolation) is not a decode-speed row here")
     return name, options, set(flags)
 
 
