@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from kvloft.config import METHODS, RetrievalConfig, RuntimeConfig, parse_tokens
+from kvloft.config import METHODS, CacheConfig, RetrievalConfig, RuntimeConfig, parse_tokens
 from kvloft.eval.scoring import TASK_METRIC, score
 from kvloft.eval.tasks import TASKS, Sample, build_prompt, run_task_samples
 from kvloft.index.base import METHOD_MODULES, Selection
@@ -192,15 +192,16 @@ def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar
 
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
-               max_new_tokens: int, label: str | None = None) -> RunRecord:
+               max_new_tokens: int, label: str | None = None, cache: CacheConfig | None = None) -> RunRecord:
     """Feed the sample's prompt in a fresh session, generate greedily (to a newline for plain
     prompts, to EOS for chat prompts), score.
 
     label: the method's name in the results (default rcfg.method; "exact+x" for extrapolation).
+    cache: the session's tier settings (e.g. an 8-bit host tier); default CacheConfig().
     """
     from kvloft.runtime.session import Session
 
-    s = Session(model, rcfg, runtime)
+    s = Session(model, rcfg, runtime, cache)
     counter = None
     if rcfg.method != "dense":
         counter = _CountingRetriever(s.backend.retriever, model.config.n_kv_heads)
@@ -302,6 +303,8 @@ def evaluate(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     max_similar: int | None = None,
     chat: bool = False,
+    cache: CacheConfig | None = None,
+    variant: str = "",
 ) -> dict[str, Any]:
     """Run every sample once per method; returns {"meta", "skipped", "cells", "runs"}.
 
@@ -316,6 +319,9 @@ def evaluate(
     limit for the task (see max_new_tokens_for). Methods whose retriever module is missing
     are skipped and listed under "skipped" with the reason. max_similar: None = the position
     mode's default (RetrievalConfig; the cap is on for "+x" methods, off otherwise).
+    cache: every session's tier settings (CacheConfig(host_dtype="fp8") for an 8-bit host
+    tier). variant: appended to every method's label ("exact[int4,fp8]"), so runs of the same
+    method with other weights or tiers stay apart when runs files are merged.
     """
     tasks, lengths, methods = list(tasks), list(lengths), list(methods)
     _check_args(model, tasks, lengths, methods, budget, samples)
@@ -328,6 +334,8 @@ def evaluate(
     meta = _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_window, max_new_tokens, runtime)
     meta["max_similar"] = max_similar
     meta["chat"] = chat
+    meta["variant"] = variant
+    meta["host_dtype"] = (cache or CacheConfig()).host_dtype
     if on_record is not None:
         on_record({"meta": meta, "skipped": skipped})
     drawn = {t: run_task_samples(t, model.tokenizer, lengths, samples, seed, chat=chat) for t in tasks}
@@ -338,7 +346,8 @@ def evaluate(
             limit = max_new_tokens or max_new_tokens_for(sample, model.tokenizer)
             for method in active:
                 rcfg = _retrieval(method, budget, n_sink, n_window, max_similar)
-                records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit, label=method))
+                records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit,
+                                          label=method + variant, cache=cache))
                 _advance(bar, records[-1])
                 if on_record is not None:
                     on_record(asdict(records[-1]))
@@ -396,7 +405,8 @@ def _cost_text(cell: dict[str, Any] | None) -> str:
 
 def _table(result: dict[str, Any], fmt) -> list[str]:
     meta = result["meta"]
-    methods = [m for m in meta["methods"] if m not in result["skipped"]]
+    variant = meta.get("variant", "")
+    methods = [m + variant for m in meta["methods"] if m not in result["skipped"]]
     cells = {(c["task"], c["length"], c["method"]): c for c in result["cells"]}
     lines = ["| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task in meta["tasks"]:
@@ -537,6 +547,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--kernels", default=None, choices=["auto", "reference", "triton"])
     e.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per prefill chunk (default: RuntimeConfig's); larger fills a GPU better")
+    e.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int4"],
+                   help="linear weights as loaded (bf16: the model dtype) or packed 8/4-bit")
+    e.add_argument("--host-dtype", default=None, choices=["int8", "fp8"],
+                   help="host-tier K/V rows in 8 bits with a scale per row and head (default: the model dtype)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUNS_JSONL",
                    help="run nothing: rebuild the JSON and the doc section from .runs.jsonl files")
@@ -560,7 +574,7 @@ def cmd_eval(args) -> int:
         result = from_runs(args.from_runs)
     else:
         runtime = RuntimeConfig(**kw)
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
         runs = Path(out).with_suffix(".runs.jsonl")
         runs.parent.mkdir(parents=True, exist_ok=True)
         with open(runs, "w") as f:
@@ -571,7 +585,8 @@ def cmd_eval(args) -> int:
 
             result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
                               args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
-                              on_record=write, max_similar=args.max_similar, chat=args.chat)
+                              on_record=write, max_similar=args.max_similar, chat=args.chat,
+                              cache=CacheConfig(host_dtype=args.host_dtype), variant=variant_label(args))
     for why in result["skipped"].values():
         print(why, file=sys.stderr)
     save(result, out, doc, name, args.note)
@@ -579,6 +594,12 @@ def cmd_eval(args) -> int:
     brief = {f"{c['task']}@{c['length']}:{c['method']}": round(c["score"], 3) for c in result["cells"]}
     print(json.dumps({"out": str(out), "doc": str(doc), "score": brief}))
     return 0
+
+
+def variant_label(args) -> str:
+    """"" for the model dtype's weights and host tier, else "[int4]", "[fp8]", "[int4,fp8]"."""
+    parts = [p for p in (None if args.weights == "bf16" else args.weights, args.host_dtype) if p]
+    return f"[{','.join(parts)}]" if parts else ""
 
 
 def output_paths(out: Path, doc: Path | None, name: str) -> tuple[Path, Path]:

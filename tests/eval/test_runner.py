@@ -254,6 +254,33 @@ def test_cli_eval_writes_to_cwd_or_out_dir(tiny_text, tmp_path, monkeypatch, cap
     assert after == before
 
 
+def test_cli_eval_weights_and_host_dtype_label_runs(tiny_text, tmp_path, monkeypatch):
+    """--weights goes to load_model, --host-dtype to every session's host tier; both name the
+    runs ("exact[int4,int8]") so a merge keeps them apart from the model-dtype runs."""
+    from kvloft import cli
+    from kvloft.runtime import loader
+    from kvloft.runtime import session as session_mod
+
+    seen: dict = {}
+    tiers: list = []
+    real = session_mod.Session.__init__
+
+    def spy(self, model, retrieval=None, runtime=None, cache=None):
+        tiers.append(cache.host_dtype if cache is not None else None)
+        real(self, model, retrieval, runtime, cache)
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: seen.update(k) or tiny_text)
+    monkeypatch.setattr(session_mod.Session, "__init__", spy)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_eval_args("--weights", "int4", "--host-dtype", "int8", "--samples", "1")) == 0
+    assert seen["weights"] == "int4"
+    assert tiers == ["int8", "int8"]  # dense and exact, one sample each
+    saved = json.loads((tmp_path / "quality_t.json").read_text())
+    assert {r["method"] for r in saved["runs"]} == {"dense[int4,int8]", "exact[int4,int8]"}
+    assert saved["meta"]["host_dtype"] == "int8" and saved["meta"]["variant"] == "[int4,int8]"
+    assert "| exact[int4,int8] |" in (tmp_path / "quality_t.md").read_text()
+
+
 def test_answer_limits_plain_and_chat(tiny_text):
     """Plain prompts: the answer's tokens + slack (RULER's limit at most); chat prompts: RULER's
     limit, since an instruct model ends its own turn."""
