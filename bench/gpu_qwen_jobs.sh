@@ -12,14 +12,18 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 n=$(grep -cvE '^\s*(#|$)' "$J")
 export OMP_NUM_THREADS=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
 python3 -c "import kvloft,sys; kvloft.load_model(sys.argv[1], device='cuda', dtype='bfloat16')" "$G" 2>&1 | tail -1
-grep -vE '^\s*(#|$)' "$J" | while read -r name args; do
+# the loop reads the jobs from a redirection, not a pipe: a piped loop runs in a subshell, whose
+# background processes this shell's `wait` would not wait for
+while read -r name args; do
   ( timeout "$S" python3 -m kvloft.cli eval --model "$G" --device cuda --dtype bfloat16 --chat --no-progress \
       --sink 64 --window 512 $args --name "$name" --out "$O" > "$O/log_$name.txt" 2>&1
     echo "$name: exit $?" >> "$O/status.txt" ) &
-done
+done < <(grep -vE '^\s*(#|$)' "$J")
 wait
 cat "$O/status.txt"
 python3 -m kvloft.eval.report "$O"/quality_*.runs.jsonl --out "$O" --name qwen
 grep -l -E "Traceback" "$O"/log_*.txt | head
-[ -n "${OUT:-}" ] && cp "$O"/*.runs.jsonl "$O"/quality_qwen.* "$O"/log_*.txt "$O"/status.txt "$OUT"/ 2>/dev/null
+# one archive: a device call brings back only a few files
+[ -n "${OUT:-}" ] && (cd "$O" && for f in log_*.txt; do tail -c 2000 "$f" > "$f.tail"; done &&
+  tar czf "$OUT/qwen_runs.tgz" ./*.runs.jsonl ./quality_qwen.* ./log_*.txt.tail ./status.txt 2>/dev/null)
 true
