@@ -10,7 +10,9 @@ Each session keeps its own tiers, retriever and length. A step is planned on the
     x = embed(tokens) [B, hidden]; cos, sin = rope(positions [B])
     per layer: q, k, v = block.pre(x) for all B rows at once (one GEMM per projection)
                o[b] = backend_b.attend(layer, q[b:b+1], k[b:b+1], v[b:b+1], positions[b:b+1])
-                      (the session's own decode route: dense, or static tier + retrieval)
+                      (the session's own decode route: dense, or static tier + retrieval;
+                      rows whose route is one launch over a slot table share one launch:
+                      runtime/batch_attention.py)
                x = block.post(x, o) for all B rows at once
     logits = head(x) [B, V]
 
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 
 from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.batch_attention import TableLaunch, run_launches
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import generation_stops
 from kvloft.runtime.loader import Model
@@ -69,7 +72,10 @@ def _token(t: Any) -> int:
 
 class RowAttention:
     """The attention backend of a batched step: row b of q, k, v goes through backends[b], its
-    session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros."""
+    session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros.
+    Rows whose route is one launch over a slot table (a TableLaunch from the backend's
+    attend_deferred: Triton kernels, a pinned host tier read in place) run together, one launch
+    per layer for all of them (runtime/batch_attention.py)."""
 
     def __init__(self, backends: list[Any], order: Tensor) -> None:
         self.backends = backends
@@ -80,12 +86,26 @@ class RowAttention:
         (B' >= B rows; each backend gets its row as a one-token decode step)."""
         n = len(self.backends)
         o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
+        launches: dict[int, TableLaunch] = {}
         for b, be in enumerate(self.backends):
+            call = getattr(be, "attend_deferred", be.attend)
             try:
-                o[b : b + 1] = be.attend(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
+                got = call(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
             except Exception as e:
                 e.add_note(f"in row {b} of the batched step (pair {int(self.order[b])}, layer {layer}, "
                            f"position {int(positions[b])})")
+                raise
+            if isinstance(got, TableLaunch):
+                launches[b] = got
+            else:
+                o[b : b + 1] = got
+        if launches:
+            try:
+                run_launches(launches, o)
+            except Exception as e:
+                pairs = ", ".join(str(int(self.order[b])) for b in launches)
+                e.add_note(f"in the shared attention launch of rows {list(launches)} of the batched step "
+                           f"(pairs {pairs}, layer {layer})")
                 raise
         return o
 
