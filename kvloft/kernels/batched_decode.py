@@ -79,8 +79,9 @@ def gather_attend_table_batched(
     """gather_attend_table for B sequences in one launch.
 
     q: [B, H_q, D]; like_k, like_v: the row layout [rows, H_kv, D] every slot shares (dtype,
-    strides); ids: [B, H_kv, n] or [B, n] (shared over KV heads), sequence b's row ids in its
-    own slots (as for gather_attend_table over its own table), -1 = padding, not range-checked;
+    strides); ids: [B, H_kv, n] or [B, n] (shared over KV heads), any strides with n contiguous,
+    sequence b's row ids in its own slots (as for gather_attend_table over its own table), -1 =
+    padding, not range-checked;
     stacked: stack_tables of the B sequences' tables, in q's order; lengths: per sequence the
     ids in use (ids[b, ..., :lengths[b]]; the rest are never read), default n for all.
     Returns (out [B, H_q, D] in q.dtype, lse [B, H_q] fp32), row b = gather_attend_table of
@@ -99,7 +100,8 @@ def gather_attend_table_batched(
     if codes is not None and not (like_k.is_contiguous() and like_v.is_contiguous()):
         raise ValueError("gather_attend_table_batched: 8-bit slots need contiguous model-dtype rows "
                          f"[rows, H_kv, D] as like_k / like_v, got strides {like_k.stride()}")
-    return _attend_rows(q.contiguous(), like_k, like_v, ids.contiguous(), n, scale, num_splits, launch,
+    ids = ids if ids.stride(-1) == 1 else ids.contiguous()  # other strides are passed to the kernel
+    return _attend_rows(q.contiguous(), like_k, like_v, ids, n, scale, num_splits, launch,
                         tables=(t.k, t.v, 1), codes=codes, row_meta=meta)
 
 

@@ -75,11 +75,12 @@ class RowAttention:
     session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros.
     Rows whose route is one launch over a slot table (a TableLaunch from the backend's
     attend_deferred: Triton kernels, a pinned host tier read in place) run together, one launch
-    per layer for all of them (runtime/batch_attention.py)."""
+    per layer for all of them (runtime/batch_attention.py); with shared=False each runs its own."""
 
-    def __init__(self, backends: list[Any], order: Tensor) -> None:
+    def __init__(self, backends: list[Any], order: Tensor, shared: bool = True) -> None:
         self.backends = backends
         self.order = order  # [B] the pair each row came from, for error notes
+        self.shared = shared
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [B', H_q, D], k/v [B', H_kv, D] (rotated keys), positions [B'] -> out [B', H_q, D]
@@ -88,7 +89,7 @@ class RowAttention:
         o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
         launches: dict[int, TableLaunch] = {}
         for b, be in enumerate(self.backends):
-            call = getattr(be, "attend_deferred", be.attend)
+            call = getattr(be, "attend_deferred", be.attend) if self.shared else be.attend
             try:
                 got = call(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
             except Exception as e:
@@ -117,16 +118,22 @@ class Engine:
     graphs on a CUDA model, one set per padded batch size (runtime/graphs.py; attention runs
     eagerly between them, per row), and runs eagerly elsewhere; "off" runs eagerly everywhere;
     "segments" runs the graphed path's segments eagerly (how it is tested without CUDA).
+    shared_attention: rows whose decode route is one launch over a slot table share one launch
+    per layer (RowAttention); False launches each row's own (the per-row path, for comparison).
     """
 
-    def __init__(self, model: Model, max_batch: int = 32, graphs: str = "auto") -> None:
+    def __init__(self, model: Model, max_batch: int = 32, graphs: str = "auto",
+                 shared_attention: bool = True) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"Engine needs a model from kvloft.load_model(...), got {type(model).__name__}")
         if not _is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
             raise ValueError(f"max_batch must be an int in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
         if graphs not in GRAPH_MODES:
             raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
+        if not isinstance(shared_attention, bool):
+            raise TypeError(f"shared_attention must be a bool, got {type(shared_attention).__name__}")
         self.model = model
+        self.shared_attention = shared_attention
         self.max_batch = max_batch
         self.graphs = graphs
         self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
@@ -225,7 +232,7 @@ class Engine:
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
         dev, n = self.model.device, plan.batch
-        attention = RowAttention(backends, plan.order)
+        attention = RowAttention(backends, plan.order, self.shared_attention)
         if not self._use_graphs:
             return self.model.net(plan.tokens.to(dev), plan.positions.to(dev), attention)
         graphs = self._graphs_for(n)

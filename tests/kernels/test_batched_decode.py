@@ -100,7 +100,9 @@ def test_batched_equals_each_sequence_and_softmax(hq, hkv, d, kinds):
     out, lse = gather_attend_table_batched(q, like, like, _pad([i for _, _, i, _ in seqs], n), stacked,
                                            scale=scale, lengths=lengths)
     assert out.shape == (3, hq, d) and lse.shape == (3, hq)
-    full, full_lse = gather_attend_table_batched(q, like, like, _pad([i for _, _, i, _ in seqs], n), stacked,
+    strided = _pad([i for _, _, i, _ in seqs], n).transpose(0, 1).contiguous().transpose(0, 1)  # [B, H_kv, n]
+    assert strided.stride() == (n, 3 * n, 1)  # runtime/batch_attention.py's layout
+    full, full_lse = gather_attend_table_batched(q, like, like, strided, stacked,
                                                  scale=scale)  # no lengths: the -1 padding is skipped
     torch.testing.assert_close(full, out, rtol=0, atol=ATOL)
     torch.testing.assert_close(full_lse, lse, rtol=0, atol=ATOL)
