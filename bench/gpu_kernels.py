@@ -7,7 +7,8 @@
 3. with --sweep, sweeps the gather kernel's launch parameters and times the best too;
 4. times, on Llama-3-8B's layer shape (8 KV heads, D=128, bf16, 1M-token row buffer),
    fused-gather decode at n selected rows vs the naive path (reference gather_kv + SDPA),
-   contiguous decode at 128K vs SDPA, score_topk vs matmul + topk, and the zero-copy
+   contiguous decode at 128K vs SDPA, score_topk vs matmul + topk, B sequences' slot-table
+   attention in one launch vs one launch each (a batched decode step's layer), and the zero-copy
    pinned-host gather vs CPU gather + copy. Two clocks (see Timer): GPU time from CUDA-graph
    replay (the figure held against bandwidth) and eager do_bench medians (L2 flushed);
 5. prints a table last and writes $OUT/gpu_kernels.json (default bench/results/;
@@ -55,6 +56,9 @@ class Workload:
     hq: int = 32
     hkv: int = 8
     d: int = 128
+    batches: tuple[int, ...] = (1, 4, 8, 32)  # sequences of a batched decode step (section "batch")
+    batch_rows: int = 2048 + 640  # keys per sequence there: a budget + sink and window
+    slot_rows: int = 256  # rows per slot of the sequences' tables
 
 
 WORKLOADS = {
@@ -74,6 +78,9 @@ WORKLOADS = {
         hq=8,
         hkv=2,
         d=32,
+        batches=(1, 3),
+        batch_rows=200,
+        slot_rows=32,
     ),
 }
 CHECK_SHAPES = ((32, 8), (28, 4))  # Llama-3-8B, Qwen2.5-7B
@@ -464,6 +471,43 @@ def time_host(report, wl, device, timer, q) -> None:
         add_row(report, "gather_attend/pinned_host", n, nbytes, peak, kern, nv, against="h2d_pinned")
 
 
+def table_launches(wl, kv, q, nb, device):
+    """nb sequences' decode attention as runtime/batch_attention.py prepares it: each over its own
+    table of slots (slot_rows rows) into the row buffer, batch_rows random ids per KV head."""
+    from kvloft.kernels.checks import address_table
+    from kvloft.runtime.batch_attention import TableLaunch
+    from kvloft.runtime.dense import Timers
+
+    r, span = wl.slot_rows, wl.n_buffer // nb // wl.slot_rows * wl.slot_rows  # rows of each sequence
+    out = []
+    for b in range(nb):
+        k, v = kv[0][b * span : (b + 1) * span], kv[1][b * span : (b + 1) * span]
+        tables = (address_table([k[j : j + r] for j in range(0, span, r)], device),
+                  address_table([v[j : j + r] for j in range(0, span, r)], device))
+        ids = torch.stack([torch.randperm(span, device=device)[: wl.batch_rows] for _ in range(wl.hkv)])
+        out.append(TableLaunch(q[b], k, v, [ids], tables, r, wl.d**-0.5, Timers()))
+    return out
+
+
+def time_batch(report, wl, device, timer, kv, q, peak, launches) -> None:
+    """A batched decode step's attention for one layer: B sequences in one launch
+    (batch_attention.run_launches: tables and ids concatenated, one split kernel + merge)
+    against each sequence's own launch (TableLaunch.run, B of each). Eager clock only: the
+    shared launch copies its per-row metadata to the device (no graph capture), and the
+    launches saved are what it is for."""
+    from kvloft.runtime.batch_attention import run_launches
+
+    for nb in wl.batches:
+        qb = torch.randn(nb, wl.hq, wl.d, dtype=q.dtype, device=device)
+        rows = table_launches(wl, kv, qb, nb, device)
+        out = torch.empty_like(qb)
+        shared = timer.eager(lambda rows=rows, out=out: run_launches(dict(enumerate(rows)), out))
+        alone = timer.eager(lambda rows=rows: [ln.run() for ln in rows])
+        nbytes = nb * (row_bytes(wl, wl.batch_rows, kv[0].element_size()) + wl.hkv * wl.batch_rows * 8)
+        add_row(report, f"table_batched/B{nb}", wl.batch_rows, nbytes, peak, {"eager_ms": shared, "graph_ms": shared},
+                {"eager_ms": alone, "graph_ms": alone}, batch=nb)
+
+
 def run_sweep(report, wl, device, timer, kv, q):
     """Launch-parameter sweep of the gather kernel (shared ids, GPU time); returns the config
     with the best geometric-mean time relative to the per-size best."""
@@ -536,7 +580,7 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: through the Triton interpreter)")
     p.add_argument("--sweep", action="store_true", help="also sweep the gather kernel's launch parameters")
     p.add_argument(
-        "--skip", default="", help="comma list of sections to skip: checks,gather,decode,score,host"
+        "--skip", default="", help="comma list of sections to skip: checks,gather,decode,score,batch,host"
     )
     return p.parse_args(argv)
 
@@ -583,7 +627,7 @@ def run_timings(report, wl, device, timer, skip, sweep, out_dir) -> None:
         if best != DEFAULT_LAUNCH:
             launches["tuned"] = best
         save(report, out_dir)
-    sections = {"gather": time_gather, "decode": time_decode, "score": time_scoring}
+    sections = {"gather": time_gather, "decode": time_decode, "score": time_scoring, "batch": time_batch}
     for name, fn in sections.items():
         if name not in skip:
             print(f"{name}:", flush=True)

@@ -89,12 +89,13 @@ INTERPRETER_SPLITS = 3
 
 
 # Sizes vary per call: specializing on them would recompile for every new length.
-@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ih", "stride_dh", "chunk_rows", "n_packed"])
+@triton.jit(do_not_specialize=["n_keys", "split_len", "group", "stride_ib", "stride_ih", "stride_dh", "chunk_rows",
+                               "n_packed"])
 def _split_kernel(
-    q,  # [H_q, D], last dim contiguous
+    q,  # [H_q, D] (or [B, H_q, D] with ROW_META), last dim contiguous
     k,  # [N, H_kv, D] rows (token-major), last dim contiguous
     v,  # [N, H_kv, D]
-    ids,  # [H_kv, n] or [n] int32/int64, contiguous along n (unused when not HAS_IDS)
+    ids,  # [H_kv, n] or [n] (ROW_META: [B, H_kv, n] or [B, n]) int32/int64, contiguous along n
     k_table,  # [n_chunks] int64 base addresses of equal key chunks (CHUNKED; k is the first)
     v_table,  # [n_chunks] int64 base addresses of the value chunks (CHUNKED; v is the first)
     chunk_rows,  # rows per chunk (CHUNKED): row r lives in chunk r // chunk_rows
@@ -103,12 +104,15 @@ def _split_kernel(
     n_packed,  # CODES: chunks 0 .. n_packed-1 hold 8-bit codes, the rest model-dtype rows
     rot_delta,  # [H_kv, n] or [n] int32/int64, aligned with ids (unused when not ROTATE)
     inv_freq,  # [D/2] fp32 RoPE inverse frequencies (unused when not ROTATE)
-    out_part,  # [S, H_q, D] fp32
-    lse_part,  # [S, H_q] fp32
+    row_meta,  # [B, 5] int64 (ROW_META): per batch row its slot base, slot rows, n_packed, scale base, n_keys
+    out_part,  # [S, B, H_q, D] fp32 (B = 1 without ROW_META)
+    lse_part,  # [S, B, H_q] fp32
     n_keys,
     split_len,
     group,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    stride_qb,  # ROW_META: batch strides of q and ids
+    stride_ib,
     stride_qh,
     stride_kn,
     stride_kh,
@@ -120,6 +124,7 @@ def _split_kernel(
     ROTATE: tl.constexpr,
     CHUNKED: tl.constexpr,  # rows spread over chunks found through k_table / v_table
     CODES: tl.constexpr,  # CHUNKED: 0 = every chunk in the model dtype; 1 int8 / 2 fp8 e4m3 codes in the packed ones
+    ROW_META: tl.constexpr,  # CHUNKED, grid (H_kv, S, B): batch row b reads its own q, ids and row_meta[b]
     HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps 16-byte vector loads
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -129,9 +134,22 @@ def _split_kernel(
     tl.static_assert(BLOCK_G >= 16)  # tl.dot needs every dimension >= 16
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
+    tl.static_assert(not ROW_META or (CHUNKED and not ROTATE))
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
+    b = tl.program_id(2)
     n_q = tl.num_programs(0) * group
+    slot_base = 0  # the batch row's first slot in k_table / v_table and first scale in ks_table / vs_table
+    scale_base = 0
+    if ROW_META:  # every batch row has its own slots, slot size, packed slots and key count
+        meta = row_meta + b.to(tl.int64) * 5
+        slot_base = tl.load(meta)
+        chunk_rows = tl.load(meta + 1)
+        n_packed = tl.load(meta + 2)
+        scale_base = tl.load(meta + 3)
+        n_keys = tl.load(meta + 4)
+        q += b.to(tl.int64) * stride_qb
+        ids += b.to(tl.int64) * stride_ib
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -176,8 +194,8 @@ def _split_kernel(
             safe = tl.where(valid, rows, 0)
             ci = safe // chunk_rows
             ri = safe % chunk_rows
-            k_addr = tl.load(k_table + ci)
-            v_addr = tl.load(v_table + ci)
+            k_addr = tl.load(k_table + slot_base + ci)
+            v_addr = tl.load(v_table + slot_base + ci)
             k_off = ri * stride_kn + kv_head.to(tl.int64) * stride_kh  # [BLOCK_N] row offsets (elements)
             v_off = ri * stride_vn + kv_head.to(tl.int64) * stride_vh
             k_row = k_addr.to(tl.pointer_type(k.dtype.element_ty)) + k_off  # [BLOCK_N] row pointers
@@ -192,10 +210,10 @@ def _split_kernel(
                     kc_row = k_addr.to(tl.pointer_type(tl.uint8)) + k_off
                     vc_row = v_addr.to(tl.pointer_type(tl.uint8)) + v_off
                 s_off = ri * tl.num_programs(0) + kv_head  # scales are [R, H_kv], contiguous
-                k_scale = tl.load(tl.load(ks_table + ci, mask=coded, other=0).to(tl.pointer_type(tl.float32))
-                                  + s_off, mask=coded, other=0.0)
-                v_scale = tl.load(tl.load(vs_table + ci, mask=coded, other=0).to(tl.pointer_type(tl.float32))
-                                  + s_off, mask=coded, other=0.0)
+                k_scale = tl.load(tl.load(ks_table + scale_base + ci, mask=coded, other=0)
+                                  .to(tl.pointer_type(tl.float32)) + s_off, mask=coded, other=0.0)
+                v_scale = tl.load(tl.load(vs_table + scale_base + ci, mask=coded, other=0)
+                                  .to(tl.pointer_type(tl.float32)) + s_off, mask=coded, other=0.0)
             else:
                 kc_row, vc_row = k_row, v_row  # never read
         else:
@@ -225,7 +243,7 @@ def _split_kernel(
     l_safe = tl.where(nonempty, l_i, 1.0)
     out_v = acc / l_safe[:, None]
     lse_v = tl.where(nonempty, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    row = split.to(tl.int64) * n_q + q_heads
+    row = (split.to(tl.int64) * tl.num_programs(2) + b) * n_q + q_heads
     tl.store(out_part + row[:, None] * HEAD_DIM + d[None, :], out_v, mask=gmask[:, None] & dmask[None, :])
     tl.store(lse_part + row, lse_v, mask=gmask)
 
@@ -276,10 +294,10 @@ def _num_splits(n: int, n_kv: int, device: torch.device, launch: DecodeLaunch) -
 
 
 def _attend_rows(
-    q: Tensor,  # [H_q, D]
+    q: Tensor,  # [H_q, D], or [B, H_q, D] with row_meta
     k: Tensor,  # [N, H_kv, D]
     v: Tensor,  # [N, H_kv, D]
-    ids: Tensor | None,  # [H_kv, n] / [n] or None (all N rows in order)
+    ids: Tensor | None,  # [H_kv, n] / [n] (with row_meta [B, H_kv, n] / [B, n]) or None (all N rows in order)
     n: int,
     scale: float,
     num_splits: int | None,
@@ -287,33 +305,40 @@ def _attend_rows(
     rot: tuple[Tensor, Tensor] | None = None,  # (delta [H_kv, n] / [n], inv_freq [D/2] fp32)
     tables: tuple[Tensor, Tensor, int] | None = None,  # (k_table, v_table, chunk_rows): k, v are chunk 0
     codes: tuple[Tensor, Tensor, int, str] | None = None,  # with tables: (ks_table, vs_table, n_packed, kind)
+    row_meta: Tensor | None = None,  # [B, 5] int64 per batch row (with tables; see _split_kernel)
 ) -> tuple[Tensor, Tensor]:
-    hq, d = q.shape
+    hq, d = q.shape[-2:]
     hkv = k.shape[1]
-    if n == 0 or d == 0:
-        return q.new_zeros(q.shape), torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device)
+    nb = q.shape[0] if row_meta is not None else 1
+    if n == 0 or d == 0 or nb == 0:
+        return q.new_zeros(q.shape), torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     group = hq // hkv
-    splits = num_splits or _num_splits(n, hkv, q.device, launch)
+    splits = num_splits or _num_splits(n, hkv * nb, q.device, launch)
     split_len = triton.cdiv(triton.cdiv(n, splits), launch.block_n) * launch.block_n
     splits = triton.cdiv(n, split_len)  # no empty trailing split
-    out_part = torch.empty((splits, hq, d), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((splits, hq), dtype=torch.float32, device=q.device)
+    out_part = torch.empty((splits, nb * hq, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, nb * hq), dtype=torch.float32, device=q.device)
+    batched = row_meta is not None
     ids_arg = ids if ids is not None else q  # placeholder pointer, never read
-    stride_ih = 0 if ids is None or ids.dim() == 1 else ids.stride(0)
+    stride_ih = ids.stride(-2) if ids is not None and ids.dim() == 2 + batched else 0
+    stride_ib = ids.stride(0) if batched else 0
     delta, inv_freq = rot if rot is not None else (q, q)  # placeholders, never read
     stride_dh = 0 if rot is None or delta.dim() == 1 else delta.stride(0)
     k_table, v_table, chunk_rows = tables if tables is not None else (q, q, 1)  # placeholders unless chunked
     assert codes is None or tables is not None
+    assert not batched or (tables is not None and rot is None)
     ks_table, vs_table, n_packed, kind = codes if codes is not None else (q, q, 0, None)
-    _split_kernel[(hkv, splits)](
+    _split_kernel[(hkv, splits, nb)](
         q, k, v, ids_arg, k_table, v_table, chunk_rows, ks_table, vs_table, n_packed, delta, inv_freq,
-        out_part, lse_part,
+        row_meta if batched else q, out_part, lse_part,
         n, split_len, group, scale * LOG2E,
-        q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih, stride_dh,
+        q.stride(0) if batched else 0, stride_ib,
+        q.stride(-2), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_ih, stride_dh,
         HAS_IDS=ids is not None,
         ROTATE=rot is not None,
         CHUNKED=tables is not None,
         CODES=CODES_FLAG[kind],
+        ROW_META=batched,
         HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)),
         BLOCK_N=launch.block_n,
@@ -322,7 +347,8 @@ def _attend_rows(
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )  # fmt: skip
-    return merge_stacked(out_part, lse_part, q.dtype)
+    out, lse = merge_stacked(out_part, lse_part, q.dtype)
+    return out.view(q.shape), lse.view(q.shape[:-1])
 
 
 def _validate_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, kname: str, vname: str) -> None:

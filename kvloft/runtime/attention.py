@@ -34,6 +34,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet
+from kvloft.runtime.batch_attention import TableLaunch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.dense import DenseAttention, Timers
 from kvloft.runtime.exact_decode import ExactDecode
@@ -91,6 +92,13 @@ class TieredAttention:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [T, H_q, D], k, v [T, H_kv, D] (keys rotated) at positions [T] -> out [T, H_q, D]."""
+        out = self.attend_deferred(layer, q, k, v, positions)
+        return out.run() if isinstance(out, TableLaunch) else out
+
+    def attend_deferred(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor | TableLaunch:
+        """attend(), except that a decode token on the one-launch route comes back as its
+        TableLaunch (k, v appended, the selection made), to be run with other sessions' rows
+        (a batched step: runtime/batch_attention.py)."""
         extrapolate = self.rcfg.position_mode == "extrapolate"
         if self.decoding and q.shape[0] == 1 and self.indexes.built[layer]:
             if extrapolate:
@@ -98,7 +106,7 @@ class TieredAttention:
                 return self.extrapolate.decode(layer, q, positions)
             self.finite.see(k, v)
             evicted = self.cache[layer].append(k, v, positions)  # the fetch feeds the index
-            return self.decoder.step(layer, q, evicted, index_add=layer not in self.indexes.attached)
+            return self.decoder.prepare(layer, q, evicted, index_add=layer not in self.indexes.attached)
         if extrapolate:
             out = self.extrapolate.prefill(layer, q, k, v, positions, self.tail_blocks)
         else:

@@ -10,7 +10,9 @@ Each session keeps its own tiers, retriever and length. A step is planned on the
     x = embed(tokens) [B, hidden]; cos, sin = rope(positions [B])
     per layer: q, k, v = block.pre(x) for all B rows at once (one GEMM per projection)
                o[b] = backend_b.attend(layer, q[b:b+1], k[b:b+1], v[b:b+1], positions[b:b+1])
-                      (the session's own decode route: dense, or static tier + retrieval)
+                      (the session's own decode route: dense, or static tier + retrieval;
+                      rows whose route is one launch over a slot table share one launch:
+                      runtime/batch_attention.py)
                x = block.post(x, o) for all B rows at once
     logits = head(x) [B, V]
 
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 
 from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.batch_attention import TableLaunch, run_launches
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import generation_stops
 from kvloft.runtime.loader import Model
@@ -69,23 +72,41 @@ def _token(t: Any) -> int:
 
 class RowAttention:
     """The attention backend of a batched step: row b of q, k, v goes through backends[b], its
-    session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros."""
+    session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros.
+    Rows whose route is one launch over a slot table (a TableLaunch from the backend's
+    attend_deferred: Triton kernels, a pinned host tier read in place) run together, one launch
+    per layer for all of them (runtime/batch_attention.py); with shared=False each runs its own."""
 
-    def __init__(self, backends: list[Any], order: Tensor) -> None:
+    def __init__(self, backends: list[Any], order: Tensor, shared: bool = True) -> None:
         self.backends = backends
         self.order = order  # [B] the pair each row came from, for error notes
+        self.shared = shared
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [B', H_q, D], k/v [B', H_kv, D] (rotated keys), positions [B'] -> out [B', H_q, D]
         (B' >= B rows; each backend gets its row as a one-token decode step)."""
         n = len(self.backends)
         o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
+        launches: dict[int, TableLaunch] = {}
         for b, be in enumerate(self.backends):
+            call = getattr(be, "attend_deferred", be.attend) if self.shared else be.attend
             try:
-                o[b : b + 1] = be.attend(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
+                got = call(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
             except Exception as e:
                 e.add_note(f"in row {b} of the batched step (pair {int(self.order[b])}, layer {layer}, "
                            f"position {int(positions[b])})")
+                raise
+            if isinstance(got, TableLaunch):
+                launches[b] = got
+            else:
+                o[b : b + 1] = got
+        if launches:
+            try:
+                run_launches(launches, o)
+            except Exception as e:
+                pairs = ", ".join(str(int(self.order[b])) for b in launches)
+                e.add_note(f"in the shared attention launch of rows {list(launches)} of the batched step "
+                           f"(pairs {pairs}, layer {layer})")
                 raise
         return o
 
@@ -97,16 +118,22 @@ class Engine:
     graphs on a CUDA model, one set per padded batch size (runtime/graphs.py; attention runs
     eagerly between them, per row), and runs eagerly elsewhere; "off" runs eagerly everywhere;
     "segments" runs the graphed path's segments eagerly (how it is tested without CUDA).
+    shared_attention: rows whose decode route is one launch over a slot table share one launch
+    per layer (RowAttention); False launches each row's own (the per-row path, for comparison).
     """
 
-    def __init__(self, model: Model, max_batch: int = 32, graphs: str = "auto") -> None:
+    def __init__(self, model: Model, max_batch: int = 32, graphs: str = "auto",
+                 shared_attention: bool = True) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"Engine needs a model from kvloft.load_model(...), got {type(model).__name__}")
         if not _is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
             raise ValueError(f"max_batch must be an int in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
         if graphs not in GRAPH_MODES:
             raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
+        if not isinstance(shared_attention, bool):
+            raise TypeError(f"shared_attention must be a bool, got {type(shared_attention).__name__}")
         self.model = model
+        self.shared_attention = shared_attention
         self.max_batch = max_batch
         self.graphs = graphs
         self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
@@ -205,7 +232,7 @@ class Engine:
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
         dev, n = self.model.device, plan.batch
-        attention = RowAttention(backends, plan.order)
+        attention = RowAttention(backends, plan.order, self.shared_attention)
         if not self._use_graphs:
             return self.model.net(plan.tokens.to(dev), plan.positions.to(dev), attention)
         graphs = self._graphs_for(n)

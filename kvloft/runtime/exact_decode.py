@@ -5,13 +5,15 @@
 The retrieved part comes from a RowFetch (scheduler/fetch.py): InPlaceRows by default,
 scheduler/overlap.py's OverlapFetch with RuntimeConfig(scheduler="overlap"). Where rows are
 read in place from a pinned host tier by the Triton kernels, the static tier, the selection
-and a device copy of its stable part go in one launch instead (runtime/rowspace.py).
+and a device copy of its stable part go in one launch instead (runtime/rowspace.py); a
+batched step runs several sessions' such launches as one (prepare; runtime/batch_attention.py).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kvloft.runtime.batch_attention import TableLaunch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
 from kvloft.runtime.rowspace import LayerRowSpace
@@ -31,6 +33,13 @@ class ExactDecode:
     def step(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool) -> Tensor:
         """q [1, H_q, D] of a token whose k, v are appended already (evicted: the rows that
         append moved to the host tier). Returns [1, H_q, D]."""
+        got = self.prepare(layer, q, evicted, index_add)
+        return got.run() if isinstance(got, TableLaunch) else got
+
+    def prepare(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool) -> Tensor | TableLaunch:
+        """step(), except that the one-launch route comes back as its TableLaunch, selected
+        and counted but not run (a batched step runs several rows' in one launch:
+        runtime/batch_attention.py); the other routes come back attended."""
         ctx = self.ctx
         tiers: LayerTiers = self.cache[layer]
         q1 = q[0]  # [H_q, D]
@@ -38,7 +47,7 @@ class ExactDecode:
         pending = self.fetch.start(layer, tiers, q1, evicted, budget, index_add)
         space = self._row_space(layer, tiers)
         if space is not None:
-            return self._one_launch(layer, tiers, q1, space)
+            return self._prepare_launch(layer, tiers, q1, space)
         with ctx.timers("static_attention"):
             sk, sv, _ = tiers.static_kv()
             o_s, l_s = ctx.ops.decode_attend(q1, sk, sv, scale=ctx.scale)
@@ -50,17 +59,14 @@ class ExactDecode:
             out, _ = ctx.ops.merge([o_s, *got.outs], [l_s, *got.lses])
         return out[None]
 
-    def _one_launch(self, layer: int, tiers: LayerTiers, q1: Tensor, space: LayerRowSpace) -> Tensor:
-        """The static tier, the selection for q1 [H_q, D] and its cached stable part in one launch."""
-        from kvloft.kernels.sparse_decode import gather_attend_table
-
+    def _prepare_launch(self, layer: int, tiers: LayerTiers, q1: Tensor, space: LayerRowSpace) -> TableLaunch:
+        """The static tier, the selection for q1 [H_q, D] and its cached stable part, as one launch to run."""
         ctx = self.ctx
         sel = self.fetch.select(layer, q1, ctx.rcfg.budget)
         ctx.scanned += sel.scanned
         with ctx.timers("attention"):
-            ids = space.ids(sel.ids.to(q1.device), sel.stable, sel.n_fresh, tiers.n_static)
-            out, _ = gather_attend_table(q1, tiers.k, tiers.v, ids, space.tables, space.slot_rows, scale=ctx.scale)
-        return out[None]
+            parts = space.id_parts(sel.ids.to(q1.device), sel.stable, sel.n_fresh, tiers.n_static)
+        return TableLaunch(q1, tiers.k, tiers.v, parts, space.tables, space.slot_rows, ctx.scale, ctx.timers)
 
     def _row_space(self, layer: int, tiers: LayerTiers) -> LayerRowSpace | None:
         """The layer's one-launch decode rows (runtime/rowspace.py), or None where they do

@@ -88,6 +88,11 @@ class LayerRowSpace:
         static slots. sel_ids [k] or [H_kv, k] (-1 = padding) on the compute device.
         Waits (on the host) for a copy of evicted rows to the host tier still in flight: the
         kernel may read those rows."""
+        return torch.cat(self.id_parts(sel_ids, stable, n_fresh, n_static), dim=-1)
+
+    def id_parts(self, sel_ids: Tensor, stable: Tensor | None, n_fresh: int, n_static: int) -> list[Tensor]:
+        """ids() before the concatenation: its parts, all [k_i] or all [H_kv, k_i] (a batched
+        step concatenates every row's parts at once: runtime/batch_attention.py)."""
         self.tiers.wait_host()
         cached = stable is not None and self.cache_rows > 0 and sel_ids.dim() == 1
         if cached and self.cached_src is not stable:
@@ -102,7 +107,7 @@ class LayerRowSpace:
         if sel_ids.dim() == 2:
             static = static.expand(sel_ids.shape[0], n_static)
         parts.append(static)
-        return torch.cat(parts, dim=-1)
+        return parts
 
     def _fill(self, stable: Tensor) -> None:
         """Copy the rows of `stable` (host row ids, on the device) into the cache."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvloft import CacheConfig, Engine, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.kernels import kernel_set
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.step_plan import decode_append
@@ -140,6 +141,62 @@ def test_sessions_on_the_overlap_scheduler_batch_like_alone(tiny):
         assert _state(b) == _state(a)
 
 
+def _one_launch_route(sessions):
+    """Decode as a CUDA session's would, on the CPU: Triton kernels (interpreted) reading the
+    host chunks in place, so exact and hip rows take the one-launch route (runtime/rowspace.py)."""
+    for s in sessions:
+        if s.retrieval.method != "dense":
+            s.backend.ops = kernel_set("triton", "cpu")
+            for t in s.backend.cache.layers:
+                t._host_k.pin = t._host_v.pin = True
+
+
+def test_one_launch_rows_share_one_launch_per_layer_and_equal_alone(tiny, monkeypatch, tmp_path):
+    """Three one-launch rows of different lengths (exact, hip, exact) and a dense row: the
+    batched step runs the three in ONE launch per layer (gather_attend_table_batched, no
+    per-row launch) and every session equals its own steps alone: greedy tokens, logits to fp32
+    rounding, counters, tiers, HiP's state and the selection-cache fills, layer by layer."""
+    from kvloft.kernels import batched_decode, sparse_decode
+
+    specs = [("exact", 300), ("hip", 410), ("dense", 120), ("exact", 200)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    # host chunks of 64 rows: each last chunk has room for the 6 steps' rows (a chunk can't be
+    # allocated pinned on the CPU)
+    assert all(0 < s.backend.cache[0].n_host % 64 <= 64 - 6 for s in batched if s.retrieval.method != "dense")
+    _one_launch_route(alone + batched)
+    want = [_greedy_alone(s, 4) for s in alone]
+    calls = {"batched": [], "row": 0}
+    real_batched, real_row = batched_decode.gather_attend_table_batched, sparse_decode.gather_attend_table
+
+    def spy_batched(q, *args, **kw):
+        calls["batched"].append(q.shape[0])
+        return real_batched(q, *args, **kw)
+
+    def spy_row(*args, **kw):
+        calls["row"] += 1
+        return real_row(*args, **kw)
+
+    monkeypatch.setattr(batched_decode, "gather_attend_table_batched", spy_batched)
+    monkeypatch.setattr(sparse_decode, "gather_attend_table", spy_row)
+    got = Engine(tiny).generate(batched, max_new_tokens=4, stop_at_eos=False)
+    assert got == want
+    assert calls == {"batched": [3] * (4 * tiny.config.n_layers), "row": 0}  # 4 steps x layers, 3 rows each
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        if a.retrieval.method != "dense":
+            assert sorted(b.backend._spaces) == list(range(tiny.config.n_layers))
+            assert [sp.fills for sp in b.backend._spaces.values()] == [sp.fills for sp in a.backend._spaces.values()]
+            assert b.backend.timers.seconds["attention"] > 0
+    assert batched[1].backend._spaces[0].fills > 0  # hip's stable rows read from the device cache
+    # one one-launch row (and a dense one): a group of one runs the row's own launch
+    calls["batched"].clear()
+    Engine(tiny).step([(batched[0], 5), (batched[2], 6)])
+    assert calls == {"batched": [], "row": tiny.config.n_layers}
+    Engine(tiny, shared_attention=False).step([(s, 7) for s in batched])  # the per-row path, on request
+    assert calls == {"batched": [], "row": 4 * tiny.config.n_layers}
+
+
 def test_sessions_join_and_leave_between_steps(tiny, tmp_path):
     specs = [("exact", 200), ("hip", 260), ("dense", 150)]
     alone, batched = _twins(tiny, specs, tmp_path)
@@ -196,14 +253,14 @@ def test_an_error_in_one_rows_attention_rolls_back_all(tiny, monkeypatch, tmp_pa
     specs = [("exact", 150), ("hip", 180)]
     clean, sessions = _twins(tiny, specs, tmp_path)
     before = [_state(s) for s in sessions]
-    real = sessions[1].backend.attend
+    real = sessions[1].backend.attend_deferred
 
     def failing(layer, *args):
         if layer == 1:  # layer 0 of every row has appended its token by now
             raise RuntimeError("attention failed")
         return real(layer, *args)
 
-    monkeypatch.setattr(sessions[1].backend, "attend", failing)
+    monkeypatch.setattr(sessions[1].backend, "attend_deferred", failing)
     with pytest.raises(RuntimeError, match="attention failed") as e:
         Engine(tiny).generate(sessions, 3)
     assert any("row 1 of the batched step" in n for n in e.value.__notes__)
@@ -359,6 +416,8 @@ def test_graphed_segments_pad_the_batch_and_equal_the_eager_step(tiny, tmp_path)
     assert Engine(tiny, max_batch=6, graphs="segments")._graphs_for(5).batch == 6  # capped at max_batch
     with pytest.raises(ValueError, match="graphs must be one of"):
         Engine(tiny, graphs="on")
+    with pytest.raises(TypeError, match="shared_attention must be a bool"):
+        Engine(tiny, shared_attention="yes")
     with pytest.raises(ValueError, match="batch must be an int >= 1"):
         DecodeGraphs(tiny.net, capture=False, batch=0)
 
@@ -378,3 +437,42 @@ def test_cuda_batched_decode_equals_each_session_alone(tmp_path, graphs):
         assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
         assert _state(b) == _state(a)
     assert bool(engine._graphs) == (graphs == "auto")
+
+
+@pytest.mark.gpu
+def test_cuda_one_launch_rows_share_one_launch_per_layer(tmp_path, monkeypatch):
+    """On CUDA (Triton kernels, pinned host tier read in place, host chunks added during the
+    steps so the slot tables are remade): exact, hip and exact rows of different lengths share
+    one attention launch per layer (the dense row attends alone), and through 80 steps every
+    session equals its own steps alone; the per-row path (shared_attention=False) too."""
+    from kvloft.kernels import batched_decode, sparse_decode
+
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    specs = [("exact", 700), ("hip", 1100), ("dense", 300), ("exact", 420)]
+    alone, batched = _twins(model, specs, tmp_path)
+    _, rowwise = _twins(model, specs, tmp_path / "rowwise")
+    chunks = [len(s.backend.cache[0].host_k.chunks) for s in batched if s.retrieval.method != "dense"]
+    want = [_greedy_alone(s, 80) for s in alone]  # past evict_batch (64 on CUDA): rows move down
+    calls = {"batched": [], "row": 0}
+    real_batched, real_row = batched_decode.gather_attend_table_batched, sparse_decode.gather_attend_table
+
+    def spy_batched(q, *args, **kw):
+        calls["batched"].append(q.shape[0])
+        return real_batched(q, *args, **kw)
+
+    def spy_row(*args, **kw):
+        calls["row"] += 1
+        return real_row(*args, **kw)
+
+    monkeypatch.setattr(batched_decode, "gather_attend_table_batched", spy_batched)
+    monkeypatch.setattr(sparse_decode, "gather_attend_table", spy_row)
+    assert Engine(model, max_batch=4).generate(batched, 80, stop_at_eos=False) == want
+    assert calls == {"batched": [3] * (80 * model.config.n_layers), "row": 0}
+    assert Engine(model, max_batch=4, shared_attention=False).generate(rowwise, 80, stop_at_eos=False) == want
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        if a.retrieval.method != "dense":
+            assert [sp.fills for sp in b.backend._spaces.values()] == [sp.fills for sp in a.backend._spaces.values()]
+    after = [len(s.backend.cache[0].host_k.chunks) for s in batched if s.retrieval.method != "dense"]
+    assert all(x > y for x, y in zip(after, chunks, strict=True)), (chunks, after)  # tables remade

@@ -202,3 +202,41 @@ def test_host_budget_refusal_counts_packed_rows(tiny):
     assert "1 MiB each" in str(e.value)  # 4096 tokens x 2 layers x (2 x 3 x (16 + 4) + 8) B
     assert "host_dtype='fp8'" not in str(e.value)  # already packed: not offered again
     assert len(s) == 0
+
+
+def test_engine_shares_one_launch_over_8bit_and_model_dtype_tiers(tiny, monkeypatch):
+    """A batched step over one-launch rows with int8, model-dtype and fp8 host tiers: the int8
+    and model-dtype rows share one launch per layer (per-row packed-slot counts and scale
+    bases), the fp8 row runs its own; every row's logits equal its session stepped alone."""
+    from kvloft import Engine
+    from kvloft.kernels import batched_decode
+
+    rcfgs = [RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=16),
+             RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=16,
+                             options={"chunk_sizes": (16, 8, 4), "kept_tokens": (64, 32, 16),
+                                      "refresh_steps": (4, 2, 2), "chunk_rows": 32, "keys_on": "host"})]
+    specs = [("int8", 0, 100), (None, 0, 98), ("int8", 1, 102), ("fp8", 0, 100)]  # host dtype, rcfg, prompt
+    twins = []
+    for _ in range(2):
+        sessions = [_session(tiny, kind, rcfgs[r]) for kind, r, _ in specs]
+        for seed, (s, (_, _, n)) in enumerate(zip(sessions, specs, strict=True)):
+            _decode(s, _tokens(tiny, n, 20 + seed), [], triton=True)
+        twins.append(sessions)
+    alone, batched = twins
+    sizes = []
+    real = batched_decode.gather_attend_table_batched
+
+    def spy(q, *args, **kw):
+        sizes.append(q.shape[0])
+        return real(q, *args, **kw)
+
+    monkeypatch.setattr(batched_decode, "gather_attend_table_batched", spy)
+    engine = Engine(tiny)
+    for step in range(2):
+        toks = [(step * 31 + 7 * b) % tiny.config.vocab_size for b in range(len(specs))]
+        logits = engine.step(list(zip(batched, toks, strict=True)))
+        for b, (s, t) in enumerate(zip(alone, toks, strict=True)):
+            torch.testing.assert_close(logits[b], s.step(t), rtol=1e-4, atol=1e-4)
+    assert sizes == [3] * (2 * tiny.config.n_layers)
+    assert all(len(s.backend.cache[0].host_k.chunks) == 3 for s in batched)
+    assert batched[2].backend._spaces[0].fills == alone[2].backend._spaces[0].fills > 0
