@@ -9,7 +9,7 @@ run `aten._weight_int4pack_mm`; int8, and int4 the ops do not take, run the Trit
 dequantizing GEMV for T <= 16 rows; prefill chunks dequantize + cuBLAS matmul
 (kernels/quant/ops.py). On the CPU, or with kernels="reference", it dequantizes in torch
 and calls F.linear (kernels/quant/packed.py is the reference); set_kernels(net,
-"tinygemm") opts the CPU into the tinygemm CPU op for T <= 8.
+"tinygemm") opts the CPU into the tinygemm CPU op for few rows (tinygemm.MAX_T).
 
 Schemes (RuntimeConfig.weights): "bf16" = not quantized (the weights stay in the compute
 dtype); "int4" = 4-bit, asymmetric (scale and min per group of `group` inputs, fp16);
@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
       CUDA, "auto"/"tinygemm", the ops take it: tinygemm's layout only (tg_weight,
         tg_scales_zeros) plus our fp16 scales/mins; `packed` rebuilds qweight from the
         layout when a prefill chunk (T > 32), the reference or Triton asks for it.
-      CPU, "tinygemm": both forms (the CPU layout is opaque: prefill chunks, T > 8, need ours).
+      CPU, "tinygemm": both forms (the CPU layout is opaque: prefill chunks need ours).
       otherwise: our packed form only (`tinygemm_off` says why).
     """
 

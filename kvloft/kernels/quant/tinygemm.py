@@ -47,7 +47,12 @@ from torch import Tensor
 from kvloft.kernels.quant.packed import PackedWeight, pack_nibbles, unpack_nibbles
 
 GROUPS = (32, 64, 128, 256)  # the group sizes the ops are built for
-MAX_T = {"cuda": 32, "cpu": 8}  # rows of x above which the dequantize + GEMM path is faster
+# rows of x up to which tinygemm runs; above, dequantize + GEMM is faster. CPU, one thread of
+# a shared 2-core EPYC, 2048 x 2048: fp32 (a scalar loop, cost ~ T) 28 ms at T = 1, 103 at 4,
+# 208 at 8 against the reference's 116-158; bf16 (vectorised) 0.7 ms at T = 1, 55 at T = 64
+# against 42 and 185. CUDA: a first guess until bench/quant_speed.py measures the crossover.
+MAX_T = {("cuda", torch.bfloat16): 32, ("cpu", torch.float32): 4, ("cpu", torch.float16): 4,
+         ("cpu", torch.bfloat16): 64}
 N_ALIGN = {"cuda": 8, "cpu": 16}
 MAX_ELEMENTS = (1 << 31) - 1  # the CUDA conversion indexes with int32 accessors
 
@@ -77,7 +82,7 @@ class TinyGemmWeight:
 
     @property
     def max_t(self) -> int:
-        return MAX_T[self.packed.device.type]
+        return MAX_T[(self.packed.device.type, self.dtype)]
 
     @property
     def nbytes(self) -> int:
