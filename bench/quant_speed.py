@@ -8,8 +8,8 @@ Part 1, one linear [N, K] times x [T, K] (--rows, default T = 1 (decode), 8, 64,
   tinygemm  PyTorch's int4 kernel (aten._weight_int4pack_mm) on the same int4 weight,
             converted by kernels/quant/tinygemm.py, at every T
   layer     QuantLinear as a model runs it (runtime/quant_linear.py): tinygemm for
-            T <= tinygemm.MAX_T, else the packed values rebuilt from the layout, then
-            dequantize + cuBLAS. Where tinygemm beats it above MAX_T, raise MAX_T
+            T <= tinygemm.MAX_T, else dequantize from tinygemm's layout (Triton) + cuBLAS.
+            Where tinygemm beats it above MAX_T, raise MAX_T
   torchao   torchao's Int4WeightOnlyConfig ("tile_packed_to_4d") on an nn.Linear, when
             torchao imports (carry its wheel; not a dependency)
 Each row gives ms (triton.testing.do_bench median), GB/s of weight bytes read and the
@@ -108,9 +108,9 @@ def gemv_rows(shapes, device, ts, sweep: bool) -> list[dict]:
         for t in ts:
             x = torch.randn(t, k, device=device, dtype=dt)
             small = t <= tg.MAX_T.get((device.type, dt), 0)
-            rebuilt = not small and ql.qweight is None
+            from_layout = not small and ql.qweight is None
             row = {"shape": label, "N": n, "K": k, "T": t,
-                   "layer_backend": "rebuilt + dequantize + matmul" if rebuilt else ql.backend}
+                   "layer_backend": "dequantize from the layout + matmul" if from_layout else ql.backend}
             row["bf16_ms"] = bench_ms(lambda x=x, w=w: x @ w.t(), cuda)
             row["int4_ms"] = bench_ms(lambda x=x, q=q4: quant_matmul(x, q), cuda)
             row["int8_ms"] = bench_ms(lambda x=x, q=q8: quant_matmul(x, q), cuda)

@@ -5,9 +5,9 @@
 A QuantLinear holds a packed weight (kernels/quant/packed.py) as buffers and has
 nn.Linear's forward signature: x [..., K] -> [..., N]. On CUDA an int4 weight is converted
 once to PyTorch's tinygemm layout (kernels/quant/tinygemm.py) and decode rows (T <= 32)
-run `aten._weight_int4pack_mm`; int8, and int4 the ops do not take, run the Triton
-dequantizing GEMV for T <= 16 rows; prefill chunks dequantize + cuBLAS matmul
-(kernels/quant/ops.py). On the CPU, or with kernels="reference", it dequantizes in torch
+run `aten._weight_int4pack_mm`, prefill chunks dequantize from that layout + cuBLAS;
+int8, and int4 the ops do not take, run the Triton dequantizing GEMV for T <= 16 rows
+and dequantize + cuBLAS matmul above (kernels/quant/ops.py). On the CPU, or with kernels="reference", it dequantizes in torch
 and calls F.linear (kernels/quant/packed.py is the reference); set_kernels(net,
 "tinygemm") opts the CPU into the tinygemm CPU op for few rows (tinygemm.MAX_T).
 
@@ -74,8 +74,10 @@ class QuantLinear(nn.Module):
 
     Which int4 form is held where (decided here, once, by tinygemm.supported_reasons):
       CUDA, "auto"/"tinygemm", the ops take it: tinygemm's layout only (tg_weight,
-        tg_scales_zeros) plus our fp16 scales/mins; `packed` rebuilds qweight from the
-        layout when a prefill chunk (T > 32), the reference or Triton asks for it.
+        tg_scales_zeros) plus our fp16 scales/mins. Prefill chunks (T > tinygemm.MAX_T)
+        dequantize from the layout with our scales (ops.dequantize_tiny) for cuBLAS: the
+        same weight as before. `packed` rebuilds qweight from the layout (fingerprints;
+        the reference and Triton keep it once chosen).
       CPU, "tinygemm": both forms (the CPU layout is opaque: prefill chunks need ours).
       otherwise: our packed form only (`tinygemm_off` says why).
     """
@@ -166,6 +168,10 @@ class QuantLinear(nn.Module):
         tw = self.tiny if self.kernels in ("auto", "tinygemm") else None
         if tw is not None and x2.dtype == tw.dtype and x2.shape[0] <= tw.max_t:
             y = tinygemm.matmul(x2, tw)
+        elif tw is not None and self.qweight is None:  # prefill chunks: dequantize from the layout, cuBLAS
+            from kvloft.kernels.quant.ops import dequantize_tiny
+
+            y = F.linear(x2, dequantize_tiny(tw, self.scales, self.mins, x2.dtype))
         elif self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda):
             from kvloft.kernels.quant.ops import quant_matmul
 

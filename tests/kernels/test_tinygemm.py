@@ -158,6 +158,22 @@ def test_packed_weight_comes_back_from_the_cuda_layout():
         assert torch.equal(back.qweight, pw.qweight) and torch.equal(dequantize(back), dequantize(pw))
 
 
+@pytest.mark.parametrize("n,k,group,sym", [(9, 96, 32, False), (7, 64, 32, True), (33, 100, 64, False),
+                                           (20, 520, 256, True), (130, 384, 128, False)])
+def test_dequantize_from_the_cuda_layout_is_exact(n, k, group, sym):
+    # the prefill path of a layer holding only the layout (Triton; the interpreter here):
+    # inner k-tiles 2 (K_pad 96), 4 (64) and 8, N padded to 8
+    from kvloft.kernels.quant.ops import dequantize_tiny
+
+    pw = quantize_int4(weight(n, k), group, symmetric=sym)
+    q = torch.nn.functional.pad(unpack_nibbles(pw.qweight), (0, 0, 0, -n % 8))
+    tw = tg.TinyGemmWeight(tg.pack_cuda_layout(q, tg.inner_k_tiles(pw.k_pad)),
+                           torch.zeros(pw.k_pad // group, q.shape[0], 2), pw.shape, group, torch.bfloat16)
+    assert torch.equal(dequantize_tiny(tw, pw.scales, pw.mins, torch.float32), dequantize(pw))
+    with pytest.raises(ValueError, match="scales/mins must be"):
+        dequantize_tiny(tw, pw.scales[:, :1], None, torch.float32)
+
+
 def test_capability_check_names_every_reason():
     assert any("int4 only" in r for r in tg.supported_reasons(quantize_int8(weight(16, 64)), torch.float32))
     reasons = tg.supported_reasons(quantize_int4(weight(16, 192), 96), torch.int32)
@@ -241,8 +257,12 @@ def test_cuda_quant_linear_holds_only_the_layout():
     for t in (1, 17):
         x = torch.randn(t, 1000, device="cuda", dtype=torch.bfloat16)
         assert_tiny_rule(ql(x), x, ql.tiny, pw, f"QuantLinear T={t}")
-    t = tg.MAX_T[("cuda", torch.bfloat16)] + 8  # above: packed values rebuilt, dequantize + cuBLAS
+    t = tg.MAX_T[("cuda", torch.bfloat16)] + 8  # above: dequantized from the layout, cuBLAS
     x = torch.randn(t, 1000, device="cuda", dtype=torch.bfloat16)
     assert_rule(ql(x), x, pw, f"QuantLinear T={t}")
+    from kvloft.kernels.quant.ops import dequantize_dense, dequantize_tiny
+
+    assert torch.equal(dequantize_tiny(ql.tiny, ql.scales, ql.mins, torch.bfloat16),
+                       dequantize_dense(pw, torch.bfloat16))
     fp16 = QuantLinear(pw, dtype=torch.float16)
     assert fp16.backend == "triton" and "bf16" in fp16.tinygemm_off
