@@ -4,7 +4,7 @@
 
 A QuantLinear holds a packed weight (kernels/quant/packed.py) as buffers and has
 nn.Linear's forward signature: x [..., K] -> [..., N]. On CUDA an int4 weight is converted
-once to PyTorch's tinygemm layout (kernels/quant/tinygemm.py) and decode rows (T <= 32)
+once to PyTorch's tinygemm layout (kernels/quant/tinygemm.py) and decode rows (T <= 16)
 run `aten._weight_int4pack_mm`, prefill chunks dequantize from that layout + cuBLAS;
 int8, and int4 the ops do not take, run the Triton dequantizing GEMV for T <= 16 rows
 and dequantize + cuBLAS matmul above (kernels/quant/ops.py). On the CPU, or with kernels="reference", it dequantizes in torch

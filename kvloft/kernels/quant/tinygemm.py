@@ -50,8 +50,10 @@ GROUPS = (32, 64, 128, 256)  # the group sizes the ops are built for
 # rows of x up to which tinygemm runs; above, dequantize + GEMM is faster. CPU, one thread of
 # a shared 2-core EPYC, 2048 x 2048: fp32 (a scalar loop, cost ~ T) 28 ms at T = 1, 103 at 4,
 # 208 at 8 against the reference's 116-158; bf16 (vectorised) 0.7 ms at T = 1, 55 at T = 64
-# against 42 and 185. CUDA: a first guess until bench/quant_speed.py measures the crossover.
-MAX_T = {("cuda", torch.bfloat16): 32, ("cpu", torch.float32): 4, ("cpu", torch.float16): 4,
+# against 42 and 185. CUDA (H100, bench/results/h100/s17): tinygemm takes one 16-row tile
+# at a time, 0.025-0.57 ms at T = 16 against dequantize + cuBLAS's ~0.04-0.73 ms, so about
+# twice that at T = 17-32: an estimate until bench/quant_speed.py measures the crossover.
+MAX_T = {("cuda", torch.bfloat16): 16, ("cpu", torch.float32): 4, ("cpu", torch.float16): 4,
          ("cpu", torch.bfloat16): 64}
 N_ALIGN = {"cuda": 8, "cpu": 16}
 MAX_ELEMENTS = (1 << 31) - 1  # the CUDA conversion indexes with int32 accessors
