@@ -17,8 +17,9 @@ ratios to bf16. --sweep adds a sweep of the int4 T=1 kernel's tiles (best five k
 
 Part 2, whole-model decode step (random weights, dense attention over --context synthetic
 tokens, CUDA graphs as a Session runs them): ms per step and weight GiB for bf16, int4
-(tinygemm, what load_model gives on CUDA), int4 through the Triton GEMV (kernels="triton"),
-and int8; "vs_bf16" is the step time ratio (target: int4 <= 0.6).
+(tinygemm, what load_model gives on CUDA), int4 through the Triton GEMV (kernels="triton";
+its layers then hold both forms, and its weight GiB counts both), and int8; "vs_bf16" is
+the step time ratio (target: int4 <= 0.6).
 
     python bench/quant_speed.py --out DIR [--sweep]      # GPU: Llama-3-8B shapes and preset
     python bench/quant_speed.py --out DIR --smoke        # tiny shapes, runs on the CPU too

@@ -127,7 +127,7 @@ class QuantLinear(nn.Module):
     @property
     def packed(self) -> PackedWeight:
         """Our packed form (kernels/quant/packed.py); rebuilt from the CUDA layout where only
-        that is held (a read of the layout and a write of N x K / 2 bytes)."""
+        that is held (torch permutations over N x K bytes: for fingerprints and switches)."""
         if self.qweight is None:
             return tinygemm.packed_from_cuda(self.tiny, self.scales, self.mins)
         return PackedWeight(self.qweight, self.scales, self.mins, (self.out_features, self.in_features),
