@@ -431,6 +431,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def quant_backends(model) -> str:
+    """How the quantized linears run ("tinygemm", "triton", "reference"; "dense" for bf16 weights)."""
+    from kvloft.runtime.quant_linear import QuantLinear
+
+    return "+".join(sorted({m.backend for m in model.net.modules() if isinstance(m, QuantLinear)})) or "dense"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="llama3-8b")
@@ -456,6 +463,8 @@ def main() -> None:
                     "(one forward pass per step; ms_per_step, tokens_per_s = batch / step time)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; on a busy "
                     "small CPU, 1 keeps few-row GEMMs from thrashing threads)")
+    ap.add_argument("--weights", default="bf16", choices=["bf16", "int4", "int8"],
+                    help="linear weights (load_model(weights=...)); int4 on CUDA runs PyTorch's tinygemm kernel")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -483,7 +492,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     for preset in args.presets.split(","):
-        model = load_model(preset, device=DEVICE, dtype="bfloat16" if CUDA else "float32")
+        model = load_model(preset, device=DEVICE, dtype="bfloat16" if CUDA else "float32", weights=args.weights)
+        linears = quant_backends(model)
         floor = round(1000 * model.weight_bytes / bw, 2)
         for n in [parse_tokens(c) for c in args.contexts.split(",")]:
             for spec in args.methods.split(","):
@@ -491,7 +501,8 @@ def main() -> None:
                     emit({"preset": preset, "method": spec, "context": n, "not_run": "time limit of the run"})
                     continue
                 row = run_row(model, spec, n, args)
-                row.update(preset=preset, weights_gib=round(model.weight_bytes / GiB, 2), floor_ms=floor)
+                row.update(preset=preset, weights=args.weights, linears=linears,
+                           weights_gib=round(model.weight_bytes / GiB, 2), floor_ms=floor)
                 emit(row)
         for n in [parse_tokens(c) for c in args.prefill.split(",") if c]:
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:

@@ -1,18 +1,25 @@
 """Weight-only quantized linears: GEMV speed at Llama-3-8B shapes, and a whole decode step.
 
-Part 1, one linear [N, K] times x [T, K] (T = 1, decode; T = 16, the GEMV kernel's widest):
+Part 1, one linear [N, K] times x [T, K] (--rows, default T = 1 (decode), 8, 64, 512):
   bf16      torch.matmul with the bf16 weight (cuBLAS)
-  int4      kvloft's Triton dequantizing GEMV (kernels/quant), group 128 with mins
-  int8      the same kernel, int8 per-channel
-  tinygemm  PyTorch's own int4 kernel (aten._weight_int4pack_mm, the one torchao's
-            int4 weight-only "tile_packed_to_4d" path calls), group 128, when it runs here
-  torchao   torchao's Int4WeightOnlyConfig on an nn.Linear, when torchao imports
+  int4      kvloft's Triton path (kernels/quant/ops.py): the dequantizing GEMV for T <= 16,
+            dequantize + cuBLAS above; group 128 with mins
+  int8      the same, int8 per-channel
+  tinygemm  PyTorch's int4 kernel (aten._weight_int4pack_mm) on the same int4 weight,
+            converted by kernels/quant/tinygemm.py, at every T
+  layer     QuantLinear as a model runs it (runtime/quant_linear.py): tinygemm for
+            T <= tinygemm.MAX_T, else dequantize from tinygemm's layout (Triton) + cuBLAS.
+            Where tinygemm beats it above MAX_T, raise MAX_T
+  torchao   torchao's Int4WeightOnlyConfig ("tile_packed_to_4d") on an nn.Linear, when
+            torchao imports (carry its wheel; not a dependency)
 Each row gives ms (triton.testing.do_bench median), GB/s of weight bytes read and the
-ratio to bf16. --sweep adds a sweep of the int4 T=1 kernel's tiles (best five kept).
+ratios to bf16. --sweep adds a sweep of the int4 T=1 kernel's tiles (best five kept).
 
 Part 2, whole-model decode step (random weights, dense attention over --context synthetic
-tokens, CUDA graphs as a Session runs them): ms per step and weight GiB for bf16, int4 and
-int8 weights; "vs_bf16" is the step time ratio (target: int4 <= 0.6).
+tokens, CUDA graphs as a Session runs them): ms per step and weight GiB for bf16, int4
+(tinygemm, what load_model gives on CUDA), int4 through the Triton GEMV (kernels="triton";
+its layers then hold both forms, and its weight GiB counts both), and int8; "vs_bf16" is
+the step time ratio (target: int4 <= 0.6).
 
     python bench/quant_speed.py --out DIR [--sweep]      # GPU: Llama-3-8B shapes and preset
     python bench/quant_speed.py --out DIR --smoke        # tiny shapes, runs on the CPU too
@@ -35,8 +42,10 @@ from common import fill_context, timed_steps, token_stream
 
 from kvloft import RetrievalConfig, RuntimeConfig, Session
 from kvloft.kernels.quant import quantize_int4, quantize_int8
+from kvloft.kernels.quant import tinygemm as tg
 from kvloft.kernels.quant.ops import QmmConfig, quant_matmul
 from kvloft.runtime.loader import load_model
+from kvloft.runtime.quant_linear import QuantLinear, set_kernels
 
 LLAMA3_8B = [("q/o 4096x4096", 4096, 4096), ("gate/up 14336x4096", 14336, 4096),
              ("down 4096x14336", 4096, 14336), ("lm_head 128256x4096", 128256, 4096)]
@@ -59,20 +68,21 @@ def bench_ms(fn, cuda: bool, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def tinygemm(w: torch.Tensor, group: int):
-    """PyTorch's int4 kernel on w [N, K] bf16 CUDA, or None when it does not run here."""
-    try:
-        n, k = w.shape
-        wf = w.float().reshape(n, k // group, group)
-        lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
-        s = ((hi - lo) / 15).clamp(min=1e-6)
-        q = ((wf - lo) / s).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = lo + 8 * s  # tinygemm: w = (q - 8) * s + zero
-        sz = torch.stack([s.reshape(n, -1), zero.reshape(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-        return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
-    except Exception as e:  # noqa: BLE001 (a private PyTorch op: report why it did not run)
-        return f"unavailable: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+def tinygemm(q4, dtype):
+    """PyTorch's int4 kernel on our int4 weight (kernels/quant/tinygemm.py), or why it does not run."""
+    reasons = tg.supported_reasons(q4, dtype)
+    if reasons:
+        return "unavailable: " + "; ".join(reasons)
+    tw = tg.convert(q4, dtype)
+    return lambda x: tg.matmul(x, tw)
+
+
+def layer(q4, dtype):
+    """QuantLinear with the kernels a model gets (tinygemm on CUDA; opted into on the CPU)."""
+    ql = QuantLinear(q4, dtype=dtype)
+    if ql.tg_weight is None and not tg.supported_reasons(q4, dtype):
+        ql.set_kernels("tinygemm")
+    return ql
 
 
 def torchao_linear(w: torch.Tensor):
@@ -94,15 +104,19 @@ def gemv_rows(shapes, device, ts, sweep: bool) -> list[dict]:
     for label, n, k in shapes:
         w = (torch.randn(n, k, device=device) * 0.02).to(dt)
         q4, q8 = quantize_int4(w, 128), quantize_int8(w)
-        tg = tinygemm(w, 128) if cuda else "unavailable: CUDA only"
+        tiny, ql = tinygemm(q4, dt), layer(q4, dt)
         ao = torchao_linear(w) if cuda else "unavailable: CUDA only"
         for t in ts:
             x = torch.randn(t, k, device=device, dtype=dt)
-            row = {"shape": label, "N": n, "K": k, "T": t}
+            small = t <= tg.MAX_T.get((device.type, dt), 0)
+            from_layout = not small and ql.qweight is None
+            row = {"shape": label, "N": n, "K": k, "T": t,
+                   "layer_backend": "dequantize from the layout + matmul" if from_layout else ql.backend}
             row["bf16_ms"] = bench_ms(lambda x=x, w=w: x @ w.t(), cuda)
             row["int4_ms"] = bench_ms(lambda x=x, q=q4: quant_matmul(x, q), cuda)
             row["int8_ms"] = bench_ms(lambda x=x, q=q8: quant_matmul(x, q), cuda)
-            for name, impl in (("tinygemm", tg), ("torchao", ao)):
+            row["layer_ms"] = bench_ms(lambda x=x, ql=ql: ql(x), cuda)
+            for name, impl in (("tinygemm", tiny), ("torchao", ao)):
                 if isinstance(impl, str):
                     row[f"{name}_ms"] = impl
                 else:
@@ -110,9 +124,13 @@ def gemv_rows(shapes, device, ts, sweep: bool) -> list[dict]:
                         row[f"{name}_ms"] = bench_ms(lambda impl=impl, x=x: impl(x), cuda)
                     except Exception as e:  # noqa: BLE001 (an optional comparison: report, go on)
                         row[f"{name}_ms"] = f"failed: {type(e).__name__}: {str(e)[:100]}"
-            for name, nbytes in (("bf16", n * k * w.element_size()), ("int4", q4.nbytes), ("int8", q8.nbytes)):
-                row[f"{name}_GBps"] = round(nbytes / row[f"{name}_ms"] / 1e6, 1)
-            row["int4_vs_bf16"] = round(row["int4_ms"] / row["bf16_ms"], 3)
+            for name, nbytes in (("bf16", n * k * w.element_size()), ("int4", q4.nbytes), ("int8", q8.nbytes),
+                                 ("tinygemm", q4.nbytes), ("layer", q4.nbytes)):
+                if isinstance(row[f"{name}_ms"], float):
+                    row[f"{name}_GBps"] = round(nbytes / row[f"{name}_ms"] / 1e6, 1)
+            for name in ("int4", "tinygemm", "layer", "torchao"):
+                if isinstance(row[f"{name}_ms"], float):
+                    row[f"{name}_vs_bf16"] = round(row[f"{name}_ms"] / row["bf16_ms"], 3)
             if sweep and t == 1:
                 row["int4_sweep"] = tile_sweep(x, q4, cuda)
             rows.append(row)
@@ -131,16 +149,23 @@ def tile_sweep(x, q4, cuda: bool) -> list[dict]:
     return sorted(out, key=lambda r: r.get("ms", 1e9))[:5]
 
 
+DECODE_SCHEMES = (("bf16", "auto"), ("int4", "auto"), ("int4", "triton"), ("int8", "auto"))
+
+
 def decode_rows(preset: str, device, context: int, steps: int, schemes) -> list[dict]:
+    """schemes: (weights, kernels) pairs; int4 with "auto" is tinygemm on CUDA (the CPU opts in here)."""
     rows = []
-    for weights in schemes:
+    for weights, kernels in schemes:
         model = load_model(preset, device=device, weights=weights)
-        s = Session(model, RetrievalConfig(method="dense"), RuntimeConfig(progress=False))
+        if weights == "int4" and kernels == "auto" and device.type == "cpu":
+            set_kernels(model.net, "tinygemm")
+        s = Session(model, RetrievalConfig(method="dense"), RuntimeConfig(progress=False, kernels=kernels))
+        backends = sorted({m.backend for m in model.net.modules() if isinstance(m, QuantLinear)})
         fill_context(s, context)
         timed_steps(s, token_stream(3))
         ms = timed_steps(s, token_stream(steps, start=3))
-        rows.append({"preset": preset, "weights": weights, "context": context, "step_ms": round(statistics.median(ms), 3),
-                     "weight_gib": round(model.weight_bytes / GiB, 3)})
+        rows.append({"preset": preset, "weights": weights, "kernels": "+".join(backends) or "bf16", "context": context,
+                     "step_ms": round(statistics.median(ms), 3), "weight_gib": round(model.weight_bytes / GiB, 3)})
         del s, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -152,19 +177,20 @@ def _cell(v) -> str:
 
 
 def gemv_table(rows: list[dict]) -> str:
-    lines = ["| shape | T | bf16 ms | int4 ms | int8 ms | tinygemm ms | torchao ms | int4/bf16 | int4 GB/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| shape | T | bf16 ms | int4 ms | int8 ms | tinygemm ms | layer ms | torchao ms | int4/bf16 | "
+            "tinygemm/bf16 | layer/bf16 |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [r["shape"], r["T"], *(_cell(r[f"{k}_ms"]) for k in ("bf16", "int4", "int8", "tinygemm", "torchao")),
-                 r["int4_vs_bf16"], r["int4_GBps"]]
+        cells = [r["shape"], r["T"], *(_cell(r[f"{k}_ms"]) for k in ("bf16", "int4", "int8", "tinygemm", "layer", "torchao")),
+                 *(r.get(f"{k}_vs_bf16", "n/a") for k in ("int4", "tinygemm", "layer"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 def decode_table(rows: list[dict]) -> str:
-    lines = ["| preset | weights | context | step ms | vs bf16 | weights GiB |", "|---|---|---|---|---|---|"]
+    lines = ["| preset | weights | kernels | context | step ms | vs bf16 | weights GiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = (r["preset"], r["weights"], r["context"], r["step_ms"], r["vs_bf16"], r["weight_gib"])
+        cells = (r["preset"], r["weights"], r["kernels"], r["context"], r["step_ms"], r["vs_bf16"], r["weight_gib"])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -179,6 +205,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--sweep", action="store_true", help="also sweep the int4 T=1 kernel's tiles (~1 min)")
     ap.add_argument("--no-decode", action="store_true", help="skip the whole-model decode step")
+    ap.add_argument("--rows", default="1,8,64,512", help="T values of the one-linear part (rows of x)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -188,19 +215,24 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save = lambda: (out / "quant_speed.json").write_text(json.dumps(result, indent=1))
-    result["gemv"] = gemv_rows(SMOKE if args.smoke else LLAMA3_8B, device, (1, 16), sweep=args.sweep)
+    ts = tuple(int(t) for t in args.rows.split(","))
+    if not ts or min(ts) < 1 or max(ts) > 8192:
+        raise SystemExit(f"--rows must be T values in 1..8192, got {args.rows!r}")
+    result["gemv"] = gemv_rows(SMOKE if args.smoke else LLAMA3_8B, device, ts, sweep=args.sweep)
     save()  # kept if the decode part is stopped
     print(gemv_table(result["gemv"]), flush=True)
     if not args.no_decode:
         ctx, steps = (min(args.context, 64), 3) if args.smoke else (args.context, args.steps)
-        for weights in ("bf16", "int4", "int8"):
-            result["decode"] += decode_rows(preset, device, ctx, steps, (weights,))
+        for scheme in DECODE_SCHEMES:
+            result["decode"] += decode_rows(preset, device, ctx, steps, (scheme,))
             base = result["decode"][0]["step_ms"]
             for r in result["decode"]:
                 r["vs_bf16"] = round(r["step_ms"] / base, 3)
             save()
         print(decode_table(result["decode"]), flush=True)
-    print(json.dumps({"decode": result["decode"], "int4_vs_bf16": [r["int4_vs_bf16"] for r in result["gemv"]]}))
+    print(json.dumps({"decode": result["decode"],
+                      "vs_bf16": [{k: r.get(f"{k}_vs_bf16") for k in ("int4", "tinygemm", "layer")} | {"T": r["T"]}
+                                  for r in result["gemv"]]}))
 
 
 if __name__ == "__main__":

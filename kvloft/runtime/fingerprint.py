@@ -19,8 +19,9 @@ def model_fingerprint(model) -> dict[str, Any]:
     """What identifies a model for a save: its config, dtype and a sha256 of some weights."""
     net = model.net
     h = hashlib.sha256()
-    # a quantized linear (runtime/quant_linear.py) is fingerprinted by its packed values
-    linear = lambda m: getattr(m, "qweight", None) if getattr(m, "weight", None) is None else m.weight
+    # a quantized linear (runtime/quant_linear.py) is fingerprinted by its packed values (the
+    # same bytes whether it holds them or only PyTorch's int4 layout)
+    linear = lambda m: m.packed.qweight if getattr(m, "weight", None) is None else m.weight
     picks = [net.embed_tokens.weight[:_FINGERPRINT_ROWS], linear(net.layers[0].self_attn.q_proj),
              linear(net.layers[-1].mlp.down_proj), net.norm.weight]
     for t in picks:

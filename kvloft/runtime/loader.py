@@ -159,7 +159,7 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | PackedWeight]]
             unexpected.append(name)
             continue
         if isinstance(t, PackedWeight) or name in quantized:
-            _install_packed(net, name, t, params[name], source, device, quant)
+            _install_packed(net, name, t, params[name], source, device, dtype, quant)
             continue
         _assign(net, name, _materialize(t, params[name], name, source, device, dtype))
     if cfg.tie_word_embeddings:
@@ -182,7 +182,7 @@ def _materialize(t: Tensor, like: Tensor, name: str, source: str, device, dtype)
 
 
 def _install_packed(net: nn.Module, name: str, t: Tensor | PackedWeight, like: Tensor, source: str, device,
-                    quant: QuantScheme | None) -> None:
+                    dtype, quant: QuantScheme | None) -> None:
     """A linear weight, packed or to be quantized -> a QuantLinear at that module's place."""
     if tuple(t.shape) != tuple(like.shape):
         raise ValueError(f"{source}: tensor {name} has shape {list(t.shape)} but the config implies "
@@ -191,7 +191,7 @@ def _install_packed(net: nn.Module, name: str, t: Tensor | PackedWeight, like: T
         packed = t.to(device)
     else:  # quantized where it will live, from the stream's own precision
         packed = quant.quantize(t.to(device))
-    quant_linear.install(net, name.removesuffix(".weight"), packed)
+    quant_linear.install(net, name.removesuffix(".weight"), packed, dtype=dtype)
 
 
 def _assign(net: nn.Module, name: str, value: Tensor) -> None:

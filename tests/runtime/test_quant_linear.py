@@ -184,8 +184,10 @@ def test_quantized_session_saves_and_restores(tmp_path):
 @pytest.mark.parametrize("weights", ["int4", "int8"])
 def test_gpu_decode_with_graphs_matches_the_reference(weights):
     m = kvloft.load_model("tiny", device="cuda", dtype="bfloat16", weights=weights)
+    backends = {q.backend for q in m.net.modules() if isinstance(q, QuantLinear)}
+    assert backends == ({"tinygemm"} if weights == "int4" else {"triton"})  # int4: PyTorch's kernel
     ids = list(range(1, 40))
-    s = kvloft.Session(m, DENSE, kvloft.RuntimeConfig(progress=False))  # Triton GEMV, CUDA graphs
+    s = kvloft.Session(m, DENSE, kvloft.RuntimeConfig(progress=False))  # tinygemm / Triton GEMV, CUDA graphs
     s.feed(ids)
     got = [s.step(t).float() for t in (5, 6, 7)]
     r = kvloft.Session(m, DENSE, kvloft.RuntimeConfig(progress=False, kernels="reference", cuda_graphs=False))

@@ -1,5 +1,6 @@
 """Weight-only quantization: packed int4/int8 weights with group scales (packed.py), the
-torch reference, and Triton kernels (triton_qmm.py) behind launchers (ops.py).
+torch reference, Triton kernels (triton_qmm.py) behind launchers (ops.py), and PyTorch's
+int4 "tinygemm" ops on the same weights (tinygemm.py).
 
 Triton is imported only when a launcher runs, so the reference works without it.
 """

@@ -4,6 +4,8 @@ grid, launch. Nothing here queries CUDA at import time.
     quant_matmul(x [T, K], pw) -> [T, N]   T <= GEMV_MAX_T: the dequantizing GEMV kernel;
                                            larger T: dequantize to x's dtype, then cuBLAS.
     dequantize_dense(pw, dtype) -> [N, K]  the weight in a dense dtype (Triton).
+    dequantize_tiny(tw, scales, mins, dtype) -> [N, K]  the same from PyTorch's int4pack
+                                           layout (kernels/quant/tinygemm.py) and our scales.
 """
 
 from __future__ import annotations
@@ -122,5 +124,30 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype, block_n: int = 32, bl
         pw.qweight, pw.scales, pw.scales if pw.mins is None else pw.mins, w,
         n, k, pw.k_pad, pw.qweight.stride(0), pw.scales.stride(0),
         BITS=pw.bits, HAS_MIN=pw.mins is not None, GROUP=pw.group, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return w
+
+
+def dequantize_tiny(tw, scales: Tensor, mins: Tensor | None, dtype: torch.dtype, block_n: int = 32,
+                    block_k: int = 128) -> Tensor:
+    """W [N, K] in `dtype` from a CUDA-layout tinygemm.TinyGemmWeight `tw` (int32 [N_pad / 8,
+    K_pad / (16 inner), 32, inner / 2]) and our fp16 scales/mins [N, K_pad / group] (Triton;
+    equal to dequantize_dense of the packed weight it came from)."""
+    kern = _kernels()
+    packed = tw.packed
+    checks.require_runnable(packed.device, kern._dequant_tiny_kernel, "dequantize_tiny")
+    n, k = tw.shape
+    if packed.dim() != 4 or packed.dtype != torch.int32 or packed.shape[2] != 32:
+        raise ValueError(f"dequantize_tiny: expected the CUDA int4pack layout int32 [N/8, K/(16 inner), 32, "
+                         f"inner/2], got {packed.dtype} {list(packed.shape)}")
+    if scales.shape != (n, tw.k_pad // tw.group) or (mins is not None and mins.shape != scales.shape):
+        raise ValueError(f"dequantize_tiny: scales/mins must be [{n}, {tw.k_pad // tw.group}], "
+                         f"got {list(scales.shape)}")
+    w = torch.empty(n, k, dtype=dtype, device=packed.device)
+    block_k = _block_k(block_k, tw.group)
+    grid = (-(-n // block_n), -(-tw.k_pad // block_k))
+    kern._dequant_tiny_kernel[grid](
+        packed.contiguous(), scales, scales if mins is None else mins, w, n, k, packed.shape[1], scales.stride(0),
+        INNER=2 * packed.shape[3], HAS_MIN=mins is not None, GROUP=tw.group, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return w

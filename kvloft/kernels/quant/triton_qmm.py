@@ -136,3 +136,44 @@ def _dequant_kernel(
     base = w + rows.to(tl.int64)[:, None] * k_in
     tl.store(base + lo_k[None, :], w_lo.to(w.dtype.element_ty), mask=row_ok[:, None] & (lo_k < k_in)[None, :])
     tl.store(base + hi_k[None, :], w_hi.to(w.dtype.element_ty), mask=row_ok[:, None] & (hi_k < k_in)[None, :])
+
+
+@triton.jit(do_not_specialize=["n_out", "k_in", "k_outer"])
+def _dequant_tiny_kernel(
+    packed,  # int32 [N_pad / 8, K_pad / (16 INNER), 32, INNER / 2]: PyTorch's CUDA int4pack layout
+    scales, mins,  # fp16 [N, K_pad // GROUP]: ours (w = q * s + m, or (q - 8) * s without mins)
+    w,  # [N, K] out, contiguous, the compute dtype
+    n_out, k_in, k_outer, stride_s,
+    INNER: tl.constexpr,  # inner k-tiles of the layout (2, 4, 8)
+    HAS_MIN: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dequant from the tinygemm layout (kernels/quant/tinygemm.py unpack_cuda_layout is the
+    reference): W[n, k] sits in int32 ((n // 8 * k_outer + k // (16 INNER)) * 32 + 4 (n % 8) +
+    (k // 2) % 4) * (INNER / 2) + (k % (16 INNER)) // 32, nibble 4 (k % 2) + 2 ((k // 16) % 2) +
+    (k // 8) % 2. Each int32 is gathered by the 8 outputs it holds (from cache): read N*K/2,
+    write 2*N*K bytes, as _dequant_kernel."""
+    tl.static_assert(GROUP % BLOCK_K == 0)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_out
+    k0 = tl.program_id(1) * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < k_in
+    r64 = rows.to(tl.int64)
+    rem = ks % (16 * INNER)
+    lane = 4 * (r64 % 8)[:, None] + ((rem // 2) % 4)[None, :]
+    tile = (r64 // 8)[:, None] * k_outer + (ks // (16 * INNER))[None, :]
+    word = (tile * 32 + lane) * (INNER // 2) + (rem // 32)[None, :]
+    v = tl.load(packed + word, mask=row_ok[:, None] & k_ok[None, :], other=0)
+    nib = 4 * (rem % 2) + 2 * ((rem // 16) % 2) + (rem // 8) % 2
+    q = ((v >> (4 * nib)[None, :]) & 15).to(tl.float32)
+    s = tl.load(scales + r64 * stride_s + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_MIN:
+        m = tl.load(mins + r64 * stride_s + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        out = q * s + m
+    else:
+        out = (q - 8.0) * s
+    ptrs = w + r64[:, None] * k_in + ks[None, :]
+    tl.store(ptrs, out.to(w.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
