@@ -204,10 +204,10 @@ def per_request(r: dict) -> dict:
 def run_lengths(client: Client, args, report: dict, deadline: float, t_start: float) -> None:
     """Each prompt length until one fits the time left: its first level, then (if they fit) the rest."""
     for li, pt in enumerate(args.prompt_tokens):
+        prompts = batch_prompts(args.tokenizer or args.model, max(args.sessions), pt, args.seed)
         if time.monotonic() >= deadline:
             report["not_run"] += [{"sessions": n, "prompt_len": pt} for n in args.sessions]
             return
-        prompts = batch_prompts(args.tokenizer or args.model, max(args.sessions), pt, args.seed)
         first, ref = one_level(client, prompts, args.sessions[0], pt, args, deadline, t_start, None)
         report["levels"].append(first)
         write(report, args.out)
@@ -277,9 +277,11 @@ def main() -> int:
 
 
 def warm_up(client: Client, args, deadline: float) -> None:
-    """Two short requests at once, past sink + window, so the batched path's kernels compile first
-    (hung up at the deadline)."""
-    text = batch_prompts(args.tokenizer or args.model, 2, args.sink + args.window + 256, args.seed + 1)
+    """Two requests at once of two prefill chunks past sink + window (at most a prompt's length),
+    so the kernels of chunked prefill, the host tier and the batched step compile before any level
+    is timed (hung up at the deadline)."""
+    n = min(args.sink + args.window + 2 * args.step_tokens, min(args.prompt_tokens))
+    text = batch_prompts(args.tokenizer or args.model, 2, n, args.seed + 1)
     hangups = Hangups()
     timeout = max(5.0, deadline - time.monotonic() + 60)
     threads = [threading.Thread(target=stream_timed, args=(client, f"warm-{i}", text[i], 4, timeout, hangups))
