@@ -277,15 +277,19 @@ def main() -> int:
 
 
 def warm_up(client: Client, args, deadline: float) -> None:
-    """Two requests at once of two prefill chunks past sink + window (at most a prompt's length),
-    so the kernels of chunked prefill, the host tier and the batched step compile before any level
-    is timed (hung up at the deadline)."""
-    n = min(args.sink + args.window + 2 * args.step_tokens, min(args.prompt_tokens))
-    text = batch_prompts(args.tokenizer or args.model, 2, n, args.seed + 1)
+    """max(--sessions) requests at once, before any level is timed, so that what compiles or is
+    captured on first use is: one prompt of two prefill chunks past sink + window (chunked prefill,
+    host tier), the others just past sink + window, each decoding max(--sessions) + 4 tokens, so
+    the batch grows through every padded size the engine captures CUDA graphs for (1, 2, 4, ...).
+    Hung up at the deadline."""
+    n, tok = max(args.sessions), args.tokenizer or args.model
+    short = min(args.sink + args.window + 256, min(args.prompt_tokens))
+    long = min(short + 2 * args.step_tokens, min(args.prompt_tokens))
+    texts = batch_prompts(tok, 1, long, args.seed + 1) + (batch_prompts(tok, n - 1, short, args.seed + 2) if n > 1 else [])
     hangups = Hangups()
     timeout = max(5.0, deadline - time.monotonic() + 60)
-    threads = [threading.Thread(target=stream_timed, args=(client, f"warm-{i}", text[i], 4, timeout, hangups))
-               for i in range(2)]
+    threads = [threading.Thread(target=stream_timed, args=(client, f"warm-{i}", text, n + 4, timeout, hangups))
+               for i, text in enumerate(texts)]
     timer = threading.Timer(max(0.0, deadline - time.monotonic()), hangups.hang_up_all)
     timer.start()
     for t in threads:
@@ -293,7 +297,7 @@ def warm_up(client: Client, args, deadline: float) -> None:
     for t in threads:
         t.join()
     timer.cancel()
-    for i in range(2):
+    for i in range(n):
         client.call("DELETE", f"/v1/sessions/warm-{i}", KEYS[0])
 
 
