@@ -106,8 +106,10 @@ class Client:
                 out["error"] = r.read().decode()[:300]
                 return out
             pieces = 0
-            while line := r.fp.readline():
+            while line := r.fp.readline():  # to [DONE], not to EOF: the server keeps the connection alive
                 line = line.strip()
+                if line == b"data: [DONE]":
+                    break
                 if not line.startswith(b"data: {"):
                     continue
                 obj = json.loads(line[6:])
@@ -264,7 +266,9 @@ def completion_stream(client: Client, key: str, sid: str, prompt: str, max_token
                      {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         r = conn.getresponse()
         out["status"] = r.status
-        while line := r.fp.readline():
+        while line := r.fp.readline():  # to [DONE], not to EOF (keep-alive: up to 5 s more)
+            if line.startswith(b"data: [DONE]"):
+                break
             if not line.startswith(b"data: {"):
                 continue
             obj = json.loads(line[6:])
