@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
+from kvloft.kernels.quant.tinygemm import GROUPS as TINYGEMM_GROUPS
 from kvloft.kernels.rowquant import packed_row_bytes
 from kvloft.scheduler.params import SchedulerParams
 
@@ -86,33 +87,47 @@ class MemoryPlan:
         return f"{self.total / GiB:.2f} GiB for {self.n_tokens} tokens ({parts} GiB)"
 
 
-def _itemsize(dtype: torch.dtype | str) -> int:
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str):
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16' or torch.bfloat16")
         dtype = getattr(torch, dtype)
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype
 
 
-def weight_bytes(cfg: ModelConfig, itemsize: int, weights: str = "bf16", quant_group: int = 128) -> int:
+def _itemsize(dtype: torch.dtype | str) -> int:
+    return torch.empty(0, dtype=_dtype(dtype)).element_size()
+
+
+def weight_bytes(cfg: ModelConfig, itemsize: int, weights: str = "bf16", quant_group: int = 128,
+                 tinygemm: bool = False) -> int:
     """Parameters of the decoder (runtime/model.py), tied embeddings counted once. weights
     "int4"/"int8" (RuntimeConfig.weights): the linears (and an untied head) at their packed
     size (kernels/quant/packed.py), as runtime/quant_linear.py quantizes them; "auto" and
-    "bf16": unquantized (a GGUF repacked exactly may hold group-32 scales instead)."""
+    "bf16": unquantized (a GGUF repacked exactly may hold group-32 scales instead).
+    tinygemm: int4 linears of a CUDA bf16 model hold PyTorch's int4pack layout and its bf16
+    scales and zeros beside the fp16 scales and mins (kernels/quant/tinygemm.py): 4 more
+    bytes per group and output row."""
     h, d, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
     linears = [(hq * d, h), (hkv * d, h), (hkv * d, h), (h, hq * d), (inter, h), (inter, h), (h, inter)]
-    per_layer = sum(_linear_bytes(n, k, weights, quant_group, itemsize) for n, k in linears) + 2 * h * itemsize
+    per_layer = sum(_linear_bytes(n, k, weights, quant_group, itemsize, tinygemm) for n, k in linears)
+    per_layer += 2 * h * itemsize
     if cfg.attention_bias:
         per_layer += (hq + 2 * hkv) * d * itemsize
     embed = cfg.vocab_size * h * itemsize
-    head = 0 if cfg.tie_word_embeddings else _linear_bytes(cfg.vocab_size, h, weights, quant_group, itemsize)
+    head = 0 if cfg.tie_word_embeddings else _linear_bytes(cfg.vocab_size, h, weights, quant_group, itemsize,
+                                                             tinygemm)
     return cfg.n_layers * per_layer + embed + head + h * itemsize
 
 
-def _linear_bytes(n: int, k: int, weights: str, group: int, itemsize: int) -> int:
-    """Bytes of one linear weight [n, k] stored as `weights` (packed layout: K padded to its group)."""
+def _linear_bytes(n: int, k: int, weights: str, group: int, itemsize: int, tinygemm: bool = False) -> int:
+    """Bytes of one linear weight [n, k] stored as `weights` (packed layout: K padded to its group;
+    tinygemm: N padded to 8 and bf16 scales and zeros as well)."""
     if weights == "int4":
         kp = -(-k // group) * group
+        if tinygemm:  # int4pack nibbles [N_pad, K_pad / 2] + bf16 (scale, zero) + our fp16 (scale, min)
+            n_pad = -(-n // 8) * 8
+            return n_pad * kp // 2 + 2 * 2 * n_pad * (kp // group) + 2 * 2 * n * (kp // group)
         return n * kp // 2 + 2 * 2 * n * (kp // group)  # nibbles + fp16 scale and min per group
     if weights == "int8":
         kp = -(-k // 32) * 32
@@ -268,13 +283,16 @@ def plan_memory(
         if runtime_cfg.scheduler == "overlap" and retrieval_cfg.method != "dense":
             cache_bytes = resolve_cache_bytes(model_cfg, retrieval_cfg, runtime_cfg, params, dtype,
                                               "cuda", cache_cfg, n_tokens=n_tokens)
-    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes)
+    tinygemm = (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
+                and runtime_cfg.quant_group in TINYGEMM_GROUPS)  # the plan is a CUDA plan
+    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes, tinygemm)
     if check and not plan.fits:
         raise ValueError(_refusal(plan, model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, isz))
     return plan
 
 
-def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: int) -> MemoryPlan:
+def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: int,
+          tinygemm: bool = False) -> MemoryPlan:
     hkv, d, layers = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     token_row = 2 * hkv * d * isz
     if rcfg.method == "dense":
@@ -295,7 +313,8 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
         dec += static // 2  # growth: the old buffer is copied into one twice its size
     host_row = token_row if cache_cfg.host_dtype is None else 2 * packed_row_bytes((hkv, d))  # 8-bit: codes + scales
     host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (host_row + 8) * layers
-    return MemoryPlan(n, n_host, weight_bytes(cfg, isz, runtime.weights, runtime.quant_group), static, row_cache,
+    return MemoryPlan(n, n_host, weight_bytes(cfg, isz, runtime.weights, runtime.quant_group, tinygemm),
+                      static, row_cache,
                       index, max(pre, dec), pre, dec,
                       host_kv, host_index, runtime.gpu_memory_budget, notes)
 

@@ -124,3 +124,21 @@ def test_gpu_session_refuses_before_allocating():
         Session(model, RetrievalConfig(method="exact", budget=64, n_sink=4, n_window=64), runtime,
                 CacheConfig(max_context=100_000))
     assert torch.cuda.memory_allocated() - before < 2**20
+
+
+def test_int4_plan_counts_the_tinygemm_layout_on_bf16():
+    """A CUDA bf16 model's int4 linears hold tinygemm's layout and bf16 scales/zeros beside
+    the fp16 scales and mins: 4 more bytes per group and (8-padded) output row, by hand."""
+    from kvloft.config import PRESETS
+    from kvloft.scheduler.budget import _linear_bytes
+
+    assert _linear_bytes(4096, 4096, "int4", 128, 2) == 4096 * 2048 + 4 * 4096 * 32
+    assert _linear_bytes(4100, 4096, "int4", 128, 2, tinygemm=True) == 4104 * 2048 + 4 * 4104 * 32 + 4 * 4100 * 32
+    llama = PRESETS["llama3-8b"]
+    rt = RuntimeConfig(weights="int4", gpu_memory_budget="24GiB")
+    rc = RetrievalConfig(method="hip", budget=2048)
+    bf16 = plan_memory(llama, rc, rt, 1024, "bfloat16", cache_cfg=CacheConfig(), check=False)
+    fp16 = plan_memory(llama, rc, rt, 1024, "float16", cache_cfg=CacheConfig(), check=False)
+    assert bf16.weights == weight_bytes(llama, 2, "int4", 128, tinygemm=True)
+    assert fp16.weights == weight_bytes(llama, 2, "int4", 128)
+    assert 0 < bf16.weights - fp16.weights < 0.3 * 2**30 and bf16.weights / 2**30 < 5.5
