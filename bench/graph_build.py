@@ -4,7 +4,8 @@ One layer of a model shape (`--shape`: smollm2-135m, qwen2.5-0.5b-shape, any PRE
 synthetic OOD keys and one query per token (kvloft.index.synthetic, "synthetic-ood"; keys
 and queries of a GQA group share a latent per token, as a trace does). The prompt arrives
 in chunks of `--chunk` tokens; a QuerySampler keeps the strided sample the runtime keeps
-(at most `--query-sample` tokens). Every token's key is a host row (the window left out).
+(at most `--query-sample` tokens) and, as TieredAttention does, feeds a chunk's queries that
+the final sample keeps. Every token's key is a host row (the window left out).
 
 - one-shot: build(keys, the final sample) once all chunks are in, timed until the graphs
   are done (the time a request waits after prefill);
@@ -43,8 +44,8 @@ from kvloft.index.synthetic import ood_attention_data
 from kvloft.runtime.queries import QuerySampler
 
 
-def _retriever(cfg: ModelConfig, device: str, threads: int):
-    rcfg = RetrievalConfig(method="attention_graph", options={"build_threads": threads})
+def _retriever(cfg: ModelConfig, device: str, threads: int, options: dict | None = None):
+    rcfg = RetrievalConfig(method="attention_graph", options={"build_threads": threads, **(options or {})})
     return make_retriever(rcfg, cfg, torch.device(device))
 
 
@@ -71,7 +72,8 @@ def _chunks(n: int, chunk: int, sample: int, train: torch.Tensor):
     out = []
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        q, _ = sampler.observe(0, train[:, s:e].transpose(0, 1), torch.arange(s, e))
+        sample = sampler.observe(0, train[:, s:e].transpose(0, 1), torch.arange(s, e))
+        q, _ = sampler.final_part(sample, n)  # as TieredAttention feeds the index
         out.append((s, e, q.transpose(0, 1).contiguous()))
     return out, sampler.sample(0)
 
@@ -103,7 +105,7 @@ def run_size(cfg: ModelConfig, n: int, args) -> dict:
     _wait(one)
     one_s = time.perf_counter() - t0
 
-    inc = _retriever(cfg, args.device, args.threads)
+    inc = _retriever(cfg, args.device, args.threads, args.options)
     per_chunk = []
     for s, e, q in chunks:
         t0 = time.perf_counter()
@@ -115,7 +117,7 @@ def run_size(cfg: ModelConfig, n: int, args) -> dict:
     rec_inc, scan_inc = _quality(inc, d.keys, d.test_queries, args.k)
     res = {
         "shape": cfg.name, "keys": n, "kv_heads": cfg.n_kv_heads, "group": cfg.group_size, "chunk": args.chunk,
-        "sampled_queries": int(final.shape[1]),
+        "sampled_queries": int(final.shape[1]), "incremental_options": args.options,
         "fed_queries": int(sum(q.shape[1] for _, _, q in chunks)),
         "one_shot": {"wall_s": round(one_s, 3), "wall_s_per_1k": round(one_s * per_1k, 4),
                      "cpu_s_per_1k": round(one.stats()["graph_s"] * per_1k, 4),
@@ -143,8 +145,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=INT",
+                    help="an attention_graph option of the incremental build (int), e.g. attach_reverse=8")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    try:
+        args.options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
+    except ValueError as e:
+        raise SystemExit(f"--option takes KEY=INT, got {args.option}: {e}") from e
     for name, n in (("keys", min(args.keys)), ("chunk", args.chunk), ("test", args.test), ("k", args.k)):
         if n < 1:
             raise SystemExit(f"--{name} must be >= 1, got {n}")

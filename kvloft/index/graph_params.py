@@ -44,7 +44,8 @@ class GraphParams:
         link back to it (one batched prune per receiving key). A later query links it only
         if it comes after it, so without these edges late rows have fewer ways in: measured
         (synthetic OOD, 4K keys in chunks of 512) recall@100 0.912 with 0, 0.934 with 4,
-        0.943 with 8 against 0.948 one-shot, the graph work growing ~10% per 2 edges.
+        0.943 with 8 against 0.948 one-shot; 16K keys in SmolLM2 shape: 0.915 with 4, 0.928
+        with 8 against 0.940 (bench/graph_build.py).
     """
 
     max_degree: int = 32
@@ -62,7 +63,7 @@ class GraphParams:
     build_threads: int = 0
     seed: int = 0
     incremental: bool = True
-    attach_reverse: int = 4
+    attach_reverse: int = 8
 
     def __post_init__(self) -> None:
         for name in ("max_degree", "knn", "ef_connect", "ef_insert", "knn_chunk"):

@@ -113,6 +113,9 @@ class TieredAttention:
         else:
             out = self.prefill.attend(layer, self.cache[layer], q, k, v, self.select_last_query)
         sample = self.sampler.observe(layer, q, positions)
+        if sample is not None and not self.indexes.built[layer]:  # the queries the end of the feed keeps
+            tiers = self.cache[layer]
+            sample = self.sampler.final_part(sample, tiers.n_static + tiers.n_host + q.shape[0] + self.feed_after)
         self.finite.see(k, v)
         self.indexes.feed(layer, self.cache[layer].append(k, v, positions), sample)  # incremental build
         return out

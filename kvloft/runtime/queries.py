@@ -37,6 +37,22 @@ class QuerySampler:
                 self.kept[i], self.pos[i] = [qs[m2]], [ps[m2]]
         return kept_q, kept_pos
 
+    def final_stride(self, total: int) -> int:
+        """The stride the sample will have once positions 0..total-1 are all observed: the
+        smallest power of two, from the current one, that keeps at most `cap` tokens."""
+        s = self.stride
+        while -(-total // s) > self.cap:
+            s *= 2
+        return s
+
+    def final_part(self, sample: tuple[Tensor, Tensor], total: int) -> tuple[Tensor, Tensor]:
+        """Of a chunk's kept queries [m, H_q, D] and positions [m] (observe()), those the sample
+        still holds at the end of a feed of `total` tokens: an index fed chunk by chunk then
+        learns from the queries a build() after prefill would get, and no more."""
+        q, pos = sample
+        keep = pos % self.final_stride(total) == 0
+        return q[keep], pos[keep]
+
     def replace(self, layer: int, q: Tensor | None) -> None:
         """This layer's sample set to q [M, H_q, D] (None: empty), without positions: for a
         replica rebuilt from recorded samples (exact positions only; extrapolation needs them)."""
