@@ -41,10 +41,10 @@ class GraphParams:
         False: one build() after prefill from the whole host tier and query sample.
     attach_reverse: incremental build: a row no query linked when it arrived is attached as
         the build attaches its cold keys, and its nearest `attach_reverse` out-neighbours
-        link back to it (one batched prune per receiving key). A later query links it only
+        link back to it (over their farthest non-tree edge when full). A later query links it only
         if it comes after it, so without these edges late rows have fewer ways in: measured
         (synthetic OOD, 4K keys in chunks of 512) recall@100 0.912 with 0, 0.934 with 4,
-        0.943 with 8 against 0.948 one-shot; 16K keys in SmolLM2 shape: 0.915 with 4, 0.928
+        0.943 with 8 against 0.948 one-shot; 16K keys in SmolLM2 shape: 0.915 with 4, 0.924
         with 8 against 0.940 (bench/graph_build.py).
     """
 
