@@ -278,7 +278,7 @@ class AttentionGraphRetriever:
                 with self._work_lock:
                     self._stats.extra["graph_s"] += time.perf_counter() - t0
                 out.set_result(base + got)
-            except BaseException as e:  # handed to whoever waits for the graph
+            except BaseException as e:  # noqa: BLE001 -- handed to whoever waits for the graph
                 out.set_exception(e)
 
         if prev is None:
