@@ -22,8 +22,14 @@ queries. The exact kNN runs on `--device` (cuda: the GPU; the graph is numba on 
 numba compiles on a toy build first, so compile time is not counted. Prints one JSON line
 per size and writes bench/results/graph_build[_TAG].json.
 
+`--model NAME --tokens N` instead feeds a real model (kvloft.load_model(NAME); the repo's
+docs as the prompt text) in a Session with attention_graph, once built after prefill and
+once incrementally: prefill seconds, the wait after prefill until every graph is done,
+and the graphs' CPU seconds per 1K prompt tokens (all layers and heads).
+
     python bench/graph_build.py --shape smollm2-135m --keys 8192 16384
     python bench/graph_build.py --shape qwen2.5-0.5b-shape --keys 8192 16384 32768 --device cuda --tag h100
+    python bench/graph_build.py --model qwen2.5-0.5b --tokens 32768 --device cuda --tag h100_qwen
 """
 
 from __future__ import annotations
@@ -133,6 +139,36 @@ def run_size(cfg: ModelConfig, n: int, args) -> dict:
     return res
 
 
+def run_model(args) -> list[dict]:
+    """One Session per build mode on a real model: prefill, wait after it, graph CPU s/1K."""
+    import kvloft
+    from kvloft import RuntimeConfig, Session
+
+    model = kvloft.load_model(args.model, device=args.device)
+    docs = sorted((Path(__file__).parent.parent / "docs").glob("*.md"))
+    ids = model.tokenizer.encode("\n\n".join(p.read_text() for p in docs))
+    while len(ids) < args.tokens:
+        ids = ids + ids
+    ids = ids[: args.tokens]
+    out = []
+    for incremental in (False, True):
+        rcfg = RetrievalConfig(method="attention_graph", budget=1024, options={"incremental": incremental})
+        s = Session(model, rcfg, RuntimeConfig(progress=False))
+        t0 = time.perf_counter()
+        s.feed(ids)
+        t1 = time.perf_counter()
+        s.backend.retriever.graphs  # noqa: B018 -- waits for every graph
+        t2 = time.perf_counter()
+        graph_s = s.backend.retriever.stats()["graph_s"]
+        res = {"model": args.model, "tokens": len(ids), "incremental": incremental, "prefill_s": round(t1 - t0, 2),
+               "wait_after_prefill_s": round(t2 - t1, 3), "host_rows": s.backend.cache[0].n_host,
+               "graph_cpu_s_per_1k_tokens": round(graph_s * 1000 / len(ids), 3)}
+        print(json.dumps(res), flush=True)
+        out.append(res)
+        s.backend.retriever.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(PRESETS))
@@ -147,6 +183,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=INT",
                     help="an attention_graph option of the incremental build (int), e.g. attach_reverse=8")
+    ap.add_argument("--model", default="", help="a real model (kvloft.load_model) instead of synthetic keys")
+    ap.add_argument("--tokens", type=int, default=8192, help="--model: prompt tokens")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     try:
@@ -160,6 +198,12 @@ def main() -> None:
         raise SystemExit(f"--keys at most {1 << 20} (one query per token is kept in memory), got {max(args.keys)}")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    out = Path(__file__).parent / "results" / f"graph_build{'_' + args.tag if args.tag else ''}.json"
+    if args.model:
+        if not 1 <= args.tokens <= 1 << 20:
+            raise SystemExit(f"--tokens must be in 1..{1 << 20}, got {args.tokens}")
+        out.write_text(json.dumps(run_model(args), indent=1) + "\n")
+        return
     cfg = PRESETS[args.shape]
     _warm(cfg, args.device)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -168,7 +212,6 @@ def main() -> None:
         res = run_size(cfg, n, args) | {"device": device, "cpus": os.cpu_count()}
         results.append(res)
         print(json.dumps(res), flush=True)
-    out = Path(__file__).parent / "results" / f"graph_build{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
 
 
