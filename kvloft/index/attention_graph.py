@@ -44,24 +44,32 @@ scanned) for 0.91-0.94, so "heads" is the default.
 scored by several searches of one group count once; `stats()["dots"]` counts every
 query-key product).
 
+Incremental build (`extend`, one prefill chunk at a time; the runtime's default, option
+`incremental`): the chunk's host rows are appended, the chunk's sampled queries' exact kNN
+over every row so far is projected onto their pivots' current edges (pivot candidates
+pruned together with the edges it has), the new edges' reverse offers go in one batch
+(one prune per receiving key), and the rows no query reached are attached as the build
+attaches its cold keys. The same kernels as the build, in the same order, on a growing
+graph: a query links only the keys before it (as causal attention reads them).
+
 Insert (`add`, tokens leaving the window): a greedy L2 search finds the new key's
 neighbours; it gets pruned out-edges, each neighbour a reverse edge (its list re-pruned
 when full, tree edges kept), and a tree parent (a neighbour that kept the edge, else the
 best candidate with a free slot or a non-tree edge to give up), so it stays reachable.
 
 The hot loops are numba kernels (kvloft/index/graph_kernels.py, `nogil`); KV heads are
-built and searched in a thread pool. `cpu_partial_attention` attends to retrieved rows
+built and searched in a thread pool. One graph: head_graph.py; parameters:
+graph_params.py; `cpu_partial_attention` (host_attention.py) attends to retrieved rows
 straight from the host tier.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,210 +77,12 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index import graph_kernels as gk
-from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
-from kvloft.tiers.chunked import ChunkedRows
+from kvloft.index.base import RetrieverStats, Selection, check_select, register
+from kvloft.index.graph_params import GraphParams
+from kvloft.index.head_graph import HeadGraph, exact_knn
+from kvloft.index.host_attention import cpu_partial_attention
 
-__all__ = ["AttentionGraphRetriever", "GraphParams", "HeadGraph", "cpu_partial_attention"]
-
-
-@dataclass(frozen=True)
-class GraphParams:
-    """Parameters of the attention-aware graph (RetrievalConfig.options, same names).
-
-    max_degree: M, out-edges per key (paper: 32).
-    knn: keys per prefill query used for the projection (paper: 100).
-    ef: search pool size L; 0 -> ceil(ef_scale * k). L < k is raised to k.
-    ef_scale: L as a multiple of the top-k (paper: L ~ 1.5-2x k).
-    ef_connect: pool of the greedy searches that attach unreached keys at build time
-        (only connectivity rides on them: kept small, the build does one per cold key).
-    ef_insert: pool of the greedy search that finds an inserted key's neighbours.
-    gqa_search: "heads" (one search per query head, candidates merged) or "mean".
-    key_metric: "l2" (default) or "ip": closeness between keys for pruning and for the
-        attach / insert searches (queries always score keys by inner product).
-    fill: top pruned lists up to max_degree with the nearest occluded candidates.
-    fallback_queries: without prefill queries, this many keys (seeded sample) act as
-        queries; 0 = all keys.
-    knn_chunk: query rows per matmul block of the exact kNN (fewer when the block of
-        logits would pass 256 MiB).
-    n_threads: worker threads for per-head search; 0 -> min(H_kv, cpu count).
-    build_threads: worker threads for graph builds, which run in the background across
-        layers and heads (a layer's first select/add waits for its own); 0 -> cpu count.
-    seed: seed of the fallback sample.
-    """
-
-    max_degree: int = 32
-    knn: int = 100
-    ef: int = 0
-    ef_scale: float = 1.5
-    ef_connect: int = 16
-    ef_insert: int = 64
-    gqa_search: str = "heads"
-    key_metric: str = "l2"
-    fill: bool = True
-    fallback_queries: int = 32768
-    knn_chunk: int = 1024
-    n_threads: int = 0
-    build_threads: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_degree", "knn", "ef_connect", "ef_insert", "knn_chunk"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("ef", "fallback_queries", "n_threads", "build_threads", "seed"):
-            _check_int(name, getattr(self, name), 0)
-        if self.max_degree < 2:
-            raise ValueError(f"max_degree must be >= 2, got {self.max_degree}")
-        if isinstance(self.ef_scale, bool) or not isinstance(self.ef_scale, (int, float)):
-            raise TypeError(f"ef_scale must be a number, got {self.ef_scale!r}")
-        if not self.ef_scale >= 1.0:
-            raise ValueError(f"ef_scale must be >= 1 (the pool holds at least k), got {self.ef_scale}")
-        if self.key_metric not in ("l2", "ip"):
-            raise ValueError(f"key_metric must be 'l2' or 'ip', got {self.key_metric!r}")
-        if not isinstance(self.fill, bool):
-            raise TypeError(f"fill must be a bool, got {self.fill!r}")
-        if self.gqa_search not in ("heads", "mean"):
-            raise ValueError(f"gqa_search must be 'heads' or 'mean', got {self.gqa_search!r}")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> GraphParams:
-        return params_from_options(cls, options, "attention_graph")
-
-    def pool_size(self, k: int) -> int:
-        """L for a top-k search."""
-        base = self.ef if self.ef > 0 else math.ceil(self.ef_scale * k)
-        return max(k, base)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-# ----------------------------------------------------------------------------------------
-# one graph per (layer, KV head)
-# ----------------------------------------------------------------------------------------
-
-
-class HeadGraph:
-    """The graph of one KV head (layout in graph_kernels): keys [cap, D] float32,
-    adj [cap, M] int32, deg [cap] int32, bias [cap] float32, parent [cap] int32."""
-
-    def __init__(self, dim: int, max_degree: int, l2: bool, fill: bool, capacity: int = 1024) -> None:
-        self.keys = np.zeros((capacity, dim), np.float32)
-        self.adj = np.full((capacity, max_degree), -1, np.int32)
-        self.deg = np.zeros(capacity, np.int32)
-        self.bias = np.zeros(capacity, np.float32)
-        self.parent = np.full(capacity, -1, np.int32)
-        self.l2, self.fill = l2, fill
-        self.n = 0
-        self.entry = 0
-
-    def _reserve(self, n: int) -> None:
-        cap = self.keys.shape[0]
-        if n <= cap:
-            return
-        new = max(n, 2 * cap)  # amortized growth: the index copy, not the host tier
-        keys = np.zeros((new, self.keys.shape[1]), np.float32)
-        adj = np.full((new, self.adj.shape[1]), -1, np.int32)
-        deg = np.zeros(new, np.int32)
-        bias = np.zeros(new, np.float32)
-        parent = np.full(new, -1, np.int32)
-        keys[:cap], adj[:cap], deg[:cap], bias[:cap], parent[:cap] = (
-            self.keys, self.adj, self.deg, self.bias, self.parent)
-        self.keys, self.adj, self.deg, self.bias, self.parent = keys, adj, deg, bias, parent
-
-    def _put_keys(self, start: int, keys: np.ndarray) -> None:
-        stop = start + keys.shape[0]
-        self._reserve(stop)
-        self.keys[start:stop] = keys
-        if self.l2:
-            self.bias[start:stop] = -0.5 * (keys.astype(np.float32) ** 2).sum(axis=1)
-        self.n = stop
-
-    def _views(self, n: int):
-        return self.keys[:n], self.bias[:n], self.adj[:n], self.deg[:n], self.parent[:n]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.keys, self.adj, self.deg, self.bias, self.parent))
-
-    def build(self, keys: np.ndarray, knn_ids: np.ndarray, ef_connect: int, entry: int = -1) -> int:
-        """keys [N, D] float32; knn_ids [Mq, K] int32 (nearest first); entry: the search
-        start (-1: the key nearest the centroid). Returns the number of attached keys."""
-        self.n = 0
-        self.adj[:] = -1
-        self.deg[:] = 0
-        self.parent[:] = -1
-        self._put_keys(0, keys)
-        n = self.n
-        if n == 0:
-            return 0
-        if entry < 0:
-            centroid = keys.mean(axis=0)
-            entry = int(np.argmin(((keys - centroid) ** 2).sum(axis=1)))
-        self.entry = entry
-        k, b, adj, deg, parent = self._views(n)
-        knn_ids = np.ascontiguousarray(knn_ids, np.int32).reshape(-1, max(1, knn_ids.shape[-1]))
-        order = np.argsort(knn_ids[:, 0], kind="stable")  # queries grouped by pivot
-        return int(gk.build_graph(k, b, adj, deg, parent, knn_ids, order, self.entry, ef_connect,
-                                  self.l2, self.fill))
-
-    def insert(self, keys: np.ndarray, ef_insert: int) -> None:
-        """keys [n, D] float32 appended and linked."""
-        start = self.n
-        self._put_keys(start, keys)
-        if start == 0:  # empty graph: the first key is the entry (the tree's root)
-            self.entry = 0
-            start = 1
-        if start < self.n:
-            k, b, adj, deg, parent = self._views(self.n)
-            gk.insert(k, b, adj, deg, parent, start, self.n, self.entry, ef_insert, self.l2, self.fill)
-
-    def project(self, knn_ids: np.ndarray) -> None:
-        """Query-guided edges of one chunk of queries: knn_ids [Mq, K] int32 over rows < n."""
-        if self.n == 0 or knn_ids.shape[0] == 0 or knn_ids.shape[1] < 2:
-            return
-        k, _, adj, deg, parent = self._views(self.n)
-        knn_ids = np.ascontiguousarray(knn_ids, np.int32)
-        order = np.argsort(knn_ids[:, 0], kind="stable")
-        gk.project_chunk(k, adj, deg, parent, knn_ids, order, self.l2, self.fill)
-
-    def search(self, qs: np.ndarray, k: int, pool_size: int, use_mean: bool, reduce_max: bool):
-        """qs [g, D] float32 C-contiguous -> (ids [k] int64, scanned, dots)."""
-        if self.n == 0 or k == 0:
-            return np.full(k, -1, np.int64), 0, 0
-        keys, _, adj, deg, _ = self._views(self.n)
-        return gk.search_group(keys, adj, deg, self.entry, qs, pool_size, k, use_mean, reduce_max)
-
-    def reachable(self) -> int:
-        """Nodes reachable from the entry (== n after build/insert)."""
-        if self.n == 0:
-            return 0
-        reached = np.zeros(self.n, np.bool_)
-        scratch = np.full(self.n, -1, np.int32)
-        gk.bfs(self.adj[: self.n], self.deg[: self.n], self.entry, reached, np.empty(self.n, np.int32), scratch)
-        return int(reached.sum())
-
-
-def exact_knn(queries: Tensor, keys: Tensor, k: int, chunk: int) -> np.ndarray:
-    """Top-k keys by inner product of each query, on the tensors' device (the GPU when the
-    retriever lives there): queries [M, D], keys [N, D] -> [M, min(k, N)] int32 (CPU)."""
-    k = min(k, keys.shape[0])
-    out = np.empty((queries.shape[0], k), np.int32)
-    kt = keys.float().T.contiguous()  # [D, N]
-    chunk = max(1, min(chunk, (1 << 26) // max(1, keys.shape[0])))  # logits block <= 256 MiB
-    for s in range(0, queries.shape[0], chunk):
-        logits = queries[s : s + chunk].float() @ kt  # [c, N]: c * N * 4 bytes
-        out[s : s + chunk] = torch.topk(logits, k, dim=1).indices.cpu().numpy()
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# the retriever
-# ----------------------------------------------------------------------------------------
+__all__ = ["AttentionGraphRetriever", "GraphParams", "HeadGraph", "cpu_partial_attention", "exact_knn"]
 
 
 @register("attention_graph")
@@ -287,8 +97,11 @@ class AttentionGraphRetriever:
     lives there; on a CPU retriever the kNN runs in the background too) and leaves the
     graph construction to a pool of `build_threads`: the runtime builds layer after layer,
     so every layer's and head's graph builds at once, and a layer's first select() or add()
-    waits only for its own. stats()["build_s"] counts the time build() held the caller,
-    stats()["build_wait_s"] the time select/add/state_dict later waited for a graph.
+    waits only for its own. extend() queues a prefill chunk's work behind the layer's
+    earlier jobs, head by head, and returns at once. stats()["build_s"] counts the time
+    build()/extend() held the caller, stats()["build_wait_s"] the time select/add/state_dict
+    later waited for a graph, stats()["graph_s"] the seconds the pool's jobs ran (summed over
+    heads and threads: the build's CPU work, kNN included on a CPU retriever).
     """
 
     # On CUDA the runtime computes attention over the selected rows on the CPU next to the
@@ -302,12 +115,19 @@ class AttentionGraphRetriever:
         self.params = GraphParams.from_options(dict(cfg.options))
         self._graphs: dict[int, list[HeadGraph]] = {}
         self._pending: dict[int, list[Future]] = {}  # layer -> its heads' background builds
-        self._stats = RetrieverStats(extra={"dots": 0, "build_s": 0.0, "build_wait_s": 0.0, "attached": 0})
+        self._stats = RetrieverStats(extra={"dots": 0, "build_s": 0.0, "build_wait_s": 0.0, "graph_s": 0.0,
+                                            "attached": 0})
+        self._work_lock = threading.Lock()  # graph_s is added to from the pool's threads
         n = self.params.n_threads or min(model_cfg.n_kv_heads, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=max(1, n - 1), thread_name_prefix="kvloft-graph")
         self._parallel = n > 1
         nb = self.params.build_threads or os.cpu_count() or 1
         self._build_pool = ThreadPoolExecutor(max_workers=nb, thread_name_prefix="kvloft-graph-build")
+
+    @property
+    def incremental(self) -> bool:
+        """Whether the runtime should feed prefill chunks through extend() (option `incremental`)."""
+        return self.params.incremental
 
     @property
     def graphs(self) -> dict[int, list[HeadGraph]]:
@@ -368,11 +188,11 @@ class AttentionGraphRetriever:
                 q_h = self._fallback_queries(k_h)
             if self.device.type == "cpu":  # the kNN is most of a CPU build: it goes to the pool too
                 # (own copies: the caller's tensors may change once build() returns)
-                jobs.append(self._build_pool.submit(self._build_head, graphs[h], k_h.clone(), q_h.float().clone()))
+                jobs.append(self._submit(None, self._build_head, graphs[h], k_h.clone(), q_h.float().clone()))
             else:
                 knn = self._knn(k_h, q_h)
                 k_np = np.ascontiguousarray(k_h.cpu().numpy())
-                jobs.append(self._build_pool.submit(graphs[h].build, k_np, knn, self.params.ef_connect))
+                jobs.append(self._submit(None, graphs[h].build, k_np, knn, self.params.ef_connect))
         self._graphs[layer] = graphs
         self._pending[layer] = jobs
         self._stats.extra["build_s"] += time.perf_counter() - t0
@@ -406,26 +226,66 @@ class AttentionGraphRetriever:
                         for h, g in enumerate(graphs)])
 
     def extend(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
-        """Incremental build, one prefill chunk at a time: keys [H_kv, n, D] of the rows the
-        chunk moved to the host tier are inserted (as add() does), then the chunk's queries
-        [H_q, m, D] (or None) link the keys they like, with their kNN over every row so far.
-        Built this way from the first chunk on, the index is ready when prefill ends; search
-        recall stays within a few points of build() on all keys and queries at once
-        (tests/index/test_attention_graph.py). The runtime builds once after prefill today."""
+        """Incremental build, one prefill chunk at a time (module doc): keys [H_kv, n, D] of
+        the rows the chunk moved to the host tier (n may be 0), appended as the next rows;
+        queries [H_q, m, D], the chunk's sampled queries, link the keys they like by their
+        kNN over every row so far (None: the new keys act as queries, as build() falls back).
+        Each head's work is queued behind the layer's earlier jobs on the build pool and
+        extend() returns at once; a layer's first select() or add() waits for it. Built
+        this way from the first chunk on, the graph covers the host tier when prefill ends,
+        with at most the last chunks still linking."""
         hkv, hq, d = self.model_cfg.n_kv_heads, self.model_cfg.n_heads, self.model_cfg.head_dim
         self._check("keys", keys, hkv)
         if queries is not None:
             self._check("queries", queries, hq)
         t0 = time.perf_counter()
-        graphs = self._ready(layer) or self._graphs.setdefault(layer, self._new_graphs())
-        k = keys.detach().float().cpu().numpy()
-        self._per_head([(g.insert, np.ascontiguousarray(k[h]), self.params.ef_insert) for h, g in enumerate(graphs)])
-        if queries is not None and queries.shape[1]:
-            group = self.model_cfg.group_size
-            for h, g in enumerate(graphs):
-                q_h = queries[h * group : (h + 1) * group].detach().reshape(-1, d).to(self.device)
-                g.project(self._knn(torch.from_numpy(g.keys[: g.n]).to(self.device), q_h))
+        graphs = self._graphs.setdefault(layer, self._new_graphs())
+        prev = self._pending.get(layer) or [None] * hkv
+        k = keys.detach().to("cpu", torch.float32)
+        group = self.model_cfg.group_size
+        jobs = []
+        for h, g in enumerate(graphs):
+            k_h = np.array(k[h].numpy(), dtype=np.float32, order="C", copy=True)  # [n, D], own copy
+            q_h = None
+            if queries is not None:  # the group's query heads pooled: [g * m, D], own copy
+                q_h = queries[h * group : (h + 1) * group].detach().reshape(-1, d).to("cpu", torch.float32, copy=True)
+            jobs.append(self._submit(prev[h], self._extend_head, g, k_h, q_h))
+        self._pending[layer] = jobs
         self._stats.extra["build_s"] += time.perf_counter() - t0
+
+    def _extend_head(self, graph: HeadGraph, k_h: np.ndarray, q_h: Tensor | None) -> int:
+        """One head's share of extend(): k_h [n, D] put, then linked with q_h [m, D]'s kNN."""
+        graph.put(k_h)
+        if q_h is None:
+            q_h = torch.from_numpy(k_h)
+        knn = np.empty((0, 0), np.int32)
+        if graph.n and q_h.shape[0]:
+            all_keys = torch.from_numpy(graph.keys[: graph.n]).to(self.device)  # [N, D]
+            knn = self._knn(all_keys, q_h.to(self.device))
+        return graph.extend(knn, self.params.ef_connect, self.params.attach_reverse)
+
+    def _submit(self, prev: Future | None, fn: Any, *args: Any) -> Future:
+        """fn(*args) on the build pool once prev (the same graph's earlier job) is done, so a
+        graph's jobs run in order with no thread left waiting. The future's result is
+        prev's plus fn's (attached keys); prev's error passes on."""
+        out: Future = Future()
+
+        def run() -> None:
+            try:
+                base = prev.result() if prev is not None else 0
+                t0 = time.perf_counter()
+                got = fn(*args)
+                with self._work_lock:
+                    self._stats.extra["graph_s"] += time.perf_counter() - t0
+                out.set_result(base + got)
+            except BaseException as e:  # noqa: BLE001 -- handed to whoever waits for the graph
+                out.set_exception(e)
+
+        if prev is None:
+            self._build_pool.submit(run)
+        else:
+            prev.add_done_callback(lambda _: self._build_pool.submit(run))
+        return out
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [H_kv, k] int64, k = min(budget, N); scanned =
@@ -464,7 +324,7 @@ class AttentionGraphRetriever:
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "dots": s.extra["dots"], "build_s": s.extra["build_s"],
-                               "build_wait_s": s.extra["build_wait_s"],
+                               "build_wait_s": s.extra["build_wait_s"], "graph_s": s.extra["graph_s"],
                                "attached": s.extra["attached"]}
         for layer, graphs in self.graphs.items():
             for h, g in enumerate(graphs):
@@ -480,7 +340,8 @@ class AttentionGraphRetriever:
         s = self._stats
         s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
         s.extra.update(dots=int(state["dots"]), build_s=float(state["build_s"]), attached=int(state["attached"]),
-                       build_wait_s=float(state.get("build_wait_s", 0.0)))
+                       build_wait_s=float(state.get("build_wait_s", 0.0)),
+                       graph_s=float(state.get("graph_s", 0.0)))
         for key in state:
             if not key.endswith(".entry"):
                 continue
@@ -495,54 +356,9 @@ class AttentionGraphRetriever:
             g.entry = int(state[p + "entry"])
 
     def close(self) -> None:
-        """Stops the worker threads (also done at interpreter exit)."""
-        self._pool.shutdown(wait=True)
+        """Stops the worker threads (also done at interpreter exit) once queued builds are done."""
+        try:
+            self._wait_all()
+        finally:
+            self._pool.shutdown(wait=True)
         self._build_pool.shutdown(wait=True)
-
-
-# ----------------------------------------------------------------------------------------
-# CPU partial attention next to the host tier
-# ----------------------------------------------------------------------------------------
-
-
-def cpu_partial_attention(
-    q: Tensor, host_k: ChunkedRows, host_v: ChunkedRows, ids: Tensor, *, scale: float | None = None
-) -> tuple[Tensor, Tensor]:
-    """Attention of one decode query over per-head retrieved host rows, on the CPU.
-
-    q [H_q, D]; host_k, host_v: ChunkedRows of rows [H_kv, D]; ids [H_kv, k] int64
-    (-1 = padding) or [k] shared. Rows are gathered chunk by chunk from the store (no
-    copy of the tier). Returns (out [H_q, D] in q.dtype, lse [H_q] fp32), equal to
-    kernels.reference.gather_attend on the same rows. scale defaults to 1/sqrt(D).
-    """
-    hq, d = q.shape
-    hkv = host_k.row_shape[0]
-    if host_k.row_shape != (hkv, d) or host_v.row_shape[0] != hkv or len(host_v) != len(host_k):
-        raise ValueError(
-            f"host_k rows must be [H_kv, {d}] and host_v hold as many rows; got "
-            f"{host_k.row_shape} ({len(host_k)} rows) and {host_v.row_shape} ({len(host_v)} rows)"
-        )
-    if hq % hkv:
-        raise ValueError(f"H_q ({hq}) must be a multiple of H_kv ({hkv})")
-    if ids.dim() == 1:
-        ids = ids[None].expand(hkv, -1)
-    if ids.shape[0] != hkv:
-        raise ValueError(f"ids must be [H_kv={hkv}, k] or [k], got {list(ids.shape)}")
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if ids.shape[1] == 0:
-        return q.new_zeros(q.shape), torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device)
-    acc = torch.promote_types(host_k.dtype, torch.float32)  # fp32 (fp64 for fp64 rows), as the reference
-    g = hq // hkv
-    ids = ids.to(host_k.device)
-    valid = ids >= 0  # [H_kv, k]
-    safe = ids.clamp_min(0)
-    head = torch.arange(hkv, device=ids.device)[:, None].expand_as(ids)
-    k = host_k.rows(safe, head).to(acc)  # [H_kv, k, D], gathered chunk by chunk
-    v = host_v.rows(safe, head).to(acc)
-    qg = q.to(host_k.device, acc).view(hkv, g, d)  # [H_kv, g, D]
-    logits = torch.bmm(qg, k.transpose(1, 2)).mul_(scale)  # [H_kv, g, k]
-    logits.masked_fill_(~valid[:, None, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [H_kv, g]
-    p = logits.sub_(lse.clamp_min(torch.finfo(acc).min)[..., None]).exp_()
-    out = torch.bmm(p, v)  # [H_kv, g, D]
-    return out.reshape(hq, d).to(q.dtype), lse.reshape(hq).float()

@@ -9,7 +9,8 @@ TieredAttention  static tier (sink + window) + host tier. A decode token attends
 TieredAttention is the facade; each concern is a room of its own, composed here and sharing
 one AttentionContext (context.py: configs, kernels, timers, counters):
 
-    indexes.py        IndexBook      index lifecycle: build, add, rebuild, position-free keys
+    indexes.py        IndexBook      index lifecycle: build (or feed chunk by chunk), add, rebuild,
+                                     position-free keys
     queries.py        QuerySampler   the prefill queries an index learns from
     exact_prefill.py  ExactPrefill   offloaded prefill at true positions: dense or sparse
     exact_decode.py   ExactDecode    a decode token: static tier + a RowFetch's partials
@@ -111,8 +112,12 @@ class TieredAttention:
             out = self.extrapolate.prefill(layer, q, k, v, positions, self.tail_blocks)
         else:
             out = self.prefill.attend(layer, self.cache[layer], q, k, v, self.select_last_query)
-        self.sampler.observe(layer, q, positions)
-        self._append(layer, k, v, positions)
+        sample = self.sampler.observe(layer, q, positions)
+        if sample is not None and not self.indexes.built[layer]:  # the queries the end of the feed keeps
+            tiers = self.cache[layer]
+            sample = self.sampler.final_part(sample, tiers.n_static + tiers.n_host + q.shape[0] + self.feed_after)
+        self.finite.see(k, v)
+        self.indexes.feed(layer, self.cache[layer].append(k, v, positions), sample)  # incremental build
         return out
 
     def append_rows(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
@@ -200,7 +205,8 @@ class TieredAttention:
         small = getattr(r, "small_state", False) and hasattr(r, "state_dict") and any(self.built)
         return {"layers": [t.mark() for t in self.cache.layers], "state": self.state_dict(),
                 "prefill_stats": dict(self.prefill_stats), "sampler": self.sampler.mark(),
-                "free": self.indexes.mark_free(), "retriever": r.state_dict() if small else None}
+                "free": self.indexes.mark_free(), "fed": self.indexes.mark_fed(),
+                "retriever": r.state_dict() if small else None}
 
     def rollback(self, mark: dict[str, Any]) -> None:
         """Forget every token appended since mark(). Layers whose host tier grew since have
@@ -214,6 +220,7 @@ class TieredAttention:
         for t, m in zip(self.cache.layers, mark["layers"], strict=True):
             t.rollback(m)
         self.indexes.rollback_free(mark["free"])
+        self.indexes.rollback_fed(mark["fed"])
         self.load_state_dict(mark["state"])
         self.prefill_stats = dict(mark["prefill_stats"])
         self.sampler.rollback(mark["sampler"])

@@ -2,7 +2,10 @@
 
 Indexes are built once at the end of the first feed (a retriever's build sees the whole host
 tier and a sample of the prompt's queries); rows leaving the window later (decode, or a later
-feed) are added as they go. A retriever with `attach_host_tier` may read a layer's host tier
+feed) are added as they go. A retriever that builds incrementally (`incremental` true, an
+`extend` method: attention_graph) is fed instead as the first feed's chunks arrive (each
+chunk's new host rows and its sampled queries), so its index is built when prefill ends; a
+layer whose feed missed rows (a rollback, host rows from elsewhere) is built whole at the end. A retriever with `attach_host_tier` may read a layer's host tier
 in place instead (no copy, no add). In extrapolate mode the index holds position-free keys
 (RoPE undone; runtime/positions.py), and until a layer's index is built a position-free copy
 of its host keys (with their SimHash buckets where max_similar caps near-duplicates) serves
@@ -31,6 +34,13 @@ class IndexBook:
         self.position_free = ctx.rcfg.position_mode == "extrapolate"
         self.free_keys: dict[int, ChunkedRows] = {}  # per layer, until the index is built
         self.free_buckets: dict[int, ChunkedRows] = {}  # their SimHash buckets [N, H_kv] (max_similar)
+        self.fed: dict[int, int] = {}  # per layer, host rows fed to an incremental index before it is built
+        self.stale: set[int] = set()  # layers whose incremental feed missed rows: built whole at the end
+
+    @property
+    def incremental(self) -> bool:
+        """Whether the retriever is fed prefill chunks (extend) rather than built once after prefill."""
+        return bool(getattr(self.retriever, "incremental", False)) and hasattr(self.retriever, "extend")
 
     def build(self, sampler: QuerySampler) -> None:
         """Index every layer's host tier not built yet, with the sampler's queries; then clear it."""
@@ -39,13 +49,59 @@ class IndexBook:
             if self.built[layer]:
                 continue
             with self.ctx.timers("index_build"):
-                if attach is not None and not self.position_free and attach(layer, self.cache[layer]):
+                if self._fed_whole(layer):
+                    pass  # extend() has every host row: the index is built (its last chunks may still link)
+                elif attach is not None and not self.position_free and attach(layer, self.cache[layer]):
                     self.attached.add(layer)  # it reads the tier's keys in place; no copy, no add()
                 else:
                     self.retriever.build(layer, self.index_keys(layer), self._queries(layer, sampler))
             self.built[layer] = True
             self._drop_free(layer)
+        self.fed.clear()
+        self.stale.clear()
         sampler.clear()
+
+    def _fed_whole(self, layer: int) -> bool:
+        return self.incremental and layer not in self.stale and self.fed.get(layer, -1) == self.cache[layer].n_host
+
+    def feed(self, layer: int, evicted: Evicted | None, sample: tuple[Tensor, Tensor] | None) -> None:
+        """A prefill chunk's rows that moved to the host tier (evicted) and its sampled queries
+        (sample: queries [m, H_q, D], positions [m]; None: none kept): into a built index as
+        add() does; into an incremental one not built yet through extend() (the retriever
+        queues the work and returns); otherwise nothing (build() indexes the layer at the end)."""
+        if self.built[layer]:
+            return self.add(layer, evicted)
+        if not self.incremental or layer in self.stale:
+            return
+        first = self.fed.get(layer, 0)
+        n = 0 if evicted is None else evicted.k.shape[0]
+        if n and evicted.first_row != first:  # rows the index never saw: build it whole at the end
+            self.stale.add(layer)
+            return
+        if first + n == 0:
+            return  # nothing in the host tier yet: no key for the queries to link
+        with self.ctx.timers("index_build"):
+            keys = self._evicted_keys(evicted) if n else self._no_keys()
+            self.retriever.extend(layer, keys, None if sample is None else self._chunk_queries(*sample))
+        self.fed[layer] = first + n
+
+    def _evicted_keys(self, evicted: Evicted) -> Tensor:
+        """Keys [H_kv, n, D] on the CPU of rows leaving the window, as the index holds them."""
+        keys = evicted.k
+        if self.position_free:
+            keys = position_free(keys, evicted.positions, self.ctx.inv_freq)
+        return keys.transpose(0, 1).to("cpu")
+
+    def _no_keys(self) -> Tensor:
+        cfg = self.ctx.cfg
+        return torch.empty(cfg.n_kv_heads, 0, cfg.head_dim)
+
+    def _chunk_queries(self, q: Tensor, positions: Tensor) -> Tensor:
+        """Sampled queries q [m, H_q, D] at positions [m] -> [H_q, m, D] as the index learns
+        from them (extrapolate: as searched), as _queries does for the whole sample."""
+        if self.position_free:
+            q = search_queries(q, positions.to(q.device), self.ctx.rcfg.n_window, self.ctx.inv_freq)
+        return q.transpose(0, 1).contiguous()
 
     def rebuild(self, layers: list[int] | None = None) -> None:
         """Build the retriever again from the host tier's keys for the built `layers` (default
@@ -66,10 +122,7 @@ class IndexBook:
         if evicted is None or not self.built[layer] or layer in self.attached:
             return
         with self.ctx.timers("index_add"):
-            keys = evicted.k
-            if self.position_free:
-                keys = position_free(keys, evicted.positions, self.ctx.inv_freq)
-            self.retriever.add(layer, keys.transpose(0, 1).to("cpu"), evicted.positions.to("cpu"))
+            self.retriever.add(layer, self._evicted_keys(evicted), evicted.positions.to("cpu"))
 
     def index_keys(self, layer: int) -> Tensor:
         """The keys [H_kv, N, D] a retriever indexes for this layer's host tier: as stored
@@ -125,6 +178,16 @@ class IndexBook:
         """Rows of each layer's position-free copy now (what rollback_free needs)."""
         return {layer: len(rows) for layer, rows in self.free_keys.items()}
 
+    def mark_fed(self) -> dict[int, int]:
+        """Rows fed to each incremental index not built yet (what rollback_fed needs)."""
+        return dict(self.fed)
+
+    def rollback_fed(self, mark: dict[int, int]) -> None:
+        """An incremental index cannot drop rows: a layer fed past the mark is built whole at the end."""
+        for layer, n in self.fed.items():
+            if n > mark.get(layer, 0):
+                self.stale.add(layer)
+
     def rollback_free(self, mark: dict[int, int]) -> None:
         """Position-free copies cut back to mark_free(); copies made since are dropped."""
         for store in (self.free_keys, self.free_buckets):
@@ -137,3 +200,4 @@ class IndexBook:
     def adopt(self, other: IndexBook) -> None:
         """Take `other`'s record of built and attached layers (a backend over the same retriever)."""
         self.built, self.attached = list(other.built), set(other.attached)
+        self.fed, self.stale = dict(other.fed), set(other.stale)

@@ -19,18 +19,39 @@ class QuerySampler:
         self.kept: list[list[Tensor]] = [[] for _ in range(n_layers)]
         self.pos: list[list[Tensor]] = [[] for _ in range(n_layers)]
 
-    def observe(self, layer: int, q: Tensor, positions: Tensor) -> None:
+    def observe(self, layer: int, q: Tensor, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Keeps the strided part of a prefill chunk's queries q [T, H_q, D] at positions [T];
+        returns it (queries [m, H_q, D], positions [m] on the CPU; None when cap is 0), for an
+        index fed chunk by chunk."""
         if self.cap == 0:
-            return
+            return None
         m = positions % self.stride == 0
-        self.kept[layer].append(q[m].to("cpu"))
-        self.pos[layer].append(positions[m].to("cpu"))
+        kept_q, kept_pos = q[m].to("cpu"), positions[m].to("cpu")
+        self.kept[layer].append(kept_q)
+        self.pos[layer].append(kept_pos)
         if sum(len(p) for p in self.pos[layer]) > self.cap and layer == len(self.kept) - 1:
             self.stride *= 2
             for i in range(len(self.kept)):
                 qs, ps = torch.cat(self.kept[i]), torch.cat(self.pos[i])
                 m2 = ps % self.stride == 0
                 self.kept[i], self.pos[i] = [qs[m2]], [ps[m2]]
+        return kept_q, kept_pos
+
+    def final_stride(self, total: int) -> int:
+        """The stride the sample will have once positions 0..total-1 are all observed: the
+        smallest power of two, from the current one, that keeps at most `cap` tokens."""
+        s = self.stride
+        while -(-total // s) > self.cap:
+            s *= 2
+        return s
+
+    def final_part(self, sample: tuple[Tensor, Tensor], total: int) -> tuple[Tensor, Tensor]:
+        """Of a chunk's kept queries [m, H_q, D] and positions [m] (observe()), those the sample
+        still holds at the end of a feed of `total` tokens: an index fed chunk by chunk then
+        learns from the queries a build() after prefill would get, and no more."""
+        q, pos = sample
+        keep = pos % self.final_stride(total) == 0
+        return q[keep], pos[keep]
 
     def replace(self, layer: int, q: Tensor | None) -> None:
         """This layer's sample set to q [M, H_q, D] (None: empty), without positions: for a

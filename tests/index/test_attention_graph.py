@@ -245,28 +245,3 @@ def test_cpu_partial_attention_matches_reference(dtype):
         torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
     out, lse = cpu_partial_attention(q, host_k, host_v, ids[:, :0])
     assert (out == 0).all() and torch.isinf(lse).all()
-
-
-def test_incremental_build_recall_within_bound_of_one_shot():
-    # Prefill in chunks of 512 keys, each with its share of the prefill queries: build() on the
-    # first chunk, extend() on the rest. Bound: recall@100 at most 0.03 below build() on all
-    # keys and queries at once (measured: 0.975 vs 0.938 here; 0.940 vs 0.939 at N = 8K), every
-    # key reachable. The price is the scan: ~1.7x the keys scored for that recall.
-    data = ood_attention_data(4096, 2048, 32, dim=64, seed=1)
-    q = data.test_queries[0]  # [T, D]
-    truth = torch.topk(q @ data.keys[0].T, TOP_K, dim=1).indices
-
-    def search(r: AttentionGraphRetriever) -> tuple[float, float]:
-        sels = [r.select(0, qi[None], TOP_K) for qi in q]
-        return recall(torch.cat([s.ids for s in sels]), truth), float(np.mean([s.scanned for s in sels]))
-
-    one = graph(ef=150)
-    one.build(0, data.keys, data.train_queries)
-    inc, chunk, per_chunk = graph(ef=150), 512, 256
-    inc.build(0, data.keys[:, :chunk], data.train_queries[:, :per_chunk])
-    for i in range(1, 4096 // chunk):
-        inc.extend(0, data.keys[:, i * chunk : (i + 1) * chunk], data.train_queries[:, i * per_chunk : (i + 1) * per_chunk])
-    assert inc.graphs[0][0].n == 4096 and inc.graphs[0][0].reachable() == 4096
-    (r_one, s_one), (r_inc, s_inc) = search(one), search(inc)
-    assert r_inc >= r_one - 0.03, (r_inc, r_one)
-    assert s_inc <= 2.5 * s_one, (s_inc, s_one)

@@ -11,6 +11,7 @@ COVERING = {
     "recycled": {},
     "hip": {},
     "actqkv": {},
+    "attention_graph": {},  # fed chunk by chunk during prefill (incremental), then searched
 }
 
 
