@@ -26,4 +26,6 @@ timeout "$(left 60)" python3 bench/decode.py --presets llama3-8b --contexts 32k 
   --tag b8 --out "$O" 2>&1 | grep -v '^{' | tail -5
 timeout "$(left 50)" python3 bench/decode.py --presets llama3-8b --contexts 32k --methods dense,hip:keys_on=host \
   --weights int4 --steps 32 --host-memory 100GiB --tag int4 --out "$O" 2>&1 | grep -v '^{' | tail -4
+timeout "$(left 35)" python3 bench/graph_build.py --shape qwen2.5-0.5b-shape --keys 8192 16384 32768 --device cuda \
+  --tag gpu > "$O/graph_build.txt" 2>&1; grep -v '^{' "$O/graph_build.txt" | tail -6; cp bench/results/graph_build_gpu.json "$O"/ 2>/dev/null
 ls "$O"
