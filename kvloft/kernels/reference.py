@@ -218,8 +218,8 @@ def score(q: Tensor, k_rows: Tensor, *, scale: float = 1.0, ids: Tensor | None =
     hkv = k_rows.shape[1]
     keys = k_rows if ids is None else k_rows[ids]
     qg = _acc(q).view(hkv, hq // hkv, d)  # [H_kv, g, D]
-    s = torch.bmm(qg, _acc(keys).permute(1, 2, 0))  # [H_kv, g, N]
-    return s.view(hq, -1).mul_(scale)
+    s = torch.bmm(qg, _acc(keys).permute(1, 2, 0)).view(hq, -1)  # [H_kv, g, N] as [H_q, N]
+    return s if scale == 1.0 else s.mul_(scale)
 
 
 def reduce_group(scores: Tensor, n_kv_heads: int, how: str) -> Tensor:
