@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kvloft.kernels import cpu_score
 from kvloft.kernels.reference import NEG_INF, _acc
 
 
@@ -83,7 +84,11 @@ def select_attend(
         sel = torch.bmm(qg, _acc(head_rows(host_k, chunk_rows, safe)).transpose(1, 2))
     if padded:
         sel = sel.masked_fill((ids < 0)[:, None, :], NEG_INF)
-    s = torch.cat([torch.bmm(qg, _acc(static_k).permute(1, 2, 0)), sel], dim=2).mul_(scale)  # [H_kv, g, S + k]
+    if cpu_score.applies(q, static_k):  # the static keys scanned in order (~2x bmm's speed)
+        static = cpu_score.score_rows(q, static_k).view(hkv, g, s_n)
+    else:
+        static = torch.bmm(qg, _acc(static_k).permute(1, 2, 0))
+    s = torch.cat([static, sel], dim=2).mul_(scale)  # [H_kv, g, S + k]
     lse = torch.logsumexp(s, dim=-1)  # [H_kv, g]
     p = s.sub_(lse.clamp_min(torch.finfo(lse.dtype).min)[..., None]).exp_()
     out = torch.bmm(p[..., :s_n], _acc(static_v).transpose(0, 1))  # [H_kv, g, D]

@@ -8,6 +8,7 @@ strided by H_kv * D) packs the keys before multiplying three rows by them: on Sm
 takes ~210 us. This loop reads each key row once, in order, and keeps the group's queries in
 cache: ~320 us. One thread (the caller's; the GIL is released), fp32 only; everything else
 goes through reference.score. Compiled on first use (~1 s, once per process).
+The CPU decode step (kernels/cpu_decode.py) scans its static tier's keys through it too.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvloft.kernels import reference
+from kvloft.kernels import cpu_score, reference
 from kvloft.kernels.cpu_decode import head_rows, select_attend
 
 
@@ -67,7 +67,10 @@ def _per_head_topk(gen, hkv, n_host, k, pad_every=0):
     (8, 4, 16, 1, 33, 8, 33, 2),         # one static key (the token itself), half the slots pads
 ])
 @pytest.mark.parametrize("with_logits", [False, True])
-def test_equals_static_gather_merge(hq, hkv, d, n_static, n_host, chunk_rows, k, pad_every, with_logits):
+@pytest.mark.parametrize("compiled", [True, False])  # static keys scanned by numba / torch bmm
+def test_equals_static_gather_merge(monkeypatch, hq, hkv, d, n_static, n_host, chunk_rows, k, pad_every,
+                                    with_logits, compiled):
+    monkeypatch.setattr(cpu_score, "enabled", compiled)
     (q, sk, sv, hk, hv), gen = _case(hq, hkv, d, n_static, n_host, chunk_rows)
     ids = _per_head_topk(gen, hkv, n_host, k, pad_every)
     scale = d**-0.5
