@@ -32,6 +32,9 @@ class Selection:
     n_fresh: how many ids come before the stable part (0 without one).
     padded: False when ids hold no -1 (the count of selected rows is then ids.numel(),
         known without reading the device).
+    logits: optional [H_q, N] fp32, q·k (unscaled) of every host row, from a search that
+        scored the host tier's own keys (ExactRetriever attached to it on the CPU): the
+        attention reads the selected rows' logits here instead of from their keys.
     """
 
     ids: Tensor
@@ -39,6 +42,7 @@ class Selection:
     stable: Tensor | None = None
     n_fresh: int = 0
     padded: bool = True
+    logits: Tensor | None = None
 
     @property
     def shared(self) -> bool:

@@ -13,6 +13,13 @@ logits took the shared slots of layers 0, 1 and 4, whose mass recall at budget 2
 0.93-0.94 -> 0.96-0.98 ranked by probability (docs/methods.md, "Limits"). It keeps a
 [H_q, N] fp32 logit buffer for the step. With `RetrievalConfig.max_similar`
 the top-k takes at most that many near-identical keys per KV head (index/diversity.py).
+
+On the CPU the retriever searches the session's host tier in place (attach_host_tier;
+options={"keys_on": "device"} keeps a copy instead, as on CUDA): no second copy of every host
+key, nothing to add while decoding, and the per-head logits it ranked every row by are the
+attention's logits for those rows, so the selection hands them over (Selection.logits) and
+the CPU decode step reads the selected rows' logits instead of gathering their keys and
+multiplying again (kernels/cpu_decode.py).
 """
 
 from __future__ import annotations
@@ -42,7 +49,12 @@ class ExactRetriever:
         self.rank = cfg.options.get("rank", "logit")
         if self.rank not in ("logit", "prob"):
             raise ValueError(f"exact option rank must be 'logit' or 'prob', got {self.rank!r}")
-        self.keys: dict[int, ChunkedRows] = {}
+        self.keys_on = cfg.options.get("keys_on", "host" if self.device.type == "cpu" else "device")
+        if self.keys_on not in ("host", "device") or (self.keys_on == "host" and self.device.type != "cpu"):
+            raise ValueError(f"exact option keys_on must be 'device', or 'host' on the CPU (the host tier searched "
+                             f"in place), got {self.keys_on!r} on {self.device.type}")
+        self.keys: dict[int, ChunkedRows] = {}  # a copy of the keys, per layer not attached
+        self.tiers: dict[int, Any] = {}  # LayerTiers searched in place, per layer attached
         self._stats = RetrieverStats()
 
     def _store(self, layer: int, dtype: torch.dtype) -> ChunkedRows:
@@ -51,46 +63,84 @@ class ExactRetriever:
             self.keys[layer] = ChunkedRows(shape, dtype, self.chunk_rows, self.device)
         return self.keys[layer]
 
+    def attach_host_tier(self, layer: int, tiers: Any) -> bool:
+        """keys_on="host": search the session's host tier (tiers/kvcache.py LayerTiers) in place
+        instead of a copy of its keys. Returns False (the runtime then calls build) where its
+        rows are not model-dtype rows in memory: stored 8-bit (CacheConfig.host_dtype) or
+        spilled to a disk tier (the copy keeps the search off the disk)."""
+        if self.keys_on != "host" or getattr(tiers, "host_dtype", None) is not None:
+            return False
+        if tiers.host_k.spill is not None:
+            return False
+        self.keys.pop(layer, None)
+        self.tiers[layer] = tiers
+        return True
+
+    def _keys_of(self, layer: int) -> ChunkedRows | None:
+        if layer in self.tiers:
+            return self.tiers[layer].host_k
+        return self.keys.get(layer)
+
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
         # keys [H_kv, N, D] -> stored token-major [N, H_kv, D]
         check_keys(keys, self.model_cfg)
+        self.tiers.pop(layer, None)
         self.keys.pop(layer, None)
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         check_keys(keys, self.model_cfg)
+        if layer in self.tiers:  # the tier holds the rows already
+            return
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
 
     def scores(self, layer: int, q: Tensor) -> Tensor:
         """Group-reduced logits of every stored key: q [H_q, D] -> [H_kv, N] fp32."""
-        store = self.keys.get(layer)
+        return self._rank(layer, q)[0]
+
+    def _rank(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor | None]:
+        """q [H_q, D] -> (group-reduced ranking scores [H_kv, N] fp32, the per-head logits
+        q·k [H_q, N] fp32 where they were computed whole, else None)."""
+        store = self._keys_of(layer)
         hkv = self.model_cfg.n_kv_heads
         if store is None or len(store) == 0:
-            return torch.empty((hkv, 0), dtype=torch.float32, device=self.device)
+            return torch.empty((hkv, 0), dtype=torch.float32, device=self.device), None
         q = q.to(self.device)
-        if self.rank == "prob":  # [H_q, N] log-probabilities, then the group's reduction
-            scale = self.model_cfg.head_dim**-0.5  # the softmax attention will take
-            logits = torch.cat([score_keys(q, chunk, scale=scale) for _, chunk in store.iter_chunks()], dim=1)
-            logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-            return reference.reduce_group(logp, hkv, self.cfg.gqa_reduce)
-        parts = [
-            score_keys(q, chunk, reduce=self.cfg.gqa_reduce)
-            for _, chunk in store.iter_chunks()
-        ]
-        return torch.cat(parts, dim=1)
+        scale = self.model_cfg.head_dim**-0.5  # the softmax attention will take
+        if self.device.type != "cpu":  # the kernel folds the group in registers, scale included
+            if self.rank == "prob":
+                return self._logp_reduced(torch.cat([score_keys(q, chunk, scale=scale)
+                                                     for _, chunk in store.iter_chunks()], dim=1)), None
+            parts = [score_keys(q, chunk, reduce=self.cfg.gqa_reduce) for _, chunk in store.iter_chunks()]
+            return torch.cat(parts, dim=1), None
+        parts = [score_keys(q, chunk) for _, chunk in store.iter_chunks()]
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [H_q, N]
+        if self.rank == "prob":
+            return self._logp_reduced(logits * scale), logits
+        return reference.reduce_group(logits, hkv, self.cfg.gqa_reduce), logits
+
+    def _logp_reduced(self, logits: Tensor) -> Tensor:
+        """Scaled logits [H_q, N] -> each head's log-probabilities, reduced over its group [H_kv, N]."""
+        logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        return reference.reduce_group(logp, self.model_cfg.n_kv_heads, self.cfg.gqa_reduce)
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
-        s = self.scores(layer, q)
+        """q [H_q, D] -> Selection(ids [H_kv, k]); with the host tier attached, its logits
+        [H_q, N] (unscaled q·k of every host row) come along for the attention."""
+        s, logits = self._rank(layer, q)
         n = s.shape[1]
+        padded = False
         if budget >= n:  # a budget covering the host tier selects all of it
             ids = torch.arange(n, device=s.device)[None].expand(s.shape[0], -1).contiguous()
         elif self.cfg.max_similar:
             buckets = torch.cat([similarity_buckets(chunk, self.cfg.similar_bits)
-                                 for _, chunk in self.keys[layer].iter_chunks()], dim=1)
-            ids = capped_topk(s, buckets, budget, self.cfg.max_similar)
+                                 for _, chunk in self._keys_of(layer).iter_chunks()], dim=1)
+            ids, padded = capped_topk(s, buckets, budget, self.cfg.max_similar), True
         else:
-            ids = torch.topk(s, budget, dim=-1).indices
-        sel = Selection(ids=ids, scanned=n * s.shape[0])
+            # in no order on the CPU (attention does not care; sorting 1K of 1.5K ids cost 3x the pick)
+            ids = torch.topk(s, budget, dim=-1, sorted=s.device.type != "cpu").indices
+        sel = Selection(ids=ids, scanned=n * s.shape[0], padded=padded,
+                        logits=logits if layer in self.tiers else None)
         self._stats.record(sel)
         return sel
 

@@ -55,9 +55,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = Fals
 
 
 def _fused_cpu_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """q [..., H_q, D] (Tq tokens or one), k, v [T, H_kv, D]: ATen's CPU flash attention takes them."""
     return (q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
-            and q.shape[1] % k.shape[1] == 0 and _FUSED_CPU is not None)
+            and q.shape[-2] % k.shape[1] == 0 and _FUSED_CPU is not None)
 
 
 def _attend_fused_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
@@ -110,7 +111,17 @@ def attend_math(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool =
 
 
 def decode_attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> tuple[Tensor, Tensor]:
-    """One query token over contiguous keys. q [H_q, D]; k, v [T, H_kv, D] -> (out [H_q, D], lse [H_q])."""
+    """One query token over contiguous keys. q [H_q, D]; k, v [T, H_kv, D] -> (out [H_q, D], lse [H_q]).
+
+    On the CPU straight into ATen's flash attention, each KV head's group of queries the rows
+    of one head ([H_kv, 1, g, D], as _attend_fused_cpu lays out one token): a dense decode step
+    calls this once per layer, so the dozen reshapes of the general path are skipped."""
+    hq, d = q.shape
+    tk, hkv = k.shape[0], k.shape[1]
+    if tk and _fused_cpu_ok(q, k, v):
+        out, lse = _FUSED_CPU(q.reshape(hkv, 1, hq // hkv, d), k.transpose(0, 1)[:, None], v.transpose(0, 1)[:, None],
+                              0.0, False, scale=scale)
+        return out.reshape(hq, d), lse.reshape(hq).float()
     out, lse = attend(q[None], k, v, scale=scale)
     return out[0], lse[0]
 
@@ -218,8 +229,8 @@ def score(q: Tensor, k_rows: Tensor, *, scale: float = 1.0, ids: Tensor | None =
     hkv = k_rows.shape[1]
     keys = k_rows if ids is None else k_rows[ids]
     qg = _acc(q).view(hkv, hq // hkv, d)  # [H_kv, g, D]
-    s = torch.bmm(qg, _acc(keys).permute(1, 2, 0))  # [H_kv, g, N]
-    return s.view(hq, -1).mul_(scale)
+    s = torch.bmm(qg, _acc(keys).permute(1, 2, 0)).view(hq, -1)  # [H_kv, g, N] as [H_q, N]
+    return s if scale == 1.0 else s.mul_(scale)
 
 
 def reduce_group(scores: Tensor, n_kv_heads: int, how: str) -> Tensor:

@@ -254,5 +254,6 @@ class TieredAttention:
     _free_keys = _held("indexes", "free_keys", "position-free host keys per layer, until built")
     _free_buckets = _held("indexes", "free_buckets", "their SimHash buckets (max_similar)")
     one_launch = _held("decoder", "one_launch", "decode: static tier + selection in one launch")
+    fused_cpu = _held("decoder", "fused_cpu", "CPU decode: static tier + selection in one softmax")
     cache_selections = _held("decoder", "cache_selections", "one launch: keep a selection's stable part")
     _spaces = _held("decoder", "spaces", "one launch: each layer's LayerRowSpace")

@@ -7,12 +7,16 @@ scheduler/overlap.py's OverlapFetch with RuntimeConfig(scheduler="overlap"). Whe
 read in place from a pinned host tier by the Triton kernels, the static tier, the selection
 and a device copy of its stable part go in one launch instead (runtime/rowspace.py); a
 batched step runs several sessions' such launches as one (prepare; runtime/batch_attention.py).
+On the CPU (torch kernels, rows read in place from a host tier of model-dtype rows) the static
+tier and the selection share one softmax, the selected rows' logits taken from the search where
+it hands them over (kernels/cpu_decode.py select_attend); `fused_cpu = False` forces the merge.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from kvloft.kernels.cpu_decode import select_attend
 from kvloft.runtime.batch_attention import TableLaunch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
@@ -29,6 +33,7 @@ class ExactDecode:
         self.one_launch = True
         self.cache_selections = True
         self.spaces: dict[int, LayerRowSpace] = {}
+        self.fused_cpu = True  # the CPU route below; False: static + retrieved partials merged
 
     def step(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool) -> Tensor:
         """q [1, H_q, D] of a token whose k, v are appended already (evicted: the rows that
@@ -45,6 +50,8 @@ class ExactDecode:
         q1 = q[0]  # [H_q, D]
         budget = ctx.rcfg.budget if tiers.n_host else 0
         pending = self.fetch.start(layer, tiers, q1, evicted, budget, index_add)
+        if budget and self._fused_cpu(tiers):
+            return self._cpu_step(layer, tiers, q1, budget)
         space = self._row_space(layer, tiers)
         if space is not None:
             return self._prepare_launch(layer, tiers, q1, space)
@@ -67,6 +74,28 @@ class ExactDecode:
         with ctx.timers("attention"):
             parts = space.id_parts(sel.ids.to(q1.device), sel.stable, sel.n_fresh, tiers.n_static)
         return TableLaunch(q1, tiers.k, tiers.v, parts, space.tables, space.slot_rows, ctx.scale, ctx.timers)
+
+    def _fused_cpu(self, tiers: LayerTiers) -> bool:
+        """The CPU route applies: torch kernels on the CPU, rows read in place (InPlaceRows)
+        from a host tier of model-dtype rows (an 8-bit one dequantizes through gather_rows)."""
+        ctx = self.ctx
+        return (self.fused_cpu and ctx.device.type == "cpu" and ctx.ops.name == "reference"
+                and tiers.host_dtype is None and isinstance(self.fetch, InPlaceRows))
+
+    def _cpu_step(self, layer: int, tiers: LayerTiers, q1: Tensor, budget: int) -> Tensor:
+        """q1 [H_q, D] over the static tier and its selection in one softmax -> [1, H_q, D]."""
+        ctx = self.ctx
+        sel = self.fetch.select(layer, q1, budget)
+        ctx.scanned += sel.scanned
+        hk, hv = tiers.host_k, tiers.host_v
+        logits = sel.logits
+        if logits is not None and logits.shape[1] != len(hk):
+            logits = None  # not this tier's rows: read the keys
+        with ctx.timers("attention"):
+            sk, sv, _ = tiers.static_kv()
+            out, _ = select_attend(q1, sk, sv, hk.chunks, hv.chunks, hk.chunk_rows, sel.ids, scale=ctx.scale,
+                                   logits=logits, padded=sel.padded)
+        return out[None]
 
     def _row_space(self, layer: int, tiers: LayerTiers) -> LayerRowSpace | None:
         """The layer's one-launch decode rows (runtime/rowspace.py), or None where they do

@@ -63,3 +63,17 @@ def test_fp64_stays_the_oracle():
     out, lse = reference.attend(q, k, v, scale=0.25, causal=True)
     want_out, want_lse = reference.attend_math(q, k, v, scale=0.25, causal=True)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tk,hq,hkv,d", [(1025, 9, 3, 64), (33, 7, 7, 59), (1, 12, 2, 16)])
+def test_decode_attend_straight_into_flash(dtype, tk, hq, hkv, d):
+    """decode_attend's direct call (one token: [H_kv, 1, g, D]) against the fp64 oracle, keys
+    and values as strided views of a token-major buffer."""
+    q, k, v = _qkv(1, tk, hq, hkv, d, dtype, seed=tk)
+    out, lse = reference.decode_attend(q[0], k, v, scale=d**-0.5)
+    want, want_lse = reference.attend_math(q.double(), k.double(), v.double(), scale=d**-0.5)
+    assert out.shape == (hq, d) and out.dtype == dtype and lse.shape == (hq,) and lse.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse[0], rtol=tol, atol=tol)

@@ -45,10 +45,11 @@ def tiny():
     return load_model("tiny", device="cpu", dtype="float32", seed=5)
 
 
-def _decode(model, rcfg, plug: bool):
+def _decode(model, rcfg, plug: bool, fused_cpu: bool = True):
     g = torch.Generator().manual_seed(1)
     prompt, steps = torch.randint(0, 512, (150,), generator=g), torch.randint(0, 512, (STEPS,), generator=g)
     s = Session(model, rcfg, RuntimeConfig(prefill_chunk=64, progress=False))
+    s.backend.fused_cpu = fused_cpu
     s.feed(prompt)
     fetch = None
     if plug:
@@ -58,10 +59,13 @@ def _decode(model, rcfg, plug: bool):
 
 @pytest.mark.parametrize("budget", [0, 16])
 def test_plugged_fetch_serves_every_decode_step(tiny, budget):
-    rcfg = RetrievalConfig(method="exact", budget=budget, n_sink=4, n_window=32)
-    want, base, _ = _decode(tiny, rcfg, plug=False)
+    # the index keeps its own copy of the keys, so that every evicted row is added through the fetch
+    rcfg = RetrievalConfig(method="exact", budget=budget, n_sink=4, n_window=32, options={"keys_on": "device"})
+    want, base, _ = _decode(tiny, rcfg, plug=False, fused_cpu=False)  # static + retrieved partials, merged
     got, s, fetch = _decode(tiny, rcfg, plug=True)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    fused, _, _ = _decode(tiny, rcfg, plug=False)  # the default CPU route: one softmax
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
     n_layers = tiny.config.n_layers
     assert [layer for layer, _, _ in fetch.starts] == list(range(n_layers)) * STEPS
     assert all(ev and index_add for _, ev, index_add in fetch.starts)  # one token leaves the window per step

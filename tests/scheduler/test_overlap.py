@@ -116,7 +116,8 @@ def test_fetch_paths_equal_tiered(tiny, tokens, params):
 
 
 def test_zero_budget_still_indexes_on_the_worker(tiny, tokens):
-    rcfg = RetrievalConfig(method="exact", budget=0, n_sink=4, n_window=32)
+    # a copy of the keys (on the CPU exact otherwise searches the host tier in place: nothing to add)
+    rcfg = RetrievalConfig(method="exact", budget=0, n_sink=4, n_window=32, options={"keys_on": "device"})
     tiered, t = decode(tiny, rcfg, tokens)
     sched, s = decode(tiny, rcfg, tokens, params=SchedulerParams(search_pool="always"))
     assert rel(sched, tiered) < TOL

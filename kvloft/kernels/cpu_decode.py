@@ -1,0 +1,97 @@
+"""One decode query on the CPU over the static tier and the selected host rows, in one softmax.
+
+The torch path of a retrieval decode step (runtime/exact_decode.py on the CPU). The reference
+route attends to the static tier (ATen's flash attention) and to the selected rows
+(reference.gather_attend: K and V gathered, the logits computed again) apart, then merges the
+two partials by log-sum-exp: three passes and some twenty small ops a layer. Here
+
+    s = [q·K_static | q·K_selected] * scale        [H_kv, g, S + k], one softmax
+    o = p_static @ V_static + p_selected @ V_selected
+
+q·K_selected is read from the logits the retriever computed to rank every host row, where it
+hands them over (Selection.logits: ExactRetriever searching the host tier in place), instead
+of gathering the keys and multiplying again; else from the gathered keys. Rows are gathered
+per KV head by one index_select over a chunk viewed as [rows * H_kv, D]
+(reference.gather_kv indexes two dimensions and zero-fills the pads: 1K rows of SmolLM2's
+3 KV heads cost ~1 ms there, ~60 us here). A pad (-1) reads row 0 and takes logit -inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from kvloft.kernels import cpu_score
+from kvloft.kernels.reference import NEG_INF, _acc
+
+
+def head_rows(chunks: Sequence[Tensor], chunk_rows: int, ids: Tensor) -> Tensor:
+    """Rows of a chunked token-major store, picked per KV head.
+
+    chunks: each [chunk_rows, H_kv, D] contiguous (row i lives in chunks[i // chunk_rows]);
+    ids: [H_kv, k] int64 in [0, rows held), no pads. Returns [H_kv, k, D] (the store's dtype):
+    out[h, j] = head h of row ids[h, j]. One index_select per chunk touched.
+    """
+    hkv, k = ids.shape
+    d = chunks[0].shape[-1]
+    # each row is H_kv vectors of D: head h of row i is vector i * H_kv + h of its chunk
+    flat = (ids * hkv + torch.arange(hkv, device=ids.device)[:, None]).view(-1)  # [H_kv * k]
+    if len(chunks) == 1:
+        return chunks[0].view(-1, d).index_select(0, flat).view(hkv, k, d)
+    per = chunk_rows * hkv
+    cid = torch.div(flat, per, rounding_mode="floor")
+    order = torch.argsort(cid, stable=True)  # by chunk: each chunk's vectors are one slice
+    counts = torch.bincount(cid, minlength=len(chunks)).tolist()
+    sflat = flat[order]
+    parts, at = [], 0
+    for c, n in enumerate(counts):
+        if n:
+            parts.append(chunks[c].view(-1, d).index_select(0, sflat[at : at + n] - c * per))
+        at += n
+    out = torch.empty((hkv * k, d), dtype=chunks[0].dtype, device=chunks[0].device)
+    out[order] = torch.cat(parts)
+    return out.view(hkv, k, d)
+
+
+def select_attend(
+    q: Tensor, static_k: Tensor, static_v: Tensor, host_k: Sequence[Tensor], host_v: Sequence[Tensor],
+    chunk_rows: int, ids: Tensor, *, scale: float, logits: Tensor | None = None, padded: bool = True,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Attention of one query over the static tier and selected host rows, one softmax.
+
+    q: [H_q, D]; static_k, static_v: [S, H_kv, D]; host_k, host_v: the host tier's chunks,
+    each [chunk_rows, H_kv, D]; ids: [H_kv, k] or [k] int64 host rows (-1 = pad, read only
+    where `padded`); logits: optional [H_q, N] fp32, q·k (unscaled) of every host row, from
+    which the selected rows' logits are read instead of from their keys.
+    Returns (out [H_q, D] in q's dtype, lse [H_q] fp32): equal to merging decode_attend over
+    the static tier with gather_attend over the selection (GQA: head h reads KV head h // g).
+    """
+    hq, d = q.shape
+    s_n, hkv = static_k.shape[0], static_k.shape[1]
+    g = hq // hkv
+    if ids.dim() == 1:
+        ids = ids[None].expand(hkv, -1)
+    k = ids.shape[1]
+    qg = _acc(q).view(hkv, g, d)
+    safe = ids.clamp_min(0) if padded else ids
+    if not k:
+        sel = qg.new_empty((hkv, g, 0))
+    elif logits is not None:
+        sel = logits.view(hkv, g, -1).gather(2, safe[:, None, :].expand(hkv, g, k))  # [H_kv, g, k]
+    else:
+        sel = torch.bmm(qg, _acc(head_rows(host_k, chunk_rows, safe)).transpose(1, 2))
+    if padded:
+        sel = sel.masked_fill((ids < 0)[:, None, :], NEG_INF)
+    if cpu_score.applies(q, static_k):  # the static keys scanned in order (~2x bmm's speed)
+        static = cpu_score.score_rows(q, static_k).view(hkv, g, s_n)
+    else:
+        static = torch.bmm(qg, _acc(static_k).permute(1, 2, 0))
+    s = torch.cat([static, sel], dim=2).mul_(scale)  # [H_kv, g, S + k]
+    lse = torch.logsumexp(s, dim=-1)  # [H_kv, g]
+    p = s.sub_(lse.clamp_min(torch.finfo(lse.dtype).min)[..., None]).exp_()
+    out = torch.bmm(p[..., :s_n], _acc(static_v).transpose(0, 1))  # [H_kv, g, D]
+    if k:
+        out = out.baddbmm_(p[..., s_n:], _acc(head_rows(host_v, chunk_rows, safe)))
+    return out.view(hq, d).to(q.dtype), lse.view(hq)

@@ -1,0 +1,52 @@
+"""q·K of every row of a key chunk on the CPU: the scan of an exact search, compiled (numba).
+
+    out[h, n] = sum_d q[h, d] * k[n, h // g, d]        q [H_q, D], k [N, H_kv, D] -> [H_q, N]
+
+torch's bmm over the token-major chunk (reference.score: [H_kv, g, D] x [H_kv, D, N], the keys
+strided by H_kv * D) packs the keys before multiplying three rows by them: on SmolLM2's 4096 x
+3 x 64 fp32 chunk (3 MB, out of cache) ~850 us on one core, where one sum over the same bytes
+takes ~210 us. This loop reads each key row once, in order, and keeps the group's queries in
+cache: ~320 us. One thread (the caller's; the GIL is released), fp32 only; everything else
+goes through reference.score. Compiled on first use (~1 s, once per process).
+The CPU decode step (kernels/cpu_decode.py) scans its static tier's keys through it too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+enabled = True  # False: every scan through reference.score (torch bmm)
+
+
+@njit(nogil=True, fastmath=True, cache=False)
+def _score_rows(q, k, out):  # q [H_q, D], k [N, H_kv, D], out [H_q, N]; float32
+    n, hkv, d = k.shape
+    g = q.shape[0] // hkv
+    for r in range(n):
+        for h in range(hkv):
+            kr = k[r, h]
+            for i in range(g):
+                qi = q[h * g + i]
+                acc = np.float32(0.0)
+                for j in range(d):
+                    acc += qi[j] * kr[j]
+                out[h * g + i, r] = acc
+
+
+def applies(q: Tensor, k_rows: Tensor) -> bool:
+    """The compiled scan takes these: fp32 CPU tensors, keys contiguous, GQA heads dividing."""
+    return (enabled and q.device.type == "cpu" and k_rows.device.type == "cpu"
+            and q.dtype == k_rows.dtype == torch.float32 and k_rows.is_contiguous()
+            and q.shape[0] % k_rows.shape[1] == 0 and q.shape[1] == k_rows.shape[2])
+
+
+def score_rows(q: Tensor, k_rows: Tensor) -> Tensor:
+    """q [H_q, D] fp32 · k_rows [N, H_kv, D] fp32 (contiguous, CPU) -> logits [H_q, N] fp32,
+    unscaled (see `applies`); equal to reference.score up to fp32 summation order."""
+    out = torch.empty((q.shape[0], k_rows.shape[0]), dtype=torch.float32)
+    if k_rows.shape[0]:
+        _score_rows(q.contiguous().numpy(), k_rows.numpy(), out.numpy())
+    return out
