@@ -19,12 +19,12 @@ from torch import Tensor
 
 from kvloft.index.base import Retriever
 from kvloft.index.diversity import capped_topk
-from kvloft.kernels import reference
 from kvloft.runtime.chunk_attention import attend_chunk
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
 from kvloft.runtime.indexes import IndexBook
 from kvloft.runtime.positions import neighbor_plan, remap_sink, search_queries, widen_selection, window_start
+from kvloft.runtime.rotation_table import RotationTable
 from kvloft.tiers.kvcache import LayerTiers, TieredKVCache
 
 
@@ -33,6 +33,7 @@ class ExtrapolateRoute:
                  rows: InPlaceRows) -> None:
         self.ctx, self.cache, self.retriever = ctx, cache, retriever
         self.indexes, self.rows = indexes, rows
+        self.table = RotationTable(ctx.inv_freq)  # prefill's re-rotations (decode keeps rotate_keys: no sync)
 
     def decode(self, layer: int, q: Tensor, positions: Tensor) -> Tensor:
         """One decode token q [1, H_q, D] at positions [1], already appended: window at true
@@ -94,7 +95,7 @@ class ExtrapolateRoute:
         neighbours (neighbor_plan, widen_selection)."""
         rcfg = self.ctx.rcfg
         n_pick, radius = neighbor_plan(rcfg.budget, rcfg.neighbor_radius, tiers.n_host)
-        sq = self._search_queries(q, positions).float()  # [T, H_q, D]
+        sq = search_queries(q, positions, rcfg.n_window, self.ctx.inv_freq, self.table.rotate).float()  # [T, H_q, D]
         q_means = torch.stack([sq[a:b].mean(0) for a, b in ranges])  # [R, H_q, D]
         if self.indexes.built[layer]:
             tops = [self.retriever.select(layer, qm.to(q.dtype), n_pick).ids for qm in q_means]
@@ -144,10 +145,10 @@ class ExtrapolateRoute:
         ctx = self.ctx
         sk, sv, _ = tiers.static_kv()
         ns = tiers.sink_fill
-        sink_k, sink_v, ret_delta = remap_sink(tiers, ids, w0, ctx.inv_freq, ctx.device)
+        sink_k, sink_v, ret_delta = remap_sink(tiers, ids, w0, ctx.inv_freq, ctx.device, self.table.rotate)
         gathered = None
         if ids.numel():
             gk, gv, valid = self.rows.gather(tiers, ids)
             delta = (ret_delta if ret_delta.dim() == 2 else ret_delta[None].expand(valid.shape[0], -1))
-            gathered = (reference.rotate_keys(gk, delta.to(ctx.device), ctx.inv_freq), gv, valid)
+            gathered = (self.table.rotate(gk, delta.to(ctx.device)), gv, valid)
         return attend_chunk(ctx.ops, ctx.scale, q, k, v, [sink_k, sk[ns:]], [sink_v, sv[ns:]], gathered)
