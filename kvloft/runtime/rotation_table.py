@@ -10,7 +10,8 @@ rotate_keys' to the bit (same products, same order).
 The table covers offsets 0..n-1 (sin is odd, cos even: a negative offset reads |delta| and
 flips the sign of sin, exact in fp64 and fp32); it grows on demand to the next power of two
 above the largest |delta| seen, up to `max_bytes` (default 256 MiB: 1M offsets at head dim
-64). Offsets beyond it, and fp64 inputs, go through rotate_keys.
+64). Offsets beyond it, and fp64 inputs, go through rotate_keys. A caller that knows a bound
+on |delta| passes it, so the table is sized without reading delta back (no device sync).
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ class RotationTable:
         self.cos, self.sin = ang.cos().float(), ang.sin().float()  # [n, D/2]
         return True
 
-    def rotate(self, k: Tensor, delta: Tensor) -> Tensor:
+    def rotate(self, k: Tensor, delta: Tensor, bound: int | None = None) -> Tensor:
         """reference.rotate_keys(k, delta, inv_freq), from the table: k [n, H_kv, D], delta [n]
-        or [H_kv, n] int64. Returns [n, H_kv, D] in k's dtype."""
+        or [H_kv, n] int64. bound: |delta| < bound, known to the caller (else read from delta;
+        a wrong bound fails the table's indexing, it never reads a wrong row).
+        Returns [n, H_kv, D] in k's dtype."""
         n, hkv, d = k.shape
         if delta.shape not in ((n,), (hkv, n)) or d != 2 * self.inv_freq.shape[0]:
             return reference.rotate_keys(k, delta, self.inv_freq)  # raises its own errors
@@ -61,7 +64,7 @@ class RotationTable:
             return reference.rotate_keys(k, delta, self.inv_freq)
         delta = delta.to(k.device)
         mag = delta.abs()
-        if not self._grow(int(mag.max()) + 1):
+        if not self._grow(int(mag.max()) + 1 if bound is None else bound):
             return reference.rotate_keys(k, delta, self.inv_freq)
         idx = mag if delta.dim() == 1 else mag.t()  # [n] or [n, H_kv]
         cos, sin = self.cos[idx], self.sin[idx]  # [n(, H_kv), D/2]

@@ -43,3 +43,14 @@ def test_table_grows_and_falls_back_past_its_limit():
     assert table.rows <= 2048  # past the limit: rotate_keys, no growth
     with pytest.raises(ValueError):
         RotationTable(inv, max_bytes=-1)
+
+
+def test_caller_bound_sizes_the_table_and_a_wrong_bound_fails():
+    inv = _inv_freq(8)
+    k = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(1))
+    delta = torch.tensor([[7, -3000, 0], [2999, 1, -1]])
+    table = RotationTable(inv)
+    torch.testing.assert_close(table.rotate(k, delta, bound=3001), reference.rotate_keys(k, delta, inv), rtol=0, atol=0)
+    small = RotationTable(inv)
+    with pytest.raises(IndexError):
+        small.rotate(k, delta, bound=100)  # rows up to 1024 < 3000: the lookup fails, no wrong row
