@@ -67,9 +67,11 @@ class RotationTable:
         if not self._grow(int(mag.max()) + 1 if bound is None else bound):
             return reference.rotate_keys(k, delta, self.inv_freq)
         idx = mag if delta.dim() == 1 else mag.t()  # [n] or [n, H_kv]
-        cos, sin = self.cos[idx], self.sin[idx]  # [n(, H_kv), D/2]
-        neg = (delta < 0) if delta.dim() == 1 else (delta < 0).t()
-        sin = torch.where(neg[..., None], -sin, sin)
+        sign = delta.sign() if delta.dim() == 1 else delta.sign().t()
+        flat = idx.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
+        cos = self.cos.index_select(0, flat).view(*idx.shape, -1)  # [n(, H_kv), D/2], fresh copies
+        sin = self.sin.index_select(0, flat).view(*idx.shape, -1)
+        sin.mul_(sign[..., None].to(sin.dtype))  # sin(-x) = -sin(x); exact (sin(0) = 0)
         if delta.dim() == 1:
             cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         kf = k.float()
