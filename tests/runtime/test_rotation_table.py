@@ -54,3 +54,17 @@ def test_caller_bound_sizes_the_table_and_a_wrong_bound_fails():
     small = RotationTable(inv)
     with pytest.raises(IndexError):
         small.rotate(k, delta, bound=100)  # rows up to 1024 < 3000: the lookup fails, no wrong row
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_table_on_cuda_matches_rotate_keys(dtype):
+    dev = torch.device("cuda")
+    inv = _inv_freq(64).to(dev)
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2048, 2, 64, generator=g).to(dev, dtype)
+    delta = torch.randint(-131_072, 131_073, (2, 2048), generator=g).to(dev)
+    got = RotationTable(inv).rotate(k, delta, bound=131_073)
+    want = reference.rotate_keys(k, delta, inv)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=4 * eps, atol=4 * eps)
