@@ -43,8 +43,10 @@ def attend_padded(ops: KernelSet, scale: float, q: Tensor, gk: Tensor, gv: Tenso
     g = q.shape[1] // hkv
     outs, lses = [], []
     for h in range(hkv):
-        m = valid[h].to(gk.device)
-        o, lse = ops.attend(q[:, h * g : (h + 1) * g], gk[m, h : h + 1], gv[m, h : h + 1], scale=scale)
+        # the rows as indices made where valid lies (the CPU): a boolean mask on the device
+        # would read its count back (one sync per head)
+        rows = valid[h].nonzero()[:, 0].to(gk.device, non_blocking=True)
+        o, lse = ops.attend(q[:, h * g : (h + 1) * g], gk[rows, h : h + 1], gv[rows, h : h + 1], scale=scale)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)

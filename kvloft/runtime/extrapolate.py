@@ -19,12 +19,12 @@ from torch import Tensor
 
 from kvloft.index.base import Retriever
 from kvloft.index.diversity import capped_topk
-from kvloft.kernels import reference
 from kvloft.runtime.chunk_attention import attend_chunk
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
 from kvloft.runtime.indexes import IndexBook
 from kvloft.runtime.positions import neighbor_plan, remap_sink, search_queries, widen_selection, window_start
+from kvloft.runtime.rotation_table import RotationTable
 from kvloft.tiers.kvcache import LayerTiers, TieredKVCache
 
 
@@ -33,6 +33,8 @@ class ExtrapolateRoute:
                  rows: InPlaceRows) -> None:
         self.ctx, self.cache, self.retriever = ctx, cache, retriever
         self.indexes, self.rows = indexes, rows
+        self.table = RotationTable(ctx.inv_freq)  # prefill's re-rotations (decode keeps rotate_keys: no sync)
+        self._pos_max = 0  # the largest position of the chunk being prefilled
 
     def decode(self, layer: int, q: Tensor, positions: Tensor) -> Tensor:
         """One decode token q [1, H_q, D] at positions [1], already appended: window at true
@@ -74,6 +76,7 @@ class ExtrapolateRoute:
         ctx = self.ctx
         tiers: LayerTiers = self.cache[layer]
         with ctx.timers("prefill_attention"):
+            self._pos_max = int(positions.max())  # bounds every re-rotation of this chunk (_rot_bound)
             w0 = window_start(tiers, positions[0])
             ids = torch.empty((ctx.cfg.n_kv_heads, 0), dtype=torch.int64)
             tails: list[tuple[int, int]] = []
@@ -94,13 +97,24 @@ class ExtrapolateRoute:
         neighbours (neighbor_plan, widen_selection)."""
         rcfg = self.ctx.rcfg
         n_pick, radius = neighbor_plan(rcfg.budget, rcfg.neighbor_radius, tiers.n_host)
-        sq = self._search_queries(q, positions).float()  # [T, H_q, D]
+        self._pos_max = int(positions.max())
+        rot = self._rotate(self._rot_bound(tiers, 0))
+        sq = search_queries(q, positions, rcfg.n_window, self.ctx.inv_freq, rot).float()  # [T, H_q, D]
         q_means = torch.stack([sq[a:b].mean(0) for a, b in ranges])  # [R, H_q, D]
         if self.indexes.built[layer]:
             tops = [self.retriever.select(layer, qm.to(q.dtype), n_pick).ids for qm in q_means]
         else:
             tops = list(self._exact_top(layer, q_means, n_pick).unbind(0))
         return [widen_selection(ids, radius, tiers.n_host) if radius else ids for ids in tops]
+
+    def _rot_bound(self, tiers: LayerTiers, k: int) -> int:
+        """A bound on |delta| of this chunk's re-rotations with k retrieved keys per head (host
+        ints, no sync): new positions lie in [w0 - k - n_s, w0), search queries move by
+        n_window - position, true positions in [0, max position of the chunk]."""
+        return self._pos_max + k + tiers.sink_fill + self.ctx.rcfg.n_window + 1
+
+    def _rotate(self, bound: int) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda x, delta: self.table.rotate(x, delta, bound)
 
     def _search_queries(self, q: Tensor, positions: Tensor) -> Tensor:
         return search_queries(q, positions, self.ctx.rcfg.n_window, self.ctx.inv_freq)
@@ -144,10 +158,11 @@ class ExtrapolateRoute:
         ctx = self.ctx
         sk, sv, _ = tiers.static_kv()
         ns = tiers.sink_fill
-        sink_k, sink_v, ret_delta = remap_sink(tiers, ids, w0, ctx.inv_freq, ctx.device)
+        rot = self._rotate(self._rot_bound(tiers, ids.shape[-1]))
+        sink_k, sink_v, ret_delta = remap_sink(tiers, ids, w0, ctx.inv_freq, ctx.device, rot)
         gathered = None
         if ids.numel():
             gk, gv, valid = self.rows.gather(tiers, ids)
             delta = (ret_delta if ret_delta.dim() == 2 else ret_delta[None].expand(valid.shape[0], -1))
-            gathered = (reference.rotate_keys(gk, delta.to(ctx.device), ctx.inv_freq), gv, valid)
+            gathered = (rot(gk, delta.to(ctx.device)), gv, valid)
         return attend_chunk(ctx.ops, ctx.scale, q, k, v, [sink_k, sk[ns:]], [sink_v, sv[ns:]], gathered)

@@ -45,6 +45,8 @@ tokens: RoPE's decay favours near haystack; position-free, most of them in upper
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -108,12 +110,18 @@ def position_free(k: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     return reference.rotate_keys(k, -positions.to(k.device), inv_freq)
 
 
-def search_queries(q: Tensor, positions: Tensor, n_window: int, inv_freq: Tensor) -> Tensor:
+Rotate = Callable[[Tensor, Tensor], Tensor]  # (k [n, H, D], delta [n] / [H, n]) -> rotated k
+
+
+def search_queries(q: Tensor, positions: Tensor, n_window: int, inv_freq: Tensor,
+                   rotate: Rotate | None = None) -> Tensor:
     """Queries q [T, H_q, D] at positions [T] as seen from `n_window` positions after a
     position-free key: q'.k0 is the logit of the key read at distance n_window, where the
     retrieved keys start. Rank keys by it, not by their true distance: beyond the trained
-    length the true-distance logit is noise, and RoPE's decay already favours near keys."""
-    return reference.rotate_keys(q, n_window - positions.to(q.device), inv_freq)
+    length the true-distance logit is noise, and RoPE's decay already favours near keys.
+    rotate: rotate_keys' equal (e.g. RotationTable.rotate), default rotate_keys."""
+    delta = n_window - positions.to(q.device)
+    return rotate(q, delta) if rotate is not None else reference.rotate_keys(q, delta, inv_freq)
 
 
 def window_start(tiers: LayerTiers, after: Tensor) -> Tensor:
@@ -136,15 +144,16 @@ def host_positions(tiers: LayerTiers, ids: Tensor) -> Tensor:
 
 
 def remap_sink(tiers: LayerTiers, ids: Tensor, w0: Tensor, inv_freq: Tensor,
-               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+               device: torch.device, rotate: Rotate | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Sink keys rotated to their new positions, their values, and the retrieved keys' deltas.
 
     ids: [H_kv, k] / [k] host rows (may be empty); w0: 0-dim window start; inv_freq [D/2]
     fp32 on `device`. Returns (sink_k [n_s, H_kv, D], sink_v [n_s, H_kv, D], ret_delta
-    shaped like ids, on `device`).
+    shaped like ids, on `device`). rotate: as in search_queries.
     """
     sk, sv, spos = tiers.static_kv()
     ns = tiers.sink_fill
     ret_pos = host_positions(tiers, ids) if ids.numel() else ids.to(device)
     sink_delta, ret_delta = remap_deltas(w0, spos[:ns], ret_pos.to(device))
-    return reference.rotate_keys(sk[:ns], sink_delta, inv_freq), sv[:ns], ret_delta
+    sink_k = rotate(sk[:ns], sink_delta) if rotate is not None else reference.rotate_keys(sk[:ns], sink_delta, inv_freq)
+    return sink_k, sv[:ns], ret_delta

@@ -1,0 +1,41 @@
+"""runtime/host_rows.gather_rows against plain indexing of the concatenated host store."""
+
+import pytest
+import torch
+
+from kvloft.config import ModelConfig
+from kvloft.runtime.host_rows import gather_rows
+from kvloft.tiers.kvcache import LayerTiers
+
+CFG = ModelConfig.from_name("tiny")  # 3 KV heads, D 16
+
+
+def _tiers(n_rows: int, chunk: int) -> LayerTiers:
+    t = LayerTiers(CFG, n_sink=0, n_window=1, host_chunk=chunk, device=torch.device("cpu"),
+                   dtype=torch.float32, pin=False)
+    g = torch.Generator().manual_seed(n_rows)
+    t.host_k.append(torch.randn((n_rows, CFG.n_kv_heads, CFG.head_dim), generator=g))
+    t.host_v.append(torch.randn((n_rows, CFG.n_kv_heads, CFG.head_dim), generator=g))
+    return t
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_per_head_rows_with_padding(chunk):
+    tiers = _tiers(50, chunk)
+    ids = torch.tensor([[3, 49, -1, 7, 8], [-1, -1, 0, 12, 12], [20, 21, 22, 23, 24]])
+    gk, gv, valid = gather_rows(tiers, ids, torch.device("cpu"))
+    hk, hv = tiers.host_k.all(), tiers.host_v.all()
+    assert gk.shape == gv.shape == (5, 3, 16) and torch.equal(valid, ids >= 0)
+    for h in range(3):
+        for j in range(5):
+            if ids[h, j] >= 0:
+                assert torch.equal(gk[j, h], hk[ids[h, j], h]) and torch.equal(gv[j, h], hv[ids[h, j], h])
+
+
+def test_shared_rows_and_bad_row():
+    tiers = _tiers(30, 8)
+    ids = torch.tensor([29, 0, 15])
+    gk, gv, valid = gather_rows(tiers, ids, torch.device("cpu"))
+    assert torch.equal(gk, tiers.host_k.all()[ids]) and torch.equal(gv, tiers.host_v.all()[ids]) and bool(valid.all())
+    with pytest.raises(IndexError):
+        gather_rows(tiers, torch.tensor([30]), torch.device("cpu"))
