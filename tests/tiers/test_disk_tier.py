@@ -66,14 +66,20 @@ def test_chunked_rows_spill_keeps_rows(tmp_path):
 
 @pytest.mark.parametrize("budget", [10_000, 24])
 def test_spilled_session_equals_in_memory(tiny, tmp_path, budget):
+    """Bit for bit against an in-memory session searching a key copy, as a spilled session
+    does (the copy keeps the search off the disk); against the CPU default, which searches
+    the in-memory host tier in place and reuses its logits, within fp32 rounding."""
     rcfg = RetrievalConfig(method="exact", budget=budget, n_sink=4, n_window=32)
+    copy = RetrievalConfig(method="exact", budget=budget, n_sink=4, n_window=32, options={"keys_on": "device"})
     prompt = torch.randint(0, tiny.config.vocab_size, (230,))
     steps = torch.randint(0, tiny.config.vocab_size, (8,))
-    want = _run(_session(tiny, rcfg), prompt, steps)
+    want = _run(_session(tiny, copy), prompt, steps)
+    in_place = _run(_session(tiny, rcfg), prompt, steps)
     host_budget = 2 * _chunk_set_bytes(tiny)
     s = _session(tiny, rcfg, host_budget, str(tmp_path))
     got = _run(s, prompt, steps)
     assert torch.equal(got, want)
+    torch.testing.assert_close(got, in_place, rtol=1e-5, atol=1e-5)
     st = s.stats()
     assert 0 < st["bytes"]["host"] <= host_budget
     assert st["bytes"]["disk"] > 0 and st["tier_tokens"]["disk"] > 0
