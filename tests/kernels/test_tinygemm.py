@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_quant import assert_rule  # the rule against our dequantized weight, shared with the Triton kernels
 
 from kvloft.kernels.quant import dequantize, quantize_int4, quantize_int8
 from kvloft.kernels.quant import tinygemm as tg
@@ -40,16 +41,6 @@ def gguf_q4(n, k, qtype):
     a = (np.random.default_rng(n + k).standard_normal((n, k)) * 0.1).astype(np.float32)
     raw = gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
     return repack(torch.from_numpy(raw.reshape(-1).copy()), qtype, (n, k))
-
-
-def assert_rule(got, x, pw, what):
-    exact = x.double() @ dequantize(pw).double().t()
-    base = reference_matmul(x, pw)
-    err = (got.double() - exact).abs().max().item()
-    base_err = (base.double() - exact).abs().max().item()
-    floor = ULPS * torch.finfo(torch.float32).eps * max(1.0, exact.abs().max().item())
-    assert got.dtype == x.dtype and got.shape == base.shape, what
-    assert err <= 2 * base_err + floor, f"{what}: tinygemm error {err:.3g} > 2 x torch {base_err:.3g} + {floor:.3g}"
 
 
 def tiny_dense(tw, pw):
