@@ -60,6 +60,27 @@ def _session(model, method, n, seed, evict_batch=0):
     return s
 
 
+def _count_launches(monkeypatch) -> dict:
+    """Counts attention launches from here on: {"batched": [rows of each shared launch], "row":
+    launches of one row's own}."""
+    from kvloft.kernels import batched_decode, sparse_decode
+
+    calls = {"batched": [], "row": 0}
+    real_batched, real_row = batched_decode.gather_attend_table_batched, sparse_decode.gather_attend_table
+
+    def spy_batched(q, *args, **kw):
+        calls["batched"].append(q.shape[0])
+        return real_batched(q, *args, **kw)
+
+    def spy_row(*args, **kw):
+        calls["row"] += 1
+        return real_row(*args, **kw)
+
+    monkeypatch.setattr(batched_decode, "gather_attend_table_batched", spy_batched)
+    monkeypatch.setattr(sparse_decode, "gather_attend_table", spy_row)
+    return calls
+
+
 def _twins(model, specs, tmp_path):
     """Two identical sets of fed sessions, one per (method, prompt length) in specs: each fed
     once and its twin restored from a save (kvloft.runtime.persist), which is cheaper than a
@@ -156,8 +177,6 @@ def test_one_launch_rows_share_one_launch_per_layer_and_equal_alone(tiny, monkey
     batched step runs the three in ONE launch per layer (gather_attend_table_batched, no
     per-row launch) and every session equals its own steps alone: greedy tokens, logits to fp32
     rounding, counters, tiers, HiP's state and the selection-cache fills, layer by layer."""
-    from kvloft.kernels import batched_decode, sparse_decode
-
     specs = [("exact", 300), ("hip", 410), ("dense", 120), ("exact", 200)]
     alone, batched = _twins(tiny, specs, tmp_path)
     # host chunks of 64 rows: each last chunk has room for the 6 steps' rows (a chunk can't be
@@ -165,19 +184,7 @@ def test_one_launch_rows_share_one_launch_per_layer_and_equal_alone(tiny, monkey
     assert all(0 < s.backend.cache[0].n_host % 64 <= 64 - 6 for s in batched if s.retrieval.method != "dense")
     _one_launch_route(alone + batched)
     want = [_greedy_alone(s, 4) for s in alone]
-    calls = {"batched": [], "row": 0}
-    real_batched, real_row = batched_decode.gather_attend_table_batched, sparse_decode.gather_attend_table
-
-    def spy_batched(q, *args, **kw):
-        calls["batched"].append(q.shape[0])
-        return real_batched(q, *args, **kw)
-
-    def spy_row(*args, **kw):
-        calls["row"] += 1
-        return real_row(*args, **kw)
-
-    monkeypatch.setattr(batched_decode, "gather_attend_table_batched", spy_batched)
-    monkeypatch.setattr(sparse_decode, "gather_attend_table", spy_row)
+    calls = _count_launches(monkeypatch)
     got = Engine(tiny).generate(batched, max_new_tokens=4, stop_at_eos=False)
     assert got == want
     assert calls == {"batched": [3] * (4 * tiny.config.n_layers), "row": 0}  # 4 steps x layers, 3 rows each
@@ -445,27 +452,13 @@ def test_cuda_one_launch_rows_share_one_launch_per_layer(tmp_path, monkeypatch):
     steps so the slot tables are remade): exact, hip and exact rows of different lengths share
     one attention launch per layer (the dense row attends alone), and through 80 steps every
     session equals its own steps alone; the per-row path (shared_attention=False) too."""
-    from kvloft.kernels import batched_decode, sparse_decode
-
     model = load_model("tiny", device="cuda", dtype="float32", seed=5)
     specs = [("exact", 700), ("hip", 1100), ("dense", 300), ("exact", 420)]
     alone, batched = _twins(model, specs, tmp_path)
     _, rowwise = _twins(model, specs, tmp_path / "rowwise")
     chunks = [len(s.backend.cache[0].host_k.chunks) for s in batched if s.retrieval.method != "dense"]
     want = [_greedy_alone(s, 80) for s in alone]  # past evict_batch (64 on CUDA): rows move down
-    calls = {"batched": [], "row": 0}
-    real_batched, real_row = batched_decode.gather_attend_table_batched, sparse_decode.gather_attend_table
-
-    def spy_batched(q, *args, **kw):
-        calls["batched"].append(q.shape[0])
-        return real_batched(q, *args, **kw)
-
-    def spy_row(*args, **kw):
-        calls["row"] += 1
-        return real_row(*args, **kw)
-
-    monkeypatch.setattr(batched_decode, "gather_attend_table_batched", spy_batched)
-    monkeypatch.setattr(sparse_decode, "gather_attend_table", spy_row)
+    calls = _count_launches(monkeypatch)
     assert Engine(model, max_batch=4).generate(batched, 80, stop_at_eos=False) == want
     assert calls == {"batched": [3] * (80 * model.config.n_layers), "row": 0}
     assert Engine(model, max_batch=4, shared_attention=False).generate(rowwise, 80, stop_at_eos=False) == want
