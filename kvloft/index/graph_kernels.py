@@ -189,6 +189,20 @@ def _append_unique(adj, deg, v, c):
 
 
 @njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _pool_knn(knn_ids, order, i, j, stamp, turn, cand, nc):
+    """Append to cand[nc:] the other kNN keys (columns 1..) of queries order[i:j], each key
+    once per pivot turn (stamp[c] == turn: already in); returns the new count."""
+    for r in range(i, j):
+        for t in range(1, knn_ids.shape[1]):
+            c = knn_ids[order[r], t]
+            if stamp[c] != turn:
+                stamp[c] = turn
+                cand[nc] = c
+                nc += 1
+    return nc
+
+
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
 def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
     """Pivot projection: the queries whose nearest key is p pool their other kNN keys as
     p's candidates. knn_ids [Mq, K] int32 nearest first; order [Mq]: queries by pivot."""
@@ -208,13 +222,7 @@ def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
         turn += 1
         cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]), np.int32)
         nc = 0
-        for r in range(i, j):
-            for t in range(1, kk):
-                c = knn_ids[order[r], t]
-                if stamp[c] != turn:
-                    stamp[c] = turn
-                    cand[nc] = c
-                    nc += 1
+        nc = _pool_knn(knn_ids, order, i, j, stamp, turn, cand, nc)
         _set_pruned(keys, adj, deg, parent, pivot, cand, nc, l2, fill, adj.shape[1])
         i = j
 
@@ -440,13 +448,7 @@ def _project_merge(keys, adj, deg, parent, knn_ids, order, l2, fill):
             cand[nc] = adj[pivot, t]
             nc += 1
         old = nc
-        for r in range(i, j):
-            for t in range(1, kk):
-                c = knn_ids[order[r], t]
-                if stamp[c] != turn:
-                    stamp[c] = turn
-                    cand[nc] = c
-                    nc += 1
+        nc = _pool_knn(knn_ids, order, i, j, stamp, turn, cand, nc)
         if nc > old:
             _set_pruned(keys, adj, deg, parent, pivot, cand, nc, l2, fill, m)
             for t in range(deg[pivot]):
