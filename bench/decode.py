@@ -150,7 +150,8 @@ def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
     """Why this row cannot run (its plan's numbers), or None."""
     runtime = RuntimeConfig(gpu_memory_budget=0 if dense else args.gpu_budget)
     plan = plan_memory(model.config, rcfg, runtime, n + 64, model.dtype, check=False,
-                       cache_cfg=CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
+                       cache_cfg=CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1),
+                                             host_dtype=args.host_dtype))
     gpu_limit = args.device_bytes * 0.92 if dense else args.gpu_budget
     # the context is written into the tiers, not prefilled: the decode side of the plan
     b = args.batch  # sessions of the row: each holds its own tiers and index, the weights are shared
@@ -182,7 +183,7 @@ def preallocate_dense(s: Session, capacity: int) -> None:
 def new_session(model, rcfg: RetrievalConfig, flags: set[str], n: int, args) -> Session:
     """A session of the row's method with n synthetic tokens written into its tiers."""
     s = Session(model, rcfg, RuntimeConfig(progress=False, cuda_graphs="eager" not in flags),
-                CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1)))
+                CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1), host_dtype=args.host_dtype))
     if hasattr(s.backend, "one_launch"):  # runtime/rowspace.py (TieredAttention)
         s.backend.one_launch = "split" not in flags
         s.backend.cache_selections = "nocache" not in flags
@@ -465,6 +466,8 @@ def main() -> None:
                     "small CPU, 1 keeps few-row GEMMs from thrashing threads)")
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int4", "int8"],
                     help="linear weights (load_model(weights=...)); int4 on CUDA runs PyTorch's tinygemm kernel")
+    ap.add_argument("--host-dtype", default=None, choices=["int8", "fp8"],
+                    help="8-bit host tier (CacheConfig.host_dtype); default: the model dtype")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -501,7 +504,7 @@ def main() -> None:
                     emit({"preset": preset, "method": spec, "context": n, "not_run": "time limit of the run"})
                     continue
                 row = run_row(model, spec, n, args)
-                row.update(preset=preset, weights=args.weights, linears=linears,
+                row.update(preset=preset, weights=args.weights, host_dtype=args.host_dtype, linears=linears,
                            weights_gib=round(model.weight_bytes / GiB, 2), floor_ms=floor)
                 emit(row)
         for n in [parse_tokens(c) for c in args.prefill.split(",") if c]:
