@@ -87,6 +87,7 @@ class Session:
                 self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device,
                                                self.runtime.profile)
         self.tokens: list[int] = []
+        self.prefill_chunk: int | None = None  # tokens per chunk of the last feed (on CUDA: the plan's choice)
         self._last_logits: Tensor | None = None
         self._times = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
 
@@ -157,7 +158,8 @@ class Session:
         return self.feed(text)
 
     def _prefill(self, ids: list[int], on_progress: Callable[[int, int], None] | None = None) -> None:
-        chunk = self.runtime.resolved_prefill_chunk(self.model.device)
+        chunk = self.limits.prefill_chunk(self.backend, len(self.tokens), len(ids))
+        self.prefill_chunk = chunk
         start = len(self.tokens)
         n_chunks = -(-len(ids) // chunk)
         bar = None
@@ -357,6 +359,8 @@ class Session:
         if tok is not None:  # "model": the model's own template; "builtin-*": it carries none
             out["chat_template"] = tok.chat_template_source
         t = self._times
+        if self.prefill_chunk is not None:
+            out["prefill_chunk"] = self.prefill_chunk
         if t["prefill_s"]:
             out["prefill_tok_per_s"] = round(t["prefill_tokens"] / t["prefill_s"], 1)
         if t["decode_s"]:

@@ -1,0 +1,71 @@
+"""The prefill chunk a session takes, and (CUDA) what one chunk really allocates against the
+memory plan's workspace estimate (scheduler/budget.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.scheduler.budget import pick_prefill_chunk, plan_memory
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu", dtype="float32")
+
+
+def test_cpu_session_takes_2048_or_the_explicit_chunk(tiny):
+    s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False))
+    s.feed(list(range(1, 40)))
+    assert s.prefill_chunk == 2048 and s.stats()["prefill_chunk"] == 2048
+    s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False, prefill_chunk=16))
+    s.feed(list(range(1, 40)))
+    assert s.prefill_chunk == 16
+
+
+def _one_chunk_peak(session: Session, ids: list[int], chunk: int) -> tuple[int, int]:
+    """Feed ids but the last chunk, then the last chunk alone: (peak bytes over what stays
+    allocated after it, bytes allocated after it) on the current CUDA device."""
+    session.feed(ids[:-chunk])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    session.feed(ids[-chunk:])
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    return torch.cuda.max_memory_allocated() - max(before, after), after
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["dense", "exact"])
+@pytest.mark.parametrize("chunk", [512, 4096])
+def test_chunk_workspace_within_the_plan_cuda(method, chunk):
+    # the plan's prefill workspace is an upper bound of a chunk's transients, and not a loose one
+    model = load_model("qwen2.5-0.5b-shape", device="cuda", dtype="bfloat16")
+    n = 16384
+    rcfg = RetrievalConfig(method=method, budget=1024, n_sink=64, n_window=512)
+    runtime = RuntimeConfig(progress=False, prefill_chunk=chunk)
+    ids = torch.randint(1, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    s = Session(model, rcfg, runtime, CacheConfig())
+    s.feed(ids[: 2 * chunk])  # kernels and cuBLAS workspaces created before the measurement
+    s.reset()
+    measured, _ = _one_chunk_peak(s, ids, chunk)
+    est = plan_memory(model.config, rcfg, runtime, n, "bfloat16").prefill_workspace
+    assert measured <= est, f"a {chunk}-token chunk took {measured / MiB:.0f} MiB, the plan {est / MiB:.0f} MiB"
+    assert est <= 3 * measured + 64 * MiB, f"plan {est / MiB:.0f} MiB for {measured / MiB:.0f} MiB measured"
+
+
+@pytest.mark.gpu
+def test_cuda_session_takes_the_plans_chunk():
+    model = load_model("qwen2.5-0.5b-shape", device="cuda", dtype="bfloat16")
+    rcfg = RetrievalConfig(method="exact", budget=1024)
+    budget = model.weight_bytes + 600 * MiB  # room for a mid-sized chunk only
+    runtime = RuntimeConfig(progress=False, gpu_memory_budget=budget)
+    s = Session(model, rcfg, runtime)
+    s.feed(list(range(1, 8193)))
+    want = pick_prefill_chunk(model.config, rcfg, runtime, 8192, "bfloat16")
+    assert s.prefill_chunk <= want and s.prefill_chunk in (512, 2048, 4096, 8192, 16384)
+    assert pick_prefill_chunk(model.config, rcfg, RuntimeConfig(gpu_memory_budget=2**40), 8192, "bfloat16") == 16384
