@@ -69,3 +69,20 @@ def test_cuda_session_takes_the_plans_chunk():
     want = pick_prefill_chunk(model.config, rcfg, runtime, 8192, "bfloat16")
     assert s.prefill_chunk <= want and s.prefill_chunk in (512, 2048, 4096, 8192, 16384)
     assert pick_prefill_chunk(model.config, rcfg, RuntimeConfig(gpu_memory_budget=2**40), 8192, "bfloat16") == 16384
+
+
+def test_dense_session_through_the_lower_right_sdpa_equals_the_reference(tiny):
+    # the CUDA route of a dense chunk (public SDPA, causal_lower_right, enable_gqa) run on the
+    # CPU inside a session: chunks of 16 over up to 80 earlier tokens, 9 query heads over 3
+    import dataclasses
+
+    from kvloft.kernels import REFERENCE, flash
+
+    ids = torch.randint(1, tiny.config.vocab_size, (87,), generator=torch.Generator().manual_seed(1)).tolist()
+    logits = []
+    for ops in (REFERENCE, dataclasses.replace(REFERENCE, name="sdpa", causal_attend=flash.sdpa_causal)):
+        s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False, prefill_chunk=16))
+        s.ops = s.backend.ops = ops
+        s.feed(ids)
+        logits.append(s._last_logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
