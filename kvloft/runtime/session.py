@@ -359,8 +359,6 @@ class Session:
         if tok is not None:  # "model": the model's own template; "builtin-*": it carries none
             out["chat_template"] = tok.chat_template_source
         t = self._times
-        if self.prefill_chunk is not None:
-            out["prefill_chunk"] = self.prefill_chunk
         if t["prefill_s"]:
             out["prefill_tok_per_s"] = round(t["prefill_tokens"] / t["prefill_s"], 1)
         if t["decode_s"]:

@@ -20,7 +20,7 @@ def tiny():
 def test_cpu_session_takes_2048_or_the_explicit_chunk(tiny):
     s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False))
     s.feed(list(range(1, 40)))
-    assert s.prefill_chunk == 2048 and s.stats()["prefill_chunk"] == 2048
+    assert s.prefill_chunk == 2048
     s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False, prefill_chunk=16))
     s.feed(list(range(1, 40)))
     assert s.prefill_chunk == 16
@@ -67,7 +67,7 @@ def test_cuda_session_takes_the_plans_chunk():
     s = Session(model, rcfg, runtime)
     s.feed(list(range(1, 8193)))
     want = pick_prefill_chunk(model.config, rcfg, runtime, 8192, "bfloat16")
-    assert s.prefill_chunk <= want and s.prefill_chunk in (512, 2048, 4096, 8192, 16384)
+    assert s.prefill_chunk == want < 8192  # an 80 GiB card has the free memory: the budget decides
     assert pick_prefill_chunk(model.config, rcfg, RuntimeConfig(gpu_memory_budget=2**40), 8192, "bfloat16") == 16384
 
 
