@@ -15,8 +15,14 @@ from kvloft.kernels import KernelSet
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.loader import Model
-from kvloft.scheduler.budget import (available_bytes, dense_kv_bytes, fmt_bytes, pick_prefill_chunk, plan_memory,
-                                     static_tier_bytes)
+from kvloft.scheduler.budget import (
+    available_bytes,
+    dense_kv_bytes,
+    fmt_bytes,
+    pick_prefill_chunk,
+    plan_memory,
+    static_tier_bytes,
+)
 from kvloft.tiers.kvcache import TieredKVCache
 
 __all__ = ["SessionLimits"]

@@ -88,7 +88,7 @@ def _flash_emulated(q, k, v, dropout, *, is_causal, scale):
     """aten._scaled_dot_product_flash_attention's contract on the CPU: q [1, H_q, Tq, D],
     k, v [1, H_kv, Tk, D] (GQA), causal lower-right -> (out [1, H_q, Tq, D], lse [1, H_q, Tq])."""
     assert dropout == 0.0 and (q.shape[2] <= k.shape[2] or not is_causal)
-    tq = lambda x: x[0].transpose(0, 1)  # noqa: E731
+    tq = lambda x: x[0].transpose(0, 1)
     out, lse = reference.attend_math(tq(q), tq(k), tq(v), scale=scale, causal=is_causal)
     return out.transpose(0, 1)[None], lse.transpose(0, 1)[None]
 
