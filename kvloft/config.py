@@ -311,7 +311,9 @@ class RuntimeConfig:
     prefill_chunk: tokens per prefill chunk; None = auto: on CUDA a session takes, per feed,
         the largest of 16384, 8192, 4096, 2048, 512 whose workspace the memory plan fits in
         what gpu_memory_budget (and the device's free memory) leaves after the weights, static
-        tier, row cache and index (scheduler/budget.py pick_prefill_chunk); 2048 elsewhere.
+        tier, row cache and index (scheduler/budget.py pick_prefill_chunk), at most 4096 where
+        a chunk's queries select the host rows it reads (exact past prefill_dense_tokens,
+        extrapolate: there the chunk is a quality setting); 2048 elsewhere.
         resolved_prefill_chunk gives 512 on CUDA to callers without a plan. On the CPU every
         chunk re-reads the weights and pays the model's ~1,300 small ops again; 2048 is ~2x
         faster than 512 on a busy 2-core machine.

@@ -22,8 +22,9 @@ context of n_tokens, the bytes the current code puts on the compute device:
 
 The prefill chunk (RuntimeConfig.prefill_chunk; None = auto on CUDA): `pick_prefill_chunk`
 takes the largest of PREFILL_CHUNKS whose workspace fits what the budget leaves after the
-weights, static tier, row cache and index (less budget / CACHE_HEADROOM), 512 if none does;
-a plan for prefill_chunk=None prices that choice (without a budget, the largest).
+weights, static tier, row cache and index (less budget / CACHE_HEADROOM), 512 if none does,
+and no more than 4096 where chunks select their host rows (a quality setting there); a plan
+for prefill_chunk=None prices that choice (without a budget, the largest).
 
 Estimates of transients follow the code paths (runtime/attention.py, index/*.py); they
 are upper bounds of what one layer holds at once, not allocator measurements. Over
@@ -50,6 +51,9 @@ GiB = 2**30
 MIRROR_METHODS = ("exact", "tokenselect", "hip", "recycled")
 STABLE_METHODS = ("hip",)  # selections with a stable part (runtime/rowspace.py caches its rows)
 PREFILL_CHUNKS = (16384, 8192, 4096, 2048, 512)  # the auto prefill chunk's candidates, largest first
+# where a chunk's queries select the host rows it reads (exact past prefill_dense_tokens, extrapolate),
+# the chunk size is a quality setting: the auto choice stays at the size the quality runs measured
+SELECTING_CHUNK_MAX = 4096
 
 
 @dataclass
@@ -346,7 +350,7 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
     chunk = runtime.prefill_chunk or chunk
     if chunk is None:
         room = _chunk_room(runtime.gpu_memory_budget, weights + static + row_cache + index, free_bytes)
-        chunk = _auto_chunk(prefill, room)
+        chunk = _auto_chunk(prefill, room, SELECTING_CHUNK_MAX if _selecting(rcfg, n) else None)
     pre = prefill(chunk)
     host_row = token_row if cache_cfg.host_dtype is None else 2 * packed_row_bytes((hkv, d))  # 8-bit: codes + scales
     host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (host_row + 8) * layers
@@ -363,11 +367,19 @@ def _chunk_room(budget: int, resident: int, free_bytes: int | None) -> int | Non
     return room
 
 
-def _auto_chunk(prefill, room: int | None) -> int:
-    """The largest of PREFILL_CHUNKS whose workspace prefill(chunk) fits `room` (None: any),
-    the smallest when none does."""
+def _selecting(rcfg: RetrievalConfig, n: int) -> bool:
+    """A prefill growing to n tokens has chunks that select their host rows by their queries
+    (runtime/exact_prefill.py sparse, runtime/extrapolate.py), so its chunk size is approximate."""
+    if rcfg.method == "dense":
+        return False
+    return rcfg.position_mode == "extrapolate" or n > rcfg.prefill_dense_tokens
+
+
+def _auto_chunk(prefill, room: int | None, cap: int | None = None) -> int:
+    """The largest of PREFILL_CHUNKS (at most `cap`) whose workspace prefill(chunk) fits `room`
+    (None: any), the smallest when none does."""
     for c in PREFILL_CHUNKS:
-        if room is None or prefill(c) <= room:
+        if (cap is None or c <= cap) and (room is None or prefill(c) <= room):
             return c
     return PREFILL_CHUNKS[-1]
 
@@ -386,8 +398,9 @@ def pick_prefill_chunk(
 ) -> int:
     """Tokens per prefill chunk on CUDA for a context growing to n_tokens.
 
-    RuntimeConfig.prefill_chunk when set; else the largest of PREFILL_CHUNKS (16384 .. 512)
-    whose prefill workspace (the plan's estimate at n_tokens) fits what gpu_memory_budget
+    RuntimeConfig.prefill_chunk when set; else the largest of PREFILL_CHUNKS (16384 .. 512;
+    at most SELECTING_CHUNK_MAX = 4096 where chunks select host rows by their queries: past
+    prefill_dense_tokens in exact mode, always in extrapolate mode) whose prefill workspace (the plan's estimate at n_tokens) fits what gpu_memory_budget
     leaves after the weights, static tier, row cache (cache_bytes) and index, less
     budget // CACHE_HEADROOM, and fits free_bytes (the device memory a session can still
     take, less what the feed adds to the tiers); 512 when none fits (the plan then refuses

@@ -151,7 +151,7 @@ QWEN = ModelConfig.from_name("qwen2.5-0.5b-shape")
 @pytest.mark.parametrize("method", ["exact", "dense"])
 @pytest.mark.parametrize("n", [32 * 1024, 128 * 1024])
 def test_auto_prefill_chunk_is_the_largest_that_fits_24gib(cfg, method, n):
-    from kvloft.scheduler.budget import PREFILL_CHUNKS, pick_prefill_chunk
+    from kvloft.scheduler.budget import PREFILL_CHUNKS, SELECTING_CHUNK_MAX, pick_prefill_chunk
 
     rcfg, runtime = RetrievalConfig(method=method), RuntimeConfig(gpu_memory_budget="24GiB")
     chunk = pick_prefill_chunk(cfg, rcfg, runtime, n, "bfloat16")
@@ -162,7 +162,8 @@ def test_auto_prefill_chunk_is_the_largest_that_fits_24gib(cfg, method, n):
         p = plan_memory(cfg, rcfg, dataclasses.replace(runtime, prefill_chunk=c), n, "bfloat16", check=False)
         return p.resident + p.prefill_workspace <= 24 * GiB - 24 * GiB // CACHE_HEADROOM
 
-    larger = [c for c in PREFILL_CHUNKS if c > chunk]
+    cap = SELECTING_CHUNK_MAX if method != "dense" and n > rcfg.prefill_dense_tokens else max(PREFILL_CHUNKS)
+    larger = [c for c in PREFILL_CHUNKS if chunk < c <= cap]
     assert not any(fits(c) for c in larger)
     assert fits(chunk) or chunk == PREFILL_CHUNKS[-1]
 
@@ -181,8 +182,14 @@ def test_auto_prefill_chunk_by_hand():
     assert pick_prefill_chunk(LLAMA, exact, dataclasses.replace(runtime, prefill_chunk=333), 1 << 17, "bfloat16") == 333
     assert pick_prefill_chunk(QWEN, exact, runtime, 1 << 17, "bfloat16", free_bytes=300 * 2**20) == 4096
     assert pick_prefill_chunk(LLAMA, exact, RuntimeConfig(gpu_memory_budget="23GiB"), 1 << 17, "bfloat16") == 512
-    # no budget and no free-memory bound: the largest
-    assert pick_prefill_chunk(LLAMA, exact, RuntimeConfig(), 1 << 17, "bfloat16") == 16384
+    # no budget and no free-memory bound: the largest, 4096 where chunks select their host rows
+    # (exact past prefill_dense_tokens, extrapolate)
+    assert pick_prefill_chunk(LLAMA, exact, RuntimeConfig(), 32768, "bfloat16") == 16384
+    assert pick_prefill_chunk(LLAMA, exact, RuntimeConfig(), 32769, "bfloat16") == 4096
+    assert pick_prefill_chunk(LLAMA, RetrievalConfig(method="dense"), RuntimeConfig(), 1 << 17, "bfloat16") == 16384
+    extrapolate = RetrievalConfig(method="exact", position_mode="extrapolate")
+    assert pick_prefill_chunk(LLAMA, extrapolate, RuntimeConfig(), 8192, "bfloat16") == 4096
+    assert pick_prefill_chunk(LLAMA, extrapolate, RuntimeConfig(prefill_chunk=16384), 8192, "bfloat16") == 16384
 
 
 def test_flash_prefill_is_priced_without_logits():
