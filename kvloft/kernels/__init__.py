@@ -30,7 +30,9 @@ class KernelSet:
     merge: Callable
     score_topk: Callable
     # q [Tq, H_q, D], k, v [Tk, H_kv, D], Tq <= Tk, the queries the last Tq keys -> out [Tq, H_q, D]
-    causal_attend: Callable | None = None  # set in __post_init__ when not given: attend's out
+    # not given: attend's out, bound when the set is made (dataclasses.replace of attend keeps the
+    # old one: replace causal_attend with it)
+    causal_attend: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.causal_attend is None:
