@@ -362,7 +362,8 @@ def prefill_row(model, spec: str, n: int, args) -> dict:
     reset_gpu()
     s = None
     try:
-        s = Session(model, rcfg, RuntimeConfig(progress=False, prefill_chunk=args.prefill_chunk),
+        chunk = None if args.prefill_chunk == "auto" else int(args.prefill_chunk)  # auto: the plan's choice
+        s = Session(model, rcfg, RuntimeConfig(progress=False, prefill_chunk=chunk, gpu_memory_budget=args.gpu_budget),
                     CacheConfig(host_chunk_tokens=args.host_chunk))
         ids = torch.randint(1, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
         sync()
@@ -372,6 +373,7 @@ def prefill_row(model, spec: str, n: int, args) -> dict:
         secs = time.perf_counter() - t0
         row["prefill_s"] = round(secs, 1)
         row["prefill_tokens_per_s"] = round(n / secs)
+        row["prefill_chunk"] = s.prefill_chunk
         row["peak_gpu_gib"] = round(peak_gpu() / GiB, 2)
         row["under_budget"] = peak_gpu() <= args.gpu_budget
         st = s.stats()
@@ -447,7 +449,7 @@ def main() -> None:
     add_decode_args(ap)
     ap.add_argument("--prefill", default="", help="contexts for real prefill rows, e.g. 32k,128k")
     ap.add_argument("--prefill-method", default="hip")
-    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--prefill-chunk", default="4096", help="tokens per prefill chunk, or auto (the memory plan's)")
     ap.add_argument("--host-chunk", type=int, default=65536, help="host chunk tokens of the prefill rows")
     ap.add_argument("--decode-host-chunk", type=int, default=0,
                     help="host chunk tokens of the decode rows (0 = the whole context in one chunk; "

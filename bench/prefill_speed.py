@@ -3,8 +3,12 @@
 Random bf16 weights in a preset's shape (default qwen2.5-0.5b-shape, the 32K model's shape) on
 one GPU. kvloft rows: one per (method, prefill chunk); HF: one forward of the whole prompt with
 a cache, `logits_to_keep=1`. Each row is the median of --repeats timed runs after one warm-up.
+Chunk "auto" is RuntimeConfig(prefill_chunk=None): the session picks the chunk from the memory
+plan within --gpu-budget (and the card's free memory); the row records the chunk it took.
 
-    python bench/prefill_speed.py --lengths 8k,30k --chunks 512,4096,16384 --methods dense,exact --out DIR
+    python bench/prefill_speed.py --lengths 8k,30k --chunks 512,4096,16384,auto --methods dense,exact --out DIR
+    python bench/prefill_speed.py --preset llama3-8b --lengths 128k --chunks 512,auto --methods exact \
+        --gpu-budget 24GiB --no-hf --repeats 1
     python bench/prefill_speed.py --profile dense:4096:8k    # top CUDA kernels and host time of one run
 
 Prints a table and writes prefill_speed.json under --out.
@@ -41,14 +45,22 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(secs)
 
 
-def kvloft_feed(model, method: str, chunk: int, ids: torch.Tensor, budget: int):
+def kvloft_feed(model, method: str, chunk: int | None, ids: torch.Tensor, budget: int, gpu_budget: str = "0",
+                took: list | None = None):
+    """A timed run: a fresh session feeds ids. chunk None = the plan's choice (appended to took)."""
     def run() -> None:
         s = Session(model, RetrievalConfig(method=method, budget=budget, n_sink=64, n_window=512),
-                    RuntimeConfig(progress=False, prefill_chunk=chunk), CacheConfig())
+                    RuntimeConfig(progress=False, prefill_chunk=chunk, gpu_memory_budget=gpu_budget), CacheConfig())
         s.feed(ids)
         sync()
+        if took is not None:
+            took.append(s.prefill_chunk)
         del s
     return run
+
+
+def parse_chunk(text: str) -> int | None:
+    return None if text == "auto" else int(text)
 
 
 def hf_model(preset: str, device: str):
@@ -78,7 +90,7 @@ def hf_feed(net, ids: torch.Tensor):
 def profile(model, spec: str, budget: int) -> None:
     method, chunk, length = spec.split(":")
     ids = torch.randint(1, model.config.vocab_size, (parse_tokens(length),))
-    run = kvloft_feed(model, method, int(chunk), ids, budget)
+    run = kvloft_feed(model, method, parse_chunk(chunk), ids, budget)
     run()
     from torch.profiler import ProfilerActivity, profile as prof
 
@@ -95,9 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="qwen2.5-0.5b-shape")
     ap.add_argument("--lengths", default="8k,30k")
-    ap.add_argument("--chunks", default="512,4096,16384")
+    ap.add_argument("--chunks", default="512,4096,16384,auto", help="prefill chunks; auto = the plan's choice")
     ap.add_argument("--methods", default="dense,exact")
     ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--gpu-budget", default="0", help="RuntimeConfig.gpu_memory_budget, e.g. 24GiB (0 = none)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", default="", help="METHOD:CHUNK:LENGTH, profile one run and stop")
@@ -114,11 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     for n in lengths:
         ids = torch.randint(1, model.config.vocab_size, (n,), generator=gen)
         for method in args.methods.split(","):
-            for chunk in [int(c) for c in args.chunks.split(",")]:
-                row = {"system": "kvloft", "method": method, "chunk": chunk, "tokens": n}
+            for chunk in [parse_chunk(c) for c in args.chunks.split(",")]:
+                row = {"system": "kvloft", "method": method, "chunk": chunk or "auto", "tokens": n}
+                took: list[int] = []
                 try:
-                    secs = timed(kvloft_feed(model, method, chunk, ids, args.budget), args.repeats)
+                    secs = timed(kvloft_feed(model, method, chunk, ids, args.budget, args.gpu_budget, took),
+                                 args.repeats)
                     row.update(seconds=round(secs, 3), tokens_per_s=round(n / secs))
+                    if chunk is None:
+                        row["chunk"] = f"auto={took[-1]}"
                 except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
@@ -145,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "prefill_speed.json").write_text(json.dumps({"preset": args.preset, "card": card,
+                                                                        "gpu_budget": args.gpu_budget,
                                                                         "rows": rows}, indent=1))
 
 

@@ -308,9 +308,15 @@ class RuntimeConfig:
     gpu_memory_budget / host_memory_budget: bytes (int) or strings like "24GiB"; 0 = no limit.
     kernels: "auto" (Triton on CUDA, torch reference on CPU), "reference" or "triton";
         the default comes from KVLOFT_KERNELS, read once when the config is made.
-    prefill_chunk: tokens per prefill chunk; None = 512 on CUDA, 2048 elsewhere
-        (resolved_prefill_chunk). On the CPU every chunk re-reads the weights and pays the
-        model's ~1,300 small ops again; 2048 is ~2x faster than 512 on a busy 2-core machine.
+    prefill_chunk: tokens per prefill chunk; None = auto: on CUDA a session takes, per feed,
+        the largest of 16384, 8192, 4096, 2048, 512 whose workspace the memory plan fits in
+        what gpu_memory_budget (and the device's free memory) leaves after the weights, static
+        tier, row cache and index (scheduler/budget.py pick_prefill_chunk), at most 4096 where
+        a chunk's queries select the host rows it reads (exact past prefill_dense_tokens,
+        extrapolate: there the chunk is a quality setting); 2048 elsewhere.
+        resolved_prefill_chunk gives 512 on CUDA to callers without a plan. On the CPU every
+        chunk re-reads the weights and pays the model's ~1,300 small ops again; 2048 is ~2x
+        faster than 512 on a busy 2-core machine.
     progress: show a progress bar for long prefills.
     profile: on CUDA, synchronize around each timed region so stats() gives an exact
         breakdown (search, transfer, attention); costs overlap, so off by default.
@@ -342,7 +348,8 @@ class RuntimeConfig:
     quant_group: int = 128
 
     def resolved_prefill_chunk(self, device) -> int:
-        """prefill_chunk, its default resolved for a compute device (a torch.device or its name)."""
+        """prefill_chunk, its default resolved for a compute device (a torch.device or its name);
+        on CUDA the smallest auto choice (Session.feed picks from the memory plan instead)."""
         if self.prefill_chunk is not None:
             return self.prefill_chunk
         kind = getattr(device, "type", str(device).split(":")[0])

@@ -3,7 +3,10 @@
 `kernel_set(mode, device)` picks the implementation once per session:
 mode "auto" uses Triton for CUDA tensors and the reference on the CPU; "reference"
 and "triton" force one (RuntimeConfig.kernels, default from KVLOFT_KERNELS).
-Every op of a set has the reference's signature (see kernels/reference.py).
+Every op of a set has the reference's signature (see kernels/reference.py), but for
+`causal_attend`: a prefill chunk's causal attention over all its keys, out only (no lse),
+for callers that merge nothing; on CUDA public SDPA's flash kernel with a lower-right mask
+(kernels/flash.py), on the CPU the reference's attend.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ class KernelSet:
     gather_attend: Callable
     merge: Callable
     score_topk: Callable
+    # q [Tq, H_q, D], k, v [Tk, H_kv, D], Tq <= Tk, the queries the last Tq keys -> out [Tq, H_q, D]
+    # not given: attend's out, bound when the set is made (dataclasses.replace of attend keeps the
+    # old one: replace causal_attend with it)
+    causal_attend: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.causal_attend is None:
+            attend = self.attend
+            object.__setattr__(self, "causal_attend",
+                               lambda q, k, v, *, scale: attend(q, k, v, scale=scale, causal=True)[0])
 
 
 REFERENCE = KernelSet("reference", *(getattr(reference, n) for n in OP_NAMES))
@@ -39,7 +52,7 @@ def _triton_set() -> KernelSet:
             f"Triton kernels are unavailable ({e}); install triton or set kernels='reference'"
         ) from e
     ops = {n: getattr(triton_ops, n, getattr(reference, n)) for n in OP_NAMES}
-    return KernelSet("triton", **ops)
+    return KernelSet("triton", **ops, causal_attend=triton_ops.causal_attend)
 
 
 def kernel_set(mode: str, device: torch.device | str) -> KernelSet:

@@ -15,7 +15,14 @@ from kvloft.kernels import KernelSet
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.loader import Model
-from kvloft.scheduler.budget import available_bytes, dense_kv_bytes, fmt_bytes, static_tier_bytes
+from kvloft.scheduler.budget import (
+    available_bytes,
+    dense_kv_bytes,
+    fmt_bytes,
+    pick_prefill_chunk,
+    plan_memory,
+    static_tier_bytes,
+)
 from kvloft.tiers.kvcache import TieredKVCache
 
 __all__ = ["SessionLimits"]
@@ -25,6 +32,29 @@ class SessionLimits:
     def __init__(self, model: Model, retrieval: RetrievalConfig, runtime: RuntimeConfig, cache_cfg: CacheConfig,
                  ops: KernelSet) -> None:
         self.model, self.retrieval, self.runtime, self.cache_cfg, self.ops = model, retrieval, runtime, cache_cfg, ops
+
+    def prefill_chunk(self, backend, n_tokens: int, n_new: int) -> int:
+        """Tokens per prefill chunk for a feed of n_new tokens after n_tokens.
+
+        RuntimeConfig.prefill_chunk when set; off CUDA its default (resolved_prefill_chunk); on
+        CUDA the memory plan's choice for the grown context (scheduler/budget.py
+        pick_prefill_chunk: the largest of 16384 .. 512 whose workspace fits what
+        gpu_memory_budget leaves), within the memory the device can still give: free memory
+        plus the allocator's unused cache, less what the feed adds to the tiers and index."""
+        rt, dev = self.runtime, self.model.device
+        if rt.prefill_chunk is not None or dev.type != "cuda":
+            return rt.resolved_prefill_chunk(dev)
+        cfg, rcfg, n = self.model.config, self.retrieval, n_tokens + n_new
+        cache = backend.bytes().get("row_cache", 0) if isinstance(backend, TieredAttention) else 0
+
+        def resident(m: int) -> int:
+            return plan_memory(cfg, rcfg, rt, m, self.model.dtype, cache_cfg=self.cache_cfg, cache_bytes=cache,
+                               check=False).resident
+
+        idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        free = available_bytes(dev) + idle - (resident(n) - resident(n_tokens))
+        return pick_prefill_chunk(cfg, rcfg, rt, n, self.model.dtype, cache_cfg=self.cache_cfg, cache_bytes=cache,
+                                  free_bytes=max(free, 0))
 
     def check_capacity(self, backend, n_tokens: int, n_new: int) -> None:
         """n_new more tokens after n_tokens: within max_context, dense growth, host and disk budgets."""

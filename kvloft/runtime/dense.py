@@ -75,8 +75,9 @@ class DenseAttention:
             if q.shape[0] == 1:  # a decode token sees every key: the split-K decode kernel
                 out, _ = self.ops.decode_attend(q[0], kk, vv, scale=self.scale)
                 return out[None]
-            out, _ = self.ops.attend(q, kk, vv, scale=self.scale, causal=True)
-        return out
+            # one causal call over every key, lower-right (the chunk is the last T keys); on CUDA
+            # the flash kernel, K and V read in place for each query group (KernelSet.causal_attend)
+            return self.ops.causal_attend(q, kk, vv, scale=self.scale)
 
     @property
     def n_tokens(self) -> int:

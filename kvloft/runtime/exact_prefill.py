@@ -28,7 +28,6 @@ prefill attention read; sparse chunks are timed as "prefill_sparse_attention".
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import chain
 
 import torch
 from torch import Tensor
@@ -61,15 +60,16 @@ class ExactPrefill:
             return self.dense(tiers, q, k, v)
 
     def dense(self, tiers: LayerTiers, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The chunk q, k, v [T, H, D] attends causally to itself, to the static tier and to the
-        host tier streamed one chunk at a time (host_chunks), the partials merged as they come
-        (running (out, lse) in fp32)."""
+        """The chunk q, k, v [T, H, D] attends causally to itself and the static tier (one call),
+        then to the host tier streamed one chunk at a time (host_chunks), the partials merged
+        as they come (running (out, lse) in fp32)."""
         ops, scale = self.ctx.ops, self.ctx.scale
+        sk, sv, _ = tiers.static_kv()
+        if sk.shape[0]:  # the static tier precedes the chunk: one causal call (lower-right) over both
+            k, v = torch.cat([sk, k]), torch.cat([sv, v])
         out, lse = ops.attend(q, k, v, scale=scale, causal=True)
         out = out.float()  # [T, H_q, D] fp32: one rounding at the end, however many host chunks
-        sk, sv, _ = tiers.static_kv()
-        parts = chain([(sk, sv)] if sk.shape[0] else [], self._host_chunks(tiers))
-        for pk, pv in parts:
+        for pk, pv in self._host_chunks(tiers):
             o, l = ops.attend(q, pk, pv, scale=scale)
             out, lse = ops.merge([out, o], [lse, l])
         self.ctx.prefill_stats["host_keys"] += tiers.n_host * self.ctx.cfg.n_kv_heads
@@ -104,7 +104,7 @@ class ExactPrefill:
         the mean of queries q [T, H_q, D] (logits reduced over each GQA group by gqa_reduce),
         up to the prefill budget in tokens per KV head."""
         rcfg = self.ctx.rcfg
-        q_mean = q.float().mean(0)  # [H_q, D]
+        q_mean = q.mean(0, dtype=torch.float32)  # [H_q, D], without an fp32 copy of the chunk
         scores = reference.score(q_mean, summary.means())  # [H_q, n_blocks]
         scores = reference.reduce_group(scores, self.ctx.cfg.n_kv_heads, rcfg.gqa_reduce)
         return top_block_rows(scores.to("cpu"), summary.n, summary.block, rcfg.sparse_prefill_budget)

@@ -75,22 +75,25 @@ def _hand_over(compute, free: list, tiers: LayerTiers, b: int, staged: tuple[Ten
     free[b].record(compute)  # the caller's kernels on buffer b are queued by now
 
 
-def gather_token_rows(store: ChunkedRows | PackedRows, rows: Tensor) -> Tensor:
+def gather_token_rows(store: ChunkedRows | PackedRows, rows: Tensor, pin: bool = False) -> Tensor:
     """Whole rows of a chunked store: rows [n] int64, ascending, in [0, len(store)) ->
-    [n, *row_shape] on the store's device; one index_select per chunk touched. An 8-bit
-    store's codes and scales are gathered so, then dequantized (to the store's dtype)."""
+    [n, *row_shape] on the store's device; one index_select per chunk touched, each written
+    straight into its slice of the result (no concatenation). pin: the result in pinned
+    memory (PyTorch's caching host allocator), so its copy to a GPU can be asynchronous and
+    runs at pinned bandwidth (a pageable tensor is staged by the driver). An 8-bit store's
+    codes and scales are gathered so, then dequantized (to the store's dtype)."""
     if isinstance(store, PackedRows):
         codes, scales = gather_token_rows(store.codes, rows), gather_token_rows(store.scales, rows)
         return dequantize_rows(codes, scales, store.host_dtype, store.dtype)
+    out = torch.empty((rows.shape[0], *store.row_shape), dtype=store.dtype, device=store.device,
+                      pin_memory=pin and store.device.type == "cpu")
     cid = rows // store.chunk_rows
     chunks, counts = torch.unique_consecutive(cid, return_counts=True)
-    parts, at = [], 0
+    at = 0
     for ci, n in zip(chunks.tolist(), counts.tolist()):
-        parts.append(store.chunks[ci].index_select(0, rows[at : at + n] - ci * store.chunk_rows))
+        torch.index_select(store.chunks[ci], 0, rows[at : at + n] - ci * store.chunk_rows, out=out[at : at + n])
         at += n
-    if not parts:
-        return torch.empty((0, *store.row_shape), dtype=store.dtype, device=store.device)
-    return torch.cat(parts)
+    return out
 
 
 def top_block_rows(scores: Tensor, n_rows: int, block: int, budget: int) -> Tensor:

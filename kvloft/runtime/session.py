@@ -87,6 +87,7 @@ class Session:
                 self.backend = TieredAttention(cfg, self.retrieval, kv, retriever, self.ops, m.device,
                                                self.runtime.profile)
         self.tokens: list[int] = []
+        self.prefill_chunk: int | None = None  # tokens per chunk of the last feed (on CUDA: the plan's choice)
         self._last_logits: Tensor | None = None
         self._times = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
 
@@ -157,7 +158,8 @@ class Session:
         return self.feed(text)
 
     def _prefill(self, ids: list[int], on_progress: Callable[[int, int], None] | None = None) -> None:
-        chunk = self.runtime.resolved_prefill_chunk(self.model.device)
+        chunk = self.limits.prefill_chunk(self.backend, len(self.tokens), len(ids))
+        self.prefill_chunk = chunk
         start = len(self.tokens)
         n_chunks = -(-len(ids) // chunk)
         bar = None

@@ -13,9 +13,18 @@ context of n_tokens, the bytes the current code puts on the compute device:
               every host key on their device (chunked, whole chunks; hip with keys_on="host"
               reads the host tier's pinned keys in place instead); actqkv one fp32 vector
               per block and KV head; attention_graph keeps its graph on the host (host_index);
-  workspace   the larger of prefill (the dense chunk attention's fp32 logits and fp32 K/V
-              copies, the host tier moved back per layer, activations) and decode (the
-              search's score buffers, gathered rows and buffers, logits) transients.
+  workspace   the larger of prefill (one chunk: its activations, its attention's buffers,
+              the host rows moved back per layer) and decode (the search's score buffers,
+              gathered rows and buffers, logits) transients. A chunk's attention on CUDA
+              (kernels "auto"/"triton", fp16/bf16) is FlashAttention-2: no [chunk, keys]
+              logits, no copy of K/V (kernels/flash.py workspace_bytes); the reference
+              holds fp32 logits and fp32 K/V copies.
+
+The prefill chunk (RuntimeConfig.prefill_chunk; None = auto on CUDA): `pick_prefill_chunk`
+takes the largest of PREFILL_CHUNKS whose workspace fits what the budget leaves after the
+weights, static tier, row cache and index (less budget / CACHE_HEADROOM), 512 if none does,
+and no more than 4096 where chunks select their host rows (a quality setting there); a plan
+for prefill_chunk=None prices that choice (without a budget, the largest).
 
 Estimates of transients follow the code paths (runtime/attention.py, index/*.py); they
 are upper bounds of what one layer holds at once, not allocator measurements. Over
@@ -30,16 +39,21 @@ from dataclasses import dataclass, field
 import torch
 
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
+from kvloft.kernels import flash
 from kvloft.kernels.quant.tinygemm import GROUPS as TINYGEMM_GROUPS
 from kvloft.kernels.rowquant import packed_row_bytes
 from kvloft.scheduler.params import SchedulerParams
 
-__all__ = ["MemoryPlan", "available_bytes", "dense_kv_bytes", "fmt_bytes", "plan_memory", "resolve_cache_bytes",
-           "static_tier_bytes", "weight_bytes"]
+__all__ = ["PREFILL_CHUNKS", "MemoryPlan", "available_bytes", "dense_kv_bytes", "fmt_bytes", "pick_prefill_chunk",
+           "plan_memory", "resolve_cache_bytes", "static_tier_bytes", "weight_bytes"]
 
 GiB = 2**30
 MIRROR_METHODS = ("exact", "tokenselect", "hip", "recycled")
 STABLE_METHODS = ("hip",)  # selections with a stable part (runtime/rowspace.py caches its rows)
+PREFILL_CHUNKS = (16384, 8192, 4096, 2048, 512)  # the auto prefill chunk's candidates, largest first
+# where a chunk's queries select the host rows it reads (exact past prefill_dense_tokens, extrapolate),
+# the chunk size is a quality setting: the auto choice stays at the size the quality runs measured
+SELECTING_CHUNK_MAX = 4096
 
 
 @dataclass
@@ -47,6 +61,7 @@ class MemoryPlan:
     """Bytes on the compute device for one context (all ints, bytes).
 
     n_tokens: the context planned for; n_host: of which in the host tier.
+    prefill_chunk: the prefill chunk the workspace is priced for (tokens).
     weights, static, row_cache, index, workspace: see the module doc; total: their sum.
     prefill_workspace, decode_workspace: the two candidates of workspace.
     host_kv: host tier (K, V, positions; whole chunks); host_index: host-side index copy.
@@ -66,11 +81,17 @@ class MemoryPlan:
     host_kv: int
     host_index: int
     budget: int
+    prefill_chunk: int = 512
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.weights + self.static + self.row_cache + self.index + self.workspace
+        return self.resident + self.workspace
+
+    @property
+    def resident(self) -> int:
+        """Everything but the transients: weights, static tier, row cache, index."""
+        return self.weights + self.static + self.row_cache + self.index
 
     @property
     def fits(self) -> bool:
@@ -78,7 +99,7 @@ class MemoryPlan:
 
     def as_dict(self) -> dict[str, int | list[str]]:
         keys = ("n_tokens", "n_host", "weights", "static", "row_cache", "index", "workspace",
-                "prefill_workspace", "decode_workspace", "host_kv", "host_index", "budget")
+                "prefill_workspace", "decode_workspace", "host_kv", "host_index", "budget", "prefill_chunk")
         return {**{k: getattr(self, k) for k in keys}, "total": self.total, "notes": self.notes}
 
     def describe(self) -> str:
@@ -217,24 +238,33 @@ def _search_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int) -> i
     return 0
 
 
+def _fused_prefill(cfg: ModelConfig, runtime: RuntimeConfig, isz: int) -> bool:
+    """A CUDA chunk's attention takes the flash route (sm80+; kernels/flash.py)."""
+    return runtime.kernels != "reference" and flash.shape_supported(cfg.head_dim, isz)
+
+
 def _prefill_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: RuntimeConfig,
-                       cache_cfg: CacheConfig, n: int, n_host: int, isz: int) -> int:
-    """The last prefill chunk of a context of n tokens (runtime/attention.py _prefill)."""
-    p = min(runtime.resolved_prefill_chunk("cuda"), max(n, 1))  # plans are for CUDA devices
+                       cache_cfg: CacheConfig, n: int, n_host: int, isz: int, chunk: int) -> int:
+    """The last prefill chunk (`chunk` tokens) of a context of n tokens (runtime/exact_prefill.py,
+    runtime/dense.py): activations of one layer, its attention's buffers, host rows moved."""
+    p = min(chunk, max(n, 1))
     hq, hkv, d, row = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     acts = p * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + (hq + 2 * hkv) * d) * isz
-    if rcfg.method == "dense":  # causal attention over every token at once
-        tk = n
-        moved = 0
+    acts += p * hq * d * (12 + isz)  # RoPE in fp32 (runtime/model.py rotate): three fp32 temporaries of q
+    merged = 2 * p * hq * (d + 1) * 4  # a fp32 running (out, lse) and its merged copy
+    if rcfg.method == "dense":  # causal attention over every token at once, nothing merged
+        tk, moved, merged = n, 0, 0
     elif n_host + rcfg.n_sink + rcfg.n_window > rcfg.prefill_dense_tokens and rcfg.position_mode == "exact":
-        # sparse: the chunk, the static tier and the selected host rows (both selections)
+        # sparse: the chunk, the static tier and the selected host rows (both selections), cat
+        # into one K and one V (runtime/chunk_attention.py)
         k = min(2 * rcfg.sparse_prefill_budget + 2 * rcfg.prefill_block, n_host)
         tk = p + rcfg.n_sink + rcfg.n_window + k
         moved = 2 * k * row * isz + -(-n_host // rcfg.prefill_block) * row * isz  # rows, block summary
+        moved += 2 * tk * row * isz
     else:  # one partial per host chunk, streamed through two staging buffers of one chunk each
         tk = max(min(cache_cfg.host_chunk_tokens, n_host), rcfg.n_sink + rcfg.n_window, p)
         moved = 2 * 2 * min(cache_cfg.host_chunk_tokens, n_host) * row * isz if n_host else 0
-    attend = hq * p * tk * 4 + 2 * tk * row * 4 + p * hq * d * 4  # fp32 logits, K/V, q
+    attend = flash.workspace_bytes(p, tk, hq, hkv, d, isz, fused=_fused_prefill(cfg, runtime, isz)) + merged
     if runtime.weights in ("int4", "int8") and p > 16:  # a chunk's linear dequantized whole for cuBLAS
         acts += cfg.hidden_size * max(cfg.intermediate_size, hq * d) * isz
     return acts + attend + moved
@@ -292,7 +322,9 @@ def plan_memory(
 
 
 def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: int,
-          tinygemm: bool = False) -> MemoryPlan:
+          tinygemm: bool = False, chunk: int | None = None, free_bytes: int | None = None) -> MemoryPlan:
+    """The plan at n tokens. Its prefill chunk: runtime.prefill_chunk, else `chunk`, else the
+    auto choice (_auto_chunk) within the budget and `free_bytes`."""
     hkv, d, layers = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     token_row = 2 * hkv * d * isz
     if rcfg.method == "dense":
@@ -307,16 +339,82 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
     per_token = token_row * layers
     row_cache = (cache_bytes // per_token) * per_token if rcfg.method != "dense" else 0
     index, host_index, notes = _index_bytes(cfg, rcfg, n_host, isz)
-    pre = _prefill_workspace(cfg, rcfg, runtime, cache_cfg, n, n_host, isz)
     dec = _decode_workspace(cfg, rcfg, runtime, params, n_host, isz)
     if rcfg.method == "dense":
         dec += static // 2  # growth: the old buffer is copied into one twice its size
+    weights = weight_bytes(cfg, isz, runtime.weights, runtime.quant_group, tinygemm)
+
+    def prefill(c: int) -> int:
+        return _prefill_workspace(cfg, rcfg, runtime, cache_cfg, n, n_host, isz, c)
+
+    chunk = runtime.prefill_chunk or chunk
+    if chunk is None:
+        room = _chunk_room(runtime.gpu_memory_budget, weights + static + row_cache + index, free_bytes)
+        chunk = _auto_chunk(prefill, room, SELECTING_CHUNK_MAX if _selecting(rcfg, n) else None)
+    pre = prefill(chunk)
     host_row = token_row if cache_cfg.host_dtype is None else 2 * packed_row_bytes((hkv, d))  # 8-bit: codes + scales
     host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (host_row + 8) * layers
-    return MemoryPlan(n, n_host, weight_bytes(cfg, isz, runtime.weights, runtime.quant_group, tinygemm),
-                      static, row_cache,
-                      index, max(pre, dec), pre, dec,
-                      host_kv, host_index, runtime.gpu_memory_budget, notes)
+    return MemoryPlan(n, n_host, weights, static, row_cache, index, max(pre, dec), pre, dec,
+                      host_kv, host_index, runtime.gpu_memory_budget, chunk, notes)
+
+
+def _chunk_room(budget: int, resident: int, free_bytes: int | None) -> int | None:
+    """Bytes a prefill chunk's workspace may take: the budget less the resident bytes and
+    budget // CACHE_HEADROOM (what the plan does not model), at most free_bytes; None = no bound."""
+    room = None if not budget else budget - budget // CACHE_HEADROOM - resident
+    if free_bytes is not None:
+        room = free_bytes if room is None else min(room, free_bytes)
+    return room
+
+
+def _selecting(rcfg: RetrievalConfig, n: int) -> bool:
+    """A prefill growing to n tokens has chunks that select their host rows by their queries
+    (runtime/exact_prefill.py sparse, runtime/extrapolate.py), so its chunk size is approximate."""
+    if rcfg.method == "dense":
+        return False
+    return rcfg.position_mode == "extrapolate" or n > rcfg.prefill_dense_tokens
+
+
+def _auto_chunk(prefill, room: int | None, cap: int | None = None) -> int:
+    """The largest of PREFILL_CHUNKS (at most `cap`) whose workspace prefill(chunk) fits `room`
+    (None: any), the smallest when none does."""
+    for c in PREFILL_CHUNKS:
+        if (cap is None or c <= cap) and (room is None or prefill(c) <= room):
+            return c
+    return PREFILL_CHUNKS[-1]
+
+
+def pick_prefill_chunk(
+    model_cfg: ModelConfig,
+    retrieval_cfg: RetrievalConfig,
+    runtime_cfg: RuntimeConfig,
+    n_tokens: int,
+    dtype: torch.dtype | str,
+    *,
+    cache_cfg: CacheConfig | None = None,
+    scheduler: SchedulerParams | None = None,
+    cache_bytes: int = 0,
+    free_bytes: int | None = None,
+) -> int:
+    """Tokens per prefill chunk on CUDA for a context growing to n_tokens.
+
+    RuntimeConfig.prefill_chunk when set; else the largest of PREFILL_CHUNKS (16384 .. 512;
+    at most SELECTING_CHUNK_MAX = 4096 where chunks select host rows by their queries: past
+    prefill_dense_tokens in exact mode, always in extrapolate mode) whose prefill workspace (the plan's estimate at n_tokens) fits what gpu_memory_budget
+    leaves after the weights, static tier, row cache (cache_bytes) and index, less
+    budget // CACHE_HEADROOM, and fits free_bytes (the device memory a session can still
+    take, less what the feed adds to the tiers); 512 when none fits (the plan then refuses
+    or the budget is the caller's to raise)."""
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+        raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+    if runtime_cfg.prefill_chunk is not None:
+        return runtime_cfg.prefill_chunk
+    isz = _itemsize(dtype)
+    tinygemm = (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
+                and runtime_cfg.quant_group in TINYGEMM_GROUPS)
+    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg or CacheConfig(), scheduler or SchedulerParams(),
+                 n_tokens, isz, cache_bytes, tinygemm, free_bytes=free_bytes)
+    return plan.prefill_chunk
 
 
 def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: int, hi: int) -> int:
@@ -374,7 +472,8 @@ def resolve_cache_bytes(
         return want
     cache_cfg = cache_cfg or CacheConfig()
     n = cache_cfg.max_context if n_tokens is None else n_tokens
-    rest = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n, isz, 0).total
+    # the row cache is sized before the auto prefill chunk, which takes what the cache leaves
+    rest = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n, isz, 0, chunk=PREFILL_CHUNKS[-1]).total
     # the plan does not model the allocator's rounding and per-step transients: keep 1/64
     # of the budget free (at 128K with the exact retriever the peak ran 0.09 GiB over 24 GiB)
     return max(0, min(want, budget - rest - budget // CACHE_HEADROOM))

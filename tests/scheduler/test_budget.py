@@ -142,3 +142,74 @@ def test_int4_plan_counts_the_tinygemm_layout_on_bf16():
     assert bf16.weights == weight_bytes(llama, 2, "int4", 128, tinygemm=True)
     assert fp16.weights == weight_bytes(llama, 2, "int4", 128)
     assert 0 < bf16.weights - fp16.weights < 0.3 * 2**30 and bf16.weights / 2**30 < 5.5
+
+
+QWEN = ModelConfig.from_name("qwen2.5-0.5b-shape")
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, QWEN], ids=["llama3-8b", "qwen-0.5b"])
+@pytest.mark.parametrize("method", ["exact", "dense"])
+@pytest.mark.parametrize("n", [32 * 1024, 128 * 1024])
+def test_auto_prefill_chunk_is_the_largest_that_fits_24gib(cfg, method, n):
+    from kvloft.scheduler.budget import PREFILL_CHUNKS, SELECTING_CHUNK_MAX, pick_prefill_chunk
+
+    rcfg, runtime = RetrievalConfig(method=method), RuntimeConfig(gpu_memory_budget="24GiB")
+    chunk = pick_prefill_chunk(cfg, rcfg, runtime, n, "bfloat16")
+    plan = plan_memory(cfg, rcfg, runtime, n, "bfloat16", check=False)
+    assert plan.prefill_chunk == chunk  # a plan for prefill_chunk=None prices the choice
+
+    def fits(c: int) -> bool:
+        p = plan_memory(cfg, rcfg, dataclasses.replace(runtime, prefill_chunk=c), n, "bfloat16", check=False)
+        return p.resident + p.prefill_workspace <= 24 * GiB - 24 * GiB // CACHE_HEADROOM
+
+    cap = SELECTING_CHUNK_MAX if method != "dense" and n > rcfg.prefill_dense_tokens else max(PREFILL_CHUNKS)
+    larger = [c for c in PREFILL_CHUNKS if chunk < c <= cap]
+    assert not any(fits(c) for c in larger)
+    assert fits(chunk) or chunk == PREFILL_CHUNKS[-1]
+
+
+def test_auto_prefill_chunk_by_hand():
+    from kvloft.scheduler.budget import pick_prefill_chunk
+
+    runtime = RuntimeConfig(gpu_memory_budget="24GiB")
+    exact = RetrievalConfig(method="exact")
+    # Llama-3-8B at 128K: weights 14.96 + index 8 + static 0.08 GiB leave ~0.58 GiB after the
+    # headroom; a 2048-token chunk needs ~0.52 (activations, RoPE's fp32 temporaries), 4096 ~0.99
+    assert pick_prefill_chunk(LLAMA, exact, runtime, 128 * 1024, "bfloat16") == 2048
+    assert pick_prefill_chunk(LLAMA, exact, runtime, 32 * 1024, "bfloat16") == 16384
+    assert pick_prefill_chunk(QWEN, RetrievalConfig(method="dense"), runtime, 128 * 1024, "bfloat16") == 16384
+    # an explicit chunk wins; free memory bounds the choice; nothing fits: the smallest
+    assert pick_prefill_chunk(LLAMA, exact, dataclasses.replace(runtime, prefill_chunk=333), 1 << 17, "bfloat16") == 333
+    assert pick_prefill_chunk(QWEN, exact, runtime, 1 << 17, "bfloat16", free_bytes=300 * 2**20) == 4096
+    assert pick_prefill_chunk(LLAMA, exact, RuntimeConfig(gpu_memory_budget="23GiB"), 1 << 17, "bfloat16") == 512
+    # no budget and no free-memory bound: the largest, 4096 where chunks select their host rows
+    # (exact past prefill_dense_tokens, extrapolate)
+    assert pick_prefill_chunk(LLAMA, exact, RuntimeConfig(), 32768, "bfloat16") == 16384
+    assert pick_prefill_chunk(LLAMA, exact, RuntimeConfig(), 32769, "bfloat16") == 4096
+    assert pick_prefill_chunk(LLAMA, RetrievalConfig(method="dense"), RuntimeConfig(), 1 << 17, "bfloat16") == 16384
+    extrapolate = RetrievalConfig(method="exact", position_mode="extrapolate")
+    assert pick_prefill_chunk(LLAMA, extrapolate, RuntimeConfig(), 8192, "bfloat16") == 4096
+    assert pick_prefill_chunk(LLAMA, extrapolate, RuntimeConfig(prefill_chunk=16384), 8192, "bfloat16") == 16384
+
+
+def test_flash_prefill_is_priced_without_logits():
+    # kernels "auto" on CUDA: FlashAttention-2 (no [chunk, keys] logits); "reference": fp32 logits
+    rcfg = RetrievalConfig(method="dense")
+    flash = plan_memory(LLAMA, rcfg, RuntimeConfig(prefill_chunk=4096, kernels="auto"), 1 << 17, "bfloat16")
+    ref = plan_memory(LLAMA, rcfg, RuntimeConfig(prefill_chunk=4096, kernels="reference"), 1 << 17, "bfloat16")
+    logits = 32 * 4096 * (1 << 17) * 4
+    assert ref.prefill_workspace - flash.prefill_workspace >= logits
+    assert flash.prefill_workspace < 1 * GiB
+    fp32 = plan_memory(LLAMA, rcfg, RuntimeConfig(prefill_chunk=4096), 1 << 17, "float32")  # no flash in fp32
+    assert fp32.prefill_workspace >= logits
+
+
+def test_cache_is_sized_before_the_auto_chunk():
+    # the row cache keeps its size: the auto chunk takes what the cache leaves, not the reverse
+    rcfg = RetrievalConfig(method="exact", budget=2048)
+    runtime = RuntimeConfig(gpu_memory_budget="24GiB", scheduler="overlap")
+    cache = resolve_cache_bytes(LLAMA, rcfg, runtime, SchedulerParams(), torch.bfloat16, "cuda",
+                                CacheConfig(max_context=64 * 1024))
+    explicit = resolve_cache_bytes(LLAMA, rcfg, dataclasses.replace(runtime, prefill_chunk=512), SchedulerParams(),
+                                   torch.bfloat16, "cuda", CacheConfig(max_context=64 * 1024))
+    assert cache == explicit > 0
