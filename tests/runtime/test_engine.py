@@ -551,3 +551,27 @@ def test_cuda_one_launch_rows_share_one_launch_per_layer(tmp_path, monkeypatch):
             assert [sp.fills for sp in b.backend._spaces.values()] == [sp.fills for sp in a.backend._spaces.values()]
     after = [len(s.backend.cache[0].host_k.chunks) for s in batched if s.retrieval.method != "dense"]
     assert all(x > y for x, y in zip(after, chunks, strict=True)), (chunks, after)  # tables remade
+
+
+@pytest.mark.gpu
+def test_cuda_hip_rows_search_together_and_equal_alone(tmp_path, monkeypatch):
+    """On CUDA (HiP's batched stage kernel; keys_on="host": every row's pinned host tier read in
+    place through one address table): HiP rows of three lengths (one under the budget) make one
+    search and one attention launch per layer, and through 80 steps (host chunks added) each
+    session equals its own steps alone, HiP's state included."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    specs = [("hip-host", 1100), ("hip-host", 50), ("dense", 300), ("hip-host", 700)]
+    alone, batched = _twins(model, specs, tmp_path)
+    assert all(s.backend.retriever.use_kernel and s.backend.retriever.tiers for s in batched if s.retrieval.method != "dense")
+    want = [_greedy_alone(s, 80) for s in alone]
+    searches, launches = _count_searches(monkeypatch), _count_launches(monkeypatch)
+    assert Engine(model, max_batch=4).generate(batched, 80, stop_at_eos=False) == want
+    # one search and one launch per layer and step (the short row joins once it has host rows)
+    for calls in (searches, launches):
+        assert calls["row"] == 0 and len(calls["batched"]) == 80 * model.config.n_layers
+        assert set(calls["batched"]) <= {2, 3} and calls["batched"][-1] == 3
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        if a.retrieval.method != "dense":
+            _same_retriever_state(a, b)
