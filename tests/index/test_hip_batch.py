@@ -118,7 +118,7 @@ def test_batched_stage_kernel_equals_each_rows_launch(chunk, probe):
 
 
 def test_batched_stage_kernel_checks_its_arguments():
-    stores, table, offsets = _stores(torch.Generator().manual_seed(0))
+    stores, table, _ = _stores(torch.Generator().manual_seed(0))
     q = torch.randn(3, 9, 59)
     with pytest.raises(ValueError, match="meta must be"):
         hip_stage_batched(table, stores[0][0], q, torch.zeros(2, 3, dtype=torch.long), 2, 4)
