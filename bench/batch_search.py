@@ -6,7 +6,8 @@ of the refresh cycle, as the layers of one step do). Per step and mode:
 
   ms         wall time of the G rows' search (per-row select() loop, or one select_batch)
   launches   device work the search would launch on CUDA: aten ops dispatched (a
-             TorchDispatchMode count) plus the stage kernels, each counted as one launch
+             TorchDispatchMode count; views and aliases, which launch nothing, left out)
+             plus the stage kernels, each counted as one launch
              (here they run as their torch twins, uncounted inside). On CUDA a launch costs
              the host ~5-10 us, so this count is the search's host time there.
 
@@ -36,6 +37,9 @@ from kvloft.index.hip import HipRetriever
 from kvloft.kernels import hip_stage as hip_stage_mod
 
 
+_NO_LAUNCH = {torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.lift_fresh.default}
+
+
 class _Count(TorchDispatchMode):
     """Counts aten ops dispatched while active (paused inside a kernel twin)."""
 
@@ -45,8 +49,8 @@ class _Count(TorchDispatchMode):
         self.paused = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops += 1
+        if not self.paused and not func.is_view and func not in _NO_LAUNCH:
+            self.ops += 1  # views and aliases launch nothing
         return func(*args, **(kwargs or {}))
 
 

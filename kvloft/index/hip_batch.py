@@ -10,7 +10,8 @@ in one set of launches instead of one set per row:
     scores      one hip_stage_batched launch (Triton; each row's store through its own run
                 of one address table) or each row's torch search -> [G, C], -inf padded
     pick        one stable sort of [G, C]: each row's best chunks (kernels see padding last)
-    rows kept   one gather through an index map of [G, P] -> row g's new mask is a view
+    rows kept   one gather of the kept chunks [G, K, l_c], one cat of every row's (chunks, tail)
+                -> row g's new mask is a view
     selection   every row's fresh rows + last mask in one cat -> row g's ids are a view
 
 Launches per stage do not grow with G. Every row gets exactly the ids of its own select():
@@ -133,7 +134,6 @@ def _search(stage: int, rows: list[_Searched], q: Tensor) -> None:
     qg = q if g_rows == list(range(q.shape[0])) else q[torch.tensor(g_rows, device=dev)]
     n_cols = max(s.n_full for s in rows)
     k_max = max(s.n_keep for s in rows)
-    n_rest = [s.n_cand - s.n_full * length for s in rows]
     width = max(s.n_cand for s in rows)
     cand = None if stage == 0 else _padded([s.pieces for s in rows], [s.n_cand for s in rows], width, dev)
     # every per-row number the launches read, in one copy to the device
@@ -145,13 +145,13 @@ def _search(stage: int, rows: list[_Searched], q: Tensor) -> None:
     score = _scores(stage, rows, qg, cand, meta, n_cols, length)  # [G, n_cols]
     top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k_max]  # best first
     if not last:  # kept chunks in order (ascending candidates: the rows come out sorted)
-        if any(s.n_keep < k_max for s in rows):
+        if any(s.n_keep < k_max for s in rows):  # a row's entries past its n_keep sort last
             live = torch.arange(k_max, device=dev) < meta[3, :, None]
-            top = torch.where(live, top, n_cols)
-        top = torch.sort(top, dim=1).values
-    kept = _gather_kept(top, cand, meta, length, max(s.n_keep * length + r for s, r in zip(rows, n_rest)))
-    for i, (s, r) in enumerate(zip(rows, n_rest, strict=True)):
-        mask = kept[i, : s.n_keep * length + r]
+            top = torch.sort(torch.where(live, top, n_cols), dim=1).values.clamp_max(n_cols - 1)  # (never read)
+        else:
+            top = torch.sort(top, dim=1).values
+    masks = _kept_rows(rows, top, cand, n_cols, length)
+    for s, mask in zip(rows, masks, strict=True):
         s.row.reads += s.row.hip._stage_ran(s.row.st, stage, mask, s.row.n, s.n_full * probes_per_chunk(length))
 
 
@@ -188,17 +188,26 @@ def _scores(stage: int, rows: list[_Searched], q: Tensor, cand: Tensor | None, m
     return torch.cat(parts).view(len(rows), n_cols)
 
 
-def _gather_kept(top: Tensor, cand: Tensor | None, meta: Tensor, length: int, width: int) -> Tensor:
-    """Row g's kept rows at [g, :n_keep * l_c + rest]: the candidates of its chunks top[g, :n_keep]
-    (in that order), then its uncut tail. top [G, K]; cand [G, W] (None: row ids are positions)."""
-    n_full, n_keep = meta[0, :, None], meta[3, :, None]  # [G, 1]
-    p = torch.arange(width, device=top.device)  # [P] output position
-    in_chunks = p < n_keep * length  # [G, P]
-    chunk = top.gather(1, (p // length).clamp_max(top.shape[1] - 1).expand(top.shape[0], width))
-    idx = torch.where(in_chunks, chunk * length + p % length, (n_full - n_keep) * length + p)
-    if cand is None:
-        return idx
-    return cand.gather(1, idx.clamp_(0, cand.shape[1] - 1))
+def _kept_rows(rows: list[_Searched], top: Tensor, cand: Tensor | None, n_cols: int, length: int) -> list[Tensor]:
+    """Each row's kept rows (HipRetriever's kept_rows): the candidates of its chunks
+    top[g, :n_keep] (top [G, K], in that order), then its uncut tail; every row's in one cat,
+    each returned as a view of it. cand [G, W] the candidates (None: row ids are positions)."""
+    g_n, k = top.shape
+    if cand is None:  # stage 1: chunk c holds rows c * l_c ... c * l_c + l_c - 1
+        kept = (top[..., None] * length + rows[0].row.hip._count(length)).view(g_n, k * length)
+    else:
+        chunks = cand[:, : n_cols * length].view(g_n, n_cols, length)
+        kept = chunks.gather(1, top[..., None].expand(g_n, k, length)).view(g_n, k * length)
+    pieces, spans = [], []
+    at = 0
+    for g, s in enumerate(rows):
+        cut = s.n_full * length
+        rest = s.row.hip._count(s.n_cand)[cut:] if cand is None else cand[g, cut : s.n_cand]
+        pieces += [kept[g, : s.n_keep * length], rest]
+        spans.append((at, s.n_keep * length + rest.numel()))
+        at += spans[-1][1]
+    flat = torch.cat(pieces)
+    return [flat[a : a + m] for a, m in spans]
 
 
 def _final_candidates(rows: list[_Row]) -> list[Tensor]:
