@@ -21,6 +21,12 @@ HiP assumes attention locality: a run of relevant keys is seen by a stage when i
 covers one of the chunk's probe positions (guaranteed for a run of l_c / 2 rows inside
 one chunk); a short run sitting between probes is missed.
 
+A batched decode step searches its sessions' HiP retrievers together (select_batch,
+index/hip_batch.py): per stage, one launch over every row that recomputes it, each row's
+store read through its own run of one address table (kernels/hip_batched.py); every row gets
+the ids its own select() would. A stage's best chunks are picked by a stable sort (ties to
+the earlier chunk), so a row's pick is the same alone and inside the batch's padded sort.
+
 Work reported (`scanned`): key vectors read by the probes of the stages recomputed at
 this step, 2 * log2(l_c) probe rows per chunk, times H_kv (the exact retriever's unit).
 A chunk's score is the score of its last probe, so no further scoring pass is needed;
