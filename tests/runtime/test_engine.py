@@ -575,3 +575,28 @@ def test_cuda_hip_rows_search_together_and_equal_alone(tmp_path, monkeypatch):
         assert _state(b) == _state(a)
         if a.retrieval.method != "dense":
             _same_retriever_state(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_exact_rows_search_together_and_equal_alone(tmp_path, monkeypatch):
+    """On CUDA: exact rows of different lengths make one select_batch per layer (every row's key
+    copy scored in one launch) and through 40 steps each session equals its own steps alone."""
+    from kvloft.index.exact import ExactRetriever
+
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    specs = [("exact", 700), ("dense", 300), ("exact", 420), ("exact", 1000)]
+    alone, batched = _twins(model, specs, tmp_path)
+    want = [_greedy_alone(s, 40) for s in alone]
+    calls = []
+    real = ExactRetriever.select_batch.__func__
+
+    def spy(cls, retrievers, *args, **kw):
+        calls.append(len(retrievers))
+        return real(cls, retrievers, *args, **kw)
+
+    monkeypatch.setattr(ExactRetriever, "select_batch", classmethod(spy))
+    assert Engine(model, max_batch=4).generate(batched, 40, stop_at_eos=False) == want
+    assert calls == [3] * (40 * model.config.n_layers)
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
