@@ -391,6 +391,7 @@ def test_plan_matches_what_the_tiers_do(tiny):
     for step in range(40):
         pairs = [(s, (step * 7 + b) % 512) for b, s in enumerate(sessions)]
         plan = engine.plan(pairs)
+        assert plan.search_groups == []  # one HiP row at exact positions (the other extrapolates)
         assert plan.tokens.tolist() == [t for _, t in pairs]
         assert plan.positions.tolist() == [len(s) for s in sessions]
         selected = [s.backend.retriever.stats()["selected"] if b != 3 else 0 for b, s in enumerate(sessions)]
