@@ -36,7 +36,6 @@ from kvloft.index.base import make_retriever
 from kvloft.index.hip import HipRetriever
 from kvloft.kernels import hip_stage as hip_stage_mod
 
-
 _NO_LAUNCH = {torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.lift_fresh.default}
 
 

@@ -91,10 +91,10 @@ def test_cuda_select_batch_equals_each_row():
     rows = {"alone": [], "batched": []}
     for n in (40000, 1500, 20000):
         keys = torch.randn(cfg.n_kv_heads, n, cfg.head_dim, generator=gen).to(torch.bfloat16)
-        for mode in rows:
+        for found in rows.values():
             r = make_retriever(RetrievalConfig(method="exact"), cfg, "cuda")
             r.build(0, keys, None)
-            rows[mode].append(r)
+            found.append(r)
     assert batch_search_key(rows["batched"][0]) is not None
     for _ in range(5):
         q = torch.randn(3, cfg.n_heads, cfg.head_dim, generator=gen).to("cuda", torch.bfloat16)
