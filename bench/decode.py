@@ -42,7 +42,10 @@ per step, each session through its own tiers and retriever): ms_per_step is the 
 step, ms_per_token the same (each session gets one token per step), tokens_per_s = B / step.
 Sessions on the one-launch route (rows read in place from the pinned host tier) share one
 attention launch per layer (runtime/batch_attention.py); "@rowlaunch" launches each
-session's own instead, e.g. --methods hip,hip@rowlaunch --batch 8 compares the two.
+session's own instead, e.g. --methods hip,hip@rowlaunch --batch 8 compares the two. Sessions
+whose retrievers search together (HiP: index/hip_batch.py) make one search per layer for the
+batch (runtime/batch_search.py); "@rowsearch" searches each session alone, e.g.
+--methods hip:keys_on=host,hip:keys_on=host@rowsearch --batch 8.
 
     python bench/decode.py --preset llama3-8b --contexts 32k --methods dense,hip --batch 8
 JSON (rewritten after every row, so a stopped run keeps its rows) and a markdown table go to
@@ -80,13 +83,14 @@ REGIONS = ("search", "retrieved_attention", "static_attention", "attention", "in
 def parse_method(spec: str) -> tuple[str, dict, set[str]]:
     """'hip:keys_on=host@overlap@eager' -> ('hip', {'keys_on': 'host'}, {'overlap', 'eager'})."""
     spec, *flags = spec.split("@")
-    bad = set(flags) - {"overlap", "staged", "eager", "split", "nocache", "rowlaunch"}
+    bad = set(flags) - {"overlap", "staged", "eager", "split", "nocache", "rowlaunch", "rowsearch"}
     if bad:
         raise SystemExit(f"method {spec}: unknown suffix @{bad.pop()} (@overlap: the scheduler; "
                          "@staged: the scheduler, fetching through pinned staging buffers and H2D "
                          "copies; @eager: no CUDA graphs; @split: static tier and selection in two "
                          "launches + merge; @nocache: no device copy of a selection's stable rows; "
-                         "@rowlaunch: with --batch, one attention launch per session and layer)")
+                         "@rowlaunch: with --batch, one attention launch per session and layer; "
+                         "@rowsearch: with --batch, one retriever search per session and layer)")
     name, options, mode = method_options(spec)  # the "name:key=value" form kvloft eval reads
     if mode != "exact":
         raise SystemExit(f"method {spec}: +x (extrapolation) is not a decode-speed row here")
@@ -272,7 +276,8 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         t0 = time.perf_counter()
         sessions = [new_session(model, rcfg, flags, n, args) for _ in range(args.batch)]
         row["fill_s"] = round(time.perf_counter() - t0, 1)
-        engine = Engine(model, max_batch=args.batch, shared_attention="rowlaunch" not in flags)
+        engine = Engine(model, max_batch=args.batch, shared_attention="rowlaunch" not in flags,
+                        shared_search="rowsearch" not in flags)
         timed_batch_steps(engine, sessions, token_stream(args.warmup))
         ms = timed_batch_steps(engine, sessions, token_stream(args.steps, args.warmup))
         row["ms_per_step"] = row["ms_per_token"] = round(statistics.median(ms), 2)

@@ -64,6 +64,33 @@ class Retriever(Protocol):
         """Counters for reports (calls, keys scanned, cache hits, ...)."""
 
 
+@runtime_checkable
+class BatchedSearch(Protocol):
+    """A retriever that searches the rows of a batched decode step together (declared by the
+    class attribute `batched_select = True`, never probed by calling): one layer's queries of
+    G sessions, each row searched in its own index state (host tiers of different lengths),
+    in one set of launches. Rows of equal search_key() may share a call; select_batch returns
+    for every row exactly what rows[g].select(layer, q[g], budgets[g]) would have."""
+
+    batched_select: bool
+
+    def search_key(self) -> tuple[Any, ...]:
+        """Retrievers with equal keys can be searched by one select_batch call."""
+
+    @classmethod
+    def select_batch(cls, retrievers: Any, layer: int, q: Tensor, budgets: Any) -> list[Selection]:
+        """retrievers: Sequence[cls] (one per row), q [G, H_q, D], budgets: Sequence[int]
+        -> one Selection per row, in order."""
+
+
+def batch_search_key(retriever: Any) -> tuple[Any, ...] | None:
+    """The retriever's search_key() where its class declares batched_select, else None (the
+    row searches alone; a wrapper that does not declare it keeps the per-row path)."""
+    if getattr(type(retriever), "batched_select", False) is not True:
+        return None
+    return retriever.search_key()
+
+
 class RetrieverStats:
     """calls, key vectors scanned, rows selected (valid ids), and method-specific extras.
 

@@ -14,6 +14,10 @@ logits took the shared slots of layers 0, 1 and 4, whose mass recall at budget 2
 [H_q, N] fp32 logit buffer for the step. With `RetrievalConfig.max_similar`
 the top-k takes at most that many near-identical keys per KV head (index/diversity.py).
 
+A batched decode step searches its sessions' exact retrievers together on CUDA (select_batch:
+every row's key copy scored in one launch through one address table, kernels/scoring_batched.py,
+then one top-k over the -inf padded scores).
+
 On the CPU the retriever searches the session's host tier in place (attach_host_tier;
 options={"keys_on": "device"} keeps a copy instead, as on CUDA): no second copy of every host
 key, nothing to add while decoding, and the per-head logits it ranked every row by are the
@@ -24,13 +28,14 @@ multiplying again (kernels/cpu_decode.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, check_keys, register
+from kvloft.index.base import RetrieverStats, Selection, check_keys, check_select, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
 from kvloft.kernels import reference, score_keys
 from kvloft.tiers.chunked import ChunkedRows
@@ -38,6 +43,7 @@ from kvloft.tiers.chunked import ChunkedRows
 
 @register("exact")
 class ExactRetriever:
+    batched_select = True  # select_batch on CUDA (search_key None elsewhere: each row alone)
     needs_queries = False  # ranks keys by the live query only
     small_state = True  # state_dict() is O(budget) per layer: a session keeps it to roll back a failed call
 
@@ -144,6 +150,46 @@ class ExactRetriever:
         self._stats.record(sel)
         return sel
 
+    def search_key(self) -> tuple[Any, ...] | None:
+        """Retrievers with equal keys search together in select_batch; None where this one
+        searches alone: off CUDA (the CPU search hands its logits to the attention),
+        rank="prob", or max_similar (a per-row top-k)."""
+        if self.device.type != "cuda" or self.rank != "logit" or self.cfg.max_similar:
+            return None
+        m = self.model_cfg
+        return (type(self), self.device, self.cfg.gqa_reduce, m.n_heads, m.n_kv_heads, m.head_dim)
+
+    @classmethod
+    def select_batch(cls, retrievers: Sequence[ExactRetriever], layer: int, q: Tensor,
+                     budgets: Sequence[int]) -> list[Selection]:
+        """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step:
+        every row's keys scored in one launch (kernels/scoring_batched.py: each row's key copy
+        through its run of one address table) and one top-k over the -inf padded [G, H_kv, N]
+        scores, instead of a launch per key chunk and a top-k per row. q [G, H_q, D]. The
+        scores equal each row's own launches bit for bit; a top-k of other length may order
+        exactly tied keys otherwise (attention does not care)."""
+        if len(retrievers) != q.shape[0] or len(budgets) != q.shape[0]:
+            raise ValueError(f"select_batch needs one retriever and budget per query row; got {len(retrievers)} "
+                             f"retrievers, {len(budgets)} budgets, q {tuple(q.shape)}")
+        out: list[Selection | None] = [None] * len(retrievers)
+        rows = []
+        for g, (r, budget) in enumerate(zip(retrievers, budgets, strict=True)):
+            check_select(q[g], budget, r.model_cfg)
+            store = r._keys_of(layer)
+            n = 0 if store is None else len(store)
+            if n == 0 or budget >= n or not _scans_in_place(store):
+                out[g] = r.select(layer, q[g], budget)
+            else:
+                rows.append((g, r, store, budget))
+        if len(rows) == 1:
+            g, r, _, budget = rows[0]
+            out[g] = r.select(layer, q[g], budget)
+        elif rows:
+            for (g, r, store, _), sel in zip(rows, _search_rows(rows, q), strict=True):
+                r._stats.record(sel)
+                out[g] = sel
+        return out  # type: ignore[return-value]
+
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
 
@@ -156,3 +202,36 @@ class ExactRetriever:
         """Restore state_dict() (after build() of every layer)."""
         self._stats.calls, self._stats.scanned = int(state["calls"]), int(state["scanned"])
         self._stats.selected = int(state["selected"])
+
+
+def _scans_in_place(store: ChunkedRows) -> bool:
+    """The batched kernel reads the store's chunks through their addresses in blocks that
+    never straddle two chunks (chunk_rows a multiple of the kernel's BLOCK_N)."""
+    from kvloft.kernels.scoring import BLOCK_N
+
+    return store.chunk_rows % BLOCK_N == 0 and getattr(store, "host_dtype", None) is None
+
+
+def _search_rows(rows: list[tuple[int, ExactRetriever, ChunkedRows, int]], q: Tensor) -> list[Selection]:
+    """The selections of G >= 2 rows (index g into q, retriever, key store, budget) in one scoring
+    launch and one top-k."""
+    from kvloft.kernels.scoring_batched import score_batched
+
+    r0 = rows[0][1]
+    dev = r0.device
+    stores = [st for _, _, st, _ in rows]
+    offsets = [0]
+    for st in stores[:-1]:
+        offsets.append(offsets[-1] + len(st.chunks))
+    lengths = [len(st) for st in stores]
+    meta = torch.tensor([lengths, offsets, [st.chunk_rows for st in stores]], dtype=torch.int64)
+    table = torch.cat([st.pointer_table(dev) for st in stores])
+    g_rows = [g for g, _, _, _ in rows]
+    qg = q if g_rows == list(range(q.shape[0])) else q[torch.tensor(g_rows, device=q.device)]
+    scores = score_batched(qg.to(dev), table, stores[0].chunks[0], meta.to(dev, non_blocking=True), max(lengths),
+                           reduce=r0.cfg.gqa_reduce)  # [G, H_kv, N_max]
+    k_max = max(budget for _, _, _, budget in rows)
+    ids = torch.topk(scores, k_max, dim=-1, sorted=True).indices  # [G, H_kv, k_max]
+    hkv = scores.shape[1]
+    return [Selection(ids=ids[i, :, :budget], scanned=n * hkv, padded=False)
+            for i, ((_, _, _, budget), n) in enumerate(zip(rows, lengths, strict=True))]

@@ -21,6 +21,12 @@ HiP assumes attention locality: a run of relevant keys is seen by a stage when i
 covers one of the chunk's probe positions (guaranteed for a run of l_c / 2 rows inside
 one chunk); a short run sitting between probes is missed.
 
+A batched decode step searches its sessions' HiP retrievers together (select_batch,
+index/hip_batch.py): per stage, one launch over every row that recomputes it, each row's
+store read through its own run of one address table (kernels/hip_batched.py); every row gets
+the ids its own select() would. A stage's best chunks are picked by a stable sort (ties to
+the earlier chunk), so a row's pick is the same alone and inside the batch's padded sort.
+
 Work reported (`scanned`): key vectors read by the probes of the stages recomputed at
 this step, 2 * log2(l_c) probe rows per chunk, times H_kv (the exact retriever's unit).
 A chunk's score is the score of its last probe, so no further scoring pass is needed;
@@ -30,6 +36,7 @@ cached stages read nothing.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +162,7 @@ class _LayerState:
 
 @register("hip")
 class HipRetriever:
+    batched_select = True  # select_batch: the rows of a batched step searched together
     needs_queries = False  # the runtime need not keep a prefill query sample
     small_state = True  # state_dict() is O(budget) per layer: a session keeps it to roll back a failed call
 
@@ -175,6 +183,7 @@ class HipRetriever:
         self.tiers: dict[int, Any] = {}  # layer -> LayerTiers whose host keys are read in place
         self.state: dict[int, _LayerState] = {}
         self._stats = RetrieverStats(extra={"refreshes": [0] * self.params.n_stages})
+        self._counting: Tensor | None = None  # _count's kept arange
 
     # ---- index maintenance -------------------------------------------------------------
 
@@ -241,25 +250,58 @@ class HipRetriever:
         store = self._keys_of(layer)
         n = 0 if store is None else len(store)
         if n == 0 or budget == 0 or budget >= n:  # nothing to prune: every host row, or none
-            if store is not None:  # the masks no longer describe this budget
-                st = self.state[layer]
-                st.step, st.masks = st.step + 1, [None] * self.params.n_stages
-                st.refreshed = (False,) * self.params.n_stages
-            sel = Selection(ids=torch.arange(min(n, budget), device=self.device), scanned=0, padded=False)
-            self._stats.record(sel)
-            return sel
+            return self._select_all(layer, n, budget)
         st = self.state[layer]
         flags = self._refresh_flags(st, budget)
         q = q.to(self.device)
         reads = 0
-        cand: Tensor | None = None  # None = every host row
         for i, refresh in enumerate(flags):
-            if refresh:
-                st.masks[i], r = self._run_stage(i, store, q, cand, self._kept(i, budget))
-                st.seen[i] = n
-                reads = reads + r
-                self._stats.extra["refreshes"][i] += 1
-            cand = _with_fresh(st.masks[i], st.seen[i], n, last=i == self.params.n_stages - 1)
+            if refresh:  # (a stage that does not run needs no candidates: flags cascade)
+                cand = None if i == 0 else self._with_fresh(st, i - 1, n)  # None = every host row
+                mask, r = self._run_stage(i, store, q, cand, self._kept(i, budget))
+                reads += self._stage_ran(st, i, mask, n, r)
+        return self._finish(st, n, budget, flags, reads, self._with_fresh(st, self.params.n_stages - 1, n))
+
+    @classmethod
+    def select_batch(cls, retrievers: Sequence[HipRetriever], layer: int, q: Tensor,
+                     budgets: Sequence[int]) -> list[Selection]:
+        """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step, the
+        stages they recompute searched for all of them at once (index/hip_batch.py): q
+        [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone."""
+        from kvloft.index.hip_batch import select_rows
+
+        return select_rows(retrievers, layer, q, budgets)
+
+    def search_key(self) -> tuple[Any, ...]:
+        """Retrievers with equal keys search together in select_batch (stage shapes, kernels, device)."""
+        p, m = self.params, self.model_cfg
+        return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
+                m.n_heads, m.n_kv_heads, m.head_dim)
+
+    def _select_all(self, layer: int, n: int, budget: int) -> Selection:
+        """select() where it prunes nothing: the first min(n, budget) host rows."""
+        if self._keys_of(layer) is not None:  # the masks no longer describe this budget
+            st = self.state[layer]
+            st.step, st.masks = st.step + 1, [None] * self.params.n_stages
+            st.refreshed = (False,) * self.params.n_stages
+        sel = Selection(ids=self._count(min(n, budget)), scanned=0, padded=False)
+        self._stats.record(sel)
+        return sel
+
+    def _stage_ran(self, st: _LayerState, stage: int, mask: Tensor, n: int, reads: int) -> int:
+        """Record stage `stage`'s new mask [M] (computed with n host rows); returns its probe reads."""
+        st.masks[stage], st.seen[stage] = mask, n
+        self._stats.extra["refreshes"][stage] += 1
+        return reads
+
+    def _with_fresh(self, st: _LayerState, stage: int, n: int) -> Tensor:
+        """Stage `stage`'s cached rows plus the rows that arrived since it ran (_with_fresh)."""
+        return _with_fresh(st.masks[stage], st.seen[stage], n, last=stage == self.params.n_stages - 1,
+                           count=self._count(n))
+
+    def _finish(self, st: _LayerState, n: int, budget: int, flags: tuple[bool, ...], reads: int,
+                cand: Tensor) -> Selection:
+        """The selection from the last stage's candidates cand [M] (fresh rows first)."""
         st.step += 1
         st.budget = budget
         st.refreshed = flags
@@ -271,6 +313,15 @@ class HipRetriever:
                         n_fresh=n_fresh, padded=False)
         self._stats.record(sel)
         return sel
+
+    def _count(self, n: int) -> Tensor:
+        """arange(n) on the retriever's device, as a view of one kept tensor (doubled as the
+        context grows): the stages' implicit candidate rows and fresh rows without a launch each.
+        Views of it end up in masks and selections, which nothing writes to."""
+        have = 0 if self._counting is None else self._counting.numel()
+        if have < n:
+            self._counting = torch.arange(max(n, 2 * have), device=self.device)
+        return self._counting[:n]
 
     def refresh_schedule(self, layer: int, budget: int, n_rows: int) -> tuple[bool, ...] | None:
         """Which stages the next select(layer, q, budget) recomputes (one bool per stage), with
@@ -312,41 +363,38 @@ class HipRetriever:
         last = stage == self.params.n_stages - 1
         n_cand = len(store) if cand is None else cand.numel()
         if n_cand <= kept:
-            rows = torch.arange(n_cand, device=self.device) if cand is None else cand
-            return rows, 0
+            return (self._count(n_cand) if cand is None else cand), 0
         n_full = n_cand // length
-        if cand is None:
-            chunks, score = self._stage1_scores(store, q, length, n_full)
-            rest = torch.arange(n_full * length, n_cand, device=self.device)
-        else:
-            chunks, rest = cand[: n_full * length].view(n_full, length), cand[n_full * length :]
-            if self.use_kernel:
-                _, score = hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))
-            else:
-                _, score = hierarchical_top1(chunks, store.rows, q, self.params.probe)
-        reads = n_full * probes_per_chunk(length)
-        n_keep = min(max(kept // length, 1), n_full)
-        top = torch.topk(score, n_keep).indices  # best chunk first
-        rows = torch.cat([chunks[top].flatten(), rest])
-        return (rows if last else torch.sort(rows).values), reads
+        rows = self._count(n_cand) if cand is None else cand
+        chunks, rest = rows[: n_full * length].view(n_full, length), rows[n_full * length :]
+        score = self._stage_scores(stage, store, q, chunks)
+        top = best_chunks(score, n_keep(kept, length, n_full))
+        return kept_rows(chunks, top, rest, last), n_full * probes_per_chunk(length)
 
-    def _stage1_scores(self, store: ChunkedRows, q: Tensor, length: int, n_full: int) -> tuple[Tensor, Tensor]:
-        """Stage 1 over the first n_full * length rows (chunk_rows is a multiple of l_c, so
-        only the store's last chunk ends in a partial l_c chunk, whose score is dropped): the
-        Triton kernels read a store of several chunks in one launch through its address
-        table; the torch path goes one store chunk at a time.
+    def _stage_scores(self, stage: int, store: ChunkedRows, q: Tensor, chunks: Tensor) -> Tensor:
+        """Scores [C] fp32 of the candidate chunks [C, l_c] (row ids) of stage `stage`."""
+        if stage == 0:
+            return self._stage1_scores(store, q, chunks)
+        if self.use_kernel:
+            return hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))[1]
+        return hierarchical_top1(chunks, store.rows, q, self.params.probe)[1]
 
-        Returns (chunks [n_full, l_c] row ids, score [n_full] fp32).
+    def _stage1_scores(self, store: ChunkedRows, q: Tensor, chunks: Tensor) -> Tensor:
+        """Stage 1 over the first n_full * length rows (chunks [n_full, l_c] = those rows in order;
+        chunk_rows is a multiple of l_c, so only the store's last chunk ends in a partial l_c
+        chunk, whose score is dropped): the Triton kernels read a store of several chunks in one
+        launch through its address table; the torch path goes one store chunk at a time.
+
+        Returns score [n_full] fp32.
         """
-        chunks = torch.arange(n_full * length, device=self.device).view(n_full, length)
+        n_full, length = chunks.shape
         if self.use_kernel and len(store.chunks) > 1:
             # one launch over every store chunk (found through their address table), not one
             # per chunk: a 1M-token tier in 4096-row chunks would be 256 launches per layer
-            _, score = hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))
-            return chunks, score
+            return hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))[1]
         stage1 = hip_stage1 if self.use_kernel else hip_stage1_reference
         scores = [stage1(rows, q, length, self.params.probe)[1] for _, rows in store.iter_chunks()]
-        return chunks, torch.cat(scores)[:n_full]
+        return torch.cat(scores)[:n_full]
 
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
@@ -388,8 +436,8 @@ class HipRetriever:
                                             budget=int(state[p + "budget"]), refreshed=refreshed)
 
 
-def _with_fresh(mask: Tensor, seen: int, n: int, last: bool) -> Tensor:
-    """A stage's cached rows plus the rows that arrived since it ran (seen..n-1).
+def _with_fresh(mask: Tensor, seen: int, n: int, last: bool, count: Tensor | None = None) -> Tensor:
+    """A stage's cached rows plus the rows that arrived since it ran (seen..n-1; count: arange(n)).
 
     Intermediate stages keep ascending order (the next stage chunks runs of neighbours);
     the last stage puts the fresh rows first, so trimming to the budget drops the tail
@@ -397,5 +445,26 @@ def _with_fresh(mask: Tensor, seen: int, n: int, last: bool) -> Tensor:
     """
     if seen >= n:
         return mask
-    fresh = torch.arange(seen, n, device=mask.device)
+    fresh = count[seen:n] if count is not None else torch.arange(seen, n, device=mask.device)
     return torch.cat([fresh, mask] if last else [mask, fresh])
+
+
+def n_keep(kept: int, length: int, n_full: int) -> int:
+    """Chunks of l_c = length a stage keeps to keep `kept` tokens, of n_full searched."""
+    return min(max(kept // length, 1), n_full)
+
+
+def best_chunks(score: Tensor, k: int) -> Tensor:
+    """Indices of the k best chunks, best first, ties to the earlier chunk: score [C] -> [k]
+    (a stable sort, so a row's pick is the same inside a batch's -inf-padded [G, C] sort)."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def kept_rows(chunks: Tensor, top: Tensor, rest: Tensor, last: bool) -> Tensor:
+    """The rows a stage keeps: chunks [C, l_c] (ascending candidates cut in order), top [k]
+    the kept chunks best first, rest [r] the uncut tail. The last stage: best chunk first, then
+    the rest; earlier ones ascending, which for ascending candidates is the kept chunks in order
+    then the rest (sorting k chunk indices instead of k * l_c rows)."""
+    if not last:
+        top = torch.sort(top).values
+    return torch.cat([chunks[top].flatten(), rest])

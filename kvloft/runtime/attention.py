@@ -36,6 +36,7 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet
 from kvloft.runtime.batch_attention import TableLaunch
+from kvloft.runtime.batch_search import PendingSearch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.dense import DenseAttention, Timers
 from kvloft.runtime.exact_decode import ExactDecode
@@ -96,10 +97,13 @@ class TieredAttention:
         out = self.attend_deferred(layer, q, k, v, positions)
         return out.run() if isinstance(out, TableLaunch) else out
 
-    def attend_deferred(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor | TableLaunch:
+    def attend_deferred(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+                        defer_search: bool = False) -> Tensor | TableLaunch | PendingSearch:
         """attend(), except that a decode token on the one-launch route comes back as its
         TableLaunch (k, v appended, the selection made), to be run with other sessions' rows
-        (a batched step: runtime/batch_attention.py)."""
+        (a batched step: runtime/batch_attention.py). defer_search: a decode token at exact
+        positions on the one-launch or CPU route comes back before its search, as a
+        PendingSearch, to be searched with other sessions' rows (runtime/batch_search.py)."""
         extrapolate = self.rcfg.position_mode == "extrapolate"
         if self.decoding and q.shape[0] == 1 and self.indexes.built[layer]:
             if extrapolate:
@@ -107,7 +111,8 @@ class TieredAttention:
                 return self.extrapolate.decode(layer, q, positions)
             self.finite.see(k, v)
             evicted = self.cache[layer].append(k, v, positions)  # the fetch feeds the index
-            return self.decoder.prepare(layer, q, evicted, index_add=layer not in self.indexes.attached)
+            return self.decoder.prepare(layer, q, evicted, index_add=layer not in self.indexes.attached,
+                                        defer_search=defer_search)
         if extrapolate:
             out = self.extrapolate.prefill(layer, q, k, v, positions, self.tail_blocks)
         else:

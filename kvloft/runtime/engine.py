@@ -11,8 +11,9 @@ Each session keeps its own tiers, retriever and length. A step is planned on the
     per layer: q, k, v = block.pre(x) for all B rows at once (one GEMM per projection)
                o[b] = backend_b.attend(layer, q[b:b+1], k[b:b+1], v[b:b+1], positions[b:b+1])
                       (the session's own decode route: dense, or static tier + retrieval;
-                      rows whose route is one launch over a slot table share one launch:
-                      runtime/batch_attention.py)
+                      rows whose retrievers search together make one search per group:
+                      runtime/batch_search.py; rows whose route is one launch over a slot
+                      table share one launch: runtime/batch_attention.py)
                x = block.post(x, o) for all B rows at once
     logits = head(x) [B, V]
 
@@ -44,6 +45,7 @@ from torch import Tensor
 
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.batch_attention import TableLaunch, run_launches
+from kvloft.runtime.batch_search import PendingSearch, run_searches
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import generation_stops
 from kvloft.runtime.loader import Model
@@ -77,10 +79,14 @@ class RowAttention:
     attend_deferred: Triton kernels, a pinned host tier read in place) run together, one launch
     per layer for all of them (runtime/batch_attention.py); with shared=False each runs its own."""
 
-    def __init__(self, backends: list[Any], order: Tensor, shared: bool = True) -> None:
+    def __init__(self, backends: list[Any], order: Tensor, shared: bool = True,
+                 search_groups: Sequence[Sequence[int]] = ()) -> None:
         self.backends = backends
         self.order = order  # [B] the pair each row came from, for error notes
         self.shared = shared
+        # rows whose searches run together (StepPlan.search_groups), only where launches are shared
+        self.search_groups = [list(g) for g in search_groups] if shared else []
+        self._grouped = {b for g in self.search_groups for b in g}
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [B', H_q, D], k/v [B', H_kv, D] (rotated keys), positions [B'] -> out [B', H_q, D]
@@ -88,18 +94,34 @@ class RowAttention:
         n = len(self.backends)
         o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
         launches: dict[int, TableLaunch] = {}
+        pending: dict[int, PendingSearch] = {}
         for b, be in enumerate(self.backends):
-            call = getattr(be, "attend_deferred", be.attend) if self.shared else be.attend
             try:
-                got = call(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
+                got = self._row(be, b, layer, q, k, v, positions)
             except Exception as e:
                 e.add_note(f"in row {b} of the batched step (pair {int(self.order[b])}, layer {layer}, "
                            f"position {int(positions[b])})")
                 raise
-            if isinstance(got, TableLaunch):
+            if isinstance(got, PendingSearch):
+                pending[b] = got
+            elif isinstance(got, TableLaunch):
                 launches[b] = got
             else:
                 o[b : b + 1] = got
+        if pending:
+            try:
+                searched = run_searches(pending, self.search_groups)
+            except Exception as e:
+                pairs = ", ".join(str(int(self.order[b])) for b in pending)
+                e.add_note(f"in the searches of rows {list(pending)} of the batched step (pairs {pairs}, "
+                           f"layer {layer})")
+                raise
+            for b, got in searched.items():
+                if isinstance(got, TableLaunch):
+                    launches[b] = got
+                else:
+                    o[b : b + 1] = got
+            launches = dict(sorted(launches.items()))
         if launches:
             try:
                 run_launches(launches, o)
@@ -109,6 +131,16 @@ class RowAttention:
                            f"(pairs {pairs}, layer {layer})")
                 raise
         return o
+
+    def _row(self, be: Any, b: int, layer: int, q: Tensor, k: Tensor, v: Tensor,
+             positions: Tensor) -> Tensor | TableLaunch | PendingSearch:
+        """Row b through its backend: attended, its launch (shared), or its pending search (grouped)."""
+        args = (layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
+        if not self.shared or not hasattr(be, "attend_deferred"):
+            return be.attend(*args)
+        if b in self._grouped:
+            return be.attend_deferred(*args, defer_search=True)
+        return be.attend_deferred(*args)
 
 
 class Engine:
@@ -120,10 +152,13 @@ class Engine:
     "segments" runs the graphed path's segments eagerly (how it is tested without CUDA).
     shared_attention: rows whose decode route is one launch over a slot table share one launch
     per layer (RowAttention); False launches each row's own (the per-row path, for comparison).
+    shared_search: rows whose retrievers declare a batched search (HiP) are searched together,
+    one select_batch per layer for each plan search group (runtime/batch_search.py); False
+    searches each row alone. Needs shared_attention (the per-row path searches per row).
     """
 
     def __init__(self, model: Model, max_batch: int = 32, graphs: str = "auto",
-                 shared_attention: bool = True) -> None:
+                 shared_attention: bool = True, shared_search: bool = True) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"Engine needs a model from kvloft.load_model(...), got {type(model).__name__}")
         if not _is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
@@ -132,8 +167,11 @@ class Engine:
             raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
         if not isinstance(shared_attention, bool):
             raise TypeError(f"shared_attention must be a bool, got {type(shared_attention).__name__}")
+        if not isinstance(shared_search, bool):
+            raise TypeError(f"shared_search must be a bool, got {type(shared_search).__name__}")
         self.model = model
         self.shared_attention = shared_attention
+        self.shared_search = shared_search
         self.max_batch = max_batch
         self.graphs = graphs
         self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
@@ -232,7 +270,8 @@ class Engine:
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
         dev, n = self.model.device, plan.batch
-        attention = RowAttention(backends, plan.order, self.shared_attention)
+        groups = plan.search_groups if self.shared_search else []
+        attention = RowAttention(backends, plan.order, self.shared_attention, groups)
         if not self._use_graphs:
             return self.model.net(plan.tokens.to(dev), plan.positions.to(dev), attention)
         graphs = self._graphs_for(n)

@@ -6,7 +6,8 @@ The retrieved part comes from a RowFetch (scheduler/fetch.py): InPlaceRows by de
 scheduler/overlap.py's OverlapFetch with RuntimeConfig(scheduler="overlap"). Where rows are
 read in place from a pinned host tier by the Triton kernels, the static tier, the selection
 and a device copy of its stable part go in one launch instead (runtime/rowspace.py); a
-batched step runs several sessions' such launches as one (prepare; runtime/batch_attention.py).
+batched step runs several sessions' such launches as one (prepare; runtime/batch_attention.py),
+their searches too where the retrievers search together (runtime/batch_search.py).
 On the CPU (torch kernels, rows read in place from a host tier of model-dtype rows) the static
 tier and the selection share one softmax, the selected rows' logits taken from the search where
 it hands them over (kernels/cpu_decode.py select_attend); `fused_cpu = False` forces the merge.
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kvloft.index.base import Selection
 from kvloft.kernels.cpu_decode import select_attend
 from kvloft.runtime.batch_attention import TableLaunch
+from kvloft.runtime.batch_search import PendingSearch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
 from kvloft.runtime.rowspace import LayerRowSpace
@@ -41,19 +44,28 @@ class ExactDecode:
         got = self.prepare(layer, q, evicted, index_add)
         return got.run() if isinstance(got, TableLaunch) else got
 
-    def prepare(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool) -> Tensor | TableLaunch:
+    def prepare(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool,
+                defer_search: bool = False) -> Tensor | TableLaunch | PendingSearch:
         """step(), except that the one-launch route comes back as its TableLaunch, selected
         and counted but not run (a batched step runs several rows' in one launch:
-        runtime/batch_attention.py); the other routes come back attended."""
+        runtime/batch_attention.py); the other routes come back attended. defer_search: the
+        one-launch and CPU routes come back before their search, as a PendingSearch (a batched
+        step searches several rows' at once: runtime/batch_search.py)."""
         ctx = self.ctx
         tiers: LayerTiers = self.cache[layer]
         q1 = q[0]  # [H_q, D]
         budget = ctx.rcfg.budget if tiers.n_host else 0
         pending = self.fetch.start(layer, tiers, q1, evicted, budget, index_add)
         if budget and self._fused_cpu(tiers):
+            if defer_search:
+                return PendingSearch(self.fetch, layer, q1, budget, ctx.timers,
+                                     lambda sel: self._cpu_attend(tiers, q1, sel))
             return self._cpu_step(layer, tiers, q1, budget)
         space = self._row_space(layer, tiers)
         if space is not None:
+            if defer_search:
+                return PendingSearch(self.fetch, layer, q1, ctx.rcfg.budget, ctx.timers,
+                                     lambda sel: self._launch(tiers, q1, space, sel))
             return self._prepare_launch(layer, tiers, q1, space)
         with ctx.timers("static_attention"):
             sk, sv, _ = tiers.static_kv()
@@ -68,8 +80,11 @@ class ExactDecode:
 
     def _prepare_launch(self, layer: int, tiers: LayerTiers, q1: Tensor, space: LayerRowSpace) -> TableLaunch:
         """The static tier, the selection for q1 [H_q, D] and its cached stable part, as one launch to run."""
+        return self._launch(tiers, q1, space, self.fetch.select(layer, q1, self.ctx.rcfg.budget))
+
+    def _launch(self, tiers: LayerTiers, q1: Tensor, space: LayerRowSpace, sel: Selection) -> TableLaunch:
+        """The launch of q1 [H_q, D] over the static tier and selection `sel` (counted here)."""
         ctx = self.ctx
-        sel = self.fetch.select(layer, q1, ctx.rcfg.budget)
         ctx.scanned += sel.scanned
         with ctx.timers("attention"):
             parts = space.id_parts(sel.ids.to(q1.device), sel.stable, sel.n_fresh, tiers.n_static)
@@ -84,8 +99,11 @@ class ExactDecode:
 
     def _cpu_step(self, layer: int, tiers: LayerTiers, q1: Tensor, budget: int) -> Tensor:
         """q1 [H_q, D] over the static tier and its selection in one softmax -> [1, H_q, D]."""
+        return self._cpu_attend(tiers, q1, self.fetch.select(layer, q1, budget))
+
+    def _cpu_attend(self, tiers: LayerTiers, q1: Tensor, sel: Selection) -> Tensor:
+        """The CPU route's attention of q1 [H_q, D] given its selection (counted here) -> [1, H_q, D]."""
         ctx = self.ctx
-        sel = self.fetch.select(layer, q1, budget)
         ctx.scanned += sel.scanned
         hk, hv = tiers.host_k, tiers.host_v
         logits = sel.logits

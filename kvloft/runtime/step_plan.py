@@ -3,8 +3,9 @@
 plan_step(pairs) reads each session's length and tier fill state and says, before anything
 runs, what the step will do to every sequence b of the batch: the token it appends and its
 position, how many rows each tier holds afterwards, how many rows move from the window down
-to the host tier, whether it searches its host tier, and per layer which cached retriever
-stages recompute (where the retriever declares a refresh schedule, e.g. HiP's stage masks).
+to the host tier, whether it searches its host tier, per layer which cached retriever
+stages recompute (where the retriever declares a refresh schedule, e.g. HiP's stage masks),
+and which rows search together (retrievers that declare a batched search: index/base.py).
 The engine (runtime/engine.py) runs the step in the plan's row order; tests hold the plan
 against what the tiers actually did.
 
@@ -25,6 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from kvloft.index.base import batch_search_key
+from kvloft.runtime.host_rows import InPlaceRows
 
 if TYPE_CHECKING:  # the plan reads sessions; it is made for them, never imported by them
     from kvloft.runtime.session import Session
@@ -55,6 +59,11 @@ class StepPlan:
     refresh:   [L][B] per layer and row: the retriever stages the step recomputes, one
                bool per stage (a tuple), or None where the retriever declares no refresh
                schedule (`refresh_schedule`) or the sequence does not search.
+    search_groups: rows (ascending, two or more) whose searches run together in every layer:
+               sequences that search at exact positions through retrievers that declare a
+               batched search with equal search keys (index/base.py BatchedSearch); a row in
+               no group searches alone. A layer where a row's route attends without a search
+               (or the retriever's), runs the group's other rows together.
     """
 
     order: Tensor
@@ -66,6 +75,7 @@ class StepPlan:
     searches: Tensor
     max_rows: Tensor
     refresh: list[list[tuple[bool, ...] | None]]
+    search_groups: list[list[int]]
 
     @property
     def batch(self) -> int:
@@ -120,6 +130,28 @@ def _row(session: Session, n_layers: int) -> tuple[int, int, int, bool, int, lis
     return n_static, n_host, down, searches, max_rows, refresh
 
 
+def _search_key(session: Session) -> tuple | None:
+    """The key of the group the session's searches can join this step, None for none: a
+    tiered session at exact positions whose retriever declares a batched search (the fetch
+    that selects is the backend's own InPlaceRows; the scheduler's fetch searches its own way)."""
+    backend = session.backend
+    if getattr(backend, "cache", None) is None or backend.rcfg.position_mode != "exact":
+        return None
+    if not isinstance(backend.fetch, InPlaceRows):
+        return None
+    return batch_search_key(backend.retriever)
+
+
+def search_groups(pairs: Sequence[tuple[Session, int]], searches: Sequence[bool]) -> list[list[int]]:
+    """Rows of two or more searching sessions with equal search keys, in row order."""
+    by_key: dict[tuple, list[int]] = {}
+    for b, ((s, _), looks) in enumerate(zip(pairs, searches, strict=True)):
+        key = _search_key(s) if looks else None
+        if key is not None:
+            by_key.setdefault(key, []).append(b)
+    return [rows for rows in by_key.values() if len(rows) > 1]
+
+
 def plan_step(pairs: Sequence[tuple[Session, int]]) -> StepPlan:
     """The plan of one decode step appending token t_b to session s_b for each pair (s_b, t_b).
 
@@ -137,4 +169,5 @@ def plan_step(pairs: Sequence[tuple[Session, int]]) -> StepPlan:
         positions=torch.tensor([len(s) for s, _ in pairs], dtype=torch.int64),
         n_static=column(0), n_host=column(1), evicts=column(2), searches=column(3, torch.bool),
         max_rows=column(4), refresh=[[r[5][layer] for r in rows] for layer in range(n_layers)],
+        search_groups=search_groups(pairs, [r[3] for r in rows]),
     )

@@ -23,6 +23,8 @@ CONFIGS = {
     "dense": RetrievalConfig(method="dense"),
     "exact": RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=32),
     "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options=HIP),
+    # the host tier searched in place (attach_host_tier): one search key with "hip" on the CPU
+    "hip-host": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "keys_on": "host"}),
     "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32),
     "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 3}),
     # extrapolate mode: select() is asked for budget // (2 * neighbor_radius + 1) keys
@@ -78,6 +80,27 @@ def _count_launches(monkeypatch) -> dict:
 
     monkeypatch.setattr(batched_decode, "gather_attend_table_batched", spy_batched)
     monkeypatch.setattr(sparse_decode, "gather_attend_table", spy_row)
+    return calls
+
+
+def _count_searches(monkeypatch) -> dict:
+    """Counts HiP searches from here on: {"batched": [rows of each select_batch], "row": select()
+    calls (a row searching alone)}."""
+    from kvloft.index.hip import HipRetriever
+
+    calls = {"batched": [], "row": 0}
+    real_batch, real_row = HipRetriever.select_batch.__func__, HipRetriever.select
+
+    def spy_batch(cls, retrievers, *args, **kw):
+        calls["batched"].append(len(retrievers))
+        return real_batch(cls, retrievers, *args, **kw)
+
+    def spy_row(self, *args, **kw):
+        calls["row"] += 1
+        return real_row(self, *args, **kw)
+
+    monkeypatch.setattr(HipRetriever, "select_batch", classmethod(spy_batch))
+    monkeypatch.setattr(HipRetriever, "select", spy_row)
     return calls
 
 
@@ -204,6 +227,65 @@ def test_one_launch_rows_share_one_launch_per_layer_and_equal_alone(tiny, monkey
     assert calls == {"batched": [], "row": 4 * tiny.config.n_layers}
 
 
+def test_hip_rows_search_together_and_equal_alone(tiny, monkeypatch, tmp_path):
+    """Four HiP rows of three lengths (one with fewer host rows than the budget, one searching its
+    host tier in place, one a step ahead in its refresh cycle), an exact and a dense row, on the
+    CPU route: ONE select_batch per layer for the four (none alone), and every session equals
+    its own steps alone: greedy tokens, logits to fp32 rounding, counters, tiers, HiP's state."""
+    specs = [("hip", 1100), ("exact", 300), ("hip", 50), ("dense", 120), ("hip-host", 410), ("hip", 700)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    assert batched[2].backend.cache[0].n_host < batched[2].retrieval.budget
+    assert batched[4].backend.retriever.tiers  # searched in place
+    for s in (alone[5], batched[5]):
+        s.step(9)  # a step ahead: its stages refresh at other steps than the others'
+    plan = Engine(tiny).plan([(s, 1) for s in batched])
+    assert plan.search_groups == [[0, 2, 4, 5]]
+    want = [_greedy_alone(s, 6) for s in alone]
+    calls = _count_searches(monkeypatch)
+    got = Engine(tiny).generate(batched, max_new_tokens=6, stop_at_eos=False)
+    assert got == want
+    assert calls == {"batched": [4] * (6 * tiny.config.n_layers), "row": 0}
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        if a.retrieval.method == "hip":
+            _same_retriever_state(a, b)
+            assert b.backend.timers.seconds["search"] > 0
+    # searching alone, on request: one select() per row and layer
+    calls["batched"].clear()
+    Engine(tiny, shared_search=False).step([(s, 7) for s in batched])
+    assert calls == {"batched": [], "row": 4 * tiny.config.n_layers}
+
+
+def test_one_launch_hip_rows_search_and_attend_together(tiny, monkeypatch, tmp_path):
+    """The one-launch route (Triton kernels interpreted, host chunks read in place): three HiP rows
+    of different lengths (one under the budget) make one search and one attention launch per
+    layer, and equal each session alone."""
+    specs = [("hip", 410), ("hip", 50), ("hip", 300)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    assert all(0 < s.backend.cache[0].n_host % 64 <= 64 - 3 for s in batched)  # no new (pinned) chunk
+    _one_launch_route(alone + batched)
+    want = [_greedy_alone(s, 3) for s in alone]
+    searches, launches = _count_searches(monkeypatch), _count_launches(monkeypatch)
+    got = Engine(tiny).generate(batched, max_new_tokens=3, stop_at_eos=False)
+    assert got == want
+    assert searches == {"batched": [3] * (3 * tiny.config.n_layers), "row": 0}
+    assert launches == {"batched": [3] * (3 * tiny.config.n_layers), "row": 0}
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        assert [sp.fills for sp in b.backend._spaces.values()] == [sp.fills for sp in a.backend._spaces.values()]
+        _same_retriever_state(a, b)
+
+
+def _same_retriever_state(a: Session, b: Session) -> None:
+    """The retrievers' state_dict()s equal: HiP's stage masks, schedules and counters."""
+    sa, sb = a.backend.retriever.state_dict(), b.backend.retriever.state_dict()
+    assert sa.keys() == sb.keys()
+    for k, v in sa.items():
+        assert torch.equal(v, sb[k]) if isinstance(v, torch.Tensor) else v == sb[k], k
+
+
 def test_sessions_join_and_leave_between_steps(tiny, tmp_path):
     specs = [("exact", 200), ("hip", 260), ("dense", 150)]
     alone, batched = _twins(tiny, specs, tmp_path)
@@ -309,6 +391,7 @@ def test_plan_matches_what_the_tiers_do(tiny):
     for step in range(40):
         pairs = [(s, (step * 7 + b) % 512) for b, s in enumerate(sessions)]
         plan = engine.plan(pairs)
+        assert plan.search_groups == []  # one HiP row at exact positions (the other extrapolates)
         assert plan.tokens.tolist() == [t for _, t in pairs]
         assert plan.positions.tolist() == [len(s) for s in sessions]
         selected = [s.backend.retriever.stats()["selected"] if b != 3 else 0 for b, s in enumerate(sessions)]
@@ -469,3 +552,52 @@ def test_cuda_one_launch_rows_share_one_launch_per_layer(tmp_path, monkeypatch):
             assert [sp.fills for sp in b.backend._spaces.values()] == [sp.fills for sp in a.backend._spaces.values()]
     after = [len(s.backend.cache[0].host_k.chunks) for s in batched if s.retrieval.method != "dense"]
     assert all(x > y for x, y in zip(after, chunks, strict=True)), (chunks, after)  # tables remade
+
+
+@pytest.mark.gpu
+def test_cuda_hip_rows_search_together_and_equal_alone(tmp_path, monkeypatch):
+    """On CUDA (HiP's batched stage kernel; keys_on="host": every row's pinned host tier read in
+    place through one address table): HiP rows of three lengths (one under the budget) make one
+    search and one attention launch per layer, and through 80 steps (host chunks added) each
+    session equals its own steps alone, HiP's state included."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    specs = [("hip-host", 1100), ("hip-host", 50), ("dense", 300), ("hip-host", 700)]
+    alone, batched = _twins(model, specs, tmp_path)
+    assert all(s.backend.retriever.use_kernel and s.backend.retriever.tiers for s in batched if s.retrieval.method != "dense")
+    want = [_greedy_alone(s, 80) for s in alone]
+    searches, launches = _count_searches(monkeypatch), _count_launches(monkeypatch)
+    assert Engine(model, max_batch=4).generate(batched, 80, stop_at_eos=False) == want
+    # one search and one launch per layer and step (the short row joins once it has host rows)
+    for calls in (searches, launches):
+        assert calls["row"] == 0 and len(calls["batched"]) == 80 * model.config.n_layers
+        assert set(calls["batched"]) <= {2, 3} and calls["batched"][-1] == 3
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        if a.retrieval.method != "dense":
+            _same_retriever_state(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_exact_rows_search_together_and_equal_alone(tmp_path, monkeypatch):
+    """On CUDA: exact rows of different lengths make one select_batch per layer (every row's key
+    copy scored in one launch) and through 40 steps each session equals its own steps alone."""
+    from kvloft.index.exact import ExactRetriever
+
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    specs = [("exact", 700), ("dense", 300), ("exact", 420), ("exact", 1000)]
+    alone, batched = _twins(model, specs, tmp_path)
+    want = [_greedy_alone(s, 40) for s in alone]
+    calls = []
+    real = ExactRetriever.select_batch.__func__
+
+    def spy(cls, retrievers, *args, **kw):
+        calls.append(len(retrievers))
+        return real(cls, retrievers, *args, **kw)
+
+    monkeypatch.setattr(ExactRetriever, "select_batch", classmethod(spy))
+    assert Engine(model, max_batch=4).generate(batched, 40, stop_at_eos=False) == want
+    assert calls == [3] * (40 * model.config.n_layers)
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)

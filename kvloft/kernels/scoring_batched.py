@@ -1,0 +1,126 @@
+"""q·K scoring of the rows of a batched decode step in one launch (the exact retriever's scan).
+
+kernels/scoring.py scores one decode token's query against one chunk of a session's key copy;
+a batched step of G sessions would launch it G x (chunks) times per layer. `score_batched`
+scores every row's keys in one launch: row g's keys are its own store (chunks of chunk_rows[g]
+token-major rows, found through its run of one address table), its query q[g], its length
+n_keys[g]; the GQA group is folded in registers ("max" or "sum") as there.
+
+Grid (H_kv, cdiv(n_cols, BLOCK_N), G): program (h, b, g) reads BLOCK_N rows of KV head h of
+row g once for all G_q query heads (the same tl.dot over the same blocks as scoring.py's kernel
+when chunk_rows is a multiple of BLOCK_N, so a row's scores equal its own launches' bit for
+bit). Positions past a row's n_keys score -inf. Reads sum(n_keys) * H_kv * D * itemsize, writes
+G * H_kv * n_cols * 4 bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kvloft.kernels import checks
+from kvloft.kernels.scoring import BLOCK_N, REDUCE_CODES
+
+__all__ = ["score_batched", "score_batched_reference"]
+
+
+@triton.jit(do_not_specialize=["n_cols", "n_group", "group"])
+def _score_batched_kernel(
+    q,  # [G, H_q, D] contiguous
+    table_ptr,  # [T] int64 base addresses of every row's store chunks [chunk_rows, H_kv, D]
+    k0_ptr,  # a store chunk (for the element type)
+    meta_ptr,  # [3, G] int64 contiguous: n_keys, table_offset, chunk_rows of each row
+    scores,  # [G, H_kv, n_cols] fp32 out, contiguous
+    n_cols,
+    n_group,
+    group,
+    scale,
+    stride_kn,
+    stride_kh,
+    REDUCE: tl.constexpr,  # 1 max, 2 sum over the group's query heads
+    HEAD_DIM: tl.constexpr,
+    H_KV: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_G >= 16)
+    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_D >= 16)
+    kv_head = tl.program_id(0)
+    row = tl.program_id(2).to(tl.int64)
+    n_keys = tl.load(meta_ptr + row)
+    tb = tl.load(meta_ptr + n_group + row)
+    chunk_rows = tl.load(meta_ptr + 2 * n_group + row)
+    pos = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gmask = g < group
+    dmask = d < HEAD_DIM
+    valid = pos < n_keys
+    q_heads = kv_head * group + g
+    qb = tl.load(q + row * (H_KV * group * HEAD_DIM) + q_heads[:, None] * HEAD_DIM + d[None, :],
+                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    safe = tl.where(valid, pos, 0)
+    addr = tl.load(table_ptr + tb + safe // chunk_rows, mask=valid, other=0)
+    base = addr.to(tl.pointer_type(k0_ptr.dtype.element_ty))
+    k_ptr = base[:, None] + ((safe % chunk_rows) * stride_kn + kv_head.to(tl.int64) * stride_kh)[:, None] + d[None, :]
+    kb = tl.load(k_ptr, mask=valid[:, None] & dmask[None, :], other=0.0)
+    s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_N]
+    if REDUCE == 1:
+        r = tl.max(tl.where(gmask[:, None], s, float("-inf")), 0)
+    else:
+        r = tl.sum(tl.where(gmask[:, None], s, 0.0), 0)
+    r = tl.where(valid, r, float("-inf"))
+    out = scores + (row * H_KV + kv_head) * n_cols + pos
+    tl.store(out, r, mask=pos < n_cols)
+
+
+def score_batched(q: Tensor, table: Tensor, k0: Tensor, meta: Tensor, n_cols: int, *, reduce: str = "max",
+                  scale: float = 1.0) -> Tensor:
+    """Group-reduced scores of every row's keys: q [G, H_q, D]; table [T] int64 on q's device,
+    every row's store chunk addresses end to end; k0 a store chunk [chunk_rows, H_kv, D] whose
+    dtype and strides every row's chunks share (on q's device, or pinned host memory); meta
+    [3, G] int64 on q's device: n_keys (<= n_cols), table_offset, chunk_rows (a multiple of
+    BLOCK_N) of each row. Returns [G, H_kv, n_cols] fp32, -inf past a row's n_keys."""
+    op = "score_batched"
+    checks.require_dim("q", q, 3, "[G, H_q, D]")
+    checks.require_dim("store chunk", k0, 3, "[chunk_rows, H_kv, D]")
+    checks.require_float("q", q)
+    checks.require_float("store chunk", k0)
+    checks.require_runnable(q.device, _score_batched_kernel, op)
+    checks.require_last_dim_contiguous("store chunk", k0)
+    g_n, hq, d = q.shape
+    hkv = k0.shape[1]
+    if k0.shape[2] != d or hq % hkv:
+        raise ValueError(f"{op}: q must be [G, H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
+    if reduce not in ("max", "sum"):
+        raise ValueError(f"{op}: reduce must be 'max' or 'sum', got {reduce!r}")
+    if meta.shape != (3, g_n) or meta.dtype != torch.int64 or meta.device != q.device:
+        raise ValueError(f"{op}: meta must be [3, {g_n}] int64 on {q.device} (n_keys, table_offset, "
+                         f"chunk_rows), got {tuple(meta.shape)} {meta.dtype} on {meta.device}")
+    out = torch.empty((g_n, hkv, n_cols), dtype=torch.float32, device=q.device)
+    if n_cols == 0 or g_n == 0:
+        return out
+    group = hq // hkv
+    _score_batched_kernel[(hkv, triton.cdiv(n_cols, BLOCK_N), g_n)](
+        q.to(k0.dtype).contiguous(), table, k0, meta.contiguous(), out, n_cols, g_n, group, float(scale),
+        k0.stride(0), k0.stride(1), REDUCE=REDUCE_CODES[reduce], HEAD_DIM=d, H_KV=hkv,
+        BLOCK_G=max(16, checks.next_pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, checks.next_pow2(d)),
+    )
+    return out
+
+
+def score_batched_reference(q: Tensor, keys: list[Tensor], n_cols: int, *, reduce: str = "max",
+                            scale: float = 1.0) -> Tensor:
+    """Torch twin: keys[g] row g's keys [n_g, H_kv, D] -> [G, H_kv, n_cols] fp32 (-inf padded)."""
+    from kvloft.kernels import reference
+
+    hkv = keys[0].shape[1]
+    out = torch.full((q.shape[0], hkv, n_cols), float("-inf"), dtype=torch.float32, device=q.device)
+    for g, k in enumerate(keys):
+        s = reference.score(q[g].float(), k.float(), scale=scale)  # [H_q, n_g]
+        out[g, :, : k.shape[0]] = reference.reduce_group(s, hkv, reduce)
+    return out

@@ -1,0 +1,155 @@
+"""HiP's batched search (index/hip_batch.py, kernels/hip_batched.py): the rows of a batched step
+searched together get exactly the ids, state and counters each row's own select() gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.base import batch_search_key, make_retriever
+from kvloft.index.hip import HipRetriever
+from kvloft.kernels.checks import address_table
+from kvloft.kernels.hip_batched import hip_stage_batched, hip_stage_batched_reference
+from kvloft.kernels.hip_stage import hip_stage
+
+MODEL = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, head_dim 16
+HQ, HKV, D = MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim
+OPTS = {"chunk_sizes": (32, 8, 4), "kept_tokens": (256, 64, 32), "refresh_steps": (4, 2, 1), "chunk_rows": 128}
+BUDGET = 24
+
+
+def _rows(lengths, seed, **options):
+    """One HiP retriever per length, each over its own random keys (same seed: same keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        hip = make_retriever(RetrievalConfig(method="hip", options={**OPTS, **options}), MODEL, "cpu")
+        hip.build(0, torch.randn(HKV, n, D, generator=gen), None)
+        out.append(hip)
+    return out
+
+
+def _same_state(a: HipRetriever, b: HipRetriever) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k, va in sa.items():
+        assert torch.equal(va, sb[k]) if isinstance(va, torch.Tensor) else va == sb[k], k
+
+
+SHORT = {"chunk_sizes": (16, 4), "kept_tokens": (64, 24), "refresh_steps": (2, 1), "chunk_rows": 64}
+
+
+@pytest.mark.parametrize("options,lengths,steps", [
+    ({"kernel": "torch"}, [900, 20, 333, 500], 10),
+    ({**SHORT, "kernel": "triton"}, [100, 20, 70, 80], 3),  # interpreted: small
+], ids=["torch", "triton"])
+def test_select_batch_equals_each_row_alone(options, lengths, steps):
+    """Rows of several lengths, one under the budget (then over it as rows arrive), one a step
+    ahead in its refresh cycle (so stages refresh for some rows and not others), one of another
+    budget: over the steps, rows added between them, every row's ids, stable part, fresh count
+    and scanned keys equal its own select()'s, and so do state and counters."""
+    alone, batched = _rows(lengths, 1, **options), _rows(lengths, 1, **options)
+    assert len({batch_search_key(h) for h in batched}) == 1
+    gen = torch.Generator().manual_seed(2)
+    warm = torch.randn(HQ, D, generator=gen)
+    alone[2].select(0, warm, BUDGET)  # row 2 one step ahead in its refresh schedule
+    batched[2].select(0, warm, BUDGET)
+    budgets = [BUDGET, BUDGET, BUDGET, 40]
+    for step in range(steps):
+        q = torch.randn(len(lengths), HQ, D, generator=gen)
+        want = [h.select(0, q[g], budgets[g]) for g, h in enumerate(alone)]
+        got = HipRetriever.select_batch(batched, 0, q, budgets)
+        for g, (w, s) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(s.ids, w.ids), (step, g)
+            assert (s.scanned, s.n_fresh, s.padded) == (w.scanned, w.n_fresh, w.padded), (step, g)
+            assert (s.stable is None) == (w.stable is None)
+            assert s.stable is None or torch.equal(s.stable, w.stable)
+        keys = torch.randn(HKV, 3, D, generator=gen)
+        for h in alone + batched:
+            h.add(0, keys, torch.arange(3))
+    for a, b in zip(alone, batched, strict=True):
+        _same_state(a, b)
+        assert a.stats() == b.stats()
+    assert alone[1].stats()["selected"] < alone[0].stats()["selected"]  # the short row took all it had
+
+
+def test_select_batch_refuses_mixed_keys_and_bad_rows():
+    a = _rows([300], 3)[0]
+    b = _rows([300], 3, probe="middle")[0]
+    q = torch.randn(2, HQ, D)
+    with pytest.raises(ValueError, match="search keys"):
+        HipRetriever.select_batch([a, b], 0, q, [BUDGET, BUDGET])
+    with pytest.raises(ValueError, match="one retriever and budget per query row"):
+        HipRetriever.select_batch([a], 0, q, [BUDGET, BUDGET])
+    with pytest.raises(ValueError, match="q must be"):
+        HipRetriever.select_batch([a, a], 0, torch.randn(2, HQ, D + 1), [BUDGET, BUDGET])
+
+
+def _stores(gen):
+    """Three stores of 16-row chunks [16, 3, 59] (3, 1 and 2 chunks) and their address table."""
+    stores = [[torch.randn(16, 3, 59, generator=gen) for _ in range(n)] for n in (3, 1, 2)]
+    table = torch.cat([address_table(s, torch.device("cpu")) for s in stores])
+    return stores, table, [0, 3, 4]
+
+
+@pytest.mark.parametrize("chunk,probe", [(1, "first"), (4, "first"), (8, "middle")])
+def test_batched_stage_kernel_equals_each_rows_launch(chunk, probe):
+    """D 59, 9 heads over 3, rows of different chunk counts: each row's (rep, score) equal its own
+    hip_stage launch bit for bit, -1 / -inf past its chunks; close to the torch twin."""
+    gen = torch.Generator().manual_seed(chunk)
+    stores, table, offsets = _stores(gen)
+    q = torch.randn(3, 9, 59, generator=gen)
+    n_chunks = [48 // chunk, 16 // chunk - 1, 32 // chunk]
+    cols = max(n_chunks)
+    meta = torch.tensor([n_chunks, offsets, [16, 16, 16]])
+    cand = torch.full((3, cols + 1, chunk), -1)  # one spare column: cand may be wider than n_cols
+    for g, m in enumerate(n_chunks):
+        cand[g, :m] = torch.randperm(16 * len(stores[g]), generator=gen)[: m * chunk].view(m, chunk)
+    for c in (None, cand):  # stage 1 (rows in order) and a later stage (candidate lists)
+        rep, score = hip_stage_batched(table, stores[0][0], q, meta, cols, chunk, c, probe)
+        for g, m in enumerate(n_chunks):
+            rows = torch.arange(m * chunk).view(m, chunk) if c is None else c[g, :m]
+            r1, s1 = hip_stage(stores[g], rows, q[g], probe)
+            assert torch.equal(rep[g, :m], r1) and torch.equal(score[g, :m], s1)
+            assert bool((rep[g, m:] == -1).all()) and bool((score[g, m:] == float("-inf")).all())
+        r2, s2 = hip_stage_batched_reference(stores, q, n_chunks, cols, chunk, c, probe)
+        assert torch.equal(rep, r2) and bool(torch.isclose(score, s2, atol=1e-4).all())
+
+
+def test_batched_stage_kernel_checks_its_arguments():
+    stores, table, _ = _stores(torch.Generator().manual_seed(0))
+    q = torch.randn(3, 9, 59)
+    with pytest.raises(ValueError, match="meta must be"):
+        hip_stage_batched(table, stores[0][0], q, torch.zeros(2, 3, dtype=torch.long), 2, 4)
+    with pytest.raises(ValueError, match="cand must be"):
+        hip_stage_batched(table, stores[0][0], q, torch.zeros(3, 3, dtype=torch.long), 2, 4,
+                          cand=torch.zeros(3, 2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="power of two"):
+        hip_stage_batched(table, stores[0][0], q, torch.zeros(3, 3, dtype=torch.long), 2, 6)
+
+
+@pytest.mark.gpu
+def test_cuda_host_keys_select_batch_equals_alone():
+    """keys_on="host" on CUDA (pinned keys read through the address tables), Llama-3-8B heads,
+    bf16, three rows of different lengths incl. one under the budget, 20 steps."""
+    cfg = ModelConfig.from_name("llama3-8b")
+    gen = torch.Generator().manual_seed(11)
+    lengths = (3 * 16384 + 1000, 1500, 20000)
+    keys = [torch.randn(cfg.n_kv_heads, n, cfg.head_dim, generator=gen).to(torch.bfloat16) for n in lengths]
+    rows = {}
+    for mode in ("alone", "batched"):
+        rows[mode] = []
+        for k in keys:
+            hip = make_retriever(RetrievalConfig(method="hip", options={"keys_on": "host"}), cfg, "cuda")
+            hip.build(0, k, None)
+            rows[mode].append(hip)
+    for step in range(20):
+        q = torch.randn(len(lengths), cfg.n_heads, cfg.head_dim, generator=gen).to("cuda", torch.bfloat16)
+        want = [h.select(0, q[g], 2048) for g, h in enumerate(rows["alone"])]
+        got = HipRetriever.select_batch(rows["batched"], 0, q, [2048] * len(lengths))
+        for w, s in zip(want, got, strict=True):
+            assert torch.equal(w.ids, s.ids), step
+        new = torch.randn(cfg.n_kv_heads, 1, cfg.head_dim, generator=gen).to(torch.bfloat16)
+        for h in rows["alone"] + rows["batched"]:
+            h.add(0, new, torch.arange(1))
