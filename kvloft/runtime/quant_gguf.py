@@ -113,16 +113,19 @@ def repack(raw: Tensor, qtype: str, shape: tuple[int, int]) -> PackedWeight:
     return repack_q8_0(raw, shape) if qtype == "Q8_0" else repack_q4(raw, shape, qtype == "Q4_1")
 
 
-def storage(qtype: str, sch: QuantScheme, keep_gguf: bool = True) -> tuple[str, int, int | None]:
-    """How a linear weight of GGUF type `qtype` is held under `sch` -> (how, bits, group):
+def storage(qtype: str, sch: QuantScheme, keep_gguf: bool = True) -> tuple[str, int, int | None, bool]:
+    """How a linear weight of GGUF type `qtype` is held under `sch` -> (how, bits, group, mins):
     how "repacked" (no second quantization), "requantized_int8" (a type of more than 4 bits
-    kept at 8) or "requantized" (the scheme's quantizer; group None = per output channel)."""
+    kept at 8) or "requantized" (the scheme's quantizer; group None = per output channel);
+    mins: whether it holds int4 mins (Q4_0 and a symmetric scheme do not)."""
     direct = DIRECT if keep_gguf else LEGACY_DIRECT
     if direct.get(qtype) == sch.bits or (keep_gguf and sch.bits == 4 and direct.get(qtype) == 8):
-        return "repacked", direct[qtype], GGUF_GROUP
+        return "repacked", direct[qtype], GGUF_GROUP, qtype in ("Q4_1", "Q4_K")
     if keep_gguf and qtype in WIDE:
-        return "requantized_int8", 8, GGUF_GROUP
-    return "requantized", sch.bits, (sch.group or 128) if sch.bits == 4 else sch.group
+        return "requantized_int8", 8, GGUF_GROUP, False
+    if sch.bits == 8:
+        return "requantized", 8, sch.group, False
+    return "requantized", 4, sch.group or 128, not sch.symmetric
 
 
 def _is_linear(name: str, sch: QuantScheme, cfg: ModelConfig) -> bool:
@@ -132,15 +135,14 @@ def _is_linear(name: str, sch: QuantScheme, cfg: ModelConfig) -> bool:
 
 
 def linear_storage(gg: GGUFFile, cfg: ModelConfig, sch: QuantScheme,
-                   keep_gguf: bool = True) -> dict[str, tuple[int, int | None]]:
-    """{HF module name of each quantized linear: (bits, group)} from the header alone: what
-    packed_tensors will make of the file (scheduler/budget.py weight_bytes counts it)."""
+                   keep_gguf: bool = True) -> dict[str, tuple[int, int | None, bool]]:
+    """{HF module name of each quantized linear: (bits, group, mins)} from the header alone:
+    what packed_tensors makes of the file, for scheduler/budget.py weight_bytes(storage=)."""
     out = {}
     for t in gg.infos:
         name = hf_name(t.name)
         if _is_linear(name, sch, cfg):
-            _, bits, group = storage(t.qtype, sch, keep_gguf)
-            out[name.removesuffix(".weight")] = (bits, group)
+            out[name.removesuffix(".weight")] = storage(t.qtype, sch, keep_gguf)[1:]
     return out
 
 
@@ -156,7 +158,7 @@ def packed_tensors(gg: GGUFFile, cfg: ModelConfig, sch: QuantScheme, stats: dict
             stats["dense"] = stats.get("dense", 0) + 1
             yield gg.dequantized(t, raw, cfg)
             continue
-        how, _, group = storage(t.qtype, sch, keep_gguf)
+        how, _, group, _ = storage(t.qtype, sch, keep_gguf)
         pw = repack(raw, t.qtype, t.shape) if how == "repacked" else None
         if pw is not None and not _finite(pw):  # Q4_K's d * sc over fp16's range: no real file has it
             how = "requantized"
