@@ -301,7 +301,7 @@ def _load_gguf_quantized(path: Path, device, dtype, tokenizer: Tokenizer | None,
     cfg, fields = gg.config(name=path.stem), gg.tokenizer_fields()
     how: dict[str, int] = {}
     net = build(cfg, packed_tensors(gg, cfg, quant, how), device, dtype, str(path), quant)
-    log.info("%s: linear weights %s (repacked = GGUF blocks kept exactly)", path.name, how)
+    log.info("%s: linear weights %s (repacked = GGUF blocks kept, no second quantization)", path.name, how)
     if tokenizer is None:
         tokenizer = _gguf_tokenizer(fields, path)
     return Model(net, cfg, tokenizer, device, dtype, str(path))

@@ -271,3 +271,19 @@ def test_mixed_net_on_cuda_picks_a_kernel_per_layer(k_gguf):
             assert m.backend == ("tinygemm" if m.bits == 4 else "triton"), (name, m.tinygemm_off)
     a, b = _logits(gpu), _logits(cpu)
     assert ((a - b).norm() / b.norm()).item() < 0.03
+
+
+def test_loader_logs_k_quants_as_repacked(k_gguf, caplog):
+    """load_gguf(..., quant=int4) reports Q4_K among the repacked tensors; the older rule
+    (keep_gguf=False) requantized every linear of this file."""
+    from kvloft.runtime.gguf_weights import GGUFFile
+
+    with caplog.at_level("INFO", logger="kvloft.runtime.loader"):
+        _load(k_gguf, "int4")
+    for part in ("'repacked': 5", "'requantized_int8': 2", "'requantized': 1", "'dense': 4"):
+        assert part in caplog.text
+    gg = GGUFFile(k_gguf)
+    how: dict[str, int] = {}
+    for _ in packed_tensors(gg, gg.config("k"), scheme("int4"), how, keep_gguf=False):
+        pass
+    assert how == {"requantized": 8, "dense": 4}
