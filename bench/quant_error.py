@@ -121,8 +121,8 @@ def measure(path: Path, tokens: int, last: int) -> dict:
 def markdown(res: dict) -> str:
     old, new = res["variants"]["old"], res["variants"]["new"]
     lines = [f"# weights=\"int4\" against the fp32-dequantized GGUF: {res['model']}", "",
-             f"One passkey prompt of {res['tokens']} tokens, {res['device']}, plain causal attention; "
-             f"logits of the last {res['last']} positions.", "",
+             (f"One passkey prompt of {res['tokens']} tokens, {res['device']}, plain causal attention; "
+              f"logits of the last {res['last']} positions."), "",
              "| | old (int4 g128 requantized) | new (GGUF blocks kept) |", "| --- | --- | --- |",
              f"| logits rel. error | {old['logits_rel_err']:.4f} | {new['logits_rel_err']:.4f} |",
              f"| top-1 agreement | {old['top1_agreement']:.3f} | {new['top1_agreement']:.3f} |",
