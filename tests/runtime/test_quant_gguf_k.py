@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import kvloft
-from kvloft.kernels.quant import dequantize, quantize_int8
+from kvloft.kernels.quant import dequantize, quantize_int8, reference_matmul
+from kvloft.kernels.quant.ops import quant_matmul
 from kvloft.runtime.loader import build
 from kvloft.runtime.quant_gguf import linear_storage, packed_tensors, repack
 from kvloft.runtime.quant_linear import QuantLinear, scheme, weights_scheme
@@ -75,6 +76,9 @@ def test_q4_k_repack_within_fp16_rounding(n, k, realistic):
     err = np.abs(got - want)[ok]
     assert (err <= bound[ok]).all(), float((err / bound[ok]).max())
     assert np.isfinite(got[ok]).all()
+    if realistic:  # and the GEMV kernel reads the layout (the Triton interpreter here)
+        x = torch.randn(3, k)
+        torch.testing.assert_close(quant_matmul(x, pw), reference_matmul(x, pw), rtol=1e-5, atol=1e-5)
 
 
 def test_q4_k_nibble_layout_is_exact_with_exact_scales():
