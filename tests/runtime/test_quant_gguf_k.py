@@ -265,7 +265,7 @@ def test_int4_keeps_k_quants_and_widens_the_rest(k_gguf, group):
     assert new_err < 0.05 and new_err < old_err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_mixed_net_on_cuda_picks_a_kernel_per_layer(k_gguf):
     """bf16 on CUDA: int4 layers run tinygemm, int8 ones the Triton GEMV; logits near the
     CPU's fp32 reference path of the same packed weights."""
