@@ -283,12 +283,15 @@ def plan_memory(
     scheduler: SchedulerParams | None = None,
     cache_bytes: int | None = None,
     check: bool = True,
+    weight_storage: Mapping[str, tuple[int, int | None, bool]] | None = None,
 ) -> MemoryPlan:
     """The device-memory plan of a session holding n_tokens (see the module doc).
 
     cache_bytes: the row cache to plan for (default: resolved from `scheduler`'s
     cache_bytes when runtime_cfg.scheduler == "overlap", else 0). check: raise a
     ValueError naming what would fit when the total exceeds gpu_memory_budget.
+    weight_storage: linears held otherwise than runtime_cfg.weights says, as weight_bytes's
+    `storage` (a GGUF's: runtime/quant_gguf.py linear_storage).
     """
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
         raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
@@ -302,14 +305,16 @@ def plan_memory(
                                               "cuda", cache_cfg, n_tokens=n_tokens)
     tinygemm = (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
                 and runtime_cfg.quant_group in TINYGEMM_GROUPS)  # the plan is a CUDA plan
-    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes, tinygemm)
+    weights = weight_bytes(model_cfg, isz, runtime_cfg.weights, runtime_cfg.quant_group, tinygemm, weight_storage)
+    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes, weights)
     if check and not plan.fits:
         raise ValueError(_refusal(plan, model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, isz))
     return plan
 
 
 def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: int,
-          tinygemm: bool = False) -> MemoryPlan:
+          weights: int | None = None) -> MemoryPlan:
+    """weights: the weights' bytes (None: weight_bytes by runtime.weights's rule alone)."""
     hkv, d, layers = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     token_row = 2 * hkv * d * isz
     if rcfg.method == "dense":
@@ -330,16 +335,19 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
         dec += static // 2  # growth: the old buffer is copied into one twice its size
     host_row = token_row if cache_cfg.host_dtype is None else 2 * packed_row_bytes((hkv, d))  # 8-bit: codes + scales
     host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (host_row + 8) * layers
-    return MemoryPlan(n, n_host, weight_bytes(cfg, isz, runtime.weights, runtime.quant_group, tinygemm),
+    if weights is None:
+        weights = weight_bytes(cfg, isz, runtime.weights, runtime.quant_group)
+    return MemoryPlan(n, n_host, weights,
                       static, row_cache,
                       index, max(pre, dec), pre, dec,
                       host_kv, host_index, runtime.gpu_memory_budget, notes)
 
 
-def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: int, hi: int) -> int:
+def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: int, hi: int,
+                 weights: int | None = None) -> int:
     """The longest context whose plan fits the budget with this cache (-1: none)."""
     def fits(n: int) -> bool:
-        return _plan(cfg, rcfg, runtime, cache_cfg, params, n, isz, cache_bytes).fits
+        return _plan(cfg, rcfg, runtime, cache_cfg, params, n, isz, cache_bytes, weights).fits
 
     if not fits(0):
         return -1
@@ -353,7 +361,8 @@ def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: i
 def _refusal(plan: MemoryPlan, cfg, rcfg, runtime, cache_cfg, params, isz: int) -> str:
     budget = plan.budget
     msg = [f"the session needs {plan.describe()}, over gpu_memory_budget={budget / GiB:.2f} GiB."]
-    longest = _max_context(cfg, rcfg, runtime, cache_cfg, params, isz, plan.row_cache, plan.n_tokens)
+    longest = _max_context(cfg, rcfg, runtime, cache_cfg, params, isz, plan.row_cache, plan.n_tokens,
+                           plan.weights)
     if longest >= 0:
         msg.append(f"It would fit with a context of at most {longest} tokens.")
     else:

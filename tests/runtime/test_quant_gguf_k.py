@@ -23,7 +23,7 @@ from kvloft.kernels.quant.ops import quant_matmul
 from kvloft.runtime.loader import build
 from kvloft.runtime.quant_gguf import linear_storage, packed_tensors, repack
 from kvloft.runtime.quant_linear import QuantLinear, scheme, weights_scheme
-from kvloft.scheduler.budget import weight_bytes
+from kvloft.scheduler.budget import plan_memory, weight_bytes
 
 gguf = pytest.importorskip("gguf")
 
@@ -255,6 +255,10 @@ def test_int4_keeps_k_quants_and_widens_the_rest(k_gguf, group):
     storage = linear_storage(gg, cfg, scheme("int4", group))
     assert weight_bytes(cfg, 4, "int4", group, storage=storage) == q.weight_bytes
     assert weight_bytes(cfg, 4, "int4", group) != q.weight_bytes  # the scheme's rule alone is not it
+    rt = kvloft.RuntimeConfig(weights="int4", quant_group=group)
+    plan = plan_memory(cfg, kvloft.RetrievalConfig(method="dense"), rt, 64, "float32", weight_storage=storage,
+                       check=False)
+    assert plan.weights == q.weight_bytes
     # the whole net: closer to the reference than the older rule (everything int4 group `group`)
     old = _load(k_gguf, "bf16")
     old.net = build(cfg, packed_tensors(gg, cfg, scheme("int4", group), keep_gguf=False), torch.device("cpu"),
