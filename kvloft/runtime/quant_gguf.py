@@ -17,8 +17,8 @@ fp16, so |packed - gguf| <= |q * (s16 - s)| + |m16 - m| (+ fp32 rounding of the 
 about 2^-11 of the weight. Types of more than 4 bits stay 8-bit under "int4" rather than
 losing bits; those without an exact int8 form are quantized again from their dequantized
 values to int8 with one fp16 scale per 32 inputs: |err| <= s / 2 + 127 eps(s), s =
-fp16(absmax / 127), eps(s) its fp16 rounding (0.56 s in all for a normal s; a quarter of
-Q6_K's own step or less). A model loaded as "int4" from a Q4_K_M file is then a
+fp16(absmax / 127), eps(s) its fp16 rounding (0.56 s in all for a normal s: about 0.14
+of the step of the group's coarser Q6_K sub-block). A model loaded as "int4" from a Q4_K_M file is then a
 mix of int4 and int8 QuantLinears (runtime/quant_linear.py runs each with its kernel).
 Non-linear tensors (embeddings, norms, biases) come through as fp32.
 
