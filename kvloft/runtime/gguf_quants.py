@@ -18,7 +18,7 @@ from torch import Tensor
 QK_K = 256  # elements per k-quant super-block
 
 
-def _f16(b: Tensor) -> Tensor:
+def f16(b: Tensor) -> Tensor:
     """b [n, 2] uint8 -> [n, 1] fp32 (a little-endian fp16 per row)."""
     return b.contiguous().view(torch.float16).float()
 
@@ -36,17 +36,17 @@ def _bits(qh: Tensor, n_bits: int) -> Tensor:
 
 
 def q4_0(b: Tensor) -> Tensor:
-    d = _f16(b[:, :2])
+    d = f16(b[:, :2])
     qs = _nibbles(b[:, 2:], 16).reshape(b.shape[0], -1).to(torch.int8) - 8
     return d * qs.float()
 
 
 def q4_1(b: Tensor) -> Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    d, m = f16(b[:, :2]), f16(b[:, 2:4])
     return d * _nibbles(b[:, 4:], 16).reshape(b.shape[0], -1).float() + m
 
 
-def _q5_values(b: Tensor, start: int) -> Tensor:
+def q5_values(b: Tensor, start: int) -> Tensor:
     """The 5-bit values of a Q5_0/Q5_1 block: qh (4 bytes) then qs (16) from `start`."""
     qh = _bits(b[:, start:start + 4], 32)
     ql = _nibbles(b[:, start + 4:], 16).reshape(b.shape[0], -1)
@@ -54,19 +54,19 @@ def _q5_values(b: Tensor, start: int) -> Tensor:
 
 
 def q5_0(b: Tensor) -> Tensor:
-    return _f16(b[:, :2]) * (_q5_values(b, 2).to(torch.int8) - 16).float()
+    return f16(b[:, :2]) * (q5_values(b, 2).to(torch.int8) - 16).float()
 
 
 def q5_1(b: Tensor) -> Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    return d * _q5_values(b, 4).float() + m
+    d, m = f16(b[:, :2]), f16(b[:, 2:4])
+    return d * q5_values(b, 4).float() + m
 
 
 def q8_0(b: Tensor) -> Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+    return b[:, 2:].contiguous().view(torch.int8).float() * f16(b[:, :2])
 
 
-def _scale_min_k4(scales: Tensor) -> tuple[Tensor, Tensor]:
+def scale_min_k4(scales: Tensor) -> tuple[Tensor, Tensor]:
     """scales [n, 12] uint8 (8 packed 6-bit scales and mins) -> sc, m [n, 8] uint8."""
     s = scales.reshape(-1, 3, 4)
     d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
@@ -77,8 +77,8 @@ def _scale_min_k4(scales: Tensor) -> tuple[Tensor, Tensor]:
 
 def _k_scales(b: Tensor) -> tuple[Tensor, Tensor]:
     """Q4_K/Q5_K header -> per-sub-block scale d*sc and offset dmin*m, each [n, 8, 1]."""
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    sc, m = _scale_min_k4(b[:, 4:16])
+    d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
+    sc, m = scale_min_k4(b[:, 4:16])
     return (d * sc.float()).unsqueeze(-1), (dmin * m.float()).unsqueeze(-1)
 
 
@@ -103,7 +103,7 @@ def q6_k(b: Tensor) -> Tensor:
     n = b.shape[0]
     ql, qh = b[:, :128], b[:, 128:192]
     scales = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = (_f16(b[:, 208:210]) * scales).reshape(n, QK_K // 16, 1)
+    d = (f16(b[:, 208:210]) * scales).reshape(n, QK_K // 16, 1)
     ql = _nibbles(ql, 64).reshape(n, -1, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
     qh = ((qh.reshape(n, -1, 1, 32) >> shifts) & 3).reshape(n, -1, 32)

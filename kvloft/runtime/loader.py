@@ -103,8 +103,8 @@ def load_model(
         (None = only for files of CACHE_MIN_BYTES or more, whose conversion takes seconds).
     weights: "bf16" (not quantized, in `dtype`), "int4" or "int8": the linear layers are
         quantized as they stream in, one tensor at a time (runtime/quant_linear.py; GGUF
-        Q4_0/Q4_1/Q8_0 tensors repacked exactly, runtime/quant_gguf.py). quant_group: inputs
-        per int4 scale (32, 64, 128).
+        Q4_0/Q4_1/Q4_K/Q5_0/Q8_0 tensors repacked, runtime/quant_gguf.py). quant_group: inputs
+        per int4 scale (32, 64, 128) of float weights; GGUF int4 blocks keep group 32.
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"load_model takes a name or a path, got {type(name_or_path).__name__}")
@@ -272,7 +272,7 @@ def load_hf_dir(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None
 def load_gguf(path: Path, *, device, dtype, tokenizer: Tokenizer | None = None, cache: bool | None = None,
               quant: QuantScheme | None = None) -> Model:
     """Read a GGUF (llama, qwen2): from the converted-weights cache when it holds it. With
-    `quant`, always from the GGUF itself (its Q4_0/Q4_1/Q8_0 blocks repack without loss)."""
+    `quant`, always from the GGUF itself (its Q4_*/Q5_0/Q8_0 blocks repack without a second quantization)."""
     path = Path(path)
     if quant is not None:
         return _load_gguf_quantized(path, device, dtype, tokenizer, quant)
@@ -301,7 +301,7 @@ def _load_gguf_quantized(path: Path, device, dtype, tokenizer: Tokenizer | None,
     cfg, fields = gg.config(name=path.stem), gg.tokenizer_fields()
     how: dict[str, int] = {}
     net = build(cfg, packed_tensors(gg, cfg, quant, how), device, dtype, str(path), quant)
-    log.info("%s: linear weights %s (repacked = GGUF blocks kept exactly)", path.name, how)
+    log.info("%s: linear weights %s (repacked = GGUF blocks kept, no second quantization)", path.name, how)
     if tokenizer is None:
         tokenizer = _gguf_tokenizer(fields, path)
     return Model(net, cfg, tokenizer, device, dtype, str(path))

@@ -14,7 +14,10 @@ and calls F.linear (kernels/quant/packed.py is the reference); set_kernels(net,
 Schemes (RuntimeConfig.weights): "bf16" = not quantized (the weights stay in the compute
 dtype); "int4" = 4-bit, asymmetric (scale and min per group of `group` inputs, fp16);
 "int8" = 8-bit symmetric, one fp16 scale per output channel. Embeddings and norms stay
-in the compute dtype.
+in the compute dtype. `group` applies to float weights quantized here; GGUF blocks kept
+as they are hold group 32 whatever it says, and a GGUF type of more than 4 bits stays
+int8 (group 32) under "int4" (runtime/quant_gguf.py): a net may mix int4 and int8 layers,
+each QuantLinear choosing its kernel from its own bits (tinygemm takes int4 only).
 """
 
 from __future__ import annotations
@@ -242,11 +245,12 @@ def packed_bytes(net: nn.Module) -> int:
 
 
 def weights_scheme(net: nn.Module) -> str:
-    """"bf16" (no QuantLinear), "int4" or "int8" (the bits of the quantized linears; "mixed" if both)."""
+    """"bf16" (no QuantLinear), "int8" (every quantized linear 8-bit) or "int4" (any 4-bit:
+    a GGUF loaded as "int4" keeps its types of more than 4 bits at 8, runtime/quant_gguf.py)."""
     bits = {m.bits for m in net.modules() if isinstance(m, QuantLinear)}
     if not bits:
         return "bf16"
-    return f"int{bits.pop()}" if len(bits) == 1 else "mixed"
+    return "int4" if 4 in bits else "int8"
 
 
 def apply_weights(net: nn.Module, held: str, runtime) -> None:

@@ -34,6 +34,7 @@ longest context with this cache, and the largest row cache for this context.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -121,39 +122,55 @@ def _itemsize(dtype: torch.dtype | str) -> int:
 
 
 def weight_bytes(cfg: ModelConfig, itemsize: int, weights: str = "bf16", quant_group: int = 128,
-                 tinygemm: bool = False) -> int:
+                 tinygemm: bool = False, storage: Mapping[str, tuple[int, int | None, bool]] | None = None) -> int:
     """Parameters of the decoder (runtime/model.py), tied embeddings counted once. weights
     "int4"/"int8" (RuntimeConfig.weights): the linears (and an untied head) at their packed
     size (kernels/quant/packed.py), as runtime/quant_linear.py quantizes them; "auto" and
-    "bf16": unquantized (a GGUF repacked exactly may hold group-32 scales instead).
-    tinygemm: int4 linears of a CUDA bf16 model hold PyTorch's int4pack layout and its bf16
-    scales and zeros beside the fp16 scales and mins (kernels/quant/tinygemm.py): 4 more
-    bytes per group and output row."""
+    "bf16": unquantized. storage: {linear name ("layers.3.mlp.down_proj", "lm_head"): (bits,
+    group, mins)} for linears held otherwise than that rule, as a GGUF's own blocks are
+    (runtime/quant_gguf.py linear_storage: int4 group 32 from Q4_*, int8 group 32 from the
+    types of more than 4 bits): int4 is K_pad / 2 bytes a row plus 2 (fp16 scale) and 2 more
+    with mins per group and row; int8 K_pad bytes a row plus 2 per group and row (group
+    None: one per row). tinygemm: int4 linears of a CUDA bf16 model hold PyTorch's int4pack
+    layout and its bf16 scales and zeros beside the fp16 scales and mins
+    (kernels/quant/tinygemm.py): 4 more bytes per group and output row; int8 ones do not."""
     h, d, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
-    linears = [(hq * d, h), (hkv * d, h), (hkv * d, h), (h, hq * d), (inter, h), (inter, h), (h, inter)]
-    per_layer = sum(_linear_bytes(n, k, weights, quant_group, itemsize, tinygemm) for n, k in linears)
-    per_layer += 2 * h * itemsize
+    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    shapes = [(hq * d, h), (hkv * d, h), (hkv * d, h), (h, hq * d), (inter, h), (inter, h), (h, inter)]
+    storage = storage or {}
+    rule = _rule(weights, quant_group)
+
+    def linear(name: str, n: int, k: int) -> int:
+        held = storage.get(name, rule)
+        return n * k * itemsize if held is None else _packed_bytes(n, k, *held, tinygemm=tinygemm)
+
+    total = sum(linear(f"layers.{i}.{leaf}", n, k) for i in range(cfg.n_layers) for leaf, (n, k) in zip(leaves, shapes))
+    per_layer = 2 * h * itemsize
     if cfg.attention_bias:
         per_layer += (hq + 2 * hkv) * d * itemsize
     embed = cfg.vocab_size * h * itemsize
-    head = 0 if cfg.tie_word_embeddings else _linear_bytes(cfg.vocab_size, h, weights, quant_group, itemsize,
-                                                             tinygemm)
-    return cfg.n_layers * per_layer + embed + head + h * itemsize
+    head = 0 if cfg.tie_word_embeddings else linear("lm_head", cfg.vocab_size, h)
+    return total + cfg.n_layers * per_layer + embed + head + h * itemsize
 
 
-def _linear_bytes(n: int, k: int, weights: str, group: int, itemsize: int, tinygemm: bool = False) -> int:
-    """Bytes of one linear weight [n, k] stored as `weights` (packed layout: K padded to its group;
-    tinygemm: N padded to 8 and bf16 scales and zeros as well)."""
-    if weights == "int4":
-        kp = -(-k // group) * group
-        if tinygemm:  # int4pack nibbles [N_pad, K_pad / 2] + bf16 (scale, zero) + our fp16 (scale, min)
-            n_pad = -(-n // 8) * 8
-            return n_pad * kp // 2 + 2 * 2 * n_pad * (kp // group) + 2 * 2 * n * (kp // group)
-        return n * kp // 2 + 2 * 2 * n * (kp // group)  # nibbles + fp16 scale and min per group
-    if weights == "int8":
-        kp = -(-k // 32) * 32
-        return n * kp + 2 * n  # int8 values + one fp16 scale per output channel
-    return n * k * itemsize
+def _rule(weights: str, group: int) -> tuple[int, int | None, bool] | None:
+    """(bits, group, mins) of a linear quantized by the scheme `weights`; None: unquantized."""
+    return {"int4": (4, group, True), "int8": (8, None, False)}.get(weights)
+
+
+def _packed_bytes(n: int, k: int, bits: int, group: int | None, mins: bool, tinygemm: bool = False) -> int:
+    """Bytes of one packed linear weight [n, k] (K padded to its group; tinygemm: N padded to 8
+    and bf16 scales and zeros as well)."""
+    group = group or -(-k // 32) * 32  # per output channel: one group of K rounded up to 32
+    kp = -(-k // group) * group
+    if bits == 8:
+        return n * kp + 2 * n * (kp // group)  # int8 values + an fp16 scale per group
+    ours = 2 * (2 if mins else 1) * n * (kp // group)  # fp16 scale (and min) per group
+    if tinygemm:  # int4pack nibbles [N_pad, K_pad / 2] + bf16 (scale, zero) + ours
+        n_pad = -(-n // 8) * 8
+        return n_pad * kp // 2 + 2 * 2 * n_pad * (kp // group) + ours
+    return n * kp // 2 + ours
 
 
 def static_tier_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, evict_batch: int, itemsize: int) -> int:
@@ -296,12 +313,15 @@ def plan_memory(
     scheduler: SchedulerParams | None = None,
     cache_bytes: int | None = None,
     check: bool = True,
+    weight_storage: Mapping[str, tuple[int, int | None, bool]] | None = None,
 ) -> MemoryPlan:
     """The device-memory plan of a session holding n_tokens (see the module doc).
 
     cache_bytes: the row cache to plan for (default: resolved from `scheduler`'s
     cache_bytes when runtime_cfg.scheduler == "overlap", else 0). check: raise a
     ValueError naming what would fit when the total exceeds gpu_memory_budget.
+    weight_storage: linears held otherwise than runtime_cfg.weights says, as weight_bytes's
+    `storage` (a GGUF's: runtime/quant_gguf.py linear_storage).
     """
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
         raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
@@ -315,16 +335,20 @@ def plan_memory(
                                               "cuda", cache_cfg, n_tokens=n_tokens)
     tinygemm = (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
                 and runtime_cfg.quant_group in TINYGEMM_GROUPS)  # the plan is a CUDA plan
-    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes, tinygemm)
+    weights = weight_bytes(model_cfg, isz, runtime_cfg.weights, runtime_cfg.quant_group, tinygemm, weight_storage)
+    plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes, tinygemm,
+                 weights=weights)
     if check and not plan.fits:
         raise ValueError(_refusal(plan, model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, isz))
     return plan
 
 
 def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: int,
-          tinygemm: bool = False, chunk: int | None = None, free_bytes: int | None = None) -> MemoryPlan:
+          tinygemm: bool = False, chunk: int | None = None, free_bytes: int | None = None,
+          weights: int | None = None) -> MemoryPlan:
     """The plan at n tokens. Its prefill chunk: runtime.prefill_chunk, else `chunk`, else the
-    auto choice (_auto_chunk) within the budget and `free_bytes`."""
+    auto choice (_auto_chunk) within the budget and `free_bytes`. weights: the weights' bytes
+    (None: weight_bytes by runtime.weights's rule alone)."""
     hkv, d, layers = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     token_row = 2 * hkv * d * isz
     if rcfg.method == "dense":
@@ -342,7 +366,8 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
     dec = _decode_workspace(cfg, rcfg, runtime, params, n_host, isz)
     if rcfg.method == "dense":
         dec += static // 2  # growth: the old buffer is copied into one twice its size
-    weights = weight_bytes(cfg, isz, runtime.weights, runtime.quant_group, tinygemm)
+    if weights is None:
+        weights = weight_bytes(cfg, isz, runtime.weights, runtime.quant_group, tinygemm)
 
     def prefill(c: int) -> int:
         return _prefill_workspace(cfg, rcfg, runtime, cache_cfg, n, n_host, isz, c)
@@ -417,10 +442,11 @@ def pick_prefill_chunk(
     return plan.prefill_chunk
 
 
-def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: int, hi: int) -> int:
+def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: int, hi: int,
+                 weights: int | None = None) -> int:
     """The longest context whose plan fits the budget with this cache (-1: none)."""
     def fits(n: int) -> bool:
-        return _plan(cfg, rcfg, runtime, cache_cfg, params, n, isz, cache_bytes).fits
+        return _plan(cfg, rcfg, runtime, cache_cfg, params, n, isz, cache_bytes, weights=weights).fits
 
     if not fits(0):
         return -1
@@ -434,7 +460,8 @@ def _max_context(cfg, rcfg, runtime, cache_cfg, params, isz: int, cache_bytes: i
 def _refusal(plan: MemoryPlan, cfg, rcfg, runtime, cache_cfg, params, isz: int) -> str:
     budget = plan.budget
     msg = [f"the session needs {plan.describe()}, over gpu_memory_budget={budget / GiB:.2f} GiB."]
-    longest = _max_context(cfg, rcfg, runtime, cache_cfg, params, isz, plan.row_cache, plan.n_tokens)
+    longest = _max_context(cfg, rcfg, runtime, cache_cfg, params, isz, plan.row_cache, plan.n_tokens,
+                           plan.weights)
     if longest >= 0:
         msg.append(f"It would fit with a context of at most {longest} tokens.")
     else:

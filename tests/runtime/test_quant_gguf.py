@@ -1,5 +1,6 @@
-"""GGUF Q4_0/Q4_1/Q8_0 blocks repacked into packed weights: bit-exact against gguf's own
-dequantization, through a whole (llama, row-permuted q/k) GGUF file and load_model."""
+"""GGUF blocks repacked into packed weights: Q4_0/Q4_1/Q8_0/Q5_0 bit-exact against gguf's own
+dequantization, Q4_K within the fp16 rounding of its sub-block scales and mins, Q6_K kept
+at 8 bits; through whole (llama, row-permuted q/k) GGUF files and load_model."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def ggml(a: np.ndarray, qtype: str) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(raw.reshape(-1).copy()), gguf.quants.dequantize(raw, t).reshape(a.shape)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
 @pytest.mark.parametrize("n,k", [(7, 64), (33, 160)])
 def test_repack_dequantizes_bit_exactly(qtype, n, k):
     a = (np.random.default_rng(n).standard_normal((n, k)) * 0.1).astype(np.float32)
@@ -34,14 +35,18 @@ def test_repack_dequantizes_bit_exactly(qtype, n, k):
     pw = repack(raw, qtype, (n, k))
     pw.validate()
     assert torch.equal(dequantize(pw), torch.from_numpy(want))
-    assert pw.nbytes == raw.numel()  # the same bytes, rearranged
+    assert pw.nbytes == (raw.numel() // 22 * 34 if qtype == "Q5_0" else raw.numel())  # rearranged; Q5_0 widened
     x = torch.randn(3, k)  # and the GEMV kernel reads them (the interpreter here)
     assert torch.allclose(quant_matmul(x, pw), reference_matmul(x, pw), rtol=1e-5, atol=1e-5)
 
 
 def test_repack_refuses_other_types():
     with pytest.raises(ValueError, match="no direct repack"):
-        repack(torch.zeros(144, dtype=torch.uint8), "Q4_K", (1, 256))
+        repack(torch.zeros(210, dtype=torch.uint8), "Q6_K", (1, 256))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        repack(torch.zeros(144, dtype=torch.uint8), "Q4_K", (2, 128))
+    with pytest.raises(ValueError, match="takes 144 uint8 bytes"):
+        repack(torch.zeros(140, dtype=torch.uint8), "Q4_K", (1, 256))
 
 
 TYPES = {"blk.0.attn_q.weight": "Q4_0", "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q8_0",
@@ -83,16 +88,18 @@ def _linears(model):
     return {n: m for n, m in model.net.named_modules() if isinstance(m, QuantLinear)}
 
 
-@pytest.mark.parametrize("weights,bits,exact", [("int4", 4, ("Q4_0", "Q4_1")), ("int8", 8, ("Q8_0",))])
+@pytest.mark.parametrize("weights,bits,exact", [("int4", 4, ("Q4_0", "Q4_1", "Q8_0")), ("int8", 8, ("Q8_0",))])
 def test_gguf_file_repacks_exactly_and_requantizes_the_rest(mixed_gguf, weights, bits, exact):
+    """Under "int4" Q8_0 stays int8 (bit-exact); under "int8" Q4_* are requantized."""
     ref = _load(mixed_gguf, "bf16")
     q = _load(mixed_gguf, weights)
     lin = _linears(q)
-    assert len(lin) == 8 and all(m.bits == bits for m in lin.values())
+    assert q.weights == weights
     gg_names = {"layers.0.self_attn.q_proj": "blk.0.attn_q.weight", "layers.0.self_attn.k_proj": "blk.0.attn_k.weight",
                 "layers.0.self_attn.v_proj": "blk.0.attn_v.weight", "layers.0.self_attn.o_proj": "blk.0.attn_output.weight",
                 "layers.0.mlp.gate_proj": "blk.0.ffn_gate.weight", "layers.0.mlp.up_proj": "blk.0.ffn_up.weight",
                 "layers.0.mlp.down_proj": "blk.0.ffn_down.weight", "lm_head": "output.weight"}
+    assert len(lin) == 8 and all(m.bits == (8 if TYPES[gg_names[n]] == "Q8_0" else bits) for n, m in lin.items())
     for name, m in lin.items():
         want = ref.net.get_submodule(name).weight
         got = dequantize(m.packed)
