@@ -45,6 +45,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
+from kvloft.index.hip_batch import n_keep, select_rows
 from kvloft.kernels.hip_stage import (
     PROBES,
     hierarchical_top1,
@@ -268,8 +269,6 @@ class HipRetriever:
         """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step, the
         stages they recompute searched for all of them at once (index/hip_batch.py): q
         [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone."""
-        from kvloft.index.hip_batch import select_rows
-
         return select_rows(retrievers, layer, q, budgets)
 
     def search_key(self) -> tuple[Any, ...]:
@@ -449,9 +448,6 @@ def _with_fresh(mask: Tensor, seen: int, n: int, last: bool, count: Tensor | Non
     return torch.cat([fresh, mask] if last else [mask, fresh])
 
 
-def n_keep(kept: int, length: int, n_full: int) -> int:
-    """Chunks of l_c = length a stage keeps to keep `kept` tokens, of n_full searched."""
-    return min(max(kept // length, 1), n_full)
 
 
 def best_chunks(score: Tensor, k: int) -> Tensor:

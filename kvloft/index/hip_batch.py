@@ -25,25 +25,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from kvloft.index.base import Selection, check_select
-from kvloft.index.hip import HipRetriever, _LayerState, n_keep
 from kvloft.kernels.hip_stage import probes_per_chunk
 from kvloft.tiers.chunked import ChunkedRows
 
-__all__ = ["select_rows"]
+__all__ = ["n_keep", "select_rows"]
+
+
+def n_keep(kept: int, length: int, n_full: int) -> int:
+    """Chunks of l_c = length a stage keeps to keep `kept` tokens, of n_full searched."""
+    return min(max(kept // length, 1), n_full)
 
 
 @dataclass(eq=False)
 class _Row:
     """One row of the batch that prunes this step."""
 
-    hip: HipRetriever
+    hip: Any  # the row's HipRetriever (index/hip.py imports this module, not the reverse)
     g: int  # its index in q and in the result
-    st: _LayerState
+    st: Any  # its layer's hip._LayerState
     store: ChunkedRows
     n: int  # host rows
     budget: int
@@ -62,7 +67,7 @@ class _Searched:
     n_keep: int  # chunks kept
 
 
-def select_rows(retrievers: Sequence[HipRetriever], layer: int, q: Tensor, budgets: Sequence[int]) -> list[Selection]:
+def select_rows(retrievers: Sequence[Any], layer: int, q: Tensor, budgets: Sequence[int]) -> list[Selection]:
     """retrievers[g].select(layer, q[g], budgets[g]) for every g, searched together (q [G, H_q, D])."""
     if len(retrievers) != q.shape[0] or len(budgets) != q.shape[0]:
         raise ValueError(f"select_batch needs one retriever and budget per query row; got {len(retrievers)} "
