@@ -29,6 +29,9 @@ from torch import Tensor
 enabled = True  # False: reference.decode_attend takes ATen's flash attention instead
 BLOCK = 256  # rows per block: a block's logits [H_q, B] fp32 stay in L1/L2 (9 KB for 9 heads)
 MAX_HEAD_DIM = 512
+# K and V of at least this many bytes are split over numba's threads (one OpenMP parallel
+# region a call); smaller ones run on the caller's thread (see cpu_gemv.PARALLEL_MIN_BYTES).
+PARALLEL_MIN_BYTES = 1 << 20
 
 
 @njit(fastmath=True, nogil=True, cache=True)
@@ -69,15 +72,9 @@ def _block(q, k, v, scale, r0, r1, o, stat, bi):  # one block of rows -> o [H_q,
                     o[hh, j] += p * vr[j]
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def _decode(q, k, v, scale, block, out, lse):  # q [H_q, D], k, v [T, H_kv, D], out [H_q, D], lse [H_q]
-    t_n = k.shape[0]
-    hq, d = q.shape
-    nb = (t_n + block - 1) // block
-    parts = np.empty((nb, hq, d), np.float32)
-    stat = np.empty((nb, hq, 2), np.float32)
-    for bi in prange(nb):
-        _block(q, k, v, scale, bi * block, min(bi * block + block, t_n), parts[bi], stat, bi)
+@njit(fastmath=True, nogil=True, cache=True)
+def _merge(parts, stat, out, lse):  # blocks' parts [nb, H_q, D], stat [nb, H_q, 2] -> out [H_q, D], lse [H_q]
+    nb, hq, d = parts.shape
     for hh in range(hq):  # log-sum-exp merge of the blocks (exact)
         m = stat[0, hh, 0]
         for bi in range(1, nb):
@@ -93,6 +90,28 @@ def _decode(q, k, v, scale, block, out, lse):  # q [H_q, D], k, v [T, H_kv, D], 
         for j in range(d):
             out[hh, j] /= total
         lse[hh] = m + np.log(total)
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def _decode_parallel(q, k, v, scale, block, out, lse):  # q [H_q, D], k, v [T, H_kv, D], out [H_q, D], lse [H_q]
+    t_n = k.shape[0]
+    nb = (t_n + block - 1) // block
+    parts = np.empty((nb, q.shape[0], q.shape[1]), np.float32)
+    stat = np.empty((nb, q.shape[0], 2), np.float32)
+    for bi in prange(nb):
+        _block(q, k, v, scale, bi * block, min(bi * block + block, t_n), parts[bi], stat, bi)
+    _merge(parts, stat, out, lse)
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _decode_serial(q, k, v, scale, block, out, lse):  # the same on the caller's thread
+    t_n = k.shape[0]
+    nb = (t_n + block - 1) // block
+    parts = np.empty((nb, q.shape[0], q.shape[1]), np.float32)
+    stat = np.empty((nb, q.shape[0], 2), np.float32)
+    for bi in range(nb):
+        _block(q, k, v, scale, bi * block, min(bi * block + block, t_n), parts[bi], stat, bi)
+    _merge(parts, stat, out, lse)
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -124,11 +143,13 @@ def decode_attend_unchecked(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tu
     if k.shape[0] == 0:
         return out.zero_(), torch.full((hq,), -math.inf, dtype=torch.float32)
     lse = torch.empty(hq, dtype=torch.float32)
-    _decode(q.contiguous().numpy(), k.numpy(), v.numpy(), np.float32(scale), BLOCK, out.numpy(), lse.numpy())
+    kernel = _decode_parallel if 8 * k.numel() >= PARALLEL_MIN_BYTES else _decode_serial
+    kernel(q.contiguous().numpy(), k.numpy(), v.numpy(), np.float32(scale), BLOCK, out.numpy(), lse.numpy())
     return out, lse
 
 
 def warm() -> None:
     """Compile (or load from numba's cache) the kernel: a few ms from cache."""
     q, k = np.ones((2, 4), np.float32), np.ones((3, 1, 4), np.float32)
-    _decode(q, k, k, np.float32(0.5), BLOCK, np.empty((2, 4), np.float32), np.empty(2, np.float32))
+    for kernel in (_decode_serial, _decode_parallel):
+        kernel(q, k, k, np.float32(0.5), BLOCK, np.empty((2, 4), np.float32), np.empty(2, np.float32))

@@ -23,20 +23,34 @@ from numba import njit, prange
 from torch import Tensor
 
 MAX_ROWS = 8  # rows per call through the compiled loop; more go to F.linear (a GEMM)
+# Weights of at least this many bytes are split over numba's threads (one OpenMP parallel region
+# a call, which waits for every thread to be scheduled); smaller ones (SmolLM2's k and v
+# projections, 0.4 MB) run on the caller's thread, where a region would cost more than it saves.
+PARALLEL_MIN_BYTES = 1 << 20
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _rows(x, w, b, has_bias, out, o):  # output o of every row: w[o] read once, dotted with each x[t]
+    wr = w[o]
+    bias = b[o] if has_bias else np.float32(0.0)
+    for t in range(x.shape[0]):
+        xr = x[t]
+        acc = np.float32(0.0)
+        for i in range(x.shape[1]):
+            acc += xr[i] * wr[i]
+        out[t, o] = acc + bias
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def _linear_rows(x, w, b, has_bias, out):  # x [T, I], w [O, I], b [O] or [1], out [T, O]; float32
-    t_n, n_in = x.shape
+def _linear_parallel(x, w, b, has_bias, out):  # x [T, I], w [O, I], b [O] or [1], out [T, O]; float32
     for o in prange(w.shape[0]):
-        wr = w[o]
-        bias = b[o] if has_bias else np.float32(0.0)
-        for t in range(t_n):
-            xr = x[t]
-            acc = np.float32(0.0)
-            for i in range(n_in):
-                acc += xr[i] * wr[i]
-            out[t, o] = acc + bias
+        _rows(x, w, b, has_bias, out, o)
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _linear_serial(x, w, b, has_bias, out):  # the same on the caller's thread: no parallel region
+    for o in range(w.shape[0]):
+        _rows(x, w, b, has_bias, out, o)
 
 
 _NO_BIAS = np.zeros(1, dtype=np.float32)
@@ -74,7 +88,8 @@ def linear_unchecked(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out = torch.empty((x2.shape[0], weight.shape[0]), dtype=torch.float32)
     if x2.shape[0] and weight.shape[0]:
         b = _NO_BIAS if bias is None else bias.detach().numpy()
-        _linear_rows(x2.detach().numpy(), weight.detach().numpy(), b, bias is not None, out.numpy())
+        kernel = _linear_parallel if weight.numel() * 4 >= PARALLEL_MIN_BYTES else _linear_serial
+        kernel(x2.detach().numpy(), weight.detach().numpy(), b, bias is not None, out.numpy())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -82,5 +97,6 @@ def warm() -> None:
     """Compile (or load from numba's cache) the loop for both bias cases: a few ms from cache."""
     x, w = np.ones((1, 3), np.float32), np.ones((2, 3), np.float32)
     out = np.empty((1, 2), np.float32)
-    _linear_rows(x, w, _NO_BIAS, False, out)
-    _linear_rows(x, w, np.ones(2, np.float32), True, out)
+    for kernel in (_linear_serial, _linear_parallel):
+        kernel(x, w, _NO_BIAS, False, out)
+        kernel(x, w, np.ones(2, np.float32), True, out)
