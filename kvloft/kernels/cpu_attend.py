@@ -30,7 +30,8 @@ enabled = True  # False: reference.decode_attend takes ATen's flash attention in
 BLOCK = 256  # rows per block: a block's logits [H_q, B] fp32 stay in L1/L2 (9 KB for 9 heads)
 MAX_HEAD_DIM = 512
 # K and V of at least this many bytes are split over numba's threads (one OpenMP parallel
-# region a call); smaller ones run on the caller's thread (see cpu_gemv.PARALLEL_MIN_BYTES).
+# region a call, as ATen's flash attention took before); smaller ones run on the caller's
+# thread (see cpu_gemv.PARALLEL_MIN_BYTES for what a region costs on a loaded machine).
 PARALLEL_MIN_BYTES = 1 << 20
 
 

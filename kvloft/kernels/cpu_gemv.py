@@ -4,8 +4,9 @@
 
 A decode token's linears are reads of their weights: SmolLM2-135M's 540 MB of fp32 once a
 token. torch's fp32 GEMV (F.linear / torch.mv at one row) read them at ~8 GB/s on the 2-core
-AVX2 development machine; this loop, each output row's weights read once in order, split over
-the threads by output, reads the same bytes at ~21-26 GB/s (318 MB: 12-15 ms against 38.7 ms).
+AVX2 development machine, ~6 GB/s under load; this loop, each output row's weights read once in
+order, reads them at ~10 GB/s on one thread and, split over 2 threads by output on a quiet
+machine, at ~21-26 GB/s (318 MB: 12-15 ms against 38.7 ms); see PARALLEL_MIN_BYTES.
 With T > 1 each weight row is dotted with all T inputs while it sits in L1, so up to
 `MAX_ROWS` rows cost about one read of the weights; past that, a real GEMM (F.linear) wins.
 
@@ -23,10 +24,13 @@ from numba import njit, prange
 from torch import Tensor
 
 MAX_ROWS = 8  # rows per call through the compiled loop; more go to F.linear (a GEMM)
-# Weights of at least this many bytes are split over numba's threads (one OpenMP parallel region
-# a call, which waits for every thread to be scheduled); smaller ones (SmolLM2's k and v
-# projections, 0.4 MB) run on the caller's thread, where a region would cost more than it saves.
-PARALLEL_MIN_BYTES = 1 << 20
+# Weights of at least this many bytes are split over numba's threads, in one OpenMP parallel
+# region a call; smaller ones run on the caller's thread. A region waits for every thread to be
+# scheduled: on this shared 2-core machine under load (load average 4-8) a region per linear
+# (211 a SmolLM2 token) made decode 2-10x slower than one thread, while in a quieter spell it
+# was ~25% faster than this split (docs/performance.md). So only the lm_head (113 MB, one
+# region a token) is split by default; on dedicated idle cores, lower this to 1 MB.
+PARALLEL_MIN_BYTES = 16 << 20
 
 
 @njit(fastmath=True, nogil=True, cache=True)
