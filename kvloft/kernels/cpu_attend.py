@@ -8,9 +8,9 @@ rows H_kv * D apart) and reads each KV head's 256 B of every 768 B row in a pass
 2.85 ms per SmolLM2 layer at 6K tokens in a decode step, where the same math over head-major
 copies takes ~1 ms. Here each block of rows is read once, in order, every head of a row at
 once: the block's logits [H_q, B] are written from its K rows, softened within the block, and
-its V rows summed into the block's partial output; blocks run in parallel (split over T across
-the threads) and one pass merges them by log-sum-exp. K and V are read once (9.2 MB per
-layer at 6K), never copied; DenseKV's layout is untouched.
+its V rows summed into the block's partial output; one pass merges the blocks by log-sum-exp.
+The blocks can run split over T across numba's threads (PARALLEL_MIN_BYTES; off by default).
+K and V are read once (9.2 MB per layer at 6K), never copied; DenseKV's layout is untouched.
 
 fp32 only, contiguous K and V; everything else goes through reference.decode_attend's ATen /
 torch routes. Compiled once per machine (numba's on-disk cache), loaded off the decode path
@@ -29,10 +29,9 @@ from torch import Tensor
 enabled = True  # False: reference.decode_attend takes ATen's flash attention instead
 BLOCK = 256  # rows per block: a block's logits [H_q, B] fp32 stay in L1/L2 (9 KB for 9 heads)
 MAX_HEAD_DIM = 512
-# K and V of at least this many bytes are split over numba's threads (one OpenMP parallel
-# region a call, as ATen's flash attention took before); smaller ones run on the caller's
-# thread (see cpu_gemv.PARALLEL_MIN_BYTES for what a region costs on a loaded machine).
-PARALLEL_MIN_BYTES = 1 << 20
+# K and V of at least this many bytes are split over numba's threads (one OpenMP parallel region
+# a call); None (the default): on the caller's thread (cpu_gemv.PARALLEL_MIN_BYTES says why).
+PARALLEL_MIN_BYTES: int | None = None
 
 
 @njit(fastmath=True, nogil=True, cache=True)
@@ -144,7 +143,8 @@ def decode_attend_unchecked(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tu
     if k.shape[0] == 0:
         return out.zero_(), torch.full((hq,), -math.inf, dtype=torch.float32)
     lse = torch.empty(hq, dtype=torch.float32)
-    kernel = _decode_parallel if 8 * k.numel() >= PARALLEL_MIN_BYTES else _decode_serial
+    split = PARALLEL_MIN_BYTES is not None and 8 * k.numel() >= PARALLEL_MIN_BYTES
+    kernel = _decode_parallel if split else _decode_serial
     kernel(q.contiguous().numpy(), k.numpy(), v.numpy(), np.float32(scale), BLOCK, out.numpy(), lse.numpy())
     return out, lse
 

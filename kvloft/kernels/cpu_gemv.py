@@ -6,7 +6,8 @@ A decode token's linears are reads of their weights: SmolLM2-135M's 540 MB of fp
 token. torch's fp32 GEMV (F.linear / torch.mv at one row) read them at ~8 GB/s on the 2-core
 AVX2 development machine, ~6 GB/s under load; this loop, each output row's weights read once in
 order, reads them at ~10 GB/s on one thread and, split over 2 threads by output on a quiet
-machine, at ~21-26 GB/s (318 MB: 12-15 ms against 38.7 ms); see PARALLEL_MIN_BYTES.
+machine, at ~21-26 GB/s (318 MB: 12-15 ms against 38.7 ms); see PARALLEL_MIN_BYTES for why
+one thread is the default.
 With T > 1 each weight row is dotted with all T inputs while it sits in L1, so up to
 `MAX_ROWS` rows cost about one read of the weights; past that, a real GEMM (F.linear) wins.
 
@@ -25,12 +26,13 @@ from torch import Tensor
 
 MAX_ROWS = 8  # rows per call through the compiled loop; more go to F.linear (a GEMM)
 # Weights of at least this many bytes are split over numba's threads, in one OpenMP parallel
-# region a call; smaller ones run on the caller's thread. A region waits for every thread to be
-# scheduled: on this shared 2-core machine under load (load average 4-8) a region per linear
-# (211 a SmolLM2 token) made decode 2-10x slower than one thread, while in a quieter spell it
-# was ~25% faster than this split (docs/performance.md). So only the lm_head (113 MB, one
-# region a token) is split by default; on dedicated idle cores, lower this to 1 MB.
-PARALLEL_MIN_BYTES = 16 << 20
+# region a call; None (the default): every call on the caller's thread. A region waits for every
+# thread to be scheduled: on this shared 2-core machine under load (load average 4-8), a region
+# per linear (211 a SmolLM2 token) made dense decode 7x slower than no region at all (1451 vs
+# 204 ms/token), and even one per layer for the attention plus one for the lm_head cost 1.9x
+# (381); in a quieter spell splitting everything was ~25% faster than not (98 vs 133 ms).
+# On dedicated idle cores, set 1 << 20 here and in cpu_attend (docs/performance.md).
+PARALLEL_MIN_BYTES: int | None = None
 
 
 @njit(fastmath=True, nogil=True, cache=True)
@@ -92,7 +94,8 @@ def linear_unchecked(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out = torch.empty((x2.shape[0], weight.shape[0]), dtype=torch.float32)
     if x2.shape[0] and weight.shape[0]:
         b = _NO_BIAS if bias is None else bias.detach().numpy()
-        kernel = _linear_parallel if weight.numel() * 4 >= PARALLEL_MIN_BYTES else _linear_serial
+        split = PARALLEL_MIN_BYTES is not None and weight.numel() * 4 >= PARALLEL_MIN_BYTES
+        kernel = _linear_parallel if split else _linear_serial
         kernel(x2.detach().numpy(), weight.detach().numpy(), b, bias is not None, out.numpy())
     return out.view(*x.shape[:-1], weight.shape[0])
 
