@@ -28,9 +28,10 @@ MAX_ROWS = 8  # rows per call through the compiled loop; more go to F.linear (a 
 # Weights of at least this many bytes are split over numba's threads, in one OpenMP parallel
 # region a call; None (the default): every call on the caller's thread. A region waits for every
 # thread to be scheduled: on this shared 2-core machine under load (load average 4-8), a region
-# per linear (211 a SmolLM2 token) made dense decode 7x slower than no region at all (1451 vs
-# 204 ms/token), and even one per layer for the attention plus one for the lm_head cost 1.9x
-# (381); in a quieter spell splitting everything was ~25% faster than not (98 vs 133 ms).
+# per linear of >= 1 MB and per layer's attention (181 a SmolLM2 token) made dense decode 7x
+# slower than no region at all (1451 vs 204 ms/token), and even one per layer's attention plus
+# one for the lm_head cost 1.9x (381); in a quieter spell splitting everything was ~25% faster
+# than not (98 vs 133 ms).
 # On dedicated idle cores, set 1 << 20 here and in cpu_attend (docs/performance.md).
 PARALLEL_MIN_BYTES: int | None = None
 
