@@ -114,8 +114,8 @@ def decode_attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> tuple[Ten
     """One query token over contiguous keys. q [H_q, D]; k, v [T, H_kv, D] -> (out [H_q, D], lse [H_q]).
 
     fp32 on the CPU, K and V contiguous: the compiled kernel of kernels/cpu_attend.py (each
-    token-major row read once, every head at once; ~2.7x ATen's flash attention on the strided
-    view at 6K tokens). Other CPU dtypes straight into ATen's flash attention, each KV head's
+    token-major row read once, every head at once, where ATen's flash attention reads the
+    strided view a head at a time; figures there). Other CPU dtypes straight into ATen's flash attention, each KV head's
     group of queries the rows of one head ([H_kv, 1, g, D], as _attend_fused_cpu lays out one
     token): a dense decode step calls this once per layer, so the dozen reshapes of the general
     path are skipped."""
