@@ -14,17 +14,90 @@ of gathering the keys and multiplying again; else from the gathered keys. Rows a
 per KV head by one index_select over a chunk viewed as [rows * H_kv, D]
 (reference.gather_kv indexes two dimensions and zero-fills the pads: 1K rows of SmolLM2's
 3 KV heads cost ~1 ms there, ~60 us here). A pad (-1) reads row 0 and takes logit -inf.
+fp32 with the compiled scan on (cpu_score.applies), the logits, the softmax and both sums are
+one compiled pass on the caller's thread (_one_softmax): under load each of the torch route's
+ops waited on the two OpenMP threads (3-8 ms each at load ~3, docs/performance.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 
 from kvloft.kernels import cpu_score
 from kvloft.kernels.reference import NEG_INF, _acc
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _one_softmax(q, sk, sv, sel, selv, scale, out, lse):  # all float32, shapes in _select_compiled
+    s_n, hkv, d = sk.shape
+    hq = q.shape[0]
+    g = hq // hkv
+    k = sel.shape[2]
+    s = np.empty((hq, s_n + k), np.float32)
+    total = np.zeros(hq, np.float32)
+    for r in range(s_n):  # the static keys, each row once, every head at once
+        for h in range(hkv):
+            kr = sk[r, h]
+            for i in range(g):
+                qi = q[h * g + i]
+                acc = np.float32(0.0)
+                for j in range(d):
+                    acc += qi[j] * kr[j]
+                s[h * g + i, r] = acc * scale
+    for hh in range(hq):  # one softmax over [static | selected]
+        for c in range(k):
+            s[hh, s_n + c] = sel[hh // g, hh % g, c] * scale
+        m = -np.inf
+        for c in range(s_n + k):
+            m = max(m, s[hh, c])
+        for c in range(s_n + k):
+            p = np.exp(s[hh, c] - m) if m > -np.inf else np.float32(0.0)
+            s[hh, c] = p
+            total[hh] += p
+        lse[hh] = m + np.log(total[hh]) if total[hh] > 0 else -np.inf
+        for j in range(d):
+            out[hh, j] = 0.0
+    for r in range(s_n):  # p_static @ V_static, each row once
+        for h in range(hkv):
+            vr = sv[r, h]
+            for i in range(g):
+                p = s[h * g + i, r]
+                for j in range(d):
+                    out[h * g + i, j] += p * vr[j]
+    for hh in range(hq):  # + p_selected @ V_selected, then normalized
+        for c in range(k):
+            p = s[hh, s_n + c]
+            vr = selv[hh // g, c]
+            for j in range(d):
+                out[hh, j] += p * vr[j]
+        if total[hh] > 0:
+            for j in range(d):
+                out[hh, j] /= total[hh]
+
+
+def _select_compiled(q: Tensor, static_k: Tensor, static_v: Tensor, sel: Tensor, sel_v: Tensor,
+                     scale: float) -> tuple[Tensor, Tensor]:
+    """select_attend's softmax and sums in one compiled pass on the caller's thread: the torch
+    route is about six ops a layer, each under load a wait on the OpenMP threads.
+    q [H_q, D]; static_k, static_v [S, H_kv, D] contiguous; sel [H_kv, g, k] unscaled logits of
+    the selected rows (-inf: pad); sel_v [H_kv, k, D]; all fp32 CPU -> (out [H_q, D], lse [H_q])."""
+    hq, d = q.shape
+    out, lse = torch.empty((hq, d), dtype=torch.float32), torch.empty(hq, dtype=torch.float32)
+    _one_softmax(q.contiguous().numpy(), static_k.numpy(), static_v.numpy(), sel.contiguous().numpy(),
+                 sel_v.contiguous().numpy(), np.float32(scale), out.numpy(), lse.numpy())
+    return out, lse
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) the one-softmax pass."""
+    q, k = np.ones((2, 4), np.float32), np.ones((3, 1, 4), np.float32)
+    _one_softmax(q, k, k, np.ones((1, 2, 1), np.float32), np.ones((1, 1, 4), np.float32), np.float32(0.5),
+                 np.empty((2, 4), np.float32), np.empty(2, np.float32))
 
 
 def head_rows(chunks: Sequence[Tensor], chunk_rows: int, ids: Tensor) -> Tensor:
@@ -84,6 +157,10 @@ def select_attend(
         sel = torch.bmm(qg, _acc(head_rows(host_k, chunk_rows, safe)).transpose(1, 2))
     if padded:
         sel = sel.masked_fill((ids < 0)[:, None, :], NEG_INF)
+    if cpu_score.applies(q, static_k) and static_v.is_contiguous() and sel.dtype == torch.float32 \
+            and (not k or host_v[0].dtype == torch.float32):
+        sel_v = head_rows(host_v, chunk_rows, safe) if k else q.new_empty((hkv, 0, d))
+        return _select_compiled(q, static_k, static_v, sel, sel_v, scale)
     if cpu_score.applies(q, static_k):  # the static keys scanned in order (~2x bmm's speed)
         static = cpu_score.score_rows(q, static_k).view(hkv, g, s_n)
     else:

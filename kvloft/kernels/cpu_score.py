@@ -7,7 +7,8 @@ strided by H_kv * D) packs the keys before multiplying three rows by them: on Sm
 3 x 64 fp32 chunk (3 MB, out of cache) ~850 us on one core, where one sum over the same bytes
 takes ~210 us. This loop reads each key row once, in order, and keeps the group's queries in
 cache: ~320 us. One thread (the caller's; the GIL is released), fp32 only; everything else
-goes through reference.score. Compiled on first use (~1 s, once per process).
+goes through reference.score. Compiled once per machine (numba's on-disk cache) and loaded
+off the decode path (kernels/cpu_warmup.py); a cold first call costs ~0.4-1 s.
 The CPU decode step (kernels/cpu_decode.py) scans its static tier's keys through it too.
 """
 
@@ -21,7 +22,7 @@ from torch import Tensor
 enabled = True  # False: every scan through reference.score (torch bmm)
 
 
-@njit(nogil=True, fastmath=True, cache=False)
+@njit(nogil=True, fastmath=True, cache=True)
 def _score_rows(q, k, out):  # q [H_q, D], k [N, H_kv, D], out [H_q, N]; float32
     n, hkv, d = k.shape
     g = q.shape[0] // hkv
@@ -50,3 +51,9 @@ def score_rows(q: Tensor, k_rows: Tensor) -> Tensor:
     if k_rows.shape[0]:
         _score_rows(q.contiguous().numpy(), k_rows.numpy(), out.numpy())
     return out
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) the scan: a few ms from cache once numba is up."""
+    q, k = np.ones((2, 4), np.float32), np.ones((3, 1, 4), np.float32)
+    _score_rows(q, k, np.empty((2, 3), np.float32))

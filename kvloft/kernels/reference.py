@@ -113,11 +113,19 @@ def attend_math(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool =
 def decode_attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> tuple[Tensor, Tensor]:
     """One query token over contiguous keys. q [H_q, D]; k, v [T, H_kv, D] -> (out [H_q, D], lse [H_q]).
 
-    On the CPU straight into ATen's flash attention, each KV head's group of queries the rows
-    of one head ([H_kv, 1, g, D], as _attend_fused_cpu lays out one token): a dense decode step
-    calls this once per layer, so the dozen reshapes of the general path are skipped."""
+    fp32 on the CPU, K and V contiguous: the compiled kernel of kernels/cpu_attend.py (each
+    token-major row read once, every head at once, where ATen's flash attention reads the
+    strided view a head at a time; figures there). Other CPU dtypes straight into ATen's flash attention, each KV head's
+    group of queries the rows of one head ([H_kv, 1, g, D], as _attend_fused_cpu lays out one
+    token): a dense decode step calls this once per layer, so the dozen reshapes of the general
+    path are skipped."""
     hq, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
+    if tk and q.dtype == torch.float32 and q.device.type == "cpu":
+        from kvloft.kernels import cpu_attend  # numba loads only where it is used
+
+        if cpu_attend.enabled and cpu_attend.applies(q, k, v):
+            return cpu_attend.decode_attend_unchecked(q, k, v, scale)
     if tk and _fused_cpu_ok(q, k, v):
         out, lse = _FUSED_CPU(q.reshape(hkv, 1, hq // hkv, d), k.transpose(0, 1)[:, None], v.transpose(0, 1)[:, None],
                               0.0, False, scale=scale)

@@ -169,6 +169,7 @@ def build(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor | PackedWeight]]
         raise ValueError(f"{source}: the weights do not match the config: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
     net.inv_freq = rope_inv_freq(cfg).to(device)  # RoPE frequencies stay fp32
+    net.declare_kernels()  # fp32 on the CPU: the compiled decode paths (runtime/model.py)
     return net.eval()
 
 
@@ -218,6 +219,7 @@ def random_model(cfg: ModelConfig, *, device, dtype, seed: int = 0, tokenizer: T
     net.inv_freq = rope_inv_freq(cfg).to(device)
     if quant is not None:
         quant_linear.quantize_linears(net, quant)
+    net.declare_kernels()
     return Model(net.eval(), cfg, tokenizer, device, dtype, f"preset:{cfg.name}")
 
 

@@ -24,6 +24,27 @@ class AttentionBackend(Protocol):
         """q [T, H_q, D], k/v [T, H_kv, D] (rotated keys), positions [T] -> out [T, H_q, D]."""
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row calls (decode) take the compiled CPU GEMV once declared.
+
+    `few_rows` is declared by Transformer.declare_kernels for fp32 weights on the CPU, never
+    probed per call: x [..., in] of at most cpu_gemv.MAX_ROWS rows then goes through
+    kernels/cpu_gemv.py (~1.6x torch's fp32 GEMV on one thread here), anything larger
+    through F.linear.
+    Parameter names are nn.Linear's, so state dicts and HF comparisons are unchanged."""
+
+    few_rows = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.few_rows and x.numel() <= _GEMV_ROWS * self.in_features:
+            return _gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+_GEMV_ROWS = 8  # kernels/cpu_gemv.MAX_ROWS, checked against it where declared (numba imports lazily)
+_gemv = None  # kernels/cpu_gemv.linear_unchecked once a network declares it
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -73,10 +94,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, hq, hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, hq * d, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         self.shape = (hq, hkv, d)
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,9 +116,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -128,6 +149,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The decoder. forward(ids [T], positions [T], backend) -> logits [T, V] fp32."""
 
+    compiled_cpu: bool | None = None  # as last declared (declare_kernels); None: never
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -137,10 +160,39 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=empty)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def declare_kernels(self, compiled_cpu: bool = True) -> bool:
+        """Declare which compiled CPU paths this network takes, from where its weights are:
+        fp32 weights on the CPU (and `compiled_cpu`) -> every Linear's few-row calls through
+        kernels/cpu_gemv.py, and the compiled CPU kernels loaded in a background thread
+        (kernels/cpu_warmup.py) so the first decode step does not compile them. Loaders call
+        this once the weights are in place; moving or casting the network (`.to`, `.float`)
+        declares again. Returns whether the compiled paths are on."""
+        self.compiled_cpu = compiled_cpu
+        w = self.embed_tokens.weight  # always a plain parameter (a linear may be a QuantLinear)
+        on = compiled_cpu and w.device.type == "cpu" and w.dtype == torch.float32
+        if on:
+            global _gemv
+            from kvloft.kernels import cpu_gemv, cpu_warmup
+
+            assert cpu_gemv.MAX_ROWS == _GEMV_ROWS
+            _gemv = cpu_gemv.linear_unchecked
+            cpu_warmup.start()
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.few_rows = on and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 \
+                    and m.weight.is_contiguous()
+        return on
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): the declaration follows the weights
+        out = super()._apply(fn, recurse)
+        if self.compiled_cpu is not None and not self.embed_tokens.weight.is_meta:
+            self.declare_kernels(self.compiled_cpu)
+        return out
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [T] int64 -> cos, sin [T, D] fp32 (fp64 angles: exact at 1M positions)."""

@@ -67,9 +67,13 @@ def test_fp64_stays_the_oracle():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tk,hq,hkv,d", [(1025, 9, 3, 64), (33, 7, 7, 59), (1, 12, 2, 16)])
-def test_decode_attend_straight_into_flash(dtype, tk, hq, hkv, d):
+def test_decode_attend_straight_into_flash(dtype, tk, hq, hkv, d, monkeypatch):
     """decode_attend's direct call (one token: [H_kv, 1, g, D]) against the fp64 oracle, keys
-    and values as strided views of a token-major buffer."""
+    and values as strided views of a token-major buffer (fp32 with the compiled kernel of
+    kernels/cpu_attend.py switched off: tests/kernels/test_cpu_attend_decode.py tests that one)."""
+    from kvloft.kernels import cpu_attend
+
+    monkeypatch.setattr(cpu_attend, "enabled", False)
     q, k, v = _qkv(1, tk, hq, hkv, d, dtype, seed=tk)
     out, lse = reference.decode_attend(q[0], k, v, scale=d**-0.5)
     want, want_lse = reference.attend_math(q.double(), k.double(), v.double(), scale=d**-0.5)
