@@ -24,6 +24,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
+
 MAX_ROWS = 8  # rows per call through the compiled loop; more go to F.linear (a GEMM)
 # Weights of at least this many bytes are split over numba's threads, in one OpenMP parallel
 # region a call; None (the default): every call on the caller's thread. A region waits for every
@@ -36,7 +38,7 @@ MAX_ROWS = 8  # rows per call through the compiled loop; more go to F.linear (a 
 PARALLEL_MIN_BYTES: int | None = None
 
 
-@njit(fastmath=True, nogil=True, cache=True)
+@njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _rows(x, w, b, has_bias, out, o):  # output o of every row: w[o] read once, dotted with each x[t]
     wr = w[o]
     bias = b[o] if has_bias else np.float32(0.0)
@@ -48,13 +50,13 @@ def _rows(x, w, b, has_bias, out, o):  # output o of every row: w[o] read once, 
         out[t, o] = acc + bias
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _linear_parallel(x, w, b, has_bias, out):  # x [T, I], w [O, I], b [O] or [1], out [T, O]; float32
     for o in prange(w.shape[0]):
         _rows(x, w, b, has_bias, out, o)
 
 
-@njit(fastmath=True, nogil=True, cache=True)
+@njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _linear_serial(x, w, b, has_bias, out):  # the same on the caller's thread: no parallel region
     for o in range(w.shape[0]):
         _rows(x, w, b, has_bias, out, o)

@@ -19,10 +19,12 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
+
 enabled = True  # False: every scan through reference.score (torch bmm)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=FASTMATH, error_model=ERROR_MODEL, cache=True)
 def _score_rows(q, k, out):  # q [H_q, D], k [N, H_kv, D], out [H_q, N]; float32
     n, hkv, d = k.shape
     g = q.shape[0] // hkv
