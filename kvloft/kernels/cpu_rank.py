@@ -6,8 +6,10 @@
 The torch route (index/exact.py: reference.reduce_group's amax, torch.topk) is two small ops a
 layer, and under load each waits on torch's OpenMP threads; here both are one pass on the
 caller's thread (the GIL released). The max is exact (no arithmetic), so the scores equal
-torch's bit for bit; np.partition finds the budget-th largest score, then every score above it
-is taken, and the ties at it in index order (torch.topk leaves which tied ids it takes
+torch's bit for bit; the budget-th largest is found by a histogram of the scores' top 11 bits
+(as order-preserving unsigned keys) and a partition of its bucket alone (np.partition of all N
+scores took ~50 us a head here, about torch's whole route), then every score above it is
+taken, and the ties at it in index order (torch.topk leaves which tied ids it takes
 unspecified: the two agree on every id but those exactly tied at the boundary). A NaN score
 falls back to torch (topk counts NaN as the largest; partition does not). fp32 only.
 """
@@ -27,28 +29,54 @@ def _group_max_topk(logits, hkv, budget, ids):  # logits [H_q, N] f32, ids [H_kv
     hq, n = logits.shape
     g = hq // hkv
     s = np.empty(n, np.float32)
+    key = np.empty(n, np.uint32)
+    hist = np.empty(1 << 11, np.int64)
     for h in range(hkv):
         for c in range(n):
-            m = logits[h * g, c]
-            for i in range(1, g):
+            s[c] = logits[h * g, c]
+        for i in range(1, g):  # the group max; NaN propagates, as in torch.amax
+            for c in range(n):
                 v = logits[h * g + i, c]
-                if v > m or v != v:  # NaN propagates, as in torch.amax
-                    m = v
-            if m != m:  # NaN: torch decides
-                return False
-            s[c] = m
-        kth = np.partition(s.copy(), n - budget)[n - budget]  # the budget-th largest
+                m = s[c]
+                s[c] = v if (v > m or v != v) else m
+        bad = 0
+        for c in range(n):
+            bad += s[c] != s[c]
+            s[c] = s[c] + np.float32(0.0)  # -0.0 -> +0.0: ranks as torch's 0.0 tie
+        if bad:  # NaN: torch decides
+            return False
+        bits = s.view(np.uint32)
+        hist[:] = 0
+        for c in range(n):  # order-preserving unsigned keys, histogram of their top 11 bits
+            b = bits[c]
+            key[c] = b ^ ((np.uint32(0) - (b >> np.uint32(31))) | np.uint32(0x80000000))  # stored as u32
+            hist[key[c] >> np.uint32(21)] += 1
+        above, top = 0, (1 << 11) - 1  # the bucket holding the budget-th largest
+        while above + hist[top] < budget:
+            above += hist[top]
+            top -= 1
+        cand = np.empty(hist[top], np.uint32)
         at = 0
         for c in range(n):
-            if s[c] > kth:
+            if (key[c] >> np.uint32(21)) == top:
+                cand[at] = key[c]
+                at += 1
+        pick = cand.shape[0] - (budget - above)
+        cand = np.partition(cand, pick)
+        kth = cand[pick]  # the budget-th largest key
+        ties = budget - above - (cand.shape[0] - pick)  # rows equal to kth to take, lowest ids first
+        for j in range(pick, cand.shape[0]):
+            ties += cand[j] == kth
+        at = 0
+        for c in range(n):  # every row above kth, the first `ties` rows at it
+            kc = key[c]
+            if kc > kth:
                 ids[h, at] = c
                 at += 1
-        for c in range(n):
-            if at == budget:
-                break
-            if s[c] == kth:
+            elif kc == kth and ties > 0:
                 ids[h, at] = c
                 at += 1
+                ties -= 1
     return True
 
 

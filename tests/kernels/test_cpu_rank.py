@@ -52,3 +52,21 @@ def test_nan_scores_fall_back():
     logits = torch.randn(4, 20)
     logits[1, 7] = float("nan")
     assert cpu_rank.group_max_topk(logits, 2, 5) is None
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_many_ties_and_signed_zeros_follow_the_stated_rule(scale):
+    """Scores in a few values (one histogram bucket holding most rows), -0.0 among them: every row
+    above the budget-th largest score, then the rows tied at it in index order."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randint(-3, 3, (6, 777), generator=gen).float() * scale
+    logits[logits == 0] = -0.0
+    logits[:, ::5] = 0.0
+    s = reference.reduce_group(logits, 2, "max")
+    for budget in (1, 100, 400, 776):
+        got = cpu_rank.group_max_topk(logits, 2, budget)
+        for h in range(2):
+            kth = torch.topk(s[h], budget).values[-1]
+            above = (s[h] > kth).nonzero().view(-1).tolist()
+            tied = (s[h] == kth).nonzero().view(-1).tolist()[: budget - len(above)]
+            assert sorted(got[h].tolist()) == sorted(above + tied)
