@@ -38,10 +38,10 @@ def _group_max_topk(logits, hkv, budget, ids):  # logits [H_q, N] f32, ids [H_kv
             for c in range(n):
                 v = logits[h * g + i, c]
                 m = s[c]
-                s[c] = v if (v > m or v != v) else m
+                s[c] = v if (v > m or np.isnan(v)) else m
         bad = 0
         for c in range(n):
-            bad += s[c] != s[c]
+            bad += np.isnan(s[c])
             s[c] = s[c] + np.float32(0.0)  # -0.0 -> +0.0: ranks as torch's 0.0 tie
         if bad:  # NaN: torch decides
             return False
