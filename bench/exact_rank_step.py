@@ -32,13 +32,14 @@ def _variant(on: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--torch-first", action="store_true", help="step the torch variant first in each pair")
     a = p.parse_args()
     model = kvloft.load_model("smollm2")
     prompt = build_prompt(generate("passkey", model.tokenizer, 6000, seed=0, depth=0.4))
     rt = RuntimeConfig(device="cpu", progress=False)
     rcfg = RetrievalConfig(method="exact", budget=256, n_sink=64, n_window=512)
     sessions = {}
-    for name in ("compiled", "torch"):
+    for name in ("torch", "compiled") if a.torch_first else ("compiled", "torch"):
         sessions[name] = s = kvloft.Session(model, rcfg, rt)
         s.feed(prompt)
         for t in range(2):
@@ -53,7 +54,7 @@ def main() -> None:
             s.step(11 + i)
             wall[name].append(1e3 * (time.perf_counter() - t0))
     _variant(True)
-    print(json.dumps({"steps": a.steps, "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+    print(json.dumps({"steps": a.steps, "first": next(iter(sessions)), "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
                       "median_ms_per_token": {n: round(statistics.median(v), 1) for n, v in wall.items()},
                       "mean_ms_per_token": {n: round(statistics.mean(v), 1) for n, v in wall.items()}}))
 
