@@ -37,7 +37,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, check_select, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
-from kvloft.kernels import reference, score_keys
+from kvloft.kernels import cpu_rank, reference, score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
 
@@ -119,8 +119,7 @@ class ExactRetriever:
                                                      for _, chunk in store.iter_chunks()], dim=1)), None
             parts = [score_keys(q, chunk, reduce=self.cfg.gqa_reduce) for _, chunk in store.iter_chunks()]
             return torch.cat(parts, dim=1), None
-        parts = [score_keys(q, chunk) for _, chunk in store.iter_chunks()]
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [H_q, N]
+        logits = _host_logits(store, q)
         if self.rank == "prob":
             return self._logp_reduced(logits * scale), logits
         return reference.reduce_group(logits, hkv, self.cfg.gqa_reduce), logits
@@ -133,6 +132,9 @@ class ExactRetriever:
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
         """q [H_q, D] -> Selection(ids [H_kv, k]); with the host tier attached, its logits
         [H_q, N] (unscaled q·k of every host row) come along for the attention."""
+        sel = self._select_compiled(layer, q, budget)
+        if sel is not None:
+            return sel
         s, logits = self._rank(layer, q)
         n = s.shape[1]
         padded = False
@@ -146,6 +148,28 @@ class ExactRetriever:
             # in no order on the CPU (attention does not care; sorting 1K of 1.5K ids cost 3x the pick)
             ids = torch.topk(s, budget, dim=-1, sorted=s.device.type != "cpu").indices
         sel = Selection(ids=ids, scanned=n * s.shape[0], padded=padded,
+                        logits=logits if layer in self.tiers else None)
+        self._stats.record(sel)
+        return sel
+
+    def _select_compiled(self, layer: int, q: Tensor, budget: int) -> Selection | None:
+        """select on the CPU with fp32 logits ranked by the group max: the group max and the
+        top-k in one compiled pass on the caller's thread (kernels/cpu_rank.py; the torch route's
+        amax and topk each wait on the OpenMP threads under load). None where it does not apply."""
+        if self.device.type != "cpu" or self.rank != "logit" or self.cfg.gqa_reduce != "max" \
+                or self.cfg.max_similar:
+            return None
+        store = self._keys_of(layer)
+        if store is None or len(store) <= budget:
+            return None
+        logits = _host_logits(store, q.to(self.device))  # [H_q, N] fp32
+        hkv = self.model_cfg.n_kv_heads
+        if not cpu_rank.applies(logits, hkv, budget):
+            return None
+        ids = cpu_rank.group_max_topk(logits, hkv, budget)
+        if ids is None:
+            return None
+        sel = Selection(ids=ids, scanned=logits.shape[1] * hkv, padded=False,
                         logits=logits if layer in self.tiers else None)
         self._stats.record(sel)
         return sel
@@ -202,6 +226,12 @@ class ExactRetriever:
         """Restore state_dict() (after build() of every layer)."""
         self._stats.calls, self._stats.scanned = int(state["calls"]), int(state["scanned"])
         self._stats.selected = int(state["selected"])
+
+
+def _host_logits(store: ChunkedRows, q: Tensor) -> Tensor:
+    """q [H_q, D] · every row of the store's chunks (each [rows, H_kv, D]) -> [H_q, N] fp32, unscaled."""
+    parts = [score_keys(q, chunk) for _, chunk in store.iter_chunks()]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _scans_in_place(store: ChunkedRows) -> bool:

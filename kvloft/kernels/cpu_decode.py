@@ -31,6 +31,8 @@ from torch import Tensor
 from kvloft.kernels import cpu_score
 from kvloft.kernels.reference import NEG_INF, _acc
 
+compiled_gather = True  # False: head_rows through torch (index_select per chunk) on fp32 too
+
 
 @njit(fastmath=True, nogil=True, cache=True)
 def _one_softmax(q, sk, sv, sel, selv, scale, out, lse):  # all float32, shapes in _select_compiled
@@ -94,10 +96,34 @@ def _select_compiled(q: Tensor, static_k: Tensor, static_v: Tensor, sel: Tensor,
 
 
 def warm() -> None:
-    """Compile (or load from numba's cache) the one-softmax pass."""
+    """Compile (or load from numba's cache) the one-softmax pass and the row gather."""
     q, k = np.ones((2, 4), np.float32), np.ones((3, 1, 4), np.float32)
     _one_softmax(q, k, k, np.ones((1, 2, 1), np.float32), np.ones((1, 1, 4), np.float32), np.float32(0.5),
                  np.empty((2, 4), np.float32), np.empty(2, np.float32))
+    _gather_chunk(k, np.zeros((1, 2), np.int64), 0, np.empty((1, 2, 4), np.float32))
+
+
+@njit(nogil=True, cache=True)
+def _gather_chunk(chunk, ids, r0, out):  # chunk [R, H_kv, D], ids [H_kv, k] i64, out [H_kv, k, D]
+    rows = chunk.shape[0]
+    hkv, k = ids.shape
+    for h in range(hkv):
+        for j in range(k):
+            r = ids[h, j] - r0
+            if 0 <= r < rows:
+                out[h, j, :] = chunk[r, h, :]
+
+
+def _head_rows_compiled(chunks: Sequence[Tensor], chunk_rows: int, ids: Tensor) -> Tensor:
+    """head_rows for fp32 CPU chunks: each chunk's rows copied by one compiled pass on the
+    caller's thread (the torch route's index_select, argsort and cat each wait on the OpenMP
+    threads under load). Same arguments and result as head_rows."""
+    hkv, k = ids.shape
+    out = torch.empty((hkv, k, chunks[0].shape[-1]), dtype=torch.float32)
+    idn, on = ids.contiguous().numpy(), out.numpy()
+    for c, chunk in enumerate(chunks):
+        _gather_chunk(chunk.numpy(), idn, c * chunk_rows, on)
+    return out
 
 
 def head_rows(chunks: Sequence[Tensor], chunk_rows: int, ids: Tensor) -> Tensor:
@@ -105,10 +131,14 @@ def head_rows(chunks: Sequence[Tensor], chunk_rows: int, ids: Tensor) -> Tensor:
 
     chunks: each [chunk_rows, H_kv, D] contiguous (row i lives in chunks[i // chunk_rows]);
     ids: [H_kv, k] int64 in [0, rows held), no pads. Returns [H_kv, k, D] (the store's dtype):
-    out[h, j] = head h of row ids[h, j]. One index_select per chunk touched.
+    out[h, j] = head h of row ids[h, j]. fp32 CPU chunks: one compiled pass per chunk
+    (_head_rows_compiled); else one index_select per chunk touched.
     """
     hkv, k = ids.shape
     d = chunks[0].shape[-1]
+    if compiled_gather and chunks[0].dtype == torch.float32 and chunks[0].device.type == "cpu" \
+            and ids.device.type == "cpu" and ids.dtype == torch.int64 and all(c.is_contiguous() for c in chunks):
+        return _head_rows_compiled(chunks, chunk_rows, ids)
     # each row is H_kv vectors of D: head h of row i is vector i * H_kv + h of its chunk
     flat = (ids * hkv + torch.arange(hkv, device=ids.device)[:, None]).view(-1)  # [H_kv * k]
     if len(chunks) == 1:

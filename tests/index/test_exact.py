@@ -61,3 +61,21 @@ def test_probability_rank_budget_over_n_and_bad_option():
     assert torch.equal(r.select(0, q, 600).ids, torch.arange(512).expand(HKV, -1))
     with pytest.raises(ValueError, match="rank"):
         _exact(rank="probability")
+
+
+@pytest.mark.parametrize("chunk_rows,n,budget", [(100, 1003, 256), (4096, 700, 699), (64, 50, 8)])
+def test_compiled_cpu_ranking_selects_the_torch_routes_rows(monkeypatch, chunk_rows, n, budget):
+    """fp32 on the CPU, select ranks through kernels/cpu_rank.py: the same rows per KV head as the
+    torch route (amax, topk), the store split over chunks or not; ids compared as sets (the CPU
+    top-k returns them in no order)."""
+    from kvloft.kernels import cpu_rank
+
+    gen = torch.Generator().manual_seed(n)
+    keys, q = torch.randn(HKV, n, D, generator=gen), torch.randn(HQ, D, generator=gen)
+    r = _exact(chunk_rows=chunk_rows)
+    r.build(0, keys, None)
+    got = r.select(0, q, budget)
+    monkeypatch.setattr(cpu_rank, "enabled", False)
+    want = r.select(0, q, budget)
+    assert got.ids.shape == want.ids.shape == (HKV, budget) and got.scanned == want.scanned == n * HKV
+    assert [set(x.tolist()) for x in got.ids] == [set(x.tolist()) for x in want.ids]
