@@ -29,12 +29,13 @@ from numba import njit
 from torch import Tensor
 
 from kvloft.kernels import cpu_score
+from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
 from kvloft.kernels.reference import NEG_INF, _acc
 
 compiled_gather = True  # False: head_rows through torch (index_select per chunk) on fp32 too
 
 
-@njit(fastmath=True, nogil=True, cache=True)
+@njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _one_softmax(q, sk, sv, sel, selv, scale, out, lse):  # all float32, shapes in _select_compiled
     s_n, hkv, d = sk.shape
     hq = q.shape[0]
