@@ -26,7 +26,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
+from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH_FINITE
 
 enabled = True  # False: reference.decode_attend takes ATen's flash attention instead
 BLOCK = 256  # rows per block: a block's logits [H_q, B] fp32 stay in L1/L2 (9 KB for 9 heads)
@@ -36,7 +36,7 @@ MAX_HEAD_DIM = 512
 PARALLEL_MIN_BYTES: int | None = None
 
 
-@njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
+@njit(fastmath=FASTMATH_FINITE, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _block(q, k, v, scale, r0, r1, o, stat, bi):  # one block of rows -> o [H_q, D], stat[bi] = (m, l) per head
     hkv, d = k.shape[1], k.shape[2]
     hq = q.shape[0]
@@ -74,7 +74,7 @@ def _block(q, k, v, scale, r0, r1, o, stat, bi):  # one block of rows -> o [H_q,
                     o[hh, j] += p * vr[j]
 
 
-@njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
+@njit(fastmath=FASTMATH_FINITE, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _merge(parts, stat, out, lse):  # blocks' parts [nb, H_q, D], stat [nb, H_q, 2] -> out [H_q, D], lse [H_q]
     nb, hq, d = parts.shape
     for hh in range(hq):  # log-sum-exp merge of the blocks (exact)
@@ -94,7 +94,7 @@ def _merge(parts, stat, out, lse):  # blocks' parts [nb, H_q, D], stat [nb, H_q,
         lse[hh] = m + np.log(total)
 
 
-@njit(parallel=True, fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH_FINITE, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _decode_parallel(q, k, v, scale, block, out, lse):  # q [H_q, D], k, v [T, H_kv, D], out [H_q, D], lse [H_q]
     t_n = k.shape[0]
     nb = (t_n + block - 1) // block
@@ -105,7 +105,7 @@ def _decode_parallel(q, k, v, scale, block, out, lse):  # q [H_q, D], k, v [T, H
     _merge(parts, stat, out, lse)
 
 
-@njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
+@njit(fastmath=FASTMATH_FINITE, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _decode_serial(q, k, v, scale, block, out, lse):  # the same on the caller's thread
     t_n = k.shape[0]
     nb = (t_n + block - 1) // block

@@ -70,3 +70,15 @@ def test_no_keys_and_refused_inputs():
         cpu_attend.decode_attend(q, k.transpose(0, 1).contiguous().transpose(0, 1), v, scale=0.3)
     with pytest.raises(ValueError):
         cpu_attend.decode_attend(q[:3], k, v, scale=0.3)  # 3 query heads over 2 KV heads
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_a_nan_in_the_cache_reaches_the_output(where):
+    """fast-math keeps NaN semantics (numba_flags.FASTMATH_FINITE): the session's non-finite
+    check sees a corrupted row through this kernel's output."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 64, generator=g)
+    k, v = torch.randn(700, 3, 64, generator=g), torch.randn(700, 3, 64, generator=g)
+    (k if where == "k" else v)[300, 1, 5] = float("nan")
+    out, _ = cpu_attend.decode_attend_unchecked(q, k, v, 0.125)
+    assert not torch.isfinite(out).all()
