@@ -90,3 +90,32 @@ def sentencepiece_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("spm") / "spm.gguf"
     write_sentencepiece_gguf(path)
     return path
+
+
+def write_llama_gguf(path, h: int, f: int, nh: int, nkv: int, v: int, tensor):
+    """A one-layer llama GGUF at `path` (hidden h, FFN f, nh / nkv heads, vocab v, context 256):
+    every tensor from tensor(name, shape, rng) -> (array, gguf.GGMLQuantizationType or None for
+    the array's own dtype), one numpy generator (seed 0) shared in file order. Returns path."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, val in ((w.add_block_count, 1), (w.add_embedding_length, h), (w.add_feed_forward_length, f),
+                     (w.add_head_count, nh), (w.add_head_count_kv, nkv), (w.add_vocab_size, v),
+                     (w.add_context_length, 256)):
+        add(val)
+    rng = np.random.default_rng(0)
+    d = h // nh
+    shapes = {"token_embd.weight": (v, h), "output_norm.weight": (h,), "blk.0.attn_norm.weight": (h,),
+              "blk.0.ffn_norm.weight": (h,), "blk.0.attn_q.weight": (nh * d, h), "blk.0.attn_k.weight": (nkv * d, h),
+              "blk.0.attn_v.weight": (nkv * d, h), "blk.0.attn_output.weight": (h, nh * d),
+              "blk.0.ffn_gate.weight": (f, h), "blk.0.ffn_up.weight": (f, h), "blk.0.ffn_down.weight": (h, f),
+              "output.weight": (v, h)}
+    for name, shape in shapes.items():
+        arr, raw = tensor(name, shape, rng)
+        w.add_tensor(name, arr, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_llama_gguf
 
 import kvloft
 from kvloft.kernels.quant import dequantize
@@ -57,31 +58,14 @@ TYPES = {"blk.0.attn_q.weight": "Q4_0", "blk.0.attn_k.weight": "Q4_1", "blk.0.at
 @pytest.fixture(scope="module")
 def mixed_gguf(tmp_path_factory):
     """A one-layer llama GGUF whose linears are Q4_0, Q4_1 and Q8_0 (row-permuted q/k)."""
-    path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, H), (w.add_feed_forward_length, F),
-                   (w.add_head_count, NH), (w.add_head_count_kv, NKV), (w.add_vocab_size, V),
-                   (w.add_context_length, 256)):
-        add(v)
-    rng = np.random.default_rng(0)
-    d = H // NH
-    shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,), "blk.0.attn_norm.weight": (H,),
-              "blk.0.ffn_norm.weight": (H,), "blk.0.attn_q.weight": (NH * d, H), "blk.0.attn_k.weight": (NKV * d, H),
-              "blk.0.attn_v.weight": (NKV * d, H), "blk.0.attn_output.weight": (H, NH * d),
-              "blk.0.ffn_gate.weight": (F, H), "blk.0.ffn_up.weight": (F, H), "blk.0.ffn_down.weight": (H, F),
-              "output.weight": (V, H)}
-    for name, shape in shapes.items():
+    def tensor(name, shape, rng):
         a = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-        if name in TYPES:
-            t = gguf.GGMLQuantizationType[TYPES[name]]
-            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
-        else:
-            w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        if name not in TYPES:
+            return a, None
+        t = gguf.GGMLQuantizationType[TYPES[name]]
+        return gguf.quants.quantize(a, t), t
+
+    return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "mixed.gguf", H, F, NH, NKV, V, tensor)
 
 
 def _linears(model):

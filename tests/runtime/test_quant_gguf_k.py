@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_llama_gguf
 
 import kvloft
 from kvloft.kernels.quant import dequantize, quantize_int8, reference_matmul
@@ -172,34 +173,17 @@ def _raw_block_bytes(rng, qtype: str, shape: tuple[int, int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def k_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "kquants.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, H), (w.add_feed_forward_length, F),
-                   (w.add_head_count, NH), (w.add_head_count_kv, NKV), (w.add_vocab_size, V),
-                   (w.add_context_length, 256)):
-        add(v)
-    rng = np.random.default_rng(0)
-    d = H // NH
-    shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,), "blk.0.attn_norm.weight": (H,),
-              "blk.0.ffn_norm.weight": (H,), "blk.0.attn_q.weight": (NH * d, H), "blk.0.attn_k.weight": (NKV * d, H),
-              "blk.0.attn_v.weight": (NKV * d, H), "blk.0.attn_output.weight": (H, NH * d),
-              "blk.0.ffn_gate.weight": (F, H), "blk.0.ffn_up.weight": (F, H), "blk.0.ffn_down.weight": (H, F),
-              "output.weight": (V, H)}
-    for name, shape in shapes.items():
+    def tensor(name, shape, rng):
         q = TYPES.get(name, "F32")
         a = (rng.standard_normal(shape) * 0.05).astype(np.float32)
         if q in ("Q4_K", "Q6_K"):
-            w.add_tensor(name, _raw_block_bytes(rng, q, shape), raw_dtype=gguf.GGMLQuantizationType[q])
-        elif q in ("Q5_0", "Q8_0"):
+            return _raw_block_bytes(rng, q, shape), gguf.GGMLQuantizationType[q]
+        if q in ("Q5_0", "Q8_0"):
             t = gguf.GGMLQuantizationType[q]
-            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
-        else:
-            w.add_tensor(name, a.astype(np.float16) if q == "F16" else a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+            return gguf.quants.quantize(a, t), t
+        return (a.astype(np.float16) if q == "F16" else a), None
+
+    return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "kquants.gguf", H, F, NH, NKV, V, tensor)
 
 
 def _load(path, weights, group=128, device="cpu", dtype=torch.float32):
