@@ -333,14 +333,19 @@ def plan_memory(
         if runtime_cfg.scheduler == "overlap" and retrieval_cfg.method != "dense":
             cache_bytes = resolve_cache_bytes(model_cfg, retrieval_cfg, runtime_cfg, params, dtype,
                                               "cuda", cache_cfg, n_tokens=n_tokens)
-    tinygemm = (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
-                and runtime_cfg.quant_group in TINYGEMM_GROUPS)  # the plan is a CUDA plan
+    tinygemm = _tinygemm(runtime_cfg, dtype)
     weights = weight_bytes(model_cfg, isz, runtime_cfg.weights, runtime_cfg.quant_group, tinygemm, weight_storage)
     plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, n_tokens, isz, cache_bytes, tinygemm,
                  weights=weights)
     if check and not plan.fits:
         raise ValueError(_refusal(plan, model_cfg, retrieval_cfg, runtime_cfg, cache_cfg, params, isz))
     return plan
+
+
+def _tinygemm(runtime_cfg: RuntimeConfig, dtype: torch.dtype | str) -> bool:
+    """int4 linears of a bf16 model hold tinygemm's layout beside ours (the plan is a CUDA plan)."""
+    return (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
+            and runtime_cfg.quant_group in TINYGEMM_GROUPS)
 
 
 def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: int,
@@ -435,8 +440,7 @@ def pick_prefill_chunk(
     if runtime_cfg.prefill_chunk is not None:
         return runtime_cfg.prefill_chunk
     isz = _itemsize(dtype)
-    tinygemm = (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
-                and runtime_cfg.quant_group in TINYGEMM_GROUPS)
+    tinygemm = _tinygemm(runtime_cfg, dtype)
     plan = _plan(model_cfg, retrieval_cfg, runtime_cfg, cache_cfg or CacheConfig(), scheduler or SchedulerParams(),
                  n_tokens, isz, cache_bytes, tinygemm, free_bytes=free_bytes)
     return plan.prefill_chunk
