@@ -14,6 +14,13 @@ the split kernel and one of the merge instead of B each; one host-to-device copy
 metadata (40 bytes a sequence). Splits are sized for n = the longest sequence's key count;
 a shorter sequence's programs past its own count return at once.
 Reference: gather_attend_table on each sequence (tests/kernels/test_batched_decode.py).
+
+`attend_leading_rows` is the launch of a captured decode step (runtime/whole_step.py): no ids
+(sequence b reads rows 0 .. n_b - 1 of its slots, in order), the metadata [B, 5] already on
+the device (filled by the host before a replay, never copied inside the launch), and a grid
+fixed by the caller, each sequence spreading its own n_b keys over its S splits (the kernel's
+EVEN_SPLITS), so the same launch serves every step whatever the lengths.
+Reference: decode_attend over each sequence's first n_b rows (tests/kernels/test_table_rows.py).
 """
 
 from __future__ import annotations
@@ -22,12 +29,21 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import triton
 from torch import Tensor
 
 from kvloft.kernels import checks
-from kvloft.kernels.sparse_decode import DEFAULT_LAUNCH, DecodeLaunch, SlotTables, _attend_rows, _split_kernel
+from kvloft.kernels.sparse_decode import (
+    DEFAULT_LAUNCH,
+    INTERPRETER_SPLITS,
+    DecodeLaunch,
+    SlotTables,
+    _attend_rows,
+    _split_kernel,
+)
 
-__all__ = ["MAX_BATCH_ROWS", "StackedTables", "gather_attend_table_batched", "stack_tables"]
+__all__ = ["MAX_BATCH_ROWS", "StackedTables", "attend_leading_rows", "fixed_splits", "gather_attend_table_batched",
+           "stack_tables"]
 
 MAX_BATCH_ROWS = 65_535  # the grid's third axis (CUDA allows 65535 blocks there)
 
@@ -131,3 +147,50 @@ def _validate(q: Tensor, like_k: Tensor, like_v: Tensor, ids: Tensor, stacked: S
     checks.require_runnable(q.device, _split_kernel, op)
     checks.require_last_dim_contiguous("like_k", like_k)
     return nb
+
+
+def fixed_splits(n_kv: int, batch: int, device: torch.device, launch: DecodeLaunch = DEFAULT_LAUNCH) -> int:
+    """Splits per sequence of a launch whose key counts are not known when it is made: enough
+    (KV head, split, sequence) programs to fill the device (launch.programs_per_sm per SM),
+    whatever the lengths; INTERPRETER_SPLITS on the CPU."""
+    if device.type != "cuda":
+        return INTERPRETER_SPLITS
+    target = checks.sm_count(device.index or 0) * launch.programs_per_sm
+    return max(1, triton.cdiv(target, n_kv * batch))
+
+
+def attend_leading_rows(
+    q: Tensor, like: Tensor, k_table: Tensor, v_table: Tensor, row_meta: Tensor, *, scale: float,
+    num_splits: int, launch: DecodeLaunch = DEFAULT_LAUNCH,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One decode token of each of B sequences over the first n_b rows of its own slots.
+
+    q: [B, H_q, D]; like: [rows, H_kv, D] the row layout every slot shares (dtype, strides);
+    k_table, v_table: [n_slots] int64 slot base addresses; row_meta: [B, 5] int64 on q's device,
+    per sequence (slot base, slot rows, 0, 0, n_b): its rows r < n_b live in slot
+    slot_base + r // slot_rows, n_b = 0 reads nothing (a padding row: out 0, lse -inf).
+    num_splits: S, the grid's splits per (KV head, sequence), fixed (fixed_splits).
+    Returns (out [B, H_q, D] in q.dtype, lse [B, H_q] fp32). No host sync and no host-to-device
+    copy: the launch is the same every step, so a CUDA graph can hold it."""
+    checks.require_dim("q", q, 3, "[B, H_q, D] (one decode token per sequence)")
+    checks.require_dim("like", like, 3, "[rows, H_kv, D] (token-major)")
+    checks.require_float("q", q)
+    checks.require_float("like", like, q.dtype)
+    nb, hq, d = q.shape
+    hkv = like.shape[1]
+    if not 1 <= nb <= MAX_BATCH_ROWS or like.shape[2] != d or hq % hkv:
+        raise ValueError(f"attend_leading_rows: q [B in 1..{MAX_BATCH_ROWS}, H_q, D] needs rows [rows, H_kv, D] "
+                         f"with H_q a multiple of H_kv, got q {tuple(q.shape)}, like {tuple(like.shape)}")
+    if row_meta.shape != (nb, 5) or row_meta.dtype != torch.int64 or not row_meta.is_contiguous():
+        raise ValueError(f"attend_leading_rows: row_meta must be contiguous [B={nb}, 5] int64, got "
+                         f"{row_meta.dtype} {tuple(row_meta.shape)}")
+    if k_table.dtype != torch.int64 or v_table.dtype != torch.int64 or k_table.dim() != 1 or v_table.dim() != 1:
+        raise ValueError("attend_leading_rows: k_table, v_table must be [n_slots] int64 base addresses")
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"attend_leading_rows: num_splits must be an int >= 1, got {num_splits!r}")
+    checks.require_same_device("attend_leading_rows", q, k_table=k_table, v_table=v_table, row_meta=row_meta)
+    checks.require_runnable(q.device, _split_kernel, "attend_leading_rows")
+    checks.require_last_dim_contiguous("like", like)
+    # n only sizes the fallback arithmetic: with even splits every row sizes its own from row_meta
+    return _attend_rows(q.contiguous(), like, like, None, launch.block_n * num_splits, scale, num_splits, launch,
+                        tables=(k_table, v_table, 1), row_meta=row_meta, even_splits=True)

@@ -125,6 +125,7 @@ def _split_kernel(
     CHUNKED: tl.constexpr,  # rows spread over chunks found through k_table / v_table
     CODES: tl.constexpr,  # CHUNKED: 0 = every chunk in the model dtype; 1 int8 / 2 fp8 e4m3 codes in the packed ones
     ROW_META: tl.constexpr,  # CHUNKED, grid (H_kv, S, B): batch row b reads its own q, ids and row_meta[b]
+    EVEN_SPLITS: tl.constexpr,  # ROW_META: each row spreads its own key count over the grid's S splits
     HEAD_DIM: tl.constexpr,  # a constant, so the d-mask keeps 16-byte vector loads
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -135,6 +136,7 @@ def _split_kernel(
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(not ROW_META or (CHUNKED and not ROTATE))
+    tl.static_assert(ROW_META or not EVEN_SPLITS)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -150,6 +152,8 @@ def _split_kernel(
         n_keys = tl.load(meta + 4)
         q += b.to(tl.int64) * stride_qb
         ids += b.to(tl.int64) * stride_ib
+        if EVEN_SPLITS:  # the grid is fixed (a captured step), the key counts are not
+            split_len = tl.cdiv(tl.cdiv(n_keys, tl.num_programs(1)), BLOCK_N) * BLOCK_N
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -306,6 +310,7 @@ def _attend_rows(
     tables: tuple[Tensor, Tensor, int] | None = None,  # (k_table, v_table, chunk_rows): k, v are chunk 0
     codes: tuple[Tensor, Tensor, int, str] | None = None,  # with tables: (ks_table, vs_table, n_packed, kind)
     row_meta: Tensor | None = None,  # [B, 5] int64 per batch row (with tables; see _split_kernel)
+    even_splits: bool = False,  # with row_meta: split each row's own key count over `num_splits` splits
 ) -> tuple[Tensor, Tensor]:
     hq, d = q.shape[-2:]
     hkv = k.shape[1]
@@ -315,13 +320,14 @@ def _attend_rows(
     group = hq // hkv
     splits = num_splits or _num_splits(n, hkv * nb, q.device, launch)
     split_len = triton.cdiv(triton.cdiv(n, splits), launch.block_n) * launch.block_n
-    splits = triton.cdiv(n, split_len)  # no empty trailing split
+    if not even_splits:  # even splits keep the grid the caller fixed (each row sizes its own splits)
+        splits = triton.cdiv(n, split_len)  # no empty trailing split
     out_part = torch.empty((splits, nb * hq, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, nb * hq), dtype=torch.float32, device=q.device)
     batched = row_meta is not None
     ids_arg = ids if ids is not None else q  # placeholder pointer, never read
     stride_ih = ids.stride(-2) if ids is not None and ids.dim() == 2 + batched else 0
-    stride_ib = ids.stride(0) if batched else 0
+    stride_ib = ids.stride(0) if batched and ids is not None else 0
     delta, inv_freq = rot if rot is not None else (q, q)  # placeholders, never read
     stride_dh = 0 if rot is None or delta.dim() == 1 else delta.stride(0)
     k_table, v_table, chunk_rows = tables if tables is not None else (q, q, 1)  # placeholders unless chunked
@@ -339,6 +345,7 @@ def _attend_rows(
         CHUNKED=tables is not None,
         CODES=CODES_FLAG[kind],
         ROW_META=batched,
+        EVEN_SPLITS=even_splits,
         HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)),
         BLOCK_N=launch.block_n,
