@@ -19,7 +19,11 @@ Each session keeps its own tiers, retriever and length. A step is planned on the
 
 That is Transformer.forward over B tokens with RowAttention as its backend. On CUDA the
 dense parts between attention calls replay as CUDA graphs (runtime/graphs.py, DecodeGraphs
-with batch rows; Engine's `graphs`), the batch padded to the next power of two.
+with batch rows; Engine's `graphs`), the batch padded to the next power of two. With
+graphs="whole" a batch whose every row's route declares a captured step (dense attention:
+runtime/whole_step.py ROUTES) runs as ONE graph replay, attention inside it (the rows'
+buffer addresses and key counts copied into the graph's buffers first); any other batch
+runs the segmented graphs.
 
 Afterwards each session is as if session.step(token) had run on it alone: tokens, last
 logits, timing counters (decode_s gets the whole batched step: the latency it saw). The
@@ -52,11 +56,12 @@ from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
 from kvloft.runtime.step_plan import StepPlan, plan_step
+from kvloft.runtime.whole_step import WholeStep, captured_route, whole_step_runs_on
 
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
 
 MAX_BATCH_LIMIT = 4096  # max_batch above this is refused (per-step CPU plan, [B, V] logits)
-GRAPH_MODES = ("auto", "off", "segments")
+GRAPH_MODES = ("auto", "off", "segments", "whole")
 
 
 def _is_int(x: Any) -> bool:
@@ -149,7 +154,13 @@ class Engine:
     graphs: "auto" replays the step's dense parts (embedding, projections, MLP, head) as CUDA
     graphs on a CUDA model, one set per padded batch size (runtime/graphs.py; attention runs
     eagerly between them, per row), and runs eagerly elsewhere; "off" runs eagerly everywhere;
-    "segments" runs the graphed path's segments eagerly (how it is tested without CUDA).
+    "segments" runs the graphed path's segments eagerly (how it is tested without CUDA);
+    "whole" runs a batch whose every row's route can be captured (runtime/whole_step.py:
+    dense attention) as one graph of the whole step, attention included, on CUDA (eagerly on
+    the CPU through the Triton interpreter: how it is tested), and any other batch as "auto"
+    does (as "segments" where the whole step cannot run). `route_counts` counts the steps
+    each way ran ("whole", "segments", "eager"); `last_route_why` says why the last step
+    was not whole (None when it was, or when graphs is not "whole").
     shared_attention: rows whose decode route is one launch over a slot table share one launch
     per layer (RowAttention); False launches each row's own (the per-row path, for comparison).
     shared_search: rows whose retrievers declare a batched search (HiP) are searched together,
@@ -175,10 +186,17 @@ class Engine:
         self.max_batch = max_batch
         self.graphs = graphs
         self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
+        self._wholes: dict[int, WholeStep] = {}  # padded batch size -> its captured whole step
+        self.route_counts = {"whole": 0, "segments": 0, "eager": 0}
+        self.last_route_why: str | None = None
 
     @property
     def _use_graphs(self) -> bool:
-        return self.graphs == "segments" or (self.graphs == "auto" and self.model.device.type == "cuda")
+        return self.graphs in ("segments", "whole") or (self.graphs == "auto" and self.model.device.type == "cuda")
+
+    @property
+    def _capture(self) -> bool:
+        return self.graphs in ("auto", "whole") and self.model.device.type == "cuda"
 
     # ---- validation (before anything changes) ----------------------------------------------
 
@@ -270,25 +288,53 @@ class Engine:
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
         dev, n = self.model.device, plan.batch
+        if self.graphs == "whole":
+            self.last_route_why = self._whole_why(backends)
+            if self.last_route_why is None:
+                self.route_counts["whole"] += 1
+                return self._whole_for(n).step(plan.tokens, plan.positions, backends)
         groups = plan.search_groups if self.shared_search else []
         attention = RowAttention(backends, plan.order, self.shared_attention, groups)
         if not self._use_graphs:
+            self.route_counts["eager"] += 1
             return self.model.net(plan.tokens.to(dev), plan.positions.to(dev), attention)
+        self.route_counts["segments"] += 1
         graphs = self._graphs_for(n)
         ids = torch.zeros(graphs.batch, dtype=torch.long)  # rows past B: padding, token 0 at 0
         pos = torch.zeros(graphs.batch, dtype=torch.long)
         ids[:n], pos[:n] = plan.tokens, plan.positions
         return graphs.step(ids.to(dev), pos.to(dev), attention)[:n]
 
+    def _bucket(self, n: int) -> int:
+        """n rows padded to the next power of two (at most max_batch), so that at most
+        log2(max_batch) + 1 graphs (or sets of segments) are ever captured."""
+        return min(1 << (n - 1).bit_length(), self.max_batch)
+
     def _graphs_for(self, n: int) -> DecodeGraphs:
-        """The step's segments for n rows, padded to the next power of two (at most max_batch),
-        so that at most log2(max_batch) + 1 sets of graphs are ever captured."""
-        bucket = min(1 << (n - 1).bit_length(), self.max_batch)
+        """The step's segments for n rows, padded to their bucket."""
+        bucket = self._bucket(n)
         graphs = self._graphs.get(bucket)
         if graphs is None:
-            capture = self.graphs == "auto" and self.model.device.type == "cuda"
-            graphs = self._graphs[bucket] = DecodeGraphs(self.model.net, capture=capture, batch=bucket)
+            graphs = self._graphs[bucket] = DecodeGraphs(self.model.net, capture=self._capture, batch=bucket)
         return graphs
+
+    def _whole_for(self, n: int) -> WholeStep:
+        """The captured whole step for n rows, padded to their bucket."""
+        bucket = self._bucket(n)
+        whole = self._wholes.get(bucket)
+        if whole is None:
+            whole = self._wholes[bucket] = WholeStep(self.model.net, capture=self._capture, batch=bucket)
+        return whole
+
+    def _whole_why(self, backends: list[Any]) -> str | None:
+        """Why this batch cannot run as one whole-step graph (the first reason), or None."""
+        if not whole_step_runs_on(self.model.device):
+            return "the whole step's Triton kernels need CUDA (or the Triton interpreter on the CPU)"
+        for b, be in enumerate(backends):
+            why = captured_route(be)
+            if why is not None:
+                return f"row {b}: {why}"
+        return None
 
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
         """NonFiniteError naming every row whose logits hold NaN/inf (one host sync)."""

@@ -1,0 +1,206 @@
+"""The whole batched decode step as one CUDA graph, for batches whose rows' attention takes fixed shapes.
+
+runtime/graphs.py cuts a step at every attention call (n_layers + 1 graphs, attention eager
+in between), because a retriever picks different rows, sizes and host transfers every step.
+A row whose attention needs none of that can stay inside the graph: its step is fixed
+shapes plus a few numbers (where its buffers are, how many keys it has), and those numbers
+can be data in device buffers instead of arguments baked into the launches. `WholeStep`
+captures the step once per batch bucket:
+
+    host (per step)   the plan's rows -> one int64 table: token, position, and per layer and
+                      row its K/V buffer addresses, the row its token goes to, its key count
+                      -> one host-to-device copy into the graph's static buffer
+    graph (replay)    x = embed(ids); cos, sin = rope(pos)
+                      per layer: q, k, v = pre(x)
+                                 write_rows_table: k, v into each row's buffers (kernels/table_rows.py)
+                                 attend_leading_rows: one launch, each row over its first n_b keys,
+                                   read from the device metadata, over a fixed grid
+                                 x = post(x, o)
+                      logits = head(x)
+    host (after)      each row's buffers hold one more token (DenseKV.n += 1)
+
+So a step is one copy and one replay; sequences join and leave and buffers grow (reallocate)
+without a new capture: the graph holds no sequence's buffers, only the tables' addresses.
+Rows past the batch (padding of the bucket) have key count 0 and write nothing.
+
+Which routes can be captured is declared here per backend type (ROUTES), never probed:
+dense attention can (every key on the compute device, contiguous, one buffer a layer);
+TieredAttention cannot yet: its decode appends to a ring that moves rows down to the host
+tier (a host copy) and its retriever selects per layer from this step's query on the host
+or with sizes that vary (the engine then runs the segmented graphs). The same code runs
+eagerly (capture=False): on the CPU through the Triton interpreter, which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvloft.kernels import checks
+from kvloft.kernels.batched_decode import attend_leading_rows, fixed_splits
+from kvloft.kernels.sparse_decode import _split_kernel
+from kvloft.kernels.table_rows import write_rows_table
+from kvloft.runtime.dense import DenseAttention
+from kvloft.runtime.model import Transformer
+
+__all__ = ["ROUTES", "WholeStep", "captured_route", "whole_step_runs_on"]
+
+log = logging.getLogger(__name__)
+
+# backend type -> why its decode cannot be captured (None: it can). A type not listed cannot.
+ROUTES: dict[type, str | None] = {
+    DenseAttention: None,
+}
+_TIERED_WHY = ("tiered attention appends to a ring whose evictions copy rows to the host tier, and its "
+               "retriever selects per layer with host work or varying sizes")
+_COLUMNS = 3  # per layer, a [B] column each: k buffer addresses, v buffer addresses, the rows written
+
+
+def captured_route(backend: Any) -> str | None:
+    """Why `backend`'s decode step cannot run inside a captured whole step, or None where it can
+    (ROUTES, by exact type: a subclass may change the route; dense attention with its finite
+    watch on checks every appended row on the host)."""
+    kind = type(backend)
+    if kind not in ROUTES:
+        return _TIERED_WHY if hasattr(backend, "cache") else f"{kind.__name__} declares no captured route"
+    why = ROUTES[kind]
+    if why is None and backend.finite.on:
+        return "the backend watches appended rows for non-finite numbers (a host check)"
+    return why
+
+
+def whole_step_runs_on(device: torch.device) -> bool:
+    """The captured step's kernels run on CUDA, and on the CPU through the Triton interpreter only."""
+    return device.type == "cuda" or checks.is_interpreted(_split_kernel)
+
+
+class WholeStep:
+    """Decode steps of `net` for `batch` rows (the bucket) whose backends are dense attention,
+    as one CUDA graph when `capture` (see the module doc), else the same code eagerly."""
+
+    def __init__(self, net: Transformer, capture: bool, batch: int) -> None:
+        w = net.embed_tokens.weight
+        if capture and w.device.type != "cuda":
+            raise ValueError("CUDA graphs need a model on a CUDA device; use capture=False")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        cfg = net.config
+        self.net, self.capture, self.batch = net, capture, batch
+        self.n_layers = len(net.layers)
+        self.scale = cfg.head_dim**-0.5  # DenseAttention's
+        self.like = torch.empty((1, cfg.n_kv_heads, cfg.head_dim), dtype=w.dtype, device=w.device)  # row layout
+        self.splits = fixed_splits(cfg.n_kv_heads, batch, w.device)
+        # one buffer, one copy per step: ids [B], pos [B], then [L, _COLUMNS, B] columns and meta [L, B, 5]
+        nl = self.n_layers
+        self._flat = torch.zeros(2 * batch + nl * batch * (_COLUMNS + 5), dtype=torch.int64, device=w.device)
+        self.ids, self.pos = self._flat[:batch], self._flat[batch : 2 * batch]
+        cols = self._flat[2 * batch : 2 * batch + nl * batch * _COLUMNS].view(nl, _COLUMNS, batch)
+        self.k_tab, self.v_tab, self.rows = cols[:, 0], cols[:, 1], cols[:, 2]  # [L, B] each, rows contiguous
+        self.meta = self._flat[2 * batch + nl * batch * _COLUMNS :].view(nl, batch, 5)  # [L, B, 5]
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: Tensor | None = None
+
+    # ---- the host's part ---------------------------------------------------------------------
+
+    def _host_table(self, tokens: Tensor, positions: Tensor, backends: list[DenseAttention]) -> Tensor:
+        """The step's numbers in _flat's layout (a CPU int64 tensor, made from Python lists: one
+        tensor per step, not one per layer and row). Makes room for one more token in every
+        row's buffers first (growing them by DenseKV's own rule)."""
+        nb, n = self.batch, len(backends)
+        head = [0] * (2 * nb)
+        head[:n], head[nb : nb + n] = tokens.tolist(), positions.tolist()
+        cols, meta = [], []
+        for layer in range(self.n_layers):
+            k_addr, v_addr, rows = [0] * nb, [0] * nb, [-1] * nb  # padding rows write nothing
+            lm = [0, 1, 0, 0, 0] * nb  # padding rows: one-row slots, no keys
+            for b, be in enumerate(backends):
+                store = be.layers[layer]
+                self._make_room(store)
+                k_addr[b], v_addr[b], rows[b] = store.k.data_ptr(), store.v.data_ptr(), store.n
+                lm[5 * b : 5 * b + 5] = [b, store.k.shape[0], 0, 0, store.n + 1]
+            cols += [*k_addr, *v_addr, *rows]
+            meta += lm
+        return torch.tensor(head + cols + meta, dtype=torch.int64)
+
+    def _make_room(self, store: Any) -> None:
+        """Room for one more row in a DenseKV (appending a row through its own growth rule, then
+        forgetting it); its buffers must have the graph's row layout."""
+        if store.n + 1 > store.k.shape[0]:
+            z = self.like.new_zeros(self.like.shape)
+            store.append(z, z)
+            store.truncate(store.n - 1)
+        like = self.like
+        for buf in (store.k, store.v):
+            if not buf.is_contiguous() or buf.dtype != like.dtype or buf.shape[1:] != like.shape[1:] \
+                    or buf.device != like.device:
+                raise ValueError(f"a dense KV buffer must be contiguous [rows, {like.shape[1]}, {like.shape[2]}] "
+                                 f"{like.dtype} on {like.device} for the captured step, got {buf.dtype} "
+                                 f"{tuple(buf.shape)} on {buf.device}")
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor, positions: Tensor, backends: list[DenseAttention]) -> Tensor:
+        """tokens, positions [n] int64 (CPU; n <= batch) of the rows whose backends are given,
+        in order -> logits [n, V] fp32 (a view of this object's buffer once captured: copy what
+        you keep). Every row's buffers then hold the token (each DenseKV's n is one more)."""
+        n = len(backends)
+        if not 1 <= n <= self.batch or tokens.shape != (n,) or positions.shape != (n,):
+            raise ValueError(f"WholeStep.step: 1..{self.batch} rows with one token and position each, got "
+                             f"{n} backends, tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)}")
+        self._flat.copy_(self._host_table(tokens, positions, backends))
+        if self.capture and self._graph is None:
+            self._capture()
+        if self._graph is not None:
+            self._graph.replay()
+            logits = self._logits
+        else:
+            logits = self._forward()
+        for be in backends:
+            for store in be.layers:
+                store.n += 1
+        return logits[:n]
+
+    def _forward(self) -> Tensor:
+        """The step over the static buffers -> logits [batch, V] fp32 (what the graph holds)."""
+        net = self.net
+        x = net.embed_tokens(self.ids)  # [B, hidden]
+        cos, sin = net.rope(self.pos)
+        for layer, block in enumerate(net.layers):
+            q, k, v = block.pre(x, cos, sin)  # [B, H_q, D], [B, H_kv, D] x 2
+            k_tab, v_tab = self.k_tab[layer], self.v_tab[layer]
+            write_rows_table(k, v, k_tab, v_tab, self.rows[layer], self.like)
+            o, _ = attend_leading_rows(q, self.like, k_tab, v_tab, self.meta[layer], scale=self.scale,
+                                       num_splits=self.splits)
+            x = block.post(x, o)
+        return net.head(x)
+
+    def _capture(self) -> None:
+        """Two eager passes on a side stream (they write the same rows the replay writes), then
+        one capture. A failed capture leaves the step eager (its launch overhead returns)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        gc_was_on = gc.isenabled()
+        gc.disable()  # a collection inside a capture can free pinned buffers (an event query: capture breaks)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._logits = self._forward()
+        except RuntimeError as e:
+            log.warning("CUDA graph capture of the whole decode step failed (%s); running it eagerly",
+                        str(e).splitlines()[0])
+            self.capture, self._logits = False, None
+            torch.cuda.synchronize()
+            return
+        finally:
+            if gc_was_on:
+                gc.enable()
+        self._graph = graph

@@ -1,0 +1,171 @@
+"""The whole decode step (runtime/whole_step.py, Engine(graphs="whole")): one graph of the whole
+step, attention inside, for batches of dense rows; equal to the segmented step and to each
+session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
+interpreter (fp32). GPU (marked): captured, replayed and held against the eager step.
+
+Bound: the whole step's attention is the split-K Triton kernel where the segmented step and a
+session alone run the torch reference on the CPU; both are fp32 softmaxes of the same rows, so
+logits agree to LOGIT_TOL (relative norm), greedy tokens exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvloft import Engine, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.whole_step import WholeStep, captured_route
+from kvloft.tiers.kvcache import DenseKV
+
+RUNTIME = RuntimeConfig(prefill_chunk=256, progress=False)
+DENSE = RetrievalConfig(method="dense")
+EXACT = RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=32)
+LOGIT_TOL = 1e-4  # relative norm: two fp32 attention implementations, each ~1e-6 off an fp64 softmax
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Few-row GEMMs on a busy 2-core CPU: one thread keeps the tests' time to their work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu", dtype="float32", seed=5)
+
+
+def _fed(model, n, seed, rcfg=DENSE):
+    s = Session(model, rcfg, RUNTIME)
+    s.feed(torch.randint(8, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist())
+    return s
+
+
+def _twins(model, lengths, copies=3):
+    """`copies` identical sets of dense sessions, one per prompt length (fed again each time)."""
+    return [[_fed(model, n, seed) for seed, n in enumerate(lengths)] for _ in range(copies)]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _tight(s: Session) -> None:
+    """Dense buffers with room for exactly one more token: the next whole step grows them."""
+    m = s.model
+    for i, store in enumerate(s.backend.layers):
+        new = DenseKV(m.config, m.device, m.dtype, capacity=store.n + 1)
+        new.append(*store.kv())
+        s.backend.layers[i] = new
+
+
+def test_dense_rows_declare_a_captured_route_and_tiered_rows_do_not(tiny):
+    assert captured_route(_fed(tiny, 20, 0).backend) is None
+    why = captured_route(_fed(tiny, 80, 1, EXACT).backend)
+    assert why is not None and "host" in why
+
+
+def test_whole_step_equals_segments_and_each_session_alone(tiny):
+    """Rows of 40, 57 and 23 tokens (3 rows in a bucket of 4: a padding row), one of them at its
+    buffers' capacity (the step grows them): greedy tokens equal the segmented engine's and each
+    session's own; teacher-forced logits agree within LOGIT_TOL; every row's KV count grows by one."""
+    alone, segmented, whole = _twins(tiny, [40, 57, 23])
+    _tight(whole[1])
+    want = []
+    for s in alone:
+        out = []
+        for _ in range(4):
+            out.append(int(s.last_logits.argmax()))
+            s.step(out[-1])
+        want.append(out)
+    eng_w = Engine(tiny, graphs="whole")
+    assert Engine(tiny, graphs="segments").generate(segmented, 4, stop_at_eos=False) == want
+    assert eng_w.generate(whole, 4, stop_at_eos=False) == want
+    assert eng_w.route_counts == {"whole": 4, "segments": 0, "eager": 0} and eng_w.last_route_why is None
+    for a, w in zip(alone, whole, strict=True):
+        assert w.tokens == a.tokens and len(w) == len(a)
+        assert all(store.n == len(a) for store in w.backend.layers)
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+    for step in range(2):
+        toks = [(step * 37 + 11 * b) % 512 for b in range(3)]
+        got = eng_w.step(list(zip(whole, toks, strict=True)))
+        for b, (s, t) in enumerate(zip(alone, toks, strict=True)):
+            assert _rel(got[b], s.step(t)) < LOGIT_TOL
+
+
+def test_sessions_join_and_leave_the_whole_step(tiny):
+    """Buckets 4, 1 and 2 over the same sessions, in other orders: each step's rows equal the
+    same sessions stepped alone (one graph per bucket; the tables, not the graph, name the rows)."""
+    alone, _, whole = _twins(tiny, [33, 61, 18], copies=3)
+    eng = Engine(tiny, graphs="whole")
+    for rows, tok in (([0, 1, 2], 5), ([1], 9), ([2, 0], 13), ([0, 1, 2], 17), ([2], 21)):
+        got = eng.step([(whole[i], tok + i) for i in rows])
+        for j, i in enumerate(rows):
+            assert _rel(got[j], alone[i].step(tok + i)) < LOGIT_TOL
+    assert sorted(eng._wholes) == [1, 2, 4] and eng.route_counts["whole"] == 5
+    assert [len(s) for s in whole] == [len(s) for s in alone]
+
+
+def test_a_batch_with_a_tiered_row_runs_the_segmented_step(tiny):
+    """A dense row with an exact row: not whole (the reason names the row); equal to alone."""
+    alone = [_fed(tiny, 30, 0), _fed(tiny, 90, 1, EXACT)]
+    batched = [_fed(tiny, 30, 0), _fed(tiny, 90, 1, EXACT)]
+    eng = Engine(tiny, graphs="whole")
+    got = eng.step([(batched[0], 3), (batched[1], 4)])
+    assert eng.route_counts == {"whole": 0, "segments": 1, "eager": 0}
+    assert eng.last_route_why.startswith("row 1:")
+    for b, (s, t) in enumerate(zip(alone, (3, 4), strict=True)):
+        assert _rel(got[b], s.step(t)) < 1e-5  # the segmented step: the same kernels as alone
+
+
+def test_a_failed_whole_step_rolls_every_row_back(tiny):
+    """A NaN embedding row makes one row's logits non-finite: both sessions are rolled back
+    (tokens and KV counts as before) and decode on equal to twins that never saw it."""
+    model = load_model("tiny", device="cpu", dtype="float32", seed=5)
+    poison = 7
+    sessions = [_fed(model, 25, 0), _fed(model, 44, 1)]
+    twins = [_fed(model, 25, 0), _fed(model, 44, 1)]
+    with torch.no_grad():
+        model.net.embed_tokens.weight[poison] = float("nan")
+    eng = Engine(model, graphs="whole")
+    with pytest.raises(NonFiniteError, match="pair 1"):
+        eng.step([(sessions[0], 3), (sessions[1], poison)])
+    for s, t in zip(sessions, twins, strict=True):
+        assert s.tokens == t.tokens and all(store.n == len(t) for store in s.backend.layers)
+    got = eng.step([(sessions[0], 3), (sessions[1], 4)])
+    for b, (t, tok) in enumerate(zip(twins, (3, 4), strict=True)):
+        assert _rel(got[b], t.step(tok)) < LOGIT_TOL
+
+
+def test_whole_step_refuses_more_rows_than_its_bucket(tiny):
+    s = _fed(tiny, 10, 0)
+    w = WholeStep(tiny.net, capture=False, batch=1)
+    with pytest.raises(ValueError, match="1..1 rows"):
+        w.step(torch.tensor([1, 2]), torch.tensor([10, 10]), [s.backend, s.backend])
+    with pytest.raises(ValueError, match="CUDA"):
+        WholeStep(tiny.net, capture=True, batch=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[300, 1100, 70], [5000]], ids=["batch3", "batch1"])
+def test_captured_whole_step_equals_eager(lengths):
+    """bf16 on CUDA: the captured whole step (one replay a step) against the same engine eager
+    ("off": every kernel from Python, attention through the sessions' own decode kernels) over
+    8 greedy steps with a row joining late: greedy tokens equal where the logits' top two are
+    apart, logits within 2e-2 relative (bf16 rounding of two attention kernels)."""
+    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
+    eager = [_fed(model, n, seed) for seed, n in enumerate(lengths)]
+    whole = [_fed(model, n, seed) for seed, n in enumerate(lengths)]
+    e_eng, w_eng = Engine(model, graphs="off"), Engine(model, graphs="whole")
+    for step in range(8):
+        rows = list(range(len(lengths))) if step >= 2 else list(range(max(1, len(lengths) - 1)))
+        toks = [(step * 31 + 7 * i) % 512 for i in rows]
+        ref = e_eng.step([(eager[i], t) for i, t in zip(rows, toks, strict=True)])
+        got = w_eng.step([(whole[i], t) for i, t in zip(rows, toks, strict=True)])
+        for j in range(len(rows)):
+            assert _rel(got[j], ref[j]) < 2e-2, (step, j)
+    assert w_eng.route_counts["whole"] == 8 and all(w._graph is not None for w in w_eng._wholes.values())
+    for e, w in zip(eager, whole, strict=True):
+        assert len(e) == len(w) and all(st.n == len(w) for st in w.backend.layers)
