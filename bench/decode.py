@@ -48,6 +48,13 @@ batch (runtime/batch_search.py); "@rowsearch" searches each session alone, e.g.
 --methods hip:keys_on=host,hip:keys_on=host@rowsearch --batch 8.
 
     python bench/decode.py --preset llama3-8b --contexts 32k --methods dense,hip --batch 8
+"@wholegraph" decodes through kvloft.Engine(graphs="whole") (at any --batch, 1 included): a
+batch whose rows' attention can take fixed shapes (dense) runs each step as ONE CUDA graph
+replay, attention inside (runtime/whole_step.py); other methods fall back to the segmented
+graphs and the row says why ("graph_route", "not_whole"). "@engine" runs --batch 1 through
+the Engine too, with the segmented graphs: the comparison at batch 1, e.g.
+
+    python bench/decode.py --preset llama3-8b --contexts 32k,128k --methods dense@engine,dense@wholegraph
 JSON (rewritten after every row, so a stopped run keeps its rows) and a markdown table go to
 $OUT or bench/results/ as decode-<tag>.json / .md.
 """
@@ -83,14 +90,17 @@ REGIONS = ("search", "retrieved_attention", "static_attention", "attention", "in
 def parse_method(spec: str) -> tuple[str, dict, set[str]]:
     """'hip:keys_on=host@overlap@eager' -> ('hip', {'keys_on': 'host'}, {'overlap', 'eager'})."""
     spec, *flags = spec.split("@")
-    bad = set(flags) - {"overlap", "staged", "eager", "split", "nocache", "rowlaunch", "rowsearch"}
+    bad = set(flags) - {"overlap", "staged", "eager", "split", "nocache", "rowlaunch", "rowsearch", "wholegraph",
+                        "engine"}
     if bad:
         raise SystemExit(f"method {spec}: unknown suffix @{bad.pop()} (@overlap: the scheduler; "
                          "@staged: the scheduler, fetching through pinned staging buffers and H2D "
                          "copies; @eager: no CUDA graphs; @split: static tier and selection in two "
                          "launches + merge; @nocache: no device copy of a selection's stable rows; "
                          "@rowlaunch: with --batch, one attention launch per session and layer; "
-                         "@rowsearch: with --batch, one retriever search per session and layer)")
+                         "@rowsearch: with --batch, one retriever search per session and layer; "
+                         "@wholegraph: through Engine(graphs='whole'), the whole step one graph where the "
+                         "rows allow; @engine: --batch 1 through the Engine, segmented graphs)")
     name, options, mode = method_options(spec)  # the "name:key=value" form kvloft eval reads
     if mode != "exact":
         raise SystemExit(f"method {spec}: +x (extrapolation) is not a decode-speed row here")
@@ -209,7 +219,7 @@ def run_row(model, spec: str, n: int, args) -> dict:
     if why:
         row["not_run"] = why
         return row
-    if args.batch > 1:
+    if args.batch > 1 or flags & {"wholegraph", "engine"}:
         return run_batch_row(model, rcfg, flags, row, n, args)
     reset_gpu()
     s = None
@@ -276,7 +286,8 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         t0 = time.perf_counter()
         sessions = [new_session(model, rcfg, flags, n, args) for _ in range(args.batch)]
         row["fill_s"] = round(time.perf_counter() - t0, 1)
-        engine = Engine(model, max_batch=args.batch, shared_attention="rowlaunch" not in flags,
+        mode = "whole" if "wholegraph" in flags else "off" if "eager" in flags else "auto"
+        engine = Engine(model, max_batch=args.batch, graphs=mode, shared_attention="rowlaunch" not in flags,
                         shared_search="rowsearch" not in flags)
         timed_batch_steps(engine, sessions, token_stream(args.warmup))
         ms = timed_batch_steps(engine, sessions, token_stream(args.steps, args.warmup))
@@ -287,6 +298,9 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         row["peak_gpu_gib"] = round(peak_gpu() / GiB, 2)
         row["under_budget"] = rcfg.method == "dense" or peak_gpu() <= args.gpu_budget
         row["peak_host_gib"] = round(rss_bytes() / GiB, 1)
+        row["graph_route"] = dict(engine.route_counts)  # steps run as one whole graph / segments / eagerly
+        if engine.last_route_why:
+            row["not_whole"] = engine.last_route_why
     except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc()
