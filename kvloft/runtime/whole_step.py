@@ -37,6 +37,7 @@ import gc
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,32 +108,39 @@ class WholeStep:
     # ---- the host's part ---------------------------------------------------------------------
 
     def _host_table(self, tokens: Tensor, positions: Tensor, backends: list[DenseAttention]) -> Tensor:
-        """The step's numbers in _flat's layout (a CPU int64 tensor, made from Python lists: one
-        tensor per step, not one per layer and row). Makes room for one more token in every
+        """The step's numbers in _flat's layout (a CPU int64 tensor; numpy columns filled a row at
+        a time: ~2K numbers for 8 rows of 32 layers). Makes room for one more token in every
         row's buffers first (growing them by DenseKV's own rule)."""
-        nb, n = self.batch, len(backends)
-        head = [0] * (2 * nb)
-        head[:n], head[nb : nb + n] = tokens.tolist(), positions.tolist()
-        cols, meta = [], []
-        for layer in range(self.n_layers):
-            k_addr, v_addr, rows = [0] * nb, [0] * nb, [-1] * nb  # padding rows write nothing
-            lm = [0, 1, 0, 0, 0] * nb  # padding rows: one-row slots, no keys
-            for b, be in enumerate(backends):
-                store = be.layers[layer]
-                self._make_room(store)
-                k_addr[b], v_addr[b], rows[b] = store.k.data_ptr(), store.v.data_ptr(), store.n
-                lm[5 * b : 5 * b + 5] = [b, store.k.shape[0], 0, 0, store.n + 1]
-            cols += [*k_addr, *v_addr, *rows]
-            meta += lm
-        return torch.tensor(head + cols + meta, dtype=torch.int64)
+        nb, nl, n = self.batch, self.n_layers, len(backends)
+        head = np.zeros(2 * nb, dtype=np.int64)
+        head[:n], head[nb : nb + n] = tokens.numpy(), positions.numpy()
+        cols = np.zeros((nl, _COLUMNS, nb), dtype=np.int64)
+        cols[:, 2, n:] = -1  # padding rows write nothing
+        meta = np.zeros((nl, nb, 5), dtype=np.int64)
+        meta[:, n:, 1] = 1  # padding rows: one-row slots, no keys
+        for b, be in enumerate(backends):
+            self._check_layout(be.layers[0])
+            for store in be.layers:
+                if store.n + 1 > store.k.shape[0]:
+                    self._grow(store)
+            stores = be.layers
+            cols[:, 0, b] = [s.k.data_ptr() for s in stores]
+            cols[:, 1, b] = [s.v.data_ptr() for s in stores]
+            cols[:, 2, b] = [s.n for s in stores]
+            meta[:, b, 0] = b
+            meta[:, b, 1] = [s.k.shape[0] for s in stores]
+            meta[:, b, 4] = cols[:, 2, b] + 1
+        return torch.from_numpy(np.concatenate([head, cols.ravel(), meta.ravel()]))
 
-    def _make_room(self, store: Any) -> None:
-        """Room for one more row in a DenseKV (appending a row through its own growth rule, then
-        forgetting it); its buffers must have the graph's row layout."""
-        if store.n + 1 > store.k.shape[0]:
-            z = self.like.new_zeros(self.like.shape)
-            store.append(z, z)
-            store.truncate(store.n - 1)
+    def _grow(self, store: Any) -> None:
+        """Room for one more row in a DenseKV: a row appended through its own growth rule, then
+        forgotten (the graph writes the real one)."""
+        z = self.like.new_zeros(self.like.shape)
+        store.append(z, z)
+        store.truncate(store.n - 1)
+
+    def _check_layout(self, store: Any) -> None:
+        """A row's dense buffers have the graph's row layout (DenseKV makes every layer's alike)."""
         like = self.like
         for buf in (store.k, store.v):
             if not buf.is_contiguous() or buf.dtype != like.dtype or buf.shape[1:] != like.shape[1:] \
