@@ -56,7 +56,7 @@ from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
 from kvloft.runtime.step_plan import StepPlan, plan_step
-from kvloft.runtime.whole_step import WholeStep, captured_route, whole_step_runs_on
+from kvloft.runtime.whole_step import WholeStep, not_whole
 
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
 
@@ -289,7 +289,7 @@ class Engine:
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
         dev, n = self.model.device, plan.batch
         if self.graphs == "whole":
-            self.last_route_why = self._whole_why(backends)
+            self.last_route_why = not_whole(backends, dev)
             if self.last_route_why is None:
                 self.route_counts["whole"] += 1
                 return self._whole_for(n).step(plan.tokens, plan.positions, backends)
@@ -326,15 +326,6 @@ class Engine:
             whole = self._wholes[bucket] = WholeStep(self.model.net, capture=self._capture, batch=bucket)
         return whole
 
-    def _whole_why(self, backends: list[Any]) -> str | None:
-        """Why this batch cannot run as one whole-step graph (the first reason), or None."""
-        if not whole_step_runs_on(self.model.device):
-            return "the whole step's Triton kernels need CUDA (or the Triton interpreter on the CPU)"
-        for b, be in enumerate(backends):
-            why = captured_route(be)
-            if why is not None:
-                return f"row {b}: {why}"
-        return None
 
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
         """NonFiniteError naming every row whose logits hold NaN/inf (one host sync)."""

@@ -48,7 +48,7 @@ from kvloft.kernels.table_rows import write_rows_table
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.model import Transformer
 
-__all__ = ["ROUTES", "WholeStep", "captured_route", "whole_step_runs_on"]
+__all__ = ["ROUTES", "WholeStep", "captured_route", "not_whole"]
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,17 @@ def captured_route(backend: Any) -> str | None:
     return why
 
 
-def whole_step_runs_on(device: torch.device) -> bool:
-    """The captured step's kernels run on CUDA, and on the CPU through the Triton interpreter only."""
-    return device.type == "cuda" or checks.is_interpreted(_split_kernel)
+def not_whole(backends: list[Any], device: torch.device) -> str | None:
+    """Why a batch of rows with these backends cannot run as one whole step on `device` (the
+    first reason), or None where it can. The step's kernels are Triton: CUDA, or the CPU
+    through the interpreter only."""
+    if device.type != "cuda" and not checks.is_interpreted(_split_kernel):
+        return "the whole step's Triton kernels need CUDA (or the Triton interpreter on the CPU)"
+    for b, be in enumerate(backends):
+        why = captured_route(be)
+        if why is not None:
+            return f"row {b}: {why}"
+    return None
 
 
 class WholeStep:
