@@ -120,6 +120,19 @@ def test_a_batch_with_a_tiered_row_runs_the_segmented_step(tiny):
         assert _rel(got[b], s.step(t)) < 1e-5  # the segmented step: the same kernels as alone
 
 
+def test_without_triton_on_the_device_the_step_is_segmented(tiny, monkeypatch):
+    """A CPU without the Triton interpreter cannot run the whole step's kernels: the engine says
+    so and runs the segmented step, equal to the session alone."""
+    from kvloft.kernels import checks
+
+    monkeypatch.setattr(checks, "is_interpreted", lambda kernel: False)
+    alone, whole = _fed(tiny, 30, 0), _fed(tiny, 30, 0)
+    eng = Engine(tiny, graphs="whole")
+    got = eng.step([(whole, 3)])
+    assert eng.route_counts == {"whole": 0, "segments": 1, "eager": 0} and "Triton" in eng.last_route_why
+    assert _rel(got[0], alone.step(3)) < 1e-5
+
+
 def test_a_failed_whole_step_rolls_every_row_back(tiny):
     """A NaN embedding row makes one row's logits non-finite: both sessions are rolled back
     (tokens and KV counts as before) and decode on equal to twins that never saw it."""
