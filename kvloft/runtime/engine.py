@@ -326,7 +326,6 @@ class Engine:
             whole = self._wholes[bucket] = WholeStep(self.model.net, capture=self._capture, batch=bucket)
         return whole
 
-
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
         """NonFiniteError naming every row whose logits hold NaN/inf (one host sync)."""
         ok = torch.isfinite(logits).all(dim=-1).cpu()  # [B]
