@@ -15,12 +15,13 @@ metadata (40 bytes a sequence). Splits are sized for n = the longest sequence's 
 a shorter sequence's programs past its own count return at once.
 Reference: gather_attend_table on each sequence (tests/kernels/test_batched_decode.py).
 
-`attend_leading_rows` is the launch of a captured decode step (runtime/whole_step.py): no ids
-(sequence b reads rows 0 .. n_b - 1 of its slots, in order), the metadata [B, 5] already on
-the device (filled by the host before a replay, never copied inside the launch), and a grid
-fixed by the caller, each sequence spreading its own n_b keys over its S splits (the kernel's
-EVEN_SPLITS), so the same launch serves every step whatever the lengths.
-Reference: decode_attend over each sequence's first n_b rows (tests/kernels/test_table_rows.py).
+`attend_table_fixed` is the launch of a captured decode step (runtime/whole_step.py): the
+metadata [B, 5] already on the device (filled by the host before a replay, never copied inside
+the launch), ids of a fixed width (a budget; or none: rows 0 .. n_b - 1 of a dense buffer) and
+a grid fixed by the caller, each sequence spreading its own n_b keys over its S splits (the
+kernel's EVEN_SPLITS), so the same launch serves every step whatever the lengths.
+Reference: decode_attend over each sequence's first n_b rows, gather_attend_table over its
+first n_b ids (tests/kernels/test_table_rows.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from kvloft.kernels.sparse_decode import (
     _split_kernel,
 )
 
-__all__ = ["MAX_BATCH_ROWS", "StackedTables", "attend_leading_rows", "fixed_splits", "gather_attend_table_batched",
+__all__ = ["MAX_BATCH_ROWS", "StackedTables", "attend_table_fixed", "fixed_splits", "gather_attend_table_batched",
            "stack_tables"]
 
 MAX_BATCH_ROWS = 65_535  # the grid's third axis (CUDA allows 65535 blocks there)
@@ -159,19 +160,24 @@ def fixed_splits(n_kv: int, batch: int, device: torch.device, launch: DecodeLaun
     return max(1, triton.cdiv(target, n_kv * batch))
 
 
-def attend_leading_rows(
+def attend_table_fixed(
     q: Tensor, like: Tensor, k_table: Tensor, v_table: Tensor, row_meta: Tensor, *, scale: float,
-    num_splits: int, launch: DecodeLaunch = DEFAULT_LAUNCH,
+    num_splits: int, ids: Tensor | None = None, launch: DecodeLaunch = DEFAULT_LAUNCH,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """One decode token of each of B sequences over the first n_b rows of its own slots.
+    """One decode token of each of B sequences over n_b rows of its own slots, with every size
+    fixed: the counts are read on the device and the grid is the caller's.
 
     q: [B, H_q, D]; like: [rows, H_kv, D] the row layout every slot shares (dtype, strides);
     k_table, v_table: [n_slots] int64 slot base addresses; row_meta: [B, 5] int64 on q's device,
-    per sequence (slot base, slot rows, 0, 0, n_b): its rows r < n_b live in slot
-    slot_base + r // slot_rows, n_b = 0 reads nothing (a padding row: out 0, lse -inf).
+    per sequence (slot base, slot rows, 0, 0, n_b): row r lives in slot slot_base + r // slot_rows;
+    n_b = 0 reads nothing (a padding row: out 0, lse -inf).
+    ids: None, sequence b reads its rows 0 .. n_b - 1 (a dense KV buffer); or [B, H_kv, n] / [B, n]
+    (shared over KV heads), n contiguous, a fixed width (a budget), sequence b reads the rows
+    ids[b, ..., :n_b] (-1 = padding; not range-checked), n_b <= n.
     num_splits: S, the grid's splits per (KV head, sequence), fixed (fixed_splits).
     Returns (out [B, H_q, D] in q.dtype, lse [B, H_q] fp32). No host sync and no host-to-device
     copy: the launch is the same every step, so a CUDA graph can hold it."""
+    op = "attend_table_fixed"
     checks.require_dim("q", q, 3, "[B, H_q, D] (one decode token per sequence)")
     checks.require_dim("like", like, 3, "[rows, H_kv, D] (token-major)")
     checks.require_float("q", q)
@@ -179,18 +185,24 @@ def attend_leading_rows(
     nb, hq, d = q.shape
     hkv = like.shape[1]
     if not 1 <= nb <= MAX_BATCH_ROWS or like.shape[2] != d or hq % hkv:
-        raise ValueError(f"attend_leading_rows: q [B in 1..{MAX_BATCH_ROWS}, H_q, D] needs rows [rows, H_kv, D] "
+        raise ValueError(f"{op}: q [B in 1..{MAX_BATCH_ROWS}, H_q, D] needs rows [rows, H_kv, D] "
                          f"with H_q a multiple of H_kv, got q {tuple(q.shape)}, like {tuple(like.shape)}")
     if row_meta.shape != (nb, 5) or row_meta.dtype != torch.int64 or not row_meta.is_contiguous():
-        raise ValueError(f"attend_leading_rows: row_meta must be contiguous [B={nb}, 5] int64, got "
+        raise ValueError(f"{op}: row_meta must be contiguous [B={nb}, 5] int64, got "
                          f"{row_meta.dtype} {tuple(row_meta.shape)}")
     if k_table.dtype != torch.int64 or v_table.dtype != torch.int64 or k_table.dim() != 1 or v_table.dim() != 1:
-        raise ValueError("attend_leading_rows: k_table, v_table must be [n_slots] int64 base addresses")
+        raise ValueError(f"{op}: k_table, v_table must be [n_slots] int64 base addresses")
     if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"attend_leading_rows: num_splits must be an int >= 1, got {num_splits!r}")
-    checks.require_same_device("attend_leading_rows", q, k_table=k_table, v_table=v_table, row_meta=row_meta)
-    checks.require_runnable(q.device, _split_kernel, "attend_leading_rows")
+        raise ValueError(f"{op}: num_splits must be an int >= 1, got {num_splits!r}")
+    n = launch.block_n * num_splits  # only sizes the fallback arithmetic: each row sizes its own splits
+    if ids is not None:
+        checks.require_index("ids", ids)
+        if ids.shape not in ((nb, hkv, ids.shape[-1]), (nb, ids.shape[-1])) or ids.stride(-1) != 1:
+            raise ValueError(f"{op}: ids must be [B={nb}, H_kv={hkv}, n] or [B={nb}, n], contiguous along n, "
+                             f"got {tuple(ids.shape)} with strides {ids.stride()}")
+        checks.require_same_device(op, q, ids=ids)
+    checks.require_same_device(op, q, k_table=k_table, v_table=v_table, row_meta=row_meta)
+    checks.require_runnable(q.device, _split_kernel, op)
     checks.require_last_dim_contiguous("like", like)
-    # n only sizes the fallback arithmetic: with even splits every row sizes its own from row_meta
-    return _attend_rows(q.contiguous(), like, like, None, launch.block_n * num_splits, scale, num_splits, launch,
+    return _attend_rows(q.contiguous(), like, like, ids, n, scale, num_splits, launch,
                         tables=(k_table, v_table, 1), row_meta=row_meta, even_splits=True)

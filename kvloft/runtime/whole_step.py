@@ -13,7 +13,7 @@ captures the step once per batch bucket:
     graph (replay)    x = embed(ids); cos, sin = rope(pos)
                       per layer: q, k, v = pre(x)
                                  write_rows_table: k, v into each row's buffers (kernels/table_rows.py)
-                                 attend_leading_rows: one launch, each row over its first n_b keys,
+                                 attend_table_fixed: one launch, each row over its first n_b keys,
                                    read from the device metadata, over a fixed grid
                                  x = post(x, o)
                       logits = head(x)
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from kvloft.kernels import checks
-from kvloft.kernels.batched_decode import attend_leading_rows, fixed_splits
+from kvloft.kernels.batched_decode import attend_table_fixed, fixed_splits
 from kvloft.kernels.sparse_decode import _split_kernel
 from kvloft.kernels.table_rows import write_rows_table
 from kvloft.runtime.dense import DenseAttention
@@ -190,7 +190,7 @@ class WholeStep:
             q, k, v = block.pre(x, cos, sin)  # [B, H_q, D], [B, H_kv, D] x 2
             k_tab, v_tab = self.k_tab[layer], self.v_tab[layer]
             write_rows_table(k, v, k_tab, v_tab, self.rows[layer], self.like)
-            o, _ = attend_leading_rows(q, self.like, k_tab, v_tab, self.meta[layer], scale=self.scale,
+            o, _ = attend_table_fixed(q, self.like, k_tab, v_tab, self.meta[layer], scale=self.scale,
                                        num_splits=self.splits)
             x = block.post(x, o)
         return net.head(x)

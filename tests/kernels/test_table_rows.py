@@ -1,5 +1,5 @@
 """The launches of a captured decode step (runtime/whole_step.py): write_rows_table (keys and
-values appended through address tables) against its reference, and attend_leading_rows (each
+values appended through address tables) against its reference, and attend_table_fixed (each
 sequence's first n_b rows, counts read on the device, a fixed grid) against decode_attend on
 each sequence and an fp64 softmax. CPU through the Triton interpreter (fp32); GPU (bf16)
 where CUDA is present, captured in a CUDA graph and replayed with other counts."""
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvloft.kernels import checks, reference
-from kvloft.kernels.batched_decode import attend_leading_rows, fixed_splits
+from kvloft.kernels.batched_decode import attend_table_fixed, fixed_splits, stack_tables
+from kvloft.kernels.sparse_decode import gather_attend_table
 from kvloft.kernels.table_rows import write_rows_reference, write_rows_table
 
 ATOL = 1e-5  # fp32: a few ulps of values of order 1
@@ -63,14 +64,14 @@ def test_write_rows_table_refuses_bad_tables():
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 16), (4, 2, 59)])
-def test_attend_leading_rows_equals_each_sequence(hq, hkv, d):
+def test_attend_table_fixed_equals_each_sequence(hq, hkv, d):
     """Sequences of 1025, 97, 0 (padding) and 300 keys: each equals decode_attend over its own
     first n_b rows and an fp64 softmax; the padding row gives out 0, lse -inf."""
     caps, counts = [1100, 128, 64, 300], [1025, 97, 0, 300]
     ks, vs = _buffers(caps, hkv, d, "cpu", torch.float32)
     q = torch.randn(4, hq, d)
     scale = d**-0.5
-    out, lse = attend_leading_rows(q, ks[0], *_tables(ks, vs, "cpu"), _meta(caps, counts, "cpu"), scale=scale,
+    out, lse = attend_table_fixed(q, ks[0], *_tables(ks, vs, "cpu"), _meta(caps, counts, "cpu"), scale=scale,
                                    num_splits=fixed_splits(hkv, 4, torch.device("cpu")))
     for b, n in enumerate(counts):
         if n == 0:
@@ -82,10 +83,36 @@ def test_attend_leading_rows_equals_each_sequence(hq, hkv, d):
         assert (out[b].double() - _softmax64(q[b], ks[b][:n], vs[b][:n], scale)).abs().max() <= ATOL
 
 
-def test_attend_leading_rows_refuses_host_meta_shape():
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head-ids", "shared-ids"])
+def test_attend_table_fixed_reads_each_rows_first_ids(shared):
+    """ids of a fixed width (a budget of 64) over slots of 16 rows: sequences with 50, 17 and 0
+    ids in use read exactly ids[b, ..., :n_b] (the ids past n_b point at real rows and must not
+    count), equal to gather_attend_table over those ids alone."""
+    hq, hkv, d, r, width = 6, 3, 16, 16, 64
+    counts, n_rows = [50, 17, 0], [80, 40, 16]
+    ks, vs = _buffers(n_rows, hkv, d, "cpu", torch.float32)
+    tables = [_tables([k[j : j + r] for j in range(0, k.shape[0], r)],
+                      [v[j : j + r] for j in range(0, v.shape[0], r)], "cpu") for k, v in zip(ks, vs)]
+    stacked = stack_tables(tables, [r] * 3)
+    meta = torch.tensor([[base, rows, 0, 0, n] for (base, rows, _, _), n in zip(stacked.rows, counts)])
+    shape = (3, width) if shared else (3, hkv, width)
+    ids = torch.stack([torch.randint(0, m, shape[1:]) for m in n_rows])
+    ids[0, ..., 3] = -1  # padding inside a row's count
+    q = torch.randn(3, hq, d)
+    out, _ = attend_table_fixed(q, ks[0], stacked.tables.k, stacked.tables.v, meta, scale=0.25,
+                                num_splits=fixed_splits(hkv, 3, torch.device("cpu")), ids=ids)
+    for b, n in enumerate(counts):
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            continue
+        want, _ = gather_attend_table(q[b], ks[0], vs[0], ids[b, ..., :n].contiguous(), tables[b], r, scale=0.25)
+        assert (out[b] - want).abs().max() <= ATOL
+
+
+def test_attend_table_fixed_refuses_host_meta_shape():
     ks, vs = _buffers([8], 2, 16, "cpu", torch.float32)
     with pytest.raises(ValueError, match="row_meta must be"):
-        attend_leading_rows(torch.randn(1, 2, 16), ks[0], *_tables(ks, vs, "cpu"), torch.zeros(1, 4, dtype=torch.int64),
+        attend_table_fixed(torch.randn(1, 2, 16), ks[0], *_tables(ks, vs, "cpu"), torch.zeros(1, 4, dtype=torch.int64),
                             scale=0.25, num_splits=2)
 
 
@@ -104,7 +131,7 @@ def test_captured_launches_replay_with_new_counts():
 
     def step():
         write_rows_table(k, v, kt, vt, rows, ks[0])
-        return attend_leading_rows(q, ks[0], kt, vt, meta, scale=d**-0.5, num_splits=splits)[0]
+        return attend_table_fixed(q, ks[0], kt, vt, meta, scale=d**-0.5, num_splits=splits)[0]
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
