@@ -10,8 +10,9 @@ score of the key the search ends on. Padding rows (past `n_rows`, or id -1) scor
 
 Cost per chunk: 2 * log2(chunk) key rows read (1 when chunk == 1), each [H_kv, D].
 
-`hierarchical_top1` is the torch implementation over arbitrary candidate lists. Two
-Triton kernels, each with its torch twin:
+`hierarchical_top1` is the torch implementation over arbitrary candidate lists. One
+Triton kernel, `hip_search_kernel`, serves two launchers here, each with its torch twin,
+and the batched one of kernels/hip_batched.py:
 
 - `hip_stage1` (`hip_stage1_reference`): the first stage, whose candidates are all the
   rows of one contiguous token-major buffer (one chunk of the key store);
@@ -35,6 +36,7 @@ from kvloft.kernels import checks
 __all__ = [
     "PROBES",
     "hierarchical_top1",
+    "hip_search_kernel",
     "hip_stage",
     "hip_stage1",
     "hip_stage1_reference",
@@ -113,79 +115,75 @@ def hip_stage_reference(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe
 
 
 @triton.jit
-def _probe(k_ptr, row, n_rows, kv_off, q, hmask, kmask, stride_kn):
-    # One probe row: max over query heads of q_h · k[row, h // group]; -inf past n_rows.
-    valid = row < n_rows
-    safe = tl.minimum(row, n_rows - 1)  # padding probes read the last row, then score -inf
-    k = tl.load(k_ptr + safe * stride_kn + kv_off, mask=kmask, other=0.0).to(tl.float32)
-    s = tl.sum(q * k, axis=1)  # [BLOCK_H]
-    s = tl.where(hmask, s, float("-inf"))
-    return tl.where(valid, tl.max(s, axis=0), float("-inf"))
-
-
-@triton.jit
-def _hip_stage1_kernel(
-    k_ptr,  # [R, H_kv, D] float, last dim contiguous
-    q_ptr,  # [H_q, D] float, contiguous
-    rep_ptr,  # [C] int64 out: row index of each chunk's representative
-    score_ptr,  # [C] fp32 out
-    n_rows,
-    stride_kn,
-    stride_kh,
-    H_Q: tl.constexpr,
-    GROUP: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr,
-    LOG2_CHUNK: tl.constexpr,
-    MIDDLE: tl.constexpr,
-):
-    tl.static_assert((1 << LOG2_CHUNK) == CHUNK)
-    c = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    hmask = h < H_Q
-    kmask = hmask[:, None] & (d[None, :] < D)
-    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D]
-    kv_off = (h // GROUP)[:, None].to(tl.int64) * stride_kh + d[None, :]
-    lo = c * CHUNK
-    best = tl.full([], float("-inf"), tl.float32)
-    if LOG2_CHUNK == 0:  # a chunk of one row: the row is its own representative
-        best = _probe(k_ptr, lo, n_rows, kv_off, q, hmask, kmask, stride_kn)
-    for it in tl.static_range(LOG2_CHUNK):
-        half = CHUNK >> (it + 1)
-        off = (half // 2) * MIDDLE  # probe the first (0) or middle key of each half
-        s_l = _probe(k_ptr, lo + off, n_rows, kv_off, q, hmask, kmask, stride_kn)
-        s_r = _probe(k_ptr, lo + half + off, n_rows, kv_off, q, hmask, kmask, stride_kn)
-        right = s_r > s_l
-        lo = tl.where(right, lo + half, lo)
-        best = tl.where(right, s_r, s_l)
-    tl.store(rep_ptr + c, lo)
-    tl.store(score_ptr + c, best)
-
-
-@triton.jit
-def _probe_gathered(table_ptr, k0_ptr, row_id, chunk_rows, kv_off, q, hmask, kmask, stride_kn):
-    # One probe of host row `row_id` (-1: padding, scores -inf) of a chunked store whose
-    # chunk base addresses are in table_ptr; k0_ptr (the first chunk) gives the dtype.
+def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, hmask, kmask, stride_kn, TABLE: tl.constexpr):
+    # Score of host row `row_id`: max over query heads of q_h · k[row, h // group]; row_id -1
+    # (padding, a dead chunk) reads nothing and scores -inf. TABLE: the row lives in store
+    # chunk row_id // chunk_rows, whose base address is table_ptr[tb + that chunk] (k0_ptr,
+    # one store chunk, gives the dtype); else it is row row_id of the rows at k0_ptr.
     valid = row_id >= 0
     safe = tl.maximum(row_id, 0)
-    base = tl.load(table_ptr + safe // chunk_rows).to(tl.pointer_type(k0_ptr.dtype.element_ty))
-    k = tl.load(base + (safe % chunk_rows) * stride_kn + kv_off, mask=kmask, other=0.0).to(tl.float32)
+    if TABLE:
+        addr = tl.load(table_ptr + tb + safe // chunk_rows, mask=valid, other=0)
+        base = addr.to(tl.pointer_type(k0_ptr.dtype.element_ty))
+        row = safe % chunk_rows
+    else:
+        base = k0_ptr
+        row = safe
+    k = tl.load(base + row * stride_kn + kv_off, mask=tl.where(valid, kmask, False), other=0.0).to(tl.float32)
     s = tl.where(hmask, tl.sum(q * k, axis=1), float("-inf"))  # [BLOCK_H]
     return tl.where(valid, tl.max(s, axis=0), float("-inf"))
 
 
 @triton.jit
-def _hip_stage_kernel(
-    table_ptr,  # [n_chunks] int64 base addresses of the store chunks [chunk_rows, H_kv, D]
-    k0_ptr,  # the first chunk (for the element type)
-    cand_ptr,  # [C, CHUNK] int64 row ids, -1 = padding, contiguous
-    q_ptr,  # [H_q, D] float, contiguous
-    rep_ptr,  # [C] int64 out: row id of each chunk's representative
-    score_ptr,  # [C] fp32 out
-    chunk_rows,
+def _cand_id(row0, pos, live, end, IMPLICIT: tl.constexpr):
+    # Candidate `pos` of a chunk. IMPLICIT: the chunk is the rows row0 .. row0 + CHUNK - 1 and
+    # a row >= end is padding (-1); else row0 points at the chunk's list of ids, read when live.
+    if IMPLICIT:
+        out = tl.where(row0 + pos < end, row0 + pos, -1)
+    else:
+        out = tl.load(row0 + pos, mask=live, other=-1)
+    return out
+
+
+@triton.jit
+def _search_chunk(table_ptr, k0_ptr, tb, row0, live, end, chunk_rows, kv_off, q, hmask, kmask, stride_kn,
+                  CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, MIDDLE: tl.constexpr,
+                  IMPLICIT: tl.constexpr, TABLE: tl.constexpr):
+    # The hierarchical top-1 search of one chunk (candidates as in _cand_id, rows read as in
+    # _probe) -> (row id of its representative, -1 for a dead chunk; its score, fp32).
+    lo = tl.full([], 0, tl.int64)  # offset of the live range inside the chunk
+    best = tl.full([], float("-inf"), tl.float32)
+    if LOG2_CHUNK == 0:  # a chunk of one row: the row is its own representative
+        best = _probe(table_ptr, k0_ptr, tb, _cand_id(row0, lo, live, end, IMPLICIT), chunk_rows, kv_off, q,
+                      hmask, kmask, stride_kn, TABLE)
+    for it in tl.static_range(LOG2_CHUNK):
+        half = CHUNK >> (it + 1)
+        off = (half // 2) * MIDDLE  # probe the first (0) or middle key of each half
+        id_l = _cand_id(row0, lo + off, live, end, IMPLICIT)
+        id_r = _cand_id(row0, lo + half + off, live, end, IMPLICIT)
+        s_l = _probe(table_ptr, k0_ptr, tb, id_l, chunk_rows, kv_off, q, hmask, kmask, stride_kn, TABLE)
+        s_r = _probe(table_ptr, k0_ptr, tb, id_r, chunk_rows, kv_off, q, hmask, kmask, stride_kn, TABLE)
+        right = s_r > s_l
+        lo = tl.where(right, lo + half, lo)
+        best = tl.where(right, s_r, s_l)
+    return _cand_id(row0, lo, live, end, IMPLICIT), best
+
+
+@triton.jit
+def hip_search_kernel(
+    table_ptr,  # TABLE: [T] int64 base addresses of store chunks [chunk_rows, H_kv, D]
+    k_ptr,  # TABLE: a store chunk (for the element type); else the rows [R, H_kv, D] themselves
+    cand_ptr,  # [G, C, CHUNK] int64 row ids (-1 = padding), last dim contiguous; unused when IMPLICIT
+    q_ptr,  # [G, H_q, D] float, contiguous
+    meta_ptr,  # PER_ROW: [3, G] int64 contiguous, n_chunks, table_offset, chunk_rows of each row
+    rep_ptr,  # [G, C] int64 out: row id of each chunk's representative (-1 past a row's n_chunks)
+    score_ptr,  # [G, C] fp32 out (-inf past a row's n_chunks)
+    n_cols,  # C
+    n_group,  # G
+    n_rows,  # IMPLICIT and not PER_ROW: rows past n_rows are padding
+    chunk_rows,  # TABLE and not PER_ROW: rows per store chunk
+    stride_cg,
+    stride_cc,
     stride_kn,
     stride_kh,
     H_Q: tl.constexpr,
@@ -196,32 +194,40 @@ def _hip_stage_kernel(
     CHUNK: tl.constexpr,
     LOG2_CHUNK: tl.constexpr,
     MIDDLE: tl.constexpr,
+    IMPLICIT: tl.constexpr,  # chunk c is rows c * CHUNK .. (stage 1); else its ids are in cand
+    TABLE: tl.constexpr,  # rows are read through table_ptr; else straight from k_ptr
+    PER_ROW: tl.constexpr,  # each row g has its own n_chunks, table run and chunk_rows in meta
 ):
+    # One program per (chunk c, row g): reads 2 * log2(CHUNK) probe rows of [H_kv, D], plus
+    # the chunk's CHUNK ids unless IMPLICIT.
     tl.static_assert((1 << LOG2_CHUNK) == CHUNK)
     c = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    if PER_ROW:
+        n_chunks = tl.load(meta_ptr + g)
+        tb = tl.load(meta_ptr + n_group + g)
+        rows = tl.load(meta_ptr + 2 * n_group + g)
+        end = n_chunks * CHUNK
+    else:
+        n_chunks = n_cols
+        tb = 0
+        rows = chunk_rows
+        end = n_rows
+    live = c < n_chunks
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     hmask = h < H_Q
     kmask = hmask[:, None] & (d[None, :] < D)
-    q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D]
-    kv_off = (h // GROUP)[:, None].to(tl.int64) * stride_kh + d[None, :]
-    row0 = cand_ptr + c * CHUNK
-    lo = c * 0  # offset of the live range inside the chunk
-    best = tl.full([], float("-inf"), tl.float32)
-    if LOG2_CHUNK == 0:
-        best = _probe_gathered(table_ptr, k0_ptr, tl.load(row0), chunk_rows, kv_off, q, hmask, kmask, stride_kn)
-    for it in tl.static_range(LOG2_CHUNK):
-        half = CHUNK >> (it + 1)
-        off = (half // 2) * MIDDLE
-        id_l = tl.load(row0 + lo + off)
-        id_r = tl.load(row0 + lo + half + off)
-        s_l = _probe_gathered(table_ptr, k0_ptr, id_l, chunk_rows, kv_off, q, hmask, kmask, stride_kn)
-        s_r = _probe_gathered(table_ptr, k0_ptr, id_r, chunk_rows, kv_off, q, hmask, kmask, stride_kn)
-        right = s_r > s_l
-        lo = tl.where(right, lo + half, lo)
-        best = tl.where(right, s_r, s_l)
-    tl.store(rep_ptr + c, tl.load(row0 + lo))
-    tl.store(score_ptr + c, best)
+    q = tl.load(q_ptr + g * H_Q * D + h[:, None] * D + d[None, :], mask=kmask, other=0.0).to(tl.float32)
+    kv_off = (h // GROUP)[:, None].to(tl.int64) * stride_kh + d[None, :]  # GQA: head h reads KV head h // GROUP
+    if IMPLICIT:
+        row0 = c * CHUNK
+    else:
+        row0 = cand_ptr + g * stride_cg + c * stride_cc
+    rep, best = _search_chunk(table_ptr, k_ptr, tb, row0, live, end, rows, kv_off, q, hmask, kmask, stride_kn,
+                              CHUNK, LOG2_CHUNK, MIDDLE, IMPLICIT, TABLE)
+    tl.store(rep_ptr + g * n_cols + c, rep)
+    tl.store(score_ptr + g * n_cols + c, tl.where(live, best, float("-inf")))
 
 
 def _check_common(op: str, keys: Tensor, q: Tensor, chunk: int, probe: str, kernel) -> None:
@@ -235,14 +241,19 @@ def _check_common(op: str, keys: Tensor, q: Tensor, chunk: int, probe: str, kern
     hkv, d = keys.shape[1], keys.shape[2]
     if q.shape[1] != d or q.shape[0] % hkv:
         raise ValueError(f"{op}: q must be [H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
+    check_search(op, chunk, probe)
+
+
+def check_search(op: str, chunk: int, probe: str) -> None:
+    """The search's own arguments: chunk a power of two, probe one of PROBES."""
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"{op}: chunk must be a power of two >= 1, got {chunk}")
     if probe not in PROBES:
         raise ValueError(f"{op}: probe must be one of {PROBES}, got {probe!r}")
 
 
-def _meta(q: Tensor, hkv: int, d: int, chunk: int, probe: str) -> dict:
-    hq = q.shape[0]
+def kernel_meta(hq: int, hkv: int, d: int, chunk: int, probe: str) -> dict:
+    """The constexpr arguments of a search kernel for H_q query heads over [*, H_kv, D] keys."""
     return {"H_Q": hq, "GROUP": hq // hkv, "D": d, "BLOCK_H": checks.next_pow2(hq), "BLOCK_D": checks.next_pow2(d),
             "CHUNK": chunk, "LOG2_CHUNK": chunk.bit_length() - 1, "MIDDLE": probe == "middle"}
 
@@ -261,7 +272,7 @@ def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "f
     if not chunks:
         raise ValueError(f"{op}: the store has no chunks; select on an empty layer returns early")
     k0 = chunks[0]
-    _check_common(op, k0, q, cand.shape[-1] if cand.dim() == 2 else 0, probe, _hip_stage_kernel)
+    _check_common(op, k0, q, cand.shape[-1] if cand.dim() == 2 else 0, probe, hip_search_kernel)
     if cand.dim() != 2 or cand.dtype != torch.int64 or cand.device != q.device:
         raise ValueError(f"{op}: cand must be [C, L] int64 on {q.device}, got {tuple(cand.shape)} {cand.dtype}")
     if any(c.shape != k0.shape or c.dtype != k0.dtype or c.stride() != k0.stride() for c in chunks):
@@ -273,9 +284,10 @@ def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "f
         return rep, score
     if table is None:
         table = checks.address_table(chunks, q.device)
-    _hip_stage_kernel[(n_chunks,)](
-        table, k0, cand.contiguous(), q.contiguous(), rep, score, k0.shape[0], k0.stride(0), k0.stride(1),
-        **_meta(q, k0.shape[1], k0.shape[2], chunk, probe),
+    hip_search_kernel[(n_chunks, 1)](
+        table, k0, cand.contiguous(), q.contiguous(), rep, rep, score, n_chunks, 1, 0, k0.shape[0], 0, chunk,
+        k0.stride(0), k0.stride(1), IMPLICIT=False, TABLE=True, PER_ROW=False,
+        **kernel_meta(q.shape[0], k0.shape[1], k0.shape[2], chunk, probe),
     )
     return rep, score
 
@@ -288,15 +300,16 @@ def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tup
     rows, each fetched as H_q head slices; the group's repeats hit L1).
     """
     op = "hip_stage1"
-    _check_common(op, keys, q, chunk, probe, _hip_stage1_kernel)
+    _check_common(op, keys, q, chunk, probe, hip_search_kernel)
     n_rows = keys.shape[0]
     n_chunks = -(-n_rows // chunk)
     rep = torch.empty(n_chunks, dtype=torch.long, device=q.device)
     score = torch.empty(n_chunks, dtype=torch.float32, device=q.device)
     if n_chunks == 0:
         return rep, score
-    _hip_stage1_kernel[(n_chunks,)](
-        keys, q.contiguous(), rep, score, n_rows, keys.stride(0), keys.stride(1),
-        **_meta(q, keys.shape[1], keys.shape[2], chunk, probe),
+    hip_search_kernel[(n_chunks, 1)](
+        keys, keys, rep, q.contiguous(), rep, rep, score, n_chunks, 1, n_rows, 1, 0, 0,
+        keys.stride(0), keys.stride(1), IMPLICIT=True, TABLE=False, PER_ROW=False,
+        **kernel_meta(q.shape[0], keys.shape[1], keys.shape[2], chunk, probe),
     )
     return rep, score

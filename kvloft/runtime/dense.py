@@ -16,7 +16,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig
 from kvloft.kernels import KernelSet
 from kvloft.runtime.numerics import FiniteWatch
-from kvloft.tiers.kvcache import DenseKV
+from kvloft.tiers.dense import DenseKV
 
 
 class Timers:

@@ -37,7 +37,8 @@ from kvloft.runtime.chunk_attention import attend_chunk
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
 from kvloft.runtime.prefill import stream_host_chunks, top_block_rows
-from kvloft.tiers.kvcache import BlockSummary, LayerTiers
+from kvloft.tiers.block_summary import BlockSummary
+from kvloft.tiers.kvcache import LayerTiers
 
 
 class ExactPrefill:

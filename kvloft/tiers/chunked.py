@@ -15,6 +15,9 @@ a zero-copy GPU gather cannot read them.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,34 @@ class SpillPolicy:
     def __post_init__(self) -> None:
         if self.max_resident < 1:
             raise ValueError(f"max_resident must be >= 1 chunk, got {self.max_resident}")
+
+
+class SpillDir:
+    """A session's directory of spilled chunks under `root`, made on first use.
+
+    Holds no reference to the cache, so a weakref.finalize on the cache can remove it.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"CacheConfig.disk_dir={root!r} cannot be created ({e}); "
+                             "name a writable directory") from e
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise ValueError(f"CacheConfig.disk_dir={root!r} is not a writable directory; name one that is")
+        self.path: Path | None = None
+
+    def file(self, name: str) -> Path:
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix="kvloft-kv-", dir=self.root))
+        return self.path / name
+
+    def remove(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)  # mapped chunks stay readable until unmapped
+            self.path = None
 
 
 class ChunkedRows:

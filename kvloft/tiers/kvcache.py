@@ -35,18 +35,15 @@ Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D
   dequantize, kernels read the codes in place. Positions, the static tier and the block
   summary (made from the evicted rows before they are packed) stay exact.
 
-`DenseKV` is the baseline's store: every token on the compute device, contiguous.
+`DenseKV` (the baseline's store, tiers/dense.py) and `BlockSummary` (tiers/block_summary.py)
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +51,9 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig
 from kvloft.kernels.rowquant import check_host_dtype, packed_row_bytes
-from kvloft.tiers.chunked import ChunkedRows, SpillPolicy
+from kvloft.tiers.block_summary import BlockSummary
+from kvloft.tiers.chunked import ChunkedRows, SpillDir, SpillPolicy
+from kvloft.tiers.dense import DenseKV  # noqa: F401  (re-exported: bench/decode.py imports it here)
 from kvloft.tiers.packed import PackedRows
 
 
@@ -66,98 +65,6 @@ class Evicted:
     v: Tensor  # [n, H_kv, D]
     positions: Tensor  # [n] int64
     first_row: int  # host-tier row of k[0]
-
-
-class SpillDir:
-    """A session's directory of spilled chunks under `root`, made on first use.
-
-    Holds no reference to the cache, so a weakref.finalize on the cache can remove it.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.root = Path(root)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"CacheConfig.disk_dir={root!r} cannot be created ({e}); "
-                             "name a writable directory") from e
-        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
-            raise ValueError(f"CacheConfig.disk_dir={root!r} is not a writable directory; name one that is")
-        self.path: Path | None = None
-
-    def file(self, name: str) -> Path:
-        if self.path is None:
-            self.path = Path(tempfile.mkdtemp(prefix="kvloft-kv-", dir=self.root))
-        return self.path / name
-
-    def remove(self) -> None:
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)  # mapped chunks stay readable until unmapped
-            self.path = None
-
-
-class BlockSummary:
-    """Mean key of every `block` consecutive host rows, per KV head, on the compute device.
-
-    Block b holds rows [b * block, (b + 1) * block); the last one may be partial (its mean
-    is over the rows it has). Means are kept in the keys' dtype ([capacity, H_kv, D],
-    capacity doubling: 1/block of the host keys' bytes), the open block's sum in fp32.
-    """
-
-    def __init__(self, block: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.block = block
-        self._means = torch.empty((0, *row_shape), dtype=dtype, device=device)
-        self._tail = torch.zeros(row_shape, dtype=torch.float32, device=device)  # open block's sum
-        self.n = 0  # rows summarized
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.n // self.block)
-
-    @property
-    def nbytes(self) -> int:
-        return self._means.numel() * self._means.element_size() + self._tail.numel() * 4
-
-    def add(self, k: Tensor) -> None:
-        """Rows k [m, H_kv, D] (host rows n .. n + m - 1; any device)."""
-        m, b = k.shape[0], self.block
-        if m == 0:
-            return
-        first, last = self.n // b, (self.n + m - 1) // b  # blocks touched
-        kf = k.to(self._means.device, torch.float32)
-        rel = (self.n + torch.arange(m, device=kf.device)) // b - first  # [m] block of each row
-        sums = torch.zeros((last - first + 1, *kf.shape[1:]), dtype=torch.float32, device=kf.device)
-        sums.index_add_(0, rel, kf)
-        sums[0] += self._tail
-        ends = torch.arange(first + 1, last + 2, device=kf.device) * b
-        counts = ends.clamp(max=self.n + m) - torch.arange(first, last + 1, device=kf.device) * b
-        self._reserve(last + 1)
-        self._means[first : last + 1] = (sums / counts.view(-1, *[1] * (kf.dim() - 1))).to(self._means.dtype)
-        self.n += m
-        self._tail = sums[-1] if self.n % b else torch.zeros_like(self._tail)
-
-    def mark(self) -> tuple[int, Tensor]:
-        """What rollback() needs to forget the rows added after now: (n, the open block's sum)."""
-        return self.n, self._tail.clone()
-
-    def rollback(self, mark: tuple[int, Tensor]) -> None:
-        """Back to mark(): later rows forgotten, the open block's mean as it was (bit for bit:
-        add() stored it as that sum / its count)."""
-        n, tail = mark
-        if n % self.block:
-            self._means[n // self.block] = (tail / (n % self.block)).to(self._means.dtype)
-        self.n, self._tail = n, tail
-
-    def _reserve(self, n_blocks: int) -> None:
-        if n_blocks > self._means.shape[0]:
-            new = torch.empty((max(n_blocks, 2 * self._means.shape[0]), *self._means.shape[1:]),
-                              dtype=self._means.dtype, device=self._means.device)
-            new[: self._means.shape[0]] = self._means
-            self._means = new
-
-    def means(self) -> Tensor:
-        """[n_blocks, H_kv, D] mean key of each block (a view)."""
-        return self._means[: self.n_blocks]
 
 
 def _host_rows(row_shape: tuple[int, int], dtype: torch.dtype, host_dtype: str | None, chunk_rows: int,
@@ -531,36 +438,3 @@ class TieredKVCache:
             return 0
         n_chunks = max(0, self._chunks_after(n_new_host) - self.max_resident)
         return n_chunks * self.host_chunk * self.row_bytes * len(self.layers)
-
-
-class DenseKV:
-    """All tokens of one layer on the compute device, contiguous (capacity doubles)."""
-
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, capacity: int = 1024):
-        shape = (capacity, cfg.n_kv_heads, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.n = 0
-
-    def append(self, k: Tensor, v: Tensor) -> None:
-        need = self.n + k.shape[0]
-        if need > self.k.shape[0]:
-            cap = max(need, 2 * self.k.shape[0])
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                new = torch.empty((cap, *old.shape[1:]), dtype=old.dtype, device=old.device)
-                new[: self.n] = old[: self.n]
-                setattr(self, name, new)
-        self.k[self.n : need] = k
-        self.v[self.n : need] = v
-        self.n = need
-
-    def kv(self) -> tuple[Tensor, Tensor]:
-        return self.k[: self.n], self.v[: self.n]
-
-    def truncate(self, n: int) -> None:
-        """Forget rows n.. (a session rolling back a failed call); capacity is kept."""
-        self.n = min(self.n, n)
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()

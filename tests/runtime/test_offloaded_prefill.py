@@ -19,7 +19,8 @@ from kvloft.config import ModelConfig
 from kvloft.kernels import REFERENCE
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.prefill import top_block_rows
-from kvloft.tiers.kvcache import BlockSummary, TieredKVCache
+from kvloft.tiers.block_summary import BlockSummary
+from kvloft.tiers.kvcache import TieredKVCache
 
 N_DECODE = 20
 LOGIT_TOL = 1e-5  # relative L2 error of the stacked logits, fp32 (measured ~1e-7)
