@@ -111,6 +111,17 @@ def _pool_knn(knn_ids, order, i, j, stamp, turn, cand, nc):
 
 
 @njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _pivot_run_end(knn_ids, order, i):
+    """End (exclusive) of the run of queries order[i..] whose nearest key is knn_ids[order[i], 0]."""
+    mq = knn_ids.shape[0]
+    pivot = knn_ids[order[i], 0]
+    j = i
+    while j < mq and knn_ids[order[j], 0] == pivot:
+        j += 1
+    return j
+
+
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
 def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
     """Pivot projection: the queries whose nearest key is p pool their other kNN keys as
     p's candidates. knn_ids [Mq, K] int32 nearest first; order [Mq]: queries by pivot."""
@@ -124,9 +135,7 @@ def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
     i = 0
     while i < mq:
         pivot = np.int64(knn_ids[order[i], 0])
-        j = i
-        while j < mq and knn_ids[order[j], 0] == pivot:
-            j += 1
+        j = _pivot_run_end(knn_ids, order, i)
         turn += 1
         cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]), np.int32)
         nc = 0
@@ -345,9 +354,7 @@ def _project_merge(keys, adj, deg, parent, knn_ids, order, l2, fill):
     ne, turn, i = 0, 0, 0
     while i < mq:
         pivot = np.int64(knn_ids[order[i], 0])
-        j = i
-        while j < mq and knn_ids[order[j], 0] == pivot:
-            j += 1
+        j = _pivot_run_end(knn_ids, order, i)
         turn += 1
         cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]) + m, np.int32)
         nc = 0
