@@ -46,11 +46,11 @@ from methods_quality import (  # sibling bench module: shared data and metrics
     Dataset,
     _quantile,
     add_replay_args,
-    dense_ms,
     load_trace,
-    machine,
     parse_replay_args,
     replay_device,
+    replay_meta,
+    replay_tokens,
     step_quality,
     sync,
     synthetic_topics,
@@ -226,15 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         datasets.append(load_trace(args.trace, trace_layers(args)))
     results = []
     for data in datasets:
-        t = next(iter(data.layers.values())).q.shape[0]
-        if t <= args.steps + args.n_sink + args.n_window:
-            raise ValueError(f"{data.label}: {t} tokens; need more than --steps + --n-sink + --n-window")
+        t = replay_tokens(data, args)
         for v in variants(t - args.steps - args.n_sink - args.n_window):
             results.append(summarize(v, data, replay(v, data, args, device)))
-    meta = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
-            "budget": args.budget, "n_sink": args.n_sink, "n_window": args.n_window, "steps": args.steps,
-            "tokens": args.tokens, "datasets": {d.name: d.label for d in datasets}, "note": args.note,
-            "dense_ms": {d.name: dense_ms(d, device) for d in datasets}}
+    meta = replay_meta(args, device, datasets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     args.doc.parent.mkdir(parents=True, exist_ok=True)

@@ -361,6 +361,22 @@ def trace_layers(args: argparse.Namespace) -> list[int] | None:
     return [int(x) for x in args.layers.split(",")] if args.layers else None
 
 
+def replay_tokens(data: Dataset, args: argparse.Namespace) -> int:
+    """Tokens of the data set's layers, checked to hold the replayed steps after sink and window."""
+    t = next(iter(data.layers.values())).q.shape[0]
+    if t <= args.steps + args.n_sink + args.n_window:
+        raise ValueError(f"{data.label}: {t} tokens; need more than --steps + --n-sink + --n-window")
+    return t
+
+
+def replay_meta(args: argparse.Namespace, device: torch.device, datasets: list[Dataset]) -> dict[str, Any]:
+    """The settings and machine of a replay run, with dense attention's time per data set."""
+    return {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+            "budget": args.budget, "n_sink": args.n_sink, "n_window": args.n_window, "steps": args.steps,
+            "tokens": args.tokens, "datasets": {d.name: d.label for d in datasets}, "note": args.note,
+            "dense_ms": {d.name: dense_ms(d, device) for d in datasets}}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_replay_args(ap, tokens=4096, steps=64, out=RESULTS, doc=DOC)
@@ -374,14 +390,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.trace:
         datasets.append(load_trace(args.trace, trace_layers(args)))
     for d in datasets:
-        t = next(iter(d.layers.values())).q.shape[0]
-        if t <= args.steps + args.n_sink + args.n_window:
-            raise ValueError(f"{d.label}: {t} tokens; need more than --steps + --n-sink + --n-window")
+        replay_tokens(d, args)
     results = [run_variant(v, d, args, device) for d in datasets for v in VARIANTS]
-    meta = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
-            "budget": args.budget, "n_sink": args.n_sink, "n_window": args.n_window, "steps": args.steps,
-            "tokens": args.tokens, "datasets": {d.name: d.label for d in datasets}, "note": args.note,
-            "dense_ms": {d.name: dense_ms(d, device) for d in datasets}}
+    meta = replay_meta(args, device, datasets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_doc(args.doc, results, meta)
