@@ -32,7 +32,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods_quality import (  # sibling bench module: shared data and metrics
     Dataset,
     _quantile,
-    dense_ms,
+    add_replay_args,
     load_trace,
-    machine,
+    parse_replay_args,
+    replay_device,
+    replay_meta,
+    replay_tokens,
     step_quality,
+    sync,
     synthetic_topics,
+    timed_select,
+    trace_layers,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,11 +106,6 @@ def synthetic_layers(tokens: int, n_layers: int, span: int) -> Dataset:
     return Dataset(f"synthetic span {span}", label, layers)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _warm_up(cfg: RetrievalConfig, data: Dataset, qkv, args, device: torch.device) -> None:
     """One select on a throwaway retriever, so that Triton's compile stays out of the timings."""
     q, k, _ = qkv
@@ -113,7 +113,7 @@ def _warm_up(cfg: RetrievalConfig, data: Dataset, qkv, args, device: torch.devic
     host_end = q.shape[0] - args.steps - args.n_window  # the replay's host tier: every stage runs
     warm.build(0, k[args.n_sink : host_end].transpose(0, 1), q[:64].transpose(0, 1))
     warm.select(0, q[-1], args.budget)
-    _sync(device)
+    sync(device)
 
 
 def replay(variant: Variant, data: Dataset, args, device: torch.device) -> list[dict[str, float]]:
@@ -136,11 +136,7 @@ def replay(variant: Variant, data: Dataset, args, device: torch.device) -> list[
             retriever.add(i, k[host_end : host_end + 1].transpose(0, 1), torch.tensor([host_end]))
         host_end += 1
         for i, (q, k, v) in enumerate(qkv):
-            _sync(device)
-            t0 = time.perf_counter()
-            sel = retriever.select(i, q[p], args.budget)
-            _sync(device)
-            ms = 1e3 * (time.perf_counter() - t0)
+            sel, ms = timed_select(retriever, i, q[p], args.budget, device)
             quality = step_quality(q[p], k[: p + 1], v[: p + 1], sel.ids, slice(args.n_sink, host_end), args.budget)
             records.append({"layer": i, "select_ms": ms, "scanned": sel.scanned,
                             "host_keys": (host_end - args.n_sink) * k.shape[1],
@@ -213,47 +209,27 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=8192, help="synthetic context length")
+    add_replay_args(ap, tokens=8192, steps=32, out=RESULTS, doc=DOC)
     ap.add_argument("--layers-synthetic", type=int, default=4, help="synthetic layers")
     ap.add_argument("--spans", default="8,128", help="comma-separated topic-block lengths of the synthetic data")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--steps", type=int, default=32, help="decode steps replayed")
-    ap.add_argument("--budget", type=int, default=256, help="host tokens per step and layer")
-    ap.add_argument("--n-sink", type=int, default=64)
-    ap.add_argument("--n-window", type=int, default=256)
-    ap.add_argument("--query-sample", type=int, default=256, help="prefill queries passed to build")
-    ap.add_argument("--trace", type=Path, help="safetensors with q{l}, k{l}, v{l} per layer")
-    ap.add_argument("--layers", help="comma-separated trace layers (default: all)")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--doc", type=Path, default=DOC)
-    ap.add_argument("--note", default="", help="sentence added under the title (what the run is)")
-    args = ap.parse_args(argv)
-    if args.steps < 1 or args.tokens <= args.steps + args.n_sink + args.n_window:
-        ap.error("need --tokens > --steps + --n-sink + --n-window and --steps >= 1")
-    return args
+    return parse_replay_args(ap, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if dev == "auto" else dev)
+    device = replay_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets = [synthetic_layers(args.tokens, args.layers_synthetic, int(s)) for s in args.spans.split(",")]
     if args.trace:
-        datasets.append(load_trace(args.trace, [int(x) for x in args.layers.split(",")] if args.layers else None))
+        datasets.append(load_trace(args.trace, trace_layers(args)))
     results = []
     for data in datasets:
-        t = next(iter(data.layers.values())).q.shape[0]
-        if t <= args.steps + args.n_sink + args.n_window:
-            raise ValueError(f"{data.label}: {t} tokens; need more than --steps + --n-sink + --n-window")
+        t = replay_tokens(data, args)
         for v in variants(t - args.steps - args.n_sink - args.n_window):
             results.append(summarize(v, data, replay(v, data, args, device)))
-    meta = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
-            "budget": args.budget, "n_sink": args.n_sink, "n_window": args.n_window, "steps": args.steps,
-            "tokens": args.tokens, "datasets": {d.name: d.label for d in datasets}, "note": args.note,
-            "dense_ms": {d.name: dense_ms(d, device) for d in datasets}}
+    meta = replay_meta(args, device, datasets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     args.doc.parent.mkdir(parents=True, exist_ok=True)

@@ -188,9 +188,18 @@ def step_quality(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, host: slice, budg
     }
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_select(retriever, layer: int, q: Tensor, budget: int, device: torch.device) -> tuple[Any, float]:
+    """retriever.select(layer, q, budget) and its milliseconds (the device synchronized around it)."""
+    sync(device)
+    t0 = time.perf_counter()
+    sel = retriever.select(layer, q, budget)
+    sync(device)
+    return sel, 1e3 * (time.perf_counter() - t0)
 
 
 def replay_layer(retriever, layer: int, tr: LayerTrace, args, device: torch.device) -> list[StepRecord]:
@@ -205,11 +214,7 @@ def replay_layer(retriever, layer: int, tr: LayerTrace, args, device: torch.devi
     for p in range(prefill, t):  # token p enters the window, token p - n_window leaves it
         retriever.add(layer, k[host_end : host_end + 1].transpose(0, 1), torch.tensor([host_end]))
         host_end += 1
-        _sync(device)
-        t0 = time.perf_counter()
-        sel = retriever.select(layer, q[p], args.budget)
-        _sync(device)
-        ms = 1e3 * (time.perf_counter() - t0)
+        sel, ms = timed_select(retriever, layer, q[p], args.budget, device)
         quality = step_quality(q[p], k[: p + 1], v[: p + 1], sel.ids, slice(args.n_sink, host_end), args.budget)
         records.append(StepRecord(scanned=sel.scanned, host_keys=(host_end - args.n_sink) * k.shape[1],
                                   select_ms=ms, **quality))
@@ -222,10 +227,10 @@ def dense_ms(data: Dataset, device: torch.device, repeats: int = 5) -> float:
     q, k, v = (x.to(device) for x in (tr.q[-1], tr.k, tr.v))
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         reference.decode_attend(q, k, v, scale=q.shape[-1] ** -0.5)
-        _sync(device)
+        sync(device)
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 
@@ -322,43 +327,72 @@ def write_doc(path: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -
     path.write_text(text)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=4096, help="synthetic context length")
-    ap.add_argument("--steps", type=int, default=64, help="decode steps replayed per layer")
-    ap.add_argument("--budget", type=int, default=256, help="host tokens per step (k, K)")
+def add_replay_args(ap: argparse.ArgumentParser, *, tokens: int, steps: int, out: Path, doc: Path) -> None:
+    """The options every replay benchmark takes (this one and methods_hip_actqkv.py)."""
+    ap.add_argument("--tokens", type=int, default=tokens, help="synthetic context length")
+    ap.add_argument("--steps", type=int, default=steps, help="decode steps replayed per layer")
+    ap.add_argument("--budget", type=int, default=256, help="host tokens per step and layer (k, K)")
     ap.add_argument("--n-sink", type=int, default=64)
     ap.add_argument("--n-window", type=int, default=256)
     ap.add_argument("--query-sample", type=int, default=256, help="prefill queries passed to build")
     ap.add_argument("--trace", type=Path, help="safetensors with q{l}, k{l}, v{l} per layer")
     ap.add_argument("--layers", help="comma-separated trace layers (default: all)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--doc", type=Path, default=DOC)
-    ap.add_argument("--note", default="", help="sentence added under each table (e.g. what the run is)")
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--doc", type=Path, default=doc)
+    ap.add_argument("--note", default="", help="sentence added to the doc (e.g. what the run is)")
+
+
+def parse_replay_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.tokens <= args.steps + args.n_sink + args.n_window:
         ap.error("need --tokens > --steps + --n-sink + --n-window and --steps >= 1")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if dev == "auto" else dev)
-    datasets = [synthetic_topics(args.tokens)]
-    if args.trace:
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        datasets.append(load_trace(args.trace, layers))
-    for d in datasets:
-        t = next(iter(d.layers.values())).q.shape[0]
-        if t <= args.steps + args.n_sink + args.n_window:
-            raise ValueError(f"{d.label}: {t} tokens; need more than --steps + --n-sink + --n-window")
-    results = [run_variant(v, d, args, device) for d in datasets for v in VARIANTS]
-    meta = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+def replay_device(args: argparse.Namespace) -> torch.device:
+    """--device: auto is CUDA when present, else the CPU."""
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def trace_layers(args: argparse.Namespace) -> list[int] | None:
+    return [int(x) for x in args.layers.split(",")] if args.layers else None
+
+
+def replay_tokens(data: Dataset, args: argparse.Namespace) -> int:
+    """Tokens of the data set's layers, checked to hold the replayed steps after sink and window."""
+    t = next(iter(data.layers.values())).q.shape[0]
+    if t <= args.steps + args.n_sink + args.n_window:
+        raise ValueError(f"{data.label}: {t} tokens; need more than --steps + --n-sink + --n-window")
+    return t
+
+
+def replay_meta(args: argparse.Namespace, device: torch.device, datasets: list[Dataset]) -> dict[str, Any]:
+    """The settings and machine of a replay run, with dense attention's time per data set."""
+    return {"machine": machine(device), "device": str(device), "torch": torch.__version__,
             "budget": args.budget, "n_sink": args.n_sink, "n_window": args.n_window, "steps": args.steps,
             "tokens": args.tokens, "datasets": {d.name: d.label for d in datasets}, "note": args.note,
             "dense_ms": {d.name: dense_ms(d, device) for d in datasets}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_replay_args(ap, tokens=4096, steps=64, out=RESULTS, doc=DOC)
+    return parse_replay_args(ap, argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = replay_device(args)
+    datasets = [synthetic_topics(args.tokens)]
+    if args.trace:
+        datasets.append(load_trace(args.trace, trace_layers(args)))
+    for d in datasets:
+        replay_tokens(d, args)
+    results = [run_variant(v, d, args, device) for d in datasets for v in VARIANTS]
+    meta = replay_meta(args, device, datasets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_doc(args.doc, results, meta)

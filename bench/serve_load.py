@@ -48,12 +48,25 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = [f"load-key-{i}" for i in range(4)]
 QUESTIONS = ["Name a colour.", "Name a fruit.", "Name an animal.", "Name a city.", "Name a number.",
              "Name a planet.", "Name a tree.", "Name a river."]
+
+
+def sse_objects(r: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a streamed response's `data: {...}` lines, up to `data: [DONE]`
+    (not to EOF: the server keeps the connection alive)."""
+    while line := r.fp.readline():
+        line = line.strip()
+        if line == b"data: [DONE]":
+            return
+        if line.startswith(b"data: {"):
+            yield json.loads(line[6:])
 
 
 def free_port() -> int:
@@ -106,13 +119,7 @@ class Client:
                 out["error"] = r.read().decode()[:300]
                 return out
             pieces = 0
-            while line := r.fp.readline():  # to [DONE], not to EOF: the server keeps the connection alive
-                line = line.strip()
-                if line == b"data: [DONE]":
-                    break
-                if not line.startswith(b"data: {"):
-                    continue
-                obj = json.loads(line[6:])
+            for obj in sse_objects(r):
                 if "error" in obj:
                     out["error"] = obj["error"]["message"]
                     continue
@@ -266,12 +273,7 @@ def completion_stream(client: Client, key: str, sid: str, prompt: str, max_token
                      {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         r = conn.getresponse()
         out["status"] = r.status
-        while line := r.fp.readline():  # to [DONE], not to EOF (keep-alive: up to 5 s more)
-            if line.startswith(b"data: [DONE]"):
-                break
-            if not line.startswith(b"data: {"):
-                continue
-            obj = json.loads(line[6:])
+        for obj in sse_objects(r):
             if "error" in obj:
                 out["error"] = obj["error"]["message"]
             if obj.get("usage"):

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrieval_args(g)
     g.set_defaults(func=cmd_generate)
 
-    from kvloft.eval.runner import add_eval_parser
+    from kvloft.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
 

@@ -31,7 +31,7 @@ import anyio
 from kvloft.cluster.config import PipelineConfig
 from kvloft.cluster.group import StageGroup, ensure_ray, import_ray
 from kvloft.server.app import ServerConfig, create_app
-from kvloft.server.batcher import SequentialFallbackEngine
+from kvloft.server.engines import SequentialFallbackEngine
 from kvloft.server.manager import Lease, SessionManager, SessionsBusy
 
 ModelSource = str | Callable[[], Any]  # a name/path for kvloft.load_model, or a factory returning a Model

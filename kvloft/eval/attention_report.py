@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.eval.runner import machine_label, method_unavailable
+from kvloft.eval.methods import method_unavailable
+from kvloft.eval.runner import machine_label
 from kvloft.eval.traces import load_trace, trace_layers
 from kvloft.index.base import make_retriever
 from kvloft.kernels import reference

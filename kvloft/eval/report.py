@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kvloft.eval.runner import RunRecord, summarize, wilson_interval
+from kvloft.eval.records import RunRecord, summarize, wilson_interval
 
 __all__ = ["label", "load_runs", "main", "markdown", "merge", "plot", "write"]
 

@@ -11,43 +11,50 @@ result holds the mean score, n, a 95% Wilson interval, mean prefill seconds, dec
 ms/token and keys attended per decode step (per layer and KV head: the static tier plus
 the rows the retriever picked; for dense, the whole context).
 
-The command line is `kvloft eval` (see add_eval_parser); it writes into the current
-directory or `--out DIR`, never into the package. kvloft.eval.report merges results files
-into one table and a plot.
+The command line is `kvloft eval` (kvloft/eval/cli.py); it writes into the current
+directory or `--out DIR`, never into the package. A run's record and the per-cell summary
+are in eval/records.py, method specs in eval/methods.py, the JSON and markdown of a result
+in eval/results.py. kvloft.eval.report merges results files into one table and a plot.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import importlib
-import json
-import math
 import os
 import platform
-import statistics
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from kvloft.config import METHODS, CacheConfig, RetrievalConfig, RuntimeConfig, parse_tokens
+from kvloft.config import METHODS, CacheConfig, RetrievalConfig, RuntimeConfig
+from kvloft.eval.methods import EXTRAPOLATE_SUFFIX, method_unavailable, parse_method, retrieval_config
+from kvloft.eval.records import RunRecord, summarize, wilson_interval
+from kvloft.eval.results import DOC_TITLE, from_runs, markdown, save, write_doc
 from kvloft.eval.scoring import TASK_METRIC, score
 from kvloft.eval.tasks import TASKS, Sample, build_prompt, run_task_samples
-from kvloft.index.base import METHOD_MODULES, Selection
+from kvloft.index.base import Selection
 
+# with the names re-exported from records, methods and results (callers import them from here)
 __all__ = [
+    "DOC_TITLE",
+    "EXTRAPOLATE_SUFFIX",
     "RULER_MAX_NEW_TOKENS",
-    "add_eval_parser",
+    "RunRecord",
     "evaluate",
+    "from_runs",
+    "machine_label",
     "markdown",
     "max_new_tokens_for",
     "method_unavailable",
+    "parse_method",
+    "retrieval_config",
+    "run_sample",
     "save",
+    "summarize",
     "wilson_interval",
+    "write_doc",
 ]
 
 # RULER's tokens_to_generate per task family; passkey answers in a handful of tokens.
@@ -56,66 +63,6 @@ RULER_MAX_NEW_TOKENS = {
     "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128, "vt": 30, "cwe": 120, "fwe": 50,
 }
 ANSWER_SLACK = 8  # tokens allowed beyond the references themselves (spaces, commas, a full stop)
-
-
-# ----------------------------------------------------------------------------- small pieces
-
-
-def wilson_interval(mean: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion `mean` observed over n trials ((0, 1) for n = 0).
-
-    Fractional scores (string_match_all over several references) are treated as that many
-    successes; the interval is then an approximation.
-    """
-    if n == 0:
-        return 0.0, 1.0
-    denom = 1 + z * z / n
-    centre = (mean + z * z / (2 * n)) / denom
-    half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-EXTRAPOLATE_SUFFIX = "+x"  # "exact+x": the method with position_mode="extrapolate"
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any], str]:
-    """"name[:key=value...][+x]" -> (name, RetrievalConfig options, position mode), e.g.
-    "exact:rank=prob" or "hip:keys_on=host+x"; values that read as numbers become numbers."""
-    mode = "exact"
-    if spec.endswith(EXTRAPOLATE_SUFFIX):
-        spec, mode = spec[: -len(EXTRAPOLATE_SUFFIX)], "extrapolate"
-    name, *pairs = spec.split(":")
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method option {pair!r} in {spec!r} must read key=value (e.g. exact:rank=prob)")
-        options[key] = _number(value)
-    return name, options, mode
-
-
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def method_unavailable(method: str) -> str | None:
-    """None if `method` can run here, else why not (its module is missing or fails to import)."""
-    method = parse_method(method)[0]
-    if method not in METHODS:
-        return f"unknown method {method!r}; known: {', '.join(METHODS)}"
-    if method == "dense":
-        return None
-    module = f"kvloft.index.{METHOD_MODULES[method]}"
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        return f"method {method!r} skipped: {module} cannot be imported ({e})"
-    return None
 
 
 def max_new_tokens_for(sample: Sample, tokenizer: Any) -> int:
@@ -158,39 +105,6 @@ class _CountingRetriever:
         return getattr(self.inner, name)
 
 
-# ----------------------------------------------------------------------------- one run
-
-
-@dataclass
-class RunRecord:
-    """One sample under one method."""
-
-    task: str
-    length: int
-    index: int
-    seed: int
-    depth: float | None
-    method: str
-    prompt_tokens: int
-    output: str
-    references: list[str]
-    score: float
-    prefill_s: float
-    decode_tokens: int
-    decode_ms_per_tok: float | None
-    keys_per_step: float | None  # keys attended per decode step, per layer and KV head
-    scanned_per_step: float | None  # keys the search scored per decode step and layer (all KV heads)
-    budget: int | None = None  # host tokens retrieved per step; None: dense (runs files before it: unknown)
-
-
-def _retrieval(method: str, budget: int, n_sink: int, n_window: int, max_similar: int | None = None) -> RetrievalConfig:
-    """A method name with options (parse_method), and "+x" for the same method with remapped
-    positions (extrapolation)."""
-    name, options, mode = parse_method(method)
-    return RetrievalConfig(method=name, budget=budget, n_sink=n_sink, n_window=n_window, position_mode=mode,
-                           max_similar=max_similar, options=options)
-
-
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
                max_new_tokens: int, label: str | None = None, cache: CacheConfig | None = None) -> RunRecord:
     """Feed the sample's prompt in a fresh session, generate greedily (to a newline for plain
@@ -228,9 +142,6 @@ def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime
     )
 
 
-# ----------------------------------------------------------------------------- the evaluation
-
-
 def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("evaluate needs a model with a tokenizer (e.g. load_model('smollm2')), "
@@ -247,31 +158,6 @@ def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
         raise ValueError(f"budget must be an int >= 0 host tokens per step, got {budget!r}")
-
-
-def _mean(xs: list[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.fmean(xs) if xs else None
-
-
-def summarize(records: list[RunRecord]) -> list[dict[str, Any]]:
-    """One cell per (task, length, method), in first-seen order."""
-    groups: dict[tuple[str, int, str], list[RunRecord]] = {}
-    for r in records:
-        groups.setdefault((r.task, r.length, r.method), []).append(r)
-    cells = []
-    for (task, length, method), rs in groups.items():
-        mean = statistics.fmean(r.score for r in rs)
-        lo, hi = wilson_interval(mean, len(rs))
-        cells.append({
-            "task": task, "length": length, "method": method, "n": len(rs), "score": mean,
-            "ci95": [lo, hi], "prompt_tokens": statistics.fmean(r.prompt_tokens for r in rs),
-            "prefill_s": _mean([r.prefill_s for r in rs]),
-            "decode_ms_per_tok": _mean([r.decode_ms_per_tok for r in rs]),
-            "keys_per_step": _mean([r.keys_per_step for r in rs]),
-            "scanned_per_step": _mean([r.scanned_per_step for r in rs]),
-        })
-    return cells
 
 
 def machine_label() -> str:
@@ -327,7 +213,7 @@ def evaluate(
     _check_args(model, tasks, lengths, methods, budget, samples)
     for m in methods:  # configs are checked before any slow work
         if m != "dense":
-            _retrieval(m, budget, n_sink, n_window, max_similar)
+            retrieval_config(m, budget, n_sink, n_window, max_similar)
     runtime = runtime or RuntimeConfig(progress=False)
     skipped = {m: why for m in methods if (why := method_unavailable(m))}
     active = [m for m in methods if m not in skipped]
@@ -345,7 +231,7 @@ def evaluate(
         for i, sample in enumerate(task_samples):
             limit = max_new_tokens or max_new_tokens_for(sample, model.tokenizer)
             for method in active:
-                rcfg = _retrieval(method, budget, n_sink, n_window, max_similar)
+                rcfg = retrieval_config(method, budget, n_sink, n_window, max_similar)
                 records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit,
                                           label=method + variant, cache=cache))
                 _advance(bar, records[-1])
@@ -382,228 +268,3 @@ def _meta(model, tasks, lengths, methods, budget, samples, seed, n_sink, n_windo
         "budget": budget, "samples": samples, "seed": seed, "n_sink": n_sink, "n_window": n_window,
         "max_new_tokens": max_new_tokens or "per task (plain: answer tokens + 8, at most RULER's; chat: RULER's)",
     }
-
-
-# ----------------------------------------------------------------------------- reports
-
-
-def _cell_text(cell: dict[str, Any] | None) -> str:
-    if cell is None:
-        return "-"
-    lo, hi = cell["ci95"]
-    return f"{100 * cell['score']:.0f}% ({cell['n']}) [{100 * lo:.0f}, {100 * hi:.0f}]"
-
-
-def _cost_text(cell: dict[str, Any] | None) -> str:
-    if cell is None:
-        return "-"
-    parts = [f"{cell['prefill_s']:.1f} s"]
-    parts.append("-" if cell["decode_ms_per_tok"] is None else f"{cell['decode_ms_per_tok']:.0f} ms")
-    parts.append("-" if cell["keys_per_step"] is None else f"{cell['keys_per_step']:.0f}")
-    return " / ".join(parts)
-
-
-def _table(result: dict[str, Any], fmt) -> list[str]:
-    meta = result["meta"]
-    variant = meta.get("variant", "")
-    methods = [m + variant for m in meta["methods"] if m not in result["skipped"]]
-    cells = {(c["task"], c["length"], c["method"]): c for c in result["cells"]}
-    lines = ["| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    for task in meta["tasks"]:
-        for length in meta["lengths"]:
-            row = [fmt(cells.get((task, length, m))) for m in methods]
-            lines.append(f"| {task} | {length} | " + " | ".join(row) + " |")
-    return lines
-
-
-def markdown(result: dict[str, Any], name: str, note: str = "") -> str:
-    """One section of docs/quality.md: settings, the score table and the cost table."""
-    m = result["meta"]
-    lines = [
-        f"## {name}",
-        "",
-        f"- model: `{Path(m['model']).name}` ({m['dtype']}, {m['device']}, kernels {m['kernels']})",
-        f"- machine: {m['machine']}",
-        f"- date: {m['date']}",
-        (f"- settings: budget {m['budget']} host tokens per step, sink {m['n_sink']}, window {m['n_window']}, "
-        f"{m['samples']} samples per task and length (seed {m['seed']}, needle depths (i + 0.5) / n), greedy, "
-        f"max new tokens {m['max_new_tokens']}, prefill chunk {m['prefill_chunk']}"),
-        "- prompt: " + ("the model's chat template (one user message), then the answer prefix; answers end at EOS"
-                        if m.get("chat") else "plain text ending with the answer prefix (no chat template); "
-                        "answers end at a newline"),
-    ]
-    if m.get("max_similar"):
-        lines.append(f"- at most {m['max_similar']} near-identical keys per selection (max_similar)")
-    elif m.get("max_similar", 0) is None and any(x.endswith(EXTRAPOLATE_SUFFIX) for x in m["methods"]):
-        x = RetrievalConfig(position_mode="extrapolate")
-        lines.append(f"- +x methods: at most {x.max_similar} near-identical keys per selection "
-                     f"({x.similar_bits}-bit SimHash buckets; the extrapolate defaults)")
-    lines += [f"- {why}" for why in result["skipped"].values()]
-    if note:
-        lines.append(f"- note: {note}")
-    lines += ["", "Score (RULER string match, %), (n) and 95% Wilson interval:", "", *_table(result, _cell_text)]
-    lines += ["", ("Cost per run: prefill s / decode ms per token / keys attended per decode step "
-              "(per layer and KV head):"), "", *_table(result, _cost_text)]
-    return "\n".join(lines) + "\n"
-
-
-DOC_TITLE = "# Task quality: RULER-style tasks through real sessions\n"
-
-
-def write_doc(path: Path, section: str, name: str) -> None:
-    """Put this run's section into the page between its markers (replaced if the run name exists)."""
-    begin, end = f"<!-- quality:{name}:begin -->", f"<!-- quality:{name}:end -->"
-    block = f"{begin}\n{section}{end}"
-    text = path.read_text() if path.exists() else DOC_TITLE
-    i, j = text.find(begin), text.find(end)
-    if 0 <= i < j:
-        text = text[:i] + block + text[j + len(end):]
-    else:
-        text = text.rstrip("\n") + f"\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def save(result: dict[str, Any], out: Path | None, doc: Path | None, name: str | None = None,
-         note: str = "") -> str:
-    """Write the JSON (out) and the markdown section (doc); returns the run name used."""
-    name = name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"name": name, "note": note, **result}, indent=1))
-    if doc is not None:
-        write_doc(Path(doc), markdown(result, name, note), name)
-    return name
-
-
-def from_runs(paths: Sequence[Path]) -> dict[str, Any]:
-    """Rebuild a result from .runs.jsonl files that `kvloft eval` wrote as it went (an
-    evaluation that was stopped, or several partial ones of the same settings: their meta
-    must agree on everything but the tasks, lengths, methods and seeds, which are merged; runs
-    of several seeds list them all under meta["seed"])."""
-    meta: dict[str, Any] | None = None
-    skipped: dict[str, str] = {}
-    records: list[RunRecord] = []
-    for path in paths:
-        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        if not lines or "meta" not in lines[0]:
-            raise ValueError(f"{path} is not a runs file of `kvloft eval` (its first line must hold the meta)")
-        head = lines[0]
-        if meta is None:
-            meta = dict(head["meta"])
-        else:
-            for key in ("tasks", "lengths", "methods"):
-                meta[key] = list(dict.fromkeys([*meta[key], *head["meta"][key]]))
-            seeds = meta["seed"] if isinstance(meta["seed"], list) else [meta["seed"]]
-            if head["meta"]["seed"] not in seeds:
-                meta["seed"] = sorted([*seeds, head["meta"]["seed"]])
-        skipped.update(head["skipped"])
-        records += [RunRecord(**r) for r in lines[1:]]
-    if meta is None:
-        raise ValueError("from_runs needs at least one runs file")
-    cells = summarize(records)
-    meta["samples"] = max((c["n"] for c in cells), default=0)  # cells may hold fewer: see each n
-    return {"meta": meta, "skipped": skipped, "cells": cells, "runs": [asdict(r) for r in records]}
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `kvloft eval` on the CLI's subparsers."""
-    e = subparsers.add_parser("eval", help="RULER-style task accuracy of retrieval methods vs dense")
-    e.add_argument("--model", default="smollm2")
-    e.add_argument("--tasks", default="passkey,niah_single_number", help=f"comma list of {', '.join(TASKS)}")
-    e.add_argument("--lengths", default="2k,4k", help="comma list of prompt lengths (e.g. 2k,4k,6000)")
-    e.add_argument("--methods", default="dense,exact,tokenselect", help=f"comma list of {', '.join(METHODS)}; "
-                   "options as name:key=value (e.g. exact:rank=prob); append +x for remapped positions "
-                   "(extrapolation), e.g. exact+x")
-    e.add_argument("--budget", type=int, default=1024, help="host-tier tokens retrieved per step")
-    e.add_argument("--samples", type=int, default=4, help="samples per task and length")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--sink", type=int, default=64, help="first tokens always attended")
-    e.add_argument("--window", type=int, default=512, help="last tokens always attended")
-    e.add_argument("--max-similar", type=int, default=None,
-                   help="cap near-identical keys in a selection (RetrievalConfig.max_similar; 0 = off; "
-                        "default: the position mode's, on for +x methods)")
-    e.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
-    e.add_argument("--chat", action="store_true",
-                   help="render prompts in the model's own chat template (instruct models; RULER's chat format)")
-    e.add_argument("--name", default=None, help="run name: file names and doc section (default: a stamp)")
-    e.add_argument("--out", type=Path, default=Path("."),
-                   help="directory for quality_<name>.json, .runs.jsonl and .md (default: the current "
-                        "directory); a path ending in .json names the JSON file itself")
-    e.add_argument("--doc", type=Path, default=None,
-                   help="markdown page to update (default: quality_<name>.md beside the JSON)")
-    e.add_argument("--note", default="", help="a sentence for the doc section (e.g. the machine's load)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on CUDA, float32 on the CPU), "
-                   "float32, bfloat16, float16")
-    e.add_argument("--kernels", default=None, choices=["auto", "reference", "triton"])
-    e.add_argument("--prefill-chunk", type=int, default=None,
-                   help="tokens per prefill chunk (default: RuntimeConfig's); larger fills a GPU better")
-    e.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int4"],
-                   help="linear weights as loaded (bf16: the model dtype) or packed 8/4-bit")
-    e.add_argument("--host-dtype", default=None, choices=["int8", "fp8"],
-                   help="host-tier K/V rows in 8 bits with a scale per row and head (default: the model dtype)")
-    e.add_argument("--no-progress", action="store_true")
-    e.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUNS_JSONL",
-                   help="run nothing: rebuild the JSON and the doc section from .runs.jsonl files")
-    e.set_defaults(func=cmd_eval)
-    return e
-
-
-def cmd_eval(args) -> int:
-    from kvloft.runtime.loader import load_model
-
-    tasks, methods = _csv(args.tasks), _csv(args.methods)
-    lengths = [parse_tokens(x) for x in _csv(args.lengths)]
-    kw = {"progress": False, "device": args.device}
-    if args.kernels:
-        kw["kernels"] = args.kernels
-    if args.prefill_chunk:
-        kw["prefill_chunk"] = args.prefill_chunk
-    name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, doc = output_paths(args.out, args.doc, name)
-    if args.from_runs:
-        result = from_runs(args.from_runs)
-    else:
-        runtime = RuntimeConfig(**kw)
-        model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
-        runs = Path(out).with_suffix(".runs.jsonl")
-        runs.parent.mkdir(parents=True, exist_ok=True)
-        with open(runs, "w") as f:
-
-            def write(record: dict[str, Any]) -> None:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-
-            result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
-                              args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
-                              on_record=write, max_similar=args.max_similar, chat=args.chat,
-                              cache=CacheConfig(host_dtype=args.host_dtype), variant=variant_label(args))
-    for why in result["skipped"].values():
-        print(why, file=sys.stderr)
-    save(result, out, doc, name, args.note)
-    print(markdown(result, name, args.note))
-    brief = {f"{c['task']}@{c['length']}:{c['method']}": round(c["score"], 3) for c in result["cells"]}
-    print(json.dumps({"out": str(out), "doc": str(doc), "score": brief}))
-    return 0
-
-
-def variant_label(args) -> str:
-    """"" for the model dtype's weights and host tier, else "[int4]", "[fp8]", "[int4,fp8]"."""
-    parts = [p for p in (None if args.weights == "bf16" else args.weights, args.host_dtype) if p]
-    return f"[{','.join(parts)}]" if parts else ""
-
-
-def output_paths(out: Path, doc: Path | None, name: str) -> tuple[Path, Path]:
-    """(JSON path, markdown path) of a run: out is a directory, or the JSON file if it ends in .json."""
-    out = Path(out)
-    json_path = out if out.suffix == ".json" else out / f"quality_{name}.json"
-    return json_path, Path(doc) if doc is not None else json_path.with_suffix(".md")

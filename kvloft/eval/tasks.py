@@ -31,6 +31,9 @@ Depth (needle tasks and vt) is a fraction of the haystack in [0, 1]: the asked n
 (the first value of the first asked key; vt: the chain's first assignment) sits before
 haystack unit round(depth * n); other needles go to random depths, vt's later hops to
 random depths after the first. `depth=None` draws one from the seed.
+
+Here: the tasks and `generate`. The sample and its prompt text are in eval/prompt.py, the
+fitting to a token length in eval/fitting.py (both re-exported here).
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ import dataclasses
 import itertools
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
+from kvloft.eval.fitting import LENGTH_TOLERANCE, Draft, fit
 from kvloft.eval.haystack import (
     HAYSTACKS,
     SentenceStream,
@@ -52,6 +56,15 @@ from kvloft.eval.haystack import (
     uuids,
     weave,
     word_pool,
+)
+from kvloft.eval.prompt import (
+    ChatTokenizerLike,
+    Sample,
+    TokenizerLike,
+    build_prompt,
+    chat_frame,
+    join_prompt,
+    user_message,
 )
 
 __all__ = [
@@ -72,82 +85,6 @@ __all__ = [
     "run_task_samples",
     "user_message",
 ]
-
-# The fitted prompt is at most the requested length and at most this many tokens short of it.
-LENGTH_TOLERANCE = 32
-
-
-class TokenizerLike(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
-class ChatTokenizerLike(TokenizerLike, Protocol):
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
-
-
-@dataclass
-class Sample:
-    """One generated task instance; `build_prompt(sample)` is what the model reads."""
-
-    task: str
-    context: str  # instruction + haystack with the needles
-    question: str
-    answer_prefix: str  # the prompt ends with it; the model continues after it
-    references: list[str]  # strings the output must contain (see scoring.TASK_METRIC)
-    target_tokens: int
-    actual_tokens: int  # tokens of build_prompt(sample) under the generating tokenizer
-    seed: int
-    depth: float | None  # where the asked needle sits, fraction of the haystack; None: no needle
-    needles: list[str] = field(default_factory=list)  # planted texts, the asked one first
-    options: dict[str, Any] = field(default_factory=dict)  # params given to generate() beyond defaults
-    # (before, after) the user message in the model's chat template; None: a plain prompt
-    chat: tuple[str, str] | None = None
-
-    @property
-    def prompt(self) -> str:
-        return build_prompt(self)
-
-
-def _join(context: str, question: str, answer_prefix: str, chat: tuple[str, str] | None = None) -> str:
-    if chat is None:
-        return f"{context}\n\n{question} {answer_prefix}"
-    before, after = chat
-    return f"{before}{user_message(context, question)}{after}{answer_prefix}"
-
-
-def user_message(context: str, question: str) -> str:
-    """The user turn of a chat-rendered sample: the context, a blank line, the question."""
-    return f"{context}\n\n{question}"
-
-
-def build_prompt(sample: Sample) -> str:
-    """The text the model reads. Plain: context, a blank line, the question and the answer
-    prefix. Chat: the user message (context and question) in the model's chat template,
-    then the answer prefix as the start of the assistant's turn."""
-    return _join(sample.context, sample.question, sample.answer_prefix, sample.chat)
-
-
-_MARK = "\x1eKVLOFT-USER-MESSAGE\x1e"  # no template touches it; found once in the rendering
-
-
-def chat_frame(tokenizer: ChatTokenizerLike) -> tuple[str, str]:
-    """(before, after): the model's chat template around one user message, generation prompt on."""
-    render = getattr(tokenizer, "apply_chat_template", None)
-    if not callable(render):
-        raise TypeError("chat=True needs a tokenizer with apply_chat_template(messages, add_generation_prompt)")
-    text = render([{"role": "user", "content": _MARK}], add_generation_prompt=True)
-    if text.count(_MARK) != 1:
-        raise ValueError(
-            "the chat template does not render the user message verbatim once; use chat=False (a plain prompt)"
-        )
-    before, after = text.split(_MARK)
-    return before, after
-
-
-# ----------------------------------------------------------------------------- params
-
 
 def _check_haystack(haystack: str) -> None:
     if haystack not in HAYSTACKS:
@@ -229,24 +166,7 @@ class FweParams:
     word_length: int = 6
 
 
-# ----------------------------------------------------------------------------- drafts
-
-
-@dataclass
-class _Draft:
-    """A task instance before fitting: everything but the number of haystack units."""
-
-    render: Callable[[int], str]  # units -> context
-    question: str
-    answer_prefix: str
-    references: list[str]
-    depth: float | None = None
-    needles: list[str] = field(default_factory=list)
-    min_units: int = 0  # below this the task is ill-posed
-    max_units: int | None = None  # the unit supply; None: unbounded
-
-
-def _passkey(rng: random.Random, p: PasskeyParams, length: int, depth: float | None) -> _Draft:
+def _passkey(rng: random.Random, p: PasskeyParams, length: int, depth: float | None) -> Draft:
     key = numbers(rng, 1, p.digits)[0]
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     head = (
@@ -254,7 +174,7 @@ def _passkey(rng: random.Random, p: PasskeyParams, length: int, depth: float | N
         "Find it and memorize it. I will quiz you about the important information there."
     )
     stream = SentenceStream(p.haystack, rng.getrandbits(64))
-    return _Draft(
+    return Draft(
         render=lambda n: head + "\n\n" + weave(stream.take(n), [(depth, needle)]),
         question="What is the pass key?",
         answer_prefix="The pass key is",
@@ -276,7 +196,7 @@ def _enumerate(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", and " + items[-1]
 
 
-def _niah(rng: random.Random, p: NiahParams, length: int, depth: float | None) -> _Draft:
+def _niah(rng: random.Random, p: NiahParams, length: int, depth: float | None) -> Draft:
     keys = key_words(rng, p.num_keys)
     flat = _draw_values(rng, p, p.num_keys * p.num_values, avoid=keys)
     values = [flat[i * p.num_values : (i + 1) * p.num_values] for i in range(p.num_keys)]
@@ -290,7 +210,7 @@ def _niah(rng: random.Random, p: NiahParams, length: int, depth: float | None) -
         f"Make sure to memorize it. I will quiz you about the {kind} afterwards."
     )
     stream = SentenceStream(p.haystack, rng.getrandbits(64))
-    return _Draft(
+    return Draft(
         render=lambda n: head + "\n" + weave(stream.take(n), inserts),
         question=f"What are all the special magic {kind} for {query} mentioned in the provided text?",
         answer_prefix=f"The special magic {kind} for {query} mentioned in the provided text are",
@@ -300,7 +220,7 @@ def _niah(rng: random.Random, p: NiahParams, length: int, depth: float | None) -
     )
 
 
-def _vt(rng: random.Random, p: VtParams, length: int, depth: float | None) -> _Draft:
+def _vt(rng: random.Random, p: VtParams, length: int, depth: float | None) -> Draft:
     hops = p.num_hops + 1
     names = [w.upper() for w in coded_words(rng, p.num_chains * hops, length=5)]
     chains = [names[c * hops : (c + 1) * hops] for c in range(p.num_chains)]
@@ -313,7 +233,7 @@ def _vt(rng: random.Random, p: VtParams, length: int, depth: float | None) -> _D
         inserts += zip([start, *later], lines)
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text."
     stream = SentenceStream(p.haystack, rng.getrandbits(64))
-    return _Draft(
+    return Draft(
         render=lambda n: head + "\n\n" + weave(stream.take(n), inserts),
         question=f"Question: Find all variables that are assigned the value {values[0]} in the text above.",
         answer_prefix=(
@@ -326,7 +246,7 @@ def _vt(rng: random.Random, p: VtParams, length: int, depth: float | None) -> _D
     )
 
 
-def _cwe(rng: random.Random, p: CweParams, length: int, depth: float | None) -> _Draft:
+def _cwe(rng: random.Random, p: CweParams, length: int, depth: float | None) -> Draft:
     freq_cw, freq_ucw = p.frequencies(length)
     pool = list(word_pool())
     if p.num_cw >= len(pool):
@@ -346,7 +266,7 @@ def _cwe(rng: random.Random, p: CweParams, length: int, depth: float | None) -> 
         random.Random(f"{shuffle_seed}:{n}").shuffle(words)
         return head + "\n" + " ".join(f"{i}. {w}" for i, w in enumerate(words, 1))
 
-    return _Draft(
+    return Draft(
         render=render,
         question=f"Question: What are the {p.num_cw} most common words in the above list?",
         answer_prefix=f"Answer: The top {p.num_cw} words that appear most often in the list are:",
@@ -367,7 +287,7 @@ def _counts(shares: list[float], n: int) -> list[int]:
     return [int(n * s) for s in shares]
 
 
-def _fwe(rng: random.Random, p: FweParams, length: int, depth: float | None) -> _Draft:
+def _fwe(rng: random.Random, p: FweParams, length: int, depth: float | None) -> Draft:
     vocab = coded_words(rng, p.vocab_size, p.word_length)
     vocab[0] = "...."  # the most frequent "word" is noise the question says to ignore
     shuffle_seed = rng.getrandbits(64)
@@ -383,7 +303,7 @@ def _fwe(rng: random.Random, p: FweParams, length: int, depth: float | None) -> 
             "Find the three most frequently appeared coded words. " + " ".join(words)
         )
 
-    return _Draft(
+    return Draft(
         render=render,
         question=(
             "Question: Do not provide any explanation. Please ignore the dots '....'. "
@@ -395,13 +315,10 @@ def _fwe(rng: random.Random, p: FweParams, length: int, depth: float | None) -> 
     )
 
 
-# ----------------------------------------------------------------------------- registry
-
-
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    build: Callable[[random.Random, Any, int, float | None], _Draft]
+    build: Callable[[random.Random, Any, int, float | None], Draft]
     params: Any  # the task's params dataclass with its defaults
     uses_depth: bool
 
@@ -421,74 +338,6 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("fwe", _fwe, FweParams(), False),
     )
 }
-
-
-# ----------------------------------------------------------------------------- fitting
-
-
-def _fit_units(count: Callable[[int], int], length: int, max_units: int) -> tuple[int, int]:
-    """Largest n in [0, max_units] with count(n) <= length, count nondecreasing in n.
-
-    A secant estimate from two probes, then galloping to a bracket and bisection: about
-    log2(error of the estimate) + 4 tokenizer calls instead of log2(length).
-    """
-    cache: dict[int, int] = {}
-
-    def c(n: int) -> int:
-        if n not in cache:
-            cache[n] = count(n)
-        return cache[n]
-
-    base = c(0)
-    if base > length:
-        raise ValueError(
-            f"length {length} is too short: the prompt without haystack takes {base} tokens; "
-            f"ask for at least {base + LENGTH_TOLERANCE}"
-        )
-    probe = min(16, max_units)
-    per_unit = max((c(probe) - base) / max(probe, 1), 1e-3)
-    n = min(max_units, int((length - base) / per_unit))
-    if n > 0 and c(n) > base:  # one secant step from the full-size probe
-        n = min(max_units, int((length - base) * n / (c(n) - base)))
-    lo, hi = _bracket(c, n, length, max_units)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if c(mid) <= length else (lo, mid)
-    return lo, c(lo)
-
-
-def _bracket(c: Callable[[int], int], n: int, length: int, max_units: int) -> tuple[int, int]:
-    """(lo, hi) with c(lo) <= length < c(hi), hi - lo >= 1; hi = max_units + 1 if all fit."""
-    if c(n) <= length:
-        lo, step = n, 1
-        while lo + step <= max_units and c(lo + step) <= length:
-            lo, step = lo + step, step * 2
-        return lo, min(lo + step, max_units + 1)
-    hi, step = n, 1
-    while hi - step > 0 and c(hi - step) > length:
-        hi, step = hi - step, step * 2
-    return max(hi - step, 0), hi
-
-
-def _fit(draft: _Draft, tokenizer: TokenizerLike, length: int, chat: tuple[str, str] | None) -> tuple[str, int]:
-    def count(n: int) -> int:
-        return len(tokenizer.encode(_join(draft.render(n), draft.question, draft.answer_prefix, chat)))
-
-    max_units = draft.max_units if draft.max_units is not None else 4 * length + 64
-    n, actual = _fit_units(count, length, max_units)
-    if n < draft.min_units:
-        raise ValueError(
-            f"length {length} holds only {n} haystack units, the task needs {draft.min_units}; ask for more tokens"
-        )
-    if length - actual > LENGTH_TOLERANCE:
-        raise RuntimeError(
-            f"could not fit {length} tokens within {LENGTH_TOLERANCE}: best was {actual} at {n} units "
-            f"(one unit more gives {count(n + 1) if n < max_units else 'no more units'})"
-        )
-    return draft.render(n), actual
-
-
-# ----------------------------------------------------------------------------- public API
 
 
 def _params(spec: TaskSpec, overrides: dict[str, Any]) -> Any:
@@ -524,7 +373,7 @@ def generate(
         depth = rng.random()
     frame = chat_frame(tokenizer) if chat else None
     draft = spec.build(rng, _params(spec, options), length, depth)
-    context, actual = _fit(draft, tokenizer, length, frame)
+    context, actual = fit(draft, tokenizer, length, frame)
     if frame is not None:
         _check_chat_rendering(tokenizer, context, draft, frame)
     return Sample(
@@ -543,11 +392,11 @@ def generate(
     )
 
 
-def _check_chat_rendering(tokenizer: ChatTokenizerLike, context: str, draft: _Draft, frame: tuple[str, str]) -> None:
+def _check_chat_rendering(tokenizer: ChatTokenizerLike, context: str, draft: Draft, frame: tuple[str, str]) -> None:
     """The fitted prompt must be exactly what the template renders for the full message."""
     full = tokenizer.apply_chat_template([{"role": "user", "content": user_message(context, draft.question)}],
                                          add_generation_prompt=True)
-    if full + draft.answer_prefix != _join(context, draft.question, draft.answer_prefix, frame):
+    if full + draft.answer_prefix != join_prompt(context, draft.question, draft.answer_prefix, frame):
         raise ValueError("the chat template renders this message differently from a short one "
                          "(it rewrites message content); use chat=False (a plain prompt)")
 

@@ -15,6 +15,9 @@ that release the GIL. Compile time is paid once per process, so the code keeps i
 plain loops (numba compiles np.argsort, np.unique or a slice assignment in seconds each),
 one signature per helper (node ids passed as int64, candidate lists as a full int32 array
 plus a count), and no CPython wrapper on helpers only compiled code calls.
+
+Here: construction (build, extend, insert) and the reachability walk. The search and the
+helpers it shares with construction are in graph_search.py (search_group re-exported here).
 """
 
 from __future__ import annotations
@@ -22,104 +25,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from kvloft.index.graph_search import beam_search, search_group, sim, sort_desc
+
 __all__ = ["bfs", "build_graph", "extend_graph", "insert", "search_group"]
-
-
-@njit(nogil=True, cache=False, no_cpython_wrapper=True, fastmath=True)
-def _dot(a, b):
-    s = np.float32(0.0)
-    for d in range(a.shape[0]):
-        s += a[d] * b[d]
-    return s
-
-
-@njit(nogil=True, cache=False, no_cpython_wrapper=True, fastmath=True)
-def _sim(a, b, l2):
-    """<a, b>, or -|a - b|^2 when l2."""
-    s = np.float32(0.0)
-    if l2:
-        for d in range(a.shape[0]):
-            x = a[d] - b[d]
-            s -= x * x
-    else:
-        for d in range(a.shape[0]):
-            s += a[d] * b[d]
-    return s
-
-
-@njit(nogil=True, cache=False, no_cpython_wrapper=True)
-def _sift(sc, ids, root, n):
-    """Heap sift for _sort_desc; 'later' = lower score, then higher id."""
-    while True:
-        c = 2 * root + 1
-        if c >= n:
-            return
-        if c + 1 < n and (sc[c + 1] < sc[c] or (sc[c + 1] == sc[c] and ids[c + 1] > ids[c])):
-            c += 1
-        if not (sc[c] < sc[root] or (sc[c] == sc[root] and ids[c] > ids[root])):
-            return
-        sc[root], sc[c] = sc[c], sc[root]
-        ids[root], ids[c] = ids[c], ids[root]
-        root = c
-
-
-@njit(nogil=True, cache=False, no_cpython_wrapper=True)
-def _sort_desc(sc, ids, n):
-    """In-place heapsort of (sc[:n], ids[:n]) by score descending, id ascending (so equal
-    ids are adjacent)."""
-    for start in range(n // 2 - 1, -1, -1):
-        _sift(sc, ids, start, n)
-    root = n - n  # a typed 0 (a literal would compile _sift a second time)
-    for end in range(n - 1, 0, -1):
-        sc[0], sc[end] = sc[end], sc[0]
-        ids[0], ids[end] = ids[end], ids[0]
-        _sift(sc, ids, root, end)
-
-
-@njit(nogil=True, cache=False, no_cpython_wrapper=True)
-def _beam_search(keys, bias, adj, deg, entry, q, pool_size, stamp, tag):
-    """Best-first search for max <q, k> + bias[k] (bias = 0: inner product; bias =
-    -|k|^2 / 2: L2 nearest of q) with a pool of pool_size candidates. stamp [n] int32
-    marks scored nodes with `tag` (> 0); searches sharing one stamp array with distinct
-    tags count their union.
-
-    Returns (pool ids [pool_size] int32, scores [pool_size] float32 descending, filled
-    size, keys scored, keys scored that no earlier search on this stamp array scored).
-    """
-    pool_id = np.empty(pool_size, np.int32)
-    pool_sc = np.empty(pool_size, np.float32)
-    done = np.zeros(pool_size, np.bool_)
-    fresh = 1 if stamp[entry] == 0 else 0
-    stamp[entry] = tag
-    pool_id[0] = entry
-    pool_sc[0] = _dot(q, keys[entry]) + bias[entry]
-    size, scored, cur = 1, 1, 0
-    while cur < size:
-        if done[cur]:
-            cur += 1
-            continue
-        done[cur] = True
-        node = pool_id[cur]
-        for j in range(deg[node]):
-            v = adj[node, j]
-            if stamp[v] == tag:
-                continue
-            fresh += stamp[v] == 0
-            stamp[v] = tag
-            scored += 1
-            s = _dot(q, keys[v]) + bias[v]
-            if size == pool_size and s <= pool_sc[size - 1]:
-                continue
-            pos = size if size < pool_size else pool_size - 1  # insert, dropping the last
-            while pos > 0 and pool_sc[pos - 1] < s:
-                pool_id[pos] = pool_id[pos - 1]
-                pool_sc[pos] = pool_sc[pos - 1]
-                done[pos] = done[pos - 1]
-                pos -= 1
-            pool_id[pos], pool_sc[pos], done[pos] = v, s, False
-            size = min(size + 1, pool_size)
-            cur = min(cur, pos)
-    return pool_id, pool_sc, size, scored, fresh
 
 
 @njit(nogil=True, cache=False, no_cpython_wrapper=True)
@@ -143,8 +51,8 @@ def _set_pruned(keys, adj, deg, parent, node, cand, nc, l2, fill, cap):
     ids = np.empty(nc, np.int32)
     for i in range(nc):
         ids[i] = cand[i]
-        sc[i] = _sim(keys[node], keys[cand[i]], l2)
-    _sort_desc(sc, ids, nc)
+        sc[i] = sim(keys[node], keys[cand[i]], l2)
+    sort_desc(sc, ids, nc)
     m = 0
     for i in range(nc):  # drop node itself and duplicates (adjacent once sorted)
         if ids[i] != node and (m == 0 or ids[i] != ids[m - 1]):
@@ -155,7 +63,7 @@ def _set_pruned(keys, adj, deg, parent, node, cand, nc, l2, fill, cap):
             break
         occluded = False
         for j in range(kept):
-            if row[j] == ids[i] or _sim(keys[row[j]], keys[ids[i]], l2) > sc[i]:
+            if row[j] == ids[i] or sim(keys[row[j]], keys[ids[i]], l2) > sc[i]:
                 occluded = True
                 break
         if not occluded:
@@ -203,6 +111,17 @@ def _pool_knn(knn_ids, order, i, j, stamp, turn, cand, nc):
 
 
 @njit(nogil=True, cache=False, no_cpython_wrapper=True)
+def _pivot_run_end(knn_ids, order, i):
+    """End (exclusive) of the run of queries order[i..] whose nearest key is knn_ids[order[i], 0]."""
+    mq = knn_ids.shape[0]
+    pivot = knn_ids[order[i], 0]
+    j = i
+    while j < mq and knn_ids[order[j], 0] == pivot:
+        j += 1
+    return j
+
+
+@njit(nogil=True, cache=False, no_cpython_wrapper=True)
 def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
     """Pivot projection: the queries whose nearest key is p pool their other kNN keys as
     p's candidates. knn_ids [Mq, K] int32 nearest first; order [Mq]: queries by pivot."""
@@ -216,9 +135,7 @@ def _project(keys, adj, deg, parent, knn_ids, order, l2, fill):
     i = 0
     while i < mq:
         pivot = np.int64(knn_ids[order[i], 0])
-        j = i
-        while j < mq and knn_ids[order[j], 0] == pivot:
-            j += 1
+        j = _pivot_run_end(knn_ids, order, i)
         turn += 1
         cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]), np.int32)
         nc = 0
@@ -354,14 +271,14 @@ def _swap_in(keys, adj, deg, parent, v, u, l2):
     (no prune: one pass over v's edges)."""
     if _append_unique(adj, deg, v, u):
         return
-    s = _sim(keys[v], keys[u], l2)
+    s = sim(keys[v], keys[u], l2)
     worst, at = s, -1
     for j in range(deg[v]):
         w = adj[v, j]
         if w == u:
             return
         if parent[w] != v:
-            sw = _sim(keys[v], keys[w], l2)
+            sw = sim(keys[v], keys[w], l2)
             if sw < worst:
                 worst, at = sw, j
     if at >= 0:
@@ -391,7 +308,7 @@ def _connect(keys, bias, adj, deg, parent, entry, ef, l2, fill, offer):
         if reached[u]:
             continue
         attached += 1
-        ids, _, size, _, _ = _beam_search(keys, bias, adj, deg, entry, keys[u], ef, stamp, attached)
+        ids, _, size, _, _ = beam_search(keys, bias, adj, deg, entry, keys[u], ef, stamp, attached)
         _link_from(adj, deg, parent, ids, size, np.int64(u), reached)
         if deg[u] == 0:
             _set_pruned(keys, adj, deg, parent, np.int64(u), ids, size, l2, fill, max(1, adj.shape[1] // 2))
@@ -437,9 +354,7 @@ def _project_merge(keys, adj, deg, parent, knn_ids, order, l2, fill):
     ne, turn, i = 0, 0, 0
     while i < mq:
         pivot = np.int64(knn_ids[order[i], 0])
-        j = i
-        while j < mq and knn_ids[order[j], 0] == pivot:
-            j += 1
+        j = _pivot_run_end(knn_ids, order, i)
         turn += 1
         cand = np.empty(min((j - i) * (kk - 1), keys.shape[0]) + m, np.int32)
         nc = 0
@@ -476,7 +391,7 @@ def insert(keys, bias, adj, deg, parent, start, stop, entry, ef, l2, fill):
         reached[v] = True
     m = adj.shape[1]
     for u in range(start, stop):
-        ids, _, size, _, _ = _beam_search(keys, bias, adj, deg, entry, keys[u], ef, stamp, u - start + 1)
+        ids, _, size, _, _ = beam_search(keys, bias, adj, deg, entry, keys[u], ef, stamp, u - start + 1)
         _set_pruned(keys, adj, deg, parent, np.int64(u), ids, size, l2, fill, m)
         for j in range(deg[u]):
             v = np.int64(adj[u, j])
@@ -492,50 +407,3 @@ def insert(keys, bias, adj, deg, parent, start, stop, entry, ef, l2, fill):
         if parent[u] < 0:
             _link_from(adj, deg, parent, ids, size, np.int64(u), reached)
         reached[u] = True
-
-
-@njit(nogil=True, cache=False)
-def search_group(keys, adj, deg, entry, qs, pool_size, k, use_mean, reduce_max):
-    """Top-k keys of one KV head for its group's queries qs [g, D] (C-contiguous).
-
-    One beam search per query (or one with the group's mean query); the pooled candidates
-    are ranked by the group-reduced score (max or sum of <q_h, k> over the group).
-    Returns (ids [k] int64, -1 padded; distinct keys scored; query-key products).
-    """
-    n = keys.shape[0]
-    g, dim = qs.shape
-    searches = np.zeros((1 if use_mean else g, dim), np.float32)
-    for h in range(g):
-        for d in range(dim):
-            if use_mean:
-                searches[0, d] += qs[h, d] / g
-            else:
-                searches[h, d] = qs[h, d]
-    zero = np.zeros(n, np.float32)
-    stamp = np.zeros(n, np.int32)
-    taken = np.zeros(n, np.bool_)
-    cand = np.empty(searches.shape[0] * pool_size, np.int32)
-    nc, scanned, dots = 0, 0, 0
-    for s in range(searches.shape[0]):
-        ids, _, size, scored, fresh = _beam_search(keys, zero, adj, deg, entry, searches[s], pool_size,
-                                                   stamp, s + 1)
-        dots += scored
-        scanned += fresh
-        for i in range(size):
-            if not taken[ids[i]]:
-                taken[ids[i]] = True
-                cand[nc] = ids[i]
-                nc += 1
-    sc = np.empty(nc, np.float32)
-    for i in range(nc):
-        best = np.float32(-np.inf) if reduce_max else np.float32(0.0)
-        for h in range(g):
-            x = _dot(qs[h], keys[cand[i]])
-            best = max(best, x) if reduce_max else best + x
-        sc[i] = best
-    dots += nc * g
-    _sort_desc(sc, cand, nc)
-    out = np.empty(k, np.int64)
-    for i in range(k):
-        out[i] = cand[i] if i < nc else -1
-    return out, scanned, dots

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from kvloft.index import graph_kernels as gk
+from kvloft.index import graph_search
 
 __all__ = ["HeadGraph", "exact_knn"]
 
@@ -109,7 +110,7 @@ class HeadGraph:
         if self.n == 0 or k == 0:
             return np.full(k, -1, np.int64), 0, 0
         keys, _, adj, deg, _ = self._views(self.n)
-        return gk.search_group(keys, adj, deg, self.entry, qs, pool_size, k, use_mean, reduce_max)
+        return graph_search.search_group(keys, adj, deg, self.entry, qs, pool_size, k, use_mean, reduce_max)
 
     def reachable(self) -> int:
         """Nodes reachable from the entry (== n after build/insert)."""

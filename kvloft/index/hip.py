@@ -35,7 +35,6 @@ cached stages read nothing.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +43,10 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
+from kvloft.index.base import RetrieverStats, Selection, check_select, register
 from kvloft.index.hip_batch import n_keep, select_rows
+from kvloft.index.hip_params import HipParams
 from kvloft.kernels.hip_stage import (
-    PROBES,
     hierarchical_top1,
     hip_stage,
     hip_stage1,
@@ -57,91 +56,6 @@ from kvloft.kernels.hip_stage import (
 from kvloft.tiers.chunked import ChunkedRows
 
 __all__ = ["HipParams", "HipRetriever"]
-
-
-@dataclass(frozen=True)
-class HipParams:
-    """Method options (RetrievalConfig.options), with InfiniteHiP's decode defaults.
-
-    chunk_sizes: tokens per chunk at each stage (powers of two, non-increasing).
-    kept_tokens: tokens each stage keeps (non-increasing; the last entry is replaced by
-        select's budget).
-    refresh_steps: a stage's mask is recomputed every this many decode steps (per layer;
-        non-increasing, since a refreshed stage refreshes every later one).
-    stagger: layer l runs its refreshes l % refresh_steps[0] steps later in the cycle, so
-        every decode step refreshes a few layers instead of one step in refresh_steps[0]
-        refreshing stage 1 of every layer (a step of 2-4x the usual time); the work per
-        layer is the same.
-    probe: which key of each half the search reads: "first" (HiP) or "middle".
-    chunk_rows: rows per chunk of the retriever's key copy (a multiple of chunk_sizes[0],
-        so no stage-1 chunk straddles two).
-    kernel: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch": how the stages
-        run (kernels/hip_stage.py: stage 1 per store chunk, later stages one launch each).
-    keys_on: where the keys HiP searches live. "device": a copy on the compute device (on
-        CUDA it grows with the context: N * H_kv * D * 2 bytes per layer). "host": in
-        pinned host memory, the stage kernels reading only the probe rows over PCIe
-        (zero-copy through unified addressing), so no GPU memory grows with the context.
-        In a session these are the host tier's own keys, read in place (attach_host_tier:
-        no copy at all), unless the tier spills to disk or its chunk size is not a multiple
-        of chunk_sizes[0]; then a pinned copy;
-        a refresh of stage 1 reads 2 * log2(chunk_sizes[0]) / chunk_sizes[0] of the keys
-        (1/16 with the defaults), the later stages a few thousand rows. For contexts whose
-        keys do not fit the GPU budget (512K-1M tokens on a 24 GiB card). Needs the Triton
-        kernels on CUDA; on the CPU both are the same.
-    """
-
-    chunk_sizes: tuple[int, ...] = (256, 32, 8)
-    kept_tokens: tuple[int, ...] = (32768, 8192, 2048)
-    refresh_steps: tuple[int, ...] = (16, 8, 4)
-    stagger: bool = True
-    probe: str = "first"
-    chunk_rows: int = 16384
-    kernel: str = "auto"
-    keys_on: str = "device"
-
-    def __post_init__(self) -> None:
-        for name in ("chunk_sizes", "kept_tokens", "refresh_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, (tuple, list)) or not value:
-                raise ValueError(f"hip option {name} must be a non-empty tuple of ints, got {value!r}")
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
-                raise ValueError(f"hip option {name} must hold ints >= 1, got {value!r}")
-            object.__setattr__(self, name, tuple(value))
-            if any(a < b for a, b in itertools.pairwise(value)):
-                raise ValueError(f"hip option {name} must be non-increasing stage by stage, got {value!r}")
-        n = len(self.chunk_sizes)
-        if len(self.kept_tokens) != n or len(self.refresh_steps) != n:
-            raise ValueError(
-                f"hip options chunk_sizes, kept_tokens, refresh_steps need one entry per stage; got "
-                f"{len(self.chunk_sizes)}, {len(self.kept_tokens)}, {len(self.refresh_steps)} entries"
-            )
-        if any(c & (c - 1) for c in self.chunk_sizes):
-            raise ValueError(f"hip chunk_sizes must be powers of two (the search halves them), got {self.chunk_sizes}")
-        bad = [(k, c) for k, c in zip(self.kept_tokens[:-1], self.chunk_sizes[:-1]) if k < c]
-        if bad:
-            raise ValueError(f"hip kept_tokens must be >= the stage's chunk size, got (kept, chunk) {bad}")
-        if self.probe not in PROBES:
-            raise ValueError(f"hip option probe must be one of {PROBES}, got {self.probe!r}")
-        if not isinstance(self.chunk_rows, int) or self.chunk_rows % self.chunk_sizes[0]:
-            raise ValueError(
-                f"hip option chunk_rows ({self.chunk_rows!r}) must be a multiple of chunk_sizes[0] "
-                f"({self.chunk_sizes[0]})"
-            )
-        if self.kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"hip option kernel must be auto, triton or torch, got {self.kernel!r}")
-        if self.stagger not in (True, False):  # 0 / 1 from a command line are fine
-            raise ValueError(f"hip option stagger must be true or false, got {self.stagger!r}")
-        object.__setattr__(self, "stagger", bool(self.stagger))
-        if self.keys_on not in ("device", "host"):
-            raise ValueError(f"hip option keys_on must be 'device' or 'host', got {self.keys_on!r}")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> HipParams:
-        return params_from_options(cls, options, "hip")
-
-    @property
-    def n_stages(self) -> int:
-        return len(self.chunk_sizes)
 
 
 @dataclass
@@ -446,8 +360,6 @@ def _with_fresh(mask: Tensor, seen: int, n: int, last: bool, count: Tensor | Non
         return mask
     fresh = count[seen:n] if count is not None else torch.arange(seen, n, device=mask.device)
     return torch.cat([fresh, mask] if last else [mask, fresh])
-
-
 
 
 def best_chunks(score: Tensor, k: int) -> Tensor:

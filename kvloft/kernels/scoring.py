@@ -27,6 +27,30 @@ REDUCE_CODES = {"none": 0, "max": 1, "sum": 2}
 BLOCK_N = 64
 
 
+@triton.jit
+def load_group_queries(q_ptr, kv_head, group, stride_qh, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    # The query heads of KV head kv_head's GQA group from q [H_q, D] at q_ptr: a [BLOCK_G, BLOCK_D]
+    # tile (zero past the group and past HEAD_DIM), their head ids, and the row and column masks.
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gmask = g < group
+    dmask = d < HEAD_DIM
+    q_heads = kv_head * group + g
+    qb = tl.load(q_ptr + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    return qb, q_heads, gmask, d, dmask
+
+
+@triton.jit
+def reduce_group_scores(s, gmask, REDUCE: tl.constexpr):
+    # [BLOCK_G, BLOCK_N] scores -> [BLOCK_N]: max (REDUCE 1) or sum (2) over the group's query heads
+    if REDUCE == 1:
+        r = tl.max(tl.where(gmask[:, None], s, float("-inf")), 0)
+    else:
+        r = tl.sum(tl.where(gmask[:, None], s, 0.0), 0)
+    return r
+
+
 @triton.jit(do_not_specialize=["n_keys", "group"])  # sizes: no recompiles per length
 def _score_kernel(
     q,  # [H_q, D], last dim contiguous
@@ -51,15 +75,8 @@ def _score_kernel(
     tl.static_assert(BLOCK_D >= 16)
     kv_head = tl.program_id(0)
     pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    gmask = g < group
-    dmask = d < HEAD_DIM
+    qb, q_heads, gmask, d, dmask = load_group_queries(q, kv_head, group, stride_qh, HEAD_DIM, BLOCK_G, BLOCK_D)
     valid = pos < n_keys
-    q_heads = kv_head * group + g
-    qb = tl.load(
-        q + q_heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
-    )
     if HAS_IDS:
         rows = tl.load(ids + pos, mask=valid, other=0).to(tl.int64)
     else:
@@ -72,10 +89,7 @@ def _score_kernel(
         out_ptr = scores + q_heads.to(tl.int64)[:, None] * n_keys + pos64[None, :]
         tl.store(out_ptr, s, mask=gmask[:, None] & valid[None, :])
     else:
-        if REDUCE == 1:
-            r = tl.max(tl.where(gmask[:, None], s, float("-inf")), 0)
-        else:
-            r = tl.sum(tl.where(gmask[:, None], s, 0.0), 0)
+        r = reduce_group_scores(s, gmask, REDUCE)
         tl.store(scores + kv_head.to(tl.int64) * n_keys + pos64, r, mask=valid)
 
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvloft.kernels import checks
-from kvloft.kernels.scoring import BLOCK_N, REDUCE_CODES
+from kvloft.kernels.scoring import BLOCK_N, REDUCE_CODES, load_group_queries, reduce_group_scores
 
 __all__ = ["score_batched", "score_batched_reference"]
 
@@ -55,25 +55,16 @@ def _score_batched_kernel(
     tb = tl.load(meta_ptr + n_group + row)
     chunk_rows = tl.load(meta_ptr + 2 * n_group + row)
     pos = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    gmask = g < group
-    dmask = d < HEAD_DIM
+    qb, _, gmask, d, dmask = load_group_queries(q + row * (H_KV * group * HEAD_DIM), kv_head, group, HEAD_DIM,
+                                                HEAD_DIM, BLOCK_G, BLOCK_D)
     valid = pos < n_keys
-    q_heads = kv_head * group + g
-    qb = tl.load(q + row * (H_KV * group * HEAD_DIM) + q_heads[:, None] * HEAD_DIM + d[None, :],
-                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     safe = tl.where(valid, pos, 0)
     addr = tl.load(table_ptr + tb + safe // chunk_rows, mask=valid, other=0)
     base = addr.to(tl.pointer_type(k0_ptr.dtype.element_ty))
     k_ptr = base[:, None] + ((safe % chunk_rows) * stride_kn + kv_head.to(tl.int64) * stride_kh)[:, None] + d[None, :]
     kb = tl.load(k_ptr, mask=valid[:, None] & dmask[None, :], other=0.0)
     s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_N]
-    if REDUCE == 1:
-        r = tl.max(tl.where(gmask[:, None], s, float("-inf")), 0)
-    else:
-        r = tl.sum(tl.where(gmask[:, None], s, 0.0), 0)
-    r = tl.where(valid, r, float("-inf"))
+    r = tl.where(valid, reduce_group_scores(s, gmask, REDUCE), float("-inf"))
     out = scores + (row * H_KV + kv_head) * n_cols + pos
     tl.store(out, r, mask=pos < n_cols)
 

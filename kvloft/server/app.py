@@ -56,7 +56,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.server import protocol as P
 from kvloft.server.auth import SHARED, Keys, scoped_id
-from kvloft.server.batcher import EngineLoop, engine_name
+from kvloft.server.batcher import EngineLoop
+from kvloft.server.engines import engine_name
 from kvloft.server.guard import OWNER, Guard, RateLimiter
 from kvloft.server.limits import LimitExceeded, Limits
 from kvloft.server.manager import SessionManager, SessionMismatch, SessionsBusy

@@ -34,9 +34,10 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from kvloft.server import protocol as P
-from kvloft.server.batcher import Cancelled, EngineLoop, GenerationParams, Sequence
+from kvloft.server.batcher import EngineLoop
 from kvloft.server.limits import LimitExceeded, Limits
 from kvloft.server.metrics import RequestRecord
+from kvloft.server.sequence import Cancelled, GenerationParams, Sequence
 
 __all__ = ["Cancelled", "Job", "LeasedStream", "Run", "cancelled_error", "events", "limit_error",
            "progress_then_events", "watch_disconnect"]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kvloft.eval import report
-from kvloft.eval.runner import wilson_interval
+from kvloft.eval.records import wilson_interval
 
 
 def _meta(budget: int, methods: list[str], seed: int = 0) -> dict:

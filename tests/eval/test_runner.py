@@ -205,10 +205,10 @@ def test_from_runs_refuses_other_files(tmp_path):
 def test_eval_cap_follows_position_mode_unless_given():
     """`kvloft eval` without --max-similar caps near-identical keys for +x methods only (the
     extrapolate default); an explicit value applies to every method."""
-    assert runner._retrieval("exact+x", 1024, 64, 512).max_similar == 4
-    assert runner._retrieval("exact", 1024, 64, 512).max_similar == 0
-    assert runner._retrieval("exact", 1024, 64, 512, max_similar=2).max_similar == 2
-    assert runner._retrieval("exact+x", 1024, 64, 512, max_similar=0).max_similar == 0
+    assert runner.retrieval_config("exact+x", 1024, 64, 512).max_similar == 4
+    assert runner.retrieval_config("exact", 1024, 64, 512).max_similar == 0
+    assert runner.retrieval_config("exact", 1024, 64, 512, max_similar=2).max_similar == 2
+    assert runner.retrieval_config("exact+x", 1024, 64, 512, max_similar=0).max_similar == 0
     from kvloft.cli import build_parser
 
     assert build_parser().parse_args(["eval", "--tasks", "passkey"]).max_similar is None
@@ -302,7 +302,7 @@ def test_method_options_reach_the_retriever():
     assert runner.parse_method("exact:rank=prob") == ("exact", {"rank": "prob"}, "exact")
     assert runner.parse_method("hip:keys_on=host+x") == ("hip", {"keys_on": "host"}, "extrapolate")
     assert runner.parse_method("actqkv:halo=0:block=16") == ("actqkv", {"halo": 0, "block": 16}, "exact")
-    rcfg = runner._retrieval("exact:rank=prob", 64, 4, 16)
+    rcfg = runner.retrieval_config("exact:rank=prob", 64, 4, 16)
     assert rcfg.method == "exact" and rcfg.options == {"rank": "prob"}
     with pytest.raises(ValueError, match="key=value"):
         runner.parse_method("exact:prob")

@@ -15,11 +15,11 @@ from collections import Counter
 import pytest
 
 from kvloft.eval import haystack
+from kvloft.eval.fitting import fit_units
 from kvloft.eval.scoring import METRICS, TASK_METRIC, postprocess, score, score_all, score_part
 from kvloft.eval.tasks import (
     LENGTH_TOLERANCE,
     TASKS,
-    _fit_units,
     build_prompt,
     chat_frame,
     generate,
@@ -133,7 +133,7 @@ def test_fit_units_matches_brute_force():
         for s in steps:
             counts.append(counts[-1] + s)
         length = rng.randint(base, counts[-1] + 30)
-        n, got = _fit_units(counts.__getitem__, length, max_units=len(steps))
+        n, got = fit_units(counts.__getitem__, length, max_units=len(steps))
         expect = max(i for i, c in enumerate(counts) if c <= length)
         assert (n, got) == (expect, counts[expect])
 

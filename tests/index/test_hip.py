@@ -9,7 +9,7 @@ import torch
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import make_retriever
-from kvloft.index.hip import HipParams
+from kvloft.index.hip_params import HipParams
 from kvloft.kernels import reference
 from kvloft.kernels.hip_stage import hip_stage, hip_stage1, hip_stage1_reference, hip_stage_reference
 

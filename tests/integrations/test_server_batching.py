@@ -19,7 +19,9 @@ from served import Served
 
 from kvloft import RetrievalConfig, RuntimeConfig, Session
 from kvloft.server.app import ServerConfig, create_app
-from kvloft.server.batcher import EngineLoop, GenerationParams, Sequence, SequentialFallbackEngine
+from kvloft.server.batcher import EngineLoop
+from kvloft.server.engines import SequentialFallbackEngine
+from kvloft.server.sequence import GenerationParams, Sequence
 from kvloft.server.stops import AnswerText
 
 KEY = "batch-key"
