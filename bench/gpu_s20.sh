@@ -17,7 +17,7 @@ KVLOFT_TEST_CUDA=1 timeout "$(left 200)" python3 -m pytest -q -p no:cacheprovide
   tests/runtime/test_offloaded_prefill.py tests/scheduler/test_budget.py tests/index/test_hip_batch.py \
   tests/index/test_exact_batch.py tests/runtime/test_engine.py tests/runtime/test_quant_gguf_k.py \
   tests/kernels/test_table_rows.py tests/runtime/test_whole_step.py tests/kernels/test_batched_decode.py \
-  tests/kernels/test_sparse_decode.py tests/runtime/test_graphs.py \
+  tests/kernels/test_sparse_decode.py tests/runtime/test_graphs.py tests/index/test_hip.py tests/kernels/test_scoring.py \
   > "$O/gpu_tests.txt" 2>&1; tail -25 "$O/gpu_tests.txt"
 timeout "$(left 60)" python3 bench/prefill_speed.py --lengths 8k,30k --chunks 4096,auto --methods dense \
   --repeats 2 --out "$O" > "$O/prefill_speed.txt" 2>&1; grep -v '^{' "$O/prefill_speed.txt" | tail -8
