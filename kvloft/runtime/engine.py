@@ -7,6 +7,10 @@
 Each session keeps its own tiers, retriever and length. A step is planned on the CPU
 (runtime/step_plan.py), then run (DESIGN.md, One decode step):
 
+    rows down   each tiered row at exact positions read in place moves the rows this step
+                displaces from its rings to the host tier and into its index now, before any
+                layer runs (TieredAttention.make_room; the plan's `evicts`): a layer only
+                writes its token into the freed slot
     x = embed(tokens) [B, hidden]; cos, sin = rope(positions [B])
     per layer: q, k, v = block.pre(x) for all B rows at once (one GEMM per projection)
                o[b] = backend_b.attend(layer, q[b:b+1], k[b:b+1], v[b:b+1], positions[b:b+1])
@@ -284,9 +288,12 @@ class Engine:
         """The model over plan.tokens [B] at plan.positions [B], each row attending through its
         session's backend -> logits [B, V] fp32 (row b = plan row b)."""
         backends = [s.backend for s in rows]
-        for be in backends:
+        for b, be in enumerate(backends):
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
+                if be.plans_room():  # the rows the step moves down go now, before any layer runs
+                    moved = be.make_room()
+                    assert all(m == int(plan.evicts[b]) for m in moved), (moved, plan.evicts[b])
         dev, n = self.model.device, plan.batch
         if self.graphs == "whole":
             self.last_route_why = not_whole(backends, dev)
