@@ -60,6 +60,7 @@ from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
 from kvloft.runtime.step_plan import StepPlan, plan_step
+from kvloft.runtime.whole_exact import ExactShape, exact_shape
 from kvloft.runtime.whole_step import WholeStep, not_whole
 
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
@@ -190,7 +191,7 @@ class Engine:
         self.max_batch = max_batch
         self.graphs = graphs
         self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
-        self._wholes: dict[int, WholeStep] = {}  # padded batch size -> its captured whole step
+        self._wholes: dict[Any, WholeStep] = {}  # padded batch size (, tiered shape) -> its captured whole step
         self.route_counts = {"whole": 0, "segments": 0, "eager": 0}
         self.last_route_why: str | None = None
 
@@ -299,7 +300,7 @@ class Engine:
             self.last_route_why = not_whole(backends, dev)
             if self.last_route_why is None:
                 self.route_counts["whole"] += 1
-                return self._whole_for(n).step(plan.tokens, plan.positions, backends)
+                return self._whole_for(n, exact_shape(backends)).step(plan.tokens, plan.positions, backends)
         groups = plan.search_groups if self.shared_search else []
         attention = RowAttention(backends, plan.order, self.shared_attention, groups)
         if not self._use_graphs:
@@ -325,12 +326,14 @@ class Engine:
             graphs = self._graphs[bucket] = DecodeGraphs(self.model.net, capture=self._capture, batch=bucket)
         return graphs
 
-    def _whole_for(self, n: int) -> WholeStep:
-        """The captured whole step for n rows, padded to their bucket."""
+    def _whole_for(self, n: int, shape: ExactShape | None = None) -> WholeStep:
+        """The captured whole step for n rows, padded to their bucket: one per bucket for dense
+        rows, one per (bucket, shape) where a row is tiered (whole_exact.py ExactShape)."""
         bucket = self._bucket(n)
-        whole = self._wholes.get(bucket)
+        key = bucket if shape is None else (bucket, shape)
+        whole = self._wholes.get(key)
         if whole is None:
-            whole = self._wholes[bucket] = WholeStep(self.model.net, capture=self._capture, batch=bucket)
+            whole = self._wholes[key] = WholeStep(self.model.net, capture=self._capture, batch=bucket, shape=shape)
         return whole
 
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
