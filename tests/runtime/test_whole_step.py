@@ -241,6 +241,23 @@ def test_exact_rows_declare_a_captured_route_with_their_keys_on_the_device(tiny)
         assert why is not None and word.lower() in why.lower(), why
 
 
+def test_exact_shape_covers_the_batch_and_rows_that_rank_otherwise_do_not_share_a_step(tiny):
+    """The tiered step's shape: score columns a power of two over the most host rows (at least a
+    scoring block), the width the largest budget's power of two, chunk tables to the capacity;
+    none for dense rows; rows reducing their GQA groups otherwise are not one step."""
+    from kvloft.runtime.whole_exact import ExactShape, exact_shape, shape_why
+    from kvloft.runtime.whole_step import not_whole
+
+    short, long_, dense = _fed(tiny, 90, 0, EXACT_DEV), _fed(tiny, 200, 1, EXACT_DEV), _fed(tiny, 30, 2)
+    assert exact_shape([dense.backend]) is None
+    assert exact_shape([short.backend, dense.backend]) == ExactShape(64, 32, 1, 1, "max")
+    assert exact_shape([short.backend, long_.backend]) == ExactShape(256, 32, 4, 4, "max")  # 164 host rows
+    assert not_whole([short.backend, long_.backend, dense.backend], torch.device("cpu")) is None
+    summed = _fed(tiny, 90, 3, dataclasses.replace(EXACT_DEV, gqa_reduce="sum"))
+    assert "gqa_reduce" in shape_why([short.backend, summed.backend])
+    assert "gqa_reduce" in not_whole([short.backend, summed.backend], torch.device("cpu"))
+
+
 def test_exact_whole_step_equals_segments_and_each_session_alone(tiny):
     """Exact rows of 90 (54 host rows, over the budget of 24), 50 (14: below the budget) and 35
     tokens (no host row; its ring fills on the first step, evicts from the second), all keys on
