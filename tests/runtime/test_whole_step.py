@@ -292,17 +292,22 @@ def test_exact_whole_step_equals_segments_and_each_session_alone(tiny):
 
 
 def test_dense_and_exact_rows_join_and_leave_the_whole_step(tiny):
-    """An exact row, a dense row and an exact row below the budget: buckets 4 (the tiered graph,
-    its dense row reading no host rows), 1 (the dense row alone: the dense graph) and 2; each
-    step's rows equal the same sessions stepped alone."""
-    specs = [(70, EXACT_DEV), (40, DENSE), (45, EXACT_DEV)]
-    alone, whole = ([_fed(tiny, n, seed, r) for seed, (n, r) in enumerate(specs)] for _ in range(2))
+    """An exact row, a dense row and an exact row below the budget whose ring moves rows down 5 at
+    a time (evict_batch 5; full on the last step): buckets 4 (the tiered graph, its dense row
+    reading no host rows), 1 (the dense row alone: the dense graph) and 2; each step's rows equal
+    the same sessions stepped alone."""
+    specs = [(70, EXACT_DEV, CACHE), (40, DENSE, CACHE), (45, EXACT_DEV, CacheConfig(host_chunk_tokens=64,
+                                                                                   evict_batch=5))]
+    alone, whole = ([_fed(tiny, n, seed, r, c) for seed, (n, r, c) in enumerate(specs)] for _ in range(2))
+    for s in (alone[2], whole[2]):  # its ring to 36 of 37 tokens
+        for t in range(4):
+            s.step(20 + t)
     eng = Engine(tiny, graphs="whole")
     for rows, tok in (([0, 1, 2], 5), ([1], 9), ([2, 0], 13)):
         got = eng.step([(whole[i], tok + i) for i in rows])
         for j, i in enumerate(rows):
             assert _rel(got[j], alone[i].step(tok + i)) < LOGIT_TOL
-    assert eng.route_counts["whole"] == 3
+    assert eng.route_counts["whole"] == 3 and whole[2].backend.cache.layers[0].n_host == 9 + 5
     assert 1 in eng._wholes and sorted(k[0] for k in eng._wholes if isinstance(k, tuple)) == [2, 4]
     for i in (0, 2):
         assert _counters(whole[i]) == _counters(alone[i])
