@@ -174,6 +174,13 @@ class ExactRetriever:
         self._stats.record(sel)
         return sel
 
+    def record_fixed(self, n_keys: int, budget: int) -> None:
+        """Count a selection made on the device inside a captured decode step (runtime/whole_exact.py:
+        the top-`budget` of `n_keys` stored keys per KV head) as select() counts its own."""
+        hkv = self.model_cfg.n_kv_heads
+        ids = torch.zeros((), dtype=torch.int64).expand(hkv, min(budget, n_keys))  # counted, never read
+        self._stats.record(Selection(ids=ids, scanned=n_keys * hkv, padded=False))
+
     def search_key(self) -> tuple[Any, ...] | None:
         """Retrievers with equal keys search together in select_batch; None where this one
         searches alone: off CUDA (the CPU search hands its logits to the attention),

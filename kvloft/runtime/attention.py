@@ -75,6 +75,7 @@ class TieredAttention:
         self.prefill = ExactPrefill(ctx, self.host_rows)
         self.decoder = ExactDecode(ctx, cache, fetch if fetch is not None else self.host_rows)
         self.extrapolate = ExtrapolateRoute(ctx, cache, retriever, self.indexes, self.host_rows)
+        self.room_made: set[int] = set()  # layers whose room for the coming decode token is made
 
     @property
     def retriever(self) -> Retriever:
@@ -110,7 +111,12 @@ class TieredAttention:
                 self._append(layer, k, v, positions)
                 return self.extrapolate.decode(layer, q, positions)
             self.finite.see(k, v)
-            evicted = self.cache[layer].append(k, v, positions)  # the fetch feeds the index
+            if layer in self.room_made:  # its rows moved down before the step (make_room): write the token
+                self.room_made.discard(layer)
+                self.cache[layer].put(k[0], v[0], positions[0])
+                evicted = None
+            else:
+                evicted = self.cache[layer].append(k, v, positions)  # the fetch feeds the index
             return self.decoder.prepare(layer, q, evicted, index_add=layer not in self.indexes.attached,
                                         defer_search=defer_search)
         if extrapolate:
@@ -124,6 +130,28 @@ class TieredAttention:
         self.finite.see(k, v)
         self.indexes.feed(layer, self.cache[layer].append(k, v, positions), sample)  # incremental build
         return out
+
+    def plans_room(self) -> bool:
+        """A batched step's plan phase makes this backend's room (make_room): decode at exact
+        positions with rows read in place (InPlaceRows, whose index add needs no query)."""
+        return self.rcfg.position_mode == "exact" and isinstance(self.fetch, InPlaceRows)
+
+    @torch.inference_mode()  # the tiers' tensors are made and written in inference mode
+    def make_room(self) -> list[int]:
+        """The plan phase of a decode step (plans_room): every built layer's static tier makes
+        room for the coming token now (LayerTiers.make_room: the rows it displaces move to the
+        host tier), and those rows go into the index, before any layer runs; each layer's
+        attend then only writes its token into the freed slot. Results equal the append inside
+        the layer, token for token. Returns the rows moved down per built layer."""
+        moved = []
+        for layer, tiers in enumerate(self.cache.layers):
+            if not self.indexes.built[layer]:
+                continue
+            ev = tiers.make_room()
+            self.fetch.add(layer, ev, index_add=layer not in self.indexes.attached)
+            self.room_made.add(layer)
+            moved.append(0 if ev is None else int(ev.positions.shape[0]))
+        return moved
 
     def append_rows(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
         """k/v [T, H_kv, D] (rotated keys) at positions [T] into the tiers and, once built, the
@@ -230,6 +258,7 @@ class TieredAttention:
         self.prefill_stats = dict(mark["prefill_stats"])
         self.sampler.rollback(mark["sampler"])
         self._spaces.clear()  # device copies of selections made during the failed call
+        self.room_made.clear()  # a step that failed between make_room and a layer's write
         self.rebuild_indexes([layer for layer, g in enumerate(grew) if g and layer not in self.attached])
         if mark["retriever"] is not None:
             self.retriever.load_state_dict(mark["retriever"])

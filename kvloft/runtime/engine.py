@@ -7,6 +7,10 @@
 Each session keeps its own tiers, retriever and length. A step is planned on the CPU
 (runtime/step_plan.py), then run (DESIGN.md, One decode step):
 
+    rows down   each tiered row at exact positions read in place moves the rows this step
+                displaces from its rings to the host tier and into its index now, before any
+                layer runs (TieredAttention.make_room; the plan's `evicts`): a layer only
+                writes its token into the freed slot
     x = embed(tokens) [B, hidden]; cos, sin = rope(positions [B])
     per layer: q, k, v = block.pre(x) for all B rows at once (one GEMM per projection)
                o[b] = backend_b.attend(layer, q[b:b+1], k[b:b+1], v[b:b+1], positions[b:b+1])
@@ -20,10 +24,10 @@ Each session keeps its own tiers, retriever and length. A step is planned on the
 That is Transformer.forward over B tokens with RowAttention as its backend. On CUDA the
 dense parts between attention calls replay as CUDA graphs (runtime/graphs.py, DecodeGraphs
 with batch rows; Engine's `graphs`), the batch padded to the next power of two. With
-graphs="whole" a batch whose every row's route declares a captured step (dense attention:
-runtime/whole_step.py ROUTES) runs as ONE graph replay, attention inside it (the rows'
-buffer addresses and key counts copied into the graph's buffers first); any other batch
-runs the segmented graphs.
+graphs="whole" a batch whose every row's route declares a captured step (dense attention, exact
+retrieval with its keys on the device: runtime/whole_step.py ROUTES) runs as ONE graph replay,
+attention inside it (the rows' buffer addresses and key counts copied into the graph's buffers
+first; a tiered row's rows moved down before); any other batch runs the segmented graphs.
 
 Afterwards each session is as if session.step(token) had run on it alone: tokens, last
 logits, timing counters (decode_s gets the whole batched step: the latency it saw). The
@@ -56,6 +60,7 @@ from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
 from kvloft.runtime.step_plan import StepPlan, plan_step
+from kvloft.runtime.whole_exact import ExactShape, exact_shape
 from kvloft.runtime.whole_step import WholeStep, not_whole
 
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
@@ -156,7 +161,7 @@ class Engine:
     eagerly between them, per row), and runs eagerly elsewhere; "off" runs eagerly everywhere;
     "segments" runs the graphed path's segments eagerly (how it is tested without CUDA);
     "whole" runs a batch whose every row's route can be captured (runtime/whole_step.py:
-    dense attention) as one graph of the whole step, attention included, on CUDA (eagerly on
+    dense attention, exact with keys_on="device") as one graph of the whole step, attention included, on CUDA (eagerly on
     the CPU through the Triton interpreter: how it is tested), and any other batch as "auto"
     does (as "segments" where the whole step cannot run). `route_counts` counts the steps
     each way ran ("whole", "segments", "eager"); `last_route_why` says why the last step
@@ -186,7 +191,7 @@ class Engine:
         self.max_batch = max_batch
         self.graphs = graphs
         self._graphs: dict[int, DecodeGraphs] = {}  # padded batch size -> its step segments
-        self._wholes: dict[int, WholeStep] = {}  # padded batch size -> its captured whole step
+        self._wholes: dict[Any, WholeStep] = {}  # padded batch size (, tiered shape) -> its captured whole step
         self.route_counts = {"whole": 0, "segments": 0, "eager": 0}
         self.last_route_why: str | None = None
 
@@ -284,15 +289,18 @@ class Engine:
         """The model over plan.tokens [B] at plan.positions [B], each row attending through its
         session's backend -> logits [B, V] fp32 (row b = plan row b)."""
         backends = [s.backend for s in rows]
-        for be in backends:
+        for b, be in enumerate(backends):
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
+                if be.plans_room():  # the rows the step moves down go now, before any layer runs
+                    moved = be.make_room()
+                    assert all(m == int(plan.evicts[b]) for m in moved), (moved, plan.evicts[b])
         dev, n = self.model.device, plan.batch
         if self.graphs == "whole":
             self.last_route_why = not_whole(backends, dev)
             if self.last_route_why is None:
                 self.route_counts["whole"] += 1
-                return self._whole_for(n).step(plan.tokens, plan.positions, backends)
+                return self._whole_for(n, exact_shape(backends)).step(plan.tokens, plan.positions, backends)
         groups = plan.search_groups if self.shared_search else []
         attention = RowAttention(backends, plan.order, self.shared_attention, groups)
         if not self._use_graphs:
@@ -318,12 +326,14 @@ class Engine:
             graphs = self._graphs[bucket] = DecodeGraphs(self.model.net, capture=self._capture, batch=bucket)
         return graphs
 
-    def _whole_for(self, n: int) -> WholeStep:
-        """The captured whole step for n rows, padded to their bucket."""
+    def _whole_for(self, n: int, shape: ExactShape | None = None) -> WholeStep:
+        """The captured whole step for n rows, padded to their bucket: one per bucket for dense
+        rows, one per (bucket, shape) where a row is tiered (whole_exact.py ExactShape)."""
         bucket = self._bucket(n)
-        whole = self._wholes.get(bucket)
+        key = bucket if shape is None else (bucket, shape)
+        whole = self._wholes.get(key)
         if whole is None:
-            whole = self._wholes[bucket] = WholeStep(self.model.net, capture=self._capture, batch=bucket)
+            whole = self._wholes[key] = WholeStep(self.model.net, capture=self._capture, batch=bucket, shape=shape)
         return whole
 
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:

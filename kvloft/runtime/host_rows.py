@@ -89,6 +89,11 @@ class InPlaceRows:
     def start(self, layer: int, tiers: LayerTiers, q: Tensor, evicted: Evicted | None, budget: int,
               index_add: bool) -> None:
         """The evicted rows into the index now; the search waits for attend()."""
+        self.add(layer, evicted, index_add)
+
+    def add(self, layer: int, evicted: Evicted | None, index_add: bool) -> None:
+        """Rows that moved to the host tier into the index (where index_add: the retriever keeps
+        its own copy), timed as "index_add"."""
         if evicted is not None and index_add:
             with self.ctx.timers("index_add"):
                 self.retriever.add(layer, evicted.k.transpose(0, 1).to("cpu"), evicted.positions.to("cpu"))

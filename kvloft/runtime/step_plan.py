@@ -49,7 +49,9 @@ class StepPlan:
                alike): sink + window ring for tiered sessions, every token for dense ones.
     n_host:    [B] int64, rows in its host tier after the step (0 for dense sessions).
     evicts:    [B] int64, rows that move from the window down to the host tier this step
-               (0, 1, or CacheConfig.evict_batch), in every layer.
+               (0, 1, or CacheConfig.evict_batch), in every layer. For a row at exact
+               positions read in place they move before any layer runs (the engine runs
+               TieredAttention.make_room first and checks the count against this field).
     searches:  [B] bool, the sequence's retriever selects host rows this step (a tiered
                session with host rows and a budget > 0).
     max_rows:  [B] int64, the most host rows per KV head its attention reads this step:

@@ -25,16 +25,22 @@ Rows past the batch (padding of the bucket) have key count 0 and write nothing.
 
 Which routes can be captured is declared here per backend type (ROUTES), never probed:
 dense attention can (every key on the compute device, contiguous, one buffer a layer);
-TieredAttention cannot yet: its decode appends to a ring that moves rows down to the host
-tier (a host copy) and its retriever selects per layer from this step's query on the host
-or with sizes that vary (the engine then runs the segmented graphs). The same code runs
-eagerly (capture=False): on the CPU through the Triton interpreter, which is how it is tested.
+TieredAttention can where its retriever is exact with its keys on the device (whole_exact.py
+exact_route): the rows its ring displaces moved down in the plan phase (make_room), the
+layer writes its token into the freed slot, scores the key copy over a fixed capacity, takes
+the top-k of a fixed width and attends to the static tier and the selected host rows in two
+fixed launches, merged (whole_exact.py). Other retrievers select per layer on the host or
+with sizes that vary: the engine runs the segmented graphs for them. A batch with a tiered
+row runs the tiered graph (its dense rows read no host rows); a dense batch the dense one.
+The same code runs eagerly (capture=False): on the CPU through the Triton interpreter, which
+is how it is tested.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,16 +51,20 @@ from kvloft.kernels import checks
 from kvloft.kernels.batched_decode import attend_table_fixed, fixed_splits
 from kvloft.kernels.sparse_decode import _split_kernel
 from kvloft.kernels.table_rows import write_rows_table
+from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.model import Transformer
+from kvloft.runtime.whole_exact import ExactShape, ExactTables, exact_route, shape_why
 
 __all__ = ["ROUTES", "WholeStep", "captured_route", "not_whole"]
 
 log = logging.getLogger(__name__)
 
-# backend type -> why its decode cannot be captured (None: it can). A type not listed cannot.
-ROUTES: dict[type, str | None] = {
+# backend type -> why its decode cannot be captured (None: it can; a function: asks the backend).
+# A type not listed cannot.
+ROUTES: dict[type, str | None | Callable[[Any], str | None]] = {
     DenseAttention: None,
+    TieredAttention: exact_route,
 }
 _TIERED_WHY = ("tiered attention appends to a ring whose evictions copy rows to the host tier, and its "
                "retriever selects per layer with host work or varying sizes")
@@ -69,6 +79,8 @@ def captured_route(backend: Any) -> str | None:
     if kind not in ROUTES:
         return _TIERED_WHY if hasattr(backend, "cache") else f"{kind.__name__} declares no captured route"
     why = ROUTES[kind]
+    if callable(why):
+        return why(backend)
     if why is None and backend.finite.on:
         return "the backend watches appended rows for non-finite numbers (a host check)"
     return why
@@ -84,14 +96,16 @@ def not_whole(backends: list[Any], device: torch.device) -> str | None:
         why = captured_route(be)
         if why is not None:
             return f"row {b}: {why}"
-    return None
+    return shape_why(backends)
 
 
 class WholeStep:
-    """Decode steps of `net` for `batch` rows (the bucket) whose backends are dense attention,
-    as one CUDA graph when `capture` (see the module doc), else the same code eagerly."""
+    """Decode steps of `net` for `batch` rows (the bucket) whose backends declare a captured
+    route, as one CUDA graph when `capture` (see the module doc), else the same code eagerly.
+    shape: None for dense rows only; the sizes of the tiered step (whole_exact.py exact_shape)
+    where a row is tiered."""
 
-    def __init__(self, net: Transformer, capture: bool, batch: int) -> None:
+    def __init__(self, net: Transformer, capture: bool, batch: int, shape: ExactShape | None = None) -> None:
         w = net.embed_tokens.weight
         if capture and w.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device; use capture=False")
@@ -105,20 +119,25 @@ class WholeStep:
         self.splits = fixed_splits(cfg.n_kv_heads, batch, w.device)
         # one buffer, one copy per step: ids [B], pos [B], then [L, _COLUMNS, B] columns and meta [L, B, 5]
         nl = self.n_layers
-        self._flat = torch.zeros(2 * batch + nl * batch * (_COLUMNS + 5), dtype=torch.int64, device=w.device)
+        self.shape = shape
+        dense_end = 2 * batch + nl * batch * (_COLUMNS + 5)
+        extra = 0 if shape is None else nl * shape.columns(batch)
+        self._flat = torch.zeros(dense_end + extra, dtype=torch.int64, device=w.device)
         self.ids, self.pos = self._flat[:batch], self._flat[batch : 2 * batch]
         cols = self._flat[2 * batch : 2 * batch + nl * batch * _COLUMNS].view(nl, _COLUMNS, batch)
         self.k_tab, self.v_tab, self.rows = cols[:, 0], cols[:, 1], cols[:, 2]  # [L, B] each, rows contiguous
-        self.meta = self._flat[2 * batch + nl * batch * _COLUMNS :].view(nl, batch, 5)  # [L, B, 5]
+        self.meta = self._flat[2 * batch + nl * batch * _COLUMNS : dense_end].view(nl, batch, 5)  # [L, B, 5]
+        self.exact = None if shape is None else ExactTables(shape, batch, nl, self._flat[dense_end:])
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: Tensor | None = None
 
     # ---- the host's part ---------------------------------------------------------------------
 
-    def _host_table(self, tokens: Tensor, positions: Tensor, backends: list[DenseAttention]) -> Tensor:
+    def _host_table(self, tokens: Tensor, positions: Tensor, backends: list[Any]) -> Tensor:
         """The step's numbers in _flat's layout (a CPU int64 tensor; numpy columns filled a row at
         a time: ~2K numbers for 8 rows of 32 layers). Makes room for one more token in every
-        row's buffers first (growing them by DenseKV's own rule)."""
+        dense row's buffers first (growing them by DenseKV's own rule); tiered rows made theirs
+        in the plan phase (TieredAttention.make_room)."""
         nb, nl, n = self.batch, self.n_layers, len(backends)
         head = np.zeros(2 * nb, dtype=np.int64)
         head[:n], head[nb : nb + n] = tokens.numpy(), positions.numpy()
@@ -127,6 +146,9 @@ class WholeStep:
         meta = np.zeros((nl, nb, 5), dtype=np.int64)
         meta[:, n:, 1] = 1  # padding rows: one-row slots, no keys
         for b, be in enumerate(backends):
+            if isinstance(be, TieredAttention):
+                self._tiered_row(cols, meta, b, be)
+                continue
             self._check_layout(be.layers[0])
             for store in be.layers:
                 if store.n + 1 > store.k.shape[0]:
@@ -138,7 +160,24 @@ class WholeStep:
             meta[:, b, 0] = b
             meta[:, b, 1] = [s.k.shape[0] for s in stores]
             meta[:, b, 4] = cols[:, 2, b] + 1
-        return torch.from_numpy(np.concatenate([head, cols.ravel(), meta.ravel()]))
+        parts = [head, cols.ravel(), meta.ravel()]
+        if self.exact is not None:
+            parts.append(self.exact.host_columns(backends).ravel())
+        return torch.from_numpy(np.concatenate(parts))
+
+    def _tiered_row(self, cols: np.ndarray, meta: np.ndarray, b: int, be: TieredAttention) -> None:
+        """Row b's static-tier columns: its token goes to each layer's next slot (room made), and
+        the static attention reads the filled prefix then (one more than now)."""
+        if self.exact is None:
+            raise ValueError("a tiered row needs a WholeStep made with its shape (whole_exact.exact_shape)")
+        tiers = be.cache.layers
+        self._check_layout(tiers[0])
+        cols[:, 0, b] = [t.k.data_ptr() for t in tiers]
+        cols[:, 1, b] = [t.v.data_ptr() for t in tiers]
+        cols[:, 2, b] = [t.next_slot() for t in tiers]
+        meta[:, b, 0] = b
+        meta[:, b, 1] = [t.k.shape[0] for t in tiers]
+        meta[:, b, 4] = [t.n_static + 1 for t in tiers]
 
     def _grow(self, store: Any) -> None:
         """Room for one more row in a DenseKV: a row appended through its own growth rule, then
@@ -160,10 +199,11 @@ class WholeStep:
     # ---- the step ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, tokens: Tensor, positions: Tensor, backends: list[DenseAttention]) -> Tensor:
+    def step(self, tokens: Tensor, positions: Tensor, backends: list[Any]) -> Tensor:
         """tokens, positions [n] int64 (CPU; n <= batch) of the rows whose backends are given,
         in order -> logits [n, V] fp32 (a view of this object's buffer once captured: copy what
-        you keep). Every row's buffers then hold the token (each DenseKV's n is one more)."""
+        you keep). Every row's buffers then hold the token (each DenseKV's n is one more; each
+        tiered layer's static tier one more token, its selections counted)."""
         n = len(backends)
         if not 1 <= n <= self.batch or tokens.shape != (n,) or positions.shape != (n,):
             raise ValueError(f"WholeStep.step: 1..{self.batch} rows with one token and position each, got "
@@ -177,6 +217,9 @@ class WholeStep:
         else:
             logits = self._forward()
         for be in backends:
+            if isinstance(be, TieredAttention):
+                ExactTables.after(be)
+                continue
             for store in be.layers:
                 store.n += 1
         return logits[:n]
@@ -186,12 +229,19 @@ class WholeStep:
         net = self.net
         x = net.embed_tokens(self.ids)  # [B, hidden]
         cos, sin = net.rope(self.pos)
+        ex = self.exact
         for layer, block in enumerate(net.layers):
             q, k, v = block.pre(x, cos, sin)  # [B, H_q, D], [B, H_kv, D] x 2
             k_tab, v_tab = self.k_tab[layer], self.v_tab[layer]
-            write_rows_table(k, v, k_tab, v_tab, self.rows[layer], self.like)
-            o, _ = attend_table_fixed(q, self.like, k_tab, v_tab, self.meta[layer], scale=self.scale,
-                                       num_splits=self.splits)
+            if ex is None:
+                write_rows_table(k, v, k_tab, v_tab, self.rows[layer], self.like)
+            else:  # tiered rows keep each static slot's position
+                write_rows_table(k, v, k_tab, v_tab, self.rows[layer], self.like, pos=self.pos,
+                                 p_table=ex.p_tab[layer])
+            o, lse = attend_table_fixed(q, self.like, k_tab, v_tab, self.meta[layer], scale=self.scale,
+                                        num_splits=self.splits)
+            if ex is not None:  # and the host rows each row selects (whole_exact.py)
+                o = ex.attend(layer, q, self.like, o, lse, self.scale, self.splits)
             x = block.post(x, o)
         return net.head(x)
 

@@ -230,18 +230,33 @@ class LayerTiers:
         if take == k.shape[0]:
             return None
         k, v, pos = k[take:], v[take:], pos[take:]
-        if k.shape[0] == 1 and self.evict_batch and self.ring_fill >= self.n_window:
-            return self._push_batched(k, v, pos)
-        if k.shape[0] == 1 and self.ring_fill == self.n_window:
-            return self._push_one(k, v, pos)
+        if k.shape[0] == 1:  # a decode token: room first (what moves down), then the token
+            ev = self.make_room()
+            self.put(k[0], v[0], pos[0])
+            return ev
         return self._push_many(k, v, pos)
 
-    def _push_batched(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
-        # decode with evict_batch = B: the ring (ring_head 0, a prefix) takes the token; when
-        # full (n_window + B), its oldest B go to the host first and the rest move to the front
-        ev = None
-        a, b = self.n_sink, self.evict_batch
-        if self.ring_fill == self.ring_cap:
+    # ---- one decode token in two halves: make_room (before the step), put (in the layer) -----
+
+    def make_room(self) -> Evicted | None:
+        """Room for the next decode token, made before the token exists: the rows its append
+        would move to the host tier (the oldest ring token where the ring is full; the oldest
+        evict_batch ones where the batched ring is) move now, and the slot the token will take
+        is free (next_slot). The rows are known before the step, so a step's plan phase can move
+        them down (and into the index) before any layer runs; the layer then only writes its
+        token (put). Returns the rows moved down, or None.
+
+        Between make_room and put the ring holds one token fewer (with evict_batch = 0 its head
+        has moved on: the free slot is the old head); mark()/rollback() read that state as any
+        other (the moved rows are the host tier's newest)."""
+        if self.sink_fill < self.n_sink:
+            return None
+        a = self.n_sink
+        if self.evict_batch:
+            if self.ring_fill < self.ring_cap:
+                return None
+            # the ring (ring_head 0, a prefix) is full: its oldest B go down, the rest move to the front
+            b = self.evict_batch
             ev = Evicted(self.k[a : a + b].clone(), self.v[a : a + b].clone(), self.pos[a : a + b].clone(),
                          self.n_host)
             self._to_host(ev)
@@ -249,20 +264,37 @@ class LayerTiers:
             for buf in (self.k, self.v, self.pos):
                 buf[a : a + rest] = buf[a + b : a + b + rest].clone()  # overlapping ranges: copy first
             self.ring_fill = rest
-        slot = a + self.ring_fill
-        self.k[slot], self.v[slot], self.pos[slot] = k[0], v[0], pos[0]
-        self.ring_fill += 1
-        return ev
-
-    def _push_one(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted:
-        # decode fast path: the oldest ring slot goes to the host, the new token takes it
-        slot = self.n_sink + self.ring_head
+            return ev
+        if self.ring_fill < self.n_window:
+            return None
+        slot = a + self.ring_head  # the oldest ring token goes to the host; its slot is the next one
         ev = Evicted(self.k[slot : slot + 1].clone(), self.v[slot : slot + 1].clone(),
                      self.pos[slot : slot + 1].clone(), self.n_host)
         self._to_host(ev)
-        self.k[slot], self.v[slot], self.pos[slot] = k[0], v[0], pos[0]
         self.ring_head = (self.ring_head + 1) % self.n_window
+        self.ring_fill -= 1
         return ev
+
+    def next_slot(self) -> int:
+        """The static slot the next decode token goes to (after make_room)."""
+        if self.sink_fill < self.n_sink:
+            return self.sink_fill
+        if self.ring_fill >= self.ring_cap:
+            raise RuntimeError("the ring is full: make_room() first (it moves the oldest rows down)")
+        return self.n_sink + (self.ring_head + self.ring_fill) % self.ring_cap
+
+    def put(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """One decode token (k, v [H_kv, D], pos a 0-dim int64) into next_slot(), after make_room."""
+        slot = self.next_slot()
+        self.k[slot], self.v[slot], self.pos[slot] = k, v, pos
+        self.count_put()
+
+    def count_put(self) -> None:
+        """Count a token written into next_slot() (by put, or by a kernel that wrote it there)."""
+        if self.sink_fill < self.n_sink:
+            self.sink_fill += 1
+        else:
+            self.ring_fill += 1
 
     def _push_many(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
         # ring contents in age order, then the new tokens; the last n_window stay

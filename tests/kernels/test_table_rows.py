@@ -54,6 +54,25 @@ def test_write_rows_table_equals_reference(hkv, d):
     assert not torch.equal(ks[1][0], k[1])  # the padding row wrote nothing
 
 
+def test_write_rows_table_writes_positions_where_a_row_has_a_buffer():
+    """pos and p_table: a row's position into its int64 buffer at its row; p_table 0 (no
+    buffer: a dense row of a tiered batch) and padding rows write no position."""
+    caps, rows = [7, 12, 5, 6], [6, 3, -1, 2]
+    ks, vs = _buffers(caps, 3, 16, "cpu", torch.float32)
+    ps = [torch.full((c,), -1, dtype=torch.int64) for c in caps]
+    want_k, want_v, want_p = [k.clone() for k in ks], [v.clone() for v in vs], [p.clone() for p in ps]
+    k, v, pos = torch.randn(4, 3, 16), torch.randn(4, 3, 16), torch.tensor([40, 41, 42, 43])
+    p_table = checks.address_table(ps, "cpu")
+    p_table[1] = 0  # row 1 keeps no positions
+    write_rows_reference(k, v, want_k, want_v, rows, pos, [want_p[0], None, want_p[2], want_p[3]])
+    write_rows_table(k, v, *_tables(ks, vs, "cpu"), torch.tensor(rows), ks[0], pos=pos, p_table=p_table)
+    for b in range(4):
+        assert torch.equal(ks[b], want_k[b]) and torch.equal(vs[b], want_v[b]) and torch.equal(ps[b], want_p[b])
+    assert ps[0][6] == 40 and ps[3][2] == 43 and (ps[1] == -1).all() and (ps[2] == -1).all()
+    with pytest.raises(ValueError, match="both pos and p_table"):
+        write_rows_table(k, v, *_tables(ks, vs, "cpu"), torch.tensor(rows), ks[0], pos=pos)
+
+
 def test_write_rows_table_refuses_bad_tables():
     ks, vs = _buffers([4, 4], 2, 16, "cpu", torch.float32)
     k = torch.randn(2, 2, 16)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from torch import Tensor
 
 from kvloft import CacheConfig, Engine, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.kernels import kernel_set
@@ -336,6 +337,53 @@ def test_a_non_finite_row_rolls_back_every_session(tiny, tmp_path):
     assert engine.generate(sessions, 6, stop_at_eos=False) == [_greedy_alone(s, 6) for s in clean]
     for a, b in zip(clean, sessions, strict=True):
         assert _state(b) == _state(a)
+
+
+def _tier_tensors(s: Session) -> list[Tensor]:
+    """Every layer's filled static slots (k, v, positions) and host rows, for bit comparisons."""
+    out = []
+    for t in s.backend.cache.layers:
+        out += [*t.static_kv(), t.host_k.all(), t.host_v.all(), t.host_pos.all()]
+    return [x.clone() for x in out]
+
+
+def test_rows_move_down_before_the_layers_run(tiny):
+    """The plan phase moves the rows a step displaces from the rings to the host tier and into
+    the index before any layer runs (make_room), and each layer only writes its token: 40 greedy
+    steps across the ring first filling (a 20-token prompt: sink 4 + 16 of a 32-token ring), a
+    ring full from the start (evicting every step) and batched evictions (evict_batch 5) equal
+    each session alone (the append inside each layer), token for token and state for state; a
+    NaN step that had moved rows down rolls every row back, bit for bit, and they go on alike."""
+    specs = [(20, 0), (36, 0), (30, 5)]
+    alone = [_session(tiny, "exact", n, seed, evict_batch=e) for seed, (n, e) in enumerate(specs)]
+    batched = [_session(tiny, "exact", n, seed, evict_batch=e) for seed, (n, e) in enumerate(specs)]
+    at_layer0 = []
+    real = [s.backend.attend_deferred for s in batched]
+    for b, s in enumerate(batched):
+        def spy(layer, *args, b=b, s=s, **kw):
+            if layer == 0:  # the last layer's rows already moved down, as the first's
+                at_layer0.append((b, s.backend.cache[0].n_host, s.backend.cache[-1].n_host))
+            return real[b](layer, *args, **kw)
+        s.backend.attend_deferred = spy
+    engine = Engine(tiny)
+    assert engine.generate(batched, 40, stop_at_eos=False) == [_greedy_alone(s, 40) for s in alone]
+    assert all(first == last for _, first, last in at_layer0)
+    grown = {b: [n for bb, n, _ in at_layer0 if bb == b] for b in range(3)}
+    assert grown[0][0] == 0 and grown[0][-1] > 0 and grown[1][0] == 1 and len(set(grown[2])) > 2
+    for a, b in zip(alone, batched, strict=True):
+        assert _state(b) == _state(a)
+        assert b.backend.room_made == set()
+        for x, y in zip(_tier_tensors(a), _tier_tensors(b), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # batched GEMMs round otherwise
+    plan = engine.plan([(s, 3) for s in batched])
+    assert plan.evicts.tolist()[:2] == [1, 1]
+    before = [(_state(s), _tier_tensors(s)) for s in batched]
+    with _nan_row(tiny, POISON), pytest.raises(NonFiniteError, match="pair 1"):
+        engine.step([(batched[0], 3), (batched[1], POISON), (batched[2], 4)])
+    for s, (st, tensors) in zip(batched, before, strict=True):
+        assert _state(s) == st and s.backend.room_made == set()
+        assert all(torch.equal(x, y) for x, y in zip(_tier_tensors(s), tensors, strict=True))
+    assert engine.generate(batched, 6, stop_at_eos=False) == [_greedy_alone(s, 6) for s in alone]
 
 
 def test_an_error_in_one_rows_attention_rolls_back_all(tiny, monkeypatch, tmp_path):

@@ -1,18 +1,22 @@
 """The whole decode step (runtime/whole_step.py, Engine(graphs="whole")): one graph of the whole
-step, attention inside, for batches of dense rows; equal to the segmented step and to each
-session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
+step, attention inside, for batches of dense rows and of exact rows with their keys on the
+device (runtime/whole_exact.py); equal to the segmented step and to each session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
 interpreter (fp32). GPU (marked): captured, replayed and held against the eager step.
 
 Bound: the whole step's attention is the split-K Triton kernel where the segmented step and a
 session alone run the torch reference on the CPU; both are fp32 softmaxes of the same rows, so
-logits agree to LOGIT_TOL (relative norm), greedy tokens exactly."""
+logits agree to LOGIT_TOL (relative norm), greedy tokens exactly. Exact rows: the same top-k
+rows (scores of one fp32 dot product per key), attended in two parts (static tier, selected
+host rows) merged by log-sum-exp where the segmented step takes one softmax: the same bound."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from kvloft import Engine, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft import CacheConfig, Engine, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.whole_step import WholeStep, captured_route
 from kvloft.tiers.kvcache import DenseKV
@@ -20,6 +24,10 @@ from kvloft.tiers.kvcache import DenseKV
 RUNTIME = RuntimeConfig(prefill_chunk=256, progress=False)
 DENSE = RetrievalConfig(method="dense")
 EXACT = RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=32)
+# exact with its keys copied to the device (as on CUDA), in chunks of 64 rows: the captured route
+EXACT_DEV = RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=32,
+                            options={"keys_on": "device", "chunk_rows": 64})
+CACHE = CacheConfig(host_chunk_tokens=64)  # host rows in several chunks at these lengths
 LOGIT_TOL = 1e-4  # relative norm: two fp32 attention implementations, each ~1e-6 off an fp64 softmax
 
 
@@ -37,8 +45,8 @@ def tiny():
     return load_model("tiny", device="cpu", dtype="float32", seed=5)
 
 
-def _fed(model, n, seed, rcfg=DENSE):
-    s = Session(model, rcfg, RUNTIME)
+def _fed(model, n, seed, rcfg=DENSE, cache=CACHE):
+    s = Session(model, rcfg, RUNTIME, cache)
     s.feed(torch.randint(8, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist())
     return s
 
@@ -204,3 +212,181 @@ def test_captured_whole_step_equals_the_same_step_eager():
     assert all(w._graph is not None for w in g_eng._wholes.values()) and sorted(g_eng._wholes) == [1, 2, 4]
     assert all(w._graph is None for w in e_eng._wholes.values())
     assert [len(s) for s in graphed] == [len(s) for s in eager]
+
+
+# ---- tiered rows: exact with its keys on the device ------------------------------------------
+
+
+def _counters(s: Session):
+    """What a step counts besides the logits: tokens, tier fill, the retriever's and backend's counts."""
+    be = s.backend
+    return (s.tokens[:], [t.ring_state() | {"n_host": t.n_host} for t in be.cache.layers],
+            be.retriever.stats(), be.scanned)
+
+
+def _tier_tensors(s: Session) -> list[torch.Tensor]:
+    out = []
+    for t in s.backend.cache.layers:
+        out += [*t.static_kv(), t.host_k.all(), t.host_v.all(), t.host_pos.all(), s.backend.retriever.keys[0].all()]
+    return [x.clone() for x in out]
+
+
+def test_exact_rows_declare_a_captured_route_with_their_keys_on_the_device(tiny):
+    """keys_on="device" is captured; the host tier searched in place, rank="prob", another
+    retriever or extrapolate mode say why not."""
+    assert captured_route(_fed(tiny, 80, 1, EXACT_DEV).backend) is None
+    for rcfg, word in ((EXACT, "keys_on"), (dataclasses.replace(EXACT_DEV, options={**EXACT_DEV.options, "rank": "prob"}),
+                                            "rank"),
+                       (RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32), "TokenSelect"),
+                       (dataclasses.replace(EXACT_DEV, position_mode="extrapolate"), "extrapolate")):
+        why = captured_route(_fed(tiny, 80, 1, rcfg).backend)
+        assert why is not None and word.lower() in why.lower(), why
+
+
+def test_exact_shape_covers_the_batch_and_rows_that_rank_otherwise_do_not_share_a_step(tiny):
+    """The tiered step's shape: score columns a power of two over the most host rows (at least a
+    scoring block), the width the largest budget's power of two, chunk tables to the capacity;
+    none for dense rows; rows reducing their GQA groups otherwise are not one step."""
+    from kvloft.runtime.whole_exact import ExactShape, exact_shape, shape_why
+    from kvloft.runtime.whole_step import not_whole
+
+    short, long_, dense = _fed(tiny, 90, 0, EXACT_DEV), _fed(tiny, 200, 1, EXACT_DEV), _fed(tiny, 30, 2)
+    assert exact_shape([dense.backend]) is None
+    assert exact_shape([short.backend, dense.backend]) == ExactShape(64, 32, 1, 1, "max")
+    assert exact_shape([short.backend, long_.backend]) == ExactShape(256, 32, 4, 4, "max")  # 164 host rows
+    assert not_whole([short.backend, long_.backend, dense.backend], torch.device("cpu")) is None
+    summed = _fed(tiny, 90, 3, dataclasses.replace(EXACT_DEV, gqa_reduce="sum"))
+    assert "gqa_reduce" in shape_why([short.backend, summed.backend])
+    assert "gqa_reduce" in not_whole([short.backend, summed.backend], torch.device("cpu"))
+
+
+def test_exact_whole_step_equals_segments_and_each_session_alone(tiny):
+    """Exact rows of 90 (54 host rows, over the budget of 24), 50 (14: below the budget) and 35
+    tokens (no host row; its ring fills on the first step, evicts from the second), all keys on
+    the device: 3 greedy whole steps (the step's top-k over the key copy, two fixed launches and
+    a merge) give the tokens of the segmented engine and of each session alone, the same
+    counters (tiers, retriever, scanned keys), tiers within fp32 rounding; a teacher-forced step's
+    logits within LOGIT_TOL."""
+    lengths = [90, 50, 35]
+    alone, segmented, whole = ([_fed(tiny, n, seed, EXACT_DEV) for seed, n in enumerate(lengths)] for _ in range(3))
+    want = []
+    for s in alone:
+        out = []
+        for _ in range(3):
+            out.append(int(s.last_logits.argmax()))
+            s.step(out[-1])
+        want.append(out)
+    eng = Engine(tiny, graphs="whole")
+    assert Engine(tiny, graphs="segments").generate(segmented, 3, stop_at_eos=False) == want
+    assert eng.generate(whole, 3, stop_at_eos=False) == want
+    assert eng.route_counts == {"whole": 3, "segments": 0, "eager": 0} and eng.last_route_why is None
+    assert [t.n_host for t in (s.backend.cache.layers[0] for s in whole)] == [57, 17, 2]
+    for a, w in zip(alone, whole, strict=True):
+        assert _counters(w) == _counters(a)
+        assert w.backend.room_made == set()
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+        for x, y in zip(_tier_tensors(w), _tier_tensors(a), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    toks = [11, 48, 85]
+    got = eng.step(list(zip(whole, toks, strict=True)))
+    for b, (s, t) in enumerate(zip(alone, toks, strict=True)):
+        assert _rel(got[b], s.step(t)) < LOGIT_TOL
+
+
+def test_dense_and_exact_rows_join_and_leave_the_whole_step(tiny):
+    """An exact row, a dense row and an exact row below the budget whose ring moves rows down 5 at
+    a time (evict_batch 5; full on the last step): buckets 4 (the tiered graph, its dense row
+    reading no host rows), 1 (the dense row alone: the dense graph) and 2; each step's rows equal
+    the same sessions stepped alone."""
+    specs = [(70, EXACT_DEV, CACHE), (40, DENSE, CACHE), (45, EXACT_DEV, CacheConfig(host_chunk_tokens=64,
+                                                                                   evict_batch=5))]
+    alone, whole = ([_fed(tiny, n, seed, r, c) for seed, (n, r, c) in enumerate(specs)] for _ in range(2))
+    for s in (alone[2], whole[2]):  # its ring to 36 of 37 tokens
+        for t in range(4):
+            s.step(20 + t)
+    eng = Engine(tiny, graphs="whole")
+    for rows, tok in (([0, 1, 2], 5), ([1], 9), ([2, 0], 13)):
+        got = eng.step([(whole[i], tok + i) for i in rows])
+        for j, i in enumerate(rows):
+            assert _rel(got[j], alone[i].step(tok + i)) < LOGIT_TOL
+    assert eng.route_counts["whole"] == 3 and whole[2].backend.cache.layers[0].n_host == 9 + 5
+    assert 1 in eng._wholes and sorted(k[0] for k in eng._wholes if isinstance(k, tuple)) == [2, 4]
+    for i in (0, 2):
+        assert _counters(whole[i]) == _counters(alone[i])
+
+
+def test_a_failed_exact_whole_step_rolls_every_row_back(tiny):
+    """A NaN row in a whole step of two exact rows whose rings evict (their rows moved down in
+    the plan phase, the token written in the graph): both roll back bit for bit and go on equal
+    to twins that never saw it."""
+    model = load_model("tiny", device="cpu", dtype="float32", seed=5)
+    sessions, twins = ([_fed(model, n, seed, EXACT_DEV) for seed, n in enumerate((60, 44))] for _ in range(2))
+    before = [(_counters(s), _tier_tensors(s)) for s in sessions]
+    with torch.no_grad():
+        model.net.embed_tokens.weight[7] = float("nan")
+    eng = Engine(model, graphs="whole")
+    with pytest.raises(NonFiniteError, match="pair 1"):
+        eng.step([(sessions[0], 3), (sessions[1], 7)])
+    assert eng.route_counts["whole"] == 1
+    for s, (counters, tensors) in zip(sessions, before, strict=True):
+        assert _counters(s) == counters and s.backend.room_made == set()
+        assert all(torch.equal(x, y) for x, y in zip(_tier_tensors(s), tensors, strict=True))
+    got = eng.step([(sessions[0], 3), (sessions[1], 4)])
+    for b, (t, tok) in enumerate(zip(twins, (3, 4), strict=True)):
+        assert _rel(got[b], t.step(tok)) < LOGIT_TOL
+
+
+@pytest.mark.gpu
+def test_cuda_exact_whole_step_equals_each_session_alone():
+    """fp32 on CUDA, exact rows with their keys on the device (pinned host tier read in place,
+    batched evictions of 64 moved down in the plan phase, one at step 65): 70 greedy captured
+    steps over rows of 2472, 700 (below the budget of 1024) and 1100 host rows equal each
+    session stepped alone (its segmented graphs: one launch over its slot table), counters alike."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    rcfg = RetrievalConfig(method="exact", budget=1024, n_sink=16, n_window=512, options={"keys_on": "device"})
+    lengths = [3000, 700 + 528, 1100 + 528]
+    alone = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    whole = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    want = []
+    for s in alone:
+        out = []
+        for _ in range(70):
+            out.append(int(s.last_logits.argmax()))
+            s.step(out[-1])
+        want.append(out)
+    eng = Engine(model, graphs="whole")
+    assert eng.generate(whole, 70, stop_at_eos=False) == want
+    assert eng.route_counts["whole"] == 70 and all(w._graph is not None for w in eng._wholes.values())
+    for a, w in zip(alone, whole, strict=True):
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+        assert _counters(w) == _counters(a)
+
+
+@pytest.mark.gpu
+def test_captured_exact_whole_step_equals_the_same_step_eager():
+    """bf16 on CUDA, dense and exact rows joining and leaving: each captured replay gives the
+    logits of the same whole step run eagerly (the same kernels and grid, launched from Python)."""
+    from kvloft.runtime.whole_exact import exact_shape
+
+    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
+    rcfg = RetrievalConfig(method="exact", budget=256, n_sink=16, n_window=256, options={"keys_on": "device"})
+    specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (513, rcfg)]
+    graphed = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
+    eager = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
+    g_eng, e_eng = Engine(model, graphs="whole"), Engine(model, graphs="whole")
+
+    def eager_whole(n, shape=None):
+        key = e_eng._bucket(n) if shape is None else (e_eng._bucket(n), shape)
+        if key not in e_eng._wholes:
+            e_eng._wholes[key] = WholeStep(model.net, capture=False, batch=e_eng._bucket(n), shape=shape)
+        return e_eng._wholes[key]
+
+    e_eng._whole_for = eager_whole
+    for step, rows in enumerate(([0, 1], [2], [0, 1, 2, 3], [3, 1], [0, 1, 2, 3], [2, 0, 3])):
+        pairs = [(i, (step * 31 + 7 * i) % 512) for i in rows]
+        got = g_eng.step([(graphed[i], t) for i, t in pairs])
+        ref = e_eng.step([(eager[i], t) for i, t in pairs])
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    assert all(w._graph is not None for w in g_eng._wholes.values())
+    assert all(w._graph is None for w in e_eng._wholes.values())
+    assert exact_shape([s.backend for s in graphed]) is not None

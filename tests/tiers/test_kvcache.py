@@ -168,3 +168,72 @@ def test_truncate_reads_back_a_spilled_chunk_it_reopens(tmp_path):
     assert torch.equal(rows.all(), torch.cat([data[:6], data[6:] + 1]))
     with pytest.raises(ValueError, match="cannot truncate"):
         rows.truncate(20)
+
+
+@pytest.mark.parametrize("n_sink,n_window,batch,prompt,steps", [
+    (4, 16, 0, 9, 40),  # the sink is full, the ring fills on step 12, then wraps one eviction a step
+    (6, 8, 0, 2, 30),  # the sink fills during decode
+    (5, 12, 4, 14, 45),  # batched evictions: four rows go down every fourth step once full
+    (0, 7, 0, 30, 12),  # no sink, a wrapped ring from the start
+])
+def test_make_room_then_put_equals_append(n_sink, n_window, batch, prompt, steps):
+    """A decode token in two halves (make_room before the step: the rows that move down are
+    known without the token; put: the token into the freed slot) leaves the tiers as append
+    does, slot for slot, and make_room returns the rows append would have; each step's rows
+    moving down equal the step plan's arithmetic (decode_append)."""
+    from kvloft.runtime.step_plan import decode_append
+
+    cfg = ModelConfig.from_name("tiny")
+
+    def make():
+        return TieredKVCache(cfg, n_sink=n_sink, n_window=n_window, host_chunk=16, device=torch.device("cpu"),
+                             dtype=torch.float32, evict_batch=batch)[0]
+
+    total = prompt + steps
+    k_all, v_all = torch.randn(total, cfg.n_kv_heads, cfg.head_dim), torch.randn(total, cfg.n_kv_heads, cfg.head_dim)
+    a, b = make(), make()
+    for t in (a, b):
+        t.append(k_all[:prompt], v_all[:prompt], torch.arange(prompt))
+    moved = set()
+    for i in range(prompt, total):
+        want_down, want_static = decode_append(b.ring_state(), n_sink, n_window, batch)
+        ev_b = b.make_room()
+        assert (0 if ev_b is None else len(ev_b.positions)) == want_down
+        b.put(k_all[i], v_all[i], torch.tensor(i))
+        assert b.n_static == want_static
+        ev_a = a.append(k_all[i : i + 1], v_all[i : i + 1], torch.tensor([i]))
+        assert (ev_a is None) == (ev_b is None)
+        if ev_a is not None:
+            assert ev_a.first_row == ev_b.first_row and torch.equal(ev_a.positions, ev_b.positions)
+            assert torch.equal(ev_a.k, ev_b.k) and torch.equal(ev_a.v, ev_b.v)
+        moved.add(want_down)
+        _tiers_equal(a, b)
+        sk, _, sp = b.static_kv()
+        assert torch.equal(sk, k_all[sp])  # the filled slots are a prefix again after put
+    assert max(moved) == (batch or 1)  # rows moved down in the run (and each step as planned)
+
+
+@pytest.mark.parametrize("batch", [0, 3])
+def test_rollback_between_make_room_and_put(batch):
+    """A step that fails after make_room (rows moved down, the token never written) rolls back
+    to its mark: the tier equals one that never began the step, and both go on alike."""
+    cfg = ModelConfig.from_name("tiny")
+
+    def make():
+        return TieredKVCache(cfg, n_sink=3, n_window=10, host_chunk=16, device=torch.device("cpu"),
+                             dtype=torch.float32, evict_batch=batch)[0]
+
+    k_all, v_all = torch.randn(60, cfg.n_kv_heads, cfg.head_dim), torch.randn(60, cfg.n_kv_heads, cfg.head_dim)
+    a, b = make(), make()
+    failed = 0
+    for i in range(60):
+        mark = a.mark()
+        if a.make_room() is not None:  # a failed step after its rows moved down: roll back, then step
+            failed += 1
+            a.rollback(mark)
+            _tiers_equal(a, b)
+            a.make_room()
+        a.put(k_all[i], v_all[i], torch.tensor(i))
+        b.append(k_all[i : i + 1], v_all[i : i + 1], torch.tensor([i]))
+        _tiers_equal(a, b)
+    assert failed == (60 - 13 if not batch else (60 - 13) // 3)
