@@ -12,7 +12,7 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 end=$(( $(date +%s) + ${TOTAL:-540} ))
 left() { local l=$(( end - $(date +%s) )); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-KVLOFT_TEST_CUDA=1 timeout "$(left 200)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
+KVLOFT_TEST_CUDA=1 timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
   tests/kernels/test_flash.py tests/runtime/test_prefill_chunk.py tests/runtime/test_host_rows_gather.py \
   tests/runtime/test_offloaded_prefill.py tests/scheduler/test_budget.py tests/index/test_hip_batch.py \
   tests/index/test_exact_batch.py tests/runtime/test_engine.py tests/runtime/test_quant_gguf_k.py \
