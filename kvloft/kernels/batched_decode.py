@@ -34,14 +34,9 @@ import triton
 from torch import Tensor
 
 from kvloft.kernels import checks
-from kvloft.kernels.sparse_decode import (
-    DEFAULT_LAUNCH,
-    INTERPRETER_SPLITS,
-    DecodeLaunch,
-    SlotTables,
-    _attend_rows,
-    _split_kernel,
-)
+from kvloft.kernels.sparse_decode import SlotTables
+from kvloft.kernels.split_kernel import _split_kernel
+from kvloft.kernels.split_launch import DEFAULT_LAUNCH, INTERPRETER_SPLITS, DecodeLaunch, _attend_rows
 
 __all__ = ["MAX_BATCH_ROWS", "StackedTables", "attend_table_fixed", "fixed_splits", "gather_attend_table_batched",
            "stack_tables"]

@@ -8,6 +8,9 @@ fetch.py    RowFetch: the decode path's pluggable row source (protocol, Retrieve
 overlap.py  OverlapFetch, the scheduler's RowFetch (runtime/scheduled.py plugs it in for
             RuntimeConfig(scheduler="overlap"))
 budget.py   the GPU memory plan of a session and its refusal message
+workspace.py       the plan's transients: a prefill chunk's and a decode step's workspace
+prefill_chunk.py   the auto prefill chunk's rule (candidates, room, cap)
+weight_storage.py  bytes of the weights as stored (unquantized, int4/int8, GGUF, tinygemm)
 """
 
 from kvloft.scheduler.budget import MemoryPlan, plan_memory

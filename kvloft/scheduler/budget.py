@@ -3,7 +3,8 @@
 `plan_memory(model_cfg, retrieval_cfg, runtime_cfg, n_tokens, dtype)` counts, for a
 context of n_tokens, the bytes the current code puts on the compute device:
 
-  weights     every parameter (tied embeddings once), as Model.weight_bytes counts them;
+  weights     every parameter (tied embeddings once), as Model.weight_bytes counts them
+              (scheduler/weight_storage.py);
   static      sink + window ring per layer (with positions), plus for hip the device copy of
               its selection's stable rows (budget rows of K and V per layer,
               runtime/rowspace.py); for method "dense" the whole KV, in DenseKV's doubling
@@ -13,16 +14,17 @@ context of n_tokens, the bytes the current code puts on the compute device:
               every host key on their device (chunked, whole chunks; hip with keys_on="host"
               reads the host tier's pinned keys in place instead); actqkv one fp32 vector
               per block and KV head; attention_graph keeps its graph on the host (host_index);
-  workspace   the larger of prefill (one chunk: its activations, its attention's buffers,
-              the host rows moved back per layer) and decode (the search's score buffers,
+  workspace   (scheduler/workspace.py) the larger of prefill (one chunk: its activations,
+              its attention's buffers, the host rows moved back per layer) and decode (the search's score buffers,
               gathered rows and buffers, logits) transients. A chunk's attention on CUDA
               (kernels "auto"/"triton", fp16/bf16) is FlashAttention-2: no [chunk, keys]
               logits, no copy of K/V (kernels/flash.py workspace_bytes); the reference
               holds fp32 logits and fp32 K/V copies.
 
 The prefill chunk (RuntimeConfig.prefill_chunk; None = auto on CUDA): `pick_prefill_chunk`
-takes the largest of PREFILL_CHUNKS whose workspace fits what the budget leaves after the
-weights, static tier, row cache and index (less budget / CACHE_HEADROOM), 512 if none does,
+(its rule in scheduler/prefill_chunk.py) takes the largest of PREFILL_CHUNKS whose workspace
+fits what the budget leaves after the weights, static tier, row cache and index (less
+budget / CACHE_HEADROOM), 512 if none does,
 and no more than 4096 where chunks select their host rows (a quality setting there); a plan
 for prefill_chunk=None prices that choice (without a budget, the largest).
 
@@ -40,21 +42,27 @@ from dataclasses import dataclass, field
 import torch
 
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
-from kvloft.kernels import flash
 from kvloft.kernels.quant.tinygemm import GROUPS as TINYGEMM_GROUPS
 from kvloft.kernels.rowquant import packed_row_bytes
 from kvloft.scheduler.params import SchedulerParams
+from kvloft.scheduler.prefill_chunk import (
+    CACHE_HEADROOM,
+    PREFILL_CHUNKS,
+    SELECTING_CHUNK_MAX,
+    auto_chunk,
+    chunk_room,
+    selecting,
+)
+from kvloft.scheduler.weight_storage import weight_bytes
+from kvloft.scheduler.workspace import decode_workspace, prefill_workspace
 
-__all__ = ["PREFILL_CHUNKS", "MemoryPlan", "available_bytes", "dense_kv_bytes", "fmt_bytes", "pick_prefill_chunk",
-           "plan_memory", "resolve_cache_bytes", "static_tier_bytes", "weight_bytes"]
+__all__ = ["CACHE_HEADROOM", "PREFILL_CHUNKS", "SELECTING_CHUNK_MAX", "MemoryPlan", "available_bytes",
+           "dense_kv_bytes", "fmt_bytes", "pick_prefill_chunk", "plan_memory", "resolve_cache_bytes",
+           "static_tier_bytes", "weight_bytes"]
 
 GiB = 2**30
 MIRROR_METHODS = ("exact", "tokenselect", "hip", "recycled")
 STABLE_METHODS = ("hip",)  # selections with a stable part (runtime/rowspace.py caches its rows)
-PREFILL_CHUNKS = (16384, 8192, 4096, 2048, 512)  # the auto prefill chunk's candidates, largest first
-# where a chunk's queries select the host rows it reads (exact past prefill_dense_tokens, extrapolate),
-# the chunk size is a quality setting: the auto choice stays at the size the quality runs measured
-SELECTING_CHUNK_MAX = 4096
 
 
 @dataclass
@@ -119,58 +127,6 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _itemsize(dtype: torch.dtype | str) -> int:
     return torch.empty(0, dtype=_dtype(dtype)).element_size()
-
-
-def weight_bytes(cfg: ModelConfig, itemsize: int, weights: str = "bf16", quant_group: int = 128,
-                 tinygemm: bool = False, storage: Mapping[str, tuple[int, int | None, bool]] | None = None) -> int:
-    """Parameters of the decoder (runtime/model.py), tied embeddings counted once. weights
-    "int4"/"int8" (RuntimeConfig.weights): the linears (and an untied head) at their packed
-    size (kernels/quant/packed.py), as runtime/quant_linear.py quantizes them; "auto" and
-    "bf16": unquantized. storage: {linear name ("layers.3.mlp.down_proj", "lm_head"): (bits,
-    group, mins)} for linears held otherwise than that rule, as a GGUF's own blocks are
-    (runtime/quant_gguf.py linear_storage: int4 group 32 from Q4_*, int8 group 32 from the
-    types of more than 4 bits): int4 is K_pad / 2 bytes a row plus 2 (fp16 scale) and 2 more
-    with mins per group and row; int8 K_pad bytes a row plus 2 per group and row (group
-    None: one per row). tinygemm: int4 linears of a CUDA bf16 model hold PyTorch's int4pack
-    layout and its bf16 scales and zeros beside the fp16 scales and mins
-    (kernels/quant/tinygemm.py): 4 more bytes per group and output row; int8 ones do not."""
-    h, d, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
-    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    shapes = [(hq * d, h), (hkv * d, h), (hkv * d, h), (h, hq * d), (inter, h), (inter, h), (h, inter)]
-    storage = storage or {}
-    rule = _rule(weights, quant_group)
-
-    def linear(name: str, n: int, k: int) -> int:
-        held = storage.get(name, rule)
-        return n * k * itemsize if held is None else _packed_bytes(n, k, *held, tinygemm=tinygemm)
-
-    total = sum(linear(f"layers.{i}.{leaf}", n, k) for i in range(cfg.n_layers) for leaf, (n, k) in zip(leaves, shapes))
-    per_layer = 2 * h * itemsize
-    if cfg.attention_bias:
-        per_layer += (hq + 2 * hkv) * d * itemsize
-    embed = cfg.vocab_size * h * itemsize
-    head = 0 if cfg.tie_word_embeddings else linear("lm_head", cfg.vocab_size, h)
-    return total + cfg.n_layers * per_layer + embed + head + h * itemsize
-
-
-def _rule(weights: str, group: int) -> tuple[int, int | None, bool] | None:
-    """(bits, group, mins) of a linear quantized by the scheme `weights`; None: unquantized."""
-    return {"int4": (4, group, True), "int8": (8, None, False)}.get(weights)
-
-
-def _packed_bytes(n: int, k: int, bits: int, group: int | None, mins: bool, tinygemm: bool = False) -> int:
-    """Bytes of one packed linear weight [n, k] (K padded to its group; tinygemm: N padded to 8
-    and bf16 scales and zeros as well)."""
-    group = group or -(-k // 32) * 32  # per output channel: one group of K rounded up to 32
-    kp = -(-k // group) * group
-    if bits == 8:
-        return n * kp + 2 * n * (kp // group)  # int8 values + an fp16 scale per group
-    ours = 2 * (2 if mins else 1) * n * (kp // group)  # fp16 scale (and min) per group
-    if tinygemm:  # int4pack nibbles [N_pad, K_pad / 2] + bf16 (scale, zero) + ours
-        n_pad = -(-n // 8) * 8
-        return n_pad * kp // 2 + 2 * 2 * n_pad * (kp // group) + ours
-    return n * kp // 2 + ours
 
 
 def static_tier_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, evict_batch: int, itemsize: int) -> int:
@@ -238,70 +194,6 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int)
     return 0, 0, []
 
 
-def _search_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int) -> int:
-    """Transient score buffers of one select() on the retriever's device."""
-    hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    chunk = min(n_host, int(rcfg.options.get("chunk_rows", 16384)))
-    fp32_chunk = chunk * hkv * d * 4  # reference.score reads a chunk in fp32
-    m = rcfg.method
-    if m == "exact":
-        return 2 * hkv * n_host * 4 + hq * chunk * 4 + fp32_chunk
-    if m == "tokenselect":
-        return 3 * hq * n_host * 4 + fp32_chunk
-    if m == "recycled":
-        return 4 * hq * n_host * 4 + fp32_chunk
-    if m in ("hip", "actqkv"):
-        return 16 * n_host + hq * 4 * 4096
-    return 0
-
-
-def _fused_prefill(cfg: ModelConfig, runtime: RuntimeConfig, isz: int) -> bool:
-    """A CUDA chunk's attention takes the flash route (sm80+; kernels/flash.py)."""
-    return runtime.kernels != "reference" and flash.shape_supported(cfg.head_dim, isz)
-
-
-def _prefill_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: RuntimeConfig,
-                       cache_cfg: CacheConfig, n: int, n_host: int, isz: int, chunk: int) -> int:
-    """The last prefill chunk (`chunk` tokens) of a context of n tokens (runtime/exact_prefill.py,
-    runtime/dense.py): activations of one layer, its attention's buffers, host rows moved."""
-    p = min(chunk, max(n, 1))
-    hq, hkv, d, row = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    acts = p * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + (hq + 2 * hkv) * d) * isz
-    acts += p * hq * d * (12 + isz)  # RoPE in fp32 (runtime/model.py rotate): three fp32 temporaries of q
-    merged = 2 * p * hq * (d + 1) * 4  # a fp32 running (out, lse) and its merged copy
-    if rcfg.method == "dense":  # causal attention over every token at once, nothing merged
-        tk, moved, merged = n, 0, 0
-    elif n_host + rcfg.n_sink + rcfg.n_window > rcfg.prefill_dense_tokens and rcfg.position_mode == "exact":
-        # sparse: the chunk, the static tier and the selected host rows (both selections), cat
-        # into one K and one V (runtime/chunk_attention.py)
-        k = min(2 * rcfg.sparse_prefill_budget + 2 * rcfg.prefill_block, n_host)
-        tk = p + rcfg.n_sink + rcfg.n_window + k
-        moved = 2 * k * row * isz + -(-n_host // rcfg.prefill_block) * row * isz  # rows, block summary
-        moved += 2 * tk * row * isz
-    else:  # one partial per host chunk, streamed through two staging buffers of one chunk each
-        tk = max(min(cache_cfg.host_chunk_tokens, n_host), rcfg.n_sink + rcfg.n_window, p)
-        moved = 2 * 2 * min(cache_cfg.host_chunk_tokens, n_host) * row * isz if n_host else 0
-    attend = flash.workspace_bytes(p, tk, hq, hkv, d, isz, fused=_fused_prefill(cfg, runtime, isz)) + merged
-    if runtime.weights in ("int4", "int8") and p > 16:  # a chunk's linear dequantized whole for cuBLAS
-        acts += cfg.hidden_size * max(cfg.intermediate_size, hq * d) * isz
-    return acts + attend + moved
-
-
-def _decode_workspace(cfg: ModelConfig, rcfg: RetrievalConfig, runtime: RuntimeConfig,
-                      params: SchedulerParams, n_host: int, isz: int) -> int:
-    row = cfg.n_kv_heads * cfg.head_dim
-    logits = cfg.vocab_size * 4 * 2
-    if rcfg.method == "dense":
-        return logits
-    k = min(rcfg.budget, n_host)
-    if runtime.scheduler == "overlap":
-        rows = params.gathered_rows or max(1, rcfg.budget * cfg.n_kv_heads)
-        gathered = params.regions * (min(rows, n_host) * 2 * row * isz + 3 * rows * 8)
-    else:  # per-head rows gathered on the CPU and copied up (no copy when read zero-copy)
-        gathered = 2 * k * row * isz
-    return logits + gathered + _search_workspace(cfg, rcfg, n_host)
-
-
 def plan_memory(
     model_cfg: ModelConfig,
     retrieval_cfg: RetrievalConfig,
@@ -323,8 +215,7 @@ def plan_memory(
     weight_storage: linears held otherwise than runtime_cfg.weights says, as weight_bytes's
     `storage` (a GGUF's: runtime/quant_gguf.py linear_storage).
     """
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
-        raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+    _check_tokens(n_tokens)
     cache_cfg = cache_cfg or CacheConfig()
     params = scheduler or SchedulerParams()
     isz = _itemsize(dtype)
@@ -342,6 +233,11 @@ def plan_memory(
     return plan
 
 
+def _check_tokens(n_tokens: int) -> None:
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+        raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+
+
 def _tinygemm(runtime_cfg: RuntimeConfig, dtype: torch.dtype | str) -> bool:
     """int4 linears of a bf16 model hold tinygemm's layout beside ours (the plan is a CUDA plan)."""
     return (runtime_cfg.weights == "int4" and _dtype(dtype) == torch.bfloat16
@@ -352,7 +248,7 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
           tinygemm: bool = False, chunk: int | None = None, free_bytes: int | None = None,
           weights: int | None = None) -> MemoryPlan:
     """The plan at n tokens. Its prefill chunk: runtime.prefill_chunk, else `chunk`, else the
-    auto choice (_auto_chunk) within the budget and `free_bytes`. weights: the weights' bytes
+    auto choice (prefill_chunk.auto_chunk) within the budget and `free_bytes`. weights: the weights' bytes
     (None: weight_bytes by runtime.weights's rule alone)."""
     hkv, d, layers = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     token_row = 2 * hkv * d * isz
@@ -368,50 +264,24 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
     per_token = token_row * layers
     row_cache = (cache_bytes // per_token) * per_token if rcfg.method != "dense" else 0
     index, host_index, notes = _index_bytes(cfg, rcfg, n_host, isz)
-    dec = _decode_workspace(cfg, rcfg, runtime, params, n_host, isz)
+    dec = decode_workspace(cfg, rcfg, runtime, params, n_host, isz)
     if rcfg.method == "dense":
         dec += static // 2  # growth: the old buffer is copied into one twice its size
     if weights is None:
         weights = weight_bytes(cfg, isz, runtime.weights, runtime.quant_group, tinygemm)
 
     def prefill(c: int) -> int:
-        return _prefill_workspace(cfg, rcfg, runtime, cache_cfg, n, n_host, isz, c)
+        return prefill_workspace(cfg, rcfg, runtime, cache_cfg, n, n_host, isz, c)
 
     chunk = runtime.prefill_chunk or chunk
     if chunk is None:
-        room = _chunk_room(runtime.gpu_memory_budget, weights + static + row_cache + index, free_bytes)
-        chunk = _auto_chunk(prefill, room, SELECTING_CHUNK_MAX if _selecting(rcfg, n) else None)
+        room = chunk_room(runtime.gpu_memory_budget, weights + static + row_cache + index, free_bytes)
+        chunk = auto_chunk(prefill, room, SELECTING_CHUNK_MAX if selecting(rcfg, n) else None)
     pre = prefill(chunk)
     host_row = token_row if cache_cfg.host_dtype is None else 2 * packed_row_bytes((hkv, d))  # 8-bit: codes + scales
     host_kv = _chunks(n_host, cache_cfg.host_chunk_tokens) * (host_row + 8) * layers
     return MemoryPlan(n, n_host, weights, static, row_cache, index, max(pre, dec), pre, dec,
                       host_kv, host_index, runtime.gpu_memory_budget, chunk, notes)
-
-
-def _chunk_room(budget: int, resident: int, free_bytes: int | None) -> int | None:
-    """Bytes a prefill chunk's workspace may take: the budget less the resident bytes and
-    budget // CACHE_HEADROOM (what the plan does not model), at most free_bytes; None = no bound."""
-    room = None if not budget else budget - budget // CACHE_HEADROOM - resident
-    if free_bytes is not None:
-        room = free_bytes if room is None else min(room, free_bytes)
-    return room
-
-
-def _selecting(rcfg: RetrievalConfig, n: int) -> bool:
-    """A prefill growing to n tokens has chunks that select their host rows by their queries
-    (runtime/exact_prefill.py sparse, runtime/extrapolate.py), so its chunk size is approximate."""
-    if rcfg.method == "dense":
-        return False
-    return rcfg.position_mode == "extrapolate" or n > rcfg.prefill_dense_tokens
-
-
-def _auto_chunk(prefill, room: int | None, cap: int | None = None) -> int:
-    """The largest of PREFILL_CHUNKS (at most `cap`) whose workspace prefill(chunk) fits `room`
-    (None: any), the smallest when none does."""
-    for c in PREFILL_CHUNKS:
-        if (cap is None or c <= cap) and (room is None or prefill(c) <= room):
-            return c
-    return PREFILL_CHUNKS[-1]
 
 
 def pick_prefill_chunk(
@@ -435,8 +305,7 @@ def pick_prefill_chunk(
     budget // CACHE_HEADROOM, and fits free_bytes (the device memory a session can still
     take, less what the feed adds to the tiers); 512 when none fits (the plan then refuses
     or the budget is the caller's to raise)."""
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
-        raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+    _check_tokens(n_tokens)
     if runtime_cfg.prefill_chunk is not None:
         return runtime_cfg.prefill_chunk
     isz = _itemsize(dtype)
@@ -479,9 +348,6 @@ def _refusal(plan: MemoryPlan, cfg, rcfg, runtime, cache_cfg, params, isz: int) 
     msg.append("Raise the budget, shorten the context, shrink n_window or the row cache, "
                "or pick a method without a GPU key copy (attention_graph).")
     return " ".join(msg)
-
-
-CACHE_HEADROOM = 64  # the row cache leaves budget / CACHE_HEADROOM of the GPU budget free
 
 
 def resolve_cache_bytes(

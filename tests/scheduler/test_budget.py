@@ -130,10 +130,10 @@ def test_int4_plan_counts_the_tinygemm_layout_on_bf16():
     """A CUDA bf16 model's int4 linears hold tinygemm's layout and bf16 scales/zeros beside
     the fp16 scales and mins: 4 more bytes per group and (8-padded) output row, by hand."""
     from kvloft.config import PRESETS
-    from kvloft.scheduler.budget import _packed_bytes
+    from kvloft.scheduler.weight_storage import packed_bytes
 
-    assert _packed_bytes(4096, 4096, 4, 128, True) == 4096 * 2048 + 4 * 4096 * 32
-    assert _packed_bytes(4100, 4096, 4, 128, True, tinygemm=True) == 4104 * 2048 + 4 * 4104 * 32 + 4 * 4100 * 32
+    assert packed_bytes(4096, 4096, 4, 128, True) == 4096 * 2048 + 4 * 4096 * 32
+    assert packed_bytes(4100, 4096, 4, 128, True, tinygemm=True) == 4104 * 2048 + 4 * 4104 * 32 + 4 * 4100 * 32
     llama = PRESETS["llama3-8b"]
     rt = RuntimeConfig(weights="int4", gpu_memory_budget="24GiB")
     rc = RetrievalConfig(method="hip", budget=2048)
