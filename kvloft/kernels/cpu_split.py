@@ -156,10 +156,13 @@ class Helper:
         self._job: tuple | None = None
         self._posted = 0
         self._posted_at = np.zeros(1, dtype=np.int64)  # _posted where the spin reads it without the GIL
+        self.alive = True  # False in a forked child: the thread is not there (the caller computes alone)
         self.thread = threading.Thread(target=self._run, name="kvloft-cpu-split", daemon=True)
         self.thread.start()
 
     def post(self, kernel, args: tuple) -> None:
+        if not self.alive:
+            return
         with self._cv:
             self._job = (kernel, args)
             self._posted += 1
@@ -188,6 +191,15 @@ _helper: Helper | None = None
 _helper_lock = threading.Lock()
 
 
+def _forked() -> None:  # in a child process: its copy of the helper has no thread (and maybe a held lock)
+    if _helper is not None:
+        _helper.alive = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 def cores() -> int:
     """CPU cores this process may run on (its affinity mask)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -197,6 +209,8 @@ def helper(on: bool | None = None) -> Helper | None:
     """The process's helper thread, started at the first call with `on` (None: on where
     `cores()` >= 2); `on=False` or one core -> None (split kernels run on the caller alone)."""
     global _helper
+    if _helper is not None and not _helper.alive:
+        _helper = None  # a forked child starts its own
     if on is None:
         on = cores() >= 2
     if not on:

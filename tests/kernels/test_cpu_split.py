@@ -59,3 +59,22 @@ def test_helper_off_on_one_core(monkeypatch):
     assert cpu_split.helper(False) is None
     monkeypatch.setattr(cpu_split, "cores", lambda: 1)
     assert cpu_split.helper() is None
+
+
+def test_forked_child_computes_alone():
+    import multiprocessing as mp
+
+    cpu_split.helper(True)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        out = pool.apply(_child_head)
+    assert out
+    assert cpu_split.helper(True).alive
+
+
+def _child_head() -> bool:
+    old = cpu_split._helper
+    x, w = torch.randn(1, 8), torch.randn(200, 8)
+    got = cpu_layer.head(x, torch.ones(8), 1e-5, w, old)  # the parent's helper: no thread here
+    fresh = cpu_split.helper(True)
+    return (not old.alive) and fresh is not old and fresh.alive and torch.isfinite(got).all().item()
