@@ -314,9 +314,11 @@ class RuntimeConfig:
         tier, row cache and index (scheduler/budget.py pick_prefill_chunk), at most 4096 where
         a chunk's queries select the host rows it reads (exact past prefill_dense_tokens,
         extrapolate: there the chunk is a quality setting); 2048 elsewhere.
-        resolved_prefill_chunk gives 512 on CUDA to callers without a plan. On the CPU every
-        chunk re-reads the weights and pays the model's ~1,300 small ops again; 2048 is ~2x
-        faster than 512 on a busy 2-core machine.
+        resolved_prefill_chunk gives 512 on CUDA to callers without a plan. On the CPU 8192
+        (at most 4096 where chunks select host rows, as on CUDA): every chunk re-reads the
+        weights and pays the model's ~1,300 small ops again, and a chunk after the first splits
+        its causal attention in two calls merged by lse; 2048 was ~2x faster than 512 on a busy
+        2-core machine, one 6K chunk 1.2-1.7x faster than three of 2048 (docs/performance.md).
     progress: show a progress bar for long prefills.
     profile: on CUDA, synchronize around each timed region so stats() gives an exact
         breakdown (search, transfer, attention); costs overlap, so off by default.
@@ -353,7 +355,7 @@ class RuntimeConfig:
         if self.prefill_chunk is not None:
             return self.prefill_chunk
         kind = getattr(device, "type", str(device).split(":")[0])
-        return 512 if kind == "cuda" else 2048
+        return 512 if kind == "cuda" else 8192
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHTS:

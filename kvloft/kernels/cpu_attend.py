@@ -26,6 +26,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from kvloft.kernels import cpu_split
+from kvloft.kernels.cpu_split import CALLER, claim, commit, done, settle
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH_FINITE
 
 enabled = True  # False: reference.decode_attend takes ATen's flash attention instead
@@ -34,6 +36,9 @@ MAX_HEAD_DIM = 512
 # K and V of at least this many bytes are split over numba's threads (one OpenMP parallel region
 # a call); None (the default): on the caller's thread (cpu_gemv.PARALLEL_MIN_BYTES says why).
 PARALLEL_MIN_BYTES: int | None = None
+# The helper thread the blocks are shared with (kernels/cpu_split.py: the caller never waits on a
+# descheduled thread), set where a CPU model is declared (runtime/model.py); None: as above.
+SPLIT: cpu_split.Helper | None = None
 
 
 @njit(fastmath=FASTMATH_FINITE, error_model=ERROR_MODEL, nogil=True, cache=True)
@@ -116,6 +121,27 @@ def _decode_serial(q, k, v, scale, block, out, lse):  # the same on the caller's
     _merge(parts, stat, out, lse)
 
 
+@njit(fastmath=FASTMATH_FINITE, error_model=ERROR_MODEL, nogil=True, cache=True)
+def _decode_split(role, q, k, v, scale, block, parts, stat, out, lse, ctl):
+    # _decode_serial's blocks shared by the caller and the helper thread (kernels/cpu_split.py);
+    # parts [nb, H_q, D], stat [nb, H_q, 2] of this call; the caller merges them into out, lse
+    t_n = k.shape[0]
+    o = np.empty((q.shape[0], q.shape[1]), np.float32)
+    st = np.empty((1, q.shape[0], 2), np.float32)
+    while True:
+        bi = claim(ctl, role)
+        if bi < 0:
+            break
+        _block(q, k, v, scale, bi * block, min(bi * block + block, t_n), o, st, 0)
+        if commit(ctl, bi, role):
+            parts[bi] = o
+            stat[bi] = st[0]
+            done(ctl, bi, role)
+    settle(ctl, role)
+    if role == CALLER:
+        _merge(parts, stat, out, lse)
+
+
 def applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """The compiled kernel takes these: fp32 CPU tensors, q [H_q, D], k and v [T, H_kv, D]
     contiguous (each row's H_kv * D together), H_kv dividing H_q, D at most MAX_HEAD_DIM."""
@@ -145,6 +171,12 @@ def decode_attend_unchecked(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tu
     if k.shape[0] == 0:
         return out.zero_(), torch.full((hq,), -math.inf, dtype=torch.float32)
     lse = torch.empty(hq, dtype=torch.float32)
+    if SPLIT is not None:
+        nb = -(-k.shape[0] // BLOCK)
+        parts, stat = np.empty((nb, hq, d), np.float32), np.empty((nb, hq, 2), np.float32)
+        cpu_split.run(_decode_split, (q.contiguous().numpy(), k.numpy(), v.numpy(), np.float32(scale), BLOCK, parts,
+                                      stat, out.numpy(), lse.numpy(), cpu_split.new_ctl(nb)), SPLIT)
+        return out, lse
     split = PARALLEL_MIN_BYTES is not None and 8 * k.numel() >= PARALLEL_MIN_BYTES
     kernel = _decode_parallel if split else _decode_serial
     kernel(q.contiguous().numpy(), k.numpy(), v.numpy(), np.float32(scale), BLOCK, out.numpy(), lse.numpy())
@@ -156,3 +188,6 @@ def warm() -> None:
     q, k = np.ones((2, 4), np.float32), np.ones((3, 1, 4), np.float32)
     for kernel in (_decode_serial, _decode_parallel):
         kernel(q, k, k, np.float32(0.5), BLOCK, np.empty((2, 4), np.float32), np.empty(2, np.float32))
+    _decode_split(CALLER, q, k, k, np.float32(0.5), BLOCK, np.empty((1, 2, 4), np.float32),
+                  np.empty((1, 2, 2), np.float32), np.empty((2, 4), np.float32), np.empty(2, np.float32),
+                  cpu_split.new_ctl(1))

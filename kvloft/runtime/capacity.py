@@ -16,6 +16,8 @@ from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.loader import Model
 from kvloft.scheduler.budget import (
+    SELECTING_CHUNK_MAX,
+    _selecting,
     available_bytes,
     dense_kv_bytes,
     fmt_bytes,
@@ -36,15 +38,19 @@ class SessionLimits:
     def prefill_chunk(self, backend, n_tokens: int, n_new: int) -> int:
         """Tokens per prefill chunk for a feed of n_new tokens after n_tokens.
 
-        RuntimeConfig.prefill_chunk when set; off CUDA its default (resolved_prefill_chunk); on
+        RuntimeConfig.prefill_chunk when set; off CUDA its default (resolved_prefill_chunk), at
+        most SELECTING_CHUNK_MAX where chunks select their host rows (a quality setting); on
         CUDA the memory plan's choice for the grown context (scheduler/budget.py
         pick_prefill_chunk: the largest of 16384 .. 512 whose workspace fits what
         gpu_memory_budget leaves), within the memory the device can still give: free memory
         plus the allocator's unused cache, less what the feed adds to the tiers and index."""
         rt, dev = self.runtime, self.model.device
-        if rt.prefill_chunk is not None or dev.type != "cuda":
-            return rt.resolved_prefill_chunk(dev)
         cfg, rcfg, n = self.model.config, self.retrieval, n_tokens + n_new
+        if rt.prefill_chunk is not None:
+            return rt.prefill_chunk
+        if dev.type != "cuda":
+            chunk = rt.resolved_prefill_chunk(dev)
+            return min(chunk, SELECTING_CHUNK_MAX) if _selecting(rcfg, n) else chunk
         cache = backend.bytes().get("row_cache", 0) if isinstance(backend, TieredAttention) else 0
 
         def resident(m: int) -> int:

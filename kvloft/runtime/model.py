@@ -125,6 +125,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer. `cpu` (declared by Transformer.declare_kernels for fp32 weights on the
+    CPU): its few-row calls (decode) in four compiled calls (kernels/cpu_layer.py) instead of the
+    modules' ~9 torch calls; the same arithmetic up to fp32 summation order."""
+
+    cpu = None  # a kernels/cpu_layer.DecodeLayer once declared
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -134,22 +140,50 @@ class Block(nn.Module):
 
     def pre(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv)."""
+        if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
+            return self.cpu.pre(x, cos, sin)
         return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
 
     def post(self, x: Tensor, o: Tensor) -> Tensor:
         """The residual stream x and the attention output o [T, H_q, D] -> the next stream."""
+        if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
+            return self.cpu.post(x, o)
         x = x + self.self_attn.out(o)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def declare_cpu(self, on: bool, split) -> None:
+        """Take kernels/cpu_layer.py for few rows where `on` and every weight of the layer is a
+        plain fp32 CPU tensor, contiguous (not a QuantLinear's packing); else the modules."""
+        a, m = self.self_attn, self.mlp
+        lins = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        ok = on and all(isinstance(li, Linear) and li.few_rows for li in lins) and a.o_proj.bias is None \
+            and all(li.bias is None for li in lins[3:]) and all(_cpu_fp32(w) for w in norms)
+        self.cpu = None
+        if ok:
+            from kvloft.kernels.cpu_layer import DecodeLayer
+
+            self.cpu = DecodeLayer(
+                w_in=norms[0], eps=self.input_layernorm.eps, wq=a.q_proj.weight, wk=a.k_proj.weight,
+                wv=a.v_proj.weight, bq=a.q_proj.bias, bk=a.k_proj.bias, bv=a.v_proj.bias, wo=a.o_proj.weight,
+                w_post=norms[1], wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
+                head_dim=a.shape[2], split=split)
 
     def forward(self, x, cos, sin, layer, backend, positions):
         q, k, v = self.pre(x, cos, sin)
         return self.post(x, backend.attend(layer, q, k, v, positions))
 
 
+def _cpu_fp32(t: Tensor | None) -> bool:
+    return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+
+
 class Transformer(nn.Module):
     """The decoder. forward(ids [T], positions [T], backend) -> logits [T, V] fp32."""
 
     compiled_cpu: bool | None = None  # as last declared (declare_kernels); None: never
+    split_cpu: bool | None = None  # as last declared: a helper thread for the compiled calls (None: where 2+ cores)
+    _cpu_head = None  # (norm weight, eps, lm_head weight, helper) once declared
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -165,14 +199,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def declare_kernels(self, compiled_cpu: bool = True) -> bool:
+    def declare_kernels(self, compiled_cpu: bool = True, split: bool | None = None) -> bool:
         """Declare which compiled CPU paths this network takes, from where its weights are:
         fp32 weights on the CPU (and `compiled_cpu`) -> every Linear's few-row calls through
-        kernels/cpu_gemv.py, and the compiled CPU kernels loaded in a background thread
-        (kernels/cpu_warmup.py) so the first decode step does not compile them. Loaders call
-        this once the weights are in place; moving or casting the network (`.to`, `.float`)
-        declares again. Returns whether the compiled paths are on."""
-        self.compiled_cpu = compiled_cpu
+        kernels/cpu_gemv.py, each layer's few-row calls through kernels/cpu_layer.py, and the
+        compiled CPU kernels loaded in a background thread (kernels/cpu_warmup.py) so the first
+        decode step does not compile them. `split`: share the layer, lm_head and dense decode
+        attention calls with a helper thread (kernels/cpu_split.py; None: where this process
+        may run on 2+ cores). Loaders call this once the weights are in place; moving or casting
+        the network (`.to`, `.float`) declares again. Returns whether the compiled paths are on."""
+        self.compiled_cpu, self.split_cpu = compiled_cpu, split
         w = self.embed_tokens.weight  # always a plain parameter (a linear may be a QuantLinear)
         on = compiled_cpu and w.device.type == "cpu" and w.dtype == torch.float32
         if on:
@@ -186,6 +222,17 @@ class Transformer(nn.Module):
             if isinstance(m, Linear):
                 m.few_rows = on and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 \
                     and m.weight.is_contiguous()
+        helper = None
+        if on:
+            from kvloft.kernels import cpu_attend, cpu_split
+
+            helper = cpu_split.helper(split)
+            cpu_attend.SPLIT = helper  # one helper thread a process: the last declared model's choice
+        for block in self.layers:
+            block.declare_cpu(on, helper)
+        head_ok = on and isinstance(self.lm_head, Linear) and self.lm_head.few_rows and self.lm_head.bias is None \
+            and _cpu_fp32(self.norm.weight)
+        self._cpu_head = (self.norm.weight, self.norm.eps, self.lm_head.weight, helper) if head_ok else None
         return on
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): the declaration follows the weights
@@ -202,6 +249,10 @@ class Transformer(nn.Module):
 
     def head(self, x: Tensor) -> Tensor:
         """The last residual stream x [T, hidden] -> logits [T, V] fp32."""
+        if self._cpu_head is not None and x.shape[0] <= _GEMV_ROWS:
+            from kvloft.kernels.cpu_layer import head
+
+            return head(x, *self._cpu_head)
         return self.lm_head(self.norm(x)).float()
 
     @torch.inference_mode()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvloft.kernels import cpu_attend, reference
+from kvloft.kernels import cpu_attend, cpu_split, reference
 
 
 def _qkv(tk, hq, hkv, d, seed=0):
@@ -30,9 +30,10 @@ def _err(got, want):
     (3000, 8, 1, 32),  # MQA, many blocks merged
     (513, 6, 2, 128),
 ])
-@pytest.mark.parametrize("parallel", [True, False])
-def test_within_twice_the_plain_error(tk, hq, hkv, d, parallel, monkeypatch):
-    monkeypatch.setattr(cpu_attend, "PARALLEL_MIN_BYTES", 0 if parallel else None)
+@pytest.mark.parametrize("mode", ["serial", "openmp", "split"])
+def test_within_twice_the_plain_error(tk, hq, hkv, d, mode, monkeypatch):
+    monkeypatch.setattr(cpu_attend, "PARALLEL_MIN_BYTES", 0 if mode == "openmp" else None)
+    monkeypatch.setattr(cpu_attend, "SPLIT", cpu_split.helper(True) if mode == "split" else None)
     q, k, v = _qkv(tk, hq, hkv, d, seed=tk)
     assert cpu_attend.applies(q, k, v)
     scale = d**-0.5

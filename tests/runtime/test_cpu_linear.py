@@ -4,6 +4,7 @@ follows the weights when the network is moved or cast."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -51,3 +52,39 @@ def test_state_dict_names_are_nn_linear_s():
     model = random_model(PRESETS["tiny"], device="cpu", dtype=torch.float32)
     names = set(model.net.state_dict())
     assert {"layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight", "lm_head.weight"} <= names
+
+
+class _DenseBackend:  # every key so far, torch's softmax: the same for both routes
+    def __init__(self):
+        self.kv = {}
+
+    def attend(self, layer, q, k, v, positions):
+        ks, vs = self.kv.get(layer, (k[:0], v[:0]))
+        ks, vs = torch.cat((ks, k)), torch.cat((vs, v))
+        self.kv[layer] = ks, vs
+        g = q.shape[1] // k.shape[1]
+        kk, vv = ks.repeat_interleave(g, 1).transpose(0, 1), vs.repeat_interleave(g, 1).transpose(0, 1)
+        return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv).transpose(0, 1)
+
+
+def _decode(net, steps=3):
+    be, ids = _DenseBackend(), torch.tensor([3, 17, 5, 9, 11, 2])
+    net(ids, torch.arange(6), be)
+    return [net(ids[i : i + 1], torch.tensor([6 + i]), be) for i in range(steps)]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_layers_compiled_match_the_modules(split):
+    model = random_model(PRESETS["tiny"], device="cpu", dtype=torch.float32)
+    net = model.net
+    net.declare_kernels(split=split)
+    assert all(b.cpu is not None for b in net.layers) and net._cpu_head is not None
+    got = _decode(net)
+    net.declare_kernels(compiled_cpu=False)
+    assert all(b.cpu is None for b in net.layers) and net._cpu_head is None
+    plain = _decode(net)
+    want = _decode(net.double())
+    for g, p, w in zip(got, plain, want):
+        assert g.dtype == torch.float32
+        assert (g.double() - w).abs().max() <= 2 * (p.double() - w).abs().max() + 1e-5
+    assert all(b.cpu is None for b in net.layers)  # fp64: the modules

@@ -41,14 +41,14 @@ def test_bad_configs():
 
 def test_prefill_chunk_default_resolves_per_device(tiny):
     assert RuntimeConfig().resolved_prefill_chunk("cuda:1") == 512
-    assert RuntimeConfig().resolved_prefill_chunk(torch.device("cpu")) == 2048
+    assert RuntimeConfig().resolved_prefill_chunk(torch.device("cpu")) == 8192
     assert RuntimeConfig(prefill_chunk=37).resolved_prefill_chunk("cpu") == 37
     with pytest.raises(ValueError, match="prefill_chunk"):
         RuntimeConfig(prefill_chunk=0)
     s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False))
     seen = []
-    s.feed([t % 500 + 1 for t in range(2050)], on_progress=lambda done, total: seen.append(done))
-    assert seen == [2048, 2050]
+    s.feed([t % 500 + 1 for t in range(8194)], on_progress=lambda done, total: seen.append(done))
+    assert seen == [8192, 8194]
 
 
 def test_bad_inputs_leave_session_usable(tiny):

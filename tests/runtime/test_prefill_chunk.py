@@ -17,10 +17,14 @@ def tiny():
     return load_model("tiny", device="cpu", dtype="float32")
 
 
-def test_cpu_session_takes_2048_or_the_explicit_chunk(tiny):
+def test_cpu_session_takes_8192_or_the_explicit_chunk(tiny):
     s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False))
     s.feed(list(range(1, 40)))
-    assert s.prefill_chunk == 2048
+    assert s.prefill_chunk == 8192
+    selecting = RetrievalConfig(method="exact", budget=16, n_sink=4, n_window=8, prefill_dense_tokens=8)
+    s = Session(tiny, selecting, RuntimeConfig(device="cpu", progress=False))
+    s.feed(list(range(1, 40)))
+    assert s.prefill_chunk == 4096  # the chunk selects its host rows: a quality setting, capped as on CUDA
     s = Session(tiny, RetrievalConfig(method="dense"), RuntimeConfig(device="cpu", progress=False, prefill_chunk=16))
     s.feed(list(range(1, 40)))
     assert s.prefill_chunk == 16
