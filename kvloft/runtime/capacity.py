@@ -16,8 +16,6 @@ from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.loader import Model
 from kvloft.scheduler.budget import (
-    SELECTING_CHUNK_MAX,
-    _selecting,
     available_bytes,
     dense_kv_bytes,
     fmt_bytes,
@@ -25,6 +23,7 @@ from kvloft.scheduler.budget import (
     plan_memory,
     static_tier_bytes,
 )
+from kvloft.scheduler.prefill_chunk import SELECTING_CHUNK_MAX, selecting
 from kvloft.tiers.kvcache import TieredKVCache
 
 __all__ = ["SessionLimits"]
@@ -50,7 +49,7 @@ class SessionLimits:
             return rt.prefill_chunk
         if dev.type != "cuda":
             chunk = rt.resolved_prefill_chunk(dev)
-            return min(chunk, SELECTING_CHUNK_MAX) if _selecting(rcfg, n) else chunk
+            return min(chunk, SELECTING_CHUNK_MAX) if selecting(rcfg, n) else chunk
         cache = backend.bytes().get("row_cache", 0) if isinstance(backend, TieredAttention) else 0
 
         def resident(m: int) -> int:
