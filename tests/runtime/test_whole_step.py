@@ -390,3 +390,80 @@ def test_captured_exact_whole_step_equals_the_same_step_eager():
     assert all(w._graph is not None for w in g_eng._wholes.values())
     assert all(w._graph is None for w in e_eng._wholes.values())
     assert exact_shape([s.backend for s in graphed]) is not None
+
+
+# ---- tiered rows: HiP's staged search ----------------------------------------------------------
+
+# two stages (chunks of 16 then 4 rows, 48 then the budget kept), refreshed every 4 and 2 steps,
+# staggered per layer; the Triton stage kernels (on the CPU through the interpreter), as on CUDA
+HIP_OPTIONS = {"chunk_rows": 64, "kernel": "triton", "chunk_sizes": (16, 4), "kept_tokens": (48, 24),
+               "refresh_steps": (4, 2)}
+HIP_DEV = RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP_OPTIONS, "keys_on": "device"})
+HIP_HOST = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "keys_on": "host"})
+
+
+def _hip_state(s: Session):
+    """A HiP row's search state: per layer its step, seen rows, budget, flags and masks (as lists)."""
+    out = []
+    for layer, st in sorted(s.backend.retriever.state.items()):
+        out.append((layer, st.step, st.seen, st.budget, st.refreshed,
+                    [None if m is None else m.tolist() for m in st.masks]))
+    return out
+
+
+def test_hip_rows_declare_a_captured_route(tiny):
+    """HiP with the Triton stage kernels is captured, its keys on the device or read in place from
+    the host tier; the torch search and extrapolate mode say why not."""
+    assert captured_route(_fed(tiny, 80, 1, HIP_DEV).backend) is None
+    host = _fed(tiny, 80, 1, HIP_HOST).backend
+    assert host.indexes.attached and captured_route(host) is None
+    torch_search = dataclasses.replace(HIP_DEV, options={**HIP_DEV.options, "kernel": "torch"})
+    for rcfg, word in ((torch_search, "torch"), (dataclasses.replace(HIP_DEV, position_mode="extrapolate"),
+                                                 "extrapolate")):
+        why = captured_route(_fed(tiny, 80, 1, rcfg).backend)
+        assert why is not None and word in why, why
+
+
+@pytest.mark.parametrize("rcfg", [HIP_DEV, HIP_HOST], ids=["keys_on=device", "keys_on=host"])
+def test_hip_whole_step_equals_segments_and_each_session_alone(tiny, rcfg):
+    """HiP rows of 110 tokens (74 host rows: both stages search) and 50 (14: below the budget, every
+    row selected), the first two steps ahead (another refresh phase; its layers staggered by one):
+    3 greedy whole steps give the tokens of the segmented engine and of each session alone, the
+    same search state (stage masks, seen rows, steps) and counters; logits within LOGIT_TOL."""
+    lengths = [110, 50]
+    alone, segmented, whole = ([_fed(tiny, n, seed, rcfg) for seed, n in enumerate(lengths)] for _ in range(3))
+    for s in (alone[0], segmented[0], whole[0]):
+        for t in range(2):
+            s.step(30 + t)
+    want = []
+    for s in alone:
+        out = []
+        for _ in range(3):
+            out.append(int(s.last_logits.argmax()))
+            s.step(out[-1])
+        want.append(out)
+    eng = Engine(tiny, graphs="whole")
+    assert Engine(tiny, graphs="segments").generate(segmented, 3, stop_at_eos=False) == want
+    assert eng.generate(whole, 3, stop_at_eos=False) == want
+    assert eng.route_counts == {"whole": 3, "segments": 0, "eager": 0} and eng.last_route_why is None
+    assert whole[0].backend.retriever.stats()["refreshes"][0] >= 2  # stage 1 ran inside the step
+    for a, w in zip(alone, whole, strict=True):
+        assert _counters(w) == _counters(a) and _hip_state(w) == _hip_state(a)
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+
+
+def test_hip_and_dense_rows_join_and_leave_the_whole_step(tiny):
+    """Two HiP rows and a dense row in buckets 4, 1, 2 (the HiP rows in other slots: their masks
+    move), then a HiP row alone through the segmented engine (its masks, views of the step's
+    buffer, detached and replaced) and back: every step's rows equal the sessions stepped alone,
+    and the search state too."""
+    specs = [(100, HIP_DEV), (40, DENSE), (90, HIP_DEV)]
+    alone, whole = ([_fed(tiny, n, seed, r) for seed, (n, r) in enumerate(specs)] for _ in range(2))
+    eng, seg = Engine(tiny, graphs="whole"), Engine(tiny, graphs="segments")
+    for rows, tok, e in (([0, 1, 2], 5, eng), ([1], 9, eng), ([2, 0], 13, eng), ([0], 17, seg), ([0, 2], 21, eng)):
+        got = e.step([(whole[i], tok + i) for i in rows])
+        for j, i in enumerate(rows):
+            assert _rel(got[j], alone[i].step(tok + i)) < LOGIT_TOL
+    assert eng.route_counts["whole"] == 4
+    for i in (0, 2):
+        assert _counters(whole[i]) == _counters(alone[i]) and _hip_state(whole[i]) == _hip_state(alone[i])
