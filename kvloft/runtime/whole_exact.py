@@ -173,18 +173,20 @@ class ExactTables:
 
     def _fill_rows(self, col: np.ndarray, b: int, be: TieredAttention, layer: int, store: Any, n_read: int) -> None:
         """Row b's numbers of one layer into col [columns]: store the key copy (ChunkedRows) the
-        search reads, n_read the selected host rows the attention reads."""
+        search reads, None where it reads the host tier's own keys (no wait on the host for the
+        copy down: the replay's stream waits); n_read the selected host rows the attention reads."""
         sh, nb = self.shape, self.batch
         tiers = be.cache.layers[layer]
         stream = torch.cuda.current_stream(tiers.k.device) if tiers.k.is_cuda else None
         host = list(tiers.host_chunk_pairs(stream))  # the replay waits for the copy down in flight
-        n = len(store)
+        n = tiers.n_host if store is None else len(store)
         assert n == tiers.n_host and n <= sh.cap, (n, tiers.n_host, sh.cap)
         col[b] = tiers.pos.data_ptr()
-        col[nb + b], col[2 * nb + b], col[3 * nb + b] = n, b * sh.kc, store.chunk_rows
+        rows = be.cache.host_chunk if store is None else store.chunk_rows
+        col[nb + b], col[2 * nb + b], col[3 * nb + b] = n, b * sh.kc, rows
         col[4 * nb + 5 * b : 4 * nb + 5 * b + 5] = (b * sh.hc, be.cache.host_chunk, 0, 0, n_read)
         a = 9 * nb + b * sh.kc
-        chunks = store.chunks[: -(-n // store.chunk_rows)]
+        chunks = [kc for _, kc, _ in host] if store is None else store.chunks[: -(-n // rows)]
         col[a : a + len(chunks)] = [c.data_ptr() for c in chunks]
         a = 9 * nb + nb * sh.kc + b * sh.hc
         col[a : a + len(host)] = [kc.data_ptr() for _, kc, _ in host]

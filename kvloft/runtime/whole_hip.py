@@ -130,9 +130,16 @@ def hip_shape(tiered: list[TieredAttention]) -> HipShape:
     width = _pow2(max(max(be.rcfg.budget for be in tiered), 1))
     n_host = max(t.n_host for be in tiered for t in be.cache.layers)
     cap = _pow2(max(n_host, width, BLOCK_N, p.chunk_sizes[0]))
-    kc = max(-(-cap // be.retriever._keys_of(0).chunk_rows) for be in tiered)
+    kc = max(-(-cap // _key_chunk_rows(be)) for be in tiered)
     hc = max(-(-cap // be.cache.host_chunk) for be in tiered)
     return HipShape(cap, width, kc, hc, p.chunk_sizes, p.kept_tokens, p.probe)
+
+
+def _key_chunk_rows(be: TieredAttention) -> int:
+    """Rows per chunk of the keys a HiP row searches: its host tier's (keys_on="host", read in
+    place) or its key copy's."""
+    hip = be.retriever
+    return be.cache.host_chunk if 0 in hip.tiers else hip.keys[0].chunk_rows
 
 
 @dataclass
@@ -213,14 +220,16 @@ class HipTables(ExactTables):
 
     def _fill(self, col: np.ndarray, b: int, be: TieredAttention, layer: int) -> None:
         hip = be.retriever
-        store = hip._keys_of(layer)
-        plan = self._plans[(b, layer)] = _plan(hip, layer, len(store), be.rcfg.budget)
+        store = None if layer in hip.tiers else hip.keys[layer]  # None: the host tier's keys, in place
+        n = be.cache.layers[layer].n_host if store is None else len(store)
+        plan = self._plans[(b, layer)] = _plan(hip, layer, n, be.rcfg.budget)
         self._fill_rows(col, b, be, layer, store, plan.n_sel)
+        rows = be.cache.host_chunk if store is None else store.chunk_rows
         sh, nb = self.shape, self.batch
         a = nb * (_FIXED + sh.kc + 2 * sh.hc)
         for s, (n_full, keep, n_cand, m_out, refresh, m_prev, seen_prev) in enumerate(plan.stages):
             block = col[a + s * _STAGE * nb : a + (s + 1) * _STAGE * nb].reshape(_STAGE, nb)
-            block[:, b] = (n_full, b * sh.kc, store.chunk_rows, keep, n_cand, m_out, refresh, m_prev, seen_prev)
+            block[:, b] = (n_full, b * sh.kc, rows, keep, n_cand, m_out, refresh, m_prev, seen_prev)
         a += len(plan.stages) * _STAGE * nb
         col[a + b], col[a + nb + b], col[a + 2 * nb + b] = plan.fresh, plan.seen, plan.n_sel
 
@@ -257,8 +266,9 @@ class HipTables(ExactTables):
         for layer, tiers in enumerate(be.cache.layers):
             tiers.count_put()
             plan, st = self._plans[(b, layer)], hip.state[layer]
-            if plan.every:
-                hip._select_all(layer, plan.n, plan.budget)  # drops the masks, counts the call
+            if plan.every:  # as _select_all: the masks dropped, the call counted
+                st.step, st.masks, st.refreshed = st.step + 1, [None] * len(st.masks), (False,) * len(st.masks)
+                hip._stats.record(Selection(ids=hip._count(plan.n_sel), scanned=0, padded=False))
                 continue
             for i, fields in enumerate(plan.stages):
                 if fields[4]:
