@@ -1,6 +1,6 @@
 """The whole decode step (runtime/whole_step.py, Engine(graphs="whole")): one graph of the whole
-step, attention inside, for batches of dense rows and of exact rows with their keys on the
-device (runtime/whole_exact.py); equal to the segmented step and to each session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
+step, attention inside, for batches of dense rows, of exact rows with their keys on the
+device (runtime/whole_exact.py) and of HiP rows (runtime/whole_hip.py); equal to the segmented step and to each session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
 interpreter (fp32). GPU (marked): captured, replayed and held against the eager step.
 
 Bound: the whole step's attention is the split-K Triton kernel where the segmented step and a
@@ -402,12 +402,13 @@ HIP_DEV = RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, option
 HIP_HOST = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "keys_on": "host"})
 
 
-def _hip_state(s: Session):
-    """A HiP row's search state: per layer its step, seen rows, budget, flags and masks (as lists)."""
+def _hip_state(s: Session, ids: bool = True):
+    """A HiP row's search state: per layer its step, seen rows, budget, flags and masks (as lists;
+    ids=False: their lengths, where queries of other GEMM shapes may break a near tie otherwise)."""
     out = []
     for layer, st in sorted(s.backend.retriever.state.items()):
-        out.append((layer, st.step, st.seen, st.budget, st.refreshed,
-                    [None if m is None else m.tolist() for m in st.masks]))
+        masks = [None if m is None else (m.tolist() if ids else m.numel()) for m in st.masks]
+        out.append((layer, st.step, st.seen, st.budget, st.refreshed, masks))
     return out
 
 
@@ -467,3 +468,64 @@ def test_hip_and_dense_rows_join_and_leave_the_whole_step(tiny):
     assert eng.route_counts["whole"] == 4
     for i in (0, 2):
         assert _counters(whole[i]) == _counters(alone[i]) and _hip_state(whole[i]) == _hip_state(alone[i])
+
+
+# three stages as InfiniteHiP's, scaled to a few thousand host rows
+HIP_CUDA_OPTIONS = {"chunk_sizes": (64, 16, 4), "kept_tokens": (1024, 768, 256), "refresh_steps": (8, 4, 2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys_on", ["device", "host"])
+def test_cuda_hip_whole_step_equals_each_session_alone(keys_on):
+    """fp32 on CUDA, HiP rows (keys on the device, or the host tier's pinned keys read in place;
+    batched evictions of 64 moved down in the plan phase): 40 greedy captured steps over rows of
+    2472, 700 and 200 host rows (the last below the budget of 256) equal each session stepped
+    alone (its segmented graphs, its own search), search state and counters alike."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=512,
+                           options={**HIP_CUDA_OPTIONS, "keys_on": keys_on})
+    lengths = [3000, 700 + 528, 200 + 528]
+    alone = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    whole = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    want = []
+    for s in alone:
+        out = []
+        for _ in range(40):
+            out.append(int(s.last_logits.argmax()))
+            s.step(out[-1])
+        want.append(out)
+    eng = Engine(model, graphs="whole")
+    assert eng.generate(whole, 40, stop_at_eos=False) == want
+    assert eng.route_counts["whole"] == 40 and all(w._graph is not None for w in eng._wholes.values())
+    for a, w in zip(alone, whole, strict=True):
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+        assert _counters(w) == _counters(a) and _hip_state(w, ids=False) == _hip_state(a, ids=False)
+
+
+@pytest.mark.gpu
+def test_captured_hip_whole_step_equals_the_same_step_eager():
+    """bf16 on CUDA, dense and HiP rows joining and leaving (their masks moving between slots and
+    steps): each captured replay gives the logits of the same whole step run eagerly."""
+    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
+    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
+                           options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
+    specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (1513, rcfg)]
+    graphed = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
+    eager = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
+    g_eng, e_eng = Engine(model, graphs="whole"), Engine(model, graphs="whole")
+
+    def eager_whole(n, shape=None):
+        key = e_eng._bucket(n) if shape is None else (e_eng._bucket(n), shape)
+        if key not in e_eng._wholes:
+            e_eng._wholes[key] = WholeStep(model.net, capture=False, batch=e_eng._bucket(n), shape=shape)
+        return e_eng._wholes[key]
+
+    e_eng._whole_for = eager_whole
+    for step, rows in enumerate(([0, 1], [2], [0, 1, 2, 3], [3, 1], [0, 1, 2, 3], [2, 0, 3], [0, 2, 3])):
+        pairs = [(i, (step * 31 + 7 * i) % 512) for i in rows]
+        got = g_eng.step([(graphed[i], t) for i, t in pairs])
+        ref = e_eng.step([(eager[i], t) for i, t in pairs])
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    assert g_eng.route_counts["whole"] == 7 and all(w._graph is not None for w in g_eng._wholes.values())
+    for i in (0, 2, 3):
+        assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
