@@ -11,6 +11,7 @@ host rows) merged by log-sum-exp where the segmented step takes one softmax: the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -469,6 +470,30 @@ def test_hip_and_dense_rows_join_and_leave_the_whole_step(tiny):
     for i in (0, 2):
         assert _counters(whole[i]) == _counters(alone[i]) and _hip_state(whole[i]) == _hip_state(alone[i])
 
+
+
+def test_a_failed_hip_whole_step_rolls_every_row_back(tiny):
+    """A NaN row in a whole step of two HiP rows (the step rewrote masks in its buffer):
+    both roll back (tokens, tiers, search state as marked) and go on equal to twins that never
+    saw it, their restored masks copied into the step's buffer again."""
+    model = load_model("tiny", device="cpu", dtype="float32", seed=5)
+    sessions, twins = ([_fed(model, n, seed, HIP_DEV) for seed, n in enumerate((100, 80))] for _ in range(2))
+    eng = Engine(model, graphs="whole")
+    eng.step([(sessions[0], 5), (sessions[1], 6)])  # masks in the step's buffer, the rows' state views of it
+    for t, tok in zip(twins, (5, 6), strict=True):
+        t.step(tok)
+    before = [copy.deepcopy((_counters(s), _hip_state(s))) for s in sessions]  # stats hold live lists
+    with torch.no_grad():
+        model.net.embed_tokens.weight[7] = float("nan")
+    with pytest.raises(NonFiniteError, match="pair 1"):
+        eng.step([(sessions[0], 3), (sessions[1], 7)])
+    assert eng.route_counts["whole"] == 2
+    for s, (counters, state) in zip(sessions, before, strict=True):
+        assert _counters(s) == counters and _hip_state(s) == state and s.backend.room_made == set()
+    got = eng.step([(sessions[0], 3), (sessions[1], 4)])
+    for b, (t, tok) in enumerate(zip(twins, (3, 4), strict=True)):
+        assert _rel(got[b], t.step(tok)) < LOGIT_TOL
+    assert all(_hip_state(s) == _hip_state(t) for s, t in zip(sessions, twins, strict=True))
 
 # three stages as InfiniteHiP's, scaled to a few thousand host rows
 HIP_CUDA_OPTIONS = {"chunk_sizes": (64, 16, 4), "kept_tokens": (1024, 768, 256), "refresh_steps": (8, 4, 2)}
