@@ -2,7 +2,9 @@
 # One device call for the code merged since the last GPU run: the GPU tests of the flash prefill,
 # the batched search, the K-quant storage and the whole step as one graph; then prefill against HF
 # with the planned chunk, batch 1 with segmented graphs against one replay a step, batch 8 with the
-# shared search against @rowsearch, and 8 x 128K with fp8 host tiers; each within a time limit and
+# shared search against @rowsearch, HiP (keys on the host and on the device) through the segmented
+# engine against the whole step (@wholegraph: its staged search inside the graph), and 8 x 128K
+# with fp8 host tiers; each within a time limit and
 # all within TOTAL seconds (default 540); JSON and text under $OUT, archived in one file.
 # Usage (GPU machine, repo root):  TOTAL=540 bash bench/gpu_s20.sh
 set -u
@@ -21,11 +23,11 @@ KVLOFT_TEST_CUDA=1 timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovide
   > "$O/gpu_tests.txt" 2>&1; tail -25 "$O/gpu_tests.txt"
 timeout "$(left 60)" python3 bench/prefill_speed.py --lengths 8k,30k --chunks 4096,auto --methods dense \
   --repeats 2 --out "$O" > "$O/prefill_speed.txt" 2>&1; grep -v '^{' "$O/prefill_speed.txt" | tail -8
-timeout "$(left 130)" python3 bench/decode.py --presets llama3-8b --contexts 32k,128k \
-  --methods dense,dense@wholegraph,hip:keys_on=host,exact:keys_on=device@engine,exact:keys_on=device@wholegraph --batch 1 --steps 24 --host-memory 100GiB \
+timeout "$(left 170)" python3 bench/decode.py --presets llama3-8b --contexts 32k,128k \
+  --methods dense,dense@wholegraph,hip:keys_on=host,hip:keys_on=host@engine,hip:keys_on=host@wholegraph,hip:keys_on=device@wholegraph,exact:keys_on=device@engine,exact:keys_on=device@wholegraph --batch 1 --steps 24 --host-memory 100GiB \
   --tag b1 --out "$O" 2>&1 | grep -v '^{' | tail -8
-timeout "$(left 100)" python3 bench/decode.py --presets llama3-8b --contexts 32k \
-  --methods hip:keys_on=host,hip:keys_on=host@rowsearch,dense,dense@wholegraph,exact:keys_on=device,exact:keys_on=device@wholegraph --batch 8 --steps 24 \
+timeout "$(left 140)" python3 bench/decode.py --presets llama3-8b --contexts 32k \
+  --methods hip:keys_on=host,hip:keys_on=host@rowsearch,hip:keys_on=host@wholegraph,hip:keys_on=device,hip:keys_on=device@wholegraph,dense,dense@wholegraph,exact:keys_on=device,exact:keys_on=device@wholegraph --batch 8 --steps 24 \
   --host-memory 100GiB --tag b8 --out "$O" 2>&1 | grep -v '^{' | tail -6
 timeout "$(left 90)" python3 bench/decode.py --presets llama3-8b --contexts 128k --methods hip:keys_on=host \
   --host-dtype fp8 --batch 8 --steps 16 --host-memory 110GiB --tag b8-128k-fp8 --out "$O" 2>&1 | grep -v '^{' | tail -2

@@ -318,13 +318,16 @@ class HipRetriever:
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "refreshes": list(s.extra["refreshes"])}
+        masks: dict[str, Tensor] = {}
         for layer, st in self.state.items():
             p = f"layer{layer}."
             out.update({p + "step": st.step, p + "offset": st.offset, p + "budget": st.budget,
                         p + "seen": list(st.seen), p + "refreshed": list(st.refreshed)})
-            for i, mask in enumerate(st.masks):
-                if mask is not None:
-                    out[f"{p}mask{i}"] = mask.cpu()  # int64 [M_i] host rows
+            masks.update({f"{p}mask{i}": m for i, m in enumerate(st.masks) if m is not None})
+        if masks:  # int64 [M_i] host rows each: one copy to the host for all (a session marks every step)
+            flat = torch.cat(list(masks.values())).cpu()
+            parts = flat.split([m.numel() for m in masks.values()])
+            out.update({key: part.clone() for key, part in zip(masks, parts, strict=True)})
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -224,8 +224,11 @@ def hip_search_kernel(
         row0 = c * CHUNK
     else:
         row0 = cand_ptr + g * stride_cg + c * stride_cc
-    rep, best = _search_chunk(table_ptr, k_ptr, tb, row0, live, end, rows, kv_off, q, hmask, kmask, stride_kn,
-                              CHUNK, LOG2_CHUNK, MIDDLE, IMPLICIT, TABLE)
+    rep = tl.full([], -1, tl.int64)
+    best = tl.full([], float("-inf"), tl.float32)
+    if live:  # a dead chunk (past its row's count: a padded grid) runs no search
+        rep, best = _search_chunk(table_ptr, k_ptr, tb, row0, live, end, rows, kv_off, q, hmask, kmask,
+                                  stride_kn, CHUNK, LOG2_CHUNK, MIDDLE, IMPLICIT, TABLE)
     tl.store(rep_ptr + g * n_cols + c, rep)
     tl.store(score_ptr + g * n_cols + c, tl.where(live, best, float("-inf")))
 

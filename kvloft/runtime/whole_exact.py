@@ -63,6 +63,10 @@ class ExactShape(NamedTuple):
         """int64 numbers per layer of the step's table."""
         return batch * (_FIXED + self.kc + 2 * self.hc)
 
+    def tables(self, batch: int, n_layers: int, flat: Tensor) -> ExactTables:
+        """The step's tiered columns over flat [n_layers * columns(batch)] int64."""
+        return ExactTables(self, batch, n_layers, flat)
+
 
 def exact_route(be: TieredAttention) -> str | None:
     """Why `be`'s decode step cannot run inside the whole step, or None where it can: exact
@@ -71,7 +75,7 @@ def exact_route(be: TieredAttention) -> str | None:
     r, rc = be.retriever, be.rcfg
     if type(r) is not ExactRetriever:
         return (f"its retriever ({type(r).__name__}) selects with host work or sizes that vary; of the "
-                "tiered routes only exact with keys_on='device' is captured")
+                "tiered routes only exact with keys_on='device' and hip are captured")
     if rc.position_mode != "exact":
         return "extrapolate mode remaps the positions of the rows it selects per step"
     if not be.plans_room():
@@ -98,6 +102,12 @@ def _pow2(n: int) -> int:
 def shape_why(backends: list[Any]) -> str | None:
     """Why these rows (each with a captured route) cannot share one step, or None."""
     tiered = [be for be in backends if isinstance(be, TieredAttention)]
+    if len({type(be.retriever) for be in tiered}) > 1:
+        return "the batch's tiered rows retrieve with different methods (exact and hip: two steps' shapes)"
+    if tiered and type(tiered[0].retriever) is not ExactRetriever:
+        from kvloft.runtime.whole_hip import hip_shape_why
+
+        return hip_shape_why(tiered)
     if len({be.retriever.cfg.gqa_reduce for be in tiered}) > 1:
         return "the rows' exact retrievers reduce their GQA groups differently (gqa_reduce)"
     n_host = max((be.cache.layers[0].n_host for be in tiered), default=0)
@@ -106,11 +116,16 @@ def shape_why(backends: list[Any]) -> str | None:
     return None
 
 
-def exact_shape(backends: list[Any]) -> ExactShape | None:
-    """The shape a step of these rows needs (after their make_room), None where none is tiered."""
+def exact_shape(backends: list[Any]) -> Any:
+    """The shape a step of these rows needs (after their make_room), None where none is tiered
+    (HiP rows: whole_hip.py HipShape)."""
     tiered = [be for be in backends if isinstance(be, TieredAttention)]
     if not tiered:
         return None
+    if type(tiered[0].retriever) is not ExactRetriever:
+        from kvloft.runtime.whole_hip import hip_shape  # whole_hip builds on this module
+
+        return hip_shape(tiered)
     width = max(max(be.rcfg.budget for be in tiered), 1)
     n_host = max(t.n_host for be in tiered for t in be.cache.layers)
     cap = _pow2(max(n_host, width, BLOCK_N))
@@ -133,7 +148,7 @@ class ExactTables:
         a = 9 * nb
         self.key_tab = per[:, a : a + nb * kc]  # [L, B * kc]
         self.hk_tab = per[:, a + nb * kc : a + nb * (kc + hc)]  # [L, B * hc]
-        self.hv_tab = per[:, a + nb * (kc + hc) :]  # [L, B * hc]
+        self.hv_tab = per[:, a + nb * (kc + hc) : a + nb * (kc + 2 * hc)]  # [L, B * hc]
 
     # ---- the host's part ---------------------------------------------------------------------
 
@@ -153,28 +168,34 @@ class ExactTables:
 
     def _fill(self, col: np.ndarray, b: int, be: TieredAttention, layer: int) -> None:
         """Row b's numbers of one layer into col [columns]."""
+        n = be.cache.layers[layer].n_host
+        self._fill_rows(col, b, be, layer, be.retriever.keys[layer], min(be.rcfg.budget, n))
+
+    def _fill_rows(self, col: np.ndarray, b: int, be: TieredAttention, layer: int, store: Any, n_read: int) -> None:
+        """Row b's numbers of one layer into col [columns]: store the key copy (ChunkedRows) the
+        search reads, None where it reads the host tier's own keys (no wait on the host for the
+        copy down: the replay's stream waits); n_read the selected host rows the attention reads."""
         sh, nb = self.shape, self.batch
-        tiers, store = be.cache.layers[layer], be.retriever.keys[layer]
+        tiers = be.cache.layers[layer]
         stream = torch.cuda.current_stream(tiers.k.device) if tiers.k.is_cuda else None
         host = list(tiers.host_chunk_pairs(stream))  # the replay waits for the copy down in flight
-        n = len(store)
+        n = tiers.n_host if store is None else len(store)
         assert n == tiers.n_host and n <= sh.cap, (n, tiers.n_host, sh.cap)
         col[b] = tiers.pos.data_ptr()
-        col[nb + b], col[2 * nb + b], col[3 * nb + b] = n, b * sh.kc, store.chunk_rows
-        budget = be.rcfg.budget if n else 0
-        col[4 * nb + 5 * b : 4 * nb + 5 * b + 5] = (b * sh.hc, be.cache.host_chunk, 0, 0, min(budget, n))
+        rows = be.cache.host_chunk if store is None else store.chunk_rows
+        col[nb + b], col[2 * nb + b], col[3 * nb + b] = n, b * sh.kc, rows
+        col[4 * nb + 5 * b : 4 * nb + 5 * b + 5] = (b * sh.hc, be.cache.host_chunk, 0, 0, n_read)
         a = 9 * nb + b * sh.kc
-        chunks = store.chunks[: -(-n // store.chunk_rows)]
+        chunks = [kc for _, kc, _ in host] if store is None else store.chunks[: -(-n // rows)]
         col[a : a + len(chunks)] = [c.data_ptr() for c in chunks]
         a = 9 * nb + nb * sh.kc + b * sh.hc
         col[a : a + len(host)] = [kc.data_ptr() for _, kc, _ in host]
         a += nb * sh.hc
         col[a : a + len(host)] = [vc.data_ptr() for _, _, vc in host]
 
-    @staticmethod
-    def after(be: TieredAttention) -> None:
-        """Row be's counters once the step ran: each layer's token counted in its static tier,
-        the selections in the retriever's and the backend's counters (as select() counts them)."""
+    def after(self, be: TieredAttention, b: int) -> None:
+        """Row be's (slot b's) counters once the step ran: each layer's token counted in its static
+        tier, the selections in the retriever's and the backend's counters (as select() counts them)."""
         hkv = be.cfg.n_kv_heads
         for tiers in be.cache.layers:
             tiers.count_put()
@@ -186,15 +207,19 @@ class ExactTables:
 
     # ---- the graph's part --------------------------------------------------------------------
 
-    def attend(self, layer: int, q: Tensor, like: Tensor, o_s: Tensor, lse_s: Tensor, scale: float,
-               splits: int) -> Tensor:
-        """q [B, H_q, D] over the static part (o_s [B, H_q, D], lse_s [B, H_q]) and the top-`width`
-        host rows of every row -> out [B, H_q, D]. Fixed shapes: capturable."""
+    def select(self, layer: int, q: Tensor, like: Tensor) -> Tensor:
+        """q [B, H_q, D] -> ids [B, H_kv, width] int64: each row's top host rows, best first, -1 padded."""
         sh = self.shape
         scores = score_batched(q, self.key_tab[layer], like, self.score_meta[layer], sh.cap,
                                reduce=sh.reduce)  # [B, H_kv, cap] fp32, -inf past each row's keys
         top = torch.topk(scores, sh.width, dim=-1)  # [B, H_kv, width], best first
-        ids = torch.where(top.values > float("-inf"), top.indices, -1)
+        return torch.where(top.values > float("-inf"), top.indices, -1)
+
+    def attend(self, layer: int, q: Tensor, like: Tensor, o_s: Tensor, lse_s: Tensor, scale: float,
+               splits: int) -> Tensor:
+        """q [B, H_q, D] over the static part (o_s [B, H_q, D], lse_s [B, H_q]) and the top-`width`
+        host rows of every row -> out [B, H_q, D]. Fixed shapes: capturable."""
+        ids = self.select(layer, q, like)
         o_h, lse_h = attend_table_fixed(q, like, self.hk_tab[layer], self.hv_tab[layer], self.host_meta[layer],
                                         scale=scale, num_splits=splits, ids=ids)
         # the Triton merge on CUDA (one launch), its torch twin elsewhere (the interpreter's programs

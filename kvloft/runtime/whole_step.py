@@ -29,8 +29,12 @@ TieredAttention can where its retriever is exact with its keys on the device (wh
 exact_route): the rows its ring displaces moved down in the plan phase (make_room), the
 layer writes its token into the freed slot, scores the key copy over a fixed capacity, takes
 the top-k of a fixed width and attends to the static tier and the selected host rows in two
-fixed launches, merged (whole_exact.py). Other retrievers select per layer on the host or
-with sizes that vary: the engine runs the segmented graphs for them. A batch with a tiered
+fixed launches, merged (whole_exact.py); and where its retriever is HiP with the Triton stage
+kernels (whole_hip.py tiered_route), keys on the device or read in place from the host tier:
+the plan phase computes which stages refresh and every count of the search, the graph runs
+each stage as one fixed-grid launch over the batch, its masks kept in the step's buffer.
+Other retrievers select per layer on the host or with sizes that vary: the engine runs the
+segmented graphs for them. A batch with a tiered
 row runs the tiered graph (its dense rows read no host rows); a dense batch the dense one.
 The same code runs eagerly (capture=False): on the CPU through the Triton interpreter, which
 is how it is tested.
@@ -54,7 +58,8 @@ from kvloft.kernels.table_rows import write_rows_table
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.model import Transformer
-from kvloft.runtime.whole_exact import ExactShape, ExactTables, exact_route, shape_why
+from kvloft.runtime.whole_exact import ExactShape, shape_why
+from kvloft.runtime.whole_hip import HipShape, tiered_route
 
 __all__ = ["ROUTES", "WholeStep", "captured_route", "not_whole"]
 
@@ -64,7 +69,7 @@ log = logging.getLogger(__name__)
 # A type not listed cannot.
 ROUTES: dict[type, str | None | Callable[[Any], str | None]] = {
     DenseAttention: None,
-    TieredAttention: exact_route,
+    TieredAttention: tiered_route,
 }
 _TIERED_WHY = ("tiered attention appends to a ring whose evictions copy rows to the host tier, and its "
                "retriever selects per layer with host work or varying sizes")
@@ -105,7 +110,7 @@ class WholeStep:
     shape: None for dense rows only; the sizes of the tiered step (whole_exact.py exact_shape)
     where a row is tiered."""
 
-    def __init__(self, net: Transformer, capture: bool, batch: int, shape: ExactShape | None = None) -> None:
+    def __init__(self, net: Transformer, capture: bool, batch: int, shape: ExactShape | HipShape | None = None) -> None:
         w = net.embed_tokens.weight
         if capture and w.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device; use capture=False")
@@ -127,7 +132,7 @@ class WholeStep:
         cols = self._flat[2 * batch : 2 * batch + nl * batch * _COLUMNS].view(nl, _COLUMNS, batch)
         self.k_tab, self.v_tab, self.rows = cols[:, 0], cols[:, 1], cols[:, 2]  # [L, B] each, rows contiguous
         self.meta = self._flat[2 * batch + nl * batch * _COLUMNS : dense_end].view(nl, batch, 5)  # [L, B, 5]
-        self.exact = None if shape is None else ExactTables(shape, batch, nl, self._flat[dense_end:])
+        self.exact = None if shape is None else shape.tables(batch, nl, self._flat[dense_end:])
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: Tensor | None = None
 
@@ -216,9 +221,9 @@ class WholeStep:
             logits = self._logits
         else:
             logits = self._forward()
-        for be in backends:
+        for b, be in enumerate(backends):
             if isinstance(be, TieredAttention):
-                ExactTables.after(be)
+                self.exact.after(be, b)
                 continue
             for store in be.layers:
                 store.n += 1

@@ -1,6 +1,6 @@
 """The whole decode step (runtime/whole_step.py, Engine(graphs="whole")): one graph of the whole
-step, attention inside, for batches of dense rows and of exact rows with their keys on the
-device (runtime/whole_exact.py); equal to the segmented step and to each session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
+step, attention inside, for batches of dense rows, of exact rows with their keys on the
+device (runtime/whole_exact.py) and of HiP rows (runtime/whole_hip.py); equal to the segmented step and to each session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
 interpreter (fp32). GPU (marked): captured, replayed and held against the eager step.
 
 Bound: the whole step's attention is the split-K Triton kernel where the segmented step and a
@@ -11,6 +11,7 @@ host rows) merged by log-sum-exp where the segmented step takes one softmax: the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -390,3 +391,166 @@ def test_captured_exact_whole_step_equals_the_same_step_eager():
     assert all(w._graph is not None for w in g_eng._wholes.values())
     assert all(w._graph is None for w in e_eng._wholes.values())
     assert exact_shape([s.backend for s in graphed]) is not None
+
+
+# ---- tiered rows: HiP's staged search ----------------------------------------------------------
+
+# two stages (chunks of 16 then 4 rows, 48 then the budget kept), refreshed every 4 and 2 steps,
+# staggered per layer; the Triton stage kernels (on the CPU through the interpreter), as on CUDA
+HIP_OPTIONS = {"chunk_rows": 64, "kernel": "triton", "chunk_sizes": (16, 4), "kept_tokens": (48, 24),
+               "refresh_steps": (4, 2)}
+HIP_DEV = RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP_OPTIONS, "keys_on": "device"})
+HIP_HOST = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "keys_on": "host"})
+
+
+def _hip_state(s: Session, ids: bool = True):
+    """A HiP row's search state: per layer its step, seen rows, budget, flags and masks (as lists;
+    ids=False: their lengths, where queries of other GEMM shapes may break a near tie otherwise)."""
+    out = []
+    for layer, st in sorted(s.backend.retriever.state.items()):
+        masks = [None if m is None else (m.tolist() if ids else m.numel()) for m in st.masks]
+        out.append((layer, st.step, st.seen, st.budget, st.refreshed, masks))
+    return out
+
+
+def test_hip_rows_declare_a_captured_route(tiny):
+    """HiP with the Triton stage kernels is captured, its keys on the device or read in place from
+    the host tier; the torch search and extrapolate mode say why not."""
+    assert captured_route(_fed(tiny, 80, 1, HIP_DEV).backend) is None
+    host = _fed(tiny, 80, 1, HIP_HOST).backend
+    assert host.indexes.attached and captured_route(host) is None
+    torch_search = dataclasses.replace(HIP_DEV, options={**HIP_DEV.options, "kernel": "torch"})
+    for rcfg, word in ((torch_search, "torch"), (dataclasses.replace(HIP_DEV, position_mode="extrapolate"),
+                                                 "extrapolate")):
+        why = captured_route(_fed(tiny, 80, 1, rcfg).backend)
+        assert why is not None and word in why, why
+
+
+@pytest.mark.parametrize("rcfg", [HIP_DEV, HIP_HOST], ids=["keys_on=device", "keys_on=host"])
+def test_hip_whole_step_equals_segments_and_each_session_alone(tiny, rcfg):
+    """HiP rows of 110 tokens (74 host rows: both stages search) and 50 (14: below the budget, every
+    row selected), the first two steps ahead (another refresh phase; its layers staggered by one):
+    3 greedy whole steps give the tokens of the segmented engine and of each session alone, the
+    same search state (stage masks, seen rows, steps) and counters; logits within LOGIT_TOL."""
+    lengths = [110, 50]
+    alone, segmented, whole = ([_fed(tiny, n, seed, rcfg) for seed, n in enumerate(lengths)] for _ in range(3))
+    for s in (alone[0], segmented[0], whole[0]):
+        for t in range(2):
+            s.step(30 + t)
+    want = []
+    for s in alone:
+        out = []
+        for _ in range(3):
+            out.append(int(s.last_logits.argmax()))
+            s.step(out[-1])
+        want.append(out)
+    eng = Engine(tiny, graphs="whole")
+    assert Engine(tiny, graphs="segments").generate(segmented, 3, stop_at_eos=False) == want
+    assert eng.generate(whole, 3, stop_at_eos=False) == want
+    assert eng.route_counts == {"whole": 3, "segments": 0, "eager": 0} and eng.last_route_why is None
+    assert whole[0].backend.retriever.stats()["refreshes"][0] >= 2  # stage 1 ran inside the step
+    for a, w in zip(alone, whole, strict=True):
+        assert _counters(w) == _counters(a) and _hip_state(w) == _hip_state(a)
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+
+
+def test_hip_and_dense_rows_join_and_leave_the_whole_step(tiny):
+    """Two HiP rows and a dense row in buckets 4, 1, 2 (the HiP rows in other slots: their masks
+    move), then a HiP row alone through the segmented engine (its masks, views of the step's
+    buffer, detached and replaced) and back: every step's rows equal the sessions stepped alone,
+    and the search state too."""
+    specs = [(100, HIP_DEV), (40, DENSE), (90, HIP_DEV)]
+    alone, whole = ([_fed(tiny, n, seed, r) for seed, (n, r) in enumerate(specs)] for _ in range(2))
+    eng, seg = Engine(tiny, graphs="whole"), Engine(tiny, graphs="segments")
+    for rows, tok, e in (([0, 1, 2], 5, eng), ([1], 9, eng), ([2, 0], 13, eng), ([0], 17, seg), ([0, 2], 21, eng)):
+        got = e.step([(whole[i], tok + i) for i in rows])
+        for j, i in enumerate(rows):
+            assert _rel(got[j], alone[i].step(tok + i)) < LOGIT_TOL
+    assert eng.route_counts["whole"] == 4
+    for i in (0, 2):
+        assert _counters(whole[i]) == _counters(alone[i]) and _hip_state(whole[i]) == _hip_state(alone[i])
+
+
+
+def test_a_failed_hip_whole_step_rolls_every_row_back(tiny):
+    """A NaN row in a whole step of two HiP rows (the step rewrote masks in its buffer):
+    both roll back (tokens, tiers, search state as marked) and go on equal to twins that never
+    saw it, their restored masks copied into the step's buffer again."""
+    model = load_model("tiny", device="cpu", dtype="float32", seed=5)
+    sessions, twins = ([_fed(model, n, seed, HIP_DEV) for seed, n in enumerate((100, 80))] for _ in range(2))
+    eng = Engine(model, graphs="whole")
+    eng.step([(sessions[0], 5), (sessions[1], 6)])  # masks in the step's buffer, the rows' state views of it
+    for t, tok in zip(twins, (5, 6), strict=True):
+        t.step(tok)
+    before = [copy.deepcopy((_counters(s), _hip_state(s))) for s in sessions]  # stats hold live lists
+    with torch.no_grad():
+        model.net.embed_tokens.weight[7] = float("nan")
+    with pytest.raises(NonFiniteError, match="pair 1"):
+        eng.step([(sessions[0], 3), (sessions[1], 7)])
+    assert eng.route_counts["whole"] == 2
+    for s, (counters, state) in zip(sessions, before, strict=True):
+        assert _counters(s) == counters and _hip_state(s) == state and s.backend.room_made == set()
+    got = eng.step([(sessions[0], 3), (sessions[1], 4)])
+    for b, (t, tok) in enumerate(zip(twins, (3, 4), strict=True)):
+        assert _rel(got[b], t.step(tok)) < LOGIT_TOL
+    assert all(_hip_state(s) == _hip_state(t) for s, t in zip(sessions, twins, strict=True))
+
+# three stages as InfiniteHiP's, scaled to a few thousand host rows
+HIP_CUDA_OPTIONS = {"chunk_sizes": (64, 16, 4), "kept_tokens": (1024, 768, 256), "refresh_steps": (8, 4, 2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys_on", ["device", "host"])
+def test_cuda_hip_whole_step_equals_each_session_alone(keys_on):
+    """fp32 on CUDA, HiP rows (keys on the device, or the host tier's pinned keys read in place;
+    batched evictions of 64 moved down in the plan phase): 40 greedy captured steps over rows of
+    2472, 700 and 200 host rows (the last below the budget of 256) equal each session stepped
+    alone (its segmented graphs, its own search), search state and counters alike."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=512,
+                           options={**HIP_CUDA_OPTIONS, "keys_on": keys_on})
+    lengths = [3000, 700 + 528, 200 + 528]
+    alone = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    whole = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    want = []
+    for s in alone:
+        out = []
+        for _ in range(40):
+            out.append(int(s.last_logits.argmax()))
+            s.step(out[-1])
+        want.append(out)
+    eng = Engine(model, graphs="whole")
+    assert eng.generate(whole, 40, stop_at_eos=False) == want
+    assert eng.route_counts["whole"] == 40 and all(w._graph is not None for w in eng._wholes.values())
+    for a, w in zip(alone, whole, strict=True):
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+        assert _counters(w) == _counters(a) and _hip_state(w, ids=False) == _hip_state(a, ids=False)
+
+
+@pytest.mark.gpu
+def test_captured_hip_whole_step_equals_the_same_step_eager():
+    """bf16 on CUDA, dense and HiP rows joining and leaving (their masks moving between slots and
+    steps): each captured replay gives the logits of the same whole step run eagerly."""
+    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
+    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
+                           options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
+    specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (1513, rcfg)]
+    graphed = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
+    eager = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
+    g_eng, e_eng = Engine(model, graphs="whole"), Engine(model, graphs="whole")
+
+    def eager_whole(n, shape=None):
+        key = e_eng._bucket(n) if shape is None else (e_eng._bucket(n), shape)
+        if key not in e_eng._wholes:
+            e_eng._wholes[key] = WholeStep(model.net, capture=False, batch=e_eng._bucket(n), shape=shape)
+        return e_eng._wholes[key]
+
+    e_eng._whole_for = eager_whole
+    for step, rows in enumerate(([0, 1], [2], [0, 1, 2, 3], [3, 1], [0, 1, 2, 3], [2, 0, 3], [0, 2, 3])):
+        pairs = [(i, (step * 31 + 7 * i) % 512) for i in rows]
+        got = g_eng.step([(graphed[i], t) for i, t in pairs])
+        ref = e_eng.step([(eager[i], t) for i, t in pairs])
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    assert g_eng.route_counts["whole"] == 7 and all(w._graph is not None for w in g_eng._wholes.values())
+    for i in (0, 2, 3):
+        assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)

@@ -1,0 +1,328 @@
+"""HiP rows inside the whole decode step (runtime/whole_step.py): the staged search as fixed-shape work.
+
+A HiP row (index/hip.py) narrows its host rows stage by stage and caches each stage's mask
+for some steps (refresh_steps, staggered per layer). Everything about a step that is not
+the keys' values is known on the host before the layers run: which stages of which layer
+refresh (HipRetriever._refresh_flags), how many candidates each stage has, how many whole
+chunks it searches and keeps, how long its new mask is, how many rows the selection holds.
+So the plan phase computes those numbers (`_plan`, the arithmetic of select()) and passes
+them as data, per layer, stage and row, in the step's table; the graph does the same work
+every step with shapes fixed by (batch bucket, capacity `cap`, budget width):
+
+    per stage i   candidates [B, cap]: stage 1 the host rows 0..n-1 (implicit); later ones the
+                  previous stage's mask then the rows that arrived since it ran, -1 past
+                  the count; hip_stage_batched over cap / l_i chunk columns, each row's
+                  live chunks read from the table (0 where the stage does not refresh this
+                  step: its programs read nothing); a stable sort; the kept chunks' rows then
+                  the uncut tail -> the new mask, written over the row's mask buffer where
+                  the stage refreshes (a select on the device, no branch)
+    selection     the rows that arrived since the last stage ran, then its mask, to the
+                  budget, -1 padded to the width; the static tier and those host rows in two
+                  fixed launches merged (whole_exact.py ExactTables.attend)
+
+The masks live in the step's buffer [L, B, stages, cap] (int64 on the device); after the
+step each row's retriever state points at views of it (st.masks[i], its lengths the
+plan's), so a later select() of the segmented engine continues from them. A slot whose row
+changes first detaches the views its previous row still holds (one clone each); a row whose
+masks are not this buffer's views (new to the slot, or changed by the segmented engine or a
+rollback) is copied in before the step. In steady state nothing is copied.
+
+Equal to select() and select_batch(): the same chunk scores (hip_search_kernel, per chunk the
+same loads and fp32 sums as the per-row launch), the same stable picks, the same rows, state
+and counters. The kernels must be the Triton ones (the torch search rounds otherwise).
+keys_on="device" reads the retriever's key copy, keys_on="host" the host tier's pinned key
+chunks (attach_host_tier) through the same address table: stable addresses, read in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvloft.index.base import Selection
+from kvloft.index.hip import HipRetriever
+from kvloft.index.hip_batch import n_keep
+from kvloft.kernels.hip_batched import hip_stage_batched
+from kvloft.kernels.hip_stage import probes_per_chunk
+from kvloft.kernels.scoring import BLOCK_N
+from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.whole_exact import _FIXED, MAX_CAP, ExactTables, exact_route
+
+__all__ = ["HipShape", "HipTables", "hip_route", "hip_shape", "hip_shape_why", "tiered_route"]
+
+_STAGE = 9  # per stage and row: n_full, table offset, chunk rows (the kernel's meta), n_keep, n_cand,
+#             the new mask's length, refresh (0/1), the previous mask's length, rows it had seen
+_FINAL = 3  # per row: fresh rows, first fresh row, rows selected
+
+
+class HipShape(NamedTuple):
+    """The sizes a captured step of HiP rows is made for (the search options its rows share)."""
+
+    cap: int  # host rows a row may hold: candidate and mask width (a power of two)
+    width: int  # the selection's width: the largest budget's power of two
+    kc: int  # key chunks per row in the table
+    hc: int  # host-tier chunks per row in the table
+    chunk_sizes: tuple[int, ...]
+    kept_tokens: tuple[int, ...]
+    probe: str
+
+    def columns(self, batch: int) -> int:
+        """int64 numbers per layer of the step's table: the exact route's, then the search's."""
+        return batch * (_FIXED + self.kc + 2 * self.hc + _STAGE * len(self.chunk_sizes) + _FINAL)
+
+    def tables(self, batch: int, n_layers: int, flat: Tensor) -> HipTables:
+        return HipTables(self, batch, n_layers, flat)
+
+    def keep_width(self, stage: int) -> int:
+        """Chunks a stage's pick holds (>= any row's n_keep at this shape)."""
+        length = self.chunk_sizes[stage]
+        last = stage == len(self.chunk_sizes) - 1
+        kept = self.width if last else max(self.kept_tokens[stage], self.width)
+        return min(self.cap // length, max(kept // length, 1))
+
+
+def hip_route(be: TieredAttention) -> str | None:
+    """Why a HiP row's decode cannot run inside the whole step, or None where it can."""
+    r, rc = be.retriever, be.rcfg
+    if rc.position_mode != "exact":
+        return "extrapolate mode remaps the positions of the rows it selects per step"
+    if not be.plans_room():
+        return "its rows are fetched by the scheduler (OverlapFetch), not read in place"
+    if not r.use_kernel:
+        return "hip searches with torch ops here (kernel='torch', or 'auto' off CUDA); the captured search is Triton"
+    if be.finite.on:
+        return "the backend watches appended rows for non-finite numbers (a host check)"
+    if not all(be.built):
+        return "a layer's index is not built"
+    if be.cache.host_dtype is not None or be.cache.spill_dir is not None:
+        return "its host tier is 8-bit or spills to disk (the step reads model-dtype rows in memory)"
+    return None
+
+
+def tiered_route(be: TieredAttention) -> str | None:
+    """ROUTES' entry for TieredAttention: by its retriever, hip_route or exact_route."""
+    return hip_route(be) if type(be.retriever) is HipRetriever else exact_route(be)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def hip_shape_why(tiered: list[TieredAttention]) -> str | None:
+    """Why these HiP rows cannot share one step, or None (refresh schedules may differ: data)."""
+    p = tiered[0].retriever.params
+    if any((r.params.chunk_sizes, r.params.kept_tokens, r.params.probe) != (p.chunk_sizes, p.kept_tokens, p.probe)
+           for r in (be.retriever for be in tiered)):
+        return "the rows' hip options differ in chunk_sizes, kept_tokens or probe (the search's shapes)"
+    n_host = max(be.cache.layers[0].n_host for be in tiered)
+    if n_host > MAX_CAP:
+        return f"a row holds {n_host} host rows, over the captured step's {MAX_CAP}"
+    return None
+
+
+def hip_shape(tiered: list[TieredAttention]) -> HipShape:
+    """The shape a step of these HiP rows needs (after their make_room)."""
+    p = tiered[0].retriever.params
+    width = _pow2(max(max(be.rcfg.budget for be in tiered), 1))
+    n_host = max(t.n_host for be in tiered for t in be.cache.layers)
+    cap = _pow2(max(n_host, width, BLOCK_N, p.chunk_sizes[0]))
+    kc = max(-(-cap // _key_chunk_rows(be)) for be in tiered)
+    hc = max(-(-cap // be.cache.host_chunk) for be in tiered)
+    return HipShape(cap, width, kc, hc, p.chunk_sizes, p.kept_tokens, p.probe)
+
+
+def _key_chunk_rows(be: TieredAttention) -> int:
+    """Rows per chunk of the keys a HiP row searches: its host tier's (keys_on="host", read in
+    place) or its key copy's."""
+    hip = be.retriever
+    return be.cache.host_chunk if 0 in hip.tiers else hip.keys[0].chunk_rows
+
+
+@dataclass
+class _Plan:
+    """One row's search of one layer this step, as select() would run it (host numbers only)."""
+
+    n: int  # host rows
+    budget: int
+    every: bool  # select() prunes nothing: the first min(n, budget) rows, masks dropped
+    flags: tuple[bool, ...]
+    stages: list[tuple[int, ...]]  # per stage: the _STAGE fields but the table offset and chunk rows
+    fresh: int  # rows that arrived since the last stage ran (they come first)
+    seen: int  # the first of them
+    n_sel: int  # rows selected
+    reads: int  # probe rows read
+
+
+def _plan(hip: HipRetriever, layer: int, n: int, budget: int) -> _Plan:
+    """select(layer, q, budget)'s numbers (index/hip.py), computed without the keys."""
+    p = hip.params
+    st = hip.state[layer]
+    if n == 0 or budget == 0 or budget >= n:
+        return _Plan(n, budget, True, (False,) * p.n_stages, [(0,) * 7] * p.n_stages, n, 0, min(n, budget), 0)
+    flags = hip._refresh_flags(st, budget)
+    lens = [None if m is None else m.numel() for m in st.masks]
+    seen, stages, reads = list(st.seen), [], 0
+    for i, length in enumerate(p.chunk_sizes):
+        m_prev, seen_prev = (lens[i - 1], seen[i - 1]) if i else (0, 0)
+        if not flags[i]:
+            stages.append((0, 0, 0, 0, 0, m_prev, seen_prev))
+            continue
+        n_cand = n if i == 0 else m_prev + n - seen_prev
+        kept = hip._kept(i, budget)
+        n_full = keep = 0
+        if n_cand > kept:
+            n_full = n_cand // length
+            keep = n_keep(kept, length, n_full)
+            reads += n_full * probes_per_chunk(length)
+        lens[i], seen[i] = keep * length + n_cand - n_full * length, n
+        stages.append((n_full, keep, n_cand, lens[i], 1, m_prev, seen_prev))
+    fresh = max(n - seen[-1], 0)
+    return _Plan(n, budget, False, flags, stages, fresh, seen[-1], min(budget, fresh + lens[-1]), reads)
+
+
+class HipTables(ExactTables):
+    """The HiP rows' columns of a step's table (the exact route's layout, then per layer the
+    stages' [_STAGE, B] blocks and the final [_FINAL, B]), the rows' mask buffers and the
+    launches that read them. flat: [L * shape.columns(batch)] int64 on the device."""
+
+    def __init__(self, shape: HipShape, batch: int, n_layers: int, flat: Tensor) -> None:
+        super().__init__(shape, batch, n_layers, flat)  # type: ignore[arg-type]
+        nb, ns = batch, len(shape.chunk_sizes)
+        per = flat.view(n_layers, shape.columns(batch))
+        a = nb * (_FIXED + shape.kc + 2 * shape.hc)
+        self.stage_meta = [[per[i, a + s * _STAGE * nb : a + (s + 1) * _STAGE * nb].view(_STAGE, nb)
+                            for s in range(ns)] for i in range(n_layers)]  # [_STAGE, B] per layer, stage
+        b0 = a + ns * _STAGE * nb
+        self.final_meta = [per[i, b0 : b0 + _FINAL * nb].view(_FINAL, nb) for i in range(n_layers)]  # [3, B]
+        # the rows' stage masks: [L, B, stages, cap] int64 host-row ids (-1 past a mask's length)
+        self.masks = torch.full((n_layers, nb, ns, shape.cap), -1, dtype=torch.int64, device=flat.device)
+        self._j = torch.arange(shape.cap, device=flat.device)  # [cap]
+        self._owner: list[Any] = [None] * nb  # slot -> the HipRetriever whose masks it holds
+        self._views: dict[int, dict[tuple[int, int], tuple[Any, Tensor]]] = {}  # slot -> (layer, stage) -> (st, view)
+        self._plans: dict[tuple[int, int], _Plan] = {}
+
+    # ---- the host's part ---------------------------------------------------------------------
+
+    def host_columns(self, backends: list[Any]) -> np.ndarray:
+        self._plans = {}
+        self._adopt(backends)
+        out = super().host_columns(backends)
+        sh, nb = self.shape, self.batch
+        a = nb * (_FIXED + sh.kc + 2 * sh.hc)
+        for s in range(len(sh.chunk_sizes)):  # rows without a search: one-row chunks (never a division by 0)
+            rows = out[:, a + (s * _STAGE + 2) * nb : a + (s * _STAGE + 3) * nb]
+            rows[rows == 0] = 1
+        return out
+
+    def _fill(self, col: np.ndarray, b: int, be: TieredAttention, layer: int) -> None:
+        hip = be.retriever
+        store = None if layer in hip.tiers else hip.keys[layer]  # None: the host tier's keys, in place
+        n = be.cache.layers[layer].n_host if store is None else len(store)
+        plan = self._plans[(b, layer)] = _plan(hip, layer, n, be.rcfg.budget)
+        self._fill_rows(col, b, be, layer, store, plan.n_sel)
+        rows = be.cache.host_chunk if store is None else store.chunk_rows
+        sh, nb = self.shape, self.batch
+        a = nb * (_FIXED + sh.kc + 2 * sh.hc)
+        for s, (n_full, keep, n_cand, m_out, refresh, m_prev, seen_prev) in enumerate(plan.stages):
+            block = col[a + s * _STAGE * nb : a + (s + 1) * _STAGE * nb].reshape(_STAGE, nb)
+            block[:, b] = (n_full, b * sh.kc, rows, keep, n_cand, m_out, refresh, m_prev, seen_prev)
+        a += len(plan.stages) * _STAGE * nb
+        col[a + b], col[a + nb + b], col[a + 2 * nb + b] = plan.fresh, plan.seen, plan.n_sel
+
+    def _adopt(self, backends: list[Any]) -> None:
+        """Every HiP row's masks as views of its slot's buffer (see the module doc)."""
+        rows = [be.retriever if isinstance(be, TieredAttention) else None for be in backends]
+        rows += [None] * (self.batch - len(rows))
+        for b, hip in enumerate(rows):  # slots changing rows: the previous row's views become its own
+            if self._owner[b] is not hip:
+                for st, view in self._views.pop(b, {}).values():
+                    for i, m in enumerate(st.masks):
+                        if m is view:
+                            st.masks[i] = view.clone()
+                self._owner[b] = hip
+        for b, hip in enumerate(rows):
+            if hip is None:
+                continue
+            views = self._views.setdefault(b, {})
+            for layer in range(self.n_layers):
+                st = hip.state[layer]
+                for i, m in enumerate(st.masks):
+                    have = views.get((layer, i))
+                    if m is None or (have is not None and have[0] is st and have[1] is m):
+                        continue
+                    view = self.masks[layer, b, i, : m.numel()]
+                    view.copy_(m)
+                    st.masks[i] = view
+                    views[(layer, i)] = (st, view)
+
+    def after(self, be: TieredAttention, b: int) -> None:
+        """Row be's (slot b's) state and counters once the step ran, as select() leaves them."""
+        hip = be.retriever
+        hkv, views = be.cfg.n_kv_heads, self._views.setdefault(b, {})
+        for layer, tiers in enumerate(be.cache.layers):
+            tiers.count_put()
+            plan, st = self._plans[(b, layer)], hip.state[layer]
+            if plan.every:  # as _select_all: the masks dropped, the call counted
+                st.step, st.masks, st.refreshed = st.step + 1, [None] * len(st.masks), (False,) * len(st.masks)
+                hip._stats.record(Selection(ids=hip._count(plan.n_sel), scanned=0, padded=False))
+                continue
+            for i, fields in enumerate(plan.stages):
+                if fields[4]:
+                    view = self.masks[layer, b, i, : fields[3]]
+                    st.masks[i], st.seen[i] = view, plan.n
+                    views[(layer, i)] = (st, view)
+                    hip._stats.extra["refreshes"][i] += 1
+            st.step, st.budget, st.refreshed = st.step + 1, plan.budget, plan.flags
+            sel = Selection(ids=hip._count(plan.n_sel), scanned=plan.reads * hkv, padded=False)
+            hip._stats.record(sel)
+            be.scanned += sel.scanned
+        be.room_made.clear()
+
+    # ---- the graph's part --------------------------------------------------------------------
+
+    def select(self, layer: int, q: Tensor, like: Tensor) -> Tensor:
+        """q [B, H_q, D] -> ids [B, width] int64 (shared by the KV heads), -1 padded."""
+        sh, j = self.shape, self._j
+        masks = self.masks[layer]  # [B, stages, cap]
+        for s in range(len(sh.chunk_sizes)):
+            new = self._stage(layer, s, q, like, masks)
+            refresh = self.stage_meta[layer][s][6, :, None] > 0
+            masks[:, s].copy_(torch.where(refresh, new, masks[:, s]))
+        fresh, seen, n_sel = (x[:, None] for x in self.final_meta[layer])
+        w = j[: sh.width]
+        last = masks[:, -1].gather(1, (w - fresh).clamp(0, sh.cap - 1))
+        ids = torch.where(w < fresh, seen + w, last)
+        return torch.where(w < n_sel, ids, -1)
+
+    def _stage(self, layer: int, s: int, q: Tensor, like: Tensor, masks: Tensor) -> Tensor:
+        """Stage s's new masks [B, cap] (meaningful where it refreshes; -1 past each length)."""
+        sh, j = self.shape, self._j
+        nb, cap, length = q.shape[0], sh.cap, sh.chunk_sizes[s]
+        meta = self.stage_meta[layer][s]  # [_STAGE, B]
+        n_full, keep, n_cand, m_out, m_prev, seen_prev = (meta[f, :, None] for f in (0, 3, 4, 5, 7, 8))
+        if s == 0:
+            cand = None  # host rows 0 .. n - 1 in order
+        else:
+            fresh = torch.where(j < n_cand, seen_prev + j - m_prev, -1)
+            cand = torch.where(j < m_prev, masks[:, s - 1], fresh)  # [B, cap]
+        n_cols = cap // length
+        chunks = None if cand is None else cand.view(nb, n_cols, length)
+        score = hip_stage_batched(self.key_tab[layer], like, q, meta[:3], n_cols, length, chunks, sh.probe)[1]
+        k = sh.keep_width(s)
+        top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # [B, k], best first
+        if s < len(sh.chunk_sizes) - 1:  # kept chunks in order; a row's entries past its n_keep sort last
+            live = j[:k] < keep
+            top = torch.sort(torch.where(live, top, n_cols), dim=1).values.clamp_max(n_cols - 1)
+        if cand is None:
+            kept = (top[..., None] * length + j[:length]).view(nb, k * length)
+        else:
+            kept = chunks.gather(1, top[..., None].expand(nb, k, length)).reshape(nb, k * length)
+        n_kept = keep * length
+        tail = (n_full * length + j - n_kept).clamp(0, cap - 1)  # the uncut candidates after the kept chunks
+        rest = tail if cand is None else cand.gather(1, tail)
+        head = kept.gather(1, j.clamp_max(k * length - 1).expand(nb, cap))
+        return torch.where(j < n_kept, head, torch.where(j < m_out, rest, -1))
