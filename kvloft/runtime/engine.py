@@ -60,8 +60,9 @@ from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError
 from kvloft.runtime.session import Session
 from kvloft.runtime.step_plan import StepPlan, plan_step
-from kvloft.runtime.whole_exact import ExactShape, exact_shape
-from kvloft.runtime.whole_step import WholeStep, not_whole
+from kvloft.runtime.whole_exact import ExactShape
+from kvloft.runtime.whole_hip import HipShape
+from kvloft.runtime.whole_step import WholeStep, not_whole, step_shape
 
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
 
@@ -300,7 +301,7 @@ class Engine:
             self.last_route_why = not_whole(backends, dev)
             if self.last_route_why is None:
                 self.route_counts["whole"] += 1
-                return self._whole_for(n, exact_shape(backends)).step(plan.tokens, plan.positions, backends)
+                return self._whole_for(n, step_shape(backends)).step(plan.tokens, plan.positions, backends)
         groups = plan.search_groups if self.shared_search else []
         attention = RowAttention(backends, plan.order, self.shared_attention, groups)
         if not self._use_graphs:
@@ -326,9 +327,9 @@ class Engine:
             graphs = self._graphs[bucket] = DecodeGraphs(self.model.net, capture=self._capture, batch=bucket)
         return graphs
 
-    def _whole_for(self, n: int, shape: ExactShape | None = None) -> WholeStep:
+    def _whole_for(self, n: int, shape: ExactShape | HipShape | None = None) -> WholeStep:
         """The captured whole step for n rows, padded to their bucket: one per bucket for dense
-        rows, one per (bucket, shape) where a row is tiered (whole_exact.py ExactShape)."""
+        rows, one per (bucket, shape) where a row is tiered (whole_step.py step_shape)."""
         bucket = self._bucket(n)
         key = bucket if shape is None else (bucket, shape)
         whole = self._wholes.get(key)

@@ -100,14 +100,8 @@ def _pow2(n: int) -> int:
 
 
 def shape_why(backends: list[Any]) -> str | None:
-    """Why these rows (each with a captured route) cannot share one step, or None."""
+    """Why these rows (each with a captured route, tiered ones exact) cannot share one step, or None."""
     tiered = [be for be in backends if isinstance(be, TieredAttention)]
-    if len({type(be.retriever) for be in tiered}) > 1:
-        return "the batch's tiered rows retrieve with different methods (exact and hip: two steps' shapes)"
-    if tiered and type(tiered[0].retriever) is not ExactRetriever:
-        from kvloft.runtime.whole_hip import hip_shape_why
-
-        return hip_shape_why(tiered)
     if len({be.retriever.cfg.gqa_reduce for be in tiered}) > 1:
         return "the rows' exact retrievers reduce their GQA groups differently (gqa_reduce)"
     n_host = max((be.cache.layers[0].n_host for be in tiered), default=0)
@@ -117,15 +111,11 @@ def shape_why(backends: list[Any]) -> str | None:
 
 
 def exact_shape(backends: list[Any]) -> Any:
-    """The shape a step of these rows needs (after their make_room), None where none is tiered
-    (HiP rows: whole_hip.py HipShape)."""
+    """The shape a step of these rows (tiered ones exact) needs (after their make_room), None
+    where none is tiered."""
     tiered = [be for be in backends if isinstance(be, TieredAttention)]
     if not tiered:
         return None
-    if type(tiered[0].retriever) is not ExactRetriever:
-        from kvloft.runtime.whole_hip import hip_shape  # whole_hip builds on this module
-
-        return hip_shape(tiered)
     width = max(max(be.rcfg.budget for be in tiered), 1)
     n_host = max(t.n_host for be in tiered for t in be.cache.layers)
     cap = _pow2(max(n_host, width, BLOCK_N))

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kvloft.index.hip import HipRetriever
 from kvloft.kernels import checks
 from kvloft.kernels.batched_decode import attend_table_fixed, fixed_splits
 from kvloft.kernels.sparse_decode import _split_kernel
@@ -58,10 +59,10 @@ from kvloft.kernels.table_rows import write_rows_table
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.model import Transformer
-from kvloft.runtime.whole_exact import ExactShape, shape_why
-from kvloft.runtime.whole_hip import HipShape, tiered_route
+from kvloft.runtime.whole_exact import ExactShape, exact_shape, shape_why
+from kvloft.runtime.whole_hip import HipShape, hip_shape, hip_shape_why, tiered_route
 
-__all__ = ["ROUTES", "WholeStep", "captured_route", "not_whole"]
+__all__ = ["ROUTES", "WholeStep", "captured_route", "not_whole", "step_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,25 @@ def not_whole(backends: list[Any], device: torch.device) -> str | None:
         why = captured_route(be)
         if why is not None:
             return f"row {b}: {why}"
-    return shape_why(backends)
+    tiered = _tiered(backends)
+    if len({type(be.retriever) for be in tiered}) > 1:
+        return "the batch's tiered rows retrieve with different methods (exact and hip: two steps' shapes)"
+    return hip_shape_why(tiered) if _is_hip(tiered) else shape_why(backends)
+
+
+def step_shape(backends: list[Any]) -> ExactShape | HipShape | None:
+    """The shape of the whole step these rows need (after their make_room; not_whole said None):
+    None for dense rows only, else the exact or the HiP step's sizes."""
+    tiered = _tiered(backends)
+    return hip_shape(tiered) if _is_hip(tiered) else exact_shape(backends)
+
+
+def _tiered(backends: list[Any]) -> list[TieredAttention]:
+    return [be for be in backends if isinstance(be, TieredAttention)]
+
+
+def _is_hip(tiered: list[TieredAttention]) -> bool:
+    return bool(tiered) and type(tiered[0].retriever) is HipRetriever
 
 
 class WholeStep:
