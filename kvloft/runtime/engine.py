@@ -25,7 +25,8 @@ That is Transformer.forward over B tokens with RowAttention as its backend. On C
 dense parts between attention calls replay as CUDA graphs (runtime/graphs.py, DecodeGraphs
 with batch rows; Engine's `graphs`), the batch padded to the next power of two. With
 graphs="whole" a batch whose every row's route declares a captured step (dense attention, exact
-retrieval with its keys on the device: runtime/whole_step.py ROUTES) runs as ONE graph replay,
+retrieval with its keys on the device, HiP with its Triton stage kernels: runtime/whole_step.py
+ROUTES) runs as ONE graph replay,
 attention inside it (the rows' buffer addresses and key counts copied into the graph's buffers
 first; a tiered row's rows moved down before); any other batch runs the segmented graphs.
 
@@ -162,7 +163,7 @@ class Engine:
     eagerly between them, per row), and runs eagerly elsewhere; "off" runs eagerly everywhere;
     "segments" runs the graphed path's segments eagerly (how it is tested without CUDA);
     "whole" runs a batch whose every row's route can be captured (runtime/whole_step.py:
-    dense attention, exact with keys_on="device") as one graph of the whole step, attention included, on CUDA (eagerly on
+    dense attention, exact with keys_on="device", HiP with Triton stages) as one graph of the whole step, attention included, on CUDA (eagerly on
     the CPU through the Triton interpreter: how it is tested), and any other batch as "auto"
     does (as "segments" where the whole step cannot run). `route_counts` counts the steps
     each way ran ("whole", "segments", "eager"); `last_route_why` says why the last step
