@@ -13,6 +13,11 @@ the call is over finds the counter spent and returns. An OpenMP parallel region 
 at its end for every thread of the team: on this shared 2-core machine, under load, that made
 dense decode 7x slower than one thread (kernels/cpu_gemv.py has the figures).
 
+The caller still shares the GIL with the helper, held by it in numba's dispatch of each call (a
+few us): a helper descheduled there (another job on its core, nice 19) stalls the caller for a
+time slice. So a post never blocks (`Helper.post`), and a helper that writes out (nearly) no
+chunks over a window of posts is not posted to for a while (`Helper.record`), then probed again.
+
 Chunk states (int64, ctl[1 + c]; ctl[0] is the claim counter):
     FREE 0 -> HELPER 1 (claimed by the helper) -> COPYING 2 (it won: copying out) -> DONE 3
     FREE or HELPER -> CALLER 4 (the caller computes it; terminal)
@@ -135,6 +140,15 @@ def _spin(posted, seen, n):  # up to n reads (~n ns) of posted[0] until it moves
     return False
 
 
+@njit(nogil=True, cache=True)
+def helped(ctl):  # ctl int64 [1 + n], the call over: how many chunks the helper wrote out
+    k = 0
+    for c in range(ctl.shape[0] - 1):
+        if ctl[1 + c] == _DONE:
+            k += 1
+    return k
+
+
 def new_ctl(n_chunks: int) -> np.ndarray:
     """The control block of one split call: int64 [1 + n_chunks], all FREE."""
     return np.zeros(1 + n_chunks, dtype=np.int64)
@@ -147,44 +161,91 @@ class Helper:
     helper runs kernel(HELPER, *args) once it is scheduled. A post the helper has not begun is
     replaced by the next one (it would find its counter spent). Between posts the helper spins
     for up to SPIN reads (~0.15 ms here, without the GIL) before it sleeps: a decode step posts every
-    0.05-0.5 ms, and a wake from sleep took longer than the small calls themselves."""
+    0.05-0.5 ms, and a wake from sleep took longer than the small calls themselves.
+
+    The caller never blocks here: the job is one attribute store and a counter bump (under the
+    GIL, which the caller holds anyway); the lock is taken only to wake a sleeping helper, and
+    only if free (acquire(blocking=False)): a helper holding it is awake and sees the post.
+    Backoff: `record` is told how many chunks the helper wrote out of each posted call; when over
+    WINDOW posts it wrote fewer than 1/IDLE_SHARE of their chunks (another job has its core: it is
+    descheduled, and every post risks the caller waiting on the GIL it holds in numba's dispatch),
+    the next `skip` calls are not posted (the caller computes alone), then WINDOW posts probe
+    again; `skip` doubles from SKIP_MIN to SKIP_MAX while the probes fail, and resets on a good one."""
 
     SPIN = 200_000
+    WINDOW = 8
+    IDLE_SHARE = 8
+    SKIP_MIN, SKIP_MAX = 32, 2048
 
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
+    def __init__(self, start: bool = True) -> None:
+        self._cv = threading.Condition(threading.Lock())  # not reentrant: acquire(blocking=False) means it
         self._job: tuple | None = None
-        self._posted = 0
-        self._posted_at = np.zeros(1, dtype=np.int64)  # _posted where the spin reads it without the GIL
+        self._posted = np.zeros(1, dtype=np.int64)  # posts so far, read by the spin without the GIL
+        self._sleeping = False
+        self._skip = 0  # calls left to compute without posting
+        self._skip_next = self.SKIP_MIN
+        self._win = [0, 0, 0]  # this window's posts, chunks the helper wrote, chunks posted
+        self.posts = self.skipped = 0  # counts, for tests and measurements
         self.alive = True  # False in a forked child: the thread is not there (the caller computes alone)
         self.thread = threading.Thread(target=self._run, name="kvloft-cpu-split", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
-    def post(self, kernel, args: tuple) -> None:
+    def post(self, kernel, args: tuple) -> bool:
+        """Hand kernel(HELPER, *args) to the helper; False where it was not (the caller computes alone)."""
         if not self.alive:
+            return False
+        if self._skip > 0:
+            self._skip -= 1
+            self.skipped += 1
+            return False
+        self._job = (kernel, args)
+        self._posted[0] += 1  # one writer (the caller, under the GIL); the spin's aligned load sees it whole
+        self.posts += 1
+        if self._sleeping and self._cv.acquire(blocking=False):
+            try:
+                self._cv.notify()
+            finally:
+                self._cv.release()
+        return True
+
+    def record(self, done: int, chunks: int) -> None:
+        """A posted call is over: the helper wrote `done` of its `chunks` chunks."""
+        w = self._win
+        w[0] += 1
+        w[1] += done
+        w[2] += chunks
+        if w[0] < self.WINDOW:
             return
-        with self._cv:
-            self._job = (kernel, args)
-            self._posted += 1
-            self._posted_at[0] = self._posted
-            self._cv.notify()
+        if w[1] * self.IDLE_SHARE < w[2]:
+            self._skip = self._skip_next
+            self._skip_next = min(2 * self._skip_next, self.SKIP_MAX)
+        else:
+            self._skip_next = self.SKIP_MIN
+        w[0] = w[1] = w[2] = 0
 
     def _run(self) -> None:
         if hasattr(os, "setpriority"):  # nice 19, this thread only (Linux): it yields to anything else runnable
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         seen = 0
         while True:
-            _spin(self._posted_at, seen, self.SPIN)
-            with self._cv:
-                while self._posted == seen:
-                    self._cv.wait()
-                seen = self._posted
-                kernel, args = self._job
-                self._job = None  # the arrays are not kept past the call
+            if not _spin(self._posted, seen, self.SPIN):
+                with self._cv:
+                    self._sleeping = True  # before the check: a post after it sees the flag and wakes us
+                    while self._posted[0] == seen:
+                        self._cv.wait()
+                    self._sleeping = False
+            seen = int(self._posted[0])
+            job = self._job
+            if job is None:
+                continue
+            if self._job is job:
+                self._job = None  # the arrays are not kept past the call (a newer post may land between: lost)
             try:
-                kernel(HELPER, *args)
+                job[0](HELPER, *job[1])
             except Exception:  # the caller computes every chunk the helper leaves; keep serving
-                log.exception("split kernel %s failed on the helper thread", getattr(kernel, "__name__", kernel))
+                log.exception("split kernel %s failed on the helper thread", getattr(job[0], "__name__", job[0]))
+            job = None
 
 
 _helper: Helper | None = None
@@ -222,7 +283,11 @@ def helper(on: bool | None = None) -> Helper | None:
 
 
 def run(kernel, args: tuple, split: Helper | None) -> None:
-    """Run a split kernel: posted to `split` and run by the caller (None: the caller alone)."""
-    if split is not None:
-        split.post(kernel, args)
+    """Run a split kernel: posted to `split` and run by the caller (None: the caller alone).
+    The kernel's last argument is its control block (`new_ctl`)."""
+    if split is None or not split.post(kernel, args):
+        kernel(CALLER, *args)
+        return
     kernel(CALLER, *args)
+    ctl = args[-1]
+    split.record(helped(ctl), ctl.shape[0] - 1)

@@ -78,3 +78,76 @@ def _child_head() -> bool:
     got = cpu_layer.head(x, torch.ones(8), 1e-5, w, old)  # the parent's helper: no thread here
     fresh = cpu_split.helper(True)
     return (not old.alive) and fresh is not old and fresh.alive and torch.isfinite(got).all().item()
+
+
+def _linear_job(seed: int = 1, rows: int = 640):  # (args, reference) of a 10-chunk split _linear call
+    gen = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(rows, 32, generator=gen), torch.randn(1, 32, generator=gen)
+    out = np.full((1, rows), np.nan, np.float32)
+    args = _call(cpu_split.new_ctl(cpu_layer._chunks(w.numpy())), out, w.numpy(), x.numpy())
+    return args, out, F.linear(x, w).numpy()
+
+
+def test_post_never_blocks_on_a_held_lock():
+    import threading
+    import time
+
+    h = cpu_split.Helper(start=False)  # a helper that never runs: descheduled for good
+    h._sleeping = True
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # the helper's lock held by a thread that is not running
+        with h._cv:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    try:
+        args, out, ref = _linear_job()
+        t0 = time.perf_counter()
+        cpu_split.run(cpu_layer._linear, args, h)
+        assert time.perf_counter() - t0 < 2.0  # blocking would wait the 10 s the lock is held
+        assert h.posts == 1 and np.allclose(out, ref, atol=1e-5)
+    finally:
+        release.set()
+        t.join()
+
+
+def test_backoff_stops_posting_to_a_stalled_helper_then_probes():
+    h = cpu_split.Helper(start=False)  # every post goes unserved: the helper writes no chunk
+    for _ in range(h.WINDOW):
+        args, out, ref = _linear_job()
+        cpu_split.run(cpu_layer._linear, args, h)
+        assert np.allclose(out, ref, atol=1e-5)
+    assert h.posts == h.WINDOW and h.skipped == 0
+    for _ in range(h.SKIP_MIN):  # the next SKIP_MIN calls are computed without a post
+        cpu_split.run(cpu_layer._linear, _linear_job()[0], h)
+    assert h.posts == h.WINDOW and h.skipped == h.SKIP_MIN
+    for _ in range(h.WINDOW):  # then a probe window; it fails too: the skip doubles
+        cpu_split.run(cpu_layer._linear, _linear_job()[0], h)
+    assert h.posts == 2 * h.WINDOW and h._skip == 2 * h.SKIP_MIN
+
+
+def test_backoff_keeps_posting_to_a_helper_that_helps():
+    h = cpu_split.Helper(start=False)
+    for _ in range(3 * h.WINDOW):
+        h.post(cpu_layer._linear, ())
+        h.record(3, 10)  # the helper wrote 3 of 10 chunks a call
+    assert h.posts == 3 * h.WINDOW and h.skipped == 0
+    for _ in range(h.WINDOW):
+        assert h.post(cpu_layer._linear, ())
+        h.record(0, 10)
+    assert not h.post(cpu_layer._linear, ())  # a window without help: skipping
+
+
+def test_result_bit_identical_with_the_live_helper():
+    h = cpu_split.Helper()
+    for seed in range(20):
+        args, out, _ = _linear_job(seed, rows=64 * 40)
+        cpu_split.run(cpu_layer._linear, args, h)
+        alone = np.full_like(out, np.nan)
+        a2 = args[:7] + (alone, cpu_split.new_ctl(args[-1].shape[0] - 1))
+        cpu_layer._linear(CALLER, *a2)
+        assert np.array_equal(out, alone)
