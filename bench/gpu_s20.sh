@@ -24,7 +24,7 @@ KVLOFT_TEST_CUDA=1 timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovide
 timeout "$(left 60)" python3 bench/prefill_speed.py --lengths 8k,30k --chunks 4096,auto --methods dense \
   --repeats 2 --out "$O" > "$O/prefill_speed.txt" 2>&1; grep -v '^{' "$O/prefill_speed.txt" | tail -8
 timeout "$(left 170)" python3 bench/decode.py --presets llama3-8b --contexts 32k,128k \
-  --methods dense,dense@wholegraph,hip:keys_on=host,hip:keys_on=host@engine,hip:keys_on=host@wholegraph,hip:keys_on=device@wholegraph,exact:keys_on=device@engine,exact:keys_on=device@wholegraph --batch 1 --steps 24 --host-memory 100GiB \
+  --methods dense,dense@engine,dense@wholegraph,hip:keys_on=host,hip:keys_on=host@engine,hip:keys_on=host@wholegraph,hip:keys_on=device@wholegraph,exact:keys_on=device@engine,exact:keys_on=device@wholegraph --batch 1 --steps 24 --host-memory 100GiB \
   --tag b1 --out "$O" 2>&1 | grep -v '^{' | tail -8
 timeout "$(left 140)" python3 bench/decode.py --presets llama3-8b --contexts 32k \
   --methods hip:keys_on=host,hip:keys_on=host@rowsearch,hip:keys_on=host@wholegraph,hip:keys_on=device,hip:keys_on=device@wholegraph,dense,dense@wholegraph,exact:keys_on=device,exact:keys_on=device@wholegraph --batch 8 --steps 24 \
