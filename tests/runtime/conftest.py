@@ -6,7 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizer_helpers import LLAMA3_TEMPLATE, train_byte_level_bpe, write_sentencepiece_gguf
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests. A batched step's projections are GEMMs of a few
+    rows, which torch splits over threads; on a busy small CPU those threads wait on each other
+    (a 3-row projection of the tiny model took 100x its one-thread time on a shared 2-core
+    machine, a one-row one 3x). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def qwen_gguf_path() -> Path:

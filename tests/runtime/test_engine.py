@@ -36,16 +36,7 @@ LOGIT_TOL = 1e-5  # relative (norm) error of a batched step's logits against the
 POISON = 7  # a token id whose embedding row is made NaN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A batched step's projections are GEMMs of a few rows, which torch splits over threads;
-    on a busy small CPU those threads wait on each other (a 3-row projection of the tiny model
-    took 100x its one-thread time on a shared 2-core machine, a one-row one 3x). One thread
-    keeps these tests' time to their work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

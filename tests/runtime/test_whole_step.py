@@ -32,13 +32,7 @@ CACHE = CacheConfig(host_chunk_tokens=64)  # host rows in several chunks at thes
 LOGIT_TOL = 1e-4  # relative norm: two fp32 attention implementations, each ~1e-6 off an fp64 softmax
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Few-row GEMMs on a busy 2-core CPU: one thread keeps the tests' time to their work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
