@@ -51,6 +51,15 @@ def _twins(model, lengths, copies=3):
     return [[_fed(model, n, seed) for seed, n in enumerate(lengths)] for _ in range(copies)]
 
 
+def _greedy_alone(s: Session, n: int) -> list[int]:
+    """n greedy tokens of `s` stepped alone (its own route): the reference of a batched step."""
+    out = []
+    for _ in range(n):
+        out.append(int(s.last_logits.argmax()))
+        s.step(out[-1])
+    return out
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -76,13 +85,7 @@ def test_whole_step_equals_segments_and_each_session_alone(tiny):
     session's own; teacher-forced logits agree within LOGIT_TOL; every row's KV count grows by one."""
     alone, segmented, whole = _twins(tiny, [40, 57, 23])
     _tight(whole[1])
-    want = []
-    for s in alone:
-        out = []
-        for _ in range(4):
-            out.append(int(s.last_logits.argmax()))
-            s.step(out[-1])
-        want.append(out)
+    want = [_greedy_alone(s, 4) for s in alone]
     eng_w = Engine(tiny, graphs="whole")
     assert Engine(tiny, graphs="segments").generate(segmented, 4, stop_at_eos=False) == want
     assert eng_w.generate(whole, 4, stop_at_eos=False) == want
@@ -173,13 +176,7 @@ def test_cuda_whole_step_equals_each_session_alone():
     lengths = [300, 1020, 70]
     alone = [_fed(model, n, seed) for seed, n in enumerate(lengths)]
     whole = [_fed(model, n, seed) for seed, n in enumerate(lengths)]
-    want = []
-    for s in alone:
-        out = []
-        for _ in range(40):
-            out.append(int(s.last_logits.argmax()))
-            s.step(out[-1])
-        want.append(out)
+    want = [_greedy_alone(s, 40) for s in alone]
     eng = Engine(model, graphs="whole")
     assert eng.generate(whole, 40, stop_at_eos=False) == want
     assert eng.route_counts["whole"] == 40 and eng._wholes[4]._graph is not None
@@ -264,13 +261,7 @@ def test_exact_whole_step_equals_segments_and_each_session_alone(tiny):
     logits within LOGIT_TOL."""
     lengths = [90, 50, 35]
     alone, segmented, whole = ([_fed(tiny, n, seed, EXACT_DEV) for seed, n in enumerate(lengths)] for _ in range(3))
-    want = []
-    for s in alone:
-        out = []
-        for _ in range(3):
-            out.append(int(s.last_logits.argmax()))
-            s.step(out[-1])
-        want.append(out)
+    want = [_greedy_alone(s, 3) for s in alone]
     eng = Engine(tiny, graphs="whole")
     assert Engine(tiny, graphs="segments").generate(segmented, 3, stop_at_eos=False) == want
     assert eng.generate(whole, 3, stop_at_eos=False) == want
@@ -342,13 +333,7 @@ def test_cuda_exact_whole_step_equals_each_session_alone():
     lengths = [3000, 700 + 528, 1100 + 528]
     alone = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
     whole = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
-    want = []
-    for s in alone:
-        out = []
-        for _ in range(70):
-            out.append(int(s.last_logits.argmax()))
-            s.step(out[-1])
-        want.append(out)
+    want = [_greedy_alone(s, 70) for s in alone]
     eng = Engine(model, graphs="whole")
     assert eng.generate(whole, 70, stop_at_eos=False) == want
     assert eng.route_counts["whole"] == 70 and all(w._graph is not None for w in eng._wholes.values())
@@ -431,13 +416,7 @@ def test_hip_whole_step_equals_segments_and_each_session_alone(tiny, rcfg):
     for s in (alone[0], segmented[0], whole[0]):
         for t in range(2):
             s.step(30 + t)
-    want = []
-    for s in alone:
-        out = []
-        for _ in range(3):
-            out.append(int(s.last_logits.argmax()))
-            s.step(out[-1])
-        want.append(out)
+    want = [_greedy_alone(s, 3) for s in alone]
     eng = Engine(tiny, graphs="whole")
     assert Engine(tiny, graphs="segments").generate(segmented, 3, stop_at_eos=False) == want
     assert eng.generate(whole, 3, stop_at_eos=False) == want
@@ -506,13 +485,7 @@ def test_cuda_hip_whole_step_equals_each_session_alone(keys_on):
     lengths = [3000, 700 + 528, 200 + 528]
     alone = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
     whole = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
-    want = []
-    for s in alone:
-        out = []
-        for _ in range(40):
-            out.append(int(s.last_logits.argmax()))
-            s.step(out[-1])
-        want.append(out)
+    want = [_greedy_alone(s, 40) for s in alone]
     eng = Engine(model, graphs="whole")
     assert eng.generate(whole, 40, stop_at_eos=False) == want
     assert eng.route_counts["whole"] == 40 and all(w._graph is not None for w in eng._wholes.values())
