@@ -251,10 +251,11 @@ def run_row(model, spec: str, n: int, args) -> dict:
         spaces = getattr(s.backend, "_spaces", {})
         if spaces:  # one-launch decode: times the selection cache was filled (all layers)
             row["selection_fills"] = sum(sp.fills for sp in spaces.values())
+        run = lambda toks: timed_steps(s, toks)  # noqa: E731
         if args.profile:
-            profile_steps(s, args.profile, f"{spec} at {n // 1024}K")
+            profile_steps(run, args.profile, f"{spec} at {n // 1024}K")
         if args.cprofile:
-            cprofile_steps(s, args.cprofile, f"{spec} at {n // 1024}K")
+            cprofile_steps(run, args.cprofile, f"{spec} at {n // 1024}K")
         st = s.stats()
         if "retriever" in st:
             row["retriever"] = {k: v for k, v in st["retriever"].items() if not isinstance(v, (list, dict))}
@@ -298,6 +299,12 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         row["peak_gpu_gib"] = round(peak_gpu() / GiB, 2)
         row["under_budget"] = rcfg.method == "dense" or peak_gpu() <= args.gpu_budget
         row["peak_host_gib"] = round(rss_bytes() / GiB, 1)
+        run = lambda toks: timed_batch_steps(engine, sessions, toks)  # noqa: E731
+        title = f"{row['method']} x{args.batch} at {n // 1024}K"
+        if args.profile:
+            profile_steps(run, args.profile, title)
+        if args.cprofile:
+            cprofile_steps(run, args.cprofile, title)
         row["graph_route"] = dict(engine.route_counts)  # steps run as one whole graph / segments / eagerly
         if engine.last_route_why:
             row["not_whole"] = engine.last_route_why
@@ -330,19 +337,19 @@ def _cache_totals(backend) -> tuple[int, int]:
     return t.hits, t.misses
 
 
-def profile_steps(s: Session, steps: int, title: str) -> None:
+def profile_steps(run, steps: int, title: str) -> None:
     """Print the ops that take a step's time (torch profiler, self time, top 25) to stderr."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with profile(activities=acts) as prof:
-        timed_steps(s, token_stream(steps, 200))
+        run(token_stream(steps, 200))
     for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if CUDA else []):
         print(f"\n== profile of {steps} steps, {title}, by {key}", file=sys.stderr)
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), file=sys.stderr)
 
 
-def cprofile_steps(s: Session, steps: int, title: str) -> None:
+def cprofile_steps(run, steps: int, title: str) -> None:
     """Print where the host's time per step goes (cProfile, Python functions, top 40 by own
     time and by cumulative time) to stderr: decode at long context is bound by the host
     issuing work when the GPU is idle between launches."""
@@ -351,7 +358,7 @@ def cprofile_steps(s: Session, steps: int, title: str) -> None:
 
     prof = cProfile.Profile()
     prof.enable()
-    timed_steps(s, token_stream(steps, 300))
+    run(token_stream(steps, 300))
     prof.disable()
     for key in ("tottime", "cumulative"):
         print(f"\n== cProfile of {steps} steps, {title}, by {key}", file=sys.stderr)
