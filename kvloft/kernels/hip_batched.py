@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kvloft.kernels import checks
+from kvloft.kernels.addresses import table_align
 from kvloft.kernels.hip_stage import check_search, hip_search_kernel, hip_stage_reference, kernel_meta
 
 __all__ = ["META_FIELDS", "hip_stage_batched", "hip_stage_batched_reference"]
@@ -80,7 +81,7 @@ def hip_stage_batched(table: Tensor, k0: Tensor, q: Tensor, meta: Tensor, n_cols
     hip_search_kernel[(n_cols, g)](
         table, k0, cand if cand is not None else rep, q.contiguous(), meta.contiguous(), rep, score,
         n_cols, g, 0, 0, stride_cg, stride_cc, k0.stride(0), k0.stride(1),
-        IMPLICIT=cand is None, TABLE=True, PER_ROW=True, **kernel_meta(hq, k0.shape[1], d, chunk, probe),
+        IMPLICIT=cand is None, TABLE=table_align(k0), PER_ROW=True, **kernel_meta(hq, k0.shape[1], d, chunk, probe),
     )
     return rep, score
 

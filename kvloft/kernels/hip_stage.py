@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvloft.kernels import checks
+from kvloft.kernels.addresses import rebase, table_align
 
 __all__ = [
     "PROBES",
@@ -124,7 +125,7 @@ def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, hmask, kmask, s
     safe = tl.maximum(row_id, 0)
     if TABLE:
         addr = tl.load(table_ptr + tb + safe // chunk_rows, mask=valid, other=0)
-        base = addr.to(tl.pointer_type(k0_ptr.dtype.element_ty))
+        base = rebase(k0_ptr, addr, TABLE)  # TABLE is the chunks' alignment (addresses.py)
         row = safe % chunk_rows
     else:
         base = k0_ptr
@@ -195,7 +196,8 @@ def hip_search_kernel(
     LOG2_CHUNK: tl.constexpr,
     MIDDLE: tl.constexpr,
     IMPLICIT: tl.constexpr,  # chunk c is rows c * CHUNK .. (stage 1); else its ids are in cand
-    TABLE: tl.constexpr,  # rows are read through table_ptr; else straight from k_ptr
+    TABLE: tl.constexpr,  # >= 1: rows are read through table_ptr, chunk bases TABLE elements aligned
+    #                       (addresses.table_align); 0: straight from k_ptr
     PER_ROW: tl.constexpr,  # each row g has its own n_chunks, table run and chunk_rows in meta
 ):
     # One program per (chunk c, row g): reads 2 * log2(CHUNK) probe rows of [H_kv, D], plus
@@ -289,7 +291,7 @@ def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "f
         table = checks.address_table(chunks, q.device)
     hip_search_kernel[(n_chunks, 1)](
         table, k0, cand.contiguous(), q.contiguous(), rep, rep, score, n_chunks, 1, 0, k0.shape[0], 0, chunk,
-        k0.stride(0), k0.stride(1), IMPLICIT=False, TABLE=True, PER_ROW=False,
+        k0.stride(0), k0.stride(1), IMPLICIT=False, TABLE=table_align(k0), PER_ROW=False,
         **kernel_meta(q.shape[0], k0.shape[1], k0.shape[2], chunk, probe),
     )
     return rep, score
@@ -312,7 +314,7 @@ def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tup
         return rep, score
     hip_search_kernel[(n_chunks, 1)](
         keys, keys, rep, q.contiguous(), rep, rep, score, n_chunks, 1, n_rows, 1, 0, 0,
-        keys.stride(0), keys.stride(1), IMPLICIT=True, TABLE=False, PER_ROW=False,
+        keys.stride(0), keys.stride(1), IMPLICIT=True, TABLE=0, PER_ROW=False,
         **kernel_meta(q.shape[0], keys.shape[1], keys.shape[2], chunk, probe),
     )
     return rep, score

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvloft.kernels import checks
+from kvloft.kernels.addresses import rebase, table_align
 from kvloft.kernels.scoring import BLOCK_N, REDUCE_CODES, load_group_queries, reduce_group_scores
 
 __all__ = ["score_batched", "score_batched_reference"]
@@ -45,6 +46,7 @@ def _score_batched_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # chunk bases are a multiple of ALIGN elements apart (addresses.table_align)
 ):
     tl.static_assert(BLOCK_G >= 16)
     tl.static_assert(BLOCK_N >= 16)
@@ -60,7 +62,7 @@ def _score_batched_kernel(
     valid = pos < n_keys
     safe = tl.where(valid, pos, 0)
     addr = tl.load(table_ptr + tb + safe // chunk_rows, mask=valid, other=0)
-    base = addr.to(tl.pointer_type(k0_ptr.dtype.element_ty))
+    base = rebase(k0_ptr, addr, ALIGN)  # [BLOCK_N] chunk bases (vector loads: kernels/addresses.py)
     k_ptr = base[:, None] + ((safe % chunk_rows) * stride_kn + kv_head.to(tl.int64) * stride_kh)[:, None] + d[None, :]
     kb = tl.load(k_ptr, mask=valid[:, None] & dmask[None, :], other=0.0)
     s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_N]
@@ -100,6 +102,7 @@ def score_batched(q: Tensor, table: Tensor, k0: Tensor, meta: Tensor, n_cols: in
         q.to(k0.dtype).contiguous(), table, k0, meta.contiguous(), out, n_cols, g_n, group, float(scale),
         k0.stride(0), k0.stride(1), REDUCE=REDUCE_CODES[reduce], HEAD_DIM=d, H_KV=hkv,
         BLOCK_G=max(16, checks.next_pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, checks.next_pow2(d)),
+        ALIGN=table_align(k0),
     )
     return out
 

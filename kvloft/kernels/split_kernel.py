@@ -36,6 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvloft.kernels.addresses import rebase
+
 __all__: list[str] = []  # the kernel is launched through kernels/split_launch.py
 
 TWO_PI = tl.constexpr(6.283185307179586)  # multiplies an fp32 fraction of a turn only
@@ -84,6 +86,7 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,  # next_pow2(HEAD_DIM / 2), >= 16 (the rotate-half halves)
+    ALIGN: tl.constexpr = 1,  # CHUNKED: chunk bases lie a multiple of ALIGN elements from k / v (addresses.py)
 ):
     tl.static_assert(BLOCK_G >= 16)  # tl.dot needs every dimension >= 16
     tl.static_assert(BLOCK_N >= 16)
@@ -155,17 +158,18 @@ def _split_kernel(
             v_addr = tl.load(v_table + slot_base + ci)
             k_off = ri * stride_kn + kv_head.to(tl.int64) * stride_kh  # [BLOCK_N] row offsets (elements)
             v_off = ri * stride_vn + kv_head.to(tl.int64) * stride_vh
-            k_row = k_addr.to(tl.pointer_type(k.dtype.element_ty)) + k_off  # [BLOCK_N] row pointers
-            v_row = v_addr.to(tl.pointer_type(v.dtype.element_ty)) + v_off
+            k_row = rebase(k, k_addr, ALIGN) + k_off  # [BLOCK_N] row pointers (16-byte loads: addresses.py)
+            v_row = rebase(v, v_addr, ALIGN) + v_off
             if CODES != 0:  # a row's codes sit at the same element offset as a model-dtype row's
                 coded = valid & (ci < n_packed)
                 plain = valid & (ci >= n_packed)
+                code_align: tl.constexpr = ALIGN * (k.dtype.element_ty.primitive_bitwidth // 8)
                 if CODES == 1:  # int8 codes
-                    kc_row = k_addr.to(tl.pointer_type(tl.int8)) + k_off
-                    vc_row = v_addr.to(tl.pointer_type(tl.int8)) + v_off
+                    kc_row = rebase(k.to(tl.pointer_type(tl.int8)), k_addr, code_align) + k_off
+                    vc_row = rebase(v.to(tl.pointer_type(tl.int8)), v_addr, code_align) + v_off
                 else:  # fp8 e4m3 bits, kept as uint8
-                    kc_row = k_addr.to(tl.pointer_type(tl.uint8)) + k_off
-                    vc_row = v_addr.to(tl.pointer_type(tl.uint8)) + v_off
+                    kc_row = rebase(k.to(tl.pointer_type(tl.uint8)), k_addr, code_align) + k_off
+                    vc_row = rebase(v.to(tl.pointer_type(tl.uint8)), v_addr, code_align) + v_off
                 s_off = ri * tl.num_programs(0) + kv_head  # scales are [R, H_kv], contiguous
                 k_scale = tl.load(tl.load(ks_table + scale_base + ci, mask=coded, other=0)
                                   .to(tl.pointer_type(tl.float32)) + s_off, mask=coded, other=0.0)

@@ -13,6 +13,7 @@ import triton
 from torch import Tensor
 
 from kvloft.kernels import checks
+from kvloft.kernels.addresses import table_align
 from kvloft.kernels.merge import merge_stacked
 from kvloft.kernels.rowquant import CODES_FLAG
 from kvloft.kernels.split_kernel import _split_kernel
@@ -106,6 +107,7 @@ def _attend_rows(
         BLOCK_N=launch.block_n,
         BLOCK_D=max(16, checks.next_pow2(d)),
         BLOCK_H=max(16, checks.next_pow2(d // 2)),
+        ALIGN=table_align(k, v) if tables is not None else 1,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )  # fmt: skip

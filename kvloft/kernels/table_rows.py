@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvloft.kernels import checks
+from kvloft.kernels.addresses import rebase, table_align
 
 __all__ = ["write_rows_reference", "write_rows_table"]
 
@@ -44,14 +45,15 @@ def _write_kernel(
     ROW: tl.constexpr,  # H_kv * D
     BLOCK: tl.constexpr,  # next_pow2(ROW)
     HAS_POS: tl.constexpr,
+    ALIGN: tl.constexpr,  # the buffers lie a multiple of ALIGN elements from k and v (addresses.table_align)
 ):
     b = tl.program_id(0).to(tl.int64)
     r = tl.load(rows + b)
     if r >= 0:
         offs = tl.arange(0, BLOCK)
         m = offs < ROW
-        dk = tl.load(k_table + b).to(tl.pointer_type(k.dtype.element_ty)) + r * stride_n
-        dv = tl.load(v_table + b).to(tl.pointer_type(v.dtype.element_ty)) + r * stride_n
+        dk = rebase(k, tl.load(k_table + b), ALIGN) + r * stride_n  # 16-byte stores (kernels/addresses.py)
+        dv = rebase(v, tl.load(v_table + b), ALIGN) + r * stride_n
         tl.store(dk + offs, tl.load(k + b * ROW + offs, mask=m), mask=m)
         tl.store(dv + offs, tl.load(v + b * ROW + offs, mask=m), mask=m)
         if HAS_POS:
@@ -93,9 +95,10 @@ def write_rows_table(k: Tensor, v: Tensor, k_table: Tensor, v_table: Tensor, row
         return
     row = hkv * d
     has_pos = pos is not None
-    _write_kernel[(nb,)](k.contiguous(), v.contiguous(), k_table, v_table, rows, like.stride(0),
-                         pos if has_pos else rows, p_table if has_pos else rows,
-                         ROW=row, BLOCK=checks.next_pow2(row), HAS_POS=has_pos, num_warps=4 if row >= 1024 else 1)
+    k, v = k.contiguous(), v.contiguous()
+    _write_kernel[(nb,)](k, v, k_table, v_table, rows, like.stride(0), pos if has_pos else rows,
+                         p_table if has_pos else rows, ROW=row, BLOCK=checks.next_pow2(row), HAS_POS=has_pos,
+                         ALIGN=table_align(like, k, v), num_warps=4 if row >= 1024 else 1)
 
 
 def write_rows_reference(k: Tensor, v: Tensor, k_bufs: Sequence[Tensor], v_bufs: Sequence[Tensor],

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvloft.kernels import checks
+from kvloft.kernels.addresses import rebase, table_align
 
 __all__ = ["gather_rows", "gather_rows_reference"]
 
@@ -40,14 +41,15 @@ def _gather_rows_kernel(
     ROW: tl.constexpr,  # elements per row: H_kv * D
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    ALIGN: tl.constexpr,  # chunk bases lie a multiple of ALIGN elements from k0 (addresses.table_align)
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < n
     tok = tl.load(tokens + r, mask=rmask, other=0).to(tl.int64)
     chunk = tok // chunk_rows
     src_off = (tok - chunk * chunk_rows) * ROW  # [BLOCK_R] element offset inside the chunk
-    kb = tl.load(k_table + chunk, mask=rmask, other=0).to(tl.pointer_type(k0.dtype.element_ty))
-    vb = tl.load(v_table + chunk, mask=rmask, other=0).to(tl.pointer_type(k0.dtype.element_ty))
+    kb = rebase(k0, tl.load(k_table + chunk, mask=rmask, other=0), ALIGN)  # [BLOCK_R] (kernels/addresses.py)
+    vb = rebase(k0, tl.load(v_table + chunk, mask=rmask, other=0), ALIGN)
     dst_off = r.to(tl.int64) * ROW
     for e0 in range(0, ROW, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
@@ -102,7 +104,7 @@ def gather_rows(
     block_e = min(checks.next_pow2(row), 1024)
     _gather_rows_kernel[(triton.cdiv(m, block_r),)](
         tables[0], tables[1], k_chunks[0], tokens, out_k, out_v, m, k_chunks[0].shape[0],
-        ROW=row, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=num_warps,
+        ROW=row, BLOCK_R=block_r, BLOCK_E=block_e, ALIGN=table_align(k_chunks[0], v_chunks[0]), num_warps=num_warps,
     )  # fmt: skip
 
 
