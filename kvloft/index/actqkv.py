@@ -73,7 +73,14 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, check_select, params_from_options, register
+from kvloft.index.base import (
+    RetrieverStats,
+    Selection,
+    check_select,
+    params_from_options,
+    register,
+    state_tensor,
+)
 from kvloft.tiers.chunked import ChunkedRows
 
 __all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_scores", "block_vectors",
@@ -383,10 +390,11 @@ class ActQKVRetriever:
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, host: bool = True) -> dict[str, Any]:
         """Each layer's query statistics, query window, step and recent entropies, and the
         counters; the block vectors are rebuilt from the host tier's keys by build() on load.
-        Tensors are fp64 statistics [H_q, D] and the fp32 window [w, H_q, D]."""
+        Tensors are fp64 statistics [H_q, D] and the fp32 window [w, H_q, D], on the host or
+        (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "tokens": [[int(k), int(v)] for k, v in s.extra["tokens"].items()],
@@ -397,7 +405,7 @@ class ActQKVRetriever:
                         p + "entropies": [[int(k), float(v)] for k, v in st.entropy.items()]})
             for name, t in (("mean", st.stats.mean), ("m2", st.stats.m2), ("window", st.window)):
                 if t is not None:
-                    out[p + name] = t.cpu()
+                    out[p + name] = state_tensor(t, host)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

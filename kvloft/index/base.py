@@ -132,6 +132,13 @@ class RetrieverStats:
         return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected, **self.extra}
 
 
+def state_tensor(t: Tensor, host: bool) -> Tensor:
+    """A tensor of a retriever's state_dict(host): copied to the host (to be saved), or cloned
+    where it lives (a session's mark before each call, to roll a failed one back: no wait for
+    the device, no copy across the bus)."""
+    return t.cpu() if host else t.clone()
+
+
 def check_keys(keys: Tensor, model_cfg: ModelConfig) -> None:
     """Validate keys [H_kv, N, D] handed to build/add; raises ValueError naming the problem."""
     want = (model_cfg.n_kv_heads, model_cfg.head_dim)

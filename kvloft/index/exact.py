@@ -224,8 +224,9 @@ class ExactRetriever:
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Counters only: the key mirror is rebuilt from the host tier by build() on load."""
+    def state_dict(self, host: bool = True) -> dict[str, Any]:
+        """Counters only: the key mirror is rebuilt from the host tier by build() on load
+        (`host` as for the other retrievers: nothing here is a tensor)."""
         s = self._stats
         return {"calls": s.calls, "scanned": s.scanned, "selected": s.selected}
 

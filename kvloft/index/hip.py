@@ -312,9 +312,10 @@ class HipRetriever:
     def stats(self) -> dict[str, Any]:
         return self._stats.as_dict()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, host: bool = True) -> dict[str, Any]:
         """Stage masks, refresh schedules and counters (the key copy is rebuilt from the host
-        tier by build() or attach_host_tier on load). Masks are tensors, the rest JSON."""
+        tier by build() or attach_host_tier on load). Masks are tensors, the rest JSON; on the
+        host, or (host=False, a session's mark) copied on the retriever's device."""
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "refreshes": list(s.extra["refreshes"])}
@@ -324,10 +325,10 @@ class HipRetriever:
             out.update({p + "step": st.step, p + "offset": st.offset, p + "budget": st.budget,
                         p + "seen": list(st.seen), p + "refreshed": list(st.refreshed)})
             masks.update({f"{p}mask{i}": m for i, m in enumerate(st.masks) if m is not None})
-        if masks:  # int64 [M_i] host rows each: one copy to the host for all (a session marks every step)
-            flat = torch.cat(list(masks.values())).cpu()
-            parts = flat.split([m.numel() for m in masks.values()])
-            out.update({key: part.clone() for key, part in zip(masks, parts, strict=True)})
+        if masks:  # int64 [M_i] host rows each: one copy for all (a session marks every step)
+            flat = torch.cat(list(masks.values()))  # a new tensor: its parts alias nothing live
+            parts = (flat.cpu() if host else flat).split([m.numel() for m in masks.values()])
+            out.update({key: part.clone() if host else part for key, part in zip(masks, parts, strict=True)})
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
+from kvloft.index.base import RetrieverStats, Selection, params_from_options, register, state_tensor
 from kvloft.kernels import reference, score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
@@ -245,8 +245,9 @@ class RecycledRetriever:
         )
         return self._stats.as_dict()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Schedules, partial sets and counters; the key mirrors are rebuilt from the host tier by build()."""
+    def state_dict(self, host: bool = True) -> dict[str, Any]:
+        """Schedules, partial sets and counters; the key mirrors are rebuilt from the host tier by
+        build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "full_steps": self.full_steps, "partial_steps": self.partial_steps}
@@ -256,7 +257,7 @@ class RecycledRetriever:
                         p + "arrivals": st.arrivals})
             for name in ("full_query", "set_ids", "set_scores"):
                 if getattr(st, name) is not None:
-                    out[p + name] = getattr(st, name).cpu()
+                    out[p + name] = state_tensor(getattr(st, name), host)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.base import RetrieverStats, Selection, params_from_options, register
+from kvloft.index.base import RetrieverStats, Selection, params_from_options, register, state_tensor
 from kvloft.kernels import score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
@@ -165,15 +165,16 @@ class TokenSelectRetriever:
         )
         return self._stats.as_dict()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Selection caches and counters; the key mirrors are rebuilt from the host tier by build()."""
+    def state_dict(self, host: bool = True) -> dict[str, Any]:
+        """Selection caches and counters; the key mirrors are rebuilt from the host tier by
+        build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
                                "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
         for layer, st in self.layers.items():
             if st.last_q is not None:
-                out[f"layer{layer}.last_q"] = st.last_q.cpu()  # fp32 [H_q * D]
-                out[f"layer{layer}.last_ids"] = st.last_ids.cpu()  # int64 [k]
+                out[f"layer{layer}.last_q"] = state_tensor(st.last_q, host)  # fp32 [H_q * D]
+                out[f"layer{layer}.last_ids"] = state_tensor(st.last_ids, host)  # int64 [k]
                 out[f"layer{layer}.last_budget"] = st.last_budget
         return out
 

@@ -239,7 +239,7 @@ class TieredAttention:
         return {"layers": [t.mark() for t in self.cache.layers], "state": self.state_dict(),
                 "prefill_stats": dict(self.prefill_stats), "sampler": self.sampler.mark(),
                 "free": self.indexes.mark_free(), "fed": self.indexes.mark_fed(),
-                "retriever": r.state_dict() if small else None}
+                "retriever": r.state_dict(host=False) if small else None}
 
     def rollback(self, mark: dict[str, Any]) -> None:
         """Forget every token appended since mark(). Layers whose host tier grew since have
