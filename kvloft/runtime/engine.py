@@ -63,7 +63,7 @@ from kvloft.runtime.session import Session
 from kvloft.runtime.step_plan import StepPlan, plan_step
 from kvloft.runtime.whole_exact import ExactShape
 from kvloft.runtime.whole_hip import HipShape
-from kvloft.runtime.whole_step import WholeStep, not_whole, step_shape
+from kvloft.runtime.whole_step import WholeStep, graph_counts, not_whole, step_shape
 
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
 
@@ -167,7 +167,8 @@ class Engine:
     the CPU through the Triton interpreter: how it is tested), and any other batch as "auto"
     does (as "segments" where the whole step cannot run). `route_counts` counts the steps
     each way ran ("whole", "segments", "eager"); `last_route_why` says why the last step
-    was not whole (None when it was, or when graphs is not "whole").
+    was not whole (None when it was, or when graphs is not "whole"); `whole_graphs()` counts the
+    whole step's graphs (one per refresh pattern of HiP rows).
     shared_attention: rows whose decode route is one launch over a slot table share one launch
     per layer (RowAttention); False launches each row's own (the per-row path, for comparison).
     shared_search: rows whose retrievers declare a batched search (HiP) are searched together,
@@ -337,6 +338,11 @@ class Engine:
         if whole is None:
             whole = self._wholes[key] = WholeStep(self.model.net, capture=self._capture, batch=bucket, shape=shape)
         return whole
+
+    def whole_graphs(self) -> dict[str, int]:
+        """The whole steps' graphs (graphs="whole"), summed over batch buckets and shapes: one per
+        refresh pattern of HiP rows (runtime/whole_graphs.py); whole_step.py graph_counts."""
+        return graph_counts(self._wholes.values())
 
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
         """NonFiniteError naming every row whose logits hold NaN/inf (one host sync)."""

@@ -139,6 +139,7 @@ class ExactTables:
         self.key_tab = per[:, a : a + nb * kc]  # [L, B * kc]
         self.hk_tab = per[:, a + nb * kc : a + nb * (kc + hc)]  # [L, B * hc]
         self.hv_tab = per[:, a + nb * (kc + hc) : a + nb * (kc + 2 * hc)]  # [L, B * hc]
+        self.pattern: tuple[int, ...] | None = None  # the step's graph key past (bucket, shape): one for exact rows
 
     # ---- the host's part ---------------------------------------------------------------------
 
@@ -197,8 +198,9 @@ class ExactTables:
 
     # ---- the graph's part --------------------------------------------------------------------
 
-    def select(self, layer: int, q: Tensor, like: Tensor) -> Tensor:
-        """q [B, H_q, D] -> ids [B, H_kv, width] int64: each row's top host rows, best first, -1 padded."""
+    def select(self, layer: int, q: Tensor, like: Tensor, stages: int | None = None) -> Tensor:
+        """q [B, H_q, D] -> ids [B, H_kv, width] int64: each row's top host rows, best first, -1 padded
+        (stages: a staged search's refresh pattern of the layer; exact has one pass, run every step)."""
         sh = self.shape
         scores = score_batched(q, self.key_tab[layer], like, self.score_meta[layer], sh.cap,
                                reduce=sh.reduce)  # [B, H_kv, cap] fp32, -inf past each row's keys
@@ -206,10 +208,11 @@ class ExactTables:
         return torch.where(top.values > float("-inf"), top.indices, -1)
 
     def attend(self, layer: int, q: Tensor, like: Tensor, o_s: Tensor, lse_s: Tensor, scale: float,
-               splits: int) -> Tensor:
+               splits: int, stages: int | None = None) -> Tensor:
         """q [B, H_q, D] over the static part (o_s [B, H_q, D], lse_s [B, H_q]) and the top-`width`
-        host rows of every row -> out [B, H_q, D]. Fixed shapes: capturable."""
-        ids = self.select(layer, q, like)
+        host rows of every row -> out [B, H_q, D]. Fixed shapes: capturable. stages: the bits of
+        the search stages this layer runs (select's; None: every one)."""
+        ids = self.select(layer, q, like, stages)
         o_h, lse_h = attend_table_fixed(q, like, self.hk_tab[layer], self.hv_tab[layer], self.host_meta[layer],
                                         scale=scale, num_splits=splits, ids=ids)
         # the Triton merge on CUDA (one launch), its torch twin elsewhere (the interpreter's programs

@@ -20,6 +20,11 @@ every step with shapes fixed by (batch bucket, capacity `cap`, budget width):
                   budget, -1 padded to the width; the static tier and those host rows in two
                   fixed launches merged (whole_exact.py ExactTables.attend)
 
+Only the stages some row refreshes run: the table's refresh flags give the step's pattern (per
+layer, a bit per stage, the union over the rows; HipTables._pattern), the graph is the one
+captured for that pattern (whole_graphs.py), and a stage outside it launches nothing, its
+masks untouched. Inside it a row that does not refresh keeps its mask through the select.
+
 The masks live in the step's buffer [L, B, stages, cap] (int64 on the device); after the
 step each row's retriever state points at views of it (st.masks[i], its lengths the
 plan's), so a later select() of the segmented engine continues from them. A slot whose row
@@ -216,7 +221,20 @@ class HipTables(ExactTables):
         for s in range(len(sh.chunk_sizes)):  # rows without a search: one-row chunks (never a division by 0)
             rows = out[:, a + (s * _STAGE + 2) * nb : a + (s * _STAGE + 3) * nb]
             rows[rows == 0] = 1
+        self.pattern = self._pattern(out)
         return out
+
+    def _pattern(self, out: np.ndarray) -> tuple[int, ...] | None:
+        """The step's refresh pattern from its table out [L, columns] (the very refresh flags the
+        graph reads): per layer, bit s set where any row refreshes stage s. None where every
+        stage of every layer refreshes (the graph of all stages)."""
+        ns, nb = len(self.shape.chunk_sizes), self.batch
+        a = nb * (_FIXED + self.shape.kc + 2 * self.shape.hc) + 6 * nb  # stage 0's refresh row
+        due = np.stack([out[:, a + s * _STAGE * nb : a + (s * _STAGE + 1) * nb].any(axis=1)
+                        for s in range(ns)], axis=1)  # [L, stages] bool
+        if due.all():
+            return None
+        return tuple(int(x) for x in (due.astype(np.int64) << np.arange(ns)).sum(axis=1))
 
     def _fill(self, col: np.ndarray, b: int, be: TieredAttention, layer: int) -> None:
         hip = be.retriever
@@ -284,11 +302,15 @@ class HipTables(ExactTables):
 
     # ---- the graph's part --------------------------------------------------------------------
 
-    def select(self, layer: int, q: Tensor, like: Tensor) -> Tensor:
-        """q [B, H_q, D] -> ids [B, width] int64 (shared by the KV heads), -1 padded."""
+    def select(self, layer: int, q: Tensor, like: Tensor, stages: int | None = None) -> Tensor:
+        """q [B, H_q, D] -> ids [B, width] int64 (shared by the KV heads), -1 padded. stages: bit s
+        set where stage s runs (the step's pattern of this layer; None: every stage). A stage no
+        row refreshes launches nothing and leaves every mask as it is."""
         sh, j = self.shape, self._j
         masks = self.masks[layer]  # [B, stages, cap]
         for s in range(len(sh.chunk_sizes)):
+            if stages is not None and not stages >> s & 1:
+                continue
             new = self._stage(layer, s, q, like, masks)
             refresh = self.stage_meta[layer][s][6, :, None] > 0
             masks[:, s].copy_(torch.where(refresh, new, masks[:, s]))

@@ -5,7 +5,7 @@ in between), because a retriever picks different rows, sizes and host transfers 
 A row whose attention needs none of that can stay inside the graph: its step is fixed
 shapes plus a few numbers (where its buffers are, how many keys it has), and those numbers
 can be data in device buffers instead of arguments baked into the launches. `WholeStep`
-captures the step once per batch bucket:
+captures the step once per batch bucket (and, for HiP rows, per refresh pattern):
 
     host (per step)   the plan's rows -> one int64 table: token, position, and per layer and
                       row its K/V buffer addresses, the row its token goes to, its key count
@@ -32,7 +32,9 @@ the top-k of a fixed width and attends to the static tier and the selected host 
 fixed launches, merged (whole_exact.py); and where its retriever is HiP with the Triton stage
 kernels (whole_hip.py tiered_route), keys on the device or read in place from the host tier:
 the plan phase computes which stages refresh and every count of the search, the graph runs
-each stage as one fixed-grid launch over the batch, its masks kept in the step's buffer.
+each stage as one fixed-grid launch over the batch, its masks kept in the step's buffer; only
+the (layer, stage) pairs some row refreshes this step are in the graph: one graph per refresh
+pattern, an LRU of them beside the graph of every stage (whole_graphs.py).
 Other retrievers select per layer on the host or with sizes that vary: the engine runs the
 segmented graphs for them. A batch with a tiered
 row runs the tiered graph (its dense rows read no host rows); a dense batch the dense one.
@@ -42,9 +44,7 @@ is how it is tested.
 
 from __future__ import annotations
 
-import gc
-import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -58,13 +58,12 @@ from kvloft.kernels.sparse_decode import _split_kernel
 from kvloft.kernels.table_rows import write_rows_table
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
+from kvloft.runtime import whole_graphs
 from kvloft.runtime.model import Transformer
 from kvloft.runtime.whole_exact import ExactShape, exact_shape, shape_why
 from kvloft.runtime.whole_hip import HipShape, hip_shape, hip_shape_why, tiered_route
 
-__all__ = ["ROUTES", "WholeStep", "captured_route", "not_whole", "step_shape"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ROUTES", "WholeStep", "captured_route", "graph_counts", "not_whole", "step_shape"]
 
 # backend type -> why its decode cannot be captured (None: it can; a function: asks the backend).
 # A type not listed cannot.
@@ -115,6 +114,18 @@ def step_shape(backends: list[Any]) -> ExactShape | HipShape | None:
     return hip_shape(tiered) if _is_hip(tiered) else exact_shape(backends)
 
 
+def graph_counts(wholes: Iterable[WholeStep]) -> dict[str, int]:
+    """The graphs of these whole steps, summed (whole_graphs.py PatternGraphs.counts): held now,
+    patterns admitted to an LRU, CUDA graphs captured, evicted, steps run by the graph of every
+    stage because an LRU was full."""
+    out = {"held": 0, "patterns": 0, "captures": 0, "evictions": 0, "fallbacks": 0}
+    for w in wholes:
+        out["held"] += w.graphs.held
+        for k, v in w.graphs.counts.items():
+            out[k] += v
+    return out
+
+
 def _tiered(backends: list[Any]) -> list[TieredAttention]:
     return [be for be in backends if isinstance(be, TieredAttention)]
 
@@ -152,8 +163,9 @@ class WholeStep:
         self.k_tab, self.v_tab, self.rows = cols[:, 0], cols[:, 1], cols[:, 2]  # [L, B] each, rows contiguous
         self.meta = self._flat[2 * batch + nl * batch * _COLUMNS : dense_end].view(nl, batch, 5)  # [L, B, 5]
         self.exact = None if shape is None else shape.tables(batch, nl, self._flat[dense_end:])
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._logits: Tensor | None = None
+        # one graph per refresh pattern of the step (whole_graphs.py), read at construction:
+        # whole_graphs.MAX_PATTERN_GRAPHS (tests set it small)
+        self.graphs = whole_graphs.PatternGraphs(self._forward, capture, whole_graphs.MAX_PATTERN_GRAPHS)
 
     # ---- the host's part ---------------------------------------------------------------------
 
@@ -233,13 +245,7 @@ class WholeStep:
             raise ValueError(f"WholeStep.step: 1..{self.batch} rows with one token and position each, got "
                              f"{n} backends, tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)}")
         self._flat.copy_(self._host_table(tokens, positions, backends))
-        if self.capture and self._graph is None:
-            self._capture()
-        if self._graph is not None:
-            self._graph.replay()
-            logits = self._logits
-        else:
-            logits = self._forward()
+        logits = self.graphs.run(None if self.exact is None else self.exact.pattern)
         for b, be in enumerate(backends):
             if isinstance(be, TieredAttention):
                 self.exact.after(be, b)
@@ -248,8 +254,9 @@ class WholeStep:
                 store.n += 1
         return logits[:n]
 
-    def _forward(self) -> Tensor:
-        """The step over the static buffers -> logits [batch, V] fp32 (what the graph holds)."""
+    def _forward(self, pattern: tuple[int, ...] | None = None) -> Tensor:
+        """The step over the static buffers -> logits [batch, V] fp32 (what a graph holds). pattern:
+        per layer the bits of the search stages that run (whole_hip.py; None: every stage)."""
         net = self.net
         x = net.embed_tokens(self.ids)  # [B, hidden]
         cos, sin = net.rope(self.pos)
@@ -265,32 +272,7 @@ class WholeStep:
             o, lse = attend_table_fixed(q, self.like, k_tab, v_tab, self.meta[layer], scale=self.scale,
                                         num_splits=self.splits)
             if ex is not None:  # and the host rows each row selects (whole_exact.py)
-                o = ex.attend(layer, q, self.like, o, lse, self.scale, self.splits)
+                stages = None if pattern is None else pattern[layer]
+                o = ex.attend(layer, q, self.like, o, lse, self.scale, self.splits, stages)
             x = block.post(x, o)
         return net.head(x)
-
-    def _capture(self) -> None:
-        """Two eager passes on a side stream (they write the same rows the replay writes), then
-        one capture. A failed capture leaves the step eager (its launch overhead returns)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        gc_was_on = gc.isenabled()
-        gc.disable()  # a collection inside a capture can free pinned buffers (an event query: capture breaks)
-        try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._logits = self._forward()
-        except RuntimeError as e:
-            log.warning("CUDA graph capture of the whole decode step failed (%s); running it eagerly",
-                        str(e).splitlines()[0])
-            self.capture, self._logits = False, None
-            torch.cuda.synchronize()
-            return
-        finally:
-            if gc_was_on:
-                gc.enable()
-        self._graph = graph
