@@ -56,9 +56,9 @@ from kvloft.kernels import checks
 from kvloft.kernels.batched_decode import attend_table_fixed, fixed_splits
 from kvloft.kernels.sparse_decode import _split_kernel
 from kvloft.kernels.table_rows import write_rows_table
+from kvloft.runtime import whole_graphs
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
-from kvloft.runtime import whole_graphs
 from kvloft.runtime.model import Transformer
 from kvloft.runtime.whole_exact import ExactShape, exact_shape, shape_why
 from kvloft.runtime.whole_hip import HipShape, hip_shape, hip_shape_why, tiered_route

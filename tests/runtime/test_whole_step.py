@@ -179,7 +179,7 @@ def test_cuda_whole_step_equals_each_session_alone():
     want = [_greedy_alone(s, 40) for s in alone]
     eng = Engine(model, graphs="whole")
     assert eng.generate(whole, 40, stop_at_eos=False) == want
-    assert eng.route_counts["whole"] == 40 and eng._wholes[4]._graph is not None
+    assert eng.route_counts["whole"] == 40 and eng._wholes[4].graphs.held == 1
     for a, w in zip(alone, whole, strict=True):
         assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
         assert all(st.n == len(a) for st in w.backend.layers)
@@ -201,8 +201,8 @@ def test_captured_whole_step_equals_the_same_step_eager():
         got = g_eng.step([(graphed[i], t) for i, t in pairs])
         ref = e_eng.step([(eager[i], t) for i, t in pairs])
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
-    assert all(w._graph is not None for w in g_eng._wholes.values()) and sorted(g_eng._wholes) == [1, 2, 4]
-    assert all(w._graph is None for w in e_eng._wholes.values())
+    assert all(w.graphs.held for w in g_eng._wholes.values()) and sorted(g_eng._wholes) == [1, 2, 4]
+    assert all(w.graphs.held == 0 for w in e_eng._wholes.values())
     assert [len(s) for s in graphed] == [len(s) for s in eager]
 
 
@@ -336,7 +336,7 @@ def test_cuda_exact_whole_step_equals_each_session_alone():
     want = [_greedy_alone(s, 70) for s in alone]
     eng = Engine(model, graphs="whole")
     assert eng.generate(whole, 70, stop_at_eos=False) == want
-    assert eng.route_counts["whole"] == 70 and all(w._graph is not None for w in eng._wholes.values())
+    assert eng.route_counts["whole"] == 70 and all(w.graphs.held for w in eng._wholes.values())
     for a, w in zip(alone, whole, strict=True):
         assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
         assert _counters(w) == _counters(a)
@@ -367,8 +367,8 @@ def test_captured_exact_whole_step_equals_the_same_step_eager():
         got = g_eng.step([(graphed[i], t) for i, t in pairs])
         ref = e_eng.step([(eager[i], t) for i, t in pairs])
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
-    assert all(w._graph is not None for w in g_eng._wholes.values())
-    assert all(w._graph is None for w in e_eng._wholes.values())
+    assert all(w.graphs.held for w in g_eng._wholes.values())
+    assert all(w.graphs.held == 0 for w in e_eng._wholes.values())
     assert exact_shape([s.backend for s in graphed]) is not None
 
 
@@ -488,7 +488,7 @@ def test_cuda_hip_whole_step_equals_each_session_alone(keys_on):
     want = [_greedy_alone(s, 40) for s in alone]
     eng = Engine(model, graphs="whole")
     assert eng.generate(whole, 40, stop_at_eos=False) == want
-    assert eng.route_counts["whole"] == 40 and all(w._graph is not None for w in eng._wholes.values())
+    assert eng.route_counts["whole"] == 40 and all(w.graphs.held for w in eng._wholes.values())
     for a, w in zip(alone, whole, strict=True):
         assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
         assert _counters(w) == _counters(a) and _hip_state(w, ids=False) == _hip_state(a, ids=False)
@@ -518,6 +518,6 @@ def test_captured_hip_whole_step_equals_the_same_step_eager():
         got = g_eng.step([(graphed[i], t) for i, t in pairs])
         ref = e_eng.step([(eager[i], t) for i, t in pairs])
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
-    assert g_eng.route_counts["whole"] == 7 and all(w._graph is not None for w in g_eng._wholes.values())
+    assert g_eng.route_counts["whole"] == 7 and all(w.graphs.held for w in g_eng._wholes.values())
     for i in (0, 2, 3):
         assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
