@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -290,8 +291,13 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         mode = "whole" if "wholegraph" in flags else "off" if "eager" in flags else "auto"
         engine = Engine(model, max_batch=args.batch, graphs=mode, shared_attention="rowlaunch" not in flags,
                         shared_search="rowsearch" not in flags)
-        timed_batch_steps(engine, sessions, token_stream(args.warmup))
-        ms = timed_batch_steps(engine, sessions, token_stream(args.steps, args.warmup))
+        warm = args.warmup + (pattern_period(sessions[0]) if "wholegraph" in flags else 0)
+        timed_batch_steps(engine, sessions, token_stream(warm))
+        before = engine.whole_graphs()["captures"]
+        ms = timed_batch_steps(engine, sessions, token_stream(args.steps, warm))
+        # graphs of the whole step, one per HiP refresh pattern (runtime/whole_graphs.py); captures
+        # inside the timed steps would be in ms (warm covers one period of the refresh schedule)
+        row["whole_graphs"] = engine.whole_graphs() | {"captured_while_timed": engine.whole_graphs()["captures"] - before}
         row["ms_per_step"] = row["ms_per_token"] = round(statistics.median(ms), 2)
         row["tokens_per_s"] = round(args.batch * 1000 / row["ms_per_step"], 1)
         row["ms_min_max"] = [round(min(ms), 2), round(max(ms), 2)]
@@ -315,6 +321,14 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         del sessions
         reset_gpu()
     return row
+
+
+def pattern_period(s: Session) -> int:
+    """Steps in which a HiP row's staggered refresh schedule runs through every pattern (the lcm
+    of its refresh_steps, as many whole-step graphs), 0 for other rows."""
+    params = getattr(s.backend.retriever, "params", None) if hasattr(s.backend, "retriever") else None
+    steps = getattr(params, "refresh_steps", None)
+    return math.lcm(*steps) if steps else 0
 
 
 def timed_batch_steps(engine, sessions: list[Session], tokens: list[int]) -> list[float]:
