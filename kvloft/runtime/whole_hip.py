@@ -6,8 +6,8 @@ the keys' values is known on the host before the layers run: which stages of whi
 refresh (HipRetriever._refresh_flags), how many candidates each stage has, how many whole
 chunks it searches and keeps, how long its new mask is, how many rows the selection holds.
 So the plan phase computes those numbers (`_plan`, the arithmetic of select()) and passes
-them as data, per layer, stage and row, in the step's table; the graph does the same work
-every step with shapes fixed by (batch bucket, capacity `cap`, budget width):
+them as data, per layer, stage and row, in the step's table; the graph does this work, with
+shapes fixed by (batch bucket, capacity `cap`, budget width), for each stage of its pattern:
 
     per stage i   candidates [B, cap]: stage 1 the host rows 0..n-1 (implicit); later ones the
                   previous stage's mask then the rows that arrived since it ran, -1 past
@@ -24,6 +24,8 @@ Only the stages some row refreshes run: the table's refresh flags give the step'
 layer, a bit per stage, the union over the rows; HipTables._pattern), the graph is the one
 captured for that pattern (whole_graphs.py), and a stage outside it launches nothing, its
 masks untouched. Inside it a row that does not refresh keeps its mask through the select.
+A layer no row refreshes launches 8 small ops for its selection instead of ~80 (two sorts
+and a hip_search_kernel per stage among them: bench/whole_step_kernels.py).
 
 The masks live in the step's buffer [L, B, stages, cap] (int64 on the device); after the
 step each row's retriever state points at views of it (st.masks[i], its lengths the
