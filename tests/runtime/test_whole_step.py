@@ -19,6 +19,7 @@ import torch
 
 from kvloft import CacheConfig, Engine, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.runtime.numerics import NonFiniteError
+from kvloft.runtime.whole_graphs import MAX_PATTERN_GRAPHS
 from kvloft.runtime.whole_step import WholeStep, captured_route
 from kvloft.tiers.kvcache import DenseKV
 
@@ -521,3 +522,31 @@ def test_captured_hip_whole_step_equals_the_same_step_eager():
     assert g_eng.route_counts["whole"] == 7 and all(w.graphs.held for w in g_eng._wholes.values())
     for i in (0, 2, 3):
         assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys_on", ["device", "host"])
+def test_cuda_hip_pattern_graphs_equal_each_session_alone(keys_on):
+    """fp32 on CUDA, three HiP rows at three refresh phases (two decoded 3 and 5 steps alone
+    first): 40 captured steps replay one graph per refresh pattern (several captured, none over
+    the cap, no fallback) and equal each session stepped alone: tokens, logits within LOGIT_TOL,
+    search state."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=512,
+                           options={**HIP_CUDA_OPTIONS, "keys_on": keys_on})
+    lengths = [3000, 1228, 2200]
+    alone = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    whole = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    for i, ahead in ((1, 3), (2, 5)):
+        _greedy_alone(alone[i], ahead)
+        _greedy_alone(whole[i], ahead)
+    want = [_greedy_alone(s, 40) for s in alone]
+    eng = Engine(model, graphs="whole")
+    assert eng.generate(whole, 40, stop_at_eos=False) == want
+    counts = eng.whole_graphs()
+    assert eng.route_counts["whole"] == 40 and counts["patterns"] >= 3 and counts["captures"] >= 4
+    assert counts["fallbacks"] == 0
+    assert counts["held"] <= MAX_PATTERN_GRAPHS + 1
+    for a, w in zip(alone, whole, strict=True):
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+        assert _hip_state(w, ids=False) == _hip_state(a, ids=False)
