@@ -550,3 +550,30 @@ def test_cuda_hip_pattern_graphs_equal_each_session_alone(keys_on):
     for a, w in zip(alone, whole, strict=True):
         assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
         assert _hip_state(w, ids=False) == _hip_state(a, ids=False)
+
+
+@pytest.mark.gpu
+def test_captured_pattern_graphs_over_a_small_cap_equal_the_full_lru(monkeypatch):
+    """fp32 on CUDA, two HiP rows at two refresh phases, 24 captured steps with an LRU of 2
+    pattern graphs (patterns past it replay the graph of every stage; idle ones evicted, their
+    memory back in the shared pool) against the default LRU: the same logits, step by step."""
+    from kvloft.runtime import whole_graphs
+
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=512,
+                           options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
+    full, small = ([_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate((2500, 1800))]
+                   for _ in range(2))
+    for rows in (full, small):
+        _greedy_alone(rows[1], 3)
+    engines, logits = [], []
+    for cap, rows in ((whole_graphs.MAX_PATTERN_GRAPHS, full), (2, small)):
+        monkeypatch.setattr(whole_graphs, "MAX_PATTERN_GRAPHS", cap)  # read as each step is made
+        engines.append(Engine(model, graphs="whole"))
+        logits.append([engines[-1].step([(s, (step * 37 + 11 * b) % 512) for b, s in enumerate(rows)]).clone()
+                       for step in range(24)])
+    for got, want in zip(logits[1], logits[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    counts = [e.whole_graphs() for e in engines]
+    assert counts[0]["fallbacks"] == 0 and counts[1]["fallbacks"] > 0 and counts[1]["captures"] >= 2
+    assert all(len(w.graphs.patterns()) <= 2 for w in engines[1]._wholes.values())
