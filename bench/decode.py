@@ -62,6 +62,7 @@ $OUT or bench/results/ as decode-<tag>.json / .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -252,7 +253,7 @@ def run_row(model, spec: str, n: int, args) -> dict:
         spaces = getattr(s.backend, "_spaces", {})
         if spaces:  # one-launch decode: times the selection cache was filled (all layers)
             row["selection_fills"] = sum(sp.fills for sp in spaces.values())
-        run = lambda toks: timed_steps(s, toks)  # noqa: E731
+        run = functools.partial(timed_steps, s)
         if args.profile:
             profile_steps(run, args.profile, f"{spec} at {n // 1024}K")
         if args.cprofile:
@@ -305,7 +306,7 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         row["peak_gpu_gib"] = round(peak_gpu() / GiB, 2)
         row["under_budget"] = rcfg.method == "dense" or peak_gpu() <= args.gpu_budget
         row["peak_host_gib"] = round(rss_bytes() / GiB, 1)
-        run = lambda toks: timed_batch_steps(engine, sessions, toks)  # noqa: E731
+        run = functools.partial(timed_batch_steps, engine, sessions)
         title = f"{row['method']} x{args.batch} at {n // 1024}K"
         if args.profile:
             profile_steps(run, args.profile, title)
