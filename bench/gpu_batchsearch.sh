@@ -7,12 +7,7 @@
 # (default 560), JSON under $OUT. Usage (GPU machine, repo root):
 #   TOTAL=560 bash bench/gpu_batchsearch.sh
 set -u
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-end=$(( $(date +%s) + ${TOTAL:-560} ))
-left() { local l=$(( end - $(date +%s) )); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DEFAULT_TOTAL=560 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf -x --tb=line \
   tests/index/test_hip_batch.py tests/index/test_exact_batch.py tests/index/test_hip.py tests/runtime/test_engine.py \
   > "$O/gpu_tests.txt" 2>&1; tail -12 "$O/gpu_tests.txt"

@@ -5,12 +5,7 @@
 # under $OUT. Usage (GPU machine, repo root):
 #   TOTAL=300 bash bench/gpu_engine.sh
 set -u
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-end=$(( $(date +%s) + ${TOTAL:-400} ))
-left() { local l=$(( end - $(date +%s) )); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DEFAULT_TOTAL=400 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 120)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf -x --tb=line \
   tests/kernels/test_tinygemm.py tests/kernels/test_batched_decode.py tests/runtime/test_engine.py \
   tests/kernels/test_quant.py tests/runtime/test_quant_linear.py tests/kernels/test_rowquant.py \

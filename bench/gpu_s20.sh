@@ -8,12 +8,7 @@
 # all within TOTAL seconds (default 540); JSON and text under $OUT, archived in one file.
 # Usage (GPU machine, repo root):  TOTAL=540 bash bench/gpu_s20.sh
 set -u
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-end=$(( $(date +%s) + ${TOTAL:-540} ))
-left() { local l=$(( end - $(date +%s) )); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DEFAULT_TOTAL=540 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
   tests/kernels/test_flash.py tests/runtime/test_prefill_chunk.py tests/runtime/test_host_rows_gather.py \
   tests/runtime/test_offloaded_prefill.py tests/scheduler/test_budget.py tests/index/test_hip_batch.py \

@@ -6,12 +6,7 @@
 # on the device), with the torch profiler of one row. JSON and text under $OUT.
 # Usage (GPU machine, repo root):  TOTAL=300 bash bench/gpu_s21a.sh
 set -u
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-end=$(( $(date +%s) + ${TOTAL:-300} ))
-left() { local l=$(( end - $(date +%s) )); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DEFAULT_TOTAL=300 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 120)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short -x \
   tests/kernels/test_sparse_decode.py tests/kernels/test_batched_decode.py tests/kernels/test_table_rows.py \
   tests/kernels/test_rowquant.py tests/kernels/test_scoring.py tests/index/test_hip_batch.py tests/index/test_exact_batch.py \
