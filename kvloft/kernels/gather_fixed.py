@@ -35,12 +35,13 @@ def _gather_fixed_kernel(
     k_table,  # [n_slots] int64 base addresses of K chunks [slot_rows, ROW]
     v_table,  # [n_slots] int64 base addresses of V chunks
     first,  # a tensor of the rows' layout (the element type; the base `rebase` counts from)
-    ids,  # [B, W] int64 row ids (not read past counts[b])
+    ids,  # [B, >= W] int64 row ids, rows ID_STRIDE apart (not read past counts[b])
     counts,  # [B] int64 rows to copy per sequence (<= W)
     row_meta,  # [B, 5] int64: slot base, slot rows, ... (attend_table_fixed's layout)
     out_k,  # [B, W, ROW] contiguous
     out_v,
     W,
+    ID_STRIDE,
     ROW: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -51,7 +52,7 @@ def _gather_fixed_kernel(
     if p * BLOCK_R < n:
         r = p * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < n
-        tok = tl.load(ids + b * W + r, mask=rmask, other=0).to(tl.int64)
+        tok = tl.load(ids + b * ID_STRIDE + r, mask=rmask, other=0).to(tl.int64)
         base = tl.load(row_meta + b * 5)
         rows = tl.load(row_meta + b * 5 + 1)
         chunk = tok // rows
@@ -72,7 +73,8 @@ def gather_fixed(k_table: Tensor, v_table: Tensor, row_meta: Tensor, ids: Tensor
 
     k_table, v_table: [n_slots] int64 chunk base addresses (host tier chunks [slot_rows, H_kv, D],
     pinned with out on CUDA; CPU tensors under TRITON_INTERPRET=1); row_meta: [B, 5] int64
-    (slot base, slot rows, ...: attend_table_fixed's); ids: [B, W] int64; counts: [B] int64,
+    (slot base, slot rows, ...: attend_table_fixed's); ids: [B, W] int64, contiguous along W (a
+    slice of a wider buffer will do); counts: [B] int64,
     each in [0, W] (not checked on the device: the caller clamps); out_k, out_v: [B, W, H_kv, D]
     contiguous in like's dtype; like: [rows, H_kv, D] of the chunks' layout. No host sync, no
     allocation: capturable."""
@@ -83,7 +85,10 @@ def gather_fixed(k_table: Tensor, v_table: Tensor, row_meta: Tensor, ids: Tensor
             or not out_v.is_contiguous() or out_k.dtype != like.dtype or out_v.dtype != like.dtype:
         raise ValueError(f"{op}: out_k, out_v must be contiguous [B, W, {', '.join(map(str, like.shape[1:]))}] "
                          f"{like.dtype}, got {tuple(out_k.shape)} {out_k.dtype}, {tuple(out_v.shape)} {out_v.dtype}")
-    for name, t, shape in (("ids", ids, (nb, w)), ("counts", counts, (nb,)), ("row_meta", row_meta, (nb, 5))):
+    if ids.shape != (nb, w) or ids.dtype != torch.int64 or ids.stride(1) != 1:
+        raise ValueError(f"{op}: ids must be [{nb}, {w}] int64 contiguous along W, got {ids.dtype} "
+                         f"{tuple(ids.shape)} with strides {ids.stride()}")
+    for name, t, shape in (("counts", counts, (nb,)), ("row_meta", row_meta, (nb, 5))):
         if t.shape != shape or t.dtype != torch.int64 or not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous {list(shape)} int64, got {t.dtype} {tuple(t.shape)}")
     if k_table.dtype != torch.int64 or v_table.dtype != torch.int64 or k_table.dim() != 1 or v_table.dim() != 1:
@@ -95,7 +100,7 @@ def gather_fixed(k_table: Tensor, v_table: Tensor, row_meta: Tensor, ids: Tensor
         return
     row = like[0].numel()
     _gather_fixed_kernel[(triton.cdiv(w, block_r), nb)](
-        k_table, v_table, like, ids, counts, row_meta, out_k, out_v, w,
+        k_table, v_table, like, ids, counts, row_meta, out_k, out_v, w, ids.stride(0),
         ROW=row, BLOCK_R=block_r, BLOCK_E=min(checks.next_pow2(row), 1024), ALIGN=table_align(like), num_warps=4,
     )  # fmt: skip
 

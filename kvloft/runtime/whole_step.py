@@ -166,6 +166,16 @@ class WholeStep:
         # one graph per refresh pattern of the step (whole_graphs.py), read at construction:
         # whole_graphs.MAX_PATTERN_GRAPHS (tests set it small)
         self.graphs = whole_graphs.PatternGraphs(self._forward, capture, whole_graphs.MAX_PATTERN_GRAPHS)
+        self.read_why: str | None = None
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Device bytes this step holds outside its graphs' pool: the table, HiP rows' mask buffers
+        and stable-part buffers (whole_stable.py; the graphs' intermediates are the pool's)."""
+        ex, n = self.exact, self._flat.numel() * 8
+        if ex is not None and hasattr(ex, "stable"):
+            n += ex.masks.numel() * 8 + ex.stable.nbytes
+        return n
 
     # ---- the host's part ---------------------------------------------------------------------
 
@@ -245,6 +255,8 @@ class WholeStep:
             raise ValueError(f"WholeStep.step: 1..{self.batch} rows with one token and position each, got "
                              f"{n} backends, tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)}")
         self._flat.copy_(self._host_table(tokens, positions, backends))
+        stable = getattr(self.exact, "stable", None)  # HiP rows: why one read all in place (whole_stable.py)
+        self.read_why = None if stable is None else stable.why
         logits = self.graphs.run(None if self.exact is None else self.exact.pattern)
         for b, be in enumerate(backends):
             if isinstance(be, TieredAttention):

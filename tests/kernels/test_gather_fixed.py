@@ -24,7 +24,8 @@ def test_gather_fixed_equals_reference_and_leaves_rows_past_counts():
     meta = torch.zeros(nb, 5, dtype=torch.int64)
     meta[:, 0], meta[:, 1] = torch.arange(nb) * hc, rows
     g = torch.Generator().manual_seed(1)
-    ids = torch.stack([torch.randperm(hc * rows, generator=g)[:w] for _ in range(nb)])
+    wide = torch.stack([torch.randperm(hc * rows, generator=g)[: w + 5] for _ in range(nb)])
+    ids = wide[:, :w]  # rows of a wider buffer (strided)
     counts = torch.tensor([w, 0, 13])
     out_k = torch.full((nb, w, hkv, d), 7.0)
     out_v = torch.full_like(out_k, 7.0)
