@@ -17,8 +17,9 @@ shapes fixed by (batch bucket, capacity `cap`, budget width), for each stage of 
                   the uncut tail -> the new mask, written over the row's mask buffer where
                   the stage refreshes (a select on the device, no branch)
     selection     the rows that arrived since the last stage ran, then its mask, to the
-                  budget, -1 padded to the width; the static tier and those host rows in two
-                  fixed launches merged (whole_exact.py ExactTables.attend)
+                  budget, -1 padded to the width; attended in three fixed launches merged by
+                  lse: the static tier, the mask's rows from a device copy refreshed where the
+                  last stage refreshes, and the few fresh rows read in place (whole_stable.py)
 
 Only the stages some row refreshes run: the table's refresh flags give the step's pattern (per
 layer, a bit per stage, the union over the rows; HipTables._pattern), the graph is the one
