@@ -57,8 +57,8 @@ from kvloft.index.hip_batch import n_keep
 from kvloft.kernels import reference
 from kvloft.kernels.batched_decode import attend_table_fixed
 from kvloft.kernels.hip_batched import hip_stage_batched
-from kvloft.kernels.merge import merge
 from kvloft.kernels.hip_stage import probes_per_chunk
+from kvloft.kernels.merge import merge
 from kvloft.kernels.scoring import BLOCK_N
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.whole_exact import _FIXED, MAX_CAP, ExactTables, exact_route
