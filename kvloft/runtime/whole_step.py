@@ -168,6 +168,19 @@ class WholeStep:
         self.graphs = whole_graphs.PatternGraphs(self._forward, capture, whole_graphs.MAX_PATTERN_GRAPHS)
         self.read_why: str | None = None
 
+    def share_buffers(self, other: WholeStep) -> bool:
+        """Take `other`'s HiP stable-part buffers where they fit this step (same layers, bucket and
+        width; the capacity may differ): one set per engine and bucket, not one per shape (they
+        hold rows of host tiers, and their host record says whose mask: whole_stable.py). Call
+        before this step's first run. Returns whether they were taken."""
+        mine, theirs = getattr(self.exact, "stable", None), getattr(other.exact, "stable", None)
+        if mine is None or theirs is None or mine is theirs:
+            return False
+        if (mine.n_layers, mine.batch, mine.width) != (theirs.n_layers, theirs.batch, theirs.width):
+            return False
+        self.exact.stable = theirs
+        return True
+
     @property
     def buffer_bytes(self) -> int:
         """Device bytes this step holds outside its graphs' pool: the table, HiP rows' mask buffers

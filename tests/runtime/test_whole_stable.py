@@ -92,3 +92,19 @@ def test_fresh_rows_over_the_bound_read_the_selection_in_place(tiny, monkeypatch
     assert toks == want and eng.route_counts["whole"] == 4 and eng.last_route_why is None
     assert sum(w is not None and "over the bound of 0" in w for w in whys) >= 2, whys
     assert _rel(row.last_logits, alone.last_logits) < LOGIT_TOL
+
+
+def test_whole_steps_of_one_bucket_share_their_stable_buffers(tiny):
+    """Two HiP shapes of one bucket and width (the capacity grew) share one set of stable
+    buffers; another width or bucket keeps its own."""
+    from kvloft.runtime.whole_hip import HipShape
+    from kvloft.runtime.whole_step import WholeStep
+
+    def step(batch, cap, width):
+        return WholeStep(tiny.net, capture=False, batch=batch,
+                         shape=HipShape(cap, width, cap // 64, cap // 64, (16, 4), (48, 24), "first"))
+
+    a, b, c, d = step(2, 256, 32), step(2, 512, 32), step(2, 512, 64), step(1, 512, 32)
+    assert b.share_buffers(a) and b.exact.stable is a.exact.stable
+    assert not c.share_buffers(a) and not d.share_buffers(a) and c.exact.stable is not a.exact.stable
+    assert a.buffer_bytes == a._flat.numel() * 8 + a.exact.masks.numel() * 8  # nothing allocated yet
