@@ -183,12 +183,19 @@ class WholeStep:
 
     @property
     def buffer_bytes(self) -> int:
-        """Device bytes this step holds outside its graphs' pool: the table, HiP rows' mask buffers
-        and stable-part buffers (whole_stable.py; the graphs' intermediates are the pool's)."""
+        """Device bytes this step holds outside its graphs' pool (whose intermediates are the
+        pool's): its table, HiP rows' mask buffers, and the stable-part buffers it uses
+        (whole_stable.py; shared with the engine's other steps of its bucket and width:
+        `stable_buffers` names them, to count each once)."""
         ex, n = self.exact, self._flat.numel() * 8
-        if ex is not None and hasattr(ex, "stable"):
-            n += ex.masks.numel() * 8 + ex.stable.nbytes
+        if self.stable_buffers is not None:
+            n += ex.masks.numel() * 8 + self.stable_buffers.nbytes
         return n
+
+    @property
+    def stable_buffers(self) -> Any:
+        """The HiP rows' StableRows this step uses (None: no HiP shape)."""
+        return getattr(self.exact, "stable", None)
 
     # ---- the host's part ---------------------------------------------------------------------
 

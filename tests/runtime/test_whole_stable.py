@@ -73,6 +73,8 @@ def test_stable_buffers_hold_the_current_masks_and_rewrite_only_on_refresh(tiny)
                 assert torch.equal(ex.stable.k[layer, 0, :n], k) and torch.equal(ex.stable.v[layer, 0, :n], v)
         assert int(ex.stable_meta[0][0, 4]) > 0 or eng.last_read_why is not None
     assert toks == want
+    cfg = tiny.config  # the buffers' bytes: L x B x width x H_kv x D x 2 x itemsize (fp32)
+    assert ex.stable.nbytes == nl * 1 * ex.stable.width * cfg.n_kv_heads * cfg.head_dim * 2 * 4
     assert held >= STEPS * nl - nl and stable_steps >= STEPS - 2  # the buffers served nearly every step
     assert _hip_state(row) == _hip_state(alone) and _rel(row.last_logits, alone.last_logits) < LOGIT_TOL
 
