@@ -315,6 +315,14 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
         row["graph_route"] = dict(engine.route_counts)  # steps run as one whole graph / segments / eagerly
         if engine.last_route_why:
             row["not_whole"] = engine.last_route_why
+        if getattr(engine, "last_read_why", None):  # a whole step's HiP row read all its selection in place
+            row["read_in_place"] = engine.last_read_why
+        wholes = list(getattr(engine, "_wholes", {}).values())
+        if wholes:  # the whole steps' tables, masks and stable buffers (one set per bucket and width: once)
+            stables = [w.stable_buffers for w in wholes if w.stable_buffers is not None]
+            total = sum(w.buffer_bytes for w in wholes) - sum(s.nbytes for s in stables) \
+                + sum({id(s): s.nbytes for s in stables}.values())
+            row["whole_buffers_mib"] = round(total / 2**20, 1)
     except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc()

@@ -167,7 +167,8 @@ class Engine:
     the CPU through the Triton interpreter: how it is tested), and any other batch as "auto"
     does (as "segments" where the whole step cannot run). `route_counts` counts the steps
     each way ran ("whole", "segments", "eager"); `last_route_why` says why the last step
-    was not whole (None when it was, or when graphs is not "whole"); `whole_graphs()` counts the
+    was not whole (None when it was, or when graphs is not "whole"), `last_read_why` why a whole
+    step's HiP row read its whole selection from the host tier (None: stable parts on the device); `whole_graphs()` counts the
     whole step's graphs (one per refresh pattern of HiP rows).
     shared_attention: rows whose decode route is one launch over a slot table share one launch
     per layer (RowAttention); False launches each row's own (the per-row path, for comparison).
@@ -197,6 +198,7 @@ class Engine:
         self._wholes: dict[Any, WholeStep] = {}  # padded batch size (, tiered shape) -> its captured whole step
         self.route_counts = {"whole": 0, "segments": 0, "eager": 0}
         self.last_route_why: str | None = None
+        self.last_read_why: str | None = None  # a whole step's HiP rows read all in place: why (whole_stable.py)
 
     @property
     def _use_graphs(self) -> bool:
@@ -303,7 +305,10 @@ class Engine:
             self.last_route_why = not_whole(backends, dev)
             if self.last_route_why is None:
                 self.route_counts["whole"] += 1
-                return self._whole_for(n, step_shape(backends)).step(plan.tokens, plan.positions, backends)
+                whole = self._whole_for(n, step_shape(backends))
+                logits = whole.step(plan.tokens, plan.positions, backends)
+                self.last_read_why = whole.read_why
+                return logits
         groups = plan.search_groups if self.shared_search else []
         attention = RowAttention(backends, plan.order, self.shared_attention, groups)
         if not self._use_graphs:
@@ -337,6 +342,9 @@ class Engine:
         whole = self._wholes.get(key)
         if whole is None:
             whole = self._wholes[key] = WholeStep(self.model.net, capture=self._capture, batch=bucket, shape=shape)
+            for other in self._wholes.values():  # HiP rows' stable buffers: one set per bucket and width
+                if other is not whole and whole.share_buffers(other):
+                    break
         return whole
 
     def whole_graphs(self) -> dict[str, int]:

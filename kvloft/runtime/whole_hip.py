@@ -17,8 +17,9 @@ shapes fixed by (batch bucket, capacity `cap`, budget width), for each stage of 
                   the uncut tail -> the new mask, written over the row's mask buffer where
                   the stage refreshes (a select on the device, no branch)
     selection     the rows that arrived since the last stage ran, then its mask, to the
-                  budget, -1 padded to the width; the static tier and those host rows in two
-                  fixed launches merged (whole_exact.py ExactTables.attend)
+                  budget, -1 padded to the width; attended in three fixed launches merged by
+                  lse: the static tier, the mask's rows from a device copy refreshed where the
+                  last stage refreshes, and the few fresh rows read in place (whole_stable.py)
 
 Only the stages some row refreshes run: the table's refresh flags give the step's pattern (per
 layer, a bit per stage, the union over the rows; HipTables._pattern), the graph is the one
@@ -53,17 +54,22 @@ from torch import Tensor
 from kvloft.index.base import Selection
 from kvloft.index.hip import HipRetriever
 from kvloft.index.hip_batch import n_keep
+from kvloft.kernels import reference
+from kvloft.kernels.batched_decode import attend_table_fixed
 from kvloft.kernels.hip_batched import hip_stage_batched
 from kvloft.kernels.hip_stage import probes_per_chunk
+from kvloft.kernels.merge import merge
 from kvloft.kernels.scoring import BLOCK_N
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.whole_exact import _FIXED, MAX_CAP, ExactTables, exact_route
+from kvloft.runtime.whole_stable import StableRows, fresh_bound
 
 __all__ = ["HipShape", "HipTables", "hip_route", "hip_shape", "hip_shape_why", "tiered_route"]
 
 _STAGE = 9  # per stage and row: n_full, table offset, chunk rows (the kernel's meta), n_keep, n_cand,
 #             the new mask's length, refresh (0/1), the previous mask's length, rows it had seen
 _FINAL = 3  # per row: fresh rows, first fresh row, rows selected
+_STABLE = 6  # per row: the stable part's meta [5] (slot, width, 0, 0, n_stable), rows copied into it
 
 
 class HipShape(NamedTuple):
@@ -79,7 +85,7 @@ class HipShape(NamedTuple):
 
     def columns(self, batch: int) -> int:
         """int64 numbers per layer of the step's table: the exact route's, then the search's."""
-        return batch * (_FIXED + self.kc + 2 * self.hc + _STAGE * len(self.chunk_sizes) + _FINAL)
+        return batch * (_FIXED + self.kc + 2 * self.hc + _STAGE * len(self.chunk_sizes) + _FINAL + _STABLE)
 
     def tables(self, batch: int, n_layers: int, flat: Tensor) -> HipTables:
         return HipTables(self, batch, n_layers, flat)
@@ -205,6 +211,10 @@ class HipTables(ExactTables):
                             for s in range(ns)] for i in range(n_layers)]  # [_STAGE, B] per layer, stage
         b0 = a + ns * _STAGE * nb
         self.final_meta = [per[i, b0 : b0 + _FINAL * nb].view(_FINAL, nb) for i in range(n_layers)]  # [3, B]
+        b0 += _FINAL * nb  # the stable part (whole_stable.py): its meta [B, 5] and rows copied [B] per layer
+        self.stable_meta = [per[i, b0 : b0 + 5 * nb].view(nb, 5) for i in range(n_layers)]
+        self.copy_rows = [per[i, b0 + 5 * nb : b0 + 6 * nb] for i in range(n_layers)]
+        self.stable = StableRows(n_layers, nb, shape.width)
         # the rows' stage masks: [L, B, stages, cap] int64 host-row ids (-1 past a mask's length)
         self.masks = torch.full((n_layers, nb, ns, shape.cap), -1, dtype=torch.int64, device=flat.device)
         self._j = torch.arange(shape.cap, device=flat.device)  # [cap]
@@ -215,11 +225,16 @@ class HipTables(ExactTables):
     # ---- the host's part ---------------------------------------------------------------------
 
     def host_columns(self, backends: list[Any]) -> np.ndarray:
-        self._plans = {}
+        self._plans, self.stable.why = {}, None
         self._adopt(backends)
+        tiered = [be for be in backends if isinstance(be, TieredAttention)]
+        if tiered:
+            self.stable.allocate(tiered[0].cache.layers[0].k)
         out = super().host_columns(backends)
         sh, nb = self.shape, self.batch
         a = nb * (_FIXED + sh.kc + 2 * sh.hc)
+        meta = out[:, a + (len(sh.chunk_sizes) * _STAGE + _FINAL) * nb :][:, : 5 * nb].reshape(-1, nb, 5)
+        meta[:, :, 0], meta[:, :, 1] = np.arange(nb), sh.width  # every slot's own slab (n_stable 0 unless set)
         for s in range(len(sh.chunk_sizes)):  # rows without a search: one-row chunks (never a division by 0)
             rows = out[:, a + (s * _STAGE + 2) * nb : a + (s * _STAGE + 3) * nb]
             rows[rows == 0] = 1
@@ -243,15 +258,21 @@ class HipTables(ExactTables):
         store = None if layer in hip.tiers else hip.keys[layer]  # None: the host tier's keys, in place
         n = be.cache.layers[layer].n_host if store is None else len(store)
         plan = self._plans[(b, layer)] = _plan(hip, layer, n, be.rcfg.budget)
-        self._fill_rows(col, b, be, layer, store, plan.n_sel)
-        rows = be.cache.host_chunk if store is None else store.chunk_rows
         sh, nb = self.shape, self.batch
+        refresh, m_last = bool(plan.stages[-1][4]), plan.stages[-1][3]
+        n_stable = 0 if plan.every else self.stable.route(
+            b, layer, hip.state[layer], refresh, plan.fresh, plan.n_sel,
+            fresh_bound(hip.params.refresh_steps[-1], be.cache.layers[layer].evict_batch))
+        self._fill_rows(col, b, be, layer, store, plan.n_sel - n_stable)  # the host part: the rest, in place
+        rows = be.cache.host_chunk if store is None else store.chunk_rows
         a = nb * (_FIXED + sh.kc + 2 * sh.hc)
         for s, (n_full, keep, n_cand, m_out, refresh, m_prev, seen_prev) in enumerate(plan.stages):
             block = col[a + s * _STAGE * nb : a + (s + 1) * _STAGE * nb].reshape(_STAGE, nb)
             block[:, b] = (n_full, b * sh.kc, rows, keep, n_cand, m_out, refresh, m_prev, seen_prev)
         a += len(plan.stages) * _STAGE * nb
         col[a + b], col[a + nb + b], col[a + 2 * nb + b] = plan.fresh, plan.seen, plan.n_sel
+        a += _FINAL * nb
+        col[a + 5 * b + 4], col[a + 5 * nb + b] = n_stable, min(m_last, sh.width) if refresh else 0
 
     def _adopt(self, backends: list[Any]) -> None:
         """Every HiP row's masks as views of its slot's buffer (see the module doc)."""
@@ -296,6 +317,8 @@ class HipTables(ExactTables):
                     st.masks[i], st.seen[i] = view, plan.n
                     views[(layer, i)] = (st, view)
                     hip._stats.extra["refreshes"][i] += 1
+            if plan.stages[-1][4]:  # the step copied the new last mask's rows into the slot's buffer
+                self.stable.mark(b, layer, st)
             st.step, st.budget, st.refreshed = st.step + 1, plan.budget, plan.flags
             sel = Selection(ids=hip._count(plan.n_sel), scanned=plan.reads * hkv, padded=False)
             hip._stats.record(sel)
@@ -350,3 +373,19 @@ class HipTables(ExactTables):
         rest = tail if cand is None else cand.gather(1, tail)
         head = kept.gather(1, j.clamp_max(k * length - 1).expand(nb, cap))
         return torch.where(j < n_kept, head, torch.where(j < m_out, rest, -1))
+
+    def attend(self, layer: int, q: Tensor, like: Tensor, o_s: Tensor, lse_s: Tensor, scale: float,
+               splits: int, stages: int | None = None) -> Tensor:
+        """ExactTables.attend with the selection in two parts (whole_stable.py): each row's stable
+        part from its device buffer (refreshed here where the last stage runs), the rest read in
+        place; three parts merged by lse -> out [B, H_q, D]."""
+        ids = self.select(layer, q, like, stages)  # [B, width]
+        last = len(self.shape.chunk_sizes) - 1
+        if stages is None or stages >> last & 1:  # rows that refresh it copy their new mask's rows
+            self.stable.copy(layer, self.masks[layer, :, last, : self.shape.width], self.copy_rows[layer],
+                             self.hk_tab[layer], self.hv_tab[layer], self.host_meta[layer], like)
+        o_h, lse_h = attend_table_fixed(q, like, self.hk_tab[layer], self.hv_tab[layer], self.host_meta[layer],
+                                        scale=scale, num_splits=splits, ids=ids)
+        o_c, lse_c = self.stable.attend(layer, q, like, self.stable_meta[layer], scale, splits)
+        out, _ = (merge if q.is_cuda else reference.merge)([o_s, o_h, o_c], [lse_s, lse_h, lse_c])
+        return out

@@ -166,6 +166,36 @@ class WholeStep:
         # one graph per refresh pattern of the step (whole_graphs.py), read at construction:
         # whole_graphs.MAX_PATTERN_GRAPHS (tests set it small)
         self.graphs = whole_graphs.PatternGraphs(self._forward, capture, whole_graphs.MAX_PATTERN_GRAPHS)
+        self.read_why: str | None = None
+
+    def share_buffers(self, other: WholeStep) -> bool:
+        """Take `other`'s HiP stable-part buffers where they fit this step (same layers, bucket and
+        width; the capacity may differ): one set per engine and bucket, not one per shape (they
+        hold rows of host tiers, and their host record says whose mask: whole_stable.py). Call
+        before this step's first run. Returns whether they were taken."""
+        mine, theirs = getattr(self.exact, "stable", None), getattr(other.exact, "stable", None)
+        if mine is None or theirs is None or mine is theirs:
+            return False
+        if (mine.n_layers, mine.batch, mine.width) != (theirs.n_layers, theirs.batch, theirs.width):
+            return False
+        self.exact.stable = theirs
+        return True
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Device bytes this step holds outside its graphs' pool (whose intermediates are the
+        pool's): its table, HiP rows' mask buffers, and the stable-part buffers it uses
+        (whole_stable.py; shared with the engine's other steps of its bucket and width:
+        `stable_buffers` names them, to count each once)."""
+        ex, n = self.exact, self._flat.numel() * 8
+        if self.stable_buffers is not None:
+            n += ex.masks.numel() * 8 + self.stable_buffers.nbytes
+        return n
+
+    @property
+    def stable_buffers(self) -> Any:
+        """The HiP rows' StableRows this step uses (None: no HiP shape)."""
+        return getattr(self.exact, "stable", None)
 
     # ---- the host's part ---------------------------------------------------------------------
 
@@ -245,6 +275,8 @@ class WholeStep:
             raise ValueError(f"WholeStep.step: 1..{self.batch} rows with one token and position each, got "
                              f"{n} backends, tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)}")
         self._flat.copy_(self._host_table(tokens, positions, backends))
+        stable = getattr(self.exact, "stable", None)  # HiP rows: why one read all in place (whole_stable.py)
+        self.read_why = None if stable is None else stable.why
         logits = self.graphs.run(None if self.exact is None else self.exact.pattern)
         for b, be in enumerate(backends):
             if isinstance(be, TieredAttention):

@@ -496,6 +496,39 @@ def test_cuda_hip_whole_step_equals_each_session_alone(keys_on):
 
 
 @pytest.mark.gpu
+def test_cuda_hip_stable_buffers_equal_each_session_alone():
+    """fp32 on CUDA, HiP rows with keys read in place from the pinned host tier: 40 captured steps
+    with each row's stable selection in the step's device buffers (runtime/whole_stable.py,
+    copied where the last stage refreshes, fresh rows read in place) equal each session stepped
+    alone; the buffers served the last step (no row read all in place) and hold the host rows of
+    each row's current last mask."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=5)
+    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=512,
+                           options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
+    lengths = [3000, 2200 + 528]
+    alone = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    whole = [_fed(model, n, seed, rcfg, CacheConfig()) for seed, n in enumerate(lengths)]
+    _greedy_alone(alone[1], 3)  # another refresh phase
+    _greedy_alone(whole[1], 3)
+    want = [_greedy_alone(s, 40) for s in alone]
+    eng = Engine(model, graphs="whole")
+    assert eng.generate(whole, 40, stop_at_eos=False) == want
+    assert eng.route_counts["whole"] == 40 and eng.last_read_why is None
+    stable = list(eng._wholes.values())[-1].exact.stable  # the step's last shape
+    assert stable.nbytes > 0 and all(w.graphs.held for w in eng._wholes.values())
+    for b, (a, w) in enumerate(zip(alone, whole, strict=True)):
+        assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
+        assert _hip_state(w, ids=False) == _hip_state(a, ids=False)
+        for layer, st in w.backend.retriever.state.items():
+            if stable.holds(b, layer, st):
+                n = min(st.masks[-1].numel(), stable.width)
+                parts = list(w.backend.cache.layers[layer].host_chunk_pairs())
+                ids = st.masks[-1][:n].cpu()
+                k = torch.cat([kc for _, kc, _ in parts])[ids]
+                assert torch.equal(stable.k[layer, b, :n].cpu(), k)
+
+
+@pytest.mark.gpu
 def test_captured_hip_whole_step_equals_the_same_step_eager():
     """bf16 on CUDA, dense and HiP rows joining and leaving (their masks moving between slots and
     steps): each captured replay gives the logits of the same whole step run eagerly."""
