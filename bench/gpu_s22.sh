@@ -4,12 +4,7 @@
 # segmented engine (@engine) and the whole step (@wholegraph), hip with its keys on the host.
 # JSON and text under $OUT. Usage (GPU machine, repo root):  TOTAL=230 bash bench/gpu_s22.sh
 set -u
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-end=$(( $(date +%s) + ${TOTAL:-230} ))
-left() { local l=$(( end - $(date +%s) )); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DEFAULT_TOTAL=230 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 70)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short -x \
   tests/runtime/test_whole_step.py > "$O/gpu_tests.txt" 2>&1; tail -4 "$O/gpu_tests.txt"
 timeout "$(left 150)" python3 bench/decode.py --presets llama3-8b --contexts 32k,128k \
