@@ -151,13 +151,20 @@ def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: i
     - shared_chunks: the same score, best budget // chunk chunks by their best row (a perfect
       search inside each chunk);
     - hip_first / hip_middle: the hierarchical top-1 search of kernels/hip_stage.py (HiP);
-    - kv_chunks: per KV head, best chunks by its own group's max logit (a mask per KV head).
+    - kv_chunks: per KV head, best chunks by its own group's max logit (a mask per KV head);
+    - z_chunks: one mask, best chunks by the max over query heads of z-scored logits
+      (q_h . (k - mean) / sd_h; mean [H_kv, D] and covariance of the host keys at the first
+      step, sd_h^2 = q_h^T cov q_h): heads on a common scale before the max;
+    - hipz_first / hipz_middle: HiP's search run on keys minus that mean with q_h / sd_h.
     Also records, per (layer, pos), the needle chunk's rank under each chunk score in RANKS.
     """
     sels: dict[str, dict] = {k: {} for k in ("exact", "shared_tokens", "shared_chunks", "hip_first",
-                                             "hip_middle", "kv_chunks")}
+                                             "hip_middle", "kv_chunks", "z_chunks", "hipz_first", "hipz_middle")}
     for layer, tr in layers.items():
         hq, hkv = tr.q.shape[1], tr.k.shape[1]
+        first = tr.k[sink : positions[0] - WINDOW + 1]  # [N0, H_kv, D] host rows at the first step
+        mean = first.mean(0)  # [H_kv, D]
+        cov = torch.einsum("nkd,nke->kde", first - mean, first - mean) / first.shape[0]  # [H_kv, D, D]
         for pos in positions:
             stop = pos - WINDOW + 1
             kh, q = tr.k[sink:stop], tr.q[pos]  # [N, H_kv, D], [H_q, D]
@@ -178,6 +185,14 @@ def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: i
                 score = hip_stage1_reference(kh, q, chunk, probe)[1][:n_full]
                 sels[f"hip_{probe}"][(layer, pos)] = (chunk_pick(score, chunk, budget), stop)
                 ranks[f"hip_{probe}"] = chunk_rank(score, chunk, rows)
+            sd = torch.einsum("hd,hde,he->h", q, cov.repeat_interleave(hq // hkv, 0), q).sqrt()  # [H_q]
+            z = (logits - torch.einsum("hd,hd->h", q, mean.repeat_interleave(hq // hkv, 0))[:, None]) / sd[:, None]
+            sels["z_chunks"][(layer, pos)] = (shared_chunk_pick(z.amax(0), chunk, budget), stop)
+            ranks["z_chunks"] = chunk_rank(z.amax(0)[: n_full * chunk].view(n_full, chunk).amax(1), chunk, rows)
+            for probe in ("first", "middle"):
+                score = hip_stage1_reference(kh - mean, q / sd[:, None], chunk, probe)[1][:n_full]
+                sels[f"hipz_{probe}"][(layer, pos)] = (chunk_pick(score, chunk, budget), stop)
+                ranks[f"hipz_{probe}"] = chunk_rank(score, chunk, rows)
             RANKS[(layer, pos, chunk)] = ranks
     return sels
 

@@ -52,3 +52,19 @@ def test_ladder_equals_exact_and_hip_retrievers():
     score = torch.einsum("hd,nhd->hn", tr.q[pos], tr.k[sink:stop].repeat_interleave(2, 1)).amax(0)
     assert set(shared.tolist()) == set(score.topk(budget).indices.tolist())
     assert sels["kv_chunks"][(0, pos)][0].shape == (2, budget)
+
+
+def test_z_scores_ignore_a_kv_heads_offset_and_a_heads_scale():
+    """z_chunks and hipz_*: a constant added to every key of KV head 1 and a query head scaled by 5 change
+    no per-head softmax, and change no z-scored pick; the raw max-logit pick (shared_chunks) moves."""
+    tr, sink, budget, chunk = _layer(seed=1), 16, 128, 8
+    pos = tr.q.shape[0] - 1
+    k2 = tr.k.clone()
+    k2[:, 1] += 3.0 * tr.q[pos, 2:].mean(0)  # KV head 1 (query heads 2, 3) gains a large common logit
+    q2 = tr.q.clone()
+    q2[:, 0] *= 5.0
+    a = hip_ladder({0: tr}, range(pos, pos + 1), budget, chunk, [sink + 40], sink)
+    b = hip_ladder({0: Layer(q2, k2, tr.v)}, range(pos, pos + 1), budget, chunk, [sink + 40], sink)
+    for name in ("z_chunks", "hipz_first", "hipz_middle"):
+        assert torch.equal(a[name][(0, pos)][0], b[name][(0, pos)][0]), name
+    assert not torch.equal(a["shared_chunks"][(0, pos)][0], b["shared_chunks"][(0, pos)][0])
