@@ -142,7 +142,7 @@ def chunk_rank(chunk_score: Tensor, chunk: int, rows: Tensor) -> int:
 
 
 def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: int, needle: list[int],
-               sink: int) -> dict[str, dict[tuple[int, int], tuple[Tensor, int]]]:
+               sink: int) -> tuple[dict[str, dict[tuple[int, int], tuple[Tensor, int]]], dict[tuple[int, int], dict]]:
     """Selections, recomputed with each step's query, that take HiP's last stage apart step by step.
 
     - exact: per KV head, top-budget tokens by the group's max logit (ExactRetriever);
@@ -156,10 +156,12 @@ def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: i
       (q_h . (k - mean) / sd_h; mean [H_kv, D] and covariance of the host keys at the first
       step, sd_h^2 = q_h^T cov q_h): heads on a common scale before the max;
     - hipz_first / hipz_middle: HiP's search run on keys minus that mean with q_h / sd_h.
-    Also records, per (layer, pos), the needle chunk's rank under each chunk score in RANKS.
+    Returns ({name: {(layer, pos): (ids, host rows end)}}, {(layer, pos): {score: the needle
+    chunk's 1-based rank}}).
     """
     sels: dict[str, dict] = {k: {} for k in ("exact", "shared_tokens", "shared_chunks", "hip_first",
                                              "hip_middle", "kv_chunks", "z_chunks", "hipz_first", "hipz_middle")}
+    all_ranks: dict[tuple[int, int], dict] = {}
     for layer, tr in layers.items():
         hq, hkv = tr.q.shape[1], tr.k.shape[1]
         first = tr.k[sink : positions[0] - WINDOW + 1]  # [N0, H_kv, D] host rows at the first step
@@ -193,18 +195,15 @@ def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: i
                 score = hip_stage1_reference(kh - mean, q / sd[:, None], chunk, probe)[1][:n_full]
                 sels[f"hipz_{probe}"][(layer, pos)] = (chunk_pick(score, chunk, budget), stop)
                 ranks[f"hipz_{probe}"] = chunk_rank(score, chunk, rows)
-            RANKS[(layer, pos, chunk)] = ranks
-    return sels
+            all_ranks[(layer, pos)] = ranks
+    return sels, all_ranks
 
 
-RANKS: dict[tuple[int, int, int], dict[str, int]] = {}
-
-
-def rank_summary(layers: list[int], positions: range, chunk: int) -> dict[int, dict[str, float]]:
+def rank_summary(ranks: dict[tuple[int, int], dict], layers: list[int], positions: range) -> dict[int, dict[str, float]]:
     """Per layer: median over the answer steps of the needle chunk's rank under each chunk score."""
     out = {}
     for layer in layers:
-        per = [RANKS[(layer, pos, chunk)] for pos in positions]
+        per = [ranks[(layer, pos)] for pos in positions]
         out[layer] = {k: float(torch.tensor([p[k] for p in per], dtype=torch.float).median()) for k in per[0]}
     return out
 
@@ -258,9 +257,10 @@ def main() -> None:
     positions = range(prompt - 1, prompt + steps - 1)
     for pair in filter(None, args.hip.split(",")):
         budget, chunk = (int(x) for x in pair.split(":"))
-        for name, sels in hip_ladder(layers, positions, budget, chunk, needle, 64).items():
+        ladder, ranks = hip_ladder(layers, positions, budget, chunk, needle, 64)
+        for name, sels in ladder.items():
             result["variants"][f"ladder_{name}@{budget}:{chunk}|sink64"] = needle_mass(sels, layers, dense, needle, 64)
-        result.setdefault("needle_rank", {})[f"{budget}:{chunk}"] = rank_summary(list(layers), positions, chunk)
+        result.setdefault("needle_rank", {})[f"{budget}:{chunk}"] = rank_summary(ranks, list(layers), positions)
     if args.hip:
         result["needle_share_kv"] = needle_share_kv(layers, dense, positions, needle)
     args.out.parent.mkdir(parents=True, exist_ok=True)

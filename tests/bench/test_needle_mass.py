@@ -11,6 +11,7 @@ from needle_mass import WINDOW, chunk_pick, chunk_rank, hip_ladder
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.eval.attention_report import Layer
 from kvloft.index.base import make_retriever
+from kvloft.kernels.hip_stage import hip_stage1_reference
 
 
 def test_chunk_rank_and_pick_by_hand():
@@ -35,7 +36,7 @@ def test_ladder_equals_exact_and_hip_retrievers():
     tr, sink, budget, chunk = _layer(), 16, 128, 8
     pos = tr.q.shape[0] - 1
     stop = pos - WINDOW + 1
-    sels = hip_ladder({0: tr}, range(pos, pos + 1), budget, chunk, [sink + 40, sink + 41], sink)
+    sels, ranks = hip_ladder({0: tr}, range(pos, pos + 1), budget, chunk, [sink + 40, sink + 41], sink)
     cfg = ModelConfig(name="t", n_heads=4, n_kv_heads=2, head_dim=16, hidden_size=64, n_layers=1)
     keys = tr.k[sink:stop].transpose(0, 1).contiguous()
     ex = make_retriever(RetrievalConfig(method="exact", budget=budget), cfg, "cpu")
@@ -52,6 +53,10 @@ def test_ladder_equals_exact_and_hip_retrievers():
     score = torch.einsum("hd,nhd->hn", tr.q[pos], tr.k[sink:stop].repeat_interleave(2, 1)).amax(0)
     assert set(shared.tolist()) == set(score.topk(budget).indices.tolist())
     assert sels["kv_chunks"][(0, pos)][0].shape == (2, budget)
+    # the needle rows' chunk (rows 40-41 -> chunk 5) ranked by HiP's own chunk scores
+    n_full = (stop - sink) // chunk
+    hip_score = hip_stage1_reference(tr.k[sink:stop], tr.q[pos], chunk, "first")[1][:n_full]
+    assert ranks[(0, pos)]["hip_first"] == int((hip_score > hip_score[5]).sum()) + 1
 
 
 def test_z_scores_ignore_a_kv_heads_offset_and_a_heads_scale():
@@ -63,8 +68,8 @@ def test_z_scores_ignore_a_kv_heads_offset_and_a_heads_scale():
     k2[:, 1] += 3.0 * tr.q[pos, 2:].mean(0)  # KV head 1 (query heads 2, 3) gains a large common logit
     q2 = tr.q.clone()
     q2[:, 0] *= 5.0
-    a = hip_ladder({0: tr}, range(pos, pos + 1), budget, chunk, [sink + 40], sink)
-    b = hip_ladder({0: Layer(q2, k2, tr.v)}, range(pos, pos + 1), budget, chunk, [sink + 40], sink)
+    a, _ = hip_ladder({0: tr}, range(pos, pos + 1), budget, chunk, [sink + 40], sink)
+    b, _ = hip_ladder({0: Layer(q2, k2, tr.v)}, range(pos, pos + 1), budget, chunk, [sink + 40], sink)
     for name in ("z_chunks", "hipz_first", "hipz_middle"):
         assert torch.equal(a[name][(0, pos)][0], b[name][(0, pos)][0]), name
     assert not torch.equal(a["shared_chunks"][(0, pos)][0], b["shared_chunks"][(0, pos)][0])
