@@ -16,6 +16,11 @@ answer's digits are read from the generated tokens and located in the prompt):
         --variants '{"actqkv@1024": ["actqkv", 1024, {}]}' --sinks 30,40,64 --gqa 1024,2048 \\
         --out bench/results/qwen-cpu/needle_mass_passkey.json
 
+- hip (`--hip 2048:8,8192:32`, budget:chunk pairs): HiP's pruning stage taken apart with each
+  answer step's query (hip_ladder): shared rows, shared chunks with a perfect search, HiP's
+  hierarchical search, chunks per KV head, z-scored logits; and the needle chunk's rank under
+  each chunk score ("needle_rank", median over the answer steps).
+
 Moving the sink (the host tier's first row) moves ActQKV's block edges over the needle.
 Prints one JSON line last; docs/methods.md ("Limits") quotes the figures.
 """
