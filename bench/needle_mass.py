@@ -16,6 +16,11 @@ answer's digits are read from the generated tokens and located in the prompt):
         --variants '{"actqkv@1024": ["actqkv", 1024, {}]}' --sinks 30,40,64 --gqa 1024,2048 \\
         --out bench/results/qwen-cpu/needle_mass_passkey.json
 
+- hip (`--hip 2048:8,8192:32`, budget:chunk pairs): HiP's pruning stage taken apart with each
+  answer step's query (hip_ladder): shared rows, shared chunks with a perfect search, HiP's
+  hierarchical search, chunks per KV head, z-scored logits; and the needle chunk's rank under
+  each chunk score ("needle_rank", median over the answer steps).
+
 Moving the sink (the host tier's first row) moves ActQKV's block edges over the needle.
 Prints one JSON line last; docs/methods.md ("Limits") quotes the figures.
 """
@@ -40,6 +45,7 @@ from kvloft.eval.attention_report import (
 )
 from kvloft.eval.traces import load_trace
 from kvloft.index.base import make_retriever
+from kvloft.kernels.hip_stage import hip_stage1_reference
 
 WINDOW = 512
 DIGITS = "0123456789"
@@ -119,12 +125,115 @@ def gqa_rules(layers: dict[int, Layer], positions: range, budgets: list[int], si
     return out
 
 
+def shared_chunk_pick(score: Tensor, chunk: int, budget: int) -> Tensor:
+    """The rows of the best budget // chunk chunks (HiP's last stage, best first): score [N] -> [<= budget]."""
+    n_full = score.shape[0] // chunk
+    return chunk_pick(score[: n_full * chunk].view(n_full, chunk).amax(1), chunk, budget)
+
+
+def chunk_pick(chunk_score: Tensor, chunk: int, budget: int) -> Tensor:
+    """Rows of the best chunks by chunk_score [C] (ties to the earlier chunk), at most budget rows."""
+    top = torch.sort(chunk_score, descending=True, stable=True).indices[: max(budget // chunk, 1)]
+    return (top[:, None] * chunk + torch.arange(chunk)).flatten()[:budget]
+
+
+def chunk_rank(chunk_score: Tensor, chunk: int, rows: Tensor) -> int:
+    """1-based rank of the best chunk holding one of rows [r] (host-relative) by chunk_score [C]."""
+    own = torch.unique(rows // chunk)
+    own = own[own < chunk_score.shape[0]]
+    if own.numel() == 0:
+        return -1
+    return int((chunk_score > chunk_score[own].max()).sum()) + 1
+
+
+def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: int, needle: list[int],
+               sink: int) -> tuple[dict[str, dict[tuple[int, int], tuple[Tensor, int]]], dict[tuple[int, int], dict]]:
+    """Selections, recomputed with each step's query, that take HiP's last stage apart step by step.
+
+    - exact: per KV head, top-budget tokens by the group's max logit (ExactRetriever);
+    - shared_tokens: one top-budget for both KV heads by the max logit over all query heads
+      (HiP's probe score, every row scored);
+    - shared_chunks: the same score, best budget // chunk chunks by their best row (a perfect
+      search inside each chunk);
+    - hip_first / hip_middle: the hierarchical top-1 search of kernels/hip_stage.py (HiP);
+    - kv_chunks: per KV head, best chunks by its own group's max logit (a mask per KV head);
+    - z_chunks: one mask, best chunks by the max over query heads of z-scored logits
+      (q_h . (k - mean) / sd_h; mean [H_kv, D] and covariance of the host keys at the first
+      step, sd_h^2 = q_h^T cov q_h): heads on a common scale before the max;
+    - hipz_first / hipz_middle: HiP's search run on keys minus that mean with q_h / sd_h.
+    Returns ({name: {(layer, pos): (ids, host rows end)}}, {(layer, pos): {score: the needle
+    chunk's 1-based rank}}).
+    """
+    sels: dict[str, dict] = {k: {} for k in ("exact", "shared_tokens", "shared_chunks", "hip_first",
+                                             "hip_middle", "kv_chunks", "z_chunks", "hipz_first", "hipz_middle")}
+    all_ranks: dict[tuple[int, int], dict] = {}
+    for layer, tr in layers.items():
+        hq, hkv = tr.q.shape[1], tr.k.shape[1]
+        first = tr.k[sink : positions[0] - WINDOW + 1]  # [N0, H_kv, D] host rows at the first step
+        mean = first.mean(0)  # [H_kv, D]
+        cov = torch.einsum("nkd,nke->kde", first - mean, first - mean) / first.shape[0]  # [H_kv, D, D]
+        for pos in positions:
+            stop = pos - WINDOW + 1
+            kh, q = tr.k[sink:stop], tr.q[pos]  # [N, H_kv, D], [H_q, D]
+            n = kh.shape[0]
+            logits = torch.einsum("hd,nhd->hn", q, kh.repeat_interleave(hq // hkv, 1))  # [H_q, N]
+            tok_kv = logits.view(hkv, hq // hkv, n).amax(1)  # [H_kv, N]
+            tok = tok_kv.amax(0)  # [N]: HiP's probe score of every row
+            n_full = n // chunk
+            sels["exact"][(layer, pos)] = (tok_kv.topk(budget, -1).indices, stop)
+            sels["shared_tokens"][(layer, pos)] = (tok.topk(budget).indices, stop)
+            sels["shared_chunks"][(layer, pos)] = (shared_chunk_pick(tok, chunk, budget), stop)
+            sels["kv_chunks"][(layer, pos)] = (torch.stack([shared_chunk_pick(t, chunk, budget) for t in tok_kv]), stop)
+            rows = torch.tensor([r - sink for r in needle if sink <= r < stop])
+            ranks = {"shared_chunks": chunk_rank(tok[: n_full * chunk].view(n_full, chunk).amax(1), chunk, rows)}
+            for kv in range(hkv):
+                ranks[f"kv{kv}_chunks"] = chunk_rank(tok_kv[kv, : n_full * chunk].view(n_full, chunk).amax(1), chunk, rows)
+            for probe in ("first", "middle"):
+                score = hip_stage1_reference(kh, q, chunk, probe)[1][:n_full]
+                sels[f"hip_{probe}"][(layer, pos)] = (chunk_pick(score, chunk, budget), stop)
+                ranks[f"hip_{probe}"] = chunk_rank(score, chunk, rows)
+            sd = torch.einsum("hd,hde,he->h", q, cov.repeat_interleave(hq // hkv, 0), q).sqrt()  # [H_q]
+            z = (logits - torch.einsum("hd,hd->h", q, mean.repeat_interleave(hq // hkv, 0))[:, None]) / sd[:, None]
+            sels["z_chunks"][(layer, pos)] = (shared_chunk_pick(z.amax(0), chunk, budget), stop)
+            ranks["z_chunks"] = chunk_rank(z.amax(0)[: n_full * chunk].view(n_full, chunk).amax(1), chunk, rows)
+            for probe in ("first", "middle"):
+                score = hip_stage1_reference(kh - mean, q / sd[:, None], chunk, probe)[1][:n_full]
+                sels[f"hipz_{probe}"][(layer, pos)] = (chunk_pick(score, chunk, budget), stop)
+                ranks[f"hipz_{probe}"] = chunk_rank(score, chunk, rows)
+            all_ranks[(layer, pos)] = ranks
+    return sels, all_ranks
+
+
+def rank_summary(ranks: dict[tuple[int, int], dict], layers: list[int], positions: range) -> dict[int, dict[str, float]]:
+    """Per layer: median over the answer steps of the needle chunk's rank under each chunk score."""
+    out = {}
+    for layer in layers:
+        per = [ranks[(layer, pos)] for pos in positions]
+        out[layer] = {k: float(torch.tensor([p[k] for p in per], dtype=torch.float).median()) for k in per[0]}
+    return out
+
+
+def needle_share_kv(layers: dict[int, Layer], dense: DenseCache, positions: range, needle: list[int]) -> dict:
+    """Per layer: the dense needle mass of each KV head's group (summed over its query heads, mean of steps)."""
+    out = {}
+    rows = torch.tensor(needle)
+    for layer, tr in layers.items():
+        hq, hkv = tr.q.shape[1], tr.k.shape[1]
+        acc = torch.zeros(hkv)
+        for pos in positions:
+            probs, _ = dense(layer, pos)
+            acc += probs[:, rows].sum(-1).view(hkv, hq // hkv).sum(-1) / len(positions)
+        out[layer] = [round(float(a), 4) for a in acc]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", type=Path, required=True)
     ap.add_argument("--variants", default="{}", help='JSON {"name": [method, budget, options]}')
     ap.add_argument("--sinks", default="64")
     ap.add_argument("--gqa", default="", help="budgets for the GQA ranking rules (empty: skip)")
+    ap.add_argument("--hip", default="", help="budget:chunk pairs for the HiP ladder, e.g. 2048:8,1024:8")
     ap.add_argument("--answer-steps", type=int, default=7, help="decode steps from the prompt's last query")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -150,6 +259,15 @@ def main() -> None:
     if args.gqa:
         budgets = [int(b) for b in args.gqa.split(",")]
         result["gqa"] = gqa_rules(layers, range(prompt - 1, prompt + steps - 1), budgets, 64)
+    positions = range(prompt - 1, prompt + steps - 1)
+    for pair in filter(None, args.hip.split(",")):
+        budget, chunk = (int(x) for x in pair.split(":"))
+        ladder, ranks = hip_ladder(layers, positions, budget, chunk, needle, 64)
+        for name, sels in ladder.items():
+            result["variants"][f"ladder_{name}@{budget}:{chunk}|sink64"] = needle_mass(sels, layers, dense, needle, 64)
+        result.setdefault("needle_rank", {})[f"{budget}:{chunk}"] = rank_summary(ranks, list(layers), positions)
+    if args.hip:
+        result["needle_share_kv"] = needle_share_kv(layers, dense, positions, needle)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({"out": str(args.out), "needle": needle, "variants": list(result["variants"])}))
