@@ -49,11 +49,14 @@ __all__ = [
 PROBES = ("first", "middle")
 
 
-def probe_scores(keys: Tensor, q: Tensor) -> Tensor:
-    """Max over query heads of q_h · k: keys [P, H_kv, D], q [H_q, D] -> [P] fp32."""
+def probe_scores(keys: Tensor, q: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Max over query heads of q_h · k - bias_h: keys [P, H_kv, D], q [H_q, D], bias None or
+    [H_q] fp32 (HipParams rank="z": q and bias z-score each head's logits) -> [P] fp32."""
     hkv, d = keys.shape[1], keys.shape[2]
     qg = q.float().view(hkv, q.shape[0] // hkv, d)  # [H_kv, G, D]
     logits = torch.bmm(keys.float().transpose(0, 1), qg.transpose(1, 2))  # [H_kv, P, G]
+    if bias is not None:
+        logits = logits - bias.float().view(hkv, 1, q.shape[0] // hkv)
     return logits.amax(dim=(0, 2))
 
 
@@ -63,19 +66,19 @@ def probes_per_chunk(chunk: int) -> int:
 
 
 def hierarchical_top1(
-    cand: Tensor, fetch: Callable[[Tensor], Tensor], q: Tensor, probe: str = "first"
+    cand: Tensor, fetch: Callable[[Tensor], Tensor], q: Tensor, probe: str = "first", bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Representative of each chunk of candidates.
 
     cand: [C, L] int64 row ids, -1 = padding (L a power of two; a chunk's first id is valid).
     fetch: ids [P] (all valid) -> keys [P, H_kv, D].
-    q: [H_q, D].
+    q: [H_q, D]; bias: None or [H_q] fp32, subtracted from head h's logits (probe_scores).
     Returns (rep [C] int64 row ids, score [C] fp32). Reads C * probes_per_chunk(L) probe
     slots (padding slots are skipped here; the kernel re-reads a real row for them).
     """
     n_chunks, length = cand.shape
     if length == 1:
-        return cand[:, 0], _scores_or_ninf(cand[:, 0], fetch, q)
+        return cand[:, 0], _scores_or_ninf(cand[:, 0], fetch, q, bias)
     lo = torch.zeros(n_chunks, dtype=torch.long, device=cand.device)  # start of the live range
     best = torch.full((n_chunks,), float("-inf"), device=cand.device)
     while length > 1:
@@ -83,7 +86,7 @@ def hierarchical_top1(
         off = 0 if probe == "first" else half // 2
         pos = torch.stack([lo + off, lo + half + off])  # [2, C]
         ids = cand.gather(1, pos.t()).t()  # [2, C]
-        s = _scores_or_ninf(ids.reshape(-1), fetch, q).view(2, n_chunks)
+        s = _scores_or_ninf(ids.reshape(-1), fetch, q, bias).view(2, n_chunks)
         right = s[1] > s[0]
         lo = torch.where(right, lo + half, lo)
         best = torch.where(right, s[1], s[0])
@@ -91,33 +94,40 @@ def hierarchical_top1(
     return cand.gather(1, lo[:, None])[:, 0], best
 
 
-def _scores_or_ninf(ids: Tensor, fetch: Callable[[Tensor], Tensor], q: Tensor) -> Tensor:
+def _scores_or_ninf(ids: Tensor, fetch: Callable[[Tensor], Tensor], q: Tensor, bias: Tensor | None) -> Tensor:
     valid = ids >= 0
     out = torch.full(ids.shape, float("-inf"), dtype=torch.float32, device=ids.device)
     if bool(valid.all()):
-        return probe_scores(fetch(ids), q)
-    out[valid] = probe_scores(fetch(ids[valid]), q)
+        return probe_scores(fetch(ids), q, bias)
+    out[valid] = probe_scores(fetch(ids[valid]), q, bias)
     return out
 
 
-def hip_stage1_reference(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tuple[Tensor, Tensor]:
-    """keys [R, H_kv, D] contiguous rows, q [H_q, D] -> (rep [C] row index, score [C] fp32), C = ceil(R/chunk)."""
+def hip_stage1_reference(keys: Tensor, q: Tensor, chunk: int, probe: str = "first",
+                         bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """keys [R, H_kv, D] contiguous rows, q [H_q, D], bias None or [H_q] fp32 -> (rep [C] row
+    index, score [C] fp32), C = ceil(R/chunk)."""
     n_rows = keys.shape[0]
     n_chunks = -(-n_rows // chunk)
     cand = torch.arange(n_chunks * chunk, device=keys.device).view(n_chunks, chunk)
     cand = cand.masked_fill(cand >= n_rows, -1)
-    return hierarchical_top1(cand, lambda ids: keys[ids], q, probe)
+    return hierarchical_top1(cand, lambda ids: keys[ids], q, probe, bias)
 
 
-def hip_stage_reference(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first") -> tuple[Tensor, Tensor]:
-    """chunks: equal store chunks [R, H_kv, D]; cand [C, L] row ids (-1 pad) -> (rep [C] ids, score [C] fp32)."""
+def hip_stage_reference(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first",
+                        bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """chunks: equal store chunks [R, H_kv, D]; cand [C, L] row ids (-1 pad); bias None or [H_q]
+    fp32 -> (rep [C] ids, score [C] fp32)."""
     rows = chunks[0].shape[0]
-    return hierarchical_top1(cand, lambda ids: torch.stack([chunks[int(i) // rows][int(i) % rows] for i in ids]), q, probe)
+    fetch = lambda ids: torch.stack([chunks[int(i) // rows][int(i) % rows] for i in ids])  # noqa: E731
+    return hierarchical_top1(cand, fetch, q, probe, bias)
 
 
 @triton.jit
-def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, hmask, kmask, stride_kn, TABLE: tl.constexpr):
-    # Score of host row `row_id`: max over query heads of q_h · k[row, h // group]; row_id -1
+def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn,
+           TABLE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # Score of host row `row_id`: max over query heads of q_h · k[row, h // group] (minus qb[h],
+    # the head's bias, when HAS_BIAS); row_id -1
     # (padding, a dead chunk) reads nothing and scores -inf. TABLE: the row lives in store
     # chunk row_id // chunk_rows, whose base address is table_ptr[tb + that chunk] (k0_ptr,
     # one store chunk, gives the dtype); else it is row row_id of the rows at k0_ptr.
@@ -131,7 +141,10 @@ def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, hmask, kmask, s
         base = k0_ptr
         row = safe
     k = tl.load(base + row * stride_kn + kv_off, mask=tl.where(valid, kmask, False), other=0.0).to(tl.float32)
-    s = tl.where(hmask, tl.sum(q * k, axis=1), float("-inf"))  # [BLOCK_H]
+    s = tl.sum(q * k, axis=1)  # [BLOCK_H]
+    if HAS_BIAS:
+        s = s - qb
+    s = tl.where(hmask, s, float("-inf"))
     return tl.where(valid, tl.max(s, axis=0), float("-inf"))
 
 
@@ -147,23 +160,23 @@ def _cand_id(row0, pos, live, end, IMPLICIT: tl.constexpr):
 
 
 @triton.jit
-def _search_chunk(table_ptr, k0_ptr, tb, row0, live, end, chunk_rows, kv_off, q, hmask, kmask, stride_kn,
+def _search_chunk(table_ptr, k0_ptr, tb, row0, live, end, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn,
                   CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, MIDDLE: tl.constexpr,
-                  IMPLICIT: tl.constexpr, TABLE: tl.constexpr):
+                  IMPLICIT: tl.constexpr, TABLE: tl.constexpr, HAS_BIAS: tl.constexpr):
     # The hierarchical top-1 search of one chunk (candidates as in _cand_id, rows read as in
     # _probe) -> (row id of its representative, -1 for a dead chunk; its score, fp32).
     lo = tl.full([], 0, tl.int64)  # offset of the live range inside the chunk
     best = tl.full([], float("-inf"), tl.float32)
     if LOG2_CHUNK == 0:  # a chunk of one row: the row is its own representative
         best = _probe(table_ptr, k0_ptr, tb, _cand_id(row0, lo, live, end, IMPLICIT), chunk_rows, kv_off, q,
-                      hmask, kmask, stride_kn, TABLE)
+                      qb, hmask, kmask, stride_kn, TABLE, HAS_BIAS)
     for it in tl.static_range(LOG2_CHUNK):
         half = CHUNK >> (it + 1)
         off = (half // 2) * MIDDLE  # probe the first (0) or middle key of each half
         id_l = _cand_id(row0, lo + off, live, end, IMPLICIT)
         id_r = _cand_id(row0, lo + half + off, live, end, IMPLICIT)
-        s_l = _probe(table_ptr, k0_ptr, tb, id_l, chunk_rows, kv_off, q, hmask, kmask, stride_kn, TABLE)
-        s_r = _probe(table_ptr, k0_ptr, tb, id_r, chunk_rows, kv_off, q, hmask, kmask, stride_kn, TABLE)
+        s_l = _probe(table_ptr, k0_ptr, tb, id_l, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn, TABLE, HAS_BIAS)
+        s_r = _probe(table_ptr, k0_ptr, tb, id_r, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn, TABLE, HAS_BIAS)
         right = s_r > s_l
         lo = tl.where(right, lo + half, lo)
         best = tl.where(right, s_r, s_l)
@@ -199,6 +212,8 @@ def hip_search_kernel(
     TABLE: tl.constexpr,  # >= 1: rows are read through table_ptr, chunk bases TABLE elements aligned
     #                       (addresses.table_align); 0: straight from k_ptr
     PER_ROW: tl.constexpr,  # each row g has its own n_chunks, table run and chunk_rows in meta
+    bias_ptr=None,  # HAS_BIAS: [G, H_q] fp32 contiguous, subtracted from head h's logits (rank="z")
+    HAS_BIAS: tl.constexpr = False,
 ):
     # One program per (chunk c, row g): reads 2 * log2(CHUNK) probe rows of [H_kv, D], plus
     # the chunk's CHUNK ids unless IMPLICIT.
@@ -221,6 +236,9 @@ def hip_search_kernel(
     hmask = h < H_Q
     kmask = hmask[:, None] & (d[None, :] < D)
     q = tl.load(q_ptr + g * H_Q * D + h[:, None] * D + d[None, :], mask=kmask, other=0.0).to(tl.float32)
+    qb = tl.zeros([BLOCK_H], tl.float32)
+    if HAS_BIAS:
+        qb = tl.load(bias_ptr + g * H_Q + h, mask=hmask, other=0.0)
     kv_off = (h // GROUP)[:, None].to(tl.int64) * stride_kh + d[None, :]  # GQA: head h reads KV head h // GROUP
     if IMPLICIT:
         row0 = c * CHUNK
@@ -229,8 +247,8 @@ def hip_search_kernel(
     rep = tl.full([], -1, tl.int64)
     best = tl.full([], float("-inf"), tl.float32)
     if live:  # a dead chunk (past its row's count: a padded grid) runs no search
-        rep, best = _search_chunk(table_ptr, k_ptr, tb, row0, live, end, rows, kv_off, q, hmask, kmask,
-                                  stride_kn, CHUNK, LOG2_CHUNK, MIDDLE, IMPLICIT, TABLE)
+        rep, best = _search_chunk(table_ptr, k_ptr, tb, row0, live, end, rows, kv_off, q, qb, hmask, kmask,
+                                  stride_kn, CHUNK, LOG2_CHUNK, MIDDLE, IMPLICIT, TABLE, HAS_BIAS)
     tl.store(rep_ptr + g * n_cols + c, rep)
     tl.store(score_ptr + g * n_cols + c, tl.where(live, best, float("-inf")))
 
@@ -263,15 +281,27 @@ def kernel_meta(hq: int, hkv: int, d: int, chunk: int, probe: str) -> dict:
             "CHUNK": chunk, "LOG2_CHUNK": chunk.bit_length() - 1, "MIDDLE": probe == "middle"}
 
 
+def _bias_args(op: str, bias: Tensor | None, q: Tensor) -> dict:
+    """The kernel's bias arguments: none (HAS_BIAS off, the launch as without a bias), or bias
+    [H_q] fp32 on q's device (one row: the kernel reads it as [1, H_q])."""
+    if bias is None:
+        return {}
+    if bias.shape != (q.shape[0],) or bias.dtype != torch.float32 or bias.device != q.device:
+        raise ValueError(f"{op}: bias must be [H_q={q.shape[0]}] float32 on {q.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    return {"bias_ptr": bias.contiguous(), "HAS_BIAS": True}
+
+
 def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first",
-              table: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              table: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Triton twin of `hip_stage_reference`: one launch for a whole later stage.
 
     chunks: the store's chunks, each [chunk_rows, H_kv, D], same dtype and strides, on q's
     device or (q on CUDA) in pinned host memory (tiers/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
     a chunk's first id valid; ids are trusted: the caller built them from the store).
     table: the chunks' base addresses on q's device (ChunkedRows.pointer_table), made here
-    when None. Reads 2 * log2(L) probe rows per chunk plus the C * L ids.
+    when None. bias: None or [H_q] fp32 on q's device, subtracted from head h's logits
+    (probe_scores). Reads 2 * log2(L) probe rows per chunk plus the C * L ids.
     """
     op = "hip_stage"
     if not chunks:
@@ -292,12 +322,13 @@ def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "f
     hip_search_kernel[(n_chunks, 1)](
         table, k0, cand.contiguous(), q.contiguous(), rep, rep, score, n_chunks, 1, 0, k0.shape[0], 0, chunk,
         k0.stride(0), k0.stride(1), IMPLICIT=False, TABLE=table_align(k0), PER_ROW=False,
-        **kernel_meta(q.shape[0], k0.shape[1], k0.shape[2], chunk, probe),
+        **kernel_meta(q.shape[0], k0.shape[1], k0.shape[2], chunk, probe), **_bias_args(op, bias, q),
     )
     return rep, score
 
 
-def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tuple[Tensor, Tensor]:
+def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first",
+               bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Triton twin of `hip_stage1_reference` (same arguments and results).
 
     keys [R, H_kv, D] (rows of one chunk of the key store), q [H_q, D] on the same device.
@@ -315,6 +346,6 @@ def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first") -> tup
     hip_search_kernel[(n_chunks, 1)](
         keys, keys, rep, q.contiguous(), rep, rep, score, n_chunks, 1, n_rows, 1, 0, 0,
         keys.stride(0), keys.stride(1), IMPLICIT=True, TABLE=0, PER_ROW=False,
-        **kernel_meta(q.shape[0], keys.shape[1], keys.shape[2], chunk, probe),
+        **kernel_meta(q.shape[0], keys.shape[1], keys.shape[2], chunk, probe), **_bias_args(op, bias, q),
     )
     return rep, score
