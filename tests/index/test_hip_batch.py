@@ -165,17 +165,20 @@ sig = {n: "*i64" for n in ("table_ptr", "cand_ptr", "meta_ptr", "rep_ptr")}
 sig |= {"k_ptr": "*bf16", "q_ptr": "*bf16", "score_ptr": "*fp32"}
 sig |= {n: "i32" for n in ("n_cols", "n_group", "n_rows", "chunk_rows", "stride_cg", "stride_cc", "stride_kn",
                            "stride_kh")}
-for implicit, table, per_row in ((1, 0, 0), (0, 1, 0), (0, 1, 1), (1, 1, 1)):
+for implicit, table, per_row, bias in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 1, 1, 0), (1, 1, 1, 0), (1, 0, 0, 1),
+                                      (0, 1, 0, 1)):
     const = dict(H_Q=9, GROUP=3, D=59, BLOCK_H=16, BLOCK_D=64, CHUNK=4, LOG2_CHUNK=2, MIDDLE=True,
-                 IMPLICIT=bool(implicit), TABLE=bool(table), PER_ROW=bool(per_row))
-    triton.compile(ASTSource(hip_search_kernel, sig | dict.fromkeys(const, "constexpr"), const),
-                   target=GPUTarget("cuda", 90, 32))
+                 IMPLICIT=bool(implicit), TABLE=bool(table), PER_ROW=bool(per_row), HAS_BIAS=bool(bias))
+    if not bias:  # a launch without a bias passes bias_ptr=None (a constexpr)
+        const["bias_ptr"] = None
+    full = sig | dict.fromkeys(const, "constexpr") | ({"bias_ptr": "*fp32"} if bias else {})
+    triton.compile(ASTSource(hip_search_kernel, full, const), target=GPUTarget("cuda", 90, 32))
 """
 
 
 def test_search_kernel_compiles_for_cuda():
     """Every launch mode of the search kernel (hip_stage1, hip_stage, hip_stage_batched with and
-    without candidate lists) compiles for sm_90. The interpreter runs Python, so it accepts code
+    without candidate lists; the per-row launches with and without a bias) compiles for sm_90. The interpreter runs Python, so it accepts code
     the compiler rejects: a constexpr branch that returns early still has the rest compiled."""
     import os
     import subprocess
