@@ -74,8 +74,9 @@ class BatchedSearch(Protocol):
 
     batched_select: bool
 
-    def search_key(self) -> tuple[Any, ...]:
-        """Retrievers with equal keys can be searched by one select_batch call."""
+    def search_key(self) -> tuple[Any, ...] | None:
+        """Retrievers with equal keys can be searched by one select_batch call; None: this
+        retriever's options keep its rows out of select_batch (each searched by select())."""
 
     @classmethod
     def select_batch(cls, retrievers: Any, layer: int, q: Tensor, budgets: Any) -> list[Selection]:

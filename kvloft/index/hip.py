@@ -46,6 +46,7 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_select, register
 from kvloft.index.hip_batch import n_keep, select_rows
 from kvloft.index.hip_params import HipParams
+from kvloft.index.key_moments import KeyMoments
 from kvloft.kernels.hip_stage import (
     hierarchical_top1,
     hip_stage,
@@ -97,6 +98,7 @@ class HipRetriever:
         self.keys: dict[int, ChunkedRows] = {}
         self.tiers: dict[int, Any] = {}  # layer -> LayerTiers whose host keys are read in place
         self.state: dict[int, _LayerState] = {}
+        self.moments: dict[int, KeyMoments] = {}  # rank="z": the indexed keys' statistics per layer
         self._stats = RetrieverStats(extra={"refreshes": [0] * self.params.n_stages})
         self._counting: Tensor | None = None  # _count's kept arange
 
@@ -134,6 +136,7 @@ class HipRetriever:
         if not readable or host_k.spill is not None or host_k.chunk_rows % self.params.chunk_sizes[0]:
             return False
         self.keys.pop(layer, None)
+        self.moments.pop(layer, None)  # rank="z": made from the tier's rows at the first select
         self.tiers[layer] = tiers
         self.state[layer] = self._fresh_state(layer)
         return True
@@ -148,14 +151,39 @@ class HipRetriever:
         self._check_keys(keys)
         self.tiers.pop(layer, None)
         self.keys.pop(layer, None)
+        self.moments.pop(layer, None)
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
+        self._add_moments(layer, keys)
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         """keys [H_kv, n, D] leaving the window; cached masks stay valid (new rows are fresh)."""
         self._check_keys(keys)
+        self._add_moments(layer, keys)
         if layer in self.tiers:  # the tier holds the rows already
             return
         self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
+
+    def _add_moments(self, layer: int, keys: Tensor) -> None:
+        """rank="z": fold keys [H_kv, n, D] into the layer's statistics (O(n * D^2) per KV head)."""
+        if self.params.rank != "z":
+            return
+        if layer not in self.moments:
+            if layer in self.tiers:
+                return  # an attached tier's statistics are made from its rows at the next select
+            self.moments[layer] = KeyMoments(self.model_cfg.n_kv_heads, self.model_cfg.head_dim, self.device)
+        self.moments[layer].add(keys.transpose(0, 1))
+
+    def _moments_of(self, layer: int, store: ChunkedRows) -> KeyMoments:
+        """The layer's statistics, remade from the store's rows (a scan, rare) when they do not
+        count its rows: a tier attached in place, or rolled back (runtime rollback(); an attached
+        tier's index is not rebuilt) or reloaded without a build. Otherwise incremental."""
+        m = self.moments.get(layer)
+        if m is None or m.count != len(store):
+            m = KeyMoments(self.model_cfg.n_kv_heads, self.model_cfg.head_dim, self.device)
+            for _, rows in store.iter_chunks():
+                m.add(rows)
+            self.moments[layer] = m
+        return m
 
     # ---- search ------------------------------------------------------------------------
 
@@ -168,12 +196,14 @@ class HipRetriever:
             return self._select_all(layer, n, budget)
         st = self.state[layer]
         flags = self._refresh_flags(st, budget)
-        q = q.to(self.device)
+        q, bias = q.to(self.device), None
+        if self.params.rank == "z" and any(flags):  # q' [H_q, D], bias [H_q]: z-scored logits
+            q, bias = self._moments_of(layer, store).zscore(q)
         reads = 0
         for i, refresh in enumerate(flags):
             if refresh:  # (a stage that does not run needs no candidates: flags cascade)
                 cand = None if i == 0 else self._with_fresh(st, i - 1, n)  # None = every host row
-                mask, r = self._run_stage(i, store, q, cand, self._kept(i, budget))
+                mask, r = self._run_stage(i, store, q, cand, self._kept(i, budget), bias)
                 reads += self._stage_ran(st, i, mask, n, r)
         return self._finish(st, n, budget, flags, reads, self._with_fresh(st, self.params.n_stages - 1, n))
 
@@ -185,9 +215,12 @@ class HipRetriever:
         [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone."""
         return select_rows(retrievers, layer, q, budgets)
 
-    def search_key(self) -> tuple[Any, ...]:
-        """Retrievers with equal keys search together in select_batch (stage shapes, kernels, device)."""
+    def search_key(self) -> tuple[Any, ...] | None:
+        """Retrievers with equal keys search together in select_batch (stage shapes, kernels, device);
+        None for rank="z", whose rows search alone (the batched kernel takes no per-row bias yet)."""
         p, m = self.params, self.model_cfg
+        if p.rank == "z":
+            return None
         return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
                 m.n_heads, m.n_kv_heads, m.head_dim)
 
@@ -263,9 +296,10 @@ class HipRetriever:
         return max(self.params.kept_tokens[stage], budget)
 
     def _run_stage(
-        self, stage: int, store: ChunkedRows, q: Tensor, cand: Tensor | None, kept: int
+        self, stage: int, store: ChunkedRows, q: Tensor, cand: Tensor | None, kept: int, bias: Tensor | None = None
     ) -> tuple[Tensor, int]:
-        """One pruning stage: cand [M] host rows (None = all rows) -> (kept rows, probe rows read).
+        """One pruning stage: cand [M] host rows (None = all rows) -> (kept rows, probe rows read);
+        bias None or [H_q] fp32 (rank="z", q then z-scaled: kernels/hip_stage.py probe_scores).
 
         The candidates are cut into whole chunks of l_c; the M % l_c left over (the newest
         rows of stage 1, the tail of a later stage's list) are kept without a search. So no
@@ -280,19 +314,20 @@ class HipRetriever:
         n_full = n_cand // length
         rows = self._count(n_cand) if cand is None else cand
         chunks, rest = rows[: n_full * length].view(n_full, length), rows[n_full * length :]
-        score = self._stage_scores(stage, store, q, chunks)
+        score = self._stage_scores(stage, store, q, chunks, bias)
         top = best_chunks(score, n_keep(kept, length, n_full))
         return kept_rows(chunks, top, rest, last), n_full * probes_per_chunk(length)
 
-    def _stage_scores(self, stage: int, store: ChunkedRows, q: Tensor, chunks: Tensor) -> Tensor:
-        """Scores [C] fp32 of the candidate chunks [C, l_c] (row ids) of stage `stage`."""
+    def _stage_scores(self, stage: int, store: ChunkedRows, q: Tensor, chunks: Tensor,
+                      bias: Tensor | None = None) -> Tensor:
+        """Scores [C] fp32 of the candidate chunks [C, l_c] (row ids) of stage `stage` (bias as in _run_stage)."""
         if stage == 0:
-            return self._stage1_scores(store, q, chunks)
+            return self._stage1_scores(store, q, chunks, bias)
         if self.use_kernel:
-            return hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))[1]
-        return hierarchical_top1(chunks, store.rows, q, self.params.probe)[1]
+            return hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device), bias)[1]
+        return hierarchical_top1(chunks, store.rows, q, self.params.probe, bias)[1]
 
-    def _stage1_scores(self, store: ChunkedRows, q: Tensor, chunks: Tensor) -> Tensor:
+    def _stage1_scores(self, store: ChunkedRows, q: Tensor, chunks: Tensor, bias: Tensor | None = None) -> Tensor:
         """Stage 1 over the first n_full * length rows (chunks [n_full, l_c] = those rows in order;
         chunk_rows is a multiple of l_c, so only the store's last chunk ends in a partial l_c
         chunk, whose score is dropped): the Triton kernels read a store of several chunks in one
@@ -304,9 +339,9 @@ class HipRetriever:
         if self.use_kernel and len(store.chunks) > 1:
             # one launch over every store chunk (found through their address table), not one
             # per chunk: a 1M-token tier in 4096-row chunks would be 256 launches per layer
-            return hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device))[1]
+            return hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device), bias)[1]
         stage1 = hip_stage1 if self.use_kernel else hip_stage1_reference
-        scores = [stage1(rows, q, length, self.params.probe)[1] for _, rows in store.iter_chunks()]
+        scores = [stage1(rows, q, length, self.params.probe, bias)[1] for _, rows in store.iter_chunks()]
         return torch.cat(scores)[:n_full]
 
     def stats(self) -> dict[str, Any]:

@@ -72,6 +72,10 @@ def select_rows(retrievers: Sequence[Any], layer: int, q: Tensor, budgets: Seque
     if len(retrievers) != q.shape[0] or len(budgets) != q.shape[0]:
         raise ValueError(f"select_batch needs one retriever and budget per query row; got {len(retrievers)} "
                          f"retrievers, {len(budgets)} budgets, q {tuple(q.shape)}")
+    z = [g for g, h in enumerate(retrievers) if h.params.rank != "logit"]
+    if z:
+        raise ValueError(f"select_batch: rows {z} rank by z-scored logits (hip option rank='z'), which the "
+                         "batched search does not take yet; search_key() is None for them: select() each alone")
     keys = {h.search_key() for h in retrievers}
     if len(keys) > 1:
         raise ValueError(f"select_batch: retrievers of {len(keys)} search keys; group rows by search_key()")

@@ -10,7 +10,9 @@ from typing import Any
 from kvloft.index.base import params_from_options
 from kvloft.kernels.hip_stage import PROBES
 
-__all__ = ["HipParams"]
+__all__ = ["RANKS", "HipParams"]
+
+RANKS = ("logit", "z")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,13 @@ class HipParams:
         (1/16 with the defaults), the later stages a few thousand rows. For contexts whose
         keys do not fit the GPU budget (512K-1M tokens on a 24 GiB card). Needs the Triton
         kernels on CUDA; on the CPU both are the same.
+    rank: how a probe row is scored. "logit": the max over query heads of q_h · k (HiP).
+        "z": the max over query heads of head h's logit z-scored over the layer's indexed
+        keys, (q_h · k - q_h · mu_g) / sigma_h with mu_g, Sigma_g the running mean and
+        covariance of KV head g's keys (index/key_moments.py): one mask then serves KV
+        heads whose logits sit on different scales. Costs O(n * D^2) per KV head for n added
+        rows and a D-vector and scalar per query head per select; searched per row (not in
+        select_batch) and outside the whole decode step.
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)
@@ -52,6 +61,7 @@ class HipParams:
     chunk_rows: int = 16384
     kernel: str = "auto"
     keys_on: str = "device"
+    rank: str = "logit"
 
     def __post_init__(self) -> None:
         for name in ("chunk_sizes", "kept_tokens", "refresh_steps"):
@@ -88,6 +98,9 @@ class HipParams:
         object.__setattr__(self, "stagger", bool(self.stagger))
         if self.keys_on not in ("device", "host"):
             raise ValueError(f"hip option keys_on must be 'device' or 'host', got {self.keys_on!r}")
+        if self.rank not in RANKS:
+            raise ValueError(f"hip option rank must be one of {RANKS} (raw logits or z-scored per query head), "
+                             f"got {self.rank!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> HipParams:

@@ -105,6 +105,8 @@ def hip_route(be: TieredAttention) -> str | None:
         return "extrapolate mode remaps the positions of the rows it selects per step"
     if not be.plans_room():
         return "its rows are fetched by the scheduler (OverlapFetch), not read in place"
+    if r.params.rank != "logit":
+        return "hip option rank='z' scores z-scored logits; the captured search ranks by raw logits"
     if not r.use_kernel:
         return "hip searches with torch ops here (kernel='torch', or 'auto' off CUDA); the captured search is Triton"
     if be.finite.on:

@@ -1,0 +1,69 @@
+"""Running mean and covariance of a layer's indexed keys, per KV head, for z-scored logits.
+
+HiP's rank="z" (index/hip.py) compares query heads whose logits sit on different scales (a
+KV head whose keys share a large mean component): for query head h over KV head g the mean
+over keys of q_h · k is q_h · mu_g and the variance q_h^T Sigma_g q_h, so
+
+    z_h(k) = (q_h · k - q_h · mu_g) / sigma_h = q'_h · k - b_h,
+    q'_h = q_h / sigma_h,  b_h = q_h · mu_g / sigma_h,
+
+and the search kernel scores max_h (q'_h · k - b_h) with q' as its query and b as its bias.
+
+Statistics are merged batch by batch (Chan et al.'s pairwise update of the mean and the
+centred second moment, fp64: no E[kk^T] - mu mu^T cancellation on keys with a large mean):
+O(n * D^2) per H_kv for a batch of n rows, nothing rescanned. Per select: H_q dot products of
+D and H_q quadratic forms of D x D (a D-vector and a scalar per query head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["KeyMoments"]
+
+# The variance floor relative to |q_h|^2 * trace(Sigma_g) / D: a head whose query is
+# orthogonal to every direction the keys vary in scores all keys alike instead of by noise.
+_VAR_FLOOR = 1e-10
+
+
+class KeyMoments:
+    """count, mean [H_kv, D] and centred second moment m2 [H_kv, D, D] (fp64) of the rows added."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int, device: torch.device) -> None:
+        self.count = 0
+        self.mean = torch.zeros(n_kv_heads, head_dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(n_kv_heads, head_dim, head_dim, dtype=torch.float64, device=device)
+
+    def add(self, rows: Tensor) -> None:
+        """rows [n, H_kv, D] (token-major, as the key store holds them), any float dtype/device."""
+        n = rows.shape[0]
+        if n == 0:
+            return
+        x = rows.to(self.mean.device, torch.float64).transpose(0, 1)  # [H_kv, n, D]
+        mean_b = x.mean(dim=1)  # [H_kv, D]
+        xc = x - mean_b[:, None]
+        m2_b = torch.bmm(xc.transpose(1, 2), xc)  # [H_kv, D, D]
+        total = self.count + n
+        delta = mean_b - self.mean  # [H_kv, D]
+        self.m2 += m2_b + torch.einsum("hi,hj->hij", delta, delta) * (self.count * n / total)
+        self.mean += delta * (n / total)
+        self.count = total
+
+    def covariance(self) -> Tensor:
+        """[H_kv, D, D] fp64 population covariance (divided by count) of the rows added."""
+        return self.m2 / max(self.count, 1)
+
+    def zscore(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """q [H_q, D] -> (q' [H_q, D] fp32, bias [H_q] fp32) on q's device: q'_h · k - bias_h is
+        head h's logit z-scored over the rows added (GQA: head h reads KV head h // group)."""
+        hkv, d = self.mean.shape
+        group = q.shape[0] // hkv
+        qg = q.to(self.mean.device, torch.float64).view(hkv, group, d)  # [H_kv, G, D]
+        cov = self.covariance()
+        var = torch.einsum("hgi,hij,hgj->hg", qg, cov, qg)  # [H_kv, G]
+        scale = qg.square().sum(-1) * (cov.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True) / d)
+        sigma = torch.maximum(var, _VAR_FLOOR * scale).clamp_min(1e-300).sqrt()  # [H_kv, G]
+        bias = torch.einsum("hgi,hi->hg", qg, self.mean) / sigma
+        q_z = qg / sigma[..., None]
+        return q_z.reshape(q.shape).to(q.device, torch.float32), bias.reshape(-1).to(q.device, torch.float32)
