@@ -446,6 +446,23 @@ def test_hip_and_dense_rows_join_and_leave_the_whole_step(tiny):
 
 
 
+@pytest.mark.parametrize("keys_on", ["device", "host"])
+def test_z_rank_hip_rows_run_the_segmented_step_and_say_why(tiny, keys_on):
+    """rank='z' (z-scored logits) is not in the captured search nor in select_batch: two such rows
+    run the segmented step, each searched alone, and give the tokens and search state of each
+    session stepped alone (keys_on='host': the statistics made from the attached tier's rows)."""
+    rcfg = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "keys_on": keys_on, "rank": "z"})
+    assert "rank='z'" in captured_route(_fed(tiny, 80, 1, rcfg).backend)
+    alone, batched = ([_fed(tiny, n, seed, rcfg) for seed, n in enumerate((100, 80))] for _ in range(2))
+    want = [_greedy_alone(s, 2) for s in alone]
+    eng = Engine(tiny, graphs="whole")
+    assert eng.generate(batched, 2, stop_at_eos=False) == want
+    assert eng.route_counts["whole"] == 0 and "rank='z'" in eng.last_route_why
+    for a, b in zip(alone, batched, strict=True):
+        assert _counters(b) == _counters(a) and _hip_state(b) == _hip_state(a)
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+
+
 def test_a_failed_hip_whole_step_rolls_every_row_back(tiny):
     """A NaN row in a whole step of two HiP rows (the step rewrote masks in its buffer):
     both roll back (tokens, tiers, search state as marked) and go on equal to twins that never
