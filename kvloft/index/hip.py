@@ -349,7 +349,9 @@ class HipRetriever:
 
     def state_dict(self, host: bool = True) -> dict[str, Any]:
         """Stage masks, refresh schedules and counters (the key copy is rebuilt from the host
-        tier by build() or attach_host_tier on load). Masks are tensors, the rest JSON; on the
+        tier by build() or attach_host_tier on load, and so are rank="z"'s key statistics:
+        H_kv * D^2 fp64 per layer, too large for a per-step mark; select remakes them from the
+        keys wherever their row count differs from the store's). Masks are tensors, the rest JSON; on the
         host, or (host=False, a session's mark) copied on the retriever's device."""
         s = self._stats
         out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,

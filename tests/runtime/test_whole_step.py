@@ -463,6 +463,25 @@ def test_z_rank_hip_rows_run_the_segmented_step_and_say_why(tiny, keys_on):
         assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
 
 
+def test_z_rank_statistics_follow_a_rolled_back_attached_tier(tiny):
+    """keys_on='host' reads the host tier in place, so a rollback rebuilds no index there: the
+    key statistics, which counted the failed call's rows, are remade from the tier at the next
+    select, and the session goes on equal to a twin that never ran the call."""
+    rcfg = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "keys_on": "host", "rank": "z"})
+    s, twin = _fed(tiny, 100, 0, rcfg), _fed(tiny, 100, 0, rcfg)
+    assert s.backend.indexes.attached
+    mark = s._mark()
+    for tok in (5, 6, 7):
+        s.step(tok)
+    s._rollback(mark)
+    assert _rel(s.step(9), twin.step(9)) < LOGIT_TOL and _hip_state(s) == _hip_state(twin)
+    assert sorted(s.backend.retriever.moments) == list(range(tiny.config.n_layers))
+    for layer, m in s.backend.retriever.moments.items():
+        want = twin.backend.retriever.moments[layer]
+        assert m.count == want.count == s.backend.cache.layers[layer].n_host
+        assert torch.allclose(m.mean, want.mean) and torch.allclose(m.m2, want.m2)
+
+
 def test_a_failed_hip_whole_step_rolls_every_row_back(tiny):
     """A NaN row in a whole step of two HiP rows (the step rewrote masks in its buffer):
     both roll back (tokens, tiers, search state as marked) and go on equal to twins that never
