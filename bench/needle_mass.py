@@ -45,6 +45,7 @@ from kvloft.eval.attention_report import (
 )
 from kvloft.eval.traces import load_trace
 from kvloft.index.base import make_retriever
+from kvloft.index.key_moments import KeyMoments
 from kvloft.kernels.hip_stage import hip_stage1_reference
 
 WINDOW = 512
@@ -160,21 +161,28 @@ def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: i
     - z_chunks: one mask, best chunks by the max over query heads of z-scored logits
       (q_h . (k - mean) / sd_h; mean [H_kv, D] and covariance of the host keys at the first
       step, sd_h^2 = q_h^T cov q_h): heads on a common scale before the max;
-    - hipz_first / hipz_middle: HiP's search run on keys minus that mean with q_h / sd_h.
+    - hipz_first / hipz_middle: HiP's search run on keys minus that mean with q_h / sd_h;
+    - hipr_first / hipr_middle: the option itself (HipParams rank="z"): HiP's search with
+      q'_h and the kernel's per-head bias from running key moments (index/key_moments.py),
+      updated with each step's new host rows. The whole multi-stage retriever with it runs
+      through --variants, e.g. {"hipz@2048": ["hip", 2048, {"rank": "z", "probe": "middle"}]}.
     Returns ({name: {(layer, pos): (ids, host rows end)}}, {(layer, pos): {score: the needle
     chunk's 1-based rank}}).
     """
     sels: dict[str, dict] = {k: {} for k in ("exact", "shared_tokens", "shared_chunks", "hip_first",
-                                             "hip_middle", "kv_chunks", "z_chunks", "hipz_first", "hipz_middle")}
+                                             "hip_middle", "kv_chunks", "z_chunks", "hipz_first", "hipz_middle",
+                                             "hipr_first", "hipr_middle")}
     all_ranks: dict[tuple[int, int], dict] = {}
     for layer, tr in layers.items():
         hq, hkv = tr.q.shape[1], tr.k.shape[1]
         first = tr.k[sink : positions[0] - WINDOW + 1]  # [N0, H_kv, D] host rows at the first step
         mean = first.mean(0)  # [H_kv, D]
         cov = torch.einsum("nkd,nke->kde", first - mean, first - mean) / first.shape[0]  # [H_kv, D, D]
+        moments = KeyMoments(hkv, tr.k.shape[2], torch.device("cpu"))  # rank="z"'s running statistics
         for pos in positions:
             stop = pos - WINDOW + 1
             kh, q = tr.k[sink:stop], tr.q[pos]  # [N, H_kv, D], [H_q, D]
+            moments.add(kh[moments.count :])
             n = kh.shape[0]
             logits = torch.einsum("hd,nhd->hn", q, kh.repeat_interleave(hq // hkv, 1))  # [H_q, N]
             tok_kv = logits.view(hkv, hq // hkv, n).amax(1)  # [H_kv, N]
@@ -200,6 +208,10 @@ def hip_ladder(layers: dict[int, Layer], positions: range, budget: int, chunk: i
                 score = hip_stage1_reference(kh - mean, q / sd[:, None], chunk, probe)[1][:n_full]
                 sels[f"hipz_{probe}"][(layer, pos)] = (chunk_pick(score, chunk, budget), stop)
                 ranks[f"hipz_{probe}"] = chunk_rank(score, chunk, rows)
+                q_z, bias = moments.zscore(q)
+                score = hip_stage1_reference(kh, q_z, chunk, probe, bias)[1][:n_full]
+                sels[f"hipr_{probe}"][(layer, pos)] = (chunk_pick(score, chunk, budget), stop)
+                ranks[f"hipr_{probe}"] = chunk_rank(score, chunk, rows)
             all_ranks[(layer, pos)] = ranks
     return sels, all_ranks
 

@@ -119,7 +119,7 @@ def hip_stage_reference(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe
     """chunks: equal store chunks [R, H_kv, D]; cand [C, L] row ids (-1 pad); bias None or [H_q]
     fp32 -> (rep [C] ids, score [C] fp32)."""
     rows = chunks[0].shape[0]
-    fetch = lambda ids: torch.stack([chunks[int(i) // rows][int(i) % rows] for i in ids])  # noqa: E731
+    fetch = lambda ids: torch.stack([chunks[int(i) // rows][int(i) % rows] for i in ids])
     return hierarchical_top1(cand, fetch, q, probe, bias)
 
 

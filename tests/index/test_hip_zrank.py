@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.base import batch_search_key, make_retriever
+from kvloft.index.key_moments import KeyMoments
 from kvloft.kernels.hip_stage import hip_stage, hip_stage1, hip_stage1_reference, hip_stage_reference
 
 
@@ -64,10 +67,6 @@ def test_bias_of_wrong_shape_is_rejected():
 
 
 # ---- the retriever: statistics, invariance, a needle under a logit offset, declines ---------
-
-from kvloft.config import ModelConfig, RetrievalConfig  # noqa: E402
-from kvloft.index.base import batch_search_key, make_retriever  # noqa: E402
-from kvloft.index.key_moments import KeyMoments  # noqa: E402
 
 MODEL = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, head_dim 16
 HQ, HKV, D = MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim
@@ -155,11 +154,11 @@ def test_z_rank_finds_a_needle_that_a_logit_offset_hides():
     found = {"logit": [], "z": []}
     for seed in range(4):
         keys, q = _offset_needle_case(seed)
-        for rank in found:
+        for rank, got in found.items():
             hip = _hip(model, rank=rank)
             hip.build(0, keys, None)
             ids = set(hip.select(0, q, budget=64).ids.tolist())
-            found[rank].append(len(ids & set(range(2080, 2112))) / 32)
+            got.append(len(ids & set(range(2080, 2112))) / 32)
     assert found["z"] == [1.0] * 4, found
     assert sum(found["logit"]) / 4 <= 0.25, found
 
