@@ -177,3 +177,21 @@ def test_batched_search_declines_z_rank_rows():
 def test_bad_rank_is_rejected():
     with pytest.raises(ValueError, match=r"rank must be one of \('logit', 'z'\)"):
         _hip(rank="zscore")
+
+
+@pytest.mark.gpu
+def test_z_rank_kernel_and_torch_paths_agree_on_cuda():
+    """rank='z' on CUDA: the Triton stages with the bias (bf16 keys, keys on the device and read
+    in place from pinned host memory) pick what the torch search picks, up to near ties."""
+    gen = torch.Generator().manual_seed(12)
+    cfg = ModelConfig.from_name("llama3-8b")
+    n = 2 * 16384 + 1000
+    keys = (torch.randn(cfg.n_kv_heads, n, cfg.head_dim, generator=gen) + 3.0).to(torch.bfloat16)
+    q = torch.randn(cfg.n_heads, cfg.head_dim, generator=gen).to("cuda", torch.bfloat16)
+    ids = {}
+    for name, opts in (("torch", {"kernel": "torch"}), ("device", {}), ("host", {"keys_on": "host"})):
+        hip = make_retriever(RetrievalConfig(method="hip", options={"rank": "z", **opts}), cfg, "cuda")
+        hip.build(0, keys, None)
+        ids[name] = set(hip.select(0, q, budget=2048).ids.tolist())
+    for name in ("device", "host"):
+        assert len(ids[name] & ids["torch"]) >= 0.95 * 2048
