@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "GRAPH_MODES",
     "METHODS",
     "CacheConfig",
     "ModelConfig",
@@ -134,6 +135,7 @@ PRESETS: dict[str, ModelConfig] = {
 WEIGHTS = ("auto", "bf16", "int8", "int4")  # RuntimeConfig.weights (runtime/quant_linear.py)
 QUANT_GROUPS = (32, 64, 128)
 METHODS = ("dense", "exact", "attention_graph", "tokenselect", "recycled", "hip", "actqkv", "faiss")
+GRAPH_MODES = ("auto", "off", "segments", "whole")  # kvloft.Engine's graphs (runtime/engine.py)
 
 
 @dataclass(frozen=True)

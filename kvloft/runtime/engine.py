@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kvloft.config import GRAPH_MODES
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.batch_attention import TableLaunch, run_launches
 from kvloft.runtime.batch_search import PendingSearch, run_searches
@@ -68,7 +69,6 @@ from kvloft.runtime.whole_step import WholeStep, graph_counts, not_whole, step_s
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
 
 MAX_BATCH_LIMIT = 4096  # max_batch above this is refused (per-step CPU plan, [B, V] logits)
-GRAPH_MODES = ("auto", "off", "segments", "whole")
 
 
 def _is_int(x: Any) -> bool:

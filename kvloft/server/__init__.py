@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from kvloft.config import METHODS
+from kvloft.config import GRAPH_MODES, METHODS
 
 __all__ = ["add_serve_parser", "cmd_serve", "create_app", "serve_settings"]
 
@@ -56,6 +56,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, default=0.0, help="requests per minute per client (0 = none)")
     _add_limit_args(p)
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together in one engine step")
+    p.add_argument("--decode-graphs", default="auto", choices=list(GRAPH_MODES),
+                   help="CUDA graphs of a decode step: auto (segmented), whole (one graph a step where every "
+                        "row's route allows it), segments, off; ignored on the CPU")
     p.add_argument("--step-tokens", type=int, default=512,
                    help="tokens per engine iteration: one per decoding sequence, the rest prefill chunks")
     p.add_argument("--device", default="auto")
@@ -106,6 +109,7 @@ def serve_settings(args) -> tuple[Any, str]:
         rate_limit=args.rate_limit, limits=limits, default_max_tokens=min(256, args.max_tokens_limit),
         max_sessions=args.max_sessions, host_budget=args.host_budget, device_budget=args.device_budget,
         spill_dir=args.spill_dir, max_batch=args.max_batch, step_tokens=args.step_tokens,
+        decode_graphs=args.decode_graphs,
         retrieval=RetrievalConfig(method=args.method, budget=args.budget, n_sink=args.sink, n_window=args.window),
         runtime=RuntimeConfig(**runtime),
     )

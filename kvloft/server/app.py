@@ -53,7 +53,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
+from kvloft.config import GRAPH_MODES, CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.server import protocol as P
 from kvloft.server.auth import SHARED, Keys, scoped_id
 from kvloft.server.batcher import EngineLoop
@@ -116,6 +116,7 @@ class ServerConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     max_batch: int = 32
     step_tokens: int = 512
+    decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit is not None:
@@ -126,6 +127,9 @@ class ServerConfig:
             raise ValueError("max_request_bytes must be >= 1, rate_limit and default_max_tokens >= 0")
         if self.max_batch < 1 or self.step_tokens < 1:
             raise ValueError(f"max_batch and step_tokens must be >= 1, got {self.max_batch}, {self.step_tokens}")
+        if self.decode_graphs not in GRAPH_MODES:
+            raise ValueError(f"decode_graphs must be one of {GRAPH_MODES} (kvloft.Engine's graphs), "
+                             f"got {self.decode_graphs!r}")
         if self.limits.max_tokens < self.default_max_tokens:
             raise ValueError(f"limits.max_tokens ({self.limits.max_tokens}) is below default_max_tokens "
                              f"({self.default_max_tokens})")
@@ -162,10 +166,11 @@ def create_app(model, config: ServerConfig | None = None, manager: SessionManage
     name = cfg.model_name or model.config.name
 
     draining = threading.Event()
-    loop = EngineLoop(model, engine=engine, max_batch=cfg.max_batch, step_tokens=cfg.step_tokens, draining=draining)
+    loop = EngineLoop(model, engine=engine, max_batch=cfg.max_batch, step_tokens=cfg.step_tokens, draining=draining,
+                      graphs=cfg.decode_graphs)
     loop.metrics = metrics = ServerMetrics(manager, engine_name(loop.engine))
-    log.info("engine loop: %s engine, max_batch=%d, step_tokens=%d", engine_name(loop.engine), cfg.max_batch,
-             cfg.step_tokens)
+    log.info("engine loop: %s engine, max_batch=%d, step_tokens=%d, decode graphs %s", engine_name(loop.engine),
+             cfg.max_batch, cfg.step_tokens, cfg.decode_graphs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

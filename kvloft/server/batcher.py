@@ -65,11 +65,11 @@ class EngineLoop:
     """
 
     def __init__(self, model, *, engine=None, max_batch: int = 32, step_tokens: int = 512,
-                 draining: threading.Event | None = None, metrics=None) -> None:
+                 draining: threading.Event | None = None, metrics=None, graphs: str = "auto") -> None:
         for name, value in (("max_batch", max_batch), ("step_tokens", step_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.engine = engine if engine is not None else make_engine(model, max_batch)
+        self.engine = engine if engine is not None else make_engine(model, max_batch, graphs)
         self.max_batch, self.step_tokens = max_batch, step_tokens
         self.draining = draining or threading.Event()
         self.metrics = metrics

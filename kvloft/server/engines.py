@@ -32,14 +32,17 @@ class SequentialFallbackEngine:
         return torch.stack([s.step(t).float() for s, t in pairs])
 
 
-def make_engine(model, max_batch: int):
-    """kvloft.Engine(model, max_batch=...) if kvloft has it, else SequentialFallbackEngine."""
+def make_engine(model, max_batch: int, graphs: str = "auto"):
+    """kvloft.Engine(model, max_batch=..., graphs=...) if kvloft has it, else
+    SequentialFallbackEngine. graphs: the Engine's CUDA graph mode ("auto": segmented graphs;
+    "whole": one graph a step where every row's route allows it; "off"; docs/performance.md
+    has what each costs)."""
     import kvloft
 
     engine_cls = getattr(kvloft, "Engine", None)
     if engine_cls is None:
         return SequentialFallbackEngine(max_batch)
-    return engine_cls(model, max_batch=max_batch)
+    return engine_cls(model, max_batch=max_batch, graphs=graphs)
 
 
 def engine_name(engine) -> str:

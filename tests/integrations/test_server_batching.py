@@ -406,3 +406,21 @@ def test_one_json_log_line_per_request(server, caplog):
     assert first["key_id"] and KEY not in json.dumps(first)  # the key's tag, never the key
     assert 0 < first["ttft_s"] <= first["duration_s"]
     assert {x["endpoint"] for x in lines} == {"completions"} and len(lines) == 2
+
+
+def test_decode_graphs_reach_the_engine_and_bad_modes_are_refused(chatty):
+    """ServerConfig.decode_graphs is the Engine's graphs; a name it does not know fails at
+    configuration, naming the modes. On the CPU no graph is captured: answers equal alone."""
+    with pytest.raises(ValueError, match="decode_graphs must be one of"):
+        ServerConfig(decode_graphs="always")
+    app = create_app(chatty, ServerConfig(api_key=KEY, retrieval=RETRIEVAL, runtime=RUNTIME, decode_graphs="whole"))
+    loop = app.state.loop
+    try:
+        assert loop.engine.graphs == "whole"
+        tok = chatty.tokenizer
+        args = [(Session(chatty, RETRIEVAL, RUNTIME), tok.encode(p), 6) for p in PROMPTS[:2]]
+        out, _ = _run_loop(loop, args)
+    finally:
+        loop.close()
+    for i, p in enumerate(PROMPTS[:2]):
+        assert out[i][0] == direct(chatty, p, 6)[0]
