@@ -343,15 +343,11 @@ def test_cuda_exact_whole_step_equals_each_session_alone():
         assert _counters(w) == _counters(a)
 
 
-@pytest.mark.gpu
-def test_captured_exact_whole_step_equals_the_same_step_eager():
-    """bf16 on CUDA, dense and exact rows joining and leaving: each captured replay gives the
-    logits of the same whole step run eagerly (the same kernels and grid, launched from Python)."""
-    from kvloft.runtime.whole_exact import exact_shape
-
-    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
-    rcfg = RetrievalConfig(method="exact", budget=256, n_sink=16, n_window=256, options={"keys_on": "device"})
-    specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (513, rcfg)]
+def _captured_equals_eager(model, specs, schedule):
+    """Sessions of specs [(context, rcfg)] fed twice; each step of schedule (row indices) runs
+    through a capturing whole-step engine and one whose whole steps run eagerly (the same
+    kernels and grid, launched from Python): the logits agree to bf16's rounding. Returns
+    (capturing engine, eager engine, its sessions, the eager ones) for the caller's checks."""
     graphed = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
     eager = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
     g_eng, e_eng = Engine(model, graphs="whole"), Engine(model, graphs="whole")
@@ -363,11 +359,25 @@ def test_captured_exact_whole_step_equals_the_same_step_eager():
         return e_eng._wholes[key]
 
     e_eng._whole_for = eager_whole
-    for step, rows in enumerate(([0, 1], [2], [0, 1, 2, 3], [3, 1], [0, 1, 2, 3], [2, 0, 3])):
+    for step, rows in enumerate(schedule):
         pairs = [(i, (step * 31 + 7 * i) % 512) for i in rows]
         got = g_eng.step([(graphed[i], t) for i, t in pairs])
         ref = e_eng.step([(eager[i], t) for i, t in pairs])
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    return g_eng, e_eng, graphed, eager
+
+
+@pytest.mark.gpu
+def test_captured_exact_whole_step_equals_the_same_step_eager():
+    """bf16 on CUDA, dense and exact rows joining and leaving: each captured replay gives the
+    logits of the same whole step run eagerly (the same kernels and grid, launched from Python)."""
+    from kvloft.runtime.whole_exact import exact_shape
+
+    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
+    rcfg = RetrievalConfig(method="exact", budget=256, n_sink=16, n_window=256, options={"keys_on": "device"})
+    specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (513, rcfg)]
+    g_eng, e_eng, graphed, _ = _captured_equals_eager(model, specs, ([0, 1], [2], [0, 1, 2, 3], [3, 1],
+                                                                     [0, 1, 2, 3], [2, 0, 3]))
     assert all(w.graphs.held for w in g_eng._wholes.values())
     assert all(w.graphs.held == 0 for w in e_eng._wholes.values())
     assert exact_shape([s.backend for s in graphed]) is not None
@@ -572,22 +582,8 @@ def test_captured_hip_whole_step_equals_the_same_step_eager():
     rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
                            options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
     specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (1513, rcfg)]
-    graphed = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
-    eager = [_fed(model, n, seed, r, CacheConfig()) for seed, (n, r) in enumerate(specs)]
-    g_eng, e_eng = Engine(model, graphs="whole"), Engine(model, graphs="whole")
-
-    def eager_whole(n, shape=None):
-        key = e_eng._bucket(n) if shape is None else (e_eng._bucket(n), shape)
-        if key not in e_eng._wholes:
-            e_eng._wholes[key] = WholeStep(model.net, capture=False, batch=e_eng._bucket(n), shape=shape)
-        return e_eng._wholes[key]
-
-    e_eng._whole_for = eager_whole
-    for step, rows in enumerate(([0, 1], [2], [0, 1, 2, 3], [3, 1], [0, 1, 2, 3], [2, 0, 3], [0, 2, 3])):
-        pairs = [(i, (step * 31 + 7 * i) % 512) for i in rows]
-        got = g_eng.step([(graphed[i], t) for i, t in pairs])
-        ref = e_eng.step([(eager[i], t) for i, t in pairs])
-        torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    g_eng, _, graphed, eager = _captured_equals_eager(model, specs, ([0, 1], [2], [0, 1, 2, 3], [3, 1],
+                                                                     [0, 1, 2, 3], [2, 0, 3], [0, 2, 3]))
     assert g_eng.route_counts["whole"] == 7 and all(w.graphs.held for w in g_eng._wholes.values())
     for i in (0, 2, 3):
         assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
