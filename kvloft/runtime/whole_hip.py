@@ -35,6 +35,18 @@ changes first detaches the views its previous row still holds (one clone each); 
 masks are not this buffer's views (new to the slot, or changed by the segmented engine or a
 rollback) is copied in before the step. In steady state nothing is copied.
 
+Rows ranking by z-scored logits (hip option rank="z", index/key_moments.py) search with
+their query z-scaled and a per-head bias, both made inside the graph from the query and the
+row's key statistics, which the plan phase copies into fixed buffers where the row recomputes
+a stage of the layer this step (the statistics move as rows are added):
+
+    plan          z row, layer with a stage due: mean [H_kv, D], covariance [H_kv, D, D] (fp64)
+                  -> the step's buffers [L, B, ...] (device copies); its z flag in the table
+    graph         q', bias = zscore_rows(q, mean, cov) (fp64, as select() computes them); a row
+                  whose flag is off searches with q and a bias of 0 (the same scores as none)
+
+A step with no z row has no such buffers, flags or launches (HipShape.z).
+
 Equal to select() and select_batch(): the same chunk scores (hip_search_kernel, per chunk the
 same loads and fp32 sums as the per-row launch), the same stable picks, the same rows, state
 and counters. The kernels must be the Triton ones (the torch search rounds otherwise).
@@ -54,6 +66,7 @@ from torch import Tensor
 from kvloft.index.base import Selection
 from kvloft.index.hip import HipRetriever
 from kvloft.index.hip_batch import n_keep
+from kvloft.index.key_moments import zscore_rows
 from kvloft.kernels import reference
 from kvloft.kernels.batched_decode import attend_table_fixed
 from kvloft.kernels.hip_batched import hip_stage_batched
@@ -70,6 +83,7 @@ _STAGE = 9  # per stage and row: n_full, table offset, chunk rows (the kernel's 
 #             the new mask's length, refresh (0/1), the previous mask's length, rows it had seen
 _FINAL = 3  # per row: fresh rows, first fresh row, rows selected
 _STABLE = 6  # per row: the stable part's meta [5] (slot, width, 0, 0, n_stable), rows copied into it
+_Z = 1  # per row, where HipShape.z: 1 where it searches with z-scored logits this layer and step
 
 
 class HipShape(NamedTuple):
@@ -82,10 +96,12 @@ class HipShape(NamedTuple):
     chunk_sizes: tuple[int, ...]
     kept_tokens: tuple[int, ...]
     probe: str
+    z: bool = False  # a row ranks by z-scored logits (hip option rank="z"): the step computes them
 
     def columns(self, batch: int) -> int:
         """int64 numbers per layer of the step's table: the exact route's, then the search's."""
-        return batch * (_FIXED + self.kc + 2 * self.hc + _STAGE * len(self.chunk_sizes) + _FINAL + _STABLE)
+        z = _Z if self.z else 0
+        return batch * (_FIXED + self.kc + 2 * self.hc + _STAGE * len(self.chunk_sizes) + _FINAL + _STABLE + z)
 
     def tables(self, batch: int, n_layers: int, flat: Tensor) -> HipTables:
         return HipTables(self, batch, n_layers, flat)
@@ -105,8 +121,6 @@ def hip_route(be: TieredAttention) -> str | None:
         return "extrapolate mode remaps the positions of the rows it selects per step"
     if not be.plans_room():
         return "its rows are fetched by the scheduler (OverlapFetch), not read in place"
-    if r.params.rank != "logit":
-        return "hip option rank='z' scores z-scored logits; the captured search ranks by raw logits"
     if not r.use_kernel:
         return "hip searches with torch ops here (kernel='torch', or 'auto' off CUDA); the captured search is Triton"
     if be.finite.on:
@@ -147,7 +161,8 @@ def hip_shape(tiered: list[TieredAttention]) -> HipShape:
     cap = _pow2(max(n_host, width, BLOCK_N, p.chunk_sizes[0]))
     kc = max(-(-cap // _key_chunk_rows(be)) for be in tiered)
     hc = max(-(-cap // be.cache.host_chunk) for be in tiered)
-    return HipShape(cap, width, kc, hc, p.chunk_sizes, p.kept_tokens, p.probe)
+    z = any(be.retriever.params.rank == "z" for be in tiered)
+    return HipShape(cap, width, kc, hc, p.chunk_sizes, p.kept_tokens, p.probe, z)
 
 
 def _key_chunk_rows(be: TieredAttention) -> int:
@@ -216,6 +231,10 @@ class HipTables(ExactTables):
         b0 += _FINAL * nb  # the stable part (whole_stable.py): its meta [B, 5] and rows copied [B] per layer
         self.stable_meta = [per[i, b0 : b0 + 5 * nb].view(nb, 5) for i in range(n_layers)]
         self.copy_rows = [per[i, b0 + 5 * nb : b0 + 6 * nb] for i in range(n_layers)]
+        # z rows (shape.z): the flag [B] per layer, and the statistics copied in (_z_buffers)
+        self.z_on = [per[i, b0 + 6 * nb : b0 + 7 * nb] for i in range(n_layers)] if shape.z else None
+        self.z_mean: Tensor | None = None  # [L, B, H_kv, D] fp64
+        self.z_cov: Tensor | None = None  # [L, B, H_kv, D, D] fp64
         self.stable = StableRows(n_layers, nb, shape.width)
         # the rows' stage masks: [L, B, stages, cap] int64 host-row ids (-1 past a mask's length)
         self.masks = torch.full((n_layers, nb, ns, shape.cap), -1, dtype=torch.int64, device=flat.device)
@@ -232,6 +251,8 @@ class HipTables(ExactTables):
         tiered = [be for be in backends if isinstance(be, TieredAttention)]
         if tiered:
             self.stable.allocate(tiered[0].cache.layers[0].k)
+            if self.shape.z and self.z_cov is None:
+                self._z_buffers(tiered[0].cache.layers[0].k)
         out = super().host_columns(backends)
         sh, nb = self.shape, self.batch
         a = nb * (_FIXED + sh.kc + 2 * sh.hc)
@@ -242,6 +263,38 @@ class HipTables(ExactTables):
             rows[rows == 0] = 1
         self.pattern = self._pattern(out)
         return out
+
+    def _z_buffers(self, like: Tensor) -> None:
+        """The z rows' statistics buffers (once: the graph reads their addresses), for keys like
+        like [rows, H_kv, D]: L * B * H_kv * (D^2 + D) fp64 (H_kv 8, D 128, 32 layers, 8 rows:
+        270 MB). A slot no z row has filled holds mean 0 and the identity (finite, never read)."""
+        _, hkv, d = like.shape
+        nl, nb = self.n_layers, self.batch
+        self.z_mean = torch.zeros((nl, nb, hkv, d), dtype=torch.float64, device=like.device)
+        eye = torch.eye(d, dtype=torch.float64, device=like.device)
+        self.z_cov = eye.expand(nl, nb, hkv, d, d).contiguous()
+
+    @property
+    def z_bytes(self) -> int:
+        """Device bytes of the z rows' statistics buffers (0 without)."""
+        return sum(t.numel() * 8 for t in (self.z_mean, self.z_cov) if t is not None)
+
+    def _z_fill(self, col: np.ndarray, b: int, hip: HipRetriever, layer: int, n: int, plan: _Plan) -> None:
+        """Row b's z flag of one layer into col, and its statistics into the buffers where it
+        searches (select()'s rule: rank="z" and a stage due). The statistics counted n rows
+        already (incremental) unless remade here from the keys as select() remakes them (rare:
+        a tier attached in place or rolled back; waits for a copy down in flight)."""
+        at = self.batch * (_FIXED + self.shape.kc + 2 * self.shape.hc
+                           + _STAGE * len(self.shape.chunk_sizes) + _FINAL + _STABLE)
+        on = hip.params.rank == "z" and not plan.every and any(plan.flags)
+        col[at + b] = int(on)
+        if not on:
+            return
+        m = hip.moments.get(layer)
+        if m is None or m.count != n:
+            m = hip._moments_of(layer, hip._keys_of(layer))
+        self.z_mean[layer, b].copy_(m.mean)
+        m.covariance(out=self.z_cov[layer, b])
 
     def _pattern(self, out: np.ndarray) -> tuple[int, ...] | None:
         """The step's refresh pattern from its table out [L, columns] (the very refresh flags the
@@ -275,6 +328,8 @@ class HipTables(ExactTables):
         col[a + b], col[a + nb + b], col[a + 2 * nb + b] = plan.fresh, plan.seen, plan.n_sel
         a += _FINAL * nb
         col[a + 5 * b + 4], col[a + 5 * nb + b] = n_stable, min(m_last, sh.width) if refresh else 0
+        if sh.z:
+            self._z_fill(col, b, hip, layer, n, plan)
 
     def _adopt(self, backends: list[Any]) -> None:
         """Every HiP row's masks as views of its slot's buffer (see the module doc)."""
@@ -335,10 +390,11 @@ class HipTables(ExactTables):
         row refreshes launches nothing and leaves every mask as it is."""
         sh, j = self.shape, self._j
         masks = self.masks[layer]  # [B, stages, cap]
+        q_s, bias = self._search_queries(layer, q) if sh.z and stages != 0 else (q, None)
         for s in range(len(sh.chunk_sizes)):
             if stages is not None and not stages >> s & 1:
                 continue
-            new = self._stage(layer, s, q, like, masks)
+            new = self._stage(layer, s, q_s, like, masks, bias)
             refresh = self.stage_meta[layer][s][6, :, None] > 0
             masks[:, s].copy_(torch.where(refresh, new, masks[:, s]))
         fresh, seen, n_sel = (x[:, None] for x in self.final_meta[layer])
@@ -347,8 +403,17 @@ class HipTables(ExactTables):
         ids = torch.where(w < fresh, seen + w, last)
         return torch.where(w < n_sel, ids, -1)
 
-    def _stage(self, layer: int, s: int, q: Tensor, like: Tensor, masks: Tensor) -> Tensor:
-        """Stage s's new masks [B, cap] (meaningful where it refreshes; -1 past each length)."""
+    def _search_queries(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
+        """q [B, H_q, D] -> (the queries [B, H_q, D] fp32, bias [B, H_q] fp32) the rows search
+        with: a z row's z-scaled query and bias (as its select() makes them), another's q and 0."""
+        q_z, bias_z = zscore_rows(q, self.z_mean[layer], self.z_cov[layer])
+        on = self.z_on[layer] > 0  # [B]
+        return torch.where(on[:, None, None], q_z, q.float()), torch.where(on[:, None], bias_z, 0.0)
+
+    def _stage(self, layer: int, s: int, q: Tensor, like: Tensor, masks: Tensor,
+               bias: Tensor | None = None) -> Tensor:
+        """Stage s's new masks [B, cap] (meaningful where it refreshes; -1 past each length);
+        bias [B, H_q] fp32 with q the rows' search queries (_search_queries) where shape.z."""
         sh, j = self.shape, self._j
         nb, cap, length = q.shape[0], sh.cap, sh.chunk_sizes[s]
         meta = self.stage_meta[layer][s]  # [_STAGE, B]
@@ -360,7 +425,7 @@ class HipTables(ExactTables):
             cand = torch.where(j < m_prev, masks[:, s - 1], fresh)  # [B, cap]
         n_cols = cap // length
         chunks = None if cand is None else cand.view(nb, n_cols, length)
-        score = hip_stage_batched(self.key_tab[layer], like, q, meta[:3], n_cols, length, chunks, sh.probe)[1]
+        score = hip_stage_batched(self.key_tab[layer], like, q, meta[:3], n_cols, length, chunks, sh.probe, bias)[1]
         k = sh.keep_width(s)
         top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # [B, k], best first
         if s < len(sh.chunk_sizes) - 1:  # kept chunks in order; a row's entries past its n_keep sort last

@@ -184,12 +184,13 @@ class WholeStep:
     @property
     def buffer_bytes(self) -> int:
         """Device bytes this step holds outside its graphs' pool (whose intermediates are the
-        pool's): its table, HiP rows' mask buffers, and the stable-part buffers it uses
+        pool's): its table, HiP rows' mask buffers (and rank="z" rows' key statistics), and the
+        stable-part buffers it uses
         (whole_stable.py; shared with the engine's other steps of its bucket and width:
         `stable_buffers` names them, to count each once)."""
         ex, n = self.exact, self._flat.numel() * 8
         if self.stable_buffers is not None:
-            n += ex.masks.numel() * 8 + self.stable_buffers.nbytes
+            n += ex.masks.numel() * 8 + ex.z_bytes + self.stable_buffers.nbytes
         return n
 
     @property
