@@ -77,7 +77,7 @@ from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.whole_exact import _FIXED, MAX_CAP, ExactTables, exact_route
 from kvloft.runtime.whole_stable import StableRows, fresh_bound
 
-__all__ = ["HipShape", "HipTables", "hip_route", "hip_shape", "hip_shape_why", "tiered_route"]
+__all__ = ["HipShape", "HipTables", "ZBuffers", "hip_route", "hip_shape", "hip_shape_why", "tiered_route"]
 
 _STAGE = 9  # per stage and row: n_full, table offset, chunk rows (the kernel's meta), n_keep, n_cand,
 #             the new mask's length, refresh (0/1), the previous mask's length, rows it had seen
@@ -214,6 +214,33 @@ def _plan(hip: HipRetriever, layer: int, n: int, budget: int) -> _Plan:
     return _Plan(n, budget, False, flags, stages, fresh, seen[-1], min(budget, fresh + lens[-1]), reads)
 
 
+class ZBuffers:
+    """The key statistics of z rows (hip option rank="z") in a step's slots, copied in by the plan
+    where a row searches a layer: mean [L, B, H_kv, D] and cov [L, B, H_kv, D, D] fp64, allocated
+    at the first step (the graph reads their addresses), L * B * H_kv * (D^2 + D) * 8 bytes (270 MB
+    for 8 rows of Llama-3-8B). Per-step data: the whole steps of one bucket share one set (as the
+    stable buffers, whole_step.py share_buffers). A slot no z row filled holds mean 0 and the
+    identity (finite numbers, never searched with: its z flag is off)."""
+
+    def __init__(self, n_layers: int, batch: int) -> None:
+        self.n_layers, self.batch = n_layers, batch
+        self.mean: Tensor | None = None
+        self.cov: Tensor | None = None
+
+    def allocate(self, like: Tensor) -> None:
+        """The buffers for keys like like [rows, H_kv, D] (once)."""
+        if self.cov is not None:
+            return
+        _, hkv, d = like.shape
+        self.mean = torch.zeros((self.n_layers, self.batch, hkv, d), dtype=torch.float64, device=like.device)
+        eye = torch.eye(d, dtype=torch.float64, device=like.device)
+        self.cov = eye.expand(self.n_layers, self.batch, hkv, d, d).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * 8 for t in (self.mean, self.cov) if t is not None)
+
+
 class HipTables(ExactTables):
     """The HiP rows' columns of a step's table (the exact route's layout, then per layer the
     stages' [_STAGE, B] blocks and the final [_FINAL, B]), the rows' mask buffers and the
@@ -231,10 +258,9 @@ class HipTables(ExactTables):
         b0 += _FINAL * nb  # the stable part (whole_stable.py): its meta [B, 5] and rows copied [B] per layer
         self.stable_meta = [per[i, b0 : b0 + 5 * nb].view(nb, 5) for i in range(n_layers)]
         self.copy_rows = [per[i, b0 + 5 * nb : b0 + 6 * nb] for i in range(n_layers)]
-        # z rows (shape.z): the flag [B] per layer, and the statistics copied in (_z_buffers)
+        # z rows (shape.z): the flag [B] per layer, and the statistics copied in (ZBuffers)
         self.z_on = [per[i, b0 + 6 * nb : b0 + 7 * nb] for i in range(n_layers)] if shape.z else None
-        self.z_mean: Tensor | None = None  # [L, B, H_kv, D] fp64
-        self.z_cov: Tensor | None = None  # [L, B, H_kv, D, D] fp64
+        self.z = ZBuffers(n_layers, nb) if shape.z else None
         self.stable = StableRows(n_layers, nb, shape.width)
         # the rows' stage masks: [L, B, stages, cap] int64 host-row ids (-1 past a mask's length)
         self.masks = torch.full((n_layers, nb, ns, shape.cap), -1, dtype=torch.int64, device=flat.device)
@@ -251,8 +277,8 @@ class HipTables(ExactTables):
         tiered = [be for be in backends if isinstance(be, TieredAttention)]
         if tiered:
             self.stable.allocate(tiered[0].cache.layers[0].k)
-            if self.shape.z and self.z_cov is None:
-                self._z_buffers(tiered[0].cache.layers[0].k)
+            if self.z is not None:
+                self.z.allocate(tiered[0].cache.layers[0].k)
         out = super().host_columns(backends)
         sh, nb = self.shape, self.batch
         a = nb * (_FIXED + sh.kc + 2 * sh.hc)
@@ -263,21 +289,6 @@ class HipTables(ExactTables):
             rows[rows == 0] = 1
         self.pattern = self._pattern(out)
         return out
-
-    def _z_buffers(self, like: Tensor) -> None:
-        """The z rows' statistics buffers (once: the graph reads their addresses), for keys like
-        like [rows, H_kv, D]: L * B * H_kv * (D^2 + D) fp64 (H_kv 8, D 128, 32 layers, 8 rows:
-        270 MB). A slot no z row has filled holds mean 0 and the identity (finite, never read)."""
-        _, hkv, d = like.shape
-        nl, nb = self.n_layers, self.batch
-        self.z_mean = torch.zeros((nl, nb, hkv, d), dtype=torch.float64, device=like.device)
-        eye = torch.eye(d, dtype=torch.float64, device=like.device)
-        self.z_cov = eye.expand(nl, nb, hkv, d, d).contiguous()
-
-    @property
-    def z_bytes(self) -> int:
-        """Device bytes of the z rows' statistics buffers (0 without)."""
-        return sum(t.numel() * 8 for t in (self.z_mean, self.z_cov) if t is not None)
 
     def _z_fill(self, col: np.ndarray, b: int, hip: HipRetriever, layer: int, n: int, plan: _Plan) -> None:
         """Row b's z flag of one layer into col, and its statistics into the buffers where it
@@ -293,8 +304,8 @@ class HipTables(ExactTables):
         m = hip.moments.get(layer)
         if m is None or m.count != n:
             m = hip._moments_of(layer, hip._keys_of(layer))
-        self.z_mean[layer, b].copy_(m.mean)
-        m.covariance(out=self.z_cov[layer, b])
+        self.z.mean[layer, b].copy_(m.mean)
+        m.covariance(out=self.z.cov[layer, b])
 
     def _pattern(self, out: np.ndarray) -> tuple[int, ...] | None:
         """The step's refresh pattern from its table out [L, columns] (the very refresh flags the
@@ -406,7 +417,7 @@ class HipTables(ExactTables):
     def _search_queries(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
         """q [B, H_q, D] -> (the queries [B, H_q, D] fp32, bias [B, H_q] fp32) the rows search
         with: a z row's z-scaled query and bias (as its select() makes them), another's q and 0."""
-        q_z, bias_z = zscore_rows(q, self.z_mean[layer], self.z_cov[layer])
+        q_z, bias_z = zscore_rows(q, self.z.mean[layer], self.z.cov[layer])
         on = self.z_on[layer] > 0  # [B]
         return torch.where(on[:, None, None], q_z, q.float()), torch.where(on[:, None], bias_z, 0.0)
 
