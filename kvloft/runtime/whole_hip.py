@@ -5,7 +5,7 @@ for some steps (refresh_steps, staggered per layer). Everything about a step tha
 the keys' values is known on the host before the layers run: which stages of which layer
 refresh (HipRetriever._refresh_flags), how many candidates each stage has, how many whole
 chunks it searches and keeps, how long its new mask is, how many rows the selection holds.
-So the plan phase computes those numbers (`_plan`, the arithmetic of select()) and passes
+So the plan phase computes those numbers (runtime/hip_plan.py, the arithmetic of select()) and passes
 them as data, per layer, stage and row, in the step's table; the graph does this work, with
 shapes fixed by (batch bucket, capacity `cap`, budget width), for each stage of its pattern:
 
@@ -35,17 +35,8 @@ changes first detaches the views its previous row still holds (one clone each); 
 masks are not this buffer's views (new to the slot, or changed by the segmented engine or a
 rollback) is copied in before the step. In steady state nothing is copied.
 
-Rows ranking by z-scored logits (hip option rank="z", index/key_moments.py) search with
-their query z-scaled and a per-head bias, both made inside the graph from the query and the
-row's key statistics, which the plan phase copies into fixed buffers where the row recomputes
-a stage of the layer this step (the statistics move as rows are added):
-
-    plan          z row, layer with a stage due: mean [H_kv, D], covariance [H_kv, D, D] (fp64)
-                  -> the step's buffers [L, B, ...] (device copies); its z flag in the table
-    graph         q', bias = zscore_rows(q, mean, cov) (fp64, as select() computes them); a row
-                  whose flag is off searches with q and a bias of 0 (the same scores as none)
-
-A step with no z row has no such buffers, flags or launches (HipShape.z).
+Rows ranking by z-scored logits (hip option rank="z") search with a query and bias made in
+the graph from statistics the plan copies in (runtime/whole_zrank.py; HipShape.z).
 
 Equal to select() and select_batch(): the same chunk scores (hip_search_kernel, per chunk the
 same loads and fp32 sums as the per-row launch), the same stable picks, the same rows, state
@@ -56,7 +47,6 @@ chunks (attach_host_tier) through the same address table: stable addresses, read
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -65,19 +55,18 @@ from torch import Tensor
 
 from kvloft.index.base import Selection
 from kvloft.index.hip import HipRetriever
-from kvloft.index.hip_batch import n_keep
-from kvloft.index.key_moments import zscore_rows
 from kvloft.kernels import reference
 from kvloft.kernels.batched_decode import attend_table_fixed
 from kvloft.kernels.hip_batched import hip_stage_batched
-from kvloft.kernels.hip_stage import probes_per_chunk
 from kvloft.kernels.merge import merge
 from kvloft.kernels.scoring import BLOCK_N
 from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.hip_plan import HipPlan, plan_select
 from kvloft.runtime.whole_exact import _FIXED, MAX_CAP, ExactTables, exact_route
 from kvloft.runtime.whole_stable import StableRows, fresh_bound
+from kvloft.runtime.whole_zrank import ZBuffers
 
-__all__ = ["HipShape", "HipTables", "ZBuffers", "hip_route", "hip_shape", "hip_shape_why", "tiered_route"]
+__all__ = ["HipShape", "HipTables", "hip_route", "hip_shape", "hip_shape_why", "tiered_route"]
 
 _STAGE = 9  # per stage and row: n_full, table offset, chunk rows (the kernel's meta), n_keep, n_cand,
 #             the new mask's length, refresh (0/1), the previous mask's length, rows it had seen
@@ -172,75 +161,6 @@ def _key_chunk_rows(be: TieredAttention) -> int:
     return be.cache.host_chunk if 0 in hip.tiers else hip.keys[0].chunk_rows
 
 
-@dataclass
-class _Plan:
-    """One row's search of one layer this step, as select() would run it (host numbers only)."""
-
-    n: int  # host rows
-    budget: int
-    every: bool  # select() prunes nothing: the first min(n, budget) rows, masks dropped
-    flags: tuple[bool, ...]
-    stages: list[tuple[int, ...]]  # per stage: the _STAGE fields but the table offset and chunk rows
-    fresh: int  # rows that arrived since the last stage ran (they come first)
-    seen: int  # the first of them
-    n_sel: int  # rows selected
-    reads: int  # probe rows read
-
-
-def _plan(hip: HipRetriever, layer: int, n: int, budget: int) -> _Plan:
-    """select(layer, q, budget)'s numbers (index/hip.py), computed without the keys."""
-    p = hip.params
-    st = hip.state[layer]
-    if n == 0 or budget == 0 or budget >= n:
-        return _Plan(n, budget, True, (False,) * p.n_stages, [(0,) * 7] * p.n_stages, n, 0, min(n, budget), 0)
-    flags = hip._refresh_flags(st, budget)
-    lens = [None if m is None else m.numel() for m in st.masks]
-    seen, stages, reads = list(st.seen), [], 0
-    for i, length in enumerate(p.chunk_sizes):
-        m_prev, seen_prev = (lens[i - 1], seen[i - 1]) if i else (0, 0)
-        if not flags[i]:
-            stages.append((0, 0, 0, 0, 0, m_prev, seen_prev))
-            continue
-        n_cand = n if i == 0 else m_prev + n - seen_prev
-        kept = hip._kept(i, budget)
-        n_full = keep = 0
-        if n_cand > kept:
-            n_full = n_cand // length
-            keep = n_keep(kept, length, n_full)
-            reads += n_full * probes_per_chunk(length)
-        lens[i], seen[i] = keep * length + n_cand - n_full * length, n
-        stages.append((n_full, keep, n_cand, lens[i], 1, m_prev, seen_prev))
-    fresh = max(n - seen[-1], 0)
-    return _Plan(n, budget, False, flags, stages, fresh, seen[-1], min(budget, fresh + lens[-1]), reads)
-
-
-class ZBuffers:
-    """The key statistics of z rows (hip option rank="z") in a step's slots, copied in by the plan
-    where a row searches a layer: mean [L, B, H_kv, D] and cov [L, B, H_kv, D, D] fp64, allocated
-    at the first step (the graph reads their addresses), L * B * H_kv * (D^2 + D) * 8 bytes (270 MB
-    for 8 rows of Llama-3-8B). Per-step data: the whole steps of one bucket share one set (as the
-    stable buffers, whole_step.py share_buffers). A slot no z row filled holds mean 0 and the
-    identity (finite numbers, never searched with: its z flag is off)."""
-
-    def __init__(self, n_layers: int, batch: int) -> None:
-        self.n_layers, self.batch = n_layers, batch
-        self.mean: Tensor | None = None
-        self.cov: Tensor | None = None
-
-    def allocate(self, like: Tensor) -> None:
-        """The buffers for keys like like [rows, H_kv, D] (once)."""
-        if self.cov is not None:
-            return
-        _, hkv, d = like.shape
-        self.mean = torch.zeros((self.n_layers, self.batch, hkv, d), dtype=torch.float64, device=like.device)
-        eye = torch.eye(d, dtype=torch.float64, device=like.device)
-        self.cov = eye.expand(self.n_layers, self.batch, hkv, d, d).contiguous()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * 8 for t in (self.mean, self.cov) if t is not None)
-
-
 class HipTables(ExactTables):
     """The HiP rows' columns of a step's table (the exact route's layout, then per layer the
     stages' [_STAGE, B] blocks and the final [_FINAL, B]), the rows' mask buffers and the
@@ -267,7 +187,7 @@ class HipTables(ExactTables):
         self._j = torch.arange(shape.cap, device=flat.device)  # [cap]
         self._owner: list[Any] = [None] * nb  # slot -> the HipRetriever whose masks it holds
         self._views: dict[int, dict[tuple[int, int], tuple[Any, Tensor]]] = {}  # slot -> (layer, stage) -> (st, view)
-        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._plans: dict[tuple[int, int], HipPlan] = {}
 
     # ---- the host's part ---------------------------------------------------------------------
 
@@ -290,22 +210,11 @@ class HipTables(ExactTables):
         self.pattern = self._pattern(out)
         return out
 
-    def _z_fill(self, col: np.ndarray, b: int, hip: HipRetriever, layer: int, n: int, plan: _Plan) -> None:
-        """Row b's z flag of one layer into col, and its statistics into the buffers where it
-        searches (select()'s rule: rank="z" and a stage due). The statistics counted n rows
-        already (incremental) unless remade here from the keys as select() remakes them (rare:
-        a tier attached in place or rolled back; waits for a copy down in flight)."""
+    def _z_fill(self, col: np.ndarray, b: int, hip: HipRetriever, layer: int, n: int, plan: HipPlan) -> None:
+        """Row b's z flag of one layer into col, its statistics into the buffers where it searches."""
         at = self.batch * (_FIXED + self.shape.kc + 2 * self.shape.hc
                            + _STAGE * len(self.shape.chunk_sizes) + _FINAL + _STABLE)
-        on = hip.params.rank == "z" and not plan.every and any(plan.flags)
-        col[at + b] = int(on)
-        if not on:
-            return
-        m = hip.moments.get(layer)
-        if m is None or m.count != n:
-            m = hip._moments_of(layer, hip._keys_of(layer))
-        self.z.mean[layer, b].copy_(m.mean)
-        m.covariance(out=self.z.cov[layer, b])
+        col[at + b] = self.z.fill(layer, b, hip, n) if plan.z else 0
 
     def _pattern(self, out: np.ndarray) -> tuple[int, ...] | None:
         """The step's refresh pattern from its table out [L, columns] (the very refresh flags the
@@ -323,7 +232,7 @@ class HipTables(ExactTables):
         hip = be.retriever
         store = None if layer in hip.tiers else hip.keys[layer]  # None: the host tier's keys, in place
         n = be.cache.layers[layer].n_host if store is None else len(store)
-        plan = self._plans[(b, layer)] = _plan(hip, layer, n, be.rcfg.budget)
+        plan = self._plans[(b, layer)] = plan_select(hip, layer, n, be.rcfg.budget)
         sh, nb = self.shape, self.batch
         refresh, m_last = bool(plan.stages[-1][4]), plan.stages[-1][3]
         n_stable = 0 if plan.every else self.stable.route(
@@ -401,7 +310,7 @@ class HipTables(ExactTables):
         row refreshes launches nothing and leaves every mask as it is."""
         sh, j = self.shape, self._j
         masks = self.masks[layer]  # [B, stages, cap]
-        q_s, bias = self._search_queries(layer, q) if sh.z and stages != 0 else (q, None)
+        q_s, bias = self.z.queries(layer, q, self.z_on[layer]) if sh.z and stages != 0 else (q, None)
         for s in range(len(sh.chunk_sizes)):
             if stages is not None and not stages >> s & 1:
                 continue
@@ -414,17 +323,10 @@ class HipTables(ExactTables):
         ids = torch.where(w < fresh, seen + w, last)
         return torch.where(w < n_sel, ids, -1)
 
-    def _search_queries(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
-        """q [B, H_q, D] -> (the queries [B, H_q, D] fp32, bias [B, H_q] fp32) the rows search
-        with: a z row's z-scaled query and bias (as its select() makes them), another's q and 0."""
-        q_z, bias_z = zscore_rows(q, self.z.mean[layer], self.z.cov[layer])
-        on = self.z_on[layer] > 0  # [B]
-        return torch.where(on[:, None, None], q_z, q.float()), torch.where(on[:, None], bias_z, 0.0)
-
     def _stage(self, layer: int, s: int, q: Tensor, like: Tensor, masks: Tensor,
                bias: Tensor | None = None) -> Tensor:
         """Stage s's new masks [B, cap] (meaningful where it refreshes; -1 past each length);
-        bias [B, H_q] fp32 with q the rows' search queries (_search_queries) where shape.z."""
+        bias [B, H_q] fp32 with q the rows' search queries (ZBuffers.queries) where shape.z."""
         sh, j = self.shape, self._j
         nb, cap, length = q.shape[0], sh.cap, sh.chunk_sizes[s]
         meta = self.stage_meta[layer][s]  # [_STAGE, B]

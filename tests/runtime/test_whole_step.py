@@ -482,22 +482,16 @@ def test_z_rank_hip_rows_run_the_whole_step_equal_to_each_session_alone(tiny, ke
 
 
 def test_z_rank_whole_step_searches_z_scored_logits(tiny, monkeypatch):
-    """A z row's whole step with its z flags cleared after the plan (the step then searches raw
-    logits) leaves other stage masks than the step as planned: the equality above rests on the
-    z numbers the step is given, not on both ranks picking alike."""
-    from kvloft.runtime import whole_hip
+    """A z row's whole step with its z flags cleared after the plan copied its statistics (the
+    step then searches raw logits) leaves other stage masks than the step as planned: the
+    equality above rests on the z numbers the step is given, not on both ranks picking alike."""
+    from kvloft.runtime.whole_zrank import ZBuffers
 
     rcfg = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "rank": "z"})
     planned, cleared = (_fed(tiny, 110, 0, rcfg) for _ in range(2))
     Engine(tiny, graphs="whole").step([(planned, 5)])
-    real = whole_hip.HipTables._z_fill
-
-    def flag_off(self, col, b, hip, layer, n, plan):
-        real(self, col, b, hip, layer, n, plan)
-        col[self.batch * (whole_hip._FIXED + self.shape.kc + 2 * self.shape.hc + whole_hip._FINAL
-                          + whole_hip._STABLE + whole_hip._STAGE * len(self.shape.chunk_sizes)) + b] = 0
-
-    monkeypatch.setattr(whole_hip.HipTables, "_z_fill", flag_off)
+    real = ZBuffers.fill
+    monkeypatch.setattr(ZBuffers, "fill", lambda *args: real(*args) and 0)
     Engine(tiny, graphs="whole").step([(cleared, 5)])
     assert _hip_state(planned) != _hip_state(cleared)
 
