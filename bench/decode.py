@@ -319,7 +319,7 @@ def run_batch_row(model, rcfg: RetrievalConfig, flags: set[str], row: dict, n: i
             row["read_in_place"] = engine.last_read_why
         wholes = list(getattr(engine, "_wholes", {}).values())
         if wholes:  # the whole steps' tables, masks and stable buffers (one set per bucket and width: once)
-            stables = [w.stable_buffers for w in wholes if w.stable_buffers is not None]
+            stables = [b for w in wholes for b in (w.stable_buffers, w.z_buffers) if b is not None]
             total = sum(w.buffer_bytes for w in wholes) - sum(s.nbytes for s in stables) \
                 + sum({id(s): s.nbytes for s in stables}.values())
             row["whole_buffers_mib"] = round(total / 2**20, 1)

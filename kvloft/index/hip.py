@@ -217,10 +217,8 @@ class HipRetriever:
 
     def search_key(self) -> tuple[Any, ...] | None:
         """Retrievers with equal keys search together in select_batch (stage shapes, kernels, device);
-        None for rank="z", whose rows search alone (the batched kernel takes no per-row bias yet)."""
+        rank is not part of it: rank="z" and "logit" rows share a launch (index/hip_batch.py)."""
         p, m = self.params, self.model_cfg
-        if p.rank == "z":
-            return None
         return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
                 m.n_heads, m.n_kv_heads, m.head_dim)
 

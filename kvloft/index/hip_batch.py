@@ -14,6 +14,11 @@ in one set of launches instead of one set per row:
                 -> row g's new mask is a view
     selection   every row's fresh rows + last mask in one cat -> row g's ids are a view
 
+Rows ranking by z-scored logits (hip option rank="z") search in the same launches: such a row
+searches with the z-scaled query and per-head bias its select() makes (KeyMoments.zscore,
+one small computation per row that recomputes a stage), the others with their query and a bias
+of 0, which scores exactly as without one; a batch of logit rows only launches as before (no bias).
+
 Launches per stage do not grow with G. Every row gets exactly the ids of its own select():
 the same scores (the batched kernel runs the per-row kernel's arithmetic per chunk; the
 torch path scores each row as select does), the same stable pick (HipRetriever.best_chunks),
@@ -54,6 +59,7 @@ class _Row:
     budget: int
     flags: tuple[bool, ...]
     reads: int = 0
+    z: bool = False  # ranks by z-scored logits: searches with _Queries' q' and bias
 
 
 @dataclass(eq=False)
@@ -72,10 +78,6 @@ def select_rows(retrievers: Sequence[Any], layer: int, q: Tensor, budgets: Seque
     if len(retrievers) != q.shape[0] or len(budgets) != q.shape[0]:
         raise ValueError(f"select_batch needs one retriever and budget per query row; got {len(retrievers)} "
                          f"retrievers, {len(budgets)} budgets, q {tuple(q.shape)}")
-    z = [g for g, h in enumerate(retrievers) if h.params.rank != "logit"]
-    if z:
-        raise ValueError(f"select_batch: rows {z} rank by z-scored logits (hip option rank='z'), which the "
-                         "batched search does not take yet; search_key() is None for them: select() each alone")
     keys = {h.search_key() for h in retrievers}
     if len(keys) > 1:
         raise ValueError(f"select_batch: retrievers of {len(keys)} search keys; group rows by search_key()")
@@ -89,16 +91,52 @@ def select_rows(retrievers: Sequence[Any], layer: int, q: Tensor, budgets: Seque
             out[g] = hip._select_all(layer, n, budget)
             continue
         st = hip.state[layer]
-        rows.append(_Row(hip, g, st, store, n, budget, hip._refresh_flags(st, budget)))
+        flags = hip._refresh_flags(st, budget)
+        rows.append(_Row(hip, g, st, store, n, budget, flags, z=hip.params.rank == "z" and any(flags)))
     if rows:
-        q = q.to(rows[0].hip.device)
+        qs = _queries(rows, layer, q.to(rows[0].hip.device))
         for stage in range(rows[0].hip.params.n_stages):
             todo = [r for r in rows if r.flags[stage]]
             if todo:
-                _stage(stage, todo, q)
+                _stage(stage, todo, qs)
         for r, cand in zip(rows, _final_candidates(rows), strict=True):
             out[r.g] = r.hip._finish(r.st, r.n, r.budget, r.flags, r.reads, cand)
     return out  # type: ignore[return-value]
+
+
+@dataclass
+class _Queries:
+    """What the rows search with: q [G, H_q, D] (the step's queries; with a z row, fp32 and that
+    row's z-scaled query in its place) and bias [G, H_q] fp32 (0 for the logit rows), or None
+    where no row ranks by z."""
+
+    q: Tensor
+    bias: Tensor | None
+
+    def row(self, r: _Row) -> tuple[Tensor, Tensor | None]:
+        """Row r's query [H_q, D] and bias [H_q] (None for a logit row), as its select() has them."""
+        return self.q[r.g], self.bias[r.g] if r.z else None  # type: ignore[index]
+
+    def rows(self, gs: list[int]) -> tuple[Tensor, Tensor | None]:
+        """The queries [G', H_q, D] and biases [G', H_q] (or None) of rows gs, in that order."""
+        if gs == list(range(self.q.shape[0])):
+            return self.q, self.bias
+        idx = torch.tensor(gs, device=self.q.device)
+        return self.q[idx], None if self.bias is None else self.bias[idx]
+
+
+def _queries(rows: list[_Row], layer: int, q: Tensor) -> _Queries:
+    """The rows' search queries from q [G, H_q, D]: each z row's q' and bias from its own layer's
+    key statistics (KeyMoments.zscore on its own row: the numbers its select() gets, bit for
+    bit), one row at a time: a few small ops per z row that recomputes a stage this step."""
+    z = [r for r in rows if r.z]
+    if not z:
+        return _Queries(q, None)
+    qs = q.to(torch.float32, copy=True)  # a logit row's query as the kernel reads it (exact)
+    bias = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+    for r in z:
+        qs[r.g], bias[r.g] = r.hip._moments_of(layer, r.store).zscore(q[r.g])
+    return _Queries(qs, bias)
 
 
 def _pieces(r: _Row, stage: int) -> list[Tensor]:
@@ -108,7 +146,7 @@ def _pieces(r: _Row, stage: int) -> list[Tensor]:
     return [mask] if seen >= r.n else [mask, r.hip._count(r.n)[seen:]]
 
 
-def _stage(stage: int, todo: list[_Row], q: Tensor) -> None:
+def _stage(stage: int, todo: list[_Row], q: _Queries) -> None:
     """Recompute stage `stage` for the rows `todo` (each as its _run_stage would)."""
     params = todo[0].hip.params
     length = params.chunk_sizes[stage]
@@ -127,20 +165,20 @@ def _stage(stage: int, todo: list[_Row], q: Tensor) -> None:
         s = searched[0]
         r = s.row
         cand = None if stage == 0 else (s.pieces[0] if len(s.pieces) == 1 else torch.cat(s.pieces))
-        mask, reads = r.hip._run_stage(stage, r.store, q[r.g], cand, r.hip._kept(stage, r.budget))
+        q_r, bias_r = q.row(r)
+        mask, reads = r.hip._run_stage(stage, r.store, q_r, cand, r.hip._kept(stage, r.budget), bias_r)
         r.reads += r.hip._stage_ran(r.st, stage, mask, r.n, reads)
     elif searched:
         _search(stage, searched, q)
 
 
-def _search(stage: int, rows: list[_Searched], q: Tensor) -> None:
+def _search(stage: int, rows: list[_Searched], q: _Queries) -> None:
     """One batched search of stage `stage` over G >= 2 rows; each row's new mask a view of one result."""
     hip0 = rows[0].row.hip
     length = hip0.params.chunk_sizes[stage]
     last = stage == hip0.params.n_stages - 1
-    dev = q.device
-    g_rows = [s.row.g for s in rows]
-    qg = q if g_rows == list(range(q.shape[0])) else q[torch.tensor(g_rows, device=dev)]
+    dev = q.q.device
+    qg, bias = q.rows([s.row.g for s in rows])
     n_cols = max(s.n_full for s in rows)
     k_max = max(s.n_keep for s in rows)
     width = max(s.n_cand for s in rows)
@@ -151,7 +189,7 @@ def _search(stage: int, rows: list[_Searched], q: Tensor) -> None:
         offsets.append(offsets[-1] + len(s.row.store.chunks))
     meta = torch.tensor([[s.n_full for s in rows], offsets, [s.row.store.chunk_rows for s in rows],
                          [s.n_keep for s in rows]], dtype=torch.int64).to(dev, non_blocking=True)  # [4, G]
-    score = _scores(stage, rows, qg, cand, meta, n_cols, length)  # [G, n_cols]
+    score = _scores(stage, rows, qg, bias, cand, meta, n_cols, length)  # [G, n_cols]
     top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k_max]  # best first
     if not last:  # kept chunks in order (ascending candidates: the rows come out sorted)
         if any(s.n_keep < k_max for s in rows):  # a row's entries past its n_keep sort last
@@ -173,9 +211,10 @@ def _padded(pieces: list[list[Tensor]], lengths: list[int], width: int, device: 
     return torch.cat(flat).view(len(pieces), width)
 
 
-def _scores(stage: int, rows: list[_Searched], q: Tensor, cand: Tensor | None, meta: Tensor, n_cols: int,
-            length: int) -> Tensor:
-    """Chunk scores [G, n_cols] fp32 of every row (-inf past its n_full chunks)."""
+def _scores(stage: int, rows: list[_Searched], q: Tensor, bias: Tensor | None, cand: Tensor | None, meta: Tensor,
+            n_cols: int, length: int) -> Tensor:
+    """Chunk scores [G, n_cols] fp32 of every row (-inf past its n_full chunks); q [G, H_q, D] and
+    bias [G, H_q] or None as _Queries.rows gives them."""
     hip0 = rows[0].row.hip
     stores = [s.row.store for s in rows]
     k0 = stores[0].chunks[0]
@@ -184,14 +223,14 @@ def _scores(stage: int, rows: list[_Searched], q: Tensor, cand: Tensor | None, m
 
         table = torch.cat([st.pointer_table(q.device) for st in stores])
         chunks = None if cand is None else cand[:, : n_cols * length].view(len(rows), n_cols, length)
-        return hip_stage_batched(table, k0, q, meta[:3], n_cols, length, chunks, hip0.params.probe)[1]
+        return hip_stage_batched(table, k0, q, meta[:3], n_cols, length, chunks, hip0.params.probe, bias)[1]
     # the torch path (or stores of mixed layouts): each row scored as its select would
     pad = torch.full((), float("-inf"), dtype=torch.float32, device=q.device)
     parts = []
     for i, s in enumerate(rows):
         rows_i = s.row.hip._count(s.n_cand) if cand is None else cand[i]
         chunks = rows_i[: s.n_full * length].view(s.n_full, length)
-        parts.append(s.row.hip._stage_scores(stage, s.row.store, q[i], chunks))
+        parts.append(s.row.hip._stage_scores(stage, s.row.store, q[i], chunks, bias[i] if s.row.z else None))
         if s.n_full < n_cols:
             parts.append(pad.expand(n_cols - s.n_full))
     return torch.cat(parts).view(len(rows), n_cols)

@@ -49,8 +49,8 @@ class HipParams:
         keys, (q_h · k - q_h · mu_g) / sigma_h with mu_g, Sigma_g the running mean and
         covariance of KV head g's keys (index/key_moments.py): one mask then serves KV
         heads whose logits sit on different scales. Costs O(n * D^2) per KV head for n added
-        rows and a D-vector and scalar per query head per select; searched per row (not in
-        select_batch) and outside the whole decode step.
+        rows and a D-vector and scalar per query head per select; rows of either rank search
+        together in select_batch (index/hip_batch.py).
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)

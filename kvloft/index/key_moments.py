@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["KeyMoments"]
+__all__ = ["KeyMoments", "zscore_rows"]
 
 # The variance floor relative to |q_h|^2 * trace(Sigma_g) / D: a head whose query is
 # orthogonal to every direction the keys vary in scores all keys alike instead of by noise.
@@ -50,20 +50,29 @@ class KeyMoments:
         self.mean += delta * (n / total)
         self.count = total
 
-    def covariance(self) -> Tensor:
-        """[H_kv, D, D] fp64 population covariance (divided by count) of the rows added."""
-        return self.m2 / max(self.count, 1)
+    def covariance(self, out: Tensor | None = None) -> Tensor:
+        """[H_kv, D, D] fp64 population covariance (divided by count) of the rows added; written
+        into out (a fixed buffer of that shape and dtype, e.g. a captured step's) where given."""
+        return torch.div(self.m2, max(self.count, 1), out=out)
 
     def zscore(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """q [H_q, D] -> (q' [H_q, D] fp32, bias [H_q] fp32) on q's device: q'_h · k - bias_h is
         head h's logit z-scored over the rows added (GQA: head h reads KV head h // group)."""
-        hkv, d = self.mean.shape
-        group = q.shape[0] // hkv
-        qg = q.to(self.mean.device, torch.float64).view(hkv, group, d)  # [H_kv, G, D]
-        cov = self.covariance()
-        var = torch.einsum("hgi,hij,hgj->hg", qg, cov, qg)  # [H_kv, G]
-        scale = qg.square().sum(-1) * (cov.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True) / d)
-        sigma = torch.maximum(var, _VAR_FLOOR * scale).clamp_min(1e-300).sqrt()  # [H_kv, G]
-        bias = torch.einsum("hgi,hi->hg", qg, self.mean) / sigma
-        q_z = qg / sigma[..., None]
-        return q_z.reshape(q.shape).to(q.device, torch.float32), bias.reshape(-1).to(q.device, torch.float32)
+        q_z, bias = zscore_rows(q.to(self.mean.device)[None], self.mean[None], self.covariance()[None])
+        return q_z[0].to(q.device), bias[0].to(q.device)
+
+
+def zscore_rows(q: Tensor, mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+    """KeyMoments.zscore for B rows at once, each with its own statistics (the whole decode step
+    runs it inside its graph, runtime/whole_hip.py): q [B, H_q, D] any float dtype, mean
+    [B, H_kv, D] and cov [B, H_kv, D, D] fp64 on q's device -> (q' [B, H_q, D] fp32, bias [B, H_q]
+    fp32). Per row: H_q quadratic forms of D x D and H_q dot products of D, in fp64."""
+    nb, hkv, d = mean.shape
+    group = q.shape[1] // hkv
+    qg = q.to(torch.float64).view(nb, hkv, group, d)  # [B, H_kv, G, D]
+    var = torch.einsum("bhgi,bhij,bhgj->bhg", qg, cov, qg)  # [B, H_kv, G]
+    scale = qg.square().sum(-1) * (cov.diagonal(dim1=2, dim2=3).sum(-1, keepdim=True) / d)
+    sigma = torch.maximum(var, _VAR_FLOOR * scale).clamp_min(1e-300).sqrt()  # [B, H_kv, G]
+    bias = torch.einsum("bhgi,bhi->bhg", qg, mean) / sigma
+    q_z = qg / sigma[..., None]
+    return q_z.reshape(q.shape).to(torch.float32), bias.reshape(nb, -1).to(torch.float32)

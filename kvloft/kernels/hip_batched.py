@@ -12,6 +12,11 @@ The launch is kernels/hip_stage.py's `hip_search_kernel` with PER_ROW meta: one 
 per (chunk, row) runs the search `hip_stage` runs on one chunk (the same loads and the same
 fp32 sums, so a row's scores equal its own launch's bit for bit): 2 * log2(CHUNK) probe rows of [H_kv, D] read per live chunk, plus its CHUNK ids.
 
+HiP's rank="z" rows pass their z-scaled queries as q and a per-head bias [G, H_q] (the kernel's
+HAS_BIAS: head h of row g scores q_gh · k - bias_gh); a row ranking by raw logits in the same
+launch passes its query (as fp32) and a bias of 0, which scores exactly as without one. Without
+a bias HAS_BIAS is off and the launch compiles as before.
+
 `hip_stage_batched_reference` is the torch twin: each row through hip_stage_reference.
 """
 
@@ -31,7 +36,8 @@ __all__ = ["META_FIELDS", "hip_stage_batched", "hip_stage_batched_reference"]
 META_FIELDS = ("n_chunks", "table_offset", "chunk_rows")  # rows of the [3, G] meta tensor
 
 
-def _check(op: str, k0: Tensor, cand: Tensor | None, q: Tensor, meta: Tensor, chunk: int, probe: str) -> None:
+def _check(op: str, k0: Tensor, cand: Tensor | None, q: Tensor, meta: Tensor, chunk: int, probe: str,
+           bias: Tensor | None) -> None:
     checks.require_dim("q", q, 3, "[G, H_q, D]")
     checks.require_dim("store chunk", k0, 3, "[chunk_rows, H_kv, D]")
     checks.require_float("q", q)
@@ -51,10 +57,14 @@ def _check(op: str, k0: Tensor, cand: Tensor | None, q: Tensor, meta: Tensor, ch
                              or cand.dtype != torch.int64 or cand.device != q.device or cand.stride(2) != 1):
         raise ValueError(f"{op}: cand must be [{g}, C, {chunk}] int64 on {q.device}, last dim contiguous, "
                          f"got {tuple(cand.shape)} {cand.dtype} on {cand.device}")
+    if bias is not None and (bias.shape != (g, hq) or bias.dtype != torch.float32 or bias.device != q.device):
+        raise ValueError(f"{op}: bias must be [{g}, {hq}] float32 on {q.device} (one per row and query head), "
+                         f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
 
 
 def hip_stage_batched(table: Tensor, k0: Tensor, q: Tensor, meta: Tensor, n_cols: int, chunk: int,
-                      cand: Tensor | None = None, probe: str = "first") -> tuple[Tensor, Tensor]:
+                      cand: Tensor | None = None, probe: str = "first",
+                      bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Representatives of every row's chunks in one launch.
 
     table: [T] int64 on q's device, every row's store chunk addresses end to end (each store's
@@ -67,10 +77,12 @@ def hip_stage_batched(table: Tensor, k0: Tensor, q: Tensor, meta: Tensor, n_cols
     cand: [G, C >= n_cols, chunk] int64 row ids (-1 = padding, a live chunk's first id valid;
         trusted: built from the stores), or None at stage 1: row g's chunk c holds host rows
         c * chunk .. c * chunk + chunk - 1.
+    bias: None, or [G, H_q] fp32 on q's device subtracted from each row's head logits (rank="z":
+        q then holds the z-scaled queries; a row without one passes 0).
     Returns (rep [G, n_cols] int64, score [G, n_cols] fp32), -1 / -inf past a row's n_chunks.
     """
     op = "hip_stage_batched"
-    _check(op, k0, cand, q, meta, chunk, probe)
+    _check(op, k0, cand, q, meta, chunk, probe, bias)
     g = q.shape[0]
     rep = torch.empty((g, n_cols), dtype=torch.long, device=q.device)
     score = torch.empty((g, n_cols), dtype=torch.float32, device=q.device)
@@ -82,15 +94,16 @@ def hip_stage_batched(table: Tensor, k0: Tensor, q: Tensor, meta: Tensor, n_cols
         table, k0, cand if cand is not None else rep, q.contiguous(), meta.contiguous(), rep, score,
         n_cols, g, 0, 0, stride_cg, stride_cc, k0.stride(0), k0.stride(1),
         IMPLICIT=cand is None, TABLE=table_align(k0), PER_ROW=True, **kernel_meta(hq, k0.shape[1], d, chunk, probe),
+        **({} if bias is None else {"bias_ptr": bias.contiguous(), "HAS_BIAS": True}),
     )
     return rep, score
 
 
 def hip_stage_batched_reference(stores: Sequence[Sequence[Tensor]], q: Tensor, n_chunks: Sequence[int],
                                 n_cols: int, chunk: int, cand: Tensor | None = None,
-                                probe: str = "first") -> tuple[Tensor, Tensor]:
+                                probe: str = "first", bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Torch twin of `hip_stage_batched`: stores[g] row g's store chunks, q [G, H_q, D],
-    n_chunks[g] its live chunks, cand as there -> (rep [G, n_cols], score [G, n_cols])."""
+    n_chunks[g] its live chunks, cand and bias [G, H_q] as there -> (rep [G, n_cols], score [G, n_cols])."""
     g = q.shape[0]
     rep = torch.full((g, n_cols), -1, dtype=torch.long, device=q.device)
     score = torch.full((g, n_cols), float("-inf"), dtype=torch.float32, device=q.device)
@@ -99,5 +112,5 @@ def hip_stage_batched_reference(stores: Sequence[Sequence[Tensor]], q: Tensor, n
         if m == 0:
             continue
         rows = cand[j, :m] if cand is not None else torch.arange(m * chunk, device=q.device).view(m, chunk)
-        rep[j, :m], score[j, :m] = hip_stage_reference(stores[j], rows, q[j], probe)
+        rep[j, :m], score[j, :m] = hip_stage_reference(stores[j], rows, q[j], probe, None if bias is None else bias[j])
     return rep, score

@@ -342,9 +342,9 @@ class Engine:
         whole = self._wholes.get(key)
         if whole is None:
             whole = self._wholes[key] = WholeStep(self.model.net, capture=self._capture, batch=bucket, shape=shape)
-            for other in self._wholes.values():  # HiP rows' stable buffers: one set per bucket and width
-                if other is not whole and whole.share_buffers(other):
-                    break
+            for other in self._wholes.values():  # HiP rows' stable (and rank="z") buffers: one set per bucket
+                if other is not whole:
+                    whole.share_buffers(other)
         return whole
 
     def whole_graphs(self) -> dict[str, int]:

@@ -5,7 +5,7 @@ for some steps (refresh_steps, staggered per layer). Everything about a step tha
 the keys' values is known on the host before the layers run: which stages of which layer
 refresh (HipRetriever._refresh_flags), how many candidates each stage has, how many whole
 chunks it searches and keeps, how long its new mask is, how many rows the selection holds.
-So the plan phase computes those numbers (`_plan`, the arithmetic of select()) and passes
+So the plan phase computes those numbers (runtime/hip_plan.py, the arithmetic of select()) and passes
 them as data, per layer, stage and row, in the step's table; the graph does this work, with
 shapes fixed by (batch bucket, capacity `cap`, budget width), for each stage of its pattern:
 
@@ -35,6 +35,9 @@ changes first detaches the views its previous row still holds (one clone each); 
 masks are not this buffer's views (new to the slot, or changed by the segmented engine or a
 rollback) is copied in before the step. In steady state nothing is copied.
 
+Rows ranking by z-scored logits (hip option rank="z") search with a query and bias made in
+the graph from statistics the plan copies in (runtime/whole_zrank.py; HipShape.z).
+
 Equal to select() and select_batch(): the same chunk scores (hip_search_kernel, per chunk the
 same loads and fp32 sums as the per-row launch), the same stable picks, the same rows, state
 and counters. The kernels must be the Triton ones (the torch search rounds otherwise).
@@ -44,7 +47,6 @@ chunks (attach_host_tier) through the same address table: stable addresses, read
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -53,16 +55,16 @@ from torch import Tensor
 
 from kvloft.index.base import Selection
 from kvloft.index.hip import HipRetriever
-from kvloft.index.hip_batch import n_keep
 from kvloft.kernels import reference
 from kvloft.kernels.batched_decode import attend_table_fixed
 from kvloft.kernels.hip_batched import hip_stage_batched
-from kvloft.kernels.hip_stage import probes_per_chunk
 from kvloft.kernels.merge import merge
 from kvloft.kernels.scoring import BLOCK_N
 from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.hip_plan import HipPlan, plan_select
 from kvloft.runtime.whole_exact import _FIXED, MAX_CAP, ExactTables, exact_route
 from kvloft.runtime.whole_stable import StableRows, fresh_bound
+from kvloft.runtime.whole_zrank import ZBuffers
 
 __all__ = ["HipShape", "HipTables", "hip_route", "hip_shape", "hip_shape_why", "tiered_route"]
 
@@ -70,6 +72,7 @@ _STAGE = 9  # per stage and row: n_full, table offset, chunk rows (the kernel's 
 #             the new mask's length, refresh (0/1), the previous mask's length, rows it had seen
 _FINAL = 3  # per row: fresh rows, first fresh row, rows selected
 _STABLE = 6  # per row: the stable part's meta [5] (slot, width, 0, 0, n_stable), rows copied into it
+_Z = 1  # per row, where HipShape.z: 1 where it searches with z-scored logits this layer and step
 
 
 class HipShape(NamedTuple):
@@ -82,10 +85,12 @@ class HipShape(NamedTuple):
     chunk_sizes: tuple[int, ...]
     kept_tokens: tuple[int, ...]
     probe: str
+    z: bool = False  # a row ranks by z-scored logits (hip option rank="z"): the step computes them
 
     def columns(self, batch: int) -> int:
         """int64 numbers per layer of the step's table: the exact route's, then the search's."""
-        return batch * (_FIXED + self.kc + 2 * self.hc + _STAGE * len(self.chunk_sizes) + _FINAL + _STABLE)
+        z = _Z if self.z else 0
+        return batch * (_FIXED + self.kc + 2 * self.hc + _STAGE * len(self.chunk_sizes) + _FINAL + _STABLE + z)
 
     def tables(self, batch: int, n_layers: int, flat: Tensor) -> HipTables:
         return HipTables(self, batch, n_layers, flat)
@@ -105,8 +110,6 @@ def hip_route(be: TieredAttention) -> str | None:
         return "extrapolate mode remaps the positions of the rows it selects per step"
     if not be.plans_room():
         return "its rows are fetched by the scheduler (OverlapFetch), not read in place"
-    if r.params.rank != "logit":
-        return "hip option rank='z' scores z-scored logits; the captured search ranks by raw logits"
     if not r.use_kernel:
         return "hip searches with torch ops here (kernel='torch', or 'auto' off CUDA); the captured search is Triton"
     if be.finite.on:
@@ -147,7 +150,8 @@ def hip_shape(tiered: list[TieredAttention]) -> HipShape:
     cap = _pow2(max(n_host, width, BLOCK_N, p.chunk_sizes[0]))
     kc = max(-(-cap // _key_chunk_rows(be)) for be in tiered)
     hc = max(-(-cap // be.cache.host_chunk) for be in tiered)
-    return HipShape(cap, width, kc, hc, p.chunk_sizes, p.kept_tokens, p.probe)
+    z = any(be.retriever.params.rank == "z" for be in tiered)
+    return HipShape(cap, width, kc, hc, p.chunk_sizes, p.kept_tokens, p.probe, z)
 
 
 def _key_chunk_rows(be: TieredAttention) -> int:
@@ -155,48 +159,6 @@ def _key_chunk_rows(be: TieredAttention) -> int:
     place) or its key copy's."""
     hip = be.retriever
     return be.cache.host_chunk if 0 in hip.tiers else hip.keys[0].chunk_rows
-
-
-@dataclass
-class _Plan:
-    """One row's search of one layer this step, as select() would run it (host numbers only)."""
-
-    n: int  # host rows
-    budget: int
-    every: bool  # select() prunes nothing: the first min(n, budget) rows, masks dropped
-    flags: tuple[bool, ...]
-    stages: list[tuple[int, ...]]  # per stage: the _STAGE fields but the table offset and chunk rows
-    fresh: int  # rows that arrived since the last stage ran (they come first)
-    seen: int  # the first of them
-    n_sel: int  # rows selected
-    reads: int  # probe rows read
-
-
-def _plan(hip: HipRetriever, layer: int, n: int, budget: int) -> _Plan:
-    """select(layer, q, budget)'s numbers (index/hip.py), computed without the keys."""
-    p = hip.params
-    st = hip.state[layer]
-    if n == 0 or budget == 0 or budget >= n:
-        return _Plan(n, budget, True, (False,) * p.n_stages, [(0,) * 7] * p.n_stages, n, 0, min(n, budget), 0)
-    flags = hip._refresh_flags(st, budget)
-    lens = [None if m is None else m.numel() for m in st.masks]
-    seen, stages, reads = list(st.seen), [], 0
-    for i, length in enumerate(p.chunk_sizes):
-        m_prev, seen_prev = (lens[i - 1], seen[i - 1]) if i else (0, 0)
-        if not flags[i]:
-            stages.append((0, 0, 0, 0, 0, m_prev, seen_prev))
-            continue
-        n_cand = n if i == 0 else m_prev + n - seen_prev
-        kept = hip._kept(i, budget)
-        n_full = keep = 0
-        if n_cand > kept:
-            n_full = n_cand // length
-            keep = n_keep(kept, length, n_full)
-            reads += n_full * probes_per_chunk(length)
-        lens[i], seen[i] = keep * length + n_cand - n_full * length, n
-        stages.append((n_full, keep, n_cand, lens[i], 1, m_prev, seen_prev))
-    fresh = max(n - seen[-1], 0)
-    return _Plan(n, budget, False, flags, stages, fresh, seen[-1], min(budget, fresh + lens[-1]), reads)
 
 
 class HipTables(ExactTables):
@@ -216,13 +178,16 @@ class HipTables(ExactTables):
         b0 += _FINAL * nb  # the stable part (whole_stable.py): its meta [B, 5] and rows copied [B] per layer
         self.stable_meta = [per[i, b0 : b0 + 5 * nb].view(nb, 5) for i in range(n_layers)]
         self.copy_rows = [per[i, b0 + 5 * nb : b0 + 6 * nb] for i in range(n_layers)]
+        # z rows (shape.z): the flag [B] per layer, and the statistics copied in (ZBuffers)
+        self.z_on = [per[i, b0 + 6 * nb : b0 + 7 * nb] for i in range(n_layers)] if shape.z else None
+        self.z = ZBuffers(n_layers, nb) if shape.z else None
         self.stable = StableRows(n_layers, nb, shape.width)
         # the rows' stage masks: [L, B, stages, cap] int64 host-row ids (-1 past a mask's length)
         self.masks = torch.full((n_layers, nb, ns, shape.cap), -1, dtype=torch.int64, device=flat.device)
         self._j = torch.arange(shape.cap, device=flat.device)  # [cap]
         self._owner: list[Any] = [None] * nb  # slot -> the HipRetriever whose masks it holds
         self._views: dict[int, dict[tuple[int, int], tuple[Any, Tensor]]] = {}  # slot -> (layer, stage) -> (st, view)
-        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._plans: dict[tuple[int, int], HipPlan] = {}
 
     # ---- the host's part ---------------------------------------------------------------------
 
@@ -232,6 +197,8 @@ class HipTables(ExactTables):
         tiered = [be for be in backends if isinstance(be, TieredAttention)]
         if tiered:
             self.stable.allocate(tiered[0].cache.layers[0].k)
+            if self.z is not None:
+                self.z.allocate(tiered[0].cache.layers[0].k)
         out = super().host_columns(backends)
         sh, nb = self.shape, self.batch
         a = nb * (_FIXED + sh.kc + 2 * sh.hc)
@@ -242,6 +209,12 @@ class HipTables(ExactTables):
             rows[rows == 0] = 1
         self.pattern = self._pattern(out)
         return out
+
+    def _z_fill(self, col: np.ndarray, b: int, hip: HipRetriever, layer: int, n: int, plan: HipPlan) -> None:
+        """Row b's z flag of one layer into col, its statistics into the buffers where it searches."""
+        at = self.batch * (_FIXED + self.shape.kc + 2 * self.shape.hc
+                           + _STAGE * len(self.shape.chunk_sizes) + _FINAL + _STABLE)
+        col[at + b] = self.z.fill(layer, b, hip, n) if plan.z else 0
 
     def _pattern(self, out: np.ndarray) -> tuple[int, ...] | None:
         """The step's refresh pattern from its table out [L, columns] (the very refresh flags the
@@ -259,7 +232,7 @@ class HipTables(ExactTables):
         hip = be.retriever
         store = None if layer in hip.tiers else hip.keys[layer]  # None: the host tier's keys, in place
         n = be.cache.layers[layer].n_host if store is None else len(store)
-        plan = self._plans[(b, layer)] = _plan(hip, layer, n, be.rcfg.budget)
+        plan = self._plans[(b, layer)] = plan_select(hip, layer, n, be.rcfg.budget)
         sh, nb = self.shape, self.batch
         refresh, m_last = bool(plan.stages[-1][4]), plan.stages[-1][3]
         n_stable = 0 if plan.every else self.stable.route(
@@ -275,6 +248,8 @@ class HipTables(ExactTables):
         col[a + b], col[a + nb + b], col[a + 2 * nb + b] = plan.fresh, plan.seen, plan.n_sel
         a += _FINAL * nb
         col[a + 5 * b + 4], col[a + 5 * nb + b] = n_stable, min(m_last, sh.width) if refresh else 0
+        if sh.z:
+            self._z_fill(col, b, hip, layer, n, plan)
 
     def _adopt(self, backends: list[Any]) -> None:
         """Every HiP row's masks as views of its slot's buffer (see the module doc)."""
@@ -335,10 +310,11 @@ class HipTables(ExactTables):
         row refreshes launches nothing and leaves every mask as it is."""
         sh, j = self.shape, self._j
         masks = self.masks[layer]  # [B, stages, cap]
+        q_s, bias = self.z.queries(layer, q, self.z_on[layer]) if sh.z and stages != 0 else (q, None)
         for s in range(len(sh.chunk_sizes)):
             if stages is not None and not stages >> s & 1:
                 continue
-            new = self._stage(layer, s, q, like, masks)
+            new = self._stage(layer, s, q_s, like, masks, bias)
             refresh = self.stage_meta[layer][s][6, :, None] > 0
             masks[:, s].copy_(torch.where(refresh, new, masks[:, s]))
         fresh, seen, n_sel = (x[:, None] for x in self.final_meta[layer])
@@ -347,8 +323,10 @@ class HipTables(ExactTables):
         ids = torch.where(w < fresh, seen + w, last)
         return torch.where(w < n_sel, ids, -1)
 
-    def _stage(self, layer: int, s: int, q: Tensor, like: Tensor, masks: Tensor) -> Tensor:
-        """Stage s's new masks [B, cap] (meaningful where it refreshes; -1 past each length)."""
+    def _stage(self, layer: int, s: int, q: Tensor, like: Tensor, masks: Tensor,
+               bias: Tensor | None = None) -> Tensor:
+        """Stage s's new masks [B, cap] (meaningful where it refreshes; -1 past each length);
+        bias [B, H_q] fp32 with q the rows' search queries (ZBuffers.queries) where shape.z."""
         sh, j = self.shape, self._j
         nb, cap, length = q.shape[0], sh.cap, sh.chunk_sizes[s]
         meta = self.stage_meta[layer][s]  # [_STAGE, B]
@@ -360,7 +338,7 @@ class HipTables(ExactTables):
             cand = torch.where(j < m_prev, masks[:, s - 1], fresh)  # [B, cap]
         n_cols = cap // length
         chunks = None if cand is None else cand.view(nb, n_cols, length)
-        score = hip_stage_batched(self.key_tab[layer], like, q, meta[:3], n_cols, length, chunks, sh.probe)[1]
+        score = hip_stage_batched(self.key_tab[layer], like, q, meta[:3], n_cols, length, chunks, sh.probe, bias)[1]
         k = sh.keep_width(s)
         top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # [B, k], best first
         if s < len(sh.chunk_sizes) - 1:  # kept chunks in order; a row's entries past its n_keep sort last

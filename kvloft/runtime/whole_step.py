@@ -171,8 +171,14 @@ class WholeStep:
     def share_buffers(self, other: WholeStep) -> bool:
         """Take `other`'s HiP stable-part buffers where they fit this step (same layers, bucket and
         width; the capacity may differ): one set per engine and bucket, not one per shape (they
-        hold rows of host tiers, and their host record says whose mask: whole_stable.py). Call
-        before this step's first run. Returns whether they were taken."""
+        hold rows of host tiers, and their host record says whose mask: whole_stable.py); and its
+        rank="z" statistics buffers where both steps have them (same layers and bucket: per-step
+        data the plan rewrites). Call before this step's first run. Returns whether the stable
+        buffers were taken."""
+        z_mine, z_theirs = getattr(self.exact, "z", None), getattr(other.exact, "z", None)
+        if z_mine is not None and z_theirs is not None and z_mine.cov is None \
+                and (z_mine.n_layers, z_mine.batch) == (z_theirs.n_layers, z_theirs.batch):
+            self.exact.z = z_theirs
         mine, theirs = getattr(self.exact, "stable", None), getattr(other.exact, "stable", None)
         if mine is None or theirs is None or mine is theirs:
             return False
@@ -184,18 +190,26 @@ class WholeStep:
     @property
     def buffer_bytes(self) -> int:
         """Device bytes this step holds outside its graphs' pool (whose intermediates are the
-        pool's): its table, HiP rows' mask buffers, and the stable-part buffers it uses
-        (whole_stable.py; shared with the engine's other steps of its bucket and width:
-        `stable_buffers` names them, to count each once)."""
+        pool's): its table, HiP rows' mask buffers, and the stable-part and rank="z" statistics
+        buffers it uses (whole_stable.py, whole_hip.py ZBuffers; shared with the engine's other
+        steps of its bucket (and width): `stable_buffers`, `z_buffers` name them, to count each once)."""
         ex, n = self.exact, self._flat.numel() * 8
         if self.stable_buffers is not None:
             n += ex.masks.numel() * 8 + self.stable_buffers.nbytes
+        if self.z_buffers is not None:
+            n += self.z_buffers.nbytes
         return n
 
     @property
     def stable_buffers(self) -> Any:
         """The HiP rows' StableRows this step uses (None: no HiP shape)."""
         return getattr(self.exact, "stable", None)
+
+    @property
+    def z_buffers(self) -> Any:
+        """The rank="z" rows' statistics buffers this step uses (whole_hip.py ZBuffers; None: none,
+        shared like the stable ones: count each once)."""
+        return getattr(self.exact, "z", None)
 
     # ---- the host's part ---------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """HiP's rank="z" option: the search kernel's per-head bias, the running key statistics, the
-invariances z-scoring buys, a planted needle under a logit offset, and the paths that decline it."""
+invariances z-scoring buys, a planted needle under a logit offset, and the batched search of
+z rows (index/hip_batch.py) against each row's own select()."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import batch_search_key, make_retriever
 from kvloft.index.key_moments import KeyMoments
+from kvloft.kernels.checks import address_table
+from kvloft.kernels.hip_batched import hip_stage_batched, hip_stage_batched_reference
 from kvloft.kernels.hip_stage import hip_stage, hip_stage1, hip_stage1_reference, hip_stage_reference
 
 
@@ -66,7 +69,7 @@ def test_bias_of_wrong_shape_is_rejected():
         hip_stage1(torch.randn(16, 3, 8), torch.randn(9, 8), 4, bias=torch.zeros(3))
 
 
-# ---- the retriever: statistics, invariance, a needle under a logit offset, declines ---------
+# ---- the retriever: statistics, invariance, a needle under a logit offset, batches ----------
 
 MODEL = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, head_dim 16
 HQ, HKV, D = MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim
@@ -163,15 +166,90 @@ def test_z_rank_finds_a_needle_that_a_logit_offset_hides():
     assert sum(found["logit"]) / 4 <= 0.25, found
 
 
-def test_batched_search_declines_z_rank_rows():
-    gen = torch.Generator().manual_seed(4)
-    rows = [_hip(rank="z"), _hip(rank="z")]
-    for h in rows:
-        h.build(0, _topic_keys(500, gen), None)
-    assert batch_search_key(rows[0]) is None  # the step plan then searches each row alone
-    assert batch_search_key(_hip()) is not None
-    with pytest.raises(ValueError, match="rank='z'"):
-        type(rows[0]).select_batch(rows, 0, torch.randn(2, HQ, D), [64, 64])
+def _same_selection(got, want, where) -> None:
+    assert torch.equal(got.ids, want.ids), where
+    assert (got.scanned, got.n_fresh, got.padded) == (want.scanned, want.n_fresh, want.padded), where
+    assert (got.stable is None) == (want.stable is None), where
+    assert got.stable is None or torch.equal(got.stable, want.stable), where
+
+
+BATCH_OPTS = {"chunk_sizes": (16, 4), "kept_tokens": (64, 24), "refresh_steps": (2, 1), "chunk_rows": 64}
+
+
+@pytest.mark.parametrize("kernel,ranks,lengths,steps", [
+    ("torch", ("z", "z", "logit", "z"), (700, 20, 333, 500), 6),
+    ("triton", ("z", "logit", "z", "z"), (100, 20, 70, 80), 3),  # interpreted: small
+], ids=["torch", "triton"])
+def test_select_batch_of_z_rows_equals_each_row_alone(kernel, ranks, lengths, steps):
+    """rank='z' rows (and a logit row among them) searched together: every row's ids, stable part,
+    fresh count and scanned keys equal its own select()'s, step by step with rows added between
+    (the key statistics move), and so do its state and counters. The z rows do not pick what
+    logit rows over the same keys pick (the bias is applied)."""
+    def rows(rank_of):
+        gen = torch.Generator().manual_seed(5)
+        out = []
+        for rank, n in zip(rank_of, lengths, strict=True):
+            hip = _hip(**BATCH_OPTS, rank=rank, kernel=kernel)
+            keys = _topic_keys(n, gen, seg=16)
+            keys[1] += 4.0  # KV head 1's logits on another scale: z and logit ranks differ
+            hip.build(0, keys, None)
+            out.append(hip)
+        return out
+
+    alone, batched = rows(ranks), rows(ranks)
+    logit = rows(("logit",) * len(ranks)) if kernel == "torch" else []  # (interpreted Triton: slow)
+    assert len({batch_search_key(h) for h in batched}) == 1  # one search key for both ranks
+    gen = torch.Generator().manual_seed(6)
+    warm = torch.randn(HQ, D, generator=gen)
+    for h in (alone[2], batched[2], *logit[2:3]):
+        h.select(0, warm, 24)  # a step ahead in its refresh schedule
+    budgets, differs = [24, 24, 24, 40], 0
+    for step in range(steps):
+        q = torch.randn(len(lengths), HQ, D, generator=gen)
+        want = [h.select(0, q[g], budgets[g]) for g, h in enumerate(alone)]
+        got = type(batched[0]).select_batch(batched, 0, q, budgets)
+        plain = type(logit[0]).select_batch(logit, 0, q, budgets) if logit else got
+        for g, (w, s) in enumerate(zip(want, got, strict=True)):
+            _same_selection(s, w, (step, g))
+            differs += ranks[g] == "z" and not torch.equal(s.ids, plain[g].ids)
+        keys = torch.randn(HKV, 3, D, generator=gen) + 2.0
+        for h in alone + batched + logit:
+            h.add(0, keys, torch.arange(3))
+    for a, b in zip(alone, batched, strict=True):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k, va in sa.items():
+            assert torch.equal(va, sb[k]) if isinstance(va, torch.Tensor) else va == sb[k], k
+        assert a.stats() == b.stats()
+    assert differs > 0 or not logit
+
+
+@pytest.mark.parametrize("chunk", [2, 8])
+def test_batched_stage_kernel_bias_equals_each_rows_launch(chunk):
+    """hip_stage_batched with a bias [G, H_q]: each row's (rep, score) equal its own hip_stage
+    launch with its bias bit for bit; a row of bias 0 equals its launch without one."""
+    gen = torch.Generator().manual_seed(20 + chunk)
+    stores = [[torch.randn(16, 3, 59, generator=gen) for _ in range(n)] for n in (3, 1, 2)]
+    table = torch.cat([address_table(s, torch.device("cpu")) for s in stores])
+    q = torch.randn(3, 9, 59, generator=gen)
+    bias = 5.0 * torch.randn(3, 9, generator=gen)
+    bias[1] = 0.0
+    n_chunks = [48 // chunk, 16 // chunk - 1, 32 // chunk]
+    cols = max(n_chunks)
+    meta = torch.tensor([n_chunks, [0, 3, 4], [16, 16, 16]])
+    cand = torch.full((3, cols, chunk), -1)
+    for g, m in enumerate(n_chunks):
+        cand[g, :m] = torch.randperm(16 * len(stores[g]), generator=gen)[: m * chunk].view(m, chunk)
+    for c in (None, cand):
+        rep, score = hip_stage_batched(table, stores[0][0], q, meta, cols, chunk, c, "first", bias)
+        for g, m in enumerate(n_chunks):
+            rows = torch.arange(m * chunk).view(m, chunk) if c is None else c[g, :m]
+            r1, s1 = hip_stage(stores[g], rows, q[g], "first", bias=bias[g] if g != 1 else None)
+            assert torch.equal(rep[g, :m], r1) and torch.equal(score[g, :m], s1), g
+        r2, s2 = hip_stage_batched_reference(stores, q, n_chunks, cols, chunk, c, "first", bias)
+        assert torch.equal(rep, r2) and bool(torch.isclose(score, s2, atol=1e-4).all())
+    with pytest.raises(ValueError, match="bias must be"):
+        hip_stage_batched(table, stores[0][0], q, meta, cols, chunk, None, "first", bias[:, :3])
 
 
 def test_bad_rank_is_rejected():
@@ -195,3 +273,35 @@ def test_z_rank_kernel_and_torch_paths_agree_on_cuda():
         ids[name] = set(hip.select(0, q, budget=2048).ids.tolist())
     for name in ("device", "host"):
         assert len(ids[name] & ids["torch"]) >= 0.95 * 2048
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys_on", ["device", "host"])
+def test_cuda_z_rows_select_batch_equals_alone(keys_on):
+    """rank='z' rows on CUDA (Llama-3-8B heads, bf16 keys with a per-KV-head offset, the Triton
+    batched kernel with its bias; keys on the device or read in place from pinned host memory),
+    three rows of different lengths, one under the budget and a logit row among them, 12 steps
+    with rows added: every row's ids, scanned keys and state equal its own select()'s."""
+    cfg = ModelConfig.from_name("llama3-8b")
+    gen = torch.Generator().manual_seed(13)
+    lengths, ranks = (2 * 16384 + 1000, 1500, 20000, 9000), ("z", "z", "z", "logit")
+    keys = [(torch.randn(cfg.n_kv_heads, n, cfg.head_dim, generator=gen)
+             + 3.0 * torch.randn(cfg.n_kv_heads, 1, cfg.head_dim, generator=gen)).to(torch.bfloat16) for n in lengths]
+    rows = {}
+    for mode in ("alone", "batched"):
+        rows[mode] = []
+        for k, rank in zip(keys, ranks, strict=True):
+            hip = make_retriever(RetrievalConfig(method="hip", options={"keys_on": keys_on, "rank": rank}), cfg, "cuda")
+            hip.build(0, k, None)
+            rows[mode].append(hip)
+    for step in range(12):
+        q = torch.randn(len(lengths), cfg.n_heads, cfg.head_dim, generator=gen).to("cuda", torch.bfloat16)
+        want = [h.select(0, q[g], 2048) for g, h in enumerate(rows["alone"])]
+        got = type(rows["batched"][0]).select_batch(rows["batched"], 0, q, [2048] * len(lengths))
+        for g, (w, s) in enumerate(zip(want, got, strict=True)):
+            _same_selection(s, w, (step, g))
+        new = torch.randn(cfg.n_kv_heads, 1, cfg.head_dim, generator=gen).to(torch.bfloat16)
+        for h in rows["alone"] + rows["batched"]:
+            h.add(0, new, torch.arange(1))
+    for a, b in zip(rows["alone"], rows["batched"], strict=True):
+        assert a.stats() == b.stats()

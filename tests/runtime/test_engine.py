@@ -26,6 +26,10 @@ CONFIGS = {
     "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options=HIP),
     # the host tier searched in place (attach_host_tier): one search key with "hip" on the CPU
     "hip-host": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "keys_on": "host"}),
+    # z-scored logits (HiP's rank="z"): searched in one select_batch with logit rows
+    "hip-z": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "rank": "z"}),
+    "hip-z-host": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32,
+                                  options={**HIP, "rank": "z", "keys_on": "host"}),
     "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32),
     "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 3}),
     # extrapolate mode: select() is asked for budget // (2 * neighbor_radius + 1) keys
@@ -247,6 +251,29 @@ def test_hip_rows_search_together_and_equal_alone(tiny, monkeypatch, tmp_path):
     calls["batched"].clear()
     Engine(tiny, shared_search=False).step([(s, 7) for s in batched])
     assert calls == {"batched": [], "row": 4 * tiny.config.n_layers}
+
+
+def test_z_rank_hip_rows_search_together_and_equal_alone(tiny, monkeypatch, tmp_path):
+    """rank='z' HiP rows (one under the budget, one searching its host tier in place, its key
+    statistics made from the tier's rows) and a logit HiP row on the CPU route: ONE select_batch
+    per layer for the four, and every session equals its own steps alone: greedy tokens, logits
+    to fp32 rounding, counters, tiers, HiP's state."""
+    specs = [("hip-z", 1100), ("hip", 700), ("hip-z", 50), ("dense", 120), ("hip-z-host", 410)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    assert batched[4].backend.retriever.tiers
+    plan = Engine(tiny).plan([(s, 1) for s in batched])
+    assert plan.search_groups == [[0, 1, 2, 4]]
+    want = [_greedy_alone(s, 5) for s in alone]
+    calls = _count_searches(monkeypatch)
+    got = Engine(tiny).generate(batched, max_new_tokens=5, stop_at_eos=False)
+    assert got == want
+    assert calls == {"batched": [4] * (5 * tiny.config.n_layers), "row": 0}
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        if a.retrieval.method == "hip":
+            _same_retriever_state(a, b)
+    assert all(len(s.backend.retriever.moments) == tiny.config.n_layers for s in (batched[0], batched[4]))
 
 
 def test_one_launch_hip_rows_search_and_attend_together(tiny, monkeypatch, tmp_path):

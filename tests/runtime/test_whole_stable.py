@@ -110,3 +110,25 @@ def test_whole_steps_of_one_bucket_share_their_stable_buffers(tiny):
     assert b.share_buffers(a) and b.exact.stable is a.exact.stable
     assert not c.share_buffers(a) and not d.share_buffers(a) and c.exact.stable is not a.exact.stable
     assert a.buffer_bytes == a._flat.numel() * 8 + a.exact.masks.numel() * 8  # nothing allocated yet
+    assert a.z_buffers is None  # no rank="z" row in these shapes
+
+
+def test_whole_steps_of_one_bucket_share_their_z_statistics_buffers(tiny):
+    """rank="z" steps of one bucket share one set of statistics buffers whatever their capacity or
+    width; another bucket keeps its own; the set is counted in buffer_bytes once allocated."""
+    from kvloft.runtime.whole_hip import HipShape
+    from kvloft.runtime.whole_step import WholeStep
+
+    def step(batch, cap, width):
+        return WholeStep(tiny.net, capture=False, batch=batch,
+                         shape=HipShape(cap, width, cap // 64, cap // 64, (16, 4), (48, 24), "first", True))
+
+    a, b, c = step(2, 256, 32), step(2, 512, 64), step(1, 512, 32)
+    b.share_buffers(a)
+    c.share_buffers(a)
+    assert b.z_buffers is a.z_buffers and c.z_buffers is not a.z_buffers
+    before = a.buffer_bytes
+    a.z_buffers.allocate(torch.empty(1, tiny.config.n_kv_heads, tiny.config.head_dim))
+    cfg = tiny.config
+    assert a.buffer_bytes - before == a.z_buffers.nbytes == 8 * cfg.n_layers * 2 * cfg.n_kv_heads * (
+        cfg.head_dim**2 + cfg.head_dim)
