@@ -105,7 +105,7 @@ def test_attached_8bit_tier_selects_what_dequantized_keys_select(kind, kernel):
     key copy and stays out of the batched search (search_key None)."""
     gen = torch.Generator().manual_seed(7)
     keys = _topic_keys(420, gen)  # 2 host chunks of 256, the last partial
-    kv, tier = _tier(keys, kind)
+    _, tier = _tier(keys, kind)
     hip = make_retriever(RetrievalConfig(method="hip", options={**OPTS, "kernel": kernel}), MODEL, "cpu")
     assert hip.attach_host_tier(0, tier)
     assert isinstance(tier.host_k, PackedRows) and hip.keys == {} and hip.key_bytes() == 0
@@ -142,11 +142,11 @@ def test_mass_recall_near_the_model_dtype_tier(kind):
         k = keys.clone()
         k[start : start + 32] = 4.0 * direction + 0.3 * torch.randn(32, HKV, D, generator=gen)
         q = 3.0 * direction.repeat_interleave(HQ // HKV, 0) + 0.3 * torch.randn(HQ, D, generator=gen)
-        for hd in recall:
+        for hd, got in recall.items():
             _, tier = _tier(k, hd)
             hip = make_retriever(RetrievalConfig(method="hip", options={**OPTS, "kernel": "torch"}), MODEL, "cpu")
             assert hip.attach_host_tier(0, tier)
-            recall[hd].append(_mass_recall(k, q, hip.select(0, q, budget=64).ids))
+            got.append(_mass_recall(k, q, hip.select(0, q, budget=64).ids))
     mean = {hd: sum(r) / len(r) for hd, r in recall.items()}
     assert mean[kind] >= mean[None] - 0.02, mean
     assert all(a >= 0.7 * b for a, b in zip(recall[kind], recall[None], strict=True)), recall
