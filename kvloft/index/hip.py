@@ -234,7 +234,14 @@ class HipRetriever:
                      budgets: Sequence[int]) -> list[Selection]:
         """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step, the
         stages they recompute searched for all of them at once (index/hip_batch.py): q
-        [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone."""
+        [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone.
+        Rows that search an 8-bit host tier in place are refused (search_key() None: select()
+        each alone), as rank="z" rows are."""
+        packed = [g for g, h in enumerate(retrievers) if h._packed()]
+        if packed:
+            raise ValueError(f"select_batch: rows {packed} search an 8-bit host tier in place (CacheConfig.host_dtype), "
+                             "which the batched search reads as model-dtype rows; search_key() is None for them: "
+                             "select() each alone")
         return select_rows(retrievers, layer, q, budgets)
 
     def search_key(self) -> tuple[Any, ...] | None:

@@ -110,6 +110,8 @@ def test_attached_8bit_tier_selects_what_dequantized_keys_select(kind, kernel):
     assert hip.attach_host_tier(0, tier)
     assert isinstance(tier.host_k, PackedRows) and hip.keys == {} and hip.key_bytes() == 0
     assert batch_search_key(hip) is None
+    with pytest.raises(ValueError, match="8-bit host tier"):  # the batched search reads model-dtype rows
+        type(hip).select_batch([hip, hip], 0, torch.randn(2, HQ, D), [32, 32])
     ref = _reference(tier.host_k.all())
     for step in range(3):
         q = torch.randn(HQ, D, generator=gen)
