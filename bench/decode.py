@@ -17,6 +17,9 @@ indexes are built and decode steps are timed through the whole model. Per row:
   hit_rate         GPU row-cache hit rate (methods run with the scheduler, "name@overlap")
   peak_gpu_gib     torch.cuda.max_memory_allocated over the row; under_budget against --gpu-budget
   peak_host_gib    the process's resident memory after the timed steps (pinned tiers included)
+  plan_host_gib    the memory plan's host bytes of the row's sessions (host tier, K/V in the
+                   model dtype or --host-dtype's codes + scales, and a host index copy where one
+                   is kept: scheduler/budget.py host_kv + host_index), what --host-memory is held to
   vs_dense         ms_per_token / dense ms_per_token at the same context (dense: every key on the
                    GPU, the split-K decode kernel over the whole KV; run wherever it fits the card)
 
@@ -162,12 +165,17 @@ def hbm_bandwidth(gib: float = 4.0) -> float:
     return 2 * n * 2 / statistics.median(times[1:])
 
 
-def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
-    """Why this row cannot run (its plan's numbers), or None."""
+def row_plan(model, rcfg: RetrievalConfig, n: int, args, dense: bool):
+    """The memory plan (scheduler/budget.py) of one session of the row, as new_session makes it."""
     runtime = RuntimeConfig(gpu_memory_budget=0 if dense else args.gpu_budget)
-    plan = plan_memory(model.config, rcfg, runtime, n + 64, model.dtype, check=False,
+    return plan_memory(model.config, rcfg, runtime, n + 64, model.dtype, check=False,
                        cache_cfg=CacheConfig(host_chunk_tokens=args.decode_host_chunk or max(n, 1),
                                              host_dtype=args.host_dtype))
+
+
+def fits(model, rcfg: RetrievalConfig, n: int, args, dense: bool) -> str | None:
+    """Why this row cannot run (its plan's numbers), or None."""
+    plan = row_plan(model, rcfg, n, args, dense)
     gpu_limit = args.device_bytes * 0.92 if dense else args.gpu_budget
     # the context is written into the tiers, not prefilled: the decode side of the plan
     b = args.batch  # sessions of the row: each holds its own tiers and index, the weights are shared
@@ -217,6 +225,8 @@ def run_row(model, spec: str, n: int, args) -> dict:
     dense = name == "dense"
     rcfg = RetrievalConfig(method=name, budget=args.budget, n_sink=args.sink, n_window=args.window, options=options)
     row = {"method": spec, "context": n, "budget": n if dense else args.budget}
+    plan = row_plan(model, rcfg, n, args, dense)
+    row["plan_host_gib"] = round(args.batch * (plan.host_kv + plan.host_index) / GiB, 1)
     why = fits(model, rcfg, n, args, dense)
     if why:
         row["not_run"] = why

@@ -27,6 +27,12 @@ store read through its own run of one address table (kernels/hip_batched.py); ev
 the ids its own select() would. A stage's best chunks are picked by a stable sort (ties to
 the earlier chunk), so a row's pick is the same alone and inside the batch's padded sort.
 
+An 8-bit host tier (CacheConfig.host_dtype "fp8" / "int8", tiers/packed.py) is searched in
+place as well: the stage kernels read each probe row's codes and per-head scales and
+dequantize in registers (kernels/hip_stage.py), the torch path reads dequantized rows, and
+rank="z"'s statistics are made from the dequantized rows; the index holds no key copy, so
+the host holds the packed rows once (about half the bytes of a model-dtype tier).
+
 Work reported (`scanned`): key vectors read by the probes of the stages recomputed at
 this step, 2 * log2(l_c) probe rows per chunk, times H_kv (the exact retriever's unit).
 A chunk's score is the score of its last probe, so no further scoring pass is needed;
@@ -54,7 +60,9 @@ from kvloft.kernels.hip_stage import (
     hip_stage1_reference,
     probes_per_chunk,
 )
+from kvloft.kernels.rowquant import dequantize_rows, quantize_rows
 from kvloft.tiers.chunked import ChunkedRows
+from kvloft.tiers.packed import PackedRows
 
 __all__ = ["HipParams", "HipRetriever"]
 
@@ -123,13 +131,14 @@ class HipRetriever:
             raise ValueError(f"keys must be [H_kv={hkv}, N, D={d}], got {tuple(keys.shape)}")
 
     def attach_host_tier(self, layer: int, tiers: Any) -> bool:
-        """keys_on="host": search the session's host tier (tiers/kvcache.py LayerTiers) in
-        place instead of a copy of its keys. Returns False (the runtime then calls build)
-        when the tier's chunks cannot be read so: spilled to disk (memory-mapped, not
-        pinned), not pinned while searching on CUDA, chunked in a size that is not a
-        multiple of chunk_sizes[0], or stored 8-bit (CacheConfig.host_dtype: the search
-        kernels read model-dtype rows; the index then keeps its own copy of the keys)."""
-        if self.params.keys_on != "host" or getattr(tiers, "host_dtype", None) is not None:
+        """keys_on="host": search the session's host tier (tiers/kvcache.py LayerTiers) in place
+        instead of a copy of its keys, model-dtype rows or 8-bit codes + scales alike
+        (CacheConfig.host_dtype: the stage kernels dequantize the probe rows they read, the torch
+        path reads dequantized rows). Returns False (the runtime then calls build, and the index
+        keeps its own model-dtype copy of the keys) when the tier's chunks cannot be read so:
+        spilled to disk (memory-mapped, not pinned), not pinned while searching on CUDA, or
+        chunked in a size that is not a multiple of chunk_sizes[0]."""
+        if self.params.keys_on != "host":
             return False
         host_k = tiers.host_k
         readable = host_k.pin or self.device.type == "cpu"
@@ -141,7 +150,16 @@ class HipRetriever:
         self.state[layer] = self._fresh_state(layer)
         return True
 
-    def _keys_of(self, layer: int) -> ChunkedRows | None:
+    def _packed(self) -> bool:
+        """Whether a layer searches an 8-bit host tier in place (PackedRows: codes + scales)."""
+        return any(getattr(t, "host_dtype", None) is not None for t in self.tiers.values())
+
+    def key_bytes(self) -> int:
+        """Bytes of the retriever's own key copies (layers not attached to their host tier), on
+        store_device; an attached layer's keys are the tier's and counted there."""
+        return sum(store.nbytes for store in self.keys.values())
+
+    def _keys_of(self, layer: int) -> ChunkedRows | PackedRows | None:
         if layer in self.tiers:
             return self.tiers[layer].host_k  # waits for a copy down still in flight
         return self.keys.get(layer)
@@ -171,12 +189,16 @@ class HipRetriever:
             if layer in self.tiers:
                 return  # an attached tier's statistics are made from its rows at the next select
             self.moments[layer] = KeyMoments(self.model_cfg.n_kv_heads, self.model_cfg.head_dim, self.device)
+        kind = getattr(self.tiers.get(layer), "host_dtype", None)
+        if kind is not None:  # an 8-bit tier holds (and the search reads) these keys as rounded there
+            keys = dequantize_rows(*quantize_rows(keys, kind), kind, keys.dtype)
         self.moments[layer].add(keys.transpose(0, 1))
 
     def _moments_of(self, layer: int, store: ChunkedRows) -> KeyMoments:
         """The layer's statistics, remade from the store's rows (a scan, rare) when they do not
         count its rows: a tier attached in place, or rolled back (runtime rollback(); an attached
-        tier's index is not rebuilt) or reloaded without a build. Otherwise incremental."""
+        tier's index is not rebuilt) or reloaded without a build. Otherwise incremental. An 8-bit
+        tier's rows are read dequantized (PackedRows.iter_chunks), the values the stages score."""
         m = self.moments.get(layer)
         if m is None or m.count != len(store):
             m = KeyMoments(self.model_cfg.n_kv_heads, self.model_cfg.head_dim, self.device)
@@ -212,13 +234,24 @@ class HipRetriever:
                      budgets: Sequence[int]) -> list[Selection]:
         """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step, the
         stages they recompute searched for all of them at once (index/hip_batch.py): q
-        [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone."""
+        [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone.
+        Rows that search an 8-bit host tier in place are refused (search_key() None: select()
+        each alone)."""
+        packed = [g for g, h in enumerate(retrievers) if h._packed()]
+        if packed:
+            raise ValueError(f"select_batch: rows {packed} search an 8-bit host tier in place (CacheConfig.host_dtype), "
+                             "which the batched search reads as model-dtype rows; search_key() is None for them: "
+                             "select() each alone")
         return select_rows(retrievers, layer, q, budgets)
 
     def search_key(self) -> tuple[Any, ...] | None:
         """Retrievers with equal keys search together in select_batch (stage shapes, kernels, device);
-        rank is not part of it: rank="z" and "logit" rows share a launch (index/hip_batch.py)."""
+        rank is not part of it: rank="z" and "logit" rows share a launch (index/hip_batch.py).
+        None where an 8-bit host tier is searched in place (index/hip_batch.py reads every row's
+        chunks as model-dtype rows through one table: codes need their scales' table too)."""
         p, m = self.params, self.model_cfg
+        if self._packed():
+            return None
         return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
                 m.n_heads, m.n_kv_heads, m.head_dim)
 
@@ -334,9 +367,11 @@ class HipRetriever:
         Returns score [n_full] fp32.
         """
         n_full, length = chunks.shape
-        if self.use_kernel and len(store.chunks) > 1:
+        packed = isinstance(store, PackedRows)
+        if self.use_kernel and (packed or len(store.chunks) > 1):
             # one launch over every store chunk (found through their address table), not one
-            # per chunk: a 1M-token tier in 4096-row chunks would be 256 launches per layer
+            # per chunk: a 1M-token tier in 4096-row chunks would be 256 launches per layer;
+            # an 8-bit tier always (its codes are read in place: iter_chunks would dequantize a copy)
             return hip_stage(store.chunks, chunks, q, self.params.probe, store.pointer_table(self.device), bias)[1]
         stage1 = hip_stage1 if self.use_kernel else hip_stage1_reference
         scores = [stage1(rows, q, length, self.params.probe, bias)[1] for _, rows in store.iter_chunks()]

@@ -38,8 +38,9 @@ class HipParams:
         pinned host memory, the stage kernels reading only the probe rows over PCIe
         (zero-copy through unified addressing), so no GPU memory grows with the context.
         In a session these are the host tier's own keys, read in place (attach_host_tier:
-        no copy at all), unless the tier spills to disk or its chunk size is not a multiple
-        of chunk_sizes[0]; then a pinned copy;
+        no copy at all; an 8-bit tier, CacheConfig.host_dtype, as its codes + scales),
+        unless the tier spills to disk or its chunk size is not a multiple of
+        chunk_sizes[0]; then a pinned model-dtype copy;
         a refresh of stage 1 reads 2 * log2(chunk_sizes[0]) / chunk_sizes[0] of the keys
         (1/16 with the defaults), the later stages a few thousand rows. For contexts whose
         keys do not fit the GPU budget (512K-1M tokens on a 24 GiB card). Needs the Triton

@@ -20,6 +20,14 @@ and the batched one of kernels/hip_batched.py:
   [C, L] into a chunked store (tiers/chunked.py); the kernel reads each probe row
   through a table of the chunks' base addresses, so nothing is gathered or copied and
   the whole stage is one launch (a torch gather over chunks costs a sync per chunk).
+
+8-bit host rows (CacheConfig.host_dtype; kernels/rowquant.py): `hip_stage` also takes a
+PackedRows store's chunks (rowquant.PackedChunks: codes [R, H_kv, D] one byte each, scales
+[R, H_kv] fp32, each found through its own address table, the layout split_kernel.py reads
+with CODES). A probe then loads the row's codes and its per-head scales and dequantizes in
+registers as split_kernel.py's `_load_rows` does (code * scale in fp32, rounded to the model
+dtype), so its score is the reference's over `dequantize_rows`. A probe row costs
+H_kv * (D + 4) bytes instead of H_kv * D * 2 for bf16.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from torch import Tensor
 
 from kvloft.kernels import checks
 from kvloft.kernels.addresses import rebase, table_align
+from kvloft.kernels.rowquant import CODES_FLAG, PackedChunks, dequantize_rows
 
 __all__ = [
     "PROBES",
@@ -114,23 +123,42 @@ def hip_stage1_reference(keys: Tensor, q: Tensor, chunk: int, probe: str = "firs
     return hierarchical_top1(cand, lambda ids: keys[ids], q, probe, bias)
 
 
-def hip_stage_reference(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first",
+def hip_stage_reference(chunks: Sequence[Tensor] | PackedChunks, cand: Tensor, q: Tensor, probe: str = "first",
                         bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """chunks: equal store chunks [R, H_kv, D]; cand [C, L] row ids (-1 pad); bias None or [H_q]
+    """chunks: equal store chunks [R, H_kv, D], or a PackedRows store's PackedChunks (each probe
+    row dequantized: rowquant.dequantize_rows); cand [C, L] row ids (-1 pad); bias None or [H_q]
     fp32 -> (rep [C] ids, score [C] fp32)."""
+    return hierarchical_top1(cand, _chunk_rows(chunks), q, probe, bias)
+
+
+def _chunk_rows(chunks: Sequence[Tensor] | PackedChunks) -> Callable[[Tensor], Tensor]:
+    """fetch(ids [P]) -> rows [P, H_kv, D] of a chunk list (8-bit chunks: dequantized rows)."""
+    if isinstance(chunks, PackedChunks):
+        rows = chunks.codes[0].shape[0]
+
+        def packed(ids: Tensor) -> Tensor:
+            at = [(int(i) // rows, int(i) % rows) for i in ids]
+            codes = torch.stack([chunks.codes[c][r] for c, r in at])
+            scales = torch.stack([chunks.scales[c][r] for c, r in at])
+            return dequantize_rows(codes, scales, chunks.kind, chunks.dtype)
+
+        return packed
     rows = chunks[0].shape[0]
-    fetch = lambda ids: torch.stack([chunks[int(i) // rows][int(i) % rows] for i in ids])
-    return hierarchical_top1(cand, fetch, q, probe, bias)
+    return lambda ids: torch.stack([chunks[int(i) // rows][int(i) % rows] for i in ids])
 
 
 @triton.jit
-def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn,
-           TABLE: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn, scale_ptr, kv_head,
+           TABLE: tl.constexpr, HAS_BIAS: tl.constexpr, CODES: tl.constexpr, ROUND: tl.constexpr,
+           H_KV: tl.constexpr):
     # Score of host row `row_id`: max over query heads of q_h · k[row, h // group] (minus qb[h],
     # the head's bias, when HAS_BIAS); row_id -1
     # (padding, a dead chunk) reads nothing and scores -inf. TABLE: the row lives in store
     # chunk row_id // chunk_rows, whose base address is table_ptr[tb + that chunk] (k0_ptr,
     # one store chunk, gives the dtype); else it is row row_id of the rows at k0_ptr.
+    # CODES (with TABLE): the chunks hold 8-bit codes (k0_ptr an int8 / uint8 chunk), and the
+    # scales [chunk_rows, H_KV] fp32 of chunk c start at address scale_ptr[tb + c]; kv_head
+    # [BLOCK_H] is h // group.
     valid = row_id >= 0
     safe = tl.maximum(row_id, 0)
     if TABLE:
@@ -140,12 +168,37 @@ def _probe(table_ptr, k0_ptr, tb, row_id, chunk_rows, kv_off, q, qb, hmask, kmas
     else:
         base = k0_ptr
         row = safe
-    k = tl.load(base + row * stride_kn + kv_off, mask=tl.where(valid, kmask, False), other=0.0).to(tl.float32)
+    raw = tl.load(base + row * stride_kn + kv_off, mask=tl.where(valid, kmask, False), other=0)
+    if CODES != 0:
+        s_addr = tl.load(scale_ptr + tb + safe // chunk_rows, mask=valid, other=0)
+        s_row = s_addr.to(tl.pointer_type(tl.float32)) + row * H_KV  # scales are [chunk_rows, H_KV], contiguous
+        scale = tl.load(s_row + kv_head, mask=tl.where(valid, hmask, False), other=0.0)  # [BLOCK_H]: a scale per KV head read
+        k = _dequantize(raw, scale, CODES, ROUND)
+    else:
+        k = raw.to(tl.float32)
     s = tl.sum(q * k, axis=1)  # [BLOCK_H]
     if HAS_BIAS:
         s = s - qb
     s = tl.where(hmask, s, float("-inf"))
     return tl.where(valid, tl.max(s, axis=0), float("-inf"))
+
+
+@triton.jit
+def _dequantize(codes, scale, CODES: tl.constexpr, ROUND: tl.constexpr):
+    # Rows [BLOCK_H, BLOCK_D] fp32 from their 8-bit codes and scale [BLOCK_H] (one per KV head
+    # of the query head), as split_kernel.py's _load_rows: CODES 1 int8 values, 2 fp8 e4m3
+    # bits kept as uint8; code * scale is one fp32 product, then rounded to the model dtype
+    # (ROUND 1 fp16, 2 bf16, 0 fp32) as rowquant.dequantize_rows rounds.
+    if CODES == 2:
+        cf = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        cf = codes.to(tl.float32)
+    x = cf * scale[:, None]
+    if ROUND == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    elif ROUND == 2:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -161,22 +214,26 @@ def _cand_id(row0, pos, live, end, IMPLICIT: tl.constexpr):
 
 @triton.jit
 def _search_chunk(table_ptr, k0_ptr, tb, row0, live, end, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn,
+                  scale_ptr, kv_head,
                   CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, MIDDLE: tl.constexpr,
-                  IMPLICIT: tl.constexpr, TABLE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  IMPLICIT: tl.constexpr, TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  CODES: tl.constexpr, ROUND: tl.constexpr, H_KV: tl.constexpr):
     # The hierarchical top-1 search of one chunk (candidates as in _cand_id, rows read as in
     # _probe) -> (row id of its representative, -1 for a dead chunk; its score, fp32).
     lo = tl.full([], 0, tl.int64)  # offset of the live range inside the chunk
     best = tl.full([], float("-inf"), tl.float32)
     if LOG2_CHUNK == 0:  # a chunk of one row: the row is its own representative
         best = _probe(table_ptr, k0_ptr, tb, _cand_id(row0, lo, live, end, IMPLICIT), chunk_rows, kv_off, q,
-                      qb, hmask, kmask, stride_kn, TABLE, HAS_BIAS)
+                      qb, hmask, kmask, stride_kn, scale_ptr, kv_head, TABLE, HAS_BIAS, CODES, ROUND, H_KV)
     for it in tl.static_range(LOG2_CHUNK):
         half = CHUNK >> (it + 1)
         off = (half // 2) * MIDDLE  # probe the first (0) or middle key of each half
         id_l = _cand_id(row0, lo + off, live, end, IMPLICIT)
         id_r = _cand_id(row0, lo + half + off, live, end, IMPLICIT)
-        s_l = _probe(table_ptr, k0_ptr, tb, id_l, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn, TABLE, HAS_BIAS)
-        s_r = _probe(table_ptr, k0_ptr, tb, id_r, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn, TABLE, HAS_BIAS)
+        s_l = _probe(table_ptr, k0_ptr, tb, id_l, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn, scale_ptr,
+                     kv_head, TABLE, HAS_BIAS, CODES, ROUND, H_KV)
+        s_r = _probe(table_ptr, k0_ptr, tb, id_r, chunk_rows, kv_off, q, qb, hmask, kmask, stride_kn, scale_ptr,
+                     kv_head, TABLE, HAS_BIAS, CODES, ROUND, H_KV)
         right = s_r > s_l
         lo = tl.where(right, lo + half, lo)
         best = tl.where(right, s_r, s_l)
@@ -214,10 +271,15 @@ def hip_search_kernel(
     PER_ROW: tl.constexpr,  # each row g has its own n_chunks, table run and chunk_rows in meta
     bias_ptr=None,  # HAS_BIAS: [G, H_q] fp32 contiguous, subtracted from head h's logits (rank="z")
     HAS_BIAS: tl.constexpr = False,
+    scale_ptr=None,  # CODES: [T] int64 base addresses of the chunks' scales [chunk_rows, H_kv] fp32, as table_ptr
+    CODES: tl.constexpr = 0,  # TABLE: 0 rows in a float dtype; 1 int8 / 2 fp8 e4m3 codes (rowquant.CODES_FLAG)
+    ROUND: tl.constexpr = 0,  # CODES: dequantized rows rounded to 0 fp32, 1 fp16, 2 bf16 (the model dtype)
 ):
-    # One program per (chunk c, row g): reads 2 * log2(CHUNK) probe rows of [H_kv, D], plus
-    # the chunk's CHUNK ids unless IMPLICIT.
+    # One program per (chunk c, row g): reads 2 * log2(CHUNK) probe rows of [H_kv, D] (with
+    # CODES: H_kv * (D + 4) bytes each), plus the chunk's CHUNK ids unless IMPLICIT.
     tl.static_assert((1 << LOG2_CHUNK) == CHUNK)
+    tl.static_assert(CODES == 0 or TABLE != 0)
+    H_KV: tl.constexpr = H_Q // GROUP
     c = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     if PER_ROW:
@@ -239,24 +301,31 @@ def hip_search_kernel(
     qb = tl.zeros([BLOCK_H], tl.float32)
     if HAS_BIAS:
         qb = tl.load(bias_ptr + g * H_Q + h, mask=hmask, other=0.0)
-    kv_off = (h // GROUP)[:, None].to(tl.int64) * stride_kh + d[None, :]  # GQA: head h reads KV head h // GROUP
+    kv_head = (h // GROUP).to(tl.int64)  # GQA: head h reads KV head h // GROUP
+    kv_off = kv_head[:, None] * stride_kh + d[None, :]
     if IMPLICIT:
         row0 = c * CHUNK
     else:
         row0 = cand_ptr + g * stride_cg + c * stride_cc
+    if CODES != 0:
+        scales = scale_ptr
+    else:
+        scales = table_ptr  # never read (a pointer argument: a None passed down does not compile)
     rep = tl.full([], -1, tl.int64)
     best = tl.full([], float("-inf"), tl.float32)
     if live:  # a dead chunk (past its row's count: a padded grid) runs no search
         rep, best = _search_chunk(table_ptr, k_ptr, tb, row0, live, end, rows, kv_off, q, qb, hmask, kmask,
-                                  stride_kn, CHUNK, LOG2_CHUNK, MIDDLE, IMPLICIT, TABLE, HAS_BIAS)
+                                  stride_kn, scales, kv_head, CHUNK, LOG2_CHUNK, MIDDLE, IMPLICIT, TABLE,
+                                  HAS_BIAS, CODES, ROUND, H_KV)
     tl.store(rep_ptr + g * n_cols + c, rep)
     tl.store(score_ptr + g * n_cols + c, tl.where(live, best, float("-inf")))
 
 
-def _check_common(op: str, keys: Tensor, q: Tensor, chunk: int, probe: str, kernel) -> None:
+def _check_common(op: str, keys: Tensor, q: Tensor, chunk: int, probe: str, kernel, codes: bool = False) -> None:
     checks.require_dim("keys", keys, 3, "[R, H_kv, D]")
     checks.require_dim("q", q, 2, "[H_q, D]")
-    checks.require_float("keys", keys)
+    if not codes:
+        checks.require_float("keys", keys)
     checks.require_float("q", q)
     checks.require_rows_device(op, q, keys=keys)  # on q's device, or pinned host memory (zero-copy)
     checks.require_runnable(q.device, kernel, op)
@@ -292,39 +361,66 @@ def _bias_args(op: str, bias: Tensor | None, q: Tensor) -> dict:
     return {"bias_ptr": bias.contiguous(), "HAS_BIAS": True}
 
 
-def hip_stage(chunks: Sequence[Tensor], cand: Tensor, q: Tensor, probe: str = "first",
+def hip_stage(chunks: Sequence[Tensor] | PackedChunks, cand: Tensor, q: Tensor, probe: str = "first",
               table: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Triton twin of `hip_stage_reference`: one launch for a whole later stage.
 
     chunks: the store's chunks, each [chunk_rows, H_kv, D], same dtype and strides, on q's
-    device or (q on CUDA) in pinned host memory (tiers/chunked.py ChunkedRows.chunks); cand: [C, L] int64 row ids (-1 = padding,
+    device or (q on CUDA) in pinned host memory (tiers/chunked.py ChunkedRows.chunks); or an
+    8-bit store's PackedChunks (tiers/packed.py PackedRows.chunks: codes read in place with
+    their scales, dequantized in registers); cand: [C, L] int64 row ids (-1 = padding,
     a chunk's first id valid; ids are trusted: the caller built them from the store).
-    table: the chunks' base addresses on q's device (ChunkedRows.pointer_table), made here
-    when None. bias: None or [H_q] fp32 on q's device, subtracted from head h's logits
-    (probe_scores). Reads 2 * log2(L) probe rows per chunk plus the C * L ids.
+    table: the chunks' base addresses on q's device (ChunkedRows.pointer_table; for 8-bit
+    chunks the codes' addresses, PackedRows.pointer_table), made here when None. bias: None or
+    [H_q] fp32 on q's device, subtracted from head h's logits (probe_scores). Reads 2 * log2(L)
+    probe rows per chunk plus the C * L ids.
     """
     op = "hip_stage"
-    if not chunks:
+    if not len(chunks):
         raise ValueError(f"{op}: the store has no chunks; select on an empty layer returns early")
-    k0 = chunks[0]
-    _check_common(op, k0, q, cand.shape[-1] if cand.dim() == 2 else 0, probe, hip_search_kernel)
+    packed = isinstance(chunks, PackedChunks)
+    k0 = chunks.codes[0] if packed else chunks[0]  # (indexing PackedChunks would dequantize a copy)
+    _check_common(op, k0, q, cand.shape[-1] if cand.dim() == 2 else 0, probe, hip_search_kernel, codes=packed)
     if cand.dim() != 2 or cand.dtype != torch.int64 or cand.device != q.device:
         raise ValueError(f"{op}: cand must be [C, L] int64 on {q.device}, got {tuple(cand.shape)} {cand.dtype}")
-    if any(c.shape != k0.shape or c.dtype != k0.dtype or c.stride() != k0.stride() for c in chunks):
+    tensors = chunks.codes if packed else chunks
+    if any(c.shape != k0.shape or c.dtype != k0.dtype or c.stride() != k0.stride() for c in tensors):
         raise ValueError(f"{op}: every chunk must match the first in shape, dtype and strides")
+    codes = _codes_args(op, chunks, q) if packed else {}
     n_chunks, chunk = cand.shape
     rep = torch.empty(n_chunks, dtype=torch.long, device=q.device)
     score = torch.empty(n_chunks, dtype=torch.float32, device=q.device)
     if n_chunks == 0:
         return rep, score
     if table is None:
-        table = checks.address_table(chunks, q.device)
+        table = checks.address_table(tensors, q.device)
     hip_search_kernel[(n_chunks, 1)](
         table, k0, cand.contiguous(), q.contiguous(), rep, rep, score, n_chunks, 1, 0, k0.shape[0], 0, chunk,
         k0.stride(0), k0.stride(1), IMPLICIT=False, TABLE=table_align(k0), PER_ROW=False,
-        **kernel_meta(q.shape[0], k0.shape[1], k0.shape[2], chunk, probe), **_bias_args(op, bias, q),
+        **kernel_meta(q.shape[0], k0.shape[1], k0.shape[2], chunk, probe), **_bias_args(op, bias, q), **codes,
     )
     return rep, score
+
+
+ROUND_FLAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # hip_search_kernel's ROUND per model dtype
+
+
+def _codes_args(op: str, chunks: PackedChunks, q: Tensor) -> dict:
+    """The kernel's 8-bit arguments for a PackedRows store's chunks: codes [R, H_kv, D] and
+    scales [R, H_kv] fp32, both contiguous, on q's device or pinned (the layout split_kernel.py
+    reads); the scales' address table; the format and the model dtype rows round to."""
+    c0 = chunks.codes[0]
+    r, hkv, d = c0.shape
+    for i, (c, s) in enumerate(zip(chunks.codes, chunks.scales, strict=True)):
+        if not c.is_contiguous() or s.shape != (r, hkv) or not s.is_contiguous() or s.dtype != torch.float32:
+            raise ValueError(f"{op}: 8-bit chunk {i} must hold contiguous codes [R={r}, H_kv={hkv}, D={d}] and "
+                             f"contiguous fp32 scales [R, H_kv], got {tuple(c.shape)} and {s.dtype} {tuple(s.shape)}")
+    # (the first chunks stand for all, as k0 does: a store pins every chunk or none)
+    checks.require_rows_device(op, q, codes=c0, scales=chunks.scales[0])
+    if chunks.dtype not in ROUND_FLAG:
+        raise ValueError(f"{op}: 8-bit rows dequantize to float32, float16 or bfloat16, got {chunks.dtype}")
+    return {"scale_ptr": chunks.scale_table(q.device), "CODES": CODES_FLAG[chunks.kind],
+            "ROUND": ROUND_FLAG[chunks.dtype]}
 
 
 def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first",

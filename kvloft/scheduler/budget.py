@@ -12,8 +12,11 @@ context of n_tokens, the bytes the current code puts on the compute device:
   row_cache   the scheduler's GPU row cache (RuntimeConfig.scheduler == "overlap");
   index       the retriever's device-side copy: exact, tokenselect, hip and recycled keep
               every host key on their device (chunked, whole chunks; hip with keys_on="host"
-              reads the host tier's pinned keys in place instead); actqkv one fp32 vector
-              per block and KV head; attention_graph keeps its graph on the host (host_index);
+              reads the host tier's pinned keys in place instead, model-dtype or 8-bit rows
+              alike, and where it cannot (hip_host_copy: extrapolate mode, a disk tier, a
+              host chunk that is not a multiple of chunk_sizes[0]) keeps a pinned model-dtype
+              copy on the host, counted in host_index); actqkv one fp32 vector per block and
+              KV head; attention_graph keeps its graph on the host (host_index);
   workspace   (scheduler/workspace.py) the larger of prefill (one chunk: its activations,
               its attention's buffers, the host rows moved back per layer) and decode (the search's score buffers,
               gathered rows and buffers, logits) transients. A chunk's attention on CUDA
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvloft.config import CacheConfig, ModelConfig, RetrievalConfig, RuntimeConfig
+from kvloft.index.hip_params import HipParams
 from kvloft.kernels.quant.tinygemm import GROUPS as TINYGEMM_GROUPS
 from kvloft.kernels.rowquant import packed_row_bytes
 from kvloft.scheduler.params import SchedulerParams
@@ -57,7 +61,7 @@ from kvloft.scheduler.weight_storage import weight_bytes
 from kvloft.scheduler.workspace import decode_workspace, prefill_workspace
 
 __all__ = ["CACHE_HEADROOM", "PREFILL_CHUNKS", "SELECTING_CHUNK_MAX", "MemoryPlan", "available_bytes",
-           "dense_kv_bytes", "fmt_bytes", "pick_prefill_chunk", "plan_memory", "resolve_cache_bytes",
+           "dense_kv_bytes", "fmt_bytes", "hip_host_copy", "pick_prefill_chunk", "plan_memory", "resolve_cache_bytes",
            "static_tier_bytes", "weight_bytes"]
 
 GiB = 2**30
@@ -73,7 +77,8 @@ class MemoryPlan:
     prefill_chunk: the prefill chunk the workspace is priced for (tokens).
     weights, static, row_cache, index, workspace: see the module doc; total: their sum.
     prefill_workspace, decode_workspace: the two candidates of workspace.
-    host_kv: host tier (K, V, positions; whole chunks); host_index: host-side index copy.
+    host_kv: host tier (K, V in the model dtype or 8-bit codes + scales, positions; whole chunks);
+    host_index: host-side index copy (attention_graph; hip keys_on="host" where it copies the keys).
     budget: RuntimeConfig.gpu_memory_budget (0 = none).
     notes: what the plan does not model.
     """
@@ -172,13 +177,33 @@ def _dense_capacity(n: int) -> int:
     return cap
 
 
-def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int) -> tuple[int, int, list[str]]:
+def hip_host_copy(rcfg: RetrievalConfig, cache_cfg: CacheConfig, runtime: RuntimeConfig) -> str | None:
+    """Why HiP with keys_on="host" keeps its own pinned copy of the host keys (model dtype, in
+    chunks of its chunk_rows) instead of searching the host tier in place (index/hip.py
+    attach_host_tier, runtime/indexes.py), or None where it reads the tier in place: in the
+    model dtype or 8-bit (CacheConfig.host_dtype) alike."""
+    p = HipParams.from_options(rcfg.options)
+    if rcfg.position_mode == "extrapolate":
+        return "extrapolate mode indexes position-free keys, not the tier's"
+    if cache_cfg.host_chunk_tokens % p.chunk_sizes[0]:
+        return (f"CacheConfig.host_chunk_tokens={cache_cfg.host_chunk_tokens} is not a multiple of "
+                f"chunk_sizes[0]={p.chunk_sizes[0]}")
+    if cache_cfg.disk_dir is not None and runtime.host_memory_budget:
+        return "the host tier spills to disk (CacheConfig.disk_dir), which the search does not read"
+    return None
+
+
+def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int, cache_cfg: CacheConfig,
+                 runtime: RuntimeConfig) -> tuple[int, int, list[str]]:
     """(device bytes, host bytes, notes) of the retriever's copy for n_host rows."""
     hkv, d, layers, opts = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, rcfg.options
     m = rcfg.method
     if m == "hip" and opts.get("keys_on") == "host":  # the host tier's keys, read in place
-        note = "hip keys_on='host' searches the host tier's pinned keys in place (a pinned copy if it spills)"
-        return 0, 0, [note]
+        why = hip_host_copy(rcfg, cache_cfg, runtime)
+        if why is None:
+            return 0, 0, ["hip keys_on='host' searches the host tier's pinned keys in place (no copy)"]
+        copy = _chunks(n_host, HipParams.from_options(opts).chunk_rows) * hkv * d * isz * layers
+        return 0, copy, [f"hip keys_on='host' keeps a pinned model-dtype copy of the keys: {why}"]
     if m in MIRROR_METHODS:
         return _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, 0, []
     if m == "actqkv":
@@ -263,7 +288,7 @@ def _plan(cfg, rcfg, runtime, cache_cfg, params, n: int, isz: int, cache_bytes: 
             static += rcfg.budget * token_row * layers
     per_token = token_row * layers
     row_cache = (cache_bytes // per_token) * per_token if rcfg.method != "dense" else 0
-    index, host_index, notes = _index_bytes(cfg, rcfg, n_host, isz)
+    index, host_index, notes = _index_bytes(cfg, rcfg, n_host, isz, cache_cfg, runtime)
     dec = decode_workspace(cfg, rcfg, runtime, params, n_host, isz)
     if rcfg.method == "dense":
         dec += static // 2  # growth: the old buffer is copied into one twice its size

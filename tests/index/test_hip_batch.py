@@ -171,6 +171,7 @@ for implicit, table, per_row, bias in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 1, 1, 0),
                  IMPLICIT=bool(implicit), TABLE=bool(table), PER_ROW=bool(per_row), HAS_BIAS=bool(bias))
     if not bias:  # a launch without a bias passes bias_ptr=None (a constexpr)
         const["bias_ptr"] = None
+    const |= {"scale_ptr": None, "CODES": 0, "ROUND": 0}  # model-dtype rows (8-bit ones: tests/index/test_hip_8bit.py)
     full = sig | dict.fromkeys(const, "constexpr") | ({"bias_ptr": "*fp32"} if bias else {})
     triton.compile(ASTSource(hip_search_kernel, full, const), target=GPUTarget("cuda", 90, 32))
 """

@@ -71,10 +71,10 @@ def test_triton_decode_reads_codes_as_reference(tiny, kind, one_launch):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_hip_over_8bit_tier_keeps_own_keys_and_caches_dequantized_rows(tiny):
-    """HiP (keys_on="host") does not attach to an 8-bit tier (its search kernels read
-    model-dtype rows): it keeps its own keys. Its stable selection is copied, dequantized, into
-    the row space's device cache; the one launch equals the reference path."""
+def test_hip_over_8bit_tier_searches_it_in_place_and_caches_dequantized_rows(tiny):
+    """HiP (keys_on="host") attaches to an 8-bit tier: it searches the codes in place and keeps
+    no key copy. Its stable selection is copied, dequantized, into the row space's device
+    cache; the one launch equals the reference path."""
     hip = {"chunk_sizes": (16, 8, 4), "kept_tokens": (64, 32, 16), "refresh_steps": (4, 2, 2),
            "chunk_rows": 32, "keys_on": "host"}
     prompt, steps = _tokens(tiny, 100, 14), _tokens(tiny, 6, 15)
@@ -82,7 +82,8 @@ def test_hip_over_8bit_tier_keeps_own_keys_and_caches_dequantized_rows(tiny):
     ref = _decode(_session(tiny, "int8", rcfg), prompt, steps)
     s = _session(tiny, "int8", rcfg)
     got = _decode(s, prompt, steps, triton=True)
-    assert not s.backend.attached and s.backend._spaces[0].fills > 0
+    assert s.backend.attached == set(range(tiny.config.n_layers)) and s.backend.retriever.keys == {}
+    assert s.backend._spaces[0].fills > 0
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 

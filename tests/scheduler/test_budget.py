@@ -213,3 +213,43 @@ def test_cache_is_sized_before_the_auto_chunk():
     explicit = resolve_cache_bytes(LLAMA, rcfg, dataclasses.replace(runtime, prefill_chunk=512), SchedulerParams(),
                                    torch.bfloat16, "cuda", CacheConfig(max_context=64 * 1024))
     assert cache == explicit > 0
+
+
+def test_hip_host_counts_what_it_holds_per_host_dtype():
+    """hip keys_on='host' reads the host tier in place, model-dtype or 8-bit: the plan's host
+    bytes at 1M tokens for an fp8 tier are the packed rows alone (0.516 of bf16's: codes + a
+    scale per head, and the position), no key copy; where it cannot read in place (a host chunk
+    not a multiple of chunk_sizes[0]) the plan counts its pinned bf16 copy and says why."""
+    rcfg = RetrievalConfig(method="hip", options={"keys_on": "host"})
+    hkv, d = LLAMA.n_kv_heads, LLAMA.head_dim
+    plans = {hd: plan_memory(LLAMA, rcfg, RuntimeConfig(), 1 << 20, torch.bfloat16,
+                             cache_cfg=CacheConfig(host_chunk_tokens=1 << 20, host_dtype=hd)) for hd in (None, "fp8")}
+    assert plans[None].host_index == plans["fp8"].host_index == 0
+    ratio = (plans["fp8"].host_kv + plans["fp8"].host_index) / (plans[None].host_kv + plans[None].host_index)
+    assert ratio == pytest.approx((2 * hkv * (d + 4) + 8) / (4 * hkv * d + 8)) and 0.51 < ratio < 0.52
+    odd = plan_memory(LLAMA, rcfg, RuntimeConfig(), 1 << 20, torch.bfloat16,
+                      cache_cfg=CacheConfig(host_chunk_tokens=1000, host_dtype="fp8"))
+    assert odd.host_index == 64 * GiB and any("not a multiple of chunk_sizes[0]=256" in n for n in odd.notes)
+    assert odd.host_kv + odd.host_index > 125 * GiB > plans["fp8"].host_kv  # what bench/decode.py refuses
+
+
+@pytest.mark.parametrize("host_dtype", [None, "fp8"])
+@pytest.mark.parametrize("host_chunk", [32, 24])  # 24: not a multiple of chunk_sizes[0] = 16, so a copy
+def test_hip_host_plan_matches_a_session(host_dtype, host_chunk):
+    """The plan's host_kv and host_index equal what a small CPU session holds: its host tier's
+    bytes and its retriever's own key bytes (0 where it reads the tier in place)."""
+    model = load_model("tiny", device="cpu", dtype="float32", seed=3)
+    rcfg = RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=16,
+                           options={"chunk_sizes": (16, 8, 4), "kept_tokens": (64, 32, 16), "refresh_steps": (4, 2, 2),
+                                    "chunk_rows": 32, "keys_on": "host"})
+    cache = CacheConfig(host_chunk_tokens=host_chunk, evict_batch=0, host_dtype=host_dtype)
+    from kvloft import Session
+
+    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=64, progress=False, kernels="reference"), cache)
+    s.feed(list(range(150)))
+    s.step(5)
+    plan = plan_memory(model.config, rcfg, RuntimeConfig(), len(s), torch.float32, cache_cfg=cache)
+    assert plan.n_host == s.backend.cache[0].n_host == 131
+    assert plan.host_kv == s.backend.cache.bytes()["host"]
+    assert plan.host_index == s.backend.retriever.key_bytes()
+    assert (plan.host_index == 0) == (host_chunk % 16 == 0)
