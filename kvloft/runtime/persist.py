@@ -47,6 +47,7 @@ checked against the static tier it is loaded into.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -140,15 +141,40 @@ def restore_session(session, saved: SavedSession) -> None:
         raise ValueError(f"{saved.gen_dir}: the save is internally inconsistent ({type(e).__name__}: {e})") from e
 
 
+def copy_session(src, dst) -> None:
+    """Fill `dst`, a new session built with `src`'s configs for the same model, with `src`'s
+    tiers, tokens, last logits, timings and retriever state, in memory: what save_session and
+    restore_session do, without files (Session.fork). Every tensor is copied, so the two share
+    nothing mutable; the retriever is rebuilt from the copied host tier and its state_dict()
+    restored on top, as a load does (the same retrievers continue exactly)."""
+    tensors, retr_tensors, meta = _collect_state(src)
+    _restore_state(dst, _Tensors(tensors), meta)
+    if isinstance(dst.backend, TieredAttention):
+        state = copy.deepcopy(meta["retriever"]["state"])  # its lists are the parent's own
+        if state is not None:
+            state.update({k.removeprefix("retriever."): t.clone() for k, t in retr_tensors.items()})
+        _restore_retriever(dst.backend, state)
+
+
+class _Tensors:
+    """A dict of tensors read as safetensors' safe_open reads a file (get_tensor, keys)."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self._tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get_tensor(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+
 # ---- collecting state ------------------------------------------------------------------------
 
 
 def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """Tensors of kv.safetensors, tensors of the retriever state, and the manifest (no files yet)."""
-    state = session.state_dict()
-    tensors: dict[str, Tensor] = {"session.tokens": torch.tensor(state["tokens"], dtype=torch.int64)}
-    if state["last_logits"] is not None:
-        tensors["session.last_logits"] = state["last_logits"]
+    tensors, retr_tensors, state = _collect_state(session)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -158,19 +184,30 @@ def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, A
         "configs": {"retrieval": _config_json(session.retrieval, "retrieval"),
                     "runtime": _config_json(session.runtime, "runtime"),
                     "cache": _config_json(session.cache_cfg, "cache")},
-        "session": {"times": state["times"], "n_tokens": len(state["tokens"])},
+        **state,
     }
+    return {k: _cpu(t) for k, t in tensors.items()}, {k: _cpu(t) for k, t in retr_tensors.items()}, manifest
+
+
+def _collect_state(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """The session's tensors (views where the tiers hold them, on their devices), the retriever's
+    tensors, and the JSON state: the manifest's "session", "tiers" and "retriever" fields."""
+    state = session.state_dict()
+    tensors: dict[str, Tensor] = {"session.tokens": torch.tensor(state["tokens"], dtype=torch.int64)}
+    if state["last_logits"] is not None:
+        tensors["session.last_logits"] = state["last_logits"]
+    meta: dict[str, Any] = {"session": {"times": state["times"], "n_tokens": len(state["tokens"])}}
     retr_tensors: dict[str, Tensor] = {}
     backend = session.backend
     if isinstance(backend, TieredAttention):
-        manifest["tiers"] = _collect_tiers(backend, tensors)
+        meta["tiers"] = _collect_tiers(backend, tensors)
         retr_json, retr_tensors = _collect_retriever(backend.retriever)
-        manifest["retriever"] = retr_json
+        meta["retriever"] = retr_json
     else:
         for i, store in enumerate(backend.layers):
             k, v = store.kv()
             tensors[f"dense.{i}.k"], tensors[f"dense.{i}.v"] = k, v
-    return {k: _cpu(t) for k, t in tensors.items()}, {k: _cpu(t) for k, t in retr_tensors.items()}, manifest
+    return tensors, retr_tensors, meta
 
 
 def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
@@ -228,18 +265,24 @@ def _restore(session, gen_dir: Path, manifest: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     with safe_open(str(gen_dir / KV_FILE), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        dev = session.model.device
-        if isinstance(session.backend, TieredAttention):
-            _restore_tiers(session.backend, f, manifest["tiers"])
-        else:
-            for i, store in enumerate(session.backend.layers):
-                store.append(f.get_tensor(f"dense.{i}.k").to(dev), f.get_tensor(f"dense.{i}.v").to(dev))
-        logits = f.get_tensor("session.last_logits").to(dev) if "session.last_logits" in keys else None
-        session.load_state_dict({"tokens": f.get_tensor("session.tokens").tolist(), "last_logits": logits,
-                                 "times": manifest["session"]["times"]})
+        _restore_state(session, f, manifest)
     if isinstance(session.backend, TieredAttention):
-        _restore_retriever(session.backend, gen_dir, manifest)
+        _restore_retriever(session.backend, _saved_retriever_state(gen_dir, manifest["retriever"]))
+
+
+def _restore_state(session, f, meta: dict[str, Any]) -> None:
+    """Tiers, tokens and last logits from `f` (safetensors' get_tensor/keys: a file or _Tensors),
+    whose tensors the tiers copy in (the logits are cloned)."""
+    keys = set(f.keys())
+    dev = session.model.device
+    if isinstance(session.backend, TieredAttention):
+        _restore_tiers(session.backend, f, meta["tiers"])
+    else:
+        for i, store in enumerate(session.backend.layers):
+            store.append(f.get_tensor(f"dense.{i}.k").to(dev), f.get_tensor(f"dense.{i}.v").to(dev))
+    logits = f.get_tensor("session.last_logits").to(dev, copy=True) if "session.last_logits" in keys else None
+    session.load_state_dict({"tokens": f.get_tensor("session.tokens").tolist(), "last_logits": logits,
+                             "times": dict(meta["session"]["times"])})
 
 
 def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
@@ -267,20 +310,25 @@ def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
     backend.load_state_dict(meta)
 
 
-def _restore_retriever(backend, gen_dir: Path, manifest: dict[str, Any]) -> None:
-    """Rebuild every built layer from the host tier, then restore the saved state on top."""
-    r = backend.retriever
-    backend.rebuild_indexes()
-    meta = manifest["retriever"]
-    if meta["state"] is None or not hasattr(r, "load_state_dict"):
-        return
+def _saved_retriever_state(gen_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The retriever's state_dict() as saved (scalars from the manifest, tensors from their file)."""
+    if meta["state"] is None:
+        return None
     state = dict(meta["state"])
     if meta.get("tensor_keys"):
         from safetensors.torch import load_file
 
         loaded = load_file(str(gen_dir / RETRIEVER_FILE))
         state.update({k.removeprefix("retriever."): v for k, v in loaded.items()})
-    r.load_state_dict(state)
+    return state
+
+
+def _restore_retriever(backend, state: dict[str, Any] | None) -> None:
+    """Rebuild every built layer from the host tier, then restore the retriever's state on top."""
+    r = backend.retriever
+    backend.rebuild_indexes()
+    if state is not None and hasattr(r, "load_state_dict"):
+        r.load_state_dict(state)
 
 
 # ---- checks ----------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Session:
         self.limits.check_static_memory()
         self.limits.check_disk_tier()
         self._graphs: DecodeGraphs | None = None  # captured at the first CUDA decode step
+        self._calls = 0  # calls under way (_atomic): a stream() not finished holds one
         self.reset()
 
     # ---- state ---------------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Session:
         """A call that raises (a non-finite step, an interrupt, any error) leaves the session as
         it was before the call: tokens, tiers, retriever state (Session._rollback)."""
         mark = self._mark()
+        self._calls += 1
         try:
             yield
         except (Exception, KeyboardInterrupt) as e:
@@ -272,6 +274,13 @@ class Session:
             except Exception as e2:  # noqa: BLE001 -- the original error stays the one raised
                 e.add_note(f"the session could not be rolled back ({type(e2).__name__}: {e2}); call reset()")
             raise
+        finally:
+            self._calls -= 1
+
+    @property
+    def in_call(self) -> bool:
+        """Whether a call is under way (a stream() not exhausted or closed): fork() refuses then."""
+        return self._calls > 0
 
     def stream(
         self,
@@ -371,7 +380,28 @@ class Session:
             out["retriever"] = b.retriever.stats()
         return out
 
-    # ---- persistence ---------------------------------------------------------------------
+    # ---- fork and persistence ------------------------------------------------------------
+
+    def fork(self, retrieval: RetrievalConfig | None = None) -> Session:
+        """A new session holding this context (tokens, positions, KV, last logits), sharing
+        nothing mutable with this one: decoding either never changes the other. retrieval:
+        None = this session's config (a copy, continuing exactly as this one would); another
+        config builds the fork's tiers and index from this session's K/V as if it had
+        prefilled the same tokens, where the two prefills compute the same K/V (dense, exact
+        positions: kvloft.runtime.fork). ValueError naming every reason it cannot, before
+        anything is built."""
+        from kvloft.runtime.fork import check_fork, fill_fork
+
+        rcfg = self.retrieval if retrieval is None else retrieval
+        check_fork(self, rcfg)
+        child = type(self)(self.model, rcfg, self.runtime, self.cache_cfg)
+        try:
+            fill_fork(self, child)
+        except BaseException:
+            child.reset()  # its spilled chunks' files, if any, are removed
+            raise
+        return child
+
 
     def save(self, path) -> None:
         """Write this session to the directory `path`, crash-safe (see kvloft.runtime.persist)."""
