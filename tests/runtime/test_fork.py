@@ -8,7 +8,7 @@ from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_mo
 
 RUNTIME = RuntimeConfig(prefill_chunk=64, progress=False)
 CACHE = CacheConfig(host_chunk_tokens=64)  # several host chunks per layer
-TIERED = dict(budget=24, n_sink=4, n_window=32)
+TIERED = {"budget": 24, "n_sink": 4, "n_window": 32}
 HIP_OPTS = {"chunk_sizes": [32, 8], "kept_tokens": [64, 24], "refresh_steps": [4, 2], "chunk_rows": 64,
             "kernel": "torch"}
 CONFIGS = {
@@ -61,9 +61,9 @@ def test_copy_decodes_as_the_parent_would_interleaved(tiny, prompt, method):
     for _ in range(10):
         for name, s in (("parent", parent), ("fork", fork)):
             got[name].append(_greedy(s, 1))
-    for name in got:
-        assert [i for ids, _ in got[name] for i in ids] == want_ids, name
-        torch.testing.assert_close(torch.cat([lg for _, lg in got[name]]), want, rtol=0, atol=1e-6)
+    for name, steps in got.items():
+        assert [i for ids, _ in steps for i in ids] == want_ids, name
+        torch.testing.assert_close(torch.cat([lg for _, lg in steps]), want, rtol=0, atol=1e-6)
 
 
 def test_parent_going_elsewhere_leaves_the_fork_alone(tiny, prompt):
