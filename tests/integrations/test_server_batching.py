@@ -424,3 +424,39 @@ def test_decode_graphs_reach_the_engine_and_bad_modes_are_refused(chatty):
         loop.close()
     for i, p in enumerate(PROMPTS[:2]):
         assert out[i][0] == direct(chatty, p, 6)[0]
+
+
+def test_extra_choices_fork_the_first_choice_once_its_prompt_is_in(chatty):
+    """n > 1 in the loop: choices 1 and 2 wait for choice 0's prefill and decode from forks of its
+    session (no prefill of their own: no progress events, their sessions' prefill counted once);
+    each answer equals a session alone with its seed, and choice 0's session is untouched."""
+    loop = EngineLoop(chatty, engine=Recording(), step_tokens=512)
+    ids = chatty.tokenizer.encode(PROMPTS[1])
+    events, done, lock = [], threading.Event(), threading.Lock()
+
+    def sink(ev):
+        with lock:
+            events.append(ev)
+            if sum(e[1] == "end" for e in events) == 3:
+                done.set()
+
+    params = [GenerationParams(max_tokens=8, temperature=1.0, seed=7 + i) for i in range(3)]
+    adopted = {}
+    first = Sequence(Session(chatty, RETRIEVAL, RUNTIME), [ids], params[0], sink, threading.Event(), index=0)
+    seqs = [first] + [Sequence(Session(chatty, RETRIEVAL, RUNTIME), [], params[i], sink, threading.Event(),
+                               index=i, fork_of=first, adopt=lambda s, i=i: adopted.__setitem__(i, s))
+                      for i in (1, 2)]
+    try:
+        loop.submit(seqs)
+        assert done.wait(60)
+    finally:
+        loop.close()
+    assert {e[0] for e in events if e[1] == "progress"} == {0}
+    for i, seq in enumerate(seqs):
+        want, alone = direct(chatty, PROMPTS[1], 8, temperature=1.0, seed=7 + i)
+        text = "".join(e[2][0] for e in events if e[0] == i and e[1] == "piece")
+        assert text == want and seq.error is None and seq.session.tokens == alone.tokens, i
+        assert seq.session.stats()["timings_s"]["prefill_tokens"] == len(ids)
+    assert adopted[1] is seqs[1].session and adopted[2] is seqs[2].session
+    with pytest.raises(ValueError, match="no feeds"):
+        Sequence(Session(chatty, RETRIEVAL, RUNTIME), [ids], params[1], sink, threading.Event(), fork_of=first)
