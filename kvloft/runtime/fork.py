@@ -31,6 +31,7 @@ from torch import Tensor
 
 from kvloft.config import RetrievalConfig
 from kvloft.runtime.attention import TieredAttention
+from kvloft.runtime.dense import DenseAttention
 from kvloft.runtime.persist import copy_session
 
 REFEED = "feed the prompt to a new Session with that config instead"
@@ -41,6 +42,9 @@ def check_fork(parent, rcfg: RetrievalConfig) -> None:
     config of the wrong type); nothing is built."""
     if not isinstance(rcfg, RetrievalConfig):
         raise TypeError(f"fork(retrieval=...) must be a kvloft.RetrievalConfig or None, got {type(rcfg).__name__}")
+    if not isinstance(parent.backend, (DenseAttention, TieredAttention)):
+        raise TypeError(f"fork() copies a session's local tiers; this {type(parent).__name__} keeps its KV in "
+                        f"{type(parent.backend).__name__}, which it cannot copy: {REFEED}")
     if parent.in_call:
         raise ValueError("cannot fork a session in the middle of a call (a stream() not finished): "
                          "exhaust or close() the stream first")
