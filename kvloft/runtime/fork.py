@@ -32,9 +32,23 @@ from torch import Tensor
 from kvloft.config import RetrievalConfig
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.dense import DenseAttention
-from kvloft.runtime.persist import copy_session
+from kvloft.runtime.session_state import copy_session
 
 REFEED = "feed the prompt to a new Session with that config instead"
+
+
+def fork_session(parent, rcfg: RetrievalConfig):
+    """Session.fork: `parent`'s context in a new session of its type with retrieval `rcfg`
+    (the parent's model, runtime and cache configs); ValueError naming every reason it cannot,
+    before anything is built."""
+    check_fork(parent, rcfg)
+    child = type(parent)(parent.model, rcfg, parent.runtime, parent.cache_cfg)
+    try:
+        fill_fork(parent, child)
+    except BaseException:
+        child.reset()  # its spilled chunks' files, if any, are removed
+        raise
+    return child
 
 
 def check_fork(parent, rcfg: RetrievalConfig) -> None:

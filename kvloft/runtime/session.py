@@ -25,10 +25,12 @@ from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.capacity import SessionLimits
 from kvloft.runtime.dense import DenseAttention
+from kvloft.runtime.fork import fork_session
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import check_on_progress, check_token_ids
 from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError, finite_sum
+from kvloft.runtime.persist import read_save, restore_session, save_session
 from kvloft.runtime.quant_linear import apply_weights
 from kvloft.runtime.sampling import check_generate_args, sample_token
 from kvloft.tiers.kvcache import TieredKVCache
@@ -277,10 +279,7 @@ class Session:
         finally:
             self._calls -= 1
 
-    @property
-    def in_call(self) -> bool:
-        """Whether a call is under way (a stream() not exhausted or closed): fork() refuses then."""
-        return self._calls > 0
+    in_call = property(lambda self: self._calls > 0, doc="a call is under way (a stream() not finished)")
 
     def stream(
         self,
@@ -383,38 +382,18 @@ class Session:
     # ---- fork and persistence ------------------------------------------------------------
 
     def fork(self, retrieval: RetrievalConfig | None = None) -> Session:
-        """A new session holding this context (tokens, positions, KV, last logits), sharing
-        nothing mutable with this one: decoding either never changes the other. retrieval:
-        None = this session's config (a copy, continuing exactly as this one would); another
-        config builds the fork's tiers and index from this session's K/V as if it had
-        prefilled the same tokens, where the two prefills compute the same K/V (dense, exact
-        positions: kvloft.runtime.fork). ValueError naming every reason it cannot, before
-        anything is built."""
-        from kvloft.runtime.fork import check_fork, fill_fork
-
-        rcfg = self.retrieval if retrieval is None else retrieval
-        check_fork(self, rcfg)
-        child = type(self)(self.model, rcfg, self.runtime, self.cache_cfg)
-        try:
-            fill_fork(self, child)
-        except BaseException:
-            child.reset()  # its spilled chunks' files, if any, are removed
-            raise
-        return child
-
+        """A new session holding this context, sharing nothing mutable: None = a copy; another config
+        is built from this one's K/V where both prefills agree (kvloft.runtime.fork). ValueError if not."""
+        return fork_session(self, self.retrieval if retrieval is None else retrieval)
 
     def save(self, path) -> None:
         """Write this session to the directory `path`, crash-safe (see kvloft.runtime.persist)."""
-        from kvloft.runtime.persist import save_session
-
         save_session(self, path)
 
     @classmethod
     def load(cls, path, model: Model, runtime: RuntimeConfig | None = None) -> Session:
         """A session saved with save(), for the same model; ValueError if the save is corrupted or
         mismatched (see kvloft.runtime.persist)."""
-        from kvloft.runtime.persist import read_save, restore_session
-
         saved = read_save(path, model)
         session = cls(model, saved.retrieval, runtime or saved.runtime, saved.cache)
         restore_session(session, saved)
