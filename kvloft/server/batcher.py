@@ -270,6 +270,8 @@ class EngineLoop:
             return e
 
     def _end(self, s: Sequence, finish: str | None = None, error: BaseException | None = None) -> None:
+        if s.phase is Phase.DONE:  # a fork ended with its source, met again in a list taken before
+            return
         if s.phase is Phase.PREFILL:
             s.gate.stop(str(error) if isinstance(error, Cancelled) else "the sequence ended")
             for f in [f for f in self._active if f.fork_of is s and f.phase is Phase.PREFILL]:
