@@ -159,3 +159,26 @@ def test_fork_during_a_call_is_refused_and_the_call_rolls_back(tiny, prompt):
     assert len(s) == N_PROMPT and not s.in_call
     torch.testing.assert_close(s.last_logits, before, rtol=0, atol=0)
     assert len(s.fork()) == N_PROMPT
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["exact", "hip"])
+def test_cuda_forks_decode_as_their_references(method):
+    """On CUDA (Triton kernels, pinned host tier, batched evictions, CUDA graphs): a dense
+    session's fork decodes as a fresh session of the method, and a copy of that fork as the fork."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=3)
+    runtime = RuntimeConfig(progress=False)
+    rcfg = RetrievalConfig(method=method, **TIERED, options={k: v for k, v in CONFIGS[method].options.items()
+                                                             if k != "kernel"})  # hip: its Triton kernels
+    ids = torch.randint(0, model.config.vocab_size, (700,), generator=torch.Generator().manual_seed(1))
+    dense = Session(model, RetrievalConfig(method="dense"), runtime)
+    dense.feed(ids)
+    fresh = Session(model, rcfg, runtime)
+    fresh.feed(ids)
+    fork = dense.fork(rcfg)
+    want_ids, want = _greedy(fresh, 80)  # past evict_batch (64 on CUDA): rows move down
+    copy = fork.fork()
+    got_ids, got = _greedy(fork, 80)
+    assert got_ids == want_ids
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=1e-3)
+    assert _greedy(copy, 80)[0] == got_ids
