@@ -25,7 +25,8 @@ versions match, every file has its recorded size and sha256, the model has the s
 dtype and weight fingerprint. Any failure raises ValueError naming the reason; nothing is
 modified. Session.load then builds a session with the saved configs and restore_session fills
 it. This module never imports the session: it reads and writes state dicts and manifests
-through the session's public state methods.
+through the session's public state methods (session_state.py takes the state apart and puts
+it back; Session.fork uses the same in memory).
 
 Retriever state: a retriever's key mirror is never written (it equals the host tier).
 Loading rebuilds each built layer from the host tier (`TieredAttention.rebuild_indexes`:
@@ -58,14 +59,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.durable import fsync_dir, sha256, write_durable, write_safetensors
 from kvloft.runtime.fingerprint import check_model, model_fingerprint
-from kvloft.tiers.packed import PackedRows
+from kvloft.runtime.session_state import collect_state, restore_retriever, restore_state
 from kvloft.version import __version__
 
 FORMAT = "kvloft-session"
@@ -145,10 +145,7 @@ def restore_session(session, saved: SavedSession) -> None:
 
 def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """Tensors of kv.safetensors, tensors of the retriever state, and the manifest (no files yet)."""
-    state = session.state_dict()
-    tensors: dict[str, Tensor] = {"session.tokens": torch.tensor(state["tokens"], dtype=torch.int64)}
-    if state["last_logits"] is not None:
-        tensors["session.last_logits"] = state["last_logits"]
+    tensors, retr_tensors, state = collect_state(session)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -158,57 +155,9 @@ def _collect(session) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, A
         "configs": {"retrieval": _config_json(session.retrieval, "retrieval"),
                     "runtime": _config_json(session.runtime, "runtime"),
                     "cache": _config_json(session.cache_cfg, "cache")},
-        "session": {"times": state["times"], "n_tokens": len(state["tokens"])},
+        **state,
     }
-    retr_tensors: dict[str, Tensor] = {}
-    backend = session.backend
-    if isinstance(backend, TieredAttention):
-        manifest["tiers"] = _collect_tiers(backend, tensors)
-        retr_json, retr_tensors = _collect_retriever(backend.retriever)
-        manifest["retriever"] = retr_json
-    else:
-        for i, store in enumerate(backend.layers):
-            k, v = store.kv()
-            tensors[f"dense.{i}.k"], tensors[f"dense.{i}.v"] = k, v
     return {k: _cpu(t) for k, t in tensors.items()}, {k: _cpu(t) for k, t in retr_tensors.items()}, manifest
-
-
-def _collect_tiers(backend, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    """Static buffers and host chunks of every layer into `tensors`; ring state as JSON."""
-    layers = []
-    for i, t in enumerate(backend.cache.layers):
-        tensors[f"static.{i}.k"], tensors[f"static.{i}.v"], tensors[f"static.{i}.pos"] = t.k, t.v, t.pos
-        for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
-            if isinstance(store, PackedRows):  # 8-bit rows (the manifest's CacheConfig.host_dtype) as stored
-                for c, (_, codes, scales) in enumerate(store.iter_packed()):
-                    tensors[f"host.{i}.{name}.{c}"], tensors[f"host.{i}.{name}.scale.{c}"] = codes, scales
-                continue
-            for c, (_, rows) in enumerate(store.iter_chunks()):
-                tensors[f"host.{i}.{name}.{c}"] = rows  # a view of the filled part of chunk c
-        layers.append({**t.ring_state(), "evict_batch": t.evict_batch,
-                       "n_host": t.n_host, "host_chunks": len(list(t.host_pos.iter_chunks()))})
-    return {"layers": layers, **backend.state_dict()}
-
-
-def _collect_retriever(retriever) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Split retriever.state_dict() into JSON scalars and tensors (None if it has no state_dict)."""
-    out: dict[str, Any] = {"class": type(retriever).__name__, "state": None}
-    if not hasattr(retriever, "state_dict"):
-        return out, {}
-    scalars, tensors = {}, {}
-    for key, val in retriever.state_dict().items():
-        if isinstance(val, Tensor):
-            tensors[f"retriever.{key}"] = val
-        else:
-            scalars[key] = val
-    try:
-        json.dumps(scalars)
-    except TypeError as e:
-        raise ValueError(f"{type(retriever).__name__}.state_dict() holds a value that is neither a tensor "
-                         f"nor JSON ({e}); make it a tensor or a plain number/str/list") from e
-    out["state"] = scalars
-    out["tensor_keys"] = sorted(tensors)
-    return out, tensors
 
 
 def _config_json(cfg, name: str) -> dict[str, Any]:
@@ -228,59 +177,22 @@ def _restore(session, gen_dir: Path, manifest: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     with safe_open(str(gen_dir / KV_FILE), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        dev = session.model.device
-        if isinstance(session.backend, TieredAttention):
-            _restore_tiers(session.backend, f, manifest["tiers"])
-        else:
-            for i, store in enumerate(session.backend.layers):
-                store.append(f.get_tensor(f"dense.{i}.k").to(dev), f.get_tensor(f"dense.{i}.v").to(dev))
-        logits = f.get_tensor("session.last_logits").to(dev) if "session.last_logits" in keys else None
-        session.load_state_dict({"tokens": f.get_tensor("session.tokens").tolist(), "last_logits": logits,
-                                 "times": manifest["session"]["times"]})
+        restore_state(session, f, manifest)
     if isinstance(session.backend, TieredAttention):
-        _restore_retriever(session.backend, gen_dir, manifest)
+        restore_retriever(session.backend, _saved_retriever_state(gen_dir, manifest["retriever"]))
 
 
-def _restore_tiers(backend, f, meta: dict[str, Any]) -> None:
-    for i, (t, m) in enumerate(zip(backend.cache.layers, meta["layers"], strict=True)):
-        for name in ("k", "v", "pos"):
-            saved = f.get_tensor(f"static.{i}.{name}")
-            buf = getattr(t, name)
-            if saved.shape != buf.shape or saved.dtype != buf.dtype:
-                raise RuntimeError(f"static.{i}.{name}: saved {tuple(saved.shape)} {saved.dtype}, "
-                                   f"expected {tuple(buf.shape)} {buf.dtype}; load with the n_sink, n_window "
-                                   f"and CacheConfig.evict_batch it was saved with (evict_batch "
-                                   f"{m.get('evict_batch', 0)}; the default is 64 on CUDA, 0 on the CPU) "
-                                   "and the same dtype")
-            buf.copy_(saved)
-        t.set_ring_state(m["sink_fill"], m["ring_fill"], m["ring_head"])
-        for name, store in (("k", t.host_k), ("v", t.host_v), ("pos", t.host_pos)):
-            for c in range(m["host_chunks"]):
-                if isinstance(store, PackedRows):
-                    key = f"host.{i}.{name}"
-                    store.append_packed(f.get_tensor(f"{key}.{c}"), f.get_tensor(f"{key}.scale.{c}"))
-                else:
-                    store.append(f.get_tensor(f"host.{i}.{name}.{c}"))
-        if t.n_host != m["n_host"] or len(t.host_v) != m["n_host"] or len(t.host_pos) != m["n_host"]:
-            raise RuntimeError(f"layer {i}: host tier holds {t.n_host} rows, the manifest says {m['n_host']}")
-    backend.load_state_dict(meta)
-
-
-def _restore_retriever(backend, gen_dir: Path, manifest: dict[str, Any]) -> None:
-    """Rebuild every built layer from the host tier, then restore the saved state on top."""
-    r = backend.retriever
-    backend.rebuild_indexes()
-    meta = manifest["retriever"]
-    if meta["state"] is None or not hasattr(r, "load_state_dict"):
-        return
+def _saved_retriever_state(gen_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The retriever's state_dict() as saved (scalars from the manifest, tensors from their file)."""
+    if meta["state"] is None:
+        return None
     state = dict(meta["state"])
     if meta.get("tensor_keys"):
         from safetensors.torch import load_file
 
         loaded = load_file(str(gen_dir / RETRIEVER_FILE))
         state.update({k.removeprefix("retriever."): v for k, v in loaded.items()})
-    r.load_state_dict(state)
+    return state
 
 
 # ---- checks ----------------------------------------------------------------------------------

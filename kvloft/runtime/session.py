@@ -25,10 +25,12 @@ from kvloft.kernels import kernel_set
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.capacity import SessionLimits
 from kvloft.runtime.dense import DenseAttention
+from kvloft.runtime.fork import fork_session
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import check_on_progress, check_token_ids
 from kvloft.runtime.loader import Model
 from kvloft.runtime.numerics import NonFiniteError, finite_sum
+from kvloft.runtime.persist import read_save, restore_session, save_session
 from kvloft.runtime.quant_linear import apply_weights
 from kvloft.runtime.sampling import check_generate_args, sample_token
 from kvloft.tiers.kvcache import TieredKVCache
@@ -58,6 +60,7 @@ class Session:
         self.limits.check_static_memory()
         self.limits.check_disk_tier()
         self._graphs: DecodeGraphs | None = None  # captured at the first CUDA decode step
+        self._calls = 0  # calls under way (_atomic): a stream() not finished holds one
         self.reset()
 
     # ---- state ---------------------------------------------------------------------------
@@ -264,6 +267,7 @@ class Session:
         """A call that raises (a non-finite step, an interrupt, any error) leaves the session as
         it was before the call: tokens, tiers, retriever state (Session._rollback)."""
         mark = self._mark()
+        self._calls += 1
         try:
             yield
         except (Exception, KeyboardInterrupt) as e:
@@ -272,6 +276,10 @@ class Session:
             except Exception as e2:  # noqa: BLE001 -- the original error stays the one raised
                 e.add_note(f"the session could not be rolled back ({type(e2).__name__}: {e2}); call reset()")
             raise
+        finally:
+            self._calls -= 1
+
+    in_call = property(lambda self: self._calls > 0, doc="a call is under way (a stream() not finished)")
 
     def stream(
         self,
@@ -371,20 +379,21 @@ class Session:
             out["retriever"] = b.retriever.stats()
         return out
 
-    # ---- persistence ---------------------------------------------------------------------
+    # ---- fork and persistence ------------------------------------------------------------
+
+    def fork(self, retrieval: RetrievalConfig | None = None) -> Session:
+        """A new session holding this context, sharing nothing mutable: None = a copy; another config
+        is built from this one's K/V where both prefills agree (kvloft.runtime.fork). ValueError if not."""
+        return fork_session(self, self.retrieval if retrieval is None else retrieval)
 
     def save(self, path) -> None:
         """Write this session to the directory `path`, crash-safe (see kvloft.runtime.persist)."""
-        from kvloft.runtime.persist import save_session
-
         save_session(self, path)
 
     @classmethod
     def load(cls, path, model: Model, runtime: RuntimeConfig | None = None) -> Session:
         """A session saved with save(), for the same model; ValueError if the save is corrupted or
         mismatched (see kvloft.runtime.persist)."""
-        from kvloft.runtime.persist import read_save, restore_session
-
         saved = read_save(path, model)
         session = cls(model, saved.retrieval, runtime or saved.runtime, saved.cache)
         restore_session(session, saved)

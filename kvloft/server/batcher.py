@@ -156,7 +156,7 @@ class EngineLoop:
     def _prefill(self, budget: int) -> None:
         """Prefill chunks, first come first served, within `budget` tokens (at least one chunk)."""
         ran = False
-        for s in [s for s in self._active if s.phase is Phase.PREFILL]:
+        for s in [s for s in self._active if s.phase is Phase.PREFILL and s.fork_of is None]:
             while s.phase is Phase.PREFILL and (not ran or s.gate.next_chunk() <= budget):
                 if s.cancel.is_set() or self.draining.is_set():
                     return
@@ -177,12 +177,29 @@ class EngineLoop:
             self._end(s, error=s.gate.error)
             return
         s.prompt_fed, s.fed = True, s.gate.fed
+        self._forks_of(s)  # before s decodes: they take the context it holds now
+        self._ready(s)
+
+    def _ready(self, s: Sequence) -> None:
+        """Its context is in: it decodes next (or ends, asked for no token)."""
         s.logits = s.session.last_logits
         s.emit("prefilled", s.fed)
         if s.params.max_tokens == 0:
             self._end(s, finish="length")
         else:
             s.phase = Phase.DECODE
+
+    def _forks_of(self, source: Sequence) -> None:
+        """The sequences waiting on `source` take a fork of its session (n > 1's extra choices:
+        one prefill, not one per choice); one that cannot fork ends with the error alone."""
+        for f in [f for f in self._active if f.fork_of is source and f.phase is Phase.PREFILL]:
+            try:
+                f.take_fork(source.session.fork())
+            except Exception as e:  # noqa: BLE001  e.g. the fork over a memory limit: this choice fails
+                self._end(f, error=e)
+                continue
+            f.prompt_fed, f.fed = True, source.fed
+            self._ready(f)
 
     def _decode(self, decoders: list[Sequence]) -> None:
         batch: list[tuple[Sequence, int]] = []
@@ -253,8 +270,12 @@ class EngineLoop:
             return e
 
     def _end(self, s: Sequence, finish: str | None = None, error: BaseException | None = None) -> None:
+        if s.phase is Phase.DONE:  # a fork ended with its source, met again in a list taken before
+            return
         if s.phase is Phase.PREFILL:
             s.gate.stop(str(error) if isinstance(error, Cancelled) else "the sequence ended")
+            for f in [f for f in self._active if f.fork_of is s and f.phase is Phase.PREFILL]:
+                self._end(f, error=error or Cancelled("the sequence it forks from ended before its prompt was in"))
         s.finish, s.error = (None, error) if error is not None else (finish, None)
         s.flush()
         s.phase = Phase.DONE

@@ -14,8 +14,9 @@ half prompt or half answer stays in it. The session is given back (the lease rel
 after the loop let go of every sequence of the run.
 
 n > 1: choice 0 runs on the request's session; every other choice runs on a throwaway
-session of the same retrieval setup that is fed the session's earlier tokens and the prompt
-again (a second prefill per extra choice), with seed + i, and is dropped at the end.
+lease of the same retrieval setup whose session becomes a fork of choice 0's (Session.fork)
+once the prompt is in and before choice 0 decodes: one prefill for every choice. Choice i
+samples with seed + i; the forks are dropped at the end.
 """
 
 from __future__ import annotations
@@ -153,13 +154,15 @@ class Run:
         sink = lambda ev: aloop.call_soon_threadsafe(self._queue.put_nowait, ev)
         j, s = self.job, self.session
         base_seed = s.runtime.seed if j.seed is None else j.seed
-        prior = self.rebuild or s.tokens[: self.prior]
         for i, lease in enumerate(self.leases):
             params = GenerationParams(max_tokens=j.max_tokens, temperature=j.temperature, top_p=j.top_p,
                                       seed=base_seed + i, stops=tuple(j.stop), logprobs=j.logprobs)
-            feeds = [self.rebuild, ids] if i == 0 else [prior, ids]
-            self.seqs.append(Sequence(lease.session, feeds, params, sink, self.cancel, index=i,
-                                      t_arrival=self.record.t0))
+            if i == 0:
+                seq = Sequence(s, [self.rebuild, ids], params, sink, self.cancel, index=0, t_arrival=self.record.t0)
+            else:  # forks choice 0's session once the prompt is in (the lease then holds the fork)
+                seq = Sequence(lease.session, [], params, sink, self.cancel, index=i, t_arrival=self.record.t0,
+                               fork_of=self.seqs[0], adopt=lambda fork, lease=lease: setattr(lease, "session", fork))
+            self.seqs.append(seq)
         self.loop.submit(self.seqs)
 
     def _prepare(self) -> list[int]:

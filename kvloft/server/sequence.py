@@ -124,12 +124,20 @@ class Sequence:
         ("piece", (text, [TokenLogprob]))  answer text that can be sent, with its tokens' logprobs
         ("end", (finish | None, error | None))  last; the loop no longer touches the session
     cancel: set it to stop the sequence within one chunk or step.
+    fork_of: another sequence of the loop whose context this one takes instead of feeding its
+        own (feeds must be empty): once that one's feeds are in, and before its first decode
+        step, the loop forks its session (Session.fork) and hands the fork to `adopt` (e.g. the
+        lease holding this sequence's session); this one then decodes from the same context.
     """
 
     def __init__(self, session, feeds: list[list[int]], params: GenerationParams, sink: Sink,
-                 cancel: threading.Event, index: int = 0, t_arrival: float | None = None) -> None:
+                 cancel: threading.Event, index: int = 0, t_arrival: float | None = None,
+                 fork_of: Sequence | None = None, adopt: Callable[[Any], None] | None = None) -> None:
         self.session, self.params, self.sink, self.cancel, self.index = session, params, sink, cancel, index
         self.feeds = [list(f) for f in feeds if len(f)]
+        if fork_of is not None and self.feeds:
+            raise ValueError("a sequence forked from another takes its context: give it no feeds")
+        self.fork_of, self.adopt = fork_of, adopt
         tok = session.model.tokenizer
         self.eos = frozenset(tok.eos_ids if tok is not None else session.model.config.eos_token_ids)
         self.phase = Phase.PREFILL
@@ -147,6 +155,13 @@ class Sequence:
         self.t_last: float | None = None
         self.search0 = search_seconds(session)
         self.gate = GatedPrefill(session, self.feeds, self._progress)
+
+    def take_fork(self, session) -> None:
+        """This sequence runs on `session`, forked from fork_of's (handed to adopt first)."""
+        if self.adopt is not None:
+            self.adopt(session)
+        self.session = self.gate.session = session
+        self.search0 = search_seconds(session)
 
     def emit(self, kind: str, payload: Any) -> None:
         self.sink((self.index, kind, payload))

@@ -21,7 +21,7 @@ from kvloft import RetrievalConfig, RuntimeConfig, Session
 from kvloft.server.app import ServerConfig, create_app
 from kvloft.server.batcher import EngineLoop
 from kvloft.server.engines import SequentialFallbackEngine
-from kvloft.server.sequence import GenerationParams, Sequence
+from kvloft.server.sequence import Cancelled, GenerationParams, Sequence
 from kvloft.server.stops import AnswerText
 
 KEY = "batch-key"
@@ -424,3 +424,68 @@ def test_decode_graphs_reach_the_engine_and_bad_modes_are_refused(chatty):
         loop.close()
     for i, p in enumerate(PROMPTS[:2]):
         assert out[i][0] == direct(chatty, p, 6)[0]
+
+
+def test_extra_choices_fork_the_first_choice_once_its_prompt_is_in(chatty):
+    """n > 1 in the loop: choices 1 and 2 wait for choice 0's prefill and decode from forks of its
+    session (no prefill of their own: no progress events, their sessions' prefill counted once);
+    each answer equals a session alone with its seed, and choice 0's session is untouched."""
+    loop = EngineLoop(chatty, engine=Recording(), step_tokens=512)
+    ids = chatty.tokenizer.encode(PROMPTS[1])
+    events, done, lock = [], threading.Event(), threading.Lock()
+
+    def sink(ev):
+        with lock:
+            events.append(ev)
+            if sum(e[1] == "end" for e in events) == 3:
+                done.set()
+
+    params = [GenerationParams(max_tokens=8, temperature=1.0, seed=7 + i) for i in range(3)]
+    adopted = {}
+    first = Sequence(Session(chatty, RETRIEVAL, RUNTIME), [ids], params[0], sink, threading.Event(), index=0)
+    seqs = [first] + [Sequence(Session(chatty, RETRIEVAL, RUNTIME), [], params[i], sink, threading.Event(),
+                               index=i, fork_of=first, adopt=lambda s, i=i: adopted.__setitem__(i, s))
+                      for i in (1, 2)]
+    try:
+        loop.submit(seqs)
+        assert done.wait(60)
+    finally:
+        loop.close()
+    assert {e[0] for e in events if e[1] == "progress"} == {0}
+    for i, seq in enumerate(seqs):
+        want, alone = direct(chatty, PROMPTS[1], 8, temperature=1.0, seed=7 + i)
+        text = "".join(e[2][0] for e in events if e[0] == i and e[1] == "piece")
+        assert text == want and seq.error is None and seq.session.tokens == alone.tokens, i
+        assert seq.session.stats()["timings_s"]["prefill_tokens"] == len(ids)
+    assert adopted[1] is seqs[1].session and adopted[2] is seqs[2].session
+    with pytest.raises(ValueError, match="no feeds"):
+        Sequence(Session(chatty, RETRIEVAL, RUNTIME), [ids], params[1], sink, threading.Event(), fork_of=first)
+
+
+def test_forks_end_with_their_source_when_it_stops_before_its_prompt_is_in(chatty):
+    """The first choice cancelled before its prefill: its forks end too, each exactly once."""
+    loop = EngineLoop(chatty, engine=Recording(), step_tokens=512)
+    events, done, lock = [], threading.Event(), threading.Lock()
+
+    def sink(ev):
+        with lock:
+            events.append(ev)
+            if sum(e[1] == "end" for e in events) == 3:
+                done.set()
+
+    gone = threading.Event()
+    gone.set()
+    first = Sequence(Session(chatty, RETRIEVAL, RUNTIME), [chatty.tokenizer.encode(PROMPTS[0])],
+                     GenerationParams(max_tokens=4), sink, gone, index=0)
+    seqs = [first] + [Sequence(Session(chatty, RETRIEVAL, RUNTIME), [], GenerationParams(max_tokens=4), sink,
+                               threading.Event(), index=i, fork_of=first) for i in (1, 2)]
+    try:
+        loop.submit(seqs)
+        assert done.wait(60)
+        time.sleep(0.2)  # a second end event would come within the loop's next iterations
+    finally:
+        loop.close()
+    ends = [e for e in events if e[1] == "end"]
+    assert sorted(e[0] for e in ends) == [0, 1, 2]
+    assert all(isinstance(e[2][1], Cancelled) for e in ends)
+    assert not any(e[1] in ("piece", "prefilled") for e in events) and not seqs[1].session.tokens

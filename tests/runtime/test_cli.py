@@ -29,3 +29,25 @@ def test_bad_weights_choice_is_refused():
 
     with pytest.raises(SystemExit):
         cli.main(["generate", "--model", "smollm2", "--prompt", "x", "--weights", "int3"])
+
+
+def test_demo_contexts_fork_from_the_first_prefill_where_the_prefills_agree():
+    """kvloft demo's sessions: the exact one forked from the dense prefill (same tokens, same next
+    logits as its own prefill); past prefill_dense_tokens it prefills on its own instead."""
+    import torch
+
+    from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
+
+    model = load_model("tiny", device="cpu", dtype="float32", seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    runtime, cache = RuntimeConfig(progress=False), CacheConfig()
+    exact = RetrievalConfig(method="exact", budget=16, n_sink=4, n_window=32)
+    (dense, how0), (forked, how1) = cli._contexts(model, ids, [RetrievalConfig(method="dense"), exact], runtime, cache)
+    assert how0["shared"] and "fork_s" in how1 and "prefill_s" not in how1
+    alone = Session(model, exact, runtime, cache)
+    alone.feed(ids)
+    assert forked.tokens == dense.tokens == ids and forked.retrieval == exact
+    torch.testing.assert_close(forked.last_logits, alone.last_logits, rtol=0, atol=1e-5)
+    sparse = RetrievalConfig(method="exact", budget=16, n_sink=4, n_window=32, prefill_dense_tokens=64)
+    _, (own, how) = cli._contexts(model, ids, [RetrievalConfig(method="dense"), sparse], runtime, cache)
+    assert "fork_s" not in how and how["prefill_s"] > 0 and own.tokens == ids
