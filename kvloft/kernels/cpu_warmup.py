@@ -22,9 +22,9 @@ _lock = threading.Lock()
 
 
 def _warm_all() -> None:
-    from kvloft.kernels import cpu_attend, cpu_decode, cpu_gemv, cpu_layer, cpu_rank, cpu_score
+    from kvloft.kernels import cpu_attend, cpu_decode, cpu_gemv, cpu_layer, cpu_rank, cpu_rows, cpu_score
 
-    for kernel in (cpu_layer, cpu_attend, cpu_gemv, cpu_score, cpu_decode, cpu_rank):
+    for kernel in (cpu_layer, cpu_attend, cpu_gemv, cpu_score, cpu_decode, cpu_rank, cpu_rows):
         try:
             kernel.warm()
         except Exception:  # a kernel that cannot compile fails again, loudly, at its first real call

@@ -55,6 +55,7 @@ from torch import Tensor
 from kvloft.config import GRAPH_MODES
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.batch_attention import TableLaunch, run_launches
+from kvloft.runtime.batch_host import HostLaunch, run_host_launches
 from kvloft.runtime.batch_search import PendingSearch, run_searches
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import generation_stops
@@ -89,7 +90,9 @@ class RowAttention:
     session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros.
     Rows whose route is one launch over a slot table (a TableLaunch from the backend's
     attend_deferred: Triton kernels, a pinned host tier read in place) run together, one launch
-    per layer for all of them (runtime/batch_attention.py); with shared=False each runs its own."""
+    per layer for all of them (runtime/batch_attention.py), and rows that search their host tier in
+    place on the CPU (a HostLaunch) make one compiled call per layer for all of them
+    (runtime/batch_host.py); with shared=False each runs its own."""
 
     def __init__(self, backends: list[Any], order: Tensor, shared: bool = True,
                  search_groups: Sequence[Sequence[int]] = ()) -> None:
@@ -106,6 +109,7 @@ class RowAttention:
         n = len(self.backends)
         o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
         launches: dict[int, TableLaunch] = {}
+        host: dict[int, HostLaunch] = {}
         pending: dict[int, PendingSearch] = {}
         for b, be in enumerate(self.backends):
             try:
@@ -116,6 +120,8 @@ class RowAttention:
                 raise
             if isinstance(got, PendingSearch):
                 pending[b] = got
+            elif isinstance(got, HostLaunch):
+                host[b] = got
             elif isinstance(got, TableLaunch):
                 launches[b] = got
             else:
@@ -134,6 +140,14 @@ class RowAttention:
                 else:
                     o[b : b + 1] = got
             launches = dict(sorted(launches.items()))
+        if host:
+            try:
+                run_host_launches(host, o)
+            except Exception as e:
+                pairs = ", ".join(str(int(self.order[b])) for b in host)
+                e.add_note(f"in the shared host-tier pass of rows {list(host)} of the batched step (pairs {pairs}, "
+                           f"layer {layer})")
+                raise
         if launches:
             try:
                 run_launches(launches, o)
@@ -145,11 +159,14 @@ class RowAttention:
         return o
 
     def _row(self, be: Any, b: int, layer: int, q: Tensor, k: Tensor, v: Tensor,
-             positions: Tensor) -> Tensor | TableLaunch | PendingSearch:
+             positions: Tensor) -> Tensor | TableLaunch | HostLaunch | PendingSearch:
         """Row b through its backend: attended, its launch (shared), or its pending search (grouped)."""
         args = (layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
-        if not self.shared or not hasattr(be, "attend_deferred"):
+        if not hasattr(be, "attend_deferred"):
             return be.attend(*args)
+        if not self.shared:  # each row's own launch; a host-tier pass is one row's call either way
+            got = be.attend_deferred(*args)
+            return got.run() if isinstance(got, (TableLaunch, HostLaunch)) else got
         if b in self._grouped:
             return be.attend_deferred(*args, defer_search=True)
         return be.attend_deferred(*args)

@@ -15,11 +15,13 @@ it hands them over (kernels/cpu_decode.py select_attend); `fused_cpu = False` fo
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kvloft.index.base import Selection
 from kvloft.kernels.cpu_decode import select_attend
 from kvloft.runtime.batch_attention import TableLaunch
+from kvloft.runtime.batch_host import HostLaunch
 from kvloft.runtime.batch_search import PendingSearch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
@@ -42,7 +44,7 @@ class ExactDecode:
         """q [1, H_q, D] of a token whose k, v are appended already (evicted: the rows that
         append moved to the host tier). Returns [1, H_q, D]."""
         got = self.prepare(layer, q, evicted, index_add)
-        return got.run() if isinstance(got, TableLaunch) else got
+        return got.run() if isinstance(got, (TableLaunch, HostLaunch)) else got
 
     def prepare(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool,
                 defer_search: bool = False) -> Tensor | TableLaunch | PendingSearch:
@@ -57,6 +59,9 @@ class ExactDecode:
         budget = ctx.rcfg.budget if tiers.n_host else 0
         pending = self.fetch.start(layer, tiers, q1, evicted, budget, index_add)
         if budget and self._fused_cpu(tiers):
+            host = self._host_launch(layer, tiers, q1, budget)
+            if host is not None:
+                return host
             if defer_search:
                 return PendingSearch(self.fetch, layer, q1, budget, ctx.timers,
                                      lambda sel: self._cpu_attend(tiers, q1, sel))
@@ -96,6 +101,19 @@ class ExactDecode:
         ctx = self.ctx
         return (self.fused_cpu and ctx.device.type == "cpu" and ctx.ops.name == "reference"
                 and tiers.host_dtype is None and isinstance(self.fetch, InPlaceRows))
+
+    def _host_launch(self, layer: int, tiers: LayerTiers, q1: Tensor, budget: int) -> HostLaunch | None:
+        """The CPU route as one compiled pass over the host tier (runtime/batch_host.py), where the
+        retriever searches it in place (ExactRetriever.scans_in_place) and every row is fp32 in
+        memory; None elsewhere."""
+        r = self.fetch.retriever
+        scans = getattr(r, "scans_in_place", None)
+        if scans is None or not scans(layer) or q1.dtype != torch.float32 or tiers.k.dtype != torch.float32 \
+                or not (tiers.k.is_contiguous() and tiers.v.is_contiguous()):
+            return None
+        k = min(budget, tiers.n_host)
+        return HostLaunch(q1, tiers, r, k, self.ctx.scale, self.ctx,
+                          lambda: self._cpu_step(layer, tiers, q1, budget))
 
     def _cpu_step(self, layer: int, tiers: LayerTiers, q1: Tensor, budget: int) -> Tensor:
         """q1 [H_q, D] over the static tier and its selection in one softmax -> [1, H_q, D]."""
