@@ -6,7 +6,8 @@ and values, no prefill), exact retrieval (--budget, --sink, --window: serve_load
 sink 16, window 64, budget 64). For each B, --steps engine steps; per step the wall time, the
 time inside the batched attention calls (RowAttention.attend: append, search, attention, per
 layer) and the rest (embedding, the weight GEMMs, norms, head, Python). Medians; the load
-average before and after. Compare code versions by running it with each on PYTHONPATH.
+average before and after. --compare alternates each step with the per-row route (kernels/
+cpu_rows.py enabled = False), so both see the same load.
 
     python bench/cpu_batch_step.py --batches 1,4,16 --tokens 2048 --budget 256
 Prints one JSON line per B, then a summary line.
@@ -29,6 +30,7 @@ from common import fill_context  # noqa: E402
 
 import kvloft  # noqa: E402
 from kvloft.config import RetrievalConfig, RuntimeConfig  # noqa: E402
+from kvloft.kernels import cpu_rows  # noqa: E402
 from kvloft.runtime import engine as engine_mod  # noqa: E402
 
 
@@ -60,23 +62,30 @@ def run_batch(model, b: int, args, acc: list[float]) -> dict:
     toks = [7 + i for i in range(b)]
     for _ in range(2):  # warm up
         engine.step(list(zip(sessions, toks, strict=True)))
-    wall, attn = [], []
+    routes = [True, False] if args.compare else [True]
+    wall: dict[bool, list[float]] = {r: [] for r in routes}
+    attn: dict[bool, list[float]] = {r: [] for r in routes}
     for i in range(args.steps):
-        acc[0] = 0.0
-        t0 = time.perf_counter()
-        engine.step([(s, 11 + i + j) for j, s in enumerate(sessions)])
-        wall.append(1e3 * (time.perf_counter() - t0))
-        attn.append(1e3 * acc[0])
+        for r in routes:  # alternating, so that both routes see the same load
+            cpu_rows.enabled = r
+            acc[0] = 0.0
+            t0 = time.perf_counter()
+            engine.step([(s, 11 + i + j) for j, s in enumerate(sessions)])
+            wall[r].append(1e3 * (time.perf_counter() - t0))
+            attn[r].append(1e3 * acc[0])
+    cpu_rows.enabled = True
     timers: dict[str, float] = {}
     for s in sessions:
         for k, v in s.backend.timers.seconds.items():
             timers[k] = timers.get(k, 0.0) + v
-    steps = args.steps + 2
-    med_w, med_a = statistics.median(wall), statistics.median(attn)
-    return {"batch": b, "step_ms": round(med_w, 1), "attention_ms": round(med_a, 1),
-            "rest_ms": round(med_w - med_a, 1), "ms_per_token": round(med_w / b, 1),
-            "row_timers_ms_per_step": {k: round(1e3 * v / steps, 1) for k, v in sorted(timers.items())},
-            "steps_ms": [round(x, 1) for x in wall]}
+    steps = len(routes) * args.steps + 2
+    row = {"batch": b, "row_timers_ms_per_step": {k: round(1e3 * v / steps, 1) for k, v in sorted(timers.items())}}
+    for r in routes:
+        med_w, med_a = statistics.median(wall[r]), statistics.median(attn[r])
+        row["host_pass" if r else "per_row"] = {
+            "step_ms": round(med_w, 1), "attention_ms": round(med_a, 1), "rest_ms": round(med_w - med_a, 1),
+            "ms_per_token": round(med_w / b, 1), "steps_ms": [round(x, 1) for x in wall[r]]}
+    return row
 
 
 def main() -> None:
@@ -87,7 +96,8 @@ def main() -> None:
     p.add_argument("--sink", type=int, default=16)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--profile", action="store_true", help="torch profiler table of one step at the largest B")
+    p.add_argument("--compare", action="store_true",
+                   help="alternate each step with the per-row route (kernels/cpu_rows.py enabled = False)")
     a = p.parse_args()
     model = kvloft.load_model("smollm2")
     acc = timed_attention()
@@ -99,7 +109,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(json.dumps({"tokens": a.tokens, "budget": a.budget, "sink": a.sink, "window": a.window,
                       "threads": torch.get_num_threads(), "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
-                      "step_ms": {r["batch"]: r["step_ms"] for r in rows}}))
+                      "step_ms": {r["batch"]: r["host_pass"]["step_ms"] for r in rows}}))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, check_select, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
-from kvloft.kernels import cpu_rank, cpu_score, reference, score_keys
+from kvloft.kernels import cpu_rank, cpu_rows, cpu_score, reference, score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
 
@@ -181,7 +181,7 @@ class ExactRetriever:
         tiers = self.tiers.get(layer)
         return (tiers is not None and self.device.type == "cpu" and self.rank == "logit"
                 and self.cfg.gqa_reduce == "max" and not self.cfg.max_similar and cpu_rank.enabled
-                and cpu_score.enabled and tiers.host_k.dtype == torch.float32)
+                and cpu_score.enabled and cpu_rows.enabled and tiers.host_k.dtype == torch.float32)
 
     def record_selection(self, sel: Selection) -> None:
         """Count a selection made for this retriever outside select() (runtime/batch_host.py)."""

@@ -39,6 +39,7 @@ from kvloft.kernels.cpu_score import _score_rows
 from kvloft.kernels.cpu_split import claim, commit, done, settle
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
 
+enabled = True  # False: each row searches and attends alone (index/exact.py select, cpu_decode.select_attend)
 META = 8  # int64 fields per row in `meta`
 S_K, S_V, S_N, N_HOST, CHUNK_ROWS, CHUNK0, TOPK = range(7)
 
