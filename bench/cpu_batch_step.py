@@ -30,7 +30,10 @@ from common import fill_context  # noqa: E402
 
 import kvloft  # noqa: E402
 from kvloft.config import RetrievalConfig, RuntimeConfig  # noqa: E402
-from kvloft.kernels import cpu_rows  # noqa: E402
+try:  # absent from versions before it (run this file against them with PYTHONPATH)
+    from kvloft.kernels import cpu_rows  # noqa: E402
+except ImportError:
+    cpu_rows = None
 from kvloft.runtime import engine as engine_mod  # noqa: E402
 
 
@@ -67,13 +70,15 @@ def run_batch(model, b: int, args, acc: list[float]) -> dict:
     attn: dict[bool, list[float]] = {r: [] for r in routes}
     for i in range(args.steps):
         for r in routes:  # alternating, so that both routes see the same load
-            cpu_rows.enabled = r
+            if cpu_rows is not None:
+                cpu_rows.enabled = r
             acc[0] = 0.0
             t0 = time.perf_counter()
             engine.step([(s, 11 + i + j) for j, s in enumerate(sessions)])
             wall[r].append(1e3 * (time.perf_counter() - t0))
             attn[r].append(1e3 * acc[0])
-    cpu_rows.enabled = True
+    if cpu_rows is not None:
+        cpu_rows.enabled = True
     timers: dict[str, float] = {}
     for s in sessions:
         for k, v in s.backend.timers.seconds.items():
