@@ -105,10 +105,12 @@ class ExactDecode:
     def _host_launch(self, layer: int, tiers: LayerTiers, q1: Tensor, budget: int) -> HostLaunch | None:
         """The CPU route as one compiled pass over the host tier (runtime/batch_host.py), where the
         retriever searches it in place (ExactRetriever.scans_in_place) and every row is fp32 in
-        memory; None elsewhere."""
+        memory; None elsewhere (then select() and select_attend, below)."""
         r = self.fetch.retriever
-        scans = getattr(r, "scans_in_place", None)
-        if scans is None or not scans(layer) or q1.dtype != torch.float32 or tiers.k.dtype != torch.float32 \
+        # looked up on the class: a wrapper that forwards attributes (eval's counting retriever)
+        # sees every select(), so its rows take the row's own route
+        scans = getattr(type(r), "scans_in_place", None)
+        if scans is None or not scans(r, layer) or q1.dtype != torch.float32 or tiers.k.dtype != torch.float32 \
                 or not (tiers.k.is_contiguous() and tiers.v.is_contiguous()):
             return None
         k = min(budget, tiers.n_host)
