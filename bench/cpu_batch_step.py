@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--sink", type=int, default=16)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default="", help="write the rows and the summary to this JSON file")
     p.add_argument("--compare", action="store_true",
                    help="alternate each step with the per-row route (kernels/cpu_rows.py enabled = False)")
     a = p.parse_args()
@@ -112,9 +113,13 @@ def main() -> None:
         row = run_batch(model, b, a, acc)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(json.dumps({"tokens": a.tokens, "budget": a.budget, "sink": a.sink, "window": a.window,
-                      "threads": torch.get_num_threads(), "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
-                      "step_ms": {r["batch"]: r["host_pass"]["step_ms"] for r in rows}}))
+    summary = {"tokens": a.tokens, "budget": a.budget, "sink": a.sink, "window": a.window,
+               "threads": torch.get_num_threads(), "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+               "step_ms": {r["batch"]: r["host_pass"]["step_ms"] for r in rows}}
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump({**summary, "rows": rows}, fh, indent=1)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ def start() -> threading.Thread:
     """Start loading the compiled CPU kernels in a daemon thread, once per process; returns the
     thread (join it to wait). Later calls return the same thread."""
     global _started
+    # numba's argument typing reads np.ma, which numpy imports lazily: a first import from this
+    # thread and the caller's at once recursed in numpy's __getattr__ (RecursionError in a feed)
+    import numpy.ma  # noqa: F401
+
     with _lock:
         if _started is None:
             _started = threading.Thread(target=_warm_all, name="kvloft-cpu-kernels", daemon=True)
