@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import fill_context  # noqa: E402
+from common import fill_context
 
-import kvloft  # noqa: E402
-from kvloft.config import RetrievalConfig, RuntimeConfig  # noqa: E402
+import kvloft
+from kvloft.config import RetrievalConfig, RuntimeConfig
+
 try:  # absent from versions before it (run this file against them with PYTHONPATH)
-    from kvloft.kernels import cpu_rows  # noqa: E402
+    from kvloft.kernels import cpu_rows
 except ImportError:
     cpu_rows = None
-from kvloft.runtime import engine as engine_mod  # noqa: E402
+from kvloft.runtime import engine as engine_mod
 
 
 def timed_attention() -> list[float]:

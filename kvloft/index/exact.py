@@ -23,7 +23,10 @@ options={"keys_on": "device"} keeps a copy instead, as on CUDA): no second copy 
 key, nothing to add while decoding, and the per-head logits it ranked every row by are the
 attention's logits for those rows, so the selection hands them over (Selection.logits) and
 the CPU decode step reads the selected rows' logits instead of gathering their keys and
-multiplying again (kernels/cpu_decode.py).
+multiplying again (kernels/cpu_decode.py). Ranked by the group max (the default), the decode
+step's search and attention are one compiled pass over the rows of a batched step
+(scans_in_place: runtime/batch_host.py, kernels/cpu_rows.py), equal to select() and that
+attention row for row.
 """
 
 from __future__ import annotations

@@ -59,12 +59,12 @@ def _rows(x, w, b, has_bias, out, o):  # output o of every row: w[o] read once, 
             a3 += x3[i] * wi
         out[t, o], out[t + 1, o], out[t + 2, o], out[t + 3, o] = a0 + bias, a1 + bias, a2 + bias, a3 + bias
         t += 4
-    for t in range(t, t_n):
-        xr = x[t]
+    for r in range(t, t_n):
+        xr = x[r]
         acc = np.float32(0.0)
         for i in range(i_n):
             acc += xr[i] * wr[i]
-        out[t, o] = acc + bias
+        out[r, o] = acc + bias
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)

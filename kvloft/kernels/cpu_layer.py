@@ -66,11 +66,11 @@ def _dots(h, w, r0, n, tmp):  # tmp[t, j] = h[t] . w[r0 + j] for j < n; w[r] rea
                 a3 += h3[i] * wi
             tmp[t, j], tmp[t + 1, j], tmp[t + 2, j], tmp[t + 3, j] = a0, a1, a2, a3
             t += 4
-        for t in range(t, t_n):
+        for r in range(t, t_n):
             acc = np.float32(0.0)
             for i in range(i_n):
-                acc += h[t, i] * wr[i]
-            tmp[t, j] = acc
+                acc += h[r, i] * wr[i]
+            tmp[r, j] = acc
 
 
 @_jit

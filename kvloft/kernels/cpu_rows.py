@@ -93,7 +93,7 @@ def _row(q, m, kaddr, vaddr, scale, hkv, d, logits, out, lse, ids):
 @njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
 def _rows(role, q, meta, kaddr, vaddr, scale, n_max, k_max, out, lse, ids, ok, ctl):
     # q [B, H_q, D]; out [B, H_q, D], lse [B, H_q], ids [B, H_kv, k_max], ok [B] uint8; one row a chunk
-    b_n, hq, d = q.shape
+    _, hq, d = q.shape
     hkv = ids.shape[1]
     logits = np.empty((hq, n_max), np.float32)
     o = np.empty((hq, d), np.float32)

@@ -11,6 +11,9 @@ their searches too where the retrievers search together (runtime/batch_search.py
 On the CPU (torch kernels, rows read in place from a host tier of model-dtype rows) the static
 tier and the selection share one softmax, the selected rows' logits taken from the search where
 it hands them over (kernels/cpu_decode.py select_attend); `fused_cpu = False` forces the merge.
+Where the exact retriever searches the host tier in place (ExactRetriever.scans_in_place) the
+search and that softmax are one compiled call, prepared as a HostLaunch and run with the other
+rows of a batched step (runtime/batch_host.py; alone: a call of one row).
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ it replaces (static and retrieved partials merged, keys gathered)."""
 import pytest
 import torch
 
-import kvloft.runtime.batch_host as batch_host
-import kvloft.runtime.exact_decode as exact_decode
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft.runtime import batch_host, exact_decode
 
 
 @pytest.fixture(scope="module")
