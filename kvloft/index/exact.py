@@ -23,7 +23,10 @@ options={"keys_on": "device"} keeps a copy instead, as on CUDA): no second copy 
 key, nothing to add while decoding, and the per-head logits it ranked every row by are the
 attention's logits for those rows, so the selection hands them over (Selection.logits) and
 the CPU decode step reads the selected rows' logits instead of gathering their keys and
-multiplying again (kernels/cpu_decode.py).
+multiplying again (kernels/cpu_decode.py). Ranked by the group max (the default), the decode
+step's search and attention are one compiled pass over the rows of a batched step
+(scans_in_place: runtime/batch_host.py, kernels/cpu_rows.py), equal to select() and that
+attention row for row.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, check_select, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
-from kvloft.kernels import cpu_rank, reference, score_keys
+from kvloft.kernels import cpu_rank, cpu_rows, cpu_score, reference, score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
 
@@ -173,6 +176,19 @@ class ExactRetriever:
                         logits=logits if layer in self.tiers else None)
         self._stats.record(sel)
         return sel
+
+    def scans_in_place(self, layer: int) -> bool:
+        """This layer's search can run as the CPU decode step's compiled pass over the host tier
+        (runtime/batch_host.py, kernels/cpu_rows.py): the host tier attached and searched in
+        place, fp32, logits ranked by the group max with the compiled ranking."""
+        tiers = self.tiers.get(layer)
+        return (tiers is not None and self.device.type == "cpu" and self.rank == "logit"
+                and self.cfg.gqa_reduce == "max" and not self.cfg.max_similar and cpu_rank.enabled
+                and cpu_score.enabled and cpu_rows.enabled and tiers.host_k.dtype == torch.float32)
+
+    def record_selection(self, sel: Selection) -> None:
+        """Count a selection made for this retriever outside select() (runtime/batch_host.py)."""
+        self._stats.record(sel)
 
     def record_fixed(self, n_keys: int, budget: int) -> None:
         """Count a selection made on the device inside a captured decode step (runtime/whole_exact.py:

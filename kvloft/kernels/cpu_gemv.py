@@ -8,8 +8,9 @@ AVX2 development machine, ~6 GB/s under load; this loop, each output row's weigh
 order, reads them at ~10 GB/s on one thread and, split over 2 threads by output on a quiet
 machine, at ~21-26 GB/s (318 MB: 12-15 ms against 38.7 ms); see PARALLEL_MIN_BYTES for why
 one thread is the default.
-With T > 1 each weight row is dotted with all T inputs while it sits in L1, so up to
-`MAX_ROWS` rows cost about one read of the weights; past that, a real GEMM (F.linear) wins.
+With T > 1 each weight row is dotted with all T inputs while it sits in L1 (four inputs a pass,
+four sums in flight), so up to `MAX_ROWS` rows cost about one read of the weights plus their
+arithmetic; past that, a real GEMM (F.linear) wins.
 
 fp32 only; the sum of each dot product is reordered (fastmath: vector lanes), so results
 differ from F.linear by fp32 summation order (tests/kernels/test_cpu_gemv.py bounds it).
@@ -26,7 +27,10 @@ from torch import Tensor
 
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
 
-MAX_ROWS = 8  # rows per call through the compiled loop; more go to F.linear (a GEMM)
+# rows per call through the compiled loop; more go to F.linear (a GEMM). 16: a batched decode step
+# of 16 sessions stays here; F.linear's OpenMP GEMM of 16 rows waited on a descheduled thread under
+# load (a SmolLM2 layer's projections and MLP: ~225 ms against ~4 ms here, load ~4).
+MAX_ROWS = 16
 # Weights of at least this many bytes are split over numba's threads, in one OpenMP parallel
 # region a call; None (the default): every call on the caller's thread. A region waits for every
 # thread to be scheduled: on this shared 2-core machine under load (load average 4-8), a region
@@ -42,12 +46,25 @@ PARALLEL_MIN_BYTES: int | None = None
 def _rows(x, w, b, has_bias, out, o):  # output o of every row: w[o] read once, dotted with each x[t]
     wr = w[o]
     bias = b[o] if has_bias else np.float32(0.0)
-    for t in range(x.shape[0]):
-        xr = x[t]
+    t_n, i_n = x.shape
+    t = 0
+    while t + 4 <= t_n:  # four rows a pass: four sums in flight, each load of w[o] used four times
+        x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for i in range(i_n):
+            wi = wr[i]
+            a0 += x0[i] * wi
+            a1 += x1[i] * wi
+            a2 += x2[i] * wi
+            a3 += x3[i] * wi
+        out[t, o], out[t + 1, o], out[t + 2, o], out[t + 3, o] = a0 + bias, a1 + bias, a2 + bias, a3 + bias
+        t += 4
+    for r in range(t, t_n):
+        xr = x[r]
         acc = np.float32(0.0)
-        for i in range(x.shape[1]):
+        for i in range(i_n):
             acc += xr[i] * wr[i]
-        out[t, o] = acc + bias
+        out[r, o] = acc + bias
 
 
 @njit(parallel=True, fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)

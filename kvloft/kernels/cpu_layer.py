@@ -29,7 +29,7 @@ from kvloft.kernels import cpu_split
 from kvloft.kernels.cpu_split import claim, commit, done, settle
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
 
-MAX_ROWS = 8  # input rows per call (cpu_gemv.MAX_ROWS): past that a GEMM (F.linear) wins
+MAX_ROWS = 16  # input rows per call (cpu_gemv.MAX_ROWS, which says why 16): past that a GEMM (F.linear)
 ROWS = 64  # weight rows per chunk of split work: 147 KB of SmolLM2's hidden 576, read in ~15 us
 
 _jit = njit(fastmath=FASTMATH, error_model=ERROR_MODEL, nogil=True, cache=True)
@@ -51,13 +51,26 @@ def _norm(x, w, eps):  # x [T, I], w [I] -> rmsnorm(x) * w [T, I] (each thread m
 
 @_jit
 def _dots(h, w, r0, n, tmp):  # tmp[t, j] = h[t] . w[r0 + j] for j < n; w[r] read once for every t
+    t_n, i_n = h.shape
     for j in range(n):
         wr = w[r0 + j]
-        for t in range(h.shape[0]):
+        t = 0
+        while t + 4 <= t_n:  # four rows a pass: four sums in flight, each load of w[r] used four times
+            h0, h1, h2, h3 = h[t], h[t + 1], h[t + 2], h[t + 3]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for i in range(i_n):
+                wi = wr[i]
+                a0 += h0[i] * wi
+                a1 += h1[i] * wi
+                a2 += h2[i] * wi
+                a3 += h3[i] * wi
+            tmp[t, j], tmp[t + 1, j], tmp[t + 2, j], tmp[t + 3, j] = a0, a1, a2, a3
+            t += 4
+        for r in range(t, t_n):
             acc = np.float32(0.0)
-            for i in range(h.shape[1]):
-                acc += h[t, i] * wr[i]
-            tmp[t, j] = acc
+            for i in range(i_n):
+                acc += h[r, i] * wr[i]
+            tmp[r, j] = acc
 
 
 @_jit

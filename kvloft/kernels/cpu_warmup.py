@@ -22,9 +22,9 @@ _lock = threading.Lock()
 
 
 def _warm_all() -> None:
-    from kvloft.kernels import cpu_attend, cpu_decode, cpu_gemv, cpu_layer, cpu_rank, cpu_score
+    from kvloft.kernels import cpu_attend, cpu_decode, cpu_gemv, cpu_layer, cpu_rank, cpu_rows, cpu_score
 
-    for kernel in (cpu_layer, cpu_attend, cpu_gemv, cpu_score, cpu_decode, cpu_rank):
+    for kernel in (cpu_layer, cpu_attend, cpu_gemv, cpu_score, cpu_decode, cpu_rank, cpu_rows):
         try:
             kernel.warm()
         except Exception:  # a kernel that cannot compile fails again, loudly, at its first real call
@@ -35,6 +35,10 @@ def start() -> threading.Thread:
     """Start loading the compiled CPU kernels in a daemon thread, once per process; returns the
     thread (join it to wait). Later calls return the same thread."""
     global _started
+    # numba's argument typing reads np.ma, which numpy imports lazily: a first import from this
+    # thread and the caller's at once recursed in numpy's __getattr__ (RecursionError in a feed)
+    import numpy.ma  # noqa: F401
+
     with _lock:
         if _started is None:
             _started = threading.Thread(target=_warm_all, name="kvloft-cpu-kernels", daemon=True)

@@ -36,6 +36,7 @@ from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import Retriever
 from kvloft.kernels import KernelSet
 from kvloft.runtime.batch_attention import TableLaunch
+from kvloft.runtime.batch_host import HostLaunch
 from kvloft.runtime.batch_search import PendingSearch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.dense import DenseAttention, Timers
@@ -96,10 +97,10 @@ class TieredAttention:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [T, H_q, D], k, v [T, H_kv, D] (keys rotated) at positions [T] -> out [T, H_q, D]."""
         out = self.attend_deferred(layer, q, k, v, positions)
-        return out.run() if isinstance(out, TableLaunch) else out
+        return out.run() if isinstance(out, (TableLaunch, HostLaunch)) else out
 
     def attend_deferred(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
-                        defer_search: bool = False) -> Tensor | TableLaunch | PendingSearch:
+                        defer_search: bool = False) -> Tensor | TableLaunch | HostLaunch | PendingSearch:
         """attend(), except that a decode token on the one-launch route comes back as its
         TableLaunch (k, v appended, the selection made), to be run with other sessions' rows
         (a batched step: runtime/batch_attention.py). defer_search: a decode token at exact

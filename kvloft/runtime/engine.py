@@ -49,12 +49,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from kvloft.config import GRAPH_MODES
 from kvloft.runtime.attention import TieredAttention
 from kvloft.runtime.batch_attention import TableLaunch, run_launches
+from kvloft.runtime.batch_host import HostLaunch, run_host_launches
 from kvloft.runtime.batch_search import PendingSearch, run_searches
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import generation_stops
@@ -84,12 +86,35 @@ def _token(t: Any) -> int:
     return t
 
 
+def _split_rows(logits: Tensor, order: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """logits [B, V] in plan order -> (the rows in pair order [B, V], a copy of each row [V]).
+    On the CPU through numpy, on the caller's thread: a torch copy of B x V floats is an OpenMP
+    region, and under load each waited a time slice (4-16 ms here) on a descheduled thread."""
+    if logits.device.type != "cpu":
+        out = torch.empty_like(logits)
+        out[order.to(logits.device)] = logits
+        return out, [row.clone() for row in logits]
+    ln = logits.numpy()
+    out = torch.from_numpy(ln[np.argsort(order.numpy())])
+    return out, [torch.from_numpy(row.copy()) for row in ln]
+
+
+def _rows_finite(logits: Tensor) -> Tensor:
+    """logits [B, V] -> [B] bool (CPU): each row's fp64 sum is finite (numerics.finite_sum: NaN
+    and inf propagate). On the CPU through numpy, as _split_rows says why."""
+    if logits.device.type != "cpu":
+        return torch.isfinite(logits.sum(dim=-1, dtype=torch.float64)).cpu()
+    return torch.from_numpy(np.isfinite(logits.numpy().sum(axis=-1, dtype=np.float64)))
+
+
 class RowAttention:
     """The attention backend of a batched step: row b of q, k, v goes through backends[b], its
     session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros.
     Rows whose route is one launch over a slot table (a TableLaunch from the backend's
     attend_deferred: Triton kernels, a pinned host tier read in place) run together, one launch
-    per layer for all of them (runtime/batch_attention.py); with shared=False each runs its own."""
+    per layer for all of them (runtime/batch_attention.py), and rows that search their host tier in
+    place on the CPU (a HostLaunch) make one compiled call per layer for all of them
+    (runtime/batch_host.py); with shared=False each runs its own."""
 
     def __init__(self, backends: list[Any], order: Tensor, shared: bool = True,
                  search_groups: Sequence[Sequence[int]] = ()) -> None:
@@ -106,6 +131,7 @@ class RowAttention:
         n = len(self.backends)
         o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
         launches: dict[int, TableLaunch] = {}
+        host: dict[int, HostLaunch] = {}
         pending: dict[int, PendingSearch] = {}
         for b, be in enumerate(self.backends):
             try:
@@ -116,6 +142,8 @@ class RowAttention:
                 raise
             if isinstance(got, PendingSearch):
                 pending[b] = got
+            elif isinstance(got, HostLaunch):
+                host[b] = got
             elif isinstance(got, TableLaunch):
                 launches[b] = got
             else:
@@ -134,6 +162,14 @@ class RowAttention:
                 else:
                     o[b : b + 1] = got
             launches = dict(sorted(launches.items()))
+        if host:
+            try:
+                run_host_launches(host, o)
+            except Exception as e:
+                pairs = ", ".join(str(int(self.order[b])) for b in host)
+                e.add_note(f"in the shared host-tier pass of rows {list(host)} of the batched step (pairs {pairs}, "
+                           f"layer {layer})")
+                raise
         if launches:
             try:
                 run_launches(launches, o)
@@ -145,11 +181,14 @@ class RowAttention:
         return o
 
     def _row(self, be: Any, b: int, layer: int, q: Tensor, k: Tensor, v: Tensor,
-             positions: Tensor) -> Tensor | TableLaunch | PendingSearch:
+             positions: Tensor) -> Tensor | TableLaunch | HostLaunch | PendingSearch:
         """Row b through its backend: attended, its launch (shared), or its pending search (grouped)."""
         args = (layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
-        if not self.shared or not hasattr(be, "attend_deferred"):
+        if not hasattr(be, "attend_deferred"):
             return be.attend(*args)
+        if not self.shared:  # each row's own launch; a host-tier pass is one row's call either way
+            got = be.attend_deferred(*args)
+            return got.run() if isinstance(got, (TableLaunch, HostLaunch)) else got
         if b in self._grouped:
             return be.attend_deferred(*args, defer_search=True)
         return be.attend_deferred(*args)
@@ -281,10 +320,9 @@ class Engine:
         logits = self._forward(plan, rows)  # [B, V] in plan order
         self._check_finite(plan, rows, logits)
         dt = time.perf_counter() - t0
-        out = torch.empty_like(logits)
-        out[plan.order.to(logits.device)] = logits
+        out, each = _split_rows(logits, plan.order)
         for b, s in enumerate(rows):
-            s._last_logits = logits[b].clone()
+            s._last_logits = each[b]
             s._times["decode_s"] += dt
             s._times["decode_tokens"] += 1
             s.tokens.append(int(plan.tokens[b]))
@@ -354,7 +392,7 @@ class Engine:
 
     def _check_finite(self, plan: StepPlan, rows: list[Session], logits: Tensor) -> None:
         """NonFiniteError naming every row whose logits hold NaN/inf (one host sync)."""
-        ok = torch.isfinite(logits).all(dim=-1).cpu()  # [B]
+        ok = _rows_finite(logits)  # [B]
         if bool(ok.all()):
             return
         bad = [b for b in range(len(rows)) if not ok[b]]

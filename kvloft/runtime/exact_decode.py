@@ -11,15 +11,20 @@ their searches too where the retrievers search together (runtime/batch_search.py
 On the CPU (torch kernels, rows read in place from a host tier of model-dtype rows) the static
 tier and the selection share one softmax, the selected rows' logits taken from the search where
 it hands them over (kernels/cpu_decode.py select_attend); `fused_cpu = False` forces the merge.
+Where the exact retriever searches the host tier in place (ExactRetriever.scans_in_place) the
+search and that softmax are one compiled call, prepared as a HostLaunch and run with the other
+rows of a batched step (runtime/batch_host.py; alone: a call of one row).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kvloft.index.base import Selection
 from kvloft.kernels.cpu_decode import select_attend
 from kvloft.runtime.batch_attention import TableLaunch
+from kvloft.runtime.batch_host import HostLaunch
 from kvloft.runtime.batch_search import PendingSearch
 from kvloft.runtime.context import AttentionContext
 from kvloft.runtime.host_rows import InPlaceRows
@@ -42,7 +47,7 @@ class ExactDecode:
         """q [1, H_q, D] of a token whose k, v are appended already (evicted: the rows that
         append moved to the host tier). Returns [1, H_q, D]."""
         got = self.prepare(layer, q, evicted, index_add)
-        return got.run() if isinstance(got, TableLaunch) else got
+        return got.run() if isinstance(got, (TableLaunch, HostLaunch)) else got
 
     def prepare(self, layer: int, q: Tensor, evicted: Evicted | None, index_add: bool,
                 defer_search: bool = False) -> Tensor | TableLaunch | PendingSearch:
@@ -57,6 +62,9 @@ class ExactDecode:
         budget = ctx.rcfg.budget if tiers.n_host else 0
         pending = self.fetch.start(layer, tiers, q1, evicted, budget, index_add)
         if budget and self._fused_cpu(tiers):
+            host = self._host_launch(layer, tiers, q1, budget)
+            if host is not None:
+                return host
             if defer_search:
                 return PendingSearch(self.fetch, layer, q1, budget, ctx.timers,
                                      lambda sel: self._cpu_attend(tiers, q1, sel))
@@ -96,6 +104,21 @@ class ExactDecode:
         ctx = self.ctx
         return (self.fused_cpu and ctx.device.type == "cpu" and ctx.ops.name == "reference"
                 and tiers.host_dtype is None and isinstance(self.fetch, InPlaceRows))
+
+    def _host_launch(self, layer: int, tiers: LayerTiers, q1: Tensor, budget: int) -> HostLaunch | None:
+        """The CPU route as one compiled pass over the host tier (runtime/batch_host.py), where the
+        retriever searches it in place (ExactRetriever.scans_in_place) and every row is fp32 in
+        memory; None elsewhere (then select() and select_attend, below)."""
+        r = self.fetch.retriever
+        # looked up on the class: a wrapper that forwards attributes (eval's counting retriever)
+        # sees every select(), so its rows take the row's own route
+        scans = getattr(type(r), "scans_in_place", None)
+        if scans is None or not scans(r, layer) or q1.dtype != torch.float32 or tiers.k.dtype != torch.float32 \
+                or not (tiers.k.is_contiguous() and tiers.v.is_contiguous()):
+            return None
+        k = min(budget, tiers.n_host)
+        return HostLaunch(q1, tiers, r, k, self.ctx.scale, self.ctx,
+                          lambda: self._cpu_step(layer, tiers, q1, budget))
 
     def _cpu_step(self, layer: int, tiers: LayerTiers, q1: Tensor, budget: int) -> Tensor:
         """q1 [H_q, D] over the static tier and its selection in one softmax -> [1, H_q, D]."""

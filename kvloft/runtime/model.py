@@ -41,7 +41,7 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-_GEMV_ROWS = 8  # kernels/cpu_gemv.MAX_ROWS, checked against it where declared (numba imports lazily)
+_GEMV_ROWS = 16  # kernels/cpu_gemv.MAX_ROWS, checked against it where declared (numba imports lazily)
 _gemv = None  # kernels/cpu_gemv.linear_unchecked once a network declares it
 
 

@@ -15,7 +15,7 @@ def _err(got, want):
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
 @pytest.mark.parametrize("n_in,n_out,bias", [(576, 1536, False), (97, 1025, True), (13, 7, True), (1, 3, False)])
 def test_within_twice_f_linear_error(rows, n_in, n_out, bias, parallel, monkeypatch):
     monkeypatch.setattr(cpu_gemv, "PARALLEL_MIN_BYTES", 0 if parallel else None)
@@ -50,6 +50,6 @@ def test_refuses_what_it_cannot_take():
                      (torch.randn(2, 16), w.t().contiguous().t(), None),    # weight not contiguous
                      (torch.randn(2, 15), w, None),                         # inner size differs
                      (torch.randn(2, 16), w, torch.randn(7)),               # bias of the wrong size
-                     (torch.randn(9, 16), w, None)]:                        # too many rows
+                     (torch.randn(cpu_gemv.MAX_ROWS + 1, 16), w, None)]:    # too many rows
         with pytest.raises(ValueError, match="F.linear"):
             cpu_gemv.linear(x, wt, b)

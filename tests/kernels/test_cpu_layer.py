@@ -59,7 +59,9 @@ def _reference(w, x, o, cos, sin, hq, hkv, d):  # the layer in torch, any dtype
 @pytest.mark.parametrize("t,hidden,hq,hkv,d,inter,bias", [
     (1, 576, 9, 3, 64, 1536, False),   # SmolLM2's layer, one token
     (3, 100, 7, 1, 10, 150, True),     # MQA, partial chunks, biases (Qwen2)
-    (8, 64, 4, 2, 16, 65, False),      # MAX_ROWS rows, one row past a chunk
+    (8, 64, 4, 2, 16, 65, False),      # one row past a chunk
+    (cpu_layer.MAX_ROWS, 64, 4, 2, 16, 65, False),  # MAX_ROWS rows: four-row passes only
+    (11, 100, 7, 1, 10, 150, True),    # two four-row passes and three rows alone
 ])
 def test_layer_within_twice_torch_error(t, hidden, hq, hkv, d, inter, bias, split):
     w = _weights(hidden, hq, hkv, d, inter, bias, seed=t * 100 + hidden)

@@ -27,12 +27,12 @@ def test_loader_declares_fp32_cpu_and_decode_rows_take_the_gemv(monkeypatch):
     real = cpu_gemv.linear_unchecked
     monkeypatch.setattr("kvloft.runtime.model._gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     head = model.net.lm_head
-    for rows in (1, 8, 9):
+    for rows in (1, cpu_gemv.MAX_ROWS, cpu_gemv.MAX_ROWS + 1):
         x = torch.randn(rows, head.in_features)
         want = F.linear(x.double(), head.weight.double())
         got = head(x)
         assert (got.double() - want).abs().max() <= 2 * (F.linear(x, head.weight).double() - want).abs().max() + 1e-6
-    assert calls == [1, 8]  # 9 rows: a GEMM through F.linear
+    assert calls == [1, cpu_gemv.MAX_ROWS]  # MAX_ROWS + 1 rows: a GEMM through F.linear
 
 
 def test_declaration_follows_dtype_and_can_be_refused():

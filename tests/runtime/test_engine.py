@@ -223,6 +223,37 @@ def test_one_launch_rows_share_one_launch_per_layer_and_equal_alone(tiny, monkey
     assert calls == {"batched": [], "row": 4 * tiny.config.n_layers}
 
 
+def test_cpu_exact_rows_share_one_host_pass_per_layer_and_equal_alone(tiny, monkeypatch, tmp_path):
+    """Exact rows searching their host tiers in place on the CPU (runtime/batch_host.py) make ONE
+    compiled call per layer for all of them, and every session equals its own steps alone; a row
+    the call reports as not ranked (a NaN score) takes its own route, with the same result."""
+    from kvloft.runtime import batch_host
+
+    specs = [("exact", 300), ("dense", 120), ("exact", 410), ("exact", 200)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    want = [_greedy_alone(s, 4) for s in alone]
+    groups = []
+    real = batch_host._run_group
+    monkeypatch.setattr(batch_host, "_run_group", lambda rows: groups.append(len(rows)) or real(rows))
+    assert Engine(tiny).generate(batched, max_new_tokens=4, stop_at_eos=False) == want
+    assert groups == [3] * (4 * tiny.config.n_layers)
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+
+    def not_ranked(rows):  # row 0 of each call as if its scores held a NaN
+        out, ids, ok = real(rows)
+        ok[0] = False
+        return out, ids, ok
+
+    monkeypatch.setattr(batch_host, "_run_group", not_ranked)
+    toks = [5, 6, 7, 8]
+    logits = Engine(tiny).step(list(zip(batched, toks, strict=True)))
+    for b, (s, t) in enumerate(zip(alone, toks, strict=True)):
+        assert _rel(logits[b], s.step(t)) < LOGIT_TOL
+        assert _state(batched[b]) == _state(s)
+
+
 def test_hip_rows_search_together_and_equal_alone(tiny, monkeypatch, tmp_path):
     """Four HiP rows of three lengths (one with fewer host rows than the budget, one searching its
     host tier in place, one a step ahead in its refresh cycle), an exact and a dense row, on the
