@@ -3,7 +3,7 @@
 A session's one-launch decode route (exact_decode.py over rowspace.py's LayerRowSpace) is
 two halves: prepare (the retriever's selection, the row ids in the layer's slot table, the
 selection cache filled) and run (gather_attend_table, one launch). ExactDecode.prepare
-returns the first half as a `TableLaunch`. A batched step (engine.py's RowAttention) prepares
+returns the first half as a `TableLaunch`. A batched step (batch_layer.py's RowAttention) prepares
 every row, then `run_launches` runs the rows whose launches can share one as
 kernels/batched_decode.py's gather_attend_table_batched:
 

@@ -1,7 +1,7 @@
 """One retriever search per layer for the rows of a batched decode step that can share it.
 
 A session's decode route (exact_decode.py) selects host rows, then attends over them. In a
-batched step (engine.py's RowAttention) the rows the plan groups (StepPlan.search_groups:
+batched step (batch_layer.py's RowAttention) the rows the plan groups (StepPlan.search_groups:
 retrievers that declare `batched_select` with equal search keys, index/base.py BatchedSearch)
 stop after their append and index add and hand back a `PendingSearch`; `run_searches` then
 makes each group's selections in one select_batch call and finishes every row with its own:

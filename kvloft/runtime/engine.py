@@ -21,7 +21,8 @@ Each session keeps its own tiers, retriever and length. A step is planned on the
                x = block.post(x, o) for all B rows at once
     logits = head(x) [B, V]
 
-That is Transformer.forward over B tokens with RowAttention as its backend. On CUDA the
+That is Transformer.forward over B tokens with RowAttention (runtime/batch_layer.py) as its
+backend; the pairs are checked before anything changes (runtime/batch_checks.py). On CUDA the
 dense parts between attention calls replay as CUDA graphs (runtime/graphs.py, DecodeGraphs
 with batch rows; Engine's `graphs`), the batch padded to the next power of two. With
 graphs="whole" a batch whose every row's route declares a captured step (dense attention, exact
@@ -55,9 +56,8 @@ from torch import Tensor
 
 from kvloft.config import GRAPH_MODES
 from kvloft.runtime.attention import TieredAttention
-from kvloft.runtime.batch_attention import TableLaunch, run_launches
-from kvloft.runtime.batch_host import HostLaunch, run_host_launches
-from kvloft.runtime.batch_search import PendingSearch, run_searches
+from kvloft.runtime.batch_checks import check_pairs, check_sessions, is_int
+from kvloft.runtime.batch_layer import RowAttention
 from kvloft.runtime.graphs import DecodeGraphs
 from kvloft.runtime.inputs import generation_stops
 from kvloft.runtime.loader import Model
@@ -71,19 +71,6 @@ from kvloft.runtime.whole_step import WholeStep, graph_counts, not_whole, step_s
 __all__ = ["GRAPH_MODES", "MAX_BATCH_LIMIT", "Engine", "RowAttention"]
 
 MAX_BATCH_LIMIT = 4096  # max_batch above this is refused (per-step CPU plan, [B, V] logits)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _token(t: Any) -> int:
-    """A token id given as a Python int or a 0-dim integer tensor."""
-    if isinstance(t, Tensor) and t.dim() == 0 and not t.is_floating_point() and t.dtype != torch.bool:
-        return int(t)
-    if not _is_int(t):
-        raise TypeError(f"a token must be an int (or a 0-dim integer tensor), got {type(t).__name__} {t!r}")
-    return t
 
 
 def _split_rows(logits: Tensor, order: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -105,93 +92,6 @@ def _rows_finite(logits: Tensor) -> Tensor:
     if logits.device.type != "cpu":
         return torch.isfinite(logits.sum(dim=-1, dtype=torch.float64)).cpu()
     return torch.from_numpy(np.isfinite(logits.numpy().sum(axis=-1, dtype=np.float64)))
-
-
-class RowAttention:
-    """The attention backend of a batched step: row b of q, k, v goes through backends[b], its
-    session's own decode route; rows past len(backends) (padding of a graphed batch) get zeros.
-    Rows whose route is one launch over a slot table (a TableLaunch from the backend's
-    attend_deferred: Triton kernels, a pinned host tier read in place) run together, one launch
-    per layer for all of them (runtime/batch_attention.py), and rows that search their host tier in
-    place on the CPU (a HostLaunch) make one compiled call per layer for all of them
-    (runtime/batch_host.py); with shared=False each runs its own."""
-
-    def __init__(self, backends: list[Any], order: Tensor, shared: bool = True,
-                 search_groups: Sequence[Sequence[int]] = ()) -> None:
-        self.backends = backends
-        self.order = order  # [B] the pair each row came from, for error notes
-        self.shared = shared
-        # rows whose searches run together (StepPlan.search_groups), only where launches are shared
-        self.search_groups = [list(g) for g in search_groups] if shared else []
-        self._grouped = {b for g in self.search_groups for b in g}
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """q [B', H_q, D], k/v [B', H_kv, D] (rotated keys), positions [B'] -> out [B', H_q, D]
-        (B' >= B rows; each backend gets its row as a one-token decode step)."""
-        n = len(self.backends)
-        o = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
-        launches: dict[int, TableLaunch] = {}
-        host: dict[int, HostLaunch] = {}
-        pending: dict[int, PendingSearch] = {}
-        for b, be in enumerate(self.backends):
-            try:
-                got = self._row(be, b, layer, q, k, v, positions)
-            except Exception as e:
-                e.add_note(f"in row {b} of the batched step (pair {int(self.order[b])}, layer {layer}, "
-                           f"position {int(positions[b])})")
-                raise
-            if isinstance(got, PendingSearch):
-                pending[b] = got
-            elif isinstance(got, HostLaunch):
-                host[b] = got
-            elif isinstance(got, TableLaunch):
-                launches[b] = got
-            else:
-                o[b : b + 1] = got
-        if pending:
-            try:
-                searched = run_searches(pending, self.search_groups)
-            except Exception as e:
-                pairs = ", ".join(str(int(self.order[b])) for b in pending)
-                e.add_note(f"in the searches of rows {list(pending)} of the batched step (pairs {pairs}, "
-                           f"layer {layer})")
-                raise
-            for b, got in searched.items():
-                if isinstance(got, TableLaunch):
-                    launches[b] = got
-                else:
-                    o[b : b + 1] = got
-            launches = dict(sorted(launches.items()))
-        if host:
-            try:
-                run_host_launches(host, o)
-            except Exception as e:
-                pairs = ", ".join(str(int(self.order[b])) for b in host)
-                e.add_note(f"in the shared host-tier pass of rows {list(host)} of the batched step (pairs {pairs}, "
-                           f"layer {layer})")
-                raise
-        if launches:
-            try:
-                run_launches(launches, o)
-            except Exception as e:
-                pairs = ", ".join(str(int(self.order[b])) for b in launches)
-                e.add_note(f"in the shared attention launch of rows {list(launches)} of the batched step "
-                           f"(pairs {pairs}, layer {layer})")
-                raise
-        return o
-
-    def _row(self, be: Any, b: int, layer: int, q: Tensor, k: Tensor, v: Tensor,
-             positions: Tensor) -> Tensor | TableLaunch | HostLaunch | PendingSearch:
-        """Row b through its backend: attended, its launch (shared), or its pending search (grouped)."""
-        args = (layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], positions[b : b + 1])
-        if not hasattr(be, "attend_deferred"):
-            return be.attend(*args)
-        if not self.shared:  # each row's own launch; a host-tier pass is one row's call either way
-            got = be.attend_deferred(*args)
-            return got.run() if isinstance(got, (TableLaunch, HostLaunch)) else got
-        if b in self._grouped:
-            return be.attend_deferred(*args, defer_search=True)
-        return be.attend_deferred(*args)
 
 
 class Engine:
@@ -220,7 +120,7 @@ class Engine:
                  shared_attention: bool = True, shared_search: bool = True) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"Engine needs a model from kvloft.load_model(...), got {type(model).__name__}")
-        if not _is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        if not is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
             raise ValueError(f"max_batch must be an int in [1, {MAX_BATCH_LIMIT}], got {max_batch!r}")
         if graphs not in GRAPH_MODES:
             raise ValueError(f"graphs must be one of {GRAPH_MODES}, got {graphs!r}")
@@ -247,56 +147,11 @@ class Engine:
     def _capture(self) -> bool:
         return self.graphs in ("auto", "whole") and self.model.device.type == "cuda"
 
-    # ---- validation (before anything changes) ----------------------------------------------
-
-    def _check_sessions(self, sessions: Sequence[Any], what: str) -> None:
-        """Sessions of this model, plain Session decode path, each once, at most max_batch."""
-        if not sessions:
-            raise ValueError(f"{what} needs at least one session")
-        if len(sessions) > self.max_batch:
-            raise ValueError(f"{what} got {len(sessions)} sessions, over max_batch={self.max_batch}; "
-                             "split them over several calls or make an Engine with a larger max_batch")
-        seen: dict[int, int] = {}
-        for b, s in enumerate(sessions):
-            if not isinstance(s, Session):
-                raise TypeError(f"{what}: item {b} must be a kvloft.Session, got {type(s).__name__}")
-            if type(s)._forward is not Session._forward:
-                raise TypeError(f"{what}: session {b} is a {type(s).__name__}, which runs its own forward "
-                                "pass; decode it alone with session.step()")
-            if s.model is not self.model:
-                raise ValueError(f"{what}: session {b} belongs to another model object ({s.model.source}) than "
-                                 f"this engine's ({self.model.source}; each load_model call makes a new one); "
-                                 "step it with an Engine made for its model: kvloft.Engine(session.model)")
-            if id(s) in seen:
-                raise ValueError(f"{what}: session {b} is the same session as item {seen[id(s)]}; a session "
-                                 "appends one token per step: pass each session once")
-            seen[id(s)] = b
-            if s.last_logits is None:
-                raise ValueError(f"{what}: session {b} has no context; feed it a prompt first")
-
-    def _check_pairs(self, pairs: Sequence[Any]) -> list[tuple[Session, int]]:
-        if not isinstance(pairs, Sequence) or isinstance(pairs, (str, bytes)):
-            raise TypeError(f"step takes a list of (session, token) pairs, got {type(pairs).__name__}")
-        for b, p in enumerate(pairs):
-            if not isinstance(p, (tuple, list)) or len(p) != 2:
-                raise TypeError(f"step: item {b} must be a (session, token) pair, got {p!r}")
-        self._check_sessions([s for s, _ in pairs], "step")
-        out = []
-        for b, (s, t) in enumerate(pairs):
-            try:
-                tok = s._to_ids([_token(t)])[0]  # range-checked against the vocabulary
-                s._check_capacity(1)  # max_context, host budget, disk space, dense growth
-            except (TypeError, ValueError) as e:
-                e.add_note(f"in pair {b} of the step (a session of {len(s)} tokens); no session was changed")
-                raise
-            out.append((s, tok))
-        return out
-
     # ---- a step --------------------------------------------------------------------------
 
     def plan(self, pairs: Sequence[tuple[Session, int]]) -> StepPlan:
         """The plan step(pairs) would run (checked as step checks; changes nothing)."""
-        return plan_step(self._check_pairs(pairs))
+        return plan_step(check_pairs(pairs, self.model, self.max_batch))
 
     def step(self, pairs: Sequence[tuple[Session, int]]) -> Tensor:
         """Append token t_b to session s_b for each pair, all in one forward pass.
@@ -305,7 +160,7 @@ class Engine:
         also the session's last_logits). Refused before anything changes: an empty list, more
         than max_batch pairs, a session twice, an unfed session, a session of another model.
         If the step raises, every session of the batch is rolled back (the error names the row)."""
-        checked = self._check_pairs(pairs)
+        checked = check_pairs(pairs, self.model, self.max_batch)
         sessions = [s for s, _ in checked]
         marks = [s._mark() for s in sessions]
         try:
@@ -424,7 +279,7 @@ class Engine:
         if not isinstance(stop_at_eos, bool):
             raise TypeError(f"stop_at_eos must be a bool, got {type(stop_at_eos).__name__}")
         sessions = list(sessions)
-        self._check_sessions(sessions, "generate")
+        check_sessions(sessions, "generate", self.model, self.max_batch)
         marks = [s._mark() for s in sessions]
         try:
             return self._generate(sessions, max_new_tokens, stop_at_eos)
