@@ -59,6 +59,7 @@ from kvloft.scheduler.prefill_chunk import (
 )
 from kvloft.scheduler.weight_storage import weight_bytes
 from kvloft.scheduler.workspace import decode_workspace, prefill_workspace
+from kvloft.tiers.dense import dense_capacity
 
 __all__ = ["CACHE_HEADROOM", "PREFILL_CHUNKS", "SELECTING_CHUNK_MAX", "MemoryPlan", "available_bytes",
            "dense_kv_bytes", "fmt_bytes", "hip_host_copy", "pick_prefill_chunk", "plan_memory", "resolve_cache_bytes",
@@ -171,10 +172,7 @@ def _chunks(rows: int, chunk: int) -> int:
 
 
 def _dense_capacity(n: int) -> int:
-    cap = 1024  # DenseKV doubles from 1024 rows
-    while cap < n:
-        cap *= 2
-    return cap
+    return dense_capacity(n)  # DenseKV's growth rule (tiers/dense.py)
 
 
 def hip_host_copy(rcfg: RetrievalConfig, cache_cfg: CacheConfig, runtime: RuntimeConfig) -> str | None:

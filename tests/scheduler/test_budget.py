@@ -253,3 +253,68 @@ def test_hip_host_plan_matches_a_session(host_dtype, host_chunk):
     assert plan.host_kv == s.backend.cache.bytes()["host"]
     assert plan.host_index == s.backend.retriever.key_bytes()
     assert (plan.host_index == 0) == (host_chunk % 16 == 0)
+
+
+def test_dense_growth_stays_within_the_planned_capacity():
+    """DenseKV grows to the plan's capacity (the power of two over the rows, at least 1024), not
+    to 2x a capacity the last append set: 3000 rows then one more held 6000 rows where the plan
+    counts 4096."""
+    from kvloft.tiers.dense import DenseKV, dense_capacity
+
+    cfg = ModelConfig.from_name("tiny")
+    kv = DenseKV(cfg, torch.device("cpu"), torch.float32)
+    row = torch.randn(3000, cfg.n_kv_heads, cfg.head_dim)
+    for n, rows in ((3000, row), (3001, row[:1]), (4097, row[:1096])):
+        kv.append(rows, rows)
+        plan = plan_memory(cfg, RetrievalConfig(method="dense"), RuntimeConfig(), n, torch.float32)
+        assert kv.n == n and kv.k.shape[0] == dense_capacity(n)
+        assert kv.nbytes() * cfg.n_layers <= plan.static  # the plan counts every layer's buffer
+    assert torch.equal(kv.kv()[0][3001:4097], row[:1096]) and torch.equal(kv.kv()[0][:3000], row)
+
+
+def _device_parts(s) -> dict[str, int]:
+    """Bytes a CPU session holds where a CUDA one holds them on the device: the static tier (or
+    the dense KV) and the retriever's own key copy (none where it reads the host tier in place)."""
+    be, r = s.backend, s.backend.retriever if hasattr(s.backend, "retriever") else None
+    if r is None:
+        return {"static": sum(layer.nbytes() for layer in be.layers), "index": 0}
+    if hasattr(r, "key_bytes"):  # hip: its copies (on its store device; the test keeps them there)
+        index = r.key_bytes()
+    elif hasattr(r, "keys"):  # exact
+        index = sum(store.nbytes for store in r.keys.values())
+    else:  # tokenselect
+        index = sum(st.keys.nbytes for st in r.layers.values())
+    return {"static": be.cache.bytes()["static"], "index": index}
+
+
+@pytest.mark.parametrize("method,options", [
+    ("exact", {"keys_on": "device", "chunk_rows": 32}),
+    ("hip", {"keys_on": "device"}),
+    ("hip", {"keys_on": "host"}),
+    ("tokenselect", {"chunk_rows": 32}),
+    ("dense", {}),
+], ids=["exact-device", "hip-device", "hip-host", "tokenselect", "dense"])
+def test_plan_bounds_what_a_session_holds(method, options):
+    """The plan's static and index parts are upper bounds of what a small CPU session holds after
+    a prefill and decode steps (the parts a CUDA session keeps on the device), and the two
+    together within one chunk of rows per layer of it: both count whole chunks of the same
+    rows, so a larger gap means the plan prices memory the code does not hold."""
+    from kvloft import Session
+
+    model = load_model("tiny", device="cpu", dtype="float32", seed=3)
+    cfg = model.config
+    if method == "hip":
+        options = {"chunk_sizes": (16, 8, 4), "kept_tokens": (64, 32, 16), "refresh_steps": (4, 2, 2),
+                   "chunk_rows": 32, **options}
+    rcfg = RetrievalConfig(method=method, budget=24, n_sink=4, n_window=16, options=options)
+    cache = CacheConfig(host_chunk_tokens=32, evict_batch=8)
+    chunk = 512 if method == "dense" else 64
+    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=chunk, progress=False, kernels="reference"), cache)
+    s.feed([t % 500 + 1 for t in range(1030 if method == "dense" else 150)])  # dense: past its first 1024 rows
+    s.step(6)
+    plan = plan_memory(cfg, rcfg, RuntimeConfig(), len(s), torch.float32, cache_cfg=cache)
+    held = _device_parts(s)
+    assert held["static"] <= plan.static and held["index"] <= plan.index, (held, plan.as_dict())
+    row = 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    slack = 32 * row * cfg.n_layers if method != "dense" else 0  # one 32-row chunk per layer
+    assert plan.static + plan.index - slack <= held["static"] + held["index"]
