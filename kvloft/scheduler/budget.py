@@ -197,13 +197,15 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int,
     hkv, d, layers, opts = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, rcfg.options
     m = rcfg.method
     if m == "hip" and opts.get("keys_on") == "host":  # the host tier's keys, read in place
+        state = _selection_state(cfg, rcfg, n_host)
         why = hip_host_copy(rcfg, cache_cfg, runtime)
         if why is None:
-            return 0, 0, ["hip keys_on='host' searches the host tier's pinned keys in place (no copy)"]
+            return state, 0, ["hip keys_on='host' searches the host tier's pinned keys in place (no copy)"]
         copy = _chunks(n_host, HipParams.from_options(opts).chunk_rows) * hkv * d * isz * layers
-        return 0, copy, [f"hip keys_on='host' keeps a pinned model-dtype copy of the keys: {why}"]
+        return state, copy, [f"hip keys_on='host' keeps a pinned model-dtype copy of the keys: {why}"]
     if m in MIRROR_METHODS:
-        return _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, 0, []
+        mirror = _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers
+        return mirror + _selection_state(cfg, rcfg, n_host), 0, []
     if m == "actqkv":
         block = int(opts.get("block_size", 0)) or 32  # index/actqkv.py: 32 for every family
         blocks = -(-n_host // block)
@@ -215,6 +217,19 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int,
     if m == "faiss":
         return 0, 0, ["faiss index size is not modelled"]
     return 0, 0, []
+
+
+def _selection_state(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int) -> int:
+    """Device bytes a retriever keeps between steps beside its key copy: tokenselect's last
+    query (fp32 [H_q * D]) and ids (int64 [budget]) per layer; hip's stage masks (int64
+    kept_tokens of every stage per layer) and its counting arange (int64, grown to < 2x the
+    host rows, the one it replaced alive while masks view it: < 3 n_host in all)."""
+    if rcfg.method == "tokenselect":
+        return (cfg.n_heads * cfg.head_dim * 4 + rcfg.budget * 8) * cfg.n_layers
+    if rcfg.method == "hip":
+        p = HipParams.from_options(rcfg.options)
+        return sum(p.kept_tokens) * 8 * cfg.n_layers + 3 * max(n_host, rcfg.budget) * 8
+    return 0
 
 
 def plan_memory(

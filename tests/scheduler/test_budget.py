@@ -51,7 +51,8 @@ def test_graph_index_lives_on_the_host_and_dense_holds_everything():
     assert exact.index == 64 * GiB  # 1M keys x 8 heads x 128 x 2 B x 32 layers, whole chunks
     hip_host = plan_memory(LLAMA, RetrievalConfig(method="hip", options={"keys_on": "host"}), runtime, 1 << 20,
                            torch.bfloat16)
-    assert hip_host.index == 0 and hip_host.host_index == 0  # it reads the host tier's keys in place
+    assert hip_host.host_index == 0  # it reads the host tier's keys in place: on the device only its stage
+    assert hip_host.index == 43008 * 8 * 32 + 3 * hip_host.n_host * 8  # masks, and the counting arange
     # 1M tokens within a 24 GiB card: weights, static tier, a streamed/sparse prefill's workspace
     fits = plan_memory(LLAMA, RetrievalConfig(method="hip", options={"keys_on": "host"}),
                        RuntimeConfig(gpu_memory_budget="24GiB", prefill_chunk=4096), 1 << 20, torch.bfloat16)
@@ -278,12 +279,17 @@ def _device_parts(s) -> dict[str, int]:
     be, r = s.backend, s.backend.retriever if hasattr(s.backend, "retriever") else None
     if r is None:
         return {"static": sum(layer.nbytes() for layer in be.layers), "index": 0}
-    if hasattr(r, "key_bytes"):  # hip: its copies (on its store device; the test keeps them there)
-        index = r.key_bytes()
+    if hasattr(r, "key_bytes"):  # hip: its copies, stage masks and counting arange (one storage each)
+        kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for st in r.state.values() for t in st.masks if t is not None}
+        if r._counting is not None:
+            kept[r._counting.untyped_storage().data_ptr()] = r._counting.untyped_storage().nbytes()
+        index = r.key_bytes() + sum(kept.values())
     elif hasattr(r, "keys"):  # exact
         index = sum(store.nbytes for store in r.keys.values())
-    else:  # tokenselect
-        index = sum(st.keys.nbytes for st in r.layers.values())
+    else:  # tokenselect: its key copy, each layer's last query and ids
+        index = sum(st.keys.nbytes + sum(t.nbytes for t in (st.last_q, st.last_ids) if t is not None)
+                    for st in r.layers.values())
     return {"static": be.cache.bytes()["static"], "index": index}
 
 
@@ -317,4 +323,6 @@ def test_plan_bounds_what_a_session_holds(method, options):
     assert held["static"] <= plan.static and held["index"] <= plan.index, (held, plan.as_dict())
     row = 2 * cfg.n_kv_heads * cfg.head_dim * 4
     slack = 32 * row * cfg.n_layers if method != "dense" else 0  # one 32-row chunk per layer
+    if method == "hip":  # hip's static part prices the stable selection's device rows of a CUDA step
+        slack += rcfg.budget * row * cfg.n_layers + 3 * plan.n_host * 8  # and a counting arange grown at most
     assert plan.static + plan.index - slack <= held["static"] + held["index"]
