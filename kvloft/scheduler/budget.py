@@ -16,7 +16,10 @@ context of n_tokens, the bytes the current code puts on the compute device:
               alike, and where it cannot (hip_host_copy: extrapolate mode, a disk tier, a
               host chunk that is not a multiple of chunk_sizes[0]) keeps a pinned model-dtype
               copy on the host, counted in host_index); actqkv one fp32 vector per block and
-              KV head; attention_graph keeps its graph on the host (host_index);
+              KV head; attention_graph keeps its graph on the host (host_index); plus what
+              tokenselect and hip keep between steps (last query and ids; stage masks and a
+              counting arange: _selection_state). Copies are built chunk by chunk
+              (ChunkedRows.append_from): no layer's keys are on the device whole beside them;
   workspace   (scheduler/workspace.py) the larger of prefill (one chunk: its activations,
               its attention's buffers, the host rows moved back per layer) and decode (the search's score buffers,
               gathered rows and buffers, logits) transients. A chunk's attention on CUDA
