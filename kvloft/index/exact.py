@@ -95,13 +95,13 @@ class ExactRetriever:
         check_keys(keys, self.model_cfg)
         self.tiers.pop(layer, None)
         self.keys.pop(layer, None)
-        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+        self._store(layer, keys.dtype).append_from(keys.transpose(0, 1))
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         check_keys(keys, self.model_cfg)
         if layer in self.tiers:  # the tier holds the rows already
             return
-        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.device))
+        self._store(layer, keys.dtype).append_from(keys.transpose(0, 1))
 
     def scores(self, layer: int, q: Tensor) -> Tensor:
         """Group-reduced logits of every stored key: q [H_q, D] -> [H_kv, N] fp32."""

@@ -170,7 +170,7 @@ class HipRetriever:
         self.tiers.pop(layer, None)
         self.keys.pop(layer, None)
         self.moments.pop(layer, None)
-        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
+        self._store(layer, keys.dtype).append_from(keys.transpose(0, 1))
         self._add_moments(layer, keys)
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
@@ -179,7 +179,7 @@ class HipRetriever:
         self._add_moments(layer, keys)
         if layer in self.tiers:  # the tier holds the rows already
             return
-        self._store(layer, keys.dtype).append(keys.transpose(0, 1).to(self.store_device))
+        self._store(layer, keys.dtype).append_from(keys.transpose(0, 1))
 
     def _add_moments(self, layer: int, keys: Tensor) -> None:
         """rank="z": fold keys [H_kv, n, D] into the layer's statistics (O(n * D^2) per KV head)."""

@@ -143,13 +143,13 @@ class RecycledRetriever:
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
         """keys [H_kv, N, D] of the host tier after prefill; the layer's schedule restarts."""
         self.layers.pop(layer, None)
-        self._state(layer, keys.dtype).keys.append(keys.transpose(0, 1).to(self.device))
+        self._state(layer, keys.dtype).keys.append_from(keys.transpose(0, 1))
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         """keys [H_kv, n, D] leaving the window: appended, and admitted to the partial set."""
         st = self._state(layer, keys.dtype)
         start = len(st.keys)
-        st.keys.append(keys.transpose(0, 1).to(self.device))
+        st.keys.append_from(keys.transpose(0, 1))
         if st.set_ids is not None and keys.shape[1]:
             self._admit(st, torch.arange(start, len(st.keys), device=self.device))
 

@@ -109,11 +109,11 @@ class TokenSelectRetriever:
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
         """keys [H_kv, N, D] of the host tier after prefill; queries are not needed."""
         self.layers.pop(layer, None)
-        self._state(layer, keys.dtype).keys.append(keys.transpose(0, 1).to(self.device))
+        self._state(layer, keys.dtype).keys.append_from(keys.transpose(0, 1))
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         """keys [H_kv, n, D] leaving the window; they become host rows N .. N + n - 1."""
-        self._state(layer, keys.dtype).keys.append(keys.transpose(0, 1).to(self.device))
+        self._state(layer, keys.dtype).keys.append_from(keys.transpose(0, 1))
 
     def criticality(self, layer: int, q: Tensor) -> Tensor:
         """Soft vote of the query heads: q [H_q, D] -> S [N] fp32 (sums to H_q)."""

@@ -16,7 +16,10 @@ context of n_tokens, the bytes the current code puts on the compute device:
               alike, and where it cannot (hip_host_copy: extrapolate mode, a disk tier, a
               host chunk that is not a multiple of chunk_sizes[0]) keeps a pinned model-dtype
               copy on the host, counted in host_index); actqkv one fp32 vector per block and
-              KV head; attention_graph keeps its graph on the host (host_index);
+              KV head; attention_graph keeps its graph on the host (host_index); plus what
+              tokenselect and hip keep between steps (last query and ids; stage masks and a
+              counting arange: _selection_state). Copies are built chunk by chunk
+              (ChunkedRows.append_from): no layer's keys are on the device whole beside them;
   workspace   (scheduler/workspace.py) the larger of prefill (one chunk: its activations,
               its attention's buffers, the host rows moved back per layer) and decode (the search's score buffers,
               gathered rows and buffers, logits) transients. A chunk's attention on CUDA
@@ -59,6 +62,7 @@ from kvloft.scheduler.prefill_chunk import (
 )
 from kvloft.scheduler.weight_storage import weight_bytes
 from kvloft.scheduler.workspace import decode_workspace, prefill_workspace
+from kvloft.tiers.dense import dense_capacity
 
 __all__ = ["CACHE_HEADROOM", "PREFILL_CHUNKS", "SELECTING_CHUNK_MAX", "MemoryPlan", "available_bytes",
            "dense_kv_bytes", "fmt_bytes", "hip_host_copy", "pick_prefill_chunk", "plan_memory", "resolve_cache_bytes",
@@ -171,10 +175,7 @@ def _chunks(rows: int, chunk: int) -> int:
 
 
 def _dense_capacity(n: int) -> int:
-    cap = 1024  # DenseKV doubles from 1024 rows
-    while cap < n:
-        cap *= 2
-    return cap
+    return dense_capacity(n)  # DenseKV's growth rule (tiers/dense.py)
 
 
 def hip_host_copy(rcfg: RetrievalConfig, cache_cfg: CacheConfig, runtime: RuntimeConfig) -> str | None:
@@ -199,13 +200,15 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int,
     hkv, d, layers, opts = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, rcfg.options
     m = rcfg.method
     if m == "hip" and opts.get("keys_on") == "host":  # the host tier's keys, read in place
+        state = _selection_state(cfg, rcfg, n_host)
         why = hip_host_copy(rcfg, cache_cfg, runtime)
         if why is None:
-            return 0, 0, ["hip keys_on='host' searches the host tier's pinned keys in place (no copy)"]
+            return state, 0, ["hip keys_on='host' searches the host tier's pinned keys in place (no copy)"]
         copy = _chunks(n_host, HipParams.from_options(opts).chunk_rows) * hkv * d * isz * layers
-        return 0, copy, [f"hip keys_on='host' keeps a pinned model-dtype copy of the keys: {why}"]
+        return state, copy, [f"hip keys_on='host' keeps a pinned model-dtype copy of the keys: {why}"]
     if m in MIRROR_METHODS:
-        return _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers, 0, []
+        mirror = _chunks(n_host, int(opts.get("chunk_rows", 16384))) * hkv * d * isz * layers
+        return mirror + _selection_state(cfg, rcfg, n_host), 0, []
     if m == "actqkv":
         block = int(opts.get("block_size", 0)) or 32  # index/actqkv.py: 32 for every family
         blocks = -(-n_host // block)
@@ -217,6 +220,19 @@ def _index_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int, isz: int,
     if m == "faiss":
         return 0, 0, ["faiss index size is not modelled"]
     return 0, 0, []
+
+
+def _selection_state(cfg: ModelConfig, rcfg: RetrievalConfig, n_host: int) -> int:
+    """Device bytes a retriever keeps between steps beside its key copy: tokenselect's last
+    query (fp32 [H_q * D]) and ids (int64 [budget]) per layer; hip's stage masks (int64
+    kept_tokens of every stage per layer) and its counting arange (int64, grown to < 2x the
+    host rows, the one it replaced alive while masks view it: < 3 n_host in all)."""
+    if rcfg.method == "tokenselect":
+        return (cfg.n_heads * cfg.head_dim * 4 + rcfg.budget * 8) * cfg.n_layers
+    if rcfg.method == "hip":
+        p = HipParams.from_options(rcfg.options)
+        return sum(p.kept_tokens) * 8 * cfg.n_layers + 3 * max(n_host, rcfg.budget) * 8
+    return 0
 
 
 def plan_memory(

@@ -8,13 +8,24 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig
 
-__all__ = ["DenseKV"]
+__all__ = ["MIN_CAPACITY", "DenseKV", "dense_capacity"]
+
+MIN_CAPACITY = 1024  # rows of a new DenseKV
+
+
+def dense_capacity(n: int) -> int:
+    """Rows DenseKV grows to for n rows: the smallest power of two >= n, at least MIN_CAPACITY.
+    The memory plan (scheduler/budget.py) prices this capacity; growing to 2x the old one or to
+    `need` itself instead (the earlier rule) could reach 1.5x it (3000 rows, then one more: 6000
+    where the plan counted 4096)."""
+    return max(MIN_CAPACITY, 1 << max(0, n - 1).bit_length())
 
 
 class DenseKV:
-    """All tokens of one layer on the compute device, contiguous (capacity doubles)."""
+    """All tokens of one layer on the compute device, contiguous (grown to dense_capacity: the
+    old buffer is at most half the new one while both are held)."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, capacity: int = 1024):
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, capacity: int = MIN_CAPACITY):
         shape = (capacity, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
@@ -23,7 +34,7 @@ class DenseKV:
     def append(self, k: Tensor, v: Tensor) -> None:
         need = self.n + k.shape[0]
         if need > self.k.shape[0]:
-            cap = max(need, 2 * self.k.shape[0])
+            cap = dense_capacity(need)
             for name in ("k", "v"):
                 old = getattr(self, name)
                 new = torch.empty((cap, *old.shape[1:]), dtype=old.dtype, device=old.device)

@@ -79,3 +79,42 @@ def test_compiled_cpu_ranking_selects_the_torch_routes_rows(monkeypatch, chunk_r
     want = r.select(0, q, budget)
     assert got.ids.shape == want.ids.shape == (HKV, budget) and got.scanned == want.scanned == n * HKV
     assert [set(x.tolist()) for x in got.ids] == [set(x.tolist()) for x in want.ids]
+
+
+def test_build_copies_the_keys_chunk_by_chunk():
+    """build() fills the key copy from the host tier's keys [H_kv, N, D] (a transposed view) one
+    chunk's slice at a time: the rows land where append puts them, across chunk boundaries."""
+    from kvloft.config import ModelConfig, RetrievalConfig
+    from kvloft.index.exact import ExactRetriever
+
+    cfg = ModelConfig.from_name("tiny")
+    r = ExactRetriever(RetrievalConfig(method="exact", options={"keys_on": "device", "chunk_rows": 32}), cfg,
+                       torch.device("cpu"))
+    keys = torch.randn(100, cfg.n_kv_heads, cfg.head_dim).transpose(0, 1)  # [H_kv, N, D], not contiguous
+    r.build(0, keys, None)
+    r.add(0, keys[:, :5], torch.arange(100, 105))
+    store = r.keys[0]
+    assert len(store) == 105 and len(store.chunks) == 4 and store.nbytes == 4 * 32 * cfg.n_kv_heads * cfg.head_dim * 4
+    assert torch.equal(store.all(), torch.cat([keys, keys[:, :5]], dim=1).transpose(0, 1))
+
+
+@pytest.mark.gpu
+def test_build_holds_no_second_copy_on_the_device():
+    """Building a layer's key copy on CUDA from host keys peaks at the copy itself (whole chunks),
+    not the copy plus the layer's keys moved up whole first (0.25 GiB per layer at 128K for
+    Llama-3-8B: what put an exact keys_on='device' decode at 128K over its 24 GiB plan)."""
+    from kvloft.config import ModelConfig, RetrievalConfig
+    from kvloft.index.exact import ExactRetriever
+
+    cfg = ModelConfig.from_name("tiny")
+    r = ExactRetriever(RetrievalConfig(method="exact", options={"keys_on": "device", "chunk_rows": 4096}), cfg,
+                       torch.device("cuda"))
+    keys = torch.randn(cfg.n_kv_heads, 40000, cfg.head_dim, dtype=torch.bfloat16)  # host, [H_kv, N, D]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    r.build(0, keys, None)
+    torch.cuda.synchronize()
+    held = r.keys[0].nbytes
+    assert torch.cuda.memory_allocated() - base == held
+    assert torch.cuda.max_memory_allocated() - base <= held + 2**20  # the copy, no whole temporary

@@ -51,7 +51,8 @@ def test_graph_index_lives_on_the_host_and_dense_holds_everything():
     assert exact.index == 64 * GiB  # 1M keys x 8 heads x 128 x 2 B x 32 layers, whole chunks
     hip_host = plan_memory(LLAMA, RetrievalConfig(method="hip", options={"keys_on": "host"}), runtime, 1 << 20,
                            torch.bfloat16)
-    assert hip_host.index == 0 and hip_host.host_index == 0  # it reads the host tier's keys in place
+    assert hip_host.host_index == 0  # it reads the host tier's keys in place: on the device only its stage
+    assert hip_host.index == 43008 * 8 * 32 + 3 * hip_host.n_host * 8  # masks, and the counting arange
     # 1M tokens within a 24 GiB card: weights, static tier, a streamed/sparse prefill's workspace
     fits = plan_memory(LLAMA, RetrievalConfig(method="hip", options={"keys_on": "host"}),
                        RuntimeConfig(gpu_memory_budget="24GiB", prefill_chunk=4096), 1 << 20, torch.bfloat16)
@@ -253,3 +254,75 @@ def test_hip_host_plan_matches_a_session(host_dtype, host_chunk):
     assert plan.host_kv == s.backend.cache.bytes()["host"]
     assert plan.host_index == s.backend.retriever.key_bytes()
     assert (plan.host_index == 0) == (host_chunk % 16 == 0)
+
+
+def test_dense_growth_stays_within_the_planned_capacity():
+    """DenseKV grows to the plan's capacity (the power of two over the rows, at least 1024), not
+    to 2x a capacity the last append set: 3000 rows then one more held 6000 rows where the plan
+    counts 4096."""
+    from kvloft.tiers.dense import DenseKV, dense_capacity
+
+    cfg = ModelConfig.from_name("tiny")
+    kv = DenseKV(cfg, torch.device("cpu"), torch.float32)
+    row = torch.randn(3000, cfg.n_kv_heads, cfg.head_dim)
+    for n, rows in ((3000, row), (3001, row[:1]), (4097, row[:1096])):
+        kv.append(rows, rows)
+        plan = plan_memory(cfg, RetrievalConfig(method="dense"), RuntimeConfig(), n, torch.float32)
+        assert kv.n == n and kv.k.shape[0] == dense_capacity(n)
+        assert kv.nbytes() * cfg.n_layers <= plan.static  # the plan counts every layer's buffer
+    assert torch.equal(kv.kv()[0][3001:4097], row[:1096]) and torch.equal(kv.kv()[0][:3000], row)
+
+
+def _device_parts(s) -> dict[str, int]:
+    """Bytes a CPU session holds where a CUDA one holds them on the device: the static tier (or
+    the dense KV) and the retriever's own key copy (none where it reads the host tier in place)."""
+    be, r = s.backend, s.backend.retriever if hasattr(s.backend, "retriever") else None
+    if r is None:
+        return {"static": sum(layer.nbytes() for layer in be.layers), "index": 0}
+    if hasattr(r, "key_bytes"):  # hip: its copies, stage masks and counting arange (one storage each)
+        kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for st in r.state.values() for t in st.masks if t is not None}
+        if r._counting is not None:
+            kept[r._counting.untyped_storage().data_ptr()] = r._counting.untyped_storage().nbytes()
+        index = r.key_bytes() + sum(kept.values())
+    elif hasattr(r, "keys"):  # exact
+        index = sum(store.nbytes for store in r.keys.values())
+    else:  # tokenselect: its key copy, each layer's last query and ids
+        index = sum(st.keys.nbytes + sum(t.nbytes for t in (st.last_q, st.last_ids) if t is not None)
+                    for st in r.layers.values())
+    return {"static": be.cache.bytes()["static"], "index": index}
+
+
+@pytest.mark.parametrize("method,options", [
+    ("exact", {"keys_on": "device", "chunk_rows": 32}),
+    ("hip", {"keys_on": "device"}),
+    ("hip", {"keys_on": "host"}),
+    ("tokenselect", {"chunk_rows": 32}),
+    ("dense", {}),
+], ids=["exact-device", "hip-device", "hip-host", "tokenselect", "dense"])
+def test_plan_bounds_what_a_session_holds(method, options):
+    """The plan's static and index parts are upper bounds of what a small CPU session holds after
+    a prefill and decode steps (the parts a CUDA session keeps on the device), and the two
+    together within one chunk of rows per layer of it: both count whole chunks of the same
+    rows, so a larger gap means the plan prices memory the code does not hold."""
+    from kvloft import Session
+
+    model = load_model("tiny", device="cpu", dtype="float32", seed=3)
+    cfg = model.config
+    if method == "hip":
+        options = {"chunk_sizes": (16, 8, 4), "kept_tokens": (64, 32, 16), "refresh_steps": (4, 2, 2),
+                   "chunk_rows": 32, **options}
+    rcfg = RetrievalConfig(method=method, budget=24, n_sink=4, n_window=16, options=options)
+    cache = CacheConfig(host_chunk_tokens=32, evict_batch=8)
+    chunk = 512 if method == "dense" else 64
+    s = Session(model, rcfg, RuntimeConfig(prefill_chunk=chunk, progress=False, kernels="reference"), cache)
+    s.feed([t % 500 + 1 for t in range(1030 if method == "dense" else 150)])  # dense: past its first 1024 rows
+    s.step(6)
+    plan = plan_memory(cfg, rcfg, RuntimeConfig(), len(s), torch.float32, cache_cfg=cache)
+    held = _device_parts(s)
+    assert held["static"] <= plan.static and held["index"] <= plan.index, (held, plan.as_dict())
+    row = 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    slack = 32 * row * cfg.n_layers if method != "dense" else 0  # one 32-row chunk per layer
+    if method == "hip":  # hip's static part prices the stable selection's device rows of a CUDA step
+        slack += rcfg.budget * row * cfg.n_layers + 3 * plan.n_host * 8  # and a counting arange grown at most
+    assert plan.static + plan.index - slack <= held["static"] + held["index"]
