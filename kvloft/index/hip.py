@@ -5,7 +5,8 @@ rows for stage 1), splits them in order into chunks of `chunk_sizes[i]` tokens, 
 each chunk's representative key by a hierarchical top-1 search (log2(l_c) halvings,
 two probe keys read per chunk per halving; kernels/hip_stage.py), scores the chunk by
 its representative (max over all query heads: one mask shared by all heads, so
-Selection.ids is [k]) and keeps the tokens of the best `kept_tokens[i] // l_c` chunks
+Selection.ids is [k]; with heads="kv" each KV head's own mask by the max over its own query
+group, ids [H_kv, k], one search per KV head and stage) and keeps the tokens of the best `kept_tokens[i] // l_c` chunks
 for the next stage. The last stage keeps `budget // l_c` chunks (select's budget
 replaces `kept_tokens[-1]`); earlier stages keep at least `budget` tokens.
 
