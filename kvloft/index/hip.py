@@ -5,7 +5,8 @@ rows for stage 1), splits them in order into chunks of `chunk_sizes[i]` tokens, 
 each chunk's representative key by a hierarchical top-1 search (log2(l_c) halvings,
 two probe keys read per chunk per halving; kernels/hip_stage.py), scores the chunk by
 its representative (max over all query heads: one mask shared by all heads, so
-Selection.ids is [k]) and keeps the tokens of the best `kept_tokens[i] // l_c` chunks
+Selection.ids is [k]; with heads="kv" each KV head's own mask by the max over its own query
+group, ids [H_kv, k], one search per KV head and stage) and keeps the tokens of the best `kept_tokens[i] // l_c` chunks
 for the next stage. The last stage keeps `budget // l_c` chunks (select's budget
 replaces `kept_tokens[-1]`); earlier stages keep at least `budget` tokens.
 
@@ -210,7 +211,9 @@ class HipRetriever:
     # ---- search ------------------------------------------------------------------------
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
-        """q [H_q, D] -> Selection(ids [k <= budget] shared by all heads, scanned key vectors)."""
+        """q [H_q, D] -> Selection(ids [k <= budget] shared by all heads, or [H_kv, k] with
+        heads="kv"; scanned key vectors). Where nothing is pruned (budget >= host rows) every
+        head keeps the first min(n, budget) rows (heads="kv": the same rows per head, [H_kv, k])."""
         check_select(q, budget, self.model_cfg)
         store = self._keys_of(layer)
         n = 0 if store is None else len(store)
@@ -221,6 +224,8 @@ class HipRetriever:
         q, bias = q.to(self.device), None
         if self.params.rank == "z" and any(flags):  # q' [H_q, D], bias [H_q]: z-scored logits
             q, bias = self._moments_of(layer, store).zscore(q)
+        if self.params.heads == "kv":
+            return self._select_per_head(st, store, n, budget, flags, q, bias)
         reads = 0
         for i, refresh in enumerate(flags):
             if refresh:  # (a stage that does not run needs no candidates: flags cascade)
@@ -228,6 +233,41 @@ class HipRetriever:
                 mask, r = self._run_stage(i, store, q, cand, self._kept(i, budget), bias)
                 reads += self._stage_ran(st, i, mask, n, r)
         return self._finish(st, n, budget, flags, reads, self._with_fresh(st, self.params.n_stages - 1, n))
+
+    def _select_per_head(self, st: _LayerState, store: ChunkedRows, n: int, budget: int, flags: tuple[bool, ...],
+                         q: Tensor, bias: Tensor | None) -> Selection:
+        """select() with heads="kv": every stage that refreshes runs once per KV head g, ranking
+        chunks by the max over g's query-head group only (the other groups' heads get a +inf
+        bias, so their logits are -inf: kernels/hip_stage.py probe_scores), and keeps g's own
+        mask; st.masks[i] is then [H_kv, M_i] (every head keeps as many rows: the counts depend
+        on n and the budget only). q [H_q, D] (z-scaled with bias [H_q] for rank="z").
+        Returns ids [H_kv, k]: each head's fresh rows, then its own last-stage mask."""
+        hkv = self.model_cfg.n_kv_heads
+        biases = _group_biases(q.shape[0], hkv, bias, q.device)  # [H_kv, H_q] fp32
+        reads = 0
+        for i, refresh in enumerate(flags):
+            if not refresh:
+                continue
+            masks, r = [], 0
+            for g in range(hkv):
+                cand = None if i == 0 else self._with_fresh_head(st, i - 1, n, g)
+                mask, r_g = self._run_stage(i, store, q, cand, self._kept(i, budget), biases[g])
+                masks.append(mask)
+                r += r_g
+            reads += self._stage_ran(st, i, torch.stack(masks), n, r)
+        last = self.params.n_stages - 1
+        cand = torch.stack([self._with_fresh_head(st, last, n, g) for g in range(hkv)])  # [H_kv, M]
+        st.step, st.budget, st.refreshed = st.step + 1, budget, flags
+        # reads already sum the H_kv searches' probe rows (each reads a row of every KV head,
+        # counted as one here as in shared mode: scanned = reads * H_kv)
+        sel = Selection(ids=cand[:, :budget], scanned=reads * hkv, padded=False)
+        self._stats.record(sel)
+        return sel
+
+    def _with_fresh_head(self, st: _LayerState, stage: int, n: int, head: int) -> Tensor:
+        """heads="kv": KV head `head`'s cached rows of stage `stage` plus the fresh rows."""
+        return _with_fresh(st.masks[stage][head], st.seen[stage], n, last=stage == self.params.n_stages - 1,
+                           count=self._count(n))
 
     @classmethod
     def select_batch(cls, retrievers: Sequence[HipRetriever], layer: int, q: Tensor,
@@ -237,6 +277,10 @@ class HipRetriever:
         [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone.
         Rows that search an 8-bit host tier in place are refused (search_key() None: select()
         each alone)."""
+        per_head = [g for g, h in enumerate(retrievers) if h.params.heads == "kv"]
+        if per_head:
+            raise ValueError(f"select_batch: rows {per_head} keep a mask per KV head (hip option heads='kv'), "
+                             "which the batched search does not; search_key() is None for them: select() each alone")
         packed = [g for g, h in enumerate(retrievers) if h._packed()]
         if packed:
             raise ValueError(f"select_batch: rows {packed} search an 8-bit host tier in place (CacheConfig.host_dtype), "
@@ -248,9 +292,10 @@ class HipRetriever:
         """Retrievers with equal keys search together in select_batch (stage shapes, kernels, device);
         rank is not part of it: rank="z" and "logit" rows share a launch (index/hip_batch.py).
         None where an 8-bit host tier is searched in place (index/hip_batch.py reads every row's
-        chunks as model-dtype rows through one table: codes need their scales' table too)."""
+        chunks as model-dtype rows through one table: codes need their scales' table too), and
+        for heads="kv" (per-KV-head masks: the batched search keeps one mask per row)."""
         p, m = self.params, self.model_cfg
-        if self._packed():
+        if self._packed() or p.heads == "kv":  # heads="kv": per-KV-head masks, searched by select() alone
             return None
         return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
                 m.n_heads, m.n_kv_heads, m.head_dim)
@@ -261,7 +306,10 @@ class HipRetriever:
             st = self.state[layer]
             st.step, st.masks = st.step + 1, [None] * self.params.n_stages
             st.refreshed = (False,) * self.params.n_stages
-        sel = Selection(ids=self._count(min(n, budget)), scanned=0, padded=False)
+        ids = self._count(min(n, budget))
+        if self.params.heads == "kv":  # [H_kv, k]: one shape for every select of a per-head retriever
+            ids = ids.expand(self.model_cfg.n_kv_heads, -1)
+        sel = Selection(ids=ids, scanned=0, padded=False)
         self._stats.record(sel)
         return sel
 
@@ -395,10 +443,11 @@ class HipRetriever:
             out.update({p + "step": st.step, p + "offset": st.offset, p + "budget": st.budget,
                         p + "seen": list(st.seen), p + "refreshed": list(st.refreshed)})
             masks.update({f"{p}mask{i}": m for i, m in enumerate(st.masks) if m is not None})
-        if masks:  # int64 [M_i] host rows each: one copy for all (a session marks every step)
-            flat = torch.cat(list(masks.values()))  # a new tensor: its parts alias nothing live
+        if masks:  # int64 [M_i] (or [H_kv, M_i]) host rows each: one copy for all (a session marks every step)
+            flat = torch.cat([m.flatten() for m in masks.values()])  # a new tensor: its parts alias nothing live
             parts = (flat.cpu() if host else flat).split([m.numel() for m in masks.values()])
-            out.update({key: part.clone() if host else part for key, part in zip(masks, parts, strict=True)})
+            out.update({key: (part.clone() if host else part).view(m.shape)  # [M_i], or [H_kv, M_i] (heads="kv")
+                        for (key, m), part in zip(masks.items(), parts, strict=True)})
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -421,6 +470,15 @@ class HipRetriever:
             self.state[layer] = _LayerState(masks=[None if m is None else m.to(self.device) for m in masks],
                                             seen=seen, step=int(state[p + "step"]), offset=int(state[p + "offset"]),
                                             budget=int(state[p + "budget"]), refreshed=refreshed)
+
+
+def _group_biases(hq: int, hkv: int, bias: Tensor | None, device: torch.device) -> Tensor:
+    """heads="kv": per KV head g, the bias [H_q] fp32 that leaves only g's query-head group in a
+    probe's max (+inf on every other head; rank="z"'s bias [H_q] or 0 on g's own) -> [H_kv, H_q]."""
+    group = hq // hkv
+    own = torch.arange(hq, device=device) // group == torch.arange(hkv, device=device)[:, None]  # [H_kv, H_q]
+    base = torch.zeros(hq, dtype=torch.float32, device=device) if bias is None else bias.float()
+    return torch.where(own, base, torch.full_like(base, float("inf")))
 
 
 def _with_fresh(mask: Tensor, seen: int, n: int, last: bool, count: Tensor | None = None) -> Tensor:

@@ -10,9 +10,10 @@ from typing import Any
 from kvloft.index.base import params_from_options
 from kvloft.kernels.hip_stage import PROBES
 
-__all__ = ["RANKS", "HipParams"]
+__all__ = ["HEADS", "RANKS", "HipParams"]
 
 RANKS = ("logit", "z")
+HEADS = ("shared", "kv")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class HipParams:
         heads whose logits sit on different scales. Costs O(n * D^2) per KV head for n added
         rows and a D-vector and scalar per query head per select; rows of either rank search
         together in select_batch (index/hip_batch.py).
+    heads: "shared": one mask per layer for all KV heads, chunks ranked by the max over every
+        query head (Selection.ids [k]). "kv": each KV head keeps its own stage masks, its
+        chunks ranked by the max over its own query-head group only (Selection.ids [H_kv, k]),
+        so a KV head whose logits sit on a smaller scale than another's still keeps its own
+        best chunks (the HiP paper's masks are per head). Costs H_kv searches per refreshed
+        stage (each a launch reading the full [H_kv, D] probe rows, the other groups' heads
+        masked out); such rows decline the batched search and the whole step (per-row path).
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)
@@ -63,6 +71,7 @@ class HipParams:
     kernel: str = "auto"
     keys_on: str = "device"
     rank: str = "logit"
+    heads: str = "shared"
 
     def __post_init__(self) -> None:
         for name in ("chunk_sizes", "kept_tokens", "refresh_steps"):
@@ -102,6 +111,9 @@ class HipParams:
         if self.rank not in RANKS:
             raise ValueError(f"hip option rank must be one of {RANKS} (raw logits or z-scored per query head), "
                              f"got {self.rank!r}")
+        if self.heads not in HEADS:
+            raise ValueError(f"hip option heads must be one of {HEADS} (one mask for all KV heads, or one per KV "
+                             f"head), got {self.heads!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> HipParams:

@@ -39,7 +39,7 @@ def plan_select(hip: HipRetriever, layer: int, n: int, budget: int) -> HipPlan:
     if n == 0 or budget == 0 or budget >= n:
         return HipPlan(n, budget, True, (False,) * p.n_stages, [(0,) * 7] * p.n_stages, n, 0, min(n, budget), 0)
     flags = hip._refresh_flags(st, budget)
-    lens = [None if m is None else m.numel() for m in st.masks]
+    lens = [None if m is None else m.shape[-1] for m in st.masks]  # [M] or [H_kv, M] (heads="kv")
     seen, stages, reads = list(st.seen), [], 0
     for i, length in enumerate(p.chunk_sizes):
         m_prev, seen_prev = (lens[i - 1], seen[i - 1]) if i else (0, 0)

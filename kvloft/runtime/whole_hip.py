@@ -110,6 +110,8 @@ def hip_route(be: TieredAttention) -> str | None:
         return "extrapolate mode remaps the positions of the rows it selects per step"
     if not be.plans_room():
         return "its rows are fetched by the scheduler (OverlapFetch), not read in place"
+    if r.params.heads == "kv":
+        return "hip heads='kv' keeps a mask per KV head; the captured search keeps one per row"
     if not r.use_kernel:
         return "hip searches with torch ops here (kernel='torch', or 'auto' off CUDA); the captured search is Triton"
     if be.finite.on:

@@ -307,3 +307,8 @@ def test_method_options_reach_the_retriever():
     with pytest.raises(ValueError, match="key=value"):
         runner.parse_method("exact:prob")
     assert runner.method_unavailable("exact:rank=prob") is None
+    rcfg = runner.retrieval_config("hip:heads=kv:rank=z", 64, 4, 16)  # a mask per KV head, z-scored
+    assert rcfg.method == "hip" and rcfg.options == {"heads": "kv", "rank": "z"}
+    from kvloft.index.hip_params import HipParams
+
+    assert HipParams.from_options(rcfg.options).heads == "kv"

@@ -30,6 +30,8 @@ CONFIGS = {
     "hip-z": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "rank": "z"}),
     "hip-z-host": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32,
                                   options={**HIP, "rank": "z", "keys_on": "host"}),
+    # a mask per KV head (heads="kv"): ids [H_kv, k], searched alone (search_key() None)
+    "hip-kv": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "heads": "kv"}),
     "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32),
     "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 3}),
     # extrapolate mode: select() is asked for budget // (2 * neighbor_radius + 1) keys
@@ -305,6 +307,26 @@ def test_z_rank_hip_rows_search_together_and_equal_alone(tiny, monkeypatch, tmp_
         if a.retrieval.method == "hip":
             _same_retriever_state(a, b)
     assert all(len(s.backend.retriever.moments) == tiny.config.n_layers for s in (batched[0], batched[4]))
+
+
+def test_per_head_hip_row_searches_alone_and_equals_alone(tiny, monkeypatch, tmp_path):
+    """A heads='kv' HiP row next to two shared-mask HiP rows: it declines the batched search (one
+    select() per layer for it, one select_batch per layer for the other two), and every session
+    equals its own steps alone: greedy tokens, logits to fp32 rounding, counters, tiers, state."""
+    specs = [("hip", 700), ("hip-kv", 1100), ("hip", 410)]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    plan = Engine(tiny).plan([(s, 1) for s in batched])
+    assert plan.search_groups == [[0, 2]]
+    want = [_greedy_alone(s, 5) for s in alone]
+    calls = _count_searches(monkeypatch)
+    got = Engine(tiny).generate(batched, max_new_tokens=5, stop_at_eos=False)
+    assert got == want
+    assert calls == {"batched": [2] * (5 * tiny.config.n_layers), "row": 5 * tiny.config.n_layers}
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
+        _same_retriever_state(a, b)
+    assert batched[1].backend.retriever.state[0].masks[-1].shape[0] == tiny.config.n_kv_heads
 
 
 def test_one_launch_hip_rows_search_and_attend_together(tiny, monkeypatch, tmp_path):

@@ -51,6 +51,24 @@ def test_batched_eviction_with_covering_budget_equals_dense(tiny, method):
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize("rank", ["logit", "z"])
+def test_per_head_hip_with_covering_budget_equals_dense(tiny, rank):
+    """hip heads='kv' (a mask per KV head: ids [H_kv, k], through the runtime's per-head path)
+    with a budget covering the host tier decodes as dense attention does."""
+    prompt = torch.randint(0, tiny.config.vocab_size, (200,))
+    steps = torch.randint(0, tiny.config.vocab_size, (20,))
+    dense, _ = _decode_logits(tiny, RetrievalConfig(method="dense"), prompt, steps)
+    rcfg = RetrievalConfig(method="hip", budget=10_000, n_sink=4, n_window=32,
+                           options={"heads": "kv", "rank": rank, "chunk_sizes": (16, 4), "kept_tokens": (64, 16),
+                                    "refresh_steps": (4, 2), "chunk_rows": 64})
+    got, s = _decode_logits(tiny, rcfg, prompt, steps)
+    assert s.stats()["tier_tokens"]["host"] > 0
+    sel = s.backend.retriever.select(0, torch.randn(tiny.config.n_heads, tiny.config.head_dim), budget=10_000)
+    assert sel.ids.shape == (tiny.config.n_kv_heads, s.stats()["tier_tokens"]["host"])
+    err = (got.double() - dense.double()).norm() / dense.double().norm()
+    assert err < 1e-5, err
+
+
 def test_small_budget_is_selective_and_beats_window_only(tiny):
     """A budget below the host tier changes the result, and retrieving the top keys is
     closer to dense than attending to sink + window alone."""
