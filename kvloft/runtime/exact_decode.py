@@ -111,9 +111,10 @@ class ExactDecode:
         memory; None elsewhere (then select() and select_attend, below)."""
         r = self.fetch.retriever
         # looked up on the class: a wrapper that forwards attributes (eval's counting retriever)
-        # sees every select(), so its rows take the row's own route
+        # sees every select(), so its rows take the row's own route; so does a retriever whose
+        # select() is replaced on the instance (a hook that records each selection)
         scans = getattr(type(r), "scans_in_place", None)
-        if scans is None or not scans(r, layer) or q1.dtype != torch.float32 or tiers.k.dtype != torch.float32 \
+        if scans is None or "select" in vars(r) or not scans(r, layer) or q1.dtype != torch.float32 or tiers.k.dtype != torch.float32 \
                 or not (tiers.k.is_contiguous() and tiers.v.is_contiguous()):
             return None
         k = min(budget, tiers.n_host)
