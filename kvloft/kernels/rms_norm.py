@@ -25,7 +25,7 @@ from torch import Tensor
 from kvloft.kernels import checks
 from kvloft.kernels.rounding import round_to
 
-__all__ = ["MAX_HIDDEN", "reference", "rms_norm"]
+__all__ = ["MAX_HIDDEN", "reference", "rms_norm", "rms_norm_unchecked"]
 
 MAX_HIDDEN = 65536  # a row is held in registers by one program (next_pow2(H) fp32 values)
 
@@ -65,6 +65,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     s = x + residual (x itself without one); y = RMSNorm(s) * weight in the dtype torch's
     `weight * normed.to(x.dtype)` has. Last dims must be contiguous (row strides are free)."""
     _validate(x, weight, residual)
+    return rms_norm_unchecked(x, weight, eps, residual)
+
+
+def rms_norm_unchecked(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """rms_norm without the argument checks: for a declared route (kernels/gpu_layer.py), whose
+    shapes were checked once."""
     t, h = x.shape
     out = torch.empty((t, h), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x

@@ -25,7 +25,7 @@ from torch import Tensor
 from kvloft.kernels import checks
 from kvloft.kernels.rounding import round_to
 
-__all__ = ["MAX_HEAD_DIM", "reference", "rope_qkv"]
+__all__ = ["MAX_HEAD_DIM", "reference", "rope_qkv", "rope_qkv_unchecked"]
 
 MAX_HEAD_DIM = 1024
 
@@ -71,8 +71,14 @@ def rope_qkv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, head_dim
     """q [T, H_q D], k/v [T, H_kv D] (one dtype, last dims contiguous, any row stride: slices of a
     fused qkv output do), cos/sin [T, D] fp32 -> q [T, H_q, D], k [T, H_kv, D] rotated, v [T, H_kv, D],
     all new and contiguous."""
-    n_q, n_kv = _validate(q, k, v, cos, sin, head_dim)
-    t = q.shape[0]
+    _validate(q, k, v, cos, sin, head_dim)
+    return rope_qkv_unchecked(q, k, v, cos, sin, head_dim)
+
+
+def rope_qkv_unchecked(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                       head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """rope_qkv without the argument checks: for a declared route (kernels/gpu_layer.py)."""
+    t, n_q, n_kv = q.shape[0], q.shape[1] // head_dim, k.shape[1] // head_dim
     q_out = torch.empty((t, n_q, head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, n_kv, head_dim), dtype=q.dtype, device=q.device)
     v_out = torch.empty((t, n_kv, head_dim), dtype=q.dtype, device=q.device)
@@ -86,7 +92,7 @@ def rope_qkv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, head_dim
     return q_out, k_out, v_out
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, d: int) -> tuple[int, int]:
+def _validate(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, d: int) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         checks.require_dim(f"rope_qkv: {name}", x, 2, "[T, H D]")
         checks.require_float(f"rope_qkv: {name}", x, q.dtype)
@@ -103,7 +109,6 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, d: int)
             raise ValueError(f"rope_qkv: {name} must be contiguous fp32 [T, D] = [{q.shape[0]}, {d}], got "
                              f"{tuple(x.shape)} {x.dtype}")
     checks.require_same_device("rope_qkv", q, k=k, v=v, cos=cos, sin=sin)
-    return q.shape[1] // d, k.shape[1] // d
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:

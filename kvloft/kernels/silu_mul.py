@@ -19,7 +19,7 @@ from torch import Tensor
 from kvloft.kernels import checks
 from kvloft.kernels.rounding import round_to
 
-__all__ = ["reference", "silu_mul"]
+__all__ = ["reference", "silu_mul", "silu_mul_unchecked"]
 
 BLOCK = 1024  # columns a program
 
@@ -52,6 +52,11 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
                              f"got {tuple(x.shape)} strides {x.stride()}")
     checks.require_runnable(gate.device, _silu_mul_kernel, "silu_mul")
     checks.require_same_device("silu_mul", gate, up=up)
+    return silu_mul_unchecked(gate, up)
+
+
+def silu_mul_unchecked(gate: Tensor, up: Tensor) -> Tensor:
+    """silu_mul without the argument checks: for a declared route (kernels/gpu_layer.py)."""
     t, n = gate.shape
     out = torch.empty((t, n), dtype=gate.dtype, device=gate.device)
     if t and n:
