@@ -9,12 +9,15 @@ weights fuse (a QuantLinear's packed weight stays as it is: `fuse` returns None)
 
 Fusing is idempotent: slices that already lie end to end in one storage are recognized from
 their storage (nothing else is kept), so declaring again after `.to()` (which gives each
-parameter its own storage) fuses anew, and declaring twice copies nothing.
+parameter its own storage) fuses anew, and declaring twice copies nothing. A deep copy of the
+network (nn.Parameter's __deepcopy__ clones each parameter apart) holds a copy of the route
+over copies of the weights: declare it again before changing its weights in place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +93,28 @@ def decode_layer(block: nn.Module):
 
 
 def _split_call(linears: Sequence[nn.Module], widths: tuple[int, ...]):
-    """h [T, in] -> each linear's output [T, width]: row-strided views of one GEMM where fused."""
     fused = fuse(linears)
-    if fused is None:
-        return lambda h: tuple(li(h) for li in linears)
-    weight, bias = fused
-    return lambda h: F.linear(h, weight, bias).split(widths, dim=-1)
+    return _Modules(tuple(linears)) if fused is None else _Fused(*fused, widths)
+
+
+@dataclass
+class _Fused:
+    """h [T, in] -> each linear's output [T, width]: row-strided views of one GEMM's output.
+    (Objects, not closures: a deep copy of the network then copies the weights they hold.)"""
+
+    weight: Tensor  # [sum widths, in]
+    bias: Tensor | None  # [sum widths]
+    widths: tuple[int, ...]
+
+    def __call__(self, h: Tensor) -> tuple[Tensor, ...]:
+        return F.linear(h, self.weight, self.bias).split(self.widths, dim=-1)
+
+
+@dataclass
+class _Modules:
+    """h [T, in] -> each module's output (a QuantLinear among them: not fused)."""
+
+    linears: tuple[nn.Module, ...]
+
+    def __call__(self, h: Tensor) -> tuple[Tensor, ...]:
+        return tuple(li(h) for li in self.linears)

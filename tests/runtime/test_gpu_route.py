@@ -122,6 +122,11 @@ def test_declaration_follows_the_weights_and_the_switch():
     net = net.to(torch.float16)  # declared again, forced still: fused anew in fp16
     assert all(b.gpu is not None for b in net.layers)
     assert net.layers[0].mlp.gate_proj.weight.dtype == torch.float16
+    twin = copy.deepcopy(net)  # nn.Parameter's deep copy clones each one apart: declare again
+    twin.declare_kernels(fused_gpu=True)
+    twin.layers[0].mlp.up_proj.weight.data.zero_()
+    assert twin.layers[0].gpu.gate_up.weight[-1].abs().sum() == 0
+    assert net.layers[0].gpu.gate_up.weight[-1].abs().sum() > 0
     net.declare_kernels(fused_gpu=False)
     assert all(b.gpu is None for b in net.layers)
     net.declare_kernels()  # auto: CUDA 16-bit weights only
