@@ -116,7 +116,7 @@ def run(args) -> dict:
               "floor_us": round(floor_us, 2), "hbm_gbs": args.hbm_gbs}
     for name, on in (("modules", False), ("route", True)):
         block.declare_gpu(on)
-        fn = lambda: layer_call(block, x, cos, sin, o)  # noqa: E731
+        fn = lambda: layer_call(block, x, cos, sin, o)
         row = {"eager_us": time_us(fn, args.iters, args.repeats, cuda)}
         if cuda:
             row["eager_kernels"] = kernels_per_call(fn, args.iters)

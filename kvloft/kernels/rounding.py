@@ -22,7 +22,7 @@ def round_to(x, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round the low 16 bits away, ties to even
-        bits = tl.where(x != x, 0x7FC00000, bits)  # NaN: a quiet NaN (the carry could reach the sign)
+        bits = tl.where(x != x, 0x7FC00000, bits)  # noqa: PLR0124 (NaN: a quiet NaN; the carry could reach the sign)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)

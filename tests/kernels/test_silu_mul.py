@@ -41,3 +41,13 @@ def test_bad_arguments_name_the_fix():
         sm.silu_mul(g, g[:, :4])
     with pytest.raises(TypeError, match="cast both"):
         sm.silu_mul(g, g.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nan_inf_and_overflow_round_as_torch(dtype):
+    big = torch.finfo(dtype).max
+    g = torch.tensor([[float("nan"), float("inf"), -float("inf"), 3.0, big, 1.0]]).to(dtype)
+    u = torch.tensor([[1.0, 2.0, 1.0, float("nan"), 4.0, big]]).to(dtype)  # big * 4, silu(1) * max: overflow
+    got, want = sm.silu_mul(g, u), F.silu(g) * u
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
