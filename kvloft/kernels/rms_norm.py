@@ -72,7 +72,8 @@ def rms_norm_unchecked(x: Tensor, weight: Tensor, eps: float, residual: Tensor |
     """rms_norm without the argument checks: for a declared route (kernels/gpu_layer.py), whose
     shapes were checked once."""
     t, h = x.shape
-    out = torch.empty((t, h), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty((t, h), dtype=dtype, device=x.device)
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
     if t == 0:
         return out, res_out

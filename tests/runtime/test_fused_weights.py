@@ -34,7 +34,7 @@ def _qkv(block):
 def test_views_share_one_storage_and_state_dict_is_unchanged():
     model = _model()
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
-    finger = model_fingerprint(model)
+    finger, nbytes = model_fingerprint(model), model.weight_bytes
     x = torch.randn(3, CFG.hidden_size).to(torch.bfloat16)
     want = [li(x) for li in _qkv(model.net.layers[0])]
     w, b = fuse(_qkv(model.net.layers[0]))
@@ -43,7 +43,7 @@ def test_views_share_one_storage_and_state_dict_is_unchanged():
     assert b.shape == (w.shape[0],) and none is None and gu.shape == (2 * CFG.intermediate_size, CFG.hidden_size)
     after = model.net.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    assert model_fingerprint(model) == finger
+    assert model_fingerprint(model) == finger and model.weight_bytes == nbytes
     for li in _qkv(model.net.layers[0]):
         assert li.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
         assert li.weight.is_contiguous() and isinstance(li.weight, torch.nn.Parameter)
