@@ -5,10 +5,11 @@ separate outputs) to contiguous q [T, H_q, D], k [T, H_kv, D] (both rotated) and
 
     out = x * cos + rot(x) * sin,    rot(x) = cat(-x[D/2:], x[:D/2])    (HF's rotate-half)
 
-in fp32, cast to the dtype once, as runtime/model.py `rotate` does (its addcmul: the second
-product and the sum in one step; the GPU contracts both to one fused multiply-add, the
-interpreter to none, so each equals torch on its own device up to that choice). v is copied
-so the attention backends get the contiguous tensors the modules gave them.
+in fp32, cast to the dtype once, as runtime/model.py `rotate` does: x * cos rounded, then
+rot * sin added by a fused multiply-add, as torch's addcmul computes on CUDA (and on the CPU:
+tests/kernels/test_rope_qkv.py finds them equal bit for bit). Asked for by name, not left to
+Triton's fp-fusion default (which changes in Triton 3.10). v is copied so the
+attention backends get the contiguous tensors the modules gave them.
 
 Replaces rotate's chunk/cat/neg/float/mul/addcmul/cast on q and on k (~14 launches) by one.
 Grid (T, H_q + 2 H_kv), one head a program: read and write T (H_q + 2 H_kv) D values plus
@@ -59,7 +60,7 @@ def _rope_qkv_kernel(
         rot = tl.where(first, -xp, xp)
         c = tl.load(cos + t * HEAD_DIM + cols, mask=mask, other=0.0)
         s = tl.load(sin + t * HEAD_DIM + cols, mask=mask, other=0.0)
-        y = x.to(tl.float32) * c + rot * s
+        y = tl.fma(rot, s, x.to(tl.float32) * c)  # addcmul's rounding on CUDA: the second product fused
         tl.store(dst + cols, round_to(y, x.dtype), mask=mask)
     else:  # a value head: copy
         h = (head - n_q - n_kv).to(tl.int64)
