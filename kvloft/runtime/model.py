@@ -250,8 +250,8 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.declare_cpu(on, helper)
         gpu = w.device.type == "cuda" and w.dtype in (torch.bfloat16, torch.float16) if fused_gpu is None else fused_gpu
-        for block in self.layers:
-            block.declare_gpu(gpu)
+        for block in self.layers:  # the CPU route, where declared, is the one taken: no second one
+            block.declare_gpu(gpu and block.cpu is None)
         if gpu and w.device.type == "cuda":  # the unfused weights' freed blocks fit no fused one: return them
             torch.cuda.empty_cache()
         head_ok = on and isinstance(self.lm_head, Linear) and self.lm_head.few_rows and self.lm_head.bias is None \

@@ -131,6 +131,9 @@ def test_declaration_follows_the_weights_and_the_switch():
     assert all(b.gpu is None for b in net.layers)
     net.declare_kernels()  # auto: CUDA 16-bit weights only
     assert all(b.gpu is None for b in net.layers)
+    net = net.float()  # fp32 on the CPU: the compiled CPU route, even where the GPU one is forced
+    net.declare_kernels(fused_gpu=True)
+    assert all(b.cpu is not None and b.gpu is None for b in net.layers)
 
 
 @pytest.mark.gpu
