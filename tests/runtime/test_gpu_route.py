@@ -109,7 +109,11 @@ def test_tiny_model_decode_through_the_route_matches_the_modules():
     assert all(isinstance(b.gpu, DecodeLayer) for b in net.layers)
     q = net.layers[0].self_attn
     assert q.k_proj.weight.untyped_storage().data_ptr() == q.q_proj.weight.untyped_storage().data_ptr()
+    rows, route = [], net.layers[1].gpu
+    real = route.post
+    route.post = lambda x, o: rows.append(x.shape[0]) or real(x, o)
     got = _decode(net)
+    assert rows == [3, 1]  # the 20-token prefill took the modules, the chunk and the token the route
     for i, (g, b, e) in enumerate(zip(got, base, exact)):
         _bound(g, b, e, f"logits of call {i}")
         assert g.argmax(-1).tolist() == b.argmax(-1).tolist()
