@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kvloft.kernels import checks
 from kvloft.kernels.rms_norm import MAX_HIDDEN, _rms_norm_kernel, rms_norm_unchecked
-from kvloft.kernels.rope_qkv import rope_qkv_unchecked
+from kvloft.kernels.rope_qkv import MAX_HEAD_DIM, rope_qkv_unchecked
 from kvloft.kernels.silu_mul import silu_mul_unchecked
 
 __all__ = ["MAX_ROWS", "DecodeLayer"]
@@ -55,8 +55,9 @@ class DecodeLayer:
                 or not (w_in.is_contiguous() and w_post.is_contiguous()):
             raise ValueError(f"the GPU decode route needs contiguous norm weights [hidden <= {MAX_HIDDEN}], got "
                              f"{tuple(w_in.shape)} and {tuple(w_post.shape)}; leave the route off (fused_gpu=False)")
-        if head_dim % 2:
-            raise ValueError(f"the GPU decode route needs an even head_dim, got {head_dim}; use fused_gpu=False")
+        if head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"the GPU decode route needs an even head_dim <= {MAX_HEAD_DIM}, got {head_dim}; "
+                             f"use fused_gpu=False")
         self.w_in, self.w_post, self.eps_in, self.eps_post = w_in, w_post, float(eps_in), float(eps_post)
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
         self.d = head_dim

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from kvloft.config import PRESETS, ModelConfig
 from kvloft.kernels.gpu_layer import DecodeLayer
+from kvloft.runtime.fused_weights import _Modules
 from kvloft.runtime.loader import random_model
+from kvloft.runtime.quant_linear import QuantLinear, scheme
 from kvloft.runtime.model import Block, Transformer, rope_inv_freq
 
 
@@ -74,6 +76,19 @@ def test_layer_matches_the_modules(dtype, hidden, d, hkv, group, bias, t):
     cfg = ModelConfig(hidden_size=hidden, intermediate_size=3 * hidden - 4, n_layers=1, n_heads=hkv * group,
                       n_kv_heads=hkv, head_dim=d, attention_bias=bias)
     _compare(_block(cfg, dtype), t, dtype)
+
+
+def test_quantized_linears_keep_their_modules():
+    net = random_model(PRESETS["tiny"], device="cpu", dtype=torch.bfloat16, quant=scheme("int8")).net
+    block = net.layers[0]
+    x = torch.randn(2, net.config.hidden_size).to(torch.bfloat16)
+    cos, sin = _rope(block, 2)
+    base = _layer(block, x, cos, sin)
+    block.declare_gpu(True)
+    assert isinstance(block.gpu.qkv, _Modules) and isinstance(block.self_attn.q_proj, QuantLinear)
+    for name, g, b in zip(("q", "k", "v", "x"), _layer(block, x, cos, sin), base):
+        floor = 2 * torch.finfo(g.dtype).eps * b.double().abs().max().item()  # norms: their own sum order
+        assert (g.double() - b.double()).abs().max() <= floor, name
 
 
 class _DenseBackend:  # every key so far, torch's softmax: the same arithmetic for both routes
