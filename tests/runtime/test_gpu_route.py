@@ -17,8 +17,8 @@ from kvloft.config import PRESETS, ModelConfig
 from kvloft.kernels.gpu_layer import DecodeLayer
 from kvloft.runtime.fused_weights import _Modules
 from kvloft.runtime.loader import random_model
-from kvloft.runtime.quant_linear import QuantLinear, scheme
 from kvloft.runtime.model import Block, Transformer, rope_inv_freq
+from kvloft.runtime.quant_linear import QuantLinear, scheme
 
 
 def _block(cfg: ModelConfig, dtype, device="cpu") -> Block:
