@@ -529,6 +529,8 @@ def main() -> None:
                     help="linear weights (load_model(weights=...)); int4 on CUDA runs PyTorch's tinygemm kernel")
     ap.add_argument("--host-dtype", default=None, choices=["int8", "fp8"],
                     help="8-bit host tier (CacheConfig.host_dtype); default: the model dtype")
+    ap.add_argument("--gpu-route", default="auto", choices=["auto", "off"],
+                    help="the GPU few-row layer route (kernels/gpu_layer.py): as declared at load, or off (the modules)")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -557,6 +559,8 @@ def main() -> None:
 
     for preset in args.presets.split(","):
         model = load_model(preset, device=DEVICE, dtype="bfloat16" if CUDA else "float32", weights=args.weights)
+        if args.gpu_route == "off":
+            model.net.declare_kernels(model.net.compiled_cpu, model.net.split_cpu, fused_gpu=False)
         linears = quant_backends(model)
         floor = round(1000 * model.weight_bytes / bw, 2)
         for n in [parse_tokens(c) for c in args.contexts.split(",")]:
@@ -566,6 +570,7 @@ def main() -> None:
                     continue
                 row = run_row(model, spec, n, args)
                 row.update(preset=preset, weights=args.weights, host_dtype=args.host_dtype, linears=linears,
+                           gpu_route=any(b.gpu is not None for b in model.net.layers),
                            weights_gib=round(model.weight_bytes / GiB, 2), floor_ms=floor)
                 emit(row)
         for n in [parse_tokens(c) for c in args.prefill.split(",") if c]:

@@ -130,6 +130,7 @@ class Block(nn.Module):
     modules' ~9 torch calls; the same arithmetic up to fp32 summation order."""
 
     cpu = None  # a kernels/cpu_layer.DecodeLayer once declared
+    gpu = None  # a kernels/gpu_layer.DecodeLayer once declared (declare_gpu)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -142,12 +143,16 @@ class Block(nn.Module):
         """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv)."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.pre(x, cos, sin)
+        if self.gpu is not None and x.shape[0] <= _GEMV_ROWS:
+            return self.gpu.pre(x, cos, sin)
         return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
 
     def post(self, x: Tensor, o: Tensor) -> Tensor:
         """The residual stream x and the attention output o [T, H_q, D] -> the next stream."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.post(x, o)
+        if self.gpu is not None and x.shape[0] <= _GEMV_ROWS:
+            return self.gpu.post(x, o)
         x = x + self.self_attn.out(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -169,6 +174,15 @@ class Block(nn.Module):
                 w_post=norms[1], wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
                 head_dim=a.shape[2], split=split)
 
+    def declare_gpu(self, on: bool) -> None:
+        """Take kernels/gpu_layer.py for few rows where `on` (16-bit weights on CUDA, or forced):
+        q/k/v and gate/up fused into one weight each where plain Linears (runtime/fused_weights.py)."""
+        self.gpu = None
+        if on:
+            from kvloft.runtime.fused_weights import decode_layer
+
+            self.gpu = decode_layer(self)
+
     def forward(self, x, cos, sin, layer, backend, positions):
         q, k, v = self.pre(x, cos, sin)
         return self.post(x, backend.attend(layer, q, k, v, positions))
@@ -183,6 +197,7 @@ class Transformer(nn.Module):
 
     compiled_cpu: bool | None = None  # as last declared (declare_kernels); None: never
     split_cpu: bool | None = None  # as last declared: a helper thread for the compiled calls (None: where 2+ cores)
+    fused_gpu: bool | None = None  # as last declared: the GPU few-row route (None: for 16-bit weights on CUDA)
     _cpu_head = None  # (norm weight, eps, lm_head weight, helper) once declared
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -199,16 +214,20 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def declare_kernels(self, compiled_cpu: bool = True, split: bool | None = None) -> bool:
+    def declare_kernels(self, compiled_cpu: bool = True, split: bool | None = None,
+                        fused_gpu: bool | None = None) -> bool:
         """Declare which compiled CPU paths this network takes, from where its weights are:
         fp32 weights on the CPU (and `compiled_cpu`) -> every Linear's few-row calls through
         kernels/cpu_gemv.py, each layer's few-row calls through kernels/cpu_layer.py, and the
         compiled CPU kernels loaded in a background thread (kernels/cpu_warmup.py) so the first
         decode step does not compile them. `split`: share the layer, lm_head and dense decode
         attention calls with a helper thread (kernels/cpu_split.py; None: where this process
-        may run on 2+ cores). Loaders call this once the weights are in place; moving or casting
-        the network (`.to`, `.float`) declares again. Returns whether the compiled paths are on."""
-        self.compiled_cpu, self.split_cpu = compiled_cpu, split
+        may run on 2+ cores). `fused_gpu`: each layer's few-row calls through kernels/gpu_layer.py
+        (Block.declare_gpu); None: where the weights are bf16/fp16 on CUDA; True forces it (the
+        CPU tests, under TRITON_INTERPRET=1). Loaders call this once the weights are in place;
+        moving or casting the network (`.to`, `.float`) declares again. Returns whether the
+        compiled CPU paths are on."""
+        self.compiled_cpu, self.split_cpu, self.fused_gpu = compiled_cpu, split, fused_gpu
         w = self.embed_tokens.weight  # always a plain parameter (a linear may be a QuantLinear)
         on = compiled_cpu and w.device.type == "cpu" and w.dtype == torch.float32
         if on:
@@ -230,6 +249,11 @@ class Transformer(nn.Module):
             cpu_attend.SPLIT = helper  # one helper thread a process: the last declared model's choice
         for block in self.layers:
             block.declare_cpu(on, helper)
+        gpu = w.device.type == "cuda" and w.dtype in (torch.bfloat16, torch.float16) if fused_gpu is None else fused_gpu
+        for block in self.layers:  # the CPU route, where declared, is the one taken: no second one
+            block.declare_gpu(gpu and block.cpu is None)
+        if gpu and w.device.type == "cuda":  # the unfused weights' freed blocks fit no fused one: return them
+            torch.cuda.empty_cache()
         head_ok = on and isinstance(self.lm_head, Linear) and self.lm_head.few_rows and self.lm_head.bias is None \
             and _cpu_fp32(self.norm.weight)
         self._cpu_head = (self.norm.weight, self.norm.eps, self.lm_head.weight, helper) if head_ok else None
@@ -238,7 +262,7 @@ class Transformer(nn.Module):
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): the declaration follows the weights
         out = super()._apply(fn, recurse)
         if self.compiled_cpu is not None and not self.embed_tokens.weight.is_meta:
-            self.declare_kernels(self.compiled_cpu)
+            self.declare_kernels(self.compiled_cpu, fused_gpu=self.fused_gpu)
         return out
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:

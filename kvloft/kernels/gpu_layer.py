@@ -1,0 +1,75 @@
+"""A decoder layer's few-row (decode) calls on the GPU: three Triton launches beside the GEMMs.
+
+    pre:   h = rmsnorm(x) * w_in                      (kernels/rms_norm.py)
+           q, k, v = split(h [Wq; Wk; Wv]^T + b)      (one GEMM where the weights are fused)
+           q, k = rope(q, k); v copied out            (kernels/rope_qkv.py)
+    (attention: the backend's)
+    post:  a = o Wo^T
+           x1 = x + a;  h = rmsnorm(x1) * w_post      (one launch: kernels/rms_norm.py)
+           s = silu(g) * u,  g, u = split(h [Wg; Wu]^T)   (one GEMM; kernels/silu_mul.py)
+           x2 = x1 + s Wd^T
+
+x [T, hidden] bf16/fp16, T at most MAX_ROWS (a decode token: T = 1; a batched step: B rows).
+The GEMMs are callables the runtime builds from the layer's modules (runtime/model.py
+Block.declare_gpu): one F.linear on fused weights (runtime/fused_weights.py), or the
+modules themselves where a linear is a QuantLinear. A layer is then 9 launches (GEMMs
+included) where the torch modules made ~40 (the norms' float/pow/mean/rsqrt/mul/cast
+chains, rope's chunk/cat/neg/float/addcmul/cast on q and on k, silu and mul, the adds).
+
+The arithmetic is the modules' (HF's): each kernel rounds as the torch ops it replaces, but
+for the fp32 sum of squares of the norms (another order) and the fused GEMMs (cuBLAS may
+tile [Wq; Wk; Wv] otherwise than Wq alone). tests/runtime/test_gpu_route.py holds a layer
+and a model to the modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from kvloft.kernels import checks
+from kvloft.kernels.rms_norm import MAX_HIDDEN, _rms_norm_kernel, rms_norm_unchecked
+from kvloft.kernels.rope_qkv import MAX_HEAD_DIM, rope_qkv_unchecked
+from kvloft.kernels.silu_mul import silu_mul_unchecked
+
+__all__ = ["MAX_ROWS", "DecodeLayer"]
+
+MAX_ROWS = 16  # rows a call (runtime/model.py _GEMV_ROWS): past that prefill's torch modules (compute-bound)
+
+
+class DecodeLayer:
+    """One layer's weights as the modules hold them (no copies) and its few-row calls.
+
+    w_in, w_post [hidden] the norms' weights, eps theirs; qkv: h [T, hidden] -> q [T, H_q D],
+    k, v [T, H_kv D] (row-strided views of one GEMM's output do); o: [T, H_q D] -> [T, hidden];
+    gate_up: h -> g, u [T, I]; down: [T, I] -> [T, hidden]; head_dim D. Declared once per
+    layer (runtime/model.py Block.declare_gpu), never probed per call."""
+
+    def __init__(self, *, w_in: Tensor, w_post: Tensor, eps_in: float, eps_post: float,
+                 qkv: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], o: Callable[[Tensor], Tensor],
+                 gate_up: Callable[[Tensor], tuple[Tensor, Tensor]], down: Callable[[Tensor], Tensor],
+                 head_dim: int) -> None:
+        checks.require_runnable(w_in.device, _rms_norm_kernel, "the GPU decode route (kernels/gpu_layer.py)")
+        if w_in.dim() != 1 or w_in.shape != w_post.shape or not 0 < w_in.shape[0] <= MAX_HIDDEN \
+                or not (w_in.is_contiguous() and w_post.is_contiguous()):
+            raise ValueError(f"the GPU decode route needs contiguous norm weights [hidden <= {MAX_HIDDEN}], got "
+                             f"{tuple(w_in.shape)} and {tuple(w_post.shape)}; leave the route off (fused_gpu=False)")
+        if head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"the GPU decode route needs an even head_dim <= {MAX_HEAD_DIM}, got {head_dim}; "
+                             f"use fused_gpu=False")
+        self.w_in, self.w_post, self.eps_in, self.eps_post = w_in, w_post, float(eps_in), float(eps_post)
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.d = head_dim
+
+    def pre(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, hidden], cos/sin [T, D] fp32 -> q [T, H_q, D], k [T, H_kv, D] (rotated), v [T, H_kv, D]."""
+        h, _ = rms_norm_unchecked(x, self.w_in, self.eps_in, None)
+        q, k, v = self.qkv(h)
+        return rope_qkv_unchecked(q, k, v, cos.contiguous(), sin.contiguous(), self.d)
+
+    def post(self, x: Tensor, o: Tensor) -> Tensor:
+        """The residual stream x [T, hidden] and the attention output o [T, H_q, D] -> the next stream."""
+        a = self.o(o.reshape(o.shape[0], -1))
+        h, x1 = rms_norm_unchecked(a, self.w_post, self.eps_post, x)  # x1 = x + a
+        return x1 + self.down(silu_mul_unchecked(*self.gate_up(h)))

@@ -1,0 +1,169 @@
+"""The GPU few-row route (kernels/gpu_layer.py, declared by runtime/model.py) against the torch
+modules: forced on the CPU under the Triton interpreter here, taken for 16-bit CUDA models by
+default. Bound (flash-attention's rule): the route's error against an fp64 copy of the same
+weights at most 2x the modules' own plus one ulp of the output's largest value; fused GEMMs
+may be tiled otherwise than three, and the norms sum their squares in their own order."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvloft.config import PRESETS, ModelConfig
+from kvloft.kernels.gpu_layer import DecodeLayer
+from kvloft.runtime.fused_weights import _Modules
+from kvloft.runtime.loader import random_model
+from kvloft.runtime.model import Block, Transformer, rope_inv_freq
+from kvloft.runtime.quant_linear import QuantLinear, scheme
+
+
+def _block(cfg: ModelConfig, dtype, device="cpu") -> Block:
+    block = Block(cfg).to(device)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape))
+            else:
+                p.normal_(std=1.0 if name.endswith("bias") else cfg.hidden_size ** -0.5)
+    return block.to(dtype)
+
+
+def _rope(block: Block, t: int, device="cpu"):  # cos, sin [T, D] fp32 at far positions, as the model makes them
+    hq, hkv, d = block.self_attn.shape
+    cfg = ModelConfig(hidden_size=hq * d, n_heads=hq, n_kv_heads=hkv, head_dim=d, rope_theta=500000.0)
+    net = Transformer.__new__(Transformer)
+    torch.nn.Module.__init__(net)
+    net.register_buffer("inv_freq", rope_inv_freq(cfg).to(device))
+    return Transformer.rope(net, torch.arange(100, 100 + t, device=device) * 31)
+
+
+def _bound(got, base, exact, what):
+    floor = torch.finfo(got.dtype).eps * exact.abs().max().item()
+    err, base_err = (got.double() - exact).abs().max().item(), (base.double() - exact).abs().max().item()
+    assert err <= 2 * base_err + floor, f"{what}: route error {err:.3g} > 2 x modules' {base_err:.3g} + {floor:.3g}"
+
+
+def _layer(block: Block, x, cos, sin):  # pre, a stand-in attention output, post
+    q, k, v = block.pre(x, cos, sin)
+    o = (q.float() * 0.5).to(q.dtype)  # [T, H_q, D]: deterministic from q, so both routes see their own
+    return q, k, v, block.post(x, o)
+
+
+def _compare(block: Block, t: int, dtype, device="cpu"):
+    x = torch.randn(t, block.input_layernorm.weight.shape[0], device=device).to(dtype)  # [T, hidden]
+    cos, sin = _rope(block, t, device)
+    exact_block = copy.deepcopy(block).double()
+    exact = _layer(exact_block, x.double(), cos.double(), sin.double())
+    base = _layer(block, x, cos, sin)
+    block.declare_gpu(True)
+    assert isinstance(block.gpu, DecodeLayer)
+    got = _layer(block, x, cos, sin)
+    block.declare_gpu(False)
+    for name, g, b, e in zip(("q", "k", "v", "x"), got, base, exact):
+        assert g.shape == b.shape and g.dtype == b.dtype
+        _bound(g, b, e, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden,d,hkv,group,bias,t", [
+    (100, 32, 1, 7, True, 1), (96, 64, 2, 4, False, 3), (100, 32, 3, 1, True, 16), (96, 32, 2, 4, True, 3),
+])
+def test_layer_matches_the_modules(dtype, hidden, d, hkv, group, bias, t):
+    cfg = ModelConfig(hidden_size=hidden, intermediate_size=3 * hidden - 4, n_layers=1, n_heads=hkv * group,
+                      n_kv_heads=hkv, head_dim=d, attention_bias=bias)
+    _compare(_block(cfg, dtype), t, dtype)
+
+
+def test_quantized_linears_keep_their_modules():
+    net = random_model(PRESETS["tiny"], device="cpu", dtype=torch.bfloat16, quant=scheme("int8")).net
+    block = net.layers[0]
+    x = torch.randn(2, net.config.hidden_size).to(torch.bfloat16)
+    cos, sin = _rope(block, 2)
+    base = _layer(block, x, cos, sin)
+    block.declare_gpu(True)
+    assert isinstance(block.gpu.qkv, _Modules) and isinstance(block.self_attn.q_proj, QuantLinear)
+    for name, g, b in zip(("q", "k", "v", "x"), _layer(block, x, cos, sin), base):
+        floor = 2 * torch.finfo(g.dtype).eps * b.double().abs().max().item()  # norms: their own sum order
+        assert (g.double() - b.double()).abs().max() <= floor, name
+
+
+class _DenseBackend:  # every key so far, torch's softmax: the same arithmetic for both routes
+    def __init__(self):
+        self.kv = {}
+
+    def attend(self, layer, q, k, v, positions):
+        ks, vs = self.kv.get(layer, (k[:0], v[:0]))
+        ks, vs = torch.cat((ks, k)), torch.cat((vs, v))
+        self.kv[layer] = ks, vs
+        g = q.shape[1] // k.shape[1]
+        kk, vv = ks.repeat_interleave(g, 1).transpose(0, 1), vs.repeat_interleave(g, 1).transpose(0, 1)
+        mask = torch.ones(q.shape[0], ks.shape[0], dtype=torch.bool).tril(ks.shape[0] - q.shape[0])
+        return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1)
+
+
+def _decode(net):  # a 20-token prefill (the modules), then a 3-row chunk and a token (the route where declared)
+    be, ids = _DenseBackend(), torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+    return [net(ids[:20], torch.arange(20), be, last_only=True), net(ids[20:23], torch.arange(20, 23), be),
+            net(ids[23:], torch.tensor([23]), be)]
+
+
+def test_tiny_model_decode_through_the_route_matches_the_modules():
+    cfg = dataclasses.replace(PRESETS["tiny"], hidden_size=96, intermediate_size=200, n_heads=8, n_kv_heads=2,
+                              head_dim=32, attention_bias=True)
+    net = random_model(cfg, device="cpu", dtype=torch.bfloat16).net
+    assert all(b.gpu is None for b in net.layers)  # not on CUDA: off unless forced
+    exact_net = copy.deepcopy(net)
+    exact_net.declare_kernels(fused_gpu=False)
+    exact = _decode(exact_net.double())
+    base = _decode(net)
+    net.declare_kernels(fused_gpu=True)
+    assert all(isinstance(b.gpu, DecodeLayer) for b in net.layers)
+    q = net.layers[0].self_attn
+    assert q.k_proj.weight.untyped_storage().data_ptr() == q.q_proj.weight.untyped_storage().data_ptr()
+    rows, route = [], net.layers[1].gpu
+    real = route.post
+    route.post = lambda x, o: rows.append(x.shape[0]) or real(x, o)
+    got = _decode(net)
+    assert rows == [3, 1]  # the 20-token prefill took the modules, the chunk and the token the route
+    for i, (g, b, e) in enumerate(zip(got, base, exact)):
+        _bound(g, b, e, f"logits of call {i}")
+        assert g.argmax(-1).tolist() == b.argmax(-1).tolist()
+
+
+def test_declaration_follows_the_weights_and_the_switch():
+    net = random_model(PRESETS["tiny"], device="cpu", dtype=torch.bfloat16).net
+    net.declare_kernels(fused_gpu=True)
+    assert all(b.gpu is not None for b in net.layers)
+    net = net.to(torch.float16)  # declared again, forced still: fused anew in fp16
+    assert all(b.gpu is not None for b in net.layers)
+    assert net.layers[0].mlp.gate_proj.weight.dtype == torch.float16
+    twin = copy.deepcopy(net)  # nn.Parameter's deep copy clones each one apart: declare again
+    twin.declare_kernels(fused_gpu=True)
+    twin.layers[0].mlp.up_proj.weight.data.zero_()
+    assert twin.layers[0].gpu.gate_up.weight[-1].abs().sum() == 0
+    assert net.layers[0].gpu.gate_up.weight[-1].abs().sum() > 0
+    net.declare_kernels(fused_gpu=False)
+    assert all(b.gpu is None for b in net.layers)
+    net.declare_kernels()  # auto: CUDA 16-bit weights only
+    assert all(b.gpu is None for b in net.layers)
+    net = net.float()  # fp32 on the CPU: the compiled CPU route, even where the GPU one is forced
+    net.declare_kernels(fused_gpu=True)
+    assert all(b.cpu is not None and b.gpu is None for b in net.layers)
+
+
+@pytest.mark.gpu
+def test_llama3_8b_layer_on_cuda_matches_the_modules():
+    cfg = dataclasses.replace(PRESETS["llama3-8b"], n_layers=1)
+    for t in (1, 4, 16):
+        _compare(_block(cfg, torch.bfloat16, "cuda"), t, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_model_declares_the_route_by_default():
+    net = random_model(PRESETS["tiny"], device="cuda", dtype=torch.bfloat16).net
+    assert all(isinstance(b.gpu, DecodeLayer) for b in net.layers)
+    assert all(b.gpu is None for b in net.float().layers)
