@@ -9,6 +9,10 @@
 # Usage (GPU machine, repo root):  TOTAL=540 bash bench/gpu_s23a.sh
 set -u
 DEFAULT_TOTAL=540 . bench/gpu_budget.sh
+# the few-row GPU layer route is new: its GPU tests first, and the rows below take the modules if they fail
+KVLOFT_TEST_CUDA=1 timeout "$(left 60)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
+  tests/runtime/test_gpu_route.py > "$O/gpu_route_tests.txt" 2>&1 && ROUTE=auto || ROUTE=off
+tail -3 "$O/gpu_route_tests.txt"; echo "gpu route: $ROUTE"
 KVLOFT_TEST_CUDA=1 timeout "$(left 110)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
   tests/index/test_hip_8bit.py tests/index/test_hip_zrank.py tests/runtime/test_fork.py \
   tests/runtime/test_host_dtype_session.py tests/runtime/test_whole_step.py -k "8bit or 8-bit or fp8 or int8 or z_ or zrank or fork or cuda" \
@@ -16,7 +20,7 @@ KVLOFT_TEST_CUDA=1 timeout "$(left 110)" python3 -m pytest -q -p no:cacheprovide
 row() {  # TAG CONTEXT WEIGHTS HOST_DTYPE SECONDS
   [ "$(left "$5")" -lt 40 ] && { echo "$1: no time left"; return; }
   timeout "$(left "$5")" python3 bench/decode.py --presets llama3-8b --contexts "$2" --methods hip:keys_on=host \
-    --weights "$3" $([ "$4" = bf16 ] || echo --host-dtype "$4") --steps 16 --host-memory 120GiB --tag "$1" --out "$O" 2>&1 | grep -v '^{' | tail -2
+    --weights "$3" $([ "$4" = bf16 ] || echo --host-dtype "$4") --steps 16 --gpu-route $ROUTE --host-memory 120GiB --tag "$1" --out "$O" 2>&1 | grep -v '^{' | tail -2
   python3 -c "import json; r = json.load(open('$O/decode-$1.json'))['rows'][0]; print('$1', {k: r.get(k) for k in ('ms_per_token', 'peak_gpu_gib', 'plan_host_gib', 'floor_ms', 'not_run', 'error')})" 2>&1 | tail -1
 }
 row l1m-int4-fp8 1m int4 fp8 120
