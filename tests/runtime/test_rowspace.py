@@ -20,11 +20,11 @@ def tiny():
     return load_model("tiny", device="cpu", dtype="float32", seed=3)
 
 
-def _run(model, rcfg, prompt, steps, kernels, one_launch=True, cache_selections=True):
+def _run(model, rcfg, prompt, steps, kernels, one_launch=True, cache_selections=True, host_dtype=None):
     """Logits of prefill + decode; host tier in 3 chunks of 32 rows, 8 rows going down per
     batch (one batch during the steps, so a stable selection sees fresh rows)."""
     s = Session(model, rcfg, RuntimeConfig(prefill_chunk=64, progress=False, kernels="reference"),
-                kvloft.CacheConfig(host_chunk_tokens=32, evict_batch=8))
+                kvloft.CacheConfig(host_chunk_tokens=32, evict_batch=8, host_dtype=host_dtype))
     s.backend.one_launch, s.backend.cache_selections = one_launch, cache_selections
     s.feed(prompt)  # prefill through the reference (the interpreted merge of prefill is slow)
     if kernels == "triton":  # decode as a CUDA session's: the kernels read the chunks in place
@@ -70,6 +70,26 @@ def test_stale_cache_is_not_read(tiny):
     cached, s = _run(tiny, rcfg, prompt, steps, "triton")
     plain, s2 = _run(tiny, rcfg, prompt, steps, "triton", cache_selections=False)
     assert s.backend._spaces[0].fills > 0 and s2.backend._spaces[0].fills == 0
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("host_dtype", ["fp8", "int8"])
+def test_cached_rows_of_an_8bit_tier(tiny, host_dtype):
+    """An 8-bit host tier: the stable rows cached on the device (codes and scales gathered,
+    dequantized there) give the logits of reading every selected row's codes in place, and
+    the cache is filled once per refresh. Fails if the gathered codes or scales are the wrong
+    rows, or if the dequantization differs from the kernels'."""
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, tiny.config.vocab_size, (100,), generator=gen)
+    steps = torch.randint(0, tiny.config.vocab_size, (6,), generator=gen)
+    rcfg = RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=16, options=HIP)
+    cached, s = _run(tiny, rcfg, prompt, steps, "triton", host_dtype=host_dtype)
+    plain, s2 = _run(tiny, rcfg, prompt, steps, "triton", cache_selections=False, host_dtype=host_dtype)
+    space = s.backend._spaces[0]
+    assert space.fills > 0 and s2.backend._spaces[0].fills == 0
+    rows = space.cached_src[: space.cached_n].cpu()
+    host = s.backend.cache[0].host_k
+    torch.testing.assert_close(space.cache_k[: space.cached_n], host.rows(rows), rtol=0, atol=0)
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
 
 
