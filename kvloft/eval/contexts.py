@@ -12,8 +12,9 @@ the fork holds the K/V that prefill would compute, up to float rounding, and dec
 
 A method the fork refuses prefills on its own, and its context says why: remapped positions
 (`+x` methods), an index that learns from prefill queries (attention_graph, actqkv), an int8/fp8
-host tier, a prompt past prefill_dense_tokens, a limit. The dense method decodes the shared
-session itself, after every fork is made, so it costs no copy.
+host tier, a prompt past prefill_dense_tokens, a limit. The dense method decodes a copy of the
+shared session (Session.fork(), the dense K/V once more) while forks are still to come, else
+that session itself.
 """
 
 from __future__ import annotations
@@ -54,38 +55,37 @@ def own_context(model, prompt: str, rcfg: RetrievalConfig, runtime: RuntimeConfi
 
 def shared_contexts(model, prompt: str, rcfgs: Sequence[RetrievalConfig], dense: RetrievalConfig,
                     runtime: RuntimeConfig, cache: CacheConfig | None) -> Iterator[tuple[int, Context]]:
-    """(i, context of rcfgs[i]) for every config, each once; drop a context before asking for the
+    """(i, context of rcfgs[i]) for every config in order; drop a context before asking for the
     next (only the shared session outlives it). dense: the shared session's config (a dense one).
 
-    Order: configs the fork refuses whatever the prompt (their own prefill runs before the
-    shared one, so the two never hold the device at once), then forks in the given order, then
-    the dense configs (the last of them decodes the shared session itself)."""
+    The shared session is prefilled when a config first needs it and dropped once no later one
+    does: a dense config decodes a copy of it (Session.fork()) while forks are still to come,
+    else the session itself; a config the fork refuses whatever the prompt (rebuild_blockers
+    on the unfed session: remapped positions, a quantized host tier) never makes it prefill."""
     from kvloft.runtime.fork import rebuild_blockers
     from kvloft.runtime.session import Session
 
     if dense.method != "dense":
         raise ValueError(f"the shared prefill must be dense, got method={dense.method!r}")
     parent = Session(model, dense, runtime, cache)
-    tiered = [i for i, r in enumerate(rcfgs) if r.method != "dense"]
-    dense_ids = [i for i, r in enumerate(rcfgs) if r.method == "dense"]
-    blocked = {i: why for i in tiered if (why := rebuild_blockers(parent, rcfgs[i]))}  # unfed: config reasons
-    for i, why in blocked.items():
-        yield i, own_context(model, prompt, rcfgs[i], runtime, cache, note="; ".join(why))
-    forks = [i for i in tiered if i not in blocked]
-    if not forks and not dense_ids:
-        return
-    n = parent.feed(prompt)
-    prefill_s = parent.stats()["timings_s"]["prefill_s"]
-    for i in forks:
-        yield i, _fork_context(parent, rcfgs[i], n, prefill_s, prompt)
-    for j, i in enumerate(dense_ids):
-        last = j == len(dense_ids) - 1
-        if last and rcfgs[i] == parent.retrieval:
-            s, parent = parent, None  # the caller's reference is the last one: dropped after decoding
-            yield i, Context(s, n, prefill_s, "shared")
-            del s
-        else:
-            yield i, _fork_context(parent, rcfgs[i], n, prefill_s, prompt)
+    blocked = {i: why for i, r in enumerate(rcfgs) if r.method != "dense" and (why := rebuild_blockers(parent, r))}
+    users = [i for i in range(len(rcfgs)) if i not in blocked]  # configs that read the shared session
+    n = prefill_s = 0
+    for i, rcfg in enumerate(rcfgs):
+        if i in blocked:
+            yield i, own_context(model, prompt, rcfg, runtime, cache, note="; ".join(blocked[i]))
+            continue
+        if not parent.tokens:
+            n = parent.feed(prompt)
+            prefill_s = parent.stats()["timings_s"]["prefill_s"]
+        if i != users[-1]:
+            yield i, _fork_context(parent, rcfg, n, prefill_s, prompt)
+            continue
+        # the shared session's last reader: the session itself where it is of its config, then gone
+        s, parent = parent, None
+        yield i, (Context(s, n, prefill_s, "shared") if rcfg == s.retrieval
+                  else _fork_context(s, rcfg, n, prefill_s, prompt))
+        del s
 
 
 def _fork_context(parent, rcfg: RetrievalConfig, n: int, prefill_s: float, prompt: str) -> Context:

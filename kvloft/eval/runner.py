@@ -158,11 +158,10 @@ def run_prompt(model, sample: Sample, index: int, methods: Sequence[tuple[str, R
                prefill: str = "shared", dense: RetrievalConfig | None = None) -> Iterator[RunRecord]:
     """The sample under every (label, config) of `methods`, records in that order.
 
-    prefill "own": each method prefills the prompt in a fresh session (run_sample), its record
-    yielded as it completes. "shared": one dense prefill (config `dense`, default
-    RetrievalConfig(method="dense")) forked into each method (kvloft.eval.contexts; a method the
-    fork refuses prefills on its own, its record says why); the records come together once the
-    last method is done (the dense session decodes last).
+    prefill "own": each method prefills the prompt in a fresh session (run_sample). "shared":
+    one dense prefill (config `dense`, default RetrievalConfig(method="dense")) forked into each
+    method (kvloft.eval.contexts; a method the fork refuses prefills on its own, its record says
+    why). Either way each record is yielded as its run completes.
     """
     prompt = build_prompt(sample)
     if prefill == "own":
@@ -171,11 +170,10 @@ def run_prompt(model, sample: Sample, index: int, methods: Sequence[tuple[str, R
                                 max_new_tokens, label)
         return
     rcfgs = [rcfg for _, rcfg in methods]
-    done: dict[int, RunRecord] = {}
     for i, ctx in shared_contexts(model, prompt, rcfgs, dense or RetrievalConfig(method="dense"), runtime, cache):
-        done[i] = decode_record(ctx, sample, index, rcfgs[i], max_new_tokens, methods[i][0])
+        rec = decode_record(ctx, sample, index, rcfgs[i], max_new_tokens, methods[i][0])
         del ctx  # the next context may need the memory (a fork is never kept)
-    yield from (done[i] for i in range(len(methods)))
+        yield rec
 
 
 def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
@@ -247,8 +245,7 @@ def evaluate(
     method with other weights or tiers stay apart when runs files are merged.
     prefill: "shared" (default) prefills each prompt once, densely, and forks that session into
     each method (kvloft.eval.contexts; a method the fork refuses prefills on its own and its
-    record says why: "prefill": "own", "prefill_note"); on_record then gets a prompt's records
-    together once its last method is done. "own": a prefill per method and prompt.
+    record says why: "prefill": "own", "prefill_note"). "own": a prefill per method and prompt.
     """
     tasks, lengths, methods = list(tasks), list(lengths), list(methods)
     _check_args(model, tasks, lengths, methods, budget, samples)
