@@ -19,6 +19,7 @@ that session itself.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from kvloft.config import CacheConfig, RetrievalConfig, RuntimeConfig
 __all__ = ["PREFILL_MODES", "Context", "own_context", "shared_contexts"]
 
 PREFILL_MODES = ("shared", "own")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +95,10 @@ def _fork_context(parent, rcfg: RetrievalConfig, n: int, prefill_s: float, promp
     t0 = time.perf_counter()
     try:
         child = parent.fork(rcfg)
-    except ValueError as e:
+    except ValueError as e:  # a refusal (fork.py names every reason)
         return own_context(parent.model, prompt, rcfg, parent.runtime, parent.cache_cfg, note=str(e))
+    except Exception as e:  # noqa: BLE001  a failing fork costs this method its shared prefill, not the run
+        log.warning("fork into %s failed, prefilling on its own: %s: %s", rcfg.method, type(e).__name__, e)
+        return own_context(parent.model, prompt, rcfg, parent.runtime, parent.cache_cfg,
+                           note=f"the fork failed: {type(e).__name__}: {e}")
     return Context(child, n, prefill_s, "shared", fork_s=time.perf_counter() - t0)

@@ -145,3 +145,20 @@ def test_smollm2_shared_answers_equal_own():
     assert _answers(shared) == _answers(own)
     assert {r["prefill"] for r in shared["runs"]} == {"shared"}
     assert any(r["score"] == 1.0 for r in own["runs"] if r["method"] == "dense")  # a working model and prompt
+
+
+@pytest.mark.gpu
+def test_cuda_shared_gives_the_answers_of_own(tiny_text):
+    """On CUDA (Triton kernels, pinned host tier, CUDA graphs): every GPU method of the Qwen grid
+    forks from the shared prefill (none falls back) and answers as with its own prefill."""
+    import dataclasses
+
+    model = dataclasses.replace(kvloft.load_model("tiny", device="cuda", dtype="float32"),
+                                tokenizer=tiny_text.tokenizer)
+    methods = ["dense", "exact", "hip", "hip:rank=z", "hip:heads=kv", "tokenselect", "recycled"]
+    kw = {"budget": 64, "samples": 2, "seed": 70, "n_sink": 16, "n_window": 64, "max_new_tokens": 12,
+          "progress": False, "chat": True, "runtime": RuntimeConfig(progress=False)}
+    shared = runner.evaluate(model, ["passkey", "vt"], [2048], methods, prefill="shared", **kw)
+    own = runner.evaluate(model, ["passkey", "vt"], [2048], methods, prefill="own", **kw)
+    assert {r["prefill"] for r in shared["runs"]} == {"shared"}, [r["prefill_note"] for r in shared["runs"]]
+    assert _answers(shared) == _answers(own)
