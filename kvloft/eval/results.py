@@ -87,9 +87,9 @@ def own_prefills(runs: list[dict[str, Any]]) -> dict[str, str]:
 def _prefill_lines(mode: str, own: dict[str, str]) -> list[str]:
     if mode != "shared":
         return ["- prefill: each method its own, per prompt"]
-    lines = ["- prefill: shared: each prompt prefilled once with dense attention and forked into each method "
-             "(Session.fork); a forked run's prefill s is that shared prefill's"]
-    return lines + [f"- {method}: own prefill ({why})" for method, why in own.items()]
+    shared = ("- prefill: shared: each prompt prefilled once with dense attention and forked into each method "
+              "(Session.fork); a forked run's prefill s is that shared prefill's")
+    return [shared] + [f"- {method}: own prefill ({why})" for method, why in own.items()]
 
 
 DOC_TITLE = "# Task quality: RULER-style tasks through real sessions\n"

@@ -87,6 +87,7 @@ def test_evaluate_shared_gives_the_answers_of_own(tiny_text, tmp_path):
     assert runner.from_runs([runs])["cells"] == shared["cells"]
 
 
+@pytest.mark.slow  # ~15 s on an idle 2-core CPU (the +x prefill); the int8 and CLI tests below cover fallback fast
 def test_refused_method_prefills_on_its_own_and_says_why(tiny_text):
     """exact+x (remapped positions) and actqkv (learns from prefill queries) cannot be forked
     from the dense prefill: each prefills on its own, its runs name the reason, the page and
