@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvloft.config import METHODS, CacheConfig, RuntimeConfig, parse_tokens
-from kvloft.eval.results import from_runs, markdown, save
+from kvloft.eval.results import from_runs, markdown, own_prefills, save
 from kvloft.eval.runner import evaluate
 from kvloft.eval.tasks import TASKS
 
@@ -58,6 +58,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="linear weights as loaded (bf16: the model dtype) or packed 8/4-bit")
     e.add_argument("--host-dtype", default=None, choices=["int8", "fp8"],
                    help="host-tier K/V rows in 8 bits with a scale per row and head (default: the model dtype)")
+    e.add_argument("--prefill", default="shared", choices=["shared", "own"],
+                   help="shared (default): prefill each prompt once, densely, and fork that session into each "
+                        "method (a method the fork refuses, e.g. +x, prefills on its own; its runs say so); "
+                        "own: each method prefills every prompt itself")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUNS_JSONL",
                    help="run nothing: rebuild the JSON and the doc section from .runs.jsonl files")
@@ -93,9 +97,12 @@ def cmd_eval(args) -> int:
             result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
                               args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
                               on_record=write, max_similar=args.max_similar, chat=args.chat,
-                              cache=CacheConfig(host_dtype=args.host_dtype), variant=variant_label(args))
+                              cache=CacheConfig(host_dtype=args.host_dtype), variant=variant_label(args),
+                              prefill=args.prefill)
     for why in result["skipped"].values():
         print(why, file=sys.stderr)
+    for method, why in own_prefills(result["runs"]).items():
+        print(f"{method}: own prefill (the shared prefill could not be forked into it: {why})", file=sys.stderr)
     save(result, out, doc, name, args.note)
     print(markdown(result, name, args.note))
     brief = {f"{c['task']}@{c['length']}:{c['method']}": round(c["score"], 3) for c in result["cells"]}

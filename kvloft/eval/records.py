@@ -45,6 +45,11 @@ class RunRecord:
     keys_per_step: float | None  # keys attended per decode step, per layer and KV head
     scanned_per_step: float | None  # keys the search scored per decode step and layer (all KV heads)
     budget: int | None = None  # host tokens retrieved per step; None: dense (runs files before it: unknown)
+    # "shared": the prompt's one dense prefill (that session, or a fork of it: kvloft.eval.contexts);
+    # "own": this method's own prefill (runs files before the field: all "own")
+    prefill: str = "own"
+    fork_s: float | None = None  # seconds the fork took (tiers and index built from the dense K/V)
+    prefill_note: str | None = None  # prefill "own" in a shared-prefill run: why the fork was refused
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -65,6 +70,7 @@ def summarize(records: list[RunRecord]) -> list[dict[str, Any]]:
             "task": task, "length": length, "method": method, "n": len(rs), "score": mean,
             "ci95": [lo, hi], "prompt_tokens": statistics.fmean(r.prompt_tokens for r in rs),
             "prefill_s": _mean([r.prefill_s for r in rs]),
+            "fork_s": _mean([r.fork_s for r in rs]),
             "decode_ms_per_tok": _mean([r.decode_ms_per_tok for r in rs]),
             "keys_per_step": _mean([r.keys_per_step for r in rs]),
             "scanned_per_step": _mean([r.scanned_per_step for r in rs]),

@@ -15,7 +15,7 @@ from kvloft.config import RetrievalConfig
 from kvloft.eval.methods import EXTRAPOLATE_SUFFIX
 from kvloft.eval.records import RunRecord, summarize
 
-__all__ = ["DOC_TITLE", "from_runs", "markdown", "save", "write_doc"]
+__all__ = ["DOC_TITLE", "from_runs", "markdown", "own_prefills", "save", "write_doc"]
 
 
 def _cell_text(cell: dict[str, Any] | None) -> str:
@@ -70,12 +70,26 @@ def markdown(result: dict[str, Any], name: str, note: str = "") -> str:
         lines.append(f"- +x methods: at most {x.max_similar} near-identical keys per selection "
                      f"({x.similar_bits}-bit SimHash buckets; the extrapolate defaults)")
     lines += [f"- {why}" for why in result["skipped"].values()]
+    lines += _prefill_lines(m.get("prefill", "own"), own_prefills(result["runs"]))
     if note:
         lines.append(f"- note: {note}")
     lines += ["", "Score (RULER string match, %), (n) and 95% Wilson interval:", "", *_table(result, _cell_text)]
     lines += ["", ("Cost per run: prefill s / decode ms per token / keys attended per decode step "
               "(per layer and KV head):"), "", *_table(result, _cost_text)]
     return "\n".join(lines) + "\n"
+
+
+def own_prefills(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """{method: why} of the methods that prefilled on their own in a shared-prefill run."""
+    return {r["method"]: r["prefill_note"] for r in runs if r.get("prefill_note")}
+
+
+def _prefill_lines(mode: str, own: dict[str, str]) -> list[str]:
+    if mode != "shared":
+        return ["- prefill: each method its own, per prompt"]
+    shared = ("- prefill: shared: each prompt prefilled once with dense attention and forked into each method "
+              "(Session.fork); a forked run's prefill s is that shared prefill's")
+    return [shared] + [f"- {method}: own prefill ({why})" for method, why in own.items()]
 
 
 DOC_TITLE = "# Task quality: RULER-style tasks through real sessions\n"

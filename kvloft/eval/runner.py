@@ -4,9 +4,11 @@
     result = evaluate(model, ["passkey"], [2048], ["dense", "exact"], budget=256, samples=4, seed=0, chat=True)
     save(result, out=Path("quality_x.json"), doc=Path("quality_x.md"))
 
-Each sample is run once per method, in a fresh Session: the prompt is fed (chunked
-prefill), then the answer is generated greedily until a newline, EOS or the task's token
-limit, and scored as RULER scores it (kvloft.eval.scoring). Per (task, length, method) the
+Each sample is run once per method: the prompt is prefilled once, densely, and that session
+forked into each method (Session.fork; prefill="shared", the default), or fed to a fresh
+Session per method (prefill="own"; also for a method the fork refuses, e.g. "+x", named in
+its record): kvloft.eval.contexts. Then the answer is generated greedily until a newline,
+EOS or the task's token limit, and scored as RULER scores it (kvloft.eval.scoring). Per (task, length, method) the
 result holds the mean score, n, a 95% Wilson interval, mean prefill seconds, decode
 ms/token and keys attended per decode step (per layer and KV head: the static tier plus
 the rows the retriever picked; for dense, the whole context).
@@ -22,13 +24,14 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from kvloft.config import METHODS, CacheConfig, RetrievalConfig, RuntimeConfig
+from kvloft.eval.contexts import PREFILL_MODES, Context, own_context, shared_contexts
 from kvloft.eval.methods import EXTRAPOLATE_SUFFIX, method_unavailable, parse_method, retrieval_config
 from kvloft.eval.records import RunRecord, summarize, wilson_interval
 from kvloft.eval.results import DOC_TITLE, from_runs, markdown, save, write_doc
@@ -40,8 +43,10 @@ from kvloft.index.base import Selection
 __all__ = [
     "DOC_TITLE",
     "EXTRAPOLATE_SUFFIX",
+    "PREFILL_MODES",
     "RULER_MAX_NEW_TOKENS",
     "RunRecord",
+    "decode_record",
     "evaluate",
     "from_runs",
     "machine_label",
@@ -50,6 +55,7 @@ __all__ = [
     "method_unavailable",
     "parse_method",
     "retrieval_config",
+    "run_prompt",
     "run_sample",
     "save",
     "summarize",
@@ -113,33 +119,61 @@ def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime
     label: the method's name in the results (default rcfg.method; "exact+x" for extrapolation).
     cache: the session's tier settings (e.g. an 8-bit host tier); default CacheConfig().
     """
-    from kvloft.runtime.session import Session
+    ctx = own_context(model, build_prompt(sample), rcfg, runtime, cache)
+    return decode_record(ctx, sample, index, rcfg, max_new_tokens, label)
 
-    s = Session(model, rcfg, runtime, cache)
+
+def decode_record(ctx: Context, sample: Sample, index: int, rcfg: RetrievalConfig, max_new_tokens: int,
+                  label: str | None = None) -> RunRecord:
+    """Generate greedily from a session holding the sample's prompt (ctx.session, of config
+    rcfg; decoding changes it), score, and say how its prefill was had (ctx)."""
+    s = ctx.session
     counter = None
     if rcfg.method != "dense":
-        counter = _CountingRetriever(s.backend.retriever, model.config.n_kv_heads)
+        counter = _CountingRetriever(s.backend.retriever, s.model.config.n_kv_heads)
         s.backend.retriever = counter  # count what each decode step attends to
-    prompt_tokens = s.feed(build_prompt(sample))
     # plain prompts stop at the end of the line; chat answers at EOS (the end of the turn)
     output = s.generate(max_new_tokens=max_new_tokens, stop=None if sample.chat is not None else ["\n"])
     st = s.stats()
-    t = st["timings_s"]
-    steps = t["decode_tokens"]
+    steps = st["timings_s"]["decode_tokens"]
     keys = scanned = None
     if steps and counter is None:
-        keys = prompt_tokens + (steps + 1) / 2  # mean context over the steps
+        keys = ctx.prompt_tokens + (steps + 1) / 2  # mean context over the steps
     elif steps and counter is not None:
         calls = max(counter.calls, 1)
         keys = st["tier_tokens"]["static"] + counter.rows_per_head / calls
         scanned = st["keys_scanned"] / calls
     return RunRecord(
         task=sample.task, length=sample.target_tokens, index=index, seed=sample.seed, depth=sample.depth,
-        method=label or rcfg.method, prompt_tokens=prompt_tokens, output=output, references=list(sample.references),
-        score=score(sample.task, output, sample.references), prefill_s=t["prefill_s"], decode_tokens=steps,
-        decode_ms_per_tok=st.get("decode_ms_per_tok"), keys_per_step=keys, scanned_per_step=scanned,
-        budget=None if rcfg.method == "dense" else rcfg.budget,
+        method=label or rcfg.method, prompt_tokens=ctx.prompt_tokens, output=output,
+        references=list(sample.references), score=score(sample.task, output, sample.references),
+        prefill_s=ctx.prefill_s, decode_tokens=steps, decode_ms_per_tok=st.get("decode_ms_per_tok"),
+        keys_per_step=keys, scanned_per_step=scanned, budget=None if rcfg.method == "dense" else rcfg.budget,
+        prefill=ctx.prefill, fork_s=ctx.fork_s, prefill_note=ctx.note,
     )
+
+
+def run_prompt(model, sample: Sample, index: int, methods: Sequence[tuple[str, RetrievalConfig]],
+               runtime: RuntimeConfig, max_new_tokens: int, cache: CacheConfig | None = None,
+               prefill: str = "shared", dense: RetrievalConfig | None = None) -> Iterator[RunRecord]:
+    """The sample under every (label, config) of `methods`, records in that order.
+
+    prefill "own": each method prefills the prompt in a fresh session (run_sample). "shared":
+    one dense prefill (config `dense`, default RetrievalConfig(method="dense")) forked into each
+    method (kvloft.eval.contexts; a method the fork refuses prefills on its own, its record says
+    why). Either way each record is yielded as its run completes.
+    """
+    prompt = build_prompt(sample)
+    if prefill == "own":
+        for label, rcfg in methods:
+            yield decode_record(own_context(model, prompt, rcfg, runtime, cache), sample, index, rcfg,
+                                max_new_tokens, label)
+        return
+    rcfgs = [rcfg for _, rcfg in methods]
+    for i, ctx in shared_contexts(model, prompt, rcfgs, dense or RetrievalConfig(method="dense"), runtime, cache):
+        rec = decode_record(ctx, sample, index, rcfgs[i], max_new_tokens, methods[i][0])
+        del ctx  # the next context may need the memory (a fork is never kept)
+        yield rec
 
 
 def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
@@ -191,6 +225,7 @@ def evaluate(
     chat: bool = False,
     cache: CacheConfig | None = None,
     variant: str = "",
+    prefill: str = "shared",
 ) -> dict[str, Any]:
     """Run every sample once per method; returns {"meta", "skipped", "cells", "runs"}.
 
@@ -208,9 +243,14 @@ def evaluate(
     cache: every session's tier settings (CacheConfig(host_dtype="fp8") for an 8-bit host
     tier). variant: appended to every method's label ("exact[int4,fp8]"), so runs of the same
     method with other weights or tiers stay apart when runs files are merged.
+    prefill: "shared" (default) prefills each prompt once, densely, and forks that session into
+    each method (kvloft.eval.contexts; a method the fork refuses prefills on its own and its
+    record says why: "prefill": "own", "prefill_note"). "own": a prefill per method and prompt.
     """
     tasks, lengths, methods = list(tasks), list(lengths), list(methods)
     _check_args(model, tasks, lengths, methods, budget, samples)
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}; got {prefill!r}")
     for m in methods:  # configs are checked before any slow work
         if m != "dense":
             retrieval_config(m, budget, n_sink, n_window, max_similar)
@@ -222,18 +262,19 @@ def evaluate(
     meta["chat"] = chat
     meta["variant"] = variant
     meta["host_dtype"] = (cache or CacheConfig()).host_dtype
+    meta["prefill"] = prefill
     if on_record is not None:
         on_record({"meta": meta, "skipped": skipped})
+    dense = retrieval_config("dense", budget, n_sink, n_window, max_similar)  # the dense method's own config
     drawn = {t: run_task_samples(t, model.tokenizer, lengths, samples, seed, chat=chat) for t in tasks}
     bar = _progress_bar(sum(len(v) for v in drawn.values()) * len(active), progress)
     records: list[RunRecord] = []
     for task_samples in drawn.values():
         for i, sample in enumerate(task_samples):
             limit = max_new_tokens or max_new_tokens_for(sample, model.tokenizer)
-            for method in active:
-                rcfg = retrieval_config(method, budget, n_sink, n_window, max_similar)
-                records.append(run_sample(model, sample, i % samples, rcfg, runtime, limit,
-                                          label=method + variant, cache=cache))
+            specs = [(m + variant, retrieval_config(m, budget, n_sink, n_window, max_similar)) for m in active]
+            for rec in run_prompt(model, sample, i % samples, specs, runtime, limit, cache, prefill, dense):
+                records.append(rec)
                 _advance(bar, records[-1])
                 if on_record is not None:
                     on_record(asdict(records[-1]))

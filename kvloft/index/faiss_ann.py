@@ -186,6 +186,8 @@ class FaissRetriever:
     benchmark may sweep them on one build with dataclasses.replace.
     """
 
+    needs_queries = False  # a keys-only index: the runtime need not keep a prefill query sample
+
     def __init__(self, cfg: RetrievalConfig, model_cfg: ModelConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg

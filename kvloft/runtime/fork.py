@@ -15,7 +15,8 @@ Two ways, by the fork's retrieval config:
   K/V: dense attention on both sides. The parent must be dense, or tiered at exact positions
   with a prefill that never went sparse, no decoded token (a decode step attends to a
   selection, not to every key) and full-precision host rows; the fork must read exact
-  positions, every prefill chunk of it must be dense (at most `prefill_dense_tokens` tokens
+  positions, keep full-precision host rows (its own prefill attends to what its host tier
+  holds), every prefill chunk of it must be dense (at most `prefill_dense_tokens` tokens
   before the context's last), and its retriever must not learn from prefill queries (a dense
   parent keeps none). A dense parent's decoded tokens are rows computed by dense attention,
   so they count as prefilled (equal up to float rounding). check_rebuild lists every reason
@@ -85,6 +86,9 @@ def rebuild_blockers(parent, rcfg: RetrievalConfig) -> list[str]:
     if rcfg.method != "dense":
         if rcfg.position_mode != "exact":
             out.append(f"position_mode={rcfg.position_mode!r} prefills at remapped positions (other K/V)")
+        if src.method == "dense" and parent.cache_cfg.host_dtype is not None:
+            out.append(f"its host tier would hold {parent.cache_cfg.host_dtype} rows, which its own prefill "
+                       "attends to (other K/V than dense attention's)")
         if n - 1 > rcfg.prefill_dense_tokens:
             out.append(f"the context holds {n} tokens, over prefill_dense_tokens + 1 = "
                        f"{rcfg.prefill_dense_tokens + 1}: that prefill would attend sparsely (raise it)")

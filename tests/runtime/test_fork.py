@@ -135,6 +135,16 @@ def test_refusals_name_the_reason_and_the_fix(tiny, prompt):
     assert _greedy(dense.fork(RetrievalConfig(method="exact", prefill_dense_tokens=199, **TIERED)), 1)
 
 
+def test_fork_into_a_quantized_host_tier_is_refused(tiny, prompt):
+    """A fresh session with an int8 host tier prefills over int8 rows (its logits differ from
+    dense by ~1e-3 on the tiny preset), so a dense parent's K/V are not its own: refused."""
+    s = Session(tiny, CONFIGS["dense"], RUNTIME, CacheConfig(host_chunk_tokens=64, host_dtype="int8"))
+    s.feed(prompt)
+    with pytest.raises(ValueError, match="int8 rows, which its own prefill attends to"):
+        s.fork(CONFIGS["exact"])
+    assert len(s.fork()) == N_PROMPT  # a copy of the dense session is fine
+
+
 def test_fork_over_the_limits_is_refused(tiny, prompt):
     small = CacheConfig(host_chunk_tokens=64, max_context=N_PROMPT)
     s = Session(tiny, CONFIGS["dense"], RUNTIME, small)
