@@ -599,16 +599,21 @@ def test_cuda_hip_stable_buffers_equal_each_session_alone():
 
 
 @pytest.mark.gpu
-def test_captured_hip_whole_step_equals_the_same_step_eager():
-    """bf16 on CUDA, dense and HiP rows joining and leaving (their masks moving between slots and
-    steps): each captured replay gives the logits of the same whole step run eagerly."""
+@pytest.mark.parametrize("rank", ["logit", "z"])
+def test_captured_hip_whole_step_equals_the_same_step_eager(rank):
+    """bf16 on CUDA, HiP rows of `rank` (rows 0 and 3), a logit HiP row and a dense row joining
+    and leaving (their masks moving between slots and steps; rank='z': the statistics in fixed
+    buffers, refreshed by the plan before each replay): each captured replay gives the logits of
+    the same whole step run eagerly."""
     model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
-    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
-                           options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
-    specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (1513, rcfg)]
+    logit = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
+                            options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
+    ranked = dataclasses.replace(logit, options={**logit.options, "rank": rank})
+    specs = [(2000, ranked), (1100, DENSE), (400, logit), (1513, ranked)]
     g_eng, _, graphed, eager = _captured_equals_eager(model, specs, ([0, 1], [2], [0, 1, 2, 3], [3, 1],
                                                                      [0, 1, 2, 3], [2, 0, 3], [0, 2, 3]))
     assert g_eng.route_counts["whole"] == 7 and all(w.graphs.held for w in g_eng._wholes.values())
+    assert any(getattr(w.shape, "z", False) for w in g_eng._wholes.values()) == (rank == "z")
     for i in (0, 2, 3):
         assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
 
@@ -636,23 +641,6 @@ def test_cuda_z_rank_hip_whole_step_equals_each_session_alone(keys_on):
     for a, w in zip(alone, whole, strict=True):
         assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
         assert _counters(w) == _counters(a) and _hip_state(w, ids=False) == _hip_state(a, ids=False)
-
-
-@pytest.mark.gpu
-def test_captured_z_rank_hip_whole_step_equals_the_same_step_eager():
-    """bf16 on CUDA, rank='z' and logit HiP rows and a dense row joining and leaving: each captured
-    replay (the statistics in fixed buffers, refreshed by the plan before it) gives the logits of
-    the same whole step run eagerly."""
-    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
-    z = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
-                        options={**HIP_CUDA_OPTIONS, "keys_on": "host", "rank": "z"})
-    logit = dataclasses.replace(z, options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
-    specs = [(2000, z), (1100, DENSE), (400, logit), (1513, z)]
-    g_eng, _, graphed, eager = _captured_equals_eager(model, specs, ([0, 1], [2], [0, 1, 2, 3], [3, 1],
-                                                                     [0, 1, 2, 3], [2, 0, 3], [0, 2, 3]))
-    assert g_eng.route_counts["whole"] == 7 and all(w.graphs.held for w in g_eng._wholes.values())
-    for i in (0, 2, 3):
-        assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
 
 
 @pytest.mark.gpu
