@@ -3,12 +3,10 @@ session fed the same prompt, parent and fork never change each other, bad forks 
 
 import pytest
 import torch
+from session_helpers import CACHE, RUNTIME, TIERED, fed, greedy, prompt_ids
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 
-RUNTIME = RuntimeConfig(prefill_chunk=64, progress=False)
-CACHE = CacheConfig(host_chunk_tokens=64)  # several host chunks per layer
-TIERED = {"budget": 24, "n_sink": 4, "n_window": 32}
 HIP_OPTS = {"chunk_sizes": [32, 8], "kept_tokens": [64, 24], "refresh_steps": [4, 2], "chunk_rows": 64,
             "kernel": "torch"}
 CONFIGS = {
@@ -28,23 +26,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def prompt(tiny):
-    return torch.randint(0, tiny.config.vocab_size, (N_PROMPT,), generator=torch.Generator().manual_seed(5))
-
-
-def _fed(model, rcfg, prompt, steps=0) -> Session:
-    s = Session(model, rcfg, RUNTIME, CACHE)
-    s.feed(prompt)
-    _greedy(s, steps)
-    return s
-
-
-def _greedy(s: Session, n: int) -> tuple[list[int], torch.Tensor]:
-    ids, logits = [], []
-    for _ in range(n):
-        t = int(s.last_logits.argmax())
-        logits.append(s.step(t).clone())
-        ids.append(t)
-    return ids, torch.stack(logits) if logits else torch.empty(0)
+    return prompt_ids(tiny, N_PROMPT, seed=5)
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "attention_graph" else m
@@ -53,14 +35,14 @@ def test_copy_decodes_as_the_parent_would_interleaved(tiny, prompt, method):
     """A same-config fork after 6 decode steps (ring wrapped, retriever caches warm): parent and
     fork decoding turn about each give the tokens and logits of an untouched reference."""
     rcfg = CONFIGS[method]
-    ref, parent = _fed(tiny, rcfg, prompt, steps=6), _fed(tiny, rcfg, prompt, steps=6)
+    ref, parent = fed(tiny, rcfg, prompt, steps=6), fed(tiny, rcfg, prompt, steps=6)
     fork = parent.fork()
     assert fork.tokens == parent.tokens and fork.retrieval == rcfg and fork.stats()["bytes"] == parent.stats()["bytes"]
-    want_ids, want = _greedy(ref, 10)
+    want_ids, want = greedy(ref, 10)
     got = {"parent": [], "fork": []}
     for _ in range(10):
         for name, s in (("parent", parent), ("fork", fork)):
-            got[name].append(_greedy(s, 1))
+            got[name].append(greedy(s, 1))
     for name, steps in got.items():
         assert [i for ids, _ in steps for i in ids] == want_ids, name
         torch.testing.assert_close(torch.cat([lg for _, lg in steps]), want, rtol=0, atol=1e-6)
@@ -70,12 +52,12 @@ def test_parent_going_elsewhere_leaves_the_fork_alone(tiny, prompt):
     """The parent fed other tokens, rolled back and decoded on after the fork: the fork still
     decodes as a session that never saw them."""
     rcfg = CONFIGS["exact"]
-    ref, parent = _fed(tiny, rcfg, prompt, steps=3), _fed(tiny, rcfg, prompt, steps=3)
+    ref, parent = fed(tiny, rcfg, prompt, steps=3), fed(tiny, rcfg, prompt, steps=3)
     fork = parent.fork()
     parent.feed(torch.arange(100) % tiny.config.vocab_size)  # 100 more rows through the host tier
-    _greedy(parent, 5)
-    want_ids, want = _greedy(ref, 8)
-    got_ids, got = _greedy(fork, 8)
+    greedy(parent, 5)
+    want_ids, want = greedy(ref, 8)
+    got_ids, got = greedy(fork, 8)
     assert got_ids == want_ids
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -85,14 +67,14 @@ def test_dense_fork_decodes_as_a_fresh_session(tiny, prompt, method):
     """dense -> method: the fork's tiers and index, built from the dense K/V, decode as a
     session of that method fed the same prompt (float rounding of the two prefills apart)."""
     rcfg = CONFIGS[method]
-    dense = _fed(tiny, CONFIGS["dense"], prompt)
+    dense = fed(tiny, CONFIGS["dense"], prompt)
     fork = dense.fork(rcfg)
-    fresh = _fed(tiny, rcfg, prompt)
+    fresh = fed(tiny, rcfg, prompt)
     assert fork.stats()["tier_tokens"] == fresh.stats()["tier_tokens"]
     assert fork.stats()["bytes"] == fresh.stats()["bytes"]
     torch.testing.assert_close(fork.last_logits, fresh.last_logits, rtol=0, atol=1e-5)
-    want_ids, want = _greedy(fresh, 10)
-    got_ids, got = _greedy(fork, 10)
+    want_ids, want = greedy(fresh, 10)
+    got_ids, got = greedy(fork, 10)
     assert got_ids == want_ids
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
@@ -100,30 +82,30 @@ def test_dense_fork_decodes_as_a_fresh_session(tiny, prompt, method):
 def test_covering_exact_fork_decodes_as_its_dense_parent(tiny, prompt):
     """An exact fork whose budget covers the host tier attends to every key: the dense parent's
     tokens, both decoding turn about (DESIGN.md: the identity of every retriever)."""
-    dense = _fed(tiny, CONFIGS["dense"], prompt, steps=2)  # dense decode rows count as prefilled
+    dense = fed(tiny, CONFIGS["dense"], prompt, steps=2)  # dense decode rows count as prefilled
     fork = dense.fork(RetrievalConfig(method="exact", budget=N_PROMPT, n_sink=4, n_window=32))
     got = {"dense": [], "fork": []}
     for _ in range(8):
         for name, s in (("dense", dense), ("fork", fork)):
-            got[name].append(_greedy(s, 1))
+            got[name].append(greedy(s, 1))
     assert [ids for ids, _ in got["fork"]] == [ids for ids, _ in got["dense"]]
     torch.testing.assert_close(torch.cat([lg for _, lg in got["fork"]]),
                                torch.cat([lg for _, lg in got["dense"]]), rtol=0, atol=1e-4)
 
 
 def test_undecoded_exact_session_forks_into_another_method_and_dense(tiny, prompt):
-    exact = _fed(tiny, CONFIGS["exact"], prompt)
+    exact = fed(tiny, CONFIGS["exact"], prompt)
     for method in ("hip", "dense"):
-        fork, fresh = exact.fork(CONFIGS[method]), _fed(tiny, CONFIGS[method], prompt)
-        want_ids, _ = _greedy(fresh, 6)
-        assert _greedy(fork, 6)[0] == want_ids, method
+        fork, fresh = exact.fork(CONFIGS[method]), fed(tiny, CONFIGS[method], prompt)
+        want_ids, _ = greedy(fresh, 6)
+        assert greedy(fork, 6)[0] == want_ids, method
 
 
 def test_refusals_name_the_reason_and_the_fix(tiny, prompt):
-    decoded = _fed(tiny, CONFIGS["exact"], prompt, steps=1)
+    decoded = fed(tiny, CONFIGS["exact"], prompt, steps=1)
     with pytest.raises(ValueError, match=r"decoded tokens.*new Session"):
         decoded.fork(CONFIGS["hip"])
-    dense = _fed(tiny, CONFIGS["dense"], prompt)
+    dense = fed(tiny, CONFIGS["dense"], prompt)
     with pytest.raises(ValueError, match="remapped positions"):
         dense.fork(RetrievalConfig(method="exact", position_mode="extrapolate", **TIERED))
     with pytest.raises(ValueError, match=r"over prefill_dense_tokens \+ 1 = 100"):
@@ -132,7 +114,7 @@ def test_refusals_name_the_reason_and_the_fix(tiny, prompt):
         dense.fork(CONFIGS["attention_graph"])
     with pytest.raises(TypeError, match="RetrievalConfig"):
         dense.fork("exact")
-    assert _greedy(dense.fork(RetrievalConfig(method="exact", prefill_dense_tokens=199, **TIERED)), 1)
+    assert greedy(dense.fork(RetrievalConfig(method="exact", prefill_dense_tokens=199, **TIERED)), 1)
 
 
 def test_fork_into_a_quantized_host_tier_is_refused(tiny, prompt):
@@ -158,7 +140,7 @@ def test_fork_over_the_limits_is_refused(tiny, prompt):
 
 
 def test_fork_during_a_call_is_refused_and_the_call_rolls_back(tiny, prompt):
-    s = _fed(tiny, CONFIGS["exact"], prompt)
+    s = fed(tiny, CONFIGS["exact"], prompt)
     before = s.last_logits.clone()
 
     def fork_now(done, total):
@@ -186,9 +168,9 @@ def test_cuda_forks_decode_as_their_references(method):
     fresh = Session(model, rcfg, runtime)
     fresh.feed(ids)
     fork = dense.fork(rcfg)
-    want_ids, want = _greedy(fresh, 80)  # past evict_batch (64 on CUDA): rows move down
+    want_ids, want = greedy(fresh, 80)  # past evict_batch (64 on CUDA): rows move down
     copy = fork.fork()
-    got_ids, got = _greedy(fork, 80)
+    got_ids, got = greedy(fork, 80)
     assert got_ids == want_ids
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=1e-3)
-    assert _greedy(copy, 80)[0] == got_ids
+    assert greedy(copy, 80)[0] == got_ids

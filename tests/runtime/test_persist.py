@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from session_helpers import CACHE, RUNTIME, TIERED, fed, greedy, prompt_ids
 
-from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
+from kvloft import RetrievalConfig, Session, load_model
 from kvloft.index.exact import ExactRetriever
 from kvloft.runtime import persist
-
-RUNTIME = RuntimeConfig(prefill_chunk=64, progress=False)
-CACHE = CacheConfig(host_chunk_tokens=64)  # several host chunks per layer
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +20,8 @@ def tiny():
     return load_model("tiny", device="cpu", dtype="float32", seed=3)
 
 
-def _greedy(s: Session, n: int) -> tuple[list[int], torch.Tensor]:
-    ids, logits = [], []
-    for _ in range(n):
-        t = int(s.last_logits.argmax())
-        logits.append(s.step(t).clone())
-        ids.append(t)
-    return ids, torch.stack(logits)
-
-
 def _session(model, rcfg, n_prompt=200, n_steps=6) -> Session:
-    s = Session(model, rcfg, RUNTIME, CACHE)
-    s.feed(torch.randint(0, model.config.vocab_size, (n_prompt,)))
-    _greedy(s, n_steps)  # decode state (ring wrap, retriever caches) before the save
-    return s
+    return fed(model, rcfg, prompt_ids(model, n_prompt), n_steps)  # decode state before the save
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -44,17 +30,16 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 CONFIGS = {
-    "exact": RetrievalConfig(method="exact", budget=24, n_sink=4, n_window=32),
-    "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32,
-                                   options={"theta": 0.0}),
-    "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 4}),
+    "exact": RetrievalConfig(method="exact", **TIERED),
+    "tokenselect": RetrievalConfig(method="tokenselect", **TIERED, options={"theta": 0.0}),
+    "recycled": RetrievalConfig(method="recycled", **TIERED, options={"stride": 4}),
     "dense": RetrievalConfig(method="dense"),
     # stages that prune 168 host rows and refresh within the 6 + 12 steps of the test
-    "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={
+    "hip": RetrievalConfig(method="hip", **TIERED, options={
         "chunk_sizes": [32, 8], "kept_tokens": [64, 24], "refresh_steps": [4, 2], "chunk_rows": 64}),
-    "attention_graph": RetrievalConfig(method="attention_graph", budget=24, n_sink=4, n_window=32),
-    "actqkv": RetrievalConfig(method="actqkv", budget=24, n_sink=4, n_window=32),
-    "faiss": RetrievalConfig(method="faiss", budget=24, n_sink=4, n_window=32),
+    "attention_graph": RetrievalConfig(method="attention_graph", **TIERED),
+    "actqkv": RetrievalConfig(method="actqkv", **TIERED),
+    "faiss": RetrievalConfig(method="faiss", **TIERED),
 }
 STATEFUL = ("exact", "tokenselect", "recycled", "hip", "attention_graph", "actqkv")  # retrievers whose counters and caches are restored
 
@@ -74,8 +59,8 @@ def test_restored_session_continues_identically(tiny, tmp_path, method):
     assert r.stats()["bytes"] == s.stats()["bytes"]
     if method in STATEFUL:
         assert r.stats()["retriever"] == s.stats()["retriever"]  # counters and cache hits restored
-    want_ids, want_logits = _greedy(s, 12)
-    got_ids, got_logits = _greedy(r, 12)
+    want_ids, want_logits = greedy(s, 12)
+    got_ids, got_logits = greedy(r, 12)
     assert got_ids == want_ids
     torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-6)
     if method in STATEFUL:
@@ -92,7 +77,7 @@ def test_tokenselect_cache_state_is_restored_and_used(tiny, tmp_path):
         assert torch.equal(a.layers[layer].last_q, b.layers[layer].last_q)
         assert torch.equal(a.layers[layer].last_ids, b.layers[layer].last_ids)
     hits = b.cache_hits
-    _greedy(r, 8)
+    greedy(r, 8)
     assert b.cache_hits > hits
 
 
@@ -109,7 +94,7 @@ def test_hip_stage_masks_are_restored_and_reused(tiny, tmp_path):
         for ma, mb in zip(sa.masks, sb.masks, strict=True):
             assert ma is not None and torch.equal(ma, mb)
     before = list(b.stats()["refreshes"])
-    _greedy(r, 1)
+    greedy(r, 1)
     assert b.stats()["refreshes"][0] - before[0] < tiny.config.n_layers  # some layer reused stage 1
 
 
@@ -123,7 +108,7 @@ def test_retriever_without_state_dict_is_rebuilt_from_host_tier(tiny, tmp_path, 
     assert r.backend.attached == set(range(tiny.config.n_layers))  # on the CPU it searches the host tier in place
     mirror = r.backend.retriever._keys_of(1).all()
     torch.testing.assert_close(mirror, s.backend.retriever._keys_of(1).all(), rtol=0, atol=0)  # ... keys do not
-    assert _greedy(r, 8)[0] == _greedy(s, 8)[0]  # exact selection is stateless: same tokens
+    assert greedy(r, 8)[0] == greedy(s, 8)[0]  # exact selection is stateless: same tokens
 
 
 def test_empty_session_round_trips(tiny, tmp_path):
@@ -214,7 +199,7 @@ def test_crash_before_commit_keeps_previous_save(tiny, tmp_path, monkeypatch):
     s = _session(tiny, CONFIGS["exact"], n_steps=2)
     s.save(tmp_path / "s")
     n_saved = len(s)
-    _greedy(s, 5)
+    greedy(s, 5)
 
     def crash(root, gen):
         raise KeyboardInterrupt("simulated crash between write and rename of CURRENT")

@@ -18,7 +18,7 @@ from kvloft.runtime import whole_stable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STEPS = 12  # six refreshes of the last stage (refresh_steps (4, 2)), staggered per layer
+STEPS = 8  # four refreshes of the last stage (refresh_steps (4, 2)), staggered per layer
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _host_rows(be, layer, ids):
 
 
 def test_stable_buffers_hold_the_current_masks_and_rewrite_only_on_refresh(tiny):
-    """One HiP row (keys read in place, 74+ host rows over a budget of 24), 12 whole steps."""
+    """One HiP row (keys read in place, 74+ host rows over a budget of 24), 8 whole steps."""
     alone, row = _fed(tiny, 110, 0, HIP_HOST), _fed(tiny, 110, 0, HIP_HOST)
     want = _greedy_alone(alone, STEPS)
     eng = Engine(tiny, graphs="whole")

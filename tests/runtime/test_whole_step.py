@@ -82,36 +82,37 @@ def test_dense_rows_declare_a_captured_route_and_tiered_rows_do_not(tiny):
 
 def test_whole_step_equals_segments_and_each_session_alone(tiny):
     """Rows of 40, 57 and 23 tokens (3 rows in a bucket of 4: a padding row), one of them at its
-    buffers' capacity (the step grows them): greedy tokens equal the segmented engine's and each
-    session's own; teacher-forced logits agree within LOGIT_TOL; every row's KV count grows by one."""
+    buffers' capacity (the step grows them): 3 greedy tokens equal the segmented engine's and each
+    session's own; a teacher-forced step's logits agree within LOGIT_TOL; every row's KV count
+    grows by one a step."""
     alone, segmented, whole = _twins(tiny, [40, 57, 23])
     _tight(whole[1])
-    want = [_greedy_alone(s, 4) for s in alone]
+    want = [_greedy_alone(s, 3) for s in alone]
     eng_w = Engine(tiny, graphs="whole")
-    assert Engine(tiny, graphs="segments").generate(segmented, 4, stop_at_eos=False) == want
-    assert eng_w.generate(whole, 4, stop_at_eos=False) == want
-    assert eng_w.route_counts == {"whole": 4, "segments": 0, "eager": 0} and eng_w.last_route_why is None
+    assert Engine(tiny, graphs="segments").generate(segmented, 3, stop_at_eos=False) == want
+    assert eng_w.generate(whole, 3, stop_at_eos=False) == want
+    assert eng_w.route_counts == {"whole": 3, "segments": 0, "eager": 0} and eng_w.last_route_why is None
     for a, w in zip(alone, whole, strict=True):
         assert w.tokens == a.tokens and len(w) == len(a)
         assert all(store.n == len(a) for store in w.backend.layers)
         assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
-    for step in range(2):
-        toks = [(step * 37 + 11 * b) % 512 for b in range(3)]
-        got = eng_w.step(list(zip(whole, toks, strict=True)))
-        for b, (s, t) in enumerate(zip(alone, toks, strict=True)):
-            assert _rel(got[b], s.step(t)) < LOGIT_TOL
+    toks = [11, 48, 85]
+    got = eng_w.step(list(zip(whole, toks, strict=True)))
+    for b, (s, t) in enumerate(zip(alone, toks, strict=True)):
+        assert _rel(got[b], s.step(t)) < LOGIT_TOL
 
 
 def test_sessions_join_and_leave_the_whole_step(tiny):
-    """Buckets 4, 1 and 2 over the same sessions, in other orders: each step's rows equal the
-    same sessions stepped alone (one graph per bucket; the tables, not the graph, name the rows)."""
-    alone, _, whole = _twins(tiny, [33, 61, 18], copies=3)
+    """Buckets 4, 1, 2 and 1 again over the same sessions, in other orders: each step's rows equal
+    the same sessions stepped alone (one graph per bucket; the tables, not the graph, name the
+    rows: bucket 1 runs row 1, then row 2)."""
+    alone, whole = _twins(tiny, [33, 61, 18], copies=2)
     eng = Engine(tiny, graphs="whole")
-    for rows, tok in (([0, 1, 2], 5), ([1], 9), ([2, 0], 13), ([0, 1, 2], 17), ([2], 21)):
+    for rows, tok in (([0, 1, 2], 5), ([1], 9), ([2, 0], 13), ([2], 21)):
         got = eng.step([(whole[i], tok + i) for i in rows])
         for j, i in enumerate(rows):
             assert _rel(got[j], alone[i].step(tok + i)) < LOGIT_TOL
-    assert sorted(eng._wholes) == [1, 2, 4] and eng.route_counts["whole"] == 5
+    assert sorted(eng._wholes) == [1, 2, 4] and eng.route_counts["whole"] == 4
     assert [len(s) for s in whole] == [len(s) for s in alone]
 
 
@@ -417,7 +418,10 @@ def test_hip_rows_declare_a_captured_route(tiny):
         assert why is not None and word in why, why
 
 
-@pytest.mark.parametrize("rcfg", [HIP_DEV, HIP_HOST], ids=["keys_on=device", "keys_on=host"])
+# keys_on=host (~60 s on a busy 2-core CPU) is slow: test_whole_stable.py holds that route's whole
+# steps against each session alone (tokens, search state, logits), test_engine.py its segmented one
+@pytest.mark.parametrize("rcfg", [HIP_DEV, pytest.param(HIP_HOST, marks=pytest.mark.slow)],
+                         ids=["keys_on=device", "keys_on=host"])
 def test_hip_whole_step_equals_segments_and_each_session_alone(tiny, rcfg):
     """HiP rows of 110 tokens (74 host rows: both stages search) and 50 (14: below the budget, every
     row selected), the first two steps ahead (another refresh phase; its layers staggered by one):
@@ -459,15 +463,15 @@ def test_hip_and_dense_rows_join_and_leave_the_whole_step(tiny):
 
 @pytest.mark.parametrize("keys_on", ["device", pytest.param("host", marks=pytest.mark.slow)])
 def test_z_rank_hip_rows_run_the_whole_step_equal_to_each_session_alone(tiny, keys_on):
-    """rank='z' (z-scored logits) rows and a logit row in one whole step (run eagerly: the same
-    code the graph holds): the z rows' statistics copied into the step's buffers in the plan
-    phase, q' and bias made inside the step; 2 greedy steps (the first row a step ahead: other
+    """A rank='z' (z-scored logits) row and a logit row in one whole step (run eagerly: the same
+    code the graph holds): the z row's statistics copied into the step's buffers in the plan
+    phase, q' and bias made inside the step; 2 greedy steps (the z row a step ahead: other
     refresh phases) give the tokens, search state, counters and logits of each session stepped
     alone (keys_on='host': the statistics made from the attached tier's rows)."""
     rcfg = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "keys_on": keys_on, "rank": "z"})
     logit = dataclasses.replace(HIP_DEV, options={**HIP_OPTIONS, "keys_on": keys_on})
     assert captured_route(_fed(tiny, 80, 1, rcfg).backend) is None
-    specs = [(110, rcfg), (90, logit), (100, rcfg)]
+    specs = [(110, rcfg), (90, logit)]
     alone, whole = ([_fed(tiny, n, seed, r) for seed, (n, r) in enumerate(specs)] for _ in range(2))
     for s in (alone[0], whole[0]):
         s.step(30)
@@ -599,16 +603,21 @@ def test_cuda_hip_stable_buffers_equal_each_session_alone():
 
 
 @pytest.mark.gpu
-def test_captured_hip_whole_step_equals_the_same_step_eager():
-    """bf16 on CUDA, dense and HiP rows joining and leaving (their masks moving between slots and
-    steps): each captured replay gives the logits of the same whole step run eagerly."""
+@pytest.mark.parametrize("rank", ["logit", "z"])
+def test_captured_hip_whole_step_equals_the_same_step_eager(rank):
+    """bf16 on CUDA, HiP rows of `rank` (rows 0 and 3), a logit HiP row and a dense row joining
+    and leaving (their masks moving between slots and steps; rank='z': the statistics in fixed
+    buffers, refreshed by the plan before each replay): each captured replay gives the logits of
+    the same whole step run eagerly."""
     model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
-    rcfg = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
-                           options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
-    specs = [(2000, rcfg), (1100, DENSE), (400, rcfg), (1513, rcfg)]
+    logit = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
+                            options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
+    ranked = dataclasses.replace(logit, options={**logit.options, "rank": rank})
+    specs = [(2000, ranked), (1100, DENSE), (400, logit), (1513, ranked)]
     g_eng, _, graphed, eager = _captured_equals_eager(model, specs, ([0, 1], [2], [0, 1, 2, 3], [3, 1],
                                                                      [0, 1, 2, 3], [2, 0, 3], [0, 2, 3]))
     assert g_eng.route_counts["whole"] == 7 and all(w.graphs.held for w in g_eng._wholes.values())
+    assert any(getattr(w.shape, "z", False) for w in g_eng._wholes.values()) == (rank == "z")
     for i in (0, 2, 3):
         assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
 
@@ -636,23 +645,6 @@ def test_cuda_z_rank_hip_whole_step_equals_each_session_alone(keys_on):
     for a, w in zip(alone, whole, strict=True):
         assert _rel(w.last_logits, a.last_logits) < LOGIT_TOL
         assert _counters(w) == _counters(a) and _hip_state(w, ids=False) == _hip_state(a, ids=False)
-
-
-@pytest.mark.gpu
-def test_captured_z_rank_hip_whole_step_equals_the_same_step_eager():
-    """bf16 on CUDA, rank='z' and logit HiP rows and a dense row joining and leaving: each captured
-    replay (the statistics in fixed buffers, refreshed by the plan before it) gives the logits of
-    the same whole step run eagerly."""
-    model = load_model("tiny", device="cuda", dtype="bfloat16", seed=5)
-    z = RetrievalConfig(method="hip", budget=256, n_sink=16, n_window=256,
-                        options={**HIP_CUDA_OPTIONS, "keys_on": "host", "rank": "z"})
-    logit = dataclasses.replace(z, options={**HIP_CUDA_OPTIONS, "keys_on": "host"})
-    specs = [(2000, z), (1100, DENSE), (400, logit), (1513, z)]
-    g_eng, _, graphed, eager = _captured_equals_eager(model, specs, ([0, 1], [2], [0, 1, 2, 3], [3, 1],
-                                                                     [0, 1, 2, 3], [2, 0, 3], [0, 2, 3]))
-    assert g_eng.route_counts["whole"] == 7 and all(w.graphs.held for w in g_eng._wholes.values())
-    for i in (0, 2, 3):
-        assert _hip_state(graphed[i], ids=False) == _hip_state(eager[i], ids=False)
 
 
 @pytest.mark.gpu
