@@ -73,7 +73,7 @@ def _search_chunks(chunks, cand: torch.Tensor, q: torch.Tensor, probe: str):
 @contextmanager
 def kernel_twins(counter: _Count):
     """The stage kernels replaced by torch twins that count one launch each (CPU: no Triton)."""
-    from kvloft.index import hip as hip_mod
+    from kvloft.index import hip_stages as hip_mod  # the stage scores call the kernels from there
     from kvloft.kernels import hip_batched as hb
 
     def one_launch(fn):
