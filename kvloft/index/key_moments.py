@@ -1,6 +1,6 @@
 """Running mean and covariance of a layer's indexed keys, per KV head, for z-scored logits.
 
-HiP's rank="z" (index/hip.py) compares query heads whose logits sit on different scales (a
+HiP's rank="z" (index/hip.py, index/hip_zrank.py) compares query heads whose logits sit on different scales (a
 KV head whose keys share a large mean component): for query head h over KV head g the mean
 over keys of q_h · k is q_h · mu_g and the variance q_h^T Sigma_g q_h, so
 
