@@ -66,14 +66,14 @@ def _rows_of(chunks, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _search_chunks(chunks, cand: torch.Tensor, q: torch.Tensor, probe: str):
-    return hip_stage_mod.hierarchical_top1(cand, lambda ids: _rows_of(chunks, ids), q, probe)
+def _search_chunks(chunks, cand: torch.Tensor, q: torch.Tensor, probe: str, bias=None):
+    return hip_stage_mod.hierarchical_top1(cand, lambda ids: _rows_of(chunks, ids), q, probe, bias)
 
 
 @contextmanager
 def kernel_twins(counter: _Count):
     """The stage kernels replaced by torch twins that count one launch each (CPU: no Triton)."""
-    from kvloft.index import hip as hip_mod
+    from kvloft.index import hip_stages as hip_mod  # the stage scores call the kernels from there
     from kvloft.kernels import hip_batched as hb
 
     def one_launch(fn):
@@ -86,18 +86,18 @@ def kernel_twins(counter: _Count):
                 counter.paused -= 1
         return run
 
-    def batched(table, k0, q, meta, n_cols, chunk, cand=None, probe="first"):
+    def batched(table, k0, q, meta, n_cols, chunk, cand=None, probe="first", bias=None):
         n_chunks, offs = meta[0].tolist(), meta[1].tolist() + [table.numel()]
         rep = torch.full((q.shape[0], n_cols), -1, dtype=torch.long)
         score = torch.full((q.shape[0], n_cols), float("-inf"))
         for g, m in enumerate(n_chunks):
             chunks = [_CHUNKS[a] for a in table[offs[g] : offs[g + 1]].tolist()]
             rows = torch.arange(m * chunk).view(m, chunk) if cand is None else cand[g, :m]
-            rep[g, :m], score[g, :m] = _search_chunks(chunks, rows, q[g], probe)
+            rep[g, :m], score[g, :m] = _search_chunks(chunks, rows, q[g], probe, None if bias is None else bias[g])
         return rep, score
 
-    def stage(chunks, cand, q, probe="first", table=None):
-        return _search_chunks(chunks, cand, q, probe)
+    def stage(chunks, cand, q, probe="first", table=None, bias=None):
+        return _search_chunks(chunks, cand, q, probe, bias)
 
     saved = (hip_mod.hip_stage, hip_mod.hip_stage1, hb.hip_stage_batched)
     hip_mod.hip_stage = one_launch(stage)

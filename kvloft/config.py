@@ -150,7 +150,7 @@ class CacheConfig:
         when the session resets or goes away) instead of the session refusing.
         None = no disk tier (docs/disk_tier.md).
     evict_batch: decode moves tokens leaving the window to the host tier this many at a
-        time (tiers/kvcache.py): the window ring grows to n_window + evict_batch tokens
+        time (tiers/layer_tiers.py): the window ring grows to n_window + evict_batch tokens
         (all attended exactly, on the device), then the oldest evict_batch go down in one
         copy. Between those steps no copy runs, so no read of the host tier waits for one.
         0 = one token per step. None (default) = 64 on CUDA, 0 elsewhere.

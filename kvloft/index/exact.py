@@ -73,7 +73,7 @@ class ExactRetriever:
         return self.keys[layer]
 
     def attach_host_tier(self, layer: int, tiers: Any) -> bool:
-        """keys_on="host": search the session's host tier (tiers/kvcache.py LayerTiers) in place
+        """keys_on="host": search the session's host tier (tiers/layer_tiers.py LayerTiers) in place
         instead of a copy of its keys. Returns False (the runtime then calls build) where its
         rows are not model-dtype rows in memory: stored 8-bit (CacheConfig.host_dtype) or
         spilled to a disk tier (the copy keeps the search off the disk)."""

@@ -21,7 +21,7 @@ of 0, which scores exactly as without one; a batch of logit rows only launches a
 
 Launches per stage do not grow with G. Every row gets exactly the ids of its own select():
 the same scores (the batched kernel runs the per-row kernel's arithmetic per chunk; the
-torch path scores each row as select does), the same stable pick (HipRetriever.best_chunks),
+torch path scores each row as select does), the same stable pick (hip_stages.best_chunks),
 the same rows, the same state updates and counters. A stage that one row alone recomputes
 runs that row's own _run_stage.
 """
@@ -53,7 +53,7 @@ class _Row:
 
     hip: Any  # the row's HipRetriever (index/hip.py imports this module, not the reverse)
     g: int  # its index in q and in the result
-    st: Any  # its layer's hip._LayerState
+    st: Any  # its layer's hip_state.LayerState
     store: ChunkedRows
     n: int  # host rows
     budget: int
@@ -237,7 +237,7 @@ def _scores(stage: int, rows: list[_Searched], q: Tensor, bias: Tensor | None, c
 
 
 def _kept_rows(rows: list[_Searched], top: Tensor, cand: Tensor | None, n_cols: int, length: int) -> list[Tensor]:
-    """Each row's kept rows (HipRetriever's kept_rows): the candidates of its chunks
+    """Each row's kept rows (hip_stages.kept_rows): the candidates of its chunks
     top[g, :n_keep] (top [G, K], in that order), then its uncut tail; every row's in one cat,
     each returned as a view of it. cand [G, W] the candidates (None: row ids are positions)."""
     g_n, k = top.shape

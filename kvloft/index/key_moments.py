@@ -1,8 +1,8 @@
 """Running mean and covariance of a layer's indexed keys, per KV head, for z-scored logits.
 
-HiP's rank="z" (index/hip.py) compares query heads whose logits sit on different scales (a
-KV head whose keys share a large mean component): for query head h over KV head g the mean
-over keys of q_h · k is q_h · mu_g and the variance q_h^T Sigma_g q_h, so
+HiP's rank="z" (index/hip.py, index/hip_zrank.py) compares query heads whose logits sit on
+different scales (a KV head whose keys share a large mean component): for query head h over
+KV head g the mean over keys of q_h · k is q_h · mu_g and the variance q_h^T Sigma_g q_h, so
 
     z_h(k) = (q_h · k - q_h · mu_g) / sigma_h = q'_h · k - b_h,
     q'_h = q_h / sigma_h,  b_h = q_h · mu_g / sigma_h,

@@ -37,7 +37,7 @@ class HostLaunch:
     """One row's exact search and attention over its host tier in place, prepared and not yet run."""
 
     q: Tensor  # [H_q, D] fp32 the row's query
-    tiers: Any  # the layer's LayerTiers (tiers/kvcache.py): static tier k, v; host_k, host_v chunks
+    tiers: Any  # the layer's LayerTiers (tiers/layer_tiers.py): static tier k, v; host_k, host_v chunks
     retriever: Any  # the row's ExactRetriever: counters
     k: int  # rows to select: min(budget, host rows)
     scale: float

@@ -2,7 +2,7 @@
 
 A prompt goes through in chunks (RuntimeConfig.prefill_chunk); tokens
 leaving the window go to the host tier as the chunk is appended (on CUDA an asynchronous
-copy on the cache's copy stream, tiers/kvcache.py), so the device never holds more than
+copy on the cache's copy stream, tiers/layer_tiers.py), so the device never holds more than
 the static tier, the chunk and what the chunk's attention reads:
 - dense (exact positions, up to `prefill_dense_tokens` earlier tokens): the chunk attends
   causally to itself, to the static tier and to the host tier one host chunk at a time

@@ -9,7 +9,7 @@ and which rows search together (retrievers that declare a batched search: index/
 The engine (runtime/engine.py) runs the step in the plan's row order; tests hold the plan
 against what the tiers actually did.
 
-The tier arithmetic mirrors tiers/kvcache.py LayerTiers.append for one decode token:
+The tier arithmetic mirrors tiers/layer_tiers.py LayerTiers.append for one decode token:
 
     sink not full                                   the token joins the sink, nothing moves
     evict_batch = E > 0, ring holds n_window + E    the oldest E ring tokens go down, then the token joins

@@ -1,6 +1,6 @@
 """rank="z" HiP rows inside the whole decode step (runtime/whole_hip.py): z-scored logits from fixed buffers.
 
-A HiP row with hip option rank="z" (index/hip.py, index/key_moments.py) scores each query head's
+A HiP row with hip option rank="z" (index/hip_zrank.py, index/key_moments.py) scores each query head's
 logit z-scored over the layer's indexed keys: it searches with q'_h = q_h / sigma_h and a bias
 b_h = q_h · mu_g / sigma_h, where sigma_h^2 = q_h^T Sigma_g q_h. Both depend on the step's query
 (made inside the graph) and on the row's key statistics, which move as rows are added; so the

@@ -139,7 +139,7 @@ def _itemsize(dtype: torch.dtype | str) -> int:
 
 
 def static_tier_bytes(cfg: ModelConfig, rcfg: RetrievalConfig, evict_batch: int, itemsize: int) -> int:
-    """Bytes of every layer's static tier (tiers/kvcache.py LayerTiers): K and V of
+    """Bytes of every layer's static tier (tiers/layer_tiers.py LayerTiers): K and V of
     n_sink + n_window + evict_batch rows [H_kv, D] and an int64 position each. 0 for dense."""
     if rcfg.method == "dense":
         return 0
@@ -180,7 +180,7 @@ def _dense_capacity(n: int) -> int:
 
 def hip_host_copy(rcfg: RetrievalConfig, cache_cfg: CacheConfig, runtime: RuntimeConfig) -> str | None:
     """Why HiP with keys_on="host" keeps its own pinned copy of the host keys (model dtype, in
-    chunks of its chunk_rows) instead of searching the host tier in place (index/hip.py
+    chunks of its chunk_rows) instead of searching the host tier in place (index/hip_tier.py
     attach_host_tier, runtime/indexes.py), or None where it reads the tier in place: in the
     model dtype or 8-bit (CacheConfig.host_dtype) alike."""
     p = HipParams.from_options(rcfg.options)

@@ -1,7 +1,7 @@
 """Block summary of a host tier: the mean key of every `block` host rows, per KV head.
 
 Sparse prefill (runtime/exact_prefill.py) scores blocks by their mean key before it reads
-any of their rows. LayerTiers.block_summary (tiers/kvcache.py) makes one on first use and
+any of their rows. LayerTiers.block_summary (tiers/layer_tiers.py) makes one on first use and
 updates it from the evicted rows as they leave the window, so it never reads the host tier.
 """
 

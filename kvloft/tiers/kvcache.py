@@ -1,40 +1,23 @@
-"""KV tiers of one session (DESIGN.md, Tiers).
+"""KV tiers of one session (DESIGN.md, Tiers): TieredKVCache, every layer's LayerTiers.
 
-Per layer, keys are stored after RoPE and values as is, token-major `[T, H_kv, D]`:
+Per layer (tiers/layer_tiers.py), keys are stored after RoPE and values as is, token-major
+`[T, H_kv, D]`:
 
 - static tier, on the compute device: the first `n_sink` tokens and a ring of the last
-  `n_window`, in one buffer `[n_sink + n_window + evict_batch, H_kv, D]` (slots
-  0..n_sink-1 sink, the rest the ring). The filled slots are always one contiguous
-  prefix, so static attention is one pass over `[:n_static]` (keys are rotated, so slot
-  order is free). With `evict_batch` = B > 0, decode moves tokens to the host tier B at a
-  time: the ring grows to n_window + B tokens, then its oldest B go down in one copy and
-  the rest move to the front of the ring (a device copy of n_window rows). Between those
-  steps nothing is copied down, so nothing waits for a copy: one token per step meant a
-  copy, an event and a host wait on it in every layer of every step. The ring then holds
-  n_window + 1 .. n_window + B tokens, all attended exactly. B = 0: one token per step,
-  the ring wraps.
-- host tier: every token older than the window, appended in order to chunked rows
-  (pinned when CUDA is present), with its position; grown by chunks, never copied whole.
-  On CUDA the copy down is asynchronous: issued on the cache's copy stream (after the
-  compute stream's work so far) into pinned memory, with an event recorded behind it.
-  Every read of the host rows waits for that event: `host_k` / `host_v` / `host_pos`
-  synchronize the host on it (a no-op once it passed, and it has by the time the next
-  prefill chunk reaches this layer), `host_chunk_pairs(stream)` makes a CUDA stream wait
-  on it instead (no host sync). The evicted device rows are kept alive for the copy
-  (record_stream). With a disk tier the copy stays synchronous: a spill reads the chunk
-  on the host right away.
-- block summary (sparse prefill, `block_summary`): the mean key of every `block` host
-  rows per KV head, on the compute device, made on first use and then updated from the
-  evicted rows as they leave the window (no host read).
+  `n_window` (+ `evict_batch`: decode moves tokens down that many at a time).
+- host tier: every token older than the window, appended in order to chunked rows (pinned when
+  CUDA is present), with its position; copied down asynchronously on the cache's one copy stream.
+- block summary (sparse prefill): the mean key of every `block` host rows per KV head.
 - disk tier (optional, `disk_dir`): when the host tier would pass the host budget, each
   layer's oldest full host chunks move to memory-mapped files in a per-session directory
-  under `disk_dir` (tiers/chunked.py, SpillPolicy); readers see the same chunk list.
-  The directory is removed when the cache is closed or garbage-collected.
+  under `disk_dir` (tiers/chunked.py, SpillPolicy; tiers/host_budget.py); readers see the
+  same chunk list. The directory is removed when the cache is closed or garbage-collected.
 - 8-bit host tier (`host_dtype` "fp8" / "int8"): host keys and values are stored as one-byte
-  codes with an fp32 scale per row and KV head (tiers/packed.py, kernels/rowquant.py); reads
-  dequantize, kernels read the codes in place. Positions, the static tier and the block
-  summary (made from the evicted rows before they are packed) stay exact.
+  codes with an fp32 scale per row and KV head (tiers/host_store.py, tiers/packed.py,
+  kernels/rowquant.py); reads dequantize, kernels read the codes in place. Positions, the
+  static tier and the block summary stay exact.
 
+`Evicted`, `LayerTiers` (tiers/layer_tiers.py), `host_token_bytes` (tiers/host_budget.py),
 `DenseKV` (the baseline's store, tiers/dense.py) and `BlockSummary` (tiers/block_summary.py)
 are re-exported here.
 """
@@ -42,334 +25,18 @@ are re-exported here.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor
 
 from kvloft.config import ModelConfig
-from kvloft.kernels.rowquant import check_host_dtype, packed_row_bytes
 from kvloft.tiers.block_summary import BlockSummary
-from kvloft.tiers.chunked import ChunkedRows, SpillDir, SpillPolicy
-from kvloft.tiers.dense import DenseKV  # noqa: F401  (re-exported: bench/decode.py imports it here)
-from kvloft.tiers.packed import PackedRows
+from kvloft.tiers.chunked import SpillDir
+from kvloft.tiers.dense import DenseKV
+from kvloft.tiers.host_budget import host_token_bytes, resident_chunks, spill_policies
+from kvloft.tiers.host_store import check_host_device
+from kvloft.tiers.layer_tiers import Evicted, LayerTiers
 
-
-@dataclass
-class Evicted:
-    """Tokens that just left the window for the host tier (for retriever.add)."""
-
-    k: Tensor  # [n, H_kv, D]
-    v: Tensor  # [n, H_kv, D]
-    positions: Tensor  # [n] int64
-    first_row: int  # host-tier row of k[0]
-
-
-def _host_rows(row_shape: tuple[int, int], dtype: torch.dtype, host_dtype: str | None, chunk_rows: int,
-               pin: bool, spill: dict[str, SpillPolicy], name: str, device: torch.device) -> ChunkedRows | PackedRows:
-    """The host store of keys or values: rows in the model dtype, or 8-bit codes + scales."""
-    if host_dtype is None:
-        return ChunkedRows(row_shape, dtype, chunk_rows, "cpu", pin, spill.get(name))
-    return PackedRows(row_shape, dtype, host_dtype, chunk_rows, "cpu", pin, spill.get(name),
-                      spill.get(f"{name}.scale"), read_device=device)
-
-
-class LayerTiers:
-    """Static tier (sink + window ring) and host tier of one layer.
-
-    copy_stream: a CUDA stream for the asynchronous copy of evicted rows to the (pinned)
-    host tier; None = synchronous copies (CPU, or a disk tier).
-    """
-
-    def __init__(self, cfg: ModelConfig, n_sink: int, n_window: int, host_chunk: int,
-                 device: torch.device, dtype: torch.dtype, pin: bool,
-                 spill: dict[str, SpillPolicy] | None = None, copy_stream=None, evict_batch: int = 0,
-                 host_dtype: str | None = None) -> None:
-        hkv, d = cfg.n_kv_heads, cfg.head_dim
-        size = n_sink + n_window + evict_batch
-        self.n_sink, self.n_window, self.evict_batch = n_sink, n_window, evict_batch
-        self.ring_cap = n_window + evict_batch
-        self.k = torch.zeros(size, hkv, d, dtype=dtype, device=device)
-        self.v = torch.zeros(size, hkv, d, dtype=dtype, device=device)
-        self.pos = torch.full((size,), -1, dtype=torch.int64, device=device)
-        self.sink_fill = 0
-        self.ring_fill = 0
-        self.ring_head = 0  # ring slot (relative) of the oldest token
-        spill = spill or {}
-        self.host_dtype = host_dtype
-        self._host_k = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "k", device)
-        self._host_v = _host_rows((hkv, d), dtype, host_dtype, host_chunk, pin, spill, "v", device)
-        self._host_pos = ChunkedRows((), torch.int64, host_chunk, "cpu", pin, spill.get("pos"))
-        async_ok = copy_stream is not None and pin and not spill and torch.device(device).type == "cuda"
-        self._copy_stream = copy_stream if async_ok else None
-        self._d2h_done = None  # torch.cuda.Event behind the last copy down, until waited on
-        self.summary: BlockSummary | None = None
-
-    # ---- host tier reads: each waits for the copy down in flight -------------------------
-
-    @property
-    def host_k(self) -> ChunkedRows | PackedRows:
-        """Host keys, rows [H_kv, D] (the copy down in flight waited for on the host); a
-        PackedRows with an 8-bit host_dtype (its reads dequantize)."""
-        self.wait_host()
-        return self._host_k
-
-    @property
-    def host_v(self) -> ChunkedRows | PackedRows:
-        self.wait_host()
-        return self._host_v
-
-    @property
-    def host_pos(self) -> ChunkedRows:
-        self.wait_host()
-        return self._host_pos
-
-    def wait_host(self, stream=None) -> None:
-        """Wait for the copy of evicted rows to the host tier: on the host (stream None), or
-        make the CUDA `stream` wait for it (its later work may read the rows; no host sync)."""
-        ev = self._d2h_done
-        if ev is None:
-            return
-        if stream is None:
-            ev.synchronize()
-            self._d2h_done = None
-        else:
-            stream.wait_event(ev)
-
-    def host_chunk_pairs(self, stream=None) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """(first row, keys, values) of each host chunk, the filled part [m, H_kv, D], in order.
-
-        stream: the CUDA stream that will read them (it waits for the copy down in flight);
-        None = wait on the host."""
-        self.wait_host(stream)
-        for (start, kc), (_, vc) in zip(self._host_k.iter_chunks(), self._host_v.iter_chunks()):
-            yield start, kc, vc
-
-    def host_chunk_parts(self, stream=None) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
-        """(first row, the stored tensors of each host chunk's filled part), in order: (keys,
-        values) [m, H_kv, D], or with an 8-bit host tier (key codes, key scales [m, H_kv], value
-        codes, value scales) as stored, for a copy of half the bytes (kernels/rowquant.py
-        dequantize_rows makes rows of them). stream: as host_chunk_pairs."""
-        if self.host_dtype is None:
-            for start, kc, vc in self.host_chunk_pairs(stream):
-                yield start, (kc, vc)
-            return
-        self.wait_host(stream)
-        for (start, kc, ks), (_, vc, vs) in zip(self._host_k.iter_packed(), self._host_v.iter_packed()):
-            yield start, (kc, ks, vc, vs)
-
-    @property
-    def n_static(self) -> int:
-        return self.sink_fill + self.ring_fill
-
-    def ring_state(self) -> dict[str, int]:
-        """The static tier's fill state (with the buffers k, v, pos it is the whole static tier)."""
-        return {"sink_fill": self.sink_fill, "ring_fill": self.ring_fill, "ring_head": self.ring_head}
-
-    def mark(self) -> dict[str, Any]:
-        """What rollback() needs to return to this moment (a few ints and the block summary's
-        open sum; no copy of the tiers)."""
-        summary = None if self.summary is None else (self.summary.block, self.summary.mark())
-        return {**self.ring_state(), "n_host": self.n_host, "summary": summary}
-
-    def rollback(self, mark: dict[str, Any]) -> None:
-        """Forget every token appended since mark(). Evictions move tokens to the host tier in
-        age order, so the ring's tokens at the mark are, oldest first, the host rows appended
-        since (at most ring_fill of them) and then the oldest tokens of the ring now; they go
-        back to the slots they held. Values are copied, not recomputed: bit for bit (with an
-        8-bit host tier, rows that had gone down come back dequantized)."""
-        self.wait_host()
-        n_host, ring_fill, head = mark["n_host"], mark["ring_fill"], mark["ring_head"]
-        if ring_fill:
-            a, dev = self.n_sink, self.k.device
-            back = min(ring_fill, self.n_host - n_host)  # the mark's ring tokens now in the host tier
-            rows = torch.arange(n_host, n_host + back)
-            now = a + (self.ring_head + torch.arange(ring_fill - back)) % self.ring_cap  # the rest, oldest first
-            slots = (a + (head + torch.arange(ring_fill)) % self.ring_cap).to(dev)
-            for buf, store in ((self.k, self._host_k), (self.v, self._host_v), (self.pos, self._host_pos)):
-                vals = torch.cat([store.rows(rows).to(dev), buf[now.to(dev)]])
-                buf[slots] = vals
-        for store in (self._host_k, self._host_v, self._host_pos):
-            store.truncate(n_host)
-        self.sink_fill, self.ring_fill, self.ring_head = mark["sink_fill"], ring_fill, head
-        if mark["summary"] is None or self.summary is None or self.summary.block != mark["summary"][0]:
-            self.summary = None  # made again from the host tier on first use
-        else:
-            self.summary.rollback(mark["summary"][1])
-
-    def set_ring_state(self, sink_fill: int, ring_fill: int, ring_head: int) -> None:
-        """Restore ring_state(); ValueError if it does not describe this tier (sizes, order)."""
-        ok = (all(isinstance(x, int) and not isinstance(x, bool) for x in (sink_fill, ring_fill, ring_head))
-              and 0 <= sink_fill <= self.n_sink and 0 <= ring_fill <= self.ring_cap
-              and 0 <= ring_head < max(1, self.ring_cap) and (ring_fill == 0 or sink_fill == self.n_sink)
-              and (ring_head == 0 or ring_fill == self.n_window))  # the ring rotates only when full
-        if not ok:
-            raise ValueError(f"ring state sink_fill={sink_fill!r}, ring_fill={ring_fill!r}, ring_head={ring_head!r} "
-                             f"does not fit a static tier of n_sink={self.n_sink}, n_window={self.n_window}, "
-                             f"evict_batch={self.evict_batch}")
-        self.sink_fill, self.ring_fill, self.ring_head = sink_fill, ring_fill, ring_head
-
-    @property
-    def n_host(self) -> int:
-        return len(self._host_k)
-
-    def static_kv(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Filled static slots: k, v [n_static, H_kv, D], positions [n_static] (a view)."""
-        n = self.n_sink + self.ring_fill if self.sink_fill == self.n_sink else self.sink_fill
-        return self.k[:n], self.v[:n], self.pos[:n]
-
-    def append(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
-        """Add T tokens (k, v [T, H_kv, D], pos [T]); returns what moved to the host tier."""
-        take = min(k.shape[0], self.n_sink - self.sink_fill)
-        if take:
-            s = slice(self.sink_fill, self.sink_fill + take)
-            self.k[s], self.v[s], self.pos[s] = k[:take], v[:take], pos[:take]
-            self.sink_fill += take
-        if take == k.shape[0]:
-            return None
-        k, v, pos = k[take:], v[take:], pos[take:]
-        if k.shape[0] == 1:  # a decode token: room first (what moves down), then the token
-            ev = self.make_room()
-            self.put(k[0], v[0], pos[0])
-            return ev
-        return self._push_many(k, v, pos)
-
-    # ---- one decode token in two halves: make_room (before the step), put (in the layer) -----
-
-    def make_room(self) -> Evicted | None:
-        """Room for the next decode token, made before the token exists: the rows its append
-        would move to the host tier (the oldest ring token where the ring is full; the oldest
-        evict_batch ones where the batched ring is) move now, and the slot the token will take
-        is free (next_slot). The rows are known before the step, so a step's plan phase can move
-        them down (and into the index) before any layer runs; the layer then only writes its
-        token (put). Returns the rows moved down, or None.
-
-        Between make_room and put the ring holds one token fewer (with evict_batch = 0 its head
-        has moved on: the free slot is the old head); mark()/rollback() read that state as any
-        other (the moved rows are the host tier's newest)."""
-        if self.sink_fill < self.n_sink:
-            return None
-        a = self.n_sink
-        if self.evict_batch:
-            if self.ring_fill < self.ring_cap:
-                return None
-            # the ring (ring_head 0, a prefix) is full: its oldest B go down, the rest move to the front
-            b = self.evict_batch
-            ev = Evicted(self.k[a : a + b].clone(), self.v[a : a + b].clone(), self.pos[a : a + b].clone(),
-                         self.n_host)
-            self._to_host(ev)
-            rest = self.ring_fill - b
-            for buf in (self.k, self.v, self.pos):
-                buf[a : a + rest] = buf[a + b : a + b + rest].clone()  # overlapping ranges: copy first
-            self.ring_fill = rest
-            return ev
-        if self.ring_fill < self.n_window:
-            return None
-        slot = a + self.ring_head  # the oldest ring token goes to the host; its slot is the next one
-        ev = Evicted(self.k[slot : slot + 1].clone(), self.v[slot : slot + 1].clone(),
-                     self.pos[slot : slot + 1].clone(), self.n_host)
-        self._to_host(ev)
-        self.ring_head = (self.ring_head + 1) % self.n_window
-        self.ring_fill -= 1
-        return ev
-
-    def next_slot(self) -> int:
-        """The static slot the next decode token goes to (after make_room)."""
-        if self.sink_fill < self.n_sink:
-            return self.sink_fill
-        if self.ring_fill >= self.ring_cap:
-            raise RuntimeError("the ring is full: make_room() first (it moves the oldest rows down)")
-        return self.n_sink + (self.ring_head + self.ring_fill) % self.ring_cap
-
-    def put(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        """One decode token (k, v [H_kv, D], pos a 0-dim int64) into next_slot(), after make_room."""
-        slot = self.next_slot()
-        self.k[slot], self.v[slot], self.pos[slot] = k, v, pos
-        self.count_put()
-
-    def count_put(self) -> None:
-        """Count a token written into next_slot() (by put, or by a kernel that wrote it there)."""
-        if self.sink_fill < self.n_sink:
-            self.sink_fill += 1
-        else:
-            self.ring_fill += 1
-
-    def _push_many(self, k: Tensor, v: Tensor, pos: Tensor) -> Evicted | None:
-        # ring contents in age order, then the new tokens; the last n_window stay
-        order = (self.ring_head + torch.arange(self.ring_fill)) % self.ring_cap + self.n_sink
-        order = order.to(self.k.device)
-        all_k = torch.cat([self.k[order], k])
-        all_v = torch.cat([self.v[order], v])
-        all_p = torch.cat([self.pos[order], pos.to(self.pos.device)])
-        n_out = max(0, all_k.shape[0] - self.n_window)
-        ev = None
-        if n_out:
-            ev = Evicted(all_k[:n_out], all_v[:n_out], all_p[:n_out], self.n_host)
-            self._to_host(ev)
-        keep = slice(self.n_sink, self.n_sink + all_k.shape[0] - n_out)
-        self.k[keep], self.v[keep], self.pos[keep] = all_k[n_out:], all_v[n_out:], all_p[n_out:]
-        self.ring_fill, self.ring_head = all_k.shape[0] - n_out, 0
-        return ev
-
-    def _to_host(self, ev: Evicted) -> None:
-        if self.summary is not None and self.summary.n == ev.first_row:
-            self.summary.add(ev.k)
-        stores = ((self._host_k, ev.k), (self._host_v, ev.v), (self._host_pos, ev.positions))
-        if self._copy_stream is None:
-            for store, rows in stores:
-                store.append(rows.to("cpu"))
-            return
-        copy, compute = self._copy_stream, torch.cuda.current_stream(ev.k.device)
-        copy.wait_stream(compute)  # the evicted rows are computed before they are read
-        with torch.cuda.stream(copy):
-            for store, rows in stores:
-                store.append(rows)  # device -> pinned chunk, non_blocking (ChunkedRows.append)
-                rows.record_stream(copy)  # their memory is not reused before the copy ran
-        self._d2h_done = torch.cuda.Event()
-        self._d2h_done.record(copy)
-
-    def host_keys_head_major(self) -> Tensor:
-        """All host keys as [H_kv, N, D] (a copy; used once to build an index)."""
-        return self.host_k.all().transpose(0, 1)
-
-    def block_summary(self, block: int) -> BlockSummary:
-        """The host tier's mean key per `block` rows (BlockSummary), made on first use and kept
-        up to date by appends; rows that reached the host tier another way (a restored
-        session) are caught up chunk by chunk."""
-        s = self.summary
-        if s is None or s.block != block:
-            s = self.summary = BlockSummary(block, tuple(self.k.shape[1:]), self.k.dtype, self.k.device)
-        if s.n < self.n_host:
-            for start, kc, _ in self.host_chunk_pairs():
-                if start + kc.shape[0] > s.n:
-                    s.add(kc[s.n - start :].to(self.k.device))
-        return s
-
-    def static_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
-
-    def summary_bytes(self) -> int:
-        return 0 if self.summary is None else self.summary.nbytes
-
-    def host_bytes(self) -> int:
-        """Host-tier bytes in memory (spilled chunks excluded)."""
-        return self._host_k.nbytes + self._host_v.nbytes + self._host_pos.nbytes
-
-    def disk_bytes(self) -> int:
-        return self._host_k.disk_nbytes + self._host_v.disk_nbytes + self._host_pos.disk_nbytes
-
-
-def host_token_bytes(cfg: ModelConfig, dtype: torch.dtype, host_dtype: str | None = None) -> int:
-    """Host-tier bytes of one token of one layer: keys and values (model dtype, or 8-bit codes
-    + an fp32 scale per KV head) and its int64 position."""
-    row = (cfg.n_kv_heads, cfg.head_dim)
-    if host_dtype is None:
-        kv = cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-    else:
-        kv = packed_row_bytes(row)
-    return 2 * kv + 8
+__all__ = ["BlockSummary", "DenseKV", "Evicted", "LayerTiers", "TieredKVCache", "host_token_bytes"]
 
 
 class TieredKVCache:
@@ -388,11 +55,8 @@ class TieredKVCache:
     def __init__(self, cfg: ModelConfig, *, n_sink: int, n_window: int, host_chunk: int,
                  device: torch.device, dtype: torch.dtype, disk_dir: str | None = None,
                  host_budget: int = 0, evict_batch: int = 0, host_dtype: str | None = None) -> None:
-        check_host_dtype(host_dtype)
+        check_host_device(host_dtype, device)
         pin = device.type == "cuda"
-        if host_dtype == "fp8" and pin and torch.cuda.get_device_capability(device) < (8, 9):
-            raise ValueError(f"host_dtype='fp8' needs a GPU with fp8 support (compute capability >= 8.9: Ada, "
-                             f"Hopper), got {torch.cuda.get_device_name(device)}; pass host_dtype='int8'")
         self.cfg = cfg
         self.host_chunk = host_chunk
         self.host_dtype = host_dtype
@@ -400,33 +64,15 @@ class TieredKVCache:
         self.max_resident = 0  # host chunks per layer kept in memory (0 = all)
         self.spill_dir: SpillDir | None = None
         if disk_dir is not None and host_budget:
-            self.max_resident = self._resident_chunks(host_budget)
+            self.max_resident = resident_chunks(host_budget, host_chunk, self.row_bytes, cfg.n_layers)
             self.spill_dir = SpillDir(disk_dir)
             self._finalizer = weakref.finalize(self, self.spill_dir.remove)
         # one stream for every layer's asynchronous copy down (made here, never at import)
         copy_stream = torch.cuda.Stream(device) if pin and self.spill_dir is None else None
         self.layers = [LayerTiers(cfg, n_sink, n_window, host_chunk, device, dtype, pin,
-                                  self._spill_policies(i), copy_stream, evict_batch, host_dtype)
+                                  spill_policies(self.spill_dir, self.max_resident, i), copy_stream,
+                                  evict_batch, host_dtype)
                        for i in range(cfg.n_layers)]
-
-    def _resident_chunks(self, host_budget: int) -> int:
-        per_chunk = self.host_chunk * self.row_bytes * self.cfg.n_layers  # one chunk of k, v, pos per layer
-        n = host_budget // per_chunk
-        if n < 1:
-            raise ValueError(
-                f"host_memory_budget={host_budget / 2**20:.2f} MiB holds no host chunk: spilling to disk "
-                f"keeps at least one chunk per layer in memory ({per_chunk / 2**20:.2f} MiB with "
-                f"host_chunk_tokens={self.host_chunk}); raise the budget or lower "
-                "CacheConfig.host_chunk_tokens"
-            )
-        return n
-
-    def _spill_policies(self, layer: int) -> dict[str, SpillPolicy] | None:
-        if self.spill_dir is None:
-            return None
-        d = self.spill_dir
-        return {name: SpillPolicy(self.max_resident, lambda ci, n=name: d.file(f"layer{layer}.{n}.{ci}.bin"))
-                for name in ("k", "v", "pos", "k.scale", "v.scale")}
 
     def close(self) -> None:
         """Remove the spilled chunks' files now (also done when the cache is garbage-collected).
