@@ -80,3 +80,49 @@ def test_chunked_prefill_equals_one_pass(tmp_path):
         s.feed(ids)
         err = (s.last_logits.double() - ref).norm() / ref.norm()
         assert err < 1e-5, (method, err)
+
+
+def test_mlp_in_row_blocks_matches_hf(tmp_path, monkeypatch):
+    """A prefill longer than the CPU's MLP row limit (runtime/model.py MLP_ROWS) goes through the
+    MLP in equal row blocks: the logits stay HF's (97 tokens in blocks of 33, 33, 31), and the
+    same as one call to within fp32 summation order."""
+    from kvloft.runtime import model as model_mod
+
+    hf = _hf_model("llama")
+    _save(hf, tmp_path)
+    ours = load_model(tmp_path, device="cpu", dtype="float32")
+    ids = torch.randint(0, hf.config.vocab_size, (97,))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0].double()
+
+    def run():
+        return ours.net(ids, torch.arange(97), DenseAttention(ours.config, REFERENCE, ours.device, ours.dtype))
+
+    whole = run()
+    monkeypatch.setattr(model_mod, "MLP_ROWS", {"cpu": 40})
+    seen = []
+    real = model_mod.MLP._rows
+    monkeypatch.setattr(model_mod.MLP, "_rows", lambda self, x: seen.append(x.shape[0]) or real(self, x))
+    blocked = run()
+    assert seen[:3] == [33, 33, 31]
+    assert (blocked.double() - ref).norm() / ref.norm() < 1e-5
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_equals_rotate_half(dtype):
+    """RoPE in three passes (runtime/model.py rotate) gives HF's x*cos + rotate_half(x)*sin bit
+    for bit (9 heads, head dim 64, positions 0..96 and 1e6..)."""
+    from kvloft.runtime.model import rotate
+
+    torch.manual_seed(0)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    for start in (0, 1_000_000):
+        ang = torch.arange(start, start + 97, dtype=torch.float64)[:, None] * inv[None]
+        ang = torch.cat((ang, ang), dim=-1)
+        cos, sin = ang.cos().float(), ang.sin().float()
+        x = torch.randn(97, 9, 64).to(dtype)
+        xf = x.float()
+        half = torch.cat((-xf[..., 32:], xf[..., :32]), dim=-1)
+        want = torch.addcmul(xf * cos[:, None], half, sin[:, None]).to(dtype)
+        assert torch.equal(rotate(x, cos, sin), want)
