@@ -5,6 +5,8 @@
 # bf16 + bf16 in both orders at 128K, then int4 + fp8 against bf16 + fp8 at 1M. Usage: TOTAL=330 bash bench/gpu_s23d.sh
 set -u
 DEFAULT_TOTAL=330 . bench/gpu_budget.sh
+KVLOFT_TEST_CUDA=1 timeout "$(left 40)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=short \
+  tests/runtime/test_rowspace.py -k 8bit > "$O/gpu_tests.txt" 2>&1; tail -3 "$O/gpu_tests.txt"
 row() {  # TAG CONTEXT WEIGHTS HOST_DTYPE SECONDS
   [ "$(left "$5")" -lt 40 ] && { echo "$1: no time left"; return; }
   timeout "$(left "$5")" python3 bench/decode.py --presets llama3-8b --contexts "$2" --methods hip:keys_on=host \
@@ -16,4 +18,4 @@ for wh in bf16:bf16 int4:fp8 int4:fp8 bf16:bf16; do
 done
 row l1m-int4-fp8 1m int4 fp8 110
 row l1m-bf16-fp8 1m bf16 fp8 110  # bf16 host rows at 1M (128 GiB) do not fit this host
-(cd "$O" && tar czf s23d.tgz ./*.json ./*.md 2>/dev/null && find . -maxdepth 1 -type f ! -name s23d.tgz -delete)
+(cd "$O" && tar czf s23d.tgz ./*.json ./*.md ./*.txt 2>/dev/null && find . -maxdepth 1 -type f ! -name s23d.tgz -delete)

@@ -191,6 +191,35 @@ def test_gpu_one_launch_equals_split_and_dense(method, options):
     assert err < 1e-4, err
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_dtype", ["fp8", "int8"])
+def test_gpu_cached_rows_of_an_8bit_tier(host_dtype):
+    """CUDA, pinned 8-bit host chunks: HiP's stable rows cached on the device (codes and scales
+    gathered zero-copy, dequantized there) give the logits of reading every selected row's codes
+    in place, and the cache holds exactly the tier's dequantized rows."""
+    model = load_model("tiny", device="cuda", dtype="float32", seed=3)
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, model.config.vocab_size, (900,), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (24,), generator=gen)
+
+    def run(cache_selections):
+        rcfg = RetrievalConfig(method="hip", budget=64, n_sink=4, n_window=32, options={"keys_on": "host"})
+        s = Session(model, rcfg, RuntimeConfig(prefill_chunk=128, progress=False),
+                    kvloft.CacheConfig(host_chunk_tokens=256, evict_batch=16, host_dtype=host_dtype))
+        s.backend.cache_selections = cache_selections
+        s.feed(prompt)
+        return torch.stack([s.step(int(t)).clone() for t in steps]), s
+
+    cached, s = run(True)
+    plain, s2 = run(False)
+    space = s.backend._spaces[0]
+    assert 0 < space.fills < len(steps) and s2.backend._spaces[0].fills == 0
+    rows = space.cached_src[: space.cached_n].cpu()
+    torch.testing.assert_close(space.cache_k[: space.cached_n].cpu(), s.backend.cache[0].host_k.rows(rows).cpu(),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
+
+
 def test_one_launch_waits_for_rows_in_flight(tiny):
     """The kernel reads host rows in place, so a copy of evicted rows still in flight to the
     host tier is waited for before the launch (exact: its own key copy never waits)."""
