@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_backend import DenseBackend
 
 from kvloft.config import PRESETS
 from kvloft.kernels import cpu_gemv, cpu_warmup
@@ -54,21 +55,8 @@ def test_state_dict_names_are_nn_linear_s():
     assert {"layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight", "lm_head.weight"} <= names
 
 
-class _DenseBackend:  # every key so far, torch's softmax: the same for both routes
-    def __init__(self):
-        self.kv = {}
-
-    def attend(self, layer, q, k, v, positions):
-        ks, vs = self.kv.get(layer, (k[:0], v[:0]))
-        ks, vs = torch.cat((ks, k)), torch.cat((vs, v))
-        self.kv[layer] = ks, vs
-        g = q.shape[1] // k.shape[1]
-        kk, vv = ks.repeat_interleave(g, 1).transpose(0, 1), vs.repeat_interleave(g, 1).transpose(0, 1)
-        return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv).transpose(0, 1)
-
-
 def _decode(net, steps=3):
-    be, ids = _DenseBackend(), torch.tensor([3, 17, 5, 9, 11, 2])
+    be, ids = DenseBackend(), torch.tensor([3, 17, 5, 9, 11, 2])
     net(ids, torch.arange(6), be)
     return [net(ids[i : i + 1], torch.tensor([6 + i]), be) for i in range(steps)]
 

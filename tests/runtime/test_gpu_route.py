@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
+from dense_backend import DenseBackend
 
 from kvloft.config import PRESETS, ModelConfig
 from kvloft.kernels.gpu_layer import DecodeLayer
@@ -91,22 +91,8 @@ def test_quantized_linears_keep_their_modules():
         assert (g.double() - b.double()).abs().max() <= floor, name
 
 
-class _DenseBackend:  # every key so far, torch's softmax: the same arithmetic for both routes
-    def __init__(self):
-        self.kv = {}
-
-    def attend(self, layer, q, k, v, positions):
-        ks, vs = self.kv.get(layer, (k[:0], v[:0]))
-        ks, vs = torch.cat((ks, k)), torch.cat((vs, v))
-        self.kv[layer] = ks, vs
-        g = q.shape[1] // k.shape[1]
-        kk, vv = ks.repeat_interleave(g, 1).transpose(0, 1), vs.repeat_interleave(g, 1).transpose(0, 1)
-        mask = torch.ones(q.shape[0], ks.shape[0], dtype=torch.bool).tril(ks.shape[0] - q.shape[0])
-        return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1)
-
-
 def _decode(net):  # a 20-token prefill (the modules), then a 3-row chunk and a token (the route where declared)
-    be, ids = _DenseBackend(), torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+    be, ids = DenseBackend(), torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
     return [net(ids[:20], torch.arange(20), be, last_only=True), net(ids[20:23], torch.arange(20, 23), be),
             net(ids[23:], torch.tensor([23]), be)]
 
