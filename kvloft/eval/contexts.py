@@ -1,9 +1,9 @@
 """One prompt's sessions for `kvloft eval`: one dense prefill forked into every method, or a
 prefill per method.
 
-Prefill dominates a long-context evaluation (a 32K prompt costs the 0.5B Qwen on an H100 far
-more in prefill than in the few dozen decode steps of an answer), so by default (`kvloft eval
---prefill shared`) a prompt is prefilled once, with dense attention under the runtime
+Every method of a grid reads the same prompt, so by default (`kvloft eval --prefill shared`)
+a prompt is prefilled once (on the CPU that cut a run's wall time by 38-53%; on a GPU shared by many
+eval processes decoding is most of a run and the saving is smaller: docs/evaluation.md), with dense attention under the runtime
 (chunking) and tier settings every method uses, and each method's session is a fork of it
 (Session.fork: its tiers and index built from the dense K/V, kvloft/runtime/fork.py), decoded
 and dropped before the next. Where the method's own prefill is dense too (exact positions, a
