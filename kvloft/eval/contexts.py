@@ -1,13 +1,14 @@
 """One prompt's sessions for `kvloft eval`: one dense prefill forked into every method, or a
 prefill per method.
 
-Every method of a grid reads the same prompt, so by default (`kvloft eval --prefill shared`)
-a prompt is prefilled once (on the CPU that cut a run's wall time by 38-53%; on a GPU shared by many
-eval processes decoding is most of a run and the saving is smaller: docs/evaluation.md), with dense attention under the runtime
-(chunking) and tier settings every method uses, and each method's session is a fork of it
-(Session.fork: its tiers and index built from the dense K/V, kvloft/runtime/fork.py), decoded
-and dropped before the next. Where the method's own prefill is dense too (exact positions, a
-prompt within its prefill_dense_tokens, full-precision host rows: the default at 32K and below)
+Every method of a grid reads the same prompt, so by default (`kvloft eval --prefill shared`) a
+prompt is prefilled once (on the CPU that cut a run's wall time by 38-53%; on a GPU shared by
+many eval processes decoding is most of a run and the saving is smaller: docs/evaluation.md),
+with dense attention under the runtime (chunking) and tier settings every method uses, and each
+method's session is a fork of it (Session.fork: its tiers and index built from the dense K/V,
+kvloft/runtime/fork.py), decoded and dropped before the next. Where the method's own prefill is
+dense too (exact positions, a prompt within its prefill_dense_tokens, full-precision host rows:
+the default at 32K and below)
 the fork holds the K/V that prefill would compute, up to float rounding, and decodes as it.
 
 A method the fork refuses prefills on its own, and its context says why: remapped positions
