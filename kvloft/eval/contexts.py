@@ -8,8 +8,8 @@ with dense attention under the runtime (chunking) and tier settings every method
 method's session is a fork of it (Session.fork: its tiers and index built from the dense K/V,
 kvloft/runtime/fork.py), decoded and dropped before the next. Where the method's own prefill is
 dense too (exact positions, a prompt within its prefill_dense_tokens, full-precision host rows:
-the default at 32K and below)
-the fork holds the K/V that prefill would compute, up to float rounding, and decodes as it.
+the default at 32K and below) the fork holds the K/V that prefill would compute, up to float
+rounding, and decodes as it.
 
 A method the fork refuses prefills on its own, and its context says why: remapped positions
 (`+x` methods), an index that learns from prefill queries (attention_graph, actqkv), an int8/fp8
