@@ -2,20 +2,23 @@
 modules: forced on the CPU under the Triton interpreter here, taken for 16-bit CUDA models by
 default. Bound (flash-attention's rule): the route's error against an fp64 copy of the same
 weights at most 2x the modules' own plus one ulp of the output's largest value; fused GEMMs
-may be tiled otherwise than three, and the norms sum their squares in their own order."""
+may be tiled otherwise than three, the norms sum their squares in their own order, and the
+down GEMM adds the residual before rounding."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
 from dense_backend import DenseBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvloft.config import PRESETS, ModelConfig
 from kvloft.kernels.gpu_layer import DecodeLayer
-from kvloft.runtime.fused_weights import _Modules
+from kvloft.runtime.fused_weights import _AddAfter, _AddInto, _Modules
 from kvloft.runtime.loader import random_model
 from kvloft.runtime.model import Block, Transformer, rope_inv_freq
 from kvloft.runtime.quant_linear import QuantLinear, scheme
@@ -60,7 +63,7 @@ def _compare(block: Block, t: int, dtype, device="cpu"):
     exact = _layer(exact_block, x.double(), cos.double(), sin.double())
     base = _layer(block, x, cos, sin)
     block.declare_gpu(True)
-    assert isinstance(block.gpu, DecodeLayer)
+    assert isinstance(block.gpu, DecodeLayer) and isinstance(block.gpu.down_add, _AddInto)
     got = _layer(block, x, cos, sin)
     block.declare_gpu(False)
     for name, g, b, e in zip(("q", "k", "v", "x"), got, base, exact):
@@ -86,9 +89,38 @@ def test_quantized_linears_keep_their_modules():
     base = _layer(block, x, cos, sin)
     block.declare_gpu(True)
     assert isinstance(block.gpu.qkv, _Modules) and isinstance(block.self_attn.q_proj, QuantLinear)
+    assert isinstance(block.gpu.down_add, _AddAfter)  # a QuantLinear's output, then the add
     for name, g, b in zip(("q", "k", "v", "x"), _layer(block, x, cos, sin), base):
         floor = 2 * torch.finfo(g.dtype).eps * b.double().abs().max().item()  # norms: their own sum order
         assert (g.double() - b.double()).abs().max() <= floor, name
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops that launch work (views and allocations left out), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and not func.__name__.startswith(("empty", "detach")):
+            self.ops[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_down_gemm_takes_the_residual_add():
+    cfg = ModelConfig(hidden_size=96, intermediate_size=200, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=24)
+    block = _block(cfg, torch.bfloat16)
+    block.declare_gpu(True)
+    x, o = torch.randn(2, 96).to(torch.bfloat16), torch.randn(2, 4, 24).to(torch.bfloat16)
+    with torch.inference_mode(), _Ops() as count:
+        out = block.post(x, o)
+    # o, gate/up; down with the add; no add (the interpreter's own copies are counted too: not asserted)
+    assert (count.ops["linear.default"], count.ops["addmm_.default"], count.ops["add.Tensor"]) == (2, 1, 0)
+    a = block.self_attn.out(o)
+    want = (x + a) + block.mlp(block.post_attention_layernorm(x + a))  # the modules, rounding the product first
+    floor = 2 * torch.finfo(out.dtype).eps * want.double().abs().max().item()  # a rounding; the norm's sum order
+    assert (out.double() - want.double()).abs().max() <= floor
 
 
 def _decode(net):  # a 20-token prefill (the modules), then a 3-row chunk and a token (the route where declared)
