@@ -15,7 +15,8 @@ Block.declare_gpu): one F.linear on fused weights (runtime/fused_weights.py), or
 modules themselves where a linear is a QuantLinear. A layer is then 8 launches (GEMMs
 included) where the torch modules made ~41 (the norms' float/pow/mean/rsqrt/mul/cast
 chains, rope's chunk/cat/neg/float/addcmul/cast on q and on k, silu and mul, the adds);
-9 where down is a QuantLinear (its add stays apart).
+9 where down is a QuantLinear (its add stays apart). `FinalNorm` takes the model's norm
+before lm_head the same way: one launch for the modules' ~8.
 
 The last residual add rides in the down GEMM (cuBLAS's beta = 1 on the fresh x1) rather than
 being carried unsummed into the next layer's input norm (rms_norm's residual input) and the
@@ -43,7 +44,7 @@ from kvloft.kernels.rms_norm import MAX_HIDDEN, _rms_norm_kernel, rms_norm_unche
 from kvloft.kernels.rope_qkv import MAX_HEAD_DIM, rope_qkv_unchecked
 from kvloft.kernels.silu_mul import silu_mul_unchecked
 
-__all__ = ["MAX_ROWS", "DecodeLayer"]
+__all__ = ["MAX_ROWS", "DecodeLayer", "FinalNorm"]
 
 MAX_ROWS = 16  # rows a call (runtime/model.py _GEMV_ROWS): past that prefill's torch modules (compute-bound)
 
@@ -80,6 +81,18 @@ class DecodeLayer:
         a = self.o(o.reshape(o.shape[0], -1))
         h, x1 = rms_norm_unchecked(a, self.w_post, self.eps_post, x)  # x1 = x + a
         return self.down_add(silu_mul_unchecked(*self.gate_up(h)), x1)
+
+
+class FinalNorm:
+    """The model's norm before lm_head for few rows: x [T, hidden] -> rmsnorm(x) * w [T, hidden],
+    one launch (kernels/rms_norm.py) for the module's ~8. w [hidden] contiguous, eps its."""
+
+    def __init__(self, w: Tensor, eps: float) -> None:
+        _check_norm(w, w)
+        self.w, self.eps = w, float(eps)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return rms_norm_unchecked(x, self.w, self.eps, None)[0]
 
 
 def _check_norm(w: Tensor, other: Tensor) -> None:

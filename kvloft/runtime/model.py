@@ -232,6 +232,7 @@ class Transformer(nn.Module):
     split_cpu: bool | None = None  # as last declared: a helper thread for the compiled calls (None: where 2+ cores)
     fused_gpu: bool | None = None  # as last declared: the GPU few-row route (None: for 16-bit weights on CUDA)
     _cpu_head = None  # (norm weight, eps, lm_head weight, helper) once declared
+    _gpu_norm = None  # a kernels/gpu_layer.FinalNorm: the final norm of few rows, with the GPU route
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -256,8 +257,8 @@ class Transformer(nn.Module):
         decode step does not compile them. `split`: share the layer, lm_head and dense decode
         attention calls with a helper thread (kernels/cpu_split.py; None: where this process
         may run on 2+ cores). `fused_gpu`: each layer's few-row calls through kernels/gpu_layer.py
-        (Block.declare_gpu); None: where the weights are bf16/fp16 on CUDA; True forces it (the
-        CPU tests, under TRITON_INTERPRET=1). Loaders call this once the weights are in place;
+        (Block.declare_gpu) and the final norm's through its FinalNorm; None: where the weights
+        are bf16/fp16 on CUDA; True forces it (the CPU tests, under TRITON_INTERPRET=1). Loaders call this once the weights are in place;
         moving or casting the network (`.to`, `.float`) declares again. Returns whether the
         compiled CPU paths are on."""
         self.compiled_cpu, self.split_cpu, self.fused_gpu = compiled_cpu, split, fused_gpu
@@ -290,6 +291,11 @@ class Transformer(nn.Module):
         head_ok = on and isinstance(self.lm_head, Linear) and self.lm_head.few_rows and self.lm_head.bias is None \
             and _cpu_fp32(self.norm.weight)
         self._cpu_head = (self.norm.weight, self.norm.eps, self.lm_head.weight, helper) if head_ok else None
+        self._gpu_norm = None
+        if not head_ok and any(b.gpu is not None for b in self.layers):
+            from kvloft.kernels.gpu_layer import FinalNorm
+
+            self._gpu_norm = FinalNorm(self.norm.weight, self.norm.eps)
         return on
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): the declaration follows the weights
@@ -310,6 +316,8 @@ class Transformer(nn.Module):
             from kvloft.kernels.cpu_layer import head
 
             return head(x, *self._cpu_head)
+        if self._gpu_norm is not None and x.shape[0] <= _GEMV_ROWS:
+            return self.lm_head(self._gpu_norm(x)).float()
         return self.lm_head(self.norm(x)).float()
 
     @torch.inference_mode()

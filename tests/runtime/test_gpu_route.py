@@ -17,10 +17,10 @@ from dense_backend import DenseBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvloft.config import PRESETS, ModelConfig
-from kvloft.kernels.gpu_layer import DecodeLayer
+from kvloft.kernels.gpu_layer import DecodeLayer, FinalNorm
 from kvloft.runtime.fused_weights import _AddAfter, _AddInto, _Modules
 from kvloft.runtime.loader import random_model
-from kvloft.runtime.model import Block, Transformer, rope_inv_freq
+from kvloft.runtime.model import Block, RMSNorm, Transformer, rope_inv_freq
 from kvloft.runtime.quant_linear import QuantLinear, scheme
 
 
@@ -124,32 +124,57 @@ def test_the_down_gemm_takes_the_residual_add():
 
 
 def _decode(net):  # a 20-token prefill (the modules), then a 3-row chunk and a token (the route where declared)
-    be, ids = DenseBackend(), torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
-    return [net(ids[:20], torch.arange(20), be, last_only=True), net(ids[20:23], torch.arange(20, 23), be),
-            net(ids[23:], torch.tensor([23]), be)]
+    dev = net.embed_tokens.weight.device
+    ids = torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).to(dev)
+    be, at = DenseBackend(), lambda a, b: torch.arange(a, b, device=dev)
+    return [net(ids[:20], at(0, 20), be, last_only=True), net(ids[20:23], at(20, 23), be), net(ids[23:], at(23, 24), be)]
 
 
-def test_tiny_model_decode_through_the_route_matches_the_modules():
+def _model_matches_the_modules(n_layers: int, dtype, device="cpu"):
+    """The route's logits (every layer, the final norm) against the modules' and an fp64 copy's."""
     cfg = dataclasses.replace(PRESETS["tiny"], hidden_size=96, intermediate_size=200, n_heads=8, n_kv_heads=2,
-                              head_dim=32, attention_bias=True)
-    net = random_model(cfg, device="cpu", dtype=torch.bfloat16).net
-    assert all(b.gpu is None for b in net.layers)  # not on CUDA: off unless forced
+                              head_dim=32, attention_bias=True, n_layers=n_layers)
+    net = random_model(cfg, device=device, dtype=dtype).net
+    net.declare_kernels(fused_gpu=False)
     exact_net = copy.deepcopy(net)
-    exact_net.declare_kernels(fused_gpu=False)
     exact = _decode(exact_net.double())
     base = _decode(net)
     net.declare_kernels(fused_gpu=True)
-    assert all(isinstance(b.gpu, DecodeLayer) for b in net.layers)
+    assert all(isinstance(b.gpu, DecodeLayer) for b in net.layers) and isinstance(net._gpu_norm, FinalNorm)
     q = net.layers[0].self_attn
     assert q.k_proj.weight.untyped_storage().data_ptr() == q.q_proj.weight.untyped_storage().data_ptr()
-    rows, route = [], net.layers[1].gpu
-    real = route.post
-    route.post = lambda x, o: rows.append(x.shape[0]) or real(x, o)
+    rows, norm_rows, route, norm = [], [], net.layers[-1].gpu, net._gpu_norm
+    real_post, real_norm = route.post, norm.__call__
+    route.post = lambda x, o: rows.append(x.shape[0]) or real_post(x, o)
+    net._gpu_norm = lambda x: norm_rows.append(x.shape[0]) or real_norm(x)
     got = _decode(net)
     assert rows == [3, 1]  # the 20-token prefill took the modules, the chunk and the token the route
+    assert norm_rows == [1, 3, 1]  # the final norm of every call's (last) rows
     for i, (g, b, e) in enumerate(zip(got, base, exact)):
         _bound(g, b, e, f"logits of call {i}")
         assert g.argmax(-1).tolist() == b.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("n_layers,dtype", [(2, torch.bfloat16), (4, torch.bfloat16), (3, torch.float16)])
+def test_model_decode_through_the_route_matches_the_modules(n_layers, dtype):
+    assert all(b.gpu is None for b in random_model(PRESETS["tiny"], device="cpu", dtype=dtype).net.layers), \
+        "not on CUDA: off unless forced"
+    _model_matches_the_modules(n_layers, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_final_norm_matches_the_module(dtype, device="cpu"):
+    norm = RMSNorm(200, 1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(200))
+    norm = norm.to(dtype)
+    route = FinalNorm(norm.weight, norm.eps)
+    exact = copy.deepcopy(norm).double()
+    for x in (torch.randn(1, 200), torch.randn(16, 200) * 30, torch.randn(5, 200)[-2:]):  # a row view too
+        x = x.to(device, dtype)
+        got, base = route(x), norm(x)
+        assert got.shape == base.shape and got.dtype == base.dtype
+        _bound(got, base, exact(x.double()), f"final norm of {x.shape[0]} rows")
 
 
 def test_declaration_follows_the_weights_and_the_switch():
@@ -157,7 +182,7 @@ def test_declaration_follows_the_weights_and_the_switch():
     net.declare_kernels(fused_gpu=True)
     assert all(b.gpu is not None for b in net.layers)
     net = net.to(torch.float16)  # declared again, forced still: fused anew in fp16
-    assert all(b.gpu is not None for b in net.layers)
+    assert all(b.gpu is not None for b in net.layers) and net._gpu_norm.w is net.norm.weight
     assert net.layers[0].mlp.gate_proj.weight.dtype == torch.float16
     twin = copy.deepcopy(net)  # nn.Parameter's deep copy clones each one apart: declare again
     twin.declare_kernels(fused_gpu=True)
@@ -165,12 +190,13 @@ def test_declaration_follows_the_weights_and_the_switch():
     assert twin.layers[0].gpu.gate_up.weight[-1].abs().sum() == 0
     assert net.layers[0].gpu.gate_up.weight[-1].abs().sum() > 0
     net.declare_kernels(fused_gpu=False)
-    assert all(b.gpu is None for b in net.layers)
+    assert all(b.gpu is None for b in net.layers) and net._gpu_norm is None
     net.declare_kernels()  # auto: CUDA 16-bit weights only
-    assert all(b.gpu is None for b in net.layers)
+    assert all(b.gpu is None for b in net.layers) and net._gpu_norm is None
     net = net.float()  # fp32 on the CPU: the compiled CPU route, even where the GPU one is forced
     net.declare_kernels(fused_gpu=True)
     assert all(b.cpu is not None and b.gpu is None for b in net.layers)
+    assert net._gpu_norm is None and net._cpu_head is not None
 
 
 @pytest.mark.gpu
@@ -181,7 +207,15 @@ def test_llama3_8b_layer_on_cuda_matches_the_modules():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_model_decode_through_the_route_matches_the_modules(dtype):
+    _model_matches_the_modules(4, dtype, "cuda")
+    test_final_norm_matches_the_module(dtype, "cuda")
+
+
+@pytest.mark.gpu
 def test_cuda_bf16_model_declares_the_route_by_default():
     net = random_model(PRESETS["tiny"], device="cuda", dtype=torch.bfloat16).net
-    assert all(isinstance(b.gpu, DecodeLayer) for b in net.layers)
-    assert all(b.gpu is None for b in net.float().layers)
+    assert all(isinstance(b.gpu, DecodeLayer) for b in net.layers) and isinstance(net._gpu_norm, FinalNorm)
+    net = net.float()
+    assert all(b.gpu is None for b in net.layers) and net._gpu_norm is None
