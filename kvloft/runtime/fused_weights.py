@@ -132,7 +132,9 @@ class _AddAfter:
 
 @dataclass
 class _Fused:
-    """h [T, in] -> each linear's output [T, width]: row-strided views of one GEMM's output.
+    """h [T, in] -> each linear's output [T, width]: row-strided views of one GEMM's output, each
+    its own slice (narrow, not split: prefill's MLP runs silu in place on the gate's, which
+    autograd refuses on one of several views split hands back, where grad mode is on).
     (Objects, not closures: a deep copy of the network then copies the weights they hold.)"""
 
     weight: Tensor  # [sum widths, in]
@@ -140,7 +142,11 @@ class _Fused:
     widths: tuple[int, ...]
 
     def __call__(self, h: Tensor) -> tuple[Tensor, ...]:
-        return F.linear(h, self.weight, self.bias).split(self.widths, dim=-1)
+        out, start, parts = F.linear(h, self.weight, self.bias), 0, []
+        for w in self.widths:
+            parts.append(out.narrow(-1, start, w))
+            start += w
+        return tuple(parts)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from kvloft.config import PRESETS, ModelConfig
 from kvloft.kernels.gpu_layer import DecodeLayer, FinalNorm
 from kvloft.runtime.fused_weights import _AddAfter, _AddInto, _Modules
 from kvloft.runtime.loader import random_model
-from kvloft.runtime.model import Block, RMSNorm, Transformer, rope_inv_freq
+from kvloft.runtime.model import MLP_ROWS, Block, RMSNorm, Transformer, rope_inv_freq
 from kvloft.runtime.quant_linear import QuantLinear, scheme
 
 
@@ -123,6 +123,25 @@ def test_the_down_gemm_takes_the_residual_add():
     assert (out.double() - want.double()).abs().max() <= floor
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias,t", [(True, 17), (False, 40)])
+def test_prefill_chunk_through_the_fused_gemms_matches_the_modules(dtype, bias, t, monkeypatch):
+    cfg = ModelConfig(hidden_size=96, intermediate_size=200, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=24,
+                      attention_bias=bias)
+    monkeypatch.setitem(MLP_ROWS, "cpu", 16)  # the MLP in blocks of rows, each through the fused gate/up GEMM
+    block = _block(cfg, dtype)
+    _compare(block, t, dtype)  # more rows than the route's: the modules but for the two fused GEMMs
+    block.declare_gpu(True)
+    x, (cos, sin), o = torch.randn(t, 96).to(dtype), _rope(block, t), torch.randn(t, 8, 24).to(dtype)
+    with torch.inference_mode(), _Ops() as pre:
+        q, k, v = block.pre(x, cos, sin)
+    with torch.inference_mode(), _Ops() as post:
+        block.post(x, o)
+    blocks = -(-t // 16)
+    assert pre.ops["linear.default"] == 1 and post.ops["linear.default"] == 1 + 2 * blocks  # o; gate/up, down
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()  # as the modules hand them on
+
+
 def _decode(net):  # a 20-token prefill (the modules), then a 3-row chunk and a token (the route where declared)
     dev = net.embed_tokens.weight.device
     ids = torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -202,7 +221,7 @@ def test_declaration_follows_the_weights_and_the_switch():
 @pytest.mark.gpu
 def test_llama3_8b_layer_on_cuda_matches_the_modules():
     cfg = dataclasses.replace(PRESETS["llama3-8b"], n_layers=1)
-    for t in (1, 4, 16):
+    for t in (1, 4, 16, 64):  # 64: a prefill chunk, through the fused q/k/v and gate/up GEMMs
         _compare(_block(cfg, torch.bfloat16, "cuda"), t, torch.bfloat16, "cuda")
 
 
