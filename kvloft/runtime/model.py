@@ -120,7 +120,8 @@ class Attention(nn.Module):
             k = rotate(self.k_proj(x).view(t, hkv, d), cos, sin)
             return q, k, self.v_proj(x).view(t, hkv, d)
         q, k, v = proj(x)
-        return rotate(q.view(t, hq, d), cos, sin), rotate(k.view(t, hkv, d), cos, sin), v.contiguous().view(t, hkv, d)
+        q, k = rotate(q.view(t, hq, d), cos, sin), rotate(k.view(t, hkv, d), cos, sin)
+        return q, k, v.contiguous().view(t, hkv, d)
 
     def out(self, o: Tensor) -> Tensor:
         """Attention output o [T, H_q, D] -> [T, hidden]."""
@@ -270,9 +271,9 @@ class Transformer(nn.Module):
         attention calls with a helper thread (kernels/cpu_split.py; None: where this process
         may run on 2+ cores). `fused_gpu`: each layer's few-row calls through kernels/gpu_layer.py
         (Block.declare_gpu) and the final norm's through its FinalNorm; None: where the weights
-        are bf16/fp16 on CUDA; True forces it (the CPU tests, under TRITON_INTERPRET=1). Loaders call this once the weights are in place;
-        moving or casting the network (`.to`, `.float`) declares again. Returns whether the
-        compiled CPU paths are on."""
+        are bf16/fp16 on CUDA; True forces it (the CPU tests, under TRITON_INTERPRET=1). Loaders
+        call this once the weights are in place; moving or casting the network (`.to`, `.float`)
+        declares again. Returns whether the compiled CPU paths are on."""
         self.compiled_cpu, self.split_cpu, self.fused_gpu = compiled_cpu, split, fused_gpu
         w = self.embed_tokens.weight  # always a plain parameter (a linear may be a QuantLinear)
         on = compiled_cpu and w.device.type == "cpu" and w.dtype == torch.float32

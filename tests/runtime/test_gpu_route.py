@@ -142,11 +142,12 @@ def test_prefill_chunk_through_the_fused_gemms_matches_the_modules(dtype, bias, 
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()  # as the modules hand them on
 
 
-def _decode(net):  # a 20-token prefill (the modules), then a 3-row chunk and a token (the route where declared)
+def _decode(net):  # a 20-token prefill (the modules: their fused GEMMs where declared), a 3-row chunk, a token
     dev = net.embed_tokens.weight.device
     ids = torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).to(dev)
     be, at = DenseBackend(), lambda a, b: torch.arange(a, b, device=dev)
-    return [net(ids[:20], at(0, 20), be, last_only=True), net(ids[20:23], at(20, 23), be), net(ids[23:], at(23, 24), be)]
+    return [net(ids[:20], at(0, 20), be, last_only=True), net(ids[20:23], at(20, 23), be),
+            net(ids[23:], at(23, 24), be)]
 
 
 def _model_matches_the_modules(n_layers: int, dtype, device="cpu"):
@@ -167,7 +168,7 @@ def _model_matches_the_modules(n_layers: int, dtype, device="cpu"):
     route.post = lambda x, o: rows.append(x.shape[0]) or real_post(x, o)
     net._gpu_norm = lambda x: norm_rows.append(x.shape[0]) or real_norm(x)
     got = _decode(net)
-    assert rows == [3, 1]  # the 20-token prefill took the modules, the chunk and the token the route
+    assert rows == [3, 1]  # the 20-token prefill took the modules (fused GEMMs), the chunk and the token the route
     assert norm_rows == [1, 3, 1]  # the final norm of every call's (last) rows
     for i, (g, b, e) in enumerate(zip(got, base, exact)):
         _bound(g, b, e, f"logits of call {i}")
