@@ -1,4 +1,4 @@
-"""A decoder layer's few-row (decode) calls on the GPU: three Triton launches beside the GEMMs.
+"""A decoder layer's few-row (decode) calls on the GPU: four Triton launches and four GEMMs.
 
     pre:   h = rmsnorm(x) * w_in                      (kernels/rms_norm.py)
            q, k, v = split(h [Wq; Wk; Wv]^T + b)      (one GEMM where the weights are fused)
@@ -7,19 +7,30 @@
     post:  a = o Wo^T
            x1 = x + a;  h = rmsnorm(x1) * w_post      (one launch: kernels/rms_norm.py)
            s = silu(g) * u,  g, u = split(h [Wg; Wu]^T)   (one GEMM; kernels/silu_mul.py)
-           x2 = x1 + s Wd^T
+           x2 = x1 + s Wd^T                           (one GEMM: x1.addmm_(s, Wd^T), x1 its C)
 
 x [T, hidden] bf16/fp16, T at most MAX_ROWS (a decode token: T = 1; a batched step: B rows).
 The GEMMs are callables the runtime builds from the layer's modules (runtime/model.py
 Block.declare_gpu): one F.linear on fused weights (runtime/fused_weights.py), or the
-modules themselves where a linear is a QuantLinear. A layer is then 9 launches (GEMMs
-included) where the torch modules made ~40 (the norms' float/pow/mean/rsqrt/mul/cast
-chains, rope's chunk/cat/neg/float/addcmul/cast on q and on k, silu and mul, the adds).
+modules themselves where a linear is a QuantLinear. A layer is then 8 launches (GEMMs
+included) where the torch modules made ~41 (the norms' float/pow/mean/rsqrt/mul/cast
+chains, rope's chunk/cat/neg/float/addcmul/cast on q and on k, silu and mul, the adds);
+9 where down is a QuantLinear (its add stays apart). `FinalNorm` takes the model's norm
+before lm_head the same way: one launch for the modules' ~8.
+
+The last residual add rides in the down GEMM (cuBLAS's beta = 1 on the fresh x1) rather than
+being carried unsummed into the next layer's input norm (rms_norm's residual input) and the
+final norm: both save one launch a layer (32 a Llama-3-8B step), but carrying changes what a
+layer hands on from one stream x to a pair (x1, d), which every caller of Block.pre/post
+would have to hold: the batched engine (runtime/engine.py), the segmented CUDA graphs
+(runtime/graphs.py, one buffer per segment boundary), the whole-step graph
+(runtime/whole_step.py) and the CPU and module routes. Folding keeps x one tensor.
 
 The arithmetic is the modules' (HF's): each kernel rounds as the torch ops it replaces, but
-for the fp32 sum of squares of the norms (another order) and the fused GEMMs (cuBLAS may
-tile [Wq; Wk; Wv] otherwise than Wq alone). tests/runtime/test_gpu_route.py holds a layer
-and a model to the modules.
+for the fp32 sum of squares of the norms (another order), the fused GEMMs (cuBLAS may
+tile [Wq; Wk; Wv] otherwise than Wq alone) and the down GEMM's add (x1 + s Wd^T rounded once
+from fp32, where the modules round the product first: at most a rounding of the output
+apart). tests/runtime/test_gpu_route.py holds a layer and a model to the modules.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from kvloft.kernels.rms_norm import MAX_HIDDEN, _rms_norm_kernel, rms_norm_unche
 from kvloft.kernels.rope_qkv import MAX_HEAD_DIM, rope_qkv_unchecked
 from kvloft.kernels.silu_mul import silu_mul_unchecked
 
-__all__ = ["MAX_ROWS", "DecodeLayer"]
+__all__ = ["MAX_ROWS", "DecodeLayer", "FinalNorm"]
 
 MAX_ROWS = 16  # rows a call (runtime/model.py _GEMV_ROWS): past that prefill's torch modules (compute-bound)
 
@@ -43,23 +54,20 @@ class DecodeLayer:
 
     w_in, w_post [hidden] the norms' weights, eps theirs; qkv: h [T, hidden] -> q [T, H_q D],
     k, v [T, H_kv D] (row-strided views of one GEMM's output do); o: [T, H_q D] -> [T, hidden];
-    gate_up: h -> g, u [T, I]; down: [T, I] -> [T, hidden]; head_dim D. Declared once per
-    layer (runtime/model.py Block.declare_gpu), never probed per call."""
+    gate_up: h -> g, u [T, I]; down_add: (s [T, I], x1 [T, hidden] fresh, its own to overwrite)
+    -> x1 + s Wd^T; head_dim D. Declared once per layer (runtime/model.py Block.declare_gpu),
+    never probed per call."""
 
     def __init__(self, *, w_in: Tensor, w_post: Tensor, eps_in: float, eps_post: float,
                  qkv: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], o: Callable[[Tensor], Tensor],
-                 gate_up: Callable[[Tensor], tuple[Tensor, Tensor]], down: Callable[[Tensor], Tensor],
+                 gate_up: Callable[[Tensor], tuple[Tensor, Tensor]], down_add: Callable[[Tensor, Tensor], Tensor],
                  head_dim: int) -> None:
-        checks.require_runnable(w_in.device, _rms_norm_kernel, "the GPU decode route (kernels/gpu_layer.py)")
-        if w_in.dim() != 1 or w_in.shape != w_post.shape or not 0 < w_in.shape[0] <= MAX_HIDDEN \
-                or not (w_in.is_contiguous() and w_post.is_contiguous()):
-            raise ValueError(f"the GPU decode route needs contiguous norm weights [hidden <= {MAX_HIDDEN}], got "
-                             f"{tuple(w_in.shape)} and {tuple(w_post.shape)}; leave the route off (fused_gpu=False)")
+        _check_norm(w_in, w_post)
         if head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
             raise ValueError(f"the GPU decode route needs an even head_dim <= {MAX_HEAD_DIM}, got {head_dim}; "
                              f"use fused_gpu=False")
         self.w_in, self.w_post, self.eps_in, self.eps_post = w_in, w_post, float(eps_in), float(eps_post)
-        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.qkv, self.o, self.gate_up, self.down_add = qkv, o, gate_up, down_add
         self.d = head_dim
 
     def pre(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,4 +80,24 @@ class DecodeLayer:
         """The residual stream x [T, hidden] and the attention output o [T, H_q, D] -> the next stream."""
         a = self.o(o.reshape(o.shape[0], -1))
         h, x1 = rms_norm_unchecked(a, self.w_post, self.eps_post, x)  # x1 = x + a
-        return x1 + self.down(silu_mul_unchecked(*self.gate_up(h)))
+        return self.down_add(silu_mul_unchecked(*self.gate_up(h)), x1)
+
+
+class FinalNorm:
+    """The model's norm before lm_head for few rows: x [T, hidden] -> rmsnorm(x) * w [T, hidden],
+    one launch (kernels/rms_norm.py) for the module's ~8. w [hidden] contiguous, eps its."""
+
+    def __init__(self, w: Tensor, eps: float) -> None:
+        _check_norm(w, w)
+        self.w, self.eps = w, float(eps)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return rms_norm_unchecked(x, self.w, self.eps, None)[0]
+
+
+def _check_norm(w: Tensor, other: Tensor) -> None:
+    checks.require_runnable(w.device, _rms_norm_kernel, "the GPU decode route (kernels/gpu_layer.py)")
+    if w.dim() != 1 or w.shape != other.shape or not 0 < w.shape[0] <= MAX_HIDDEN \
+            or not (w.is_contiguous() and other.is_contiguous()):
+        raise ValueError(f"the GPU decode route needs contiguous norm weights [hidden <= {MAX_HIDDEN}], got "
+                         f"{tuple(w.shape)} and {tuple(other.shape)}; leave the route off (fused_gpu=False)")

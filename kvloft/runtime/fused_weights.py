@@ -7,6 +7,10 @@ parameter keeps its name (state dicts, fingerprints, HF comparisons unchanged) a
 is doubled. `fuse` then hands back the whole tensor for one F.linear. Only plain nn.Linear
 weights fuse (a QuantLinear's packed weight stays as it is: `fuse` returns None).
 
+The down projection and the residual add after it are one GEMM where down is a plain 16-bit
+nn.Linear without bias: x.addmm_(s, Wd^T) on the fresh residual stream x (cuBLAS reads x as
+its C, beta = 1: one launch instead of the GEMM and an add); a QuantLinear keeps its add.
+
 Fusing is idempotent: slices that already lie end to end in one storage are recognized from
 their storage (nothing else is kept), so declaring again after `.to()` (which gives each
 parameter its own storage) fuses anew, and declaring twice copies nothing. A deep copy of the
@@ -24,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["decode_layer", "fuse"]
+
+_16BIT = (torch.bfloat16, torch.float16)
 
 
 def fuse(linears: Sequence[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
@@ -88,8 +94,8 @@ def decode_layer(block: nn.Module):
         w_in=block.input_layernorm.weight, w_post=block.post_attention_layernorm.weight,
         eps_in=block.input_layernorm.eps, eps_post=block.post_attention_layernorm.eps,
         qkv=_split_call((a.q_proj, a.k_proj, a.v_proj), (hq * d, hkv * d, hkv * d)), o=a.o_proj,
-        gate_up=_split_call((m.gate_proj, m.up_proj), (m.gate_proj.out_features,) * 2), down=m.down_proj,
-        head_dim=d)
+        gate_up=_split_call((m.gate_proj, m.up_proj), (m.gate_proj.out_features,) * 2),
+        down_add=_down_add(m.down_proj), head_dim=d)
 
 
 def _split_call(linears: Sequence[nn.Module], widths: tuple[int, ...]):
@@ -97,9 +103,38 @@ def _split_call(linears: Sequence[nn.Module], widths: tuple[int, ...]):
     return _Modules(tuple(linears)) if fused is None else _Fused(*fused, widths)
 
 
+def _down_add(linear: nn.Module):
+    w = getattr(linear, "weight", None)
+    plain = isinstance(linear, nn.Linear) and linear.bias is None and w.dim() == 2 and w.dtype in _16BIT
+    return _AddInto(linear) if plain else _AddAfter(linear)
+
+
+@dataclass
+class _AddInto:
+    """s [T, in], x [T, out] (fresh, contiguous: overwritten) -> x + s W^T in one GEMM, rounded once
+    (the module's x + (s W^T) rounds twice: within a rounding of the output of it)."""
+
+    linear: nn.Linear  # the module, not its weight: a deep copy of the network maps it to its copy
+
+    def __call__(self, s: Tensor, x: Tensor) -> Tensor:
+        return x.addmm_(s, self.linear.weight.t())
+
+
+@dataclass
+class _AddAfter:
+    """s [T, in], x [T, out] -> x + module(s): the module's call, then torch's add."""
+
+    linear: nn.Module
+
+    def __call__(self, s: Tensor, x: Tensor) -> Tensor:
+        return x + self.linear(s)
+
+
 @dataclass
 class _Fused:
-    """h [T, in] -> each linear's output [T, width]: row-strided views of one GEMM's output.
+    """h [T, in] -> each linear's output [T, width]: row-strided views of one GEMM's output, each
+    its own slice (narrow, not split: prefill's MLP runs silu in place on the gate's, which
+    autograd refuses on one of several views split hands back, where grad mode is on).
     (Objects, not closures: a deep copy of the network then copies the weights they hold.)"""
 
     weight: Tensor  # [sum widths, in]
@@ -107,7 +142,11 @@ class _Fused:
     widths: tuple[int, ...]
 
     def __call__(self, h: Tensor) -> tuple[Tensor, ...]:
-        return F.linear(h, self.weight, self.bias).split(self.widths, dim=-1)
+        out, start, parts = F.linear(h, self.weight, self.bias), 0, []
+        for w in self.widths:
+            parts.append(out.narrow(-1, start, w))
+            start += w
+        return tuple(parts)
 
 
 @dataclass

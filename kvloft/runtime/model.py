@@ -109,13 +109,19 @@ class Attention(nn.Module):
         self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         self.shape = (hq, hkv, d)
 
-    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [T, hidden] -> q [T, H_q, D], k [T, H_kv, D] (both rotated), v [T, H_kv, D]."""
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, proj=None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T, hidden] -> q [T, H_q, D], k [T, H_kv, D] (both rotated), v [T, H_kv, D] (contiguous).
+        proj: None (the three modules) or x -> q, k, v [T, H D] at once (row-strided views of one
+        fused GEMM's output do: runtime/fused_weights.py)."""
         t = x.shape[0]
         hq, hkv, d = self.shape
-        q = rotate(self.q_proj(x).view(t, hq, d), cos, sin)
-        k = rotate(self.k_proj(x).view(t, hkv, d), cos, sin)
-        return q, k, self.v_proj(x).view(t, hkv, d)
+        if proj is None:
+            q = rotate(self.q_proj(x).view(t, hq, d), cos, sin)
+            k = rotate(self.k_proj(x).view(t, hkv, d), cos, sin)
+            return q, k, self.v_proj(x).view(t, hkv, d)
+        q, k, v = proj(x)
+        q, k = rotate(q.view(t, hq, d), cos, sin), rotate(k.view(t, hkv, d), cos, sin)
+        return q, k, v.contiguous().view(t, hkv, d)
 
     def out(self, o: Tensor) -> Tensor:
         """Attention output o [T, H_q, D] -> [T, hidden]."""
@@ -129,22 +135,26 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gate_up=None) -> Tensor:
         """x [T, hidden] -> [T, hidden]; on a device with a row limit (MLP_ROWS) a longer input
-        goes through in equal blocks of rows, written into one output."""
+        goes through in equal blocks of rows, written into one output. gate_up: None (the two
+        modules) or x -> g, u [T, I] at once (views of one fused GEMM's output do)."""
         limit = MLP_ROWS.get(x.device.type)
         n = x.shape[0]
         if limit is None or n <= limit:
-            return self._rows(x)
+            return self._rows(x, gate_up)
         step = -(-n // -(-n // limit))  # equal blocks: 6000 rows in two of 3000, not 4096 + 1904
         out = x.new_empty(n, self.down_proj.out_features)
         for i in range(0, n, step):
-            out[i : i + step] = self._rows(x[i : i + step])
+            out[i : i + step] = self._rows(x[i : i + step], gate_up)
         return out
 
-    def _rows(self, x: Tensor) -> Tensor:
+    def _rows(self, x: Tensor, gate_up=None) -> Tensor:
         # silu and the product in place on the gate's output: two [T, intermediate] tensors
         # instead of four (the model runs under inference_mode: nothing keeps them for backward)
+        if gate_up is not None:
+            g, u = gate_up(x)
+            return self.down_proj(F.silu(g, inplace=True).mul_(u))
         h = F.silu(self.gate_proj(x), inplace=True)
         return self.down_proj(h.mul_(self.up_proj(x)))
 
@@ -176,8 +186,10 @@ class Block(nn.Module):
         """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv)."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.pre(x, cos, sin)
-        if self.gpu is not None and x.shape[0] <= _GEMV_ROWS:
-            return self.gpu.pre(x, cos, sin)
+        if self.gpu is not None:  # few rows: the route; more (prefill): the fused GEMM, the modules' rest
+            if x.shape[0] <= _GEMV_ROWS:
+                return self.gpu.pre(x, cos, sin)
+            return self.self_attn.qkv(self.input_layernorm(x), cos, sin, self.gpu.qkv)
         return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
 
     def post(self, x: Tensor, o: Tensor) -> Tensor:
@@ -187,7 +199,7 @@ class Block(nn.Module):
         if self.gpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.gpu.post(x, o)
         x = x + self.self_attn.out(o)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), None if self.gpu is None else self.gpu.gate_up)
 
     def declare_cpu(self, on: bool, split) -> None:
         """Take kernels/cpu_layer.py for few rows where `on` and every weight of the layer is a
@@ -209,7 +221,8 @@ class Block(nn.Module):
 
     def declare_gpu(self, on: bool) -> None:
         """Take kernels/gpu_layer.py for few rows where `on` (16-bit weights on CUDA, or forced):
-        q/k/v and gate/up fused into one weight each where plain Linears (runtime/fused_weights.py)."""
+        q/k/v and gate/up fused into one weight each where plain Linears (runtime/fused_weights.py),
+        which more rows (prefill) then take too: one GEMM for q/k/v, one for gate/up."""
         self.gpu = None
         if on:
             from kvloft.runtime.fused_weights import decode_layer
@@ -232,6 +245,7 @@ class Transformer(nn.Module):
     split_cpu: bool | None = None  # as last declared: a helper thread for the compiled calls (None: where 2+ cores)
     fused_gpu: bool | None = None  # as last declared: the GPU few-row route (None: for 16-bit weights on CUDA)
     _cpu_head = None  # (norm weight, eps, lm_head weight, helper) once declared
+    _gpu_norm = None  # a kernels/gpu_layer.FinalNorm: the final norm of few rows, with the GPU route
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -256,10 +270,10 @@ class Transformer(nn.Module):
         decode step does not compile them. `split`: share the layer, lm_head and dense decode
         attention calls with a helper thread (kernels/cpu_split.py; None: where this process
         may run on 2+ cores). `fused_gpu`: each layer's few-row calls through kernels/gpu_layer.py
-        (Block.declare_gpu); None: where the weights are bf16/fp16 on CUDA; True forces it (the
-        CPU tests, under TRITON_INTERPRET=1). Loaders call this once the weights are in place;
-        moving or casting the network (`.to`, `.float`) declares again. Returns whether the
-        compiled CPU paths are on."""
+        (Block.declare_gpu) and the final norm's through its FinalNorm; None: where the weights
+        are bf16/fp16 on CUDA; True forces it (the CPU tests, under TRITON_INTERPRET=1). Loaders
+        call this once the weights are in place; moving or casting the network (`.to`, `.float`)
+        declares again. Returns whether the compiled CPU paths are on."""
         self.compiled_cpu, self.split_cpu, self.fused_gpu = compiled_cpu, split, fused_gpu
         w = self.embed_tokens.weight  # always a plain parameter (a linear may be a QuantLinear)
         on = compiled_cpu and w.device.type == "cpu" and w.dtype == torch.float32
@@ -290,6 +304,11 @@ class Transformer(nn.Module):
         head_ok = on and isinstance(self.lm_head, Linear) and self.lm_head.few_rows and self.lm_head.bias is None \
             and _cpu_fp32(self.norm.weight)
         self._cpu_head = (self.norm.weight, self.norm.eps, self.lm_head.weight, helper) if head_ok else None
+        self._gpu_norm = None
+        if not head_ok and any(b.gpu is not None for b in self.layers):
+            from kvloft.kernels.gpu_layer import FinalNorm
+
+            self._gpu_norm = FinalNorm(self.norm.weight, self.norm.eps)
         return on
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(): the declaration follows the weights
@@ -310,6 +329,8 @@ class Transformer(nn.Module):
             from kvloft.kernels.cpu_layer import head
 
             return head(x, *self._cpu_head)
+        if self._gpu_norm is not None and x.shape[0] <= _GEMV_ROWS:
+            return self.lm_head(self._gpu_norm(x)).float()
         return self.lm_head(self.norm(x)).float()
 
     @torch.inference_mode()

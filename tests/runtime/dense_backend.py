@@ -18,5 +18,5 @@ class DenseBackend:
         self.kv[layer] = ks, vs
         g = q.shape[1] // k.shape[1]
         kk, vv = ks.repeat_interleave(g, 1).transpose(0, 1), vs.repeat_interleave(g, 1).transpose(0, 1)
-        mask = torch.ones(q.shape[0], ks.shape[0], dtype=torch.bool).tril(ks.shape[0] - q.shape[0])
+        mask = torch.ones(q.shape[0], ks.shape[0], dtype=torch.bool, device=q.device).tril(ks.shape[0] - q.shape[0])
         return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1)

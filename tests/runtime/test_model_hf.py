@@ -102,7 +102,8 @@ def test_mlp_in_row_blocks_matches_hf(tmp_path, monkeypatch):
     monkeypatch.setattr(model_mod, "MLP_ROWS", {"cpu": 40})
     seen = []
     real = model_mod.MLP._rows
-    monkeypatch.setattr(model_mod.MLP, "_rows", lambda self, x: seen.append(x.shape[0]) or real(self, x))
+    monkeypatch.setattr(model_mod.MLP, "_rows",
+                        lambda self, x, *gate_up: seen.append(x.shape[0]) or real(self, x, *gate_up))
     blocked = run()
     assert seen[:3] == [33, 33, 31]
     assert (blocked.double() - ref).norm() / ref.norm() < 1e-5
