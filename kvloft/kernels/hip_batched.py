@@ -8,7 +8,7 @@ n_chunks[g] * CHUNK host rows), and its query is q[g]. Rows hold different numbe
 chunks; the grid is (max chunks, G) and a program past its row's count reads nothing (its
 loads are masked off) and writes rep -1, score -inf.
 
-The launch is kernels/hip_stage.py's `hip_search_kernel` with PER_ROW meta: one program
+The launch is kernels/hip_kernel.py's `hip_search_kernel` with PER_ROW meta: one program
 per (chunk, row) runs the search `hip_stage` runs on one chunk (the same loads and the same
 fp32 sums, so a row's scores equal its own launch's bit for bit): 2 * log2(CHUNK) probe rows of [H_kv, D] read per live chunk, plus its CHUNK ids.
 
@@ -29,7 +29,8 @@ from torch import Tensor
 
 from kvloft.kernels import checks
 from kvloft.kernels.addresses import table_align
-from kvloft.kernels.hip_stage import check_search, hip_search_kernel, hip_stage_reference, kernel_meta
+from kvloft.kernels.hip_kernel import hip_search_kernel
+from kvloft.kernels.hip_stage import check_search, hip_stage_reference, kernel_meta
 
 __all__ = ["META_FIELDS", "hip_stage_batched", "hip_stage_batched_reference"]
 
