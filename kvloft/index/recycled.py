@@ -241,8 +241,8 @@ class RecycledRetriever:
         """Schedules, partial sets and counters; the key mirrors are rebuilt from the host tier by
         build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
-                               "full_steps": self.full_steps, "partial_steps": self.partial_steps}
+        out: dict[str, Any] = {**s.counts(), "full_steps": self.full_steps,
+                               "partial_steps": self.partial_steps}
         for layer, st in self.layers.items():
             p = f"layer{layer}."
             out.update({p + "step": st.step, p + "last_full": st.last_full, p + "set_budget": st.set_budget,
@@ -255,7 +255,7 @@ class RecycledRetriever:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer)."""
         s = self._stats
-        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.load_counts(state)
         self.full_steps, self.partial_steps = int(state["full_steps"]), int(state["partial_steps"])
         for key in state:
             if not key.endswith(".step"):

@@ -162,8 +162,7 @@ class TokenSelectRetriever:
         """Selection caches and counters; the key mirrors are rebuilt from the host tier by
         build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
-                               "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
+        out: dict[str, Any] = {**s.counts(), "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
         for layer, st in self.layers.items():
             if st.last_q is not None:
                 out[f"layer{layer}.last_q"] = state_tensor(st.last_q, host)  # fp32 [H_q * D]
@@ -174,7 +173,7 @@ class TokenSelectRetriever:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer)."""
         s = self._stats
-        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.load_counts(state)
         self.cache_hits, self.cache_misses = int(state["cache_hits"]), int(state["cache_misses"])
         for key, value in state.items():
             if key.endswith(".last_q"):
