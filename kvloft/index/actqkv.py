@@ -396,7 +396,7 @@ class ActQKVRetriever:
         Tensors are fp64 statistics [H_q, D] and the fp32 window [w, H_q, D], on the host or
         (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
+        out: dict[str, Any] = {**s.counts(),
                                "tokens": [[int(k), int(v)] for k, v in s.extra["tokens"].items()],
                                "entropy": [[int(k), float(v)] for k, v in s.extra["entropy"].items()]}
         for layer, st in self.layers.items():
@@ -411,7 +411,7 @@ class ActQKVRetriever:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer it names)."""
         s = self._stats
-        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.load_counts(state)
         s.extra["tokens"] = {int(k): int(v) for k, v in state["tokens"]}
         s.extra["entropy"] = {int(k): float(v) for k, v in state["entropy"]}
         for key in state:

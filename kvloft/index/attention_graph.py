@@ -322,8 +322,7 @@ class AttentionGraphRetriever:
         load_state_dict then replaces the graph that build() made from keys alone by the one
         learned from prefill queries and grown by decode."""
         s = self._stats
-        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
-                               "dots": s.extra["dots"], "build_s": s.extra["build_s"],
+        out: dict[str, Any] = {**s.counts(), "dots": s.extra["dots"], "build_s": s.extra["build_s"],
                                "build_wait_s": s.extra["build_wait_s"], "graph_s": s.extra["graph_s"],
                                "attached": s.extra["attached"]}
         for layer, graphs in self.graphs.items():
@@ -338,7 +337,7 @@ class AttentionGraphRetriever:
         """Restore state_dict() (after build() of every layer it names, with the same keys)."""
         self._wait_all()  # background builds finish first: their waits and counts are not the saved ones
         s = self._stats
-        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.load_counts(state)
         s.extra.update(dots=int(state["dots"]), build_s=float(state["build_s"]), attached=int(state["attached"]),
                        build_wait_s=float(state.get("build_wait_s", 0.0)),
                        graph_s=float(state.get("graph_s", 0.0)))

@@ -130,7 +130,16 @@ class RetrieverStats:
             self._pending = n if self._pending is None else self._pending + n
 
     def as_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected, **self.extra}
+        return {**self.counts(), **self.extra}
+
+    def counts(self) -> dict[str, int]:
+        """calls, scanned, selected: the counters every retriever's state_dict() saves."""
+        return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected}
+
+    def load_counts(self, state: dict[str, Any]) -> None:
+        """Restore counts() from a state_dict()."""
+        self.calls, self.scanned = int(state["calls"]), int(state["scanned"])
+        self.selected = int(state["selected"])
 
 
 def state_tensor(t: Tensor, host: bool) -> Tensor:

@@ -243,13 +243,11 @@ class ExactRetriever:
     def state_dict(self, host: bool = True) -> dict[str, Any]:
         """Counters only: the key mirror is rebuilt from the host tier by build() on load
         (`host` as for the other retrievers: nothing here is a tensor)."""
-        s = self._stats
-        return {"calls": s.calls, "scanned": s.scanned, "selected": s.selected}
+        return self._stats.counts()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer)."""
-        self._stats.calls, self._stats.scanned = int(state["calls"]), int(state["scanned"])
-        self._stats.selected = int(state["selected"])
+        self._stats.load_counts(state)
 
 
 def _host_logits(store: ChunkedRows, q: Tensor) -> Tensor:

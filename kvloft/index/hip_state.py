@@ -65,8 +65,7 @@ def state_dict(hip: Any, host: bool = True) -> dict[str, Any]:
     reverse): stage masks, refresh schedules and counters. Masks are tensors, the rest JSON; on
     the host, or (host=False, a session's mark) copied on the retriever's device."""
     s = hip._stats
-    out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
-                           "refreshes": list(s.extra["refreshes"])}
+    out: dict[str, Any] = {**s.counts(), "refreshes": list(s.extra["refreshes"])}
     masks: dict[str, Tensor] = {}
     for layer, st in hip.state.items():
         p = f"layer{layer}."
@@ -85,7 +84,7 @@ def load_state_dict(hip: Any, state: dict[str, Any]) -> None:
     """HipRetriever.load_state_dict: restore state_dict() (after build() or attach_host_tier of
     every layer it names); ValueError if it was made with another number of stages."""
     s, n = hip._stats, hip.params.n_stages
-    s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+    s.load_counts(state)
     refreshes = [int(r) for r in state["refreshes"]]
     if len(refreshes) != n:
         raise ValueError(f"hip state has {len(refreshes)} stages, these options {n}")

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register, state_tensor
+from kvloft.index.key_mirror import LayerMirrors
 from kvloft.kernels import reference, score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
@@ -128,30 +129,21 @@ class RecycledRetriever:
         self.params = RecycledParams.from_options(dict(cfg.options))
         p = self.params
         self.scale = p.scale if p.scale is not None else model_cfg.head_dim**-0.5
-        self.layers: dict[int, _LayerState] = {}
+        self.layers = LayerMirrors(_LayerState, model_cfg, self.params.chunk_rows, self.device)
         self._stats = RetrieverStats()
         self.full_steps = 0
         self.partial_steps = 0
 
-    def _state(self, layer: int, dtype: torch.dtype) -> _LayerState:
-        if layer not in self.layers:
-            shape = (self.model_cfg.n_kv_heads, self.model_cfg.head_dim)
-            store = ChunkedRows(shape, dtype, self.params.chunk_rows, self.device)
-            self.layers[layer] = _LayerState(keys=store)
-        return self.layers[layer]
-
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
         """keys [H_kv, N, D] of the host tier after prefill; the layer's schedule restarts."""
-        self.layers.pop(layer, None)
-        self._state(layer, keys.dtype).keys.append_from(keys.transpose(0, 1))
+        self.layers.build(layer, keys)
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         """keys [H_kv, n, D] leaving the window: appended, and admitted to the partial set."""
-        st = self._state(layer, keys.dtype)
-        start = len(st.keys)
-        st.keys.append_from(keys.transpose(0, 1))
+        st = self.layers.append(layer, keys)
         if st.set_ids is not None and keys.shape[1]:
-            self._admit(st, torch.arange(start, len(st.keys), device=self.device))
+            end = len(st.keys)
+            self._admit(st, torch.arange(end - keys.shape[1], end, device=self.device))
 
     def _admit(self, st: _LayerState, rows: Tensor) -> None:
         """Put new host rows [n] into every head's set; evict the lowest scores beyond K."""
@@ -189,7 +181,7 @@ class RecycledRetriever:
         """q [H_q, D] -> all host rows [N] (full step) or the partial set [H_kv, K] (partial step)."""
         if budget < 1:
             raise ValueError(f"recycled attention needs budget K >= 1 tokens per KV head, got {budget}")
-        st = self._state(layer, q.dtype)
+        st = self.layers.of(layer, q.dtype)
         if self._needs_full(st, q, budget):
             sel = self._full_step(st, layer, q, budget)
             self.full_steps += 1
@@ -249,8 +241,8 @@ class RecycledRetriever:
         """Schedules, partial sets and counters; the key mirrors are rebuilt from the host tier by
         build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
-                               "full_steps": self.full_steps, "partial_steps": self.partial_steps}
+        out: dict[str, Any] = {**s.counts(), "full_steps": self.full_steps,
+                               "partial_steps": self.partial_steps}
         for layer, st in self.layers.items():
             p = f"layer{layer}."
             out.update({p + "step": st.step, p + "last_full": st.last_full, p + "set_budget": st.set_budget,
@@ -263,7 +255,7 @@ class RecycledRetriever:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer)."""
         s = self._stats
-        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.load_counts(state)
         self.full_steps, self.partial_steps = int(state["full_steps"]), int(state["partial_steps"])
         for key in state:
             if not key.endswith(".step"):

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register, state_tensor
+from kvloft.index.key_mirror import LayerMirrors
 from kvloft.kernels import score_keys
 from kvloft.tiers.chunked import ChunkedRows
 
@@ -94,26 +95,18 @@ class TokenSelectRetriever:
         self.device = torch.device(device)
         self.params = TokenSelectParams.from_options(dict(cfg.options))
         self.scale = model_cfg.head_dim**-0.5 if self.params.scale_scores else 1.0
-        self.layers: dict[int, _LayerState] = {}
+        self.layers = LayerMirrors(_LayerState, model_cfg, self.params.chunk_rows, self.device)
         self._stats = RetrieverStats()
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def _state(self, layer: int, dtype: torch.dtype) -> _LayerState:
-        if layer not in self.layers:
-            shape = (self.model_cfg.n_kv_heads, self.model_cfg.head_dim)
-            store = ChunkedRows(shape, dtype, self.params.chunk_rows, self.device)
-            self.layers[layer] = _LayerState(keys=store)
-        return self.layers[layer]
-
     def build(self, layer: int, keys: Tensor, queries: Tensor | None) -> None:
         """keys [H_kv, N, D] of the host tier after prefill; queries are not needed."""
-        self.layers.pop(layer, None)
-        self._state(layer, keys.dtype).keys.append_from(keys.transpose(0, 1))
+        self.layers.build(layer, keys)
 
     def add(self, layer: int, keys: Tensor, positions: Tensor) -> None:
         """keys [H_kv, n, D] leaving the window; they become host rows N .. N + n - 1."""
-        self._state(layer, keys.dtype).keys.append_from(keys.transpose(0, 1))
+        self.layers.append(layer, keys)
 
     def criticality(self, layer: int, q: Tensor) -> Tensor:
         """Soft vote of the query heads: q [H_q, D] -> S [N] fp32 (sums to H_q)."""
@@ -169,8 +162,7 @@ class TokenSelectRetriever:
         """Selection caches and counters; the key mirrors are rebuilt from the host tier by
         build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {"calls": s.calls, "scanned": s.scanned, "selected": s.selected,
-                               "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
+        out: dict[str, Any] = {**s.counts(), "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
         for layer, st in self.layers.items():
             if st.last_q is not None:
                 out[f"layer{layer}.last_q"] = state_tensor(st.last_q, host)  # fp32 [H_q * D]
@@ -181,12 +173,12 @@ class TokenSelectRetriever:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer)."""
         s = self._stats
-        s.calls, s.scanned, s.selected = int(state["calls"]), int(state["scanned"]), int(state["selected"])
+        s.load_counts(state)
         self.cache_hits, self.cache_misses = int(state["cache_hits"]), int(state["cache_misses"])
         for key, value in state.items():
             if key.endswith(".last_q"):
                 layer = int(key.removeprefix("layer").split(".")[0])
-                st = self._state(layer, value.dtype)
+                st = self.layers.of(layer, value.dtype)
                 st.last_q = value.to(self.device)
                 st.last_ids = state[f"layer{layer}.last_ids"].to(self.device)
                 st.last_budget = int(state[f"layer{layer}.last_budget"])

@@ -79,6 +79,29 @@ def require_last_dim_contiguous(name: str, x: Tensor) -> None:
         )
 
 
+def require_batched_store(op: str, q: Tensor, k0: Tensor, kernel) -> None:
+    """A launch over every row's chunked store: q [G, H_q, D] float; k0 one store chunk
+    [chunk_rows, H_kv, D] float, last dim contiguous, with q's D and H_kv dividing H_q; `kernel`
+    runnable on q's device."""
+    require_dim("q", q, 3, "[G, H_q, D]")
+    require_dim("store chunk", k0, 3, "[chunk_rows, H_kv, D]")
+    require_float("q", q)
+    require_float("store chunk", k0)
+    require_runnable(q.device, kernel, op)
+    require_last_dim_contiguous("store chunk", k0)
+    hkv, d = k0.shape[1], k0.shape[2]
+    if q.shape[2] != d or q.shape[1] % hkv:
+        raise ValueError(f"{op}: q must be [G, H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
+
+
+def require_row_meta(op: str, meta: Tensor, fields: tuple[str, ...], q: Tensor) -> None:
+    """meta [len(fields), G] int64 on q's device (q [G, H_q, D]): each row's fields, one column a row."""
+    g = q.shape[0]
+    if meta.shape != (len(fields), g) or meta.dtype != torch.int64 or meta.device != q.device:
+        raise ValueError(f"{op}: meta must be [{len(fields)}, {g}] int64 on {q.device} ({', '.join(fields)}), "
+                         f"got {tuple(meta.shape)} {meta.dtype} on {meta.device}")
+
+
 def check_ids_range(op: str, ids: Tensor, n_rows: int, allow_padding: bool) -> None:
     """One min/max over the ids. On CUDA this waits for the device (a sync, ~10 us + the
     queue), so launchers run it by default only for ids on the CPU."""

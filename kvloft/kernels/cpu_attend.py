@@ -27,6 +27,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from kvloft.kernels import cpu_split
+from kvloft.kernels.cpu_score import row_logits
 from kvloft.kernels.cpu_split import CALLER, claim, commit, done, settle
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH_FINITE
 
@@ -48,15 +49,7 @@ def _block(q, k, v, scale, r0, r1, o, stat, bi):  # one block of rows -> o [H_q,
     g = hq // hkv
     n = r1 - r0
     s = np.empty((hq, n), np.float32)
-    for r in range(n):  # the block's K rows, in order, every head at once
-        for h in range(hkv):
-            kr = k[r0 + r, h]
-            for i in range(g):
-                qi = q[h * g + i]
-                acc = np.float32(0.0)
-                for j in range(d):
-                    acc += qi[j] * kr[j]
-                s[h * g + i, r] = acc * scale
+    row_logits(q, k, r0, r1, scale, s)  # the block's K rows, in order, every head at once
     for hh in range(hq):  # softmax within the block; m and l kept for the merge
         m = s[hh, 0]
         for c in range(1, n):

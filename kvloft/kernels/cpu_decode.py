@@ -29,6 +29,7 @@ from numba import njit
 from torch import Tensor
 
 from kvloft.kernels import cpu_score
+from kvloft.kernels.cpu_score import row_logits
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
 from kvloft.kernels.reference import NEG_INF, _acc
 
@@ -43,15 +44,7 @@ def _one_softmax(q, sk, sv, sel, selv, scale, out, lse):  # all float32, shapes 
     k = sel.shape[2]
     s = np.empty((hq, s_n + k), np.float32)
     total = np.zeros(hq, np.float32)
-    for r in range(s_n):  # the static keys, each row once, every head at once
-        for h in range(hkv):
-            kr = sk[r, h]
-            for i in range(g):
-                qi = q[h * g + i]
-                acc = np.float32(0.0)
-                for j in range(d):
-                    acc += qi[j] * kr[j]
-                s[h * g + i, r] = acc * scale
+    row_logits(q, sk, 0, s_n, scale, s)  # the static keys, each row once, every head at once
     for hh in range(hq):  # one softmax over [static | selected]
         for c in range(k):
             s[hh, s_n + c] = sel[hh // g, hh % g, c] * scale

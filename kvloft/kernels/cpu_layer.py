@@ -11,7 +11,7 @@ x [T, hidden] with T at most MAX_ROWS (a decode token: T = 1), weights [out, in]
 as the model holds them (no copies). Through nn.Linear, RMSNorm and rope a SmolLM2 token made 271
 torch and numba calls, ~25 us of Python each on top of their arithmetic (norms 110 us, rope
 88 us each at load ~3 here); here a layer is four calls, each weight row read once, dotted with
-every input row while in L1 (kernels/cpu_gemv.py's loop). Every call splits its rows between
+every input row while in L1 (kernels/cpu_gemv.py's loop, dot_rows). Every call splits its rows between
 the caller and the helper thread (kernels/cpu_split.py: never waits on a descheduled thread).
 
 Equal to the torch modules up to fp32 summation order (fast-math: vector lanes, fused
@@ -26,6 +26,7 @@ from numba import njit
 from torch import Tensor
 
 from kvloft.kernels import cpu_split
+from kvloft.kernels.cpu_gemv import dot_rows
 from kvloft.kernels.cpu_split import claim, commit, done, settle
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
 
@@ -51,26 +52,8 @@ def _norm(x, w, eps):  # x [T, I], w [I] -> rmsnorm(x) * w [T, I] (each thread m
 
 @_jit
 def _dots(h, w, r0, n, tmp):  # tmp[t, j] = h[t] . w[r0 + j] for j < n; w[r] read once for every t
-    t_n, i_n = h.shape
     for j in range(n):
-        wr = w[r0 + j]
-        t = 0
-        while t + 4 <= t_n:  # four rows a pass: four sums in flight, each load of w[r] used four times
-            h0, h1, h2, h3 = h[t], h[t + 1], h[t + 2], h[t + 3]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for i in range(i_n):
-                wi = wr[i]
-                a0 += h0[i] * wi
-                a1 += h1[i] * wi
-                a2 += h2[i] * wi
-                a3 += h3[i] * wi
-            tmp[t, j], tmp[t + 1, j], tmp[t + 2, j], tmp[t + 3, j] = a0, a1, a2, a3
-            t += 4
-        for r in range(t, t_n):
-            acc = np.float32(0.0)
-            for i in range(i_n):
-                acc += h[r, i] * wr[i]
-            tmp[r, j] = acc
+        dot_rows(h, w, r0 + j, np.float32(0.0), tmp, j)
 
 
 @_jit

@@ -35,7 +35,7 @@ from torch import Tensor
 from kvloft.kernels import cpu_split
 from kvloft.kernels.cpu_decode import _one_softmax
 from kvloft.kernels.cpu_rank import _group_max_topk
-from kvloft.kernels.cpu_score import _score_rows
+from kvloft.kernels.cpu_score import row_logits
 from kvloft.kernels.cpu_split import claim, commit, done, settle
 from kvloft.kernels.numba_flags import ERROR_MODEL, FASTMATH
 
@@ -63,7 +63,8 @@ def _row(q, m, kaddr, vaddr, scale, hkv, d, logits, out, lse, ids):
     for ci in range((n + cr - 1) // cr):  # q · every host row, chunk by chunk, read in place
         a = ci * cr
         rows = min(cr, n - a)
-        _score_rows(q, carray(_f32(kaddr[c0 + ci]), (rows, hkv, d)), logits[:, a : a + rows])
+        keys = carray(_f32(kaddr[c0 + ci]), (rows, hkv, d))
+        row_logits(q, keys, 0, rows, np.float32(1.0), logits[:, a : a + rows])
     lg = logits[:, :n]
     sel_ids = ids[:, :k]
     if k < n:

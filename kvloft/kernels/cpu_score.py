@@ -25,18 +25,20 @@ enabled = True  # False: every scan through reference.score (torch bmm)
 
 
 @njit(nogil=True, fastmath=FASTMATH, error_model=ERROR_MODEL, cache=True)
-def _score_rows(q, k, out):  # q [H_q, D], k [N, H_kv, D], out [H_q, N]; float32
-    n, hkv, d = k.shape
+def row_logits(q, k, r0, r1, scale, out):  # out[h, r - r0] = scale * q[h] . k[r, h // g], r0 <= r < r1
+    # q [H_q, D], k [N, H_kv, D], out [H_q, >= r1 - r0]; float32. Each key row read once, in order,
+    # every head at once: the scan here, and the logits pass of cpu_attend, cpu_decode, cpu_rows.
+    hkv, d = k.shape[1], k.shape[2]
     g = q.shape[0] // hkv
-    for r in range(n):
+    for r in range(r1 - r0):
         for h in range(hkv):
-            kr = k[r, h]
+            kr = k[r0 + r, h]
             for i in range(g):
                 qi = q[h * g + i]
                 acc = np.float32(0.0)
                 for j in range(d):
                     acc += qi[j] * kr[j]
-                out[h * g + i, r] = acc
+                out[h * g + i, r] = acc * scale
 
 
 def applies(q: Tensor, k_rows: Tensor) -> bool:
@@ -51,11 +53,12 @@ def score_rows(q: Tensor, k_rows: Tensor) -> Tensor:
     unscaled (see `applies`); equal to reference.score up to fp32 summation order."""
     out = torch.empty((q.shape[0], k_rows.shape[0]), dtype=torch.float32)
     if k_rows.shape[0]:
-        _score_rows(q.contiguous().numpy(), k_rows.numpy(), out.numpy())
+        n = k_rows.shape[0]
+        row_logits(q.contiguous().numpy(), k_rows.numpy(), 0, n, np.float32(1.0), out.numpy())
     return out
 
 
 def warm() -> None:
     """Compile (or load from numba's cache) the scan: a few ms from cache once numba is up."""
     q, k = np.ones((2, 4), np.float32), np.ones((3, 1, 4), np.float32)
-    _score_rows(q, k, np.empty((2, 3), np.float32))
+    row_logits(q, k, 0, 3, np.float32(1.0), np.empty((2, 3), np.float32))

@@ -8,7 +8,7 @@ n_chunks[g] * CHUNK host rows), and its query is q[g]. Rows hold different numbe
 chunks; the grid is (max chunks, G) and a program past its row's count reads nothing (its
 loads are masked off) and writes rep -1, score -inf.
 
-The launch is kernels/hip_stage.py's `hip_search_kernel` with PER_ROW meta: one program
+The launch is kernels/hip_kernel.py's `hip_search_kernel` with PER_ROW meta: one program
 per (chunk, row) runs the search `hip_stage` runs on one chunk (the same loads and the same
 fp32 sums, so a row's scores equal its own launch's bit for bit): 2 * log2(CHUNK) probe rows of [H_kv, D] read per live chunk, plus its CHUNK ids.
 
@@ -29,7 +29,8 @@ from torch import Tensor
 
 from kvloft.kernels import checks
 from kvloft.kernels.addresses import table_align
-from kvloft.kernels.hip_stage import check_search, hip_search_kernel, hip_stage_reference, kernel_meta
+from kvloft.kernels.hip_kernel import hip_search_kernel
+from kvloft.kernels.hip_stage import check_search, hip_stage_reference, kernel_meta
 
 __all__ = ["META_FIELDS", "hip_stage_batched", "hip_stage_batched_reference"]
 
@@ -38,21 +39,11 @@ META_FIELDS = ("n_chunks", "table_offset", "chunk_rows")  # rows of the [3, G] m
 
 def _check(op: str, k0: Tensor, cand: Tensor | None, q: Tensor, meta: Tensor, chunk: int, probe: str,
            bias: Tensor | None) -> None:
-    checks.require_dim("q", q, 3, "[G, H_q, D]")
-    checks.require_dim("store chunk", k0, 3, "[chunk_rows, H_kv, D]")
-    checks.require_float("q", q)
-    checks.require_float("store chunk", k0)
+    checks.require_batched_store(op, q, k0, hip_search_kernel)
     checks.require_rows_device(op, q[0], keys=k0)
-    checks.require_runnable(q.device, hip_search_kernel, op)
-    checks.require_last_dim_contiguous("store chunk", k0)
-    g, hq, d = q.shape
-    hkv = k0.shape[1]
-    if k0.shape[2] != d or hq % hkv:
-        raise ValueError(f"{op}: q must be [G, H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
+    g, hq, _ = q.shape
     check_search(op, chunk, probe)
-    if meta.shape != (len(META_FIELDS), g) or meta.dtype != torch.int64 or meta.device != q.device:
-        raise ValueError(f"{op}: meta must be [{len(META_FIELDS)}, {g}] int64 on {q.device} "
-                         f"({', '.join(META_FIELDS)}), got {tuple(meta.shape)} {meta.dtype} on {meta.device}")
+    checks.require_row_meta(op, meta, META_FIELDS, q)
     if cand is not None and (cand.dim() != 3 or cand.shape[0] != g or cand.shape[2] != chunk
                              or cand.dtype != torch.int64 or cand.device != q.device or cand.stride(2) != 1):
         raise ValueError(f"{op}: cand must be [{g}, C, {chunk}] int64 on {q.device}, last dim contiguous, "

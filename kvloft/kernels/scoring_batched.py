@@ -79,21 +79,12 @@ def score_batched(q: Tensor, table: Tensor, k0: Tensor, meta: Tensor, n_cols: in
     [3, G] int64 on q's device: n_keys (<= n_cols), table_offset, chunk_rows (a multiple of
     BLOCK_N) of each row. Returns [G, H_kv, n_cols] fp32, -inf past a row's n_keys."""
     op = "score_batched"
-    checks.require_dim("q", q, 3, "[G, H_q, D]")
-    checks.require_dim("store chunk", k0, 3, "[chunk_rows, H_kv, D]")
-    checks.require_float("q", q)
-    checks.require_float("store chunk", k0)
-    checks.require_runnable(q.device, _score_batched_kernel, op)
-    checks.require_last_dim_contiguous("store chunk", k0)
+    checks.require_batched_store(op, q, k0, _score_batched_kernel)
     g_n, hq, d = q.shape
     hkv = k0.shape[1]
-    if k0.shape[2] != d or hq % hkv:
-        raise ValueError(f"{op}: q must be [G, H_q, {d}] with H_q a multiple of {hkv}, got {tuple(q.shape)}")
     if reduce not in ("max", "sum"):
         raise ValueError(f"{op}: reduce must be 'max' or 'sum', got {reduce!r}")
-    if meta.shape != (3, g_n) or meta.dtype != torch.int64 or meta.device != q.device:
-        raise ValueError(f"{op}: meta must be [3, {g_n}] int64 on {q.device} (n_keys, table_offset, "
-                         f"chunk_rows), got {tuple(meta.shape)} {meta.dtype} on {meta.device}")
+    checks.require_row_meta(op, meta, ("n_keys", "table_offset", "chunk_rows"), q)
     out = torch.empty((g_n, hkv, n_cols), dtype=torch.float32, device=q.device)
     if n_cols == 0 or g_n == 0:
         return out

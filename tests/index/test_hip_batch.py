@@ -159,7 +159,7 @@ _COMPILE_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kvloft.kernels.hip_stage import hip_search_kernel
+from kvloft.kernels.hip_kernel import hip_search_kernel
 
 sig = {n: "*i64" for n in ("table_ptr", "cand_ptr", "meta_ptr", "rep_ptr")}
 sig |= {"k_ptr": "*bf16", "q_ptr": "*bf16", "score_ptr": "*fp32"}
