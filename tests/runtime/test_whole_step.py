@@ -1,7 +1,8 @@
 """The whole decode step (runtime/whole_step.py, Engine(graphs="whole")): one graph of the whole
 step, attention inside, for batches of dense rows, of exact rows with their keys on the
 device (runtime/whole_exact.py) and of HiP rows (runtime/whole_hip.py); equal to the segmented step and to each session decoded alone. CPU: the same code run eagerly, its kernels through the Triton
-interpreter (fp32). GPU (marked): captured, replayed and held against the eager step.
+interpreter (fp32; bf16 with the interpreter's bf16 dot widened to fp32, see bf16_dot). GPU (marked):
+captured, replayed and held against the eager step.
 
 Bound: the whole step's attention is the split-K Triton kernel where the segmented step and a
 session alone run the torch reference on the CPU; both are fp32 softmaxes of the same rows, so
@@ -542,6 +543,64 @@ def test_a_failed_hip_whole_step_rolls_every_row_back(tiny):
     for b, (t, tok) in enumerate(zip(twins, (3, 4), strict=True)):
         assert _rel(got[b], t.step(tok)) < LOGIT_TOL
     assert all(_hip_state(s) == _hip_state(t) for s, t in zip(sessions, twins, strict=True))
+
+
+# ---- bf16 on the CPU ---------------------------------------------------------------------------
+
+# Triton 3.9's interpreter keeps a bf16 tile as its uint16 bits (numpy has no bf16) and its tl.dot
+# multiplies those bits as integers: a 16x16 bf16 dot comes out ~4e9 (relative) off, fp16 and
+# fp32 are right. Every attention launch of the whole step is such a dot, so a bf16 whole step
+# under the interpreter gives logits ~1.5 (relative) off each session alone, whose CPU route is
+# torch. The kernels are not at fault: with the dot widened (bf16_dot) attend_table_fixed's bf16
+# error against an fp32 softmax is within 2x of a torch bf16 attention's (5.6e-3 and 3.3e-3 over
+# 24 to 58 keys), and the step below holds its bound.
+BF16_TOL = 2.0**-5  # relative norm: 8 units of bf16 roundoff (measured ~2u, ~4u with a swapped row)
+
+
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """The interpreter's tl.dot with bf16 tiles widened to fp32 first: the same numbers exactly,
+    whose products are exact in fp32, accumulated in fp32 (a GPU's bf16 tensor-core dot)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, *rest: real(self, widen(a), widen(b), *rest))
+
+
+@pytest.mark.usefixtures("bf16_dot")
+@pytest.mark.parametrize("tiered", [EXACT_DEV, HIP_DEV], ids=["exact", "hip"])
+def test_bf16_whole_step_equals_each_session_alone(tiered):
+    """bf16, a dense row between two tiered rows (exact or HiP, keys on the device; 55 and 22 host
+    rows, budget 24): 2 teacher-forced whole steps against each session alone and against its fp32
+    twin (the same weights widened): every row's logits within BF16_TOL of alone (a tiered row's
+    top 24 may swap a near-tied row: its queries differ by bf16 rounding from the step's own
+    attention); a dense row meets the flash-attention rule, its error against the fp32 twin at
+    most 2x the session alone's."""
+    model = load_model("tiny", device="cpu", dtype="bfloat16", seed=5)
+    wide = dataclasses.replace(model, net=copy.deepcopy(model.net).float(), dtype=torch.float32)
+    specs = [(90, tiered), (40, DENSE), (57, tiered)]
+    alone, whole = ([_fed(model, n, seed, r) for seed, (n, r) in enumerate(specs)] for _ in range(2))
+    ref = [_fed(wide, n, seed, r) for seed, (n, r) in enumerate(specs)]
+    eng = Engine(model, graphs="whole")
+    for step in range(2):
+        toks = [(step * 31 + 7 * i) % 512 for i in range(3)]
+        got = eng.step(list(zip(whole, toks, strict=True)))
+        for b, (a, r, t) in enumerate(zip(alone, ref, toks, strict=True)):
+            want, fp32 = a.step(t), r.step(t)
+            assert _rel(got[b], want) < BF16_TOL, (step, b)
+            if specs[b][1] is DENSE:
+                assert _rel(got[b], fp32) <= 2 * _rel(want, fp32), (step, b)
+    assert eng.route_counts == {"whole": 2, "segments": 0, "eager": 0}
+
 
 # three stages as InfiniteHiP's, scaled to a few thousand host rows
 HIP_CUDA_OPTIONS = {"chunk_sizes": (64, 16, 4), "kept_tokens": (1024, 768, 256), "refresh_steps": (8, 4, 2)}
