@@ -13,6 +13,7 @@ same code. Where the interpreter's internals differ from those named here, nothi
 from __future__ import annotations
 
 import inspect
+import threading
 
 
 def _langs(fn, lang_modules) -> frozenset:
@@ -39,7 +40,7 @@ def skip_repatching_in_device_calls() -> bool:
     if "_patch_lang(self.fn)" not in body or "self.rewrite()" not in body:
         return False
     lang_modules = [tl, tl.core]
-    active: list[set] = []  # per running launch: the language modules patched so far
+    launches = threading.local()  # .active: per running launch of this thread, the modules patched so far
     cache: dict = {}
     grid_call, device_call = grid_cls.__call__, fn_cls.__call__
 
@@ -49,13 +50,16 @@ def skip_repatching_in_device_calls() -> bool:
         return cache[fn]
 
     def patched_grid_call(self, *args, **kwargs):
-        active.append(set(langs(self.fn)))
+        if not hasattr(launches, "active"):
+            launches.active = []
+        launches.active.append(set(langs(self.fn)))
         try:
             return grid_call(self, *args, **kwargs)
         finally:
-            active.pop()
+            launches.active.pop()
 
     def patched_device_call(self, *args, **kwargs):
+        active = getattr(launches, "active", None)
         if not active:
             return device_call(self, *args, **kwargs)
         fn = self.rewrite()  # (its first rewrite adds the interpreter's globals to the helper's)
