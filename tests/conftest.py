@@ -11,6 +11,10 @@ if not os.environ.get("KVLOFT_TEST_CUDA"):
 
 import pytest
 import torch
+from interpreter_calls import skip_repatching_in_device_calls
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    skip_repatching_in_device_calls()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,6 @@ import pytest
 import kvloft
 from kvloft.eval.scoring import score
 from kvloft.eval.tasks import build_prompt, generate
-from kvloft.runtime.loader import find_smollm2_gguf
 
 
 @pytest.fixture(scope="module")
@@ -13,10 +12,8 @@ def smollm2():
     return kvloft.load_model("smollm2", device="cpu")
 
 
-def test_gguf_tokenizer_matches_transformers():
-    transformers = pytest.importorskip("transformers")
-    path = find_smollm2_gguf()
-    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def test_gguf_tokenizer_matches_transformers(smollm2_reference):
+    ref = smollm2_reference  # transformers' tokenizer from the same GGUF (conftest.py, built once)
     ours = kvloft.load_tokenizer("smollm2")
     text = "Hello world 12345, pass key 71432.\n<|im_start|>user\nWhat's up?  Ünïcödé 日本 🚀<|im_end|>\n"
     assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
@@ -32,12 +29,13 @@ def test_simple_question(smollm2):
 @pytest.mark.parametrize("method", ["exact", "attention_graph"])
 def test_passkey_with_retrieval_below_context(smollm2, method):
     # a sample dense attention answers (checked); SmolLM2 misses some samples with dense attention too
-    sample = generate("passkey", smollm2.tokenizer, 3000, seed=0, depth=0.4)
-    rcfg = kvloft.RetrievalConfig(method=method, budget=128, n_sink=64, n_window=256)
+    # (2000 tokens: attention_graph builds its graphs in ~40 s on a busy 2-core CPU, 3000 in ~65 s)
+    sample = generate("passkey", smollm2.tokenizer, 2000, seed=0, depth=0.4)
+    rcfg = kvloft.RetrievalConfig(method=method, budget=128, n_sink=32, n_window=128)
     s = kvloft.Session(smollm2, rcfg, kvloft.RuntimeConfig(progress=False))
     s.feed(build_prompt(sample))
     st = s.stats()
-    assert st["tier_tokens"]["host"] > 2500  # the key sits in the host tier, far outside sink + window
+    assert st["tier_tokens"]["host"] > 1700  # the key sits in the host tier, far outside sink + window
     answer = s.generate(max_new_tokens=8, stop=["\n"])
     assert score("passkey", answer, sample.references) == 1.0, answer
     attended = rcfg.n_sink + rcfg.n_window + rcfg.budget
