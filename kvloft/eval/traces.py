@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from kvloft.runtime.loader import load_model
 
     model = load_model(args.model, device=args.device)
-    sample = _prompt(model, args.task, parse_tokens(args.length), args.haystack, args.seed, args.depth, args.chat)
+    sample = _prompt(model, args.task, parse_tokens(args.length), args.haystack, args.seed, args.depth,
+                     args.chat)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     s = record(model, build_prompt(sample), layers, args.generate)
     tensors = s.backend.tensors()

@@ -143,8 +143,8 @@ def test_trace_cli_chat_prompt_is_the_evals(smollm2, tmp_path):
     from kvloft.eval import tasks, traces
 
     out = tmp_path / "c.safetensors"
-    assert traces.main(["--length", "512", "--task", "niah_multikey", "--seed", "7", "--depth", "0.45", "--chat",
-                        "--layers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert traces.main(["--length", "512", "--task", "niah_multikey", "--seed", "7", "--depth", "0.45",
+                        "--chat", "--layers", "0", "--device", "cpu", "--out", str(out)]) == 0
     _, meta = load_trace(out)
     from safetensors import safe_open
 
