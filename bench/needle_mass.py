@@ -58,6 +58,12 @@ def needle_rows(ids: list[int], prompt: int, tokenizer_digits: dict[int, str], n
     return [i + j for i in range(prompt - len(gen)) if ids[i : i + len(gen)] == gen for j in range(len(gen))]
 
 
+def value_rows(ids: list[int], prompt: int, tokenizer_digits: dict[int, str], value: str) -> list[int]:
+    """Positions in the prompt of every copy of `value`'s digit tokens (one token per digit)."""
+    ids_of = {d: tid for tid, d in tokenizer_digits.items()}
+    return needle_rows(ids[:prompt] + [ids_of[c] for c in value], prompt, tokenizer_digits, len(value))
+
+
 def replay(method: str, budget: int, options: dict, layers: dict[int, Layer], cfg, steps: int,
            sink: int) -> dict[tuple[int, int], tuple[Tensor, int]]:
     """{(layer, pos): (selection ids, host rows end)} over the last `steps` positions."""
@@ -266,8 +272,7 @@ def main() -> None:
     digits = {tid: d for d in DIGITS for tid in tok.encode(d, add_special_tokens=False).ids}
     if args.needle != "answer":
         value = meta["references"][0] if args.needle == "reference" else args.needle
-        ids_of = {d: tid for tid, d in digits.items()}
-        needle = needle_rows(ids[:prompt] + [ids_of[c] for c in value], prompt, digits, len(value))
+        needle = value_rows(ids, prompt, digits, value)
     else:
         needle = needle_rows(ids, prompt, digits, len(meta["references"][0]))
     if not needle:
