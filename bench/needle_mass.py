@@ -58,6 +58,12 @@ def needle_rows(ids: list[int], prompt: int, tokenizer_digits: dict[int, str], n
     return [i + j for i in range(prompt - len(gen)) if ids[i : i + len(gen)] == gen for j in range(len(gen))]
 
 
+def value_rows(ids: list[int], prompt: int, tokenizer_digits: dict[int, str], value: str) -> list[int]:
+    """Positions in the prompt of every copy of `value`'s digit tokens (one token per digit)."""
+    ids_of = {d: tid for tid, d in tokenizer_digits.items()}
+    return needle_rows(ids[:prompt] + [ids_of[c] for c in value], prompt, tokenizer_digits, len(value))
+
+
 def replay(method: str, budget: int, options: dict, layers: dict[int, Layer], cfg, steps: int,
            sink: int) -> dict[tuple[int, int], tuple[Tensor, int]]:
     """{(layer, pos): (selection ids, host rows end)} over the last `steps` positions."""
@@ -247,6 +253,9 @@ def main() -> None:
     ap.add_argument("--gqa", default="", help="budgets for the GQA ranking rules (empty: skip)")
     ap.add_argument("--hip", default="", help="budget:chunk pairs for the HiP ladder, e.g. 2048:8,1024:8")
     ap.add_argument("--answer-steps", type=int, default=7, help="decode steps from the prompt's last query")
+    ap.add_argument("--needle", default="answer",
+                    help="answer: the digits the trace generated; reference: the task's expected value "
+                         "(where dense answered a distractor); or the digits of a value in the prompt")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     tensors, meta = load_trace(args.trace)
@@ -261,9 +270,16 @@ def main() -> None:
 
     tok = build_gguf_tokenizer(read_gguf_tokenizer_fields(meta["model"]))  # the vocabulary only, no weights
     digits = {tid: d for d in DIGITS for tid in tok.encode(d, add_special_tokens=False).ids}
-    needle = needle_rows(ids, prompt, digits, len(meta["references"][0]))
+    if args.needle != "answer":
+        value = meta["references"][0] if args.needle == "reference" else args.needle
+        needle = value_rows(ids, prompt, digits, value)
+    else:
+        needle = needle_rows(ids, prompt, digits, len(meta["references"][0]))
+    if not needle:
+        raise SystemExit(f"the needle ({args.needle}) is nowhere in the prompt; name its digits with --needle")
     cfg, dense = model_config(layers, meta["n_layers"]), DenseCache(layers)
-    result = {"trace": str(args.trace), "needle_positions": needle, "variants": {}, "gqa": {}}
+    result = {"trace": str(args.trace), "needle": args.needle, "answer_steps": steps, "needle_positions": needle,
+              "variants": {}, "gqa": {}}
     for name, (method, budget, options) in json.loads(args.variants).items():
         for sink in (int(s) for s in args.sinks.split(",")):
             sels = replay(method, budget, options, layers, cfg, steps, sink)

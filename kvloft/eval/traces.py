@@ -152,12 +152,12 @@ def load_trace(path: Path | str, layers: Sequence[int] | None = None) -> tuple[d
 # ----------------------------------------------------------------------------- command line
 
 
-def _prompt(model, task: str, length: int, haystack: str, seed: int, depth: float):
+def _prompt(model, task: str, length: int, haystack: str, seed: int, depth: float, chat: bool = False):
     from kvloft.eval.tasks import generate
 
     if model.tokenizer is None:
         raise ValueError(f"model {model.source} has no tokenizer; trace a model with one (e.g. smollm2)")
-    return generate(task, model.tokenizer, length, seed, depth, haystack=haystack)
+    return generate(task, model.tokenizer, length, seed, depth, chat=chat, haystack=haystack)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--haystack", default="essay", choices=["essay", "repeat"])
     ap.add_argument("--depth", type=float, default=0.5, help="needle depth (0..1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", action="store_true",
+                    help="render the prompt in the model's chat template (as kvloft eval --chat)")
     ap.add_argument("--layers", default=None, help="comma list of layers (default: all)")
     ap.add_argument("--generate", type=int, default=0, help="greedy decode steps traced after the prompt")
     ap.add_argument("--device", default="auto")
@@ -177,14 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     from kvloft.runtime.loader import load_model
 
     model = load_model(args.model, device=args.device)
-    sample = _prompt(model, args.task, parse_tokens(args.length), args.haystack, args.seed, args.depth)
+    sample = _prompt(model, args.task, parse_tokens(args.length), args.haystack, args.seed, args.depth,
+                     args.chat)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     s = record(model, build_prompt(sample), layers, args.generate)
     tensors = s.backend.tensors()
     c = model.config
     meta = {"model": model.source, "tokens": len(s.tokens), "prompt_tokens": len(s.tokens) - args.generate,
             "generated": args.generate, "haystack": args.haystack, "task": args.task, "depth": sample.depth,
-            "seed": args.seed, "references": sample.references, "dtype": str(model.dtype).replace("torch.", ""),
+            "seed": args.seed, "chat": args.chat, "references": sample.references,
+            "dtype": str(model.dtype).replace("torch.", ""),
             "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
             "layers": trace_layers(list(tensors))}
     tensors["ids"] = torch.tensor(s.tokens, dtype=torch.int64)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from needle_mass import WINDOW, chunk_pick, chunk_rank, hip_ladder
+from needle_mass import WINDOW, chunk_pick, chunk_rank, hip_ladder, needle_rows, value_rows
 
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.eval.attention_report import Layer
@@ -73,3 +73,16 @@ def test_z_scores_ignore_a_kv_heads_offset_and_a_heads_scale():
     for name in ("z_chunks", "hipz_first", "hipz_middle"):
         assert torch.equal(a[name][(0, pos)][0], b[name][(0, pos)][0]), name
     assert not torch.equal(a["shared_chunks"][(0, pos)][0], b["shared_chunks"][(0, pos)][0])
+
+
+
+def test_value_rows_finds_a_value_the_answer_numbers():
+    # a chat answer "1. 42": the answer's first two digits are "14", the value "42" sits at 3-4 and 7-8
+    digits = {100 + i: str(i) for i in range(10)}
+    dot, space, word = 7, 8, 9
+    ids = [word, word, word, 104, 102, word, word, 104, 102, word] + [101, dot, space, 104, 102]
+    prompt = 10
+    assert needle_rows(ids, prompt, digits, 2) == []
+    assert value_rows(ids, prompt, digits, "42") == [3, 4, 7, 8]
+    assert value_rows(ids, prompt, digits, "4") == [3, 7]
+    assert value_rows(ids, prompt, digits, "99") == []

