@@ -178,6 +178,10 @@ class HipRetriever:
         if per_head:
             raise ValueError(f"select_batch: rows {per_head} keep a mask per KV head (hip option heads='kv'), "
                              "which the batched search does not; search_key() is None for them: select() each alone")
+        scanned = [g for g, h in enumerate(retrievers) if h.params.scan_stages]
+        if scanned:
+            raise ValueError(f"select_batch: rows {scanned} score every row of some stages (hip option scan_stages), "
+                             "which the batched search does not; search_key() is None for them: select() each alone")
         packed = [g for g, h in enumerate(retrievers) if h._packed()]
         if packed:
             raise ValueError(f"select_batch: rows {packed} search an 8-bit host tier in place (CacheConfig.host_dtype), "
@@ -190,9 +194,10 @@ class HipRetriever:
         rank is not part of it: rank="z" and "logit" rows share a launch (index/hip_batch.py).
         None where an 8-bit host tier is searched in place (index/hip_batch.py reads every row's
         chunks as model-dtype rows through one table: codes need their scales' table too), and
-        for heads="kv" (per-KV-head masks: the batched search keeps one mask per row)."""
+        for heads="kv" (per-KV-head masks: the batched search keeps one mask per row) and
+        scan_stages (the batched search runs the probe search only)."""
         p, m = self.params, self.model_cfg
-        if self._packed() or p.heads == "kv":  # heads="kv": per-KV-head masks, searched by select() alone
+        if self._packed() or p.heads == "kv" or p.scan_stages:  # searched by select() alone
             return None
         return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
                 m.n_heads, m.n_kv_heads, m.head_dim)

@@ -60,6 +60,14 @@ class HipParams:
         best chunks (the HiP paper's masks are per head). Costs H_kv searches per refreshed
         stage (each a launch reading the full [H_kv, D] probe rows, the other groups' heads
         masked out); such rows decline the batched search and the whole step (per-row path).
+    scan_stages: indices of the stages that score every row of their candidate chunks
+        instead of the probe search: a chunk's score is the max over its rows of the row
+        score rank defines (index/hip_stages.py scan_scores), so a chunk whose best row sits
+        between the probe rows is not lost. A scanned stage i > 0 reads at most
+        max(kept_tokens[i - 1], budget) rows per refresh (32768 with the defaults, every 8
+        steps), whatever the context length; stage 0 reads every row. An int (one stage) or
+        "1,2" (a command line) are read as a tuple. Such rows decline the batched search and
+        the whole step (per-row path).
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)
@@ -72,6 +80,7 @@ class HipParams:
     keys_on: str = "device"
     rank: str = "logit"
     heads: str = "shared"
+    scan_stages: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("chunk_sizes", "kept_tokens", "refresh_steps"):
@@ -115,6 +124,8 @@ class HipParams:
             raise ValueError(f"hip option heads must be one of {HEADS} (one mask for all KV heads, or one per KV "
                              f"head), got {self.heads!r}")
 
+        object.__setattr__(self, "scan_stages", _stage_indices(self.scan_stages, n))
+
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> HipParams:
         return params_from_options(cls, options, "hip")
@@ -122,3 +133,23 @@ class HipParams:
     @property
     def n_stages(self) -> int:
         return len(self.chunk_sizes)
+
+
+def _stage_indices(value: Any, n_stages: int) -> tuple[int, ...]:
+    """scan_stages as a sorted tuple of distinct stage indices in [0, n_stages): from a tuple or
+    list of ints, one int, or a comma-separated string ("1,2", as a command line spells it)."""
+    if isinstance(value, str):
+        try:
+            value = tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"hip option scan_stages must list stage indices, e.g. scan_stages=1 or "
+                             f"\"1,2\", got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"hip option scan_stages must be a tuple of stage indices (ints), got {value!r}")
+    bad = [v for v in value if not 0 <= v < n_stages]
+    if bad:
+        raise ValueError(f"hip option scan_stages holds {bad}, not stage indices of the {n_stages} stages "
+                         f"(chunk_sizes {n_stages} entries): use indices in 0..{n_stages - 1}")
+    return tuple(sorted(set(value)))

@@ -2,6 +2,9 @@
 chunk scored by its representative key (a hierarchical top-1 search: log2(l_c) halvings, two
 probe keys read per chunk per halving; kernels/hip_stage.py), the best chunks kept.
 
+A stage of HipParams.scan_stages scores every row of its candidate chunks instead
+(scan_scores): a chunk's score is the max over its rows of the same row score.
+
 A stage's best chunks are picked by a stable sort (ties to the earlier chunk), so a row's pick
 is the same alone and inside a batched step's padded sort (index/hip_batch.py). The Triton
 stage kernels read a store of several chunks in one launch through its address table, an
@@ -26,7 +29,9 @@ from kvloft.kernels.hip_stage import (
 from kvloft.tiers.chunked import ChunkedRows
 from kvloft.tiers.packed import PackedRows
 
-__all__ = ["best_chunks", "kept_rows", "run_stage", "stage_scores"]
+__all__ = ["best_chunks", "kept_rows", "run_stage", "scan_scores", "stage_scores"]
+
+SCAN_BLOCK = 32768  # rows the torch scan scores at once (a [SCAN_BLOCK, H_kv, D] fp32 copy)
 
 
 def run_stage(
@@ -51,17 +56,37 @@ def run_stage(
     chunks, rest = rows[: n_full * length].view(n_full, length), rows[n_full * length :]
     score = stage_scores(hip, stage, store, q, chunks, bias)
     top = best_chunks(score, n_keep(kept, length, n_full))
-    return kept_rows(chunks, top, rest, last), n_full * probes_per_chunk(length)
+    per_chunk = length if stage in hip.params.scan_stages else probes_per_chunk(length)
+    return kept_rows(chunks, top, rest, last), n_full * per_chunk
 
 
 def stage_scores(hip: Any, stage: int, store: ChunkedRows, q: Tensor, chunks: Tensor,
                  bias: Tensor | None = None) -> Tensor:
     """Scores [C] fp32 of the candidate chunks [C, l_c] (row ids) of stage `stage` (bias as in run_stage)."""
+    if stage in hip.params.scan_stages:
+        return scan_scores(hip, store, q, chunks, bias)
     if stage == 0:
         return _stage1_scores(hip, store, q, chunks, bias)
     if hip.use_kernel:
         return hip_stage(store.chunks, chunks, q, hip.params.probe, store.pointer_table(hip.device), bias)[1]
     return hierarchical_top1(chunks, store.rows, q, hip.params.probe, bias)[1]
+
+
+def scan_scores(hip: Any, store: ChunkedRows, q: Tensor, chunks: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Scores [C] fp32 of the candidate chunks [C, l_c] (row ids) read whole: each row scored
+    as a probe is (probe_scores: max over query heads of q_h · k - bias_h), a chunk by its best
+    row. Each row is searched as a chunk of one row (its own representative, one read): the
+    Triton kernel reads them in place through the store's address table (an 8-bit tier's codes
+    with their scales, dequantized in registers), the torch path in blocks of SCAN_BLOCK rows
+    (store.rows: an 8-bit tier's rows dequantized). Reads C * l_c rows."""
+    n_chunks, length = chunks.shape
+    rows = chunks.reshape(-1, 1)
+    if hip.use_kernel:
+        score = hip_stage(store.chunks, rows, q, hip.params.probe, store.pointer_table(hip.device), bias)[1]
+    else:
+        score = torch.cat([hierarchical_top1(b, store.rows, q, hip.params.probe, bias)[1]
+                           for b in rows.split(SCAN_BLOCK)])
+    return score.view(n_chunks, length).amax(dim=1)
 
 
 def _stage1_scores(hip: Any, store: ChunkedRows, q: Tensor, chunks: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -112,6 +112,8 @@ def hip_route(be: TieredAttention) -> str | None:
         return "its rows are fetched by the scheduler (OverlapFetch), not read in place"
     if r.params.heads == "kv":
         return "hip heads='kv' keeps a mask per KV head; the captured search keeps one per row"
+    if r.params.scan_stages:
+        return "hip scan_stages scores every row of those stages; the captured search runs the probe search"
     if not r.use_kernel:
         return "hip searches with torch ops here (kernel='torch', or 'auto' off CUDA); the captured search is Triton"
     if be.finite.on:
