@@ -66,8 +66,8 @@ class HipParams:
         between the probe rows is not lost. A scanned stage i > 0 reads at most
         max(kept_tokens[i - 1], budget) rows per refresh (32768 with the defaults, every 8
         steps), whatever the context length; stage 0 reads every row. An int (one stage) or
-        "1,2" (a command line) are read as a tuple. Such rows decline the batched search and
-        the whole step (per-row path).
+        "1/2" (a command line: kvloft eval --methods hip:scan_stages=1/2) are read as a
+        tuple. Such rows decline the batched search and the whole step (per-row path).
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)
@@ -137,13 +137,14 @@ class HipParams:
 
 def _stage_indices(value: Any, n_stages: int) -> tuple[int, ...]:
     """scan_stages as a sorted tuple of distinct stage indices in [0, n_stages): from a tuple or
-    list of ints, one int, or a comma-separated string ("1,2", as a command line spells it)."""
+    list of ints, one int, or a string of indices split by "/" or "," ("1/2": method specs are
+    comma-separated lists, kvloft/eval/cli.py)."""
     if isinstance(value, str):
         try:
-            value = tuple(int(v) for v in value.split(",") if v.strip())
+            value = tuple(int(v) for v in value.replace("/", ",").split(",") if v.strip())
         except ValueError:
             raise ValueError(f"hip option scan_stages must list stage indices, e.g. scan_stages=1 or "
-                             f"\"1,2\", got {value!r}") from None
+                             f"\"1/2\", got {value!r}") from None
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):

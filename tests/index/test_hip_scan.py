@@ -11,6 +11,7 @@ import torch
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import ModelConfig
 from kvloft.index.base import batch_search_key, make_retriever
+from kvloft.eval.methods import parse_method
 from kvloft.index.hip_params import HipParams
 from kvloft.kernels.rowquant import dequantize_rows, quantize_rows
 from kvloft.tiers.kvcache import TieredKVCache
@@ -117,9 +118,14 @@ def test_scan_rows_decline_the_batched_search():
         type(hip).select_batch([hip], 0, torch.randn(1, HQ, D), [16])
 
 
-@pytest.mark.parametrize("value,want", [((), ()), (1, (1,)), ([2, 1, 2], (1, 2)), ("0,2", (0, 2))])
+@pytest.mark.parametrize("value,want", [((), ()), (1, (1,)), ([2, 1, 2], (1, 2)), ("0,2", (0, 2)), ("1/2", (1, 2))])
 def test_scan_stages_spellings(value, want):
     assert HipParams(scan_stages=value).scan_stages == want
+
+
+def test_scan_stages_through_a_method_spec():
+    name, options, _ = parse_method("hip:scan_stages=1/2")
+    assert name == "hip" and _hip(**options).params.scan_stages == (1, 2)
 
 
 @pytest.mark.parametrize("value,match", [((3,), "indices in 0..2"), ((-1,), "indices in 0..2"),
