@@ -10,8 +10,8 @@ import torch
 
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import ModelConfig
-from kvloft.index.base import batch_search_key, make_retriever
 from kvloft.eval.methods import parse_method
+from kvloft.index.base import batch_search_key, make_retriever
 from kvloft.index.hip_params import HipParams
 from kvloft.kernels.rowquant import dequantize_rows, quantize_rows
 from kvloft.tiers.kvcache import TieredKVCache
