@@ -2,8 +2,8 @@
 # One device call for the decode engine's open figures: prefill against HF transformers (SDPA) on
 # the Qwen2.5-0.5B shape at 8K/30K with a profile of the 30K prefill; batch 8 x 128K (Llama-3-8B
 # shape, hip keys_on=host, fp8 host tier, int4 weights so 8 sessions fit 24 GiB) against batch 1 in
-# the same configuration; exact and tokenselect against dense at 128K; hip against hip:rank=z at
-# 32K through the engine. JSON and text under $OUT, packed into one archive.
+# the same configuration; exact and tokenselect against dense at 128K; hip against hip:rank=z and
+# hip:scan_stages=1/2 (every row of stages 2-3 scored) at 32K through the engine. JSON and text under $OUT, packed into one archive.
 # Usage (GPU machine, repo root):  TOTAL=540 bash bench/gpu_s23b.sh
 set -u
 DEFAULT_TOTAL=540 . bench/gpu_budget.sh
@@ -18,7 +18,7 @@ done
 timeout "$(left 150)" python3 bench/decode.py --presets llama3-8b --contexts 128k \
   --methods dense,exact:keys_on=device@wholegraph,tokenselect --steps 16 --host-memory 100GiB --tag ratio-128k --out "$O" 2>&1 | grep -v '^{' | tail -5
 timeout "$(left 80)" python3 bench/decode.py --presets llama3-8b --contexts 32k \
-  --methods hip:keys_on=host@engine,hip:keys_on=host:rank=z@engine --steps 16 --host-memory 100GiB \
+  --methods hip:keys_on=host@engine,hip:keys_on=host:rank=z@engine,hip:keys_on=host:scan_stages=1/2@engine --steps 16 --host-memory 100GiB \
   --tag z32k-b1 --out "$O" 2>&1 | grep -v '^{' | tail -3
 (cd "$O" && tar czf s23b.tgz ./*.json ./*.md ./*.txt 2>/dev/null && find . -maxdepth 1 -type f ! -name s23b.tgz -delete)
 ls "$O"
