@@ -407,14 +407,16 @@ def _hip_state(s: Session, ids: bool = True):
 
 def test_hip_rows_declare_a_captured_route(tiny):
     """HiP with the Triton stage kernels is captured, its keys on the device or read in place from
-    the host tier; the torch search, extrapolate mode and a mask per KV head say why not."""
+    the host tier; the torch search, extrapolate mode, a mask per KV head and scanned stages say why not."""
     assert captured_route(_fed(tiny, 80, 1, HIP_DEV).backend) is None
     host = _fed(tiny, 80, 1, HIP_HOST).backend
     assert host.indexes.attached and captured_route(host) is None
     torch_search = dataclasses.replace(HIP_DEV, options={**HIP_DEV.options, "kernel": "torch"})
     per_head = dataclasses.replace(HIP_DEV, options={**HIP_DEV.options, "heads": "kv"})
+    scanned = dataclasses.replace(HIP_DEV, options={**HIP_DEV.options, "scan_stages": (1,)})
     for rcfg, word in ((torch_search, "torch"), (dataclasses.replace(HIP_DEV, position_mode="extrapolate"),
-                                                 "extrapolate"), (per_head, "per KV head")):
+                                                 "extrapolate"), (per_head, "per KV head"),
+                       (scanned, "scan_stages")):
         why = captured_route(_fed(tiny, 80, 1, rcfg).backend)
         assert why is not None and word in why, why
 
