@@ -172,20 +172,11 @@ class HipRetriever:
         """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step, the
         stages they recompute searched for all of them at once (index/hip_batch.py): q
         [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone.
-        Rows that search an 8-bit host tier in place are refused (search_key() None: select()
-        each alone)."""
-        per_head = [g for g, h in enumerate(retrievers) if h.params.heads == "kv"]
-        if per_head:
-            raise ValueError(f"select_batch: rows {per_head} keep a mask per KV head (hip option heads='kv'), "
-                             "which the batched search does not; search_key() is None for them: select() each alone")
-        scanned = [g for g, h in enumerate(retrievers) if h.params.scan_stages]
-        if scanned:
-            raise ValueError(f"select_batch: rows {scanned} score every row of some stages (hip option scan_stages), "
-                             "which the batched search does not; search_key() is None for them: select() each alone")
-        packed = [g for g, h in enumerate(retrievers) if h._packed()]
-        if packed:
-            raise ValueError(f"select_batch: rows {packed} search an 8-bit host tier in place (CacheConfig.host_dtype), "
-                             "which the batched search reads as model-dtype rows; search_key() is None for them: "
+        Rows search_key() leaves out (_unbatched: heads="kv", scan_stages, an 8-bit host tier
+        searched in place) are refused: select() each alone."""
+        refused = [f"row {g}: {why}" for g, h in enumerate(retrievers) if (why := h._unbatched())]
+        if refused:
+            raise ValueError(f"select_batch: {'; '.join(refused)}; search_key() is None for these rows: "
                              "select() each alone")
         return select_rows(retrievers, layer, q, budgets)
 
@@ -197,10 +188,21 @@ class HipRetriever:
         for heads="kv" (per-KV-head masks: the batched search keeps one mask per row) and
         scan_stages (the batched search runs the probe search only)."""
         p, m = self.params, self.model_cfg
-        if self._packed() or p.heads == "kv" or p.scan_stages:  # searched by select() alone
+        if self._unbatched():  # searched by select() alone
             return None
         return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
                 m.n_heads, m.n_kv_heads, m.head_dim)
+
+    def _unbatched(self) -> str | None:
+        """Why select_batch cannot search this retriever's rows, or None where it can."""
+        if self.params.heads == "kv":
+            return "it keeps a mask per KV head (hip option heads='kv'), which the batched search does not"
+        if self.params.scan_stages:
+            return "it scores every row of some stages (hip option scan_stages); the batched search runs the probe search"
+        if self._packed():
+            return ("it searches an 8-bit host tier in place (CacheConfig.host_dtype), which the batched search "
+                    "reads as model-dtype rows")
+        return None
 
     def _select_all(self, layer: int, n: int, budget: int) -> Selection:
         """select() where it prunes nothing: the first min(n, budget) host rows."""
