@@ -115,13 +115,9 @@ class Attention(nn.Module):
         fused GEMM's output do: runtime/fused_weights.py)."""
         t = x.shape[0]
         hq, hkv, d = self.shape
-        if proj is None:
-            q = rotate(self.q_proj(x).view(t, hq, d), cos, sin)
-            k = rotate(self.k_proj(x).view(t, hkv, d), cos, sin)
-            return q, k, self.v_proj(x).view(t, hkv, d)
-        q, k, v = proj(x)
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if proj is None else proj(x)
         q, k = rotate(q.view(t, hq, d), cos, sin), rotate(k.view(t, hkv, d), cos, sin)
-        return q, k, v.contiguous().view(t, hkv, d)
+        return q, k, v.contiguous().view(t, hkv, d)  # a module's v is contiguous already: no copy
 
     def out(self, o: Tensor) -> Tensor:
         """Attention output o [T, H_q, D] -> [T, hidden]."""
@@ -152,11 +148,8 @@ class MLP(nn.Module):
     def _rows(self, x: Tensor, gate_up=None) -> Tensor:
         # silu and the product in place on the gate's output: two [T, intermediate] tensors
         # instead of four (the model runs under inference_mode: nothing keeps them for backward)
-        if gate_up is not None:
-            g, u = gate_up(x)
-            return self.down_proj(F.silu(g, inplace=True).mul_(u))
-        h = F.silu(self.gate_proj(x), inplace=True)
-        return self.down_proj(h.mul_(self.up_proj(x)))
+        g, u = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else gate_up(x)
+        return self.down_proj(F.silu(g, inplace=True).mul_(u))
 
 
 # Rows of one MLP call per compute device, above which it runs in blocks. On the CPU a prefill
