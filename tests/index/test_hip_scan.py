@@ -1,7 +1,7 @@
 """HiP stages that score every row of their chunks (hip option scan_stages): the chunk scores
 against a brute-force max over each chunk's rows on a planted needle the probe search misses
 (torch, Triton through the interpreter, an 8-bit host tier read in place), the needle kept by
-select, a session against dense attention, validation, and the batched search declining."""
+select, a session against dense attention where the budget covers the context, validation, and the batched search declining."""
 
 from __future__ import annotations
 
@@ -98,6 +98,10 @@ def test_select_keeps_the_needle_only_with_the_scan():
 
 
 def test_session_with_scan_and_budget_covering_context_equals_dense():
+    """The budget-covers-context contract holds with the option set: there every host row is
+    selected and no stage runs, so this checks the option's path through a session, not the
+    scan (test_select_keeps_the_needle_only_with_the_scan and test_engine.py's scanning row,
+    budget 24 over 1,100 tokens, run the scanned stages)."""
     model = load_model("tiny", device="cpu", dtype="float32", seed=3)
     prompt = torch.randint(0, model.config.vocab_size, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     logits = {}
