@@ -84,7 +84,7 @@ from kvloft.index.base import (
 from kvloft.tiers.chunked import ChunkedRows
 
 __all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_scores", "block_vectors",
-           "normalized_entropy"]
+           "halo_spans", "normalized_entropy"]
 
 SCORINGS = ("dot", "cosine")
 
@@ -345,18 +345,13 @@ class ActQKVRetriever:
 
     def _with_halo(self, ranked: Tensor, tokens: int, n_rows: int) -> Tensor:
         """Spans [b * block - halo, (b + 1) * block + halo) of the blocks `ranked` [m] (best
-        first), taken in rank order while their union fits in `tokens` (the first always)."""
-        halo = self.halo
-        covered = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
-        count = 0
-        for b in ranked.tolist():  # m <= max_factor * budget / block: a few dozen at most
-            lo, hi = max(b * self.block - halo, 0), min((b + 1) * self.block + halo, n_rows)
-            new = hi - lo - int(covered[lo:hi].sum())
-            if count and count + new > tokens:
-                break
-            covered[lo:hi] = True
-            count += new
-        return covered.nonzero().flatten()
+        first), taken in rank order while their union fits in `tokens` (the first always).
+
+        The walk is over host integers (halo_spans): one device read of `ranked`, not one per
+        block (a device bitmap cost a sync and a launch per block, ~100 per layer and step)."""
+        spans = halo_spans(ranked.tolist(), self.block, self.halo, tokens, n_rows)
+        ids = torch.cat([torch.arange(lo, hi, dtype=torch.long) for lo, hi in spans])
+        return ids.to(self.device)
 
     # ---- cross-layer budget split ----------------------------------------------------------
 
@@ -425,6 +420,41 @@ class ActQKVRetriever:
             st.stats = _QueryStats(int(state[p + "count"]), None if mean is None else mean.to(self.device),
                                    None if m2 is None else m2.to(self.device))
             st.window = None if window is None else window.to(self.device)
+
+
+def halo_spans(ranked: list[int], block: int, halo: int, tokens: int, n_rows: int) -> list[tuple[int, int]]:
+    """Row spans [lo, hi) covered by the blocks `ranked` (best first), each widened by `halo`
+    rows on both sides and clipped to [0, n_rows), taken in rank order while the rows of their
+    union number at most `tokens` (the first block always). Returns the union as sorted,
+    disjoint spans. A span meets only the spans of blocks within ceil(2 * halo / block)."""
+    reach = -(-2 * halo // block) if halo else 0
+    taken: dict[int, tuple[int, int]] = {}
+    count = 0
+    for b in ranked:
+        lo, hi = max(b * block - halo, 0), min((b + 1) * block + halo, n_rows)
+        near = sorted(taken[c] for c in range(b - reach, b + reach + 1) if c in taken)
+        new = hi - lo - _covered(near, lo, hi)
+        if count and count + new > tokens:
+            break
+        taken[b] = (lo, hi)
+        count += new
+    return _union(sorted(taken.values()))
+
+
+def _covered(spans: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Rows of [lo, hi) inside the union of `spans` (sorted by start)."""
+    return sum(b - a for a, b in _union([(max(a, lo), min(b, hi)) for a, b in spans if a < hi and b > lo]))
+
+
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted spans [lo, hi) merged where they overlap or touch."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def normalized_entropy(scores: Tensor, temperature: float) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvloft.config import ModelConfig, RetrievalConfig
-from kvloft.index.actqkv import activation_bias, block_scores, block_vectors, normalized_entropy
+from kvloft.index.actqkv import activation_bias, block_scores, block_vectors, halo_spans, normalized_entropy
 from kvloft.index.base import make_retriever
 from kvloft.kernels import reference
 
@@ -140,6 +140,36 @@ def test_halo_spans_are_merged_and_fill_the_share():
     # span [0, 40) would pass 160
     assert got == list(range(88, 168)) + list(range(312, 360))
     assert act._expand(scores, 8, 640).tolist() == list(range(88, 136))  # the best span even over the share
+
+
+def _halo_rows_bitmap(ranked: list[int], block: int, halo: int, tokens: int, n_rows: int) -> list[int]:
+    """The rule on a row bitmap: each span adds its rows not yet covered, while the total fits."""
+    covered = [False] * n_rows
+    count = 0
+    for b in ranked:
+        lo, hi = max(b * block - halo, 0), min((b + 1) * block + halo, n_rows)
+        new = sum(not covered[i] for i in range(lo, hi))
+        if count and count + new > tokens:
+            break
+        covered[lo:hi] = [True] * (hi - lo)
+        count += new
+    return [i for i, c in enumerate(covered) if c]
+
+
+@pytest.mark.parametrize("block,halo", [(32, 8), (32, 0), (16, 12), (8, 20), (5, 3)])
+def test_halo_spans_match_a_row_bitmap(block, halo):
+    # halos wider than half a block (16/12, 8/20) make a span meet blocks two and three away
+    gen = torch.Generator().manual_seed(block * 100 + halo)
+    for trial in range(40):
+        n_rows = int(torch.randint(1, 400, (1,), generator=gen))
+        n_blocks = -(-n_rows // block)
+        m = int(torch.randint(1, n_blocks + 1, (1,), generator=gen))
+        ranked = torch.randperm(n_blocks, generator=gen)[:m].tolist()
+        tokens = int(torch.randint(1, n_rows + 40, (1,), generator=gen))
+        spans = halo_spans(ranked, block, halo, tokens, n_rows)
+        rows = [i for lo, hi in spans for i in range(lo, hi)]
+        assert rows == _halo_rows_bitmap(ranked, block, halo, tokens, n_rows), (trial, ranked, tokens, n_rows)
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # disjoint, sorted, not touching
 
 
 def test_activation_bias_formula_and_probe_weighting():
