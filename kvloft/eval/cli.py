@@ -21,6 +21,14 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _budgets(text: str) -> list[int]:
+    """"1024" or "1024,2048" -> the run's budgets."""
+    try:
+        return [int(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be host tokens per step, e.g. 2048 or 1024,2048; got {text!r}")
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `kvloft eval` on the CLI's subparsers."""
     e = subparsers.add_parser("eval", help="RULER-style task accuracy of retrieval methods vs dense")
@@ -30,7 +38,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--methods", default="dense,exact,tokenselect", help=f"comma list of {', '.join(METHODS)}; "
                    "options as name:key=value (e.g. exact:rank=prob); append +x for remapped positions "
                    "(extrapolation), e.g. exact+x")
-    e.add_argument("--budget", type=int, default=1024, help="host-tier tokens retrieved per step")
+    e.add_argument("--budget", type=_budgets, default=[1024],
+                   help="host-tier tokens retrieved per step; a comma list (1024,2048) runs every method but "
+                        "dense at each budget on the same prompts and prefills")
     e.add_argument("--samples", type=int, default=4, help="samples per task and length")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--sink", type=int, default=64, help="first tokens always attended")
@@ -97,7 +107,7 @@ def cmd_eval(args) -> int:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
 
-            result = evaluate(model, tasks, lengths, methods, args.budget, args.samples, args.seed, args.sink,
+            result = evaluate(model, tasks, lengths, methods, (args.budget[0] if len(args.budget) == 1 else args.budget), args.samples, args.seed, args.sink,
                               args.window, args.max_new_tokens, progress=not args.no_progress, runtime=runtime,
                               on_record=write, max_similar=args.max_similar, chat=args.chat,
                               cache=CacheConfig(host_dtype=args.host_dtype), variant=variant_label(args),

@@ -9,7 +9,8 @@ from typing import Any
 from kvloft.config import METHODS, RetrievalConfig
 from kvloft.index.base import METHOD_MODULES
 
-__all__ = ["EXTRAPOLATE_SUFFIX", "method_unavailable", "parse_method", "retrieval_config"]
+__all__ = ["EXTRAPOLATE_SUFFIX", "budget_list", "method_columns", "method_unavailable", "parse_method",
+           "retrieval_config"]
 
 EXTRAPOLATE_SUFFIX = "+x"  # "exact+x": the method with position_mode="extrapolate"
 
@@ -60,3 +61,17 @@ def retrieval_config(method: str, budget: int, n_sink: int, n_window: int, max_s
     name, options, mode = parse_method(method)
     return RetrievalConfig(method=name, budget=budget, n_sink=n_sink, n_window=n_window, position_mode=mode,
                            max_similar=max_similar, options=options)
+
+
+def budget_list(budget: int | list[int] | tuple[int, ...]) -> list[int]:
+    """The budgets of a run: one int, or several (each method but dense runs at every one)."""
+    return [budget] if isinstance(budget, int) and not isinstance(budget, bool) else list(budget)
+
+
+def method_columns(methods: list[str], budget: int | list[int], variant: str = "") -> list[str]:
+    """The labels a run gives its methods: the method (and variant) at a single budget, as
+    before; with several budgets every method but dense once per budget, "hip@1024", "hip@2048"."""
+    budgets = budget_list(budget)
+    if len(budgets) == 1:
+        return [m + variant for m in methods]
+    return [c for m in methods for c in ([m + variant] if m == "dense" else [f"{m}{variant}@{b}" for b in budgets])]

@@ -32,7 +32,9 @@ __all__ = ["label", "load_runs", "main", "markdown", "merge", "plot", "write"]
 
 def label(method: str, budget: int | None) -> str:
     """The column name of a method: "dense", or the method and its budget ("hip@2048")."""
-    return method if budget is None or method == "dense" else f"{method}@{budget}"
+    if budget is None or method == "dense" or method.endswith(f"@{budget}"):  # a run of several budgets names them
+        return method
+    return f"{method}@{budget}"
 
 
 def _records(path: Path) -> tuple[dict[str, Any], dict[str, str], list[dict[str, Any]]]:
@@ -57,8 +59,9 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[RunReco
     for path in map(Path, paths):
         meta, skip, runs = _records(path)
         metas.append({**meta, "source": str(path)})
-        for m, why in skip.items():
-            skipped[label(m, meta.get("budget"))] = why
+        for m, why in skip.items():  # a skipped method is skipped at every budget of its run
+            for b in ([meta.get("budget")] if not isinstance(meta.get("budget"), list) else meta["budget"]):
+                skipped[label(m, b)] = why
         for r in runs:
             budget = r.get("budget", None if r["method"] == "dense" else meta.get("budget"))
             records.append(RunRecord(**{**r, "budget": budget, "method": label(r["method"], budget)}))

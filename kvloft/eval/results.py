@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvloft.config import RetrievalConfig
-from kvloft.eval.methods import EXTRAPOLATE_SUFFIX
+from kvloft.eval.methods import EXTRAPOLATE_SUFFIX, method_columns
 from kvloft.eval.records import RunRecord, summarize
 
 __all__ = ["DOC_TITLE", "from_runs", "markdown", "own_prefills", "save", "write_doc"]
@@ -37,7 +37,7 @@ def _cost_text(cell: dict[str, Any] | None) -> str:
 def _table(result: dict[str, Any], fmt) -> list[str]:
     meta = result["meta"]
     variant = meta.get("variant", "")
-    methods = [m + variant for m in meta["methods"] if m not in result["skipped"]]
+    methods = method_columns([m for m in meta["methods"] if m not in result["skipped"]], meta["budget"], variant)
     cells = {(c["task"], c["length"], c["method"]): c for c in result["cells"]}
     lines = ["| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task in meta["tasks"]:

@@ -32,7 +32,8 @@ import torch
 
 from kvloft.config import METHODS, CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.eval.contexts import PREFILL_MODES, Context, own_context, shared_contexts
-from kvloft.eval.methods import EXTRAPOLATE_SUFFIX, method_unavailable, parse_method, retrieval_config
+from kvloft.eval.methods import (EXTRAPOLATE_SUFFIX, budget_list, method_columns, method_unavailable, parse_method,
+                                 retrieval_config)
 from kvloft.eval.records import RunRecord, summarize, wilson_interval
 from kvloft.eval.results import DOC_TITLE, from_runs, markdown, save, write_doc
 from kvloft.eval.scoring import TASK_METRIC, score
@@ -222,8 +223,11 @@ def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
         raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"budget must be an int >= 0 host tokens per step, got {budget!r}")
+    budgets = budget if isinstance(budget, (list, tuple)) else [budget]
+    if not budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in budgets):
+        raise ValueError(f"budget must be an int >= 0 host tokens per step (or a list of them), got {budget!r}")
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"budgets must differ, got {budget!r}")
 
 
 def machine_label() -> str:
@@ -286,9 +290,11 @@ def evaluate(
     _check_args(model, tasks, lengths, methods, budget, samples)
     if prefill not in PREFILL_MODES:
         raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}; got {prefill!r}")
+    budgets = budget_list(budget)
     for m in methods:  # configs are checked before any slow work
         if m != "dense":
-            retrieval_config(m, budget, n_sink, n_window, max_similar)
+            for b in budgets:
+                retrieval_config(m, b, n_sink, n_window, max_similar)
     runtime = runtime or RuntimeConfig(progress=False)
     skipped = {m: why for m in methods if (why := method_unavailable(m))}
     active = [m for m in methods if m not in skipped]
@@ -301,14 +307,16 @@ def evaluate(
     meta["until_scored"] = until_scored
     if on_record is not None:
         on_record({"meta": meta, "skipped": skipped})
-    dense = retrieval_config("dense", budget, n_sink, n_window, max_similar)  # the dense method's own config
+    dense = retrieval_config("dense", budgets[0], n_sink, n_window, max_similar)  # the dense method's own config
+    labels = iter(method_columns(active, budget, variant))
+    specs = [(next(labels), retrieval_config(m, b, n_sink, n_window, max_similar))
+             for m in active for b in (budgets[:1] if m == "dense" or len(budgets) == 1 else budgets)]
     drawn = {t: run_task_samples(t, model.tokenizer, lengths, samples, seed, chat=chat) for t in tasks}
-    bar = _progress_bar(sum(len(v) for v in drawn.values()) * len(active), progress)
+    bar = _progress_bar(sum(len(v) for v in drawn.values()) * len(specs), progress)
     records: list[RunRecord] = []
     for task_samples in drawn.values():
         for i, sample in enumerate(task_samples):
             limit = max_new_tokens or max_new_tokens_for(sample, model.tokenizer)
-            specs = [(m + variant, retrieval_config(m, budget, n_sink, n_window, max_similar)) for m in active]
             for rec in run_prompt(model, sample, i % samples, specs, runtime, limit, cache, prefill, dense,
                                   until_scored):
                 records.append(rec)

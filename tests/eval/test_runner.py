@@ -365,3 +365,13 @@ def test_generation_stops_once_every_reference_is_found(smollm2, method):
     # a reference never produced: generation runs to the limit, exactly as without the cut
     missing = decode(dataclasses.replace(sample, references=["@@@@"]), True)
     assert missing.output == whole.output and missing.decode_tokens == whole.decode_tokens
+
+
+def test_cli_budget_takes_one_or_several():
+    import argparse
+
+    from kvloft.eval.cli import _budgets
+
+    assert _budgets("2048") == [2048] and _budgets("1024, 2048") == [1024, 2048]
+    with pytest.raises(argparse.ArgumentTypeError, match="1024,2048"):
+        _budgets("lots")

@@ -87,6 +87,34 @@ def test_evaluate_shared_gives_the_answers_of_own(tiny_text, tmp_path):
     assert runner.from_runs([runs])["cells"] == shared["cells"]
 
 
+def test_several_budgets_share_each_prompts_prefill(tiny_text, tmp_path):
+    """budget=[16, 24]: every method but dense once per budget ("exact@16", "exact@24"), each
+    run answering as a run at that budget alone, in one pass over the prompts; the table and
+    the merged report name the columns by budget."""
+    from kvloft.eval import report
+
+    methods = ["dense", "exact", "hip"]
+    both = runner.evaluate(tiny_text, ["passkey"], [512], methods, budget=[16, 24], samples=2, seed=1, n_sink=8,
+                           n_window=32, max_new_tokens=6, progress=False, chat=True, runtime=RUNTIME)
+    labels = [r["method"] for r in both["runs"]]
+    assert labels == ["dense", "exact@16", "exact@24", "hip@16", "hip@24"] * 2
+    for b in (16, 24):
+        alone = runner.evaluate(tiny_text, ["passkey"], [512], methods, budget=b, samples=2, seed=1, n_sink=8,
+                                n_window=32, max_new_tokens=6, progress=False, chat=True, runtime=RUNTIME)
+        want = [(r["index"], r["method"], r["output"], r["budget"], r["keys_per_step"]) for r in alone["runs"]
+                if r["method"] != "dense"]
+        got = [(r["index"], r["method"].removesuffix(f"@{b}"), r["output"], r["budget"], r["keys_per_step"])
+               for r in both["runs"] if r["method"].endswith(f"@{b}")]
+        assert got == want
+    assert "| dense | exact@16 | exact@24 | hip@16 | hip@24 |" in runner.markdown(both, "b")
+    runs = tmp_path / "quality_b.runs.jsonl"
+    runs.write_text("".join(json.dumps(x) + "\n" for x in [{"meta": both["meta"], "skipped": {}}, *both["runs"]]))
+    merged = report.merge([runs])
+    assert {c["method"] for c in merged["cells"]} == set(labels)  # not "exact@16@16"
+    with pytest.raises(ValueError, match="budgets must differ"):
+        runner.evaluate(tiny_text, ["passkey"], [512], methods, budget=[16, 16], samples=1)
+
+
 @pytest.mark.slow  # ~15 s on an idle 2-core CPU (the +x prefill); the int8 and CLI tests below cover fallback fast
 def test_refused_method_prefills_on_its_own_and_says_why(tiny_text):
     """exact+x (remapped positions) and actqkv (learns from prefill queries) cannot be forked
