@@ -412,7 +412,7 @@ class ActQKVRetriever:
         Tensors are fp64 statistics [H_q, D] and the fp32 window [w, H_q, D], on the host or
         (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {**s.counts(),
+        out: dict[str, Any] = {**s.counts(host),
                                "tokens": [[int(k), int(v)] for k, v in s.extra["tokens"].items()],
                                "entropy": [[int(k), _entropy(v, host)]
                                            for k, v in s.extra["entropy"].items()]}
