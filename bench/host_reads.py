@@ -4,7 +4,8 @@ On CUDA each read of a device value (item, tolist, bool/int of a tensor, cpu(), 
 unique, a boolean mask) waits for the device, so a step making a few per layer cannot queue
 work ahead. This counts them on the CPU, where the same code runs: the `tiny` preset, a
 ~600-token random context, a small budget so that the host tier is used, then N decode steps
-counted call site by call site.
+counted call site by call site, on the preset at two depths (2 and 4 layers): the difference is
+the reads each layer adds (per layer-step), the rest is per step (sampling, the engine's plan).
 
     python bench/host_reads.py --out bench/results/host_reads_cpu.json
 
@@ -25,6 +26,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on the CPU
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,9 +36,11 @@ import torch
 
 import kvloft
 from kvloft import CacheConfig, RuntimeConfig, Session
+from kvloft.config import PRESETS
 from kvloft.eval.methods import retrieval_config
 from kvloft.kernels import kernel_set
-from kvloft.runtime.host_reads import count_host_reads
+from kvloft.runtime.host_reads import decode_reads
+from kvloft.runtime.loader import random_model
 
 METHODS = ("dense", "exact", "hip", "hip:keys_on=host", "tokenselect", "recycled", "actqkv")
 PATHS = ("session", "session-triton", "engine", "engine-triton")
@@ -49,14 +53,24 @@ def make_config(spec: str, budget: int, n_sink: int, n_window: int, triton: bool
     """A method spec ("name:key=value") as kvloft eval parses it, small-context defaults under it
     (and on a Triton path HiP's stage kernels, as kernel="auto" picks on CUDA)."""
     rcfg = retrieval_config(spec, budget, n_sink, n_window)
-    small = {**SMALL.get(rcfg.method, {}), **({"kernel": "triton"} if triton and rcfg.method == "hip" else {})}
+    small = dict(SMALL.get(rcfg.method, {}))
+    if triton and rcfg.method == "hip":
+        small["kernel"] = "triton"
     return rcfg.replace(options={**small, **rcfg.options})
 
 
-def fed_session(model: kvloft.Model, rcfg: kvloft.RetrievalConfig, prompt: list[int], triton: bool) -> Session:
-    evict = 64 if triton else None  # CUDA's default (CacheConfig.resolved_evict_batch), else the CPU's
+def tiny_model(n_layers: int) -> kvloft.Model:
+    """The `tiny` preset with n_layers layers (random weights, fp32 on the CPU)."""
+    cfg = dataclasses.replace(PRESETS["tiny"], n_layers=n_layers)
+    return random_model(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+
+
+def fed_session(model: kvloft.Model, rcfg: kvloft.RetrievalConfig, prompt: list[int],
+                triton: bool) -> Session:
+    """A session holding `prompt`; evict_batch=64 as on CUDA (CacheConfig.resolved_evict_batch):
+    the window's next copy down comes after the counted steps."""
     s = Session(model, rcfg, RuntimeConfig(progress=False, kernels="reference", prefill_chunk=256),
-                CacheConfig(evict_batch=evict))
+                CacheConfig(evict_batch=64))
     s.feed(prompt)
     if triton and rcfg.method != "dense":  # decode as a CUDA session's: kernels read the chunks in place
         s.backend.ops = kernel_set("triton", "cpu")
@@ -65,34 +79,41 @@ def fed_session(model: kvloft.Model, rcfg: kvloft.RetrievalConfig, prompt: list[
     return s
 
 
-def measure(model: kvloft.Model, spec: str, path: str, prompt: list[int], steps: int,
-            args: argparse.Namespace) -> dict[str, Any]:
-    """Reads counted over `steps` decode steps of one method on one path."""
-    triton = path.endswith("-triton")
-    rcfg = make_config(spec, args.budget, args.n_sink, args.n_window, triton)
+def count(model: kvloft.Model, rcfg: kvloft.RetrievalConfig, path: str, prompt: list[int], steps: int):
+    """Host reads of `steps` decode steps of one method on one path (HostReads)."""
     n_sessions = 2 if path.startswith("engine") else 1
+    triton = path.endswith("-triton")
     sessions = [fed_session(model, rcfg, prompt[i:] + prompt[:i], triton) for i in range(n_sessions)]
-    for s in sessions:  # one step first: lazily made state (row spaces, caches) is not per step
-        s.generate(max_new_tokens=1)
+    return decode_reads(sessions, steps)
+
+
+def measure(models: dict[int, kvloft.Model], spec: str, path: str, prompt: list[int],
+            args: argparse.Namespace) -> dict[str, Any]:
+    """Reads per step at each model depth; per layer-step is the slope between the two depths
+    (reads that grow with the layers), per step the rest (sampling, the engine's plan)."""
+    rcfg = make_config(spec, args.budget, args.n_sink, args.n_window, path.endswith("-triton"))
     t0 = time.perf_counter()
-    with count_host_reads() as reads:
-        if n_sessions > 1:
-            kvloft.Engine(model, max_batch=4).generate(sessions, max_new_tokens=steps)
-        else:
-            sessions[0].generate(max_new_tokens=steps)
-    seconds = time.perf_counter() - t0
-    per_step = reads.total / steps
-    return {"method": spec, "path": path, "steps": steps, "sessions": n_sessions, "reads": reads.total,
-            "reads_per_step": round(per_step, 2), "reads_per_layer_step": round(per_step / model.config.n_layers, 2),
-            "seconds": round(seconds, 2), "sites": dict(reads.sites.most_common())}
+    got = {n: count(m, rcfg, path, prompt, args.steps) for n, m in models.items()}
+    (l0, r0), (l1, r1) = sorted(got.items())[:2]
+    per_layer = (r1.total - r0.total) / (l1 - l0) / args.steps
+    fixed = r0.total / args.steps - l0 * per_layer
+    n_sessions = 2 if path.startswith("engine") else 1
+    return {"method": spec, "path": path, "steps": args.steps, "sessions": n_sessions,
+            "reads_per_step": {str(n): round(r.total / args.steps, 2) for n, r in got.items()},
+            "reads_per_layer_step": round(per_layer, 3), "reads_per_step_fixed": round(fixed, 2),
+            "reads_per_step_24_layers": round(fixed + 24 * per_layer, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "sites": dict(r0.sites.most_common())}
 
 
-def table(rows: list[dict[str, Any]], top: int) -> str:
-    lines = [f"{'method':18} {'path':15} {'/step':>7} {'/layer-step':>11}  top call sites"]
+def table(rows: list[dict[str, Any]], top: int, n_layers: int) -> str:
+    head = f"{'method':17} {'path':14} {'/step':>6} {'/layer-step':>11} {'fixed':>6} {'@24 layers':>10}  "
+    lines = [head + f"top call sites ({n_layers} layers, per step)"]
     for r in rows:
-        sites = ", ".join(f"{s} x{n / r['steps']:g}" for s, n in list(r["sites"].items())[:top])
-        lines.append(f"{r['method']:18} {r['path']:15} {r['reads_per_step']:7.2f} {r['reads_per_layer_step']:11.2f}  "
-                     f"{sites}")
+        top_sites = list(r["sites"].items())[:top]
+        sites = ", ".join(f"{s.removeprefix('kvloft/')} x{n / r['steps']:g}" for s, n in top_sites)
+        lines.append(f"{r['method']:17} {r['path']:14} {r['reads_per_step'][str(n_layers)]:6.2f} "
+                     f"{r['reads_per_layer_step']:11.2f} {r['reads_per_step_fixed']:6.2f} "
+                     f"{r['reads_per_step_24_layers']:10.1f}  {sites}")
     return "\n".join(lines)
 
 
@@ -105,25 +126,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--n-sink", type=int, default=4)
     p.add_argument("--n-window", type=int, default=32)
+    p.add_argument("--layers", type=int, nargs=2, default=[2, 4],
+                   help="model depths (the slope between them is per layer)")
     p.add_argument("--top", type=int, default=4, help="call sites shown per row")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    model = kvloft.load_model("tiny", device="cpu", seed=0)
-    prompt = torch.randint(0, model.config.vocab_size, (args.context,)).tolist()
+    models = {n: tiny_model(n) for n in args.layers}
+    prompt = torch.randint(0, PRESETS["tiny"].vocab_size, (args.context,)).tolist()
     rows = []
     for spec in args.methods:
         for path in args.paths:
-            rows.append(measure(model, spec, path, prompt, args.steps, args))
+            rows.append(measure(models, spec, path, prompt, args))
             print(f"  {spec} {path}: {rows[-1]['reads_per_step']} reads/step ({rows[-1]['seconds']} s)",
                   file=sys.stderr, flush=True)
-    print(table(rows, args.top))
-    result = {"model": "tiny", "n_layers": model.config.n_layers, "context": args.context, "budget": args.budget,
-              "n_sink": args.n_sink, "n_window": args.n_window, "steps": args.steps, "rows": rows}
+    print(table(rows, args.top, args.layers[0]))
+    result = {"model": "tiny", "layers": args.layers, "context": args.context, "budget": args.budget,
+              "n_sink": args.n_sink, "n_window": args.n_window, "steps": args.steps, "evict_batch": 64,
+              "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(json.dumps({r["method"] + " " + r["path"]: r["reads_per_step"] for r in rows}))
+    print(json.dumps({r["method"] + " " + r["path"]: r["reads_per_layer_step"] for r in rows}))
     return 0
 
 

@@ -12,6 +12,7 @@ that makes many of them cannot queue the next layer's work while the current one
     with count_host_reads() as reads:
         session.step(token)
     reads.total, reads.sites   # Counter {"kvloft/index/hip.py:120 item": 4, ...}
+    decode_reads([session], steps=16)   # the same over 16 greedy steps (Engine.generate for several)
 
 Each read is charged to the innermost kvloft frame that made it (file:line, the kind of read);
 reads made by other code (a caller outside kvloft, the Triton interpreter running a kernel)
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HostReads", "count_host_reads"]
+__all__ = ["HostReads", "count_host_reads", "decode_reads"]
 
 _ROOT = str(Path(__file__).resolve().parents[1])  # .../kvloft
 _SELF = str(Path(__file__).resolve())
@@ -107,17 +108,17 @@ _TORCH_READS: tuple[tuple[str, Callable[..., bool]], ...] = (
 
 
 class _Counting:
-    """The patched calls' shared state: the counter and a per-thread depth (nested reads)."""
+    """The patched calls' shared state: the counter, the files counted, a per-thread depth."""
 
-    def __init__(self, reads: HostReads) -> None:
-        self.reads = reads
+    def __init__(self, reads: HostReads, root: str) -> None:
+        self.reads, self.root = reads, root
         self.local = threading.local()
 
     def wrap(self, name: str, real: Callable[..., Any], reads: Callable[..., bool]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
             depth = getattr(self.local, "depth", 0)
             if depth == 0 and reads(*args, **kwargs):
-                site = _site(sys._getframe(1))
+                site = _site(sys._getframe(1), self.root)
                 if site is not None:
                     self.reads.sites[f"{site} {name.strip('_')}"] += 1
             self.local.depth = depth + 1
@@ -129,24 +130,25 @@ class _Counting:
         return counted
 
 
-def _site(frame: Any) -> str | None:
-    """path:line of the innermost kvloft frame (relative to the repository), or None where the
-    read was made outside kvloft or by the Triton interpreter on a kernel's behalf."""
+def _site(frame: Any, root: str) -> str | None:
+    """path:line of the innermost frame under root (relative to the repository), or None where
+    the read was made outside it or by the Triton interpreter on a kernel's behalf."""
     while frame is not None:
         name = frame.f_code.co_filename
         if _TRITON in name:
             return None
-        if name.startswith(_ROOT) and name != _SELF:
-            return f"{name[len(_REPO) + 1:]}:{frame.f_lineno}"
+        if name.startswith(root) and name != _SELF:
+            return f"{name[len(_REPO) + 1:] if name.startswith(_REPO) else name}:{frame.f_lineno}"
         frame = frame.f_back
     return None
 
 
 @contextmanager
-def count_host_reads() -> Iterator[HostReads]:
-    """Count the host reads made by kvloft code inside the block (see the module docstring)."""
+def count_host_reads(root: str | Path | None = None) -> Iterator[HostReads]:
+    """Count the host reads made inside the block by code under `root` (a directory; default the
+    kvloft package), see the module docstring."""
     reads = HostReads()
-    counting = _Counting(reads)
+    counting = _Counting(reads, _ROOT if root is None else str(Path(root).resolve()))
     undo: list[Callable[[], None]] = []
     for owner, table in ((torch.Tensor, _TENSOR_READS), (torch, _TORCH_READS)):
         for name, rule in table:
@@ -160,3 +162,19 @@ def count_host_reads() -> Iterator[HostReads]:
     finally:
         for restore in reversed(undo):
             restore()
+
+
+def decode_reads(sessions: list[Any], steps: int) -> HostReads:
+    """Host reads of `steps` greedy decode steps of fed sessions: one session through
+    Session.generate, several together through kvloft.Engine.generate. One step runs first,
+    uncounted: state made on first use (row spaces, caches) is not a per-step cost."""
+    from kvloft.runtime.engine import Engine  # the engine imports the session, not this module
+
+    for s in sessions:
+        s.generate(max_new_tokens=1)
+    with count_host_reads() as reads:
+        if len(sessions) > 1:
+            Engine(sessions[0].model, max_batch=len(sessions)).generate(sessions, max_new_tokens=steps)
+        else:
+            sessions[0].generate(max_new_tokens=steps)
+    return reads
