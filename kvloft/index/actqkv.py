@@ -217,7 +217,8 @@ class _LayerState:
     vecs: complete blocks' vectors, rows [H_kv, D] fp32 (row i = block i).
     tail: keys of the trailing partial block [m < b, H_kv, D]; tail_vec its vector [H_kv, D].
     window: the last queries [w <= W, H_q, D] fp32.
-    entropy: step -> normalized entropy of the block scores at that step (last two kept).
+    entropy: step -> normalized entropy of the block scores at that step (last two kept): a
+        0-dim fp64 tensor where select() left it (on the device), a float where a state was loaded.
     """
 
     vecs: ChunkedRows
@@ -227,7 +228,7 @@ class _LayerState:
     stats: _QueryStats = field(default_factory=_QueryStats)
     window: Tensor | None = None
     step: int = 0
-    entropy: dict[int, float] = field(default_factory=dict)
+    entropy: dict[int, Tensor | float] = field(default_factory=dict)
 
 
 @register("actqkv")
@@ -244,6 +245,8 @@ class ActQKVRetriever:
             raise ValueError(f"actqkv n_repr ({self.params.n_repr}) must be <= block_size ({self.block})")
         self.layers: dict[int, _LayerState] = {}
         self._stats = RetrieverStats(extra={"tokens": {}, "entropy": {}})
+        # the split of the last (step, budget): (key, the entropies it read, shares [n_layers])
+        self._split: tuple[tuple[int, int], list[Any], list[float]] | None = None
 
     # ---- index maintenance -------------------------------------------------------------
 
@@ -355,17 +358,22 @@ class ActQKVRetriever:
 
     # ---- cross-layer budget split ----------------------------------------------------------
 
+    def _entropies(self, step: int) -> list[Tensor | float | None]:
+        """Each layer's entropy at `step` as stored (None where it has none)."""
+        return [st.entropy.get(step) if (st := self.layers.get(layer)) is not None else None
+                for layer in range(self.model_cfg.n_layers)]
+
     def layer_shares(self, step: int, budget: int) -> Tensor:
         """Unclipped token shares [n_layers] fp64 for `step`, from each layer's entropy at step - 1.
 
-        They sum to n_layers * budget; the first step (no entropies yet) splits evenly.
+        They sum to n_layers * budget; the first step (no entropies yet) splits evenly. The
+        entropies left on the device are read together, in one transfer.
         """
         n_layers = self.model_cfg.n_layers
-        known = {}
-        for layer in range(n_layers):
-            st = self.layers.get(layer)
-            if st is not None and (step - 1) in st.entropy:
-                known[layer] = st.entropy[step - 1]
+        found = {layer: e for layer, e in enumerate(self._entropies(step - 1)) if e is not None}
+        on_device = [e for e in found.values() if isinstance(e, Tensor)]
+        read = iter(torch.stack(on_device).tolist() if on_device else [])
+        known = {layer: next(read) if isinstance(e, Tensor) else e for layer, e in found.items()}
         neutral = sum(known.values()) / len(known) if known else 1.0
         e = torch.tensor([known.get(layer, neutral) for layer in range(n_layers)], dtype=torch.float64)
         if float(e.sum()) <= 0:  # every layer perfectly peaked: no signal, split evenly
@@ -377,12 +385,25 @@ class ActQKVRetriever:
         if not self.params.dynamic_cutoff:
             return budget
         step = self.layers[layer].step if layer in self.layers else 0
-        share = float(self.layer_shares(step, budget)[layer])
+        share = self._layer_split(step, budget)[layer]
         hi = self.params.max_factor * budget
         lo = min(self.params.min_tokens, hi)
         return int(min(max(share, lo), hi))
 
+    def _layer_split(self, step: int, budget: int) -> list[float]:
+        """layer_shares(step, budget) as floats, computed by the first layer of a step to ask and
+        kept while the entropies it read are the ones stored: one read per step, not one per layer
+        (each a wait for the device)."""
+        seen = self._entropies(step - 1)
+        split = self._split
+        stale = split is None or any(a is not b for a, b in zip(split[1], seen, strict=True))
+        if stale or split[0] != (step, budget):
+            split = self._split = ((step, budget), seen, self.layer_shares(step, budget).tolist())
+        return split[2]
+
     def stats(self) -> dict[str, Any]:
+        entropy = self._stats.extra["entropy"]
+        self._stats.extra["entropy"] = {layer: float(e) for layer, e in entropy.items()}  # read here, once
         return self._stats.as_dict()
 
     def state_dict(self, host: bool = True) -> dict[str, Any]:
@@ -391,13 +412,14 @@ class ActQKVRetriever:
         Tensors are fp64 statistics [H_q, D] and the fp32 window [w, H_q, D], on the host or
         (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {**s.counts(),
+        out: dict[str, Any] = {**s.counts(host),
                                "tokens": [[int(k), int(v)] for k, v in s.extra["tokens"].items()],
-                               "entropy": [[int(k), float(v)] for k, v in s.extra["entropy"].items()]}
+                               "entropy": [[int(k), _entropy(v, host)]
+                                           for k, v in s.extra["entropy"].items()]}
         for layer, st in self.layers.items():
             p = f"layer{layer}."
             out.update({p + "step": st.step, p + "count": st.stats.count,
-                        p + "entropies": [[int(k), float(v)] for k, v in st.entropy.items()]})
+                        p + "entropies": [[int(k), _entropy(v, host)] for k, v in st.entropy.items()]})
             for name, t in (("mean", st.stats.mean), ("m2", st.stats.m2), ("window", st.window)):
                 if t is not None:
                     out[p + name] = state_tensor(t, host)
@@ -408,18 +430,24 @@ class ActQKVRetriever:
         s = self._stats
         s.load_counts(state)
         s.extra["tokens"] = {int(k): int(v) for k, v in state["tokens"]}
-        s.extra["entropy"] = {int(k): float(v) for k, v in state["entropy"]}
+        s.extra["entropy"] = {int(k): _entropy(v, False) for k, v in state["entropy"]}
         for key in state:
             if not key.endswith(".step"):
                 continue
             layer = int(key.removeprefix("layer").split(".")[0])
             p, st = f"layer{layer}.", self.layers[layer]
             st.step = int(state[p + "step"])
-            st.entropy = {int(k): float(v) for k, v in state[p + "entropies"]}
+            st.entropy = {int(k): _entropy(v, False) for k, v in state[p + "entropies"]}
             mean, m2, window = (state.get(p + n) for n in ("mean", "m2", "window"))
             st.stats = _QueryStats(int(state[p + "count"]), None if mean is None else mean.to(self.device),
                                    None if m2 is None else m2.to(self.device))
             st.window = None if window is None else window.to(self.device)
+
+
+def _entropy(value: Tensor | float, host: bool) -> Tensor | float:
+    """An entropy for a state_dict: a float on the host (host=True), else as it is (a device
+    tensor stays there: a mark before each call reads nothing)."""
+    return float(value) if host or not isinstance(value, Tensor) else value
 
 
 def halo_spans(ranked: list[int], block: int, halo: int, tokens: int, n_rows: int) -> list[tuple[int, int]]:
@@ -457,10 +485,11 @@ def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def normalized_entropy(scores: Tensor, temperature: float) -> float:
-    """Entropy of softmax(scores / temperature) over n blocks, divided by log(n) (1.0 when n < 2)."""
+def normalized_entropy(scores: Tensor, temperature: float) -> Tensor:
+    """Entropy of softmax(scores / temperature) over n blocks, divided by log(n) (1.0 when n < 2):
+    a 0-dim fp64 tensor on the scores' device (read when the next step splits its budget)."""
     n = scores.numel()
     if n < 2:
-        return 1.0
+        return torch.ones((), dtype=torch.float64, device=scores.device)
     logp = torch.log_softmax(scores.double() / temperature, dim=0)
-    return float(-(logp.exp() * logp).sum() / math.log(n))
+    return -(logp.exp() * logp).sum() / math.log(n)

@@ -95,9 +95,9 @@ def batch_search_key(retriever: Any) -> tuple[Any, ...] | None:
 class RetrieverStats:
     """calls, key vectors scanned, rows selected (valid ids), and method-specific extras.
 
-    A selection on the GPU is counted on the GPU (a running sum read when `selected` is):
+    A selection is counted where its ids are (a running sum, read when `selected` is):
     reading it back every call would make the host wait for the GPU in every layer of
-    every decode step.
+    every decode step. A mark before each call (counts(host=False)) keeps that sum unread.
     """
 
     def __init__(self, calls: int = 0, scanned: int = 0, selected: int = 0,
@@ -114,8 +114,12 @@ class RetrieverStats:
         return self._selected
 
     @selected.setter
-    def selected(self, value: int) -> None:
-        self._selected, self._pending = int(value), None
+    def selected(self, value: int | Tensor) -> None:
+        """An int, or a 0-dim tensor still on the device (a count saved by counts(host=False))."""
+        if isinstance(value, Tensor):
+            self._selected, self._pending = 0, value
+        else:
+            self._selected, self._pending = int(value), None
 
     def record(self, sel: Selection) -> None:
         self.calls += 1
@@ -124,22 +128,23 @@ class RetrieverStats:
             self._selected += sel.ids.numel()
             return
         n = (sel.ids >= 0).sum()
-        if n.device.type == "cpu":
-            self._selected += int(n)
-        else:
-            self._pending = n if self._pending is None else self._pending + n
+        self._pending = n if self._pending is None else self._pending + n
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.counts(), **self.extra}
 
-    def counts(self) -> dict[str, int]:
-        """calls, scanned, selected: the counters every retriever's state_dict() saves."""
-        return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected}
+    def counts(self, host: bool = True) -> dict[str, int | Tensor]:
+        """calls, scanned, selected: the counters every retriever's state_dict() saves. host=False
+        (the state_dict of a mark, taken before every call) leaves a selected count still on the
+        device there, a 0-dim tensor, unread."""
+        if host or self._pending is None:
+            return {"calls": self.calls, "scanned": self.scanned, "selected": self.selected}
+        return {"calls": self.calls, "scanned": self.scanned, "selected": self._pending + self._selected}
 
     def load_counts(self, state: dict[str, Any]) -> None:
         """Restore counts() from a state_dict()."""
         self.calls, self.scanned = int(state["calls"]), int(state["scanned"])
-        self.selected = int(state["selected"])
+        self.selected = state["selected"]
 
 
 def state_tensor(t: Tensor, host: bool) -> Tensor:

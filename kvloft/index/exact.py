@@ -242,8 +242,8 @@ class ExactRetriever:
 
     def state_dict(self, host: bool = True) -> dict[str, Any]:
         """Counters only: the key mirror is rebuilt from the host tier by build() on load
-        (`host` as for the other retrievers: nothing here is a tensor)."""
-        return self._stats.counts()
+        (host=False: the selected count may stay a device tensor, RetrieverStats.counts)."""
+        return self._stats.counts(host)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer)."""

@@ -65,7 +65,7 @@ def state_dict(hip: Any, host: bool = True) -> dict[str, Any]:
     reverse): stage masks, refresh schedules and counters. Masks are tensors, the rest JSON; on
     the host, or (host=False, a session's mark) copied on the retriever's device."""
     s = hip._stats
-    out: dict[str, Any] = {**s.counts(), "refreshes": list(s.extra["refreshes"])}
+    out: dict[str, Any] = {**s.counts(host), "refreshes": list(s.extra["refreshes"])}
     masks: dict[str, Tensor] = {}
     for layer, st in hip.state.items():
         p = f"layer{layer}."

@@ -241,7 +241,7 @@ class RecycledRetriever:
         """Schedules, partial sets and counters; the key mirrors are rebuilt from the host tier by
         build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {**s.counts(), "full_steps": self.full_steps,
+        out: dict[str, Any] = {**s.counts(host), "full_steps": self.full_steps,
                                "partial_steps": self.partial_steps}
         for layer, st in self.layers.items():
             p = f"layer{layer}."

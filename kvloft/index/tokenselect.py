@@ -147,6 +147,7 @@ class TokenSelectRetriever:
         if not self.params.selection_cache or st.last_q is None or st.last_budget != budget:
             return False
         cos = torch.nn.functional.cosine_similarity(qflat, st.last_q, dim=0)
+        # a host read per layer and step: a hit skips the scoring pass, and only the host can skip it
         return bool(cos >= self.params.theta)
 
     def stats(self) -> dict[str, Any]:
@@ -162,7 +163,8 @@ class TokenSelectRetriever:
         """Selection caches and counters; the key mirrors are rebuilt from the host tier by
         build(). Tensors on the host, or (host=False) copied on the device (base.state_tensor)."""
         s = self._stats
-        out: dict[str, Any] = {**s.counts(), "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
+        out: dict[str, Any] = {**s.counts(host), "cache_hits": self.cache_hits,
+                               "cache_misses": self.cache_misses}
         for layer, st in self.layers.items():
             if st.last_q is not None:
                 out[f"layer{layer}.last_q"] = state_tensor(st.last_q, host)  # fp32 [H_q * D]

@@ -171,28 +171,28 @@ class Engine:
 
     def _step(self, plan: StepPlan, sessions: list[Session]) -> Tensor:
         t0 = time.perf_counter()
-        rows = [sessions[int(i)] for i in plan.order]
+        rows = [sessions[i] for i in plan.order.tolist()]  # the plan's CPU tensors, read as ints once
         logits = self._forward(plan, rows)  # [B, V] in plan order
         self._check_finite(plan, rows, logits)
         dt = time.perf_counter() - t0
         out, each = _split_rows(logits, plan.order)
-        for b, s in enumerate(rows):
+        for b, (s, token) in enumerate(zip(rows, plan.tokens.tolist(), strict=True)):
             s._last_logits = each[b]
             s._times["decode_s"] += dt
             s._times["decode_tokens"] += 1
-            s.tokens.append(int(plan.tokens[b]))
+            s.tokens.append(token)
         return out
 
     def _forward(self, plan: StepPlan, rows: list[Session]) -> Tensor:
         """The model over plan.tokens [B] at plan.positions [B], each row attending through its
         session's backend -> logits [B, V] fp32 (row b = plan row b)."""
         backends = [s.backend for s in rows]
-        for b, be in enumerate(backends):
+        for be, evicts in zip(backends, plan.evicts.tolist(), strict=True):
             if isinstance(be, TieredAttention):
                 be.decoding = True  # as Session._decode_one: the decode route of each layer
                 if be.plans_room():  # the rows the step moves down go now, before any layer runs
                     moved = be.make_room()
-                    assert all(m == int(plan.evicts[b]) for m in moved), (moved, plan.evicts[b])
+                    assert all(m == evicts for m in moved), (moved, evicts)
         dev, n = self.model.device, plan.batch
         if self.graphs == "whole":
             self.last_route_why = not_whole(backends, dev)

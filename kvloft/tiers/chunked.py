@@ -200,8 +200,12 @@ class ChunkedRows:
         Returns [..., *row_shape] (or [..., *row_shape[1:]] with head).
         """
         ids = ids.to(self.device)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
-            raise IndexError(f"row ids must lie in [0, {self.n}), got [{int(ids.min())}, {int(ids.max())}]")
+        if ids.numel():
+            lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # one read, not two
+            if lo < 0 or hi >= self.n:
+                raise IndexError(f"row ids must lie in [0, {self.n}), got [{lo}, {hi}]")
+        if len(self.chunks) == 1:  # one gather; no per-chunk masks (each a read of a device store)
+            return self.chunks[0][ids] if head is None else self.chunks[0][ids, head.to(self.device)]
         tail = self.row_shape if head is None else self.row_shape[1:]
         out = torch.empty((*ids.shape, *tail), dtype=self.dtype, device=self.device)
         cid = ids // self.chunk_rows
