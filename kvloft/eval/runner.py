@@ -32,8 +32,14 @@ import torch
 
 from kvloft.config import METHODS, CacheConfig, RetrievalConfig, RuntimeConfig
 from kvloft.eval.contexts import PREFILL_MODES, Context, own_context, shared_contexts
-from kvloft.eval.methods import (EXTRAPOLATE_SUFFIX, budget_list, method_columns, method_unavailable, parse_method,
-                                 retrieval_config)
+from kvloft.eval.methods import (
+    EXTRAPOLATE_SUFFIX,
+    budget_list,
+    method_columns,
+    method_unavailable,
+    parse_method,
+    retrieval_config,
+)
 from kvloft.eval.records import RunRecord, summarize, wilson_interval
 from kvloft.eval.results import DOC_TITLE, from_runs, markdown, save, write_doc
 from kvloft.eval.scoring import TASK_METRIC, score
@@ -58,9 +64,9 @@ __all__ = [
     "retrieval_config",
     "run_prompt",
     "run_sample",
-    "until_full_score",
     "save",
     "summarize",
+    "until_full_score",
     "wilson_interval",
     "write_doc",
 ]

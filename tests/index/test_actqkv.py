@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -169,7 +170,7 @@ def test_halo_spans_match_a_row_bitmap(block, halo):
         spans = halo_spans(ranked, block, halo, tokens, n_rows)
         rows = [i for lo, hi in spans for i in range(lo, hi)]
         assert rows == _halo_rows_bitmap(ranked, block, halo, tokens, n_rows), (trial, ranked, tokens, n_rows)
-        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # disjoint, sorted, not touching
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))  # disjoint, sorted, not touching
 
 
 def test_activation_bias_formula_and_probe_weighting():
