@@ -21,8 +21,11 @@ torch.unique counts once). On the CPU every tensor is on the host, so the count 
 the code makes, the same code a CUDA run makes: a read of a tensor that lives on the host on
 CUDA too (a host tier's rows, positions kept on the CPU) is counted though it waits for
 nothing there. to(x) counts only where x names the CPU as a string ("cpu"): a device taken from
-another tensor cannot be told apart on the CPU. Patches the torch.Tensor class and torch
-functions for the duration of the block; not thread-safe against other patchers.
+another tensor cannot be told apart on the CPU. Not counted either: waits that only CUDA code
+paths make (an event's or stream's synchronize) and copies of host tensors to the device (on
+CUDA a blocking copy from pageable memory waits for the stream too; on the CPU it is a no-op).
+Patches the torch.Tensor class and torch functions for the duration of the block; not
+thread-safe against other patchers.
 """
 
 from __future__ import annotations
