@@ -23,6 +23,12 @@ class AttentionBackend(Protocol):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [T, H_q, D], k/v [T, H_kv, D] (rotated keys), positions [T] -> out [T, H_q, D]."""
 
+    # Optional: kv_rows(layer, t) -> (k, v) [t, H_kv, D] contiguous, the store's rows the next
+    # attend() of t tokens of `layer` keeps, or None. A prefill chunk's rotated keys and its
+    # values are then written there and handed to attend() as those very views, which keeps
+    # them without a copy (DenseAttention): the rotation's fp32 result is rounded straight into
+    # the store and v copied once from the projection's output.
+
 
 class Linear(nn.Linear):
     """nn.Linear whose few-row calls (decode) take the compiled CPU GEMV once declared.
@@ -82,21 +88,32 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE in the HF (rotate-half) layout. x [T, H, D]; cos/sin [T, D] (each the same angles
-    repeated over its two halves, Transformer.rope).
+# devices whose elementwise kernels cast operands of another dtype as they read them (no copy)
+PROMOTE_IN_KERNEL = ("cuda",)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
+    """RoPE in the HF (rotate-half) layout. x [T, H, D] (any strides); cos/sin [T, D] fp32 (each
+    the same angles repeated over its two halves, Transformer.rope). Computed in fp32, rounded
+    to x's dtype once: into `out` [T, H, D] where given (a store's rows), else a new tensor.
 
     x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1): each half's product summed in the
     pass that takes it (addcmul, value -1 for -x2: an exact sign flip), so the same rounding as
-    building rotate_half, in three passes over x instead of five (no negated copy, no cat)."""
-    xf = x.float()
+    building rotate_half, in three passes over x instead of five (no negated copy, no cat).
+    On CUDA 16-bit x is read as it is: the fp32 ops promote it element by element inside their
+    kernels (exact), so no fp32 copy of x is written and read back (the same bits). The CPU's
+    elementwise ops would instead copy each operand of another dtype to fp32 first (x and its
+    two halves: twice the one copy of x.float()), so there x is copied once, up front."""
+    xf = x if x.device.type in PROMOTE_IN_KERNEL else x.float()  # fp32 x: itself either way
     h = x.shape[-1] // 2
     x1, x2 = xf[..., :h], xf[..., h:]
     s1, s2 = sin[:, None, :h], sin[:, None, h:]
-    out = xf * cos[:, None]
-    out[..., :h].addcmul_(x2, s1, value=-1.0)
-    out[..., h:].addcmul_(x1, s2)
-    return out.to(x.dtype)
+    rot = xf * cos[:, None]  # fp32 (cos is)
+    rot[..., :h].addcmul_(x2, s1, value=-1.0)
+    rot[..., h:].addcmul_(x1, s2)
+    if out is None:
+        return rot.to(x.dtype)
+    return out.copy_(rot)
 
 
 class Attention(nn.Module):
@@ -109,15 +126,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         self.shape = (hq, hkv, d)
 
-    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, proj=None) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, proj=None, rows=None) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, hidden] -> q [T, H_q, D], k [T, H_kv, D] (both rotated), v [T, H_kv, D] (contiguous).
         proj: None (the three modules) or x -> q, k, v [T, H D] at once (row-strided views of one
-        fused GEMM's output do: runtime/fused_weights.py)."""
+        fused GEMM's output do: runtime/fused_weights.py). rows: None or a store's (k, v) rows
+        [T, H_kv, D] (AttentionBackend.kv_rows): k and v are written there and returned."""
         t = x.shape[0]
         hq, hkv, d = self.shape
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if proj is None else proj(x)
-        q, k = rotate(q.view(t, hq, d), cos, sin), rotate(k.view(t, hkv, d), cos, sin)
-        return q, k, v.contiguous().view(t, hkv, d)  # a module's v is contiguous already: no copy
+        q = rotate(q.view(t, hq, d), cos, sin)
+        if rows is not None:
+            return q, rotate(k.view(t, hkv, d), cos, sin, rows[0]), rows[1].copy_(v.view(t, hkv, d))
+        return q, rotate(k.view(t, hkv, d), cos, sin), v.contiguous().view(t, hkv, d)  # a module's v: no copy
 
     def out(self, o: Tensor) -> Tensor:
         """Attention output o [T, H_q, D] -> [T, hidden]."""
@@ -175,15 +195,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def pre(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv)."""
+    def pre(self, x: Tensor, cos: Tensor, sin: Tensor, rows=None) -> tuple[Tensor, Tensor, Tensor]:
+        """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv). rows: None
+        or the store rows k and v go to (Attention.qkv; the modules' route only, else ignored)."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.pre(x, cos, sin)
         if self.gpu is not None:  # few rows: the route; more (prefill): the fused GEMM, the modules' rest
             if x.shape[0] <= _GEMV_ROWS:
                 return self.gpu.pre(x, cos, sin)
-            return self.self_attn.qkv(self.input_layernorm(x), cos, sin, self.gpu.qkv)
-        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+            return self.self_attn.qkv(self.input_layernorm(x), cos, sin, self.gpu.qkv, rows)
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin, rows=rows)
 
     def post(self, x: Tensor, o: Tensor) -> Tensor:
         """The residual stream x and the attention output o [T, H_q, D] -> the next stream."""
@@ -223,7 +244,10 @@ class Block(nn.Module):
             self.gpu = decode_layer(self)
 
     def forward(self, x, cos, sin, layer, backend, positions):
-        q, k, v = self.pre(x, cos, sin)
+        rows = None
+        if x.shape[0] > _GEMV_ROWS and hasattr(backend, "kv_rows"):  # a prefill chunk: k, v into the store
+            rows = backend.kv_rows(layer, x.shape[0])
+        q, k, v = self.pre(x, cos, sin, rows)
         return self.post(x, backend.attend(layer, q, k, v, positions))
 
 
