@@ -195,23 +195,29 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def pre(self, x: Tensor, cos: Tensor, sin: Tensor, rows=None) -> tuple[Tensor, Tensor, Tensor]:
+    def pre(self, x: Tensor, cos: Tensor, sin: Tensor, rows=None, chunk: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv). rows: None
-        or the store rows k and v go to (Attention.qkv; the modules' route only, else ignored)."""
+        or the store rows k and v go to (Attention.qkv; the modules' route only, else ignored).
+        chunk: x is a prefill chunk (Block.forward): more rows than the GPU route's take its norm."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.pre(x, cos, sin)
-        if self.gpu is not None:  # few rows: the route; more (prefill): the fused GEMM, the modules' rest
+        if self.gpu is not None:  # few rows: the route; more: the fused GEMM (a chunk: the norm too), the modules' rest
             if x.shape[0] <= _GEMV_ROWS:
                 return self.gpu.pre(x, cos, sin)
-            return self.self_attn.qkv(self.input_layernorm(x), cos, sin, self.gpu.qkv, rows)
+            h = self.gpu.norm_in(x) if chunk else self.input_layernorm(x)
+            return self.self_attn.qkv(h, cos, sin, self.gpu.qkv, rows)
         return self.self_attn.qkv(self.input_layernorm(x), cos, sin, rows=rows)
 
-    def post(self, x: Tensor, o: Tensor) -> Tensor:
-        """The residual stream x and the attention output o [T, H_q, D] -> the next stream."""
+    def post(self, x: Tensor, o: Tensor, chunk: bool = False) -> Tensor:
+        """The residual stream x and the attention output o [T, H_q, D] -> the next stream.
+        chunk: as in pre (on the GPU route, x + a and the norm in one launch, silu(g) * u in one)."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.post(x, o)
         if self.gpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.gpu.post(x, o)
+        if self.gpu is not None and chunk:  # the route's norm (with x + a) and activation, the modules' GEMMs
+            x, h = self.gpu.add_norm_post(x, self.self_attn.out(o))
+            return x + self.mlp.down_proj(self.gpu.swiglu(h))  # the modules' add (rounded after the GEMM, as HF)
         x = x + self.self_attn.out(o)
         return x + self.mlp(self.post_attention_layernorm(x), None if self.gpu is None else self.gpu.gate_up)
 
@@ -236,7 +242,10 @@ class Block(nn.Module):
     def declare_gpu(self, on: bool) -> None:
         """Take kernels/gpu_layer.py for few rows where `on` (16-bit weights on CUDA, or forced):
         q/k/v and gate/up fused into one weight each where plain Linears (runtime/fused_weights.py),
-        which more rows (prefill) then take too: one GEMM for q/k/v, one for gate/up."""
+        which more rows then take too: one GEMM for q/k/v, one for gate/up; and a prefill chunk
+        (Block.forward) the route's norms (one launch each, the post-attention one with the
+        residual add, where the modules make ~8 passes over [T, hidden]; HF's arithmetic but the
+        fp32 sum's order) and activation (silu(g) * u in one launch; torch's but the fp32 exp)."""
         self.gpu = None
         if on:
             from kvloft.runtime.fused_weights import decode_layer
@@ -247,8 +256,8 @@ class Block(nn.Module):
         rows = None
         if x.shape[0] > _GEMV_ROWS and hasattr(backend, "kv_rows"):  # a prefill chunk: k, v into the store
             rows = backend.kv_rows(layer, x.shape[0])
-        q, k, v = self.pre(x, cos, sin, rows)
-        return self.post(x, backend.attend(layer, q, k, v, positions))
+        q, k, v = self.pre(x, cos, sin, rows, chunk=True)
+        return self.post(x, backend.attend(layer, q, k, v, positions), chunk=True)
 
 
 def _cpu_fp32(t: Tensor | None) -> bool:
