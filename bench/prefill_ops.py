@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 import kvloft
 from kvloft import RetrievalConfig, RuntimeConfig, Session
 from kvloft.config import PRESETS
-from kvloft.kernels import flash
+from kvloft.kernels import flash, gpu_layer
 from kvloft.runtime import model as model_mod
 from kvloft.runtime.loader import random_model
 
@@ -99,13 +99,32 @@ class OpLog(TorchDispatchMode):
         self.shapes: dict = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        site, layer = _site()
+        self.record(func.__name__.split(".")[0], *_site(), args)
+        return func(*args, **(kwargs or {}))
+
+    def record(self, name: str, site: str, layer: bool, args) -> None:
         key = (name, site, layer)
         self.count[key] += 1
         if key not in self.shapes:
             self.shapes[key] = " ".join(s for s in map(_desc, args) if s)
-        return func(*args, **(kwargs or {}))
+
+
+_LOGGING: list[OpLog] = []  # the op log while its feed runs (Triton launches record themselves in it)
+TRITON = "triton::"  # the profiler's name prefix for one Triton launch
+
+
+def _one_launch(name: str, launcher):
+    """A Triton launcher (kernels/*.py *_unchecked) counted as one op "triton:<name>": under the
+    op log, recorded with its call site and run with the mode off; under the profiler, a
+    record_function whose inner ops (the interpreter's, on the CPU) are not counted."""
+    def launch(*args, **kwargs):
+        if _LOGGING:
+            _LOGGING[0].record(f"triton:{name}", *_site(), args)
+            with _disable_current_modes():
+                return launcher(*args, **kwargs)
+        with torch.profiler.record_function(TRITON + name):
+            return launcher(*args, **kwargs)
+    return launch
 
 
 def build(preset: str, layers: int | None, route: str, seed: int = 0):
@@ -151,15 +170,31 @@ def run(model, ids: list[int], chunk: int, route: str) -> tuple[OpLog, list]:
     model_mod.Block.forward = _layer_scoped(saved[1])
     if route == "gpu":  # CUDA's rotate: the CPU then makes operand casts CUDA does not (counted apart)
         model_mod.PROMOTE_IN_KERNEL = (*saved[2], "cpu")
+    launchers = _route_launchers(route)
+    for n in launchers:
+        setattr(gpu_layer, n, _one_launch(n.removesuffix("_unchecked"), launchers[n]))
     try:
+        _LOGGING.append(log)
         with log:
             session(model, chunk, route).feed(ids)
+        _LOGGING.clear()
         s = session(model, chunk, route)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             s.feed(ids)
     finally:
+        _LOGGING.clear()
         attention_bias.causal_lower_right, model_mod.Block.forward, model_mod.PROMOTE_IN_KERNEL = saved
+        for n, f in launchers.items():
+            setattr(gpu_layer, n, f)
     return log, list(prof.events())
+
+
+def _route_launchers(route: str) -> dict:
+    """The GPU layer route's Triton launchers (kernels/gpu_layer.py's names for them)."""
+    if route != "gpu":
+        return {}
+    names = ("rms_norm_unchecked", "rope_qkv_unchecked", "silu_mul_unchecked")
+    return {n: getattr(gpu_layer, n) for n in names if hasattr(gpu_layer, n)}
 
 
 def profiler_counts(events: list) -> dict[str, Counter]:
@@ -168,15 +203,15 @@ def profiler_counts(events: list) -> dict[str, Counter]:
     CPU's TensorIterator copies, which CUDA's kernels do not make)."""
     out = {"all": Counter(), "top": Counter(), "cpu_casts": Counter()}
     for e in events:
-        if not e.name.startswith("aten::"):
+        if not e.name.startswith(("aten::", TRITON)):
             continue
         chain, p = [], e.cpu_parent
         while p is not None and p.name != LAYER:
             chain.append(p.name)
             p = p.cpu_parent
-        if p is None:
-            continue  # outside the layers: per chunk (embedding, rope, head)
-        name = e.name.removeprefix("aten::")
+        if p is None or any(c.startswith(TRITON) for c in chain):
+            continue  # outside the layers (embedding, rope, head: per chunk), or a Triton launch's inside
+        name = e.name.removeprefix("aten::").replace(TRITON, "triton:")
         out["all"][name] += 1
         if not chain:
             out["top"][name] += 1
