@@ -21,8 +21,13 @@ Two feeds, two counts:
             an fp32 op copied to fp32 first, a Python scalar's 0-dim tensor cast; CUDA's kernels
             cast as they read and take scalars as arguments: no op there).
 
-    python bench/prefill_ops.py --tokens 2048 --chunk 1024 --label after --out bench/results/prefill_ops_cpu.json
-    python bench/prefill_ops.py --layers 4      # fewer layers (same per layer-chunk counts)
+    python bench/prefill_ops.py --layers 2 --tokens 512 --chunk 256 --label after --out bench/results/prefill_ops_cpu.json
+    python bench/prefill_ops.py --route cpu --tokens 2048 --chunk 1024      # all 24 layers, ~10 minutes
+
+Route "gpu" runs the layer route's Triton kernels (a chunk's norms and activation) through the
+interpreter: ~15 s per norm of 1024 rows here, so keep it to few layers and short chunks (the
+counts per layer-chunk do not depend on either, but for the finite check's scalar add, which
+the first layer of a chunk does not make: 2 - 1/n_layers).
 
 Prints the per layer-chunk table, then one JSON line; --out keeps runs by --label in one file
 (a "before" run: PYTHONPATH at a checkout of the earlier commit, this script from here).

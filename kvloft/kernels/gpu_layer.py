@@ -10,6 +10,8 @@
            x2 = x1 + s Wd^T                           (one GEMM: x1.addmm_(s, Wd^T), x1 its C)
 
 x [T, hidden] bf16/fp16, T at most MAX_ROWS (a decode token: T = 1; a batched step: B rows).
+A prefill chunk (runtime/model.py Block.forward, any T) takes the memory-bound parts alone:
+norm_in, add_norm_post and swiglu, with the modules' GEMMs, RoPE and last residual add.
 The GEMMs are callables the runtime builds from the layer's modules (runtime/model.py
 Block.declare_gpu): one F.linear on fused weights (runtime/fused_weights.py), or the
 modules themselves where a linear is a QuantLinear. A layer is then 8 launches (GEMMs
