@@ -10,6 +10,8 @@
            x2 = x1 + s Wd^T                           (one GEMM: x1.addmm_(s, Wd^T), x1 its C)
 
 x [T, hidden] bf16/fp16, T at most MAX_ROWS (a decode token: T = 1; a batched step: B rows).
+A prefill chunk (runtime/model.py Block.forward, any T) takes the memory-bound parts alone:
+norm_in, add_norm_post and swiglu, with the modules' GEMMs, RoPE and last residual add.
 The GEMMs are callables the runtime builds from the layer's modules (runtime/model.py
 Block.declare_gpu): one F.linear on fused weights (runtime/fused_weights.py), or the
 modules themselves where a linear is a QuantLinear. A layer is then 8 launches (GEMMs
@@ -46,7 +48,9 @@ from kvloft.kernels.silu_mul import silu_mul_unchecked
 
 __all__ = ["MAX_ROWS", "DecodeLayer", "FinalNorm"]
 
-MAX_ROWS = 16  # rows a call (runtime/model.py _GEMV_ROWS): past that prefill's torch modules (compute-bound)
+# rows a call (runtime/model.py _GEMV_ROWS); past that (prefill) the modules, compute-bound, but
+# for the memory-bound norms and activation (norm_in, add_norm_post, swiglu)
+MAX_ROWS = 16
 
 
 class DecodeLayer:
@@ -81,6 +85,22 @@ class DecodeLayer:
         a = self.o(o.reshape(o.shape[0], -1))
         h, x1 = rms_norm_unchecked(a, self.w_post, self.eps_post, x)  # x1 = x + a
         return self.down_add(silu_mul_unchecked(*self.gate_up(h)), x1)
+
+    def norm_in(self, x: Tensor) -> Tensor:
+        """The input norm alone, x [T, hidden] -> rmsnorm(x) * w_in, for any T (a prefill chunk's
+        rows: one launch where the module makes ~8 passes over [T, hidden], 4 of them in fp32)."""
+        return rms_norm_unchecked(x, self.w_in, self.eps_in, None)[0]
+
+    def swiglu(self, h: Tensor) -> Tensor:
+        """h [T, hidden], any T -> silu(g) * u [T, I], g, u = the gate/up GEMM of h: one launch for
+        the activation where the modules make two passes over [T, I] (silu_, mul_)."""
+        return silu_mul_unchecked(*self.gate_up(h))
+
+    def add_norm_post(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """x, a [T, hidden] (last dims contiguous), any T -> (x1 = x + a, rmsnorm(x1) * w_post):
+        the residual add and the post-attention norm in one launch (a prefill chunk's rows)."""
+        h, x1 = rms_norm_unchecked(a, self.w_post, self.eps_post, x)
+        return x1, h
 
 
 class FinalNorm:

@@ -66,6 +66,11 @@ class DenseAttention:
         for store in self.layers:
             store.truncate(mark)
 
+    def kv_rows(self, layer: int, t: int) -> tuple[Tensor, Tensor]:
+        """The rows [t, H_kv, D] of layer's store the next attend() of t tokens keeps (the model
+        writes a prefill chunk's k and v there: AttentionBackend.kv_rows)."""
+        return self.layers[layer].rows(t)
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         store = self.layers[layer]
         self.finite.see(k, v)

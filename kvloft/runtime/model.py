@@ -23,6 +23,12 @@ class AttentionBackend(Protocol):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [T, H_q, D], k/v [T, H_kv, D] (rotated keys), positions [T] -> out [T, H_q, D]."""
 
+    # Optional: kv_rows(layer, t) -> (k, v) [t, H_kv, D] contiguous, the store's rows the next
+    # attend() of t tokens of `layer` keeps, or None. A prefill chunk's rotated keys and its
+    # values are then written there and handed to attend() as those very views, which keeps
+    # them without a copy (DenseAttention): the rotation's fp32 result is rounded straight into
+    # the store and v copied once from the projection's output.
+
 
 class Linear(nn.Linear):
     """nn.Linear whose few-row calls (decode) take the compiled CPU GEMV once declared.
@@ -82,21 +88,32 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE in the HF (rotate-half) layout. x [T, H, D]; cos/sin [T, D] (each the same angles
-    repeated over its two halves, Transformer.rope).
+# devices whose elementwise kernels cast operands of another dtype as they read them (no copy)
+PROMOTE_IN_KERNEL = ("cuda",)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
+    """RoPE in the HF (rotate-half) layout. x [T, H, D] (any strides); cos/sin [T, D] fp32 (each
+    the same angles repeated over its two halves, Transformer.rope). Computed in fp32, rounded
+    to x's dtype once: into `out` [T, H, D] where given (a store's rows), else a new tensor.
 
     x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1): each half's product summed in the
     pass that takes it (addcmul, value -1 for -x2: an exact sign flip), so the same rounding as
-    building rotate_half, in three passes over x instead of five (no negated copy, no cat)."""
-    xf = x.float()
+    building rotate_half, in three passes over x instead of five (no negated copy, no cat).
+    On CUDA 16-bit x is read as it is: the fp32 ops promote it element by element inside their
+    kernels (exact), so no fp32 copy of x is written and read back (the same bits). The CPU's
+    elementwise ops would instead copy each operand of another dtype to fp32 first (x and its
+    two halves: twice the one copy of x.float()), so there x is copied once, up front."""
+    xf = x if x.device.type in PROMOTE_IN_KERNEL else x.float()  # fp32 x: itself either way
     h = x.shape[-1] // 2
     x1, x2 = xf[..., :h], xf[..., h:]
     s1, s2 = sin[:, None, :h], sin[:, None, h:]
-    out = xf * cos[:, None]
-    out[..., :h].addcmul_(x2, s1, value=-1.0)
-    out[..., h:].addcmul_(x1, s2)
-    return out.to(x.dtype)
+    rot = xf * cos[:, None]  # fp32 (cos is)
+    rot[..., :h].addcmul_(x2, s1, value=-1.0)
+    rot[..., h:].addcmul_(x1, s2)
+    if out is None:
+        return rot.to(x.dtype)
+    return out.copy_(rot)
 
 
 class Attention(nn.Module):
@@ -109,15 +126,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         self.shape = (hq, hkv, d)
 
-    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, proj=None) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, proj=None, rows=None) -> tuple[Tensor, Tensor, Tensor]:
         """x [T, hidden] -> q [T, H_q, D], k [T, H_kv, D] (both rotated), v [T, H_kv, D] (contiguous).
         proj: None (the three modules) or x -> q, k, v [T, H D] at once (row-strided views of one
-        fused GEMM's output do: runtime/fused_weights.py)."""
+        fused GEMM's output do: runtime/fused_weights.py). rows: None or a store's (k, v) rows
+        [T, H_kv, D] (AttentionBackend.kv_rows): k and v are written there and returned."""
         t = x.shape[0]
         hq, hkv, d = self.shape
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if proj is None else proj(x)
-        q, k = rotate(q.view(t, hq, d), cos, sin), rotate(k.view(t, hkv, d), cos, sin)
-        return q, k, v.contiguous().view(t, hkv, d)  # a module's v is contiguous already: no copy
+        q = rotate(q.view(t, hq, d), cos, sin)
+        if rows is not None:
+            return q, rotate(k.view(t, hkv, d), cos, sin, rows[0]), rows[1].copy_(v.view(t, hkv, d))
+        return q, rotate(k.view(t, hkv, d), cos, sin), v.contiguous().view(t, hkv, d)  # a module's v: no copy
 
     def out(self, o: Tensor) -> Tensor:
         """Attention output o [T, H_q, D] -> [T, hidden]."""
@@ -175,22 +195,29 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def pre(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv)."""
+    def pre(self, x: Tensor, cos: Tensor, sin: Tensor, rows=None, chunk: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """The residual stream x [T, hidden] -> this layer's q, k, v (Attention.qkv). rows: None
+        or the store rows k and v go to (Attention.qkv; the modules' route only, else ignored).
+        chunk: x is a prefill chunk (Block.forward): more rows than the GPU route's take its norm."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.pre(x, cos, sin)
-        if self.gpu is not None:  # few rows: the route; more (prefill): the fused GEMM, the modules' rest
+        if self.gpu is not None:  # few rows: the route; more: the fused GEMM (a chunk: the norm too), the modules' rest
             if x.shape[0] <= _GEMV_ROWS:
                 return self.gpu.pre(x, cos, sin)
-            return self.self_attn.qkv(self.input_layernorm(x), cos, sin, self.gpu.qkv)
-        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+            h = self.gpu.norm_in(x) if chunk else self.input_layernorm(x)
+            return self.self_attn.qkv(h, cos, sin, self.gpu.qkv, rows)
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin, rows=rows)
 
-    def post(self, x: Tensor, o: Tensor) -> Tensor:
-        """The residual stream x and the attention output o [T, H_q, D] -> the next stream."""
+    def post(self, x: Tensor, o: Tensor, chunk: bool = False) -> Tensor:
+        """The residual stream x and the attention output o [T, H_q, D] -> the next stream.
+        chunk: as in pre (on the GPU route, x + a and the norm in one launch, silu(g) * u in one)."""
         if self.cpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.cpu.post(x, o)
         if self.gpu is not None and x.shape[0] <= _GEMV_ROWS:
             return self.gpu.post(x, o)
+        if self.gpu is not None and chunk:  # the route's norm (with x + a) and activation, the modules' GEMMs
+            x, h = self.gpu.add_norm_post(x, self.self_attn.out(o))
+            return x + self.mlp.down_proj(self.gpu.swiglu(h))  # the modules' add (rounded after the GEMM, as HF)
         x = x + self.self_attn.out(o)
         return x + self.mlp(self.post_attention_layernorm(x), None if self.gpu is None else self.gpu.gate_up)
 
@@ -215,7 +242,10 @@ class Block(nn.Module):
     def declare_gpu(self, on: bool) -> None:
         """Take kernels/gpu_layer.py for few rows where `on` (16-bit weights on CUDA, or forced):
         q/k/v and gate/up fused into one weight each where plain Linears (runtime/fused_weights.py),
-        which more rows (prefill) then take too: one GEMM for q/k/v, one for gate/up."""
+        which more rows then take too: one GEMM for q/k/v, one for gate/up; and a prefill chunk
+        (Block.forward) the route's norms (one launch each, the post-attention one with the
+        residual add, where the modules make ~8 passes over [T, hidden]; HF's arithmetic but the
+        fp32 sum's order) and activation (silu(g) * u in one launch; torch's but the fp32 exp)."""
         self.gpu = None
         if on:
             from kvloft.runtime.fused_weights import decode_layer
@@ -223,8 +253,11 @@ class Block(nn.Module):
             self.gpu = decode_layer(self)
 
     def forward(self, x, cos, sin, layer, backend, positions):
-        q, k, v = self.pre(x, cos, sin)
-        return self.post(x, backend.attend(layer, q, k, v, positions))
+        rows = None
+        if x.shape[0] > _GEMV_ROWS and hasattr(backend, "kv_rows"):  # a prefill chunk: k, v into the store
+            rows = backend.kv_rows(layer, x.shape[0])
+        q, k, v = self.pre(x, cos, sin, rows, chunk=True)
+        return self.post(x, backend.attend(layer, q, k, v, positions), chunk=True)
 
 
 def _cpu_fp32(t: Tensor | None) -> bool:

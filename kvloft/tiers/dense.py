@@ -31,18 +31,35 @@ class DenseKV:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.n = 0
 
-    def append(self, k: Tensor, v: Tensor) -> None:
-        need = self.n + k.shape[0]
+    def rows(self, t: int) -> tuple[Tensor, Tensor]:
+        """The next t rows of k and v [t, H_kv, D] (capacity grown to hold them; n unchanged):
+        write a chunk's keys and values there and append() keeps them without a copy."""
+        need = self.n + t
         if need > self.k.shape[0]:
             cap = dense_capacity(need)
             for name in ("k", "v"):
                 old = getattr(self, name)
                 new = torch.empty((cap, *old.shape[1:]), dtype=old.dtype, device=old.device)
-                new[: self.n] = old[: self.n]
+                if self.n:  # (an empty store: no copy op at all)
+                    new[: self.n] = old[: self.n]
                 setattr(self, name, new)
-        self.k[self.n : need] = k
-        self.v[self.n : need] = v
-        self.n = need
+        return self.k[self.n : need], self.v[self.n : need]
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """k, v [t, H_kv, D] after the rows held: copied in, unless they are rows(t) themselves."""
+        t = k.shape[0]
+        if not (self._next_rows(k, self.k) and self._next_rows(v, self.v)):
+            dk, dv = self.rows(t)
+            dk.copy_(k)
+            dv.copy_(v)
+        self.n += t
+
+    def _next_rows(self, x: Tensor, buf: Tensor) -> bool:
+        """x is buf's rows n..n+t as rows(t) gave them (contiguous, within the capacity)."""
+        t = x.shape[0]
+        return (x.data_ptr() == buf.data_ptr() + self.n * buf.stride(0) * buf.element_size()
+                and self.n + t <= buf.shape[0] and x.shape[1:] == buf.shape[1:] and x.dtype == buf.dtype
+                and x.is_contiguous() and x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr())
 
     def kv(self) -> tuple[Tensor, Tensor]:
         return self.k[: self.n], self.v[: self.n]

@@ -50,13 +50,13 @@ def _bound(got, base, exact, what):
     assert err <= 2 * base_err + floor, f"{what}: route error {err:.3g} > 2 x modules' {base_err:.3g} + {floor:.3g}"
 
 
-def _layer(block: Block, x, cos, sin):  # pre, a stand-in attention output, post
-    q, k, v = block.pre(x, cos, sin)
+def _layer(block: Block, x, cos, sin, chunk=False):  # pre, a stand-in attention output, post
+    q, k, v = block.pre(x, cos, sin, chunk=chunk)
     o = (q.float() * 0.5).to(q.dtype)  # [T, H_q, D]: deterministic from q, so both routes see their own
-    return q, k, v, block.post(x, o)
+    return q, k, v, block.post(x, o, chunk=chunk)
 
 
-def _compare(block: Block, t: int, dtype, device="cpu"):
+def _compare(block: Block, t: int, dtype, device="cpu", chunk=False):
     x = torch.randn(t, block.input_layernorm.weight.shape[0], device=device).to(dtype)  # [T, hidden]
     cos, sin = _rope(block, t, device)
     exact_block = copy.deepcopy(block).double()
@@ -64,7 +64,7 @@ def _compare(block: Block, t: int, dtype, device="cpu"):
     base = _layer(block, x, cos, sin)
     block.declare_gpu(True)
     assert isinstance(block.gpu, DecodeLayer) and isinstance(block.gpu.down_add, _AddInto)
-    got = _layer(block, x, cos, sin)
+    got = _layer(block, x, cos, sin, chunk)
     block.declare_gpu(False)
     for name, g, b, e in zip(("q", "k", "v", "x"), got, base, exact):
         assert g.shape == b.shape and g.dtype == b.dtype
@@ -131,18 +131,25 @@ def test_prefill_chunk_through_the_fused_gemms_matches_the_modules(dtype, bias, 
     monkeypatch.setitem(MLP_ROWS, "cpu", 16)  # the MLP in blocks of rows, each through the fused gate/up GEMM
     block = _block(cfg, dtype)
     _compare(block, t, dtype)  # more rows than the route's: the modules but for the two fused GEMMs
+    _compare(block, t, dtype, chunk=True)  # a prefill chunk: the route's norms too
     block.declare_gpu(True)
     x, (cos, sin), o = torch.randn(t, 96).to(dtype), _rope(block, t), torch.randn(t, 8, 24).to(dtype)
-    with torch.inference_mode(), _Ops() as pre:
-        q, k, v = block.pre(x, cos, sin)
-    with torch.inference_mode(), _Ops() as post:
-        block.post(x, o)
-    blocks = -(-t // 16)
-    assert pre.ops["linear.default"] == 1 and post.ops["linear.default"] == 1 + 2 * blocks  # o; gate/up, down
-    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()  # as the modules hand them on
+    torch_norm = ("pow", "mean", "rsqrt")
+    for chunk in (False, True):
+        with torch.inference_mode(), _Ops() as pre:
+            q, k, v = block.pre(x, cos, sin, chunk=chunk)
+        with torch.inference_mode(), _Ops() as post:
+            block.post(x, o, chunk=chunk)
+        blocks = 1 if chunk else -(-t // 16)  # a chunk: the whole MLP at once (MLP_ROWS is the CPU's modules')
+        assert pre.ops["linear.default"] == 1 and post.ops["linear.default"] == 1 + 2 * blocks  # o; gate/up, down
+        # a chunk: both norms (and post's residual add) and silu * up in the route's kernels; the last add the modules'
+        assert bool([op for op in pre.ops | post.ops if op.startswith(torch_norm)]) == (not chunk)
+        assert ("silu_.default" in post.ops) == (not chunk)
+        assert post.ops["add.Tensor"] == (1 if chunk else 3)  # the modules: x + a, the norm's + eps, x + mlp
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()  # as the modules hand them on
 
 
-def _decode(net):  # a 20-token prefill (the modules: their fused GEMMs where declared), a 3-row chunk, a token
+def _decode(net):  # a 20-token prefill (the modules; the route's fused GEMMs and norms where declared), 3 rows, 1
     dev = net.embed_tokens.weight.device
     ids = torch.randint(0, net.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).to(dev)
     be, at = DenseBackend(), lambda a, b: torch.arange(a, b, device=dev)
@@ -168,7 +175,7 @@ def _model_matches_the_modules(n_layers: int, dtype, device="cpu"):
     route.post = lambda x, o: rows.append(x.shape[0]) or real_post(x, o)
     net._gpu_norm = lambda x: norm_rows.append(x.shape[0]) or real_norm(x)
     got = _decode(net)
-    assert rows == [3, 1]  # the 20-token prefill took the modules (fused GEMMs), the chunk and the token the route
+    assert rows == [3, 1]  # the 20-token prefill took the modules (fused GEMMs, norms), the chunk and the token the route
     assert norm_rows == [1, 3, 1]  # the final norm of every call's (last) rows
     for i, (g, b, e) in enumerate(zip(got, base, exact)):
         _bound(g, b, e, f"logits of call {i}")

@@ -110,11 +110,18 @@ def test_mlp_in_row_blocks_matches_hf(tmp_path, monkeypatch):
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotate_equals_rotate_half(dtype):
-    """RoPE in three passes (runtime/model.py rotate) gives HF's x*cos + rotate_half(x)*sin bit
-    for bit (9 heads, head dim 64, positions 0..96 and 1e6..)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("promote", [False, True], ids=["cast-first", "promote-in-kernel"])
+def test_rotate_equals_rotate_half(dtype, promote, monkeypatch):
+    """RoPE in three passes (runtime/model.py rotate) gives HF's x*cos + rotate_half(x)*sin in
+    fp32, rounded once, bit for bit (9 heads, head dim 64, positions 0..96 and 1e6..): with x
+    copied to fp32 first (the CPU) or read as it is by the fp32 ops (PROMOTE_IN_KERNEL, CUDA's),
+    returned or rounded into given rows (a row-strided x: a fused GEMM's output)."""
+    from kvloft.runtime import model as model_mod
     from kvloft.runtime.model import rotate
+
+    if promote:
+        monkeypatch.setattr(model_mod, "PROMOTE_IN_KERNEL", ("cuda", "cpu"))
 
     torch.manual_seed(0)
     inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
@@ -122,8 +129,10 @@ def test_rotate_equals_rotate_half(dtype):
         ang = torch.arange(start, start + 97, dtype=torch.float64)[:, None] * inv[None]
         ang = torch.cat((ang, ang), dim=-1)
         cos, sin = ang.cos().float(), ang.sin().float()
-        x = torch.randn(97, 9, 64).to(dtype)
+        x = torch.randn(97, 11 * 64).to(dtype)[:, 64 : 10 * 64].view(97, 9, 64)  # row-strided
         xf = x.float()
         half = torch.cat((-xf[..., 32:], xf[..., :32]), dim=-1)
         want = torch.addcmul(xf * cos[:, None], half, sin[:, None]).to(dtype)
         assert torch.equal(rotate(x, cos, sin), want)
+        rows = torch.full((97, 9, 64), 7.0, dtype=dtype)
+        assert rotate(x, cos, sin, rows) is rows and torch.equal(rows, want)
