@@ -64,10 +64,19 @@ from prefill_ops import META, VIEWS  # ops that launch nothing
 
 _KVLOFT = str(Path(kvloft.__file__).resolve().parent)
 _BLOCK_FORWARD = model_mod.Block.forward.__code__
-# no launch where the call returns its input
-RETURNS_SELF = {"to", "contiguous", "reshape", "type_as", "resolve_conj", "resolve_neg"}
+# no launch where the call returns its input or a view of its memory
+RETURNS_SELF = {"to", "contiguous", "reshape", "flatten", "type_as", "view_as", "reshape_as", "resolve_conj",
+                "resolve_neg"}
 NO_LAUNCH = VIEWS | META | {"view_as", "squeeze_", "unsqueeze_", "promote_types", "is_same_size", "sym_size",
-                            "sym_stride"} | {f"{n}(no-op)" for n in RETURNS_SELF}
+                            "sym_stride"} | {f"{n}(view)" for n in RETURNS_SELF}
+
+
+def _same_memory(out: Any, args: tuple) -> bool:
+    """out is args[0] or a view of its memory (the same storage, nothing written)."""
+    a = args[0] if args else None
+    if not isinstance(out, torch.Tensor) or not isinstance(a, torch.Tensor):
+        return False
+    return out is a or (out.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and out.numel() > 0)
 
 
 def _where(depth: int = 2) -> tuple[str, str]:
@@ -98,8 +107,8 @@ class LaunchLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.__name__.split(".")[0]
-        if name in RETURNS_SELF and args and out is args[0]:
-            name += "(no-op)"  # a cast or layout call that returned its input: nothing launched
+        if name in RETURNS_SELF and _same_memory(out, args):
+            name += "(view)"  # a cast or layout call that returned its input or a view of it: no launch
         self.count[(name, *_where())] += 1
         return out
 

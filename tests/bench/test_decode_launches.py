@@ -38,7 +38,7 @@ def test_summarize_rates_by_part():
     log = LaunchLog()
     log.count.update({("mm", "a.py:1 f", "attend"): 12, ("triton:k", "b.py:2 g", "attend"): 6,
                       ("view", "a.py:3 f", "attend"): 24, ("linear", "c.py:4 h", "pre/post"): 6,
-                      ("argmax", "d.py:5 s", "step"): 3, ("to(no-op)", "d.py:6 s", "step"): 3})
+                      ("argmax", "d.py:5 s", "step"): 3, ("to(view)", "d.py:6 s", "step"): 3})
     r = summarize(log, "x", layers=2, steps=3, top=2)  # 6 layer-steps, 3 steps
     assert (r["attend_per_layer_step"], r["triton_attend_per_layer_step"]) == (3.0, 1.0)
     assert (r["prepost_per_layer_step"], r["layer_step"], r["views_per_layer_step"]) == (1.0, 4.0, 4.0)
