@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from kvloft.config import ModelConfig, RetrievalConfig
+from kvloft.index.act_probe import QueryStats, activation_bias
 from kvloft.index.base import (
     RetrieverStats,
     Selection,
@@ -81,6 +82,7 @@ from kvloft.index.base import (
     register,
     state_tensor,
 )
+from kvloft.index.block_spans import halo_spans
 from kvloft.tiers.chunked import ChunkedRows
 
 __all__ = ["ActQKVParams", "ActQKVRetriever", "activation_bias", "block_scores", "block_vectors",
@@ -177,39 +179,6 @@ def block_scores(vecs: Tensor, probe: Tensor, scoring: str) -> Tensor:
     return dots / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def activation_bias(window: Tensor, mean: Tensor, var: Tensor, var_floor: float) -> Tensor:
-    """phi of each window query per head: window [W, H_q, D], mean/var [H_q, D] -> [W, H_q]."""
-    denom = var + var.mean(dim=-1, keepdim=True) * var_floor
-    return ((window - mean) ** 2 / denom.clamp_min(torch.finfo(torch.float32).tiny)).mean(dim=-1)
-
-
-@dataclass
-class _QueryStats:
-    """Running per-channel mean and variance (Welford, batched) of one layer's queries [H_q, D]."""
-
-    count: int = 0
-    mean: Tensor | None = None  # [H_q, D] fp64
-    m2: Tensor | None = None  # [H_q, D] fp64
-
-    def update(self, x: Tensor) -> None:
-        """x [m, H_q, D]."""
-        x = x.double()
-        n_b, mean_b = x.shape[0], x.mean(dim=0)
-        m2_b = ((x - mean_b) ** 2).sum(dim=0)
-        if self.count == 0:
-            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        n = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.count * n_b / n)
-        self.count = n
-
-    @property
-    def var(self) -> Tensor:
-        return self.m2 / self.count
-
-
 @dataclass
 class _LayerState:
     """One layer's block memory and probe state.
@@ -225,7 +194,7 @@ class _LayerState:
     tail: Tensor
     tail_vec: Tensor | None = None
     n_rows: int = 0
-    stats: _QueryStats = field(default_factory=_QueryStats)
+    stats: QueryStats = field(default_factory=QueryStats)
     window: Tensor | None = None
     step: int = 0
     entropy: dict[int, Tensor | float] = field(default_factory=dict)
@@ -439,7 +408,7 @@ class ActQKVRetriever:
             st.step = int(state[p + "step"])
             st.entropy = {int(k): _entropy(v, False) for k, v in state[p + "entropies"]}
             mean, m2, window = (state.get(p + n) for n in ("mean", "m2", "window"))
-            st.stats = _QueryStats(int(state[p + "count"]), None if mean is None else mean.to(self.device),
+            st.stats = QueryStats(int(state[p + "count"]), None if mean is None else mean.to(self.device),
                                    None if m2 is None else m2.to(self.device))
             st.window = None if window is None else window.to(self.device)
 
@@ -448,41 +417,6 @@ def _entropy(value: Tensor | float, host: bool) -> Tensor | float:
     """An entropy for a state_dict: a float on the host (host=True), else as it is (a device
     tensor stays there: a mark before each call reads nothing)."""
     return float(value) if host or not isinstance(value, Tensor) else value
-
-
-def halo_spans(ranked: list[int], block: int, halo: int, tokens: int, n_rows: int) -> list[tuple[int, int]]:
-    """Row spans [lo, hi) covered by the blocks `ranked` (best first), each widened by `halo`
-    rows on both sides and clipped to [0, n_rows), taken in rank order while the rows of their
-    union number at most `tokens` (the first block always). Returns the union as sorted,
-    disjoint spans. A span meets only the spans of blocks within ceil(2 * halo / block)."""
-    reach = -(-2 * halo // block) if halo else 0
-    taken: dict[int, tuple[int, int]] = {}
-    count = 0
-    for b in ranked:
-        lo, hi = max(b * block - halo, 0), min((b + 1) * block + halo, n_rows)
-        near = sorted(taken[c] for c in range(b - reach, b + reach + 1) if c in taken)
-        new = hi - lo - _covered(near, lo, hi)
-        if count and count + new > tokens:
-            break
-        taken[b] = (lo, hi)
-        count += new
-    return _union(sorted(taken.values()))
-
-
-def _covered(spans: list[tuple[int, int]], lo: int, hi: int) -> int:
-    """Rows of [lo, hi) inside the union of `spans` (sorted by start)."""
-    return sum(b - a for a, b in _union([(max(a, lo), min(b, hi)) for a, b in spans if a < hi and b > lo]))
-
-
-def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted spans [lo, hi) merged where they overlap or touch."""
-    out: list[tuple[int, int]] = []
-    for a, b in spans:
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def normalized_entropy(scores: Tensor, temperature: float) -> Tensor:
