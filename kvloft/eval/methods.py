@@ -65,7 +65,7 @@ def retrieval_config(method: str, budget: int, n_sink: int, n_window: int, max_s
 
 def budget_list(budget: int | list[int] | tuple[int, ...]) -> list[int]:
     """The budgets of a run: one int, or several (each method but dense runs at every one)."""
-    return [budget] if isinstance(budget, int) and not isinstance(budget, bool) else list(budget)
+    return list(budget) if isinstance(budget, (list, tuple)) else [budget]
 
 
 def method_columns(methods: list[str], budget: int | list[int], variant: str = "") -> list[str]:

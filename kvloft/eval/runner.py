@@ -229,7 +229,7 @@ def _check_args(model, tasks, lengths, methods, budget, samples) -> None:
         raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-    budgets = budget if isinstance(budget, (list, tuple)) else [budget]
+    budgets = budget_list(budget)
     if not budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in budgets):
         raise ValueError(f"budget must be an int >= 0 host tokens per step (or a list of them), got {budget!r}")
     if len(set(budgets)) != len(budgets):
