@@ -15,6 +15,12 @@ so the tiered prefill can merge its partials exactly. `causal` means the queries
   into the unmasked prefix and the causal square, merged by lse.
 - the reference (fp32, CPU tensors, other head dims).
 
+On sm90/sm100 cards (where PyTorch itself prefers cuDNN's attention) a causal call whose
+queries are fewer than its keys goes to cuDNN instead (`aten._scaled_dot_product_cudnn_attention`),
+split into the unmasked prefix and the causal square, both kernels cuDNN runs, merged by their lse:
+FlashAttention-2's lower-right kernel ran a 14,336 x 30,720 chunk at ~295 TFLOP/s on an H200,
+cuDNN's square causal kernel ~450 (docs/performance.md).
+
 `causal_attend(q, k, v, scale=...)` is the out-only form for callers that merge nothing
 (DenseAttention: a chunk over every earlier token): public `F.scaled_dot_product_attention`
 with `causal_lower_right(Tq, Tk)` and `enable_gqa`, the same flash kernel on CUDA. The CPU
@@ -33,11 +39,13 @@ from torch import Tensor
 
 from kvloft.kernels import reference
 
-__all__ = ["attend", "causal_attend", "flash_supported", "fused_supported", "sdpa_causal", "shape_supported",
-           "workspace_bytes"]
+__all__ = ["attend", "causal_attend", "cudnn_supported", "flash_supported", "fused_supported", "sdpa_causal",
+           "shape_supported", "workspace_bytes"]
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_CUDNN = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
 FLASH_MAX_HEAD_DIM = 256
+CUDNN_MAX_HEAD_DIM = 128
 EFFICIENT_MAX_HEAD_DIM = 128
 
 
@@ -62,6 +70,20 @@ def flash_supported(q: Tensor, k: Tensor) -> bool:
             and k.dtype == q.dtype and d % 8 == 0 and d <= FLASH_MAX_HEAD_DIM
             and q.shape[1] % k.shape[1] == 0 and torch.backends.cuda.flash_sdp_enabled()
             and _flash_card(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+
+
+@functools.lru_cache(maxsize=16)
+def _cudnn_card(index: int) -> bool:
+    """Hopper and Blackwell data-center cards (sm90, sm100), where PyTorch ranks cuDNN first."""
+    return torch.cuda.get_device_capability(index)[0] in (9, 10)
+
+
+def cudnn_supported(q: Tensor, k: Tensor) -> bool:
+    """The cuDNN route takes q [Tq, H_q, D], k [Tk, H_kv, D] where the flash route does, with
+    D <= 128, the cuDNN backend enabled (torch.backends.cuda) and an sm90/sm100 card."""
+    return (_CUDNN is not None and q.is_cuda and flash_supported(q, k) and q.shape[-1] <= CUDNN_MAX_HEAD_DIM
+            and torch.backends.cuda.cudnn_sdp_enabled()
+            and _cudnn_card(q.device.index if q.device.index is not None else torch.cuda.current_device()))
 
 
 def _bhtd(x: Tensor, group: int = 1) -> Tensor:
@@ -93,6 +115,37 @@ def _efficient(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> t
     return out[0].transpose(0, 1).contiguous(), lse[0, :, :tq].transpose(0, 1).contiguous().float()
 
 
+def _cudnn(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """One cuDNN call (causal: top-left, so square calls only); K/V heads read for their group."""
+    tq, hq = q.shape[:2]
+    out, lse = _CUDNN(_bhtd(q), _bhtd(k), _bhtd(v), None, True, 0.0, causal, False, scale=scale)[:2]
+    # out [1, H_q, Tq, D]; lse [1, H_q, Tq] or [1, H_q, Tq, 1] fp32
+    return out[0].transpose(0, 1), lse.reshape(hq, -1)[:, :tq].transpose(0, 1).float()
+
+
+def _merge2(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """reference.merge of two parts with one accumulator (fp32, or o's dtype if wider): o [Tq, H, D], l [Tq, H]
+    (finite: each part holds at least one key per query)."""
+    lse = torch.logaddexp(l1, l2)
+    acc = torch.empty(o1.shape, dtype=torch.promote_types(o1.dtype, torch.float32), device=o1.device)
+    torch.mul(o1, torch.exp(l1 - lse)[..., None], out=acc)
+    acc.addcmul_(o2, torch.exp(l2 - lse)[..., None])
+    return acc.to(o1.dtype), lse
+
+
+def _cudnn_attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """attend() through cuDNN: a lower-right causal chunk with Tq < Tk as its unmasked prefix
+    k[:Tk - Tq] and its causal square k[Tk - Tq:], merged."""
+    tq, tk = q.shape[0], k.shape[0]
+    if not causal or tq == tk:
+        out, lse = _cudnn(q, k, v, scale, causal)
+        return out.contiguous(), lse.contiguous()
+    p = tk - tq
+    o1, l1 = _cudnn(q, k[:p], v[:p], scale, False)
+    o2, l2 = _cudnn(q, k[p:], v[p:], scale, True)
+    return _merge2(o1, l1, o2, l2)
+
+
 # the fused route of the efficient kernel; tests swap it for an emulation on the CPU
 _fused = _efficient
 
@@ -102,6 +155,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = Fals
     tq, tk = q.shape[0], k.shape[0]
     if tk == 0 or tq == 0 or (causal and tq > tk):
         return reference.attend(q, k, v, scale=scale, causal=causal)
+    if causal and tq < tk and cudnn_supported(q, k):
+        return _cudnn_attend(q, k, v, scale, causal)
     if flash_supported(q, k):
         return _flash(q, k, v, scale, causal)
     if not fused_supported(q, k):
@@ -135,20 +190,25 @@ def sdpa_causal(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
 
 
 def causal_attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
-    """attend(q, k, v, causal=True)'s out alone (KernelSet.causal_attend): public SDPA's flash
-    kernel where the flash route applies, else `attend`."""
-    if q.shape[0] and q.shape[0] <= k.shape[0] and flash_supported(q, k):
+    """attend(q, k, v, causal=True)'s out alone (KernelSet.causal_attend): a chunk shorter than
+    its keys through cuDNN's two kernels where that route applies, else public SDPA (a square
+    chunk: cuDNN's or flash's causal kernel, PyTorch's choice; a longer one: flash's lower-right
+    kernel) where the flash route applies, else `attend`."""
+    tq, tk = q.shape[0], k.shape[0]
+    if tq and tq < tk and cudnn_supported(q, k):
+        return _cudnn_attend(q, k, v, scale, True)[0]
+    if tq and tq <= tk and flash_supported(q, k):
         return sdpa_causal(q, k, v, scale=scale)
     return attend(q, k, v, scale=scale, causal=True)[0]
 
 
 def workspace_bytes(tq: int, tk: int, hq: int, hkv: int, d: int, itemsize: int, *, fused: bool) -> int:
     """Upper bound of the device bytes one attend() of Tq queries over Tk keys allocates
-    beyond its inputs. fused (the flash route): out, its fp32 copy for merging and lse, no
-    [Tq, Tk] logits, no copy of K, V. Else the reference on the device: fp32 logits
+    beyond its inputs. fused (the flash and cuDNN routes): out, the cuDNN split's two partial
+    outs, their fp32 accumulator and lse, no [Tq, Tk] logits, no copy of K, V. Else the reference on the device: fp32 logits
     [H_q, Tq, Tk], fp32 copies of K and V, fp32 queries and out."""
     if fused:
-        return tq * hq * (d * (itemsize + 4) + 2 * 4)
+        return tq * hq * (d * (3 * itemsize + 4) + 3 * 4)
     return hq * tq * tk * 4 + 2 * tk * hkv * d * 4 + tq * hq * d * (4 + itemsize)
 
 

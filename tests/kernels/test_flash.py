@@ -107,6 +107,42 @@ def test_flash_route_is_one_call_with_the_lse(monkeypatch, tq, tk, causal):
     _close(lse, ref_lse, 1e-10)
 
 
+def _cudnn_emulated(q, k, v, bias, lse, dropout, is_causal, debug, *, scale):
+    """aten._scaled_dot_product_cudnn_attention's contract on the CPU: q [1, H_q, Tq, D],
+    k, v [1, H_kv, Tk, D] (GQA), causal top-left -> (out [1, H_q, Tq, D], lse [1, H_q, Tq, 1], ...)."""
+    assert bias is None and lse and dropout == 0.0 and not debug
+    assert not is_causal or q.shape[2] == k.shape[2], "only square causal calls reach cuDNN"
+    tq = lambda x: x[0].transpose(0, 1)
+    out, lse = reference.attend_math(tq(q), tq(k), tq(v), scale=scale, causal=is_causal)
+    return out.transpose(0, 1)[None], lse.transpose(0, 1)[None, ..., None], None
+
+
+@pytest.mark.parametrize("tq,tk,causal", [(7, 7, True), (5, 40, True), (6, 33, False), (1, 9, True), (33, 34, True)])
+def test_cudnn_route_splits_a_short_chunk_into_prefix_and_square(monkeypatch, tq, tk, causal):
+    # a causal chunk shorter than its keys: two calls (the unmasked prefix, the causal square),
+    # merged; square and unmasked calls: one. The op emulated on the CPU, against the reference.
+    calls = []
+    monkeypatch.setattr(flash, "cudnn_supported", lambda q, k: True)
+    monkeypatch.setattr(flash, "flash_supported", lambda q, k: True)
+    monkeypatch.setattr(flash, "_FLASH", None)  # the flash op must not be reached on this route
+    monkeypatch.setattr(flash, "_CUDNN", lambda *a, **kw: calls.append((a[1].shape[2], a[6])) or _cudnn_emulated(*a, **kw))
+    q, k, v = _qkv(tq, tk, 14, 2, 16, torch.float64, seed=tq * tk)
+    ref_out, ref_lse = reference.attend(q, k, v, scale=0.25, causal=causal)
+    if causal and tq < tk:
+        out, lse = flash.attend(q, k, v, scale=0.25, causal=True)
+        assert calls == [(tk - tq, False), (tq, True)]
+        # the merge weights come from fp32 lse (the op's), so fp32's rounding bounds the error
+        _close(out, ref_out, 1e-6)
+        _close(lse, ref_lse, 1e-6)
+        assert out.is_contiguous() and out.shape == (tq, 14, 16)
+        _close(flash.causal_attend(q, k, v, scale=0.25), ref_out, 1e-6)
+    else:
+        monkeypatch.setattr(flash, "_FLASH", lambda *a, **kw: _flash_emulated(*a, **kw))
+        out, lse = flash.attend(q, k, v, scale=0.25, causal=causal)
+        assert calls == []  # the flash route keeps square and unmasked calls
+        _close(out, ref_out, 1e-10)
+
+
 def test_workspace_of_the_flash_route_does_not_grow_with_the_keys():
     small = flash.workspace_bytes(512, 1024, 32, 8, 128, 2, fused=True)
     assert small == flash.workspace_bytes(512, 131072, 32, 8, 128, 2, fused=True)
@@ -154,3 +190,20 @@ def test_flash_and_sdpa_lower_right_match_reference_cuda(dtype, tq, tk, hq, hkv,
     _close(lse, ref_lse, 1e-2, 1e-3)
     _close(flash.causal_attend(q, k, v, scale=d**-0.5), ref_out, 2e-2, 2e-2)
     _close(flash.sdpa_causal(q, k, v, scale=d**-0.5), ref_out, 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tq,tk,hq,hkv,d", [
+    (512, 4608, 32, 8, 128), (97, 1025, 14, 2, 64), (1024, 9000, 14, 2, 64), (77, 1000, 9, 3, 64),
+    (2048, 4096, 14, 2, 64),
+])
+def test_cudnn_split_matches_reference_cuda(tq, tk, hq, hkv, d):
+    # sm90/sm100: the short chunk's two cuDNN calls, GQA read in place, against the fp64 oracle
+    q, k, v = _qkv(tq, tk, hq, hkv, d, torch.bfloat16, "cuda")
+    if not flash.cudnn_supported(q, k):
+        pytest.skip("not an sm90/sm100 card, or cuDNN attention is off")
+    ref_out, ref_lse = reference.attend(q.double(), k.double(), v.double(), scale=d**-0.5, causal=True)
+    out, lse = flash.attend(q, k, v, scale=d**-0.5, causal=True)
+    _close(out, ref_out, 2e-2, 2e-2)
+    _close(lse, ref_lse, 1e-2, 1e-3)
+    _close(flash.causal_attend(q, k, v, scale=d**-0.5), ref_out, 2e-2, 2e-2)

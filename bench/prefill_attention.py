@@ -1,0 +1,91 @@
+"""One prefill chunk's causal attention on the GPU: the routes of kernels/flash.py side by side.
+
+A chunk of Tq queries over Tk keys (the queries the last Tq keys, lower-right causal), bf16,
+GQA read in place. Rows: FlashAttention-2's lower-right kernel in one call (public SDPA with
+causal_lower_right), the cuDNN split (unmasked prefix + causal square, merged by lse), and the
+route `flash.causal_attend` takes; each checked against the flash row and timed (CUDA events,
+median of --repeats after a warm-up). TFLOP/s counts the unmasked logits only (4 * Tq * keys * D
+* H_q, causal keys halved on the square).
+
+    python bench/prefill_attention.py --shapes 14336x30720:14/2/64,16384x131072:32/8/128 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from kvloft.kernels import flash
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+    """"TqxTk:Hq/Hkv/D" -> (Tq, Tk, Hq, Hkv, D)."""
+    tokens, heads = text.split(":")
+    tq, tk = (int(x) for x in tokens.split("x"))
+    hq, hkv, d = (int(x) for x in heads.split("/"))
+    return tq, tk, hq, hkv, d
+
+
+def time_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def flops(tq: int, tk: int, hq: int, d: int) -> float:
+    """Unmasked logits of a lower-right causal chunk: the prefix whole, the square halved."""
+    return 4.0 * hq * d * (tq * (tk - tq) + tq * tq / 2)
+
+
+def routes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> dict:
+    """The timed calls of one chunk: q [Tq, H_q, D], k, v [Tk, H_kv, D] -> {name: () -> out}."""
+    out = {"flash lower-right (one call)": lambda: flash.sdpa_causal(q, k, v, scale=scale),
+           "kvloft causal_attend": lambda: flash.causal_attend(q, k, v, scale=scale)}
+    if q.shape[0] < k.shape[0] and flash.cudnn_supported(q, k):
+        out["cudnn split (prefix + square)"] = lambda: flash._cudnn_attend(q, k, v, scale, True)[0]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="14336x30720:14/2/64,16384x16384:14/2/64,16384x131072:32/8/128")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("| Tq x Tk | heads | route | ms | TFLOP/s | max err vs flash |")
+    print("|---|---|---|---:|---:|---:|")
+    for spec in args.shapes.split(","):
+        tq, tk, hq, hkv, d = parse_shape(spec)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(tq, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(tk, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        scale = d**-0.5
+        base = flash.sdpa_causal(q, k, v, scale=scale)
+        for name, fn in routes(q, k, v, scale).items():
+            err = (fn().float() - base.float()).abs().max().item()
+            ms = time_ms(fn, args.repeats)
+            row = {"tq": tq, "tk": tk, "hq": hq, "hkv": hkv, "d": d, "route": name, "ms": round(ms, 3),
+                   "tflops": round(flops(tq, tk, hq, d) / ms / 1e9, 1), "max_err": err}
+            rows.append(row)
+            print(f"| {tq} x {tk} | {hq}/{hkv}/{d} | {name} | {ms:.3f} | {row['tflops']} | {err:.3g} |")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "prefill_attention.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
