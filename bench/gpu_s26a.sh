@@ -6,8 +6,9 @@
 set -u
 DEFAULT_TOTAL=540 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 120)" python3 -m pytest -q -m gpu tests/kernels/test_flash.py \
-  tests/runtime/test_prefill_chunk.py 2>&1 | tail -4
+  tests/runtime/test_prefill_chunk.py tests/kernels/test_scoring.py 2>&1 | tail -4
 timeout "$(left 90)" python3 bench/prefill_attention.py --out "$O" 2>&1 | tail -12
+timeout "$(left 60)" python3 bench/score_speed.py --out "$O" 2>&1 | tail -40
 timeout "$(left 200)" python3 bench/prefill_speed.py --lengths 8k,30k --chunks 16384,auto --methods dense,exact \
   --repeats 3 --out "$O" 2>&1 | grep -v Warning | tail -12
 TOTAL=$(left 600) bash bench/gpu_bisect.sh s22 HEAD

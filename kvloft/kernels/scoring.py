@@ -24,7 +24,8 @@ from kvloft.kernels import checks
 __all__ = ["score", "score_topk"]
 
 REDUCE_CODES = {"none": 0, "max": 1, "sum": 2}
-BLOCK_N = 64
+BLOCK_N = 64  # key rows per program
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -117,11 +118,12 @@ def _validate(q: Tensor, k_rows: Tensor, reduce: str, ids: Tensor | None) -> Non
 
 def score(
     q: Tensor, k_rows: Tensor, *, reduce: str = "none", scale: float = 1.0, ids: Tensor | None = None,
-    check_ids: bool | None = None,
+    check_ids: bool | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
 ) -> Tensor:  # fmt: skip
     """Scores only: q [H_q, D], k_rows [N, H_kv, D] -> [H_q, M] ("none") or [H_kv, M] fp32.
 
-    M = N, or len(ids) over the rows k_rows[ids]. Arguments as in score_topk.
+    M = N, or len(ids) over the rows k_rows[ids]. Arguments as in score_topk; block_n (a power
+    of two >= 16) and num_warps are the launch's tile, for bench/score_speed.py.
     """
     _validate(q, k_rows, reduce, ids)
     if ids is not None and checks.want_id_check(check_ids, ids):
@@ -136,11 +138,12 @@ def score(
         return out.zero_()
     q = q.contiguous()
     group = hq // hkv
-    _score_kernel[(hkv, triton.cdiv(m, BLOCK_N))](
+    _score_kernel[(hkv, triton.cdiv(m, block_n))](
         q, k_rows, ids.contiguous() if ids is not None else q, out,
         m, group, float(scale), q.stride(0), k_rows.stride(0), k_rows.stride(1),
         HAS_IDS=ids is not None, REDUCE=REDUCE_CODES[reduce], HEAD_DIM=d,
-        BLOCK_G=max(16, checks.next_pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, checks.next_pow2(d)),
+        BLOCK_G=max(16, checks.next_pow2(group)), BLOCK_N=block_n, BLOCK_D=max(16, checks.next_pow2(d)),
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
