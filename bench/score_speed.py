@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         s = scoring.score(q, k, reduce="max")
         kk = min(args.topk, n)
         add(n, f"topk {kk} of [H_kv, N]", 0, 0, time_ms(torch.topk, s, kk, dim=-1), s.numel() * 4)
+        add(n, f"topk {kk} of [H_kv, N], unsorted", 0, 0, time_ms(torch.topk, s, kk, dim=-1, sorted=False),
+            s.numel() * 4)
         s = scoring.score(q, k, reduce="none")
         add(n, "softmax + head sum", 0, 0, time_ms(softmax_sum, s), s.numel() * 8)
         v = torch.softmax(s, dim=-1).sum(dim=0)
