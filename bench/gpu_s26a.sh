@@ -2,9 +2,9 @@
 # One device call (stop 26): the cuDNN split of a prefill chunk (kernels/flash.py) checked and
 # timed, the prefill against HF on the 32K model's shape, then the hip keys_on=host row on the
 # stop-22 snapshot and on HEAD (bench/gpu_bisect.sh; needs `bash bench/bisect_snapshots.sh s22=39a4562`).
-# Usage (GPU machine, repo root):  TOTAL=540 bash bench/gpu_s26a.sh      carry [".bisect", ".whl"]
+# Usage (GPU machine, repo root):  TOTAL=480 bash bench/gpu_s26a.sh      carry [".bisect", ".whl"]
 set -u
-DEFAULT_TOTAL=540 . bench/gpu_budget.sh
+DEFAULT_TOTAL=480 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 120)" python3 -m pytest -q -m gpu tests/kernels/test_flash.py \
   tests/runtime/test_prefill_chunk.py tests/kernels/test_scoring.py 2>&1 | tail -4
 timeout "$(left 90)" python3 bench/prefill_attention.py --out "$O" 2>&1 | tail -12
