@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index import key_scan
+from kvloft.index.base import make_retriever
 from kvloft.index.key_scan import scan_store
 from kvloft.kernels.scoring import score
 from kvloft.tiers.chunked import ChunkedRows
@@ -75,6 +77,22 @@ def test_route_taken_only_where_it_applies():
     assert not key_scan._one_launch(q, _store(3 * CHUNK, 3, 16, gen))
     empty = ChunkedRows((3, 16), torch.float32, CHUNK)
     assert scan_store(q, empty).shape == (9, 0) and scan_store(q, empty, reduce="sum").shape == (3, 0)
+
+
+@pytest.mark.parametrize("method,options", [("tokenselect", {"scale_scores": True}), ("recycled", {"scale": 0.3})])
+def test_mirror_retrievers_scan_in_one_launch(monkeypatch, method, options):
+    """tokenselect's criticality and recycled's probabilities (each through its logit scale) over
+    a 4-chunk mirror are what their per-chunk scan gives, to fp32 rounding."""
+    model = ModelConfig.from_name("tiny")  # 9 query heads over 3 KV heads, head_dim 16
+    r = make_retriever(RetrievalConfig(method=method, options={**options, "chunk_rows": CHUNK}), model, "cpu")
+    gen = torch.Generator().manual_seed(6)
+    r.build(0, torch.randn(model.n_kv_heads, 3 * CHUNK + 37, model.head_dim, generator=gen), None)
+    q = torch.randn(model.n_heads, model.head_dim, generator=gen)
+    ask = r.criticality if method == "tokenselect" else r.probabilities
+    per_chunk = ask(0, q)
+    monkeypatch.setattr(key_scan, "_one_launch", lambda q, store: True)
+    monkeypatch.setattr(key_scan, "score_keys", _no_per_chunk_launch)
+    torch.testing.assert_close(ask(0, q), per_chunk, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
