@@ -61,8 +61,10 @@ def _one_launch(q: Tensor, store: ChunkedRows) -> bool:
             and len(store) > store.chunk_rows and store.chunks[0].device == q.device)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache
 def _capacity_meta(device: torch.device, capacity: int, chunk_rows: int) -> Tensor:
     """[3, 1] int64 on device: n_keys = capacity, table offset 0, chunk_rows. Shared by every
-    store of that capacity and chunk size (every layer of a session), copied down once."""
+    store of that capacity and chunk size (every layer of a session), copied down once and never
+    freed, so no launch on any stream reads a reused block: one small block per capacity seen
+    (64 for stores grown to 1M rows in 16384-row chunks)."""
     return torch.tensor([[capacity], [0], [chunk_rows]], dtype=torch.int64).to(device)
