@@ -2,9 +2,9 @@
 
 Per KV head, each host key j is ranked by the logits q_h · k_j of the query heads h
 of its GQA group, combined by `RetrievalConfig.gqa_reduce`: "max" (default; a key that
-matters to any head of the group is kept) or "sum". Keys are scanned chunk by chunk
-from a copy kept on the retriever's device (a GPU key mirror on CUDA), so the cost is
-one pass over all keys: N * H_kv * D * bytes per step.
+matters to any head of the group is kept) or "sum". Keys are scanned from a copy kept on
+the retriever's device (a GPU key mirror on CUDA, all its chunks in one launch:
+index/key_scan.py), so the cost is one pass over all keys: N * H_kv * D * bytes per step.
 
 options={"rank": "prob"} ranks by each head's log-probability instead (logit minus that
 head's log-sum-exp over the host keys; then the group's max): raw logits compare heads on
@@ -40,7 +40,8 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, check_keys, check_select, register
 from kvloft.index.diversity import capped_topk, similarity_buckets
-from kvloft.kernels import cpu_rank, cpu_rows, cpu_score, reference, score_keys
+from kvloft.index.key_scan import scan_store
+from kvloft.kernels import cpu_rank, cpu_rows, cpu_score, reference
 from kvloft.tiers.chunked import ChunkedRows
 
 
@@ -116,13 +117,11 @@ class ExactRetriever:
             return torch.empty((hkv, 0), dtype=torch.float32, device=self.device), None
         q = q.to(self.device)
         scale = self.model_cfg.head_dim**-0.5  # the softmax attention will take
-        if self.device.type != "cpu":  # the kernel folds the group in registers, scale included
+        if self.device.type != "cpu":  # one launch over the mirror's chunks, the group folded in registers
             if self.rank == "prob":
-                return self._logp_reduced(torch.cat([score_keys(q, chunk, scale=scale)
-                                                     for _, chunk in store.iter_chunks()], dim=1)), None
-            parts = [score_keys(q, chunk, reduce=self.cfg.gqa_reduce) for _, chunk in store.iter_chunks()]
-            return torch.cat(parts, dim=1), None
-        logits = _host_logits(store, q)
+                return self._logp_reduced(scan_store(q, store, scale=scale)), None
+            return scan_store(q, store, reduce=self.cfg.gqa_reduce), None
+        logits = scan_store(q, store)  # [H_q, N] fp32, unscaled
         if self.rank == "prob":
             return self._logp_reduced(logits * scale), logits
         return reference.reduce_group(logits, hkv, self.cfg.gqa_reduce), logits
@@ -165,7 +164,7 @@ class ExactRetriever:
         store = self._keys_of(layer)
         if store is None or len(store) <= budget:
             return None
-        logits = _host_logits(store, q.to(self.device))  # [H_q, N] fp32
+        logits = scan_store(q.to(self.device), store)  # [H_q, N] fp32, unscaled
         hkv = self.model_cfg.n_kv_heads
         if not cpu_rank.applies(logits, hkv, budget):
             return None
@@ -248,12 +247,6 @@ class ExactRetriever:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict() (after build() of every layer)."""
         self._stats.load_counts(state)
-
-
-def _host_logits(store: ChunkedRows, q: Tensor) -> Tensor:
-    """q [H_q, D] · every row of the store's chunks (each [rows, H_kv, D]) -> [H_q, N] fp32, unscaled."""
-    parts = [score_keys(q, chunk) for _, chunk in store.iter_chunks()]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _scans_in_place(store: ChunkedRows) -> bool:

@@ -50,7 +50,8 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register, state_tensor
 from kvloft.index.key_mirror import LayerMirrors
-from kvloft.kernels import reference, score_keys
+from kvloft.index.key_scan import scan_store
+from kvloft.kernels import reference
 from kvloft.tiers.chunked import ChunkedRows
 
 SCHEDULES = ("stride", "dynamic")
@@ -165,9 +166,7 @@ class RecycledRetriever:
         """Attention probabilities over the host tier: q [H_q, D] -> [H_q, N] fp32."""
         st = self.layers[layer]
         q = q.to(self.device)
-        logits = torch.cat(
-            [score_keys(q, chunk, scale=self.scale) for _, chunk in st.keys.iter_chunks()], dim=1
-        )  # [H_q, N]
+        logits = scan_store(q, st.keys, scale=self.scale)  # [H_q, N]
         return torch.softmax(logits, dim=-1)
 
     def full_step_scores(self, layer: int, q: Tensor) -> Tensor:

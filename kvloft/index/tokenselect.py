@@ -38,7 +38,7 @@ from torch import Tensor
 from kvloft.config import ModelConfig, RetrievalConfig
 from kvloft.index.base import RetrieverStats, Selection, params_from_options, register, state_tensor
 from kvloft.index.key_mirror import LayerMirrors
-from kvloft.kernels import score_keys
+from kvloft.index.key_scan import scan_store
 from kvloft.tiers.chunked import ChunkedRows
 
 
@@ -114,9 +114,7 @@ class TokenSelectRetriever:
         if st is None or len(st.keys) == 0:
             return torch.empty(0, dtype=torch.float32, device=self.device)
         q = q.to(self.device)
-        logits = torch.cat(
-            [score_keys(q, chunk, scale=self.scale) for _, chunk in st.keys.iter_chunks()], dim=1
-        )  # [H_q, N]
+        logits = scan_store(q, st.keys, scale=self.scale)  # [H_q, N]
         return torch.softmax(logits, dim=-1).sum(dim=0)
 
     def select(self, layer: int, q: Tensor, budget: int) -> Selection:
