@@ -172,8 +172,8 @@ class HipRetriever:
         """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step, the
         stages they recompute searched for all of them at once (index/hip_batch.py): q
         [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone.
-        Rows search_key() leaves out (_unbatched: heads="kv", scan_stages, an 8-bit host tier
-        searched in place) are refused: select() each alone."""
+        Rows search_key() leaves out (_unbatched: heads="kv", an 8-bit host tier searched in
+        place) are refused: select() each alone."""
         refused = [f"row {g}: {why}" for g, h in enumerate(retrievers) if (why := h._unbatched())]
         if refused:
             raise ValueError(f"select_batch: {'; '.join(refused)}; search_key() is None for these rows: "
@@ -181,24 +181,22 @@ class HipRetriever:
         return select_rows(retrievers, layer, q, budgets)
 
     def search_key(self) -> tuple[Any, ...] | None:
-        """Retrievers with equal keys search together in select_batch (stage shapes, kernels, device);
-        rank is not part of it: rank="z" and "logit" rows share a launch (index/hip_batch.py).
-        None where an 8-bit host tier is searched in place (index/hip_batch.py reads every row's
-        chunks as model-dtype rows through one table: codes need their scales' table too), and
-        for heads="kv" (per-KV-head masks: the batched search keeps one mask per row) and
-        scan_stages (the batched search runs the probe search only)."""
+        """Retrievers with equal keys search together in select_batch (stage shapes, which stages
+        scan every row, kernels, device); rank is not part of it: rank="z" and "logit" rows share a
+        launch (index/hip_batch.py). None where an 8-bit host tier is searched in place
+        (index/hip_batch.py reads every row's chunks as model-dtype rows through one table: codes
+        need their scales' table too), and for heads="kv" (per-KV-head masks: the batched search
+        keeps one mask per row)."""
         p, m = self.params, self.model_cfg
         if self._unbatched():  # searched by select() alone
             return None
-        return (type(self), p.chunk_sizes, p.probe, self.use_kernel, self.device, self.store_device,
-                m.n_heads, m.n_kv_heads, m.head_dim)
+        return (type(self), p.chunk_sizes, p.scan_stages, p.probe, self.use_kernel, self.device,
+                self.store_device, m.n_heads, m.n_kv_heads, m.head_dim)
 
     def _unbatched(self) -> str | None:
         """Why select_batch cannot search this retriever's rows, or None where it can."""
         if self.params.heads == "kv":
             return "it keeps a mask per KV head (hip option heads='kv'), which the batched search does not"
-        if self.params.scan_stages:
-            return "it scores every row of some stages (hip option scan_stages); the batched search runs the probe search"
         if self._packed():
             return ("it searches an 8-bit host tier in place (CacheConfig.host_dtype), which the batched search "
                     "reads as model-dtype rows")

@@ -8,7 +8,9 @@ in one set of launches instead of one set per row:
     candidates  every row's (cached mask + fresh rows) in one cat -> S [G, W], -1 padded
                 (stage 1: implicit, host rows 0..n_g - 1)
     scores      one hip_stage_batched launch (Triton; each row's store through its own run
-                of one address table) or each row's torch search -> [G, C], -inf padded
+                of one address table) or each row's torch search -> [G, C], -inf padded;
+                a scan stage (HipParams.scan_stages) launches over chunks of one row
+                [G, C * l_c, 1], then takes each chunk's max over its l_c rows
     pick        one stable sort of [G, C]: each row's best chunks (kernels see padding last)
     rows kept   one gather of the kept chunks [G, K, l_c], one cat of every row's (chunks, tail)
                 -> row g's new mask is a view
@@ -20,8 +22,9 @@ one small computation per row that recomputes a stage), the others with their qu
 of 0, which scores exactly as without one; a batch of logit rows only launches as before (no bias).
 
 Launches per stage do not grow with G. Every row gets exactly the ids of its own select():
-the same scores (the batched kernel runs the per-row kernel's arithmetic per chunk; the
-torch path scores each row as select does), the same stable pick (hip_stages.best_chunks),
+the same scores (the batched kernel runs the per-row kernel's arithmetic per chunk, a scan
+stage's per row as hip_stages.scan_scores does; the torch path scores each row as select does),
+the same stable pick (hip_stages.best_chunks),
 the same rows, the same state updates and counters. A stage that one row alone recomputes
 runs that row's own _run_stage.
 """
@@ -187,7 +190,9 @@ def _search(stage: int, rows: list[_Searched], q: _Queries) -> None:
     offsets = [0]
     for s in rows[:-1]:
         offsets.append(offsets[-1] + len(s.row.store.chunks))
-    meta = torch.tensor([[s.n_full for s in rows], offsets, [s.row.store.chunk_rows for s in rows],
+    scan = stage in hip0.params.scan_stages  # the kernel searches chunks of one row (hip_stages.scan_scores)
+    n_chunks = [s.n_full * length if scan else s.n_full for s in rows]  # chunks the kernel searches
+    meta = torch.tensor([n_chunks, offsets, [s.row.store.chunk_rows for s in rows],
                          [s.n_keep for s in rows]], dtype=torch.int64).to(dev, non_blocking=True)  # [4, G]
     score = _scores(stage, rows, qg, bias, cand, meta, n_cols, length)  # [G, n_cols]
     top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k_max]  # best first
@@ -198,8 +203,9 @@ def _search(stage: int, rows: list[_Searched], q: _Queries) -> None:
         else:
             top = torch.sort(top, dim=1).values
     masks = _kept_rows(rows, top, cand, n_cols, length)
+    per_chunk = length if scan else probes_per_chunk(length)  # rows read per chunk, as run_stage counts
     for s, mask in zip(rows, masks, strict=True):
-        s.row.reads += s.row.hip._stage_ran(s.row.st, stage, mask, s.row.n, s.n_full * probes_per_chunk(length))
+        s.row.reads += s.row.hip._stage_ran(s.row.st, stage, mask, s.row.n, s.n_full * per_chunk)
 
 
 def _padded(pieces: list[list[Tensor]], lengths: list[int], width: int, device: torch.device) -> Tensor:
@@ -214,7 +220,12 @@ def _padded(pieces: list[list[Tensor]], lengths: list[int], width: int, device: 
 def _scores(stage: int, rows: list[_Searched], q: Tensor, bias: Tensor | None, cand: Tensor | None, meta: Tensor,
             n_cols: int, length: int) -> Tensor:
     """Chunk scores [G, n_cols] fp32 of every row (-inf past its n_full chunks); q [G, H_q, D] and
-    bias [G, H_q] or None as _Queries.rows gives them."""
+    bias [G, H_q] or None as _Queries.rows gives them; meta [4, G] as _search makes it.
+
+    A scan stage (HipParams.scan_stages) is one launch over chunks of one row: the candidates
+    [G, n_cols, l_c] seen as [G, n_cols * l_c, 1] (row g's first meta[0, g] = n_full * l_c live,
+    -1 padding and the rows past them -inf), then each chunk's max over its l_c rows: the numbers
+    hip_stages.scan_scores gets for each row alone."""
     hip0 = rows[0].row.hip
     stores = [s.row.store for s in rows]
     k0 = stores[0].chunks[0]
@@ -222,8 +233,12 @@ def _scores(stage: int, rows: list[_Searched], q: Tensor, bias: Tensor | None, c
         from kvloft.kernels.hip_batched import hip_stage_batched
 
         table = torch.cat([st.pointer_table(q.device) for st in stores])
-        chunks = None if cand is None else cand[:, : n_cols * length].view(len(rows), n_cols, length)
-        return hip_stage_batched(table, k0, q, meta[:3], n_cols, length, chunks, hip0.params.probe, bias)[1]
+        g_n, scan = len(rows), stage in hip0.params.scan_stages
+        unit = 1 if scan else length  # rows per chunk the kernel searches
+        cols = n_cols * length // unit
+        chunks = None if cand is None else cand[:, : n_cols * length].view(g_n, cols, unit)
+        score = hip_stage_batched(table, k0, q, meta[:3], cols, unit, chunks, hip0.params.probe, bias)[1]
+        return score.view(g_n, n_cols, length).amax(dim=2) if scan else score
     # the torch path (or stores of mixed layouts): each row scored as its select would
     pad = torch.full((), float("-inf"), dtype=torch.float32, device=q.device)
     parts = []

@@ -67,7 +67,8 @@ class HipParams:
         max(kept_tokens[i - 1], budget) rows per refresh (32768 with the defaults, every 8
         steps), whatever the context length; stage 0 reads every row. An int (one stage) or
         "1/2" (a command line: kvloft eval --methods hip:scan_stages=1/2) are read as a
-        tuple. Such rows decline the batched search and the whole step (per-row path).
+        tuple. The batched search scans them too (index/hip_batch.py: rows of equal scan_stages
+        search together); such rows decline the whole step (per-row path).
     """
 
     chunk_sizes: tuple[int, ...] = (256, 32, 8)

@@ -38,17 +38,38 @@ def _same_state(a: HipRetriever, b: HipRetriever) -> None:
 
 
 SHORT = {"chunk_sizes": (16, 4), "kept_tokens": (64, 24), "refresh_steps": (2, 1), "chunk_rows": 64}
+SHORT3 = {"chunk_sizes": (16, 8, 4), "kept_tokens": (64, 32, 24), "refresh_steps": (2, 2, 1),
+          "chunk_rows": 64}
+TORCH, TRITON = [900, 20, 333, 500], [100, 20, 70, 80]  # row lengths (Triton interpreted: small)
 
 
 @pytest.mark.parametrize("options,lengths,steps", [
-    ({"kernel": "torch"}, [900, 20, 333, 500], 10),
-    ({**SHORT, "kernel": "triton"}, [100, 20, 70, 80], 3),  # interpreted: small
-], ids=["torch", "triton"])
-def test_select_batch_equals_each_row_alone(options, lengths, steps):
+    ({"kernel": "torch"}, TORCH, 10),
+    ({**SHORT, "kernel": "triton"}, TRITON, 3),
+    ({"kernel": "torch", "scan_stages": (1,)}, TORCH, 10),
+    ({"kernel": "torch", "scan_stages": (1, 2)}, TORCH, 10),
+    ({"kernel": "torch", "scan_stages": (0,)}, TORCH, 10),
+    ({**SHORT3, "kernel": "triton", "scan_stages": (1,)}, TRITON, 4),
+    ({**SHORT3, "kernel": "triton", "scan_stages": (1, 2)}, TRITON, 4),
+    ({**SHORT, "kernel": "triton", "scan_stages": (0,)}, TRITON, 3),
+], ids=["torch", "triton", "torch-scan1", "torch-scan12", "torch-scan0", "triton-scan1", "triton-scan12",
+        "triton-scan0"])
+def test_select_batch_equals_each_row_alone(options, lengths, steps, monkeypatch):
     """Rows of several lengths, one under the budget (then over it as rows arrive), one a step
     ahead in its refresh cycle (so stages refresh for some rows and not others), one of another
     budget: over the steps, rows added between them, every row's ids, stable part, fresh count
-    and scanned keys equal its own select()'s, and so do state and counters."""
+    and scanned keys equal its own select()'s, and so do state and counters. With scan_stages,
+    each scanned stage is searched in a batch of several rows at least once (the Triton path:
+    the batched launch over chunks of one row)."""
+    from kvloft.index import hip_batch
+    from kvloft.kernels import hip_batched
+
+    searched, chunks = [], []
+    real_search, real_kernel = hip_batch._search, hip_batched.hip_stage_batched
+    monkeypatch.setattr(hip_batch, "_search", lambda stage, rows, q: (searched.append(stage),
+                                                                       real_search(stage, rows, q))[1])
+    monkeypatch.setattr(hip_batched, "hip_stage_batched", lambda *a, **kw: (chunks.append(a[5]),
+                                                                             real_kernel(*a, **kw))[1])
     alone, batched = _rows(lengths, 1, **options), _rows(lengths, 1, **options)
     assert len({batch_search_key(h) for h in batched}) == 1
     gen = torch.Generator().manual_seed(2)
@@ -72,14 +93,24 @@ def test_select_batch_equals_each_row_alone(options, lengths, steps):
         _same_state(a, b)
         assert a.stats() == b.stats()
     assert alone[1].stats()["selected"] < alone[0].stats()["selected"]  # the short row took all it had
+    scan = options.get("scan_stages", ())
+    assert set(scan) <= set(searched)
+    assert (1 in chunks) == (options["kernel"] == "triton" and bool(scan))
 
 
 def test_select_batch_refuses_mixed_keys_and_bad_rows():
+    """Rows of different search keys (probe, which stages scan) are refused, not searched alike."""
     a = _rows([300], 3)[0]
-    b = _rows([300], 3, probe="middle")[0]
     q = torch.randn(2, HQ, D)
+    for other in ({"probe": "middle"}, {"scan_stages": (1,)}):
+        b = _rows([300], 3, **other)[0]
+        assert batch_search_key(b) is not None and batch_search_key(b) != batch_search_key(a)
+        with pytest.raises(ValueError, match="search keys"):
+            HipRetriever.select_batch([a, b], 0, q, [BUDGET, BUDGET])
+    scan1, scan12 = _rows([300], 3, scan_stages=(1,))[0], _rows([300], 3, scan_stages=(1, 2))[0]
+    assert batch_search_key(scan1) != batch_search_key(scan12)
     with pytest.raises(ValueError, match="search keys"):
-        HipRetriever.select_batch([a, b], 0, q, [BUDGET, BUDGET])
+        HipRetriever.select_batch([scan1, scan12], 0, q, [BUDGET, BUDGET])
     with pytest.raises(ValueError, match="one retriever and budget per query row"):
         HipRetriever.select_batch([a], 0, q, [BUDGET, BUDGET])
     with pytest.raises(ValueError, match="q must be"):

@@ -1,7 +1,8 @@
 """HiP stages that score every row of their chunks (hip option scan_stages): the chunk scores
 against a brute-force max over each chunk's rows on a planted needle the probe search misses
 (torch, Triton through the interpreter, an 8-bit host tier read in place), the needle kept by
-select, a session against dense attention where the budget covers the context, validation, and the batched search declining."""
+select (alone and batched), a session against dense attention where the budget covers the context,
+validation."""
 
 from __future__ import annotations
 
@@ -115,11 +116,27 @@ def test_session_with_scan_and_budget_covering_context_equals_dense():
     assert torch.allclose(logits["hip"], logits["dense"], atol=1e-4)
 
 
-def test_scan_rows_decline_the_batched_search():
-    hip = _hip(scan_stages=(1,))
-    assert hip.search_key() is None and batch_search_key(hip) is None
-    with pytest.raises(ValueError, match="scan_stages"):
-        type(hip).select_batch([hip], 0, torch.randn(1, HQ, D), [16])
+def test_scan_rows_search_batched_by_their_own_key():
+    """A scan row has a search key of its own (not a probe-search row's, not another scan_stages'),
+    and select_batch over two scan rows (512 and 448 rows) keeps the needle and equals each row's
+    select() (tests/index/test_hip_batch.py: longer runs of the batched scan against each row alone)."""
+    keys, q = _planted(torch.Generator().manual_seed(3))
+    opts = {"kept_tokens": (512, 64, 16)}
+
+    def rows(scan):
+        out = [_hip(scan_stages=scan, **opts) for _ in range(2)]
+        for hip, n in zip(out, (N, N - 64), strict=True):
+            hip.build(0, keys[:n].transpose(0, 1).contiguous(), None)
+        return out
+
+    search_keys = {batch_search_key(rows(scan)[0]) for scan in ((), (1,), (1, 2))}
+    assert len(search_keys) == 3 and None not in search_keys
+    alone, batched = rows((1,)), rows((1,))
+    want = [h.select(0, q, 16) for h in alone]
+    got = type(batched[0]).select_batch(batched, 0, torch.stack([q, q]), [16, 16])
+    for w, s in zip(want, got, strict=True):
+        assert torch.equal(s.ids, w.ids) and s.scanned == w.scanned
+        assert NEEDLE in s.ids.tolist()
 
 
 @pytest.mark.parametrize("value,want", [((), ()), (1, (1,)), ([2, 1, 2], (1, 2)), ("0,2", (0, 2)), ("1/2", (1, 2))])

@@ -176,20 +176,22 @@ def _same_selection(got, want, where) -> None:
 BATCH_OPTS = {"chunk_sizes": (16, 4), "kept_tokens": (64, 24), "refresh_steps": (2, 1), "chunk_rows": 64}
 
 
-@pytest.mark.parametrize("kernel,ranks,lengths,steps", [
-    ("torch", ("z", "z", "logit", "z"), (700, 20, 333, 500), 6),
-    ("triton", ("z", "logit", "z", "z"), (100, 20, 70, 80), 3),  # interpreted: small
-], ids=["torch", "triton"])
-def test_select_batch_of_z_rows_equals_each_row_alone(kernel, ranks, lengths, steps):
+@pytest.mark.parametrize("kernel,ranks,lengths,steps,scan", [
+    ("torch", ("z", "z", "logit", "z"), (700, 20, 333, 500), 6, ()),
+    ("triton", ("z", "logit", "z", "z"), (100, 20, 70, 80), 3, ()),  # interpreted: small
+    ("triton", ("z", "logit", "z", "z"), (100, 20, 70, 80), 3, (0, 1)),
+], ids=["torch", "triton", "triton-scan01"])
+def test_select_batch_of_z_rows_equals_each_row_alone(kernel, ranks, lengths, steps, scan):
     """rank='z' rows (and a logit row among them) searched together: every row's ids, stable part,
     fresh count and scanned keys equal its own select()'s, step by step with rows added between
     (the key statistics move), and so do its state and counters. The z rows do not pick what
-    logit rows over the same keys pick (the bias is applied)."""
+    logit rows over the same keys pick (the bias is applied). scan: stages scoring every row
+    (scan_stages), the bias applied to each row's score in the batched launch."""
     def rows(rank_of):
         gen = torch.Generator().manual_seed(5)
         out = []
         for rank, n in zip(rank_of, lengths, strict=True):
-            hip = _hip(**BATCH_OPTS, rank=rank, kernel=kernel)
+            hip = _hip(**BATCH_OPTS, rank=rank, kernel=kernel, scan_stages=scan)
             keys = _topic_keys(n, gen, seg=16)
             keys[1] += 4.0  # KV head 1's logits on another scale: z and logit ranks differ
             hip.build(0, keys, None)

@@ -32,7 +32,7 @@ CONFIGS = {
                                   options={**HIP, "rank": "z", "keys_on": "host"}),
     # a mask per KV head (heads="kv"): ids [H_kv, k], searched alone (search_key() None)
     "hip-kv": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "heads": "kv"}),
-    # stage 2 scores every row of its chunks (scan_stages): searched alone (search_key() None)
+    # stage 2 scores every row of its chunks (scan_stages): searched with rows of its own scan_stages
     "hip-scan": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "scan_stages": [1]}),
     "tokenselect": RetrievalConfig(method="tokenselect", budget=24, n_sink=4, n_window=32),
     "recycled": RetrievalConfig(method="recycled", budget=24, n_sink=4, n_window=32, options={"stride": 3}),
@@ -331,16 +331,17 @@ def test_per_head_hip_row_searches_alone_and_equals_alone(tiny, monkeypatch, tmp
     assert batched[1].backend.retriever.state[0].masks[-1].shape[0] == tiny.config.n_kv_heads
 
 
-def test_scanning_hip_row_searches_alone_and_equals_alone(tiny, monkeypatch, tmp_path):
-    """A scan_stages HiP row next to two probe-search HiP rows: one select() per layer for it, one
-    select_batch per layer for the other two; every session equals its own steps alone."""
-    specs = [("hip", 700), ("hip-scan", 1100), ("hip", 410)]
+def test_scanning_hip_rows_search_together_and_equal_alone(tiny, monkeypatch, tmp_path):
+    """Two scan_stages HiP rows next to two probe-search HiP rows: one select_batch per layer for
+    the scan rows, one for the others (different search keys), none alone; every session equals
+    its own steps alone."""
+    specs = [("hip", 700), ("hip-scan", 1100), ("hip", 410), ("hip-scan", 300)]
     alone, batched = _twins(tiny, specs, tmp_path)
-    assert Engine(tiny).plan([(s, 1) for s in batched]).search_groups == [[0, 2]]
+    assert Engine(tiny).plan([(s, 1) for s in batched]).search_groups == [[0, 2], [1, 3]]
     want = [_greedy_alone(s, 3) for s in alone]
     calls = _count_searches(monkeypatch)
     assert Engine(tiny).generate(batched, max_new_tokens=3, stop_at_eos=False) == want
-    assert calls == {"batched": [2] * (3 * tiny.config.n_layers), "row": 3 * tiny.config.n_layers}
+    assert calls == {"batched": [2] * (2 * 3 * tiny.config.n_layers), "row": 0}
     for a, b in zip(alone, batched, strict=True):
         assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
         _same_retriever_state(a, b)
