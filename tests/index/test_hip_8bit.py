@@ -404,9 +404,12 @@ sig = {n: "*i64" for n in ("table_ptr", "cand_ptr", "meta_ptr", "rep_ptr", "scal
 sig |= {"q_ptr": "*bf16", "score_ptr": "*fp32"}
 sig |= {n: "i32" for n in ("n_cols", "n_group", "n_rows", "chunk_rows", "stride_cg", "stride_cc", "stride_kn",
                            "stride_kh")}
-for codes, code_type, rnd, bias in ((2, "*u8", 2, 0), (1, "*i8", 2, 1), (2, "*u8", 0, 0)):
+for codes, code_type, rnd, bias, per_row, implicit in ((2, "*u8", 2, 0, 0, 0), (1, "*i8", 2, 1, 0, 0),
+                                                       (2, "*u8", 0, 0, 0, 0), (1, "*i8", 2, 0, 1, 1),
+                                                       (2, "*u8", 2, 1, 1, 0)):
     const = dict(H_Q=32, GROUP=4, D=128, BLOCK_H=32, BLOCK_D=128, CHUNK=8, LOG2_CHUNK=3, MIDDLE=False,
-                 IMPLICIT=False, TABLE=16, PER_ROW=False, HAS_BIAS=bool(bias), CODES=codes, ROUND=rnd)
+                 IMPLICIT=bool(implicit), TABLE=16, PER_ROW=bool(per_row), HAS_BIAS=bool(bias), CODES=codes,
+                 ROUND=rnd)
     if not bias:
         const["bias_ptr"] = None
     full = sig | {"k_ptr": code_type} | dict.fromkeys(const, "constexpr") | ({"bias_ptr": "*fp32"} if bias else {})
@@ -415,8 +418,9 @@ for codes, code_type, rnd, bias in ((2, "*u8", 2, 0), (1, "*i8", 2, 1), (2, "*u8
 
 
 def test_codes_search_compiles_for_cuda():
-    """The search reading fp8 / int8 codes (with and without a bias) compiles for sm_90 (the
-    interpreter accepts code the compiler rejects)."""
+    """The search reading fp8 / int8 codes (with and without a bias; one row's launch and the
+    batched PER_ROW one, stage 1 and later stages) compiles for sm_90 (the interpreter accepts
+    code the compiler rejects)."""
     import os
     import subprocess
     import sys
