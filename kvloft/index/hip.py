@@ -24,8 +24,8 @@ one chunk); a short run sitting between probes is missed.
 
 The other files of HiP: hip_params.py (options), hip_tier.py (keys_on="host": the session's host
 tier searched in place, 8-bit rows included), hip_zrank.py (rank="z": the keys' statistics),
-hip_batch.py (select_batch: the rows of a batched decode step searched together, each getting
-the ids its own select() would).
+hip_batch.py (select_batch: the rows of a batched decode step searched together, 8-bit host
+tiers in place too, each getting the ids its own select() would).
 
 Work reported (`scanned`): key vectors read by the probes of the stages recomputed at
 this step, 2 * log2(l_c) probe rows per chunk, times H_kv (the exact retriever's unit).
@@ -48,7 +48,7 @@ from kvloft.index.hip_heads import select_per_head
 from kvloft.index.hip_params import HipParams
 from kvloft.index.hip_stages import best_chunks, kept_rows, run_stage, stage_scores
 from kvloft.index.hip_state import LayerState, fresh_state, load_state_dict, state_dict, with_fresh
-from kvloft.index.hip_tier import attach_host_tier, is_packed, key_store_device
+from kvloft.index.hip_tier import attach_host_tier, host_formats, key_store_device
 from kvloft.index.hip_zrank import add_moments, moments_of
 from kvloft.index.key_moments import KeyMoments
 from kvloft.tiers.chunked import ChunkedRows
@@ -100,9 +100,9 @@ class HipRetriever:
         its chunks cannot be read so (the runtime then calls build): index/hip_tier.py."""
         return attach_host_tier(self, layer, tiers)
 
-    def _packed(self) -> bool:
-        """Whether a layer searches an 8-bit host tier in place (index/hip_tier.py)."""
-        return is_packed(self)
+    def _host_formats(self) -> tuple[str, ...]:
+        """The formats of the 8-bit host tiers its layers search in place, () for none (index/hip_tier.py)."""
+        return host_formats(self)
 
     def key_bytes(self) -> int:
         """Bytes of the retriever's own key copies (layers not attached to their host tier), on
@@ -171,9 +171,9 @@ class HipRetriever:
                      budgets: Sequence[int]) -> list[Selection]:
         """Each row's select(layer, q[g], budgets[g]) for the rows of a batched decode step, the
         stages they recompute searched for all of them at once (index/hip_batch.py): q
-        [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone.
-        Rows search_key() leaves out (_unbatched: heads="kv", an 8-bit host tier searched in
-        place) are refused: select() each alone."""
+        [G, H_q, D], retrievers[g] the row's own (one search_key()). Same ids as each alone,
+        8-bit host tiers searched in place included. Rows search_key() leaves out (_unbatched:
+        heads="kv") are refused: select() each alone."""
         refused = [f"row {g}: {why}" for g, h in enumerate(retrievers) if (why := h._unbatched())]
         if refused:
             raise ValueError(f"select_batch: {'; '.join(refused)}; search_key() is None for these rows: "
@@ -182,24 +182,20 @@ class HipRetriever:
 
     def search_key(self) -> tuple[Any, ...] | None:
         """Retrievers with equal keys search together in select_batch (stage shapes, which stages
-        scan every row, kernels, device); rank is not part of it: rank="z" and "logit" rows share a
-        launch (index/hip_batch.py). None where an 8-bit host tier is searched in place
-        (index/hip_batch.py reads every row's chunks as model-dtype rows through one table: codes
-        need their scales' table too), and for heads="kv" (per-KV-head masks: the batched search
-        keeps one mask per row)."""
+        scan every row, kernels, device, the formats of the 8-bit host tiers searched in place:
+        model-dtype rows, int8 and fp8 codes each launch apart); rank is not part of it: rank="z"
+        and "logit" rows share a launch (index/hip_batch.py). None for heads="kv" (per-KV-head
+        masks: the batched search keeps one mask per row)."""
         p, m = self.params, self.model_cfg
         if self._unbatched():  # searched by select() alone
             return None
         return (type(self), p.chunk_sizes, p.scan_stages, p.probe, self.use_kernel, self.device,
-                self.store_device, m.n_heads, m.n_kv_heads, m.head_dim)
+                self.store_device, m.n_heads, m.n_kv_heads, m.head_dim, self._host_formats())
 
     def _unbatched(self) -> str | None:
         """Why select_batch cannot search this retriever's rows, or None where it can."""
         if self.params.heads == "kv":
             return "it keeps a mask per KV head (hip option heads='kv'), which the batched search does not"
-        if self._packed():
-            return ("it searches an 8-bit host tier in place (CacheConfig.host_dtype), which the batched search "
-                    "reads as model-dtype rows")
         return None
 
     def _select_all(self, layer: int, n: int, budget: int) -> Selection:

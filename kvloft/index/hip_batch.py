@@ -8,7 +8,9 @@ in one set of launches instead of one set per row:
     candidates  every row's (cached mask + fresh rows) in one cat -> S [G, W], -1 padded
                 (stage 1: implicit, host rows 0..n_g - 1)
     scores      one hip_stage_batched launch (Triton; each row's store through its own run
-                of one address table) or each row's torch search -> [G, C], -inf padded;
+                of one address table; 8-bit host tiers: the codes' table and the scales' in
+                the same order, dequantized in registers) or each row's torch search
+                (8-bit rows dequantized, as select reads them) -> [G, C], -inf padded;
                 a scan stage (HipParams.scan_stages) launches over chunks of one row
                 [G, C * l_c, 1], then takes each chunk's max over its l_c rows
     pick        one stable sort of [G, C]: each row's best chunks (kernels see padding last)
@@ -40,7 +42,9 @@ from torch import Tensor
 
 from kvloft.index.base import Selection, check_select
 from kvloft.kernels.hip_stage import probes_per_chunk
+from kvloft.kernels.rowquant import PackedChunks
 from kvloft.tiers.chunked import ChunkedRows
+from kvloft.tiers.packed import PackedRows
 
 __all__ = ["n_keep", "select_rows"]
 
@@ -57,7 +61,7 @@ class _Row:
     hip: Any  # the row's HipRetriever (index/hip.py imports this module, not the reverse)
     g: int  # its index in q and in the result
     st: Any  # its layer's hip_state.LayerState
-    store: ChunkedRows
+    store: ChunkedRows | PackedRows  # an 8-bit host tier's keys (PackedRows) searched in place
     n: int  # host rows
     budget: int
     flags: tuple[bool, ...]
@@ -228,16 +232,19 @@ def _scores(stage: int, rows: list[_Searched], q: Tensor, bias: Tensor | None, c
     hip_stages.scan_scores gets for each row alone."""
     hip0 = rows[0].row.hip
     stores = [s.row.store for s in rows]
-    k0 = stores[0].chunks[0]
-    if hip0.use_kernel and all(c.dtype == k0.dtype and c.stride() == k0.stride() for st in stores for c in st.chunks):
+    layout = _layout(stores) if hip0.use_kernel else None
+    if layout is not None:
         from kvloft.kernels.hip_batched import hip_stage_batched
 
-        table = torch.cat([st.pointer_table(q.device) for st in stores])
+        k0, packed = layout
+        table = torch.cat([st.pointer_table(q.device) for st in stores])  # 8-bit stores: the codes' addresses
+        codes = {} if packed is None else {
+            "packed": packed, "scale_table": torch.cat([st.scale_table(q.device) for st in stores])}
         g_n, scan = len(rows), stage in hip0.params.scan_stages
         unit = 1 if scan else length  # rows per chunk the kernel searches
         cols = n_cols * length // unit
         chunks = None if cand is None else cand[:, : n_cols * length].view(g_n, cols, unit)
-        score = hip_stage_batched(table, k0, q, meta[:3], cols, unit, chunks, hip0.params.probe, bias)[1]
+        score = hip_stage_batched(table, k0, q, meta[:3], cols, unit, chunks, hip0.params.probe, bias, **codes)[1]
         return score.view(g_n, n_cols, length).amax(dim=2) if scan else score
     # the torch path (or stores of mixed layouts): each row scored as its select would
     pad = torch.full((), float("-inf"), dtype=torch.float32, device=q.device)
@@ -249,6 +256,26 @@ def _scores(stage: int, rows: list[_Searched], q: Tensor, bias: Tensor | None, c
         if s.n_full < n_cols:
             parts.append(pad.expand(n_cols - s.n_full))
     return torch.cat(parts).view(len(rows), n_cols)
+
+
+def _layout(stores: list[ChunkedRows | PackedRows]) -> tuple[Tensor, PackedChunks | None] | None:
+    """What one batched launch over the stores reads: (k0, None) for model-dtype chunks of one
+    dtype and strides; (k0 a codes chunk, the first store's PackedChunks) for 8-bit stores
+    (tiers/packed.py) of one format and model dtype, codes and scales of one layout; None where
+    the rows' stores differ (a layer attached to an 8-bit tier in one row, a key copy in another)."""
+    if not any(isinstance(st, PackedRows) for st in stores):
+        k0 = stores[0].chunks[0]
+        same = all(c.dtype == k0.dtype and c.stride() == k0.stride() for st in stores for c in st.chunks)
+        return (k0, None) if same else None
+    if not all(isinstance(st, PackedRows) for st in stores):
+        return None
+    packed = [st.chunks for st in stores]  # PackedChunks: the codes and scales as stored (no copy)
+    p0 = packed[0]
+    k0, s0 = p0.codes[0], p0.scales[0]
+    same = all((p.kind, p.dtype) == (p0.kind, p0.dtype) for p in packed)
+    same = same and all(c.dtype == k0.dtype and c.stride() == k0.stride() for p in packed for c in p.codes)
+    same = same and all(s.dtype == s0.dtype and s.stride() == s0.stride() for p in packed for s in p.scales)
+    return (k0, p0) if same else None
 
 
 def _kept_rows(rows: list[_Searched], top: Tensor, cand: Tensor | None, n_cols: int, length: int) -> list[Tensor]:

@@ -11,8 +11,9 @@ place as well: the stage kernels read each probe row's codes and per-head scales
 dequantize in registers (kernels/hip_stage.py), the torch path reads dequantized rows, and
 rank="z"'s statistics are made from the dequantized rows (index/hip_zrank.py); the index holds
 no key copy, so the host holds the packed rows once (about half the bytes of a model-dtype
-tier). The batched search (index/hip_batch.py) reads every row's chunks as model-dtype rows
-through one table, so such rows select() alone.
+tier). The batched search (index/hip_batch.py) reads such rows in place too (the codes' and
+the scales' address tables of every row, concatenated alike); rows of different formats never
+search together (HipRetriever.search_key holds host_formats).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from kvloft.index.hip_params import HipParams
 from kvloft.index.hip_state import fresh_state
 
-__all__ = ["attach_host_tier", "is_packed", "key_store_device"]
+__all__ = ["attach_host_tier", "host_formats", "key_store_device"]
 
 
 def key_store_device(params: HipParams, device: torch.device, use_kernel: bool) -> torch.device:
@@ -58,6 +59,7 @@ def attach_host_tier(hip: Any, layer: int, tiers: Any) -> bool:
     return True
 
 
-def is_packed(hip: Any) -> bool:
-    """Whether a layer of `hip` searches an 8-bit host tier in place (PackedRows: codes + scales)."""
-    return any(getattr(t, "host_dtype", None) is not None for t in hip.tiers.values())
+def host_formats(hip: Any) -> tuple[str, ...]:
+    """The formats ("fp8", "int8"; sorted, each once) of the 8-bit host tiers `hip` searches in
+    place (PackedRows: codes + scales); () where every layer searches model-dtype rows."""
+    return tuple(sorted({t.host_dtype for t in hip.tiers.values() if getattr(t, "host_dtype", None) is not None}))

@@ -79,14 +79,15 @@ def require_last_dim_contiguous(name: str, x: Tensor) -> None:
         )
 
 
-def require_batched_store(op: str, q: Tensor, k0: Tensor, kernel) -> None:
+def require_batched_store(op: str, q: Tensor, k0: Tensor, kernel, codes: bool = False) -> None:
     """A launch over every row's chunked store: q [G, H_q, D] float; k0 one store chunk
-    [chunk_rows, H_kv, D] float, last dim contiguous, with q's D and H_kv dividing H_q; `kernel`
-    runnable on q's device."""
+    [chunk_rows, H_kv, D] float (codes: 8-bit codes, checked by the caller), last dim contiguous,
+    with q's D and H_kv dividing H_q; `kernel` runnable on q's device."""
     require_dim("q", q, 3, "[G, H_q, D]")
     require_dim("store chunk", k0, 3, "[chunk_rows, H_kv, D]")
     require_float("q", q)
-    require_float("store chunk", k0)
+    if not codes:
+        require_float("store chunk", k0)
     require_runnable(q.device, kernel, op)
     require_last_dim_contiguous("store chunk", k0)
     hkv, d = k0.shape[1], k0.shape[2]

@@ -210,7 +210,7 @@ def hip_stage(chunks: Sequence[Tensor] | PackedChunks, cand: Tensor, q: Tensor, 
     tensors = chunks.codes if packed else chunks
     if any(c.shape != k0.shape or c.dtype != k0.dtype or c.stride() != k0.stride() for c in tensors):
         raise ValueError(f"{op}: every chunk must match the first in shape, dtype and strides")
-    codes = _codes_args(op, chunks, q) if packed else {}
+    codes = codes_args(op, chunks, q) if packed else {}
     n_chunks, chunk = cand.shape
     rep = torch.empty(n_chunks, dtype=torch.long, device=q.device)
     score = torch.empty(n_chunks, dtype=torch.float32, device=q.device)
@@ -229,10 +229,11 @@ def hip_stage(chunks: Sequence[Tensor] | PackedChunks, cand: Tensor, q: Tensor, 
 ROUND_FLAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # hip_search_kernel's ROUND per model dtype
 
 
-def _codes_args(op: str, chunks: PackedChunks, q: Tensor) -> dict:
+def codes_args(op: str, chunks: PackedChunks, q: Tensor, scale_table: Tensor | None = None) -> dict:
     """The kernel's 8-bit arguments for a PackedRows store's chunks: codes [R, H_kv, D] and
     scales [R, H_kv] fp32, both contiguous, on q's device or pinned (the layout split_kernel.py
-    reads); the scales' address table; the format and the model dtype rows round to."""
+    reads); the scales' address table (scale_table, [T] int64 on q's device, in the order of the
+    codes' table; None: the store's own); the format and the model dtype rows round to."""
     c0 = chunks.codes[0]
     r, hkv, d = c0.shape
     for i, (c, s) in enumerate(zip(chunks.codes, chunks.scales, strict=True)):
@@ -243,8 +244,12 @@ def _codes_args(op: str, chunks: PackedChunks, q: Tensor) -> dict:
     checks.require_rows_device(op, q, codes=c0, scales=chunks.scales[0])
     if chunks.dtype not in ROUND_FLAG:
         raise ValueError(f"{op}: 8-bit rows dequantize to float32, float16 or bfloat16, got {chunks.dtype}")
-    return {"scale_ptr": chunks.scale_table(q.device), "CODES": CODES_FLAG[chunks.kind],
-            "ROUND": ROUND_FLAG[chunks.dtype]}
+    if scale_table is None:
+        scale_table = chunks.scale_table(q.device)
+    elif scale_table.dim() != 1 or scale_table.dtype != torch.int64 or scale_table.device != q.device:
+        raise ValueError(f"{op}: scale_table must be [T] int64 on {q.device} (the scales' chunk addresses), "
+                         f"got {tuple(scale_table.shape)} {scale_table.dtype} on {scale_table.device}")
+    return {"scale_ptr": scale_table, "CODES": CODES_FLAG[chunks.kind], "ROUND": ROUND_FLAG[chunks.dtype]}
 
 
 def hip_stage1(keys: Tensor, q: Tensor, chunk: int, probe: str = "first",

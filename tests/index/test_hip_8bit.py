@@ -2,7 +2,8 @@
 stage kernel reading codes + scales against the torch reference over the dequantized rows,
 the retriever attached to a packed tier against one built on the dequantized keys, attention
 mass recall against the model-dtype tier (a stated bound), no key copy of its own, rank="z"
-statistics of the dequantized rows, the refusals that remain, and the sm_90 compile."""
+statistics of the dequantized rows, the batched search (select_batch, hip_stage_batched over
+codes) against each row alone, the refusals that remain, and the sm_90 compile."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from kvloft import CacheConfig, RetrievalConfig, RuntimeConfig, Session, load_model
 from kvloft.config import ModelConfig
 from kvloft.index.base import batch_search_key, make_retriever
+from kvloft.index.hip import HipRetriever
 from kvloft.kernels.checks import address_table
+from kvloft.kernels.hip_batched import hip_stage_batched, hip_stage_batched_reference
 from kvloft.kernels.hip_stage import hip_stage, hip_stage_reference
 from kvloft.kernels.rowquant import PackedChunks, dequantize_rows, quantize_rows
 from kvloft.tiers.kvcache import TieredKVCache
@@ -102,16 +105,14 @@ def _reference(keys: torch.Tensor, **opts):
 def test_attached_8bit_tier_selects_what_dequantized_keys_select(kind, kernel):
     """Every step (refreshes and cached ones, rows added in between) the retriever searching the
     packed tier in place selects exactly what HiP over the dequantized keys selects; it holds no
-    key copy and stays out of the batched search (search_key None)."""
+    key copy, and joins the batched search (a search key)."""
     gen = torch.Generator().manual_seed(7)
     keys = _topic_keys(420, gen)  # 2 host chunks of 256, the last partial
     _, tier = _tier(keys, kind)
     hip = make_retriever(RetrievalConfig(method="hip", options={**OPTS, "kernel": kernel}), MODEL, "cpu")
     assert hip.attach_host_tier(0, tier)
     assert isinstance(tier.host_k, PackedRows) and hip.keys == {} and hip.key_bytes() == 0
-    assert batch_search_key(hip) is None
-    with pytest.raises(ValueError, match="8-bit host tier"):  # the batched search reads model-dtype rows
-        type(hip).select_batch([hip, hip], 0, torch.randn(2, HQ, D), [32, 32])
+    assert batch_search_key(hip) is not None
     ref = _reference(tier.host_k.all())
     for step in range(3):
         q = torch.randn(HQ, D, generator=gen)
@@ -178,6 +179,186 @@ def test_z_rank_statistics_are_the_dequantized_rows():
     assert torch.equal(got["triton"], got["torch"])
 
 
+# ---- the batched search over 8-bit tiers ---------------------------------------------------
+
+
+def _packed_stores(kind: str, dtype: torch.dtype, gen: torch.Generator):
+    """Three 8-bit stores of 16-row chunks [16, 3, 59] (3, 1 and 2 chunks): their PackedChunks,
+    the codes' address table and the scales' (in the same order), each row's first table slot."""
+    packed = [_packed_chunks([torch.randn(16, 3, 59, generator=gen) for _ in range(n)], kind, dtype)[0]
+              for n in (3, 1, 2)]
+    cpu = torch.device("cpu")
+    table = torch.cat([address_table(p.codes, cpu) for p in packed])
+    scales = torch.cat([p.scale_table(cpu) for p in packed])
+    return packed, table, scales, [0, 3, 4]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk,probe,dtype,bias", [(1, "first", torch.float32, False),
+                                                    (4, "first", torch.bfloat16, True),
+                                                    (8, "middle", torch.float16, False)])
+def test_batched_stage_kernel_over_codes_equals_each_rows_launch(kind, chunk, probe, dtype, bias):
+    """D 59, 9 heads over 3, rows of different chunk counts, 8-bit codes rounded to three model
+    dtypes: each row's (rep, score) equal its own hip_stage launch over its PackedChunks bit for
+    bit, -1 / -inf past its chunks; for fp32 and fp16 rows the reps equal the torch twin's
+    (dequantized rows), scores within fp32 summation-order error (bf16: the Triton interpreter
+    rounds to bf16 otherwise than torch, so only the launches are compared)."""
+    gen = torch.Generator().manual_seed(chunk)
+    packed, table, scales, offsets = _packed_stores(kind, dtype, gen)
+    q = torch.randn(3, 9, 59, generator=gen)
+    b = torch.randn(3, 9, generator=gen) if bias else None
+    n_chunks = [48 // chunk, 16 // chunk - 1, 32 // chunk]
+    cols = max(n_chunks)
+    meta = torch.tensor([n_chunks, offsets, [16, 16, 16]])
+    cand = torch.full((3, cols + 1, chunk), -1)
+    for g, m in enumerate(n_chunks):
+        cand[g, :m] = torch.randperm(16 * len(packed[g]), generator=gen)[: m * chunk].view(m, chunk)
+    for c in (None, cand):  # stage 1 (rows in order) and a later stage (candidate lists)
+        rep, score = hip_stage_batched(table, packed[0].codes[0], q, meta, cols, chunk, c, probe, b,
+                                       packed=packed[0], scale_table=scales)
+        for g, m in enumerate(n_chunks):
+            rows = torch.arange(m * chunk).view(m, chunk) if c is None else c[g, :m]
+            r1, s1 = hip_stage(packed[g], rows, q[g], probe, bias=None if b is None else b[g])
+            assert torch.equal(rep[g, :m], r1) and torch.equal(score[g, :m], s1)
+            assert bool((rep[g, m:] == -1).all()) and bool((score[g, m:] == float("-inf")).all())
+        if dtype == torch.bfloat16:  # the interpreter's bf16 cast is not torch's rounding (hip_stage's alike)
+            continue
+        r2, s2 = hip_stage_batched_reference(packed, q, n_chunks, cols, chunk, c, probe, b)
+        assert torch.equal(rep, r2)
+        _close(score[rep >= 0], s2[rep >= 0], 1e-4)  # (past a row's chunks both -inf: checked above)
+
+
+def test_batched_stage_kernel_checks_its_codes_arguments():
+    packed, table, scales, offsets = _packed_stores("int8", torch.float32, torch.Generator().manual_seed(0))
+    q, meta = torch.randn(3, 9, 59), torch.tensor([[1, 1, 1], offsets, [16, 16, 16]])
+    k0 = packed[0].codes[0]
+    with pytest.raises(ValueError, match="both packed and scale_table"):
+        hip_stage_batched(table, k0, q, meta, 1, 4, packed=packed[0])
+    with pytest.raises(ValueError, match="scale_table must match table"):
+        hip_stage_batched(table, k0, q, meta, 1, 4, packed=packed[0], scale_table=scales[:-1])
+    with pytest.raises(ValueError, match="k0 must be a codes chunk"):
+        hip_stage_batched(table, k0.float(), q, meta, 1, 4, packed=packed[0], scale_table=scales)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):  # codes without their scales
+        hip_stage_batched(table, k0, q, meta, 1, 4)
+
+
+BATCH_OPTS = {"chunk_sizes": (16, 4), "kept_tokens": (64, 24), "refresh_steps": (2, 1), "chunk_rows": 64,
+              "keys_on": "host"}
+LENGTHS, BUDGETS = (100, 20, 70, 150), [24, 24, 24, 40]  # (Triton interpreted: small)
+
+
+def _attached_rows(kind: str | None, lengths, **options):
+    """Per length a CPU host tier (8-bit of `kind`, or model dtype) over topic keys, and two
+    retrievers searching it in place: (tiers, those to select alone, those to select_batch)."""
+    gen = torch.Generator().manual_seed(4)
+    tiers, alone, batched = [], [], []
+    for n in lengths:
+        kv, tier = _tier(_topic_keys(n, gen, seg=8), kind, host_chunk=64)
+        tiers.append((kv, tier))
+        for out in (alone, batched):
+            hip = make_retriever(RetrievalConfig(method="hip", options={**BATCH_OPTS, **options}), MODEL, "cpu")
+            assert hip.attach_host_tier(0, tier)
+            out.append(hip)
+    return tiers, alone, batched
+
+
+def _same_state(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k, va in sa.items():
+        assert torch.equal(va, sb[k]) if isinstance(va, torch.Tensor) else va == sb[k], k
+    assert a.stats() == b.stats()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("options", [{"kernel": "triton"}, {"kernel": "triton", "scan_stages": (1,)},
+                                     {"kernel": "triton", "rank": "z"}, {"kernel": "torch"}],
+                         ids=["triton", "triton-scan1", "triton-z", "torch"])
+def test_select_batch_over_8bit_tiers_equals_each_row_alone(kind, options, monkeypatch):
+    """Four rows over 8-bit tiers searched in place, of different lengths (one under the budget,
+    then at it), one a step ahead in its refresh cycle, one of another budget: over four steps
+    with a row moving down each, every row's ids, stable part, fresh count and scanned keys equal
+    its own select()'s, and so do state and counters; stages are searched batched, the Triton
+    launches reading codes (with their scales' table)."""
+    from kvloft.index import hip_batch
+    from kvloft.kernels import hip_batched
+
+    searched, launches = [], []
+    real_search, real_kernel = hip_batch._search, hip_batched.hip_stage_batched
+    monkeypatch.setattr(hip_batch, "_search", lambda stage, rows, q: (searched.append(stage),
+                                                                       real_search(stage, rows, q))[1])
+    monkeypatch.setattr(hip_batched, "hip_stage_batched", lambda *a, **kw: (launches.append((a[5], kw)),
+                                                                             real_kernel(*a, **kw))[1])
+    tiers, alone, batched = _attached_rows(kind, LENGTHS, **options)
+    assert len({batch_search_key(h) for h in batched}) == 1
+    gen = torch.Generator().manual_seed(2)
+    warm = torch.randn(HQ, D, generator=gen)
+    alone[2].select(0, warm, BUDGETS[2])  # row 2 one step ahead in its refresh schedule
+    batched[2].select(0, warm, BUDGETS[2])
+    for step in range(4):
+        q = torch.randn(len(LENGTHS), HQ, D, generator=gen)
+        want = [h.select(0, q[g], BUDGETS[g]) for g, h in enumerate(alone)]
+        got = HipRetriever.select_batch(batched, 0, q, BUDGETS)
+        for g, (w, s) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(s.ids, w.ids), (step, g)
+            assert (s.scanned, s.n_fresh, s.padded) == (w.scanned, w.n_fresh, w.padded), (step, g)
+            assert (s.stable is None) == (w.stable is None)
+            assert s.stable is None or torch.equal(s.stable, w.stable)
+        new = torch.randn(1, HKV, D, generator=gen)
+        for g, (_, tier) in enumerate(tiers):
+            ev = tier.append(new, new, torch.tensor([LENGTHS[g] + 1 + step]))  # one row moves down
+            for h in (alone[g], batched[g]):
+                h.add(0, ev.k.transpose(0, 1), ev.positions)
+    for a, b in zip(alone, batched, strict=True):
+        _same_state(a, b)
+    assert alone[1].stats()["selected"] < alone[0].stats()["selected"]  # the short row took all it had
+    assert {0, 1} <= set(searched)  # both stages searched batched
+    if options["kernel"] == "triton":
+        assert launches and all(kw["packed"].kind == kind for _, kw in launches)
+        assert (1 in [unit for unit, _ in launches]) == bool(options.get("scan_stages"))
+    else:
+        assert not launches
+
+
+def test_model_dtype_int8_and_fp8_rows_search_apart():
+    """Rows over a model-dtype tier, an int8 and an fp8 tier: three search keys (none None), and
+    select_batch refuses any two of them together."""
+    rows = {kind: _attached_rows(kind, (100,), kernel="triton")[2][0] for kind in (None, "int8", "fp8")}
+    keys = {kind: batch_search_key(h) for kind, h in rows.items()}
+    assert None not in keys.values() and len(set(keys.values())) == 3
+    q = torch.randn(2, HQ, D)
+    for a, b in ((None, "int8"), (None, "fp8"), ("int8", "fp8")):
+        with pytest.raises(ValueError, match="search keys"):
+            HipRetriever.select_batch([rows[a], rows[b]], 0, q, [24, 24])
+
+
+def test_rows_of_differing_layer_layouts_score_row_by_row(monkeypatch):
+    """Two rows of one search key whose layer 0 differs (an int8 tier searched in place, a
+    model-dtype key copy: attach_host_tier is per layer): the batched step scores each row as its
+    select() does (no batched launch over both), and the ids equal each alone."""
+    from kvloft.kernels import hip_batched
+
+    launches = []
+    real_kernel = hip_batched.hip_stage_batched
+    monkeypatch.setattr(hip_batched, "hip_stage_batched", lambda *a, **kw: (launches.append(1),
+                                                                             real_kernel(*a, **kw))[1])
+    tiers, alone, batched = _attached_rows("int8", (100, 150, 90), kernel="triton")
+    for rows in (alone, batched):  # row 1: layer 0 a key copy; layer 1 (not searched) over an int8 tier
+        rows[1].build(0, tiers[1][1].host_k.all().transpose(0, 1), None)
+        assert rows[1].attach_host_tier(1, tiers[2][1])
+        assert batch_search_key(rows[1]) == batch_search_key(rows[0])
+    gen = torch.Generator().manual_seed(6)
+    for step in range(2):
+        q = torch.randn(2, HQ, D, generator=gen)
+        want = [h.select(0, q[g], 24) for g, h in enumerate(alone[:2])]
+        got = HipRetriever.select_batch(batched[:2], 0, q, [24, 24])
+        for w, s in zip(want, got, strict=True):
+            assert torch.equal(s.ids, w.ids), step
+    assert not launches
+    for a, b in zip(alone[:2], batched[:2], strict=True):
+        _same_state(a, b)
+
+
 # ---- what HiP holds, and what it still cannot read in place ------------------------------
 
 
@@ -223,9 +404,12 @@ sig = {n: "*i64" for n in ("table_ptr", "cand_ptr", "meta_ptr", "rep_ptr", "scal
 sig |= {"q_ptr": "*bf16", "score_ptr": "*fp32"}
 sig |= {n: "i32" for n in ("n_cols", "n_group", "n_rows", "chunk_rows", "stride_cg", "stride_cc", "stride_kn",
                            "stride_kh")}
-for codes, code_type, rnd, bias in ((2, "*u8", 2, 0), (1, "*i8", 2, 1), (2, "*u8", 0, 0)):
+for codes, code_type, rnd, bias, per_row, implicit in ((2, "*u8", 2, 0, 0, 0), (1, "*i8", 2, 1, 0, 0),
+                                                       (2, "*u8", 0, 0, 0, 0), (1, "*i8", 2, 0, 1, 1),
+                                                       (2, "*u8", 2, 1, 1, 0)):
     const = dict(H_Q=32, GROUP=4, D=128, BLOCK_H=32, BLOCK_D=128, CHUNK=8, LOG2_CHUNK=3, MIDDLE=False,
-                 IMPLICIT=False, TABLE=16, PER_ROW=False, HAS_BIAS=bool(bias), CODES=codes, ROUND=rnd)
+                 IMPLICIT=bool(implicit), TABLE=16, PER_ROW=bool(per_row), HAS_BIAS=bool(bias), CODES=codes,
+                 ROUND=rnd)
     if not bias:
         const["bias_ptr"] = None
     full = sig | {"k_ptr": code_type} | dict.fromkeys(const, "constexpr") | ({"bias_ptr": "*fp32"} if bias else {})
@@ -234,8 +418,9 @@ for codes, code_type, rnd, bias in ((2, "*u8", 2, 0), (1, "*i8", 2, 1), (2, "*u8
 
 
 def test_codes_search_compiles_for_cuda():
-    """The search reading fp8 / int8 codes (with and without a bias) compiles for sm_90 (the
-    interpreter accepts code the compiler rejects)."""
+    """The search reading fp8 / int8 codes (with and without a bias; one row's launch and the
+    batched PER_ROW one, stage 1 and later stages) compiles for sm_90 (the interpreter accepts
+    code the compiler rejects)."""
     import os
     import subprocess
     import sys

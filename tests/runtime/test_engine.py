@@ -26,6 +26,9 @@ CONFIGS = {
     "hip": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options=HIP),
     # the host tier searched in place (attach_host_tier): one search key with "hip" on the CPU
     "hip-host": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "keys_on": "host"}),
+    # and with the Triton stage kernels (interpreted on the CPU): 8-bit tiers' codes read in place
+    "hip-host-triton": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32,
+                                       options={**HIP, "keys_on": "host", "kernel": "triton"}),
     # z-scored logits (HiP's rank="z"): searched in one select_batch with logit rows
     "hip-z": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32, options={**HIP, "rank": "z"}),
     "hip-z-host": RetrievalConfig(method="hip", budget=24, n_sink=4, n_window=32,
@@ -56,8 +59,9 @@ def _prompt(n, seed):
     return torch.randint(8, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _session(model, method, n, seed, evict_batch=0):
-    s = Session(model, CONFIGS[method], RUNTIME, CacheConfig(host_chunk_tokens=64, evict_batch=evict_batch))
+def _session(model, method, n, seed, evict_batch=0, host_dtype=None):
+    cache = CacheConfig(host_chunk_tokens=64, evict_batch=evict_batch, host_dtype=host_dtype)
+    s = Session(model, CONFIGS[method], RUNTIME, cache)
     s.feed(_prompt(n, seed))
     return s
 
@@ -105,12 +109,12 @@ def _count_searches(monkeypatch) -> dict:
 
 
 def _twins(model, specs, tmp_path):
-    """Two identical sets of fed sessions, one per (method, prompt length) in specs: each fed
-    once and its twin restored from a save (kvloft.runtime.persist), which is cheaper than a
-    second prefill and holds the same tiers, index state and counters."""
+    """Two identical sets of fed sessions, one per (method, prompt length[, host_dtype]) in specs:
+    each fed once and its twin restored from a save (kvloft.runtime.persist), which is cheaper
+    than a second prefill and holds the same tiers, index state and counters."""
     first, second = [], []
-    for seed, (method, n) in enumerate(specs):
-        s = _session(model, method, n, seed)
+    for seed, (method, n, *host_dtype) in enumerate(specs):
+        s = _session(model, method, n, seed, host_dtype=host_dtype[0] if host_dtype else None)
         s.save(tmp_path / f"twin{seed}")
         first.append(s)
         second.append(Session.load(tmp_path / f"twin{seed}", model, runtime=RUNTIME))
@@ -365,6 +369,38 @@ def test_one_launch_hip_rows_search_and_attend_together(tiny, monkeypatch, tmp_p
         assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
         assert _state(b) == _state(a)
         assert [sp.fills for sp in b.backend._spaces.values()] == [sp.fills for sp in a.backend._spaces.values()]
+        _same_retriever_state(a, b)
+
+
+def test_8bit_tier_hip_rows_search_together_and_equal_alone(tiny, monkeypatch, tmp_path):
+    """HiP rows searching 8-bit host tiers in place (CacheConfig.host_dtype int8 and fp8) next to
+    one over a model-dtype tier, on the one-launch route (the CPU route reads 8-bit tiers through
+    each row's own fetch, so only this route defers their searches): one select_batch per layer for
+    the int8 rows and one for the fp8 rows (formats search apart), the model-dtype row alone, and
+    every session equals its own steps alone (2 greedy steps): tokens, logits to fp32 rounding,
+    counters, tiers, HiP's state. The searches run HiP's Triton stage kernels (codes read in place)."""
+    launches = []
+    from kvloft.kernels import hip_batched
+
+    real_kernel = hip_batched.hip_stage_batched
+    monkeypatch.setattr(hip_batched, "hip_stage_batched", lambda *a, **kw: (launches.append(kw["packed"].kind),
+                                                                             real_kernel(*a, **kw))[1])
+    specs = [("hip-host-triton", 410, "int8"), ("hip-host-triton", 300, "fp8"), ("hip-host-triton", 450, "int8"),
+             ("hip-host-triton", 430, None), ("hip-host-triton", 310, "fp8")]
+    alone, batched = _twins(tiny, specs, tmp_path)
+    assert all(0 < s.backend.cache[0].n_host % 64 <= 64 - 2 for s in batched)  # no new (pinned) chunk
+    assert [b.backend.retriever._host_formats() for b in batched] == [("int8",), ("fp8",), ("int8",), (), ("fp8",)]
+    _one_launch_route(alone + batched)
+    assert Engine(tiny).plan([(s, 1) for s in batched]).search_groups == [[0, 2], [1, 4]]
+    want = [_greedy_alone(s, 2) for s in alone]
+    calls = _count_searches(monkeypatch)
+    got = Engine(tiny).generate(batched, max_new_tokens=2, stop_at_eos=False)
+    assert got == want
+    assert calls == {"batched": [2, 2] * (2 * tiny.config.n_layers), "row": 2 * tiny.config.n_layers}
+    assert set(launches) == {"int8", "fp8"}
+    for a, b in zip(alone, batched, strict=True):
+        assert _rel(b.last_logits, a.last_logits) < LOGIT_TOL
+        assert _state(b) == _state(a)
         _same_retriever_state(a, b)
 
 
