@@ -8,7 +8,8 @@ set -u
 DEFAULT_TOTAL=540 . bench/gpu_budget.sh
 KVLOFT_TEST_CUDA=1 timeout "$(left 150)" python3 -m pytest -q -m gpu tests/index/test_key_scan.py \
   tests/index/test_exact_batch.py tests/kernels/test_scoring.py tests/kernels/test_scoring_batched.py \
-  tests/index/test_hip_batch.py tests/index/test_hip_8bit.py 2>&1 | tail -4
+  tests/index/test_hip_batch.py tests/index/test_hip_8bit.py tests/kernels/test_flash.py 2>&1 | tail -4
+timeout "$(left 90)" python3 bench/prefill_attention.py --out "$O" 2>&1 | tail -12
 timeout "$(left 170)" python3 bench/decode.py --presets llama3-8b --contexts 128k \
   --methods dense,exact:keys_on=device,tokenselect,recycled --steps 16 --host-memory 100GiB --tag scan-128k \
   --out "$O" 2>&1 | grep -v '^{' | tail -6

@@ -19,7 +19,10 @@ On sm90/sm100 cards (where PyTorch itself prefers cuDNN's attention) a causal ca
 queries are fewer than its keys goes to cuDNN instead (`aten._scaled_dot_product_cudnn_attention`),
 split into the unmasked prefix and the causal square, both kernels cuDNN runs, merged by their lse:
 FlashAttention-2's lower-right kernel ran a 14,336 x 30,720 chunk at ~295 TFLOP/s on an H200,
-cuDNN's square causal kernel ~450 (docs/performance.md).
+cuDNN's square causal kernel ~450 (docs/performance.md). Only for chunks of at least
+CUDNN_MIN_QUERIES queries: cuDNN plans each new (Tq, Tk) once (a cost per shape, on the host) and
+every chunk's prefix has a new Tk, so a short chunk (a chat turn after a long context) would pay
+a plan for a kernel that saves it little; FlashAttention-2 has no per-shape plan.
 
 `causal_attend(q, k, v, scale=...)` is the out-only form for callers that merge nothing
 (DenseAttention: a chunk over every earlier token): public `F.scaled_dot_product_attention`
@@ -46,6 +49,7 @@ _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
 _CUDNN = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
 FLASH_MAX_HEAD_DIM = 256
 CUDNN_MAX_HEAD_DIM = 128
+CUDNN_MIN_QUERIES = 4096  # shorter chunks keep the flash route (see the module doc)
 EFFICIENT_MAX_HEAD_DIM = 128
 
 
@@ -80,8 +84,10 @@ def _cudnn_card(index: int) -> bool:
 
 def cudnn_supported(q: Tensor, k: Tensor) -> bool:
     """The cuDNN route takes q [Tq, H_q, D], k [Tk, H_kv, D] where the flash route does, with
-    D <= 128, the cuDNN backend enabled (torch.backends.cuda) and an sm90/sm100 card."""
-    return (_CUDNN is not None and q.is_cuda and flash_supported(q, k) and q.shape[-1] <= CUDNN_MAX_HEAD_DIM
+    Tq >= CUDNN_MIN_QUERIES, D <= 128, the cuDNN backend enabled (torch.backends.cuda) and an
+    sm90/sm100 card."""
+    return (_CUDNN is not None and q.is_cuda and q.shape[0] >= CUDNN_MIN_QUERIES and flash_supported(q, k)
+            and q.shape[-1] <= CUDNN_MAX_HEAD_DIM
             and torch.backends.cuda.cudnn_sdp_enabled()
             and _cudnn_card(q.device.index if q.device.index is not None else torch.cuda.current_device()))
 
