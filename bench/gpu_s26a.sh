@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call (stop 26): the cuDNN split of a prefill chunk (kernels/flash.py) checked and
+# One device call: the cuDNN split of a prefill chunk (kernels/flash.py) checked and
 # timed, the prefill against HF on the 32K model's shape, then the hip keys_on=host row on the
-# stop-22 snapshot and on HEAD (bench/gpu_bisect.sh; needs `bash bench/bisect_snapshots.sh s22=39a4562`).
+# snapshot of commit 39a4562 and on HEAD (bench/gpu_bisect.sh; needs `bash bench/bisect_snapshots.sh s22=39a4562`).
 # Usage (GPU machine, repo root):  TOTAL=480 bash bench/gpu_s26a.sh      carry [".bisect", ".whl"]
 set -u
 DEFAULT_TOTAL=480 . bench/gpu_budget.sh
