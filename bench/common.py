@@ -1,8 +1,10 @@
-"""What the decode benchmarks share: a synthetic context, timed decode steps, common flags."""
+"""What the decode benchmarks share: a synthetic context, timed decode steps, common flags, and
+a CUDA-event timer for single kernels."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -66,3 +68,17 @@ def add_decode_args(ap: argparse.ArgumentParser, steps: int = 12) -> None:
     ap.add_argument("--steps", type=int, default=steps, help="timed decode steps (median reported)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gpu-budget", default="24GiB")
+
+
+def cuda_ms(fn, *fn_args, repeats: int = 20, **fn_kw) -> float:
+    """Median CUDA-event ms of fn(*fn_args, **fn_kw) over `repeats` calls after one warm-up call."""
+    fn(*fn_args, **fn_kw)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*fn_args, **fn_kw)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import cuda_ms
 
 from kvloft.kernels import flash
 
@@ -30,19 +30,6 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int]:
     tq, tk = (int(x) for x in tokens.split("x"))
     hq, hkv, d = (int(x) for x in heads.split("/"))
     return tq, tk, hq, hkv, d
-
-
-def time_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def cold_ms(route: str, tq: int, tk: int, hq: int, hkv: int, d: int, salt: int) -> float:
@@ -92,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         base = flash.sdpa_causal(q, k, v, scale=scale)
         for name, fn in routes(q, k, v, scale).items():
             err = (fn().float() - base.float()).abs().max().item()
-            ms = time_ms(fn, args.repeats)
+            ms = cuda_ms(fn, repeats=args.repeats)
             salt = 8 * (len(rows) + 1)
             cold_ms(name, tq, tk, hq, hkv, d, salt)
             cold = cold_ms(name, tq, tk, hq, hkv, d, salt + 4)

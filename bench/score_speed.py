@@ -13,26 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
+from common import cuda_ms
 
 from kvloft.kernels import scoring
-
-
-def time_ms(fn, *fn_args, repeats: int = 20, **fn_kw) -> float:
-    """Median CUDA-event ms of fn(*fn_args, **fn_kw) after one warm-up call."""
-    fn(*fn_args, **fn_kw)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*fn_args, **fn_kw)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def softmax_sum(s: torch.Tensor) -> torch.Tensor:
@@ -65,17 +51,17 @@ def main(argv: list[str] | None = None) -> None:
         for reduce, heads in (("max", hkv), ("none", hq)):
             for bn, tiles in ((64, 1), (128, 1), (256, 1), (64, 4), (128, 4), (128, 8)):
                 for nw in (4, 8):
-                    ms = time_ms(scoring.score, q, k, reduce=reduce, block_n=bn, tiles=tiles, num_warps=nw)
+                    ms = cuda_ms(scoring.score, q, k, reduce=reduce, block_n=bn, tiles=tiles, num_warps=nw)
                     add(n, f"score {reduce}", f"{bn}x{tiles}", nw, ms, key_bytes + heads * n * 4)
         s = scoring.score(q, k, reduce="max")
         kk = min(args.topk, n)
-        add(n, f"topk {kk} of [H_kv, N]", 0, 0, time_ms(torch.topk, s, kk, dim=-1), s.numel() * 4)
-        add(n, f"topk {kk} of [H_kv, N], unsorted", 0, 0, time_ms(torch.topk, s, kk, dim=-1, sorted=False),
+        add(n, f"topk {kk} of [H_kv, N]", 0, 0, cuda_ms(torch.topk, s, kk, dim=-1), s.numel() * 4)
+        add(n, f"topk {kk} of [H_kv, N], unsorted", 0, 0, cuda_ms(torch.topk, s, kk, dim=-1, sorted=False),
             s.numel() * 4)
         s = scoring.score(q, k, reduce="none")
-        add(n, "softmax + head sum", 0, 0, time_ms(softmax_sum, s), s.numel() * 8)
+        add(n, "softmax + head sum", 0, 0, cuda_ms(softmax_sum, s), s.numel() * 8)
         v = torch.softmax(s, dim=-1).sum(dim=0)
-        add(n, f"topk {kk} of [N]", 0, 0, time_ms(torch.topk, v, kk), v.numel() * 4)
+        add(n, f"topk {kk} of [N]", 0, 0, cuda_ms(torch.topk, v, kk), v.numel() * 4)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "score_speed.json").write_text(json.dumps(
