@@ -129,16 +129,6 @@ def _cudnn(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple
     return out[0].transpose(0, 1), lse.reshape(hq, -1)[:, :tq].transpose(0, 1).float()
 
 
-def _merge2(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-    """reference.merge of two parts with one accumulator (fp32, or o's dtype if wider): o [Tq, H, D], l [Tq, H]
-    (finite: each part holds at least one key per query)."""
-    lse = torch.logaddexp(l1, l2)
-    acc = torch.empty(o1.shape, dtype=torch.promote_types(o1.dtype, torch.float32), device=o1.device)
-    torch.mul(o1, torch.exp(l1 - lse)[..., None], out=acc)
-    acc.addcmul_(o2, torch.exp(l2 - lse)[..., None])
-    return acc.to(o1.dtype), lse
-
-
 def _cudnn_attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """attend() through cuDNN: a lower-right causal chunk with Tq < Tk as its unmasked prefix
     k[:Tk - Tq] and its causal square k[Tk - Tq:], merged."""
@@ -149,7 +139,13 @@ def _cudnn_attend(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -
     p = tk - tq
     o1, l1 = _cudnn(q, k[:p], v[:p], scale, False)
     o2, l2 = _cudnn(q, k[p:], v[p:], scale, True)
-    return _merge2(o1, l1, o2, l2)
+    # the Triton merge where the op runs (CUDA: one pass over both parts); the reference elsewhere
+    # (tests emulate the op on the CPU)
+    if q.is_cuda:
+        from kvloft.kernels.merge import merge
+
+        return merge([o1, o2], [l1, l2])
+    return reference.merge([o1, o2], [l1, l2])
 
 
 # the fused route of the efficient kernel; tests swap it for an emulation on the CPU
@@ -210,11 +206,11 @@ def causal_attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
 
 def workspace_bytes(tq: int, tk: int, hq: int, hkv: int, d: int, itemsize: int, *, fused: bool) -> int:
     """Upper bound of the device bytes one attend() of Tq queries over Tk keys allocates
-    beyond its inputs. fused (the flash and cuDNN routes): out, the cuDNN split's two partial
-    outs, their fp32 accumulator and lse, no [Tq, Tk] logits, no copy of K, V. Else the reference on the device: fp32 logits
+    beyond its inputs. fused (the flash and cuDNN routes): out and lse; the cuDNN split's two
+    partial outs and the merge's stacked copy of them; no [Tq, Tk] logits, no copy of K, V. Else the reference on the device: fp32 logits
     [H_q, Tq, Tk], fp32 copies of K and V, fp32 queries and out."""
     if fused:
-        return tq * hq * (d * (3 * itemsize + 4) + 3 * 4)
+        return tq * hq * (d * 5 * itemsize + 3 * 4)
     return hq * tq * tk * 4 + 2 * tk * hkv * d * 4 + tq * hq * d * (4 + itemsize)
 
 
