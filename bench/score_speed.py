@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     hq, hkv, d = (int(x) for x in args.heads.split("/"))
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, heads {hq}/{hkv}/{d}")
-    print("| N | op | block_n x tiles | warps | ms | GB/s |")
+    print("| N | op | block_n | warps | ms | GB/s |")
     print("|---:|---|---:|---:|---:|---:|")
 
     def add(n, op, bn, nw, ms, nbytes):
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
         key_bytes = k.numel() * 2
         for reduce, heads in (("max", hkv), ("none", hq)):
-            for bn, tiles in ((64, 1), (128, 1), (256, 1), (64, 4), (128, 4), (128, 8)):
+            for bn in (64, 128, 256):
                 for nw in (4, 8):
-                    ms = cuda_ms(scoring.score, q, k, reduce=reduce, block_n=bn, tiles=tiles, num_warps=nw)
-                    add(n, f"score {reduce}", f"{bn}x{tiles}", nw, ms, key_bytes + heads * n * 4)
+                    ms = cuda_ms(scoring.score, q, k, reduce=reduce, block_n=bn, num_warps=nw)
+                    add(n, f"score {reduce}", bn, nw, ms, key_bytes + heads * n * 4)
         s = scoring.score(q, k, reduce="max")
         kk = min(args.topk, n)
         add(n, f"topk {kk} of [H_kv, N]", 0, 0, cuda_ms(torch.topk, s, kk, dim=-1), s.numel() * 4)

@@ -5,7 +5,7 @@ k_rows [N, H_kv, D] (all N rows, or the candidate rows ids [M]) and, for reduce=
 "sum", folds the G = H_q / H_kv query heads of each GQA group in registers, so only
 [H_kv, N] scores reach memory; torch.topk then picks the best.
 
-Grid (H_kv, cdiv(M, BLOCK_N * TILES)): program (h, b) reads TILES x BLOCK_N key rows of KV head h once
+Grid (H_kv, cdiv(M, BLOCK_N)): program (h, b) reads BLOCK_N key rows of KV head h once
 for all G query heads (a tensor-core dot with G padded to BLOCK_G >= 16).
 Memory traffic: read M*H_kv*D*itemsize (+ M*idx_bytes per KV head with ids), write
 M*H_kv*4 bytes (reduced) or M*H_q*4 (reduce="none"); topk reads the scores once more.
@@ -24,8 +24,7 @@ from kvloft.kernels import checks
 __all__ = ["score", "score_topk"]
 
 REDUCE_CODES = {"none": 0, "max": 1, "sum": 2}
-BLOCK_N = 64  # key rows per tile
-TILES = 1  # tiles per program
+BLOCK_N = 64  # key rows per program
 NUM_WARPS = 4
 
 
@@ -71,30 +70,28 @@ def _score_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    TILES: tl.constexpr = 1,
 ):
     tl.static_assert(BLOCK_G >= 16)  # tl.dot needs every dimension >= 16
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
     kv_head = tl.program_id(0)
+    pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     qb, q_heads, gmask, d, dmask = load_group_queries(q, kv_head, group, stride_qh, HEAD_DIM, BLOCK_G, BLOCK_D)
-    for t in tl.range(0, TILES):  # TILES consecutive tiles of BLOCK_N rows per program
-        pos = (tl.program_id(1) * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = pos < n_keys
-        if HAS_IDS:
-            rows = tl.load(ids + pos, mask=valid, other=0).to(tl.int64)
-        else:
-            rows = pos.to(tl.int64)
-        k_ptr = k + kv_head.to(tl.int64) * stride_kh + rows[:, None] * stride_kn + d[None, :]
-        kb = tl.load(k_ptr, mask=valid[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_N]
-        pos64 = pos.to(tl.int64)
-        if REDUCE == 0:
-            out_ptr = scores + q_heads.to(tl.int64)[:, None] * n_keys + pos64[None, :]
-            tl.store(out_ptr, s, mask=gmask[:, None] & valid[None, :])
-        else:
-            r = reduce_group_scores(s, gmask, REDUCE)
-            tl.store(scores + kv_head.to(tl.int64) * n_keys + pos64, r, mask=valid)
+    valid = pos < n_keys
+    if HAS_IDS:
+        rows = tl.load(ids + pos, mask=valid, other=0).to(tl.int64)
+    else:
+        rows = pos.to(tl.int64)
+    k_ptr = k + kv_head.to(tl.int64) * stride_kh + rows[:, None] * stride_kn + d[None, :]
+    kb = tl.load(k_ptr, mask=valid[:, None] & dmask[None, :], other=0.0)
+    s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_N]
+    pos64 = pos.to(tl.int64)
+    if REDUCE == 0:
+        out_ptr = scores + q_heads.to(tl.int64)[:, None] * n_keys + pos64[None, :]
+        tl.store(out_ptr, s, mask=gmask[:, None] & valid[None, :])
+    else:
+        r = reduce_group_scores(s, gmask, REDUCE)
+        tl.store(scores + kv_head.to(tl.int64) * n_keys + pos64, r, mask=valid)
 
 
 def _validate(q: Tensor, k_rows: Tensor, reduce: str, ids: Tensor | None) -> None:
@@ -121,12 +118,12 @@ def _validate(q: Tensor, k_rows: Tensor, reduce: str, ids: Tensor | None) -> Non
 
 def score(
     q: Tensor, k_rows: Tensor, *, reduce: str = "none", scale: float = 1.0, ids: Tensor | None = None,
-    check_ids: bool | None = None, block_n: int = BLOCK_N, tiles: int = TILES, num_warps: int = NUM_WARPS,
+    check_ids: bool | None = None, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
 ) -> Tensor:  # fmt: skip
     """Scores only: q [H_q, D], k_rows [N, H_kv, D] -> [H_q, M] ("none") or [H_kv, M] fp32.
 
     M = N, or len(ids) over the rows k_rows[ids]. Arguments as in score_topk; block_n (a power
-    of two >= 16), tiles (per program) and num_warps shape the launch, for bench/score_speed.py.
+    of two >= 16) and num_warps shape the launch, for bench/score_speed.py.
     """
     _validate(q, k_rows, reduce, ids)
     if ids is not None and checks.want_id_check(check_ids, ids):
@@ -141,12 +138,12 @@ def score(
         return out.zero_()
     q = q.contiguous()
     group = hq // hkv
-    _score_kernel[(hkv, triton.cdiv(m, block_n * tiles))](
+    _score_kernel[(hkv, triton.cdiv(m, block_n))](
         q, k_rows, ids.contiguous() if ids is not None else q, out,
         m, group, float(scale), q.stride(0), k_rows.stride(0), k_rows.stride(1),
         HAS_IDS=ids is not None, REDUCE=REDUCE_CODES[reduce], HEAD_DIM=d,
         BLOCK_G=max(16, checks.next_pow2(group)), BLOCK_N=block_n, BLOCK_D=max(16, checks.next_pow2(d)),
-        TILES=tiles, num_warps=num_warps,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 

@@ -52,19 +52,6 @@ def test_scores_and_topk_match_reference(reduce, hq, hkv, d, n_rows, with_ids):
     torch.testing.assert_close(vals, ref_vals, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_n,tiles", [(16, 3), (32, 2)])
-@pytest.mark.parametrize("reduce,with_ids", [("none", False), ("max", True)])
-def test_tiles_per_program_cover_every_row_once(block_n, tiles, reduce, with_ids):
-    # a program walking several tiles (the last one partial) gives the one-tile launch's scores
-    gen = torch.Generator().manual_seed(5)
-    q, k_rows = torch.randn(9, 32, generator=gen), torch.randn(101, 3, 32, generator=gen)
-    ids = torch.randperm(101, generator=gen)[:77] if with_ids else None
-    one = score(q, k_rows, reduce=reduce, ids=ids, block_n=block_n, tiles=1)
-    many = score(q, k_rows, reduce=reduce, ids=ids, block_n=block_n, tiles=tiles)
-    assert torch.equal(one, many)
-    assert_rule(many, ref_scores(q, k_rows, reduce, 1.0, ids), oracle(q, k_rows, reduce, 1.0, ids), "tiles")
-
-
 def test_int32_ids_and_topk_larger_than_keys():
     q, k = torch.randn(9, 16), torch.randn(50, 3, 16)
     ids = torch.randperm(50)[:20].int()
