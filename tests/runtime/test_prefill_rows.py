@@ -75,6 +75,8 @@ def test_rows_grow_the_store_and_append_keeps_them_in_place():
     assert store.n == 1100 and store.k.data_ptr() == before
     assert torch.equal(store.kv()[0], ref.kv()[0]) and torch.equal(store.kv()[1], ref.kv()[1])
     k2, v2 = store.rows(8)
+    k2.copy_(torch.randn(k2.shape, generator=g))  # the rows past n are unwritten (any bits, NaN too)
+    v2.copy_(torch.randn(v2.shape, generator=g))
     store.append(k2[:4].clone(), v2[:4].clone())  # a copy of (part of) the rows: copied, not taken as them
     assert store.n == 1104 and torch.equal(store.kv()[0][-4:], k2[:4])
     k2[4:].copy_(torch.randn(k2[4:].shape, generator=g))
